@@ -1,0 +1,1 @@
+"""The hub service: registry, devices, deployments over MQTT, state roll-up, dashboard."""

@@ -1,0 +1,267 @@
+"""Azure ML v1 ``inferenceconfig.json`` and ``deploymentconfig.json``, accepted as they are.
+
+Every key the v1 CLI reference documents is accepted (most are recorded and ignored because
+they describe Azure infrastructure); any other key is refused with a did-you-mean hint, so
+that a typo such as ``entryScipt`` never silently falls back to a default. edgepack's own
+settings live in an optional ``edgepack`` object, which Azure's tooling would not look at.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal, TypeVar
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from manifests.desired import DeploymentSettings, HealthProbe, RestartPolicy, RuntimeKind
+from manifests.errors import ConfigError
+
+
+class _AzureModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --- inferenceconfig.json -------------------------------------------------------------------
+
+
+class CondaDependencies(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class EnvironmentPython(_AzureModel):
+    user_managed_dependencies: bool | None = Field(None, alias="userManagedDependencies")
+    interpreter_path: str | None = Field(None, alias="interpreterPath")
+    conda_dependencies_file: str | None = Field(None, alias="condaDependenciesFile")
+    conda_dependencies: dict[str, Any] | None = Field(None, alias="condaDependencies")
+    base_conda_environment: str | None = Field(None, alias="baseCondaEnvironment")
+
+
+class ImageRegistry(_AzureModel):
+    address: str | None = None
+    username: str | None = None
+    password: str | None = None
+    registry_identity: dict[str, Any] | None = Field(None, alias="registryIdentity")
+
+
+class EnvironmentDocker(_AzureModel):
+    enabled: bool | None = None
+    base_image: str | None = Field(None, alias="baseImage")
+    platform: dict[str, Any] | None = None
+    base_dockerfile: str | None = Field(None, alias="baseDockerfile")
+    shared_volumes: bool | None = Field(None, alias="sharedVolumes")
+    shm_size: str | None = Field(None, alias="shmSize")
+    arguments: list[str] | None = None
+    base_image_registry: ImageRegistry | None = Field(None, alias="baseImageRegistry")
+    build_context: dict[str, Any] | None = Field(None, alias="buildContext")
+
+
+class Environment(_AzureModel):
+    name: str | None = None
+    version: str | None = None
+    python: EnvironmentPython | None = None
+    docker: EnvironmentDocker | None = None
+    environment_variables: dict[str, str] = Field(
+        default_factory=dict, alias="environmentVariables"
+    )
+    inferencing_stack_version: str | None = Field(None, alias="inferencingStackVersion")
+    spark: dict[str, Any] | None = None
+    databricks: dict[str, Any] | None = None
+    r: dict[str, Any] | None = None
+    asset_id: str | None = Field(None, alias="assetId")
+
+
+class InferenceConfig(_AzureModel):
+    """``inferenceconfig.json`` in the Azure ML v1 CLI schema."""
+
+    entry_script: str = Field(alias="entryScript")
+    source_directory: str | None = Field(None, alias="sourceDirectory")
+    environment: Environment | None = None
+    # The pre-environment (legacy) keys of the same schema.
+    runtime: Literal["python", "spark-py"] | None = None
+    conda_file: str | None = Field(None, alias="condaFile")
+    extra_dockerfile_steps: str | None = Field(None, alias="extraDockerfileSteps")
+    enable_gpu: bool | None = Field(None, alias="enableGpu")
+    base_image: str | None = Field(None, alias="baseImage")
+    base_image_registry: ImageRegistry | None = Field(None, alias="baseImageRegistry")
+    cuda_version: str | None = Field(None, alias="cudaVersion")
+    schema_file: str | None = Field(None, alias="schemaFile")
+    dependencies: list[str] | None = None
+    description: str | None = None
+
+    def pip_requirements(self) -> list[str]:
+        """pip packages named in the environment's conda dependencies, if any."""
+        if not self.environment or not self.environment.python:
+            return []
+        conda = self.environment.python.conda_dependencies or {}
+        out: list[str] = []
+        for dep in conda.get("dependencies", []):
+            if isinstance(dep, dict) and isinstance(dep.get("pip"), list):
+                out.extend(str(p) for p in dep["pip"])
+        return out
+
+    def environment_variables(self) -> dict[str, str]:
+        return dict(self.environment.environment_variables) if self.environment else {}
+
+    def docker_image(self) -> str | None:
+        if self.environment and self.environment.docker and self.environment.docker.base_image:
+            return self.environment.docker.base_image
+        return self.base_image
+
+
+# --- deploymentconfig.json ------------------------------------------------------------------
+
+
+class ContainerResourceRequirements(_AzureModel):
+    cpu: float | None = Field(None, gt=0)
+    memory_in_gb: float | None = Field(None, alias="memoryInGB", gt=0)
+    cpu_limit: float | None = Field(None, alias="cpuLimit", gt=0)
+    memory_in_gb_limit: float | None = Field(None, alias="memoryInGBLimit", gt=0)
+    gpu: int | None = Field(None, ge=0)
+
+
+class LivenessProbeRequirements(_AzureModel):
+    period_seconds: int = Field(10, alias="periodSeconds", ge=1)
+    initial_delay_seconds: int = Field(310, alias="initialDelaySeconds", ge=0)
+    timeout_seconds: int = Field(2, alias="timeoutSeconds", ge=1)
+    failure_threshold: int = Field(3, alias="failureThreshold", ge=1)
+    success_threshold: int = Field(1, alias="successThreshold", ge=1)
+
+
+class AutoScaler(_AzureModel):
+    autoscale_enabled: bool | None = Field(None, alias="autoscaleEnabled")
+    min_replicas: int | None = Field(None, alias="minReplicas")
+    max_replicas: int | None = Field(None, alias="maxReplicas")
+    refresh_period_in_seconds: int | None = Field(None, alias="refreshPeriodInSeconds")
+    target_utilization: int | None = Field(None, alias="targetUtilization")
+
+
+class EdgepackExtension(_AzureModel):
+    """edgepack's own deployment settings; everything optional."""
+
+    runtime: RuntimeKind | None = None
+    workers: int | None = Field(None, ge=1, le=64)
+    restart_policy: RestartPolicy | None = Field(None, alias="restartPolicy")
+    environment_variables: dict[str, str] = Field(
+        default_factory=dict, alias="environmentVariables"
+    )
+    health_path: str | None = Field(None, alias="healthPath", pattern=r"^/")
+
+
+class DeploymentConfig(_AzureModel):
+    """``deploymentconfig.json`` in the Azure ML v1 CLI schema (local, ACI, AKS, IoT Edge)."""
+
+    compute_type: Literal["local", "aci", "aks", "iotedge", "edge", "ACI", "AKS", "Local"] = Field(
+        "local", alias="computeType"
+    )
+    port: int | None = Field(None, ge=1, le=65535)
+    container_resource_requirements: ContainerResourceRequirements | None = Field(
+        None, alias="containerResourceRequirements"
+    )
+    liveness_probe_requirements: LivenessProbeRequirements | None = Field(
+        None, alias="livenessProbeRequirements"
+    )
+    # Documented ACI / AKS keys: accepted and recorded, without effect at the edge.
+    location: str | None = None
+    auth_enabled: bool | None = Field(None, alias="authEnabled")
+    token_auth_enabled: bool | None = Field(None, alias="tokenAuthEnabled")
+    ssl_enabled: bool | None = Field(None, alias="sslEnabled")
+    ssl_certificate: str | None = Field(None, alias="sslCertificate")
+    ssl_key: str | None = Field(None, alias="sslKey")
+    cname: str | None = None
+    dns_name_label: str | None = Field(None, alias="dnsNameLabel")
+    app_insights_enabled: bool | None = Field(None, alias="appInsightsEnabled")
+    autoscaler: AutoScaler | None = Field(
+        None, validation_alias=AliasChoices("autoScaler", "autoscaler"), alias="autoScaler"
+    )
+    num_replicas: int | None = Field(None, alias="numReplicas", ge=1)
+    scoring_timeout_ms: int | None = Field(None, alias="scoringTimeoutMs", ge=1)
+    max_concurrent_requests_per_container: int | None = Field(
+        None, alias="maxConcurrentRequestsPerContainer", ge=1
+    )
+    max_queue_wait_ms: int | None = Field(None, alias="maxQueueWaitMs", ge=0)
+    gpu_cores: int | None = Field(None, alias="gpuCores", ge=0)
+    keys: dict[str, str] | None = None
+    namespace: str | None = None
+    compute_target_name: str | None = Field(None, alias="computeTargetName")
+    description: str | None = None
+    tags: dict[str, str] | None = None
+    properties: dict[str, str] | None = None
+    edgepack: EdgepackExtension | None = None
+
+    def to_settings(self, *, default_port: int = 8890) -> DeploymentSettings:
+        """Turn this config into the per-module settings a device receives."""
+        ext = self.edgepack or EdgepackExtension()
+        res = self.container_resource_requirements
+        cpu = (res.cpu_limit or res.cpu) if res else None
+        mem_gb = (res.memory_in_gb_limit or res.memory_in_gb) if res else None
+        probe = self.liveness_probe_requirements
+        health = HealthProbe(path=ext.health_path or "/healthz")
+        if probe is not None:
+            health = HealthProbe(
+                path=health.path,
+                period_s=probe.period_seconds,
+                # Azure's 310 s default is sized for image builds; a device starts in seconds.
+                initial_delay_s=min(probe.initial_delay_seconds, 600),
+                timeout_s=probe.timeout_seconds,
+                failure_threshold=probe.failure_threshold,
+            )
+        return DeploymentSettings(
+            port=self.port or default_port,
+            env=dict(ext.environment_variables),
+            runtime=ext.runtime or RuntimeKind.DOCKER,
+            restart_policy=ext.restart_policy or RestartPolicy.ALWAYS,
+            workers=ext.workers or 1,
+            cpu=cpu,
+            memory_mb=int(mem_gb * 1024) if mem_gb else None,
+            health=health,
+        )
+
+
+# --- parsing with errors that name the file and the field -----------------------------------
+
+
+def _known_aliases(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys a model (or nested model at ``loc``) accepts, for did-you-mean hints."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None or not isinstance(part, str):
+            return []
+        field = next(
+            (f for n, f in current.model_fields.items() if part in (n, f.alias)), None
+        )
+        ann = field.annotation if field else None
+        current = None
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                current = cand
+    if current is None:
+        return []
+    return [f.alias or n for n, f in current.model_fields.items()]
+
+
+def describe_validation_error(
+    exc: ValidationError, *, source: str, model: type[BaseModel]
+) -> str:
+    """One line naming the file, the field and what is wrong with it."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(loc[-1]), _known_aliases(model, loc), n=1)
+        suffix = f"; did you mean '{hint[0]}'?" if hint else ""
+        return f"{source}: unknown field '{field}'{suffix}"
+    if err["type"] == "missing":
+        return f"{source}: missing required field '{field}'"
+    return f"{source}: field '{field}': {err['msg']}"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_config(model: type[M], data: Any, *, source: str) -> M:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source=source, model=model)) from None

@@ -1,0 +1,239 @@
+"""Reading and verifying the single-file module form ``*.edgepack``.
+
+A bundle is an uncompressed tar holding ``module.json`` first, then one member
+``blobs/sha256/<hex>`` per distinct file content. :func:`verify_bundle` reads it as a stream,
+never trusting a member name, type or size: the signed manifest is checked first, and every
+blob must be one the manifest names, of the size it names, with the digest it names. Blob
+bytes go to a :class:`BlobSink` that may keep them only once their digest has been confirmed;
+where the sink writes (a cache, a hub store, nowhere) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+from pydantic import ValidationError
+
+from manifests.digests import sha256_digest
+from manifests.errors import TrustError
+from manifests.module import ModuleManifest
+from manifests.signing import Envelope, TrustStore, parse_envelope, verify_envelope
+
+MANIFEST_NAME = "module.json"
+BLOB_PREFIX = "blobs/sha256/"
+_BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class BundleLimits:
+    max_manifest_bytes: int = 4 << 20
+    max_total_bytes: int = 64 << 30
+    max_files: int = 100_000
+
+
+class BlobSink(Protocol):
+    """Receives blob bytes while they are verified."""
+
+    def has(self, digest: str) -> bool:
+        """True when the blob is already held, so its bytes need not be written again."""
+
+    def begin(self, digest: str, size: int) -> BlobWriter: ...
+
+
+class BlobWriter(Protocol):
+    def write(self, chunk: bytes) -> None: ...
+
+    def commit(self) -> None:
+        """The digest matched: keep the blob."""
+
+    def abort(self) -> None:
+        """The digest did not match or reading failed: discard what was written."""
+
+
+@dataclass
+class VerifiedModule:
+    manifest: ModuleManifest
+    envelope: Envelope
+    manifest_bytes: bytes
+    manifest_digest: str
+    signers: list[str]
+    blob_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def parse_module_manifest(data: bytes, trust: TrustStore, *, what: str) -> VerifiedModule:
+    """Verify the signatures on ``module.json`` bytes, then validate its payload."""
+    envelope = parse_envelope(data, what=what)
+    signers = verify_envelope(envelope, trust, what=what)
+    try:
+        manifest = ModuleManifest.model_validate(envelope.signed)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise TrustError(f"{what}: signed manifest is invalid: {loc}: {err['msg']}") from None
+    sizes: dict[str, int] = {}
+    for f in manifest.files:
+        if sizes.setdefault(f.digest, f.size) != f.size:
+            raise TrustError(f"{what}: blob {f.digest} is listed with two different sizes")
+    return VerifiedModule(
+        manifest=manifest,
+        envelope=envelope,
+        manifest_bytes=data,
+        manifest_digest=sha256_digest(data),
+        signers=signers,
+        blob_sizes=sizes,
+    )
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    if not member.isreg():
+        kind = "link" if (member.issym() or member.islnk()) else "non-regular entry"
+        return f"{kind} {member.name!r} is not allowed"
+    return None
+
+
+def verify_bundle(
+    stream: IO[bytes],
+    trust: TrustStore,
+    *,
+    sink: BlobSink | None = None,
+    limits: BundleLimits = BundleLimits(),
+    progress: Callable[[int], None] | None = None,
+    what: str = "bundle",
+) -> VerifiedModule:
+    """Verify a bundle read from ``stream``; raise :class:`TrustError` naming the first problem.
+
+    ``progress`` is called with the number of bytes of each chunk hashed.
+    """
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")
+    except tarfile.TarError as exc:
+        raise TrustError(f"{what}: not a module bundle ({exc})") from None
+    verified: VerifiedModule | None = None
+    seen: set[str] = set()
+    try:
+        for member in tar:
+            problem = _member_problem(member)
+            if problem:
+                raise TrustError(f"{what}: {problem}; refused")
+            if verified is None:
+                if member.name != MANIFEST_NAME:
+                    raise TrustError(
+                        f"{what}: first member is {member.name!r}, expected {MANIFEST_NAME}"
+                    )
+                if member.size > limits.max_manifest_bytes:
+                    raise TrustError(f"{what}: {MANIFEST_NAME} is larger than allowed")
+                fh = tar.extractfile(member)
+                assert fh is not None  # a regular member always has data
+                verified = parse_module_manifest(fh.read(), trust, what=what)
+                if len(verified.manifest.files) > limits.max_files:
+                    raise TrustError(f"{what}: more files than allowed ({limits.max_files})")
+                if verified.manifest.total_size() > limits.max_total_bytes:
+                    raise TrustError(f"{what}: module is larger than allowed")
+                continue
+            match = _BLOB_RE.match(member.name)
+            if not match:
+                raise TrustError(f"{what}: unexpected member {member.name!r}; refused")
+            digest = "sha256:" + match.group(1)
+            if digest in seen:
+                raise TrustError(f"{what}: blob {digest} appears twice")
+            expected = verified.blob_sizes.get(digest)
+            if expected is None:
+                raise TrustError(f"{what}: blob {digest} is not named by the signed manifest")
+            if member.size != expected:
+                raise TrustError(
+                    f"{what}: blob {digest} has {member.size} bytes, the manifest says {expected}"
+                )
+            seen.add(digest)
+            _check_blob(tar, member, digest, sink, progress, what)
+    except tarfile.TarError as exc:
+        raise TrustError(f"{what}: damaged archive ({exc})") from None
+    finally:
+        tar.close()
+    if verified is None:
+        raise TrustError(f"{what}: empty archive, no {MANIFEST_NAME}")
+    missing = sorted(set(verified.blob_sizes) - seen)
+    if missing:
+        raise TrustError(f"{what}: blob {missing[0]} named by the manifest is missing")
+    return verified
+
+
+def _check_blob(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    digest: str,
+    sink: BlobSink | None,
+    progress: Callable[[int], None] | None,
+    what: str,
+) -> None:
+    fh = tar.extractfile(member)
+    assert fh is not None
+    writer = sink.begin(digest, member.size) if sink is not None and not sink.has(digest) else None
+    hasher = hashlib.sha256()
+    try:
+        while chunk := fh.read(CHUNK):
+            hasher.update(chunk)
+            if writer is not None:
+                writer.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        if "sha256:" + hasher.hexdigest() != digest:
+            raise TrustError(f"{what}: content of blob {digest} does not match its digest")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.commit()
+
+
+# --- writing --------------------------------------------------------------------------------
+
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+def _header(name: str, size: int) -> bytes:
+    # Fixed owner, mode and time: the same content always gives the same bytes.
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def write_bundle(
+    out: IO[bytes],
+    manifest_bytes: bytes,
+    blobs: list[tuple[str, int, Callable[[], IO[bytes]]]],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write a bundle: ``module.json`` then each ``(digest, size, open_blob)`` sorted by digest.
+
+    Writes the tar stream itself (instead of ``tarfile.addfile``) to copy in large chunks.
+    """
+    out.write(_header(MANIFEST_NAME, len(manifest_bytes)))
+    out.write(manifest_bytes)
+    out.write(_ZERO_BLOCK[: -len(manifest_bytes) % tarfile.BLOCKSIZE])
+    for digest, size, open_blob in sorted(blobs, key=lambda b: b[0]):
+        out.write(_header(BLOB_PREFIX + digest.split(":", 1)[1], size))
+        copied = 0
+        with open_blob() as src:
+            while chunk := src.read(CHUNK):
+                copied += len(chunk)
+                if copied > size:
+                    break
+                out.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        if copied != size:
+            raise TrustError(f"blob {digest} changed size while being written; build again")
+        out.write(_ZERO_BLOCK[: -size % tarfile.BLOCKSIZE])
+    out.write(_ZERO_BLOCK * 2)

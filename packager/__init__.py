@@ -1,0 +1,1 @@
+"""The developer side of edgepack: the ``edgepack`` CLI, keys, building and verifying modules."""

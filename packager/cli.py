@@ -1,0 +1,8 @@
+"""Entry point of the ``edgepack`` console script: registers every command group."""
+
+from __future__ import annotations
+
+from packager.app import app, main
+from packager.commands import module_cmds  # noqa: F401  (registers commands)
+
+__all__ = ["app", "main"]

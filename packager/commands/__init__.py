@@ -1,0 +1,1 @@
+"""CLI command groups, one module each; importing a module registers its commands."""
