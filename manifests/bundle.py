@@ -111,7 +111,7 @@ def verify_bundle(
     ``progress`` is called with the number of bytes of each chunk hashed.
     """
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|")
+        tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (closed in finally)
     except tarfile.TarError as exc:
         raise TrustError(f"{what}: not a module bundle ({exc})") from None
     verified: VerifiedModule | None = None

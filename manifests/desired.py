@@ -73,7 +73,7 @@ class DesiredState(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_: Literal["edgepack.desired/v1"] = Field(default=DESIRED_SCHEMA, alias="schema")
+    schema_: Literal["edgepack.desired/v1"] = Field(default="edgepack.desired/v1", alias="schema")
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     generation: int = Field(ge=1)
     issued: datetime

@@ -89,7 +89,7 @@ class ModuleManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_: Literal["edgepack.module/v1"] = Field(default=MODULE_SCHEMA, alias="schema")
+    schema_: Literal["edgepack.module/v1"] = Field(default="edgepack.module/v1", alias="schema")
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
     created: datetime

@@ -1,0 +1,7 @@
+"""Routes: registry (placeholder until its owner fills it in)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

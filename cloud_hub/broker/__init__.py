@@ -1,0 +1,1 @@
+"""Mosquitto configuration the hub generates: password file and per-device ACL."""

@@ -1,0 +1,116 @@
+"""Everything a running hub holds, built once at start-up and passed down (no globals)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud_hub.db.base import Sessions, create_schema, make_engine
+from cloud_hub.settings import HubSettings
+from cloud_hub.store.blobs import BlobStore, FileBlobStore
+from manifests.signing import (
+    TrustStore,
+    generate_private_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    private_key_pem,
+)
+
+if TYPE_CHECKING:
+    from cloud_hub.mqtt.link import MqttLink
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_or_create_hub_key(settings: HubSettings) -> Ed25519PrivateKey:
+    path = settings.hub_key or settings.data_dir / "hub.key"
+    if path.exists():
+        return load_private_key(path.read_bytes(), source=str(path))
+    key = generate_private_key()
+    _write_secret(path, private_key_pem(key))
+    return key
+
+
+def _load_or_create_admin_token(settings: HubSettings) -> str:
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    path = settings.data_dir / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    token = "ep_admin_" + secrets.token_urlsafe(32)
+    _write_secret(path, token.encode() + b"\n")
+    return token
+
+
+def _load_trust(paths: list[Path]) -> TrustStore:
+    store = TrustStore()
+    for path in paths:
+        data = path.read_bytes()
+        if data.lstrip().startswith(b"{"):
+            for k in TrustStore.model_validate_json(data).keys:
+                store = TrustStore(keys=[*store.keys, k]) if k not in store.keys else store
+        else:
+            store = store.with_key(load_public_key(data, source=str(path)), name=path.stem)
+    return store
+
+
+@dataclass
+class HubContext:
+    settings: HubSettings
+    sessions: Sessions
+    blobs: BlobStore
+    hub_key: Ed25519PrivateKey
+    admin_token: str
+    trust: TrustStore
+    mqtt: MqttLink | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def hub_key_id(self) -> str:
+        return key_id(self.hub_key.public_key())
+
+    @classmethod
+    def open(cls, settings: HubSettings) -> HubContext:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.database_url())
+        create_schema(engine)
+        return cls(
+            settings=settings,
+            sessions=Sessions(engine),
+            blobs=FileBlobStore(settings.data_dir / "blobs"),
+            hub_key=_load_or_create_hub_key(settings),
+            admin_token=_load_or_create_admin_token(settings),
+            trust=_load_trust(settings.trusted_keys),
+        )
+
+    def start_mqtt(self) -> None:
+        """Connect to the broker when one is configured (publishing, ingest)."""
+        if self.settings.mqtt_host is None:
+            return
+        from cloud_hub.mqtt.link import MqttLink
+
+        self.mqtt = MqttLink.from_context(self)
+        self.mqtt.start()
+
+    def close(self) -> None:
+        if self.mqtt is not None:
+            with contextlib.suppress(Exception):
+                self.mqtt.stop()
+            self.mqtt = None
+        self.sessions.engine.dispose()

@@ -1,0 +1,25 @@
+"""Hub-side error leaves; the API turns each into one HTTP status (see api/errors.py)."""
+
+from __future__ import annotations
+
+from manifests.errors import EdgepackError
+
+
+class NotFound(EdgepackError):
+    """The named model, module, device, deployment or blob does not exist."""
+
+
+class Conflict(EdgepackError):
+    """The request contradicts the current state (in use, port taken, already exists)."""
+
+
+class TooLarge(EdgepackError):
+    """An upload is larger than the hub accepts."""
+
+
+class Unauthorized(EdgepackError):
+    """No or wrong credentials."""
+
+
+class Forbidden(EdgepackError):
+    """Valid credentials that do not allow this."""

@@ -1,0 +1,50 @@
+"""The hub's event log: deployed, became Healthy, failed with reason, went offline …
+
+Events live in the database (not in memory) so that every hub replica shows the same feed;
+the dashboard's live feed reads events with an id above the last one it saw.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Integer, String, Text, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from cloud_hub.db.base import Base, utcnow
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text)
+    device_id: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    service: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+
+
+def record_event(
+    session: Session,
+    kind: str,
+    message: str,
+    *,
+    device_id: str | None = None,
+    service: str | None = None,
+) -> Event:
+    event = Event(kind=kind, message=message[:4000], device_id=device_id, service=service)
+    session.add(event)
+    return event
+
+
+def events_since(session: Session, after_id: int = 0, *, limit: int = 200) -> list[Event]:
+    rows = session.scalars(
+        select(Event).where(Event.id > after_id).order_by(Event.id).limit(limit)
+    )
+    return list(rows)
+
+
+def recent_events(session: Session, *, limit: int = 50) -> list[Event]:
+    rows = session.scalars(select(Event).order_by(Event.id.desc()).limit(limit))
+    return list(reversed(list(rows)))

@@ -1,0 +1,55 @@
+"""Hub configuration: command-line flags and ``EDGEPACK_HUB_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".edgepack" / "hub"
+
+
+class HubSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEPACK_HUB_", extra="forbid")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    db: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/hub.db"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8800, ge=0, le=65535)
+    public_url: str | None = Field(
+        default=None, description="URL devices use to reach this hub (default http://host:port)"
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="admin token; generated into <data_dir>/admin_token if unset"
+    )
+    hub_key: Path | None = Field(
+        default=None, description="hub signing key; generated into <data_dir>/hub.key if unset"
+    )
+    trusted_keys: list[Path] = Field(
+        default_factory=list, description="publisher .pub files or trust-store JSON files"
+    )
+    max_upload_mb: int = Field(default=2048, gt=0)
+    desired_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    telemetry_keep: int = Field(default=500, gt=0, description="samples kept per device")
+    # MQTT: with no host, the hub runs without a broker (devices then poll over HTTP).
+    mqtt_host: str | None = None
+    mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    mqtt_username: str | None = "edgepack-hub"
+    mqtt_password: SecretStr | None = None
+    mqtt_tls_ca: Path | None = None
+    topic_prefix: str = Field(default="edgepack", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_/-]*$")
+    # Where the hub writes the Mosquitto password file and ACL for enrolled devices, and the
+    # broker's pid file so that it can be told (SIGHUP) to reload them.
+    broker_dir: Path | None = None
+    broker_pid_file: Path | None = None
+
+    def database_url(self) -> str:
+        return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"
+
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
