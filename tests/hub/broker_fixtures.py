@@ -1,0 +1,1 @@
+"""Mosquitto fixtures (filled in by the owner of the MQTT side)."""
