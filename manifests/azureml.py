@@ -243,7 +243,10 @@ def describe_validation_error(
     exc: ValidationError, *, source: str, model: type[BaseModel]
 ) -> str:
     """One line naming the file, the field and what is wrong with it."""
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # A misspelt key is both unknown and (for a required field) missing; naming the unknown
+    # key with a did-you-mean tells the user what to fix.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(err["loc"])
     field = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":

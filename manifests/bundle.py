@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from manifests.digests import sha256_digest
 from manifests.errors import TrustError
-from manifests.module import ModuleManifest
+from manifests.module import ModuleManifest, check_relative_path
 from manifests.signing import Envelope, TrustStore, parse_envelope, verify_envelope
 
 MANIFEST_NAME = "module.json"
@@ -91,8 +91,18 @@ def parse_module_manifest(data: bytes, trust: TrustStore, *, what: str) -> Verif
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
+    try:
+        check_relative_path(member.name)
+    except ValueError as exc:
+        return str(exc)
     if not member.isreg():
-        kind = "link" if (member.issym() or member.islnk()) else "non-regular entry"
+        kind = (
+            "symlink"
+            if member.issym()
+            else "hard link"
+            if member.islnk()
+            else "non-regular entry"
+        )
         return f"{kind} {member.name!r} is not allowed"
     return None
 
