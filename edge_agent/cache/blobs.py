@@ -1,0 +1,179 @@
+"""A content-addressed blob store on disk: ``<root>/blobs/sha256/<hex>``.
+
+A blob only ever appears under its final name once its bytes have been written to a temp
+file in the same folder, fsynced, and hashed to the digest it claims; then it is renamed into
+place. A crash or a digest mismatch leaves at most a ``.part`` temp file, which is removed on
+abort and cleaned up by :meth:`BlobStore.remove_stale_parts`. So the presence of a blob's
+final name *is* the proof that its content matches its digest.
+
+The store implements :class:`manifests.bundle.BlobSink`, so ``verify_bundle(stream, trust,
+sink=store)`` streams a bundle's blobs straight into it; the agent uses the same
+``begin``/``write``/``commit``/``abort`` for blobs it downloads one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from manifests.digests import digest_hex, is_digest
+from manifests.errors import TrustError
+
+BLOB_DIR = Path("blobs") / "sha256"
+PART_SUFFIX = ".part"
+BLOB_MODE = 0o444  # blobs are hard-linked into module folders; nobody may write through them
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """The blobs of a cache. Safe for several writers at once: the last rename wins, and
+    every candidate has the same bytes."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / BLOB_DIR
+
+    def path(self, digest: str) -> Path:
+        """Where the blob ``digest`` lives (whether or not it is held)."""
+        try:
+            return self.dir / digest_hex(digest)
+        except ValueError:
+            raise TrustError(f"{digest!r} is not a sha256 digest; refused") from None
+
+    def has(self, digest: str) -> bool:
+        """True when a regular file holds the blob. A symlink planted under a blob's name is
+        never taken for the blob."""
+        try:
+            st = os.lstat(self.path(digest))
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode)
+
+    def size(self, digest: str) -> int | None:
+        """The size of a held blob, or ``None`` when it is not held."""
+        try:
+            st = os.lstat(self.path(digest))
+        except FileNotFoundError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def begin(self, digest: str, size: int) -> PendingBlob:
+        """Start writing blob ``digest`` of ``size`` bytes; finish with commit() or abort()."""
+        final = self.path(digest)
+        if size < 0:
+            raise TrustError(f"blob {digest}: negative size {size}; refused")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=PART_SUFFIX, dir=self.dir)
+        return PendingBlob(digest=digest, size=size, fd=fd, tmp=Path(tmp), final=final)
+
+    def digests(self) -> Iterator[str]:
+        """Every blob held (temp files excluded)."""
+        if not self.dir.is_dir():
+            return
+        for entry in os.scandir(self.dir):
+            digest = "sha256:" + entry.name
+            if is_digest(digest):
+                yield digest
+
+    def remove(self, digest: str) -> int:
+        """Delete a blob; returns the bytes freed (0 when it was not held)."""
+        path = self.path(digest)
+        try:
+            size = os.lstat(path).st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def remove_stale_parts(self, older_than_s: float) -> int:
+        """Delete temp files left by crashed writers; a writer that is still busy keeps its
+        file because it is younger than ``older_than_s``."""
+        if not self.dir.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in os.scandir(self.dir):
+            if entry.name.endswith(PART_SUFFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+
+class PendingBlob:
+    """One blob being written: hashed as it arrives, renamed into place only when it matches.
+
+    Implements :class:`manifests.bundle.BlobWriter`.
+    """
+
+    def __init__(self, *, digest: str, size: int, fd: int, tmp: Path, final: Path) -> None:
+        self.digest = digest
+        self.size = size
+        self._fd: int | None = fd
+        self._tmp = tmp
+        self._final = final
+        self._hasher = hashlib.sha256()
+        self._written = 0
+
+    def write(self, chunk: bytes) -> None:
+        fd = self._open_fd()
+        self._written += len(chunk)
+        if self._written > self.size:
+            self.abort()
+            raise TrustError(
+                f"blob {self.digest}: more than the {self.size} bytes announced; discarded"
+            )
+        self._hasher.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def commit(self) -> None:
+        """Keep the blob if it is complete and matches its digest; otherwise discard it and
+        raise :class:`TrustError`."""
+        fd = self._open_fd()
+        if self._written != self.size:
+            self.abort()
+            raise TrustError(
+                f"blob {self.digest}: got {self._written} bytes, expected {self.size}; discarded"
+            )
+        if "sha256:" + self._hasher.hexdigest() != self.digest:
+            self.abort()
+            raise TrustError(f"blob {self.digest}: content does not match its digest; discarded")
+        try:
+            os.fchmod(fd, BLOB_MODE)
+            os.fsync(fd)
+            os.close(fd)
+            self._fd = None
+            os.replace(self._tmp, self._final)
+        except BaseException:
+            self.abort()
+            raise
+        fsync_dir(self._final.parent)
+
+    def abort(self) -> None:
+        """Discard whatever was written. Safe to call more than once."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp.unlink()
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise TrustError(f"blob {self.digest}: writer already finished")
+        return self._fd
