@@ -1,1 +1,89 @@
-"""Tables of this area (filled in by its owner)."""
+"""Fleet tables: devices, deployments (services) and each device's signed desired state.
+
+``FleetLock`` is a single row that every transaction changing what devices should run updates
+*first*. On PostgreSQL that row lock, and on SQLite the database write lock it takes, serialise
+those transactions, so two concurrent deploys never compute a device's desired state from a
+view that misses the other's deployment, and generations rise strictly — across hub replicas
+too, because the lock lives in the database.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    event,
+    insert,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapped, mapped_column
+
+from cloud_hub.db.base import Base, utcnow
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    mqtt_password_hash: Mapped[str] = mapped_column(String(255))
+    # sha256 hex of the device's HTTP token: looked up directly, the token itself is never kept.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Written by ingest (STATE) from the device's online/reported messages.
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    agent_version: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class Deployment(Base):
+    """A named service: one module version, its settings, and which devices run it."""
+
+    __tablename__ = "deployments"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    module_name: Mapped[str] = mapped_column(String(64), index=True)
+    module_version: Mapped[str] = mapped_column(String(64))
+    manifest_digest: Mapped[str] = mapped_column(String(71), index=True)
+    # manifests.desired.DeploymentSettings as JSON.
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # {"devices": [ids]} or {"selector": {key: value}} (cloud_hub.fleet.targeting.Target).
+    target: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeviceDesired(Base):
+    """The latest signed desired state of a device (the bytes MQTT and HTTP both serve)."""
+
+    __tablename__ = "device_desired"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Only ever incremented in SQL (generation = generation + 1), never reset, even on revoke.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    # None once the device is revoked (nothing to serve).
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    issued: Mapped[datetime | None] = mapped_column(default=None)
+    expires: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class FleetLock(Base):
+    __tablename__ = "fleet_lock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+
+
+@event.listens_for(FleetLock.__table__, "after_create")
+def _seed_lock_row(target: Any, connection: Connection, **_: Any) -> None:
+    connection.execute(insert(FleetLock).values(id=1, version=0))
