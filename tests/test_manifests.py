@@ -116,7 +116,7 @@ def test_desired_state_for_another_device_is_refused(forge: Forge) -> None:
 @pytest.mark.parametrize("applied", [5, 6, 100])
 def test_replayed_or_rolled_back_generation_is_refused(forge: Forge, applied: int) -> None:
     state = forge.desired_state("dev-a", 5, issued=NOW)
-    with pytest.raises(TrustError, match="not newer .* replay or rollback"):
+    with pytest.raises(TrustError, match=r"not newer .* replay or rollback"):
         check_desired(state, device_id="dev-a", applied_generation=applied, now=NOW)
 
 
