@@ -1,5 +1,131 @@
-"""Hub test fixtures: a real hub (uvicorn on an ephemeral port) and a real Mosquitto."""
+"""Hub test fixtures: a real hub (uvicorn on an ephemeral port) and a real Mosquitto.
+
+``hub`` is a factory: ``hub()`` starts a fresh hub on a tmp data dir with the test
+``publisher`` trusted; ``hub(mqtt_host=..., mqtt_port=..., broker_dir=...)`` passes settings
+overrides; ``running.restart()`` (or ``hub(data_dir=old.data_dir)``) starts a new hub process
+state on the same data dir, which is how restart tests prove nothing is lost.
+"""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from cloud_hub.app import create_app
+from cloud_hub.context import HubContext
+from cloud_hub.settings import HubSettings
+from manifests.signing import public_key_pem
+from tests.conftest import Publisher
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
+
+ADMIN_TOKEN = "ep_admin_test-token"
+
+
+@dataclass
+class RunningHub:
+    """A hub serving real HTTP on loopback; ``ctx`` is the very context the app uses."""
+
+    url: str
+    admin_token: str
+    ctx: HubContext
+    data_dir: Path
+    overrides: dict[str, Any]
+    _server: uvicorn.Server
+    _thread: threading.Thread
+    _start: Callable[..., RunningHub]
+    _stopped: bool = field(default=False)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def client(self, *, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
+        """An httpx client on this hub, authenticated as admin unless another token is given."""
+        headers = {"Authorization": f"Bearer {token or self.admin_token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self.ctx.close()
+
+    def restart(self, **overrides: Any) -> RunningHub:
+        """Stop this hub and start another on the same data dir (and settings)."""
+        self.stop()
+        return self._start(data_dir=self.data_dir, **{**self.overrides, **overrides})
+
+
+HubFactory = Callable[..., RunningHub]
+
+
+def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvicorn.Server, threading.Thread]:
+    ctx = HubContext.open(settings)
+    ctx.start_mqtt()
+    app = create_app(ctx=ctx)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            ctx.close()
+            raise RuntimeError("the test hub did not start")
+        time.sleep(0.01)
+    return ctx, server, thread
+
+
+@pytest.fixture
+def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Iterator[HubFactory]:
+    started: list[RunningHub] = []
+    keys_dir = tmp_path_factory.mktemp("hub-keys")
+    trusted = keys_dir / "publisher.pub"
+    trusted.write_bytes(public_key_pem(publisher.key.public_key()))
+
+    def start(*, data_dir: Path | None = None, **overrides: Any) -> RunningHub:
+        data = data_dir or tmp_path_factory.mktemp("hub-data")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        values: dict[str, Any] = {
+            "data_dir": data,
+            "host": "127.0.0.1",
+            "port": port,
+            "public_url": url,
+            "admin_token": ADMIN_TOKEN,
+            "trusted_keys": [trusted],
+        }
+        values.update(overrides)
+        settings = HubSettings(**values)
+        ctx, server, thread = _serve(settings, sock)
+        running = RunningHub(
+            url=url,
+            admin_token=ADMIN_TOKEN,
+            ctx=ctx,
+            data_dir=data,
+            overrides=overrides,
+            _server=server,
+            _thread=thread,
+            _start=start,
+        )
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        running.stop()
