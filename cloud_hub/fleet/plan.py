@@ -1,0 +1,110 @@
+"""What every device should run, decided from data alone (no database, no clock, no keys).
+
+``plan_fleet`` turns devices x deployments into each device's list of module assignments;
+``port_conflicts`` finds two services that would bind one port on one device (refused up front,
+before anything is stored); ``changed_devices`` says whose desired state must be re-issued;
+``desired_payload`` is the document the hub signs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cloud_hub.fleet.targeting import Target
+from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    id: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    name: str
+    module: str
+    version: str
+    manifest_digest: str
+    settings: DeploymentSettings
+    target: Target
+
+    def assignment(self) -> ModuleAssignment:
+        return ModuleAssignment(
+            service=self.name,
+            module=self.module,
+            version=self.version,
+            manifest_digest=self.manifest_digest,
+            settings=self.settings,
+        )
+
+
+Plan = dict[str, list[ModuleAssignment]]
+
+
+def assignments_for(device: DeviceView, deployments: Iterable[DeploymentView]) -> list[ModuleAssignment]:
+    """The services a device runs, sorted by service name (so equal plans compare equal)."""
+    chosen = [d for d in deployments if d.target.includes(device.id, device.tags)]
+    return [d.assignment() for d in sorted(chosen, key=lambda d: d.name)]
+
+
+def plan_fleet(devices: Iterable[DeviceView], deployments: Sequence[DeploymentView]) -> Plan:
+    """Every device's full list of assignments (an empty list when nothing targets it)."""
+    return {device.id: assignments_for(device, deployments) for device in devices}
+
+
+@dataclass(frozen=True)
+class PortConflict:
+    device_id: str
+    port: int
+    services: tuple[str, ...]
+
+    def message(self) -> str:
+        names = " and ".join(repr(s) for s in self.services)
+        return (
+            f"port {self.port} on device {self.device_id!r} would be bound by both {names}; "
+            "give one of them another port (deploymentconfig.json 'port') or another target"
+        )
+
+
+def port_conflicts(plan: Mapping[str, Sequence[ModuleAssignment]]) -> list[PortConflict]:
+    """Every (device, port) that more than one service would bind, in a stable order."""
+    found: list[PortConflict] = []
+    for device_id in sorted(plan):
+        by_port: dict[int, list[str]] = {}
+        for a in plan[device_id]:
+            by_port.setdefault(a.settings.port, []).append(a.service)
+        for port in sorted(by_port):
+            if len(by_port[port]) > 1:
+                found.append(PortConflict(device_id, port, tuple(sorted(by_port[port]))))
+    return found
+
+
+def changed_devices(before: Mapping[str, Sequence[ModuleAssignment]], after: Plan) -> list[str]:
+    """Devices of ``after`` whose assignments differ from ``before`` (new devices included)."""
+    return sorted(d for d, mods in after.items() if d not in before or list(before[d]) != mods)
+
+
+def devices_running(plan: Mapping[str, Sequence[ModuleAssignment]], service: str) -> list[str]:
+    return sorted(d for d, mods in plan.items() if any(m.service == service for m in mods))
+
+
+def desired_payload(
+    device_id: str,
+    generation: int,
+    modules: Sequence[ModuleAssignment],
+    *,
+    issued: datetime,
+    expires: datetime,
+) -> dict[str, object]:
+    """The JSON-ready ``signed`` document of a device's desired state (validated on the way)."""
+    state = DesiredState(
+        device_id=device_id,
+        generation=generation,
+        issued=issued,
+        expires=expires,
+        modules=list(modules),
+    )
+    return state.model_dump(mode="json", by_alias=True)
