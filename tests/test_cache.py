@@ -46,6 +46,8 @@ def test_install_lays_out_the_module_read_only_and_linked_to_its_blobs(
         assert not placed.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
         assert placed.samefile(cache.blob_path(f.digest))  # a hard link, not a second copy
         assert cache.has(f.digest)
+    for folder in (installed.dir, installed.dir / "src", installed.dir / "model"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o555
 
 
 def test_second_install_is_a_no_op(

@@ -39,6 +39,7 @@ from manifests.signing import TrustStore, parse_envelope
 MODULES_DIR = "modules"
 #: temp files and folders older than this are leftovers of a crash, not work in progress
 STALE_AFTER_S = 3600.0
+FOLDER_MODE = 0o555
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,11 @@ class ModuleCache:
                     final, verified.manifest_bytes, placements
                 ):
                     raise
-                shutil.rmtree(tmp, ignore_errors=True)
+                self._discard(tmp)
                 return final
             fsync_dir(self.modules)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._discard(tmp)
             raise
         return final
 
@@ -234,8 +235,11 @@ class ModuleCache:
             _make_folders(tmp, target)
             _place(self.blobs.path(p.digest), target)
             folders.add(target.parent)
+        # Read-only folders too: a running module cannot change itself (nor leave
+        # __pycache__ behind), so the folder stays exactly what was verified.
         for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
             fsync_dir(folder)
+            os.chmod(folder, FOLDER_MODE)
 
     def _discard(self, path: Path) -> None:
         """Remove a module folder (or anything in its place) without following links."""
@@ -249,6 +253,9 @@ class ModuleCache:
             os.rename(path, doomed)
         except OSError:
             doomed = path
+        for folder, _, _ in os.walk(doomed):  # os.walk never follows links
+            with contextlib.suppress(OSError):
+                os.chmod(folder, 0o755)
         shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -21,8 +21,10 @@ from rich.progress import (
 from rich.table import Table
 
 from manifests.azureml import DeploymentConfig, InferenceConfig, parse_config
+from manifests.bundle import BlobSink, VerifiedModule
 from manifests.errors import ConfigError
 from manifests.module import Resources
+from manifests.signing import TrustStore
 from packager.app import app, console, edgepack_home
 from packager.build import DEFAULT_IMAGE, build_module, spec_from_configs
 from packager.files import atomic_output, load_json_file
@@ -216,17 +218,25 @@ TrustOption = Annotated[
 ]
 
 
+def verify_with_progress(
+    bundle: Path, trust: TrustStore, *, sink: BlobSink | None = None
+) -> VerifiedModule:
+    """Verify ``bundle`` behind a progress bar; every command that takes a bundle refuses
+    it through here, so they all refuse the same things with the same message."""
+    with byte_progress() as progress:
+        task = progress.add_task("verifying", total=bundle.stat().st_size if bundle.exists() else None)
+        return open_verified(
+            bundle, trust, sink=sink, progress=lambda n: progress.advance(task, n)
+        )
+
+
 @app.command("verify")
 def verify_cmd(
     bundle: Annotated[Path, typer.Argument(help=".edgepack file")],
     trust: TrustOption = None,
 ) -> None:
     """Check every signature and every blob digest of a module bundle."""
-    with byte_progress() as progress:
-        task = progress.add_task("verifying", total=bundle.stat().st_size if bundle.exists() else None)
-        verified = open_verified(
-            bundle, read_trust(trust_paths(trust)), progress=lambda n: progress.advance(task, n)
-        )
+    verified = verify_with_progress(bundle, read_trust(trust_paths(trust)))
     m = verified.manifest
     console.print(
         f"[green]verified[/] {m.name}:{m.version}: {len(m.files)} files, signed by "
