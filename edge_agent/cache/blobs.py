@@ -8,7 +8,9 @@ final name *is* the proof that its content matches its digest.
 
 The store implements :class:`manifests.bundle.BlobSink`, so ``verify_bundle(stream, trust,
 sink=store)`` streams a bundle's blobs straight into it; the agent uses the same
-``begin``/``write``/``commit``/``abort`` for blobs it downloads one by one.
+``begin``/``write``/``commit``/``abort`` for blobs it downloads one by one. A writer hashes
+what it is given unless its caller already does and commits only on a match (see
+:meth:`BlobStore.begin`), which spares a second pass over large models.
 """
 
 from __future__ import annotations
@@ -70,14 +72,25 @@ class BlobStore:
             return None
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
-    def begin(self, digest: str, size: int) -> PendingBlob:
-        """Start writing blob ``digest`` of ``size`` bytes; finish with commit() or abort()."""
+    def begin(self, digest: str, size: int, *, hashed_by_caller: bool = False) -> PendingBlob:
+        """Start writing blob ``digest`` of ``size`` bytes; finish with commit() or abort().
+
+        ``hashed_by_caller=True`` is only for a caller that hashes every byte itself and
+        commits only on a match (``verify_bundle`` does): the blob is then not hashed twice.
+        """
         final = self.path(digest)
         if size < 0:
             raise TrustError(f"blob {digest}: negative size {size}; refused")
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=PART_SUFFIX, dir=self.dir)
-        return PendingBlob(digest=digest, size=size, fd=fd, tmp=Path(tmp), final=final)
+        return PendingBlob(
+            digest=digest,
+            size=size,
+            fd=fd,
+            tmp=Path(tmp),
+            final=final,
+            hasher=None if hashed_by_caller else hashlib.sha256(),
+        )
 
     def digests(self) -> Iterator[str]:
         """Every blob held (temp files excluded)."""
@@ -119,13 +132,22 @@ class PendingBlob:
     Implements :class:`manifests.bundle.BlobWriter`.
     """
 
-    def __init__(self, *, digest: str, size: int, fd: int, tmp: Path, final: Path) -> None:
+    def __init__(
+        self,
+        *,
+        digest: str,
+        size: int,
+        fd: int,
+        tmp: Path,
+        final: Path,
+        hasher: hashlib._Hash | None,
+    ) -> None:
         self.digest = digest
         self.size = size
         self._fd: int | None = fd
         self._tmp = tmp
         self._final = final
-        self._hasher = hashlib.sha256()
+        self._hasher = hasher
         self._written = 0
 
     def write(self, chunk: bytes) -> None:
@@ -136,7 +158,8 @@ class PendingBlob:
             raise TrustError(
                 f"blob {self.digest}: more than the {self.size} bytes announced; discarded"
             )
-        self._hasher.update(chunk)
+        if self._hasher is not None:
+            self._hasher.update(chunk)
         view = memoryview(chunk)
         while view:
             view = view[os.write(fd, view) :]
@@ -150,7 +173,7 @@ class PendingBlob:
             raise TrustError(
                 f"blob {self.digest}: got {self._written} bytes, expected {self.size}; discarded"
             )
-        if "sha256:" + self._hasher.hexdigest() != self.digest:
+        if self._hasher is not None and "sha256:" + self._hasher.hexdigest() != self.digest:
             self.abort()
             raise TrustError(f"blob {self.digest}: content does not match its digest; discarded")
         try:

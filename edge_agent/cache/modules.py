@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from edge_agent.cache.blobs import BLOB_MODE, PART_SUFFIX, BlobStore, PendingBlob, fsync_dir
 from edge_agent.cache.layout import MANIFEST_FILE, Placement, plan_layout
-from manifests.bundle import VerifiedModule, parse_module_manifest, verify_bundle
+from manifests.bundle import BlobSink, VerifiedModule, parse_module_manifest, verify_bundle
 from manifests.digests import digest_hex, is_digest, sha256_digest
 from manifests.errors import ConfigError, FetchError, TrustError
 from manifests.module import ModuleManifest
@@ -109,8 +109,15 @@ class ModuleCache:
         except FileNotFoundError:
             raise ConfigError(f"{path}: bundle not found") from None
         with fh:
-            verified = verify_bundle(fh, trust, sink=self, progress=progress, what=str(path))
+            verified = verify_bundle(
+                fh, trust, sink=self.bundle_sink(), progress=progress, what=str(path)
+            )
         return self.install_verified(verified)
+
+    def bundle_sink(self) -> BlobSink:
+        """The sink to hand to ``verify_bundle``: the same store, but blobs are hashed once,
+        by ``verify_bundle``, which commits a blob only when its digest matched."""
+        return _BundleSink(self.blobs)
 
     def install_verified(self, verified: VerifiedModule) -> InstalledModule:
         """Materialise an already verified module whose blobs are all held."""
@@ -257,6 +264,17 @@ class ModuleCache:
             with contextlib.suppress(OSError):
                 os.chmod(folder, 0o755)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+class _BundleSink:
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+
+    def has(self, digest: str) -> bool:
+        return self._blobs.has(digest)
+
+    def begin(self, digest: str, size: int) -> PendingBlob:
+        return self._blobs.begin(digest, size, hashed_by_caller=True)
 
 
 def _safe_target(root: Path, rel: str) -> Path:

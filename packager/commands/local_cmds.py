@@ -47,7 +47,7 @@ def install(bundle: Path, trust: list[Path] | None, cache_dir: Path | None) -> I
     """Verify ``bundle`` (refusing exactly as ``edgepack verify`` does) into the cache."""
     store = read_trust(trust_paths(trust))
     cache = ModuleCache(cache_dir or default_cache_dir())
-    verified = verify_with_progress(bundle, store, sink=cache)
+    verified = verify_with_progress(bundle, store, sink=cache.bundle_sink())
     return cache.install_verified(verified)
 
 
@@ -66,7 +66,7 @@ def display_host(host: str) -> str:
 @app.command("serve")
 def serve_cmd(
     bundle: Annotated[Path, typer.Argument(help=".edgepack file")],
-    port: Annotated[int, typer.Option(help="TCP port to listen on", min=0, max=65535)] = 8890,
+    port: Annotated[int, typer.Option(help="TCP port to listen on", min=1, max=65535)] = 8890,
     host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 for every interface)")] = (
         "127.0.0.1"
     ),

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything CI runs: system packages, .venv with edgepack[test], ruff, mypy, pytest.
+#
+#     bash scripts/test.sh [PYTEST ARGS...]     (default: the whole suite, two workers)
+#
+# Works on a fresh Debian machine as root with only Python 3.11; re-running is quick.
+set -euo pipefail
+source "$(dirname "$0")/setup-env.sh"
+cd "$REPO"
+
+step "system packages"
+TEST_PACKAGES=(
+    mosquitto   # the real MQTT broker tests start on ephemeral ports
+    chromium    # headless browser for the dashboard tests (driven by Playwright)
+    # --- runtimes, added when their tests land: ---
+    # docker.io docker-registry   (docker runtime against a real engine and registry)
+    # debootstrap                 (device root filesystems)
+)
+ensure_apt_packages "${TEST_PACKAGES[@]}"
+# Tests start their own brokers; a broker the package started would only take port 1883.
+if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
+    as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
+fi
+
+step "python environment (.venv, edgepack[test])"
+ensure_venv test
+
+step "ruff"
+ruff check .
+
+step "mypy"
+mypy
+
+step "pytest"
+if [ "$#" -eq 0 ]; then
+    set -- -n 2 tests
+fi
+# pytest exits 5 when it collected no test: that fails this script like any other failure.
+pytest "$@"
