@@ -1,20 +1,215 @@
-"""MQTT link of the hub (placeholder until its owner fills it in)."""
+"""The hub's MQTT session: publishes signed desired states, feeds device messages to ingest.
+
+One paho-mqtt 2.x client (MQTT 3.1.1, so that RabbitMQ's MQTT plugin works as well as
+Mosquitto) whose network loop runs in paho's own thread. paho reconnects by itself with an
+exponential backoff (1 s doubling up to ``max_backoff_s``) and, on every connect, the link
+subscribes again to ``<prefix>/devices/+/reported|telemetry|online``. Message callbacks only
+hand the bytes to :class:`cloud_hub.ingest.worker.IngestWorker`, which never blocks, so a slow
+database or a malformed message cannot stall the network loop (or the other devices).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+import secrets
+import ssl
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from manifests.errors import FetchError
+from manifests.topics import device_topic
 
 if TYPE_CHECKING:
     from cloud_hub.context import HubContext
 
+log = logging.getLogger(__name__)
+
+#: Called for every device message: ``(topic, payload, retained)``. Must not block.
+MessageSink = Callable[[str, bytes, bool], None]
+
+INGEST_CHANNELS = ("reported", "telemetry", "online")
+
 
 class MqttLink:
+    """The hub's broker connection. Build it with :meth:`from_context` in the hub."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int = 1883,
+        prefix: str = "edgepack",
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
+        client_id: str | None = None,
+        sink: MessageSink | None = None,
+        publish_timeout_s: float = 10.0,
+        connect_wait_s: float = 5.0,
+        max_backoff_s: int = 30,
+        on_start: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        if publish_timeout_s <= 0 or connect_wait_s < 0:
+            raise ValueError("publish_timeout_s must be > 0 and connect_wait_s >= 0")
+        self.host = host
+        self.port = port
+        self.prefix = prefix
+        self.publish_timeout_s = publish_timeout_s
+        self.connect_wait_s = connect_wait_s
+        self._sink = sink
+        self._on_start = on_start
+        self._on_stop = on_stop
+        self._subscribed = threading.Event()
+        self._started = False
+        # A random suffix: two hub replicas with the same client id would kick each other off.
+        cid = client_id or f"edgepack-hub-{secrets.token_hex(4)}"
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cid,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if tls_ca is not None:
+            self._client.tls_set(ca_certs=tls_ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=max_backoff_s)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+
     @classmethod
     def from_context(cls, ctx: HubContext) -> MqttLink:
-        return cls()
+        """A link configured from the hub settings, feeding the hub's ingest worker."""
+        from cloud_hub.broker.mosquitto import hub_mqtt_password
+        from cloud_hub.ingest.worker import IngestWorker
 
-    def start(self) -> None: ...
+        settings = ctx.settings
+        if settings.mqtt_host is None:
+            raise ValueError("no MQTT host configured")
+        worker = IngestWorker(
+            ctx.sessions, prefix=settings.topic_prefix, telemetry_keep=settings.telemetry_keep
+        )
+        ctx.extras["ingest"] = worker
+        return cls(
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            prefix=settings.topic_prefix,
+            username=settings.mqtt_username,
+            password=hub_mqtt_password(settings),
+            tls_ca=str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
+            sink=worker.submit,
+            on_start=worker.start,
+            on_stop=worker.stop,
+        )
 
-    def stop(self) -> None: ...
+    # --- lifecycle -------------------------------------------------------------------------
 
-    def publish_desired(self, device_id: str, payload: bytes) -> None: ...
+    def start(self) -> None:
+        """Connect in the background; wait up to ``connect_wait_s`` for the subscriptions.
+
+        A broker that is not up yet is not an error: paho keeps retrying with backoff.
+        """
+        if self._started:
+            return
+        self._started = True
+        if self._on_start is not None:
+            self._on_start()
+        self._client.connect_async(self.host, self.port, keepalive=30)
+        self._client.loop_start()
+        if not self._subscribed.wait(self.connect_wait_s):
+            log.warning(
+                "MQTT broker %s:%s not reachable yet; retrying in the background", self.host, self.port
+            )
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self._on_stop is not None:
+            self._on_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._client.is_connected() and self._subscribed.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once connected and subscribed (within ``timeout`` seconds)."""
+        return self._subscribed.wait(timeout)
+
+    # --- publishing --------------------------------------------------------------------------
+
+    def publish_desired(self, device_id: str, payload: bytes) -> None:
+        """Publish a signed desired state retained, QoS 1, and wait for the broker's PUBACK.
+
+        Raises FetchError when the broker does not acknowledge in time; the state is still
+        stored in the database, so the device gets it over HTTP, and paho delivers the queued
+        message (in order) once it reconnects.
+        """
+        self._publish(device_topic(device_id, "desired", prefix=self.prefix), payload)
+
+    def clear_desired(self, device_id: str) -> None:
+        """Remove the retained desired state of ``device_id`` (an empty retained message)."""
+        self._publish(device_topic(device_id, "desired", prefix=self.prefix), b"")
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        what = f"publishing to {topic} via {self.host}:{self.port}"
+        if not self._client.is_connected():
+            raise FetchError(
+                f"{what}: not connected to the broker; check that it runs and the hub's "
+                "credentials are in its password file"
+            )
+        info = self._client.publish(topic, payload, qos=1, retain=True)
+        try:
+            info.wait_for_publish(self.publish_timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise FetchError(f"{what}: {exc}; check the broker and retry") from exc
+        if not info.is_published():
+            raise FetchError(
+                f"{what}: no acknowledgement within {self.publish_timeout_s:g}s; "
+                "check the broker (the hub will deliver it when the broker answers)"
+            )
+
+    # --- paho callbacks (network thread) ---------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT broker refused the hub: %s", reason)
+            return
+        topics = [(f"{self.prefix}/devices/+/{channel}", 1) for channel in INGEST_CHANNELS]
+        rc, _mid = client.subscribe(topics)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.warning("MQTT subscribe failed: %s", mqtt.error_string(rc))
+
+    def _on_subscribe(
+        self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[Any], _props: Any
+    ) -> None:
+        refused = [r for r in reasons if r.is_failure]
+        if refused:
+            log.warning("MQTT broker refused the hub's subscriptions: %s", refused)
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        self._subscribed.clear()
+        if self._started:
+            log.info("MQTT connection lost (%s); reconnecting with backoff", reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._sink is None:
+            return
+        try:
+            self._sink(msg.topic, bytes(msg.payload), bool(msg.retain))
+        except Exception:
+            # Nothing a device sends may kill the network thread.
+            log.exception("ingest refused a message on %s", msg.topic)

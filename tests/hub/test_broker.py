@@ -1,0 +1,219 @@
+"""The hub's MQTT link and the broker config it generates, against a real Mosquitto."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cloud_hub.broker.mosquitto import (
+    BrokerUser,
+    render_acl,
+    sync_broker,
+    write_broker_files,
+)
+from cloud_hub.broker.passwords import check_password, hash_password
+from cloud_hub.context import HubContext
+from cloud_hub.fleet.tables import Device
+from cloud_hub.mqtt.link import MqttLink
+from cloud_hub.settings import HubSettings
+from manifests.errors import FetchError
+from tests.hub.broker_fixtures import Broker, BrokerFactory, MqttProbe, free_port
+
+HUB_PASSWORD = "hub-secret"
+
+
+def _link(broker: Broker, prefix: str, **kw: object) -> MqttLink:
+    link = MqttLink(host=broker.host, port=broker.port, prefix=prefix, **kw)  # type: ignore[arg-type]
+    link.start()
+    assert link.wait_connected(10)
+    return link
+
+
+def test_desired_state_is_published_retained_and_cleared(mosquitto: Broker, topic_prefix: str) -> None:
+    link = _link(mosquitto, topic_prefix)
+    try:
+        link.publish_desired("dev-1", b'{"signed": 1}')
+        link.publish_desired("dev-2", b'{"signed": 2}')
+    finally:
+        link.stop()
+
+    # A device that connects later still gets its state: the message is retained.
+    late = mosquitto.probe()
+    try:
+        late.subscribe(f"{topic_prefix}/devices/dev-1/desired")
+        msg = late.expect(lambda m: m.topic.endswith("dev-1/desired"))
+        assert (msg.payload, msg.retain) == (b'{"signed": 1}', True)
+    finally:
+        late.close()
+
+    link = _link(mosquitto, topic_prefix)
+    try:
+        link.clear_desired("dev-1")
+    finally:
+        link.stop()
+    after = mosquitto.probe()
+    try:
+        after.subscribe(f"{topic_prefix}/devices/+/desired")
+        got = after.received_within(lambda m: True, 1.0)
+        assert [(m.topic, m.payload) for m in got] == [
+            (f"{topic_prefix}/devices/dev-2/desired", b'{"signed": 2}')
+        ]
+    finally:
+        after.close()
+
+
+def test_publish_without_a_broker_raises_fetch_error(topic_prefix: str) -> None:
+    link = MqttLink(host="127.0.0.1", port=free_port(), prefix=topic_prefix, connect_wait_s=0.2)
+    link.start()
+    try:
+        with pytest.raises(FetchError, match="not connected to the broker"):
+            link.publish_desired("dev-1", b"x")
+    finally:
+        link.stop()
+
+
+def test_password_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
+    pwfile = tmp_path / "pw"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(pwfile), "u1", "s3cret"], check=True)
+    theirs = pwfile.read_text().strip().split(":", 1)[1]
+    assert check_password("s3cret", theirs)
+    assert not check_password("wrong", theirs)
+    assert check_password("s3cret", hash_password("s3cret"))
+
+
+def test_acl_lists_only_each_devices_own_topics() -> None:
+    acl = render_acl(prefix="ep", hub_username="hub", device_ids=["b", "a"])
+    assert acl.splitlines()[1:] == [
+        "user hub",
+        "topic readwrite ep/#",
+        "",
+        "user a",
+        "topic read ep/devices/a/desired",
+        "topic write ep/devices/a/reported",
+        "topic write ep/devices/a/telemetry",
+        "topic write ep/devices/a/online",
+        "",
+        "user b",
+        "topic read ep/devices/b/desired",
+        "topic write ep/devices/b/reported",
+        "topic write ep/devices/b/telemetry",
+        "topic write ep/devices/b/online",
+    ]
+
+
+@pytest.fixture
+def secured(tmp_path: Path, broker_factory: BrokerFactory) -> tuple[Broker, str]:
+    prefix = "edgepack"
+    users = [BrokerUser("dev-a", hash_password("pw-a")), BrokerUser("dev-b", hash_password("pw-b"))]
+    write_broker_files(
+        tmp_path / "broker",
+        prefix=prefix,
+        hub=BrokerUser("edgepack-hub", hash_password(HUB_PASSWORD)),
+        devices=users,
+    )
+    return broker_factory(tmp_path / "broker"), prefix
+
+
+def test_generated_password_file_authenticates_and_refuses(secured: tuple[Broker, str]) -> None:
+    broker, _ = secured
+    broker.probe(username="dev-a", password="pw-a").close()
+    broker.probe(username="edgepack-hub", password=HUB_PASSWORD).close()
+    with pytest.raises(ConnectionRefusedError):
+        broker.probe(username="dev-a", password="pw-b")
+    with pytest.raises(ConnectionRefusedError):
+        broker.probe(username="stranger", password="pw-a")
+    with pytest.raises(ConnectionRefusedError):
+        broker.probe()  # anonymous
+
+
+def test_device_cannot_read_or_write_another_devices_topics(secured: tuple[Broker, str]) -> None:
+    broker, p = secured
+    hub = broker.probe(username="edgepack-hub", password=HUB_PASSWORD)
+    a = broker.probe(username="dev-a", password="pw-a")
+    try:
+        assert hub.subscribe(f"{p}/devices/+/reported") == [1]
+        hub.publish(f"{p}/devices/dev-b/desired", b"for-b", retain=True)
+        hub.publish(f"{p}/devices/dev-a/desired", b"for-a", retain=True)
+
+        # Mosquitto 2.0's acl_file does not refuse the SUBSCRIBE itself (the SUBACK grants
+        # it); it checks read access per message, so B's retained desired state is never
+        # delivered to A, while A's own is.
+        a.subscribe(f"{p}/devices/dev-b/desired")
+        a.subscribe(f"{p}/devices/+/desired")
+        a.subscribe(f"{p}/#")
+        assert a.subscribe(f"{p}/devices/dev-a/desired") == [1]
+        got = a.received_within(lambda m: True, 1.0)
+        assert {(m.topic, m.payload) for m in got} == {(f"{p}/devices/dev-a/desired", b"for-a")}
+        # The hub itself does see B's retained state, so A's silence is the ACL at work.
+        hub.subscribe(f"{p}/devices/dev-b/desired")
+        assert hub.expect(lambda m: m.topic.endswith("dev-b/desired")).payload == b"for-b"
+
+        # Publishing as B is silently dropped by the broker; the hub never sees it ...
+        a.publish(f"{p}/devices/dev-b/reported", b"forged")
+        # ... while A's own report arrives.
+        a.publish(f"{p}/devices/dev-a/reported", b"mine")
+        first = hub.expect(lambda m: m.topic.endswith("/reported"))
+        assert (first.topic, first.payload) == (f"{p}/devices/dev-a/reported", b"mine")
+        assert hub.received_within(lambda m: m.payload == b"forged", 1.0) == []
+    finally:
+        a.close()
+        hub.close()
+
+
+def test_sync_broker_follows_the_device_table(tmp_path: Path, broker_factory: BrokerFactory) -> None:
+    broker_dir = tmp_path / "broker"
+    settings = HubSettings(
+        data_dir=tmp_path / "data",
+        broker_dir=broker_dir,
+        mqtt_password=HUB_PASSWORD,
+        broker_pid_file=None,
+    )
+    ctx = HubContext.open(settings)
+    try:
+        sync_broker(ctx)  # only the hub so far
+        broker = broker_factory(broker_dir)
+        ctx.settings = settings.model_copy(update={"broker_pid_file": broker.pid_file})
+        with pytest.raises(ConnectionRefusedError):
+            broker.probe(username="dev-new", password="pw-new")
+
+        with ctx.sessions.begin() as s:
+            s.add(Device(id="dev-new", tags={}, mqtt_password_hash=hash_password("pw-new"), token_hash="t1"))
+        sync_broker(ctx)
+        _eventually_connects(broker, "dev-new", "pw-new")
+
+        with ctx.sessions.begin() as s:
+            dev = s.get(Device, "dev-new")
+            assert dev is not None
+            dev.revoked = True
+        sync_broker(ctx)
+        _eventually_refused(broker, "dev-new", "pw-new")
+        broker.probe(username="edgepack-hub", password=HUB_PASSWORD).close()
+    finally:
+        ctx.close()
+
+
+def _eventually_connects(broker: Broker, user: str, password: str) -> None:
+    # SIGHUP is asynchronous: the broker reloads between its network iterations.
+    import time
+
+    for _ in range(100):
+        try:
+            broker.probe(username=user, password=password).close()
+            return
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+    raise AssertionError(f"{user} was never let in after the reload")
+
+
+def _eventually_refused(broker: Broker, user: str, password: str) -> None:
+    import time
+
+    for _ in range(100):
+        try:
+            MqttProbe.close(broker.probe(username=user, password=password))
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{user} was still let in after the reload")
