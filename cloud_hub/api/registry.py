@@ -1,7 +1,339 @@
-"""Routes: registry (placeholder until its owner fills it in)."""
+"""Routes: the model and module registry and the blobs behind them (admin token required).
+
+Uploads are streamed: the body goes chunk by chunk into the blob store (or through the bundle
+verifier into a staging area) in a worker thread, never whole into memory.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import json
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import IO, Annotated, Any
 
-router = APIRouter()
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from cloud_hub.api.deps import Admin, Ctx
+from cloud_hub.context import HubContext
+from cloud_hub.errors import NotFound
+from cloud_hub.registry import models as model_registry
+from cloud_hub.registry import modules as module_registry
+from cloud_hub.registry.tables import ModelVersion, Module
+from cloud_hub.registry.tags import parse_filters
+from cloud_hub.store.blobs import CHUNK, check_digest
+from cloud_hub.store.streaming import MIB, body_file, check_declared_length
+from manifests.errors import ConfigError, EdgepackError
+from manifests.signing import parse_envelope
+
+router = APIRouter(prefix="/api/v1", dependencies=[Admin])
+
+DigestPath = Annotated[str, Path(description="sha256:<hex>")]
+
+
+class FileOut(BaseModel):
+    path: str
+    digest: str
+    size: int
+
+
+class ModelFileIn(BaseModel):
+    path: str = Field(description="relative path inside the model (a file name, or folder/file)")
+    digest: str = Field(description="sha256:<hex> of a blob already uploaded")
+    size: int = Field(ge=0)
+
+
+class ModelRegistration(BaseModel):
+    files: list[ModelFileIn] = Field(min_length=1)
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: int
+    description: str
+    tags: dict[str, str]
+    properties: dict[str, Any]
+    size: int
+    created_at: datetime
+    files: list[FileOut]
+
+    @classmethod
+    def of(cls, m: ModelVersion) -> ModelOut:
+        return cls(
+            name=m.name,
+            version=m.version,
+            description=m.description,
+            tags=m.tags,
+            properties=m.properties,
+            size=m.size,
+            created_at=m.created_at,
+            files=[FileOut(path=f.path, digest=f.digest, size=f.size) for f in m.files],
+        )
+
+
+class ModuleOut(BaseModel):
+    name: str
+    version: str
+    manifest_digest: str
+    signers: list[str]
+    size: int
+    created_at: datetime
+    files: list[FileOut]
+
+    @classmethod
+    def of(cls, m: Module) -> ModuleOut:
+        return cls(
+            name=m.name,
+            version=m.version,
+            manifest_digest=m.manifest_digest,
+            signers=m.signers,
+            size=m.size,
+            created_at=m.created_at,
+            files=[FileOut(path=f.path, digest=f.digest, size=f.size) for f in m.files],
+        )
+
+
+class ModuleDetail(ModuleOut):
+    manifest: dict[str, Any] = Field(description="the signed payload of module.json")
+
+
+class PushOut(ModuleOut):
+    created: bool
+    new_blobs: int
+    reused_blobs: int
+
+
+class BlobOut(BaseModel):
+    digest: str
+    size: int
+    created: bool
+
+
+class Deleted(BaseModel):
+    deleted: str
+    freed_blobs: list[str]
+
+
+def _upload_limit(ctx: HubContext) -> int:
+    return ctx.settings.max_upload_mb * MIB
+
+
+# --- blobs ----------------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single ``Range: bytes=a-b`` as ``[start, end)``; None means the whole blob. Pure."""
+    if header is None:
+        return None
+    match = _RANGE.match(header.strip())
+    if not match or match.group(1) == match.group(2) == "":
+        raise ConfigError(f"Range {header!r} is not supported; send one 'bytes=START-END' range")
+    first, last = match.groups()
+    if first == "":
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = size if last == "" else min(int(last) + 1, size)
+    if start >= size or end <= start:
+        raise ConfigError(f"Range {header!r} is outside the blob ({size} bytes)")
+    return start, end
+
+
+def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
+def blob_response(ctx: HubContext, digest: str, range_header: str | None, media_type: str) -> Response:
+    """Stream a blob, or one byte range of it (206), for any route that serves blobs."""
+    check_digest(digest)
+    size = ctx.blobs.size(digest)
+    span = parse_range(range_header, size)
+    headers = {"Accept-Ranges": "bytes", "ETag": f'"{digest}"'}
+    if span is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(_chunks(ctx.blobs.open(digest)), media_type=media_type, headers=headers)
+    start, end = span
+    headers["Content-Length"] = str(end - start)
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    return StreamingResponse(
+        _chunks(ctx.blobs.open(digest, start, end)), status_code=206, media_type=media_type, headers=headers
+    )
+
+
+@router.head("/blobs/{digest}", tags=["blobs"])
+def head_blob(digest: DigestPath, ctx: Ctx) -> Response:
+    size = ctx.blobs.size(check_digest(digest))
+    return Response(headers={"Content-Length": str(size), "Accept-Ranges": "bytes"})
+
+
+@router.get("/blobs/{digest}", tags=["blobs"], response_class=StreamingResponse)
+def get_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Response:
+    """A blob by digest; honours a single ``Range`` header."""
+    return blob_response(ctx, digest, request.headers.get("range"), "application/octet-stream")
+
+
+@router.put("/blobs/{digest}", tags=["blobs"], status_code=201, response_model=BlobOut)
+async def put_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Any:
+    """Upload one blob (raw body); its digest must match. A blob already held is not rewritten."""
+    check_digest(digest)
+    limit = _upload_limit(ctx)
+    check_declared_length(request.headers.get("content-length"), limit)
+    raw, fh = body_file(request.stream(), limit=limit)
+    if ctx.blobs.has(digest):
+        await raw.drain()
+        return JSONResponse(BlobOut(digest=digest, size=ctx.blobs.size(digest), created=False).model_dump())
+    try:
+        got, size = await run_in_threadpool(
+            ctx.blobs.put, fh, expected_digest=digest, max_bytes=limit
+        )
+    except EdgepackError:
+        await raw.drain()
+        raise
+    return BlobOut(digest=got, size=size, created=True)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+@router.post("/models/{name}/versions", tags=["models"], status_code=201, response_model=ModelOut)
+def register_model(name: str, body: ModelRegistration, ctx: Ctx) -> ModelOut:
+    """Register a new version of model ``name`` over blobs uploaded with ``PUT /blobs``."""
+    model = model_registry.register_model(
+        ctx.sessions,
+        ctx.blobs,
+        name,
+        [model_registry.FileRef(f.path, f.digest, f.size) for f in body.files],
+        description=body.description,
+        tags=body.tags,
+        properties=body.properties,
+    )
+    return ModelOut.of(model)
+
+
+@router.get("/models", tags=["models"], response_model=list[ModelOut])
+def list_models(
+    ctx: Ctx,
+    tag: Annotated[list[str], Query(description="key=value or key; all must match")] = [],  # noqa: B006
+    name: str | None = None,
+    latest: Annotated[bool, Query(description="only the highest version of each name")] = False,
+) -> list[ModelOut]:
+    filters = parse_filters(tag)
+    with ctx.sessions.begin() as s:
+        found = model_registry.list_models(s, name=name, filters=filters)
+        if latest:
+            found = list({m.name: m for m in found}.values())
+        return [ModelOut.of(m) for m in found]
+
+
+@router.get("/models/{name}/versions", tags=["models"], response_model=list[ModelOut])
+def list_model_versions(name: str, ctx: Ctx) -> list[ModelOut]:
+    with ctx.sessions.begin() as s:
+        found = model_registry.list_models(s, name=name)
+        if not found:
+            model_registry.get_model(s, name)  # raises NotFound with advice
+        return [ModelOut.of(m) for m in found]
+
+
+@router.get("/models/{name}/versions/{version}", tags=["models"], response_model=ModelOut)
+def show_model(name: str, version: str, ctx: Ctx) -> ModelOut:
+    """One version; ``latest`` names the highest."""
+    with ctx.sessions.begin() as s:
+        return ModelOut.of(model_registry.get_model(s, name, version))
+
+
+@router.get("/models/{name}/versions/{version}/files/{path:path}", tags=["models"])
+def download_model_file(name: str, version: str, path: str, request: Request, ctx: Ctx) -> Response:
+    with ctx.sessions.begin() as s:
+        model = model_registry.get_model(s, name, version)
+        digest = next((f.digest for f in model.files if f.path == path), None)
+    if digest is None:
+        raise NotFound(f"model {model.ref} has no file {path!r}; 'edgepack model show' lists them")
+    return blob_response(ctx, digest, request.headers.get("range"), "application/octet-stream")
+
+
+@router.delete("/models/{name}/versions/{version}", tags=["models"], response_model=Deleted)
+def delete_model(name: str, version: str, ctx: Ctx) -> Deleted:
+    """Delete one version; refused (409) while a deployment uses it."""
+    freed = model_registry.delete_model(ctx.sessions, ctx.blobs, name, version)
+    return Deleted(deleted=f"{name}:{version}", freed_blobs=freed)
+
+
+# --- modules --------------------------------------------------------------------------------
+
+
+@router.post("/modules", tags=["modules"], status_code=201, response_model=PushOut)
+async def push_module(request: Request, ctx: Ctx) -> Any:
+    """Push a ``.edgepack`` (raw body). Every signature and blob digest is verified before
+    anything is stored; 422 names the problem. The same module again answers 200."""
+    limit = _upload_limit(ctx)
+    check_declared_length(request.headers.get("content-length"), limit)
+    raw, fh = body_file(request.stream(), limit=limit)
+    try:
+        result = await run_in_threadpool(
+            module_registry.push_module, ctx.sessions, ctx.blobs, ctx.trust, fh
+        )
+    except EdgepackError:
+        await raw.drain()
+        raise
+    await raw.drain()  # tar padding after the end-of-archive marker
+    out = PushOut(
+        **ModuleOut.of(result.module).model_dump(),
+        created=result.created,
+        new_blobs=result.new_blobs,
+        reused_blobs=result.reused_blobs,
+    )
+    if result.created:
+        return out
+    return JSONResponse(json.loads(out.model_dump_json()), status_code=200)
+
+
+@router.get("/modules", tags=["modules"], response_model=list[ModuleOut])
+def list_modules(ctx: Ctx, name: str | None = None) -> list[ModuleOut]:
+    with ctx.sessions.begin() as s:
+        return [ModuleOut.of(m) for m in module_registry.list_modules(s, name)]
+
+
+@router.get("/modules/{name}/versions/{version}", tags=["modules"], response_model=ModuleDetail)
+def show_module(name: str, version: str, ctx: Ctx) -> ModuleDetail:
+    with ctx.sessions.begin() as s:
+        module = module_registry.get_module(s, name, version)
+        signed = parse_envelope(module.manifest, what=f"module {module.ref}").signed
+        return ModuleDetail(**ModuleOut.of(module).model_dump(), manifest=signed)
+
+
+def _manifest_response(module: Module) -> Response:
+    return Response(
+        module.manifest,
+        media_type="application/json",
+        headers={"ETag": f'"{module.manifest_digest}"', "X-Edgepack-Digest": module.manifest_digest},
+    )
+
+
+@router.get("/modules/{name}/versions/{version}/manifest", tags=["modules"])
+def get_module_manifest(name: str, version: str, ctx: Ctx) -> Response:
+    """The exact signed ``module.json`` bytes that were pushed."""
+    with ctx.sessions.begin() as s:
+        return _manifest_response(module_registry.get_module(s, name, version))
+
+
+@router.get("/manifests/{digest}", tags=["modules"])
+def get_manifest_by_digest(digest: DigestPath, ctx: Ctx) -> Response:
+    with ctx.sessions.begin() as s:
+        return _manifest_response(module_registry.module_by_digest(s, check_digest(digest)))
+
+
+@router.delete("/modules/{name}/versions/{version}", tags=["modules"], response_model=Deleted)
+def delete_module(name: str, version: str, ctx: Ctx) -> Deleted:
+    """Delete a module version; refused (409) while a deployment uses it."""
+    freed = module_registry.delete_module(ctx.sessions, ctx.blobs, name, version)
+    return Deleted(deleted=f"{name}:{version}", freed_blobs=freed)

@@ -1,0 +1,43 @@
+"""Which blobs the registry still uses, and taking the lock that keeps that answer true."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from cloud_hub.registry.tables import ModelFile, ModuleFile, RegistryLock
+from cloud_hub.store.blobs import BlobStore
+
+
+def lock_registry(session: Session) -> None:
+    """Serialise with every other transaction that adds or drops blob references.
+
+    Must be the first statement of the transaction (on SQLite a read before it would pin a
+    snapshot that the write lock then cannot upgrade).
+    """
+    session.execute(update(RegistryLock).where(RegistryLock.id == 1).values(version=RegistryLock.version + 1))
+
+
+def unreferenced(session: Session, digests: Iterable[str]) -> list[str]:
+    """Those of ``digests`` that no module file and no model file names any more."""
+    wanted = set(digests)
+    if not wanted:
+        return []
+    used = set(session.scalars(select(ModuleFile.digest).where(ModuleFile.digest.in_(wanted))))
+    used |= set(session.scalars(select(ModelFile.digest).where(ModelFile.digest.in_(wanted))))
+    return sorted(wanted - used)
+
+
+def release_blobs(session: Session, blobs: BlobStore, digests: Iterable[str]) -> list[str]:
+    """Delete the blobs of ``digests`` nothing uses any more; call after flushing the deletes.
+
+    Runs inside the locked transaction, so a concurrent push cannot start relying on a blob
+    between this check and its removal.
+    """
+    session.flush()
+    gone = unreferenced(session, digests)
+    for digest in gone:
+        blobs.delete(digest)
+    return gone

@@ -1,0 +1,156 @@
+"""The module registry: pushes verified in full before anything becomes visible.
+
+A push streams the ``.edgepack`` through :func:`manifests.bundle.verify_bundle` into a
+staging area of the blob store. Only when every signature and every blob digest has checked
+out are the new blobs published and the module row committed; a refused push leaves neither
+rows nor blobs behind. Blobs the store already holds are not written again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import IO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from cloud_hub.db.base import Sessions
+from cloud_hub.errors import Conflict, NotFound
+from cloud_hub.events import record_event
+from cloud_hub.registry.blob_refs import lock_registry, release_blobs
+from cloud_hub.registry.tables import Module, ModuleFile
+from cloud_hub.registry.usage import deployments_using_module, lock_fleet, refuse_if_used
+from cloud_hub.store.blobs import BlobStore
+from manifests.bundle import VerifiedModule, verify_bundle
+from manifests.signing import TrustStore
+
+
+@dataclass(frozen=True)
+class PushResult:
+    module: Module
+    created: bool
+    new_blobs: int
+    reused_blobs: int
+
+
+def get_module(session: Session, name: str, version: str) -> Module:
+    """The module ``name:version``; NotFound naming the versions that do exist."""
+    module = session.scalar(
+        select(Module)
+        .where(Module.name == name, Module.version == version)
+        .options(selectinload(Module.files))
+    )
+    if module is not None:
+        return module
+    known = list(session.scalars(select(Module.version).where(Module.name == name)))
+    if known:
+        raise NotFound(
+            f"module {name}:{version} is not in the registry; known versions: {', '.join(sorted(known))}"
+        )
+    raise NotFound(
+        f"module {name!r} is not in the registry; push it first with 'edgepack push FILE.edgepack'"
+    )
+
+
+def module_by_digest(session: Session, digest: str) -> Module:
+    """The module whose ``module.json`` has this digest; NotFound otherwise."""
+    module = session.scalar(
+        select(Module).where(Module.manifest_digest == digest).options(selectinload(Module.files))
+    )
+    if module is None:
+        raise NotFound(f"no module with manifest digest {digest} is in the registry")
+    return module
+
+
+def list_modules(session: Session, name: str | None = None) -> list[Module]:
+    query = select(Module).options(selectinload(Module.files)).order_by(Module.name, Module.id)
+    if name is not None:
+        query = query.where(Module.name == name)
+    return list(session.scalars(query))
+
+
+def _record(session: Session, verified: VerifiedModule) -> Module:
+    manifest = verified.manifest
+    module = Module(
+        name=manifest.name,
+        version=manifest.version,
+        manifest_digest=verified.manifest_digest,
+        manifest=verified.manifest_bytes,
+        signers=verified.signers,
+        size=manifest.total_size(),
+        files=[ModuleFile(path=f.path, digest=f.digest, size=f.size) for f in manifest.files],
+    )
+    session.add(module)
+    return module
+
+
+def push_module(
+    sessions: Sessions,
+    blobs: BlobStore,
+    trust: TrustStore,
+    stream: IO[bytes],
+) -> PushResult:
+    """Verify a bundle read from ``stream`` and add it to the registry.
+
+    The caller bounds the stream (see cloud_hub.store.streaming).
+
+    Pushing the very same module again is a no-op (``created`` False); a different module
+    under an existing ``name:version`` is a Conflict.
+    """
+    staging = blobs.staging()
+    try:
+        # The byte limit is enforced on the stream (TooLarge, 413), not through BundleLimits,
+        # whose refusal would read as a trust problem (422).
+        verified = verify_bundle(stream, trust, sink=staging, what="pushed module")
+        ref = verified.manifest.ref
+        with sessions.begin() as session:
+            lock_registry(session)
+            existing = session.scalar(
+                select(Module)
+                .where(Module.name == verified.manifest.name, Module.version == verified.manifest.version)
+                .options(selectinload(Module.files))
+            )
+            if existing is not None:
+                if existing.manifest_digest != verified.manifest_digest:
+                    raise Conflict(
+                        f"module {ref} already exists with different content "
+                        f"({existing.manifest_digest}); build it with a new version"
+                    )
+                staging.discard()
+                return PushResult(existing, False, 0, len(verified.blob_sizes))
+            # A blob skipped because the store held it may have been removed by a delete that
+            # committed since; under the lock that can no longer change, so check once here.
+            missing = [d for d in verified.blob_sizes if not staging.has(d)]
+            if missing:
+                raise Conflict(
+                    f"blob {missing[0]} was deleted while {ref} was being pushed; push it again"
+                )
+            module = _record(session, verified)
+            new_blobs = len(staging.staged)
+            session.flush()
+            # Published before the commit: if the commit fails the blobs are merely unused,
+            # whereas the other order could commit a module whose blobs never arrived.
+            staging.publish()
+            record_event(
+                session,
+                "module_pushed",
+                f"module {ref} pushed ({new_blobs} new blobs, signed by {', '.join(verified.signers)})",
+            )
+        return PushResult(module, True, new_blobs, len(verified.blob_sizes) - new_blobs)
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def delete_module(sessions: Sessions, blobs: BlobStore, name: str, version: str) -> list[str]:
+    """Remove ``name:version`` unless a deployment uses it; return the blobs freed."""
+    with sessions.begin() as session:
+        lock_fleet(session)
+        lock_registry(session)
+        module = get_module(session, name, version)
+        refuse_if_used(f"module {module.ref}", deployments_using_module(session, module))
+        digests = [f.digest for f in module.files]
+        session.delete(module)
+        freed = release_blobs(session, blobs, digests)
+        record_event(session, "module_deleted", f"module {name}:{version} deleted")
+        return freed

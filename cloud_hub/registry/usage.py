@@ -1,0 +1,61 @@
+"""Which deployments use a module or a model: a delete of either is refused while any does.
+
+A model counts as used when one of its file digests is among the ``model/`` files of a
+deployed module's manifest (that is how a registered model travels inside a module).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from cloud_hub.errors import Conflict
+from cloud_hub.fleet.tables import Deployment, FleetLock
+from cloud_hub.registry.tables import ModelVersion, Module, ModuleFile
+from manifests.module import MODEL_ROOT
+
+
+def lock_fleet(session: Session) -> None:
+    """Serialise with deploys (FLEET takes this row first), so none can start using what
+    this transaction is about to delete between the check and the commit."""
+    session.execute(update(FleetLock).where(FleetLock.id == 1).values(version=FleetLock.version + 1))
+
+
+def deployments_using_module(session: Session, module: Module) -> list[str]:
+    rows = session.scalars(
+        select(Deployment.name)
+        .where(
+            or_(
+                Deployment.manifest_digest == module.manifest_digest,
+                (Deployment.module_name == module.name)
+                & (Deployment.module_version == module.version),
+            )
+        )
+        .order_by(Deployment.name)
+    )
+    return list(rows)
+
+
+def deployments_using_model(session: Session, model: ModelVersion) -> list[str]:
+    digests = {f.digest for f in model.files}
+    if not digests:
+        return []
+    rows = session.scalars(
+        select(Deployment.name)
+        .join(Module, Module.manifest_digest == Deployment.manifest_digest)
+        .join(ModuleFile, ModuleFile.module_id == Module.id)
+        .where(ModuleFile.path.startswith(MODEL_ROOT + "/"), ModuleFile.digest.in_(digests))
+        .distinct()
+        .order_by(Deployment.name)
+    )
+    return list(rows)
+
+
+def refuse_if_used(what: str, deployments: list[str]) -> None:
+    if deployments:
+        names = ", ".join(repr(d) for d in deployments)
+        plural = "s" if len(deployments) > 1 else ""
+        raise Conflict(
+            f"{what} is used by deployment{plural} {names}; delete or update "
+            f"{'them' if plural else 'it'} first ('edgepack service delete NAME')"
+        )
