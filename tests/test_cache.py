@@ -138,6 +138,21 @@ def test_blobs_downloaded_one_by_one_are_checked_before_they_count(tmp_path: Pat
     assert os.listdir(cache.blobs.dir) == [digest_hex(digest)]
 
 
+def test_a_download_written_in_a_with_block_lands_only_when_whole(tmp_path: Path) -> None:
+    cache = ModuleCache(tmp_path / "cache")
+    data = b"model bytes " * 10_000
+    digest = sha256_digest(data)
+
+    with pytest.raises(ConnectionResetError), cache.begin(digest, len(data)) as blob:
+        blob.write(data[:1000])
+        raise ConnectionResetError("the hub went away mid-download")
+    assert not cache.has(digest) and os.listdir(cache.blobs.dir) == []
+
+    with cache.begin(digest, len(data)) as blob:
+        blob.write(data)
+    assert cache.has(digest)
+
+
 def test_a_symlink_planted_under_a_blob_name_is_not_a_blob(tmp_path: Path) -> None:
     cache = ModuleCache(tmp_path / "cache")
     digest = sha256_digest(b"secret")

@@ -150,6 +150,17 @@ class PendingBlob:
         self._hasher = hasher
         self._written = 0
 
+    def __enter__(self) -> PendingBlob:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """Commit when the block finished normally (which still checks size and digest);
+        discard on any exception."""
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
     def write(self, chunk: bytes) -> None:
         fd = self._open_fd()
         self._written += len(chunk)

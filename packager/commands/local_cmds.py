@@ -309,7 +309,7 @@ def batch_cmd(
     trust: TrustOption = None,
     cache: CacheOption = None,
     allow_failures: Annotated[
-        bool, typer.Option(help="exit 0 even when some records failed")
+        bool, typer.Option("--allow-failures", help="exit 0 even when some records failed")
     ] = False,
 ) -> None:
     """Score every record of a file or folder with a module, in this process.
