@@ -1,7 +1,339 @@
-"""Routes: fleet (placeholder until its owner fills it in)."""
+"""Routes: devices, deployments (services), the hub's public key, and the device API.
+
+Every route that lists or changes anything needs the admin token; ``/api/v1/hub/key`` is
+public (devices need it to verify desired states) and ``/api/v1/device/...`` takes a device
+token (see ``api.device_auth``). Changes to what devices run go through
+``fleet.desired.change_fleet``, which re-issues, signs, stores and publishes desired states.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_hub.api import device_auth
+from cloud_hub.api.deps import Admin, Ctx
+from cloud_hub.broker.mosquitto import sync_broker
+from cloud_hub.context import HubContext
+from cloud_hub.fleet.deployments import (
+    ModuleRef,
+    check_service_name,
+    delete_deployment,
+    get_deployment,
+    settings_from_request,
+    upsert_deployment,
+)
+from cloud_hub.fleet.desired import FleetChange, change_fleet, current_plan, publish_current, stored_state
+from cloud_hub.fleet.devices import enroll_device, get_device, retag_device, revoke_device
+from cloud_hub.fleet.plan import devices_running
+from cloud_hub.fleet.status import service_state_on_device
+from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
+from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, selector_matches
+from cloud_hub.ingest.rollup import rollup_states
+from cloud_hub.ingest.state import device_module_statuses, service_statuses
+from cloud_hub.registry.modules import get_module
+from manifests.reported import ModuleStatus
+from manifests.signing import public_key_pem, raw_public_bytes
+from manifests.states import ServiceState
 
 router = APIRouter()
+admin = APIRouter(prefix="/api/v1", dependencies=[Admin])
+
+
+# --- response and request bodies ---------------------------------------------------------
+
+
+class HubKey(BaseModel):
+    keyid: str
+    public_key: str = Field(description="raw Ed25519 public key, hex")
+    pem: str
+
+
+class DeviceOut(BaseModel):
+    id: str
+    tags: dict[str, str]
+    revoked: bool
+    online: bool
+    last_seen: datetime | None
+    agent_version: str | None
+    created_at: datetime
+    generation: int = 0
+    services: list[str] = Field(default_factory=list)
+
+
+class DeviceDetail(DeviceOut):
+    desired_issued: datetime | None = None
+    desired_expires: datetime | None = None
+    modules: list[ModuleStatus] = Field(default_factory=list)
+
+
+class CredentialsOut(BaseModel):
+    mqtt_username: str
+    mqtt_password: str
+    token: str
+
+
+class EnrollRequest(BaseModel):
+    id: str
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class EnrollOut(BaseModel):
+    device: DeviceOut
+    credentials: CredentialsOut = Field(description="shown once; the hub keeps only hashes")
+    hub_url: str
+    mqtt_host: str | None
+    mqtt_port: int
+    topic_prefix: str
+    hub_keyid: str
+
+
+class TagUpdate(BaseModel):
+    set: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+    replace: bool = Field(default=False, description="drop every tag not in 'set'")
+
+
+class ChangeOut(BaseModel):
+    issued: dict[str, int] = Field(description="device id → new desired-state generation")
+    published: bool | None = Field(description="None when the hub runs without a broker")
+    publish_errors: list[str] = Field(default_factory=list)
+
+
+class DeployRequest(BaseModel):
+    module: str
+    version: str
+    deployment_config: dict[str, Any] | None = Field(
+        default=None, description="an Azure ML deploymentconfig.json, as it is"
+    )
+    settings: dict[str, Any] | None = Field(
+        default=None, description="edgepack DeploymentSettings (instead of deployment_config)"
+    )
+    target: dict[str, Any] = Field(description='{"devices": [ids]} or {"selector": "k=v,..."}')
+
+
+class DeviceServiceOut(BaseModel):
+    device_id: str
+    online: bool
+    state: ServiceState | None
+    reason: str | None
+
+
+class DeploymentOut(BaseModel):
+    name: str
+    module: str
+    version: str
+    manifest_digest: str
+    settings: dict[str, Any]
+    target: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    state: ServiceState = Field(description="rolled up over the devices (Unschedulable if none)")
+    devices: list[DeviceServiceOut] = Field(default_factory=list)
+
+
+class DeployOut(ChangeOut):
+    created: bool
+    deployment: DeploymentOut
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _device_out(device: Device, desired: DeviceDesired | None, cls: type[DeviceOut] = DeviceOut) -> Any:
+    services: list[str] = []
+    if desired is not None and desired.payload is not None:
+        services = [m.service for m in stored_state(desired.payload).modules]
+    return cls(
+        id=device.id,
+        tags=dict(device.tags or {}),
+        revoked=device.revoked,
+        online=device.online,
+        last_seen=device.last_seen,
+        agent_version=device.agent_version,
+        created_at=device.created_at,
+        generation=desired.generation if desired is not None else 0,
+        services=services,
+    )
+
+
+def _change_out(change: FleetChange[Any]) -> dict[str, Any]:
+    return {
+        "issued": change.issued,
+        "published": change.published,
+        "publish_errors": change.publish_errors,
+    }
+
+
+def _deployment_out(session: Session, row: Deployment, *, with_devices: bool) -> DeploymentOut:
+    running = devices_running(current_plan(session), row.name)
+    reported = service_statuses(session, row.name)
+    online = set(session.scalars(select(Device.id).where(Device.online.is_(True))))
+    rows: list[DeviceServiceOut] = []
+    for device_id in running:
+        here = service_state_on_device(reported.get(device_id), row.manifest_digest)
+        rows.append(
+            DeviceServiceOut(
+                device_id=device_id,
+                online=device_id in online,
+                state=here.state,
+                reason=here.reason,
+            )
+        )
+    return DeploymentOut(
+        name=row.name,
+        module=row.module_name,
+        version=row.module_version,
+        manifest_digest=row.manifest_digest,
+        settings=row.settings,
+        target=row.target,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        state=rollup_states([r.state for r in rows]),
+        devices=rows if with_devices else [],
+    )
+
+
+def _sync_broker(ctx: HubContext) -> None:
+    sync_broker(ctx)
+
+
+# --- public ----------------------------------------------------------------------------------
+
+
+@router.get("/api/v1/hub/key", response_model=HubKey, tags=["hub"])
+def hub_key(ctx: Ctx) -> HubKey:
+    """The hub's public key: devices verify their desired states with it (no auth needed)."""
+    pub = ctx.hub_key.public_key()
+    return HubKey(
+        keyid=ctx.hub_key_id, public_key=raw_public_bytes(pub).hex(), pem=public_key_pem(pub).decode()
+    )
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+
+@admin.post("/devices", status_code=201, response_model=EnrollOut, tags=["devices"])
+def enroll(ctx: Ctx, body: EnrollRequest) -> EnrollOut:
+    """Enroll a device; its credentials are in the answer, once."""
+    tags = check_tags(body.tags)
+    change = change_fleet(ctx, lambda s: enroll_device(s, body.id, tags))
+    _sync_broker(ctx)
+    creds = change.result
+    with ctx.sessions.begin() as s:
+        device = _device_out(get_device(s, body.id), s.get(DeviceDesired, body.id))
+    return EnrollOut(
+        device=device,
+        credentials=CredentialsOut(
+            mqtt_username=creds.mqtt_username, mqtt_password=creds.mqtt_password, token=creds.token
+        ),
+        hub_url=ctx.settings.base_url(),
+        mqtt_host=ctx.settings.mqtt_host,
+        mqtt_port=ctx.settings.mqtt_port,
+        topic_prefix=ctx.settings.topic_prefix,
+        hub_keyid=ctx.hub_key_id,
+    )
+
+
+@admin.get("/devices", tags=["devices"])
+def list_devices(
+    ctx: Ctx,
+    selector: str | None = Query(default=None, description="only devices matching k=v,..."),
+    include_revoked: bool = False,
+) -> dict[str, list[DeviceOut]]:
+    wanted = parse_selector(selector) if selector is not None else None
+    with ctx.sessions.begin() as s:
+        desired = {d.device_id: d for d in s.scalars(select(DeviceDesired))}
+        out = [
+            _device_out(d, desired.get(d.id))
+            for d in s.scalars(select(Device).order_by(Device.id))
+            if (include_revoked or not d.revoked)
+            and (wanted is None or selector_matches(wanted, d.tags or {}))
+        ]
+    return {"devices": out}
+
+
+@admin.get("/devices/{device_id}", response_model=DeviceDetail, tags=["devices"])
+def show_device(ctx: Ctx, device_id: str) -> DeviceDetail:
+    with ctx.sessions.begin() as s:
+        device = get_device(s, device_id)
+        desired = s.get(DeviceDesired, device_id)
+        out: DeviceDetail = _device_out(device, desired, DeviceDetail)
+        out.modules = list(device_module_statuses(s, device_id))
+        if desired is not None:
+            out.desired_issued, out.desired_expires = desired.issued, desired.expires
+    return out
+
+
+@admin.patch("/devices/{device_id}", response_model=ChangeOut, tags=["devices"])
+def update_tags(ctx: Ctx, device_id: str, body: TagUpdate) -> dict[str, Any]:
+    """Change a device's tags; the services it runs follow its new tags."""
+    tags = check_tags(body.set)
+    change = change_fleet(
+        ctx,
+        lambda s: retag_device(s, device_id, set_tags=tags, remove=body.remove, replace=body.replace),
+    )
+    _sync_broker(ctx)
+    return _change_out(change)
+
+
+@admin.post("/devices/{device_id}/revoke", response_model=ChangeOut, tags=["devices"])
+def revoke(ctx: Ctx, device_id: str) -> dict[str, Any]:
+    """Refuse the device's credentials and withdraw its desired state (retained message too)."""
+    change = change_fleet(ctx, lambda s: revoke_device(s, device_id))
+    if ctx.mqtt is not None:
+        change.publish_errors = publish_current(ctx, [device_id])
+        change.published = not change.publish_errors
+    _sync_broker(ctx)
+    return _change_out(change)
+
+
+# --- deployments -----------------------------------------------------------------------------
+
+
+@admin.put("/deployments/{name}", response_model=DeployOut, tags=["deployments"])
+def deploy(ctx: Ctx, name: str, body: DeployRequest, response: Response) -> dict[str, Any]:
+    """Create or update a service; every affected device gets a new signed desired state."""
+    check_service_name(name)
+    settings = settings_from_request(body.deployment_config, body.settings)
+    target = parse_target(body.target)
+
+    def mutate(s: Session) -> bool:
+        module = get_module(s, body.module, body.version)
+        ref = ModuleRef(module.name, module.version, module.manifest_digest)
+        return upsert_deployment(s, name, ref, settings, target)[1]
+
+    change = change_fleet(ctx, mutate)
+    response.status_code = 201 if change.result else 200
+    with ctx.sessions.begin() as s:
+        out = _deployment_out(s, get_deployment(s, name), with_devices=True)
+    return {**_change_out(change), "created": change.result, "deployment": out}
+
+
+@admin.get("/deployments", tags=["deployments"])
+def list_deployments(ctx: Ctx) -> dict[str, list[DeploymentOut]]:
+    with ctx.sessions.begin() as s:
+        rows = list(s.scalars(select(Deployment).order_by(Deployment.name)))
+        return {"deployments": [_deployment_out(s, r, with_devices=True) for r in rows]}
+
+
+@admin.get("/deployments/{name}", response_model=DeploymentOut, tags=["deployments"])
+def show_deployment(ctx: Ctx, name: str) -> DeploymentOut:
+    with ctx.sessions.begin() as s:
+        return _deployment_out(s, get_deployment(s, name), with_devices=True)
+
+
+@admin.delete("/deployments/{name}", response_model=ChangeOut, tags=["deployments"])
+def delete(ctx: Ctx, name: str) -> dict[str, Any]:
+    """Delete a service; its devices get a desired state without it."""
+    change = change_fleet(ctx, lambda s: delete_deployment(s, name))
+    return _change_out(change)
+
+
+router.include_router(admin)
+router.include_router(device_auth.router)

@@ -1,0 +1,132 @@
+"""The device side of the HTTP API, authenticated by a device's own token.
+
+A device may read its current signed desired state (the same bytes as the retained MQTT
+message) and the manifests and blobs that state names — nothing else. Everything is read from
+the database per request, so any hub replica answers the same.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import IO, Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_hub.api.deps import Ctx, bearer_token
+from cloud_hub.errors import Forbidden, NotFound, Unauthorized
+from cloud_hub.fleet.desired import renew_if_expiring, stored_state
+from cloud_hub.fleet.devices import token_hash
+from cloud_hub.fleet.tables import Device, DeviceDesired
+from cloud_hub.registry.modules import module_by_digest
+from cloud_hub.registry.tables import Module
+from cloud_hub.store.blobs import check_digest
+from manifests.errors import ConfigError
+
+router = APIRouter(prefix="/api/v1/device", tags=["device"])
+
+CHUNK = 1024 * 1024
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def require_device(request: Request, ctx: Ctx) -> str:
+    """The id of the device whose token came with the request."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("device token required: send 'Authorization: Bearer <device token>'")
+    with ctx.sessions.begin() as s:
+        device_id = s.scalar(
+            select(Device.id).where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
+        )
+    if device_id is None:
+        raise Unauthorized("device token is not valid (unknown or revoked device)")
+    return device_id
+
+
+DeviceId = Annotated[str, Depends(require_device)]
+
+
+def _current_payload(session: Session, device_id: str) -> DeviceDesired:
+    row = session.get(DeviceDesired, device_id)
+    if row is None or row.payload is None:
+        raise NotFound(f"device {device_id!r} has no desired state yet")
+    return row
+
+
+def _named_modules(session: Session, device_id: str) -> list[Module]:
+    """The registry modules the device's current desired state names."""
+    row = _current_payload(session, device_id)
+    assert row.payload is not None
+    return [module_by_digest(session, m.manifest_digest) for m in stored_state(row.payload).modules]
+
+
+@router.get("/desired", summary="This device's current signed desired state")
+def get_desired(ctx: Ctx, device_id: DeviceId) -> Response:
+    renew_if_expiring(ctx, device_id)
+    with ctx.sessions.begin() as s:
+        row = _current_payload(s, device_id)
+        payload, generation = row.payload, row.generation
+    assert payload is not None
+    return Response(
+        content=payload,
+        media_type="application/json",
+        headers={"X-Edgepack-Generation": str(generation), "Cache-Control": "no-store"},
+    )
+
+
+@router.get("/manifests/{digest}", summary="A module manifest named by this device's desired state")
+def get_manifest(ctx: Ctx, device_id: DeviceId, digest: str) -> Response:
+    check_digest(digest)
+    with ctx.sessions.begin() as s:
+        manifests = {m.manifest_digest: m.manifest for m in _named_modules(s, device_id)}
+    if digest not in manifests:
+        raise Forbidden(f"manifest {digest} is not named by device {device_id!r}'s desired state")
+    return Response(content=manifests[digest], media_type="application/json")
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    if header is None:
+        return None
+    match = _RANGE.match(header.strip())
+    if match is None:
+        raise ConfigError(f"Range {header!r}: only a single 'bytes=START-[END]' range is supported")
+    start = int(match.group(1))
+    end = int(match.group(2)) + 1 if match.group(2) else size
+    if start >= size or end <= start:
+        raise ConfigError(f"Range {header!r} lies outside the blob ({size} bytes)")
+    return start, min(end, size)
+
+
+def _stream(fh: IO[bytes]) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
+@router.get("/blobs/{digest}", summary="A blob of a module this device's desired state names")
+def get_blob(ctx: Ctx, device_id: DeviceId, digest: str, request: Request) -> StreamingResponse:
+    check_digest(digest)
+    with ctx.sessions.begin() as s:
+        allowed = {f.digest for m in _named_modules(s, device_id) for f in m.files}
+    if digest not in allowed:
+        raise Forbidden(f"blob {digest} is not part of a module in device {device_id!r}'s desired state")
+    size = ctx.blobs.size(digest)
+    byte_range = _parse_range(request.headers.get("range"), size)
+    headers = {"Accept-Ranges": "bytes"}
+    if byte_range is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(
+            _stream(ctx.blobs.open(digest)), media_type="application/octet-stream", headers=headers
+        )
+    start, end = byte_range
+    headers["Content-Length"] = str(end - start)
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    return StreamingResponse(
+        _stream(ctx.blobs.open(digest, start, end)),
+        status_code=206,
+        media_type="application/octet-stream",
+        headers=headers,
+    )

@@ -1,0 +1,120 @@
+"""Deployments (services): a named module version, its settings, and its target.
+
+Like ``fleet.devices``, these change rows inside :func:`cloud_hub.fleet.desired.change_fleet`,
+which re-issues the desired state of every device the change affects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_hub.db.base import utcnow
+from cloud_hub.errors import NotFound
+from cloud_hub.events import record_event
+from cloud_hub.fleet.tables import Deployment, Device
+from cloud_hub.fleet.targeting import Target
+from manifests.azureml import DeploymentConfig, describe_validation_error, parse_config
+from manifests.desired import DeploymentSettings
+from manifests.errors import ConfigError
+from manifests.module import NAME_PATTERN
+
+DEPLOYMENT_CONFIG = "deploymentconfig.json"
+
+
+def check_service_name(name: str) -> str:
+    if not re.match(NAME_PATTERN, name):
+        raise ConfigError(
+            f"service name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def settings_from_request(
+    deployment_config: Mapping[str, Any] | None, settings: Mapping[str, Any] | None
+) -> DeploymentSettings:
+    """Deployment settings from an Azure ``deploymentconfig.json`` or edgepack's own form."""
+    if deployment_config is not None and settings is not None:
+        raise ConfigError("give either 'deployment_config' or 'settings', not both")
+    if settings is not None:
+        try:
+            return DeploymentSettings.model_validate(settings)
+        except ValidationError as exc:
+            raise ConfigError(
+                describe_validation_error(exc, source="settings", model=DeploymentSettings)
+            ) from None
+    config = parse_config(DeploymentConfig, dict(deployment_config or {}), source=DEPLOYMENT_CONFIG)
+    return config.to_settings()
+
+
+@dataclass(frozen=True)
+class ModuleRef:
+    name: str
+    version: str
+    manifest_digest: str
+
+
+def get_deployment(session: Session, name: str) -> Deployment:
+    row = session.get(Deployment, name)
+    if row is None:
+        raise NotFound(f"service {name!r} does not exist; see 'edgepack service list'")
+    return row
+
+
+def check_target_devices(session: Session, target: Target) -> None:
+    """Explicit device ids must be enrolled (a selector may match nothing yet)."""
+    if target.devices is None:
+        return
+    known = set(
+        session.scalars(select(Device.id).where(Device.id.in_(target.devices), Device.revoked.is_(False)))
+    )
+    missing = [d for d in target.devices if d not in known]
+    if missing:
+        raise NotFound(
+            f"target device {missing[0]!r} is not enrolled (or was revoked); "
+            "enroll it with 'edgepack device enroll' or use a selector"
+        )
+
+
+def upsert_deployment(
+    session: Session,
+    name: str,
+    module: ModuleRef,
+    settings: DeploymentSettings,
+    target: Target,
+) -> tuple[Deployment, bool]:
+    """Create or update the service; returns the row and whether it was created."""
+    check_target_devices(session, target)
+    row = session.get(Deployment, name)
+    created = row is None
+    if row is None:
+        row = Deployment(name=name)
+        session.add(row)
+    row.module_name = module.name
+    row.module_version = module.version
+    row.manifest_digest = module.manifest_digest
+    row.settings = settings.model_dump(mode="json")
+    row.target = target.model_dump(mode="json", exclude_none=True)
+    row.updated_at = utcnow()
+    verb = "created" if created else "updated"
+    record_event(
+        session,
+        "deploy",
+        f"service {name} {verb}: {module.name}:{module.version} on port {settings.port} "
+        f"to {target.describe()}",
+        service=name,
+    )
+    return row, created
+
+
+def delete_deployment(session: Session, name: str) -> None:
+    row = get_deployment(session, name)
+    session.delete(row)
+    record_event(session, "undeploy", f"service {name} deleted", service=name)

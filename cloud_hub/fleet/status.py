@@ -1,0 +1,27 @@
+"""A service's state on one device, from what the device reported (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from manifests.reported import ModuleStatus
+from manifests.states import ServiceState
+
+
+@dataclass(frozen=True)
+class DeviceServiceState:
+    state: ServiceState | None  # None: the device has not reported this service yet
+    reason: str | None = None
+
+
+def service_state_on_device(status: ModuleStatus | None, manifest_digest: str) -> DeviceServiceState:
+    """A device's state for a service as deployed now (``manifest_digest``), from its report.
+
+    A device still reporting an older module version of the service is moving towards the new
+    one, so it counts as Transitioning whatever state the old version is in.
+    """
+    if status is None:
+        return DeviceServiceState(None, "not reported yet")
+    if status.manifest_digest is not None and status.manifest_digest != manifest_digest:
+        return DeviceServiceState(ServiceState.TRANSITIONING, "still running an earlier version")
+    return DeviceServiceState(status.state, status.reason)
