@@ -1,0 +1,85 @@
+"""Rolling module states up into a service state, and which reports are news (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from cloud_hub.ingest.changes import module_changes
+from cloud_hub.ingest.rollup import rollup_states
+from manifests.reported import ModuleStatus
+from manifests.states import ServiceState
+
+F, U, N, T, H = (
+    ServiceState.FAILED,
+    ServiceState.UNSCHEDULABLE,
+    ServiceState.UNHEALTHY,
+    ServiceState.TRANSITIONING,
+    ServiceState.HEALTHY,
+)
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        ([], U),  # targets nothing: nowhere to run it
+        ([H], H),
+        ([H, H, H], H),
+        ([None], T),  # targeted but not reported yet
+        ([H, None], T),
+        ([H, T], T),
+        ([H, N], N),
+        ([T, N], N),
+        ([N, U], U),
+        ([H, T, N, U], U),
+        ([H, T, N, U, F], F),
+        ([F, H], F),
+        ([None, F], F),
+        ([U, None], U),
+    ],
+)
+def test_rollup(states: list[ServiceState | None], expected: ServiceState) -> None:
+    assert rollup_states(states) is expected
+    assert rollup_states(list(reversed(states))) is expected
+
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+
+
+def st(service: str, state: ServiceState, digest: str = D1, reason: str | None = None) -> ModuleStatus:
+    return ModuleStatus(service=service, manifest_digest=digest, state=state, reason=reason, since=AT)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ([], [], []),
+        ([], [st("svc", T)], [("deployed", "svc")]),
+        ([], [st("svc", H)], [("deployed", "svc"), ("healthy", "svc")]),
+        ([st("svc", T)], [st("svc", T)], []),  # a repeat is no news
+        ([st("svc", T)], [st("svc", H)], [("healthy", "svc")]),
+        ([st("svc", H)], [st("svc", H)], []),
+        ([st("svc", H)], [st("svc", N)], [("unhealthy", "svc")]),
+        ([st("svc", T)], [st("svc", F, reason="boom")], [("failed", "svc")]),
+        ([st("svc", F, reason="a")], [st("svc", F, reason="b")], [("failed", "svc")]),
+        ([st("svc", F, reason="a")], [st("svc", F, reason="a")], []),
+        ([st("svc", H)], [st("svc", T, D2)], [("deployed", "svc")]),  # new version
+        ([st("svc", H)], [], [("removed", "svc")]),
+        ([st("a", H)], [st("b", U)], [("deployed", "b"), ("unschedulable", "b"), ("removed", "a")]),
+    ],
+)
+def test_module_changes(
+    old: list[ModuleStatus], new: list[ModuleStatus], expected: list[tuple[str, str]]
+) -> None:
+    changes = module_changes("dev-1", {s.service: s for s in old}, new)
+    assert [(c.kind, c.service) for c in changes] == expected
+    assert all("dev-1" in c.message for c in changes)
+
+
+def test_failed_change_names_the_reason() -> None:
+    [deployed, failed] = module_changes("dev-1", {}, [st("svc", F, reason="image missing")])
+    assert deployed.kind == "deployed"
+    assert failed.message == "svc failed on dev-1: image missing"
