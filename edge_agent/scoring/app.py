@@ -1,0 +1,296 @@
+"""The scoring server's ASGI application: a plain ASGI callable, no framework.
+
+This is the hot path of edgepack, so ``POST /score`` goes straight from the ASGI scope to
+``run()`` and back: no routing table, no middleware, no request objects, ``orjson`` for the
+response, and ``run()`` called inline on the event loop (it is CPU-bound and short; a server
+that needs more throughput runs more worker processes, each with its own loop).
+
+The entry script is imported and ``init()`` runs in a background thread once the lifespan
+starts, so the port answers at once: ``GET /`` (liveness) says "Healthy", ``GET /healthz``
+(readiness) says 503 until ``init()`` has succeeded, then 200. If loading or ``init()``
+fails, the traceback is logged and ``on_fatal`` is called; the default ends the process with
+exit code 5 (:class:`~manifests.errors.RuntimeFailure`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from time import perf_counter_ns
+from typing import Any
+
+import orjson
+
+from edge_agent.scoring.entry import BadInput, EntryScript, read_layout
+from edge_agent.scoring.metrics import ROUTE_OTHER, MetricsBoard, WorkerMetrics, render
+from edge_agent.scoring.openapi import openapi_document
+from manifests.errors import RuntimeFailure
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+FatalHandler = Callable[[BaseException], None]
+
+log = logging.getLogger("edge_agent.scoring")
+
+DEFAULT_MAX_BODY_BYTES = 100 << 20
+MAX_BODY_ENV = "EDGEPACK_MAX_BODY_BYTES"
+
+_JSON = b"application/json"
+_TEXT = b"text/plain; charset=utf-8"
+_PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
+_DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _json_default(value: Any) -> Any:
+    # Values orjson does not know but that say how to become plain lists (pandas, torch...).
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _error_body(message: str, kind: str) -> bytes:
+    return orjson.dumps({"error": message, "type": kind})
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes = _JSON) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _exit_process(exc: BaseException) -> None:
+    # Without a server object to stop, ending the process is the only way to make a failed
+    # init() visible to whatever supervises it (the agent, a container runtime, a shell).
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(RuntimeFailure.exit_code)
+
+
+class ScoringApp:
+    """The ASGI application for one module directory (one per worker process)."""
+
+    def __init__(
+        self,
+        module_dir: Path,
+        *,
+        metrics: WorkerMetrics,
+        board: MetricsBoard,
+        on_fatal: FatalHandler = _exit_process,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        self.module_dir = module_dir
+        self.metrics = metrics
+        self.board = board
+        self.on_fatal = on_fatal
+        self.max_body_bytes = max_body_bytes
+        self.entry: EntryScript | None = None
+        self.ready = False
+        self.failure: BaseException | None = None
+        self._swagger: bytes | None = None
+        self._init_thread: threading.Thread | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"] == "/score":
+                await self._score(scope, receive, send)
+            else:
+                await self._other(scope, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # --- /score ---------------------------------------------------------------------------
+
+    async def _score(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = perf_counter_ns()
+        entry = self.entry
+        if scope["method"] != "POST":
+            status = 405
+            payload = _error_body("use POST /score with the input as the body", "MethodNotAllowed")
+        elif not self.ready or entry is None:
+            status = 503
+            payload = _error_body("the module is not ready: init() has not finished", "NotReady")
+        else:
+            message = await receive()
+            body: bytes | None = message.get("body", b"")
+            if message.get("more_body", False):
+                body = await self._read_rest(message.get("body", b""), receive)
+            if body is None or len(body) > self.max_body_bytes:
+                status = 413
+                payload = _error_body(
+                    f"request body is larger than {self.max_body_bytes} bytes", "PayloadTooLarge"
+                )
+            else:
+                status, payload = self._call_run(entry, scope, body)
+        await _respond(send, status, payload)
+        self.metrics.score(status, perf_counter_ns() - start)
+
+    async def _read_rest(self, first: bytes, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it grows past the limit (nothing more is kept)."""
+        chunks = [first]
+        size = len(first)
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _call_run(self, entry: EntryScript, scope: Scope, body: bytes) -> tuple[int, bytes]:
+        headers = None
+        if entry.wants_headers:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            result = entry.run(body, headers)
+        except BadInput as exc:
+            return 400, _error_body(str(exc), "BadInput")
+        except Exception as exc:
+            log.exception("run() raised %s", type(exc).__name__)
+            self.metrics.error()
+            return 500, _error_body(str(exc), type(exc).__name__)
+        try:
+            return 200, orjson.dumps(result, default=_json_default, option=_DUMP_OPTIONS)
+        except TypeError as exc:
+            log.error("run() returned a value that is not JSON: %s", exc)
+            self.metrics.error()
+            return 500, _error_body(f"run() returned a value that is not JSON: {exc}", "TypeError")
+
+    # --- everything else ------------------------------------------------------------------
+
+    async def _other(self, scope: Scope, send: Send) -> None:
+        path = scope["path"]
+        if scope["method"] not in ("GET", "HEAD"):
+            status, body, ctype = 405, _error_body(f"{path} answers GET only", "MethodNotAllowed"), _JSON
+        elif path == "/":
+            status, body, ctype = 200, b"Healthy", _TEXT
+        elif path == "/healthz":
+            status, body, ctype = self._readiness()
+        elif path == "/metrics":
+            status, body, ctype = 200, render(self.board.totals()), _PROMETHEUS
+        elif path == "/swagger.json":
+            if self._swagger is None:
+                status = 503
+                body = _error_body("the entry script is not loaded yet", "NotReady")
+            else:
+                status, body = 200, self._swagger
+            ctype = _JSON
+        else:
+            status, body, ctype = 404, _error_body(f"no route {path}", "NotFound"), _JSON
+        await _respond(send, status, body, ctype)
+        self.metrics.request(ROUTE_OTHER, status)
+
+    def _readiness(self) -> tuple[int, bytes, bytes]:
+        if self.ready:
+            return 200, b'{"status":"ready"}', _JSON
+        if self.failure is not None:
+            detail = {"status": "failed", "error": str(self.failure)}
+            return 503, orjson.dumps(detail), _JSON
+        return 503, b'{"status":"starting"}', _JSON
+
+    # --- start-up -------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.start(asyncio.get_running_loop())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Import the entry script and run ``init()`` in a background thread."""
+        if self._init_thread is not None:
+            return
+
+        def deliver(callback: Callable[..., None], *args: Any) -> None:
+            # A closed loop means the server is already shutting down: nobody to tell.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(callback, *args)
+
+        def work() -> None:
+            try:
+                entry = EntryScript.load(self.module_dir)
+                deliver(self._loaded, entry)
+                entry.init()
+            except BaseException as exc:
+                log.error("module %s failed to start:\n%s", self.module_dir, traceback.format_exc())
+                deliver(self._failed, exc)
+            else:
+                deliver(self._ready)
+
+        # A daemon thread, so a shutdown during a slow init() is not held up by it.
+        self._init_thread = threading.Thread(target=work, name="edgepack-init", daemon=True)
+        self._init_thread.start()
+
+    def _loaded(self, entry: EntryScript) -> None:
+        self.entry = entry
+        layout = entry.layout
+        self._swagger = orjson.dumps(
+            openapi_document(
+                title=layout.name,
+                version=layout.version,
+                input_schema=entry.input_schema or layout.manifest_input_schema,
+                output_schema=entry.output_schema or layout.manifest_output_schema,
+            )
+        )
+
+    def _ready(self) -> None:
+        self.ready = True
+        self.metrics.mark_ready()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
+        self.on_fatal(exc)
+
+
+def create_app(
+    module_dir: Path,
+    *,
+    board: MetricsBoard | None = None,
+    worker: int = 0,
+    on_fatal: FatalHandler | None = None,
+    max_body_bytes: int | None = None,
+) -> ScoringApp:
+    """The ASGI app serving ``module_dir``.
+
+    ``board``/``worker`` give the metrics slot this worker writes (a fresh one-worker board
+    by default); ``on_fatal`` is called when loading or ``init()`` fails (by default the
+    process exits with code 5). The body limit comes from ``EDGEPACK_MAX_BODY_BYTES`` unless
+    given.
+    """
+    read_layout(module_dir, os.environ)  # fail now, in the caller, on a directory that is no module
+    if board is None:
+        board = MetricsBoard(1)
+    if max_body_bytes is None:
+        raw_limit = os.environ.get(MAX_BODY_ENV, "")
+        try:
+            max_body_bytes = int(raw_limit) if raw_limit else DEFAULT_MAX_BODY_BYTES
+        except ValueError:
+            raise RuntimeFailure(f"{MAX_BODY_ENV}={raw_limit!r} is not a whole number of bytes") from None
+    return ScoringApp(
+        module_dir,
+        metrics=board.worker(worker),
+        board=board,
+        on_fatal=on_fatal or _exit_process,
+        max_body_bytes=max_body_bytes,
+    )
