@@ -193,9 +193,7 @@ async def put_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Any:
         await raw.drain()
         return JSONResponse(BlobOut(digest=digest, size=ctx.blobs.size(digest), created=False).model_dump())
     try:
-        got, size = await run_in_threadpool(
-            ctx.blobs.put, fh, expected_digest=digest, max_bytes=limit
-        )
+        got, size = await run_in_threadpool(ctx.blobs.put, fh, expected_digest=digest, max_bytes=limit)
     except EdgepackError:
         await raw.drain()
         raise
@@ -279,9 +277,7 @@ async def push_module(request: Request, ctx: Ctx) -> Any:
     check_declared_length(request.headers.get("content-length"), limit)
     raw, fh = body_file(request.stream(), limit=limit)
     try:
-        result = await run_in_threadpool(
-            module_registry.push_module, ctx.sessions, ctx.blobs, ctx.trust, fh
-        )
+        result = await run_in_threadpool(module_registry.push_module, ctx.sessions, ctx.blobs, ctx.trust, fh)
     except EdgepackError:
         await raw.drain()
         raise

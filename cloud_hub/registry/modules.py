@@ -122,9 +122,7 @@ def push_module(
             # committed since; under the lock that can no longer change, so check once here.
             missing = [d for d in verified.blob_sizes if not staging.has(d)]
             if missing:
-                raise Conflict(
-                    f"blob {missing[0]} was deleted while {ref} was being pushed; push it again"
-                )
+                raise Conflict(f"blob {missing[0]} was deleted while {ref} was being pushed; push it again")
             module = _record(session, verified)
             new_blobs = len(staging.staged)
             session.flush()

@@ -101,9 +101,7 @@ class ModelFile(Base):
     __tablename__ = "model_files"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    model_id: Mapped[int] = mapped_column(
-        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
-    )
+    model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
     path: Mapped[str] = mapped_column(String(1024))
     digest: Mapped[str] = mapped_column(String(71), index=True)
     size: Mapped[int] = mapped_column(BigInteger)

@@ -27,8 +27,7 @@ def deployments_using_module(session: Session, module: Module) -> list[str]:
         .where(
             or_(
                 Deployment.manifest_digest == module.manifest_digest,
-                (Deployment.module_name == module.name)
-                & (Deployment.module_version == module.version),
+                (Deployment.module_name == module.name) & (Deployment.module_version == module.version),
             )
         )
         .order_by(Deployment.name)

@@ -25,6 +25,7 @@ from cloud_hub.context import HubContext
 from cloud_hub.settings import HubSettings
 from manifests.signing import public_key_pem
 from tests.conftest import Publisher
+from tests.factory import Forge
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
 
 ADMIN_TOKEN = "ep_admin_test-token"
@@ -129,3 +130,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
     yield start
     for running in reversed(started):
         running.stop()
+
+
+@pytest.fixture
+def forge(publisher: Publisher) -> Forge:
+    """A module forge whose publisher key is the one every test hub trusts."""
+    return Forge(publisher=publisher.key)

@@ -14,16 +14,10 @@ from cloud_hub.fleet.tables import Deployment
 from manifests.bundle import MANIFEST_NAME
 from manifests.canonical import canonical_json
 from manifests.digests import sha256_digest
-from tests.conftest import Publisher
 from tests.factory import Defect, Forge
 from tests.hub.conftest import HubFactory, RunningHub
 
 BUNDLE_TYPE = {"Content-Type": "application/vnd.edgepack.module+tar"}
-
-
-@pytest.fixture
-def forge(publisher: Publisher) -> Forge:
-    return Forge(publisher=publisher.key)
 
 
 def stored_blobs(hub: RunningHub) -> set[str]:
