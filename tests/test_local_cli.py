@@ -126,6 +126,27 @@ def test_call_says_what_to_check_when_nothing_listens(tmp_path: Path) -> None:
     assert "cannot connect" in result.stderr and "running" in result.stderr
 
 
+def test_serve_with_two_workers(
+    tmp_path: Path, digits_bundle: Path, publisher: Publisher, digits_samples: Samples
+) -> None:
+    trust = write_trust(tmp_path / "trust.json", publisher)
+    body = json.dumps({"data": digits_samples["data"][:5]})
+    with serving(digits_bundle, trust, tmp_path / "home", "--workers", "2") as base:
+        answers = [httpx.post(base + "/score", content=body, timeout=30).json() for _ in range(8)]
+    assert all(a["predictions"] == digits_samples["expected"][:5] for a in answers)
+
+
+def test_call_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        result = edgepack("call", f"http://127.0.0.1:{port}", "--data", "{}", "--timeout", "0.5",
+                          home=tmp_path)
+    assert result.returncode == 4
+    assert "no answer within 0.5 s" in result.stderr
+
+
 def test_call_refuses_a_body_that_is_not_json(tmp_path: Path) -> None:
     result = edgepack("call", "http://127.0.0.1:9", "--data", "{oops", home=tmp_path)
     assert result.returncode == 2
