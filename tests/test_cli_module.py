@@ -302,10 +302,20 @@ def test_inspect_shows_name_version_signer_entry_and_files(built: Path, home: Pa
     assert signer in out
     assert "entry script src/score.py" in out
     assert "edgepack/runtime:py311" in out
+    # Narrow terminals fold long cells over several lines; join each column's pieces back.
+    rows = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│")]
+    paths, sizes, digests = ("".join(r[i].strip() for r in rows) for i in range(3))
     for f in manifest.files:
-        assert f.path in out
-        assert f"{f.size:,}" in out
-        assert f.digest in out
+        assert f.path in paths
+        assert f"{f.size:,}" in sizes
+        assert f.digest in digests
+    assert "…" not in out
+
+
+def test_inspect_never_truncates_a_digest_on_a_narrow_terminal(built: Path) -> None:
+    proc = cli("inspect", str(built), cwd=built.parent, env={"COLUMNS": "60"})
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout
 
 
 def test_inspect_json_prints_the_signed_manifest(built: Path) -> None:

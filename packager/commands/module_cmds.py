@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from manifests.azureml import DeploymentConfig, InferenceConfig, parse_config
 from manifests.bundle import BlobSink, VerifiedModule
@@ -264,7 +264,12 @@ def inspect_cmd(
     if manifest.runtime.python.requirements:
         console.print("requirements " + " ".join(manifest.runtime.python.requirements))
     console.print(f"resources    cpu {manifest.resources.cpu}, memory {manifest.resources.memory_mb} MB")
-    table = Table("path", "size", "digest")
+    # Fold rather than truncate: a digest cut short with "…" is no digest at all.
+    table = Table(
+        Column("path", overflow="fold"),
+        Column("size", justify="right", no_wrap=True),
+        Column("digest", overflow="fold"),
+    )
     for f in manifest.files:
         table.add_row(f.path, f"{f.size:,}", f.digest)
     console.print(table)
