@@ -36,6 +36,7 @@ from cloud_hub.fleet.plan import (
     DeploymentView,
     DeviceView,
     Plan,
+    assignments_digest,
     changed_devices,
     desired_payload,
     plan_fleet,
@@ -65,6 +66,15 @@ def deployment_view(row: Deployment) -> DeploymentView:
         settings=DeploymentSettings.model_validate(row.settings),
         target=Target.model_validate(row.target),
     )
+
+
+def issued_digests(session: Session) -> dict[str, str | None]:
+    rows = session.execute(
+        select(DeviceDesired.device_id, DeviceDesired.modules_digest).where(
+            DeviceDesired.payload.is_not(None)
+        )
+    )
+    return {device_id: digest for device_id, digest in rows}
 
 
 def current_plan(session: Session) -> Plan:
@@ -116,6 +126,7 @@ def issue_desired(
             device_id, row.generation, plan.get(device_id, []), issued=now, expires=expires
         )
         row.payload = envelope_bytes(sign_payload(payload, [ctx.hub_key]))
+        row.modules_digest = assignments_digest(plan.get(device_id, []))
         row.issued = now
         row.expires = expires
         issued[device_id] = row.generation
@@ -135,14 +146,14 @@ def change_fleet(
     """
     with ctx.sessions.begin() as session:
         take_fleet_lock(session)
-        before = current_plan(session)
         result = mutate(session)
         session.flush()
         after = current_plan(session)
-        conflicts = port_conflicts({d: after[d] for d in changed_devices(before, after)})
+        changed = changed_devices(issued_digests(session), after)
+        conflicts = port_conflicts({d: after[d] for d in changed})
         if conflicts:
             raise Conflict(conflicts[0].message())
-        targets = [*changed_devices(before, after), *(d for d in reissue if d in after)]
+        targets = [*changed, *(d for d in reissue if d in after)]
         issued = issue_desired(session, ctx, after, targets, now=utcnow())
     change = FleetChange(result=result, issued=issued)
     if ctx.mqtt is not None and issued:
@@ -151,29 +162,41 @@ def change_fleet(
     return change
 
 
-def _publish_lock(ctx: HubContext) -> threading.Lock:
-    lock = ctx.extras.setdefault("fleet.publish_lock", threading.Lock())
-    assert isinstance(lock, type(threading.Lock()))
-    return lock
+@dataclass
+class _PublishState:
+    """Per hub process: one publisher at a time, and what each device was last sent."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    sent: dict[str, tuple[int, bool]] = field(default_factory=dict)  # generation, cleared
+
+
+def _publish_state(ctx: HubContext) -> _PublishState:
+    state = ctx.extras.setdefault("fleet.publish", _PublishState())
+    assert isinstance(state, _PublishState)
+    return state
 
 
 def publish_current(ctx: HubContext, device_ids: Sequence[str]) -> list[str]:
     """Publish (retained) what the database holds now for each device; clear revoked ones.
 
-    Returns one message per device that could not be published (also recorded as an event).
+    What this process already sent is skipped, so the states a device receives from one hub
+    rise strictly even when several requests publish at once. Returns one message per device
+    that could not be published (also recorded as an event).
     """
     mqtt = ctx.mqtt
     if mqtt is None or not device_ids:
         return []
     errors: list[str] = []
-    with _publish_lock(ctx):
+    state = _publish_state(ctx)
+    with state.lock:
         with ctx.sessions.begin() as session:
-            rows = {
-                r.device_id: r.payload
-                for r in session.scalars(select(DeviceDesired).where(DeviceDesired.device_id.in_(device_ids)))
-            }
+            query = select(DeviceDesired).where(DeviceDesired.device_id.in_(device_ids))
+            rows = {r.device_id: (r.generation, r.payload) for r in session.scalars(query)}
         for device_id in device_ids:
-            payload = rows.get(device_id)
+            generation, payload = rows.get(device_id, (0, None))
+            current = (generation, payload is None)
+            if state.sent.get(device_id) == current:
+                continue
             try:
                 if payload is None:
                     mqtt.clear_desired(device_id)
@@ -181,6 +204,8 @@ def publish_current(ctx: HubContext, device_ids: Sequence[str]) -> list[str]:
                     mqtt.publish_desired(device_id, payload)
             except FetchError as exc:
                 errors.append(f"{device_id}: {exc}")
+                continue
+            state.sent[device_id] = current
     if errors:
         log.warning("desired state not published to %d device(s): %s", len(errors), errors[0])
         with ctx.sessions.begin() as session:

@@ -110,6 +110,7 @@ def revoke_device(session: Session, device_id: str) -> Device:
     desired = session.get(DeviceDesired, device_id)
     if desired is not None:
         desired.payload = None
+        desired.modules_digest = None
         desired.issued = None
         desired.expires = None
     record_event(session, "revoked", f"device {device_id} revoked", device_id=device_id)

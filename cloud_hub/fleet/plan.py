@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cloud_hub.fleet.targeting import Target
+from manifests.canonical import canonical_json
 from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
+from manifests.digests import sha256_digest
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,20 @@ def port_conflicts(plan: Mapping[str, Sequence[ModuleAssignment]]) -> list[PortC
     return found
 
 
-def changed_devices(before: Mapping[str, Sequence[ModuleAssignment]], after: Plan) -> list[str]:
-    """Devices of ``after`` whose assignments differ from ``before`` (new devices included)."""
-    return sorted(d for d, mods in after.items() if d not in before or list(before[d]) != mods)
+def assignments_digest(modules: Sequence[ModuleAssignment]) -> str:
+    """A digest of a device's assignments, stored beside its desired state to spot changes."""
+    return sha256_digest(canonical_json([m.model_dump(mode="json") for m in modules]))
+
+
+def changed_devices(issued: Mapping[str, str | None], plan: Plan) -> list[str]:
+    """Devices of ``plan`` whose assignments differ from what they were last issued.
+
+    ``issued`` maps a device to the :func:`assignments_digest` of its current desired state
+    (absent or None: never issued). Comparing with what was *issued*, rather than with a plan
+    computed before the change, keeps a device from being skipped because a concurrent change
+    moved it in between.
+    """
+    return sorted(d for d, mods in plan.items() if issued.get(d) != assignments_digest(mods))
 
 
 def devices_running(plan: Mapping[str, Sequence[ModuleAssignment]], service: str) -> list[str]:

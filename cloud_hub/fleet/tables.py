@@ -73,6 +73,8 @@ class DeviceDesired(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     # None once the device is revoked (nothing to serve).
     payload: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    # cloud_hub.fleet.plan.assignments_digest of the modules in ``payload``.
+    modules_digest: Mapped[str | None] = mapped_column(String(71), default=None)
     issued: Mapped[datetime | None] = mapped_column(default=None)
     expires: Mapped[datetime | None] = mapped_column(default=None)
 

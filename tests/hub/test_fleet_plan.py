@@ -10,6 +10,7 @@ import pytest
 from cloud_hub.fleet.plan import (
     DeploymentView,
     DeviceView,
+    assignments_digest,
     changed_devices,
     desired_payload,
     devices_running,
@@ -199,9 +200,13 @@ def test_no_port_conflict_on_different_devices_or_ports() -> None:
     assert port_conflicts(plan) == []
 
 
-def test_changed_devices_are_those_whose_assignments_differ() -> None:
+def test_changed_devices_are_those_whose_assignments_differ_from_what_was_issued() -> None:
     svc = dep("svc", Target(selector={"site": "berlin"}))
     before = plan_fleet(FLEET, [svc])
+    issued = {d: assignments_digest(mods) for d, mods in before.items()}
+    assert changed_devices(issued, before) == []
+    assert changed_devices({}, before) == ["b1", "b2", "m1"]
+    assert changed_devices({**issued, "m1": None}, before) == ["m1"]
     retagged = [
         DeviceView("b1", {"site": "munich"}),
         BERLIN_CPU,
@@ -209,11 +214,12 @@ def test_changed_devices_are_those_whose_assignments_differ() -> None:
         DeviceView("new", {"site": "berlin"}),
     ]
     after = plan_fleet(retagged, [svc])
-    assert changed_devices(before, after) == ["b1", "new"]
-    assert changed_devices(after, after) == []
+    assert changed_devices(issued, after) == ["b1", "new"]
     assert devices_running(after, "svc") == ["b2", "new"]
     moved = plan_fleet(FLEET, [dep("svc", Target(selector={"site": "berlin"}), port=9999)])
-    assert changed_devices(before, moved) == ["b1", "b2"]
+    assert changed_devices(issued, moved) == ["b1", "b2"]
+    renamed = plan_fleet(FLEET, [dep("svc2", Target(selector={"site": "berlin"}))])
+    assert changed_devices(issued, renamed) == ["b1", "b2"]
 
 
 def test_desired_payload_is_a_valid_desired_state() -> None:
