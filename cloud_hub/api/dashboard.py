@@ -1,7 +1,114 @@
-"""Routes: dashboard (placeholder until its owner fills it in)."""
+"""Routes: the dashboard page, its login, and the JSON it polls (events, telemetry).
+
+The page itself is static (``cloud_hub/dashboard/``); its script reads the fleet, services,
+models and modules from the same admin API the CLI uses, authenticated by the HttpOnly
+``edgepack_admin`` cookie that the login form sets. Events and telemetry come from the
+database, so every hub replica shows the same feed.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import secrets
+from datetime import timedelta
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from sqlalchemy import select
+
+from cloud_hub.api.deps import ADMIN_COOKIE, Admin, Ctx
+from cloud_hub.db.base import utcnow
+from cloud_hub.errors import NotFound, Unauthorized
+from cloud_hub.events import Event, events_since, recent_events
+from cloud_hub.ingest.series import service_series
+from cloud_hub.ingest.tables import TelemetrySample
+from manifests.reported import Telemetry
 
 router = APIRouter()
+
+STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+
+def _static(name: str) -> FileResponse:
+    if name not in STATIC_FILES:
+        raise NotFound(f"no dashboard file {name!r}")
+    path = resources.files("cloud_hub") / "dashboard" / name
+    return FileResponse(str(path), media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    return _static("index.html")
+
+
+@router.get("/dashboard/{name}", include_in_schema=False)
+def static_file(name: str) -> FileResponse:
+    return _static(name)
+
+
+@router.post("/api/v1/dashboard/login", tags=["dashboard"])
+def login(ctx: Ctx, request: Request, token: Annotated[str, Form()]) -> Response:
+    """Exchange the admin token for an HttpOnly session cookie (the dashboard's login form)."""
+    if not secrets.compare_digest(token.strip().encode(), ctx.admin_token.encode()):
+        raise Unauthorized("that is not the admin token (see <data_dir>/admin_token on the hub)")
+    response = JSONResponse({"ok": True})
+    response.set_cookie(
+        ADMIN_COOKIE,
+        ctx.admin_token,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        max_age=12 * 3600,
+        path="/",
+    )
+    return response
+
+
+@router.post("/api/v1/dashboard/logout", tags=["dashboard"])
+def logout() -> Response:
+    response = JSONResponse({"ok": True})
+    response.delete_cookie(ADMIN_COOKIE, path="/")
+    return response
+
+
+def _event_out(e: Event) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "at": e.at.isoformat(),
+        "kind": e.kind,
+        "message": e.message,
+        "device_id": e.device_id,
+        "service": e.service,
+    }
+
+
+@router.get("/api/v1/dashboard/events", tags=["dashboard"], dependencies=[Admin])
+def events(
+    ctx: Ctx, after: Annotated[int, Query(ge=0, description="only events with a higher id")] = 0
+) -> dict[str, list[dict[str, Any]]]:
+    """Events after ``after`` (the newest 50 when ``after`` is 0), oldest first."""
+    with ctx.sessions.begin() as s:
+        rows = events_since(s, after) if after else recent_events(s, limit=50)
+        return {"events": [_event_out(e) for e in rows]}
+
+
+@router.get("/api/v1/dashboard/telemetry", tags=["dashboard"], dependencies=[Admin])
+def telemetry(
+    ctx: Ctx,
+    minutes: Annotated[int, Query(ge=1, le=24 * 60)] = 15,
+    bucket_s: Annotated[int, Query(ge=1, le=3600)] = 10,
+) -> dict[str, Any]:
+    """Per-service requests/s and p50 latency over the last ``minutes``, for the charts."""
+    since = utcnow() - timedelta(minutes=minutes)
+    with ctx.sessions.begin() as s:
+        payloads = s.scalars(select(TelemetrySample.payload).where(TelemetrySample.received_at >= since))
+        samples = [Telemetry.model_validate(p) for p in payloads]
+    series = service_series(samples, bucket_s=bucket_s)
+    return {
+        "bucket_s": bucket_s,
+        "services": {
+            svc: [{"t": p.t.isoformat(), "rps": p.requests_per_s, "p50_ms": p.p50_ms} for p in points]
+            for svc, points in series.items()
+        },
+    }

@@ -83,3 +83,27 @@ def test_failed_change_names_the_reason() -> None:
     [deployed, failed] = module_changes("dev-1", {}, [st("svc", F, reason="image missing")])
     assert deployed.kind == "deployed"
     assert failed.message == "svc failed on dev-1: image missing"
+
+
+def test_service_series_sums_rates_and_takes_median_p50() -> None:
+    from cloud_hub.ingest.series import Point, service_series
+    from manifests.reported import ModuleMetrics, Telemetry
+
+    def sample(device: str, second: int, rps: float, p50: float | None) -> Telemetry:
+        metrics = ModuleMetrics(
+            service="svc", requests_total=1, errors_total=0, requests_per_s=rps, p50_ms=p50
+        )
+        return Telemetry(device_id=device, ts=AT.replace(second=second), modules=[metrics])
+
+    series = service_series(
+        [
+            sample("a", 1, 2.0, 10.0),
+            sample("a", 5, 4.0, 30.0),  # same bucket as above: a's mean rate is 3
+            sample("b", 2, 1.0, 20.0),
+            sample("b", 12, 5.0, None),  # next bucket, no latency
+        ],
+        bucket_s=10,
+    )
+    assert series == {
+        "svc": [Point(AT, 4.0, 20.0), Point(AT.replace(second=10), 5.0, None)],
+    }

@@ -1,0 +1,143 @@
+"""The dashboard in headless Chromium: log in, watch a device come online and a service turn
+Healthy as the device publishes to the real broker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.conftest import Publisher
+from tests.hub.broker_fixtures import Broker
+from tests.hub.conftest import HubFactory
+from tests.hub.fleet_support import deploy, enroll, push
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context()
+    pg = context.new_page()
+    yield pg
+    context.close()
+
+
+def reported(device_id: str, state: str, digest: str, at: datetime) -> str:
+    return json.dumps(
+        {
+            "device_id": device_id,
+            "reported_at": at.isoformat(),
+            "agent_version": "0.1.0",
+            "applied_generation": 2,
+            "modules": [
+                {"service": "digits", "manifest_digest": digest, "state": state, "since": at.isoformat()}
+            ],
+        }
+    )
+
+
+def test_dashboard_shows_fleet_changes_live(
+    hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str, page: Page
+) -> None:
+    h = hub(mqtt_host=mosquitto.host, mqtt_port=mosquitto.port, topic_prefix=topic_prefix, mqtt_username=None)
+    mod = push(h, publisher, "digits", "1")
+    with h.client() as http:
+        enroll(http, "dev-1", site="berlin")
+        assert deploy(http, "digits", mod, selector="site=berlin").status_code == 201
+
+    page.goto(h.url + "/")
+    expect(page.locator("#login")).to_be_visible()
+    page.fill("#token", "not-the-token")
+    page.click("#login button[type=submit]")
+    expect(page.locator("#login-error")).to_contain_text("not the admin token")
+
+    page.fill("#token", h.admin_token)
+    page.click("#login button[type=submit]")
+    device_row = page.locator("#devices tr[data-device='dev-1']")
+    service_row = page.locator("#services tr[data-service='digits']")
+    expect(device_row).to_have_attribute("data-online", "false")
+    expect(service_row).to_have_attribute("data-state", "Transitioning")
+    expect(page.locator("#modules")).to_contain_text("digits")
+
+    device = mosquitto.probe()
+    try:
+        topic = f"{topic_prefix}/devices/dev-1"
+        device.publish(f"{topic}/online", b"true", retain=True)
+        expect(device_row).to_have_attribute("data-online", "true")
+        expect(page.locator("#fleet-summary")).to_have_text("1 online, 0 offline")
+
+        start = datetime.now(UTC)
+        device.publish(
+            f"{topic}/reported", reported("dev-1", "Transitioning", mod.digest, start), retain=True
+        )
+        expect(page.locator("#events")).to_contain_text("deployed on dev-1")
+        later = start + timedelta(seconds=1)
+        device.publish(f"{topic}/reported", reported("dev-1", "Healthy", mod.digest, later), retain=True)
+        expect(service_row).to_have_attribute("data-state", "Healthy")
+        expect(service_row.locator("li[data-device='dev-1']")).to_have_attribute("data-state", "Healthy")
+        expect(page.locator("#events")).to_contain_text("digits became Healthy on dev-1")
+
+        sample = {
+            "device_id": "dev-1",
+            "ts": datetime.now(UTC).isoformat(),
+            "modules": [
+                {
+                    "service": "digits",
+                    "requests_total": 10,
+                    "errors_total": 0,
+                    "requests_per_s": 2.5,
+                    "p50_ms": 4.0,
+                }
+            ],
+        }
+        device.publish(f"{topic}/telemetry", json.dumps(sample), qos=0)
+        expect(page.locator("[data-chart='digits requests/s']")).to_contain_text("2.5 req/s")
+        expect(page.locator("[data-chart='digits p50 latency']")).to_contain_text("4 ms")
+
+        device.publish(f"{topic}/online", b"false", retain=True)
+        expect(device_row).to_have_attribute("data-online", "false")
+        expect(page.locator("#events")).to_contain_text("dev-1 went offline")
+    finally:
+        device.close()
+
+    # Signing out drops the cookie: the API refuses the browser again.
+    page.click("#logout")
+    expect(page.locator("#login")).to_be_visible()
+    cookies = page.context.cookies()
+    assert not any(c["name"] == "edgepack_admin" for c in cookies)
+
+
+def test_dashboard_api_needs_the_admin_cookie(hub: HubFactory) -> None:
+    h = hub()
+    with httpx.Client(base_url=h.url) as http:
+        assert http.get("/").status_code == 200  # the page itself is public; its data is not
+        assert http.get("/api/v1/dashboard/events").status_code == 401
+        assert http.get("/dashboard/../settings.py").status_code == 404
+        bad = http.post("/api/v1/dashboard/login", data={"token": "nope"})
+        assert bad.status_code == 401 and "admin token" in bad.json()["error"]["message"]
+        ok = http.post("/api/v1/dashboard/login", data={"token": h.admin_token})
+        assert ok.status_code == 200
+        cookie = ok.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert http.get("/api/v1/dashboard/events").status_code == 200
+        assert http.get("/api/v1/devices").status_code == 200
