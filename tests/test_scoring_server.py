@@ -337,6 +337,10 @@ def test_the_entry_script_sees_the_azure_environment(toy_server: Server, tmp_pat
     # A run() that returns a JSON string is answered as Azure's server answers it: a JSON string.
     r = httpx.post(toy_server.url + "/score", json={"as_text": True})
     assert r.json() == '{"text": true}'
+    # GET /score takes the input from the query string, as on Azure ML.
+    r = httpx.get(toy_server.url + "/score", params=[("n", "5"), ("tag", "a"), ("tag", "[1]")])
+    assert r.status_code == 200, r.text
+    assert r.json()["echo"] == {"n": 5, "tag": ["a", [1]]}
 
 
 def test_bad_requests_get_4xx_json(toy_server: Server) -> None:
@@ -347,7 +351,7 @@ def test_bad_requests_get_4xx_json(toy_server: Server) -> None:
     r = httpx.post(url + "/score", content=b"\xff\xfe{}")
     assert r.status_code == 400
     assert "UTF-8" in r.json()["error"]
-    r = httpx.get(url + "/score")
+    r = httpx.delete(url + "/score")
     assert r.status_code == 405
     r = httpx.get(url + "/nowhere")
     assert (r.status_code, r.json()["type"]) == (404, "NotFound")

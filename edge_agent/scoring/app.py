@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import traceback
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from time import perf_counter_ns
@@ -56,6 +57,20 @@ def _json_default(value: Any) -> Any:
     if callable(tolist):
         return tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def query_as_json(query: bytes) -> bytes:
+    """``GET /score?a=1&b=x&b=y`` as Azure ML's server reads it: ``{"a": 1, "b": ["x", "y"]}``
+    (each value parsed as JSON when it is JSON, kept as a string otherwise)."""
+
+    def value(text: str) -> Any:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text
+
+    parsed = urllib.parse.parse_qs(query.decode("latin-1"), keep_blank_values=True)
+    return orjson.dumps({k: value(v[0]) if len(v) == 1 else [value(x) for x in v] for k, v in parsed.items()})
 
 
 def _error_body(message: str, kind: str) -> bytes:
@@ -119,13 +134,11 @@ class ScoringApp:
     async def _score(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = perf_counter_ns()
         entry = self.entry
-        if scope["method"] != "POST":
-            status = 405
-            payload = _error_body("use POST /score with the input as the body", "MethodNotAllowed")
-        elif not self.ready or entry is None:
+        method = scope["method"]
+        if not self.ready or entry is None:
             status = 503
             payload = _error_body("the module is not ready: init() has not finished", "NotReady")
-        else:
+        elif method == "POST":
             message = await receive()
             body: bytes | None = message.get("body", b"")
             if message.get("more_body", False):
@@ -137,6 +150,13 @@ class ScoringApp:
                 )
             else:
                 status, payload = self._call_run(entry, scope, body)
+        elif method == "GET":
+            status, payload = self._call_run(entry, scope, query_as_json(scope["query_string"]))
+        elif method == "OPTIONS":
+            status, payload = 200, b"{}"  # a CORS pre-flight, which Azure's server answers too
+        else:
+            status = 405
+            payload = _error_body("use POST /score with the input as the body", "MethodNotAllowed")
         await _respond(send, status, payload)
         self.metrics.score(status, perf_counter_ns() - start)
 
