@@ -50,11 +50,28 @@ class UnknownDevice(Exception):
     """A message from a device id that is not enrolled (or was revoked)."""
 
 
-def _device(session: Session, device_id: str) -> Device:
-    device = session.get(Device, device_id)
-    if device is None or device.revoked:
-        raise UnknownDevice(device_id)
-    return device
+class BatchView:
+    """The rows a batch of messages touches, loaded with three queries instead of several per
+    message (per-message lookups would each flush the session, which made ingest ~10x slower).
+    """
+
+    def __init__(self, session: Session, device_ids: Iterable[str]) -> None:
+        ids = sorted(set(device_ids))
+        self.session = session
+        self.devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
+        self.reports = {
+            r.device_id: r
+            for r in session.scalars(select(DeviceReport).where(DeviceReport.device_id.in_(ids)))
+        }
+        self.modules: dict[str, dict[str, ModuleState]] = {}
+        for row in session.scalars(select(ModuleState).where(ModuleState.device_id.in_(ids))):
+            self.modules.setdefault(row.device_id, {})[row.service] = row
+
+    def device(self, device_id: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is None or device.revoked:
+            raise UnknownDevice(device_id)
+        return device
 
 
 def _touch(device: Device, retained: bool, at_: datetime) -> None:
@@ -63,12 +80,13 @@ def _touch(device: Device, retained: bool, at_: datetime) -> None:
         device.last_seen = at_
 
 
-def apply_reported(session: Session, msg: Reported) -> bool:
+def apply_reported(view: BatchView, msg: Reported) -> bool:
     """Store a newer reported state and its module states; False when it is not newer."""
-    device = _device(session, msg.device_id)
+    session = view.session
+    device = view.device(msg.device_id)
     _touch(device, msg.retained, msg.received_at)
     state = msg.state
-    current = session.get(DeviceReport, msg.device_id)
+    current = view.reports.get(msg.device_id)
     if current is not None and current.reported_at >= state.reported_at:
         return False
     payload = state.model_dump(mode="json", by_alias=True)
@@ -80,6 +98,7 @@ def apply_reported(session: Session, msg: Reported) -> bool:
             agent_version=state.agent_version,
         )
         session.add(current)
+        view.reports[msg.device_id] = current
     current.reported_at = state.reported_at
     current.received_at = msg.received_at
     current.applied_generation = state.applied_generation
@@ -88,20 +107,18 @@ def apply_reported(session: Session, msg: Reported) -> bool:
     current.payload = payload
     device.agent_version = state.agent_version
 
-    rows = {
-        r.service: r
-        for r in session.scalars(select(ModuleState).where(ModuleState.device_id == msg.device_id))
-    }
+    rows = view.modules.setdefault(msg.device_id, {})
     old = {svc: _status(r) for svc, r in rows.items()}
     for change in module_changes(msg.device_id, old, state.modules):
         record_event(session, change.kind, change.message, device_id=msg.device_id, service=change.service)
     reported = {m.service for m in state.modules}
-    for svc, gone in rows.items():
-        if svc not in reported:
-            session.delete(gone)
+    for svc in [svc for svc in rows if svc not in reported]:
+        session.delete(rows.pop(svc))
     for status in state.modules:
-        row = rows.get(status.service) or ModuleState(device_id=msg.device_id, service=status.service)
-        session.add(row)
+        row = rows.get(status.service)
+        if row is None:
+            row = rows[status.service] = ModuleState(device_id=msg.device_id, service=status.service)
+            session.add(row)
         row.state = status.state.value
         row.reason = status.reason
         row.manifest_digest = status.manifest_digest
@@ -111,28 +128,29 @@ def apply_reported(session: Session, msg: Reported) -> bool:
     return True
 
 
-def apply_online(session: Session, msg: Online) -> bool:
+def apply_online(view: BatchView, msg: Online) -> bool:
     """Set the device's online flag; True (and an event) when it changed."""
-    device = _device(session, msg.device_id)
+    device = view.device(msg.device_id)
     _touch(device, msg.retained, msg.received_at)
     if device.online == msg.online:
         return False
     device.online = msg.online
     if msg.online:
-        record_event(session, "online", f"{msg.device_id} came online", device_id=msg.device_id)
+        record_event(view.session, "online", f"{msg.device_id} came online", device_id=msg.device_id)
     else:
-        record_event(session, "offline", f"{msg.device_id} went offline", device_id=msg.device_id)
+        record_event(view.session, "offline", f"{msg.device_id} went offline", device_id=msg.device_id)
     return True
 
 
-def apply_telemetry(session: Session, msgs: Iterable[TelemetryMessage], *, keep: int) -> int:
+def apply_telemetry(view: BatchView, msgs: Iterable[TelemetryMessage], *, keep: int) -> int:
     """Store samples of enrolled devices and trim each device's history to its newest
     ``keep``; returns how many were stored (samples of unknown devices are skipped)."""
+    session = view.session
     stored = 0
     devices: set[str] = set()
     for msg in msgs:
         try:
-            device = _device(session, msg.device_id)
+            device = view.device(msg.device_id)
         except UnknownDevice:
             continue
         _touch(device, msg.retained, msg.received_at)

@@ -34,7 +34,7 @@ from cloud_hub.ingest.messages import (
     TelemetryMessage,
     parse_message,
 )
-from cloud_hub.ingest.state import UnknownDevice, apply_online, apply_reported, apply_telemetry
+from cloud_hub.ingest.state import BatchView, UnknownDevice, apply_online, apply_reported, apply_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +191,14 @@ class IngestWorker:
                 messages.append(parsed)
         self._record_rejected(rejected)
         try:
-            with self._sessions.begin() as session:
+            with self._sessions.begin() as session, session.no_autoflush:
                 unknown = self._apply(session, messages)
             self.stats.applied += len(messages) - unknown
         except Exception:
             log.warning("ingest batch of %d failed; retrying one by one", len(messages), exc_info=True)
             for msg in messages:
                 try:
-                    with self._sessions.begin() as session:
+                    with self._sessions.begin() as session, session.no_autoflush:
                         unknown = self._apply(session, [msg])
                     self.stats.applied += 1 - unknown
                 except Exception:
@@ -209,18 +209,19 @@ class IngestWorker:
         """Apply messages in ``session``; returns how many came from unknown devices."""
         unknown = 0
         telemetry: list[TelemetryMessage] = []
+        view = BatchView(session, (m.device_id for m in messages))
         for msg in messages:
             try:
                 if isinstance(msg, Reported):
-                    apply_reported(session, msg)
+                    apply_reported(view, msg)
                 elif isinstance(msg, Online):
-                    apply_online(session, msg)
+                    apply_online(view, msg)
                 else:
                     telemetry.append(msg)
             except UnknownDevice:
                 unknown += 1
         if telemetry:
-            unknown += len(telemetry) - apply_telemetry(session, telemetry, keep=self._keep)
+            unknown += len(telemetry) - apply_telemetry(view, telemetry, keep=self._keep)
         self.stats.unknown_device += unknown
         return unknown
 

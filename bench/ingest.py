@@ -1,0 +1,216 @@
+"""How many reported-state messages per second the hub's ingest keeps up with.
+
+Runs the real pieces: a Mosquitto on a free loopback port, a hub context on a fresh SQLite
+file, the hub's MQTT link and ingest worker, and paho clients acting as devices.
+
+Two measurements:
+
+- ``reported_msgs_per_s``: every message is applied on its own. Each round, every device
+  publishes one reported state whose module state changed (so each message is a row update
+  plus an event); a round ends when ingest has applied all of them. Since no device has two
+  messages pending at once, nothing can be coalesced: this is the raw apply rate.
+- ``burst_msgs_per_s``: many messages from fewer devices as fast as the publishers go; ingest
+  keeps only the newest pending state per device (latest wins), so it absorbs bursts far above
+  its apply rate. ``coalesced`` says how many it folded.
+
+Usage: ``python bench/ingest.py [--quick]``; the last line of output is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud_hub.broker.passwords import hash_password
+from cloud_hub.context import HubContext
+from cloud_hub.fleet.tables import Device
+from cloud_hub.ingest.worker import IngestWorker
+from cloud_hub.settings import HubSettings
+
+PREFIX = "bench"
+STATES = ("Transitioning", "Healthy", "Unhealthy", "Healthy")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+DIGEST = "sha256:" + "b" * 64
+
+
+def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = workdir / "mosquitto.conf"
+    run_as = "user root\n" if os.geteuid() == 0 else ""
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"max_queued_messages 0\nmax_inflight_messages 0\n{run_as}"
+    )
+    proc = subprocess.Popen(
+        ["/usr/sbin/mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("mosquitto did not start")
+
+
+def publisher(port: int) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def reported(device_id: str, seq: int) -> bytes:
+    at = (T0 + timedelta(seconds=seq)).isoformat()
+    return json.dumps(
+        {
+            "device_id": device_id,
+            "reported_at": at,
+            "agent_version": "bench",
+            "applied_generation": 1,
+            "modules": [
+                {"service": "svc", "manifest_digest": DIGEST, "state": STATES[seq % len(STATES)], "since": at}
+            ],
+        }
+    ).encode()
+
+
+def wait_received(worker: IngestWorker, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while worker.stats.received < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {worker.stats.received}/{count} messages reached the hub")
+        time.sleep(0.005)
+    if not worker.drain(timeout):
+        raise SystemExit("ingest did not drain")
+
+
+def run(devices: int, rounds: int, burst_devices: int, burst_per_device: int) -> dict[str, object]:
+    workdir = Path(tempfile.mkdtemp(prefix="edgepack-bench-"))
+    proc, port = start_broker(workdir)
+    ctx = HubContext.open(
+        HubSettings(
+            data_dir=workdir / "hub",
+            mqtt_host="127.0.0.1",
+            mqtt_port=port,
+            topic_prefix=PREFIX,
+            mqtt_username=None,
+            telemetry_keep=100,
+        )
+    )
+    pubs: list[mqtt.Client] = []
+    try:
+        pw = hash_password("x")
+        ids = [f"dev-{i:05d}" for i in range(max(devices, burst_devices))]
+        with ctx.sessions.begin() as s:
+            s.add_all(Device(id=d, tags={}, mqtt_password_hash=pw, token_hash=f"t-{d}") for d in ids)
+        ctx.start_mqtt()
+        worker = ctx.extras["ingest"]
+        assert isinstance(worker, IngestWorker)
+        pubs = [publisher(port) for _ in range(2)]
+
+        sent = 0
+        applied_before = worker.stats.applied
+        elapsed = 0.0
+        publish_s = 0.0
+        for r in range(rounds):
+            payloads = [(f"{PREFIX}/devices/{d}/reported", reported(d, r)) for d in ids[:devices]]
+            start = time.perf_counter()
+            infos = [pubs[i % 2].publish(t, p, qos=1) for i, (t, p) in enumerate(payloads)]
+            for info in infos:
+                info.wait_for_publish(60)
+            publish_s += time.perf_counter() - start
+            sent += len(payloads)
+            wait_received(worker, sent)
+            elapsed += time.perf_counter() - start
+        raw_applied = worker.stats.applied - applied_before
+        coalesced_raw = worker.stats.coalesced
+
+        burst = burst_devices * burst_per_device
+        payloads = [
+            (
+                f"{PREFIX}/devices/{ids[i % burst_devices]}/reported",
+                reported(ids[i % burst_devices], rounds + i),
+            )
+            for i in range(burst)
+        ]
+        start = time.perf_counter()
+        infos = [pubs[i % 2].publish(t, p, qos=1) for i, (t, p) in enumerate(payloads)]
+        for info in infos:
+            info.wait_for_publish(60)
+        burst_publish_s = time.perf_counter() - start
+        wait_received(worker, sent + burst)
+        burst_s = time.perf_counter() - start
+
+        with ctx.sessions.begin() as s:
+            from cloud_hub.ingest.tables import DeviceReport
+
+            last = s.get(DeviceReport, ids[(burst - 1) % burst_devices])
+            assert last is not None and last.reported_at == T0 + timedelta(seconds=rounds + burst - 1), (
+                "the newest state of a device was lost"
+            )
+        return {
+            "bench": "ingest",
+            "db": "sqlite",
+            "devices": devices,
+            "rounds": rounds,
+            "reported_msgs": sent,
+            "reported_applied": raw_applied,
+            "reported_coalesced": coalesced_raw,
+            "reported_s": round(elapsed, 3),
+            "reported_publish_s": round(publish_s, 3),
+            "reported_msgs_per_s": round(sent / elapsed, 1),
+            "burst_msgs": burst,
+            "burst_devices": burst_devices,
+            "burst_s": round(burst_s, 3),
+            "burst_publish_s": round(burst_publish_s, 3),
+            "burst_msgs_per_s": round(burst / burst_s, 1),
+            # When publishing took nearly all the time, the burst figure is the publishers' limit.
+            "burst_publisher_bound": burst_publish_s > 0.9 * burst_s,
+            "coalesced": worker.stats.coalesced - coalesced_raw,
+            "failed": worker.stats.failed,
+            "rejected": worker.stats.rejected,
+        }
+    finally:
+        for p in pubs:
+            p.disconnect()
+            p.loop_stop()
+        ctx.close()
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run (a few seconds)")
+    args = parser.parse_args()
+    if args.quick:
+        result = run(devices=500, rounds=4, burst_devices=50, burst_per_device=100)
+    else:
+        result = run(devices=2000, rounds=10, burst_devices=200, burst_per_device=250)
+    for key, value in result.items():
+        print(f"{key:>22}: {value}", file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
