@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from packager.app import app, main
-from packager.commands import local_cmds, module_cmds, registry_cmds  # noqa: F401  (registers commands)
+from packager.commands import fleet_cmds, local_cmds, module_cmds, registry_cmds  # noqa: F401  (registers commands)
 
 __all__ = ["app", "main"]

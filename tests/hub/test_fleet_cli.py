@@ -1,0 +1,179 @@
+"""The fleet commands of the ``edgepack`` CLI, run as a user runs them, against a real hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from manifests.reported import ModuleStatus, ReportedState
+from manifests.states import ServiceState
+from tests.conftest import Publisher
+from tests.hub.broker_fixtures import Broker, MqttProbe
+from tests.hub.conftest import HubFactory, RunningHub
+from tests.hub.fleet_support import desired_over_http, hub_trust, push, verified_state
+
+EDGEPACK = str(Path(sys.executable).parent / "edgepack")
+
+
+def env_for(home: Path, hub: RunningHub) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
+    env.update(
+        {
+            "EDGEPACK_HOME": str(home),
+            "COLUMNS": "200",
+            "NO_COLOR": "1",
+            "EDGEPACK_HUB_URL": hub.url,
+            "EDGEPACK_TOKEN": hub.admin_token,
+        }
+    )
+    return env
+
+
+def run(home: Path, hub: RunningHub, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EDGEPACK, *args], env=env_for(home, hub), capture_output=True, text=True, timeout=120
+    )
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:"), result.stderr
+    return result.stderr
+
+
+def test_enroll_deploy_tag_and_services(hub: HubFactory, publisher: Publisher, tmp_path: Path) -> None:
+    h = hub()
+    push(h, publisher, "digits", "1")
+    home = tmp_path / "home"
+    creds_file = tmp_path / "edge-1.json"
+
+    r = run(home, h, "device", "enroll", "edge-1", "--tag", "site=berlin", "--out", str(creds_file))
+    assert r.returncode == 0, r.stderr
+    assert "shown only once" in r.stdout
+    creds = json.loads(creds_file.read_text())
+    assert stat.S_IMODE(creds_file.stat().st_mode) == 0o600
+    assert creds["token"] in r.stdout and creds["hub_key"]["keyid"] == h.ctx.hub_key_id
+    enrolled = ok_json(run(home, h, "device", "enroll", "edge-2", "--tag", "site=munich", "--json"))
+    assert enrolled["mqtt"]["username"] == "edge-2"
+
+    dc = tmp_path / "deploymentconfig.json"
+    dc.write_text(json.dumps({"computeType": "local", "port": 8891}))
+    out = ok_json(
+        run(
+            home,
+            h,
+            "deploy",
+            "-n",
+            "digits",
+            "-m",
+            "digits:1",
+            "--dc",
+            str(dc),
+            "--selector",
+            "site=berlin",
+            "--json",
+        )
+    )
+    assert out["created"] is True and out["issued"] == {"edge-1": 2}
+    assert out["deployment"]["settings"]["port"] == 8891
+    state = verified_state(desired_over_http(h, creds["token"]), hub_trust(h), "edge-1")
+    assert [m.service for m in state.modules] == ["digits"]
+
+    devices = ok_json(run(home, h, "device", "list", "--json"))
+    assert {d["id"]: d["services"] for d in devices} == {"edge-1": ["digits"], "edge-2": []}
+    r = run(home, h, "device", "tag", "edge-2", "site=berlin")
+    assert r.returncode == 0 and "edge-2 (generation 2)" in r.stdout, r.stdout + r.stderr
+    r = run(home, h, "service", "show", "digits")
+    assert r.returncode == 0 and "edge-1" in r.stdout and "edge-2" in r.stdout
+    assert "not reported" in r.stdout
+    services = ok_json(run(home, h, "service", "list", "--json"))
+    assert [(s["name"], len(s["devices"])) for s in services] == [("digits", 2)]
+    r = run(home, h, "device", "show", "edge-1")
+    assert r.returncode == 0 and "digits" in r.stdout and "site=berlin" in r.stdout
+
+    # Bad input: one red line, exit code 2.
+    assert "selector" in one_line_error(
+        run(home, h, "deploy", "-n", "x", "-m", "digits:1", "--selector", "site="), 2
+    )
+    assert "digits:9" in one_line_error(
+        run(home, h, "deploy", "-n", "x", "-m", "digits:9", "--target", "device:edge-1"), 2
+    )
+    assert "device:ID" in one_line_error(
+        run(home, h, "deploy", "-n", "x", "-m", "digits:1", "--target", "edge-1"), 2
+    )
+    dc.write_text(json.dumps({"computeType": "local", "prot": 1}))
+    assert "did you mean 'port'" in one_line_error(
+        run(home, h, "deploy", "-n", "x", "-m", "digits:1", "--dc", str(dc), "--selector", "a=b"), 2
+    )
+
+    assert run(home, h, "service", "delete", "digits", "--yes").returncode == 0
+    assert "digits" in one_line_error(run(home, h, "service", "show", "digits"), 2)
+    assert run(home, h, "device", "revoke", "edge-1", "--yes").returncode == 0
+    assert [d["id"] for d in ok_json(run(home, h, "device", "list", "--json"))] == ["edge-2"]
+
+
+def report(
+    probe: MqttProbe, prefix: str, device_id: str, digest: str, state: ServiceState, reason: str | None = None
+) -> None:
+    now = datetime.now(UTC)
+    body = ReportedState(
+        device_id=device_id,
+        reported_at=now,
+        agent_version="test-1",
+        applied_generation=2,
+        modules=[
+            ModuleStatus(service="digits", manifest_digest=digest, state=state, reason=reason, since=now)
+        ],
+    )
+    probe.publish(f"{prefix}/devices/{device_id}/reported", body.model_dump_json(by_alias=True), retain=True)
+
+
+def test_service_wait_follows_reported_states(
+    hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str, tmp_path: Path
+) -> None:
+    h = hub(mqtt_host=mosquitto.host, mqtt_port=mosquitto.port, topic_prefix=topic_prefix, mqtt_username=None)
+    mod = push(h, publisher, "digits", "1")
+    home = tmp_path / "home"
+    for device_id in ("edge-1", "edge-2"):
+        assert run(home, h, "device", "enroll", device_id, "--tag", "site=berlin", "--json").returncode == 0
+    assert (
+        run(home, h, "deploy", "-n", "digits", "-m", "digits:1", "--selector", "site=berlin").returncode == 0
+    )
+
+    # Nobody reports: the wait gives up and says on which devices.
+    assert "edge-1, edge-2" in one_line_error(run(home, h, "service", "wait", "digits", "--timeout", "1"), 5)
+
+    probe = MqttProbe.connect(mosquitto.host, mosquitto.port)
+    try:
+        waiting = subprocess.Popen(
+            [EDGEPACK, "service", "wait", "digits", "--timeout", "60", "--interval", "0.2"],
+            env=env_for(home, h),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        report(probe, topic_prefix, "edge-1", mod.digest, ServiceState.TRANSITIONING)
+        report(probe, topic_prefix, "edge-2", mod.digest, ServiceState.HEALTHY)
+        report(probe, topic_prefix, "edge-1", mod.digest, ServiceState.HEALTHY)
+        stdout, stderr = waiting.communicate(timeout=90)
+        assert waiting.returncode == 0, stderr
+        assert "Healthy on 2 device(s)" in stdout
+
+        report(probe, topic_prefix, "edge-2", mod.digest, ServiceState.FAILED, "init() raised KeyError")
+        failed = one_line_error(
+            run(home, h, "service", "wait", "digits", "--timeout", "30", "--interval", "0.2"), 5
+        )
+        assert "edge-2: init() raised KeyError" in failed
+    finally:
+        probe.close()
