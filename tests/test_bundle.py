@@ -180,3 +180,14 @@ def test_real_bundle_signed_by_someone_else_is_refused(digits_bundle: Path) -> N
         open_verified(digits_bundle, stranger)
     with pytest.raises(TrustError, match="no trusted keys"):
         open_verified(digits_bundle, TrustStore())
+
+
+def test_forge_module_parts_match_its_bundle(forge: Forge) -> None:
+    """Hub and agent tests serve ``module()`` parts and push ``bundle()`` bytes: the same
+    arguments must describe the same signed module."""
+    parts = forge.module(name="same", version="3")
+    sink = MemorySink()
+    verified = verify_bundle(io.BytesIO(forge.bundle(name="same", version="3")), forge.trust, sink=sink)
+    assert verified.manifest_bytes == parts.manifest_bytes
+    assert verified.manifest_digest == parts.manifest_digest
+    assert sink.held == parts.blobs

@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from manifests.signing import TrustStore, key_id, load_public_key
+from manifests.errors import TrustError
+from manifests.signing import TrustStore, key_id, load_public_key, public_key_pem
 from packager.cli import app
 from packager.inspect import open_verified
 from packager.keys import read_trust
 from tests.conftest import EXAMPLE, REPO
+from tests.factory import Defect, Forge
 
 
 @pytest.fixture
@@ -332,3 +334,18 @@ def test_inspect_of_something_that_is_not_a_bundle_is_exit_3(tmp_path: Path) -> 
     proc = cli("inspect", str(junk), cwd=tmp_path)
     assert proc.returncode == 3
     assert "not a module bundle" in one_error_line(proc)
+
+
+@pytest.mark.parametrize("defect", list(Defect), ids=str)
+def test_verify_refuses_every_defective_bundle_naming_the_reason(
+    tmp_path: Path, defect: Defect
+) -> None:
+    forge = Forge()
+    pub = tmp_path / "publisher.pub"
+    pub.write_bytes(public_key_pem(forge.publisher.public_key()))
+    bundle = tmp_path / "demo-1.edgepack"
+    bundle.write_bytes(forge.bundle(defect))
+    result = CliRunner().invoke(app, ["verify", str(bundle), "--trust", str(pub)])
+    assert isinstance(result.exception, TrustError), result.output
+    assert defect.reason in str(result.exception)
+    assert "verified" not in result.output

@@ -199,7 +199,7 @@ def build_cmd(
         f"built [bold]{result.path}[/] ({len(result.manifest.files)} files, "
         f"{result.total_bytes:,} bytes)"
     )
-    console.print(f"manifest digest {result.manifest_digest}")
+    console.print(f"manifest digest {result.manifest_digest}", soft_wrap=True)
 
 
 def _parse_tags(items: list[str]) -> dict[str, str]:
@@ -257,7 +257,7 @@ def inspect_cmd(
     console.print(f"[bold]{manifest.name}[/]:{manifest.version}  created {manifest.created.isoformat()}")
     if manifest.description:
         console.print(manifest.description)
-    console.print("signed by    " + ", ".join(s.keyid for s in envelope.signatures))
+    console.print("signed by    " + ", ".join(s.keyid for s in envelope.signatures), soft_wrap=True)
     console.print(f"entry script {manifest.entry_script}")
     console.print(f"runtime      {manifest.runtime.image}"
                   + (f"@{manifest.runtime.image_digest}" if manifest.runtime.image_digest else ""))
