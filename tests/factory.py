@@ -10,6 +10,7 @@ or a broken disk would produce, and check that the part under test refuses it an
     bad = forge.bundle(Defect.SYMLINK)            # the same module with a symlink member
     verify_bundle(io.BytesIO(bad), forge.trust)   # raises TrustError naming Defect.SYMLINK.reason
     state = forge.desired_bytes(forge.desired_state("dev-1", 7, [forge.assignment(...)]))
+    stale = forge.bad_desired(DesiredDefect.REPLAYED, device_id="dev-1", applied_generation=7)
 """
 
 from __future__ import annotations
@@ -126,6 +127,31 @@ _REASONS: dict[Defect, str] = {
     Defect.OVERSIZE: "the manifest says",
     Defect.MANIFEST_NOT_FIRST: "expected module.json",
     Defect.UNSAFE_MANIFEST_PATH: "unsafe path",
+}
+
+
+class DesiredDefect(StrEnum):
+    """One thing wrong with a desired state as a device receives it."""
+
+    OTHER_DEVICE = "other-device"  # addressed to another device
+    REPLAYED = "replayed"  # generation not newer than the one applied
+    EXPIRED = "expired"  # past its expiry
+    UNTRUSTED_KEY = "untrusted-key"  # signed by a key the agent does not trust
+    TAMPERED = "tampered"  # generation raised after signing
+    UNSIGNED = "unsigned"  # no signatures at all
+
+    @property
+    def reason(self) -> str:
+        return _DESIRED_REASONS[self]
+
+
+_DESIRED_REASONS: dict[DesiredDefect, str] = {
+    DesiredDefect.OTHER_DEVICE: "is for device",
+    DesiredDefect.REPLAYED: "not newer than the applied generation",
+    DesiredDefect.EXPIRED: "expired",
+    DesiredDefect.UNTRUSTED_KEY: "untrusted key",
+    DesiredDefect.TAMPERED: "does not match the content",
+    DesiredDefect.UNSIGNED: "not a signed envelope",
 }
 
 
@@ -304,6 +330,40 @@ class Forge:
         if tamper:
             envelope.signed["generation"] = state.generation + 1000
         return envelope_bytes(envelope)
+
+
+    def bad_desired(
+        self,
+        defect: DesiredDefect,
+        *,
+        device_id: str = "device-1",
+        applied_generation: int = 1,
+        modules: list[ModuleAssignment] | None = None,
+        now: datetime | None = None,
+    ) -> bytes:
+        """Signed desired-state bytes that a device ``device_id`` which applied
+        ``applied_generation`` must refuse, for the reason ``defect.reason``."""
+        start = now or datetime.now(UTC)
+        newer = applied_generation + 1
+        state = self.desired_state(device_id, newer, modules, issued=start)
+        match defect:
+            case DesiredDefect.OTHER_DEVICE:
+                state = self.desired_state(f"not-{device_id}"[:63], newer, modules, issued=start)
+            case DesiredDefect.REPLAYED:
+                state = self.desired_state(device_id, applied_generation, modules, issued=start)
+            case DesiredDefect.EXPIRED:
+                state = self.desired_state(
+                    device_id, newer, modules,
+                    issued=start - timedelta(hours=2), expires_in=timedelta(hours=1),
+                )  # fmt: skip
+            case DesiredDefect.UNTRUSTED_KEY:
+                return self.desired_bytes(state, key=self.stranger)
+            case DesiredDefect.TAMPERED:
+                return self.desired_bytes(state, tamper=True)
+            case DesiredDefect.UNSIGNED:
+                payload = state.model_dump(mode="json", by_alias=True)
+                return canonical_json({"signed": payload, "signatures": []})
+        return self.desired_bytes(state)
 
 
 def _apply(defect: Defect | None, members: list[Member]) -> list[Member]:

@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from manifests.desired import check_desired
+from manifests.desired import DesiredState, check_desired
 from manifests.errors import TrustError
 from manifests.module import check_relative_path
 from manifests.reported import ModuleStatus, ReportedState
 from manifests.signing import parse_envelope, verify_envelope
 from manifests.states import ServiceState
 from manifests.topics import device_topic, parse_device_topic
-from tests.factory import Forge
+from tests.factory import DesiredDefect, Forge
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -206,3 +206,31 @@ def test_topics_round_trip_and_reject_strangers() -> None:
     assert parse_device_topic("other/devices/dev-a/reported") is None
     with pytest.raises(ValueError):
         device_topic("dev-a", "secrets")
+
+
+def accept_desired(
+    data: bytes, forge: Forge, *, device_id: str, applied_generation: int, now: datetime
+) -> DesiredState:
+    """What an agent does with desired-state bytes, in order: signature, model, checks."""
+    envelope = parse_envelope(data, what="desired state")
+    verify_envelope(envelope, forge.hub_trust, what="desired state")
+    state = DesiredState.model_validate(envelope.signed)
+    check_desired(state, device_id=device_id, applied_generation=applied_generation, now=now)
+    return state
+
+
+@pytest.mark.parametrize("defect", list(DesiredDefect), ids=str)
+def test_every_forged_desired_state_defect_is_refused_naming_the_reason(
+    forge: Forge, defect: DesiredDefect
+) -> None:
+    data = forge.bad_desired(defect, device_id="dev-a", applied_generation=4, now=NOW)
+    with pytest.raises(TrustError, match=defect.reason):
+        accept_desired(data, forge, device_id="dev-a", applied_generation=4, now=NOW)
+
+
+def test_the_sound_state_the_forge_starts_from_is_accepted(forge: Forge) -> None:
+    state = forge.desired_state("dev-a", 5, [forge.assignment(forge.module())], issued=NOW)
+    got = accept_desired(
+        forge.desired_bytes(state), forge, device_id="dev-a", applied_generation=4, now=NOW
+    )
+    assert got.generation == 5
