@@ -40,7 +40,9 @@ def _violations() -> list[str]:
                 if top not in OURS or top == package:
                     continue
                 if package == "manifests":
-                    found.append(f"{path.relative_to(REPO)} imports {name}: manifests imports nothing of ours")
+                    found.append(
+                        f"{path.relative_to(REPO)} imports {name}: manifests imports nothing of ours"
+                    )
                 elif top != "manifests" and not name.startswith(PUBLIC.get((package, top), ())):
                     found.append(f"{path.relative_to(REPO)} imports {name}: not a public entry point")
     return found
