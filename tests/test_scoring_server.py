@@ -188,6 +188,8 @@ def run(raw_data):
     request = json.loads(raw_data)
     if request.get("fail"):
         raise ValueError("asked to fail")
+    if request.get("crash"):
+        os._exit(3)
     if request.get("as_text"):
         return json.dumps({"text": True})
     return {"echo": request, "pid": os.getpid(), "greeting": greeting,
@@ -416,7 +418,7 @@ def test_a_directory_without_a_module_is_refused(tmp_path: Path) -> None:
     assert "no module.json" in done.stderr
 
 
-def test_two_workers_both_serve_and_metrics_add_up(tmp_path: Path) -> None:
+def test_two_workers_both_serve_add_up_metrics_and_get_replaced_when_they_crash(tmp_path: Path) -> None:
     module = make_module(tmp_path / "toy2", TOY_SCRIPT, {"m.bin": b"x"})
     with serving(module, workers=2) as server:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -436,3 +438,19 @@ def test_two_workers_both_serve_and_metrics_add_up(tmp_path: Path) -> None:
         text = httpx.get(server.url + "/metrics").text
         assert metric(text, 'edgepack_requests_total{route="score",status="200"}') == requests
         assert metric(text, "edgepack_workers") == 2
+
+        # A worker that dies while serving is replaced; the server as a whole keeps going.
+        with pytest.raises(httpx.TransportError):
+            httpx.post(server.url + "/score", json={"crash": True})
+        deadline = time.monotonic() + START_TIMEOUT_S
+        answering: set[int] = set()
+        while not (answering - pids and len(answering) == 2):
+            assert time.monotonic() < deadline, f"no replacement worker:\n{server.log()}"
+            try:
+                r = httpx.post(server.url + "/score", json={"n": 0})
+            except httpx.TransportError:
+                time.sleep(0.02)  # a connection caught the dying worker's socket
+                continue
+            if r.status_code == 200:
+                answering.add(r.json()["pid"])
+        assert "exited with code 3; starting a new one" in server.log()
