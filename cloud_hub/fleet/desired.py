@@ -14,13 +14,17 @@ might still roll back. To keep a slower publisher from overwriting a newer retai
 with an older one, publishes are serialised per hub process and always send what the database
 holds *now*, not what this request computed. (Across replicas a stale retained message can
 still win a race; agents refuse older generations and also poll over HTTP, so they converge.)
+
+A desired state expires (``settings.desired_ttl_s``). :func:`renew_expiring` re-issues those
+with under half their lifetime left; a device fetching its state over HTTP triggers it for
+itself, and a hub should also call it periodically for devices that only listen on MQTT.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
@@ -133,16 +137,10 @@ def issue_desired(
     return issued
 
 
-def change_fleet(
-    ctx: HubContext,
-    mutate: Callable[[Session], R],
-    *,
-    reissue: Iterable[str] = (),
-) -> FleetChange[R]:
+def change_fleet(ctx: HubContext, mutate: Callable[[Session], R]) -> FleetChange[R]:
     """Apply ``mutate`` and re-issue every device whose desired state it changes, atomically.
 
-    ``reissue`` names devices to re-issue even if their assignments did not change (e.g. to
-    renew an expiring state). Raises :class:`Conflict` on a port clash; nothing is stored then.
+    Raises :class:`Conflict` on a port clash; nothing is stored then.
     """
     with ctx.sessions.begin() as session:
         take_fleet_lock(session)
@@ -153,8 +151,7 @@ def change_fleet(
         conflicts = port_conflicts({d: after[d] for d in changed})
         if conflicts:
             raise Conflict(conflicts[0].message())
-        targets = [*changed, *(d for d in reissue if d in after)]
-        issued = issue_desired(session, ctx, after, targets, now=utcnow())
+        issued = issue_desired(session, ctx, after, changed, now=utcnow())
     change = FleetChange(result=result, issued=issued)
     if ctx.mqtt is not None and issued:
         change.publish_errors = publish_current(ctx, list(issued))
@@ -218,18 +215,46 @@ def publish_current(ctx: HubContext, device_ids: Sequence[str]) -> list[str]:
     return errors
 
 
+def republish_all(ctx: HubContext) -> list[str]:
+    """Publish every device's current state again, e.g. after the broker lost retained messages."""
+    state = _publish_state(ctx)
+    with state.lock:
+        state.sent.clear()
+    with ctx.sessions.begin() as session:
+        ids = list(session.scalars(select(DeviceDesired.device_id)))
+    return publish_current(ctx, ids)
+
+
 def stored_state(payload: bytes) -> DesiredState:
     """The desired state inside stored envelope bytes (the hub wrote them, so no re-verify)."""
     return DesiredState.model_validate(parse_envelope(payload, what="stored desired state").signed)
 
 
+def renew_expiring(ctx: HubContext, device_ids: Sequence[str] | None = None) -> dict[str, int]:
+    """Re-issue every desired state (of ``device_ids``, or all) with under half its lifetime left.
+
+    Safe to call from several places and replicas at once: the check runs under the fleet lock,
+    so a state renewed by one caller is not renewed again by the next.
+    """
+    with ctx.sessions.begin() as session:
+        take_fleet_lock(session)
+        horizon = utcnow() + timedelta(seconds=ctx.settings.desired_ttl_s / 2)
+        query = select(DeviceDesired.device_id).where(
+            DeviceDesired.payload.is_not(None), DeviceDesired.expires < horizon
+        )
+        if device_ids is not None:
+            query = query.where(DeviceDesired.device_id.in_(device_ids))
+        due = list(session.scalars(query))
+        issued = issue_desired(session, ctx, current_plan(session), due, now=utcnow()) if due else {}
+    if issued:
+        publish_current(ctx, list(issued))
+    return issued
+
+
 def renew_if_expiring(ctx: HubContext, device_id: str) -> None:
-    """Re-issue a device's desired state when less than half its lifetime is left."""
+    """Renew one device's desired state if it is due (cheap check first, without the lock)."""
     with ctx.sessions.begin() as session:
         row = session.get(DeviceDesired, device_id)
         expires = row.expires if row is not None else None
-    if expires is None:
-        return
-    if expires - utcnow() > timedelta(seconds=ctx.settings.desired_ttl_s / 2):
-        return
-    change_fleet(ctx, lambda _s: None, reissue=[device_id])
+    if expires is not None and expires - utcnow() < timedelta(seconds=ctx.settings.desired_ttl_s / 2):
+        renew_expiring(ctx, [device_id])

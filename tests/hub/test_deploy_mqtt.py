@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from cloud_hub.broker.mosquitto import prepare_broker_dir
+from cloud_hub.fleet.desired import republish_all
 from cloud_hub.settings import HubSettings
 from manifests.desired import DesiredState
 from manifests.signing import TrustStore
@@ -100,8 +101,19 @@ def test_deploy_publishes_retained_signed_state_per_device(
         assert sorted(got) == ["b2", "b3", "m1"]
         assert json.loads(got["b2"].payload)["signed"]["generation"] == 3
         assert json.loads(got["b3"].payload)["signed"]["generation"] == 1
+
+        # A broker that lost its retained messages gets them back from the hub's database.
+        fresh.publish(f"{topic_prefix}/devices/b2/desired", b"", retain=True)
+        assert republish_all(h.ctx) == []
     finally:
         fresh.close()
+    again = MqttProbe.connect(mosquitto.host, mosquitto.port)
+    try:
+        assert again.subscribe(f"{topic_prefix}/devices/b2/desired") == [1]
+        msg = again.expect(lambda m: m.retain)
+        assert verified_state(msg.payload, trust, "b2").generation == 3
+    finally:
+        again.close()
 
 
 HUB_PASSWORD = "hub-secret-for-tests"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from sqlalchemy import select
 
-from cloud_hub.fleet.tables import Device
+from cloud_hub.fleet.desired import renew_expiring
+from cloud_hub.fleet.tables import Device, DeviceDesired
 from manifests.desired import check_desired
 from manifests.digests import sha256_digest
 from manifests.errors import TrustError
@@ -298,3 +299,62 @@ def test_fleet_survives_a_restart(hub: HubFactory, publisher: Publisher) -> None
         assert http.get("/api/v1/deployments/digits").json()["devices"][0]["device_id"] == "edge-1"
         late = enroll(http, "edge-2", site="berlin")
     assert services_of(h2, late.token) == ["digits"]
+
+
+def test_updating_a_service_reissues_only_on_change(hub: HubFactory, publisher: Publisher) -> None:
+    h = hub()
+    v1 = push(h, publisher, "digits", "1", factor=2)
+    v2 = push(h, publisher, "digits", "2", factor=3)
+    with h.client() as http:
+        dev = enroll(http, "edge-1", site="berlin")
+        assert deploy(http, "digits", v1, selector="site=berlin").json()["issued"] == {"edge-1": 2}
+        same = deploy(http, "digits", v1, selector="site=berlin")
+        assert (same.status_code, same.json()["issued"]) == (200, {})
+        newer = deploy(http, "digits", v2, selector="site=berlin")
+        assert newer.json()["issued"] == {"edge-1": 3}
+        assert newer.json()["deployment"]["version"] == "2"
+    state = verified_state(desired_over_http(h, dev.token), hub_trust(h), "edge-1")
+    assert state.generation == 3 and state.modules[0].manifest_digest == v2.digest
+    with h.client(token=dev.token) as device:
+        assert device.get(f"/api/v1/device/manifests/{v2.digest}").status_code == 200
+        assert error_of(device.get(f"/api/v1/device/manifests/{v1.digest}"), 403)
+
+
+def _expire_soon(hub: RunningHub, *device_ids: str) -> None:
+    with hub.ctx.sessions.begin() as s:
+        for device_id in device_ids:
+            row = s.get(DeviceDesired, device_id)
+            assert row is not None and row.issued is not None
+            row.expires = datetime.now(UTC) + timedelta(minutes=5)
+
+
+def test_expiring_desired_states_are_renewed_once(hub: HubFactory) -> None:
+    h = hub(desired_ttl_s=3600)
+    with h.client() as http:
+        a = enroll(http, "edge-a")
+        enroll(http, "edge-b")
+        enroll(http, "edge-c")
+    trust = hub_trust(h)
+    assert renew_expiring(h.ctx) == {}
+
+    _expire_soon(h, "edge-a")
+    renewed = verified_state(desired_over_http(h, a.token), trust, "edge-a")
+    assert renewed.generation == 2
+    assert renewed.expires - renewed.issued == timedelta(hours=1)
+    assert verified_state(desired_over_http(h, a.token), trust, "edge-a").generation == 2
+
+    _expire_soon(h, "edge-b", "edge-c")
+    assert renew_expiring(h.ctx) == {"edge-b": 2, "edge-c": 2}
+    assert renew_expiring(h.ctx) == {}
+
+
+def test_openapi_documents_the_fleet_api(hub: HubFactory) -> None:
+    h = hub()
+    paths = httpx.get(f"{h.url}/openapi.json").json()["paths"]
+    for path in (
+        "/api/v1/devices",
+        "/api/v1/deployments/{name}",
+        "/api/v1/device/desired",
+        "/api/v1/hub/key",
+    ):
+        assert path in paths
