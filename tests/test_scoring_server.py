@@ -406,16 +406,22 @@ def run(raw_data):
         assert done.stderr.rstrip().splitlines()[-1].startswith("edgepack scoring: ")
 
 
-def test_a_directory_without_a_module_is_refused(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "edge_agent.scoring", "--module-dir", str(tmp_path),
-         "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 5
-    assert "no module.json" in done.stderr
+def test_a_directory_that_is_no_module_is_refused(tmp_path: Path) -> None:
+    escaping = make_module(tmp_path / "escaping", "def run(raw_data):\n    return 1\n", {})
+    signed = {"name": "escaping", "version": "1", "entry_script": "src/../../evil.py"}
+    (escaping / "module.json").write_text(json.dumps({"signed": signed}))
+    (tmp_path / "evil.py").write_text("def run(raw_data):\n    return 'evil'\n")
+    for module, why in [(tmp_path / "empty", "no module.json"), (escaping, "outside src/")]:
+        module.mkdir(exist_ok=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "edge_agent.scoring", "--module-dir", str(module),
+             "--port", str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 5, done.stderr
+        assert why in done.stderr
 
 
 def test_two_workers_both_serve_add_up_metrics_and_get_replaced_when_they_crash(tmp_path: Path) -> None:

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     args = parser.parse_args(argv)
+    # Whatever the entry script prints should reach the supervisor's log as it happens.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
         serve_module(
             args.module_dir,

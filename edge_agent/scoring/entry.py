@@ -71,10 +71,16 @@ def read_layout(module_dir: Path, env: Mapping[str, str]) -> ModuleLayout:
             raise RuntimeFailure(
                 f"{manifest_path}: not a module manifest ({exc}); unpack the module again"
             ) from None
+        entry_script = (root / entry).resolve()
+        if not entry_script.is_relative_to(root / SRC_ROOT):
+            raise RuntimeFailure(
+                f"{manifest_path}: entry script {entry!r} lies outside {SRC_ROOT}/; "
+                "the module is damaged, unpack it again"
+            )
         runtime = signed.get("runtime") or {}
         return ModuleLayout(
             root=root,
-            entry_script=root / entry,
+            entry_script=entry_script,
             name=str(signed.get("name", root.name)),
             version=str(signed.get("version", "0")),
             environment={str(k): str(v) for k, v in (runtime.get("environment") or {}).items()},
