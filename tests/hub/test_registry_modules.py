@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from cloud_hub.db.base import utcnow
+from cloud_hub.errors import Conflict
 from cloud_hub.fleet.tables import Deployment
+from cloud_hub.registry.modules import delete_module, push_module
 from manifests.bundle import MANIFEST_NAME
 from manifests.canonical import canonical_json
 from manifests.digests import sha256_digest
@@ -218,3 +223,99 @@ def test_a_bundle_pushed_as_a_stream_is_verified_on_the_fly(hub: HubFactory, dig
         )
     assert response.status_code == 201, response.text
     assert response.json()["manifest_digest"].startswith("sha256:")
+
+
+def test_parallel_pushes_and_deletes_never_leave_a_module_without_its_blobs(
+    hub: HubFactory, forge: Forge
+) -> None:
+    """Pushes that reuse a shared blob race deletes that free it; every listed module keeps
+    every blob it names, and each blob is held once."""
+    running = hub()
+    shared = b"shared weights" * 1000
+
+    def bundle(i: int) -> bytes:
+        return forge.bundle(name=f"m{i}", files={"src/score.py": f"# {i}\n".encode(), "model/w.bin": shared})
+
+    bundles = {i: bundle(i) for i in range(12)}
+
+    def push_until_stored(i: int) -> int:
+        with running.client() as client:
+            for _ in range(20):
+                response = push(client, bundles[i])
+                if response.status_code != 409:  # 409: the shared blob was freed mid-push; push again
+                    return response.status_code
+            return 409
+
+    def delete(i: int) -> int:
+        with running.client() as client:
+            return client.delete(f"/api/v1/modules/m{i}/versions/1").status_code
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        first = list(pool.map(push_until_stored, range(6)))
+        assert first == [201] * 6
+        # Delete the first six while the next six (and a duplicate of m6) are pushed.
+        jobs = [pool.submit(delete, i) for i in range(6)]
+        jobs += [pool.submit(push_until_stored, i) for i in (*range(6, 12), 6)]
+        results = [j.result() for j in jobs]
+    assert results[:6] == [200] * 6
+    assert sorted(results[6:]) == [200] + [201] * 6
+    with running.client() as client:
+        listed = client.get("/api/v1/modules").json()
+        assert sorted(m["name"] for m in listed) == sorted(f"m{i}" for i in range(6, 12))
+        for m in listed:
+            for f in m["files"]:
+                blob = client.get(f"/api/v1/blobs/{f['digest']}")
+                assert blob.status_code == 200 and sha256_digest(blob.content) == f["digest"]
+    expected = {sha256_digest(shared)} | {sha256_digest(f"# {i}\n".encode()) for i in range(6, 12)}
+    assert stored_blobs(running) == expected
+
+
+class _ThenRun(io.RawIOBase):
+    """A bundle stream that runs ``action`` once reading has reached its last ``tail`` bytes."""
+
+    def __init__(self, data: bytes, action: Callable[[], object], tail: int) -> None:
+        self._data = io.BytesIO(data)
+        self._trigger = len(data) - tail
+        self._action: Callable[[], object] | None = action
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._data.readinto(buffer)
+        if self._data.tell() >= self._trigger and self._action is not None:
+            action, self._action = self._action, None
+            action()
+        return n
+
+
+def test_a_push_that_relied_on_a_blob_deleted_meanwhile_is_refused_cleanly(
+    hub: HubFactory, forge: Forge
+) -> None:
+    running = hub()
+    ctx = running.ctx
+    shared = b"weights" * 100
+    # Blobs travel sorted by digest: pick a large filler that comes after the shared blob, so
+    # the shared one has been checked (and skipped, being held) when the filler is being read.
+    filler = next(
+        data
+        for i in range(1000)
+        if sha256_digest(data := i.to_bytes(4, "big") * 50_000) > sha256_digest(shared)
+    )
+    with running.client() as client:
+        old = forge.bundle(name="old", files={"src/score.py": b"# old\n", "model/w": shared})
+        assert push(client, old).status_code == 201
+    second = forge.bundle(
+        name="new", files={"src/score.py": b"# new\n", "model/w": shared, "model/z": filler}
+    )
+
+    # 'old' is deleted, freeing the shared blob, after the push skipped it and before it commits.
+    stream = _ThenRun(second, lambda: delete_module(ctx.sessions, ctx.blobs, "old", "1"), tail=50_000)
+    with io.BufferedReader(stream) as fh, pytest.raises(Conflict, match="push it again"):
+        push_module(ctx.sessions, ctx.blobs, ctx.trust, fh)
+    assert not ctx.blobs.has(sha256_digest(shared))
+    with running.client() as client:
+        assert client.get("/api/v1/modules").json() == []
+        assert push(client, second).status_code == 201  # pushed again: the blob comes back
+    assert ctx.blobs.has(sha256_digest(shared))
+    assert stored_blobs(running) == {sha256_digest(d) for d in (b"# new\n", shared, filler)}
