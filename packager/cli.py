@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from packager.app import app, main
-from packager.commands import fleet_cmds, local_cmds, module_cmds, registry_cmds  # noqa: F401  (registers commands)
+from packager.commands import (  # noqa: F401  (registers commands)
+    broker_cmds,
+    fleet_cmds,
+    local_cmds,
+    module_cmds,
+    registry_cmds,
+)
 
 __all__ = ["app", "main"]

@@ -87,7 +87,7 @@ class MqttLink:
     @classmethod
     def from_context(cls, ctx: HubContext) -> MqttLink:
         """A link configured from the hub settings, feeding the hub's ingest worker."""
-        from cloud_hub.broker.mosquitto import hub_mqtt_password
+        from cloud_hub.broker.mosquitto import hub_mqtt_password, sync_broker
         from cloud_hub.ingest.worker import IngestWorker
 
         settings = ctx.settings
@@ -97,6 +97,14 @@ class MqttLink:
             ctx.sessions, prefix=settings.topic_prefix, telemetry_keep=settings.telemetry_keep
         )
         ctx.extras["ingest"] = worker
+
+        def on_start() -> None:
+            # A hub that manages the broker's accounts makes sure, before it connects, that the
+            # broker knows its own user and exactly the devices in the database (restored
+            # backups, devices enrolled while the broker was down).
+            sync_broker(ctx)
+            worker.start()
+
         return cls(
             host=settings.mqtt_host,
             port=settings.mqtt_port,
@@ -105,7 +113,7 @@ class MqttLink:
             password=hub_mqtt_password(settings),
             tls_ca=str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
             sink=worker.submit,
-            on_start=worker.start,
+            on_start=on_start,
             on_stop=worker.stop,
         )
 

@@ -1,0 +1,84 @@
+"""The broker config an operator generates with the CLI, and the hub's own broker account."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from cloud_hub.broker.mosquitto import HUB_PASSWORD_FILE, sync_broker
+from cloud_hub.broker.passwords import hash_password
+from cloud_hub.context import HubContext
+from cloud_hub.fleet.tables import Device
+from cloud_hub.settings import HubSettings
+from tests.hub.broker_fixtures import BrokerFactory, start_mosquitto
+
+
+def test_cli_broker_config_starts_a_broker_for_the_fleet(tmp_path: Path) -> None:
+    data_dir = tmp_path / "hub"
+    ctx = HubContext.open(HubSettings(data_dir=data_dir))
+    with ctx.sessions.begin() as s:
+        s.add(Device(id="dev-x", tags={}, mqtt_password_hash=hash_password("pw-x"), token_hash="tx"))
+    ctx.close()
+    out = tmp_path / "broker"
+
+    def generate(port: int) -> str:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "packager",
+                "hub",
+                "broker-config",
+                "--out",
+                str(out),
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        assert "mosquitto -c" in run.stdout and "--broker-dir" in run.stdout
+        return (out / "mosquitto.conf").read_text()
+
+    broker = start_mosquitto(tmp_path / "run", generate)
+    try:
+        hub_password = (data_dir / HUB_PASSWORD_FILE).read_text().strip()
+        hub = broker.probe(username="edgepack-hub", password=hub_password)
+        device = broker.probe(username="dev-x", password="pw-x")
+        try:
+            hub.subscribe("edgepack/devices/+/reported")
+            device.publish("edgepack/devices/dev-x/reported", b"{}")
+            device.publish("edgepack/devices/dev-y/reported", b"not mine")
+            assert hub.expect(lambda m: True).topic == "edgepack/devices/dev-x/reported"
+            assert hub.received_within(lambda m: True, 0.5) == []
+        finally:
+            device.close()
+            hub.close()
+    finally:
+        broker.stop()
+
+
+def test_hub_generates_and_uses_its_own_broker_password(
+    tmp_path: Path, broker_factory: BrokerFactory
+) -> None:
+    broker_dir = tmp_path / "broker"
+    settings = HubSettings(data_dir=tmp_path / "hub", broker_dir=broker_dir, mqtt_host="127.0.0.1")
+    ctx = HubContext.open(settings)
+    try:
+        sync_broker(ctx)
+        password = (settings.data_dir / HUB_PASSWORD_FILE).read_text().strip()
+        assert password and password not in (broker_dir / "passwd").read_text()
+        broker = broker_factory(broker_dir)
+        ctx.settings = settings.model_copy(
+            update={"mqtt_port": broker.port, "broker_pid_file": broker.pid_file}
+        )
+        ctx.start_mqtt()
+        assert ctx.mqtt is not None and ctx.mqtt.wait_connected(10)
+        ctx.mqtt.publish_desired("dev-1", b"state")  # the hub's ACL lets it publish anywhere
+    finally:
+        ctx.close()
