@@ -17,10 +17,6 @@ TEST_PACKAGES=(
     # debootstrap                 (device root filesystems)
 )
 ensure_apt_packages "${TEST_PACKAGES[@]}"
-# Tests start their own brokers; a broker the package started would only take port 1883.
-if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
-    as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
-fi
 
 step "python environment (.venv, edgepack[test])"
 ensure_venv test
