@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -330,18 +329,22 @@ def measure_build_verify(work: Path, workload: Workload, model_mb: int) -> dict[
         entry_script=workload.module_dir / "src" / "score.py",
         model=model,
     )
-    t = time.perf_counter()
-    result = build_module(spec, key, work / "dist")
-    build_s = time.perf_counter() - t
-    verify_times = []
+    # Best of a few runs: the throughput the code reaches when no other tenant of the VM
+    # takes the CPU away (the latency runs above report percentiles instead).
+    build_times = []
     for _ in range(2):
+        t = time.perf_counter()
+        result = build_module(spec, key, work / "dist")
+        build_times.append(time.perf_counter() - t)
+    verify_times = []
+    for _ in range(3):
         t = time.perf_counter()
         with result.path.open("rb") as fh:
             verify_bundle(fh, trust)
         verify_times.append(time.perf_counter() - t)
     figures = {
-        "build_mb_s": round(size_mb / build_s, 1),
-        "verify_mb_s": round(size_mb / statistics.median(verify_times), 1),
+        "build_mb_s": round(size_mb / min(build_times), 1),
+        "verify_mb_s": round(size_mb / min(verify_times), 1),
         "model_mb": round(size_mb, 1),
     }
     say(f"build/verify: {figures}")

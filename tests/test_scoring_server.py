@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edge_agent.scoring.metrics import BUCKETS_S, MetricsBoard, latency_quantile, parse, render
 from manifests.bundle import verify_bundle
 from tests.conftest import EXAMPLE, Publisher
 
@@ -378,6 +379,33 @@ def test_metrics_count_requests_and_latency(toy_server: Server) -> None:
     assert metric(after, "edgepack_score_duration_seconds_sum") > 0
     assert metric(after, "edgepack_workers") == 1
     assert metric(after, "edgepack_ready_workers") == 1
+    totals = parse(after)
+    assert totals.count == sum(totals.buckets) == metric(after, count)
+    p50 = latency_quantile(totals.buckets, 0.5)
+    assert p50 is not None and 0 < p50 <= BUCKETS_S[-1]
+
+
+def test_metrics_of_several_workers_add_up_and_read_back() -> None:
+    board = MetricsBoard(2)
+    first, second = board.worker(0), board.worker(1)
+    for _ in range(3):
+        first.score(200, 150_000)  # 150 us
+    second.score(200, 400_000)
+    second.score(500, 2_000_000)
+    second.error()
+    first.request(1, 404)
+    second.mark_ready()
+    totals = parse(render(board.totals()).decode())
+    assert totals == board.totals()
+    assert totals.requests[("score", "200")] == 4
+    assert totals.requests[("score", "500")] == 1
+    assert totals.requests[("other", "404")] == 1
+    assert (totals.errors, totals.count, totals.workers, totals.ready_workers) == (1, 5, 2, 1)
+    assert totals.sum_ns == 3 * 150_000 + 400_000 + 2_000_000
+    # Three of five observations lie in (100 us, 250 us]: the median interpolates in there.
+    assert latency_quantile(totals.buckets, 0.5) == pytest.approx(0.0001 + 0.00015 * 2.5 / 3)
+    assert latency_quantile(totals.buckets, 1.0) == 0.0025
+    assert latency_quantile((0,) * len(totals.buckets), 0.5) is None
 
 
 # --- start-up failure and several workers --------------------------------------------------

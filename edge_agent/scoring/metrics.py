@@ -78,7 +78,7 @@ class WorkerMetrics:
 class Totals:
     """The sum of every worker's slot."""
 
-    requests: dict[tuple[str, str], int]
+    requests: dict[tuple[str, str], int]  # (route, status) -> count; zero counts left out
     errors: int
     buckets: tuple[int, ...]  # not cumulative; the last one is +Inf
     sum_ns: int
@@ -120,9 +120,10 @@ class MetricsBoard:
                 sums[i] += cells[base + i]
         labels = [*(str(code) for code in STATUSES), "other"]
         requests = {
-            (route, labels[s]): sums[_REQUESTS + r * _N_STATUS + s]
+            (route, labels[s]): n
             for r, route in enumerate(ROUTES)
             for s in range(_N_STATUS)
+            if (n := sums[_REQUESTS + r * _N_STATUS + s])
         }
         return Totals(
             requests=requests,
@@ -142,8 +143,7 @@ def render(totals: Totals) -> bytes:
         "# TYPE edgepack_requests_total counter",
     ]
     for (route, status), n in totals.requests.items():
-        if n:
-            lines.append(f'edgepack_requests_total{{route="{route}",status="{status}"}} {n}')
+        lines.append(f'edgepack_requests_total{{route="{route}",status="{status}"}} {n}')
     lines += [
         "# HELP edgepack_errors_total /score requests that failed inside the module.",
         "# TYPE edgepack_errors_total counter",
@@ -166,3 +166,54 @@ def render(totals: Totals) -> bytes:
         f"edgepack_ready_workers {totals.ready_workers}",
     ]
     return ("\n".join(lines) + "\n").encode()
+
+
+def parse(text: str) -> Totals:
+    """Read back what :func:`render` wrote (e.g. the agent scraping ``/metrics``)."""
+    requests: dict[tuple[str, str], int] = {}
+    cumulative: list[int] = []
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, number = line.rpartition(" ")
+        if name.startswith("edgepack_requests_total{"):
+            labels = dict(part.split("=", 1) for part in name[name.index("{") + 1 : -1].split(","))
+            key = (labels["route"].strip('"'), labels["status"].strip('"'))
+            requests[key] = int(float(number))
+        elif name.startswith("edgepack_score_duration_seconds_bucket{"):
+            cumulative.append(int(float(number)))
+        else:
+            values[name] = float(number)
+    buckets = tuple(b - a for a, b in zip([0, *cumulative[:-1]], cumulative, strict=True))
+    return Totals(
+        requests=requests,
+        errors=int(values.get("edgepack_errors_total", 0)),
+        buckets=buckets or (0,) * (len(BUCKETS_S) + 1),
+        sum_ns=round(values.get("edgepack_score_duration_seconds_sum", 0.0) * 1e9),
+        count=int(values.get("edgepack_score_duration_seconds_count", 0)),
+        workers=int(values.get("edgepack_workers", 0)),
+        ready_workers=int(values.get("edgepack_ready_workers", 0)),
+    )
+
+
+def latency_quantile(buckets: tuple[int, ...], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of /score latency in seconds, interpolated within its bucket
+    as Prometheus' ``histogram_quantile`` does; None when nothing was observed.
+
+    ``buckets`` are per-bucket counts (not cumulative), as in :class:`Totals`; differences of
+    two snapshots give the quantile over the interval between them.
+    """
+    total = sum(buckets)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(buckets):
+        if n and seen + n >= rank:
+            if i >= len(BUCKETS_S):
+                return BUCKETS_S[-1]  # beyond the last finite bound: all that is known
+            lower = BUCKETS_S[i - 1] if i else 0.0
+            return lower + (BUCKETS_S[i] - lower) * (rank - seen) / n
+        seen += n
+    return BUCKETS_S[-1]
