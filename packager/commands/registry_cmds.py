@@ -90,8 +90,12 @@ def serve_cmd(
     max_upload_mb: Annotated[int | None, typer.Option(help="largest accepted upload (default 2048)")] = None,
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host (none: HTTP only)")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port (default 1883)")] = None,
+    topic_prefix: Annotated[str | None, typer.Option(help="MQTT topic prefix (default edgepack)")] = None,
     broker_dir: Annotated[
         Path | None, typer.Option(help="where to write the Mosquitto password file and ACL")
+    ] = None,
+    broker_pid_file: Annotated[
+        Path | None, typer.Option(help="Mosquitto's pid file, to make it reload the ACL (SIGHUP)")
     ] = None,
 ) -> None:
     """Run the hub (API, dashboard, MQTT link) until Ctrl-C. Flags override EDGEPACK_HUB_* variables."""
@@ -108,7 +112,9 @@ def serve_cmd(
         "max_upload_mb": max_upload_mb,
         "mqtt_host": mqtt_host,
         "mqtt_port": mqtt_port,
+        "topic_prefix": topic_prefix,
         "broker_dir": broker_dir,
+        "broker_pid_file": broker_pid_file,
     }
     for path in trust or []:
         if not path.is_file():
@@ -125,15 +131,17 @@ def serve_cmd(
         if settings.admin_token is not None
         else str(settings.data_dir / "admin_token")
     )
-    console.print(f"[bold]edgepack hub[/] on {url}  (data in {settings.data_dir})")
-    console.print(f"dashboard    {url}/   API docs {url}/docs")
-    console.print(f"admin token  in {token_source}  (then: edgepack login --hub {url} --token TOKEN)")
+    console.print(f"[bold]edgepack hub[/] on {url}  (data in {settings.data_dir})", soft_wrap=True)
+    console.print(f"dashboard    {url}/   API docs {url}/docs", soft_wrap=True)
+    console.print(
+        f"admin token  in {token_source}  (then: edgepack login --hub {url} --token TOKEN)", soft_wrap=True
+    )
     if not settings.trusted_keys:
         console.print(
             "[yellow]no trusted publisher keys[/]: every push will be refused; pass --trust KEY.pub"
         )
     if settings.mqtt_host is None:
-        console.print("[yellow]no MQTT broker[/]: devices fetch desired state over HTTP only")
+        console.print("[yellow]no MQTT broker[/]: devices fetch desired state over HTTP only", soft_wrap=True)
     run_hub(settings)
 
 
