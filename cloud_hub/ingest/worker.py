@@ -80,7 +80,7 @@ class IngestWorker:
         self._keep = telemetry_keep
         self._batch_size = batch_size
         self._max_state = max_state_pending
-        self._states: OrderedDict[tuple[str, str], _Raw] = OrderedDict()
+        self._states: OrderedDict[str, _Raw] = OrderedDict()  # by topic: latest wins
         self._telemetry: deque[_Raw] = deque(maxlen=max_telemetry_pending)
         self._cond = threading.Condition()
         self._busy = False
@@ -102,13 +102,12 @@ class IngestWorker:
                     self.stats.dropped_telemetry += 1
                 self._telemetry.append(raw)
             else:
-                key = (topic, channel)
-                if key in self._states:
+                if topic in self._states:
                     self.stats.coalesced += 1
                 elif len(self._states) >= self._max_state:
                     self.stats.overflow += 1
                     return
-                self._states[key] = raw
+                self._states[topic] = raw
             self._cond.notify()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -194,6 +193,7 @@ class IngestWorker:
             with self._sessions.begin() as session, session.no_autoflush:
                 unknown = self._apply(session, messages)
             self.stats.applied += len(messages) - unknown
+            self.stats.unknown_device += unknown
         except Exception:
             log.warning("ingest batch of %d failed; retrying one by one", len(messages), exc_info=True)
             for msg in messages:
@@ -201,6 +201,7 @@ class IngestWorker:
                     with self._sessions.begin() as session, session.no_autoflush:
                         unknown = self._apply(session, [msg])
                     self.stats.applied += 1 - unknown
+                    self.stats.unknown_device += unknown
                 except Exception:
                     self.stats.failed += 1
                     log.exception("ingest could not store a message from %s", msg.device_id)
@@ -222,7 +223,6 @@ class IngestWorker:
                 unknown += 1
         if telemetry:
             unknown += len(telemetry) - apply_telemetry(view, telemetry, keep=self._keep)
-        self.stats.unknown_device += unknown
         return unknown
 
     def _record_rejected(self, rejected: list[Rejected]) -> None:
@@ -230,6 +230,9 @@ class IngestWorker:
             return
         self.stats.rejected += len(rejected)
         now = time.monotonic()
+        if len(self._last_reject) > 10_000:
+            # Bounded memory even when a broker without the hub's ACL lets anyone invent ids.
+            self._last_reject.clear()
         fresh = []
         for r in rejected:
             key = r.device_id or r.topic

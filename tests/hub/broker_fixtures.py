@@ -37,6 +37,7 @@ __all__ = [
     "broker_factory",
     "free_port",
     "mosquitto",
+    "plain_config",
     "start_mosquitto",
     "topic_prefix",
 ]
@@ -95,23 +96,28 @@ def _wait_listening(host: str, port: int, process: subprocess.Popen[bytes], time
     return False
 
 
-def start_mosquitto(workdir: Path, config_for_port: Callable[[int], str], *, attempts: int = 5) -> Broker:
-    """Start Mosquitto with the config ``config_for_port(port)`` on a free loopback port."""
+def start_mosquitto(
+    workdir: Path, config_for_port: Callable[[int], str], *, port: int | None = None, attempts: int = 5
+) -> Broker:
+    """Start Mosquitto with the config ``config_for_port(port)`` on a free loopback port
+    (or on ``port``, e.g. to restart a broker where its clients expect it)."""
     workdir.mkdir(parents=True, exist_ok=True)
     last_log = ""
-    for _ in range(attempts):
-        port = free_port()
+    for attempt in range(attempts):
+        if port is not None and attempt:
+            time.sleep(0.5)  # the old listener may not have let go of the port yet
+        port_now = port if port is not None else free_port()
         config = workdir / "mosquitto.conf"
-        config.write_text(config_for_port(port))
+        config.write_text(config_for_port(port_now))
         log = workdir / "mosquitto.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 [str(MOSQUITTO), "-c", str(config)], stdout=out, stderr=subprocess.STDOUT
             )
-        if _wait_listening("127.0.0.1", port, process, timeout=10):
+        if _wait_listening("127.0.0.1", port_now, process, timeout=10):
             pid_file = workdir / "mosquitto.pid"
             pid_file.write_text(f"{process.pid}\n")
-            return Broker("127.0.0.1", port, process, config, log, pid_file)
+            return Broker("127.0.0.1", port_now, process, config, log, pid_file)
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
@@ -124,7 +130,8 @@ def _run_as() -> str | None:
     return "root" if os.geteuid() == 0 else None
 
 
-def _plain_config(port: int) -> str:
+def plain_config(port: int) -> str:
+    """An anonymous broker on ``port`` (what the session-wide ``mosquitto`` runs)."""
     run_as = _run_as()
     return (
         f"listener {port} 127.0.0.1\n"
@@ -137,7 +144,7 @@ def _plain_config(port: int) -> str:
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """A plain broker (anonymous) shared by the tests of one session."""
-    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto"), _plain_config)
+    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto"), plain_config)
     yield broker
     broker.stop()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,14 @@ from cloud_hub.fleet.tables import Device
 from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.settings import HubSettings
 from manifests.errors import FetchError
-from tests.hub.broker_fixtures import Broker, BrokerFactory, MqttProbe, free_port
+from tests.hub.broker_fixtures import (
+    Broker,
+    BrokerFactory,
+    MqttProbe,
+    free_port,
+    plain_config,
+    start_mosquitto,
+)
 
 HUB_PASSWORD = "hub-secret"
 
@@ -217,3 +226,42 @@ def _eventually_refused(broker: Broker, user: str, password: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"{user} was still let in after the reload")
+
+
+def test_link_reconnects_and_subscribes_again_after_a_broker_restart(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    received: queue.Queue[str] = queue.Queue()
+    broker = start_mosquitto(tmp_path / "first", plain_config)
+    link = MqttLink(
+        host=broker.host,
+        port=broker.port,
+        prefix=topic_prefix,
+        max_backoff_s=1,
+        sink=lambda topic, _payload, _retained: received.put(topic),
+    )
+    link.start()
+    second: Broker | None = None
+    try:
+        assert link.wait_connected(10)
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while link.connected:
+            assert time.monotonic() < deadline, "the link did not notice the broker going away"
+            time.sleep(0.05)
+        with pytest.raises(FetchError):
+            link.publish_desired("dev-1", b"while down")
+
+        second = start_mosquitto(tmp_path / "second", plain_config, port=broker.port)
+        assert link.wait_connected(20), "the link did not reconnect"
+        device = second.probe()
+        try:
+            device.publish(f"{topic_prefix}/devices/dev-1/reported", b"{}")
+        finally:
+            device.close()
+        assert received.get(timeout=10) == f"{topic_prefix}/devices/dev-1/reported"
+        link.publish_desired("dev-1", b"after restart")
+    finally:
+        link.stop()
+        if second is not None:
+            second.stop()
