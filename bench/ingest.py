@@ -103,19 +103,22 @@ def wait_received(worker: IngestWorker, count: int, timeout: float = 300) -> Non
         raise SystemExit("ingest did not drain")
 
 
-def run(devices: int, rounds: int, burst_devices: int, burst_per_device: int) -> dict[str, object]:
+def run(
+    devices: int, rounds: int, burst_devices: int, burst_per_device: int, db: str | None = None
+) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix="edgepack-bench-"))
     proc, port = start_broker(workdir)
-    ctx = HubContext.open(
-        HubSettings(
-            data_dir=workdir / "hub",
-            mqtt_host="127.0.0.1",
-            mqtt_port=port,
-            topic_prefix=PREFIX,
-            mqtt_username=None,
-            telemetry_keep=100,
-        )
+    settings = HubSettings(
+        data_dir=workdir / "hub",
+        mqtt_host="127.0.0.1",
+        mqtt_port=port,
+        topic_prefix=PREFIX,
+        mqtt_username=None,
+        telemetry_keep=100,
     )
+    if db:
+        settings = settings.model_copy(update={"db": db})
+    ctx = HubContext.open(settings)
     pubs: list[mqtt.Client] = []
     try:
         pw = hash_password("x")
@@ -169,7 +172,7 @@ def run(devices: int, rounds: int, burst_devices: int, burst_per_device: int) ->
             )
         return {
             "bench": "ingest",
-            "db": "sqlite",
+            "db": ctx.sessions.engine.dialect.name,
             "devices": devices,
             "rounds": rounds,
             "reported_msgs": sent,
@@ -202,11 +205,12 @@ def run(devices: int, rounds: int, burst_devices: int, burst_per_device: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run (a few seconds)")
+    parser.add_argument("--db", help="SQLAlchemy URL of an EMPTY database (default: a fresh SQLite file)")
     args = parser.parse_args()
     if args.quick:
-        result = run(devices=500, rounds=4, burst_devices=50, burst_per_device=100)
+        result = run(devices=500, rounds=4, burst_devices=50, burst_per_device=100, db=args.db)
     else:
-        result = run(devices=2000, rounds=10, burst_devices=200, burst_per_device=250)
+        result = run(devices=2000, rounds=10, burst_devices=200, burst_per_device=250, db=args.db)
     for key, value in result.items():
         print(f"{key:>22}: {value}", file=sys.stderr)
     print(json.dumps(result))
