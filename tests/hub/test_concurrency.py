@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from cloud_hub.fleet.desired import change_fleet, take_fleet_lock
 from tests.conftest import Publisher
 from tests.factory import Forge, default_files
 from tests.hub.broker_fixtures import Broker, MqttProbe
@@ -115,3 +117,21 @@ def test_parallel_retags_and_deploys_end_consistent(hub: HubFactory, publisher: 
         assert sorted(m.service for m in state.modules) == [f"svc-{i}" for i in range(4)]
         issued = sorted(r.json()["issued"][device_id] for r in responses if device_id in r.json()["issued"])
         assert issued == sorted(set(issued)) and issued[-1] == state.generation
+
+
+def test_fleet_changes_are_serialised_by_the_database_lock(hub: HubFactory) -> None:
+    h = hub()
+    order: list[str] = []
+
+    def second_change() -> None:
+        change_fleet(h.ctx, lambda _s: order.append("second change runs"))
+
+    with h.ctx.sessions.begin() as session:
+        take_fleet_lock(session)
+        worker = threading.Thread(target=second_change)
+        worker.start()
+        # Give the second change every chance to run; it must wait for this transaction.
+        worker.join(timeout=0.5)
+        order.append("first change commits")
+    worker.join(timeout=30)
+    assert order == ["first change commits", "second change runs"]
