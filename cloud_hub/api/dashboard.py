@@ -27,6 +27,9 @@ from manifests.reported import Telemetry
 
 router = APIRouter()
 
+#: The charts read at most this many (newest) samples per refresh, however large the fleet.
+MAX_CHART_SAMPLES = 20_000
+
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 
 
@@ -102,7 +105,12 @@ def telemetry(
     """Per-service requests/s and p50 latency over the last ``minutes``, for the charts."""
     since = utcnow() - timedelta(minutes=minutes)
     with ctx.sessions.begin() as s:
-        payloads = s.scalars(select(TelemetrySample.payload).where(TelemetrySample.received_at >= since))
+        payloads = s.scalars(
+            select(TelemetrySample.payload)
+            .where(TelemetrySample.received_at >= since)
+            .order_by(TelemetrySample.id.desc())
+            .limit(MAX_CHART_SAMPLES)
+        )
         samples = [Telemetry.model_validate(p) for p in payloads]
     series = service_series(samples, bucket_s=bucket_s)
     return {
