@@ -9,6 +9,7 @@ database, so every hub replica shows the same feed.
 from __future__ import annotations
 
 import secrets
+from dataclasses import asdict
 from datetime import timedelta
 from importlib import resources
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from cloud_hub.errors import NotFound, Unauthorized
 from cloud_hub.events import Event, events_since, recent_events
 from cloud_hub.ingest.series import service_series
 from cloud_hub.ingest.tables import TelemetrySample
+from cloud_hub.ingest.worker import IngestWorker
 from manifests.reported import Telemetry
 
 router = APIRouter()
@@ -94,6 +96,18 @@ def events(
     with ctx.sessions.begin() as s:
         rows = events_since(s, after) if after else recent_events(s, limit=50)
         return {"events": [_event_out(e) for e in rows]}
+
+
+@router.get("/api/v1/dashboard/ingest", tags=["dashboard"], dependencies=[Admin])
+def ingest_status(ctx: Ctx) -> dict[str, Any]:
+    """This replica's broker connection and ingest counters (since it started)."""
+    worker = ctx.extras.get("ingest")
+    return {
+        "broker": None if ctx.mqtt is None else f"{ctx.mqtt.host}:{ctx.mqtt.port}",
+        "connected": ctx.mqtt is not None and ctx.mqtt.connected,
+        "pending": worker.pending() if isinstance(worker, IngestWorker) else 0,
+        "stats": asdict(worker.stats) if isinstance(worker, IngestWorker) else None,
+    }
 
 
 @router.get("/api/v1/dashboard/telemetry", tags=["dashboard"], dependencies=[Admin])

@@ -120,6 +120,11 @@ def test_dashboard_shows_fleet_changes_live(
     finally:
         device.close()
 
+    with h.client() as http:
+        ingest = http.get("/api/v1/dashboard/ingest").json()
+    assert ingest["connected"] is True
+    assert ingest["stats"]["applied"] == 5 and ingest["stats"]["rejected"] == 0
+
     # Signing out drops the cookie: the API refuses the browser again.
     page.click("#logout")
     expect(page.locator("#login")).to_be_visible()
