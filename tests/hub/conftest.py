@@ -4,13 +4,19 @@
 ``publisher`` trusted; ``hub(mqtt_host=..., mqtt_port=..., broker_dir=...)`` passes settings
 overrides; ``running.restart()`` (or ``hub(data_dir=old.data_dir)``) starts a new hub process
 state on the same data dir, which is how restart tests prove nothing is lost.
+
+By default each hub keeps its state in SQLite in its data dir. With
+``EDGEPACK_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT/postgres`` every new hub gets a
+fresh PostgreSQL database instead (dropped afterwards), so the same tests check portability.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +25,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from cloud_hub.app import create_app
 from cloud_hub.context import HubContext
@@ -70,6 +78,23 @@ class RunningHub:
 
 HubFactory = Callable[..., RunningHub]
 
+POSTGRES_ENV = "EDGEPACK_TEST_POSTGRES"
+
+
+def _database(action: str, name: str) -> str:
+    """Create or drop a PostgreSQL database on the server named by $EDGEPACK_TEST_POSTGRES."""
+    admin_url = make_url(os.environ[POSTGRES_ENV])
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            if action == "create":
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            else:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        engine.dispose()
+    return admin_url.set(database=name).render_as_string(hide_password=False)
+
 
 def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvicorn.Server, threading.Thread]:
     ctx = HubContext.open(settings)
@@ -92,12 +117,17 @@ def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvic
 @pytest.fixture
 def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Iterator[HubFactory]:
     started: list[RunningHub] = []
+    databases: list[str] = []
     keys_dir = tmp_path_factory.mktemp("hub-keys")
     trusted = keys_dir / "publisher.pub"
     trusted.write_bytes(public_key_pem(publisher.key.public_key()))
 
     def start(*, data_dir: Path | None = None, **overrides: Any) -> RunningHub:
         data = data_dir or tmp_path_factory.mktemp("hub-data")
+        if os.environ.get(POSTGRES_ENV) and "db" not in overrides:
+            name = f"hub_{uuid.uuid4().hex[:12]}"
+            overrides["db"] = _database("create", name)
+            databases.append(name)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -130,6 +160,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
     yield start
     for running in reversed(started):
         running.stop()
+    for name in databases:
+        _database("drop", name)
 
 
 @pytest.fixture
