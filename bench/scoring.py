@@ -9,7 +9,8 @@ In one run, on the digits example (trained into a temporary directory):
     number of worker processes.
 
 Load comes from ``wrk`` (C, one thread; ``bench/wrk_post.lua`` posts one digit and prints
-wrk's latency percentiles as JSON): one connection for latency, several for throughput.
+wrk's latency percentiles as JSON): one connection for latency, several for throughput, in
+rounds that alternate between the two servers (each figure is the median over the rounds).
 Then a 200 MB random model is built into a signed bundle (``packager.build.build_module``)
 and verified (``manifests.bundle.verify_bundle``).
 
@@ -22,18 +23,19 @@ Exit code 1 when a part could not run (its figures are then null) or wrk is miss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,7 @@ class Server:
     log: Path
 
 
-@contextmanager
+@contextlib.contextmanager
 def running(
     name: str, cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path, port: int
 ) -> Iterator[Server]:
@@ -233,24 +235,44 @@ class LoadPlan:
     latency_s: float
     throughput_s: float
     connections: int
+    rounds: int
 
 
-def load_test(server: Server, workload: Workload, plan: LoadPlan) -> dict[str, float]:
-    wait_until_scoring(server, workload)
-    wrk(server.url, workload.body_path, connections=plan.connections, seconds=plan.warmup_s)
-    latency = wrk(server.url, workload.body_path, connections=1, seconds=plan.latency_s)
-    throughput = wrk(server.url, workload.body_path, connections=plan.connections, seconds=plan.throughput_s)
+def compare(servers: list[Server], workload: Workload, plan: LoadPlan) -> dict[str, dict[str, float]]:
+    """Latency and throughput of each server, measured in alternating rounds.
+
+    Alternating (A, B, A, B...) rather than all of A then all of B means that when other work
+    on the machine slows it down for a while, both servers are slowed alike; each figure is
+    the median over the rounds.
+    """
+    for server in servers:
+        wait_until_scoring(server, workload)
+        wrk(server.url, workload.body_path, connections=plan.connections, seconds=plan.warmup_s)
+    rounds: dict[str, list[dict[str, float]]] = {server.name: [] for server in servers}
+    for _ in range(plan.rounds):
+        for server in servers:
+            latency = wrk(server.url, workload.body_path, connections=1, seconds=plan.latency_s)
+            loaded = wrk(
+                server.url, workload.body_path, connections=plan.connections, seconds=plan.throughput_s
+            )
+            rounds[server.name].append(
+                {
+                    "p50_us": latency["p50_us"],
+                    "p99_us": latency["p99_us"],
+                    "rps": loaded["rps"],
+                    "loaded_p50_us": loaded["p50_us"],
+                }
+            )
     figures = {
-        "p50_us": float(latency["p50_us"]),
-        "p99_us": float(latency["p99_us"]),
-        "rps": round(throughput["rps"], 1),
-        "loaded_p50_us": float(throughput["p50_us"]),
+        name: {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
+        for name, runs in rounds.items()
     }
-    say(f"{server.name}: {figures}")
+    for name, values in figures.items():
+        say(f"{name}: {values} (median of {plan.rounds} rounds)")
     return figures
 
 
-def edgepack_server(workload: Workload, workers: int, log: Path) -> AbstractContextManager[Server]:
+def edgepack_server(workload: Workload, workers: int, log: Path) -> contextlib.AbstractContextManager[Server]:
     port = free_port()
     cmd = [sys.executable, "-m", "edge_agent.scoring", "--module-dir", str(workload.module_dir),
            "--port", str(port), "--workers", str(workers)]  # fmt: skip
@@ -293,7 +315,9 @@ def azureml_venv() -> Path:
     return venv
 
 
-def azureml_server(venv: Path, workload: Workload, workers: int, log: Path) -> AbstractContextManager[Server]:
+def azureml_server(
+    venv: Path, workload: Workload, workers: int, log: Path
+) -> contextlib.AbstractContextManager[Server]:
     port = free_port()
     src = workload.module_dir / "src"
     model = workload.module_dir / "model"
@@ -367,9 +391,9 @@ def main() -> int:
         print("bench/scoring.py needs wrk: apt-get install -y wrk", file=sys.stderr)
         return 1
     plan = (
-        LoadPlan(warmup_s=1, latency_s=4, throughput_s=4, connections=args.connections)
+        LoadPlan(warmup_s=1, latency_s=2, throughput_s=2, connections=args.connections, rounds=3)
         if args.quick
-        else LoadPlan(warmup_s=3, latency_s=15, throughput_s=15, connections=args.connections)
+        else LoadPlan(warmup_s=3, latency_s=6, throughput_s=6, connections=args.connections, rounds=5)
     )
     out: dict[str, Any] = {
         "workers": args.workers,
@@ -388,31 +412,25 @@ def main() -> int:
         out.update(raw_p50_us=round(raw["p50_us"], 1), raw_p99_us=round(raw["p99_us"], 1))
         say(f"raw run(): {raw}")
 
-        with edgepack_server(workload, args.workers, work / "edgepack.log") as s:
-            ours = load_test(s, workload, plan)
-        out.update(
-            edgepack_p50_us=ours["p50_us"],
-            edgepack_p99_us=ours["p99_us"],
-            edgepack_rps=ours["rps"],
-            edgepack_loaded_p50_us=ours["loaded_p50_us"],
-        )
-
-        try:
-            venv = azureml_venv()
-            log = work / "azureml.log"
-            with azureml_server(venv, workload, args.workers, log) as s:
-                theirs = load_test(s, workload, plan)
-            out.update(
-                azureml_p50_us=theirs["p50_us"],
-                azureml_p99_us=theirs["p99_us"],
-                azureml_rps=theirs["rps"],
-                azureml_loaded_p50_us=theirs["loaded_p50_us"],
-                p50_ratio=round(ours["p50_us"] / theirs["p50_us"], 3),
-                rps_ratio=round(ours["rps"] / theirs["rps"], 2),
-            )
-        except BenchError as exc:
-            problems.append(f"azureml: {exc}")
-            say(problems[-1])
+        with contextlib.ExitStack() as stack:
+            servers = [stack.enter_context(edgepack_server(workload, args.workers, work / "edgepack.log"))]
+            try:
+                venv = azureml_venv()
+                servers.append(
+                    stack.enter_context(azureml_server(venv, workload, args.workers, work / "azureml.log"))
+                )
+                wait_until_scoring(servers[-1], workload)
+            except BenchError as exc:
+                problems.append(f"azureml: {exc}")
+                say(problems[-1])
+                del servers[1:]
+            figures = compare(servers, workload, plan)
+        for name, values in figures.items():
+            out.update({f"{name}_{key}": value for key, value in values.items()})
+        if "azureml" in figures:
+            ours, theirs = figures["edgepack"], figures["azureml"]
+            out["p50_ratio"] = round(ours["p50_us"] / theirs["p50_us"], 3)
+            out["rps_ratio"] = round(ours["rps"] / theirs["rps"], 2)
 
         out.update(measure_build_verify(work, workload, args.model_mb))
     except BenchError as exc:
