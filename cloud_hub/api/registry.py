@@ -120,6 +120,12 @@ class Deleted(BaseModel):
     freed_blobs: list[str]
 
 
+def _binary_body(media_type: str) -> dict[str, Any]:
+    """OpenAPI for a raw streamed body (FastAPI cannot infer one it never parses)."""
+    content = {media_type: {"schema": {"type": "string", "format": "binary"}}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def _upload_limit(ctx: HubContext) -> int:
     return ctx.settings.max_upload_mb * MIB
 
@@ -182,7 +188,13 @@ def get_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Response:
     return blob_response(ctx, digest, request.headers.get("range"), "application/octet-stream")
 
 
-@router.put("/blobs/{digest}", tags=["blobs"], status_code=201, response_model=BlobOut)
+@router.put(
+    "/blobs/{digest}",
+    tags=["blobs"],
+    status_code=201,
+    response_model=BlobOut,
+    openapi_extra=_binary_body("application/octet-stream"),
+)
 async def put_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Any:
     """Upload one blob (raw body); its digest must match. A blob already held is not rewritten."""
     check_digest(digest)
@@ -269,7 +281,13 @@ def delete_model(name: str, version: str, ctx: Ctx) -> Deleted:
 # --- modules --------------------------------------------------------------------------------
 
 
-@router.post("/modules", tags=["modules"], status_code=201, response_model=PushOut)
+@router.post(
+    "/modules",
+    tags=["modules"],
+    status_code=201,
+    response_model=PushOut,
+    openapi_extra=_binary_body("application/vnd.edgepack.module+tar"),
+)
 async def push_module(request: Request, ctx: Ctx) -> Any:
     """Push a ``.edgepack`` (raw body). Every signature and blob digest is verified before
     anything is stored; 422 names the problem. The same module again answers 200."""
