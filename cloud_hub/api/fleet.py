@@ -8,6 +8,8 @@ token (see ``api.device_auth``). Changes to what devices run go through
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from cloud_hub.api import device_auth
 from cloud_hub.api.deps import Admin, Ctx
 from cloud_hub.broker.mosquitto import sync_broker
 from cloud_hub.context import HubContext
+from cloud_hub.events import record_event
 from cloud_hub.fleet.deployments import (
     ModuleRef,
     check_service_name,
@@ -30,17 +33,19 @@ from cloud_hub.fleet.deployments import (
 )
 from cloud_hub.fleet.desired import FleetChange, change_fleet, current_plan, publish_current, stored_state
 from cloud_hub.fleet.devices import enroll_device, get_device, retag_device, revoke_device
-from cloud_hub.fleet.plan import devices_running
+from cloud_hub.fleet.plan import Plan, devices_running
 from cloud_hub.fleet.status import service_state_on_device
 from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
 from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, selector_matches
 from cloud_hub.ingest.rollup import rollup_states
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
 from cloud_hub.registry.modules import get_module
+from manifests.errors import EdgepackError
 from manifests.reported import ModuleStatus
 from manifests.signing import public_key_pem, raw_public_bytes
 from manifests.states import ServiceState
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 admin = APIRouter(prefix="/api/v1", dependencies=[Admin])
 
@@ -145,11 +150,11 @@ class DeployOut(ChangeOut):
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _device_out(device: Device, desired: DeviceDesired | None, cls: type[DeviceOut] = DeviceOut) -> Any:
+def _device_out(device: Device, desired: DeviceDesired | None) -> DeviceOut:
     services: list[str] = []
     if desired is not None and desired.payload is not None:
         services = [m.service for m in stored_state(desired.payload).modules]
-    return cls(
+    return DeviceOut(
         id=device.id,
         tags=dict(device.tags or {}),
         revoked=device.revoked,
@@ -170,17 +175,28 @@ def _change_out(change: FleetChange[Any]) -> dict[str, Any]:
     }
 
 
-def _deployment_out(session: Session, row: Deployment, *, with_devices: bool) -> DeploymentOut:
-    running = devices_running(current_plan(session), row.name)
+@dataclass(frozen=True)
+class _FleetView:
+    """What every deployment's summary needs, read once per request."""
+
+    plan: Plan
+    online: frozenset[str]
+
+    @classmethod
+    def read(cls, session: Session) -> _FleetView:
+        online = session.scalars(select(Device.id).where(Device.online.is_(True)))
+        return cls(current_plan(session), frozenset(online))
+
+
+def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> DeploymentOut:
     reported = service_statuses(session, row.name)
-    online = set(session.scalars(select(Device.id).where(Device.online.is_(True))))
     rows: list[DeviceServiceOut] = []
-    for device_id in running:
+    for device_id in devices_running(view.plan, row.name):
         here = service_state_on_device(reported.get(device_id), row.manifest_digest)
         rows.append(
             DeviceServiceOut(
                 device_id=device_id,
-                online=device_id in online,
+                online=device_id in view.online,
                 state=here.state,
                 reason=here.reason,
             )
@@ -195,12 +211,23 @@ def _deployment_out(session: Session, row: Deployment, *, with_devices: bool) ->
         created_at=row.created_at,
         updated_at=row.updated_at,
         state=rollup_states([r.state for r in rows]),
-        devices=rows if with_devices else [],
+        devices=rows,
     )
 
 
 def _sync_broker(ctx: HubContext) -> None:
-    sync_broker(ctx)
+    """Regenerate the broker's password file and ACL after a committed device change.
+
+    The change is already stored (and an enrolment's credentials exist only in this answer),
+    so a failure here is logged and recorded as an event instead of failing the request; the
+    next device change, or 'edgepack hub broker-config', writes the files again.
+    """
+    try:
+        sync_broker(ctx)
+    except (EdgepackError, OSError) as exc:
+        log.warning("broker files not updated: %s", exc)
+        with ctx.sessions.begin() as s:
+            record_event(s, "broker-sync-failed", f"broker password file/ACL not updated: {exc}")
 
 
 # --- public ----------------------------------------------------------------------------------
@@ -263,11 +290,12 @@ def show_device(ctx: Ctx, device_id: str) -> DeviceDetail:
     with ctx.sessions.begin() as s:
         device = get_device(s, device_id)
         desired = s.get(DeviceDesired, device_id)
-        out: DeviceDetail = _device_out(device, desired, DeviceDetail)
-        out.modules = list(device_module_statuses(s, device_id))
-        if desired is not None:
-            out.desired_issued, out.desired_expires = desired.issued, desired.expires
-    return out
+        return DeviceDetail(
+            **_device_out(device, desired).model_dump(),
+            desired_issued=desired.issued if desired is not None else None,
+            desired_expires=desired.expires if desired is not None else None,
+            modules=device_module_statuses(s, device_id),
+        )
 
 
 @admin.patch("/devices/{device_id}", response_model=ChangeOut, tags=["devices"])
@@ -311,7 +339,7 @@ def deploy(ctx: Ctx, name: str, body: DeployRequest, response: Response) -> dict
     change = change_fleet(ctx, mutate)
     response.status_code = 201 if change.result else 200
     with ctx.sessions.begin() as s:
-        out = _deployment_out(s, get_deployment(s, name), with_devices=True)
+        out = _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
     return {**_change_out(change), "created": change.result, "deployment": out}
 
 
@@ -319,13 +347,14 @@ def deploy(ctx: Ctx, name: str, body: DeployRequest, response: Response) -> dict
 def list_deployments(ctx: Ctx) -> dict[str, list[DeploymentOut]]:
     with ctx.sessions.begin() as s:
         rows = list(s.scalars(select(Deployment).order_by(Deployment.name)))
-        return {"deployments": [_deployment_out(s, r, with_devices=True) for r in rows]}
+        view = _FleetView.read(s)
+        return {"deployments": [_deployment_out(s, r, view) for r in rows]}
 
 
 @admin.get("/deployments/{name}", response_model=DeploymentOut, tags=["deployments"])
 def show_deployment(ctx: Ctx, name: str) -> DeploymentOut:
     with ctx.sessions.begin() as s:
-        return _deployment_out(s, get_deployment(s, name), with_devices=True)
+        return _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
 
 
 @admin.delete("/deployments/{name}", response_model=ChangeOut, tags=["deployments"])
