@@ -12,8 +12,10 @@ import io
 from collections.abc import AsyncIterator
 
 import anyio.from_thread
+from starlette.requests import ClientDisconnect
 
 from cloud_hub.errors import TooLarge
+from manifests.errors import FetchError
 
 MIB = 1 << 20
 # How much of a refused upload is still read (and dropped) so that the client sees the
@@ -52,6 +54,11 @@ class AsyncBodyReader(io.RawIOBase):
             return await anext(self._chunks)
         except StopAsyncIteration:
             return None
+        except ClientDisconnect:
+            self._eof = True
+            raise FetchError(
+                f"the client disconnected after {self.received} bytes; nothing was stored"
+            ) from None
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         while not self._pending and not self._eof:
@@ -73,10 +80,13 @@ class AsyncBodyReader(io.RawIOBase):
         if self._eof:
             return
         dropped = 0
-        async for chunk in self._chunks:
-            dropped += len(chunk)
-            if dropped > DRAIN_LIMIT:
-                return
+        try:
+            async for chunk in self._chunks:
+                dropped += len(chunk)
+                if dropped > DRAIN_LIMIT:
+                    return
+        except ClientDisconnect:
+            pass  # nobody left to answer; the handler's response goes nowhere
         self._eof = True
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import socket
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -319,3 +321,31 @@ def test_a_push_that_relied_on_a_blob_deleted_meanwhile_is_refused_cleanly(
         assert push(client, second).status_code == 201  # pushed again: the blob comes back
     assert ctx.blobs.has(sha256_digest(shared))
     assert stored_blobs(running) == {sha256_digest(d) for d in (b"# new\n", shared, filler)}
+
+
+def test_an_upload_cut_off_midway_leaves_nothing_behind(hub: HubFactory, forge: Forge) -> None:
+    running = hub()
+    data = forge.bundle(
+        files={"src/score.py": b"#\n", "model/a.bin": b"a" * 300_000, "model/b.bin": b"b" * 300_000}
+    )
+    host, port = running.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(
+            (
+                f"POST /api/v1/modules HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Bearer {running.admin_token}\r\nContent-Length: {len(data)}\r\n\r\n"
+            ).encode()
+            + data[: len(data) // 2]
+        )
+        tmp = running.data_dir / "blobs" / "tmp"
+        deadline = time.monotonic() + 20
+        while not any(tmp.glob("stage-*/*")):  # the hub is staging blobs: now the client vanishes
+            assert time.monotonic() < deadline, "the hub never started staging the upload"
+            time.sleep(0.01)
+    while any(tmp.iterdir()):
+        assert time.monotonic() < deadline, f"left behind: {list(tmp.rglob('*'))}"
+        time.sleep(0.05)
+    assert stored_blobs(running) == set()
+    with running.client() as client:
+        assert client.get("/api/v1/modules").json() == []
+        assert push(client, data).status_code == 201  # and the hub is still fine
