@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
+import pytest
 from pydantic import SecretStr
 
 from cloud_hub.broker.mosquitto import prepare_broker_dir
+from cloud_hub.events import recent_events
 from cloud_hub.fleet.desired import republish_all
 from cloud_hub.settings import HubSettings
 from manifests.desired import DesiredState
@@ -184,3 +187,26 @@ def test_enrolled_device_reads_only_its_own_desired_state_on_a_secured_broker(
             break
         assert time.monotonic() < deadline, "a revoked device can still log in to the broker"
         time.sleep(0.1)
+
+
+def test_broker_down_does_not_lose_a_deployment(
+    hub: HubFactory, publisher: Publisher, topic_prefix: str, request: pytest.FixtureRequest
+) -> None:
+    # A port held but never listened on: connections are refused, and no other test takes it.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    request.addfinalizer(dead.close)
+    port = dead.getsockname()[1]
+    h = hub(mqtt_host="127.0.0.1", mqtt_port=port, topic_prefix=topic_prefix, mqtt_username=None)
+    mod = push(h, publisher, "digits", "1")
+    with h.client() as http:
+        dev = enroll(http, "edge-1", site="berlin")
+        r = deploy(http, "digits", mod, selector="site=berlin")
+        assert r.status_code == 201
+        assert r.json()["published"] is False
+        assert "edge-1: " in r.json()["publish_errors"][0]
+    state = verified_state(desired_over_http(h, dev.token), hub_trust(h), "edge-1")
+    assert services(state) == ["digits"] and state.generation == 2
+    with h.ctx.sessions.begin() as s:
+        kinds = [e.kind for e in recent_events(s)]
+    assert "publish-failed" in kinds
