@@ -15,7 +15,7 @@ from typing import IO, Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_hub.api.deps import Admin, Ctx
 from cloud_hub.context import HubContext
@@ -41,16 +41,29 @@ class FileOut(BaseModel):
 
 
 class ModelFileIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     path: str = Field(description="relative path inside the model (a file name, or folder/file)")
     digest: str = Field(description="sha256:<hex> of a blob already uploaded")
     size: int = Field(ge=0)
 
 
 class ModelRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     files: list[ModelFileIn] = Field(min_length=1)
     description: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
     properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    set_tags: dict[str, str] = Field(default_factory=dict, description="tags to add or change")
+    remove_tags: list[str] = Field(default_factory=list)
+    description: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict, description="properties to add")
 
 
 class ModelOut(BaseModel):
@@ -269,6 +282,21 @@ def download_model_file(name: str, version: str, path: str, request: Request, ct
     if digest is None:
         raise NotFound(f"model {model.ref} has no file {path!r}; 'edgepack model show' lists them")
     return blob_response(ctx, digest, request.headers.get("range"), "application/octet-stream")
+
+
+@router.patch("/models/{name}/versions/{version}", tags=["models"], response_model=ModelOut)
+def update_model(name: str, version: str, body: ModelUpdate, ctx: Ctx) -> ModelOut:
+    """Change tags, description or properties of one version (its files never change)."""
+    model = model_registry.update_model(
+        ctx.sessions,
+        name,
+        version,
+        set_tags=body.set_tags,
+        remove_tags=body.remove_tags,
+        description=body.description,
+        properties=body.properties,
+    )
+    return ModelOut.of(model)
 
 
 @router.delete("/models/{name}/versions/{version}", tags=["models"], response_model=Deleted)

@@ -167,6 +167,33 @@ def list_models(
     return [m for m in session.scalars(query) if matches(m.tags, filters or {})]
 
 
+def update_model(
+    sessions: Sessions,
+    name: str,
+    version: str | int,
+    *,
+    set_tags: Mapping[str, str] | None = None,
+    remove_tags: Sequence[str] = (),
+    description: str | None = None,
+    properties: Mapping[str, Any] | None = None,
+) -> ModelVersion:
+    """Change a version's tags, description or (added, never removed) properties.
+
+    The files never change: a new version is what changes a model's content.
+    """
+    clean = check_tags(set_tags or {})
+    with sessions.begin() as session:
+        model = get_model(session, name, version)
+        tags = {k: v for k, v in model.tags.items() if k not in remove_tags}
+        model.tags = {**tags, **clean}
+        if properties:
+            model.properties = {**model.properties, **properties}
+        if description is not None:
+            model.description = description
+        record_event(session, "model_updated", f"model {model.ref} updated")
+    return model
+
+
 def delete_model(sessions: Sessions, blobs: BlobStore, name: str, version: str | int) -> list[str]:
     """Remove one version unless a deployment uses it; return the blobs freed."""
     if parse_version(version) is None:

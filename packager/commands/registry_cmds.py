@@ -363,6 +363,33 @@ def model_download_cmd(
     console.print(f"[green]downloaded[/] {m['name']}:{m['version']} ({len(m['files'])} files) to {out}")
 
 
+@model_app.command("update")
+def model_update_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value to add or change")] = None,
+    remove_tag: Annotated[list[str] | None, typer.Option("--remove-tag", help="key to remove")] = None,
+    prop: Annotated[list[str] | None, typer.Option("--property", help="key=value to add")] = None,
+    description: Annotated[str | None, typer.Option(help="new description")] = None,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a model version's tags, description or properties (its files never change)."""
+    name, version = split_ref(ref, need_version=True)
+    body = {
+        "set_tags": parse_pairs(tag, "tag"),
+        "remove_tags": remove_tag or [],
+        "properties": parse_pairs(prop, "property"),
+        "description": description,
+    }
+    with hub_client(hub, token) as client:
+        m = client.request("PATCH", f"/api/v1/models/{name}/versions/{version}", json=body).json()
+    if as_json:
+        print_json(m)
+        return
+    console.print(f"[green]updated[/] {m['name']}:{m['version']}  tags: {tags_text(m['tags']) or '-'}")
+
+
 @model_app.command("delete")
 def model_delete_cmd(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION")],

@@ -86,6 +86,11 @@ def test_login_register_list_show_download_delete(hub: HubFactory, tmp_path: Pat
     shown = ok_json(run(home, "model", "show", "digits", "--json"))
     assert shown["version"] == 2 and shown["properties"] == {"accuracy": "0.97"}
 
+    updated = ok_json(
+        run(home, "model", "update", "digits:1", "--tag", "stage=old", "--remove-tag", "x", "--json")
+    )
+    assert updated["tags"] == {"stage": "old"}
+
     out = tmp_path / "downloaded"
     assert run(home, "model", "download", "resnet:1", "-o", str(out)).returncode == 0
     assert (out / "resnet" / "weights.bin").read_bytes() == b"w" * 3000

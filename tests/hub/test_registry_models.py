@@ -57,6 +57,30 @@ def test_versions_count_up_and_carry_tags_description_and_properties(hub: HubFac
         assert [m["version"] for m in only_latest] == [2]
 
 
+def test_tags_description_and_properties_can_change_but_files_cannot(hub: HubFactory) -> None:
+    running = hub()
+    with running.client() as client:
+        register(
+            client, "digits", {"m.onnx": b"m"}, tags={"stage": "dev", "team": "a"}, properties={"acc": 0.9}
+        )
+        patch = {
+            "set_tags": {"stage": "prod"},
+            "remove_tags": ["team"],
+            "properties": {"f1": 0.8},
+            "description": "ok",
+        }
+        changed = client.patch("/api/v1/models/digits/versions/1", json=patch)
+        assert changed.status_code == 200, changed.text
+        shown = client.get("/api/v1/models/digits/versions/1").json()
+        assert shown["tags"] == {"stage": "prod"}
+        assert shown["properties"] == {"acc": 0.9, "f1": 0.8} and shown["description"] == "ok"
+        assert [f["path"] for f in shown["files"]] == ["m.onnx"]
+        assert client.patch("/api/v1/models/digits/versions/2", json=patch).status_code == 404
+        bad = client.patch("/api/v1/models/digits/versions/1", json={"set_tags": {"bad key": "x"}})
+        assert bad.status_code == 400 and "bad key" in bad.json()["error"]["message"]
+        assert client.patch("/api/v1/models/digits/versions/1", json={"files": []}).status_code == 422
+
+
 def test_a_folder_model_is_downloaded_file_by_file(hub: HubFactory) -> None:
     running = hub()
     files = {"resnet/model.onnx": b"weights" * 1000, "resnet/labels.txt": b"cat\ndog\n"}
