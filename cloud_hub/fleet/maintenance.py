@@ -1,0 +1,72 @@
+"""Background upkeep of desired states: renew them before they expire, republish on request.
+
+A device that only listens on MQTT never asks the hub for anything, so its desired state must
+be renewed by the hub before it expires (``settings.desired_ttl_s``). And a broker that lost
+its retained messages (restarted without persistence) must be given them again; the MQTT link
+calls :meth:`FleetMaintenance.request_republish` when it (re)connects. Publishing waits for the
+broker's acknowledgement, so it must never run on paho's network thread — hence this thread.
+
+Several hub replicas may each run one: renewals happen under the fleet lock and are skipped
+when another replica already renewed, and republishing the same bytes is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from cloud_hub.context import HubContext
+from cloud_hub.fleet.desired import renew_expiring, republish_all
+
+log = logging.getLogger(__name__)
+
+
+class FleetMaintenance:
+    def __init__(self, ctx: HubContext, *, interval_s: float = 300.0) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be > 0")
+        self.ctx = ctx
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._republish = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="fleet-maintenance", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def request_republish(self) -> None:
+        """Ask for every device's desired state to be published again (returns at once)."""
+        self._republish.set()
+        self._wake.set()
+
+    def run_once(self) -> None:
+        """One round: republish if asked, then renew what is due. Never raises."""
+        try:
+            if self._republish.is_set():
+                self._republish.clear()
+                errors = republish_all(self.ctx)
+                if errors:
+                    self._republish.set()  # try again next round
+            renewed = renew_expiring(self.ctx)
+            if renewed:
+                log.info("renewed the desired state of %d device(s)", len(renewed))
+        except Exception:
+            # The loop must outlive a database or broker hiccup; the next round retries.
+            log.exception("fleet maintenance round failed")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.run_once()
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
