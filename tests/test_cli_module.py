@@ -25,7 +25,7 @@ from packager.cli import app
 from packager.inspect import open_verified
 from packager.keys import read_trust
 from tests.conftest import EXAMPLE, REPO
-from tests.factory import Defect, Forge
+from tests.factory import FAILING_SCORE_PY, Defect, Forge, default_files
 
 
 @pytest.fixture
@@ -349,3 +349,23 @@ def test_verify_refuses_every_defective_bundle_naming_the_reason(
     assert isinstance(result.exception, TrustError), result.output
     assert defect.reason in str(result.exception)
     assert "verified" not in result.output
+
+
+def test_forge_modules_really_run_and_the_failing_one_fails_in_init(tmp_path: Path) -> None:
+    """Agent and hub tests rely on the forge's default module being runnable."""
+    forge = Forge()
+    pub = tmp_path / "publisher.pub"
+    pub.write_bytes(public_key_pem(forge.publisher.public_key()))
+    (tmp_path / "in.jsonl").write_text('{"data": [1, 2, 3]}\n')
+    good = tmp_path / "demo-1.edgepack"
+    good.write_bytes(forge.bundle())
+    bad = tmp_path / "bad-1.edgepack"
+    bad.write_bytes(forge.bundle(files={**default_files(), "src/score.py": FAILING_SCORE_PY}))
+    env = {"EDGEPACK_HOME": str(tmp_path / "home")}
+    args = ["-i", str(tmp_path / "in.jsonl"), "--trust", str(pub)]
+    proc = cli("batch", str(good), "-o", str(tmp_path / "good.jsonl"), *args, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "good.jsonl").read_text())["output"] == {"result": [2, 4, 6]}
+    proc = cli("batch", str(bad), "-o", str(tmp_path / "bad.jsonl"), *args, cwd=tmp_path, env=env)
+    assert proc.returncode == 5
+    assert "model could not be loaded" in one_error_line(proc)
