@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from manifests.errors import ConfigError, FetchError, TrustError
-from manifests.module import check_relative_path
+from manifests.module import NAME_PATTERN, check_relative_path
 from packager.app import app, console
 from packager.commands.module_cmds import byte_progress
 from packager.files import atomic_output
@@ -225,6 +226,11 @@ def model_register_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Register a file or folder as the next version of model NAME (uploads only what the hub lacks)."""
+    if not re.match(NAME_PATTERN, name):
+        raise ConfigError(
+            f"model name {name!r} is invalid: lower-case letters, digits, '.', '_', '-' "
+            "(starting with a letter or digit, at most 63)"
+        )
     files = model_files(path)
     total = sum(p.stat().st_size for p in files.values())
     with hub_client(hub, token) as client, byte_progress() as progress:

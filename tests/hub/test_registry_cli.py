@@ -96,6 +96,9 @@ def test_login_register_list_show_download_delete(hub: HubFactory, tmp_path: Pat
     assert (out / "resnet" / "weights.bin").read_bytes() == b"w" * 3000
     assert (out / "resnet" / "sub" / "labels.txt").read_bytes() == b"cat\n"
 
+    bad_name = run(home, "model", "register", "-n", "Bad Name", "-p", str(model_file))
+    assert bad_name.returncode == 2 and "model name 'Bad Name' is invalid" in bad_name.stderr
+
     missing = run(home, "model", "show", "digits:9")
     assert missing.returncode == 2 and "known versions: 1, 2" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
