@@ -221,3 +221,36 @@ def sync_broker(ctx: HubContext) -> None:
         settings.broker_dir, prefix=settings.topic_prefix, hub=hub_user(settings), devices=devices
     )
     reload_broker(settings.broker_pid_file)
+
+
+def write_broker_config(
+    settings: HubSettings, *, port: int, host: str = "127.0.0.1", run_as: str | None = None
+) -> Path:
+    """Write ``mosquitto.conf``, the password file and the ACL (from the hub's database) into
+    ``settings.broker_dir`` for an operator to start Mosquitto with; returns the config path.
+
+    The config keeps retained messages across broker restarts and writes its pid file beside
+    the other files, for the hub's ``broker_pid_file`` setting.
+    """
+    from cloud_hub.context import HubContext
+
+    if settings.broker_dir is None:
+        raise ConfigError("no broker dir: pass --out DIR")
+    broker_dir = settings.broker_dir
+    broker_dir.mkdir(parents=True, exist_ok=True)
+    ctx = HubContext.open(settings)
+    try:
+        sync_broker(ctx)
+    finally:
+        ctx.close()
+    conf = render_config(
+        broker_dir,
+        port=port,
+        host=host,
+        run_as=run_as,
+        persistence=True,
+        pid_file=broker_dir / "mosquitto.pid",
+    )
+    path = broker_dir / CONFIG_FILE
+    _write_atomic(path, conf, 0o644)
+    return path

@@ -24,6 +24,7 @@ def broker_config_cmd(
         Path | None, typer.Option(help="the hub's data dir (default ~/.edgepack/hub)")
     ] = None,
     db: Annotated[str | None, typer.Option(help="the hub's SQLAlchemy URL")] = None,
+    topic_prefix: Annotated[str, typer.Option(help="MQTT topic prefix, as the hub's")] = "edgepack",
     listen: Annotated[str, typer.Option(help="address Mosquitto listens on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port Mosquitto listens on")] = 1883,
     run_as: Annotated[
@@ -31,29 +32,20 @@ def broker_config_cmd(
     ] = None,
 ) -> None:
     """Generate a Mosquitto config whose accounts and ACL follow the hub's devices."""
-    from cloud_hub.broker.mosquitto import CONFIG_FILE, render_config, sync_broker
-    from cloud_hub.context import HubContext
+    from cloud_hub.broker.mosquitto import write_broker_config
     from cloud_hub.settings import HubSettings
 
-    values: dict[str, object] = {"broker_dir": out}
+    settings = HubSettings(broker_dir=out, topic_prefix=topic_prefix)
     if data_dir is not None:
-        values["data_dir"] = data_dir
+        settings = settings.model_copy(update={"data_dir": data_dir})
     if db is not None:
-        values["db"] = db
-    settings = HubSettings(**values)  # type: ignore[arg-type]
-    out.mkdir(parents=True, exist_ok=True)
-    pid_file = out / "mosquitto.pid"
-    ctx = HubContext.open(settings)
-    try:
-        sync_broker(ctx)
-    finally:
-        ctx.close()
-    user = run_as or getpass.getuser()
-    conf = render_config(out, port=port, host=listen, run_as=user, persistence=True, pid_file=pid_file)
-    (out / CONFIG_FILE).write_text(conf)
-    console.print(f"wrote {out / CONFIG_FILE}, {out / 'passwd'}, {out / 'acl'}")
-    console.print(f"start the broker:  mosquitto -c {(out / CONFIG_FILE).resolve()} -d")
+        settings = settings.model_copy(update={"db": db})
+    conf = write_broker_config(settings, port=port, host=listen, run_as=run_as or getpass.getuser())
+    pid_file = out.resolve() / "mosquitto.pid"
+    console.print(f"wrote {conf}, {out / 'passwd'}, {out / 'acl'}")
+    console.print(f"start the broker:  mosquitto -c {conf.resolve()} -d")
     console.print(
-        f"start the hub:     EDGEPACK_HUB_BROKER_PID_FILE={pid_file.resolve()} edgepack hub serve "
-        f"--data-dir {settings.data_dir} --mqtt-host {listen} --mqtt-port {port} --broker-dir {out.resolve()}"
+        "start the hub:     "
+        f"edgepack hub serve --data-dir {settings.data_dir} --mqtt-host {listen} --mqtt-port {port} "
+        f"--broker-dir {out.resolve()} --broker-pid-file {pid_file} --topic-prefix {topic_prefix}"
     )
