@@ -11,14 +11,17 @@ import hashlib
 import json
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.table import Table
 
+from manifests.bundle import write_bundle
+from manifests.digests import digest_hex, sha256_digest
 from manifests.errors import ConfigError, FetchError, TrustError
 from manifests.module import NAME_PATTERN, check_relative_path
 from packager.app import app, console
@@ -490,6 +493,45 @@ def module_show_cmd(
     for f in m["files"]:
         table.add_row(f["path"], f"{f['size']:,}", f["digest"])
     console.print(table)
+
+
+@module_app.command("download")
+def module_download_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for NAME-VERSION.edgepack")] = Path("."),
+    hub: HubOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Download a pushed module as a signed .edgepack (the same bytes 'edgepack build' wrote)."""
+    name, version = split_ref(ref, need_version=True)
+    target = out / f"{name}-{version}.edgepack"
+    with hub_client(hub, token) as client:
+        m = client.get_json(f"/api/v1/modules/{name}/versions/{version}")
+        manifest_bytes = client.request("GET", f"/api/v1/modules/{name}/versions/{version}/manifest").content
+        if sha256_digest(manifest_bytes) != m["manifest_digest"]:
+            raise TrustError(f"module {ref}: the manifest served does not match its digest; try again")
+        sizes = {f["digest"]: f["size"] for f in m["files"]}
+        with tempfile.TemporaryDirectory(
+            prefix=".edgepack-download-", dir=out if out.is_dir() else None
+        ) as tmp:
+            with byte_progress() as progress:
+                task = progress.add_task("downloading", total=sum(sizes.values()))
+                for digest in sizes:
+                    download_blob(
+                        client,
+                        f"/api/v1/blobs/{digest}",
+                        Path(tmp) / digest_hex(digest),
+                        digest,
+                        lambda n: progress.advance(task, n),
+                    )
+            blobs = [(d, size, _opener(Path(tmp) / digest_hex(d))) for d, size in sizes.items()]
+            with atomic_output(target) as fh:
+                write_bundle(fh, manifest_bytes, blobs)
+    console.print(f"[green]downloaded[/] {name}:{version} to {target}")
+
+
+def _opener(path: Path) -> Callable[[], IO[bytes]]:
+    return lambda: path.open("rb")
 
 
 @module_app.command("delete")

@@ -118,6 +118,9 @@ def test_push_and_module_commands(hub: HubFactory, tmp_path: Path, digits_bundle
     assert [(m["name"], m["version"]) for m in listed] == [("digits", "1")]
     shown = run(home, "module", "show", "digits:1", hub=running)
     assert shown.returncode == 0 and "src/score.py" in shown.stdout
+    downloaded = run(home, "module", "download", "digits:1", "-o", str(tmp_path), hub=running)
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert (tmp_path / "digits-1.edgepack").read_bytes() == digits_bundle.read_bytes()
 
     tampered = tmp_path / "tampered.edgepack"
     tampered.write_bytes(forge.bundle(Defect.TAMPERED_BYTE))
