@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud_hub.api.deps import Admin, Ctx
 from cloud_hub.context import HubContext
 from cloud_hub.errors import NotFound
+from cloud_hub.registry import blob_refs
 from cloud_hub.registry import models as model_registry
 from cloud_hub.registry import modules as module_registry
 from cloud_hub.registry.tables import ModelVersion, Module
@@ -223,6 +224,21 @@ async def put_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Any:
         await raw.drain()
         raise
     return BlobOut(digest=got, size=size, created=True)
+
+
+class Collected(BaseModel):
+    freed_blobs: list[str]
+
+
+@router.post("/registry/gc", tags=["blobs"], response_model=Collected)
+def collect_garbage(
+    ctx: Ctx,
+    grace_s: Annotated[int, Query(ge=0, description="keep unused blobs younger than this")] = 3600,
+) -> Collected:
+    """Delete blobs that no model or module uses (uploads never registered, failed pushes)."""
+    return Collected(
+        freed_blobs=blob_refs.collect_garbage(ctx.sessions, ctx.blobs, grace=timedelta(seconds=grace_s))
+    )
 
 
 # --- models ---------------------------------------------------------------------------------

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from cloud_hub.db.base import Sessions, utcnow
+from cloud_hub.events import record_event
 from cloud_hub.registry.tables import ModelFile, ModuleFile, RegistryLock
 from cloud_hub.store.blobs import BlobStore
 
@@ -41,3 +44,21 @@ def release_blobs(session: Session, blobs: BlobStore, digests: Iterable[str]) ->
     for digest in gone:
         blobs.delete(digest)
     return gone
+
+
+def collect_garbage(sessions: Sessions, blobs: BlobStore, *, grace: timedelta) -> list[str]:
+    """Delete blobs no module or model names that were stored more than ``grace`` ago.
+
+    Orphans come from uploads never registered (a model upload whose registration failed)
+    and from pushes whose commit failed after their blobs were published. The grace period
+    protects a blob uploaded moments ago whose registration is still on its way.
+    """
+    cutoff = utcnow() - grace
+    blobs.clean_partial(cutoff)
+    with sessions.begin() as session:
+        lock_registry(session)
+        old = [b.digest for b in blobs.iter_blobs() if b.stored_at < cutoff]
+        gone = release_blobs(session, blobs, old)
+        if gone:
+            record_event(session, "blobs_collected", f"{len(gone)} unused blobs deleted")
+        return gone

@@ -20,7 +20,9 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -57,6 +59,13 @@ class BlobStaging(Protocol):
         """Forget every staged blob."""
 
 
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int
+    stored_at: datetime
+
+
 class BlobStore(Protocol):
     def put(
         self, stream: IO[bytes], *, expected_digest: str | None = None, max_bytes: int | None = None
@@ -82,6 +91,12 @@ class BlobStore(Protocol):
         """Write one blob whose digest is known in advance (a BlobSink)."""
 
     def staging(self) -> BlobStaging: ...
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        """Every blob held (for garbage collection)."""
+
+    def clean_partial(self, older_than: datetime) -> int:
+        """Remove leftovers of uploads that never finished (a crash mid-write); return how many."""
 
 
 def check_digest(digest: str) -> str:
@@ -271,6 +286,7 @@ class FileBlobStore:
             final = self.path(digest)
             if final.is_file():
                 tmp.unlink()  # already held: keep one copy
+                os.utime(final)  # just uploaded again: not garbage yet, whatever its age
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)
@@ -292,3 +308,25 @@ class FileBlobStore:
 
     def staging(self) -> BlobStaging:
         return _FileStaging(self)
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        for path in (self.root / "sha256").glob("*/*"):
+            digest = "sha256:" + path.name
+            if not is_digest(digest):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # deleted while listing
+                st = path.stat()
+                yield BlobInfo(digest, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def clean_partial(self, older_than: datetime) -> int:
+        removed = 0
+        for path in list(self._tmp.iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                if datetime.fromtimestamp(path.stat().st_mtime, UTC) >= older_than:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink()
+                removed += 1
+        return removed

@@ -149,6 +149,18 @@ def serve_cmd(
     run_hub(settings)
 
 
+@hub_app.command("gc")
+def gc_cmd(
+    grace: Annotated[int, typer.Option(help="keep unused blobs younger than this many seconds")] = 3600,
+    hub: HubOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Delete blobs on the hub that no model or module uses any more."""
+    with hub_client(hub, token) as client:
+        freed = client.post_json("/api/v1/registry/gc", params={"grace_s": grace})["freed_blobs"]
+    console.print(f"[green]freed[/] {len(freed)} unused blobs")
+
+
 @app.command("login")
 def login_cmd(
     hub: Annotated[str, typer.Option("--hub", help="hub URL, e.g. http://hub.example:8800")],

@@ -104,6 +104,8 @@ def test_login_register_list_show_download_delete(hub: HubFactory, tmp_path: Pat
     assert len(missing.stderr.strip().splitlines()) == 1
     assert run(home, "model", "delete", "digits:1").returncode == 0
     assert [m["version"] for m in ok_json(run(home, "model", "list", "-n", "digits", "--json"))] == [2]
+    gc = run(home, "hub", "gc", "--grace", "0")
+    assert gc.returncode == 0 and "freed 0 unused blobs" in gc.stdout  # every blob is still in use
 
 
 def test_push_and_module_commands(hub: HubFactory, tmp_path: Path, digits_bundle: Path, forge: Forge) -> None:

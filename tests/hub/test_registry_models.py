@@ -235,3 +235,20 @@ def test_tag_parsing() -> None:
     for bad in (["novalue"], ["=x"], ["sp ace=1"], ["a=1", "a=2"]):
         with pytest.raises(ConfigError):
             parse_tags(bad)
+
+
+def test_garbage_collection_frees_only_unused_blobs_past_the_grace_period(hub: HubFactory) -> None:
+    running = hub()
+    with running.client() as client:
+        register(client, "digits", {"m.onnx": b"kept"})
+        assert client.put(f"/api/v1/blobs/{sha256_digest(b'orphan')}", content=b"orphan").status_code == 201
+        (running.data_dir / "blobs" / "tmp" / "put-crashed.part").write_bytes(b"half an upload")
+
+        recent = client.post("/api/v1/registry/gc", params={"grace_s": 3600})
+        assert recent.status_code == 200 and recent.json()["freed_blobs"] == []
+        assert stored_blobs(running) == {sha256_digest(b"kept"), sha256_digest(b"orphan")}
+
+        now = client.post("/api/v1/registry/gc", params={"grace_s": 0}).json()
+        assert now["freed_blobs"] == [sha256_digest(b"orphan")]
+    assert stored_blobs(running) == {sha256_digest(b"kept")}
+    assert list((running.data_dir / "blobs" / "tmp").iterdir()) == []
