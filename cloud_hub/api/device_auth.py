@@ -64,17 +64,22 @@ def _named_modules(session: Session, device_id: str) -> list[Module]:
 
 
 @router.get("/desired", summary="This device's current signed desired state")
-def get_desired(ctx: Ctx, device_id: DeviceId) -> Response:
+def get_desired(ctx: Ctx, device_id: DeviceId, request: Request) -> Response:
+    """The signed envelope bytes; the generation is the ETag, so a polling agent that sends
+    ``If-None-Match`` gets 304 until there is something new."""
     renew_if_expiring(ctx, device_id)
     with ctx.sessions.begin() as s:
         row = _current_payload(s, device_id)
         payload, generation = row.payload, row.generation
     assert payload is not None
-    return Response(
-        content=payload,
-        media_type="application/json",
-        headers={"X-Edgepack-Generation": str(generation), "Cache-Control": "no-store"},
-    )
+    headers = {
+        "ETag": f'"{generation}"',
+        "X-Edgepack-Generation": str(generation),
+        "Cache-Control": "no-cache",
+    }
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    return Response(content=payload, media_type="application/json", headers=headers)
 
 
 @router.get("/manifests/{digest}", summary="A module manifest named by this device's desired state")

@@ -336,12 +336,20 @@ def test_expiring_desired_states_are_renewed_once(hub: HubFactory) -> None:
         enroll(http, "edge-c")
     trust = hub_trust(h)
     assert renew_expiring(h.ctx) == {}
+    with h.client(token=a.token) as dev:
+        first = dev.get("/api/v1/device/desired")
+        assert first.headers["etag"] == '"1"'
+        unchanged = dev.get("/api/v1/device/desired", headers={"If-None-Match": '"1"'})
+        assert (unchanged.status_code, unchanged.content) == (304, b"")
 
     _expire_soon(h, "edge-a")
     renewed = verified_state(desired_over_http(h, a.token), trust, "edge-a")
     assert renewed.generation == 2
     assert renewed.expires - renewed.issued == timedelta(hours=1)
     assert verified_state(desired_over_http(h, a.token), trust, "edge-a").generation == 2
+    with h.client(token=a.token) as dev:
+        changed = dev.get("/api/v1/device/desired", headers={"If-None-Match": '"1"'})
+        assert changed.status_code == 200 and changed.headers["etag"] == '"2"'
 
     _expire_soon(h, "edge-b", "edge-c")
     assert renew_expiring(h.ctx) == {"edge-b": 2, "edge-c": 2}
