@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from cloud_hub.broker.passwords import hash_password
+from cloud_hub.fleet.tables import Device
 from manifests.desired import DEVICE_ID_PATTERN
 from manifests.errors import ConfigError
 from manifests.topics import device_topic
@@ -177,10 +180,6 @@ def hub_user(settings: HubSettings) -> BrokerUser:
 
 def enrolled_devices(session: Session) -> list[BrokerUser]:
     """Broker accounts of every device that is enrolled and not revoked."""
-    import re
-
-    from cloud_hub.fleet.tables import Device
-
     rows = session.execute(select(Device.id, Device.mqtt_password_hash).where(Device.revoked.is_(False)))
     valid = re.compile(DEVICE_ID_PATTERN)
     return [BrokerUser(dev_id, pw_hash) for dev_id, pw_hash in rows if valid.match(dev_id)]
@@ -215,12 +214,17 @@ def sync_broker(ctx: HubContext) -> None:
     settings = ctx.settings
     if settings.broker_dir is None:
         return
-    with ctx.sessions.begin() as session:
-        devices = enrolled_devices(session)
-    write_broker_files(
-        settings.broker_dir, prefix=settings.topic_prefix, hub=hub_user(settings), devices=devices
-    )
-    reload_broker(settings.broker_pid_file)
+    lock = ctx.extras.setdefault("broker_sync_lock", threading.Lock())
+    assert isinstance(lock, type(threading.Lock()))
+    # Read and write under one lock: otherwise a slower sync that read the table before another
+    # enrolment committed could overwrite the newer files with older ones.
+    with lock:
+        with ctx.sessions.begin() as session:
+            devices = enrolled_devices(session)
+        write_broker_files(
+            settings.broker_dir, prefix=settings.topic_prefix, hub=hub_user(settings), devices=devices
+        )
+        reload_broker(settings.broker_pid_file)
 
 
 def write_broker_config(
