@@ -108,7 +108,7 @@ def check_digest(digest: str) -> str:
 class _RangeReader(io.RawIOBase):
     """At most ``length`` bytes of an open file (a byte range of a blob)."""
 
-    def __init__(self, fh: IO[bytes], length: int) -> None:
+    def __init__(self, fh: io.BufferedReader, length: int) -> None:
         self._fh = fh
         self._left = length
 
@@ -118,11 +118,9 @@ class _RangeReader(io.RawIOBase):
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         if self._left <= 0:
             return 0
-        view = memoryview(buffer)[: self._left]
-        n = self._fh.readinto(view)  # type: ignore[attr-defined]
-        n = n or 0
+        n = self._fh.readinto(memoryview(buffer)[: self._left])
         self._left -= n
-        return int(n)
+        return n
 
     def close(self) -> None:
         self._fh.close()
