@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -218,3 +219,34 @@ def test_redelivered_retained_state_is_not_news(
             assert s.scalar(select(func.count()).select_from(DeviceReport)) == 1
     finally:
         again.ctx.close()
+
+
+def test_a_stalled_database_does_not_stall_the_broker_session(
+    hub: Hub, device: MqttProbe, topic_prefix: str
+) -> None:
+    t = f"{topic_prefix}/devices"
+    device.publish(f"{t}/dev-1/reported", reported("dev-1", 0, ("digits", "Transitioning", None)))
+    hub.settle(1)
+    # Another writer holds SQLite's write lock: the worker blocks in its transaction.
+    blocker = sqlite3.connect(hub.ctx.settings.data_dir / "hub.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for n in range(1, 101):
+            device.publish(f"{t}/dev-1/reported", reported("dev-1", n, ("digits", "Healthy", None)))
+            device.publish(f"{t}/dev-2/reported", reported("dev-2", n, ("digits", "Healthy", None)))
+        # The MQTT session is still live: the hub publishes, and the broker acknowledges.
+        device.subscribe(f"{t}/dev-1/desired")
+        assert hub.ctx.mqtt is not None
+        hub.ctx.mqtt.publish_desired("dev-1", b"while the database is busy")
+        assert device.expect(lambda m: m.topic.endswith("/desired")).payload == b"while the database is busy"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    hub.settle(201)
+    with hub.ctx.sessions.begin() as s:
+        for dev in ("dev-1", "dev-2"):
+            report = s.get(DeviceReport, dev)
+            assert report is not None and report.reported_at == T0 + timedelta(seconds=100)
+    # Pending states of one device were folded into the newest one while the database was busy.
+    assert hub.worker.stats.coalesced > 0
+    assert hub.worker.stats.failed == 0
