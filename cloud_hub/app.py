@@ -26,7 +26,7 @@ def create_app(settings: HubSettings | None = None, *, ctx: HubContext | None = 
         context = ctx or HubContext.open(settings or HubSettings())
         app.state.ctx = context
         if own:
-            context.start_mqtt()
+            context.start_services()
         try:
             yield
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,16 +100,35 @@ class HubContext:
             trust=_load_trust(settings.trusted_keys),
         )
 
-    def start_mqtt(self) -> None:
-        """Connect to the broker when one is configured (publishing, ingest)."""
+    def start_services(self) -> None:
+        """Start the background work of a serving hub: fleet upkeep, then the MQTT link.
+
+        Upkeep renews desired states before they expire and republishes them whenever the
+        broker connection comes back (a broker restarted without persistence lost them).
+        """
+        from cloud_hub.fleet.maintenance import FleetMaintenance
+
+        upkeep = FleetMaintenance(self)
+        upkeep.start()
+        self.extras["fleet.maintenance"] = upkeep
+        self.start_mqtt(on_connected=upkeep.request_republish)
+
+    def start_mqtt(self, *, on_connected: Callable[[], None] | None = None) -> None:
+        """Connect to the broker when one is configured (publishing, ingest).
+
+        ``on_connected`` runs after every (re)connection, on the MQTT network thread.
+        """
         if self.settings.mqtt_host is None:
             return
         from cloud_hub.mqtt.link import MqttLink
 
-        self.mqtt = MqttLink.from_context(self)
+        self.mqtt = MqttLink.from_context(self, on_connected=on_connected)
         self.mqtt.start()
 
     def close(self) -> None:
+        upkeep = self.extras.pop("fleet.maintenance", None)
+        if upkeep is not None:
+            upkeep.stop()  # type: ignore[attr-defined]
         if self.mqtt is not None:
             with contextlib.suppress(Exception):
                 self.mqtt.stop()

@@ -53,6 +53,7 @@ class MqttLink:
         max_backoff_s: int = 30,
         on_start: Callable[[], None] | None = None,
         on_stop: Callable[[], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
     ) -> None:
         if publish_timeout_s <= 0 or connect_wait_s < 0:
             raise ValueError("publish_timeout_s must be > 0 and connect_wait_s >= 0")
@@ -64,6 +65,8 @@ class MqttLink:
         self._sink = sink
         self._on_start = on_start
         self._on_stop = on_stop
+        # Called from paho's network thread after every (re)subscription: it must only signal.
+        self._on_connected = on_connected
         self._subscribed = threading.Event()
         self._started = False
         # A random suffix: two hub replicas with the same client id would kick each other off.
@@ -85,7 +88,9 @@ class MqttLink:
         self._client.on_message = self._on_message
 
     @classmethod
-    def from_context(cls, ctx: HubContext) -> MqttLink:
+    def from_context(
+        cls, ctx: HubContext, *, on_connected: Callable[[], None] | None = None
+    ) -> MqttLink:
         """A link configured from the hub settings, feeding the hub's ingest worker."""
         from cloud_hub.broker.mosquitto import hub_mqtt_password, sync_broker
         from cloud_hub.ingest.worker import IngestWorker
@@ -115,6 +120,7 @@ class MqttLink:
             sink=worker.submit,
             on_start=on_start,
             on_stop=worker.stop,
+            on_connected=on_connected,
         )
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -205,6 +211,8 @@ class MqttLink:
             log.warning("MQTT broker refused the hub's subscriptions: %s", refused)
             return
         self._subscribed.set()
+        if self._on_connected is not None:
+            self._on_connected()
 
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any

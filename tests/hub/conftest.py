@@ -98,7 +98,7 @@ def _database(action: str, name: str) -> str:
 
 def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvicorn.Server, threading.Thread]:
     ctx = HubContext.open(settings)
-    ctx.start_mqtt()
+    ctx.start_services()
     app = create_app(ctx=ctx)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
