@@ -441,15 +441,14 @@ def test_a_directory_that_is_no_module_is_refused(tmp_path: Path) -> None:
     (tmp_path / "evil.py").write_text("def run(raw_data):\n    return 'evil'\n")
     for module, why in [(tmp_path / "empty", "no module.json"), (escaping, "outside src/")]:
         module.mkdir(exist_ok=True)
+        # Options may come from the environment, as a container image passes them.
+        env = {**os.environ, "EDGEPACK_MODULE_DIR": str(module), "EDGEPACK_PORT": str(free_port())}
         done = subprocess.run(
-            [sys.executable, "-m", "edge_agent.scoring", "--module-dir", str(module),
-             "--port", str(free_port())],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )  # fmt: skip
+            [sys.executable, "-m", "edge_agent.scoring"], capture_output=True, text=True, timeout=60, env=env
+        )
         assert done.returncode == 5, done.stderr
         assert why in done.stderr
+        assert str(module) in done.stderr
 
 
 def test_two_workers_both_serve_add_up_metrics_and_get_replaced_when_they_crash(tmp_path: Path) -> None:
