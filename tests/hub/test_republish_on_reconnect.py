@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from tests.conftest import Publisher
@@ -24,13 +25,18 @@ def test_hub_republishes_desired_states_when_the_broker_comes_back(
         assert h.ctx.mqtt is not None and h.ctx.mqtt.wait_connected(10)
 
         broker.stop()  # no persistence: every retained message is gone with it
+        deadline = time.monotonic() + 30
+        while h.ctx.mqtt.connected:
+            assert time.monotonic() < deadline, "the hub did not notice the broker going away"
+            time.sleep(0.05)
         second = start_mosquitto(tmp_path / "second", plain_config, port=broker.port)
-        assert h.ctx.mqtt.wait_connected(30), "the hub did not reconnect"
+        # paho's reconnect backoff grows to 30 s while the broker is away.
+        assert h.ctx.mqtt.wait_connected(60), "the hub did not reconnect"
 
         probe = MqttProbe.connect(second.host, second.port)
         try:
             assert probe.subscribe(f"{topic_prefix}/devices/r1/desired") == [1]
-            msg = probe.expect(lambda m: m.retain and m.payload != b"", timeout=20)
+            msg = probe.expect(lambda m: m.retain and m.payload != b"", timeout=30)
             state = verified_state(msg.payload, hub_trust(h), "r1")
             assert [m.service for m in state.modules] == ["digits"]
         finally:
