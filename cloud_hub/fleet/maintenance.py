@@ -66,7 +66,15 @@ class FleetMaintenance:
             log.exception("fleet maintenance round failed")
 
     def _run(self) -> None:
+        retry_s = 1.0
         while not self._stop.is_set():
             self.run_once()
-            self._wake.wait(self.interval_s)
+            if self._republish.is_set():
+                # A republish that failed (broker flapping, no acknowledgement in time) is
+                # retried soon, with backoff, instead of a whole interval later.
+                wait_s = min(retry_s, self.interval_s)
+                retry_s = min(retry_s * 2, 30.0)
+            else:
+                wait_s, retry_s = self.interval_s, 1.0
+            self._wake.wait(wait_s)
             self._wake.clear()
