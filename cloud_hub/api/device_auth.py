@@ -7,16 +7,15 @@ the database per request, so any hub replica answers the same.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from typing import IO, Annotated
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud_hub.api.deps import Ctx, bearer_token
+from cloud_hub.api.registry import blob_response
 from cloud_hub.errors import Forbidden, NotFound, Unauthorized
 from cloud_hub.fleet.desired import renew_if_expiring, stored_state
 from cloud_hub.fleet.devices import token_hash
@@ -24,12 +23,8 @@ from cloud_hub.fleet.tables import Device, DeviceDesired
 from cloud_hub.registry.modules import module_by_digest
 from cloud_hub.registry.tables import Module
 from cloud_hub.store.blobs import check_digest
-from manifests.errors import ConfigError
 
 router = APIRouter(prefix="/api/v1/device", tags=["device"])
-
-CHUNK = 1024 * 1024
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 def require_device(request: Request, ctx: Ctx) -> str:
@@ -92,46 +87,11 @@ def get_manifest(ctx: Ctx, device_id: DeviceId, digest: str) -> Response:
     return Response(content=manifests[digest], media_type="application/json")
 
 
-def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    if header is None:
-        return None
-    match = _RANGE.match(header.strip())
-    if match is None:
-        raise ConfigError(f"Range {header!r}: only a single 'bytes=START-[END]' range is supported")
-    start = int(match.group(1))
-    end = int(match.group(2)) + 1 if match.group(2) else size
-    if start >= size or end <= start:
-        raise ConfigError(f"Range {header!r} lies outside the blob ({size} bytes)")
-    return start, min(end, size)
-
-
-def _stream(fh: IO[bytes]) -> Iterator[bytes]:
-    with fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
-
-
 @router.get("/blobs/{digest}", summary="A blob of a module this device's desired state names")
-def get_blob(ctx: Ctx, device_id: DeviceId, digest: str, request: Request) -> StreamingResponse:
+def get_blob(ctx: Ctx, device_id: DeviceId, digest: str, request: Request) -> Response:
     check_digest(digest)
     with ctx.sessions.begin() as s:
         allowed = {f.digest for m in _named_modules(s, device_id) for f in m.files}
     if digest not in allowed:
         raise Forbidden(f"blob {digest} is not part of a module in device {device_id!r}'s desired state")
-    size = ctx.blobs.size(digest)
-    byte_range = _parse_range(request.headers.get("range"), size)
-    headers = {"Accept-Ranges": "bytes"}
-    if byte_range is None:
-        headers["Content-Length"] = str(size)
-        return StreamingResponse(
-            _stream(ctx.blobs.open(digest)), media_type="application/octet-stream", headers=headers
-        )
-    start, end = byte_range
-    headers["Content-Length"] = str(end - start)
-    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    return StreamingResponse(
-        _stream(ctx.blobs.open(digest, start, end)),
-        status_code=206,
-        media_type="application/octet-stream",
-        headers=headers,
-    )
+    return blob_response(ctx, digest, request.headers.get("range"), "application/octet-stream")
