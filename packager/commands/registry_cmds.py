@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -197,10 +197,8 @@ def model_files(path: Path) -> dict[str, Path]:
 
 def file_digest(path: Path, progress: Callable[[int], None]) -> str:
     hasher = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            hasher.update(chunk)
-            progress(len(chunk))
+    for chunk in read_chunks(path, progress):
+        hasher.update(chunk)
     return "sha256:" + hasher.hexdigest()
 
 
@@ -281,6 +279,14 @@ def tags_text(tags: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(tags.items()))
 
 
+def files_table(files: list[dict[str, Any]]) -> Table:
+    """The files of a model or module version as the hub lists them."""
+    table = Table("path", "size", "digest")
+    for f in files:
+        table.add_row(f["path"], f"{f['size']:,}", f["digest"])
+    return table
+
+
 @model_app.command("list")
 def model_list_cmd(
     tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value or key (all must match)")] = None,
@@ -332,10 +338,7 @@ def model_show_cmd(
         console.print(m["description"])
     console.print(f"tags        {tags_text(m['tags']) or '-'}")
     console.print(f"properties  {json.dumps(m['properties']) if m['properties'] else '-'}")
-    table = Table("path", "size", "digest")
-    for f in m["files"]:
-        table.add_row(f["path"], f"{f['size']:,}", f["digest"])
-    console.print(table)
+    console.print(files_table(m["files"]))
 
 
 def download_blob(
@@ -359,6 +362,16 @@ def download_blob(
         raise FetchError(f"downloading {url} failed ({exc}); try again") from None
 
 
+def download_blobs(client: HubClient, wanted: Iterable[tuple[str, Path]], total: int) -> None:
+    """Download each ``(digest, target)`` in turn behind one progress bar of ``total`` bytes."""
+    with byte_progress() as progress:
+        task = progress.add_task("downloading", total=total)
+        for digest, target in wanted:
+            download_blob(
+                client, f"/api/v1/blobs/{digest}", target, digest, lambda n: progress.advance(task, n)
+            )
+
+
 @model_app.command("download")
 def model_download_cmd(
     ref: Annotated[str, typer.Argument(help="NAME[:VERSION] (default: latest)")],
@@ -370,17 +383,9 @@ def model_download_cmd(
     name, version = split_ref(ref, need_version=False)
     with hub_client(hub, token) as client:
         m = client.get_json(f"/api/v1/models/{name}/versions/{version}")
-        with byte_progress() as progress:
-            task = progress.add_task("downloading", total=m["size"])
-            for f in m["files"]:
-                target = out / check_relative_path(f["path"])
-                download_blob(
-                    client,
-                    f"/api/v1/blobs/{f['digest']}",
-                    target,
-                    f["digest"],
-                    lambda n: progress.advance(task, n),
-                )
+        # Lazily, so each path is still checked just before its file is written.
+        wanted = ((f["digest"], out / check_relative_path(f["path"])) for f in m["files"])
+        download_blobs(client, wanted, m["size"])
     console.print(f"[green]downloaded[/] {m['name']}:{m['version']} ({len(m['files'])} files) to {out}")
 
 
@@ -418,10 +423,15 @@ def model_delete_cmd(
     token: TokenOption = None,
 ) -> None:
     """Delete one model version (refused while a deployment uses it)."""
+    delete_version("model", ref, hub, token)
+
+
+def delete_version(kind: str, ref: str, hub: str | None, token: str | None) -> None:
+    """DELETE a model or module version (``kind``) and say how many blobs that freed."""
     name, version = split_ref(ref, need_version=True)
     with hub_client(hub, token) as client:
-        result = client.request("DELETE", f"/api/v1/models/{name}/versions/{version}").json()
-    console.print(f"[green]deleted[/] model {result['deleted']} ({len(result['freed_blobs'])} blobs freed)")
+        result = client.request("DELETE", f"/api/v1/{kind}s/{name}/versions/{version}").json()
+    console.print(f"[green]deleted[/] {kind} {result['deleted']} ({len(result['freed_blobs'])} blobs freed)")
 
 
 # --- modules --------------------------------------------------------------------------------
@@ -501,10 +511,7 @@ def module_show_cmd(
     console.print(f"signed by    {', '.join(m['signers'])}")
     console.print(f"entry script {manifest['entry_script']}")
     console.print(f"runtime      {manifest['runtime']['image']}")
-    table = Table("path", "size", "digest")
-    for f in m["files"]:
-        table.add_row(f["path"], f"{f['size']:,}", f["digest"])
-    console.print(table)
+    console.print(files_table(m["files"]))
 
 
 @module_app.command("download")
@@ -526,16 +533,7 @@ def module_download_cmd(
         with tempfile.TemporaryDirectory(
             prefix=".edgepack-download-", dir=out if out.is_dir() else None
         ) as tmp:
-            with byte_progress() as progress:
-                task = progress.add_task("downloading", total=sum(sizes.values()))
-                for digest in sizes:
-                    download_blob(
-                        client,
-                        f"/api/v1/blobs/{digest}",
-                        Path(tmp) / digest_hex(digest),
-                        digest,
-                        lambda n: progress.advance(task, n),
-                    )
+            download_blobs(client, [(d, Path(tmp) / digest_hex(d)) for d in sizes], sum(sizes.values()))
             blobs = [(d, size, _opener(Path(tmp) / digest_hex(d))) for d, size in sizes.items()]
             with atomic_output(target) as fh:
                 write_bundle(fh, manifest_bytes, blobs)
@@ -553,7 +551,4 @@ def module_delete_cmd(
     token: TokenOption = None,
 ) -> None:
     """Delete a module version (refused while a deployment uses it)."""
-    name, version = split_ref(ref, need_version=True)
-    with hub_client(hub, token) as client:
-        result = client.request("DELETE", f"/api/v1/modules/{name}/versions/{version}").json()
-    console.print(f"[green]deleted[/] module {result['deleted']} ({len(result['freed_blobs'])} blobs freed)")
+    delete_version("module", ref, hub, token)
