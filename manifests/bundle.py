@@ -146,7 +146,7 @@ def verify_bundle(
                 if verified.manifest.total_size() > limits.max_total_bytes:
                     raise TrustError(f"{what}: module is larger than allowed")
                 continue
-            match = _BLOB_RE.match(member.name)
+            match = _BLOB_RE.fullmatch(member.name)
             if not match:
                 raise TrustError(f"{what}: unexpected member {member.name!r}; refused")
             digest = "sha256:" + match.group(1)

@@ -15,7 +15,7 @@ def sha256_digest(data: bytes) -> str:
 
 
 def is_digest(value: str) -> bool:
-    return bool(_DIGEST_RE.match(value))
+    return bool(_DIGEST_RE.fullmatch(value))
 
 
 def digest_hex(digest: str) -> str:

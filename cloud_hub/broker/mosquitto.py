@@ -182,7 +182,7 @@ def enrolled_devices(session: Session) -> list[BrokerUser]:
     """Broker accounts of every device that is enrolled and not revoked."""
     rows = session.execute(select(Device.id, Device.mqtt_password_hash).where(Device.revoked.is_(False)))
     valid = re.compile(DEVICE_ID_PATTERN)
-    return [BrokerUser(dev_id, pw_hash) for dev_id, pw_hash in rows if valid.match(dev_id)]
+    return [BrokerUser(dev_id, pw_hash) for dev_id, pw_hash in rows if valid.fullmatch(dev_id)]
 
 
 def reload_broker(pid_file: Path | None) -> bool:

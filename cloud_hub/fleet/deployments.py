@@ -29,7 +29,7 @@ DEPLOYMENT_CONFIG = "deploymentconfig.json"
 
 
 def check_service_name(name: str) -> str:
-    if not re.match(NAME_PATTERN, name):
+    if not re.fullmatch(NAME_PATTERN, name):
         raise ConfigError(
             f"service name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -29,12 +29,12 @@ def parse_tag(text: str, *, what: str = "tag") -> tuple[str, str]:
     key, value = key.strip(), value.strip()
     if not sep:
         raise ConfigError(f"{what} {text!r}: expected key=value, e.g. site=berlin")
-    if not _KEY_RE.match(key):
+    if not _KEY_RE.fullmatch(key):
         raise ConfigError(
             f"{what} {text!r}: key {key!r} must start with a letter or digit and use only "
             "letters, digits, '.', '_', '-', '/' (at most 63 characters)"
         )
-    if not _VALUE_RE.match(value):
+    if not _VALUE_RE.fullmatch(value):
         raise ConfigError(
             f"{what} {text!r}: value {value!r} must start with a letter or digit and use only "
             "letters, digits, '.', '_', '-', ':' (at most 127 characters)"
@@ -81,7 +81,7 @@ def check_tags(tags: Mapping[str, Any]) -> dict[str, str]:
 
 
 def check_device_id(device_id: str) -> str:
-    if not _DEVICE_RE.match(device_id):
+    if not _DEVICE_RE.fullmatch(device_id):
         raise ConfigError(
             f"device id {device_id!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session, selectinload
 from cloud_hub.db.base import Sessions
 from cloud_hub.errors import NotFound
 from cloud_hub.events import record_event
-from cloud_hub.registry.blob_refs import lock_registry, release_blobs
+from cloud_hub.registry.blob_refs import lock_registry
 from cloud_hub.registry.tables import ModelFile, ModelName, ModelVersion
 from cloud_hub.registry.tags import check_tags, matches
-from cloud_hub.registry.usage import deployments_using_model, lock_fleet, refuse_if_used
+from cloud_hub.registry.usage import delete_unless_used, lock_fleet
 from cloud_hub.store.blobs import BlobStore, check_digest
 from manifests.errors import ConfigError
 from manifests.module import NAME_PATTERN, check_relative_path
@@ -38,7 +38,7 @@ class FileRef:
 
 
 def check_model_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ConfigError(
             f"model name {name!r} is invalid: lower-case letters, digits, '.', '_', '-' "
             "(starting with a letter or digit, at most 63)"
@@ -201,10 +201,4 @@ def delete_model(sessions: Sessions, blobs: BlobStore, name: str, version: str |
     with sessions.begin() as session:
         lock_fleet(session)
         lock_registry(session)
-        model = get_model(session, name, version)
-        refuse_if_used(f"model {model.ref}", deployments_using_model(session, model))
-        digests = [f.digest for f in model.files]
-        session.delete(model)
-        freed = release_blobs(session, blobs, digests)
-        record_event(session, "model_deleted", f"model {model.ref} deleted")
-        return freed
+        return delete_unless_used(session, blobs, get_model(session, name, version))

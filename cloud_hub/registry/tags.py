@@ -14,7 +14,7 @@ def parse_tag(text: str) -> tuple[str, str]:
     """``key=value`` → ``(key, value)``; the value may be empty, the key may not."""
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or not TAG_KEY.match(key):
+    if not sep or not TAG_KEY.fullmatch(key):
         raise ConfigError(
             f"tag {text!r} is not key=value (key: letters, digits, '_', '.', '-'); "
             "write it like --tag framework=onnx"
@@ -40,7 +40,7 @@ def parse_filters(texts: Iterable[str]) -> dict[str, str | None]:
             filters[key] = value
         else:
             key = text.strip()
-            if not TAG_KEY.match(key):
+            if not TAG_KEY.fullmatch(key):
                 raise ConfigError(f"tag filter {text!r} is neither key nor key=value")
             filters[key] = None
     return filters
@@ -48,7 +48,7 @@ def parse_filters(texts: Iterable[str]) -> dict[str, str | None]:
 
 def check_tags(tags: Mapping[str, str]) -> dict[str, str]:
     for key in tags:
-        if not TAG_KEY.match(key):
+        if not TAG_KEY.fullmatch(key):
             raise ConfigError(f"tag key {key!r} is invalid (letters, digits, '_', '.', '-'; max 64)")
     return dict(tags)
 
