@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session, selectinload
 from cloud_hub.db.base import Sessions
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
-from cloud_hub.registry.blob_refs import lock_registry, release_blobs
+from cloud_hub.registry.blob_refs import lock_registry
 from cloud_hub.registry.tables import Module, ModuleFile
-from cloud_hub.registry.usage import deployments_using_module, lock_fleet, refuse_if_used
+from cloud_hub.registry.usage import delete_unless_used, lock_fleet
 from cloud_hub.store.blobs import BlobStore
 from manifests.bundle import VerifiedModule, verify_bundle
 from manifests.signing import TrustStore
@@ -145,10 +145,4 @@ def delete_module(sessions: Sessions, blobs: BlobStore, name: str, version: str)
     with sessions.begin() as session:
         lock_fleet(session)
         lock_registry(session)
-        module = get_module(session, name, version)
-        refuse_if_used(f"module {module.ref}", deployments_using_module(session, module))
-        digests = [f.digest for f in module.files]
-        session.delete(module)
-        freed = release_blobs(session, blobs, digests)
-        record_event(session, "module_deleted", f"module {name}:{version} deleted")
-        return freed
+        return delete_unless_used(session, blobs, get_module(session, name, version))

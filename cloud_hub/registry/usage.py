@@ -10,8 +10,11 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.errors import Conflict
+from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Deployment, FleetLock
+from cloud_hub.registry.blob_refs import release_blobs
 from cloud_hub.registry.tables import ModelVersion, Module, ModuleFile
+from cloud_hub.store.blobs import BlobStore
 from manifests.module import MODEL_ROOT
 
 
@@ -58,3 +61,18 @@ def refuse_if_used(what: str, deployments: list[str]) -> None:
             f"{what} is used by deployment{plural} {names}; delete or update "
             f"{'them' if plural else 'it'} first ('edgepack service delete NAME')"
         )
+
+
+def delete_unless_used(session: Session, blobs: BlobStore, entry: Module | ModelVersion) -> list[str]:
+    """Delete a module or model version no deployment uses, then the blobs only it named;
+    return those. The caller holds ``lock_fleet`` and ``lock_registry``, taken first."""
+    if isinstance(entry, Module):
+        kind, users = "module", deployments_using_module(session, entry)
+    else:
+        kind, users = "model", deployments_using_model(session, entry)
+    refuse_if_used(f"{kind} {entry.ref}", users)
+    digests = [f.digest for f in entry.files]
+    session.delete(entry)
+    freed = release_blobs(session, blobs, digests)
+    record_event(session, f"{kind}_deleted", f"{kind} {entry.ref} deleted")
+    return freed
