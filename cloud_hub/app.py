@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from cloud_hub.api import dashboard, fleet, registry
+from cloud_hub.api.body_limit import BodyLimit
 from cloud_hub.api.errors import install_error_handlers
 from cloud_hub.context import HubContext
 from cloud_hub.settings import HubSettings
@@ -39,6 +40,7 @@ def create_app(settings: HubSettings | None = None, *, ctx: HubContext | None = 
         description="Model and module registry, devices, deployments, fleet state.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit)
     install_error_handlers(app)
     app.include_router(registry.router)
     app.include_router(fleet.router)

@@ -6,6 +6,11 @@ hub tests (device tokens, revocation, ACL between two devices); these cover the 
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+
+from cloud_hub.api.body_limit import MAX_PARSED_BODY
+from manifests.digests import sha256_digest
 from tests.hub.conftest import HubFactory
 
 
@@ -29,3 +34,46 @@ def test_identifiers_with_a_trailing_newline_are_refused(hub: HubFactory) -> Non
         r = http.post("/api/v1/models/a%0A/versions", json={"files": files})
         assert r.status_code == 400, r.text
         assert "model name" in r.json()["error"]["message"]
+
+
+def _answer_without_body(url: str, request_head: str) -> bytes:
+    """Send only a request head that announces a 1 GB body; return what the hub answers."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(request_head.encode() + b'{"id": "')
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return b"(no answer: the hub is waiting to buffer the whole body)"
+
+
+def test_an_anonymous_client_cannot_make_the_hub_buffer_a_huge_body(hub: HubFactory) -> None:
+    # FastAPI parses a JSON or form body before the admin check runs, so the body size must be
+    # capped before any of it is read.
+    h = hub()
+    for path, ctype in [
+        ("/api/v1/devices", "application/json"),
+        ("/api/v1/dashboard/login", "application/x-www-form-urlencoded"),
+    ]:
+        head = f"POST {path} HTTP/1.1\r\nHost: hub\r\nContent-Type: {ctype}\r\n"
+        head += f"Content-Length: {10**9}\r\n\r\n"
+        answer = _answer_without_body(h.url, head)
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+def test_a_chunked_json_body_over_the_cap_is_refused(hub: HubFactory) -> None:
+    h = hub()
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"id": "dev-x", "tags": {"k": "'
+        for _ in range(MAX_PARSED_BODY // (1 << 20) + 1):
+            yield b"v" * (1 << 20)
+        yield b'"}}'
+
+    with h.client() as http:
+        r = http.post("/api/v1/devices", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text[:200]
+        # Streamed uploads keep their own, larger limit.
+        data = b"\1" * (MAX_PARSED_BODY + 1)
+        r = http.put(f"/api/v1/blobs/{sha256_digest(data)}", content=data)
+        assert r.status_code == 201, r.text
