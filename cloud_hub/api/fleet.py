@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -84,6 +84,8 @@ class CredentialsOut(BaseModel):
 
 
 class EnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a default
+
     id: str
     tags: dict[str, str] = Field(default_factory=dict)
 
@@ -99,6 +101,8 @@ class EnrollOut(BaseModel):
 
 
 class TagUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     set: dict[str, str] = Field(default_factory=dict)
     remove: list[str] = Field(default_factory=list)
     replace: bool = Field(default=False, description="drop every tag not in 'set'")
@@ -111,6 +115,8 @@ class ChangeOut(BaseModel):
 
 
 class DeployRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     module: str
     version: str
     deployment_config: dict[str, Any] | None = Field(

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 from cloud_hub.api.body_limit import MAX_PARSED_BODY
 from manifests.digests import sha256_digest
+from tests.conftest import Publisher
 from tests.hub.conftest import HubFactory
+from tests.hub.fleet_support import enroll, push
 
 
 def test_identifiers_with_a_trailing_newline_are_refused(hub: HubFactory) -> None:
@@ -77,3 +79,26 @@ def test_a_chunked_json_body_over_the_cap_is_refused(hub: HubFactory) -> None:
         data = b"\1" * (MAX_PARSED_BODY + 1)
         r = http.put(f"/api/v1/blobs/{sha256_digest(data)}", content=data)
         assert r.status_code == 201, r.text
+
+
+def test_a_misspelt_field_in_a_fleet_request_is_refused(hub: HubFactory, publisher: Publisher) -> None:
+    # 'deploymentConfig' instead of 'deployment_config' used to be dropped silently, and the
+    # service was deployed with default settings (port 5001) instead of the user's config.
+    h = hub()
+    module = push(h, publisher, "typo-mod", "1.0.0")
+    with h.client() as http:
+        enroll(http, "dev-t")
+        body = {
+            "module": module.name,
+            "version": module.version,
+            "deploymentConfig": {"computeType": "local", "port": 8123},
+            "target": {"devices": ["dev-t"]},
+        }
+        r = http.put("/api/v1/deployments/typo", json=body)
+        assert r.status_code == 422, r.text
+        assert "deploymentConfig" in r.json()["error"]["message"]
+        assert http.get("/api/v1/deployments/typo").status_code == 404
+        r = http.post("/api/v1/devices", json={"id": "dev-u", "tag": {"site": "x"}})
+        assert r.status_code == 422, r.text
+        r = http.patch("/api/v1/devices/dev-t", json={"sets": {"site": "x"}})
+        assert r.status_code == 422, r.text
