@@ -13,7 +13,6 @@ device table, writes the files and signals the broker.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from sqlalchemy import select
 
 from cloud_hub.broker.passwords import hash_password
 from cloud_hub.fleet.tables import Device
+from cloud_hub.store.files import write_atomic
 from manifests.desired import DEVICE_ID_PATTERN
 from manifests.errors import ConfigError
 from manifests.topics import device_topic
@@ -120,22 +120,6 @@ def render_config(
     return "".join(lines)
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_broker_files(
     broker_dir: Path, *, prefix: str, hub: BrokerUser, devices: Sequence[BrokerUser]
 ) -> None:
@@ -144,9 +128,9 @@ def write_broker_files(
     if len(usable) != len(devices):
         log.warning("a device named like the hub's broker user %r was left out", hub.username)
     broker_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(broker_dir / PASSWORD_FILE, render_password_file([hub, *usable]), 0o640)
+    write_atomic(broker_dir / PASSWORD_FILE, render_password_file([hub, *usable]).encode(), 0o640)
     acl = render_acl(prefix=prefix, hub_username=hub.username, device_ids=[d.username for d in usable])
-    _write_atomic(broker_dir / ACL_FILE, acl, 0o644)
+    write_atomic(broker_dir / ACL_FILE, acl.encode(), 0o644)
 
 
 def hub_mqtt_password(settings: HubSettings) -> str | None:
@@ -165,7 +149,7 @@ def hub_mqtt_password(settings: HubSettings) -> str | None:
         return None
     password = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, password + "\n", 0o600)
+    write_atomic(path, (password + "\n").encode(), 0o600)
     return password
 
 
@@ -256,5 +240,5 @@ def write_broker_config(
         pid_file=broker_dir / "mosquitto.pid",
     )
     path = broker_dir / CONFIG_FILE
-    _write_atomic(path, conf, 0o644)
+    write_atomic(path, conf.encode(), 0o644)
     return path

@@ -1,1 +1,2 @@
-"""Where the hub keeps bytes: the content-addressed blob store and streamed request bodies."""
+"""Where the hub keeps bytes: the content-addressed blob store, streamed request bodies, and
+the small files it writes whole (secrets, broker files)."""
