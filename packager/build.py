@@ -139,8 +139,30 @@ def _walk(root: Path, skip: set[Path]) -> list[Path]:
                 continue
             if p.is_symlink():
                 raise ConfigError(f"{p}: symbolic links are not packed; copy the file instead")
+            _check_packable(p)
             out.append(p)
     return out
+
+
+#: PEM and OpenSSH private keys all carry this in their armour line.
+_PRIVATE_KEY_MARK = b"PRIVATE KEY-----"
+
+
+def _check_packable(path: Path) -> None:
+    """Refuse what must not (or cannot) go into a module: a private key, a FIFO or device,
+    a file that cannot be read. Opening a FIFO would block the build forever."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file (a pipe, socket or device); remove it from the folder")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror}); fix or remove it") from None
+    if _PRIVATE_KEY_MARK in head:
+        raise ConfigError(
+            f"{path}: looks like a private key and would be shipped to every device; "
+            "move it out of the source and model folders"
+        )
 
 
 def collect_files(spec: BuildSpec) -> list[tuple[str, Path]]:

@@ -7,12 +7,18 @@ careless user) must not get through.
 from __future__ import annotations
 
 import io
+import os
+import threading
+from pathlib import Path
 
 import pytest
 
 from manifests.bundle import BLOB_PREFIX, MANIFEST_NAME, verify_bundle
 from manifests.digests import digest_hex, is_digest, sha256_digest
-from manifests.errors import TrustError
+from manifests.errors import ConfigError, TrustError
+from manifests.signing import generate_private_key, private_key_pem
+from packager.build import BuildSpec, build_module
+from tests.conftest import Publisher
 from tests.factory import Forge, Member, default_files, tar_bytes
 
 
@@ -31,3 +37,56 @@ def test_a_blob_member_whose_name_ends_in_a_newline_is_refused() -> None:
         members.append(Member(BLOB_PREFIX + digest_hex(digest) + "\n", data))
     with pytest.raises(TrustError, match="unexpected member"):
         verify_bundle(io.BytesIO(tar_bytes(members)), forge.trust)
+
+
+def _source_with_model(tmp_path: Path) -> tuple[Path, Path]:
+    src = tmp_path / "src"
+    (src / "model").mkdir(parents=True)
+    (src / "score.py").write_text("def init():\n    pass\n\n\ndef run(raw):\n    return raw\n")
+    (src / "model" / "weights.bin").write_bytes(b"\0" * 64)
+    return src, src / "model"
+
+
+def _spec(src: Path, model: Path) -> BuildSpec:
+    return BuildSpec(name="leaky", version="1", entry_script=src / "score.py", model=model, source_dir=src)
+
+
+@pytest.mark.parametrize("where", ["src", "model"])
+def test_a_private_key_in_the_source_or_model_folder_is_never_packed(
+    tmp_path: Path, publisher: Publisher, where: str
+) -> None:
+    # Only '*.key' files were left out; the same key saved as 'deploy.pem' shipped to devices.
+    src, model = _source_with_model(tmp_path)
+    folder = src if where == "src" else model
+    (folder / "deploy.pem").write_bytes(private_key_pem(generate_private_key()))
+    out = tmp_path / "dist"
+    with pytest.raises(ConfigError, match="private key"):
+        build_module(_spec(src, model), publisher.key, out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_named_pipe_in_the_source_folder_fails_the_build_instead_of_hanging_it(
+    tmp_path: Path, publisher: Publisher
+) -> None:
+    src, model = _source_with_model(tmp_path)
+    os.mkfifo(src / "pipe")
+    outcome: list[BaseException | None] = []
+
+    def build() -> None:
+        try:
+            build_module(_spec(src, model), publisher.key, tmp_path / "dist")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        # Unblock the build (it is stuck opening the FIFO) so the thread can end.
+        with open(src / "pipe", "wb"):
+            pass
+        worker.join(timeout=10)
+        pytest.fail("the build blocked on a named pipe in the source folder")
+    assert isinstance(outcome[0], ConfigError), outcome
+    assert "not a regular file" in str(outcome[0])
