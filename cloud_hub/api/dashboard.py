@@ -119,11 +119,13 @@ def telemetry(
     """Per-service requests/s and p50 latency over the last ``minutes``, for the charts."""
     since = utcnow() - timedelta(minutes=minutes)
     with ctx.sessions.begin() as s:
-        payloads = s.scalars(
-            select(TelemetrySample.payload)
-            .where(TelemetrySample.received_at >= since)
-            .order_by(TelemetrySample.id.desc())
-            .limit(MAX_CHART_SAMPLES)
+        payloads: list[dict[str, Any]] = list(
+            s.scalars(
+                select(TelemetrySample.payload)
+                .where(TelemetrySample.received_at >= since)
+                .order_by(TelemetrySample.id.desc())
+                .limit(MAX_CHART_SAMPLES)
+            )
         )
         samples = [Telemetry.model_validate(p) for p in payloads]
     series = service_series(samples, bucket_s=bucket_s)
