@@ -7,10 +7,13 @@ careless user) must not get through.
 from __future__ import annotations
 
 import io
+import json
 import os
+import socket
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 
 from manifests.bundle import BLOB_PREFIX, MANIFEST_NAME, verify_bundle
@@ -20,6 +23,7 @@ from manifests.signing import generate_private_key, private_key_pem
 from packager.build import BuildSpec, build_module
 from tests.conftest import Publisher
 from tests.factory import Forge, Member, default_files, tar_bytes
+from tests.test_scoring_server import make_module, serving, wait_ready
 
 
 def test_a_digest_with_a_trailing_newline_is_not_a_digest() -> None:
@@ -90,3 +94,59 @@ def test_a_named_pipe_in_the_source_folder_fails_the_build_instead_of_hanging_it
         pytest.fail("the build blocked on a named pipe in the source folder")
     assert isinstance(outcome[0], ConfigError), outcome
     assert "not a regular file" in str(outcome[0])
+
+
+# --- the scoring server ------------------------------------------------------------------------
+
+RECORDING_SCRIPT = """
+import json, os
+
+def init():
+    pass
+
+def run(raw_data):
+    with open(os.environ["CALLS_LOG"], "a") as fh:
+        fh.write(json.dumps(raw_data) + "\\n")
+    return json.loads(raw_data)
+"""
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=15)
+
+
+def test_the_scoring_server_never_runs_a_body_cut_off_by_a_disconnect(tmp_path: Path) -> None:
+    # A client that went away mid-body used to have run() called on what had arrived so far.
+    module = make_module(tmp_path / "rec", RECORDING_SCRIPT, {"m.bin": b"x"})
+    calls = tmp_path / "calls.log"
+    with serving(module, env={"CALLS_LOG": str(calls)}) as server:
+        wait_ready(server)
+        for head in (
+            b"POST /score HTTP/1.1\r\nHost: s\r\nContent-Length: 100\r\n\r\n",
+            b"POST /score HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n",
+        ):
+            with _connect(server.url) as sock:
+                sock.sendall(head + b'{"cut": "off"')
+        # Requests after the disconnects: by the time they are answered the server has long
+        # seen both connections close.
+        for n in range(20):
+            assert httpx.post(server.url + "/score", json={"n": n}).status_code == 200
+    seen = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert not [s for s in seen if "cut" in s], seen
+    assert len(seen) == 20
+
+
+def test_the_scoring_server_refuses_an_announced_oversized_body_before_reading_it(tmp_path: Path) -> None:
+    module = make_module(tmp_path / "rec", RECORDING_SCRIPT, {"m.bin": b"x"})
+    calls = tmp_path / "calls.log"
+    with serving(module, env={"CALLS_LOG": str(calls), "EDGEPACK_MAX_BODY_BYTES": "4096"}) as server:
+        wait_ready(server)
+        with _connect(server.url) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: s\r\nContent-Length: 1000000000\r\n\r\n{")
+            try:
+                answer = sock.recv(4096)
+            except TimeoutError:
+                answer = b"(no answer: the server waited for the announced body)"
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        assert b"PayloadTooLarge" in answer

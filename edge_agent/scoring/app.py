@@ -73,6 +73,18 @@ def query_as_json(query: bytes) -> bytes:
     return orjson.dumps({k: value(v[0]) if len(v) == 1 else [value(x) for x in v] for k, v in parsed.items()})
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+def _declared_length(scope: Scope) -> int:
+    """The request's Content-Length, 0 when absent (a chunked body)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
 def _error_body(message: str, kind: str) -> bytes:
     return orjson.dumps({"error": message, "type": kind})
 
@@ -142,7 +154,12 @@ class ScoringApp:
             message = await receive()
             body: bytes | None = message.get("body", b"")
             if message.get("more_body", False):
-                body = await self._read_rest(message.get("body", b""), receive)
+                try:
+                    body = await self._read_rest(scope, message.get("body", b""), receive)
+                except _ClientGone:
+                    return  # a cut-off body must not reach run(), and nobody is left to answer
+            elif not body and message["type"] == "http.disconnect":
+                return
             if body is None or len(body) > self.max_body_bytes:
                 status = 413
                 payload = _error_body(
@@ -160,12 +177,17 @@ class ScoringApp:
         await _respond(send, status, payload)
         self.metrics.score(status, perf_counter_ns() - start)
 
-    async def _read_rest(self, first: bytes, receive: Receive) -> bytes | None:
-        """The whole body, or None as soon as it grows past the limit (nothing more is kept)."""
+    async def _read_rest(self, scope: Scope, first: bytes, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it grows (or is announced to grow) past the
+        limit (nothing more is kept); raises :class:`_ClientGone` if the client goes away."""
+        if _declared_length(scope) > self.max_body_bytes:
+            return None
         chunks = [first]
         size = len(first)
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
