@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.events import record_event
 from cloud_hub.ingest.messages import (
+    MAX_PAYLOAD_BYTES,
     DeviceMessage,
     Online,
     Rejected,
@@ -93,7 +94,9 @@ class IngestWorker:
 
     def submit(self, topic: str, payload: bytes, retained: bool) -> None:
         """Queue one message; returns at once whatever the state of the database."""
-        raw = _Raw(topic, bytes(payload), retained, utcnow())
+        # An oversized payload is refused when parsed; until then keep only enough of it to
+        # tell, or a device flooding its telemetry topic with huge messages fills the memory.
+        raw = _Raw(topic, bytes(payload[: MAX_PAYLOAD_BYTES + 1]), retained, utcnow())
         channel = topic.rsplit("/", 1)[-1]
         with self._cond:
             self.stats.received += 1

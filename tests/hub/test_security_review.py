@@ -7,9 +7,11 @@ hub tests (device tokens, revocation, ACL between two devices); these cover the 
 from __future__ import annotations
 
 import socket
+import tracemalloc
 from collections.abc import Iterator
 
 from cloud_hub.api.body_limit import MAX_PARSED_BODY
+from cloud_hub.ingest.worker import IngestWorker
 from manifests.digests import sha256_digest
 from tests.conftest import Publisher
 from tests.hub.conftest import HubFactory
@@ -102,3 +104,27 @@ def test_a_misspelt_field_in_a_fleet_request_is_refused(hub: HubFactory, publish
         assert r.status_code == 422, r.text
         r = http.patch("/api/v1/devices/dev-t", json={"sets": {"site": "x"}})
         assert r.status_code == 422, r.text
+
+
+def test_huge_device_messages_do_not_pile_up_in_the_ingest_queue(hub: HubFactory) -> None:
+    # Pending telemetry is bounded by count (10k); a device sending 4 MiB messages used to have
+    # each kept whole until parsed, so a flood could fill the hub's memory.
+    h = hub()
+    worker = IngestWorker(h.ctx.sessions, prefix="p", telemetry_keep=10)
+    payloads = [bytearray(b"{" + b" " * (4 << 20)) for _ in range(10)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for payload in payloads:
+            worker.submit("p/devices/dev-a/telemetry", bytes(payload), False)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 8 << 20, f"{held} bytes kept for 10 oversized messages"
+    worker.start()
+    try:
+        assert worker.drain(timeout=30)
+    finally:
+        worker.stop()
+    assert worker.stats.rejected == 10
+    assert worker.stats.applied == 0
