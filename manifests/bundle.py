@@ -15,7 +15,7 @@ import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Protocol, Self
 
 from pydantic import ValidationError
 
@@ -28,6 +28,28 @@ MANIFEST_NAME = "module.json"
 BLOB_PREFIX = "blobs/sha256/"
 _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 CHUNK = 1 << 20
+
+#: Extended headers (pax, GNU long names) carry only a name or a few attributes in a bundle.
+MAX_EXTENDED_HEADER = 64 << 10
+_EXTENDED_HEADERS = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses an oversized extended header before tarfile reads all of it into memory
+    (a bundle with a gigabyte pax header would otherwise cost gigabytes to reject)."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _EXTENDED_HEADERS and info.size > MAX_EXTENDED_HEADER:
+            raise tarfile.ReadError(f"extended tar header of {info.size} bytes")
+        return info
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,7 @@ def verify_bundle(
     ``progress`` is called with the number of bytes of each chunk hashed.
     """
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (closed in finally)
+        tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)  # noqa: SIM115 (closed in finally)
     except tarfile.TarError as exc:
         raise TrustError(f"{what}: not a module bundle ({exc})") from None
     verified: VerifiedModule | None = None

@@ -10,7 +10,9 @@ import io
 import json
 import os
 import socket
+import tarfile
 import threading
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -150,3 +152,34 @@ def test_the_scoring_server_refuses_an_announced_oversized_body_before_reading_i
                 answer = b"(no answer: the server waited for the announced body)"
         assert answer.startswith(b"HTTP/1.1 413"), answer
         assert b"PayloadTooLarge" in answer
+
+
+def _pax_bomb(path: Path, header_bytes: int, forge: Forge) -> None:
+    """A sound bundle preceded by one pax extended header of ``header_bytes``."""
+    record = b" comment=" + b"a" * header_bytes + b"\n"
+    length = len(record) + len(str(len(record)))
+    length = len(record) + len(str(length))
+    body = str(length).encode() + record
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = len(body)
+    with path.open("wb") as fh:
+        fh.write(header.tobuf(format=tarfile.USTAR_FORMAT))
+        fh.write(body + b"\0" * (-len(body) % 512))
+        fh.write(forge.bundle())
+
+
+def test_a_bundle_with_a_huge_pax_header_is_refused_without_reading_it_into_memory(
+    tmp_path: Path,
+) -> None:
+    bomb = tmp_path / "bomb.edgepack"
+    forge = Forge()
+    _pax_bomb(bomb, 32 << 20, forge)
+    tracemalloc.start()
+    try:
+        with bomb.open("rb") as fh, pytest.raises(TrustError, match="extended tar header"):
+            verify_bundle(fh, forge.trust)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes allocated to refuse the bundle"
