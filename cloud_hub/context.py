@@ -15,6 +15,7 @@ from cloud_hub.db.base import Sessions, create_schema, make_engine
 from cloud_hub.settings import HubSettings
 from cloud_hub.store.blobs import BlobStore, FileBlobStore
 from cloud_hub.store.files import write_atomic
+from manifests.errors import ConfigError
 from manifests.signing import (
     TrustStore,
     generate_private_key,
@@ -42,12 +43,26 @@ def _load_or_create_hub_key(settings: HubSettings) -> Ed25519PrivateKey:
     return key
 
 
+#: Shorter admin tokens are refused: an empty one (say, an unset variable in a compose file)
+#: would let anyone in with an empty login cookie.
+MIN_ADMIN_TOKEN_CHARS = 16
+
+
+def _check_admin_token(token: str, source: str) -> str:
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"admin token from {source} has {len(token)} characters; use at least "
+            f"{MIN_ADMIN_TOKEN_CHARS} random ones, or unset it to have the hub generate one"
+        )
+    return token
+
+
 def _load_or_create_admin_token(settings: HubSettings) -> str:
     if settings.admin_token is not None:
-        return settings.admin_token.get_secret_value()
+        return _check_admin_token(settings.admin_token.get_secret_value(), "EDGEPACK_HUB_ADMIN_TOKEN")
     path = settings.data_dir / "admin_token"
     if path.exists():
-        return path.read_text().strip()
+        return _check_admin_token(path.read_text().strip(), str(path))
     token = "ep_admin_" + secrets.token_urlsafe(32)
     _write_secret(path, token.encode() + b"\n")
     return token

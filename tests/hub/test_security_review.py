@@ -9,10 +9,14 @@ from __future__ import annotations
 import socket
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from cloud_hub.api.body_limit import MAX_PARSED_BODY
 from cloud_hub.ingest.worker import IngestWorker
 from manifests.digests import sha256_digest
+from manifests.errors import ConfigError
 from tests.conftest import Publisher
 from tests.hub.conftest import HubFactory
 from tests.hub.fleet_support import enroll, push
@@ -128,3 +132,17 @@ def test_huge_device_messages_do_not_pile_up_in_the_ingest_queue(hub: HubFactory
         worker.stop()
     assert worker.stats.rejected == 10
     assert worker.stats.applied == 0
+
+
+def test_an_empty_admin_token_stops_the_hub_instead_of_letting_anyone_in(
+    hub: HubFactory, tmp_path: Path
+) -> None:
+    # With EDGEPACK_HUB_ADMIN_TOKEN="" (an unset variable in a compose file) the hub used to
+    # start, and an empty 'edgepack_admin' cookie then matched the empty token: full admin.
+    with pytest.raises(ConfigError, match="admin token"):
+        hub(admin_token="")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "admin_token").write_text("\n")
+    with pytest.raises(ConfigError, match="admin token"):
+        hub(data_dir=data, admin_token=None)
