@@ -22,6 +22,7 @@ from cloud_hub.api import device_auth
 from cloud_hub.api.deps import Admin, Ctx
 from cloud_hub.broker.mosquitto import sync_broker
 from cloud_hub.context import HubContext
+from cloud_hub.errors import Conflict
 from cloud_hub.events import record_event
 from cloud_hub.fleet.deployments import (
     ModuleRef,
@@ -254,6 +255,10 @@ def hub_key(ctx: Ctx) -> HubKey:
 @admin.post("/devices", status_code=201, response_model=EnrollOut, tags=["devices"])
 def enroll(ctx: Ctx, body: EnrollRequest) -> EnrollOut:
     """Enroll a device; its credentials are in the answer, once."""
+    if body.id == ctx.settings.mqtt_username:
+        # Its MQTT username would be the hub's own: the broker files leave it out, so the
+        # credentials printed once could never connect.
+        raise Conflict(f"device id {body.id!r} is the hub's own broker user name; choose another id")
     tags = check_tags(body.tags)
     change = change_fleet(ctx, lambda s: enroll_device(s, body.id, tags))
     _sync_broker(ctx)

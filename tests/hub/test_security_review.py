@@ -146,3 +146,12 @@ def test_an_empty_admin_token_stops_the_hub_instead_of_letting_anyone_in(
     (data / "admin_token").write_text("\n")
     with pytest.raises(ConfigError, match="admin token"):
         hub(data_dir=data, admin_token=None)
+
+
+def test_a_device_cannot_take_the_hubs_broker_user_name(hub: HubFactory) -> None:
+    h = hub()
+    with h.client() as http:
+        r = http.post("/api/v1/devices", json={"id": h.ctx.settings.mqtt_username, "tags": {}})
+        assert r.status_code == 409, r.text
+        assert "broker user" in r.json()["error"]["message"]
+        assert http.get("/api/v1/devices").json()["devices"] == []
