@@ -45,6 +45,8 @@ PASSWORD_FILE = "passwd"
 ACL_FILE = "acl"
 CONFIG_FILE = "mosquitto.conf"
 HUB_PASSWORD_FILE = "mqtt_password"
+#: The largest MQTT packet the broker accepts from anyone (the hub's desired states included).
+MAX_PACKET_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ def render_config(
         f"password_file {broker_dir.resolve() / PASSWORD_FILE}\n",
         f"acl_file {broker_dir.resolve() / ACL_FILE}\n",
         f"persistence {'true' if persistence else 'false'}\n",
+        # Device messages over ingest's limit are dropped anyway; without a cap a device could
+        # push 256 MB packets through the broker into the hub's memory.
+        f"max_packet_size {MAX_PACKET_BYTES}\n",
     ]
     if persistence:
         lines.append(f"persistence_location {broker_dir.resolve()}/\n")

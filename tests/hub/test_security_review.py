@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from cloud_hub.api.body_limit import MAX_PARSED_BODY
+from cloud_hub.broker.mosquitto import MAX_PACKET_BYTES, BrokerUser, write_broker_files
+from cloud_hub.broker.passwords import hash_password
 from cloud_hub.ingest.worker import IngestWorker
 from manifests.digests import sha256_digest
 from manifests.errors import ConfigError
 from tests.conftest import Publisher
+from tests.hub.broker_fixtures import BrokerFactory
 from tests.hub.conftest import HubFactory
 from tests.hub.fleet_support import enroll, push
 
@@ -155,3 +158,30 @@ def test_a_device_cannot_take_the_hubs_broker_user_name(hub: HubFactory) -> None
         assert r.status_code == 409, r.text
         assert "broker user" in r.json()["error"]["message"]
         assert http.get("/api/v1/devices").json()["devices"] == []
+
+
+def test_the_generated_broker_config_refuses_huge_device_packets(
+    tmp_path: Path, broker_factory: BrokerFactory
+) -> None:
+    prefix = "sec"
+    write_broker_files(
+        tmp_path / "broker",
+        prefix=prefix,
+        hub=BrokerUser("edgepack-hub", hash_password("hub-pw")),
+        devices=[BrokerUser("dev-a", hash_password("pw-a"))],
+    )
+    broker = broker_factory(tmp_path / "broker")
+    hub_side = broker.probe(username="edgepack-hub", password="hub-pw")
+    device = broker.probe(username="dev-a", password="pw-a")
+    try:
+        assert hub_side.subscribe(f"{prefix}/devices/+/reported") == [1]
+        device.publish(f"{prefix}/devices/dev-a/reported", b"x" * (MAX_PACKET_BYTES + 1), qos=0)
+        assert hub_side.received_within(lambda m: True, 2.0) == []
+        # A message of normal size from the same device still gets through.
+        device.close()
+        device = broker.probe(username="dev-a", password="pw-a")
+        device.publish(f"{prefix}/devices/dev-a/reported", b"small")
+        assert hub_side.expect(lambda m: True).payload == b"small"
+    finally:
+        device.close()
+        hub_side.close()
