@@ -62,6 +62,10 @@ def check_files(files: Sequence[FileRef]) -> list[FileRef]:
             raise ConfigError(f"model file {f.path!r} has a negative size")
         check_digest(f.digest)
         seen.add(f.path)
+    # 'a' and 'a/b' cannot both be written out: the download would fail half-way.
+    folders = {p[:i] for p in seen for i, ch in enumerate(p) if ch == "/"}
+    if clash := sorted(folders & seen):
+        raise ConfigError(f"model file {clash[0]!r} is also the folder of other files; rename one")
     return sorted(files, key=lambda f: f.path)
 
 

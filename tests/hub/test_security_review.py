@@ -185,3 +185,22 @@ def test_the_generated_broker_config_refuses_huge_device_packets(
     finally:
         device.close()
         hub_side.close()
+
+
+def test_a_model_cannot_name_a_file_that_is_also_a_folder(hub: HubFactory) -> None:
+    # 'weights' and 'weights/part-1' were both accepted, though no download can write both.
+    h = hub()
+    data = b"w"
+    digest = sha256_digest(data)
+    with h.client() as http:
+        assert http.put(f"/api/v1/blobs/{digest}", content=data).status_code == 201
+        files = [
+            {"path": "weights", "digest": digest, "size": 1},
+            {"path": "weights-b", "digest": digest, "size": 1},
+            {"path": "weights/part-1", "digest": digest, "size": 1},
+        ]
+        r = http.post("/api/v1/models/clash/versions", json={"files": files})
+        assert r.status_code == 400, r.text
+        assert "'weights'" in r.json()["error"]["message"]
+        r = http.post("/api/v1/models/clash/versions", json={"files": files[1:]})
+        assert r.status_code == 201, r.text
