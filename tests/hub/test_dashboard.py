@@ -73,6 +73,8 @@ def test_dashboard_shows_fleet_changes_live(
 
     page.fill("#token", h.admin_token)
     page.click("#login button[type=submit]")
+    expect(page.locator("#main")).to_be_visible()
+    expect(page.locator("#login")).to_be_hidden()  # the sign-in form goes away once signed in
     device_row = page.locator("#devices tr[data-device='dev-1']")
     service_row = page.locator("#services tr[data-service='digits']")
     expect(device_row).to_have_attribute("data-online", "false")
