@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from cloud_hub.api import dashboard, fleet, registry
 from cloud_hub.api.body_limit import BodyLimit
+from cloud_hub.api.docs import install_docs
 from cloud_hub.api.errors import install_error_handlers
 from cloud_hub.context import HubContext
 from cloud_hub.settings import HubSettings
@@ -39,7 +40,10 @@ def create_app(settings: HubSettings | None = None, *, ctx: HubContext | None = 
         version="0.1.0",
         description="Model and module registry, devices, deployments, fleet state.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     app.add_middleware(BodyLimit)
     install_error_handlers(app)
     app.include_router(registry.router)
