@@ -22,7 +22,13 @@ from pydantic import ValidationError
 from manifests.digests import sha256_digest
 from manifests.errors import TrustError
 from manifests.module import ModuleManifest, check_relative_path
-from manifests.signing import Envelope, TrustStore, parse_envelope, verify_envelope
+from manifests.signing import (
+    UNTRUSTED_HINT,
+    Envelope,
+    TrustStore,
+    parse_envelope,
+    verify_envelope,
+)
 
 MANIFEST_NAME = "module.json"
 BLOB_PREFIX = "blobs/sha256/"
@@ -88,10 +94,12 @@ class VerifiedModule:
     blob_sizes: dict[str, int] = field(default_factory=dict)
 
 
-def parse_module_manifest(data: bytes, trust: TrustStore, *, what: str) -> VerifiedModule:
+def parse_module_manifest(
+    data: bytes, trust: TrustStore, *, what: str, untrusted_hint: str = UNTRUSTED_HINT
+) -> VerifiedModule:
     """Verify the signatures on ``module.json`` bytes, then validate its payload."""
     envelope = parse_envelope(data, what=what)
-    signers = verify_envelope(envelope, trust, what=what)
+    signers = verify_envelope(envelope, trust, what=what, untrusted_hint=untrusted_hint)
     try:
         manifest = ModuleManifest.model_validate(envelope.signed)
     except ValidationError as exc:
@@ -137,6 +145,7 @@ def verify_bundle(
     limits: BundleLimits = BundleLimits(),
     progress: Callable[[int], None] | None = None,
     what: str = "bundle",
+    untrusted_hint: str = UNTRUSTED_HINT,
 ) -> VerifiedModule:
     """Verify a bundle read from ``stream``; raise :class:`TrustError` naming the first problem.
 
@@ -162,7 +171,9 @@ def verify_bundle(
                     raise TrustError(f"{what}: {MANIFEST_NAME} is larger than allowed")
                 fh = tar.extractfile(member)
                 assert fh is not None  # a regular member always has data
-                verified = parse_module_manifest(fh.read(), trust, what=what)
+                verified = parse_module_manifest(
+                    fh.read(), trust, what=what, untrusted_hint=untrusted_hint
+                )
                 if len(verified.manifest.files) > limits.max_files:
                     raise TrustError(f"{what}: more files than allowed ({limits.max_files})")
                 if verified.manifest.total_size() > limits.max_total_bytes:

@@ -172,7 +172,16 @@ def parse_envelope(data: bytes, *, what: str = "document") -> Envelope:
         raise TrustError(f"{what} is not a signed envelope: {loc}: {first['msg']}") from None
 
 
-def verify_envelope(envelope: Envelope, trust: TrustStore, *, what: str = "document") -> list[str]:
+UNTRUSTED_HINT = "add the publisher's public key to the trust store (--trust KEY.pub) if you trust it"
+
+
+def verify_envelope(
+    envelope: Envelope,
+    trust: TrustStore,
+    *,
+    what: str = "document",
+    untrusted_hint: str = UNTRUSTED_HINT,
+) -> list[str]:
     """Check that at least ``trust.threshold`` distinct trusted keys signed the payload.
 
     Returns the key ids whose signatures verified. Raises :class:`TrustError` otherwise.
@@ -205,8 +214,7 @@ def verify_envelope(envelope: Envelope, trust: TrustStore, *, what: str = "docum
     signers = ", ".join(s.keyid[:16] for s in envelope.signatures)
     if not good:
         raise TrustError(
-            f"{what}: signed by untrusted key(s) {signers}; add the publisher's public key "
-            "to the trust store (--trust KEY.pub) if you trust it"
+            f"{what}: signed by untrusted key(s) {signers}; {untrusted_hint}"
         )
     raise TrustError(
         f"{what}: {len(good)} trusted signature(s), {trust.threshold} required"

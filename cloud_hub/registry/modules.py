@@ -24,6 +24,11 @@ from cloud_hub.store.blobs import BlobStore
 from manifests.bundle import VerifiedModule, verify_bundle
 from manifests.signing import TrustStore
 
+UNTRUSTED_BY_HUB = (
+    "the hub accepts modules signed by the keys it was started with: "
+    "'edgepack hub serve --trust PUBLISHER.pub' (or EDGEPACK_HUB_TRUSTED_KEYS)"
+)
+
 
 @dataclass(frozen=True)
 class PushResult:
@@ -101,7 +106,9 @@ def push_module(
     try:
         # The byte limit is enforced on the stream (TooLarge, 413), not through BundleLimits,
         # whose refusal would read as a trust problem (422).
-        verified = verify_bundle(stream, trust, sink=staging, what="pushed module")
+        verified = verify_bundle(
+            stream, trust, sink=staging, what="pushed module", untrusted_hint=UNTRUSTED_BY_HUB
+        )
         ref = verified.manifest.ref
         with sessions.begin() as session:
             lock_registry(session)

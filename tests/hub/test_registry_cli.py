@@ -133,6 +133,7 @@ def test_push_and_module_commands(hub: HubFactory, tmp_path: Path, digits_bundle
     untrusted.write_bytes(forge.bundle(Defect.UNTRUSTED_KEY))
     refused = run(home, "push", str(untrusted), hub=running)
     assert refused.returncode == 3 and Defect.UNTRUSTED_KEY.reason in refused.stderr
+    assert "edgepack hub serve --trust" in refused.stderr  # what to do is the hub's to say
     assert [m["name"] for m in ok_json(run(home, "module", "list", "--json", hub=running))] == ["digits"]
 
 
