@@ -13,6 +13,7 @@ TEST_PACKAGES=(
     mosquitto   # the real MQTT broker tests start on ephemeral ports
     chromium    # headless browser for the dashboard tests (driven by Playwright)
     libatomic1  # Playwright's bundled node driver links it; a minimal Debian lacks it
+    postgresql  # a throwaway PostgreSQL server per test worker (hub on PostgreSQL)
     # --- runtimes, added when their tests land: ---
     # docker.io docker-registry   (docker runtime against a real engine and registry)
     # debootstrap                 (device root filesystems)

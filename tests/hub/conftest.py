@@ -8,6 +8,7 @@ state on the same data dir, which is how restart tests prove nothing is lost.
 By default each hub keeps its state in SQLite in its data dir. With
 ``EDGEPACK_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT/postgres`` every new hub gets a
 fresh PostgreSQL database instead (dropped afterwards), so the same tests check portability.
+``hub(postgres=SERVER_URL)`` does the same for one hub, e.g. on the ``postgres`` fixture's server.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from manifests.signing import public_key_pem
 from tests.conftest import Publisher
 from tests.factory import Forge
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
+from tests.hub.postgres_fixtures import *  # noqa: F403  (PostgreSQL server fixture)
 
 ADMIN_TOKEN = "ep_admin_test-token"
 
@@ -81,9 +83,9 @@ HubFactory = Callable[..., RunningHub]
 POSTGRES_ENV = "EDGEPACK_TEST_POSTGRES"
 
 
-def _database(action: str, name: str) -> str:
-    """Create or drop a PostgreSQL database on the server named by $EDGEPACK_TEST_POSTGRES."""
-    admin_url = make_url(os.environ[POSTGRES_ENV])
+def _database(action: str, name: str, server: str) -> str:
+    """Create or drop a PostgreSQL database on ``server`` (the URL of its admin database)."""
+    admin_url = make_url(server)
     engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
@@ -117,17 +119,18 @@ def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvic
 @pytest.fixture
 def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Iterator[HubFactory]:
     started: list[RunningHub] = []
-    databases: list[str] = []
+    databases: list[tuple[str, str]] = []
     keys_dir = tmp_path_factory.mktemp("hub-keys")
     trusted = keys_dir / "publisher.pub"
     trusted.write_bytes(public_key_pem(publisher.key.public_key()))
 
-    def start(*, data_dir: Path | None = None, **overrides: Any) -> RunningHub:
+    def start(*, data_dir: Path | None = None, postgres: str | None = None, **overrides: Any) -> RunningHub:
         data = data_dir or tmp_path_factory.mktemp("hub-data")
-        if os.environ.get(POSTGRES_ENV) and "db" not in overrides:
+        pg_server = postgres or os.environ.get(POSTGRES_ENV)
+        if pg_server and "db" not in overrides:
             name = f"hub_{uuid.uuid4().hex[:12]}"
-            overrides["db"] = _database("create", name)
-            databases.append(name)
+            overrides["db"] = _database("create", name, pg_server)
+            databases.append((pg_server, name))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -160,8 +163,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
     yield start
     for running in reversed(started):
         running.stop()
-    for name in databases:
-        _database("drop", name)
+    for pg_server, name in databases:
+        _database("drop", name, pg_server)
 
 
 @pytest.fixture
