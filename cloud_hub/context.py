@@ -21,7 +21,7 @@ from manifests.signing import (
     generate_private_key,
     key_id,
     load_private_key,
-    load_public_key,
+    parse_trust,
     private_key_pem,
 )
 
@@ -71,12 +71,7 @@ def _load_or_create_admin_token(settings: HubSettings) -> str:
 def _load_trust(paths: list[Path]) -> TrustStore:
     store = TrustStore()
     for path in paths:
-        data = path.read_bytes()
-        if data.lstrip().startswith(b"{"):
-            for k in TrustStore.model_validate_json(data).keys:
-                store = TrustStore(keys=[*store.keys, k]) if k not in store.keys else store
-        else:
-            store = store.with_key(load_public_key(data, source=str(path)), name=path.stem)
+        store = store.merged(parse_trust(path.read_bytes(), source=str(path), name=path.stem))
     return store
 
 

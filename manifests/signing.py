@@ -70,6 +70,12 @@ class TrustStore(BaseModel):
             out[entry.keyid] = pub
         return out
 
+    def merged(self, other: TrustStore) -> TrustStore:
+        """Both stores' keys (each key id once) with the stricter of the two thresholds."""
+        known = {k.keyid for k in self.keys}
+        keys = [*self.keys, *(k for k in other.keys if k.keyid not in known)]
+        return TrustStore(keys=keys, threshold=max(self.threshold, other.threshold))
+
     def with_key(self, pub: Ed25519PublicKey, name: str = "") -> TrustStore:
         kid = key_id(pub)
         if any(k.keyid == kid for k in self.keys):
@@ -138,6 +144,18 @@ def load_public_key(data: bytes, *, source: str = "public key") -> Ed25519Public
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{source}: not an Ed25519 public key")
     return key
+
+
+def parse_trust(data: bytes, *, source: str, name: str = "") -> TrustStore:
+    """A trust store from a file's bytes: trust-store JSON, or one public key (PEM or hex)."""
+    if data.lstrip().startswith(b"{"):
+        try:
+            store = TrustStore.model_validate_json(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: not a valid trust store ({exc.__class__.__name__})") from None
+        store.public_keys()  # checks every keyid against its key
+        return store
+    return TrustStore().with_key(load_public_key(data, source=source), name=name)
 
 
 # --- envelopes ------------------------------------------------------------------------------

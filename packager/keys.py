@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import ValidationError
 
 from manifests.errors import ConfigError
 from manifests.signing import (
@@ -14,7 +12,7 @@ from manifests.signing import (
     generate_private_key,
     key_id,
     load_private_key,
-    load_public_key,
+    parse_trust,
     private_key_pem,
     public_key_pem,
 )
@@ -50,25 +48,11 @@ def read_trust(paths: list[Path]) -> TrustStore:
     store = TrustStore()
     for path in paths:
         if path.is_dir():
-            store = _merge(store, read_trust(sorted(path.glob("*.pub")) + sorted(path.glob("*.json"))))
+            store = store.merged(read_trust(sorted(path.glob("*.pub")) + sorted(path.glob("*.json"))))
             continue
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise ConfigError(f"{path}: trust file not found") from None
-        if data.lstrip().startswith(b"{"):
-            try:
-                other = TrustStore.model_validate(json.loads(data))
-            except (ValueError, ValidationError) as exc:
-                raise ConfigError(f"{path}: not a valid trust store ({exc.__class__.__name__})") from None
-            other.public_keys()  # checks every keyid against its key
-            store = _merge(store, other)
-        else:
-            store = store.with_key(load_public_key(data, source=str(path)), name=path.stem)
+        store = store.merged(parse_trust(data, source=str(path), name=path.stem))
     return store
-
-
-def _merge(a: TrustStore, b: TrustStore) -> TrustStore:
-    known = {k.keyid for k in a.keys}
-    keys = [*a.keys, *(k for k in b.keys if k.keyid not in known)]
-    return TrustStore(keys=keys, threshold=max(a.threshold, b.threshold))

@@ -21,6 +21,7 @@ from manifests.signing import (
     load_private_key,
     load_public_key,
     parse_envelope,
+    parse_trust,
     private_key_pem,
     public_key_pem,
     raw_public_bytes,
@@ -199,3 +200,24 @@ def test_with_key_adds_a_key_once() -> None:
 def test_parse_envelope_refuses_damaged_documents(data: bytes, reason: str) -> None:
     with pytest.raises(TrustError, match=reason):
         parse_envelope(data, what="desired state")
+
+
+def test_parse_trust_reads_a_public_key_or_a_trust_store_and_merges_strictly() -> None:
+    a, b = generate_private_key(), generate_private_key()
+    from_pem = parse_trust(public_key_pem(a.public_key()), source="a.pub", name="a")
+    assert [k.name for k in from_pem.keys] == ["a"]
+    two = TrustStore(threshold=2).with_key(a.public_key()).with_key(b.public_key())
+    from_json = parse_trust(two.model_dump_json().encode(), source="team.json")
+    merged = from_pem.merged(from_json)
+    assert [k.keyid for k in merged.keys] == [key_id(a.public_key()), key_id(b.public_key())]
+    assert merged.threshold == 2  # the stricter threshold wins
+
+
+def test_parse_trust_refuses_a_store_whose_keyid_does_not_match_its_key() -> None:
+    key = generate_private_key()
+    store = json.loads(TrustStore().with_key(key.public_key()).model_dump_json())
+    store["keys"][0]["keyid"] = "0" * 64
+    with pytest.raises(ConfigError, match="keyid does not match"):
+        parse_trust(json.dumps(store).encode(), source="evil.json")
+    with pytest.raises(ConfigError, match="not a valid trust store"):
+        parse_trust(b"{not json", source="broken.json")
