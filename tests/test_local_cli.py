@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from packager.commands.local_cmds import read_records, scoring_url, server_message
-from tests.conftest import Publisher, make_publisher
+from tests.conftest import Publisher, free_port, make_publisher
 from tests.factory import FAILING_SCORE_PY, Defect, Forge, default_files
 
 Samples = dict[str, list[object]]
@@ -39,12 +39,6 @@ def edgepack(
 def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "EDGEPACK_HOME": str(home), "COLUMNS": "200"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def write_trust(path: Path, publisher: Publisher) -> Path:

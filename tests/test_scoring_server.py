@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,16 +25,10 @@ import pytest
 
 from edge_agent.scoring.metrics import BUCKETS_S, MetricsBoard, latency_quantile, parse, render
 from manifests.bundle import verify_bundle
-from tests.conftest import EXAMPLE, Publisher
+from tests.conftest import EXAMPLE, Publisher, free_port
 
 START_TIMEOUT_S = 30.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def make_module(root: Path, script: str, models: dict[str, bytes | Path]) -> Path:

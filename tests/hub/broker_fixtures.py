@@ -28,6 +28,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.broker.mosquitto import render_config
+from tests.conftest import free_port  # re-exported: fixtures and tests start brokers on it
 
 __all__ = [
     "MOSQUITTO",
@@ -43,14 +44,6 @@ __all__ = [
 ]
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the broker start retries on a clash)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

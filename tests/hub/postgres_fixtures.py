@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.hub.broker_fixtures import free_port
+from tests.conftest import free_port
 
 __all__ = ["PostgresServer", "find_postgres_bin", "postgres", "start_postgres"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import httpx
 
 from manifests.digests import sha256_digest
 from manifests.signing import public_key_pem
-from tests.conftest import Publisher
+from tests.conftest import Publisher, free_port
 from tests.factory import Defect, Forge
 from tests.hub.conftest import HubFactory, RunningHub
 
@@ -142,12 +141,6 @@ def test_no_hub_configured_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "edgepack login" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_hub_serve_runs_a_hub_the_cli_can_push_to(
