@@ -130,6 +130,7 @@ def build_cmd(
     'edgepack build --runtime-image'.
     """
     from packager.runtime_image.builder import BuildOptions, build_runtime_image
+    from packager.runtime_image.engine import connect
     from packager.runtime_image.rootfs import DEFAULT_MIRROR
 
     try:
@@ -142,9 +143,10 @@ def build_cmd(
         push=_registry(push),
         mirror=mirror or os.environ.get("EDGEPACK_DEBIAN_MIRROR") or DEFAULT_MIRROR,
     )
+    client = connect()
     # With --json, stdout carries only the JSON object: the steps go to stderr.
     with RichReporter(err_console if as_json else console) as reporter:
-        result = build_runtime_image(options, reporter=reporter)
+        result = build_runtime_image(options, reporter=reporter, client=client)
     if as_json:
         print(json.dumps(result.as_json(), indent=2))
         return

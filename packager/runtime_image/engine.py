@@ -34,17 +34,21 @@ def connect(timeout: float = ENGINE_TIMEOUT_S) -> Any:
         client = docker.from_env(timeout=int(timeout))
         client.ping()
     except docker.errors.DockerException as exc:
-        raise FetchError(
-            f"no Docker engine answers at {where} ({_short(exc)}); start it (as root: "
-            "'dockerd &', or 'systemctl start docker'; install it with apt-get install docker.io) "
-            "or point DOCKER_HOST at one"
-        ) from None
+        detail = str(exc).removeprefix("Error while fetching server API version: ")
+        if "Permission denied" in detail or "PermissionError" in detail:
+            hint = "this user may not use its socket: run as root or join the 'docker' group"
+        else:
+            hint = (
+                "start it (as root: 'dockerd &' or 'systemctl start docker'; apt-get install "
+                "docker.io installs it) or point DOCKER_HOST at one"
+            )
+        raise FetchError(f"no Docker engine answers at {where} ({_short(detail, 120)}); {hint}") from None
     return client
 
 
-def _short(exc: BaseException) -> str:
+def _short(exc: BaseException | str, limit: int = 200) -> str:
     text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:200] + "…"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def find_base(client: Any, tag: str, key: str) -> Any | None:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: or locale settings may leak into the image.
 _CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 _WHEELS_IN_ROOT = "tmp/edgepack-wheels"
+_SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
 #: What a container never reads; removed from the root file system.
 _STRIP = (
     "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
@@ -41,13 +44,27 @@ _STRIP = (
 _BLANK = ("etc/resolv.conf", "etc/hostname")
 
 
+def _tool(name: str) -> str | None:
+    # /usr/sbin is not on every user's PATH, and sudo may drop it.
+    return shutil.which(name) or shutil.which(name, path=_SBIN)
+
+
+def _env_with_sbin() -> dict[str, str]:
+    """The caller's environment (a proxy for the mirror is welcome), with the sbin folders
+    debootstrap's own helpers (chroot, mknod...) live in."""
+    return {**os.environ, "PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":" + _SBIN}
+
+
 def require_tools() -> None:
     """Refuse early, with what to do, when this machine cannot build a base."""
-    if shutil.which("debootstrap") is None and not Path("/usr/sbin/debootstrap").exists():
+    if _tool("debootstrap") is None:
         raise ConfigError(
             "debootstrap not found: the base image is built from Debian packages with it; "
             "install it (apt-get install debootstrap) and try again"
         )
+    for name in ("chroot", "tar", "umount"):
+        if _tool(name) is None:
+            raise ConfigError(f"{name} not found: building the base image needs it (coreutils, tar, mount)")
     if os.geteuid() != 0:
         raise ConfigError(
             "building the base image runs debootstrap and chroot, which need root: run this "
@@ -81,7 +98,7 @@ def download_wheels(recipe: BaseRecipe, dest: Path, log: Path) -> Path:
     requirements.write_text("\n".join(recipe.requirements) + "\n")
     platforms = [arg for p in recipe.wheel_platforms for arg in ("--platform", p)]
     _run(
-        ["python3" if shutil.which("python3") else "python", "-m", "pip", "download", "--quiet",
+        [sys.executable, "-m", "pip", "download", "--quiet",
          "--disable-pip-version-check", "--no-deps", "--only-binary=:all:",
          "--implementation", "cp", "--python-version", recipe.python, "--abi", recipe.python_tag,
          *platforms, "--dest", str(dest), "--requirement", str(requirements)],
@@ -94,10 +111,11 @@ def debootstrap(recipe: BaseRecipe, root: Path, *, mirror: str, debs: Path, log:
     """A minimal Debian with python3 in ``root``; .deb files are kept in ``debs``."""
     debs.mkdir(parents=True, exist_ok=True)
     _run(
-        ["debootstrap", f"--variant={recipe.variant}", f"--arch={recipe.arch}",
+        [_tool("debootstrap") or "debootstrap", f"--variant={recipe.variant}", f"--arch={recipe.arch}",
          f"--include={','.join(recipe.packages)}", f"--cache-dir={debs.resolve()}",
          recipe.suite, str(root), mirror],
         log, what=f"debootstrap of Debian {recipe.suite} from {mirror}", error=FetchError,
+        env=_env_with_sbin(),
     )  # fmt: skip
 
 
@@ -105,11 +123,15 @@ def install_wheels(recipe: BaseRecipe, root: Path, wheels: Path, requirements: P
     """The venv and the wheels inside ``root``, checked by importing them there."""
     inside = root / _WHEELS_IN_ROOT
     shutil.rmtree(inside, ignore_errors=True)
-    shutil.copytree(wheels, inside)
+    inside.mkdir(parents=True)
+    # Only the pinned wheels go in: the cache folder still holds those of older pins, and
+    # one of them must never stand in for a dependency the list forgot.
+    for wheel in pinned_wheels(wheels, recipe.requirements):
+        shutil.copy(wheel, inside / wheel.name)
     shutil.copy(requirements, inside / "requirements.txt")
     pip_wheel = _debian_pip_wheel(root)
     python = f"{VENV}/bin/python"
-    chroot = ["chroot", str(root)]
+    chroot = [_tool("chroot") or "chroot", str(root)]
     _run([*chroot, "/usr/bin/python3", "-m", "venv", "--without-pip", VENV], log,
          what="creating the venv in the image", env=_CHROOT_ENV)  # fmt: skip
     _run(
@@ -127,6 +149,28 @@ def install_wheels(recipe: BaseRecipe, root: Path, wheels: Path, requirements: P
     shutil.rmtree(inside)
 
 
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned_wheels(folder: Path, requirements: tuple[str, ...]) -> list[Path]:
+    """The wheels in ``folder`` that the ``name==version`` pins ask for; every pin must have one."""
+    wanted = {_normalise(r.split("==")[0]): r.split("==")[1] for r in requirements}
+    found: list[Path] = []
+    seen: set[str] = set()
+    for wheel in sorted(folder.glob("*.whl")):
+        name, _, rest = wheel.name.partition("-")
+        version = rest.split("-", 1)[0]
+        key = _normalise(name)
+        if wanted.get(key) == version:
+            found.append(wheel)
+            seen.add(key)
+    missing = sorted(set(wanted) - seen)
+    if missing:
+        raise EdgepackError(f"{folder}: no downloaded wheel for {', '.join(missing)}")
+    return found
+
+
 def _debian_pip_wheel(root: Path) -> str:
     found = sorted((root / "usr/share/python-wheels").glob("pip-*.whl"))
     if not found:
@@ -138,7 +182,7 @@ def _debian_pip_wheel(root: Path) -> str:
 
 def add_user(root: Path, log: Path) -> None:
     """The unprivileged user the scoring server runs as (uid = gid = 10001, no home, no shell)."""
-    chroot = ["chroot", str(root)]
+    chroot = [_tool("chroot") or "chroot", str(root)]
     _run([*chroot, "groupadd", "--system", "--gid", str(RUNTIME_UID), RUNTIME_USER], log,
          what="adding the runtime group", env=_CHROOT_ENV)  # fmt: skip
     _run(
@@ -226,7 +270,7 @@ def remove_root(root: Path) -> None:
     /dev mounted inside it: those are unmounted first, and nothing is deleted while any mount
     remains, since deleting through a bind mount would delete the host's files."""
     for point in mounts_below(root):
-        subprocess.run(["umount", "--lazy", str(point)], check=False, capture_output=True)
+        subprocess.run([_tool("umount") or "umount", "--lazy", str(point)], check=False, capture_output=True)
     left = mounts_below(root)
     if left:
         raise EdgepackError(
