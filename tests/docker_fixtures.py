@@ -73,11 +73,14 @@ def docker_labels() -> dict[str, str]:
 def docker_engine(docker_labels: dict[str, str]) -> Iterator[Any]:
     """A Docker Engine that answers, or a failure saying how to start one."""
     where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    problem = None
     try:
         client = docker.from_env(timeout=900)
         client.ping()
     except docker.errors.DockerException as exc:
-        pytest.fail(f"no Docker engine answers at {where} ({exc}): {ENGINE_HINT}", pytrace=False)
+        problem = str(exc).removeprefix("Error while fetching server API version: ")
+    if problem is not None:  # outside the except: the failure is one line, not a traceback
+        pytest.fail(f"no Docker engine answers at {where} ({problem}): {ENGINE_HINT}", pytrace=False)
     yield client
     label = f"{LABEL_SESSION}={docker_labels[LABEL_SESSION]}"
     for container in client.containers.list(all=True, filters={"label": label}):

@@ -16,7 +16,7 @@ from typing import Any
 import docker
 import docker.errors
 
-from manifests.errors import EdgepackError, FetchError
+from manifests.errors import EdgepackError, FetchError, RegistryUnavailable
 from manifests.image_ref import parse_image_ref
 from packager.runtime_image.recipe import LABEL_BASE_KEY, LABEL_THIN_KEY
 
@@ -145,7 +145,7 @@ def push(client: Any, reference: str, *, progress: Progress | None = None) -> st
     try:
         for event in client.api.push(ref.repository, tag=ref.tag, stream=True, decode=True):
             if "error" in event:
-                raise FetchError(
+                raise RegistryUnavailable(
                     f"push of {reference} failed: {' '.join(str(event['error']).split())}; check that "
                     f"the registry {ref.registry} runs and accepts pushes"
                 )
@@ -158,9 +158,9 @@ def push(client: Any, reference: str, *, progress: Progress | None = None) -> st
             if isinstance(aux, dict) and aux.get("Digest"):
                 digest = str(aux["Digest"])
     except docker.errors.DockerException as exc:
-        raise FetchError(
+        raise RegistryUnavailable(
             f"push of {reference} failed: {_short(exc)}; check that the registry {ref.registry} runs"
         ) from None
     if digest is None:
-        raise FetchError(f"push of {reference}: the engine reported no manifest digest")
+        raise RegistryUnavailable(f"push of {reference}: the engine reported no manifest digest")
     return digest
