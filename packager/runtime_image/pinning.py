@@ -95,5 +95,7 @@ def pin_image(text: str, *, client: Any | None = None) -> ImagePin:
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    # An API error's explanation is the engine's own sentence ("Get …: connection refused");
+    # its str() wraps that in the HTTP request the SDK made.
+    text = " ".join(str(getattr(exc, "explanation", None) or exc).split())
     return text if len(text) <= 160 else text[:160] + "…"
