@@ -40,6 +40,7 @@ from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
 from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, selector_matches
 from cloud_hub.ingest.rollup import rollup_states
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
+from cloud_hub.ingest.tables import DeviceReport
 from cloud_hub.registry.modules import get_module
 from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.errors import EdgepackError
@@ -76,6 +77,8 @@ class DeviceOut(BaseModel):
 class DeviceDetail(DeviceOut):
     desired_issued: datetime | None = None
     desired_expires: datetime | None = None
+    applied_generation: int | None = Field(default=None, description="as the device last reported")
+    last_error: str | None = Field(default=None, description="e.g. why it refused a desired state")
     modules: list[ModuleStatus] = Field(default_factory=list)
 
 
@@ -326,10 +329,13 @@ def show_device(ctx: Ctx, device_id: str) -> DeviceDetail:
     with ctx.sessions.begin() as s:
         device = get_device(s, device_id)
         desired = s.get(DeviceDesired, device_id)
+        report = s.get(DeviceReport, device_id)
         return DeviceDetail(
             **_device_out(device, desired).model_dump(),
             desired_issued=desired.issued if desired is not None else None,
             desired_expires=desired.expires if desired is not None else None,
+            applied_generation=report.applied_generation if report is not None else None,
+            last_error=report.last_error if report is not None else None,
             modules=device_module_statuses(s, device_id),
         )
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edge_agent.backoff import full_jitter
+from edge_agent.backoff import RestartBackoff, full_jitter
 from edge_agent.cache.modules import InstalledModule, ModuleCache
 from edge_agent.download.module import Cancelled, Counters, FetchControl, fetch_module
 from edge_agent.health import Prober, ProbeResult, Watched
@@ -589,7 +589,9 @@ class ReconcileLoop:
         if running.restart:
             service.restarts += 1
         if old is not None and old.id != instance.id:
-            self._retire(name, old)
+            # An instance that stopped answering gets no time to drain: its queue is not moving.
+            answering = self.health.get(old.id, Health()).misses == 0
+            self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S if answering else 1.0)
         state, reason = self._steady(service)
         self._set_status(name, state, reason)
         self._watch()
@@ -673,7 +675,7 @@ class ReconcileLoop:
             if service.healthy_since is None:
                 service.healthy_since = datetime.now(UTC)
             healthy_for = (datetime.now(UTC) - service.healthy_since).total_seconds()
-            if healthy_for >= 600 and service.failures:
+            if healthy_for >= self.config.restart.reset_after_s and service.failures:
                 service.failures = 0
                 self._dirty_save = True
             if result.service not in self.ops and service.state is not ServiceState.HEALTHY:
@@ -698,6 +700,7 @@ class ReconcileLoop:
         healthy_for = (
             (datetime.now(UTC) - service.healthy_since).total_seconds() if service.healthy_since else 0.0
         )
+        restart = self.config.restart
         decision = after_failure(
             policy=current.assignment.settings.restart_policy,
             trouble=trouble,
@@ -705,6 +708,8 @@ class ReconcileLoop:
             failures_before=service.failures,
             healthy_for_s=healthy_for,
             rand=self.rand(),
+            backoff=RestartBackoff(restart.base_s, restart.cap_s, restart.jitter, restart.reset_after_s),
+            limit=restart.crash_loop_limit,
         )
         service.failures = decision.failures
         service.healthy_since = None
@@ -841,14 +846,14 @@ class ReconcileLoop:
         self._gc_needed = True
         log.info("%s removed", name)
 
-    def _retire(self, name: str, instance: InstanceRecord) -> None:
+    def _retire(self, name: str, instance: InstanceRecord, *, grace_s: float) -> None:
         """Stop an instance that no longer serves (it drains first), in the background."""
         self.retiring[instance.id] = (name, instance)
         self.health.pop(instance.id, None)
 
         def work() -> None:
             try:
-                self._runtime_of(instance).stop(instance, grace_s=STOP_GRACE_S + DRAIN_S)
+                self._runtime_of(instance).stop(instance, grace_s=grace_s)
             except Exception:
                 log.exception("stopping instance %s failed", instance.id)
             self.events.put(Retired(instance.id))

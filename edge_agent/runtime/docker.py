@@ -36,6 +36,7 @@ from edge_agent.state.records import InstanceRecord
 from manifests.desired import ModuleAssignment, RuntimeKind
 from manifests.device import AgentConfig
 from manifests.errors import ImageUnavailable, RegistryUnavailable, RuntimeFailure
+from manifests.image_ref import parse_image_ref
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,6 @@ CONTAINER_UID = 10001  # the runtime image's user
 LABEL_DEVICE = "edgepack.device"
 LABEL_SERVICE = "edgepack.service"
 LABEL_INSTANCE = "edgepack.instance"
-
-
-def pinned_reference(image: str, digest: str) -> str:
-    """``registry/repo:tag`` + digest -> ``registry/repo@digest`` (the tag is not trusted)."""
-    repository = image.split("@", 1)[0]
-    last = repository.rsplit("/", 1)[-1]
-    if ":" in last:
-        repository = repository[: len(repository) - len(last)] + last.split(":", 1)[0]
-    return f"{repository}@{digest}"
 
 
 class DockerRuntime:
@@ -103,7 +95,11 @@ class DockerRuntime:
                 "the docker runtime runs only pinned images: rebuild it with "
                 "'edgepack build --runtime-image REGISTRY/edgepack/runtime@sha256:...'"
             )
-        return pinned_reference(runtime.image, runtime.image_digest)
+        try:
+            # The tag is not trusted: only the digest the publisher signed names the image.
+            return parse_image_ref(runtime.image).pinned(runtime.image_digest)
+        except ValueError as exc:
+            raise ImageUnavailable(f"module {module.manifest.ref}: {exc}") from None
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -190,11 +190,16 @@ class Fleet:
         devices: list[str] | None = None,
         selector: str | None = None,
         runtime: str = "process",
+        probe: dict[str, int] | None = None,
         **edgepack: Any,
     ) -> dict[str, Any]:
+        """Deploy with a deploymentconfig.json: ``probe`` is its livenessProbeRequirements,
+        ``edgepack`` its edgepack object (restartPolicy, environmentVariables, ...)."""
         target: dict[str, Any] = {"selector": selector} if selector else {"devices": devices}
         extension = {"runtime": runtime, **edgepack}
         config: dict[str, Any] = {"computeType": "local", "port": port, "edgepack": extension}
+        if probe is not None:
+            config["livenessProbeRequirements"] = probe
         with self.http() as http:
             r = http.put(
                 f"/api/v1/deployments/{service}",
@@ -202,6 +207,14 @@ class Fleet:
                       "deployment_config": config, "target": target},
             )  # fmt: skip
         assert r.status_code in (200, 201), r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    def hub_device(self, device_id: str) -> dict[str, Any]:
+        """The hub's view of a device, with its last reported state's ``last_error``."""
+        with self.http() as http:
+            r = http.get(f"/api/v1/devices/{device_id}")
+        assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
         return body
 
