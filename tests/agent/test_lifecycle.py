@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -209,3 +210,24 @@ def test_agent_status_answers_from_the_state_folder_alone(fleet: Fleet) -> None:
     seen = (service["state"], service["version"], service["port"], service["restarts"])
     assert seen == ("Healthy", "1", port, 0)
     assert service["alive"] is True
+
+
+def test_service_logs_come_from_the_device_through_the_hub(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1").start()
+    fleet.device("edge-2").start()
+    port = free_port()
+    fleet.deploy("demo", fleet.push("demo", "1"), port=port, devices=["edge-1"])
+    fleet.wait_rollup("demo", "Healthy")
+    score(port, [1])
+    env = {**os.environ, "EDGEPACK_HUB_URL": fleet.hub.url, "EDGEPACK_TOKEN": fleet.hub.admin_token}
+    cli = [sys.executable, "-m", "packager", "service", "logs", "demo"]
+    args = [*cli, "--device", "edge-1", "--tail", "20"]
+    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert 0 < len(lines) <= 20
+    assert any("worker" in line or "Uvicorn" in line or "Started" in line for line in lines), lines
+    # edge-2 does not run the service: nothing to fetch, one clear line, no waiting.
+    result = subprocess.run([*cli, "--device", "edge-2"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "not deployed to device 'edge-2'" in result.stderr
+    assert agent.proc is not None and agent.proc.poll() is None
