@@ -268,6 +268,22 @@ def fleet(
             agent.stop()
         # Modules outlive their agent by design; a test must not leave them behind.
         kill_modules(agent.state_dir)
+        remove_containers(agent.device_id)
+
+
+def remove_containers(device_id: str) -> None:
+    """Remove the containers an agent started for ``device_id`` (docker runtime tests)."""
+    if not any(Path(p).exists() for p in ("/var/run/docker.sock", "/run/docker.sock")):
+        return
+    import docker
+
+    client = docker.from_env()
+    try:
+        for container in client.containers.list(all=True, filters={"label": f"edgepack.device={device_id}"}):
+            with contextlib.suppress(docker.errors.APIError):
+                container.remove(force=True)
+    finally:
+        client.close()
 
 
 def kill_modules(state_dir: Path) -> list[int]:
