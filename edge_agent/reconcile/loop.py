@@ -659,6 +659,8 @@ class ReconcileLoop:
         health = self.health.setdefault(result.instance_id, Health())
         probe_cfg = service.current.assignment.settings.health
         if not result.alive:
+            if not health.alive:
+                return  # known already (found dead at boot): its restart is under way
             health.alive = False
             self._dirty_plan = True
             lines = self._runtime_of(service.current).log_tail(service.current, 30)
