@@ -57,7 +57,9 @@ def build_runtimes(config: AgentConfig, device_id: str) -> dict[RuntimeKind, Run
     runs = config.state_dir / "run"
     for kind in config.runtimes:
         if kind is RuntimeKind.PROCESS:
-            runtimes[kind] = ProcessRuntime(runs, python=config.process.python)
+            runtimes[kind] = ProcessRuntime(
+                runs, python=config.process.python, max_log_bytes=config.max_log_bytes
+            )
         elif kind is RuntimeKind.DOCKER:
             from edge_agent.runtime.docker import DockerRuntime  # the docker SDK only when used
 

@@ -132,8 +132,12 @@ class AgentConfig(BaseModel):
     poll_interval_s: float = Field(
         default=300, ge=1, le=86400, description="HTTP check for a new desired state (besides MQTT)"
     )
-    keep_versions: int = Field(default=2, ge=1, le=10, description="versions kept per service, for rollback")
-    max_log_bytes: int = Field(default=8 << 20, ge=64 << 10, le=1 << 30, description="per module log file")
+    max_log_bytes: int = Field(
+        default=8 << 20,
+        ge=64 << 10,
+        le=1 << 30,
+        description="a module's log (process runtime) is rotated past this",
+    )
     docker: DockerSettings = Field(default_factory=DockerSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
     restart: RestartSettings = Field(default_factory=RestartSettings)

@@ -397,10 +397,15 @@ class ReconcileLoop:
             current = service.current
             op = self.ops.get(name)
             restart_at = self.timers.restart_at.get(name)
+            fallback = next(
+                (a for a in (service.last_good, service.previous)
+                 if a is not None and assignment_key(a) not in service.failed),
+                None,
+            )  # fmt: skip
             out[name] = Observed(
                 running_key=current.key if current else None,
                 running_alive=current is not None and self.health.get(current.id, Health()).alive,
-                fallback=service.last_good,
+                fallback=fallback,
                 op=op.kind if op else None,
                 op_key=op.key if op else None,
                 failed_keys=frozenset(service.failed),
@@ -580,6 +585,8 @@ class ReconcileLoop:
     def _started(self, name: str, running: RunningOp, instance: InstanceRecord) -> None:
         service = self._service(name)
         old = service.current
+        if old is not None and old.key != instance.key:
+            service.previous = old.assignment
         service.current = instance
         service.last_good = instance.assignment
         service.healthy_since = datetime.now(UTC)
@@ -719,9 +726,10 @@ class ReconcileLoop:
         if decision.restart_in_s is not None:
             self.timers.restart_at[name] = self.clock() + decision.restart_in_s
         if decision.crash_loop:
-            good = service.last_good
             text = f"crash loop: failed {decision.failures} times in a row; {reason}"
-            if good is not None and assignment_key(good) != current.key:
+            earlier = service.previous
+            if earlier is not None and assignment_key(earlier) != current.key:
+                # The version that served before goes back to serving (see _observed).
                 service.failed[current.key] = text
             self._set_status(name, ServiceState.FAILED, text)
             return
@@ -909,7 +917,7 @@ class ReconcileLoop:
         live_instances: set[str] = set(self.retiring)
         for service in self.record.services.values():
             current = service.current.assignment if service.current else None
-            for a in (current, service.last_good, service.target):
+            for a in (current, service.last_good, service.previous, service.target):
                 if a is not None:
                     keep.add(a.manifest_digest)
             if service.current is not None:

@@ -127,9 +127,15 @@ class ProcessRuntime:
     kind = RuntimeKind.PROCESS
 
     def __init__(
-        self, runs_root: Path, *, python: Path | None = None, extra_env: dict[str, str] | None = None
+        self,
+        runs_root: Path,
+        *,
+        python: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+        max_log_bytes: int = 8 << 20,
     ) -> None:
         self.runs_root = runs_root
+        self.max_log_bytes = max_log_bytes
         self.python = str(python or sys.executable)
         self._extra_env = dict(extra_env or {})
         # Launches, stops and liveness checks come from several threads (operations, prober).
@@ -157,7 +163,9 @@ class ProcessRuntime:
             )
         return None
 
-    def prepare(self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool]) -> None:
+    def prepare(
+        self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool], deadline: float
+    ) -> None:
         return None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -269,12 +277,33 @@ class ProcessRuntime:
                 child.wait(timeout=5)
 
     def log_tail(self, instance: InstanceRecord, lines: int) -> list[str]:
-        return tail_lines(Path(instance.run_dir) / LOG_FILE, lines)
+        run_dir = Path(instance.run_dir)
+        recent = tail_lines(run_dir / LOG_FILE, lines)
+        if len(recent) < lines:  # just rotated: the rest is in the previous file
+            recent = tail_lines(run_dir / (LOG_FILE + ".1"), lines - len(recent)) + recent
+        return recent
 
     def usage(self, instance: InstanceRecord) -> Usage | None:
         if instance.pid is None or not self.liveness(instance).alive:
             return None
         return _usage_of(_process_tree(instance.pid))
+
+    def maintain(self, instance: InstanceRecord) -> None:
+        """Rotate the module's log once it passes ``max_log_bytes``: the newest half moves to
+        ``module.log.1`` and the file is truncated in place (the module appends to it)."""
+        path = Path(instance.run_dir) / LOG_FILE
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size <= self.max_log_bytes:
+            return
+        keep = self.max_log_bytes // 2
+        with path.open("rb") as fh:
+            fh.seek(size - keep)
+            tail = fh.read(keep)
+        (path.parent / (LOG_FILE + ".1")).write_bytes(tail)
+        os.truncate(path, 0)
 
     def reap_orphans(self, known: set[str]) -> list[str]:
         """Instances are found through their run folders: ``<runs_root>/<service>/<id>/``
