@@ -93,10 +93,6 @@ class ProcessSettings(BaseModel):
     python: Path | None = Field(
         default=None, description="interpreter that runs modules; default: the agent's own"
     )
-    prefork: bool = Field(
-        default=True,
-        description="keep a warm process with the scoring server's imports done and fork modules from it",
-    )
 
 
 class RestartSettings(BaseModel):

@@ -108,6 +108,7 @@ class RunningOp:
     assignment: ModuleAssignment | None
     control: Control
     restart: bool = False
+    replaces: InstanceRecord | None = None  # the instance a Replace takes over from
     thread: threading.Thread | None = None
 
 
@@ -453,6 +454,7 @@ class ReconcileLoop:
             assignment=assignment,
             control=Control(deadline=deadline),
             restart=restart,
+            replaces=service.current if op is Op.REPLACE else None,
         )
         target = f"version {assignment.version}" if assignment else ""
         match op:
@@ -535,6 +537,13 @@ class ReconcileLoop:
         why = runtime.unschedulable(module, assignment)
         if why is not None:
             raise Unschedulable(why)
+        serving = running.replaces
+        if serving is not None and serving.runtime is not runtime.kind:
+            # Processes and containers run as different users, which SO_REUSEPORT does not let
+            # share a port: the old version stops before the new one starts.
+            log.info("%s moves from the %s to the %s runtime: stopping the old version first",
+                     name, serving.runtime, runtime.kind)  # fmt: skip
+            self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
         instance_id = f"{assignment.version}-{secrets.token_hex(4)}"
         spec = LaunchSpec(
             instance_id=instance_id,
