@@ -123,6 +123,13 @@ class AgentConfig(BaseModel):
     service_host: str = Field(
         default="0.0.0.0", max_length=253, description="address module endpoints listen on"
     )
+    advertise_host: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9.:\[\]-]+$",
+        description="host clients reach this device's modules at (reported to the hub); "
+        "default: service_host, or the device's host name when that is a wildcard",
+    )
     telemetry_interval_s: float = Field(default=10, ge=1, le=3600)
     report_interval_s: float = Field(default=60, ge=1, le=3600)
     poll_interval_s: float = Field(

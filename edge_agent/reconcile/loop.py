@@ -17,6 +17,7 @@ import queue
 import random
 import secrets
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +62,15 @@ DRAIN_S = 10.0
 #: how long an Unschedulable verdict stands before it is checked again
 UNSCHEDULABLE_RECHECK_S = 60.0
 PROGRESS_REPORT_EVERY_S = 0.5
+
+
+def advertised_host(config: AgentConfig) -> str:
+    """The host a client uses to reach this device's modules."""
+    if config.advertise_host:
+        return config.advertise_host
+    if config.service_host not in ("0.0.0.0", "::", ""):
+        return f"[{config.service_host}]" if ":" in config.service_host else config.service_host
+    return socket.gethostname()
 
 
 # --- events --------------------------------------------------------------------------------
@@ -179,6 +189,7 @@ class ReconcileLoop:
         self._gc_needed = True
         self._last_progress_report: dict[str, float] = {}
         self._stopping = False
+        self._advertised = advertised_host(config)
 
     # --- public ------------------------------------------------------------------------------
 
@@ -916,6 +927,7 @@ class ReconcileLoop:
             runtimes=sorted(self.runtimes),
             agent_version=self.agent_version,
             now=datetime.now(UTC),
+            host=self._advertised,
         )
         self.publish_reported(state.model_dump_json(by_alias=True).encode())
 
