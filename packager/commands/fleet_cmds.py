@@ -314,6 +314,13 @@ def list_services_cmd(hub: HubOption = None, token: TokenOption = None, as_json:
     console.print(table)
 
 
+def progress_text(progress: dict[str, Any] | None) -> str:
+    """`` (12.3/96.0 MB)`` for a download or pull under way, else nothing."""
+    if not progress or not progress.get("total_bytes"):
+        return ""
+    return f" ({progress['done_bytes'] / 1e6:.1f}/{progress['total_bytes'] / 1e6:.1f} MB)"
+
+
 def devices_table(service: dict[str, Any]) -> Table:
     table = Table("device", "online", "state", "reason")
     for d in service["devices"]:
@@ -321,7 +328,7 @@ def devices_table(service: dict[str, Any]) -> Table:
             d["device_id"],
             Text("online", "green") if d["online"] else Text("offline", "red"),
             state_text(d["state"]),
-            d["reason"] or "",
+            (d["reason"] or "") + progress_text(d.get("progress")),
         )
     return table
 
