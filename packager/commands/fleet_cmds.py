@@ -32,6 +32,7 @@ from packager.commands.registry_cmds import (
     print_json,
     split_ref,
 )
+from packager.display import state_text
 from packager.files import atomic_output, load_json_file
 from packager.hubclient import HubClient
 
@@ -41,17 +42,6 @@ service_app = typer.Typer(help="List, show, delete and wait for deployed service
 app.add_typer(service_app, name="service")
 
 FINAL = ("Healthy", "Failed")
-STATE_STYLE = {
-    "Healthy": "green",
-    "Failed": "bold red",
-    "Unhealthy": "yellow",
-    "Unschedulable": "magenta",
-    "Transitioning": "cyan",
-}
-
-
-def state_text(state: str | None) -> Text:
-    return Text(state or "not reported", style=STATE_STYLE.get(state or "", "dim"))
 
 
 def tags_text(tags: dict[str, str]) -> str:

@@ -33,12 +33,12 @@ def device(fleet: Fleet) -> tuple[HubHttp, DeviceCredentials]:
 
 
 def control(
-    progress: list[tuple[int, int]] | None = None, *, cancel_after: int | None = None
+    progress: list[tuple[int, int]] | None = None, *, cancel_after_bytes: int | None = None
 ) -> FetchControl:
     seen = progress if progress is not None else []
 
     def cancelled() -> bool:
-        return cancel_after is not None and len(seen) > cancel_after
+        return cancel_after_bytes is not None and bool(seen) and seen[-1][0] >= cancel_after_bytes
 
     return FetchControl(
         cancelled=cancelled, deadline=time.monotonic() + 60, progress=lambda d, t: seen.append((d, t))
@@ -113,7 +113,7 @@ def test_a_cancelled_fetch_stops_at_a_chunk_and_keeps_what_arrived(
     cache = ModuleCache(tmp_path / "cache")
     digest = deployed(fleet, "1", files(padding=BIG))
     with pytest.raises(Cancelled):
-        fetch_module(http, cache, digest, creds.publishers, control(cancel_after=1), Counters())
+        fetch_module(http, cache, digest, creds.publishers, control(cancel_after_bytes=4 << 20), Counters())
     kept = cache.blobs.partial_size(sha256_digest(BIG))
     assert 0 < kept < len(BIG)
     assert cache.installed() == []
