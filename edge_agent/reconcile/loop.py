@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import random
-import secrets
 import shutil
 import socket
 import threading
@@ -579,7 +579,7 @@ class ReconcileLoop:
             log.info("%s moves from the %s to the %s runtime: stopping the old version first",
                      name, serving.runtime, runtime.kind)  # fmt: skip
             self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
-        instance_id = f"{assignment.version}-{secrets.token_hex(4)}"
+        instance_id = f"{assignment.version}-{os.urandom(4).hex()}"
         spec = LaunchSpec(
             instance_id=instance_id,
             assignment=assignment,
