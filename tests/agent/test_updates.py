@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from manifests.digests import sha256_digest
 from tests.agent.conftest import Agent, Fleet, free_port, score, wait_for
@@ -204,3 +205,23 @@ def test_a_version_that_crash_loops_after_the_switch_is_abandoned_for_the_previo
     assert score(port, [1]) == {"result": [2]}
     body = fleet.wait_rollup("demo", "Failed")
     assert "about to crash" in body["devices"][0]["reason"]
+
+
+def test_a_deleted_service_stops_and_its_files_leave_the_device(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1").start()
+    port = free_port()
+    fleet.deploy("demo", fleet.push("demo", "1"), port=port, devices=["edge-1"])
+    agent.wait_state("demo", "Healthy")
+    with fleet.http() as http:
+        assert http.delete("/api/v1/deployments/demo").status_code == 200
+    wait_for(lambda: agent.service("demo") is None, what="the service to be forgotten", log=agent.log)
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"http://127.0.0.1:{port}/score", json={"data": [1]}, timeout=2)
+    cache = agent.state_dir / "cache"
+
+    def emptied() -> bool:
+        modules = [p for p in (cache / "modules").iterdir() if not p.name.startswith(".")]
+        blobs = list((cache / "blobs" / "sha256").iterdir())
+        return not modules and not blobs
+
+    wait_for(emptied, what="the cache to be emptied", log=agent.log)
