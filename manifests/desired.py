@@ -57,7 +57,10 @@ class DeploymentSettings(BaseModel):
 
     port: int = Field(ge=1, le=65535)
     env: dict[str, str] = Field(default_factory=dict)
-    runtime: RuntimeKind = RuntimeKind.DOCKER
+    runtime: RuntimeKind | None = Field(
+        default=None,
+        description="docker or process; unset: each device picks the first of its runtimes that can run it",
+    )
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
     workers: int = Field(default=1, ge=1, le=64)
     cpu: float | None = Field(default=None, gt=0)

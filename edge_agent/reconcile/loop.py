@@ -413,7 +413,7 @@ class ReconcileLoop:
         for a in self.desired.modules:
             key = assignment_key(a)
             why: str | None = None
-            if a.settings.runtime not in self.runtimes:
+            if a.settings.runtime is not None and a.settings.runtime not in self.runtimes:
                 enabled = ", ".join(sorted(self.runtimes)) or "none"
                 why = (
                     f"runtime {a.settings.runtime} is not enabled on this device (enabled: {enabled}); "
@@ -530,8 +530,10 @@ class ReconcileLoop:
         if op is Op.STOP or assignment is None:
             return STOP_GRACE_S + DRAIN_S + 5
         # Pulling an image has its own, longer deadline (the docker runtime applies it).
+        docker_ok = RuntimeKind.DOCKER in self.runtimes
+        may_pull = docker_ok and assignment.settings.runtime in (RuntimeKind.DOCKER, None)
         return assignment.settings.health.start_timeout_s + (
-            self.config.docker.pull_timeout_s if assignment.settings.runtime is RuntimeKind.DOCKER else 0.0
+            self.config.docker.pull_timeout_s if may_pull else 0.0
         )
 
     # --- operation bodies (worker threads) ----------------------------------------------------
@@ -568,10 +570,7 @@ class ReconcileLoop:
         module = self.installed.get(assignment.manifest_digest)
         if module is None:
             module = self._do_fetch(running)
-        runtime = self.runtimes[assignment.settings.runtime]
-        why = runtime.unschedulable(module, assignment)
-        if why is not None:
-            raise Unschedulable(why)
+        runtime = self._choose_runtime(module, assignment)
         serving = running.replaces
         if serving is not None and serving.runtime is not runtime.kind:
             # Processes and containers run as different users, which SO_REUSEPORT does not let
@@ -590,6 +589,22 @@ class ReconcileLoop:
             drain_s=DRAIN_S,
         )
         return start_instance(runtime, spec, running.control, progress=self._progress_cb(running, name))
+
+    def _choose_runtime(self, module: InstalledModule, assignment: ModuleAssignment) -> Runtime:
+        """The runtime the deployment names, or else the first of this device's runtimes (in
+        agent.toml's order) that can run the module; Unschedulable with every reason if none can."""
+        wanted = assignment.settings.runtime
+        candidates = [wanted] if wanted is not None else list(self.config.runtimes)
+        reasons = []
+        for kind in candidates:
+            runtime = self.runtimes.get(kind)
+            if runtime is None:
+                continue
+            why = runtime.unschedulable(module, assignment)
+            if why is None:
+                return runtime
+            reasons.append(why)
+        raise Unschedulable("; ".join(reasons) or "no runtime of this device can run the module")
 
     def _do_stop(self, name: str) -> None:
         service = self.record.services.get(name)

@@ -25,7 +25,7 @@ def module_status(
         state=service.state if service else ServiceState.TRANSITIONING,
         reason=service.reason[:2000] if service and service.reason else None,
         since=service.since if service else (record.applied_at or datetime.fromtimestamp(0, UTC)),
-        runtime=assignment.settings.runtime,
+        runtime=serving.runtime if serving else assignment.settings.runtime,
         port=assignment.settings.port,
         restarts=service.restarts if service else 0,
         serving_digest=serving.digest if serving else None,

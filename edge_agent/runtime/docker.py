@@ -82,6 +82,9 @@ class DockerRuntime:
     # --- checks ------------------------------------------------------------------------------
 
     def unschedulable(self, module: InstalledModule, assignment: ModuleAssignment) -> str | None:
+        if assignment.settings.runtime is None and module.manifest.runtime.image_digest is None:
+            # Left to the device: a module without a pinned image is not one for docker.
+            return f"module {module.manifest.ref} pins no runtime image, so the docker runtime cannot run it"
         try:
             self._client.ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:

@@ -189,14 +189,14 @@ class Fleet:
         port: int,
         devices: list[str] | None = None,
         selector: str | None = None,
-        runtime: str = "process",
+        runtime: str | None = "process",
         probe: dict[str, int] | None = None,
         **edgepack: Any,
     ) -> dict[str, Any]:
         """Deploy with a deploymentconfig.json: ``probe`` is its livenessProbeRequirements,
         ``edgepack`` its edgepack object (restartPolicy, environmentVariables, ...)."""
         target: dict[str, Any] = {"selector": selector} if selector else {"devices": devices}
-        extension = {"runtime": runtime, **edgepack}
+        extension = {**({"runtime": runtime} if runtime else {}), **edgepack}
         config: dict[str, Any] = {"computeType": "local", "port": port, "edgepack": extension}
         if probe is not None:
             config["livenessProbeRequirements"] = probe
