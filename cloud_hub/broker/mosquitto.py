@@ -115,6 +115,11 @@ def render_config(
         # Device messages over ingest's limit are dropped anyway; without a cap a device could
         # push 256 MB packets through the broker into the hub's memory.
         f"max_packet_size {MAX_PACKET_BYTES}\n",
+        # A client's id is its user name: otherwise a device connecting with its own password
+        # but another device's client id makes the broker close that device's session.
+        # (Hub replicas sharing one broker user would then replace each other: give each
+        # replica its own user.)
+        "use_username_as_clientid true\n",
     ]
     if persistence:
         lines.append(f"persistence_location {broker_dir.resolve()}/\n")

@@ -73,9 +73,13 @@ class Broker:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def probe(self, *, username: str | None = None, password: str | None = None) -> MqttProbe:
+    def probe(
+        self, *, username: str | None = None, password: str | None = None, client_id: str | None = None
+    ) -> MqttProbe:
         """A connected client on this broker (stopped by the caller or at test end)."""
-        return MqttProbe.connect(self.host, self.port, username=username, password=password)
+        return MqttProbe.connect(
+            self.host, self.port, username=username, password=password, client_id=client_id
+        )
 
 
 def _wait_listening(host: str, port: int, process: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -181,6 +185,7 @@ class MqttProbe:
     client: mqtt.Client
     messages: queue.Queue[Received] = field(default_factory=queue.Queue)
     suback: queue.Queue[list[int]] = field(default_factory=queue.Queue)
+    disconnects: int = 0
 
     @classmethod
     def connect(
@@ -192,10 +197,11 @@ class MqttProbe:
         password: str | None = None,
         will: tuple[str, bytes] | None = None,
         timeout: float = 10,
+        client_id: str | None = None,
     ) -> MqttProbe:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"probe-{uuid.uuid4().hex[:10]}",
+            client_id=client_id or f"probe-{uuid.uuid4().hex[:10]}",
             protocol=mqtt.MQTTv311,
         )
         probe = cls(client)
@@ -204,6 +210,11 @@ class MqttProbe:
         client.on_message = lambda _c, _u, msg: probe.messages.put(
             Received(msg.topic, bytes(msg.payload), bool(msg.retain))
         )
+
+        def on_disconnect(*_: Any) -> None:
+            probe.disconnects += 1
+
+        client.on_disconnect = on_disconnect
         client.on_subscribe = lambda _c, _u, _mid, reasons, _p: probe.suback.put([r.value for r in reasons])
         if username is not None:
             client.username_pw_set(username, password)
