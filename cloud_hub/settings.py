@@ -35,7 +35,13 @@ class HubSettings(BaseSettings):
     )
     max_upload_mb: int = Field(default=2048, gt=0)
     desired_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
-    telemetry_keep: int = Field(default=500, gt=0, description="samples kept per device")
+    telemetry_keep: int = Field(default=500, gt=0, le=1_000_000, description="samples kept per device")
+    # What one device may send; the excess is dropped and counted (see cloud_hub.ingest.budget).
+    device_reports_per_min: float = Field(default=120, gt=0, le=1e6)
+    device_telemetry_per_min: float = Field(default=120, gt=0, le=1e6)
+    device_events_per_min: float = Field(default=120, gt=0, le=1e6)
+    events_keep: int = Field(default=100_000, ge=100, le=100_000_000, description="events kept")
+    events_max_age_days: float = Field(default=30, gt=0, le=3650)
     # MQTT: with no host, the hub runs without a broker (devices then poll over HTTP).
     mqtt_host: str | None = None
     mqtt_port: int = Field(default=1883, ge=1, le=65535)

@@ -3,12 +3,22 @@ to the hub or to its dashboard. Each test failed before the fix that came with i
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from sqlalchemy import func, select
 
 from cloud_hub.broker.mosquitto import BrokerUser, write_broker_files
 from cloud_hub.broker.passwords import hash_password
-from tests.hub.broker_fixtures import BrokerFactory
+from cloud_hub.events import Event
+from cloud_hub.ingest.worker import IngestWorker
+from tests.conftest import Publisher
+from tests.hub.broker_fixtures import Broker, BrokerFactory
+from tests.hub.conftest import HubFactory, RunningHub
+from tests.hub.fleet_support import deploy, enroll, push
 
 
 def test_a_device_cannot_knock_another_off_the_broker_with_its_client_id(
@@ -40,3 +50,143 @@ def test_a_device_cannot_knock_another_off_the_broker_with_its_client_id(
         attacker.close()
         victim.close()
         hub_side.close()
+
+
+# --- telemetry and reported state from a hostile device ----------------------------------------
+
+
+def _ingest(h: RunningHub) -> IngestWorker:
+    worker = h.ctx.extras["ingest"]
+    assert isinstance(worker, IngestWorker)
+    return worker
+
+
+def _settle(h: RunningHub, received: int) -> None:
+    worker = _ingest(h)
+    deadline = time.monotonic() + 20
+    while worker.stats.received < received:
+        assert time.monotonic() < deadline, f"{worker.stats.received}/{received} messages arrived"
+        time.sleep(0.02)
+    assert worker.drain(20)
+
+
+def _sample(device_id: str, *modules: tuple[str, float]) -> bytes:
+    return json.dumps(
+        {
+            "device_id": device_id,
+            "ts": datetime.now(UTC).isoformat(),
+            "modules": [
+                {"service": svc, "requests_total": 1, "errors_total": 0, "requests_per_s": rps, "p50_ms": rps}
+                for svc, rps in modules
+            ],
+        }
+    ).encode()
+
+
+def _fleet_of_two(h: RunningHub, publisher: Publisher) -> None:
+    """dev-a runs 'mine', dev-b runs 'theirs'."""
+    mod = push(h, publisher, "mod", "1")
+    with h.client() as http:
+        enroll(http, "dev-a")
+        enroll(http, "dev-b")
+        assert deploy(http, "mine", mod, devices=["dev-a"], port=8001).status_code == 201
+        assert deploy(http, "theirs", mod, devices=["dev-b"], port=8002).status_code == 201
+
+
+def test_huge_telemetry_numbers_do_not_take_the_charts_down(
+    hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str
+) -> None:
+    # Two samples of 1.7e308 req/s in one bucket overflowed the sum: the telemetry endpoint
+    # answered 500 and the dashboard showed nothing but "hub unreachable".
+    h = hub(mqtt_host=mosquitto.host, mqtt_port=mosquitto.port, topic_prefix=topic_prefix, mqtt_username=None)
+    _fleet_of_two(h, publisher)
+    device = mosquitto.probe()
+    try:
+        topic = f"{topic_prefix}/devices/dev-a/telemetry"
+        device.publish(topic, _sample("dev-a", ("mine", 1.7e308)), qos=1)
+        device.publish(topic, _sample("dev-a", ("mine", 1.7e308)), qos=1)
+        # ... and numbers for a service dev-a does not run land in nobody's chart.
+        device.publish(topic, _sample("dev-a", ("theirs", 5000.0)), qos=1)
+        _settle(h, 3)
+    finally:
+        device.close()
+    with h.client() as http:
+        r = http.get("/api/v1/dashboard/telemetry", params={"bucket_s": 3600})
+    assert r.status_code == 200, r.text
+    services = r.json()["services"]
+    assert set(services) == {"mine"}, services
+    assert all(math.isfinite(p["rps"]) for p in services["mine"])
+    assert _ingest(h).stats.unassigned == 1
+
+
+def test_a_device_flipping_many_modules_cannot_flood_the_event_log(
+    hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str
+) -> None:
+    # Reports with many modules flipping between states used to add ~2,700 events/s, and a
+    # report about a service the device is not assigned made events for that service.
+    h = hub(mqtt_host=mosquitto.host, mqtt_port=mosquitto.port, topic_prefix=topic_prefix, mqtt_username=None)
+    _fleet_of_two(h, publisher)
+    start = datetime.now(UTC)
+    rounds, fakes = 300, 40
+    device = mosquitto.probe()
+    try:
+        for n in range(rounds):
+            state = "Healthy" if n % 2 else "Unhealthy"
+            modules = [
+                {"service": svc, "state": state, "since": start.isoformat(), "reason": "flip"}
+                for svc in ["mine", "theirs", *(f"fake-{i}" for i in range(fakes))]
+            ]
+            report = {
+                "device_id": "dev-a",
+                "reported_at": (start + timedelta(milliseconds=n)).isoformat(),
+                "agent_version": "evil",
+                "applied_generation": 1,
+                "modules": modules,
+            }
+            device.publish(f"{topic_prefix}/devices/dev-a/reported", json.dumps(report), qos=1)
+        _settle(h, rounds)
+    finally:
+        device.close()
+    worker = _ingest(h)
+    with h.ctx.sessions.begin() as s:
+        kinds = s.execute(
+            select(Event.service, func.count()).where(Event.device_id == "dev-a").group_by(Event.service)
+        ).all()
+        by_service = dict(kinds)
+        throttled = s.scalars(select(Event.message).where(Event.kind == "throttled")).all()
+    assert set(by_service) <= {"mine", None}, by_service  # nothing for 'theirs' or 'fake-*'
+    assert sum(by_service.values()) < 250, by_service  # the budget, not 300 x 42 events
+    assert worker.stats.throttled + worker.stats.events_suppressed > 0
+    assert worker.stats.unassigned > 0
+    assert len(throttled) == 1 and "dev-a" in throttled[0]
+    # The device's last accepted report is still what the hub shows.
+    with h.client() as http:
+        modules = http.get("/api/v1/devices/dev-a").json()["modules"]
+    assert [m["service"] for m in modules] == ["mine"]
+
+
+def test_the_event_log_is_trimmed_to_its_configured_size(
+    hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str
+) -> None:
+    h = hub(
+        mqtt_host=mosquitto.host,
+        mqtt_port=mosquitto.port,
+        topic_prefix=topic_prefix,
+        mqtt_username=None,
+        events_keep=100,
+    )
+    with h.client() as http:
+        for n in range(150):
+            enroll(http, f"dev-{n}")
+    with h.ctx.sessions.begin() as s:
+        assert s.scalar(select(func.count()).select_from(Event)) >= 150
+    device = mosquitto.probe()
+    try:
+        device.publish(f"{topic_prefix}/devices/dev-0/online", b"true")
+        _settle(h, 1)
+    finally:
+        device.close()
+    with h.ctx.sessions.begin() as s:
+        assert s.scalar(select(func.count()).select_from(Event)) == 100
+        newest = s.scalars(select(Event.message).order_by(Event.id.desc()).limit(1)).one()
+    assert "dev-0 came online" in newest
