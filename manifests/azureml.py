@@ -12,7 +12,16 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from manifests.desired import DeploymentSettings, HealthProbe, RestartPolicy, RuntimeKind
+from manifests.bounds import EnvMap, Port, TagMap, Text
+from manifests.desired import (
+    MAX_CPUS,
+    MAX_MEMORY_MB,
+    PROBE_PATH_PATTERN,
+    DeploymentSettings,
+    HealthProbe,
+    RestartPolicy,
+    RuntimeKind,
+)
 from manifests.errors import ConfigError
 from manifests.validation import describe_validation_error
 
@@ -62,9 +71,7 @@ class Environment(_AzureModel):
     version: str | None = None
     python: EnvironmentPython | None = None
     docker: EnvironmentDocker | None = None
-    environment_variables: dict[str, str] = Field(
-        default_factory=dict, alias="environmentVariables"
-    )
+    environment_variables: EnvMap = Field(default_factory=dict, alias="environmentVariables")
     inferencing_stack_version: str | None = Field(None, alias="inferencingStackVersion")
     spark: dict[str, Any] | None = None
     databricks: dict[str, Any] | None = None
@@ -112,21 +119,25 @@ class InferenceConfig(_AzureModel):
 
 # --- deploymentconfig.json ------------------------------------------------------------------
 
+MAX_MEMORY_GB = MAX_MEMORY_MB / 1024
+
 
 class ContainerResourceRequirements(_AzureModel):
-    cpu: float | None = Field(None, gt=0)
-    memory_in_gb: float | None = Field(None, alias="memoryInGB", gt=0)
-    cpu_limit: float | None = Field(None, alias="cpuLimit", gt=0)
-    memory_in_gb_limit: float | None = Field(None, alias="memoryInGBLimit", gt=0)
-    gpu: int | None = Field(None, ge=0)
+    cpu: float | None = Field(None, gt=0, le=MAX_CPUS, allow_inf_nan=False)
+    memory_in_gb: float | None = Field(None, alias="memoryInGB", gt=0, le=MAX_MEMORY_GB, allow_inf_nan=False)
+    cpu_limit: float | None = Field(None, alias="cpuLimit", gt=0, le=MAX_CPUS, allow_inf_nan=False)
+    memory_in_gb_limit: float | None = Field(
+        None, alias="memoryInGBLimit", gt=0, le=MAX_MEMORY_GB, allow_inf_nan=False
+    )
+    gpu: int | None = Field(None, strict=True, ge=0, le=1024)
 
 
 class LivenessProbeRequirements(_AzureModel):
-    period_seconds: int = Field(10, alias="periodSeconds", ge=1)
-    initial_delay_seconds: int = Field(310, alias="initialDelaySeconds", ge=0)
-    timeout_seconds: int = Field(2, alias="timeoutSeconds", ge=1)
-    failure_threshold: int = Field(3, alias="failureThreshold", ge=1)
-    success_threshold: int = Field(1, alias="successThreshold", ge=1)
+    period_seconds: int = Field(10, alias="periodSeconds", strict=True, ge=1, le=3600)
+    initial_delay_seconds: int = Field(310, alias="initialDelaySeconds", strict=True, ge=0, le=86400)
+    timeout_seconds: int = Field(2, alias="timeoutSeconds", strict=True, ge=1, le=600)
+    failure_threshold: int = Field(3, alias="failureThreshold", strict=True, ge=1, le=1000)
+    success_threshold: int = Field(1, alias="successThreshold", strict=True, ge=1, le=1000)
 
 
 class AutoScaler(_AzureModel):
@@ -141,12 +152,10 @@ class EdgepackExtension(_AzureModel):
     """edgepack's own deployment settings; everything optional."""
 
     runtime: RuntimeKind | None = None
-    workers: int | None = Field(None, ge=1, le=64)
+    workers: int | None = Field(None, strict=True, ge=1, le=64)
     restart_policy: RestartPolicy | None = Field(None, alias="restartPolicy")
-    environment_variables: dict[str, str] = Field(
-        default_factory=dict, alias="environmentVariables"
-    )
-    health_path: str | None = Field(None, alias="healthPath", pattern=r"^/")
+    environment_variables: EnvMap = Field(default_factory=dict, alias="environmentVariables")
+    health_path: str | None = Field(None, alias="healthPath", pattern=PROBE_PATH_PATTERN)
 
 
 class DeploymentConfig(_AzureModel):
@@ -155,7 +164,7 @@ class DeploymentConfig(_AzureModel):
     compute_type: Literal["local", "aci", "aks", "iotedge", "edge", "ACI", "AKS", "Local"] = Field(
         "local", alias="computeType"
     )
-    port: int | None = Field(None, ge=1, le=65535)
+    port: Port | None = None
     container_resource_requirements: ContainerResourceRequirements | None = Field(
         None, alias="containerResourceRequirements"
     )
@@ -175,19 +184,19 @@ class DeploymentConfig(_AzureModel):
     autoscaler: AutoScaler | None = Field(
         None, validation_alias=AliasChoices("autoScaler", "autoscaler"), alias="autoScaler"
     )
-    num_replicas: int | None = Field(None, alias="numReplicas", ge=1)
-    scoring_timeout_ms: int | None = Field(None, alias="scoringTimeoutMs", ge=1)
+    num_replicas: int | None = Field(None, alias="numReplicas", ge=1, le=1000)
+    scoring_timeout_ms: int | None = Field(None, alias="scoringTimeoutMs", strict=True, ge=1, le=3_600_000)
     max_concurrent_requests_per_container: int | None = Field(
-        None, alias="maxConcurrentRequestsPerContainer", ge=1
+        None, alias="maxConcurrentRequestsPerContainer", strict=True, ge=1, le=10_000
     )
-    max_queue_wait_ms: int | None = Field(None, alias="maxQueueWaitMs", ge=0)
-    gpu_cores: int | None = Field(None, alias="gpuCores", ge=0)
+    max_queue_wait_ms: int | None = Field(None, alias="maxQueueWaitMs", ge=0, le=3_600_000)
+    gpu_cores: int | None = Field(None, alias="gpuCores", ge=0, le=1024)
     keys: dict[str, str] | None = None
     namespace: str | None = None
     compute_target_name: str | None = Field(None, alias="computeTargetName")
-    description: str | None = None
-    tags: dict[str, str] | None = None
-    properties: dict[str, str] | None = None
+    description: Text | None = None
+    tags: TagMap | None = None
+    properties: TagMap | None = None
     edgepack: EdgepackExtension | None = None
 
     def to_settings(self, *, default_port: int = 8890) -> DeploymentSettings:

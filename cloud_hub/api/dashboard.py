@@ -27,6 +27,7 @@ from cloud_hub.events import Event, events_since, recent_events
 from cloud_hub.ingest.series import service_series
 from cloud_hub.ingest.tables import TelemetrySample
 from cloud_hub.ingest.worker import IngestWorker
+from manifests.bounds import MAX_INT63
 from manifests.reported import Telemetry
 
 router = APIRouter()
@@ -92,7 +93,8 @@ def _event_out(e: Event) -> dict[str, Any]:
 
 @router.get("/api/v1/dashboard/events", tags=["dashboard"], dependencies=[Admin])
 def events(
-    ctx: Ctx, after: Annotated[int, Query(ge=0, description="only events with a higher id")] = 0
+    ctx: Ctx,
+    after: Annotated[int, Query(ge=0, le=MAX_INT63, description="only events with a higher id")] = 0,
 ) -> dict[str, list[dict[str, Any]]]:
     """Events after ``after`` (the newest 50 when ``after`` is 0), oldest first."""
     with ctx.sessions.begin() as s:

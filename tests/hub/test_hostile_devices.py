@@ -15,8 +15,10 @@ from cloud_hub.broker.mosquitto import BrokerUser, write_broker_files
 from cloud_hub.broker.passwords import hash_password
 from cloud_hub.events import Event
 from cloud_hub.ingest.budget import IngestLimits
+from cloud_hub.ingest.series import service_series
 from cloud_hub.ingest.tables import DeviceReport, TelemetrySample
 from cloud_hub.ingest.worker import IngestWorker
+from manifests.reported import ModuleMetrics, Telemetry
 from tests.conftest import Publisher
 from tests.hub.broker_fixtures import Broker, BrokerFactory
 from tests.hub.conftest import HubFactory, RunningHub
@@ -107,9 +109,10 @@ def test_huge_telemetry_numbers_do_not_take_the_charts_down(
         topic = f"{topic_prefix}/devices/dev-a/telemetry"
         device.publish(topic, _sample("dev-a", ("mine", 1.7e308)), qos=1)
         device.publish(topic, _sample("dev-a", ("mine", 1.7e308)), qos=1)
+        device.publish(topic, _sample("dev-a", ("mine", 3.0)), qos=1)
         # ... and numbers for a service dev-a does not run land in nobody's chart.
         device.publish(topic, _sample("dev-a", ("theirs", 5000.0)), qos=1)
-        _settle(h, 3)
+        _settle(h, 4)
     finally:
         device.close()
     with h.client() as http:
@@ -117,8 +120,24 @@ def test_huge_telemetry_numbers_do_not_take_the_charts_down(
     assert r.status_code == 200, r.text
     services = r.json()["services"]
     assert set(services) == {"mine"}, services
-    assert all(math.isfinite(p["rps"]) for p in services["mine"])
+    assert [p["rps"] for p in services["mine"]] == [3.0]
+    assert _ingest(h).stats.rejected == 2  # out of the contract's range
     assert _ingest(h).stats.unassigned == 1
+
+
+def test_chart_series_stay_finite_whatever_the_stored_numbers() -> None:
+    # Rows stored before the contract bounded them (or by another writer) are bounded again.
+    now = datetime.now(UTC)
+    huge = [
+        Telemetry.model_construct(
+            device_id=f"dev-{n}",
+            ts=now,
+            modules=[ModuleMetrics.model_construct(service="svc", requests_per_s=1.7e308, p50_ms=math.inf)],
+        )
+        for n in range(3)
+    ]
+    [point] = service_series(huge, bucket_s=60)["svc"]
+    assert math.isfinite(point.requests_per_s) and point.p50_ms is not None and math.isfinite(point.p50_ms)
 
 
 def test_a_device_flipping_many_modules_cannot_flood_the_event_log(
