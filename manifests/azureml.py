@@ -12,12 +12,14 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from manifests.bounds import EnvMap, Port, TagMap, Text
+from manifests.bounds import EnvMap, Port, TagMap, Text, finite
 from manifests.desired import (
     MAX_CPUS,
     MAX_MEMORY_MB,
     PROBE_PATH_PATTERN,
     DeploymentSettings,
+    EndpointLimits,
+    EndpointTLS,
     HealthProbe,
     RestartPolicy,
     RuntimeKind,
@@ -148,6 +150,17 @@ class AutoScaler(_AzureModel):
     target_utilization: int | None = Field(None, alias="targetUtilization")
 
 
+#: An endpoint key a user chose: long enough to resist guessing, printable, no spaces.
+ENDPOINT_KEY_PATTERN = r"^[\x21-\x7e]{16,256}$"
+
+
+class AzureKeys(_AzureModel):
+    """Endpoint keys given in the config instead of made by the hub."""
+
+    primary_key: str | None = Field(None, alias="primaryKey", pattern=ENDPOINT_KEY_PATTERN)
+    secondary_key: str | None = Field(None, alias="secondaryKey", pattern=ENDPOINT_KEY_PATTERN)
+
+
 class EdgepackExtension(_AzureModel):
     """edgepack's own deployment settings; everything optional."""
 
@@ -156,6 +169,11 @@ class EdgepackExtension(_AzureModel):
     restart_policy: RestartPolicy | None = Field(None, alias="restartPolicy")
     environment_variables: EnvMap = Field(default_factory=dict, alias="environmentVariables")
     health_path: str | None = Field(None, alias="healthPath", pattern=PROBE_PATH_PATTERN)
+    # The scoring server under hostile clients (see edge_agent.scoring.limits).
+    max_connections: int | None = Field(None, alias="maxConnections", strict=True, ge=1, le=100_000)
+    header_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="headerTimeoutSeconds")
+    body_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="bodyTimeoutSeconds")
+    run_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="runTimeoutSeconds")
 
 
 class DeploymentConfig(_AzureModel):
@@ -171,7 +189,8 @@ class DeploymentConfig(_AzureModel):
     liveness_probe_requirements: LivenessProbeRequirements | None = Field(
         None, alias="livenessProbeRequirements"
     )
-    # Documented ACI / AKS keys: accepted and recorded, without effect at the edge.
+    # Documented ACI / AKS keys. Those edgepack does not act on are accepted, recorded and
+    # named in a warning at deploy time (ignored_keys), never silently dropped.
     location: str | None = None
     auth_enabled: bool | None = Field(None, alias="authEnabled")
     token_auth_enabled: bool | None = Field(None, alias="tokenAuthEnabled")
@@ -191,7 +210,7 @@ class DeploymentConfig(_AzureModel):
     )
     max_queue_wait_ms: int | None = Field(None, alias="maxQueueWaitMs", ge=0, le=3_600_000)
     gpu_cores: int | None = Field(None, alias="gpuCores", ge=0, le=1024)
-    keys: dict[str, str] | None = None
+    keys: AzureKeys | None = None
     namespace: str | None = None
     compute_target_name: str | None = Field(None, alias="computeTargetName")
     description: Text | None = None
@@ -199,8 +218,45 @@ class DeploymentConfig(_AzureModel):
     properties: TagMap | None = None
     edgepack: EdgepackExtension | None = None
 
+    def ignored_keys(self) -> list[str]:
+        """The documented keys set here that edgepack does not act on, for a deploy warning."""
+        set_fields = self.model_fields_set
+        out = [
+            type(self).model_fields[name].alias or name
+            for name in (
+                "location",
+                "ssl_certificate",
+                "ssl_key",
+                "cname",
+                "dns_name_label",
+                "app_insights_enabled",
+                "autoscaler",
+                "num_replicas",
+                "max_queue_wait_ms",
+                "gpu_cores",
+                "namespace",
+                "compute_target_name",
+            )
+            if name in set_fields and getattr(self, name) not in (None, False)
+        ]
+        if self.token_auth_enabled:
+            out.append("tokenAuthEnabled (edgepack endpoints use keys: authEnabled)")
+        if self.ssl_enabled and (self.ssl_certificate or self.ssl_key):
+            out.append("sslCertificate/sslKey (the certificate comes from the hub's endpoint CA)")
+        res = self.container_resource_requirements
+        if res is not None and res.gpu:
+            out.append("containerResourceRequirements.gpu")
+        probe = self.liveness_probe_requirements
+        if probe is not None and "success_threshold" in probe.model_fields_set:
+            out.append("livenessProbeRequirements.successThreshold")
+        return out
+
     def to_settings(self, *, default_port: int = 8890) -> DeploymentSettings:
-        """Turn this config into the per-module settings a device receives."""
+        """Turn this config into the per-module settings a device receives.
+
+        ``authEnabled`` is not decided here: the hub makes (or takes from ``keys``) the
+        endpoint keys and puts their hashes into ``auth``.
+        """
         ext = self.edgepack or EdgepackExtension()
         res = self.container_resource_requirements
         cpu = (res.cpu_limit or res.cpu) if res else None
@@ -225,6 +281,20 @@ class DeploymentConfig(_AzureModel):
             cpu=cpu,
             memory_mb=int(mem_gb * 1024) if mem_gb else None,
             health=health,
+            tls=EndpointTLS() if self.ssl_enabled else None,
+            limits=self._limits(ext),
+        )
+
+    def _limits(self, ext: EdgepackExtension) -> EndpointLimits:
+        defaults = EndpointLimits()
+        run_timeout = ext.run_timeout_seconds
+        if run_timeout is None and self.scoring_timeout_ms is not None:
+            run_timeout = self.scoring_timeout_ms / 1000  # Azure's own name for the same limit
+        return EndpointLimits(
+            max_connections=ext.max_connections or defaults.max_connections,
+            header_timeout_s=ext.header_timeout_seconds or defaults.header_timeout_s,
+            body_timeout_s=ext.body_timeout_seconds or defaults.body_timeout_s,
+            run_timeout_s=run_timeout or defaults.run_timeout_s,
         )
 
 

@@ -44,9 +44,16 @@ def _no_control_line(value: str) -> str:
     return value
 
 
-def finite(*, ge: float | None = None, gt: float | None = None, le: float, default: Any = ...) -> Any:
+def finite(
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float,
+    default: Any = ...,
+    alias: str | None = None,
+) -> Any:
     """A ``Field`` for a finite float in a range (NaN and infinities refused)."""
-    return Field(default, allow_inf_nan=False, ge=ge, gt=gt, le=le)
+    return Field(default, allow_inf_nan=False, ge=ge, gt=gt, le=le, alias=alias)
 
 
 Count = Annotated[int, Field(strict=True, ge=0, le=MAX_INT63)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -61,6 +61,42 @@ class HealthProbe(BaseModel):
     )
 
 
+#: The hex sha256 of an endpoint key.
+KEY_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class EndpointAuth(BaseModel):
+    """An endpoint that needs a key (Azure's ``authEnabled``): the hex sha256 of each accepted
+    key (primary, secondary). The keys themselves stay on the hub; the agent writes these
+    hashes to the scoring server's keys file (``EDGEPACK_AUTH_KEYS_FILE``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_sha256: list[Annotated[str, Field(pattern=KEY_SHA256_PATTERN)]] = Field(min_length=1, max_length=2)
+
+
+class EndpointTLS(BaseModel):
+    """An endpoint that serves HTTPS (Azure's ``sslEnabled``). The agent obtains its certificate
+    from the hub's endpoint CA (``issuer``) and gives the scoring server its paths
+    (``EDGEPACK_TLS_CERT``, ``EDGEPACK_TLS_KEY``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: Literal["hub-endpoint-ca"] = "hub-endpoint-ca"
+
+
+class EndpointLimits(BaseModel):
+    """How the scoring server treats hostile clients (``EDGEPACK_MAX_CONNECTIONS``,
+    ``EDGEPACK_HEADER_TIMEOUT_S``, ``EDGEPACK_BODY_TIMEOUT_S``, ``EDGEPACK_RUN_TIMEOUT_S``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_connections: int = Field(default=512, strict=True, ge=1, le=100_000)
+    header_timeout_s: float = finite(default=10, gt=0, le=3600)
+    body_timeout_s: float = finite(default=60, gt=0, le=3600)
+    run_timeout_s: float | None = finite(default=60, gt=0, le=3600)
+
+
 class DeploymentSettings(BaseModel):
     """How one module runs on a device."""
 
@@ -74,6 +110,9 @@ class DeploymentSettings(BaseModel):
     cpu: float | None = finite(default=None, gt=0, le=MAX_CPUS)
     memory_mb: int | None = Field(default=None, strict=True, gt=0, le=MAX_MEMORY_MB)
     health: HealthProbe = Field(default_factory=HealthProbe)
+    auth: EndpointAuth | None = None
+    tls: EndpointTLS | None = None
+    limits: EndpointLimits = Field(default_factory=EndpointLimits)
 
 
 class ModuleAssignment(BaseModel):
