@@ -174,6 +174,14 @@ class EdgepackExtension(_AzureModel):
     header_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="headerTimeoutSeconds")
     body_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="bodyTimeoutSeconds")
     run_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="runTimeoutSeconds")
+    start_timeout_s: float | None = Field(
+        None,
+        alias="startTimeoutSeconds",
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="how long a new version may take to become ready before it is abandoned",
+    )
 
 
 class DeploymentConfig(_AzureModel):
@@ -262,7 +270,8 @@ class DeploymentConfig(_AzureModel):
         cpu = (res.cpu_limit or res.cpu) if res else None
         mem_gb = (res.memory_in_gb_limit or res.memory_in_gb) if res else None
         probe = self.liveness_probe_requirements
-        health = HealthProbe(path=ext.health_path or "/healthz")
+        start = ext.start_timeout_s if ext.start_timeout_s is not None else HealthProbe().start_timeout_s
+        health = HealthProbe(path=ext.health_path or "/healthz", start_timeout_s=start)
         if probe is not None:
             health = HealthProbe(
                 path=health.path,
@@ -271,6 +280,7 @@ class DeploymentConfig(_AzureModel):
                 initial_delay_s=min(probe.initial_delay_seconds, 600),
                 timeout_s=probe.timeout_seconds,
                 failure_threshold=probe.failure_threshold,
+                start_timeout_s=start,
             )
         return DeploymentSettings(
             port=self.port or default_port,

@@ -14,11 +14,14 @@ TEST_PACKAGES=(
     chromium    # headless browser for the dashboard tests (driven by Playwright)
     libatomic1  # Playwright's bundled node driver links it; a minimal Debian lacks it
     postgresql  # a throwaway PostgreSQL server per test worker (hub on PostgreSQL)
-    # --- runtimes, added when their tests land: ---
-    # docker.io docker-registry   (docker runtime against a real engine and registry)
-    # debootstrap                 (device root filesystems)
+    docker.io   # the real Docker Engine the docker runtime and the runtime image tests use
+    docker-registry  # a real container registry per test worker, on loopback
+    debootstrap # the runtime image's base is built offline from Debian packages
 )
 ensure_apt_packages "${TEST_PACKAGES[@]}"
+
+step "docker engine"
+ensure_dockerd
 
 step "python environment (.venv, edgepack[test])"
 ensure_venv test

@@ -224,6 +224,9 @@ class ModuleCache:
             if digest not in needed:
                 bytes_freed += self.blobs.remove(digest)
                 blobs_removed += 1
+        for digest in list(self.blobs.partials()):
+            if digest not in needed:
+                bytes_freed += self.blobs.remove_partial(digest)
         self.blobs.remove_stale_parts(STALE_AFTER_S)
         return PruneReport(modules_removed, blobs_removed, bytes_freed)
 

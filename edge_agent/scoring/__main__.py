@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 from edge_agent.scoring.endpoint import EndpointOptions
+from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE
 from edge_agent.scoring.limits import ServingLimits
-from edge_agent.scoring.server import EXIT_PORT_IN_USE, LOG_LEVELS, InstanceOptions, PortInUse, serve_module
+from edge_agent.scoring.server import LOG_LEVELS, InstanceOptions, PortInUse, serve_module
 from manifests.errors import EdgepackError
 
 

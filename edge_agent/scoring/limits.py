@@ -33,12 +33,11 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from edge_agent.scoring.exit_codes import EXIT_STUCK
 from manifests.errors import ConfigError
 
 log = logging.getLogger("edge_agent.scoring")
 
-#: Exit code of a worker ended by the run() watchdog (its supervisor starts another).
-EXIT_STUCK = 7
 #: The ASGI scope extension carrying the connection's raw socket fd (-1 under TLS).
 FD_EXTENSION = "edgepack.fd"
 

@@ -53,7 +53,8 @@ import uvicorn
 from edge_agent.scoring.app import create_app
 from edge_agent.scoring.auth import EndpointKeys
 from edge_agent.scoring.endpoint import EndpointOptions, ReloadingTLS
-from edge_agent.scoring.limits import EXIT_STUCK, RunWatchdog, guarded_protocol
+from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE, EXIT_STUCK
+from edge_agent.scoring.limits import RunWatchdog, guarded_protocol
 from edge_agent.scoring.metrics import MetricsBoard
 from manifests.errors import ConfigError, RuntimeFailure
 
@@ -61,8 +62,6 @@ log = logging.getLogger("edge_agent.scoring")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _STOP_GRACE_S = 10
-#: exit code when the public port is held by another program (the agent reports Unschedulable)
-EXIT_PORT_IN_USE = 6
 
 
 class PortInUse(RuntimeFailure):

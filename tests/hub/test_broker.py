@@ -175,6 +175,30 @@ def test_device_cannot_read_or_write_another_devices_topics(secured: tuple[Broke
         hub.close()
 
 
+def test_device_b_can_neither_read_nor_answer_device_as_log_requests(secured: tuple[Broker, str]) -> None:
+    broker, p = secured
+    hub = broker.probe(username="edgepack-hub", password=HUB_PASSWORD)
+    a = broker.probe(username="dev-a", password="pw-a")
+    b = broker.probe(username="dev-b", password="pw-b")
+    try:
+        hub.subscribe(f"{p}/devices/+/logs-response")
+        a.subscribe(f"{p}/devices/dev-a/logs-request")
+        b.subscribe(f"{p}/devices/dev-a/logs-request")
+        b.subscribe(f"{p}/devices/dev-a/logs-response")
+        b.subscribe(f"{p}/#")
+        hub.publish(f"{p}/devices/dev-a/logs-request", b"send me your log")
+        assert a.expect(lambda m: m.topic.endswith("dev-a/logs-request")).payload == b"send me your log"
+        a.publish(f"{p}/devices/dev-a/logs-response", b"a's log lines")
+        assert hub.expect(lambda m: m.topic.endswith("/logs-response")).payload == b"a's log lines"
+        # B saw neither A's request nor A's answer, and cannot answer in A's name.
+        assert b.received_within(lambda m: "dev-a" in m.topic, 1.0) == []
+        b.publish(f"{p}/devices/dev-a/logs-response", b"forged log")
+        assert hub.received_within(lambda m: m.payload == b"forged log", 1.0) == []
+    finally:
+        for client in (a, b, hub):
+            client.close()
+
+
 def test_sync_broker_follows_the_device_table(tmp_path: Path, broker_factory: BrokerFactory) -> None:
     broker_dir = tmp_path / "broker"
     settings = HubSettings(
