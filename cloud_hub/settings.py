@@ -33,6 +33,17 @@ class HubSettings(BaseSettings):
     trusted_keys: list[Path] = Field(
         default_factory=list, description="publisher .pub files or trust-store JSON files"
     )
+    # HTTPS: the hub's certificate chain and key (made by 'edgepack hub broker-config --tls'
+    # into <data_dir>/tls/, which is used when these are unset and the files exist).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = Field(
+        default=None,
+        description="CA certificate handed to devices at enrolment; default <data_dir>/tls/ca.crt if present",
+    )
+    allow_plain_http: bool = Field(
+        default=False, description="serve plain HTTP on an address other than loopback (not advised)"
+    )
     max_upload_mb: int = Field(default=2048, gt=0)
     desired_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     telemetry_keep: int = Field(default=500, gt=0, le=1_000_000, description="samples kept per device")
@@ -62,4 +73,5 @@ class HubSettings(BaseSettings):
         return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"
 
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert is not None else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"

@@ -45,6 +45,7 @@ from cloud_hub.ingest.rollup import rollup_states
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
 from cloud_hub.ingest.tables import DeviceReport
 from cloud_hub.registry.modules import get_module
+from cloud_hub.tls.material import ca_pem
 from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.errors import EdgepackError
 from manifests.logs import MAX_TAIL
@@ -308,7 +309,9 @@ def enroll(ctx: Ctx, body: EnrollRequest) -> EnrollOut:
             username=creds.mqtt_username,
             password=creds.mqtt_password,
             topic_prefix=settings.topic_prefix,
+            tls=settings.mqtt_tls_ca is not None,
         ),
+        ca_pem=ca_pem(settings),
         hub_key=TrustedKey(keyid=ctx.hub_key_id, public_key=raw_public_bytes(pub).hex(), name="hub"),
         # The device checks every module against these itself: a hub compromised later can
         # make it run nothing that these publishers did not sign.
