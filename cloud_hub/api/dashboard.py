@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from cloud_hub.api.deps import ADMIN_COOKIE, Admin, Ctx
+from cloud_hub.api.sessions import SESSION_TTL, close_all_sessions, close_session, open_session
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import NotFound, Unauthorized
 from cloud_hub.events import Event, events_since, recent_events
@@ -57,27 +58,42 @@ def static_file(name: str) -> FileResponse:
 
 @router.post("/api/v1/dashboard/login", tags=["dashboard"])
 def login(ctx: Ctx, request: Request, token: Annotated[str, Form()]) -> Response:
-    """Exchange the admin token for an HttpOnly session cookie (the dashboard's login form)."""
+    """Exchange the admin token for a server-side session, in an HttpOnly cookie (``Secure``
+    over HTTPS) that holds only the session's id."""
     if not secrets.compare_digest(token.strip().encode(), ctx.admin_token.encode()):
         raise Unauthorized("that is not the admin token (see <data_dir>/admin_token on the hub)")
+    with ctx.sessions.begin() as s:
+        session_id = open_session(s)
     response = JSONResponse({"ok": True})
     response.set_cookie(
         ADMIN_COOKIE,
-        ctx.admin_token,
+        session_id,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
-        max_age=12 * 3600,
+        max_age=int(SESSION_TTL.total_seconds()),
         path="/",
     )
     return response
 
 
 @router.post("/api/v1/dashboard/logout", tags=["dashboard"])
-def logout() -> Response:
+def logout(ctx: Ctx, request: Request) -> Response:
+    """End this browser's session on the hub (its cookie is worth nothing afterwards)."""
+    session_id = request.cookies.get(ADMIN_COOKIE)
+    if session_id is not None:
+        with ctx.sessions.begin() as s:
+            close_session(s, session_id)
     response = JSONResponse({"ok": True})
     response.delete_cookie(ADMIN_COOKIE, path="/")
     return response
+
+
+@router.delete("/api/v1/dashboard/sessions", tags=["dashboard"], dependencies=[Admin])
+def end_all_sessions(ctx: Ctx) -> dict[str, int]:
+    """Sign every browser out (e.g. after a laptop was lost)."""
+    with ctx.sessions.begin() as s:
+        return {"ended": close_all_sessions(s)}
 
 
 def _event_out(e: Event) -> dict[str, Any]:
