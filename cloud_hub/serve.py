@@ -9,6 +9,12 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.tls.material import with_default_tls
 
 
+def serving_settings(settings: HubSettings) -> HubSettings:
+    """The settings a hub serves with: its own certificate when it has one, and no plain HTTP
+    beyond loopback unless asked for (see :func:`cloud_hub.tls.material.with_default_tls`)."""
+    return with_default_tls(settings)
+
+
 def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
     """Serve the hub until interrupted: HTTPS when it has a certificate (its own, from
     ``broker-config --tls``, is used by default), and never plain HTTP beyond loopback unless

@@ -237,6 +237,21 @@ def sync_broker(ctx: HubContext) -> None:
         reload_broker(settings.broker_pid_file)
 
 
+def prepare_broker_tls(
+    settings: HubSettings, *, hub_hosts: Sequence[str], broker_hosts: Sequence[str]
+) -> tuple[BrokerTLS, Path]:
+    """The installation's CA (made once) and fresh hub and broker certificates; returns the
+    broker listener's TLS files and the CA certificate clients need."""
+    from cloud_hub.tls.material import make_tls_material
+
+    if settings.broker_dir is None:
+        raise ConfigError("no broker dir: pass --out DIR")
+    files = make_tls_material(
+        settings, hub_hosts=hub_hosts, broker_hosts=broker_hosts, broker_dir=settings.broker_dir
+    )
+    return BrokerTLS(cert=files.broker_cert, key=files.broker_key, ca=files.broker_ca), files.ca_cert
+
+
 def write_broker_config(
     settings: HubSettings,
     *,

@@ -46,9 +46,8 @@ def broker_config_cmd(
     With --tls, also a small CA in the hub's data dir (<data_dir>/tls/ca.crt, handed to devices
     at enrolment), the hub's HTTPS certificate and the broker's.
     """
-    from cloud_hub.broker.mosquitto import BrokerTLS, write_broker_config
+    from cloud_hub.broker.mosquitto import prepare_broker_tls, write_broker_config
     from cloud_hub.settings import HubSettings
-    from cloud_hub.tls.material import make_tls_material
 
     settings = HubSettings(broker_dir=out, topic_prefix=topic_prefix)
     if data_dir is not None:
@@ -58,15 +57,13 @@ def broker_config_cmd(
     broker_tls = None
     tls_flags = ""
     if tls:
-        files = make_tls_material(
+        broker_tls, ca_cert = prepare_broker_tls(
             settings,
             hub_hosts=hub_host or ["localhost", "127.0.0.1"],
             broker_hosts=broker_host or sorted({listen, "localhost", "127.0.0.1"}),
-            broker_dir=out,
         )
-        broker_tls = BrokerTLS(cert=files.broker_cert, key=files.broker_key, ca=files.broker_ca)
-        tls_flags = f" --mqtt-tls-ca {files.ca_cert}"
-        console.print(f"wrote the CA {files.ca_cert} (give it to clients: edgepack login --ca ...)")
+        tls_flags = f" --mqtt-tls-ca {ca_cert}"
+        console.print(f"wrote the CA {ca_cert} (give it to clients: edgepack login --ca ...)")
     conf = write_broker_config(
         settings, port=port, host=listen, run_as=run_as or getpass.getuser(), tls=broker_tls
     )

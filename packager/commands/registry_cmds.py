@@ -143,9 +143,9 @@ def serve_cmd(
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"hub setting {field}: {err['msg']}") from None
-    from cloud_hub.tls.material import with_default_tls
+    from cloud_hub.serve import serving_settings
 
-    settings = with_default_tls(settings)
+    settings = serving_settings(settings)
     url = f"{'https' if settings.tls_cert else 'http'}://{settings.host}:{settings.port}"
     token_source = (
         "EDGEPACK_HUB_ADMIN_TOKEN"
