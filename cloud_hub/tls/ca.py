@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloud_hub.store.files import write_atomic
@@ -139,3 +139,64 @@ def write_issued(issued: Issued, cert_path: Path, key_path: Path) -> None:
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(key_path, issued.key_pem, 0o600)
     write_atomic(cert_path, issued.cert_pem, 0o644)
+
+
+#: A certificate request is a few hundred bytes.
+MAX_CSR_BYTES = 16 << 10
+
+
+def sign_request(
+    ca: Issued, csr_pem: bytes, *, allowed_dns: Callable[[str], bool], days: int = SERVER_DAYS
+) -> bytes:
+    """A server certificate for the key and names in a PEM certificate request, signed by ``ca``.
+
+    The request must be signed by its own key (proof that the requester holds it), name at
+    least one host, and every DNS name in it must pass ``allowed_dns``; IP addresses are taken
+    as given. Raises ConfigError naming what is wrong.
+    """
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise ConfigError("certificate request is too large")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise ConfigError("not a PEM certificate request") from None
+    if not csr.is_signature_valid:
+        raise ConfigError("the certificate request is not signed by its own key")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
+        raise ConfigError("the certificate request's key is of a kind edgepack does not sign")
+    try:
+        names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ConfigError("the certificate request names no host (subjectAltName)") from None
+    dns = names.get_values_for_type(x509.DNSName)
+    ips = names.get_values_for_type(x509.IPAddress)
+    if not dns and not ips:
+        raise ConfigError("the certificate request names no host (subjectAltName)")
+    refused = [n for n in dns if not allowed_dns(n)]
+    if refused:
+        raise ConfigError(
+            f"the certificate request names host {refused[0]!r}, which this device may not use"
+        )
+    common_name = dns[0] if dns else str(ips[0])
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("the CA key is not an ECDSA key made by edgepack")
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([*map(x509.DNSName, dns), *map(x509.IPAddress, ips)]), critical=False
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)

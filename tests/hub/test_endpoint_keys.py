@@ -6,15 +6,23 @@ from that desired state) refuses a request without a key and accepts either key.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from manifests.desired import DeploymentSettings
-from tests.conftest import Publisher
+from tests.conftest import Publisher, free_port
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import Enrolled, desired_over_http, enroll, hub_trust, push, verified_state
 from tests.hub.test_fleet_cli import ok_json, one_line_error, run
@@ -157,3 +165,76 @@ def test_the_cli_shows_and_rotates_keys_warns_at_deploy_and_calls_with_a_key(
         answered = run(home, h, "call", server.url, "--data", "{}", "--key", rotated["keys"]["secondary"])
         assert answered.returncode == 0, answered.stderr
         assert json.loads(answered.stdout) == {"ok": True}
+
+
+def _csr(key: ec.EllipticCurvePrivateKey, *names: str) -> str:
+    alt: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt.append(x509.DNSName(name))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_an_ssl_enabled_service_gets_a_certificate_from_the_endpoint_ca_and_serves_https(
+    hub: HubFactory, publisher: Publisher, tmp_path: Path
+) -> None:
+    h = hub()
+    push(h, publisher, "keyed-mod", "1")
+    with h.client() as http:
+        device = enroll(http, "dev-k")
+    assert _deploy(h, {"sslEnabled": True}).status_code == 201
+    # As the agent: a key made on the device, a request for the device's own names.
+    key = ec.generate_private_key(ec.SECP256R1())
+    with h.client(token=device.token) as http:
+        r = http.post(
+            "/api/v1/device/certificates",
+            json={"service": "keyed", "csr_pem": _csr(key, "dev-k.local", "127.0.0.1")},
+        )
+        assert r.status_code == 201, r.text
+        issued = r.json()
+        stolen = http.post(
+            "/api/v1/device/certificates", json={"service": "keyed", "csr_pem": _csr(key, "dev-other.local")}
+        )
+        assert stolen.status_code == 400 and "may not use" in stolen.json()["error"]["message"]
+        unknown = http.post(
+            "/api/v1/device/certificates", json={"service": "nope", "csr_pem": _csr(key, "dev-k")}
+        )
+        assert unknown.status_code == 404
+    endpoint_ca = httpx.get(h.url + "/api/v1/hub/endpoint-ca")
+    assert endpoint_ca.status_code == 200 and endpoint_ca.text == issued["ca_pem"]
+
+    cert, key_file, ca_file = tmp_path / "svc.crt", tmp_path / "svc.key", tmp_path / "endpoint-ca.crt"
+    cert.write_text(issued["cert_pem"])
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+    ca_file.write_text(issued["ca_pem"])
+    module = make_module(tmp_path / "mod", SCRIPT, {"m.bin": b"x"})
+    port = free_port()
+    command = [sys.executable, "-m", "edge_agent.scoring", "--module-dir", str(module), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--tls-cert", str(cert), "--tls-key", str(key_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        verify = ssl.create_default_context(cafile=str(ca_file))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.post(f"https://127.0.0.1:{port}/score", json={}, verify=verify, timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert r.status_code in (200, 503)  # 503 while init() runs
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
