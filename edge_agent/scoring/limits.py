@@ -9,7 +9,8 @@ for every client after it. This module adds, per worker:
   evicts the oldest one that is idle (keep-alive between requests, or still sending its request
   head); when every connection is busy with a request the new one is answered 503 and closed;
 - **a header timeout**: a request head not complete ``header_timeout_s`` after the connection
-  opened (or after the first byte of a later request) is answered 408 and the connection closed;
+  opened (or after the first byte of a later request) is answered 408 and the connection closed
+  (kept-alive connections between requests are uvicorn's keep-alive timeout's business);
 - **a body timeout**: a request body not complete ``body_timeout_s`` after its head is
   answered 408 and the connection closed (the app then sees the client gone and never calls
   ``run()`` on the partial body);
@@ -18,7 +19,8 @@ for every client after it. This module adds, per worker:
   stop a thread stuck in C code, so the process is what gets replaced).
 
 The protocol is uvicorn's httptools protocol with these hooks; requests themselves take the
-same path as before, so the hot path gains two attribute writes and an uncontended lock.
+same path as before, so the hot path gains a few attribute writes (and, with a run() timeout,
+an uncontended lock).
 """
 
 from __future__ import annotations
@@ -70,30 +72,41 @@ class ServingLimits:
 
 
 def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with the connection bound and the header timeout."""
+    """uvicorn's httptools protocol with the connection bound and the read timeouts.
+
+    The timeouts cost a request no timer: each connection notes when its current head (or
+    body) started, and one sweep per worker, a few times a second, closes the ones that took
+    too long. (A timer armed and cancelled per request cost about a tenth of the throughput.)
+    """
+    sweep_every = min(1.0, limits.header_timeout_s / 4, limits.body_timeout_s / 4)
+    with_fd = limits.run_timeout_s is not None
 
     class GuardedHttpProtocol(HttpToolsProtocol):
+        _swept: set[Any] | None = None  # the connections of this worker's server, once known
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._busy = False  # a request head arrived and its response is not complete
             self._opened = 0.0
-            self._header_timer: asyncio.TimerHandle | None = None
-            self._body_timer: asyncio.TimerHandle | None = None
-            self._body_done = True
+            self._head_since: float | None = None  # waiting for a request head since then
+            self._body_since: float | None = None  # waiting for the rest of a body since then
             self._fd = -1
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._opened = self.loop.time()
-            sock = transport.get_extra_info("socket")
-            if sock is not None and transport.get_extra_info("sslcontext") is None:
-                self._fd = sock.fileno()
+            self._opened = self._head_since = self.loop.time()
+            if with_fd:
+                sock = transport.get_extra_info("socket")
+                if sock is not None and transport.get_extra_info("sslcontext") is None:
+                    self._fd = sock.fileno()
+            cls = type(self)
+            if cls._swept is None:
+                cls._swept = self.connections
+                self.loop.call_later(sweep_every, self._sweep)
             if len(self.connections) > limits.max_connections and not self._evict_idle():
                 body = b'{"error": "too many connections; try again later", "type": "Busy"}'
                 transport.write(_raw_response(_503, body))
                 transport.close()
-                return
-            self._arm_header_timer()
 
         def _evict_idle(self) -> bool:
             """Close the oldest idle connection (not this one); False when all are busy."""
@@ -108,67 +121,48 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
             oldest.transport.close()
             return True
 
-        def _arm_header_timer(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(limits.header_timeout_s, self._header_timeout)
+        def _sweep(self) -> None:
+            connections = type(self)._swept
+            if not connections:
+                self.loop.call_later(sweep_every, self._sweep)
+                return
+            now = self.loop.time()
+            for conn in list(connections):
+                if not isinstance(conn, GuardedHttpProtocol) or conn.transport.is_closing():
+                    continue
+                head, body = conn._head_since, conn._body_since
+                if head is not None and not conn._busy and now - head > limits.header_timeout_s:
+                    conn._time_out(b"request head not received in time")
+                elif body is not None and now - body > limits.body_timeout_s:
+                    conn._time_out(b"request body not received in time")
+            self.loop.call_later(sweep_every, self._sweep)
 
-        def _cancel_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _header_timeout(self) -> None:
-            self._header_timer = None
-            if not self.transport.is_closing() and not self._busy:
-                body = b'{"error": "request head not received in time", "type": "RequestTimeout"}'
-                self.transport.write(_raw_response(_408, body))
-                self.transport.close()
+        def _time_out(self, message: bytes) -> None:
+            body = b'{"error": "%s", "type": "RequestTimeout"}' % message
+            self.transport.write(_raw_response(_408, body))
+            self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.scope["extensions"] = {FD_EXTENSION: {"fd": self._fd}}
-            self._arm_header_timer()  # a later request on a kept-alive connection: its own deadline
+            if with_fd:
+                self.scope["extensions"] = {FD_EXTENSION: {"fd": self._fd}}
+            if self._head_since is None:  # a later request on a kept-alive connection
+                self._head_since = self.loop.time()
 
         def on_headers_complete(self) -> None:
-            self._cancel_header_timer()
+            self._head_since = None
             self._busy = True
-            self._body_done = False
+            self._body_since = self.loop.time()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
-            self._body_done = True
-            self._cancel_body_timer()
+            self._body_since = None
             super().on_message_complete()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            # Armed only when a body is still outstanding after the bytes at hand: most
-            # requests arrive whole in one segment and never pay for a timer.
-            waiting = self._busy and not self._body_done and self._body_timer is None
-            if waiting and not self.transport.is_closing():
-                self._body_timer = self.loop.call_later(limits.body_timeout_s, self._body_timeout)
-
-        def _cancel_body_timer(self) -> None:
-            if self._body_timer is not None:
-                self._body_timer.cancel()
-                self._body_timer = None
-
-        def _body_timeout(self) -> None:
-            self._body_timer = None
-            if not self.transport.is_closing() and not self._body_done:
-                body = b'{"error": "request body not received in time", "type": "RequestTimeout"}'
-                self.transport.write(_raw_response(_408, body))
-                self.transport.close()
 
         def on_response_complete(self) -> None:
             self._busy = False
-            self._cancel_body_timer()
+            self._body_since = None
             super().on_response_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_header_timer()
-            self._cancel_body_timer()
-            super().connection_lost(exc)
 
     return GuardedHttpProtocol
 
