@@ -163,7 +163,7 @@ from manifests.desired import DesiredState
 from manifests.signing import TrustStore, TrustedKey, parse_envelope, verify_envelope
 
 creds = json.load(open(sys.argv[1]))
-m, trust = creds["mqtt"], TrustStore(keys=[TrustedKey(**creds["hub_key"], name="hub")])
+m, trust = creds["mqtt"], TrustStore(keys=[TrustedKey(**{**creds["hub_key"], "name": "hub"})])
 topic = f"{m['topic_prefix']}/devices/{creds['device_id']}/desired"
 got: queue.Queue[bytes] = queue.Queue()
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds["device_id"])

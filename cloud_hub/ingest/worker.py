@@ -162,6 +162,9 @@ class IngestWorker:
                 # Over budget: the newest state waits until the device's bucket refills, so a
                 # device that floods and then goes quiet still ends up with its last state.
                 self.stats.throttled += 1
+                if topic not in self._deferred and len(self._deferred) >= self._max_state:
+                    self.stats.overflow += 1
+                    return
                 self._deferred[topic] = (device_id, raw)
             elif len(self._states) >= self._max_state:
                 self.stats.overflow += 1
@@ -342,7 +345,7 @@ class IngestWorker:
                         session,
                         "throttled",
                         f"{device_id} sent more than its budget allows: {count} messages or events "
-                        "dropped (see the hub's ingest limits)",
+                        "held back or dropped (see the hub's ingest limits)",
                         device_id=device_id,
                     )
         except Exception:
