@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.metadata
 import logging
 import os
 import signal
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from edge_agent import logfmt
+from edge_agent import __version__, logfmt
 from edge_agent.reconcile.loop import ReconcileLoop, Stop
 from edge_agent.report.sampler import Sampler
 from edge_agent.runtime.base import Runtime
@@ -50,10 +49,7 @@ def load_setup(config_path: Path) -> tuple[AgentConfig, DeviceCredentials]:
 
 
 def agent_version() -> str:
-    try:
-        return importlib.metadata.version("edgepack")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+    return __version__
 
 
 def build_runtimes(config: AgentConfig, device_id: str) -> dict[RuntimeKind, Runtime]:
@@ -61,7 +57,9 @@ def build_runtimes(config: AgentConfig, device_id: str) -> dict[RuntimeKind, Run
     runs = config.state_dir / "run"
     for kind in config.runtimes:
         if kind is RuntimeKind.PROCESS:
-            runtimes[kind] = ProcessRuntime(runs, python=config.process.python)
+            runtimes[kind] = ProcessRuntime(
+                runs, python=config.process.python, max_log_bytes=config.max_log_bytes
+            )
         elif kind is RuntimeKind.DOCKER:
             from edge_agent.runtime.docker import DockerRuntime  # the docker SDK only when used
 

@@ -93,10 +93,6 @@ class ProcessSettings(BaseModel):
     python: Path | None = Field(
         default=None, description="interpreter that runs modules; default: the agent's own"
     )
-    prefork: bool = Field(
-        default=True,
-        description="keep a warm process with the scoring server's imports done and fork modules from it",
-    )
 
 
 class RestartSettings(BaseModel):
@@ -127,13 +123,24 @@ class AgentConfig(BaseModel):
     service_host: str = Field(
         default="0.0.0.0", max_length=253, description="address module endpoints listen on"
     )
+    advertise_host: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9.:\[\]-]+$",
+        description="host clients reach this device's modules at (reported to the hub); "
+        "default: service_host, or the device's host name when that is a wildcard",
+    )
     telemetry_interval_s: float = Field(default=10, ge=1, le=3600)
     report_interval_s: float = Field(default=60, ge=1, le=3600)
     poll_interval_s: float = Field(
         default=300, ge=1, le=86400, description="HTTP check for a new desired state (besides MQTT)"
     )
-    keep_versions: int = Field(default=2, ge=1, le=10, description="versions kept per service, for rollback")
-    max_log_bytes: int = Field(default=8 << 20, ge=64 << 10, le=1 << 30, description="per module log file")
+    max_log_bytes: int = Field(
+        default=8 << 20,
+        ge=64 << 10,
+        le=1 << 30,
+        description="a module's log (process runtime) is rotated past this",
+    )
     docker: DockerSettings = Field(default_factory=DockerSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
     restart: RestartSettings = Field(default_factory=RestartSettings)

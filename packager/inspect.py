@@ -7,11 +7,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from manifests.bundle import MANIFEST_NAME, BlobSink, BundleLimits, VerifiedModule, verify_bundle
+from manifests.bundle import MANIFEST_NAME, BlobSink, BundleLimits, verify_bundle
 from manifests.errors import ConfigError, TrustError
 from manifests.module import ModuleManifest
 from manifests.signing import Envelope, TrustStore, parse_envelope
 from manifests.tar_stream import TarFormatError, TarReader
+from manifests.verified import VerifiedModule
 
 
 def open_verified(

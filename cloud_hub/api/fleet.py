@@ -146,6 +146,8 @@ class DeviceServiceOut(BaseModel):
     online: bool
     state: ServiceState | None
     reason: str | None
+    endpoint: str | None = Field(default=None, description="where the device serves it (its report)")
+    serving_version: str | None = None
 
 
 class DeploymentOut(BaseModel):
@@ -229,13 +231,16 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
     reported = service_statuses(session, row.name)
     rows: list[DeviceServiceOut] = []
     for device_id in devices_running(view.plan, row.name):
-        here = service_state_on_device(reported.get(device_id), row.manifest_digest)
+        status = reported.get(device_id)
+        here = service_state_on_device(status, row.manifest_digest)
         rows.append(
             DeviceServiceOut(
                 device_id=device_id,
                 online=device_id in view.online,
                 state=here.state,
                 reason=here.reason,
+                endpoint=status.endpoint if status is not None else None,
+                serving_version=status.serving_version if status is not None else None,
             )
         )
     return DeploymentOut(

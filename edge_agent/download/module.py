@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 from edge_agent.cache.modules import InstalledModule, ModuleCache
 from edge_agent.uplink.http import HubHttp
-from manifests.bundle import parse_module_manifest
 from manifests.digests import sha256_digest
 from manifests.errors import FetchError, TrustError, Unschedulable
 from manifests.signing import TrustStore
+from manifests.verified import parse_module_manifest
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ import queue
 import random
 import secrets
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +62,15 @@ DRAIN_S = 10.0
 #: how long an Unschedulable verdict stands before it is checked again
 UNSCHEDULABLE_RECHECK_S = 60.0
 PROGRESS_REPORT_EVERY_S = 0.5
+
+
+def advertised_host(config: AgentConfig) -> str:
+    """The host a client uses to reach this device's modules."""
+    if config.advertise_host:
+        return config.advertise_host
+    if config.service_host not in ("0.0.0.0", "::", ""):
+        return f"[{config.service_host}]" if ":" in config.service_host else config.service_host
+    return socket.gethostname()
 
 
 # --- events --------------------------------------------------------------------------------
@@ -108,6 +118,7 @@ class RunningOp:
     assignment: ModuleAssignment | None
     control: Control
     restart: bool = False
+    replaces: InstanceRecord | None = None  # the instance a Replace takes over from
     thread: threading.Thread | None = None
 
 
@@ -178,6 +189,7 @@ class ReconcileLoop:
         self._gc_needed = True
         self._last_progress_report: dict[str, float] = {}
         self._stopping = False
+        self._advertised = advertised_host(config)
 
     # --- public ------------------------------------------------------------------------------
 
@@ -397,10 +409,15 @@ class ReconcileLoop:
             current = service.current
             op = self.ops.get(name)
             restart_at = self.timers.restart_at.get(name)
+            fallback = next(
+                (a for a in (service.last_good, service.previous)
+                 if a is not None and assignment_key(a) not in service.failed),
+                None,
+            )  # fmt: skip
             out[name] = Observed(
                 running_key=current.key if current else None,
                 running_alive=current is not None and self.health.get(current.id, Health()).alive,
-                fallback=service.last_good,
+                fallback=fallback,
                 op=op.kind if op else None,
                 op_key=op.key if op else None,
                 failed_keys=frozenset(service.failed),
@@ -448,6 +465,7 @@ class ReconcileLoop:
             assignment=assignment,
             control=Control(deadline=deadline),
             restart=restart,
+            replaces=service.current if op is Op.REPLACE else None,
         )
         target = f"version {assignment.version}" if assignment else ""
         match op:
@@ -530,6 +548,13 @@ class ReconcileLoop:
         why = runtime.unschedulable(module, assignment)
         if why is not None:
             raise Unschedulable(why)
+        serving = running.replaces
+        if serving is not None and serving.runtime is not runtime.kind:
+            # Processes and containers run as different users, which SO_REUSEPORT does not let
+            # share a port: the old version stops before the new one starts.
+            log.info("%s moves from the %s to the %s runtime: stopping the old version first",
+                     name, serving.runtime, runtime.kind)  # fmt: skip
+            self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
         instance_id = f"{assignment.version}-{secrets.token_hex(4)}"
         spec = LaunchSpec(
             instance_id=instance_id,
@@ -580,6 +605,8 @@ class ReconcileLoop:
     def _started(self, name: str, running: RunningOp, instance: InstanceRecord) -> None:
         service = self._service(name)
         old = service.current
+        if old is not None and old.key != instance.key:
+            service.previous = old.assignment
         service.current = instance
         service.last_good = instance.assignment
         service.healthy_since = datetime.now(UTC)
@@ -659,6 +686,8 @@ class ReconcileLoop:
         health = self.health.setdefault(result.instance_id, Health())
         probe_cfg = service.current.assignment.settings.health
         if not result.alive:
+            if not health.alive:
+                return  # known already (found dead at boot): its restart is under way
             health.alive = False
             self._dirty_plan = True
             lines = self._runtime_of(service.current).log_tail(service.current, 30)
@@ -717,9 +746,10 @@ class ReconcileLoop:
         if decision.restart_in_s is not None:
             self.timers.restart_at[name] = self.clock() + decision.restart_in_s
         if decision.crash_loop:
-            good = service.last_good
             text = f"crash loop: failed {decision.failures} times in a row; {reason}"
-            if good is not None and assignment_key(good) != current.key:
+            earlier = service.previous
+            if earlier is not None and assignment_key(earlier) != current.key:
+                # The version that served before goes back to serving (see _observed).
                 service.failed[current.key] = text
             self._set_status(name, ServiceState.FAILED, text)
             return
@@ -897,6 +927,7 @@ class ReconcileLoop:
             runtimes=sorted(self.runtimes),
             agent_version=self.agent_version,
             now=datetime.now(UTC),
+            host=self._advertised,
         )
         self.publish_reported(state.model_dump_json(by_alias=True).encode())
 
@@ -907,7 +938,7 @@ class ReconcileLoop:
         live_instances: set[str] = set(self.retiring)
         for service in self.record.services.values():
             current = service.current.assignment if service.current else None
-            for a in (current, service.last_good, service.target):
+            for a in (current, service.last_good, service.previous, service.target):
                 if a is not None:
                     keep.add(a.manifest_digest)
             if service.current is not None:

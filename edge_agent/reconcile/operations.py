@@ -55,7 +55,7 @@ def start_instance(
     Raises :class:`ModuleStartFailure` (init() failed, it exited, or it was not ready before
     the deadline), :class:`Unschedulable` (another program holds the port), ``Cancelled``.
     """
-    runtime.prepare(spec, progress, control.cancelled)
+    runtime.prepare(spec, progress, control.cancelled, control.deadline)
     control.check(f"start of {spec.service}")
     progress("start", 0, 0)
     instance = runtime.launch(spec)

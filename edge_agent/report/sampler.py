@@ -66,13 +66,13 @@ class Sampler:
         modules = []
         seen: set[str] = set()
         for w in self._watched():
+            runtime = self._runtimes.get(w.instance.runtime)
+            if runtime is not None:
+                runtime.maintain(w.instance)
             port = w.instance.probe_port
-            if port is None:
-                continue
-            totals = probe.metrics(port)
+            totals = probe.metrics(port) if port is not None else None
             if totals is None:
                 continue
-            runtime = self._runtimes.get(w.instance.runtime)
             usage = runtime.usage(w.instance) if runtime is not None else None
             reading = Reading(
                 instance_id=w.instance.id,

@@ -12,7 +12,7 @@ from manifests.states import ServiceState
 
 
 def module_status(
-    record: AgentRecord, assignment: ModuleAssignment, *, serving_alive: bool
+    record: AgentRecord, assignment: ModuleAssignment, *, serving_alive: bool, host: str | None = None
 ) -> ModuleStatus:
     service = record.services.get(assignment.service)
     current = service.current if service else None
@@ -31,6 +31,7 @@ def module_status(
         serving_digest=serving.digest if serving else None,
         serving_version=serving.version if serving else None,
         progress=service.progress if service else None,
+        endpoint=f"http://{host}:{assignment.settings.port}" if host else None,
     )
 
 
@@ -42,6 +43,7 @@ def reported_state(
     runtimes: Sequence[RuntimeKind],
     agent_version: str,
     now: datetime,
+    host: str | None = None,
 ) -> ReportedState:
     """One status per service the applied desired state lists, in its order."""
     modules = []
@@ -49,7 +51,7 @@ def reported_state(
         service = record.services.get(assignment.service)
         current = service.current if service else None
         serving_alive = current is not None and alive.get(current.id, False)
-        modules.append(module_status(record, assignment, serving_alive=serving_alive))
+        modules.append(module_status(record, assignment, serving_alive=serving_alive, host=host))
     return ReportedState(
         device_id=record.device_id,
         reported_at=now,

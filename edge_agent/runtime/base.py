@@ -59,8 +59,11 @@ class Runtime(Protocol):
     def unschedulable(self, module: InstalledModule, assignment: ModuleAssignment) -> str | None:
         """Why this runtime cannot run the module here (None when it can)."""
 
-    def prepare(self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool]) -> None:
-        """Whatever must happen before the first launch (the docker runtime pulls the image)."""
+    def prepare(
+        self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool], deadline: float
+    ) -> None:
+        """Whatever must happen before the first launch (the docker runtime pulls the image),
+        by ``deadline`` (``time.monotonic()``)."""
 
     def launch(self, spec: LaunchSpec) -> InstanceRecord:
         """Start the instance; returns at once (readiness is the caller's to wait for)."""
@@ -73,6 +76,9 @@ class Runtime(Protocol):
     def log_tail(self, instance: InstanceRecord, lines: int) -> list[str]: ...
 
     def usage(self, instance: InstanceRecord) -> Usage | None: ...
+
+    def maintain(self, instance: InstanceRecord) -> None:
+        """Periodic upkeep of a serving instance (the process runtime rotates its log)."""
 
     def reap_orphans(self, known: set[str]) -> list[str]:
         """Stop instances running for this device that ``known`` (instance ids) does not

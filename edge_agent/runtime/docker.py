@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,8 +104,11 @@ class DockerRuntime:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def prepare(self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool]) -> None:
-        """Pull the pinned image unless the engine holds it already (checked by digest)."""
+    def prepare(
+        self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool], deadline: float
+    ) -> None:
+        """Pull the pinned image unless the engine holds it already (checked by digest). A pull
+        that is still going is reported as progress, never as a failure, until ``deadline``."""
         reference = self._reference(spec.module)
         with self._pull_lock:  # two services on one image pull it once
             if self._holds(reference):
@@ -115,6 +119,10 @@ class DockerRuntime:
                 for event in self._client.api.pull(reference, stream=True, decode=True):
                     if cancelled():
                         raise _PullCancelled
+                    if time.monotonic() > deadline:
+                        raise RegistryUnavailable(
+                            f"pulling {reference} did not finish within its deadline; retrying later"
+                        )
                     if "error" in event:
                         raise ImageUnavailable(f"pulling {reference} failed: {event['error']}")
                     detail = event.get("progressDetail") or {}
@@ -264,6 +272,9 @@ class DockerRuntime:
         if cpu_ns is None or memory is None:
             return None
         return Usage(cpu_s=cpu_ns / 1e9, memory_mb=memory / 2**20)
+
+    def maintain(self, instance: InstanceRecord) -> None:
+        return None  # the engine rotates container logs (json-file max-size)
 
     def reap_orphans(self, known: set[str]) -> list[str]:
         stopped = []

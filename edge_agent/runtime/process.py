@@ -12,7 +12,6 @@ reported, not enforced.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
 import re
@@ -49,14 +48,39 @@ _KEPT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
 
 
 def process_start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot): tells a process from a later one that
-    got the same pid."""
+    """When ``pid`` started (clock ticks since boot), or None when no live process has that
+    pid: tells a process from a later one that got the same pid. A zombie (dead, not yet
+    reaped by whoever inherited it) counts as gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # The command name (field 2) may contain spaces and parentheses; fields after it don't.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def installed_distributions() -> set[str]:
+    """Normalised names of the distributions installed for this interpreter (by presence,
+    not version), read from the ``*.dist-info`` folders on ``sys.path``: what
+    ``importlib.metadata`` would find, without the megabytes it costs a long-running agent."""
+    names: set[str] = set()
+    for entry in sys.path:
+        try:
+            with os.scandir(entry or ".") as it:
+                for item in it:
+                    stem, dot, kind = item.name.rpartition(".")
+                    if dot and kind in ("dist-info", "egg-info"):
+                        names.add(_normalized(stem.split("-", 1)[0]))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+    return names
 
 
 def _runs_in(pid: int, run_dir: Path) -> bool:
@@ -103,9 +127,15 @@ class ProcessRuntime:
     kind = RuntimeKind.PROCESS
 
     def __init__(
-        self, runs_root: Path, *, python: Path | None = None, extra_env: dict[str, str] | None = None
+        self,
+        runs_root: Path,
+        *,
+        python: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+        max_log_bytes: int = 8 << 20,
     ) -> None:
         self.runs_root = runs_root
+        self.max_log_bytes = max_log_bytes
         self.python = str(python or sys.executable)
         self._extra_env = dict(extra_env or {})
         # Launches, stops and liveness checks come from several threads (operations, prober).
@@ -120,14 +150,11 @@ class ProcessRuntime:
         (checked when that is the agent's own; another interpreter is trusted as configured)."""
         if self.python != sys.executable:
             return None
+        installed = installed_distributions()
         missing = []
         for requirement in module.manifest.runtime.python.requirements:
             match = _REQUIREMENT_NAME.match(requirement)
-            if match is None:
-                continue
-            try:
-                importlib.metadata.distribution(match.group(1))
-            except importlib.metadata.PackageNotFoundError:
+            if match is not None and _normalized(match.group(1)) not in installed:
                 missing.append(match.group(1))
         if missing:
             return (
@@ -136,7 +163,9 @@ class ProcessRuntime:
             )
         return None
 
-    def prepare(self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool]) -> None:
+    def prepare(
+        self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool], deadline: float
+    ) -> None:
         return None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -248,12 +277,33 @@ class ProcessRuntime:
                 child.wait(timeout=5)
 
     def log_tail(self, instance: InstanceRecord, lines: int) -> list[str]:
-        return tail_lines(Path(instance.run_dir) / LOG_FILE, lines)
+        run_dir = Path(instance.run_dir)
+        recent = tail_lines(run_dir / LOG_FILE, lines)
+        if len(recent) < lines:  # just rotated: the rest is in the previous file
+            recent = tail_lines(run_dir / (LOG_FILE + ".1"), lines - len(recent)) + recent
+        return recent
 
     def usage(self, instance: InstanceRecord) -> Usage | None:
         if instance.pid is None or not self.liveness(instance).alive:
             return None
         return _usage_of(_process_tree(instance.pid))
+
+    def maintain(self, instance: InstanceRecord) -> None:
+        """Rotate the module's log once it passes ``max_log_bytes``: the newest half moves to
+        ``module.log.1`` and the file is truncated in place (the module appends to it)."""
+        path = Path(instance.run_dir) / LOG_FILE
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size <= self.max_log_bytes:
+            return
+        keep = self.max_log_bytes // 2
+        with path.open("rb") as fh:
+            fh.seek(size - keep)
+            tail = fh.read(keep)
+        (path.parent / (LOG_FILE + ".1")).write_bytes(tail)
+        os.truncate(path, 0)
 
     def reap_orphans(self, known: set[str]) -> list[str]:
         """Instances are found through their run folders: ``<runs_root>/<service>/<id>/``

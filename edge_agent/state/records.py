@@ -50,7 +50,8 @@ class ServiceRecord(BaseModel):
 
     name: str
     current: InstanceRecord | None = None
-    last_good: ModuleAssignment | None = None
+    last_good: ModuleAssignment | None = None  # the last version that became ready here
+    previous: ModuleAssignment | None = None  # what served before the current version
     failed: dict[str, str] = Field(default_factory=dict)  # assignment key -> reason
     restarts: int = 0
     failures: int = 0  # consecutive, for the restart backoff

@@ -13,6 +13,8 @@ def test_a_deployment_becomes_healthy_and_serves_what_the_module_computes(fleet:
     fleet.deploy("demo", module, port=port, devices=["edge-1"])
     body = fleet.wait_rollup("demo", "Healthy")
     assert [d["state"] for d in body["devices"]] == ["Healthy"]
+    assert body["devices"][0]["endpoint"] == f"http://127.0.0.1:{port}"
+    assert body["devices"][0]["serving_version"] == "1"
     assert score(port, [1, 2, 3]) == {"result": [2, 4, 6]}
     status = agent.wait_state("demo", "Healthy")
     assert status["serving_version"] == "1" and status["port"] == port and status["alive"]

@@ -148,3 +148,22 @@ def test_the_pinned_digest_is_pulled_from_the_registry_whatever_its_tag_now_name
     assert container_of(docker_engine, "edge-d").image.id == runtime_image.image_id
     assert f"pulling {repository}@{digest}" in agent.log()
     assert score(port, [3]) == {"result": [6]}
+
+
+def test_a_service_moves_from_the_process_to_the_docker_runtime(
+    fleet: Fleet, runtime_image: PushedRuntimeImage, docker_engine: Any
+) -> None:
+    agent = fleet.device("edge-d", runtimes=(RuntimeKind.PROCESS, RuntimeKind.DOCKER)).start()
+    port = free_port()
+    module = pinned_module(fleet, runtime_image, "1")
+    fleet.deploy("demo", module, port=port, devices=["edge-d"], runtime="process")
+    assert agent.wait_state("demo", "Healthy")["runtime"] == "process"
+    fleet.deploy("demo", module, port=port, devices=["edge-d"], runtime="docker")
+    def in_docker() -> dict[str, Any] | None:
+        s = agent.service("demo")
+        return s if s and s["state"] == "Healthy" and s["container"] else None
+
+    status = wait_for(in_docker, timeout=120, what="the docker instance", log=agent.log)
+    assert status["pid"] is None
+    assert score(port, [2]) == {"result": [4]}
+    assert container_of(docker_engine, "edge-d").labels["edgepack.service"] == "demo"

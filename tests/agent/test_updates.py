@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from manifests.digests import sha256_digest
 from tests.agent.conftest import Agent, Fleet, free_port, score, wait_for
 from tests.agent.modules import CRASHES_AFTER_START, CRASHES_ONCE, FAILING_INIT, HANGS_ON_REQUEST, files
 from tests.factory import SCORE_PY
@@ -161,3 +162,74 @@ def test_a_newer_version_arriving_during_a_download_takes_over(fleet: Fleet) -> 
     agent.wait_state("demo", "Healthy", version="2")
     assert score(port, [1]) == {"result": [2]}
     assert fleet.wait_rollup("demo", "Healthy")["version"] == "2"
+
+
+def test_old_versions_are_garbage_collected_keeping_the_serving_and_the_previous_one(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1").start()
+    port = free_port()
+    digests = []
+    for version, factor in (("1", 2), ("2", 3), ("3", 4)):
+        module = fleet.push("demo", version, files=files(factor=factor))
+        digests.append(module.manifest_digest)
+        fleet.deploy("demo", module, port=port, devices=["edge-1"])
+        agent.wait_state("demo", "Healthy", version=version)
+    modules = agent.state_dir / "cache" / "modules"
+
+    def kept() -> set[str] | None:
+        held = {"sha256:" + p.name for p in modules.iterdir() if not p.name.startswith(".")}
+        return held if held == set(digests[1:]) else None
+
+    wait_for(kept, what="version 1 to be collected", log=agent.log)
+    # Version 1's model blob went with it; the entry script, shared by all three, stays.
+    blobs = {"sha256:" + p.name for p in (agent.state_dir / "cache" / "blobs" / "sha256").iterdir()}
+    v1_model = sha256_digest(files(factor=2)["model/model.json"])
+    assert v1_model not in blobs
+    assert sha256_digest(SCORE_PY) in blobs
+    assert score(port, [1]) == {"result": [4]}
+
+
+CHATTY = SCORE_PY + b"""
+
+_plain_run = run
+
+
+def run(raw_data):
+    print("x" * 2000, flush=True)
+    return _plain_run(raw_data)
+"""
+
+
+def test_a_modules_log_is_rotated_and_still_served_through_the_hub(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1", max_log_bytes=64 << 10).start()
+    port = free_port()
+    fleet.deploy("demo", fleet.push("demo", "1", files=files(CHATTY)), port=port, devices=["edge-1"])
+    fleet.wait_rollup("demo", "Healthy")
+    for _ in range(200):  # about 400 kB of output
+        score(port, [1])
+    run_dir = next(agent.state_dir.glob("run/demo/*/module.log")).parent
+    wait_for(lambda: (run_dir / "module.log.1").exists(), timeout=20, what="a rotation", log=agent.log)
+    time.sleep(2.5)  # another telemetry tick: the log is kept under the limit
+    assert (run_dir / "module.log").stat().st_size <= (64 << 10) + 200 * 2100
+    with fleet.http() as http:
+        answer = http.get("/api/v1/deployments/demo/logs", params={"device": "edge-1", "tail": 10})
+    lines = answer.json()["lines"]
+    assert len(lines) == 10 and all(line == "x" * 2000 for line in lines[-3:])
+
+
+def test_a_version_that_crash_loops_after_the_switch_is_abandoned_for_the_previous_one(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1", **FAST_RESTARTS).start()
+    port = free_port()
+    fleet.deploy("demo", fleet.push("demo", "1"), port=port, devices=["edge-1"])
+    agent.wait_state("demo", "Healthy")
+    fleet.deploy("demo", fleet.push("demo", "2", files=files(CRASHES_AFTER_START, factor=5)), port=port,
+                 devices=["edge-1"])  # fmt: skip
+
+    def rolled_back() -> dict[str, Any] | None:
+        s = agent.service("demo")
+        return s if s and s["state"] == "Failed" and s["serving_version"] == "1" and s["alive"] else None
+
+    status = wait_for(rolled_back, timeout=60, what="the rollback to version 1", log=agent.log)
+    assert "crash loop" in status["reason"] and "rolled back to version 1" in status["reason"]
+    assert score(port, [1]) == {"result": [2]}
+    body = fleet.wait_rollup("demo", "Failed")
+    assert "about to crash" in body["devices"][0]["reason"]
