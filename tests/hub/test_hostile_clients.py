@@ -257,3 +257,27 @@ def test_a_full_disk_answers_the_json_error_body(hub: HubFactory, tiny_disk: Pat
         assert r.status_code == 507, r.text
         assert r.json()["error"]["type"] == "InsufficientStorage"
         assert "disk is full" in r.json()["error"]["message"]
+
+
+def test_gc_with_its_default_grace_frees_a_stalled_upload(hub: HubFactory, publisher: Publisher) -> None:
+    # 'hub gc' applied its one-hour grace to staged uploads too, so leftovers stayed for hours.
+    h = hub()
+    files = {**default_files(), "model/weights.bin": os.urandom(4 << 20)}
+    bundle = Forge(publisher=publisher.key).bundle(files=files, name="stalled", version="1")
+    sent = threading.Event()
+    pusher = threading.Thread(target=_stalled_push, args=(h.url, bundle, sent), daemon=True)
+    pusher.start()
+    assert sent.wait(30)
+    tmp = h.data_dir / "blobs" / "tmp"
+    deadline = time.monotonic() + 30
+    while not any(tmp.rglob("*.part")):
+        assert time.monotonic() < deadline, "the push never staged a blob"
+        time.sleep(0.05)
+    eleven_minutes_ago = time.time() - 11 * 60
+    for path in tmp.rglob("*"):
+        os.utime(path, (eleven_minutes_ago, eleven_minutes_ago))
+    for path in tmp.iterdir():
+        os.utime(path, (eleven_minutes_ago, eleven_minutes_ago))
+    with h.client() as http:
+        assert http.post("/api/v1/registry/gc").status_code == 200
+    assert not any(tmp.rglob("*.part"))
