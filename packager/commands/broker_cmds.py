@@ -36,6 +36,12 @@ def broker_config_cmd(
     hub_host: Annotated[
         list[str] | None, typer.Option(help="name or address devices use for the hub (repeatable)")
     ] = None,
+    hub_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=65535, help="also listen on 127.0.0.1:PORT for hub replicas sharing one broker user"
+        ),
+    ] = None,
     broker_host: Annotated[
         list[str] | None,
         typer.Option(help="name or address devices use for the broker (repeatable; default --listen)"),
@@ -65,7 +71,12 @@ def broker_config_cmd(
         tls_flags = f" --mqtt-tls-ca {ca_cert}"
         console.print(f"wrote the CA {ca_cert} (give it to clients: edgepack login --ca ...)")
     conf = write_broker_config(
-        settings, port=port, host=listen, run_as=run_as or getpass.getuser(), tls=broker_tls
+        settings,
+        port=port,
+        host=listen,
+        run_as=run_as or getpass.getuser(),
+        tls=broker_tls,
+        hub_port=hub_port,
     )
     pid_file = out.resolve() / "mosquitto.pid"
     console.print(f"wrote {conf}, {out / 'passwd'}, {out / 'acl'}")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
 
-from cloud_hub.broker.mosquitto import BrokerUser, write_broker_files
+from cloud_hub.broker.mosquitto import BrokerUser, render_config, write_broker_files
 from cloud_hub.broker.passwords import hash_password
 from cloud_hub.events import Event
 from cloud_hub.ingest.budget import IngestLimits
@@ -20,7 +21,7 @@ from cloud_hub.ingest.tables import DeviceReport, TelemetrySample
 from cloud_hub.ingest.worker import IngestWorker
 from manifests.reported import ModuleMetrics, Telemetry
 from tests.conftest import Publisher
-from tests.hub.broker_fixtures import Broker, BrokerFactory
+from tests.hub.broker_fixtures import Broker, BrokerFactory, MqttProbe, free_port, start_mosquitto
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import deploy, enroll, push
 
@@ -253,3 +254,36 @@ def test_a_device_over_its_budget_is_throttled_and_its_newest_state_still_lands(
         assert s.scalar(select(func.count()).select_from(TelemetrySample)) <= 4
         throttled = s.scalars(select(Event.message).where(Event.kind == "throttled")).all()
     assert len(throttled) == 1 and "dev-a" in throttled[0], throttled
+
+
+def test_hub_replicas_on_the_hub_listener_share_one_user_without_replacing_each_other(
+    tmp_path: Path
+) -> None:
+    prefix = "rep"
+    broker_dir = tmp_path / "broker"
+    write_broker_files(
+        broker_dir,
+        prefix=prefix,
+        hub=BrokerUser("edgepack-hub", hash_password("hub-pw")),
+        devices=[BrokerUser("dev-a", hash_password("pw-a")), BrokerUser("dev-b", hash_password("pw-b"))],
+    )
+    hub_port = free_port()
+    run_as = "root" if os.geteuid() == 0 else None
+    broker = start_mosquitto(
+        tmp_path / "run",
+        lambda port: render_config(broker_dir, port=port, run_as=run_as, hub_port=hub_port),
+    )
+    try:
+        replicas = [
+            MqttProbe.connect("127.0.0.1", hub_port, username="edgepack-hub", password="hub-pw")
+            for _ in range(2)
+        ]
+        victim = broker.probe(username="dev-a", password="pw-a", client_id="dev-a")
+        attacker = broker.probe(username="dev-b", password="pw-b", client_id="dev-a")
+        time.sleep(1.0)
+        assert [r.disconnects for r in replicas] == [0, 0]
+        assert victim.disconnects == 0  # the devices' listener still binds ids to users
+        for client in (*replicas, victim, attacker):
+            client.close()
+    finally:
+        broker.stop()
