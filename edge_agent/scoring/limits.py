@@ -86,11 +86,16 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._busy = False  # a request head arrived and its response is not complete
             self._opened = 0.0
             self._head_since: float | None = None  # waiting for a request head since then
-            self._body_since: float | None = None  # waiting for the rest of a body since then
+            self._body_since = 0.0  # when the current request's head was complete
             self._fd = -1
+
+        def _busy(self) -> bool:
+            """A request head arrived and its response is not complete (uvicorn's own state,
+            read here rather than tracked per request)."""
+            cycle = self.cycle
+            return cycle is not None and not cycle.response_complete
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -113,7 +118,7 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
             idle = [
                 c
                 for c in self.connections
-                if c is not self and isinstance(c, GuardedHttpProtocol) and not c._busy
+                if c is not self and isinstance(c, GuardedHttpProtocol) and not c._busy()
             ]
             if not idle:
                 return False
@@ -123,17 +128,18 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
 
         def _sweep(self) -> None:
             connections = type(self)._swept
-            if not connections:
-                self.loop.call_later(sweep_every, self._sweep)
-                return
             now = self.loop.time()
-            for conn in list(connections):
+            for conn in list(connections or ()):
                 if not isinstance(conn, GuardedHttpProtocol) or conn.transport.is_closing():
                     continue
-                head, body = conn._head_since, conn._body_since
-                if head is not None and not conn._busy and now - head > limits.header_timeout_s:
+                head = conn._head_since
+                if head is not None and now - head > limits.header_timeout_s:
                     conn._time_out(b"request head not received in time")
-                elif body is not None and now - body > limits.body_timeout_s:
+                elif (
+                    conn._busy()
+                    and conn.cycle.more_body
+                    and now - conn._body_since > limits.body_timeout_s
+                ):
                     conn._time_out(b"request body not received in time")
             self.loop.call_later(sweep_every, self._sweep)
 
@@ -151,18 +157,8 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
 
         def on_headers_complete(self) -> None:
             self._head_since = None
-            self._busy = True
             self._body_since = self.loop.time()
             super().on_headers_complete()
-
-        def on_message_complete(self) -> None:
-            self._body_since = None
-            super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            self._busy = False
-            self._body_since = None
-            super().on_response_complete()
 
     return GuardedHttpProtocol
 
