@@ -32,6 +32,7 @@ from packager.commands.registry_cmds import (
     print_json,
     split_ref,
 )
+from packager.display import state_text
 from packager.files import atomic_output, load_json_file
 from packager.hubclient import HubClient
 
@@ -41,17 +42,6 @@ service_app = typer.Typer(help="List, show, delete and wait for deployed service
 app.add_typer(service_app, name="service")
 
 FINAL = ("Healthy", "Failed")
-STATE_STYLE = {
-    "Healthy": "green",
-    "Failed": "bold red",
-    "Unhealthy": "yellow",
-    "Unschedulable": "magenta",
-    "Transitioning": "cyan",
-}
-
-
-def state_text(state: str | None) -> Text:
-    return Text(state or "not reported", style=STATE_STYLE.get(state or "", "dim"))
 
 
 def tags_text(tags: dict[str, str]) -> str:
@@ -316,6 +306,13 @@ def list_services_cmd(hub: HubOption = None, token: TokenOption = None, as_json:
     console.print(table)
 
 
+def progress_text(progress: dict[str, Any] | None) -> str:
+    """`` (12.3/96.0 MB)`` for a download or pull under way, else nothing."""
+    if not progress or not progress.get("total_bytes"):
+        return ""
+    return f" ({progress['done_bytes'] / 1e6:.1f}/{progress['total_bytes'] / 1e6:.1f} MB)"
+
+
 def devices_table(service: dict[str, Any]) -> Table:
     table = Table("device", "online", "state", "reason")
     for d in service["devices"]:
@@ -323,7 +320,7 @@ def devices_table(service: dict[str, Any]) -> Table:
             d["device_id"],
             Text("online", "green") if d["online"] else Text("offline", "red"),
             state_text(d["state"]),
-            d["reason"] or "",
+            (d["reason"] or "") + progress_text(d.get("progress")),
         )
     return table
 
