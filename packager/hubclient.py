@@ -1,13 +1,16 @@
 """Talking to a hub over HTTP: where it is, the token, and errors as one line.
 
 The hub is found from ``--hub``/``--token``, then ``EDGEPACK_HUB_URL``/``EDGEPACK_TOKEN``,
-then ``$EDGEPACK_HOME/config.json`` (written by ``edgepack login``).
+then ``$EDGEPACK_HOME/config.json`` (written by ``edgepack login``). An HTTPS hub's certificate
+is verified against the CA given with ``edgepack login --ca`` (or ``EDGEPACK_HUB_CA``), else
+against the system's CAs; a certificate neither vouches for is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ def config_path() -> Path:
 class HubConfig:
     url: str
     token: str | None
+    ca: str | None = None  # PEM file of the CA that signed the hub's certificate
 
     @classmethod
     def resolve(cls, url: str | None = None, token: str | None = None) -> HubConfig:
@@ -48,17 +52,19 @@ class HubConfig:
                 raise ConfigError(f"{path}: invalid JSON ({exc.msg}); run 'edgepack login' again") from None
         url = url or os.environ.get("EDGEPACK_HUB_URL") or saved.get("hub_url")
         token = token or os.environ.get("EDGEPACK_TOKEN") or saved.get("token")
+        ca = os.environ.get("EDGEPACK_HUB_CA") or saved.get("ca")
         if not url:
             raise ConfigError(
                 "no hub configured: run 'edgepack login --hub URL --token TOKEN' "
                 "or set EDGEPACK_HUB_URL and EDGEPACK_TOKEN"
             )
-        return cls(url=url.rstrip("/"), token=token)
+        return cls(url=url.rstrip("/"), token=token, ca=ca)
 
     def save(self) -> Path:
         path = config_path()
         with atomic_output(path, mode=0o600) as fh:
-            fh.write(json.dumps({"hub_url": self.url, "token": self.token}, indent=2).encode())
+            doc = {"hub_url": self.url, "token": self.token, "ca": self.ca}
+            fh.write(json.dumps(doc, indent=2).encode())
         return path
 
 
@@ -68,7 +74,13 @@ class HubClient:
     def __init__(self, config: HubConfig, *, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
         self.config = config
-        self.http = httpx.Client(base_url=config.url, headers=headers, timeout=timeout)
+        verify: ssl.SSLContext | bool = True
+        if config.ca is not None:
+            try:
+                verify = ssl.create_default_context(cafile=config.ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"{config.ca}: not a usable CA certificate ({exc})") from None
+        self.http = httpx.Client(base_url=config.url, headers=headers, timeout=timeout, verify=verify)
 
     def __enter__(self) -> HubClient:
         return self
@@ -79,6 +91,16 @@ class HubClient:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self.http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise FetchError(
+                    f"the hub at {self.config.url} has a certificate no trusted CA signed; "
+                    "pass the hub's CA with 'edgepack login --ca ca.crt' (or EDGEPACK_HUB_CA)"
+                ) from None
+            raise FetchError(
+                f"cannot reach the hub at {self.config.url} ({exc.__class__.__name__}); "
+                "is 'edgepack hub serve' running and the URL right?"
+            ) from None
         except httpx.TransportError as exc:
             raise FetchError(
                 f"cannot reach the hub at {self.config.url} ({exc.__class__.__name__}); "

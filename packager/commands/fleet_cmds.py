@@ -22,7 +22,7 @@ from rich.text import Text
 
 from manifests.device import DeviceCredentials
 from manifests.errors import ConfigError, RuntimeFailure
-from packager.app import app, console
+from packager.app import app, console, err_console
 from packager.commands.registry_cmds import (
     HubOption,
     JsonOption,
@@ -270,6 +270,8 @@ def deploy_cmd(
     if as_json:
         print_json(result)
         return
+    for warning in result.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     dep = result["deployment"]
     verb = "created" if result["created"] else "updated"
     console.print(
@@ -340,6 +342,40 @@ def show_service_cmd(
     )
     console.print(Text.assemble("state ", state_text(s["state"])))
     console.print(devices_table(s))
+
+
+@service_app.command("keys")
+def service_keys_cmd(
+    name: str,
+    regenerate: Annotated[
+        str | None, typer.Option(help="replace one key: primary or secondary (the other keeps working)")
+    ] = None,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show (or regenerate) the endpoint keys of a service deployed with authEnabled.
+
+    Callers send one as 'Authorization: Bearer KEY' (edgepack call --key KEY); devices switch to
+    a regenerated key without restarting the service.
+    """
+    with hub_client(hub, token) as client:
+        if regenerate is None:
+            keys = client.get_json(f"/api/v1/deployments/{name}/keys")
+            change = None
+        else:
+            if regenerate not in ("primary", "secondary"):
+                raise ConfigError(f"--regenerate {regenerate!r}: give primary or secondary")
+            path = f"/api/v1/deployments/{name}/keys/regenerate"
+            change = client.request("POST", path, json={"key": regenerate}).json()
+            keys = change["keys"]
+    if as_json:
+        print_json(keys if change is None else change)
+        return
+    console.print(f"primary    {keys['primary']}", highlight=False)
+    console.print(f"secondary  {keys['secondary']}", highlight=False)
+    if change is not None:
+        print_change(change)
 
 
 @service_app.command("delete")

@@ -9,6 +9,7 @@ bodies, the way a batch endpoint would.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,17 @@ def call_cmd(
         Path | None, typer.Option("--file", "-f", help="file holding the request body")
     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the answer", min=0.1)] = 30.0,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            envvar="EDGEPACK_SERVICE_KEY",
+            help="endpoint key (authEnabled services; see 'edgepack service keys')",
+        ),
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="CA certificate to verify an HTTPS service with")
+    ] = None,
 ) -> None:
     """POST one request to a scoring service and print its JSON answer.
 
@@ -172,13 +184,16 @@ def call_cmd(
     """
     body = request_body(data, file)
     target = scoring_url(url)
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    verify: ssl.SSLContext | bool = True
+    if ca is not None:
+        if not ca.is_file():
+            raise ConfigError(f"{ca}: CA certificate not found")
+        verify = ssl.create_default_context(cafile=str(ca))
     try:
-        response = httpx.post(
-            target,
-            content=body,
-            headers={"Content-Type": "application/json"},
-            timeout=timeout,
-        )
+        response = httpx.post(target, content=body, headers=headers, timeout=timeout, verify=verify)
     except httpx.ConnectError as exc:
         raise FetchError(
             f"cannot connect to {target} ({exc}); check that the service is running "
