@@ -17,6 +17,7 @@ def module_status(
     service = record.services.get(assignment.service)
     current = service.current if service else None
     serving = current if current is not None and serving_alive else None
+    scheme = "https" if assignment.settings.tls is not None else "http"
     return ModuleStatus(
         service=assignment.service,
         manifest_digest=assignment.manifest_digest,
@@ -31,7 +32,7 @@ def module_status(
         serving_digest=serving.digest if serving else None,
         serving_version=serving.version if serving else None,
         progress=service.progress if service else None,
-        endpoint=f"http://{host}:{assignment.settings.port}" if host else None,
+        endpoint=f"{scheme}://{host}:{assignment.settings.port}" if host else None,
     )
 
 
