@@ -46,7 +46,7 @@ def instance_arguments(spec: LaunchSpec, state_file: str) -> list[str]:
         "--host", spec.host,
         "--port", str(settings.port),
         "--workers", str(settings.workers),
-        "--preload", "--reuse-port",
+        "--preload", "--reuse-port", "--exit-on-crash",
         "--probe-port", "0",
         "--state-file", state_file,
         "--drain-s", str(spec.drain_s),
