@@ -34,10 +34,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.broker.passwords import hash_password
-from cloud_hub.context import HubContext
 from cloud_hub.fleet.tables import Device
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.settings import HubSettings
+from cloud_hub.wiring import open_hub
 
 PREFIX = "bench"
 STATES = ("Transitioning", "Healthy", "Unhealthy", "Healthy")
@@ -118,16 +118,16 @@ def run(
     )
     if db:
         settings = settings.model_copy(update={"db": db})
-    ctx = HubContext.open(settings)
+    hub = open_hub(settings)
     pubs: list[mqtt.Client] = []
     try:
         pw = hash_password("x")
         ids = [f"dev-{i:05d}" for i in range(max(devices, burst_devices))]
-        with ctx.sessions.begin() as s:
+        with hub.core.sessions.begin() as s:
             s.add_all(Device(id=d, tags={}, mqtt_password_hash=pw, token_hash=f"t-{d}") for d in ids)
-        ctx.start_mqtt()
-        worker = ctx.extras["ingest"]
-        assert isinstance(worker, IngestWorker)
+        hub.start()
+        worker = hub.ingest
+        assert worker is not None
         pubs = [publisher(port) for _ in range(2)]
 
         sent = 0
@@ -163,7 +163,7 @@ def run(
         wait_received(worker, sent + burst)
         burst_s = time.perf_counter() - start
 
-        with ctx.sessions.begin() as s:
+        with hub.core.sessions.begin() as s:
             from cloud_hub.ingest.tables import DeviceReport
 
             last = s.get(DeviceReport, ids[(burst - 1) % burst_devices])
@@ -172,7 +172,7 @@ def run(
             )
         return {
             "bench": "ingest",
-            "db": ctx.sessions.engine.dialect.name,
+            "db": hub.core.sessions.engine.dialect.name,
             "devices": devices,
             "rounds": rounds,
             "reported_msgs": sent,
@@ -196,7 +196,7 @@ def run(
         for p in pubs:
             p.disconnect()
             p.loop_stop()
-        ctx.close()
+        hub.close()
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -14,6 +14,8 @@ TEST_PACKAGES=(
     chromium    # headless browser for the dashboard tests (driven by Playwright)
     libatomic1  # Playwright's bundled node driver links it; a minimal Debian lacks it
     postgresql  # a throwaway PostgreSQL server per test worker (hub on PostgreSQL)
+    nginx       # the load balancer in front of several hub replicas (generated config)
+    rabbitmq-server  # the clustered MQTT broker (rabbitmq_mqtt + rabbitmq_management plugins)
     # --- runtimes, added when their tests land: ---
     # docker.io docker-registry   (docker runtime against a real engine and registry)
     # debootstrap                 (device root filesystems)

@@ -8,24 +8,33 @@ broker's acknowledgement, so it must never run on paho's network thread — henc
 
 Several hub replicas may each run one: renewals happen under the fleet lock and are skipped
 when another replica already renewed, and republishing the same bytes is harmless.
+
+It is given the two jobs it runs as plain callables, not the hub that owns them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-
-from cloud_hub.context import HubContext
-from cloud_hub.fleet.desired import renew_expiring, republish_all
+from collections.abc import Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
 
 class FleetMaintenance:
-    def __init__(self, ctx: HubContext, *, interval_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        *,
+        renew: Callable[[], Mapping[str, int]],
+        republish: Callable[[], Sequence[str]] | None,
+        interval_s: float = 300.0,
+    ) -> None:
+        """``renew`` re-issues (and publishes) what is due; ``republish`` publishes every
+        stored state again and returns the errors (None: the hub runs without a broker)."""
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
-        self.ctx = ctx
+        self._renew = renew
+        self._republish_all = republish
         self.interval_s = interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -55,10 +64,10 @@ class FleetMaintenance:
         try:
             if self._republish.is_set():
                 self._republish.clear()
-                errors = republish_all(self.ctx)
+                errors = self._republish_all() if self._republish_all is not None else []
                 if errors:
                     self._republish.set()  # try again next round
-            renewed = renew_expiring(self.ctx)
+            renewed = self._renew()
             if renewed:
                 log.info("renewed the desired state of %d device(s)", len(renewed))
         except Exception:

@@ -15,16 +15,13 @@ import secrets
 import ssl
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from manifests.errors import FetchError
 from manifests.topics import device_topic
-
-if TYPE_CHECKING:
-    from cloud_hub.context import HubContext
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +32,7 @@ INGEST_CHANNELS = ("reported", "telemetry", "online")
 
 
 class MqttLink:
-    """The hub's broker connection. Build it with :meth:`from_context` in the hub."""
+    """The hub's broker connection (built by :mod:`cloud_hub.wiring`)."""
 
     def __init__(
         self,
@@ -51,8 +48,6 @@ class MqttLink:
         publish_timeout_s: float = 10.0,
         connect_wait_s: float = 5.0,
         max_backoff_s: int = 30,
-        on_start: Callable[[], None] | None = None,
-        on_stop: Callable[[], None] | None = None,
         on_connected: Callable[[], None] | None = None,
     ) -> None:
         if publish_timeout_s <= 0 or connect_wait_s < 0:
@@ -63,10 +58,9 @@ class MqttLink:
         self.publish_timeout_s = publish_timeout_s
         self.connect_wait_s = connect_wait_s
         self._sink = sink
-        self._on_start = on_start
-        self._on_stop = on_stop
         # Called from paho's network thread after every (re)subscription: it must only signal.
-        self._on_connected = on_connected
+        # Public so that the composition root can point it at a part built after the link.
+        self.on_connected = on_connected
         self._subscribed = threading.Event()
         self._started = False
         # A random suffix: two hub replicas with the same client id would kick each other off.
@@ -87,42 +81,6 @@ class MqttLink:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
 
-    @classmethod
-    def from_context(
-        cls, ctx: HubContext, *, on_connected: Callable[[], None] | None = None
-    ) -> MqttLink:
-        """A link configured from the hub settings, feeding the hub's ingest worker."""
-        from cloud_hub.broker.mosquitto import hub_mqtt_password, sync_broker
-        from cloud_hub.ingest.worker import IngestWorker
-
-        settings = ctx.settings
-        if settings.mqtt_host is None:
-            raise ValueError("no MQTT host configured")
-        worker = IngestWorker(
-            ctx.sessions, prefix=settings.topic_prefix, telemetry_keep=settings.telemetry_keep
-        )
-        ctx.extras["ingest"] = worker
-
-        def on_start() -> None:
-            # A hub that manages the broker's accounts makes sure, before it connects, that the
-            # broker knows its own user and exactly the devices in the database (restored
-            # backups, devices enrolled while the broker was down).
-            sync_broker(ctx)
-            worker.start()
-
-        return cls(
-            host=settings.mqtt_host,
-            port=settings.mqtt_port,
-            prefix=settings.topic_prefix,
-            username=settings.mqtt_username,
-            password=hub_mqtt_password(settings),
-            tls_ca=str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
-            sink=worker.submit,
-            on_start=on_start,
-            on_stop=worker.stop,
-            on_connected=on_connected,
-        )
-
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -133,8 +91,6 @@ class MqttLink:
         if self._started:
             return
         self._started = True
-        if self._on_start is not None:
-            self._on_start()
         self._client.connect_async(self.host, self.port, keepalive=30)
         self._client.loop_start()
         if not self._subscribed.wait(self.connect_wait_s):
@@ -148,8 +104,6 @@ class MqttLink:
         self._started = False
         self._client.disconnect()
         self._client.loop_stop()
-        if self._on_stop is not None:
-            self._on_stop()
 
     @property
     def connected(self) -> bool:
@@ -211,8 +165,8 @@ class MqttLink:
             log.warning("MQTT broker refused the hub's subscriptions: %s", refused)
             return
         self._subscribed.set()
-        if self._on_connected is not None:
-            self._on_connected()
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any

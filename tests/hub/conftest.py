@@ -30,8 +30,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from cloud_hub.app import create_app
-from cloud_hub.context import HubContext
+from cloud_hub.core import HubCore
 from cloud_hub.settings import HubSettings
+from cloud_hub.wiring import HubProcess, open_hub
 from manifests.signing import public_key_pem
 from tests.conftest import Publisher
 from tests.factory import Forge
@@ -43,17 +44,21 @@ ADMIN_TOKEN = "ep_admin_test-token"
 
 @dataclass
 class RunningHub:
-    """A hub serving real HTTP on loopback; ``ctx`` is the very context the app uses."""
+    """A hub serving real HTTP on loopback; ``process`` is the very hub the app serves."""
 
     url: str
     admin_token: str
-    ctx: HubContext
+    process: HubProcess
     data_dir: Path
     overrides: dict[str, Any]
     _server: uvicorn.Server
     _thread: threading.Thread
     _start: Callable[..., RunningHub]
     _stopped: bool = field(default=False)
+
+    @property
+    def core(self) -> HubCore:
+        return self.process.core
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -70,7 +75,7 @@ class RunningHub:
         self._stopped = True
         self._server.should_exit = True
         self._thread.join(timeout=30)
-        self.ctx.close()
+        self.process.close()
 
     def restart(self, **overrides: Any) -> RunningHub:
         """Stop this hub and start another on the same data dir (and settings)."""
@@ -98,10 +103,10 @@ def _database(action: str, name: str, server: str) -> str:
     return admin_url.set(database=name).render_as_string(hide_password=False)
 
 
-def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvicorn.Server, threading.Thread]:
-    ctx = HubContext.open(settings)
-    ctx.start_services()
-    app = create_app(ctx=ctx)
+def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubProcess, uvicorn.Server, threading.Thread]:
+    process = open_hub(settings)
+    process.start()
+    app = create_app(hub=process)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -110,10 +115,10 @@ def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvic
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
-            ctx.close()
+            process.close()
             raise RuntimeError("the test hub did not start")
         time.sleep(0.01)
-    return ctx, server, thread
+    return process, server, thread
 
 
 @pytest.fixture
@@ -146,11 +151,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
         }
         values.update(overrides)
         settings = HubSettings(**values)
-        ctx, server, thread = _serve(settings, sock)
+        process, server, thread = _serve(settings, sock)
         running = RunningHub(
             url=url,
             admin_token=ADMIN_TOKEN,
-            ctx=ctx,
+            process=process,
             data_dir=data,
             overrides=overrides,
             _server=server,

@@ -11,12 +11,12 @@ import pytest
 
 from cloud_hub.broker.mosquitto import (
     BrokerUser,
+    MosquittoAccounts,
     render_acl,
-    sync_broker,
     write_broker_files,
 )
 from cloud_hub.broker.passwords import check_password, hash_password
-from cloud_hub.context import HubContext
+from cloud_hub.core import HubCore
 from cloud_hub.fleet.tables import Device
 from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.settings import HubSettings
@@ -179,28 +179,30 @@ def test_sync_broker_follows_the_device_table(tmp_path: Path, broker_factory: Br
         mqtt_password=HUB_PASSWORD,
         broker_pid_file=None,
     )
-    ctx = HubContext.open(settings)
+    core = HubCore.open(settings)
     try:
-        sync_broker(ctx)  # only the hub so far
+        MosquittoAccounts(core.sessions, settings).sync()  # only the hub so far
         broker = broker_factory(broker_dir)
-        ctx.settings = settings.model_copy(update={"broker_pid_file": broker.pid_file})
+        accounts = MosquittoAccounts(
+            core.sessions, settings.model_copy(update={"broker_pid_file": broker.pid_file})
+        )
         with pytest.raises(ConnectionRefusedError):
             broker.probe(username="dev-new", password="pw-new")
 
-        with ctx.sessions.begin() as s:
+        with core.sessions.begin() as s:
             s.add(Device(id="dev-new", tags={}, mqtt_password_hash=hash_password("pw-new"), token_hash="t1"))
-        sync_broker(ctx)
+        accounts.sync()
         _eventually_connects(broker, "dev-new", "pw-new")
 
-        with ctx.sessions.begin() as s:
+        with core.sessions.begin() as s:
             dev = s.get(Device, "dev-new")
             assert dev is not None
             dev.revoked = True
-        sync_broker(ctx)
+        accounts.sync()
         _eventually_refused(broker, "dev-new", "pw-new")
         broker.probe(username="edgepack-hub", password=HUB_PASSWORD).close()
     finally:
-        ctx.close()
+        core.close()
 
 
 def _eventually_connects(broker: Broker, user: str, password: str) -> None:

@@ -63,7 +63,7 @@ def test_enroll_deploy_tag_and_services(hub: HubFactory, publisher: Publisher, t
     assert "shown only once" in r.stdout
     creds = json.loads(creds_file.read_text())
     assert stat.S_IMODE(creds_file.stat().st_mode) == 0o600
-    assert creds["token"] in r.stdout and creds["hub_key"]["keyid"] == h.ctx.hub_key_id
+    assert creds["token"] in r.stdout and creds["hub_key"]["keyid"] == h.core.hub_key_id
     enrolled = ok_json(run(home, h, "device", "enroll", "edge-2", "--tag", "site=munich", "--json"))
     assert enrolled["mqtt"]["username"] == "edge-2"
 

@@ -38,7 +38,7 @@ def push(client: httpx.Client, data: bytes) -> httpx.Response:
 
 def add_deployment(hub: RunningHub, name: str, module: dict[str, str]) -> None:
     """A FLEET deployment row, inserted directly: the registry only reads this table."""
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         s.add(
             Deployment(
                 name=name,
@@ -295,7 +295,7 @@ def test_a_push_that_relied_on_a_blob_deleted_meanwhile_is_refused_cleanly(
     hub: HubFactory, forge: Forge
 ) -> None:
     running = hub()
-    ctx = running.ctx
+    ctx = running.core
     shared = b"weights" * 100
     # Blobs travel sorted by digest: pick a large filler that comes after the shared blob, so
     # the shared one has been checked (and skipped, being held) when the filler is being read.
