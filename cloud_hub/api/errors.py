@@ -1,13 +1,25 @@
-"""The one place where errors become HTTP responses: ``{"error": {"type", "message"}}``."""
+"""The one place where errors become HTTP responses: ``{"error": {"type", "message"}}``.
+
+Every answer that is not a success has that shape: edgepack's own errors (by class), request
+validation, FastAPI's and Starlette's ``HTTPException`` (unknown route, wrong method, a body
+over the parsed-body cap) and anything unexpected (500, without internals). ``type`` is a
+stable name clients act on — the CLI maps it to its exit codes (``packager.hubclient``)
+instead of guessing from the status code.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from cloud_hub.errors import Conflict, Forbidden, NotFound, TooLarge, Unauthorized
 from manifests.errors import ConfigError, EdgepackError, FetchError, TrustError
+
+log = logging.getLogger(__name__)
 
 STATUS: list[tuple[type[EdgepackError], int]] = [
     (NotFound, 404),
@@ -19,6 +31,21 @@ STATUS: list[tuple[type[EdgepackError], int]] = [
     (ConfigError, 400),
     (FetchError, 502),
 ]
+
+#: ``type`` of an HTTPException by status: the edgepack leaf where one means the same thing.
+HTTP_TYPES: dict[int, str] = {
+    400: "ConfigError",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    413: "TooLarge",
+    422: "ValidationError",
+}
+
+#: The ``type`` of a failure the hub did not expect (a bug, or a broken database).
+INTERNAL = "InternalError"
 
 
 def error_body(kind: str, message: str) -> dict[str, dict[str, str]]:
@@ -32,13 +59,19 @@ def status_for(exc: EdgepackError) -> int:
     return 500
 
 
+def type_for(exc: EdgepackError) -> str:
+    """The ``type`` clients see: the nearest class of the error tree that has a status."""
+    for cls, _status in STATUS:
+        if isinstance(exc, cls):
+            return cls.__name__
+    return type(exc).__name__
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_edgepack(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, EdgepackError)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return JSONResponse(
-            error_body(type(exc).__name__, str(exc)), status_code=status_for(exc), headers=headers
-        )
+        return JSONResponse(error_body(type_for(exc), str(exc)), status_code=status_for(exc), headers=headers)
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -49,5 +82,22 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=422,
         )
 
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        kind = HTTP_TYPES.get(exc.status_code, "FetchError" if exc.status_code >= 500 else "ConfigError")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such route: {request.method} {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; see /docs for the API"
+        return JSONResponse(error_body(kind, message), status_code=exc.status_code, headers=exc.headers)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        message = "the hub failed unexpectedly; the details are in its log"
+        return JSONResponse(error_body(INTERNAL, message), status_code=500)
+
     app.add_exception_handler(EdgepackError, on_edgepack)
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
