@@ -62,6 +62,20 @@ def _load_or_create_admin_token(settings: HubSettings) -> str:
     return token
 
 
+def open_blob_store(settings: HubSettings) -> BlobStore:
+    """The blob store the settings name: a local folder by default, or an S3 bucket."""
+    url = settings.blob_store
+    if url is None or url in ("", "file"):
+        return FileBlobStore(settings.data_dir / "blobs")
+    if url.startswith("s3://"):
+        from cloud_hub.store.s3 import S3BlobStore
+
+        store = S3BlobStore.from_url(url)
+        store.ensure_bucket()
+        return store
+    raise ConfigError(f"blob store {url!r}: use s3://BUCKET?endpoint=URL, or leave it unset for files")
+
+
 def _load_trust(paths: list[Path]) -> TrustStore:
     store = TrustStore()
     for path in paths:
@@ -96,7 +110,7 @@ class HubCore:
         return cls(
             settings=settings,
             sessions=Sessions(engine),
-            blobs=FileBlobStore(settings.data_dir / "blobs"),
+            blobs=open_blob_store(settings),
             hub_key=_load_or_create_hub_key(settings),
             admin_token=_load_or_create_admin_token(settings),
             trust=_load_trust(settings.trusted_keys),

@@ -33,6 +33,11 @@ class HubSettings(BaseSettings):
     trusted_keys: list[Path] = Field(
         default_factory=list, description="publisher .pub files or trust-store JSON files"
     )
+    blob_store: str | None = Field(
+        default=None,
+        description="where blobs live: unset = <data_dir>/blobs; s3://BUCKET?endpoint=URL for S3 "
+        "(credentials from the AWS_* variables)",
+    )
     max_upload_mb: int = Field(default=2048, gt=0)
     desired_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     telemetry_keep: int = Field(default=500, gt=0, description="samples kept per device")

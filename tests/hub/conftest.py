@@ -38,6 +38,7 @@ from tests.conftest import Publisher
 from tests.factory import Forge
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
 from tests.hub.postgres_fixtures import *  # noqa: F403  (PostgreSQL server fixture)
+from tests.hub.seaweedfs_fixtures import *  # noqa: F403  (SeaweedFS S3 store fixture)
 
 ADMIN_TOKEN = "ep_admin_test-token"
 
@@ -87,6 +88,25 @@ HubFactory = Callable[..., RunningHub]
 
 POSTGRES_ENV = "EDGEPACK_TEST_POSTGRES"
 
+#: Test modules marked with this run every test once per blob store: files and S3 (SeaweedFS).
+BOTH_BLOB_STORES = "both_blob_stores"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{BOTH_BLOB_STORES}: run on the file store and on S3 (SeaweedFS)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker(BOTH_BLOB_STORES) and "hub" in metafunc.fixturenames:
+        metafunc.parametrize("blob_backend", ["file", "s3"], indirect=True)
+
+
+@pytest.fixture
+def blob_backend(request: pytest.FixtureRequest) -> str | None:
+    """The blob store every hub of this test uses by default: None (files) or an S3 URL maker."""
+    kind = getattr(request, "param", "file")
+    return None if kind == "file" else "s3"
+
 
 def _database(action: str, name: str, server: str) -> str:
     """Create or drop a PostgreSQL database on ``server`` (the URL of its admin database)."""
@@ -122,7 +142,12 @@ def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubProcess, uvic
 
 
 @pytest.fixture
-def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Iterator[HubFactory]:
+def hub(
+    tmp_path_factory: pytest.TempPathFactory,
+    publisher: Publisher,
+    blob_backend: str | None,
+    request: pytest.FixtureRequest,
+) -> Iterator[HubFactory]:
     started: list[RunningHub] = []
     databases: list[tuple[str, str]] = []
     keys_dir = tmp_path_factory.mktemp("hub-keys")
@@ -131,6 +156,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
 
     def start(*, data_dir: Path | None = None, postgres: str | None = None, **overrides: Any) -> RunningHub:
         data = data_dir or tmp_path_factory.mktemp("hub-data")
+        if blob_backend == "s3" and "blob_store" not in overrides:
+            # A restarted hub finds its blobs again: the bucket goes with the data dir.
+            bucket_file = data / "test-bucket"
+            if not bucket_file.exists():
+                store = request.getfixturevalue("seaweedfs")
+                bucket_file.write_text(store.url())
+            overrides["blob_store"] = bucket_file.read_text()
         pg_server = postgres or os.environ.get(POSTGRES_ENV)
         if pg_server and "db" not in overrides:
             name = f"hub_{uuid.uuid4().hex[:12]}"

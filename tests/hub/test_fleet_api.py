@@ -234,6 +234,7 @@ def test_selector_follows_enrolment_and_tags(hub: HubFactory, publisher: Publish
         assert state.generation == 3
 
 
+@pytest.mark.both_blob_stores
 def test_device_token_reads_only_what_its_desired_state_names(hub: HubFactory, publisher: Publisher) -> None:
     h = hub()
     mine = push(h, publisher, "digits", "1", factor=2)

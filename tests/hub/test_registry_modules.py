@@ -22,14 +22,17 @@ from manifests.bundle import MANIFEST_NAME
 from manifests.canonical import canonical_json
 from manifests.digests import sha256_digest
 from tests.factory import Defect, Forge
+from tests.hub import blob_support
+from tests.hub.blob_support import leftovers
 from tests.hub.conftest import HubFactory, RunningHub
+
+pytestmark = pytest.mark.both_blob_stores
 
 BUNDLE_TYPE = {"Content-Type": "application/vnd.edgepack.module+tar"}
 
 
 def stored_blobs(hub: RunningHub) -> set[str]:
-    root = hub.data_dir / "blobs" / "sha256"
-    return {"sha256:" + p.name for p in root.rglob("*") if p.is_file()}
+    return blob_support.stored_blobs(hub.core.blobs)
 
 
 def push(client: httpx.Client, data: bytes) -> httpx.Response:
@@ -112,7 +115,7 @@ def test_a_refused_push_names_the_reason_and_stores_nothing(
         assert client.get("/api/v1/modules").json() == []
         assert client.get("/api/v1/modules/demo/versions/1").status_code == 404
     assert stored_blobs(running) == set()
-    assert [p for p in (running.data_dir / "blobs" / "tmp").rglob("*") if p.is_file()] == []
+    assert leftovers(running.core.blobs) == []
 
 
 def test_blobs_shared_between_modules_are_stored_once(hub: HubFactory, forge: Forge) -> None:
@@ -337,13 +340,12 @@ def test_an_upload_cut_off_midway_leaves_nothing_behind(hub: HubFactory, forge: 
             ).encode()
             + data[: len(data) // 2]
         )
-        tmp = running.data_dir / "blobs" / "tmp"
         deadline = time.monotonic() + 20
-        while not any(tmp.glob("stage-*/*")):  # the hub is staging blobs: now the client vanishes
+        while not leftovers(running.core.blobs):  # the hub is staging blobs: now the client vanishes
             assert time.monotonic() < deadline, "the hub never started staging the upload"
             time.sleep(0.01)
-    while any(tmp.iterdir()):
-        assert time.monotonic() < deadline, f"left behind: {list(tmp.rglob('*'))}"
+    while left := leftovers(running.core.blobs):
+        assert time.monotonic() < deadline, f"left behind: {left}"
         time.sleep(0.05)
     assert stored_blobs(running) == set()
     with running.client() as client:
