@@ -8,7 +8,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud_hub.db.base import Sessions, create_schema, make_engine
+from cloud_hub.db.base import Sessions, import_tables, make_engine
+from cloud_hub.db.schema import ensure_schema
 from cloud_hub.settings import HubSettings
 from cloud_hub.store.blobs import BlobStore, FileBlobStore
 from cloud_hub.store.files import write_atomic
@@ -105,8 +106,13 @@ class HubCore:
     @classmethod
     def open(cls, settings: HubSettings) -> HubCore:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        import_tables()
         engine = make_engine(settings.database_url())
-        create_schema(engine)
+        try:
+            ensure_schema(engine, settings.database_url())
+        except BaseException:
+            engine.dispose()
+            raise
         return cls(
             settings=settings,
             sessions=Sessions(engine),

@@ -1,14 +1,31 @@
-"""Running the hub under uvicorn (``edgepack hub serve``)."""
+"""Running the hub under uvicorn (``edgepack hub serve``) and migrating its database."""
 
 from __future__ import annotations
 
 import uvicorn
 
 from cloud_hub.app import create_app
+from cloud_hub.db.schema import Migration, migrate
 from cloud_hub.settings import HubSettings
+from cloud_hub.wiring import open_hub
 
 
 def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
-    """Serve the hub until interrupted."""
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+    """Serve the hub until interrupted.
+
+    The hub is opened before the server starts, so a configuration it refuses (a database on an
+    older schema, a bad trust file) is one error for the CLI to print, not a server traceback.
+    """
+    process = open_hub(settings)
+    try:
+        process.start()
+        app = create_app(hub=process)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+    finally:
+        process.close()
+
+
+def migrate_hub(settings: HubSettings) -> Migration:
+    """Bring the hub's database schema to the newest revision (``edgepack hub migrate``)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return migrate(settings.database_url())

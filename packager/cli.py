@@ -7,6 +7,7 @@ from packager.commands import (  # noqa: F401  (registers commands)
     broker_cmds,
     fleet_cmds,
     local_cmds,
+    migrate_cmds,
     module_cmds,
     registry_cmds,
 )
