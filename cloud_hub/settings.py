@@ -47,6 +47,10 @@ class HubSettings(BaseSettings):
     mqtt_username: str | None = "edgepack-hub"
     mqtt_password: SecretStr | None = None
     mqtt_tls_ca: Path | None = None
+    # Where devices reach the broker, when not where the hub does (e.g. the hub on the
+    # broker's machine uses 127.0.0.1); goes into each device's credentials.
+    mqtt_public_host: str | None = None
+    mqtt_public_port: int | None = Field(default=None, ge=1, le=65535)
     topic_prefix: str = Field(default="edgepack", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_/-]*$")
     # Where the hub writes the Mosquitto password file and ACL for enrolled devices, and the
     # broker's pid file so that it can be told (SIGHUP) to reload them.

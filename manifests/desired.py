@@ -1,7 +1,9 @@
 """Per-device desired state: what the hub wants a device to run, signed by the hub.
 
-The agent refuses a state addressed to another device, one whose generation is not newer than
-what it applied, and one past its expiry (see :func:`check_desired`).
+:func:`verify_desired` is the one chain every receiver runs on the raw bytes of a desired
+state (from MQTT or HTTP): size, envelope, the hub's signature, the model, then
+:func:`check_desired` (for this device, newer than what was applied, not expired). Nothing
+else in edgepack may accept a desired state.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from manifests.digests import DIGEST_PATTERN
 from manifests.errors import TrustError
 from manifests.module import NAME_PATTERN, VERSION_PATTERN
+from manifests.signing import TrustStore, parse_envelope, verify_envelope
 
 DESIRED_SCHEMA = "edgepack.desired/v1"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$"
@@ -39,6 +42,12 @@ class HealthProbe(BaseModel):
     initial_delay_s: float = Field(default=0, ge=0)
     timeout_s: float = Field(default=2, gt=0)
     failure_threshold: int = Field(default=3, ge=1)
+    start_timeout_s: float = Field(
+        default=120,
+        gt=0,
+        le=3600,
+        description="how long a new version may take to become ready before it is abandoned",
+    )
 
 
 class DeploymentSettings(BaseModel):
@@ -93,21 +102,92 @@ class DesiredState(BaseModel):
         return self
 
 
+#: A desired state lists a device's services; hundreds fit in far less than this.
+MAX_DESIRED_BYTES = 512 * 1024
+
+
+class DesiredRefusal(StrEnum):
+    """Why a desired state was refused (the ``reason`` of :class:`DesiredStateRefused`)."""
+
+    MALFORMED = "malformed"  # not JSON, not an envelope, too large, or an invalid payload
+    HUB_SIGNATURE = "hub-signature"  # not signed by the hub key the device trusts
+    OTHER_DEVICE = "other-device"  # addressed to another device
+    NOT_NEWER = "not-newer"  # generation not above the applied one: a replay or rollback
+    EXPIRED = "expired"  # past its expiry
+
+
+class DesiredStateRefused(TrustError):
+    """A desired state that must not be applied; :attr:`reason` says which check failed."""
+
+    def __init__(self, message: str, reason: DesiredRefusal) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def check_desired(
     state: DesiredState, *, device_id: str, applied_generation: int, now: datetime
 ) -> None:
     """Refuse a desired state that is for another device, replayed/rolled back, or expired."""
     if state.device_id != device_id:
-        raise TrustError(
-            f"desired state is for device {state.device_id!r}, not {device_id!r}; refused"
+        raise DesiredStateRefused(
+            f"desired state is for device {state.device_id!r}, not {device_id!r}; refused",
+            DesiredRefusal.OTHER_DEVICE,
         )
     if state.generation <= applied_generation:
-        raise TrustError(
+        raise DesiredStateRefused(
             f"desired state generation {state.generation} is not newer than the applied "
-            f"generation {applied_generation}; refused as a replay or rollback"
+            f"generation {applied_generation}; refused as a replay or rollback",
+            DesiredRefusal.NOT_NEWER,
         )
     if now >= state.expires:
-        raise TrustError(
+        raise DesiredStateRefused(
             f"desired state generation {state.generation} expired at "
-            f"{state.expires.isoformat()}; the hub must re-issue it"
+            f"{state.expires.isoformat()}; the hub must re-issue it",
+            DesiredRefusal.EXPIRED,
         )
+
+
+def verify_desired(
+    data: bytes,
+    *,
+    hub_trust: TrustStore,
+    device_id: str,
+    applied_generation: int,
+    now: datetime,
+) -> DesiredState:
+    """The verified desired state in ``data`` (the exact bytes from MQTT or HTTP).
+
+    Raises :class:`DesiredStateRefused` (a :class:`TrustError`) naming the first check that
+    failed: malformed, hub signature, other device, not newer, expired. Pure: no clock, no I/O.
+    """
+    what = "desired state"
+    if len(data) > MAX_DESIRED_BYTES:
+        raise DesiredStateRefused(
+            f"{what} of {len(data)} bytes exceeds {MAX_DESIRED_BYTES}; refused",
+            DesiredRefusal.MALFORMED,
+        )
+    try:
+        envelope = parse_envelope(data, what=what)
+    except TrustError as exc:
+        raise DesiredStateRefused(str(exc), DesiredRefusal.MALFORMED) from None
+    try:
+        verify_envelope(
+            envelope,
+            hub_trust,
+            what=what,
+            untrusted_hint=(
+                "it was not signed by this device's hub; enroll the device again if the hub key changed"
+            ),
+        )
+    except TrustError as exc:
+        raise DesiredStateRefused(str(exc), DesiredRefusal.HUB_SIGNATURE) from None
+    try:
+        state = DesiredState.model_validate(envelope.signed)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise DesiredStateRefused(
+            f"{what} is signed but invalid: {loc}: {first['msg']}", DesiredRefusal.MALFORMED
+        ) from None
+    check_desired(state, device_id=device_id, applied_generation=applied_generation, now=now)
+    return state

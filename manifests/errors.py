@@ -2,6 +2,12 @@
 
 Few roots, specific leaves (as python-tuf does it): a caller catches the category it can act
 on. Every message says what went wrong *and* what to do next.
+
+Each class also says whether trying again later can succeed (:attr:`EdgepackError.temporary`,
+as kopf's ``TemporaryError`` and ``PermanentError`` do). The agent's reaction follows from the
+class alone: a temporary error (hub or registry unreachable, broker down, not enough room yet)
+is retried with backoff; a permanent one (bad signature, ``init()`` raises, image missing) ends
+that module version as ``Failed`` until the hub names another one.
 """
 
 from __future__ import annotations
@@ -12,6 +18,13 @@ class EdgepackError(Exception):
 
     #: process exit code the CLI uses for this category
     exit_code: int = 1
+    #: True when the same operation may succeed if retried later, unchanged
+    temporary: bool = False
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        #: a hint from whoever raised a temporary error (e.g. a server's Retry-After)
+        self.retry_after_s = retry_after_s
 
 
 class ConfigError(EdgepackError):
@@ -22,7 +35,8 @@ class ConfigError(EdgepackError):
 
 class TrustError(EdgepackError):
     """Something signed is not trustworthy: bad or missing signature, tampered content,
-    untrusted key, rollback, expiry, unsafe archive path."""
+    untrusted key, rollback, expiry, unsafe archive path. Never retried: the same bytes will
+    fail the same way."""
 
     exit_code = 3
 
@@ -31,9 +45,47 @@ class FetchError(EdgepackError):
     """A transfer failed (network, HTTP status, truncated download). Usually temporary."""
 
     exit_code = 4
+    temporary = True
+
+
+class HubUnavailable(FetchError):
+    """The hub did not answer, or answered with a server error."""
+
+
+class BrokerUnavailable(FetchError):
+    """The MQTT broker is unreachable or refused the connection for now."""
+
+
+class RegistryUnavailable(FetchError):
+    """The container registry did not answer."""
+
+
+class NotFoundError(FetchError):
+    """The server says the thing asked for does not exist (HTTP 404). Permanent for that
+    name: asking again returns the same answer until someone publishes it."""
+
+    temporary = False
 
 
 class RuntimeFailure(EdgepackError):
-    """A module could not be started or kept running (init() failed, port taken, crash)."""
+    """A module could not be started or kept running (init() failed, port taken, crash).
+    Permanent for that module version."""
 
     exit_code = 5
+
+
+class ModuleStartFailure(RuntimeFailure):
+    """The module's entry script could not be loaded or its ``init()`` raised."""
+
+
+class ImageUnavailable(RuntimeFailure):
+    """The runtime image is not in the registry, or its digest is not the pinned one."""
+
+
+class Unschedulable(EdgepackError):
+    """The module cannot be placed on this device now: a runtime the device does not have,
+    requirements it cannot satisfy, too little disk or memory, a port held by another program.
+    Re-evaluated when the desired state or the device changes, and periodically."""
+
+    exit_code = 5
+    temporary = True

@@ -12,6 +12,8 @@ from pydantic import BaseModel
 
 from manifests.azureml import DeploymentConfig, InferenceConfig
 from manifests.desired import DesiredState
+from manifests.device import AgentConfig, DeviceCredentials
+from manifests.logs import LogRequest, LogResponse
 from manifests.module import ModuleManifest
 from manifests.reported import ReportedState, Telemetry
 from manifests.signing import Envelope, TrustStore
@@ -25,6 +27,10 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "desired-state": DesiredState,
     "reported-state": ReportedState,
     "telemetry": Telemetry,
+    "device-credentials": DeviceCredentials,
+    "agent-config": AgentConfig,
+    "logs-request": LogRequest,
+    "logs-response": LogResponse,
 }
 
 

@@ -50,6 +50,8 @@ class BuildSpec:
     source_dir: Path | None = None
     description: str = ""
     image: str = DEFAULT_IMAGE
+    #: the manifest digest that pins ``image`` (``sha256:…``), when known
+    image_digest: str | None = None
     requirements: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
@@ -244,6 +246,7 @@ def build_module(
             entry_script=entry,
             runtime=Runtime(
                 image=spec.image,
+                image_digest=spec.image_digest,
                 python=PythonRuntime(requirements=spec.requirements),
                 environment=spec.environment,
             ),

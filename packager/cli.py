@@ -10,6 +10,7 @@ from packager.commands import (  # noqa: F401  (registers commands)
     migrate_cmds,
     module_cmds,
     registry_cmds,
+    runtime_cmds,
 )
 
 __all__ = ["app", "main"]

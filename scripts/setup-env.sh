@@ -49,3 +49,24 @@ ensure_venv() {
     fi
     export PATH="$VENV/bin:$PATH"
 }
+
+# ensure_dockerd: a Docker Engine that answers `docker info`; starts dockerd in the
+# background when none does (CI machines boot without one) and waits for it.
+DOCKERD_LOG="${DOCKERD_LOG:-/var/log/edgepack-dockerd.log}"
+ensure_dockerd() {
+    local waited=0 limit="${DOCKERD_TIMEOUT:-60}"
+    docker info >/dev/null 2>&1 && return 0
+    command -v dockerd >/dev/null || die "dockerd not found; install it with apt-get install docker.io"
+    # One already starting (its socket not up yet) is waited for, not started twice.
+    if ! pgrep -x dockerd >/dev/null; then
+        echo "starting dockerd (log: $DOCKERD_LOG)"
+        as_root sh -c "nohup dockerd >>'$DOCKERD_LOG' 2>&1 </dev/null &"
+    fi
+    until docker info >/dev/null 2>&1; do
+        [ "$waited" -ge "$limit" ] \
+            && die "dockerd did not answer within ${limit} s; see the end of $DOCKERD_LOG"
+        sleep 1
+        waited=$((waited + 1))
+    done
+    echo "dockerd answers (after ${waited} s)"
+}

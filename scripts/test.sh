@@ -14,13 +14,16 @@ TEST_PACKAGES=(
     chromium    # headless browser for the dashboard tests (driven by Playwright)
     libatomic1  # Playwright's bundled node driver links it; a minimal Debian lacks it
     postgresql  # a throwaway PostgreSQL server per test worker (hub on PostgreSQL)
+    docker.io   # the real Docker Engine the docker runtime and the runtime image tests use
+    docker-registry  # a real container registry per test worker, on loopback
+    debootstrap # the runtime image's base is built offline from Debian packages
     nginx       # the load balancer in front of several hub replicas (generated config)
     rabbitmq-server  # the clustered MQTT broker (rabbitmq_mqtt + rabbitmq_management plugins)
-    # --- runtimes, added when their tests land: ---
-    # docker.io docker-registry   (docker runtime against a real engine and registry)
-    # debootstrap                 (device root filesystems)
 )
 ensure_apt_packages "${TEST_PACKAGES[@]}"
+
+step "docker engine"
+ensure_dockerd
 
 step "python environment (.venv, edgepack[test])"
 ensure_venv test

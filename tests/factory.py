@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from manifests.bundle import BLOB_PREFIX, MANIFEST_NAME
 from manifests.canonical import canonical_json
 from manifests.desired import (
+    MAX_DESIRED_BYTES,
     DeploymentSettings,
+    DesiredRefusal,
     DesiredState,
     ModuleAssignment,
     RuntimeKind,
@@ -139,10 +141,18 @@ class DesiredDefect(StrEnum):
     UNTRUSTED_KEY = "untrusted-key"  # signed by a key the agent does not trust
     TAMPERED = "tampered"  # generation raised after signing
     UNSIGNED = "unsigned"  # no signatures at all
+    MALFORMED = "malformed"  # correctly signed, but the payload breaks the contract
+    NOT_JSON = "not-json"  # bytes that are no JSON at all
+    OVERSIZE = "oversize"  # a signed state far larger than any real one
 
     @property
     def reason(self) -> str:
         return _DESIRED_REASONS[self]
+
+    @property
+    def refusal(self) -> DesiredRefusal:
+        """The check of ``manifests.desired.verify_desired`` that must refuse it."""
+        return _DESIRED_REFUSALS[self]
 
 
 _DESIRED_REASONS: dict[DesiredDefect, str] = {
@@ -152,6 +162,21 @@ _DESIRED_REASONS: dict[DesiredDefect, str] = {
     DesiredDefect.UNTRUSTED_KEY: "untrusted key",
     DesiredDefect.TAMPERED: "does not match the content",
     DesiredDefect.UNSIGNED: "not a signed envelope",
+    DesiredDefect.MALFORMED: "signed but invalid",
+    DesiredDefect.NOT_JSON: "not valid JSON",
+    DesiredDefect.OVERSIZE: "exceeds",
+}
+
+_DESIRED_REFUSALS: dict[DesiredDefect, DesiredRefusal] = {
+    DesiredDefect.OTHER_DEVICE: DesiredRefusal.OTHER_DEVICE,
+    DesiredDefect.REPLAYED: DesiredRefusal.NOT_NEWER,
+    DesiredDefect.EXPIRED: DesiredRefusal.EXPIRED,
+    DesiredDefect.UNTRUSTED_KEY: DesiredRefusal.HUB_SIGNATURE,
+    DesiredDefect.TAMPERED: DesiredRefusal.HUB_SIGNATURE,
+    DesiredDefect.UNSIGNED: DesiredRefusal.MALFORMED,
+    DesiredDefect.MALFORMED: DesiredRefusal.MALFORMED,
+    DesiredDefect.NOT_JSON: DesiredRefusal.MALFORMED,
+    DesiredDefect.OVERSIZE: DesiredRefusal.MALFORMED,
 }
 
 
@@ -363,6 +388,16 @@ class Forge:
             case DesiredDefect.UNSIGNED:
                 payload = state.model_dump(mode="json", by_alias=True)
                 return canonical_json({"signed": payload, "signatures": []})
+            case DesiredDefect.MALFORMED:
+                payload = state.model_dump(mode="json", by_alias=True)
+                payload["generation"] = -1  # signed as a dict: the model would refuse it
+                return envelope_bytes(sign_payload(payload, [self.hub]))
+            case DesiredDefect.NOT_JSON:
+                return b"\x00not json{"
+            case DesiredDefect.OVERSIZE:
+                payload = state.model_dump(mode="json", by_alias=True)
+                payload["padding"] = "x" * (MAX_DESIRED_BYTES + 1)
+                return envelope_bytes(sign_payload(payload, [self.hub]))
         return self.desired_bytes(state)
 
 

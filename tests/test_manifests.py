@@ -8,11 +8,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from manifests.desired import DesiredState, check_desired
+from manifests.desired import DesiredRefusal, DesiredStateRefused, check_desired, verify_desired
 from manifests.errors import TrustError
 from manifests.module import check_relative_path
 from manifests.reported import ModuleStatus, ReportedState
-from manifests.signing import parse_envelope, verify_envelope
 from manifests.states import ServiceState
 from manifests.topics import device_topic, parse_device_topic
 from tests.factory import DesiredDefect, Forge
@@ -100,11 +99,11 @@ def test_manifest_refuses_bad_names_versions_and_unknown_fields(
 def test_desired_state_signed_by_the_hub_verifies_and_passes_checks(forge: Forge) -> None:
     parts = forge.module()
     state = forge.desired_state("dev-7", 3, [forge.assignment(parts)], issued=NOW)
-    envelope = parse_envelope(forge.desired_bytes(state), what="desired state")
-    verify_envelope(envelope, forge.hub_trust, what="desired state")
-    received = type(state).model_validate(envelope.signed)
+    received = verify_desired(
+        forge.desired_bytes(state), hub_trust=forge.hub_trust, device_id="dev-7",
+        applied_generation=2, now=NOW,
+    )  # fmt: skip
     assert received == state
-    check_desired(received, device_id="dev-7", applied_generation=2, now=NOW)
 
 
 def test_desired_state_for_another_device_is_refused(forge: Forge) -> None:
@@ -138,8 +137,9 @@ def test_desired_state_signed_by_a_stranger_or_tampered_is_refused(forge: Forge)
         (forge.desired_bytes(state, key=forge.stranger), "untrusted key"),
         (forge.desired_bytes(state, tamper=True), "does not match the content"),
     ]:
-        with pytest.raises(TrustError, match=reason):
-            verify_envelope(parse_envelope(data), forge.hub_trust, what="desired state")
+        with pytest.raises(DesiredStateRefused, match=reason) as refused:
+            verify_desired(data, hub_trust=forge.hub_trust, device_id="dev-a", applied_generation=0, now=NOW)
+        assert refused.value.reason is DesiredRefusal.HUB_SIGNATURE
 
 
 def test_desired_state_refuses_two_modules_on_one_port(forge: Forge) -> None:
@@ -208,29 +208,21 @@ def test_topics_round_trip_and_reject_strangers() -> None:
         device_topic("dev-a", "secrets")
 
 
-def accept_desired(
-    data: bytes, forge: Forge, *, device_id: str, applied_generation: int, now: datetime
-) -> DesiredState:
-    """What an agent does with desired-state bytes, in order: signature, model, checks."""
-    envelope = parse_envelope(data, what="desired state")
-    verify_envelope(envelope, forge.hub_trust, what="desired state")
-    state = DesiredState.model_validate(envelope.signed)
-    check_desired(state, device_id=device_id, applied_generation=applied_generation, now=now)
-    return state
-
-
 @pytest.mark.parametrize("defect", list(DesiredDefect), ids=str)
 def test_every_forged_desired_state_defect_is_refused_naming_the_reason(
     forge: Forge, defect: DesiredDefect
 ) -> None:
     data = forge.bad_desired(defect, device_id="dev-a", applied_generation=4, now=NOW)
-    with pytest.raises(TrustError, match=defect.reason):
-        accept_desired(data, forge, device_id="dev-a", applied_generation=4, now=NOW)
+    with pytest.raises(DesiredStateRefused, match=defect.reason) as refused:
+        verify_desired(data, hub_trust=forge.hub_trust, device_id="dev-a", applied_generation=4, now=NOW)
+    assert refused.value.reason is defect.refusal
+    assert isinstance(refused.value, TrustError) and not refused.value.temporary
 
 
 def test_the_sound_state_the_forge_starts_from_is_accepted(forge: Forge) -> None:
     state = forge.desired_state("dev-a", 5, [forge.assignment(forge.module())], issued=NOW)
-    got = accept_desired(
-        forge.desired_bytes(state), forge, device_id="dev-a", applied_generation=4, now=NOW
-    )
+    got = verify_desired(
+        forge.desired_bytes(state), hub_trust=forge.hub_trust, device_id="dev-a",
+        applied_generation=4, now=NOW,
+    )  # fmt: skip
     assert got.generation == 5

@@ -39,8 +39,9 @@ from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, 
 from cloud_hub.ingest.rollup import rollup_states
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
 from cloud_hub.registry.modules import get_module
+from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.reported import ModuleStatus
-from manifests.signing import public_key_pem, raw_public_bytes
+from manifests.signing import TrustedKey, public_key_pem, raw_public_bytes
 from manifests.states import ServiceState
 
 router = APIRouter()
@@ -95,6 +96,9 @@ class EnrollOut(BaseModel):
     mqtt_port: int
     topic_prefix: str
     hub_keyid: str
+    device_credentials: DeviceCredentials = Field(
+        description="the whole document the device's agent needs (edgepack device enroll --out)"
+    )
 
 
 class TagUpdate(BaseModel):
@@ -245,16 +249,37 @@ def enroll(core: Core, fleet: Fleet, body: EnrollRequest) -> EnrollOut:
     creds = change.result
     with core.sessions.begin() as s:
         device = _device_out(get_device(s, body.id), s.get(DeviceDesired, body.id))
+    settings = core.settings
+    mqtt_host = settings.mqtt_public_host or settings.mqtt_host
+    mqtt_port = settings.mqtt_public_port or settings.mqtt_port
+    pub = core.hub_key.public_key()
+    document = DeviceCredentials(
+        device_id=body.id,
+        hub_url=settings.base_url(),
+        token=creds.token,
+        mqtt=MqttEndpoint(
+            host=mqtt_host,
+            port=mqtt_port,
+            username=creds.mqtt_username,
+            password=creds.mqtt_password,
+            topic_prefix=settings.topic_prefix,
+        ),
+        hub_key=TrustedKey(keyid=core.hub_key_id, public_key=raw_public_bytes(pub).hex(), name="hub"),
+        # The device checks every module against these itself: a hub compromised later can
+        # make it run nothing that these publishers did not sign.
+        publishers=core.trust,
+    )
     return EnrollOut(
         device=device,
         credentials=CredentialsOut(
             mqtt_username=creds.mqtt_username, mqtt_password=creds.mqtt_password, token=creds.token
         ),
-        hub_url=core.settings.base_url(),
-        mqtt_host=core.settings.mqtt_host,
-        mqtt_port=core.settings.mqtt_port,
-        topic_prefix=core.settings.topic_prefix,
+        hub_url=settings.base_url(),
+        mqtt_host=mqtt_host,
+        mqtt_port=mqtt_port,
+        topic_prefix=settings.topic_prefix,
         hub_keyid=core.hub_key_id,
+        device_credentials=document,
     )
 
 

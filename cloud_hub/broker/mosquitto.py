@@ -2,7 +2,8 @@
 
 Each enrolled device is a broker user named by its device id, whose password hash the hub
 already keeps (``Device.mqtt_password_hash``). The ACL lets a device read only its own
-``desired`` topic and write only its own ``reported``, ``telemetry`` and ``online`` topics;
+``desired`` and ``logs-request`` topics and write only its own ``reported``, ``telemetry``,
+``online`` and ``logs-response`` topics (``manifests.topics`` lists them);
 the hub's own user may read and write everything under the topic prefix. After every change
 the files are rewritten atomically and the broker is sent SIGHUP, which makes Mosquitto reload
 both files without dropping connections.
@@ -34,7 +35,7 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.store.files import write_atomic
 from manifests.desired import DEVICE_ID_PATTERN
 from manifests.errors import ConfigError
-from manifests.topics import device_topic
+from manifests.topics import DEVICE_READS, DEVICE_WRITES, device_topic
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,9 @@ def render_acl(*, prefix: str, hub_username: str, device_ids: Sequence[str]) -> 
         f"topic readwrite {prefix}/#\n",
     ]
     for device_id in sorted(set(device_ids)):
-        out += [
-            "\n",
-            f"user {device_id}\n",
-            f"topic read {device_topic(device_id, 'desired', prefix=prefix)}\n",
-            f"topic write {device_topic(device_id, 'reported', prefix=prefix)}\n",
-            f"topic write {device_topic(device_id, 'telemetry', prefix=prefix)}\n",
-            f"topic write {device_topic(device_id, 'online', prefix=prefix)}\n",
-        ]
+        out += ["\n", f"user {device_id}\n"]
+        out += [f"topic read {device_topic(device_id, c, prefix=prefix)}\n" for c in DEVICE_READS]
+        out += [f"topic write {device_topic(device_id, c, prefix=prefix)}\n" for c in DEVICE_WRITES]
     return "".join(out)
 
 

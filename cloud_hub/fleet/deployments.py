@@ -20,10 +20,11 @@ from cloud_hub.errors import NotFound
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Deployment, Device
 from cloud_hub.fleet.targeting import Target
-from manifests.azureml import DeploymentConfig, describe_validation_error, parse_config
+from manifests.azureml import DeploymentConfig, parse_config
 from manifests.desired import DeploymentSettings
 from manifests.errors import ConfigError
 from manifests.module import NAME_PATTERN
+from manifests.validation import describe_validation_error
 
 DEPLOYMENT_CONFIG = "deploymentconfig.json"
 

@@ -12,7 +12,7 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from manifests.reported import ReportedState, Telemetry
-from manifests.topics import parse_device_topic
+from manifests.topics import INGEST_CHANNELS, parse_device_topic
 
 #: Larger payloads are refused before parsing: a reported state is a few KiB.
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -75,7 +75,7 @@ def parse_message(
     if parsed is None:
         return None
     device_id, channel = parsed
-    if channel == "desired" or not payload:
+    if channel not in INGEST_CHANNELS or not payload:
         return None
     if len(payload) > max_bytes:
         return Rejected(device_id, topic, f"payload of {len(payload)} bytes exceeds {max_bytes}")

@@ -21,14 +21,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from manifests.errors import FetchError
-from manifests.topics import device_topic
+from manifests.topics import INGEST_CHANNELS, device_topic
 
 log = logging.getLogger(__name__)
 
 #: Called for every device message: ``(topic, payload, retained)``. Must not block.
 MessageSink = Callable[[str, bytes, bool], None]
-
-INGEST_CHANNELS = ("reported", "telemetry", "online")
 
 
 class MqttLink:

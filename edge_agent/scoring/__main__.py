@@ -1,9 +1,13 @@
 """``python -m edge_agent.scoring --module-dir DIR [--host H] [--port P] [--workers N]``.
 
 Every option can also be set by an environment variable (``EDGEPACK_MODULE_DIR``,
-``EDGEPACK_HOST``, ``EDGEPACK_PORT``, ``EDGEPACK_WORKERS``, ``EDGEPACK_LOG_LEVEL``); the
-command line wins. Exit codes: 0 after SIGINT/SIGTERM, 5 when the module fails to start
-(traceback logged first), 2 for bad arguments.
+``EDGEPACK_HOST``, ``EDGEPACK_PORT``, ``EDGEPACK_WORKERS``, ``EDGEPACK_LOG_LEVEL``,
+``EDGEPACK_PRELOAD``, ``EDGEPACK_REUSE_PORT``, ``EDGEPACK_PROBE_PORT``,
+``EDGEPACK_STATE_FILE``, ``EDGEPACK_DRAIN_S``); the command line wins. The last five are how
+the agent runs an instance (see :class:`edge_agent.scoring.server.InstanceOptions`).
+
+Exit codes: 0 after SIGINT/SIGTERM, 5 when the module fails to start (traceback logged
+first), 6 when the port is held by another program, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import os
 import sys
 from pathlib import Path
 
-from edge_agent.scoring.server import LOG_LEVELS, serve_module
+from edge_agent.scoring.server import EXIT_PORT_IN_USE, LOG_LEVELS, InstanceOptions, PortInUse, serve_module
 from manifests.errors import EdgepackError
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +53,46 @@ def main(argv: list[str] | None = None) -> int:
         choices=LOG_LEVELS,
         help="[$EDGEPACK_LOG_LEVEL]",
     )
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        default=_flag(env.get("EDGEPACK_PRELOAD")),
+        help="run init() before the port listens [$EDGEPACK_PRELOAD]",
+    )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=_flag(env.get("EDGEPACK_REUSE_PORT")),
+        help="bind with SO_REUSEPORT, sharing the port with another version [$EDGEPACK_REUSE_PORT]",
+    )
+    parser.add_argument(
+        "--probe-port",
+        type=int,
+        default=env.get("EDGEPACK_PROBE_PORT"),
+        help="also serve on this private loopback port (0: any free one) [$EDGEPACK_PROBE_PORT]",
+    )
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        default=env.get("EDGEPACK_STATE_FILE"),
+        help="write pid and ports here once listening [$EDGEPACK_STATE_FILE]",
+    )
+    parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=env.get("EDGEPACK_DRAIN_S", "0"),
+        help="on SIGTERM, let open connections finish for up to this long [$EDGEPACK_DRAIN_S]",
+    )
     args = parser.parse_args(argv)
     if args.module_dir is None:
         parser.error("--module-dir (or $EDGEPACK_MODULE_DIR) is required")
+    options = InstanceOptions(
+        preload=args.preload,
+        reuse_port=args.reuse_port,
+        probe_port=args.probe_port,
+        state_file=args.state_file,
+        drain_s=args.drain_s,
+    )
     # Whatever the entry script prints should reach the supervisor's log as it happens.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
@@ -57,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             workers=args.workers,
             log_level=args.log_level,
+            options=options,
         )
+    except PortInUse as exc:
+        print(f"edgepack scoring: {exc}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
     except EdgepackError as exc:
         print(f"edgepack scoring: {exc}", file=sys.stderr)
         return exc.exit_code

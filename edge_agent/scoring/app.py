@@ -32,7 +32,7 @@ import orjson
 from edge_agent.scoring.entry import BadInput, EntryScript, read_layout
 from edge_agent.scoring.metrics import ROUTE_OTHER, MetricsBoard, WorkerMetrics, render
 from edge_agent.scoring.openapi import openapi_document
-from manifests.errors import RuntimeFailure
+from manifests.errors import ModuleStartFailure, RuntimeFailure
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -89,14 +89,15 @@ def _error_body(message: str, kind: str) -> bytes:
     return orjson.dumps({"error": message, "type": kind})
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes = _JSON) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body))],
-        }
-    )
+async def _respond(
+    send: Send, status: int, body: bytes, content_type: bytes = _JSON, *, close: bool = False
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+    if close:
+        # uvicorn closes the connection after this response; the client reconnects, and the
+        # kernel gives the new connection to the version that still listens.
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -127,6 +128,7 @@ class ScoringApp:
         self.max_body_bytes = max_body_bytes
         self.entry: EntryScript | None = None
         self.ready = False
+        self.draining = False
         self.failure: BaseException | None = None
         self._swagger: bytes | None = None
         self._init_thread: threading.Thread | None = None
@@ -174,7 +176,7 @@ class ScoringApp:
         else:
             status = 405
             payload = _error_body("use POST /score with the input as the body", "MethodNotAllowed")
-        await _respond(send, status, payload)
+        await _respond(send, status, payload, close=self.draining)
         self.metrics.score(status, perf_counter_ns() - start)
 
     async def _read_rest(self, scope: Scope, first: bytes, receive: Receive) -> bytes | None:
@@ -236,7 +238,7 @@ class ScoringApp:
             ctype = _JSON
         else:
             status, body, ctype = 404, _error_body(f"no route {path}", "NotFound"), _JSON
-        await _respond(send, status, body, ctype)
+        await _respond(send, status, body, ctype, close=self.draining)
         self.metrics.request(ROUTE_OTHER, status)
 
     def _readiness(self) -> tuple[int, bytes, bytes]:
@@ -259,9 +261,32 @@ class ScoringApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def preload(self) -> None:
+        """Import the entry script and run ``init()`` now, in the calling thread (an instance
+        that must not listen before it is ready). Raises :class:`ModuleStartFailure` after
+        logging the traceback."""
+        try:
+            entry = EntryScript.load(self.module_dir)
+            self._loaded(entry)
+            entry.init()
+        except BaseException as exc:
+            log.error("module %s failed to start:\n%s", self.module_dir, traceback.format_exc())
+            self.failure = exc
+            raise ModuleStartFailure(
+                f"module in {self.module_dir} failed to start: {type(exc).__name__}: {exc} "
+                "(the traceback is in the log above); fix the entry script or its model"
+            ) from None
+        self.ready = True
+        self.metrics.mark_ready()
+
+    def start_draining(self) -> None:
+        """From now on every response closes its connection (the instance is going away)."""
+        self.draining = True
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Import the entry script and run ``init()`` in a background thread."""
-        if self._init_thread is not None:
+        """Import the entry script and run ``init()`` in a background thread (unless
+        :meth:`preload` did already)."""
+        if self._init_thread is not None or self.ready:
             return
 
         def deliver(callback: Callable[..., None], *args: Any) -> None:

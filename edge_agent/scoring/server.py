@@ -1,5 +1,21 @@
 """Running the scoring app: uvicorn (httptools + uvloop) in one or several worker processes.
 
+``edgepack serve`` answers on its port at once and runs ``init()`` in the background. An
+instance run by the agent is started with :class:`InstanceOptions` instead, so that two
+versions of a service can share its port during an update (``docs/architecture.md``):
+
+- ``preload``: ``init()`` runs *before* the public port listens, so a version that is not
+  ready never receives a request;
+- ``reuse_port``: the public socket is bound with ``SO_REUSEPORT``, so the new version joins
+  the old one's port and the kernel spreads connections over both;
+- ``probe_port``: a private loopback socket on which the agent probes *this* instance (the
+  public port may answer from either version);
+- ``state_file``: written atomically once the instance listens (pid, ports);
+- ``drain_s``: on SIGTERM the public listener closes first (with ``net.ipv4.tcp_migrate_req``
+  the kernel hands its queued connections to the other version), requests still arriving on
+  open connections are answered with ``Connection: close``, and the process exits when its
+  connections are gone or ``drain_s`` has passed.
+
 With ``workers > 1`` the parent reserves the port, forks the workers (each imports the entry
 script and runs ``init()`` itself, as gunicorn does for Azure's server without preload), and
 supervises them: a worker that crashes after it became ready is replaced; a worker whose
@@ -14,15 +30,21 @@ worker did three times the work of the other and throughput was 15% lower.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -36,9 +58,42 @@ log = logging.getLogger("edge_agent.scoring")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _STOP_GRACE_S = 10
+#: exit code when the public port is held by another program (the agent reports Unschedulable)
+EXIT_PORT_IN_USE = 6
+
+
+class PortInUse(RuntimeFailure):
+    """The public port is bound by a program that does not share it."""
+
+
+@dataclass(frozen=True)
+class InstanceOptions:
+    """How an instance that the agent manages serves; the defaults are ``edgepack serve``'s."""
+
+    preload: bool = False
+    reuse_port: bool = False
+    probe_host: str = "127.0.0.1"
+    probe_port: int | None = None  # None: no private probe socket; 0: any free port
+    state_file: Path | None = None
+    drain_s: float = 0.0
 
 
 class _Server(uvicorn.Server):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        public_count: int = 1,
+        drain_s: float = 0.0,
+        on_started: Callable[[], None] | None = None,
+        on_drain: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self._public_count = public_count
+        self._drain_s = drain_s
+        self._on_started = on_started
+        self._on_drain = on_drain
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         # uvicorn re-raises a captured SIGINT/SIGTERM after its graceful shutdown, which would
@@ -49,10 +104,33 @@ class _Server(uvicorn.Server):
             finally:
                 self._captured_signals.clear()
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._drain_s > 0 and not self.force_exit:
+            await self._drain()
+        await super().shutdown(sockets)
+
+    async def _drain(self) -> None:
+        """Stop taking connections on the public port, then let open ones finish: uvicorn's
+        own shutdown closes idle keep-alive connections at once, and a client that sends on
+        one at that moment sees a reset."""
+        for server in self.servers[: self._public_count]:
+            server.close()
+        if self._on_drain is not None:
+            self._on_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_s
+        while self.server_state.connections and loop.time() < deadline and not self.force_exit:
+            await asyncio.sleep(0.05)
+
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
     """A TCP socket bound to ``host:port`` (``port`` 0 picks a free one), listening unless
-    ``listen`` is false."""
+    ``listen`` is false. Raises :class:`PortInUse` when another program holds the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -64,11 +142,25 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool 
             sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise RuntimeFailure(
+        error = PortInUse if exc.errno == errno.EADDRINUSE else RuntimeFailure
+        raise error(
             f"cannot listen on {host}:{port} ({exc.strerror}); "
             "stop whatever uses the port or choose another with --port"
         ) from None
     return sock
+
+
+def write_state_file(path: Path, state: dict[str, object]) -> None:
+    """Write the instance's state file atomically (the agent reads it to find the probe port)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(state, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _configure_logging(log_level: str) -> None:
@@ -84,13 +176,19 @@ def _configure_logging(log_level: str) -> None:
 
 def serve_worker(
     module_dir: Path,
-    sock: socket.socket,
+    sock: socket.socket | None,
     *,
     board: MetricsBoard,
     worker: int = 0,
     log_level: str = "warning",
+    options: InstanceOptions = InstanceOptions(),
+    address: tuple[str, int] | None = None,
+    probe: socket.socket | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
-    """Serve on ``sock`` in this process until SIGINT/SIGTERM.
+    """Serve on ``sock`` (and the private ``probe`` socket) in this process until SIGINT or
+    SIGTERM. With ``options.preload`` the entry script is loaded and ``init()`` runs first;
+    then ``sock`` may be None and the public socket is bound at ``address`` only once ready.
 
     Raises :class:`RuntimeFailure` when the module cannot be loaded or its ``init()`` fails.
     """
@@ -103,6 +201,20 @@ def serve_worker(
             server.should_exit = True
 
     app = create_app(module_dir, board=board, worker=worker, on_fatal=fatal)
+    if options.preload:
+        app.preload()
+        if sock is None:
+            assert address is not None
+            sock = bind_socket(*address, reuse_port=options.reuse_port)
+    assert sock is not None
+    sockets = [sock] if probe is None else [sock, probe]
+
+    def started() -> None:
+        if options.preload:
+            board.set_ready(worker, True)
+        if on_started is not None:
+            on_started()
+
     config = uvicorn.Config(
         app,
         loop="uvloop",
@@ -115,8 +227,13 @@ def serve_worker(
         server_header=False,
         timeout_graceful_shutdown=_STOP_GRACE_S,
     )
-    server = _Server(config)
-    server.run(sockets=[sock])
+    server = _Server(
+        config,
+        drain_s=options.drain_s,
+        on_started=started,
+        on_drain=app.start_draining,
+    )
+    server.run(sockets=sockets)
     if failures:
         exc = failures[0]
         raise RuntimeFailure(
@@ -126,14 +243,33 @@ def serve_worker(
 
 
 def _worker_main(
-    module_dir: Path, address: tuple[str, int], board: MetricsBoard, worker: int, log_level: str
+    module_dir: Path,
+    address: tuple[str, int],
+    board: MetricsBoard,
+    worker: int,
+    log_level: str,
+    options: InstanceOptions,
+    probe_address: tuple[str, int] | None,
 ) -> None:
     # The parent's handlers only set its own flag; a worker stops the way uvicorn does.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        sock = bind_socket(*address, reuse_port=True)
-        serve_worker(module_dir, sock, board=board, worker=worker, log_level=log_level)
+        probe = bind_socket(*probe_address, reuse_port=True) if probe_address else None
+        sock = None if options.preload else bind_socket(*address, reuse_port=True)
+        serve_worker(
+            module_dir,
+            sock,
+            board=board,
+            worker=worker,
+            log_level=log_level,
+            options=options,
+            address=address,
+            probe=probe,
+        )
+    except PortInUse as exc:
+        log.error("worker %d: %s", worker, exc)
+        sys.exit(EXIT_PORT_IN_USE)
     except RuntimeFailure as exc:
         log.error("worker %d: %s", worker, exc)
         sys.exit(exc.exit_code)
@@ -145,6 +281,9 @@ def _supervise(
     board: MetricsBoard,
     workers: int,
     log_level: str,
+    options: InstanceOptions = InstanceOptions(),
+    probe_address: tuple[str, int] | None = None,
+    on_all_ready: Callable[[], None] | None = None,
 ) -> None:
     ctx = multiprocessing.get_context("fork")
     stopping = False
@@ -157,7 +296,7 @@ def _supervise(
         board.set_ready(index, False)
         proc = ctx.Process(
             target=_worker_main,
-            args=(module_dir, address, board, index, log_level),
+            args=(module_dir, address, board, index, log_level, options, probe_address),
             name=f"edgepack-worker-{index}",
         )
         proc.start()
@@ -165,13 +304,22 @@ def _supervise(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     procs = {i: start(i) for i in range(workers)}
+    announced = on_all_ready is None
     try:
         while not stopping:
-            multiprocessing.connection.wait([p.sentinel for p in procs.values()], timeout=0.5)
+            multiprocessing.connection.wait(
+                [p.sentinel for p in procs.values()], timeout=0.5 if announced else 0.02
+            )
+            if not announced and all(board.is_ready(i) for i in procs):
+                announced = True
+                assert on_all_ready is not None
+                on_all_ready()
             for index, proc in list(procs.items()):
                 code = proc.exitcode
                 if code is None or stopping:
                     continue
+                if code == EXIT_PORT_IN_USE:
+                    raise PortInUse(f"worker {index}: the port {address[1]} is held by another program")
                 if code == RuntimeFailure.exit_code or not board.is_ready(index):
                     raise RuntimeFailure(
                         f"worker {index} failed to start the module in {module_dir} "
@@ -183,7 +331,7 @@ def _supervise(
         for proc in procs.values():
             if proc.exitcode is None:
                 proc.terminate()
-        deadline = time.monotonic() + _STOP_GRACE_S + 2
+        deadline = time.monotonic() + options.drain_s + _STOP_GRACE_S + 2
         for proc in procs.values():
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.exitcode is None:
@@ -200,28 +348,68 @@ def serve_module(
     port: int = 8890,
     workers: int = 1,
     log_level: str = "warning",
+    options: InstanceOptions = InstanceOptions(),
 ) -> None:
     """Serve the unpacked module in ``module_dir`` until SIGINT or SIGTERM, then return.
 
-    Raises :class:`RuntimeFailure` when the port cannot be bound or the module fails to start
-    (its traceback is logged first), :class:`ConfigError` for bad arguments.
+    Raises :class:`PortInUse` / :class:`RuntimeFailure` when the port cannot be bound or the
+    module fails to start (its traceback is logged first), :class:`ConfigError` for bad
+    arguments.
     """
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, not {workers}")
+    if options.drain_s < 0:
+        raise ConfigError(f"drain time must not be negative, not {options.drain_s}")
     _configure_logging(log_level)
     board = MetricsBoard(workers)
-    if workers == 1:
-        sock = bind_socket(host, port)
-        try:
-            serve_worker(module_dir, sock, board=board, log_level=log_level)
-        finally:
-            sock.close()
-        return
-    # Bound but not listening: it holds the port (and resolves port 0) for the workers'
-    # SO_REUSEPORT sockets without taking a share of the connections itself.
-    reserved = bind_socket(host, port, reuse_port=True, listen=False)
+    reuse = options.reuse_port or workers > 1
+    # Bound but not listening: holds the port (and resolves port 0) before init() runs, so a
+    # port held by another program is known at once, without taking connections yet.
+    reserved = bind_socket(host, port, reuse_port=reuse, listen=False)
+    probe_reserved = (
+        bind_socket(options.probe_host, options.probe_port, reuse_port=workers > 1, listen=False)
+        if options.probe_port is not None
+        else None
+    )
+    address = (host, reserved.getsockname()[1])
+    probe_address = (options.probe_host, probe_reserved.getsockname()[1]) if probe_reserved else None
+
+    def announce() -> None:
+        if options.state_file is not None:
+            probe_port = probe_address[1] if probe_address else None
+            write_state_file(
+                options.state_file, {"pid": os.getpid(), "port": address[1], "probe_port": probe_port}
+            )
+
     try:
-        address = (host, reserved.getsockname()[1])
-        _supervise(module_dir, address, board, workers, log_level)
+        if workers == 1:
+            if not reuse:
+                # edgepack serve: the reserved socket itself listens, as before.
+                reserved.listen(2048)
+                sock: socket.socket | None = reserved
+            else:
+                sock = None if options.preload else bind_socket(*address, reuse_port=True)
+            probe = None
+            if probe_reserved is not None:
+                probe_reserved.listen(2048)
+                probe = probe_reserved
+            serve_worker(
+                module_dir,
+                sock,
+                board=board,
+                log_level=log_level,
+                options=options,
+                address=address,
+                probe=probe,
+                on_started=announce,
+            )
+            if sock is not None and sock is not reserved:
+                sock.close()
+            return
+        _supervise(
+            module_dir, address, board, workers, log_level, options, probe_address, on_all_ready=announce
+        )
     finally:
         reserved.close()
+        if probe_reserved is not None:
+            probe_reserved.close()

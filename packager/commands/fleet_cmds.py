@@ -20,6 +20,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from manifests.device import DeviceCredentials
 from manifests.errors import ConfigError, RuntimeFailure
 from packager.app import app, console
 from packager.commands.registry_cmds import (
@@ -86,21 +87,11 @@ def enroll_cmd(
     tags = parse_pairs(tag, "tag")
     with hub_client(hub, token) as client:
         body = client.post_json("/api/v1/devices", {"id": device_id, "tags": tags})
-        key = client.get_json("/api/v1/hub/key")
     creds = body["credentials"]
-    document = {
-        "device_id": device_id,
-        "hub_url": body["hub_url"],
-        "token": creds["token"],
-        "mqtt": {
-            "host": body["mqtt_host"],
-            "port": body["mqtt_port"],
-            "username": creds["mqtt_username"],
-            "password": creds["mqtt_password"],
-            "topic_prefix": body["topic_prefix"],
-        },
-        "hub_key": {"keyid": key["keyid"], "public_key": key["public_key"]},
-    }
+    # Validated before it is written: the agent reads exactly this document.
+    document = DeviceCredentials.model_validate(body["device_credentials"]).model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
     if out is not None:
         with atomic_output(out, mode=0o600) as fh:
             fh.write(json.dumps(document, indent=2).encode() + b"\n")
@@ -114,7 +105,8 @@ def enroll_cmd(
         f"MQTT          {body['mqtt_host'] or '(no broker)'}:{body['mqtt_port']}"
         f"  user {creds['mqtt_username']}",
         f"MQTT password {creds['mqtt_password']}",
-        f"hub key id    {key['keyid']}",
+        f"hub key id    {document['hub_key']['keyid']}",
+        f"publishers    {len(document['publishers']['keys'])} trusted key(s)",
     ]
     console.print(Panel("\n".join(lines), title="enrolled", expand=False), highlight=False)
     where = f"saved to {out}" if out else "copy them now"

@@ -25,11 +25,18 @@ from manifests.bundle import BlobSink, VerifiedModule
 from manifests.errors import ConfigError
 from manifests.module import Resources
 from manifests.signing import TrustStore
-from packager.app import app, console, edgepack_home
+from packager.app import app, console, edgepack_home, err_console
 from packager.build import DEFAULT_IMAGE, build_module, spec_from_configs
 from packager.files import atomic_output, load_json_file
 from packager.inspect import open_verified, read_unverified
 from packager.keys import keygen, read_private_key, read_trust
+from packager.runtime_image.pinning import pin_image
+
+_PIN_SOURCES = {
+    "given": "as given",
+    "local": "from the local image's repo digest",
+    "registry": "from the registry",
+}
 
 trust_app = typer.Typer(help="Manage the publisher keys this machine trusts.", no_args_is_help=True)
 app.add_typer(trust_app, name="trust")
@@ -153,7 +160,15 @@ def build_cmd(
     ] = None,
     key: Annotated[Path | None, typer.Option("--key", "-k", help="signing key")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("dist"),
-    image: Annotated[str, typer.Option(help="runtime image for the docker runtime")] = DEFAULT_IMAGE,
+    runtime_image: Annotated[
+        str | None,
+        typer.Option(
+            "--runtime-image",
+            "--image",
+            help="runtime image of the docker runtime, REF or REF@sha256:…; a tag is pinned to "
+            f"its digest when Docker can resolve it [default: {DEFAULT_IMAGE}, unpinned]",
+        ),
+    ] = None,
     requirement: Annotated[
         list[str] | None, typer.Option("--requirement", "-r", help="extra pip requirement")
     ] = None,
@@ -179,7 +194,17 @@ def build_cmd(
         source_dir=source_dir.resolve() if source_dir else None,
         deployment_config=dc,
     )
-    spec.image = image
+    if runtime_image is not None:
+        pin = pin_image(runtime_image)
+        spec.image, spec.image_digest = pin.image, pin.digest
+        if pin.warning():
+            err_console.print(f"[bold yellow]warning:[/] {pin.warning()}", highlight=False, soft_wrap=True)
+        else:
+            console.print(
+                f"runtime image {pin.image}@{pin.digest} ({_PIN_SOURCES[pin.source]})",
+                highlight=False,
+                soft_wrap=True,
+            )
     spec.requirements += requirement or []
     spec.tags = _parse_tags(tag or [])
     spec.exclude.add(key_path)

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from manifests.desired import DesiredState
-from manifests.signing import TrustStore, load_public_key, parse_envelope, verify_envelope
+from manifests.desired import DesiredState, verify_desired
+from manifests.signing import TrustStore, load_public_key
 from tests.conftest import Publisher
 from tests.factory import Forge, ModuleParts, default_files
 from tests.hub.conftest import RunningHub
@@ -91,14 +91,17 @@ def hub_trust(hub: RunningHub) -> TrustStore:
     return TrustStore().with_key(key, name="hub")
 
 
-def verified_state(payload: bytes, trust: TrustStore, device_id: str) -> DesiredState:
-    """Check a desired state the way an agent does: hub signature, device id, not expired."""
-    envelope = parse_envelope(payload, what="desired state")
-    verify_envelope(envelope, trust, what="desired state")
-    state = DesiredState.model_validate(envelope.signed)
-    assert state.device_id == device_id
-    assert state.expires > datetime.now(UTC)
-    return state
+def verified_state(
+    payload: bytes, trust: TrustStore, device_id: str, applied_generation: int = 0
+) -> DesiredState:
+    """Check a desired state the way an agent does (``manifests.desired.verify_desired``)."""
+    return verify_desired(
+        payload,
+        hub_trust=trust,
+        device_id=device_id,
+        applied_generation=applied_generation,
+        now=datetime.now(UTC),
+    )
 
 
 def desired_over_http(hub: RunningHub, token: str) -> bytes:

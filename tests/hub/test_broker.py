@@ -100,15 +100,19 @@ def test_acl_lists_only_each_devices_own_topics() -> None:
         "",
         "user a",
         "topic read ep/devices/a/desired",
+        "topic read ep/devices/a/logs-request",
         "topic write ep/devices/a/reported",
         "topic write ep/devices/a/telemetry",
         "topic write ep/devices/a/online",
+        "topic write ep/devices/a/logs-response",
         "",
         "user b",
         "topic read ep/devices/b/desired",
+        "topic read ep/devices/b/logs-request",
         "topic write ep/devices/b/reported",
         "topic write ep/devices/b/telemetry",
         "topic write ep/devices/b/online",
+        "topic write ep/devices/b/logs-response",
     ]
 
 

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import select
 
 from cloud_hub.fleet.tables import Device, DeviceDesired
-from manifests.desired import check_desired
 from manifests.digests import sha256_digest
 from manifests.errors import TrustError
 from tests.conftest import Publisher
@@ -54,11 +53,13 @@ def test_hub_key_is_public_and_signs_desired_states(hub: HubFactory) -> None:
     assert "BEGIN PUBLIC KEY" in r.json()["pem"]
     with h.client() as http:
         dev = enroll(http, "edge-1", site="berlin")
-    state = verified_state(desired_over_http(h, dev.token), hub_trust(h), "edge-1")
+    payload = desired_over_http(h, dev.token)
+    state = verified_state(payload, hub_trust(h), "edge-1")
     assert (state.generation, state.modules) == (1, [])
-    check_desired(state, device_id="edge-1", applied_generation=0, now=datetime.now(UTC))
     with pytest.raises(TrustError, match="not 'edge-2'"):
-        check_desired(state, device_id="edge-2", applied_generation=0, now=datetime.now(UTC))
+        verified_state(payload, hub_trust(h), "edge-2")
+    with pytest.raises(TrustError, match="replay"):
+        verified_state(payload, hub_trust(h), "edge-1", applied_generation=1)
 
 
 def test_admin_token_is_required_for_listing_and_changing(hub: HubFactory) -> None:

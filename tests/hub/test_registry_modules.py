@@ -298,7 +298,7 @@ def test_a_push_that_relied_on_a_blob_deleted_meanwhile_is_refused_cleanly(
     hub: HubFactory, forge: Forge
 ) -> None:
     running = hub()
-    ctx = running.core
+    core = running.core
     shared = b"weights" * 100
     # Blobs travel sorted by digest: pick a large filler that comes after the shared blob, so
     # the shared one has been checked (and skipped, being held) when the filler is being read.
@@ -315,14 +315,14 @@ def test_a_push_that_relied_on_a_blob_deleted_meanwhile_is_refused_cleanly(
     )
 
     # 'old' is deleted, freeing the shared blob, after the push skipped it and before it commits.
-    stream = _ThenRun(second, lambda: delete_module(ctx.sessions, ctx.blobs, "old", "1"), tail=50_000)
+    stream = _ThenRun(second, lambda: delete_module(core.sessions, core.blobs, "old", "1"), tail=50_000)
     with io.BufferedReader(stream) as fh, pytest.raises(Conflict, match="push it again"):
-        push_module(ctx.sessions, ctx.blobs, ctx.trust, fh)
-    assert not ctx.blobs.has(sha256_digest(shared))
+        push_module(core.sessions, core.blobs, core.trust, fh)
+    assert not core.blobs.has(sha256_digest(shared))
     with running.client() as client:
         assert client.get("/api/v1/modules").json() == []
         assert push(client, second).status_code == 201  # pushed again: the blob comes back
-    assert ctx.blobs.has(sha256_digest(shared))
+    assert core.blobs.has(sha256_digest(shared))
     assert stored_blobs(running) == {sha256_digest(d) for d in (b"# new\n", shared, filler)}
 
 

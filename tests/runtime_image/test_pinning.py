@@ -1,0 +1,104 @@
+"""``edgepack build --runtime-image``: the signed manifest pins the runtime image by digest
+when the image can be resolved, and says so loudly when it cannot."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import pytest
+from typer.testing import CliRunner
+
+from packager.cli import app
+from packager.inspect import read_unverified
+from packager.runtime_image.pinning import pin_image
+from tests.conftest import EXAMPLE, free_port
+from tests.docker_fixtures import PushedRuntimeImage, Registry
+
+
+@pytest.fixture
+def project(tmp_path: Path, digits_model: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The digits example with its model, and a private EDGEPACK_HOME with a signing key."""
+    monkeypatch.setenv("EDGEPACK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    assert CliRunner().invoke(app, ["keygen"]).exit_code == 0
+    path = tmp_path / "digits"
+    path.mkdir()
+    for name in ("score.py", "inferenceconfig.json", "deploymentconfig.json"):
+        shutil.copy(EXAMPLE / name, path / name)
+    shutil.copytree(digits_model, path / "model")
+    return path
+
+
+def build(project: Path, *extra: str, out: str = "dist") -> tuple[Any, Path]:
+    result = CliRunner().invoke(
+        app,
+        ["build", "--ic", str(project / "inferenceconfig.json"), "-m", str(project / "model"),
+         "-n", "digits", "-v", "1", "-o", str(project / out), *extra],
+    )  # fmt: skip
+    return result, project / out / "digits-1.edgepack"
+
+
+def test_a_reachable_tag_is_pinned_to_its_digest(project: Path, runtime_image: PushedRuntimeImage) -> None:
+    result, bundle = build(project, "--runtime-image", runtime_image.tagged)
+    assert result.exit_code == 0, result.output
+    runtime = read_unverified(bundle)[2].runtime
+    assert (runtime.image, runtime.image_digest) == (runtime_image.tagged, runtime_image.digest)
+    assert "warning" not in result.output
+    # The same inputs still give the same bytes.
+    again, second = build(project, "--runtime-image", runtime_image.tagged, out="dist2")
+    assert again.exit_code == 0, again.output
+    assert second.read_bytes() == bundle.read_bytes()
+
+
+def test_a_digest_reference_is_recorded_as_given(project: Path) -> None:
+    digest = "sha256:" + "ab" * 32
+    result, bundle = build(project, "--runtime-image", f"registry.example:5000/team/runtime:v2@{digest}")
+    assert result.exit_code == 0, result.output
+    runtime = read_unverified(bundle)[2].runtime
+    assert (runtime.image, runtime.image_digest) == ("registry.example:5000/team/runtime:v2", digest)
+
+
+def test_an_unreachable_image_is_kept_unpinned_with_a_one_line_warning(project: Path) -> None:
+    nowhere = f"127.0.0.1:{free_port()}/edgepack/runtime:py311"
+    result, bundle = build(project, "--runtime-image", nowhere)
+    assert result.exit_code == 0, result.output
+    runtime = read_unverified(bundle)[2].runtime
+    assert (runtime.image, runtime.image_digest) == (nowhere, None)
+    warning = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1
+    assert "docker runtime refuses an unpinned image" in warning[0]
+
+
+def test_a_bad_reference_is_a_config_error(project: Path) -> None:
+    result, bundle = build(project, "--runtime-image", "Edgepack/Runtime:py311")
+    assert result.exit_code != 0
+    assert not bundle.exists()
+
+
+def test_a_tag_known_only_to_the_registry_is_resolved_there(
+    docker_engine: Any, registry: Registry, runtime_image: PushedRuntimeImage
+) -> None:
+    # Pushed under another tag, then that tag removed here: only the registry still knows it.
+    remote = f"{registry.host}/edgepack/runtime:only-remote"
+    docker_engine.images.get(runtime_image.image_id).tag(remote)
+    for _event in docker_engine.api.push(remote, stream=True, decode=True):
+        pass
+    docker_engine.images.remove(remote, noprune=True)
+    try:
+        pin = pin_image(remote, client=docker_engine)
+        assert (pin.image, pin.digest, pin.source) == (remote, runtime_image.digest, "registry")
+        assert pin.warning() is None
+    finally:
+        with contextlib.suppress(docker.errors.DockerException):
+            docker_engine.images.remove(remote, noprune=True)
+
+
+def test_a_tag_missing_everywhere_is_unpinned(docker_engine: Any, registry: Registry) -> None:
+    pin = pin_image(f"{registry.host}/edgepack/runtime:never-pushed", client=docker_engine)
+    assert pin.digest is None and pin.source == "none"
+    assert pin.warning() is not None and "never-pushed" in pin.warning()
