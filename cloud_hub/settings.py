@@ -51,6 +51,12 @@ class HubSettings(BaseSettings):
     # broker's machine uses 127.0.0.1); goes into each device's credentials.
     mqtt_public_host: str | None = None
     mqtt_public_port: int | None = Field(default=None, ge=1, le=65535)
+    mqtt_share_group: str | None = Field(
+        default="edgepack-hub",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="shared-subscription group of the hub replicas; unset for a broker without "
+        "shared subscriptions (RabbitMQ before 3.13): then the database alone de-duplicates",
+    )
     topic_prefix: str = Field(default="edgepack", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_/-]*$")
     # Where the hub writes the Mosquitto password file and ACL for enrolled devices, and the
     # broker's pid file so that it can be told (SIGHUP) to reload them.

@@ -89,6 +89,7 @@ def wire_hub(core: HubCore) -> HubProcess:
     upkeep = FleetMaintenance(
         renew=fleet.renew_expiring,
         republish=publisher.republish_all if publisher is not None else None,
+        pending=publisher.publish_pending if publisher is not None else None,
     )
     if link is not None:
         link.on_connected = upkeep.request_republish
@@ -122,5 +123,6 @@ def _broker_parts(core: HubCore) -> tuple[MqttLink | None, IngestWorker | None, 
         password=hub_mqtt_password(settings),
         tls_ca=str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
         sink=ingest.submit,
+        share_group=settings.mqtt_share_group,
     )
     return link, ingest, DesiredPublisher(core.sessions, link)

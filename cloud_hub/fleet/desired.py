@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.db.base import Sessions, utcnow
@@ -179,15 +179,19 @@ def renew_expiring(
     Safe to call from several places and replicas at once: the check runs under the fleet lock,
     so a state renewed by one caller is not renewed again by the next.
     """
-    with sessions.begin() as session:
-        take_fleet_lock(session)
-        horizon = utcnow() + timedelta(seconds=signer.ttl_s / 2)
+    def due_query(horizon: datetime) -> Select[str]:
         query = select(DeviceDesired.device_id).where(
             DeviceDesired.payload.is_not(None), DeviceDesired.expires < horizon
         )
-        if device_ids is not None:
-            query = query.where(DeviceDesired.device_id.in_(device_ids))
-        due = list(session.scalars(query))
+        return query if device_ids is None else query.where(DeviceDesired.device_id.in_(device_ids))
+
+    with sessions.begin() as session:
+        # Upkeep asks every few seconds: only take the fleet lock when something may be due.
+        if session.scalar(due_query(utcnow() + timedelta(seconds=signer.ttl_s / 2)).limit(1)) is None:
+            return Effects()
+    with sessions.begin() as session:
+        take_fleet_lock(session)
+        due = list(session.scalars(due_query(utcnow() + timedelta(seconds=signer.ttl_s / 2))))
         issued = issue_desired(session, signer, current_plan(session), due, now=utcnow()) if due else {}
     return Effects(issued=issued)
 

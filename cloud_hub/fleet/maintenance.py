@@ -27,14 +27,19 @@ class FleetMaintenance:
         *,
         renew: Callable[[], Mapping[str, int]],
         republish: Callable[[], Sequence[str]] | None,
-        interval_s: float = 300.0,
+        pending: Callable[[], Sequence[str]] | None = None,
+        interval_s: float = 5.0,
     ) -> None:
         """``renew`` re-issues (and publishes) what is due; ``republish`` publishes every
-        stored state again and returns the errors (None: the hub runs without a broker)."""
+        stored state again and ``pending`` every state not published yet (by any replica),
+        each returning the errors (None: the hub runs without a broker). Every round is cheap
+        when there is nothing to do, so rounds are seconds apart: a state a dead replica left
+        unpublished goes out within one interval."""
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
         self._renew = renew
         self._republish_all = republish
+        self._pending = pending
         self.interval_s = interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -60,13 +65,15 @@ class FleetMaintenance:
         self._wake.set()
 
     def run_once(self) -> None:
-        """One round: republish if asked, then renew what is due. Never raises."""
+        """One round: republish if asked, publish what is pending, renew what is due. Never raises."""
         try:
             if self._republish.is_set():
                 self._republish.clear()
                 errors = self._republish_all() if self._republish_all is not None else []
                 if errors:
                     self._republish.set()  # try again next round
+            if self._pending is not None:
+                self._pending()
             renewed = self._renew()
             if renewed:
                 log.info("renewed the desired state of %d device(s)", len(renewed))

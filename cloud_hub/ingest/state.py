@@ -58,7 +58,12 @@ class BatchView:
     def __init__(self, session: Session, device_ids: Iterable[str]) -> None:
         ids = sorted(set(device_ids))
         self.session = session
-        self.devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
+        # FOR UPDATE, in id order, before anything else is read: two replicas that get the same
+        # message (a redelivered QoS 1 message, or a broker without shared subscriptions) apply
+        # it one after the other, and the second sees it is not news — no event is recorded
+        # twice. (SQLite has no row locks; it serialises every writer, and runs one hub.)
+        devices = select(Device).where(Device.id.in_(ids)).order_by(Device.id).with_for_update()
+        self.devices = {d.id: d for d in session.scalars(devices)}
         self.reports = {
             r.device_id: r
             for r in session.scalars(select(DeviceReport).where(DeviceReport.device_id.in_(ids)))
@@ -144,16 +149,30 @@ def apply_online(view: BatchView, msg: Online) -> bool:
 
 def apply_telemetry(view: BatchView, msgs: Iterable[TelemetryMessage], *, keep: int) -> int:
     """Store samples of enrolled devices and trim each device's history to its newest
-    ``keep``; returns how many were stored (samples of unknown devices are skipped)."""
+    ``keep``; returns how many came from enrolled devices (the others are skipped)."""
     session = view.session
-    stored = 0
+    known = 0
     devices: set[str] = set()
+    msgs = list(msgs)
+    # A sample that another replica already stored (same device, same timestamp) is skipped;
+    # the device rows are locked (BatchView), so the check cannot race with that replica.
+    rows = session.execute(
+        select(TelemetrySample.device_id, TelemetrySample.ts).where(
+            TelemetrySample.device_id.in_({m.device_id for m in msgs}),
+            TelemetrySample.ts.in_({m.sample.ts for m in msgs}),
+        )
+    )
+    held = {(device_id, ts) for device_id, ts in rows}
     for msg in msgs:
         try:
             device = view.device(msg.device_id)
         except UnknownDevice:
             continue
         _touch(device, msg.retained, msg.received_at)
+        known += 1
+        if (msg.device_id, msg.sample.ts) in held:
+            continue
+        held.add((msg.device_id, msg.sample.ts))
         session.add(
             TelemetrySample(
                 device_id=msg.device_id,
@@ -163,7 +182,6 @@ def apply_telemetry(view: BatchView, msgs: Iterable[TelemetryMessage], *, keep: 
             )
         )
         devices.add(msg.device_id)
-        stored += 1
     session.flush()
     for device_id in devices:
         cutoff = session.scalar(
@@ -179,4 +197,4 @@ def apply_telemetry(view: BatchView, msgs: Iterable[TelemetryMessage], *, keep: 
                     TelemetrySample.device_id == device_id, TelemetrySample.id <= cutoff
                 )
             )
-    return stored
+    return known

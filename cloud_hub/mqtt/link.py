@@ -3,9 +3,24 @@
 One paho-mqtt 2.x client (MQTT 3.1.1, so that RabbitMQ's MQTT plugin works as well as
 Mosquitto) whose network loop runs in paho's own thread. paho reconnects by itself with an
 exponential backoff (1 s doubling up to ``max_backoff_s``) and, on every connect, the link
-subscribes again to ``<prefix>/devices/+/reported|telemetry|online``. Message callbacks only
+subscribes again. Message callbacks only
 hand the bytes to :class:`cloud_hub.ingest.worker.IngestWorker`, which never blocks, so a slow
 database or a malformed message cannot stall the network loop (or the other devices).
+
+Subscriptions, for several hub replicas on one broker:
+
+- the ingest channels (``reported``, ``telemetry``, ``online``) as a *shared* subscription,
+  ``$share/<share_group>/<prefix>/devices/+/<channel>``: the broker hands each message to one
+  replica of the group, so the replicas split the work instead of each doing all of it;
+- ``logs-response`` plainly: every replica sees every response and keeps the ones whose
+  request id it asked for;
+- and, for ``catch_up_s`` after each connect, the ingest channels plainly too, because a
+  broker does not send retained messages to a shared subscription: that is how a hub (re)started
+  learns the state devices reported while it was away. Duplicates this causes (and any QoS 1
+  redelivery) are harmless: ingest decides in the database, under row locks, what is news.
+
+With ``share_group`` None (a broker without shared subscriptions, such as RabbitMQ before
+3.13) every replica subscribes plainly and the database alone keeps each message applied once.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from manifests.errors import FetchError
-from manifests.topics import INGEST_CHANNELS, device_topic
+from manifests.topics import INGEST_CHANNELS, LOGS_RESPONSE, device_topic
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +61,8 @@ class MqttLink:
         publish_timeout_s: float = 10.0,
         connect_wait_s: float = 5.0,
         max_backoff_s: int = 30,
+        share_group: str | None = None,
+        catch_up_s: float = 5.0,
         on_connected: Callable[[], None] | None = None,
     ) -> None:
         if publish_timeout_s <= 0 or connect_wait_s < 0:
@@ -56,6 +73,8 @@ class MqttLink:
         self.publish_timeout_s = publish_timeout_s
         self.connect_wait_s = connect_wait_s
         self._sink = sink
+        self.share_group = share_group
+        self.catch_up_s = catch_up_s
         # Called from paho's network thread after every (re)subscription: it must only signal.
         # Public so that the composition root can point it at a part built after the link.
         self.on_connected = on_connected
@@ -150,10 +169,24 @@ class MqttLink:
         if reason.is_failure:
             log.warning("MQTT broker refused the hub: %s", reason)
             return
-        topics = [(f"{self.prefix}/devices/+/{channel}", 1) for channel in INGEST_CHANNELS]
+        plain = [f"{self.prefix}/devices/+/{channel}" for channel in INGEST_CHANNELS]
+        topics = [(f"{self.prefix}/devices/+/{LOGS_RESPONSE}", 1), *((t, 1) for t in plain)]
+        if self.share_group is not None:
+            topics += [(f"$share/{self.share_group}/{t}", 1) for t in plain]
         rc, _mid = client.subscribe(topics)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.warning("MQTT subscribe failed: %s", mqtt.error_string(rc))
+            return
+        if self.share_group is not None:
+            # The plain ingest subscriptions only bring the retained messages; then the shared
+            # ones carry the traffic. (A timer thread: the network thread must not wait.)
+            timer = threading.Timer(self.catch_up_s, self._end_catch_up, args=(plain,))
+            timer.daemon = True
+            timer.start()
+
+    def _end_catch_up(self, topics: list[str]) -> None:
+        if self._client.is_connected():
+            self._client.unsubscribe(topics)
 
     def _on_subscribe(
         self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[Any], _props: Any
