@@ -40,6 +40,9 @@ class HubSettings(BaseSettings):
     )
     max_upload_mb: int = Field(default=2048, gt=0)
     desired_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    upkeep_interval_s: float = Field(
+        default=5.0, gt=0, description="seconds between upkeep rounds (renewals, unpublished states)"
+    )
     telemetry_keep: int = Field(default=500, gt=0, description="samples kept per device")
     # MQTT: with no host, the hub runs without a broker (devices then poll over HTTP).
     mqtt_host: str | None = None

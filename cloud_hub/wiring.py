@@ -90,6 +90,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         renew=fleet.renew_expiring,
         republish=publisher.republish_all if publisher is not None else None,
         pending=publisher.publish_pending if publisher is not None else None,
+        interval_s=settings.upkeep_interval_s,
     )
     if link is not None:
         link.on_connected = upkeep.request_republish

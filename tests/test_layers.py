@@ -14,7 +14,8 @@ OURS = ("manifests", "packager", "edge_agent", "cloud_hub")
 PUBLIC = {
     ("packager", "edge_agent"): ("edge_agent.scoring.server", "edge_agent.scoring.entry",
                                  "edge_agent.cache"),
-    ("packager", "cloud_hub"): ("cloud_hub.serve", "cloud_hub.settings", "cloud_hub.broker"),
+    ("packager", "cloud_hub"): ("cloud_hub.serve", "cloud_hub.settings", "cloud_hub.broker",
+                                 "cloud_hub.balancer"),
 }
 
 
