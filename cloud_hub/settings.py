@@ -65,6 +65,12 @@ class HubSettings(BaseSettings):
     # broker's pid file so that it can be told (SIGHUP) to reload them.
     broker_dir: Path | None = None
     broker_pid_file: Path | None = None
+    # Or: RabbitMQ's MQTT plugin, whose users and permissions the hub sets through the
+    # management API (cloud_hub.broker.rabbitmq) instead of writing Mosquitto's files.
+    rabbitmq_api: str | None = Field(default=None, description="management API URL, http://HOST:15672")
+    rabbitmq_api_username: str = "guest"
+    rabbitmq_api_password: SecretStr | None = None
+    rabbitmq_vhost: str = "/"
 
     def database_url(self) -> str:
         return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 
 from cloud_hub.broker.mosquitto import MosquittoAccounts, hub_mqtt_password
+from cloud_hub.broker.rabbitmq import RabbitMqAccounts
 from cloud_hub.core import HubCore
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.fleet.desired import DesiredSigner
@@ -29,6 +30,7 @@ from cloud_hub.fleet.publish import DesiredPublisher
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.settings import HubSettings
+from manifests.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,7 @@ def wire_hub(core: HubCore) -> HubProcess:
     """Build the running parts of a hub around ``core`` (nothing starts until ``start()``)."""
     settings = core.settings
     link, ingest, publisher = _broker_parts(core)
-    accounts: AccountSync | None = (
-        MosquittoAccounts(core.sessions, settings) if settings.broker_dir is not None else None
-    )
+    accounts = _account_sync(core)
     executor = EffectExecutor(core.sessions, publisher=publisher, accounts=accounts)
     fleet = FleetChanges(core.sessions, DesiredSigner(core.hub_key, settings.desired_ttl_s), executor)
     upkeep = FleetMaintenance(
@@ -109,6 +109,18 @@ def wire_hub(core: HubCore) -> HubProcess:
 def open_hub(settings: HubSettings) -> HubProcess:
     """Open the core for ``settings`` and wire a hub around it."""
     return wire_hub(HubCore.open(settings))
+
+
+def _account_sync(core: HubCore) -> AccountSync | None:
+    """Who keeps the broker's accounts: Mosquitto's files, RabbitMQ's API, or nobody."""
+    settings = core.settings
+    if settings.broker_dir is not None and settings.rabbitmq_api is not None:
+        raise ConfigError("give either a Mosquitto broker dir or a RabbitMQ management API, not both")
+    if settings.rabbitmq_api is not None:
+        return RabbitMqAccounts(core.sessions, settings, hub_mqtt_password(settings))
+    if settings.broker_dir is not None:
+        return MosquittoAccounts(core.sessions, settings)
+    return None
 
 
 def _broker_parts(core: HubCore) -> tuple[MqttLink | None, IngestWorker | None, DesiredPublisher | None]:

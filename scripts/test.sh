@@ -36,7 +36,8 @@ mypy
 
 step "pytest"
 if [ "$#" -eq 0 ]; then
-    set -- -n 2 tests
+    # loadgroup: tests that share a heavy engine (the RabbitMQ cluster) run on one worker.
+    set -- -n 2 --dist loadgroup tests
 fi
 # pytest exits 5 when it collected no test: that fails this script like any other failure.
 pytest "$@"

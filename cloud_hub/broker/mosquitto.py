@@ -136,14 +136,15 @@ def hub_mqtt_password(settings: HubSettings) -> str | None:
 
     A hub that writes the broker's password file owns its own credentials too, so when no
     password is configured it makes one (kept in ``<data_dir>/mqtt_password``, mode 0600).
-    Without a broker dir and without a configured password the hub connects anonymously.
+    Without a broker dir (or RabbitMQ API) and without a configured password the hub connects
+    anonymously. Replicas on one broker must share one configured password.
     """
     if settings.mqtt_password is not None:
         return settings.mqtt_password.get_secret_value()
     path = settings.data_dir / HUB_PASSWORD_FILE
     if path.exists():
         return path.read_text().strip()
-    if settings.broker_dir is None:
+    if settings.broker_dir is None and settings.rabbitmq_api is None:
         return None
     password = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from tests.conftest import Publisher
 from tests.factory import Forge
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
 from tests.hub.postgres_fixtures import *  # noqa: F403  (PostgreSQL server fixture)
+from tests.hub.rabbitmq_fixtures import *  # noqa: F403  (a RabbitMQ cluster with MQTT)
 from tests.hub.replica_fixtures import *  # noqa: F403  (hub processes behind nginx)
 from tests.hub.seaweedfs_fixtures import *  # noqa: F403  (SeaweedFS S3 store fixture)
 
