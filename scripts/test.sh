@@ -35,9 +35,13 @@ step "mypy"
 mypy
 
 step "pytest"
-if [ "$#" -eq 0 ]; then
-    # loadgroup: tests that share a heavy engine (the RabbitMQ cluster) run on one worker.
-    set -- -n 2 --dist loadgroup tests
-fi
 # pytest exits 5 when it collected no test: that fails this script like any other failure.
-pytest "$@"
+if [ "$#" -gt 0 ]; then
+    pytest "$@"
+    exit
+fi
+# loadgroup: tests that share a heavy engine (the RabbitMQ cluster) run on one worker.
+pytest -n 2 --dist loadgroup tests
+
+step "pytest: the hub suite again, every hub on PostgreSQL"
+EDGEPACK_TEST_POSTGRES=auto pytest -n 2 --dist loadgroup tests/hub

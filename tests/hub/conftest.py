@@ -7,7 +7,9 @@ state on the same data dir, which is how restart tests prove nothing is lost.
 
 By default each hub keeps its state in SQLite in its data dir. With
 ``EDGEPACK_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT/postgres`` every new hub gets a
-fresh PostgreSQL database instead (dropped afterwards), so the same tests check portability.
+fresh PostgreSQL database instead (dropped afterwards), so the same tests check portability;
+``EDGEPACK_TEST_POSTGRES=auto`` does the same on each worker's own ``postgres`` server (what CI
+runs, as a second pass over the hub suite).
 ``hub(postgres=SERVER_URL)`` does the same for one hub, e.g. on the ``postgres`` fixture's server.
 """
 
@@ -166,6 +168,8 @@ def hub(
                 bucket_file.write_text(store.url())
             overrides["blob_store"] = bucket_file.read_text()
         pg_server = postgres or os.environ.get(POSTGRES_ENV)
+        if pg_server == "auto":  # CI: this worker's own throwaway server
+            pg_server = request.getfixturevalue("postgres")
         if pg_server and "db" not in overrides:
             name = f"hub_{uuid.uuid4().hex[:12]}"
             overrides["db"] = _database("create", name, pg_server)
