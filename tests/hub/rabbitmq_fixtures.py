@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -106,15 +107,21 @@ class RabbitCluster:
         while time.monotonic() < deadline:
             if node.process.poll() is not None:
                 break
-            with contextlib.suppress(httpx.HTTPError):
+            with contextlib.suppress(httpx.HTTPError, OSError):
+                # The management API can answer before the MQTT listener is up: wait for both.
                 if httpx.get(f"{node.api}/api/overview", auth=ADMIN, timeout=2).status_code == 200:
+                    socket.create_connection(("127.0.0.1", node.mqtt_port), timeout=1).close()
                     return
             time.sleep(0.25)
         raise RuntimeError(f"RabbitMQ node {node.name} did not start:\n{self.log.read_text()[-4000:]}")
 
-    def stop_node(self, node: RabbitNode) -> None:
-        """SIGKILL the node's whole session (start script, Erlang VM, helpers): a crash, and
-        quick; its data dir stays, so ``start_node`` brings back its users and permissions."""
+    def stop_node(self, node: RabbitNode, *, graceful: bool = False) -> None:
+        """Stop a node: ``rabbitmqctl stop`` when ``graceful``, else SIGKILL its whole session
+        (start script, Erlang VM, helpers), which is a crash and quick. Its data dir stays, so
+        ``start_node`` brings back its users and permissions."""
+        if graceful and node.process is not None and node.process.poll() is None:
+            self.ctl(node, "stop")
+            node.process.wait(timeout=60)
         if node.process is not None and node.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.process.pid, signal.SIGKILL)
