@@ -23,3 +23,7 @@ class Unauthorized(EdgepackError):
 
 class Forbidden(EdgepackError):
     """Valid credentials that do not allow this."""
+
+
+class GatewayTimeout(EdgepackError):
+    """A device did not answer a request passed on to it in time."""

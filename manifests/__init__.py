@@ -1,86 +1,70 @@
-"""edgepack contracts: every document that crosses a process boundary. Pure, no I/O."""
+"""edgepack contracts: every document that crosses a process boundary. Pure, no I/O.
 
-from manifests.azureml import DeploymentConfig, InferenceConfig, parse_config
-from manifests.canonical import canonical_json
-from manifests.desired import (
-    DeploymentSettings,
-    DesiredRefusal,
-    DesiredState,
-    DesiredStateRefused,
-    HealthProbe,
-    ModuleAssignment,
-    RestartPolicy,
-    RuntimeKind,
-    check_desired,
-    verify_desired,
-)
-from manifests.device import AgentConfig, DeviceCredentials, parse_agent_config, parse_credentials
-from manifests.digests import sha256_digest
-from manifests.errors import (
-    BrokerUnavailable,
-    ConfigError,
-    EdgepackError,
-    FetchError,
-    HubUnavailable,
-    ImageUnavailable,
-    ModuleStartFailure,
-    NotFoundError,
-    RegistryUnavailable,
-    RuntimeFailure,
-    TrustError,
-    Unschedulable,
-)
-from manifests.logs import LogRequest, LogResponse
-from manifests.module import FileEntry, ModuleManifest, Resources, Runtime
-from manifests.reported import ModuleMetrics, ModuleStatus, Progress, ReportedState, Telemetry
-from manifests.signing import Envelope, Signature, TrustStore
-from manifests.states import ServiceState
+The names below are re-exported lazily (PEP 562): importing one contract module, as the
+device agent does, does not load every other one (the agent counts its megabytes).
+"""
 
-__all__ = [
-    "AgentConfig",
-    "BrokerUnavailable",
-    "ConfigError",
-    "DeploymentConfig",
-    "DeploymentSettings",
-    "DesiredRefusal",
-    "DesiredState",
-    "DesiredStateRefused",
-    "DeviceCredentials",
-    "EdgepackError",
-    "Envelope",
-    "FetchError",
-    "FileEntry",
-    "HealthProbe",
-    "HubUnavailable",
-    "ImageUnavailable",
-    "InferenceConfig",
-    "LogRequest",
-    "LogResponse",
-    "ModuleAssignment",
-    "ModuleManifest",
-    "ModuleMetrics",
-    "ModuleStartFailure",
-    "ModuleStatus",
-    "NotFoundError",
-    "Progress",
-    "RegistryUnavailable",
-    "ReportedState",
-    "Resources",
-    "RestartPolicy",
-    "Runtime",
-    "RuntimeFailure",
-    "RuntimeKind",
-    "ServiceState",
-    "Signature",
-    "Telemetry",
-    "TrustError",
-    "TrustStore",
-    "Unschedulable",
-    "canonical_json",
-    "check_desired",
-    "parse_agent_config",
-    "parse_config",
-    "parse_credentials",
-    "sha256_digest",
-    "verify_desired",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AgentConfig": "manifests.device",
+    "BrokerUnavailable": "manifests.errors",
+    "ConfigError": "manifests.errors",
+    "DeploymentConfig": "manifests.azureml",
+    "DeploymentSettings": "manifests.desired",
+    "DesiredRefusal": "manifests.desired",
+    "DesiredState": "manifests.desired",
+    "DesiredStateRefused": "manifests.desired",
+    "DeviceCredentials": "manifests.device",
+    "EdgepackError": "manifests.errors",
+    "Envelope": "manifests.signing",
+    "FetchError": "manifests.errors",
+    "FileEntry": "manifests.module",
+    "HealthProbe": "manifests.desired",
+    "HubUnavailable": "manifests.errors",
+    "ImageUnavailable": "manifests.errors",
+    "InferenceConfig": "manifests.azureml",
+    "LogRequest": "manifests.logs",
+    "LogResponse": "manifests.logs",
+    "ModuleAssignment": "manifests.desired",
+    "ModuleManifest": "manifests.module",
+    "ModuleMetrics": "manifests.reported",
+    "ModuleStartFailure": "manifests.errors",
+    "ModuleStatus": "manifests.reported",
+    "NotFoundError": "manifests.errors",
+    "Progress": "manifests.reported",
+    "RegistryUnavailable": "manifests.errors",
+    "ReportedState": "manifests.reported",
+    "Resources": "manifests.module",
+    "RestartPolicy": "manifests.desired",
+    "Runtime": "manifests.module",
+    "RuntimeFailure": "manifests.errors",
+    "RuntimeKind": "manifests.desired",
+    "ServiceState": "manifests.states",
+    "Signature": "manifests.signing",
+    "Telemetry": "manifests.reported",
+    "TrustError": "manifests.errors",
+    "TrustStore": "manifests.signing",
+    "Unschedulable": "manifests.errors",
+    "canonical_json": "manifests.canonical",
+    "check_desired": "manifests.desired",
+    "parse_agent_config": "manifests.device",
+    "parse_config": "manifests.azureml",
+    "parse_credentials": "manifests.device",
+    "sha256_digest": "manifests.digests",
+    "verify_desired": "manifests.desired",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'manifests' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -147,6 +147,13 @@ class EdgepackExtension(_AzureModel):
         default_factory=dict, alias="environmentVariables"
     )
     health_path: str | None = Field(None, alias="healthPath", pattern=r"^/")
+    start_timeout_s: float | None = Field(
+        None,
+        alias="startTimeoutSeconds",
+        gt=0,
+        le=3600,
+        description="how long a new version may take to become ready before it is abandoned",
+    )
 
 
 class DeploymentConfig(_AzureModel):
@@ -197,7 +204,8 @@ class DeploymentConfig(_AzureModel):
         cpu = (res.cpu_limit or res.cpu) if res else None
         mem_gb = (res.memory_in_gb_limit or res.memory_in_gb) if res else None
         probe = self.liveness_probe_requirements
-        health = HealthProbe(path=ext.health_path or "/healthz")
+        start = {} if ext.start_timeout_s is None else {"start_timeout_s": ext.start_timeout_s}
+        health = HealthProbe(path=ext.health_path or "/healthz", **start)
         if probe is not None:
             health = HealthProbe(
                 path=health.path,
@@ -206,6 +214,7 @@ class DeploymentConfig(_AzureModel):
                 initial_delay_s=min(probe.initial_delay_seconds, 600),
                 timeout_s=probe.timeout_seconds,
                 failure_threshold=probe.failure_threshold,
+                **start,
             )
         return DeploymentSettings(
             port=self.port or default_port,

@@ -14,21 +14,13 @@ import hashlib
 import re
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Protocol, Self
 
-from pydantic import ValidationError
-
-from manifests.digests import sha256_digest
 from manifests.errors import TrustError
-from manifests.module import ModuleManifest, check_relative_path
-from manifests.signing import (
-    UNTRUSTED_HINT,
-    Envelope,
-    TrustStore,
-    parse_envelope,
-    verify_envelope,
-)
+from manifests.module import check_relative_path
+from manifests.signing import UNTRUSTED_HINT, TrustStore
+from manifests.verified import VerifiedModule, parse_module_manifest
 
 MANIFEST_NAME = "module.json"
 BLOB_PREFIX = "blobs/sha256/"
@@ -82,42 +74,6 @@ class BlobWriter(Protocol):
 
     def abort(self) -> None:
         """The digest did not match or reading failed: discard what was written."""
-
-
-@dataclass
-class VerifiedModule:
-    manifest: ModuleManifest
-    envelope: Envelope
-    manifest_bytes: bytes
-    manifest_digest: str
-    signers: list[str]
-    blob_sizes: dict[str, int] = field(default_factory=dict)
-
-
-def parse_module_manifest(
-    data: bytes, trust: TrustStore, *, what: str, untrusted_hint: str = UNTRUSTED_HINT
-) -> VerifiedModule:
-    """Verify the signatures on ``module.json`` bytes, then validate its payload."""
-    envelope = parse_envelope(data, what=what)
-    signers = verify_envelope(envelope, trust, what=what, untrusted_hint=untrusted_hint)
-    try:
-        manifest = ModuleManifest.model_validate(envelope.signed)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise TrustError(f"{what}: signed manifest is invalid: {loc}: {err['msg']}") from None
-    sizes: dict[str, int] = {}
-    for f in manifest.files:
-        if sizes.setdefault(f.digest, f.size) != f.size:
-            raise TrustError(f"{what}: blob {f.digest} is listed with two different sizes")
-    return VerifiedModule(
-        manifest=manifest,
-        envelope=envelope,
-        manifest_bytes=data,
-        manifest_digest=sha256_digest(data),
-        signers=signers,
-        blob_sizes=sizes,
-    )
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:

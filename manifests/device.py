@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path, PurePath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from manifests.desired import DEVICE_ID_PATTERN, RuntimeKind
 from manifests.errors import ConfigError
@@ -63,6 +63,16 @@ class DeviceCredentials(BaseModel):
         description="PEM CA certificate(s) for the hub's HTTPS and the broker's TLS",
     )
 
+    @model_validator(mode="after")
+    def _keys_match_their_ids(self) -> DeviceCredentials:
+        # A key id that is not the key's own would make every check fail later, far from here.
+        try:
+            self.hub_trust().public_keys()
+            self.publishers.public_keys()
+        except (ConfigError, ValueError) as exc:
+            raise ValueError(f"a trusted key does not match its key id ({exc})") from None
+        return self
+
     def hub_trust(self) -> TrustStore:
         return TrustStore(keys=[self.hub_key])
 
@@ -83,10 +93,18 @@ class ProcessSettings(BaseModel):
     python: Path | None = Field(
         default=None, description="interpreter that runs modules; default: the agent's own"
     )
-    prefork: bool = Field(
-        default=True,
-        description="keep a warm process with the scoring server's imports done and fork modules from it",
-    )
+
+
+class RestartSettings(BaseModel):
+    """How a module that crashed or stopped answering its probe is restarted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_s: float = Field(default=1.0, gt=0, le=60, description="first delay; doubles each time")
+    cap_s: float = Field(default=300.0, gt=0, le=3600)
+    jitter: float = Field(default=0.2, ge=0, le=0.5, description="+- this fraction of the delay")
+    reset_after_s: float = Field(default=600.0, gt=0, le=86400, description="healthy this long: forgiven")
+    crash_loop_limit: int = Field(default=5, ge=1, le=100, description="failures in a row reported Failed")
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -105,15 +123,27 @@ class AgentConfig(BaseModel):
     service_host: str = Field(
         default="0.0.0.0", max_length=253, description="address module endpoints listen on"
     )
+    advertise_host: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9.:\[\]-]+$",
+        description="host clients reach this device's modules at (reported to the hub); "
+        "default: service_host, or the device's host name when that is a wildcard",
+    )
     telemetry_interval_s: float = Field(default=10, ge=1, le=3600)
     report_interval_s: float = Field(default=60, ge=1, le=3600)
     poll_interval_s: float = Field(
         default=300, ge=1, le=86400, description="HTTP check for a new desired state (besides MQTT)"
     )
-    keep_versions: int = Field(default=2, ge=1, le=10, description="versions kept per service, for rollback")
-    max_log_bytes: int = Field(default=8 << 20, ge=64 << 10, le=1 << 30, description="per module log file")
+    max_log_bytes: int = Field(
+        default=8 << 20,
+        ge=64 << 10,
+        le=1 << 30,
+        description="a module's log (process runtime) is rotated past this",
+    )
     docker: DockerSettings = Field(default_factory=DockerSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
+    restart: RestartSettings = Field(default_factory=RestartSettings)
 
     @field_validator("runtimes")
     @classmethod

@@ -47,6 +47,12 @@ class ModuleStatus(BaseModel):
     serving_digest: str | None = Field(default=None, pattern=DIGEST_PATTERN)
     serving_version: str | None = Field(default=None, pattern=VERSION_PATTERN)
     progress: Progress | None = None
+    endpoint: str | None = Field(
+        default=None,
+        max_length=300,
+        pattern=r"^https?://[^\s/]+$",
+        description="where clients reach the service on this device (scheme://host:port)",
+    )
 
 
 class ReportedState(BaseModel):

@@ -13,7 +13,6 @@ import json
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -88,7 +87,7 @@ class TrustStore(BaseModel):
 
 
 def raw_public_bytes(pub: Ed25519PublicKey) -> bytes:
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return pub.public_bytes_raw()
 
 
 def key_id(pub: Ed25519PublicKey) -> str:
@@ -100,7 +99,13 @@ def generate_private_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
+# PEM needs cryptography's serialization module, which costs a long-running verifier (the
+# agent, which only ever sees raw keys) about 2.5 MB: it is imported where PEM is used.
+
+
 def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -109,12 +114,16 @@ def private_key_pem(key: Ed25519PrivateKey) -> bytes:
 
 
 def public_key_pem(pub: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return pub.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
 def load_private_key(data: bytes, *, source: str = "private key") -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -135,6 +144,8 @@ def load_public_key(data: bytes, *, source: str = "public key") -> Ed25519Public
             return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text.decode()))
         except ValueError:
             pass
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_public_key(text)
     except (ValueError, TypeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from packager.app import app, main
 from packager.commands import (  # noqa: F401  (registers commands)
+    agent_cmds,
     balancer_cmds,
     broker_cmds,
     fleet_cmds,

@@ -31,6 +31,7 @@ EXIT_CODES: dict[str, int] = {
     "MethodNotAllowed": 2,
     "TrustError": 3,
     "FetchError": 4,
+    "GatewayTimeout": 4,  # a device did not answer in time: a transfer that may work later
     "InternalError": 4,
 }
 

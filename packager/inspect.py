@@ -8,10 +8,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from manifests.bundle import MANIFEST_NAME, BlobSink, VerifiedModule, verify_bundle
+from manifests.bundle import MANIFEST_NAME, BlobSink, verify_bundle
 from manifests.errors import ConfigError, TrustError
 from manifests.module import ModuleManifest
 from manifests.signing import Envelope, TrustStore, parse_envelope
+from manifests.verified import VerifiedModule
 
 
 def open_verified(

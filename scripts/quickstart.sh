@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The edgepack quick start: train the digits example, sign it into a module, verify it, serve
 # it, check that the service answers what scikit-learn predicts, then start a broker and a hub,
-# register the model, push the module, enroll a device and deploy to it; prints the dashboard.
+# register the model, push the module, enroll a device, deploy to it, run the device's agent
+# (process runtime), score through the device's module, and print the dashboard address.
 #
 #     bash scripts/quickstart.sh
 #
@@ -150,46 +151,52 @@ edgepack model register -n digits -p "$EXAMPLE/model/digits.onnx" --tag framewor
     --tag dataset=sklearn-digits
 edgepack push "$BUNDLE"
 edgepack device enroll edge-berlin-1 --tag site=berlin --out "$WORK/edge-berlin-1.json"
-edgepack deploy -n digits-svc -m digits:1 --dc "$EXAMPLE/deploymentconfig.json" \
+# The example's deploymentconfig.json, on the process runtime (no Docker needed) and a free port.
+DEVICE_PORT="$(free_port "${EDGEPACK_DEVICE_PORT:-8891}")"
+python - "$EXAMPLE/deploymentconfig.json" "$WORK/deploymentconfig.json" "$DEVICE_PORT" <<'PY'
+import json, sys
+dc = json.load(open(sys.argv[1]))
+dc["port"] = int(sys.argv[3])
+dc["edgepack"] = {"runtime": "process"}
+json.dump(dc, open(sys.argv[2], "w"), indent=2)
+PY
+edgepack deploy -n digits-svc -m digits:1 --dc "$WORK/deploymentconfig.json" \
     --selector site=berlin
 edgepack service show digits-svc
 
-step "11. as the device: log in to the broker, fetch and verify its signed desired state"
-# What the device agent (a later milestone) does first; here only checked, not acted on.
-python - "$WORK/edge-berlin-1.json" <<'PY'
-import json, queue, sys
-import paho.mqtt.client as mqtt
-from manifests.desired import DesiredState
-from manifests.signing import TrustStore, TrustedKey, parse_envelope, verify_envelope
+step "11. the device: its agent (process runtime) runs what the hub signs"
+AGENT_DIR="$WORK/agent"
+rm -rf "$AGENT_DIR"
+edgepack agent init --credentials "$WORK/edge-berlin-1.json" --runtime process \
+    --state-dir "$AGENT_DIR/state" --service-host 127.0.0.1 --out "$AGENT_DIR/agent.toml"
+# --stop-modules: when the quick start ends, the module stops with the agent.
+edgepack agent run --config "$AGENT_DIR/agent.toml" --stop-modules > "$WORK/agent.log" 2>&1 &
+PIDS+=("$!")
+edgepack service wait digits-svc --timeout 120 || { tail -n 40 "$WORK/agent.log"; exit 1; }
+edgepack agent status --config "$AGENT_DIR/agent.toml"
 
-creds = json.load(open(sys.argv[1]))
-m, trust = creds["mqtt"], TrustStore(keys=[TrustedKey(**creds["hub_key"], name="hub")])
-topic = f"{m['topic_prefix']}/devices/{creds['device_id']}/desired"
-got: queue.Queue[bytes] = queue.Queue()
-client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds["device_id"])
-client.username_pw_set(m["username"], m["password"])
-client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-client.on_message = lambda _c, _u, msg: got.put(msg.payload)
-client.connect(m["host"], m["port"])
-client.loop_start()
-try:
-    envelope = parse_envelope(got.get(timeout=20), what="desired state")
-finally:
-    client.loop_stop()
-verify_envelope(envelope, trust, what="desired state")
-state = DesiredState.model_validate(envelope.signed)
-assert state.device_id == creds["device_id"]
-print(f"{creds['device_id']}: desired state generation {state.generation}, signed by the hub, "
-      f"services {[a.service for a in state.modules]}, expires {state.expires:%Y-%m-%d %H:%M}")
+step "12. score through the device's module on 127.0.0.1:$DEVICE_PORT and compare with scikit-learn"
+edgepack call "http://127.0.0.1:$DEVICE_PORT/score" --file "$WORK/request.json" > "$WORK/device-response.json"
+python - "$EXAMPLE/model/test_samples.json" "$WORK/device-response.json" <<'PY'
+import json, sys
+expected = json.load(open(sys.argv[1]))["expected"]
+got = json.load(open(sys.argv[2]))["predictions"]
+same = sum(int(a == b) for a, b in zip(expected, got))
+print(f"the device's module: {same}/{len(expected)} predictions match scikit-learn's")
+sys.exit(0 if same == len(expected) == len(got) else 1)
 PY
+echo "its log, through the hub:"
+edgepack service logs digits-svc --device edge-berlin-1 --tail 5
 
 step "done"
 echo "module:     $BUNDLE (scored locally above: $URL)"
+echo "device:     edge-berlin-1 serves it on http://127.0.0.1:$DEVICE_PORT/score (agent log: $WORK/agent.log)"
 echo "dashboard:  $HUB/   (admin token in $HUB_DATA/admin_token)"
 echo "CLI:        source .venv/bin/activate && export EDGEPACK_HOME=$EDGEPACK_HOME"
 echo "            edgepack device list; edgepack service list; edgepack model list"
+echo "            edgepack agent status --config $AGENT_DIR/agent.toml"
 # Keep the services up for a person at a terminal; a script or CI run ends here.
 if [ "${EDGEPACK_KEEP_RUNNING:-$([ -t 0 ] && echo 1 || echo 0)}" = 1 ]; then
-    echo "hub, broker and scoring service keep running; press Ctrl-C to stop them"
+    echo "hub, broker, agent and scoring services keep running; press Ctrl-C to stop them"
     wait
 fi

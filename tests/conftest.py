@@ -90,3 +90,7 @@ def digits_bundle(
         requirements=["onnxruntime", "numpy"],
     )
     return build_module(spec, publisher.key, out).path
+
+
+# Last: they import REPO and free_port from here. Once per session, so one registry a worker.
+from tests.docker_fixtures import *  # noqa: E402, F403  (docker_engine, registry, runtime_image)

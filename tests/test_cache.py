@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cache import ModuleCache, plan_layout
-from manifests.bundle import VerifiedModule, parse_module_manifest, verify_bundle
+from manifests.bundle import verify_bundle
 from manifests.digests import digest_hex, sha256_digest
 from manifests.errors import FetchError, TrustError
+from manifests.verified import VerifiedModule, parse_module_manifest
 from tests.conftest import Publisher
 from tests.factory import Defect, Forge
 

@@ -13,7 +13,7 @@ OURS = ("manifests", "packager", "edge_agent", "cloud_hub")
 # What one product may use of another: the public entry points the CLI needs on a laptop.
 PUBLIC = {
     ("packager", "edge_agent"): ("edge_agent.scoring.server", "edge_agent.scoring.entry",
-                                 "edge_agent.cache"),
+                                 "edge_agent.cache", "edge_agent.status"),
     ("packager", "cloud_hub"): ("cloud_hub.serve", "cloud_hub.settings", "cloud_hub.broker",
                                  "cloud_hub.balancer"),
 }

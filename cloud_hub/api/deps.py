@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from cloud_hub.core import HubCore
 from cloud_hub.errors import Unauthorized
 from cloud_hub.fleet.changes import FleetChanges
+from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.wiring import HubProcess
 
 ADMIN_COOKIE = "edgepack_admin"
@@ -33,9 +34,14 @@ def get_fleet(request: Request) -> FleetChanges:
     return get_hub(request).fleet
 
 
+def get_link(request: Request) -> MqttLink | None:
+    return get_hub(request).link
+
+
 Hub = Annotated[HubProcess, Depends(get_hub)]
 Core = Annotated[HubCore, Depends(get_core)]
 Fleet = Annotated[FleetChanges, Depends(get_fleet)]
+Link = Annotated[MqttLink | None, Depends(get_link)]
 
 
 def bearer_token(request: Request) -> str | None:

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from cloud_hub.errors import Conflict, Forbidden, NotFound, TooLarge, Unauthorized
+from cloud_hub.errors import Conflict, Forbidden, GatewayTimeout, NotFound, TooLarge, Unauthorized
 from manifests.errors import ConfigError, EdgepackError, FetchError, TrustError
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ STATUS: list[tuple[type[EdgepackError], int]] = [
     (Forbidden, 403),
     (TrustError, 422),
     (ConfigError, 400),
+    (GatewayTimeout, 504),
     (FetchError, 502),
 ]
 

@@ -19,8 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud_hub.api import device_auth
-from cloud_hub.api.deps import Admin, Core, Fleet
-from cloud_hub.errors import Conflict
+from cloud_hub.api.deps import Admin, Core, Fleet, Link
+from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.fleet.changes import Outcome
 from cloud_hub.fleet.deployments import (
     ModuleRef,
@@ -38,8 +38,10 @@ from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
 from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, selector_matches
 from cloud_hub.ingest.rollup import rollup_states
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
+from cloud_hub.ingest.tables import DeviceReport
 from cloud_hub.registry.modules import get_module
 from manifests.device import DeviceCredentials, MqttEndpoint
+from manifests.logs import MAX_TAIL
 from manifests.reported import ModuleStatus
 from manifests.signing import TrustedKey, public_key_pem, raw_public_bytes
 from manifests.states import ServiceState
@@ -72,6 +74,8 @@ class DeviceOut(BaseModel):
 class DeviceDetail(DeviceOut):
     desired_issued: datetime | None = None
     desired_expires: datetime | None = None
+    applied_generation: int | None = Field(default=None, description="as the device last reported")
+    last_error: str | None = Field(default=None, description="e.g. why it refused a desired state")
     modules: list[ModuleStatus] = Field(default_factory=list)
 
 
@@ -134,6 +138,8 @@ class DeviceServiceOut(BaseModel):
     online: bool
     state: ServiceState | None
     reason: str | None
+    endpoint: str | None = Field(default=None, description="where the device serves it (its report)")
+    serving_version: str | None = None
 
 
 class DeploymentOut(BaseModel):
@@ -199,13 +205,16 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
     reported = service_statuses(session, row.name)
     rows: list[DeviceServiceOut] = []
     for device_id in devices_running(view.plan, row.name):
-        here = service_state_on_device(reported.get(device_id), row.manifest_digest)
+        status = reported.get(device_id)
+        here = service_state_on_device(status, row.manifest_digest)
         rows.append(
             DeviceServiceOut(
                 device_id=device_id,
                 online=device_id in view.online,
                 state=here.state,
                 reason=here.reason,
+                endpoint=status.endpoint if status is not None else None,
+                serving_version=status.serving_version if status is not None else None,
             )
         )
     return DeploymentOut(
@@ -306,10 +315,13 @@ def show_device(core: Core, device_id: str) -> DeviceDetail:
     with core.sessions.begin() as s:
         device = get_device(s, device_id)
         desired = s.get(DeviceDesired, device_id)
+        report = s.get(DeviceReport, device_id)
         return DeviceDetail(
             **_device_out(device, desired).model_dump(),
             desired_issued=desired.issued if desired is not None else None,
             desired_expires=desired.expires if desired is not None else None,
+            applied_generation=report.applied_generation if report is not None else None,
+            last_error=report.last_error if report is not None else None,
             modules=device_module_statuses(s, device_id),
         )
 
@@ -365,6 +377,38 @@ def list_deployments(core: Core) -> dict[str, list[DeploymentOut]]:
 def show_deployment(core: Core, name: str) -> DeploymentOut:
     with core.sessions.begin() as s:
         return _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
+
+
+class LogsOut(BaseModel):
+    device_id: str
+    service: str
+    lines: list[str]
+    truncated: bool = Field(description="older lines were left out to fit one message")
+
+
+@admin.get("/deployments/{name}/logs", response_model=LogsOut, tags=["deployments"])
+def service_logs(
+    core: Core,
+    link: Link,
+    name: str,
+    device: str = Query(description="the device whose module log to fetch"),
+    tail: int = Query(default=100, ge=1, le=MAX_TAIL),
+) -> LogsOut:
+    """A module's last log lines, fetched from the device over MQTT (request and answer on
+    per-device topics only that device can use)."""
+    with core.sessions.begin() as s:
+        get_deployment(s, name)
+        get_device(s, device, active=True)
+        if device not in devices_running(current_plan(s), name):
+            raise NotFound(
+                f"service {name!r} is not deployed to device {device!r}; see 'edgepack service show {name}'"
+            )
+    if link is None:
+        raise Conflict("the hub runs without a broker, so it cannot reach devices for their logs")
+    answer = link.request_logs(device, name, tail)
+    if answer.error:
+        raise NotFound(answer.error)
+    return LogsOut(device_id=device, service=name, lines=answer.lines, truncated=answer.truncated)
 
 
 @admin.delete("/deployments/{name}", response_model=ChangeOut, tags=["deployments"])

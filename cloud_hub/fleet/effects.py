@@ -26,21 +26,10 @@ class Effects:
     cleared: frozenset[str] = frozenset()
     accounts_changed: bool = False
 
-    def __or__(self, other: Effects) -> Effects:
-        return Effects(
-            issued={**self.issued, **other.issued},
-            cleared=(self.cleared | other.cleared) - set(other.issued),
-            accounts_changed=self.accounts_changed or other.accounts_changed,
-        )
-
     @property
     def to_publish(self) -> list[str]:
         """Every device whose retained desired state must change, sorted."""
         return sorted(set(self.issued) | self.cleared)
-
-    @property
-    def empty(self) -> bool:
-        return not self.issued and not self.cleared and not self.accounts_changed
 
 
 @dataclass(frozen=True)

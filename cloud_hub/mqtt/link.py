@@ -25,7 +25,9 @@ With ``share_group`` None (a broker without shared subscriptions, such as Rabbit
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import secrets
 import ssl
 import threading
@@ -34,9 +36,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from pydantic import ValidationError
 
+from cloud_hub.errors import GatewayTimeout
 from manifests.errors import FetchError
-from manifests.topics import INGEST_CHANNELS, LOGS_RESPONSE, device_topic
+from manifests.logs import LogRequest, LogResponse
+from manifests.topics import INGEST_CHANNELS, LOGS_REQUEST, LOGS_RESPONSE, device_topic, parse_device_topic
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,9 @@ class MqttLink:
         self.on_connected = on_connected
         self._subscribed = threading.Event()
         self._started = False
+        # Log requests waiting for their device's answer: request id -> (device id, answer).
+        self._log_waiters: dict[str, tuple[str, queue.Queue[LogResponse]]] = {}
+        self._log_lock = threading.Lock()
         # A random suffix: two hub replicas with the same client id would kick each other off.
         cid = client_id or f"edgepack-hub-{secrets.token_hex(4)}"
         self._client = mqtt.Client(
@@ -145,14 +153,58 @@ class MqttLink:
         """Remove the retained desired state of ``device_id`` (an empty retained message)."""
         self._publish(device_topic(device_id, "desired", prefix=self.prefix), b"")
 
-    def _publish(self, topic: str, payload: bytes) -> None:
+    def request_logs(self, device_id: str, service: str, tail: int, timeout_s: float = 10.0) -> LogResponse:
+        """Ask a device for the last ``tail`` log lines of ``service`` and wait for its answer.
+
+        Every hub replica subscribes to every device's ``logs-response`` without sharing, so
+        the answer reaches the replica that asked, whichever that is; the request id matches.
+        Raises :class:`GatewayTimeout` when the device does not answer in time.
+        """
+        request = LogRequest(request_id=secrets.token_hex(16), service=service, tail=tail)
+        answer: queue.Queue[LogResponse] = queue.Queue(maxsize=1)
+        with self._log_lock:
+            self._log_waiters[request.request_id] = (device_id, answer)
+        try:
+            self._publish(
+                device_topic(device_id, LOGS_REQUEST, prefix=self.prefix),
+                request.model_dump_json(by_alias=True).encode(),
+                retain=False,
+            )
+            return answer.get(timeout=timeout_s)
+        except queue.Empty:
+            raise GatewayTimeout(
+                f"device {device_id!r} did not answer the log request within {timeout_s:g}s; "
+                "check that it is online and its agent runs ('edgepack device show')"
+            ) from None
+        finally:
+            with self._log_lock:
+                self._log_waiters.pop(request.request_id, None)
+
+    def _on_log_response(self, topic: str, payload: bytes) -> None:
+        parsed = parse_device_topic(topic, prefix=self.prefix)
+        if parsed is None or len(payload) > 2 << 20:
+            return
+        try:
+            response = LogResponse.model_validate_json(payload)
+        except ValidationError:
+            log.warning("malformed log response on %s", topic)
+            return
+        with self._log_lock:
+            waiter = self._log_waiters.get(response.request_id)
+        # Only the device asked may answer, on its own topic.
+        if waiter is None or waiter[0] != parsed[0] or response.device_id != parsed[0]:
+            return
+        with contextlib.suppress(queue.Full):
+            waiter[1].put_nowait(response)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
         what = f"publishing to {topic} via {self.host}:{self.port}"
         if not self._client.is_connected():
             raise FetchError(
                 f"{what}: not connected to the broker; check that it runs and the hub's "
                 "credentials are in its password file"
             )
-        info = self._client.publish(topic, payload, qos=1, retain=True)
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
         try:
             info.wait_for_publish(self.publish_timeout_s)
         except (RuntimeError, ValueError) as exc:
@@ -207,6 +259,9 @@ class MqttLink:
             log.info("MQTT connection lost (%s); reconnecting with backoff", reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/" + LOGS_RESPONSE):
+            self._on_log_response(msg.topic, bytes(msg.payload))
+            return
         if self._sink is None:
             return
         try:

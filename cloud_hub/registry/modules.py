@@ -21,8 +21,9 @@ from cloud_hub.registry.blob_refs import lock_registry
 from cloud_hub.registry.tables import Module, ModuleFile
 from cloud_hub.registry.usage import delete_unless_used, lock_fleet
 from cloud_hub.store.blobs import BlobStore
-from manifests.bundle import VerifiedModule, verify_bundle
+from manifests.bundle import verify_bundle
 from manifests.signing import TrustStore
+from manifests.verified import VerifiedModule
 
 UNTRUSTED_BY_HUB = (
     "the hub accepts modules signed by the keys it was started with: "

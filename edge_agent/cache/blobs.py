@@ -25,10 +25,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from manifests.digests import digest_hex, is_digest
-from manifests.errors import TrustError
+from manifests.errors import FetchError, TrustError
 
 BLOB_DIR = Path("blobs") / "sha256"
 PART_SUFFIX = ".part"
+#: a download that may be resumed after a crash keeps its bytes under this suffix
+PARTIAL_SUFFIX = ".partial"
 BLOB_MODE = 0o444  # blobs are hard-linked into module folders; nobody may write through them
 
 
@@ -91,6 +93,47 @@ class BlobStore:
             final=final,
             hasher=None if hashed_by_caller else hashlib.sha256(),
         )
+
+    def begin_resumable(self, digest: str, size: int) -> ResumableBlob:
+        """Start or resume writing blob ``digest``: bytes kept by an interrupted download (even
+        one killed with SIGKILL) are taken up again. Finish with commit(); abort() keeps the
+        bytes for the next attempt, discard() drops them."""
+        final = self.path(digest)
+        if size < 0:
+            raise TrustError(f"blob {digest}: negative size {size}; refused")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return ResumableBlob(digest=digest, size=size, partial=self.partial_path(digest), final=final)
+
+    def partial_path(self, digest: str) -> Path:
+        return self.dir / f".{digest_hex(digest)}{PARTIAL_SUFFIX}"
+
+    def partial_size(self, digest: str) -> int:
+        """Bytes an interrupted download of ``digest`` left (0 when none)."""
+        try:
+            st = os.lstat(self.partial_path(digest))
+        except FileNotFoundError:
+            return 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    def partials(self) -> Iterator[str]:
+        """Digests of every interrupted download kept for resuming."""
+        if not self.dir.is_dir():
+            return
+        for entry in os.scandir(self.dir):
+            name = entry.name
+            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                digest = "sha256:" + name[1 : -len(PARTIAL_SUFFIX)]
+                if is_digest(digest):
+                    yield digest
+
+    def remove_partial(self, digest: str) -> int:
+        path = self.partial_path(digest)
+        try:
+            size = os.lstat(path).st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
 
     def digests(self) -> Iterator[str]:
         """Every blob held (temp files excluded)."""
@@ -206,6 +249,98 @@ class PendingBlob:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise TrustError(f"blob {self.digest}: writer already finished")
+        return self._fd
+
+
+class ResumableBlob:
+    """A blob downloaded into ``.<hex>.partial``, appended to across attempts and processes.
+
+    :attr:`offset` says where the next byte goes (what the ``Range`` request asks for). The
+    bytes already there are hashed again on open, so a blob is only ever renamed into place
+    when *all* its bytes, from whichever attempt, match the digest. A partial file longer than
+    the blob, or not a regular file, is dropped and the download starts over.
+    """
+
+    def __init__(self, *, digest: str, size: int, partial: Path, final: Path) -> None:
+        self.digest = digest
+        self.size = size
+        self._partial = partial
+        self._final = final
+        self._hasher = hashlib.sha256()
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+        try:
+            self._fd: int | None = os.open(partial, flags, 0o600)
+        except OSError:
+            # A link or something else planted under the name: remove it and start clean.
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                partial.unlink()
+            self._fd = os.open(partial, flags, 0o600)
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > size:
+            os.ftruncate(self._fd, 0)
+        self.offset = self._rehash()
+
+    def _rehash(self) -> int:
+        fd = self._open_fd()
+        done = 0
+        while chunk := os.pread(fd, 1 << 20, done):
+            self._hasher.update(chunk)
+            done += len(chunk)
+        return done
+
+    def restart(self) -> None:
+        """Drop what is there and start from byte 0 (the server ignored the Range request)."""
+        os.ftruncate(self._open_fd(), 0)
+        self._hasher = hashlib.sha256()
+        self.offset = 0
+
+    def write(self, chunk: bytes) -> None:
+        fd = self._open_fd()
+        if self.offset + len(chunk) > self.size:
+            self.discard()
+            raise TrustError(f"blob {self.digest}: more than the {self.size} bytes announced; discarded")
+        self._hasher.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        self.offset += len(chunk)
+
+    def commit(self) -> None:
+        """Rename into place if complete and matching; a mismatch discards every byte (they
+        can never become right) and raises :class:`TrustError`."""
+        fd = self._open_fd()
+        if self.offset != self.size:
+            # Cut short, not wrong: the bytes are kept and the next attempt resumes.
+            raise FetchError(
+                f"blob {self.digest}: transfer ended after {self.offset} of {self.size} bytes"
+            )
+        if "sha256:" + self._hasher.hexdigest() != self.digest:
+            self.discard()
+            raise TrustError(f"blob {self.digest}: content does not match its digest; discarded")
+        os.fchmod(fd, BLOB_MODE)
+        os.fsync(fd)
+        os.close(fd)
+        self._fd = None
+        os.replace(self._partial, self._final)
+        fsync_dir(self._final.parent)
+
+    def abort(self) -> None:
+        """Stop for now, keeping the bytes for the next attempt."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+                os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Stop and forget the bytes."""
+        self.abort()
+        with contextlib.suppress(FileNotFoundError):
+            self._partial.unlink()
 
     def _open_fd(self) -> int:
         if self._fd is None:

@@ -25,12 +25,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from edge_agent.cache.blobs import BLOB_MODE, PART_SUFFIX, BlobStore, PendingBlob, fsync_dir
 from edge_agent.cache.layout import MANIFEST_FILE, Placement, plan_layout
-from manifests.bundle import BlobSink, VerifiedModule, parse_module_manifest, verify_bundle
+from manifests.verified import VerifiedModule, parse_module_manifest
+
+if TYPE_CHECKING:
+    from manifests.bundle import BlobSink
 from manifests.digests import digest_hex, is_digest, sha256_digest
 from manifests.errors import ConfigError, FetchError, TrustError
 from manifests.module import ModuleManifest
@@ -104,6 +108,9 @@ class ModuleCache:
         its digest never lands in the cache. Installing the same module again reuses what is
         held. ``progress`` gets the byte count of each chunk verified.
         """
+        # The single-file form needs tarfile; the agent, fetching blob by blob, never does.
+        from manifests.bundle import verify_bundle
+
         try:
             fh = path.open("rb")
         except FileNotFoundError:
@@ -224,6 +231,9 @@ class ModuleCache:
             if digest not in needed:
                 bytes_freed += self.blobs.remove(digest)
                 blobs_removed += 1
+        for digest in list(self.blobs.partials()):
+            if digest not in needed:
+                bytes_freed += self.blobs.remove_partial(digest)
         self.blobs.remove_stale_parts(STALE_AFTER_S)
         return PruneReport(modules_removed, blobs_removed, bytes_freed)
 

@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from edge_agent.scoring.server import EXIT_PORT_IN_USE, LOG_LEVELS, InstanceOptions, PortInUse, serve_module
+from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE
+from edge_agent.scoring.server import LOG_LEVELS, InstanceOptions, PortInUse, serve_module
 from manifests.errors import EdgepackError
 
 

@@ -51,6 +51,7 @@ from types import FrameType
 import uvicorn
 
 from edge_agent.scoring.app import create_app
+from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE
 from edge_agent.scoring.metrics import MetricsBoard
 from manifests.errors import ConfigError, RuntimeFailure
 
@@ -58,8 +59,6 @@ log = logging.getLogger("edge_agent.scoring")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _STOP_GRACE_S = 10
-#: exit code when the public port is held by another program (the agent reports Unschedulable)
-EXIT_PORT_IN_USE = 6
 
 
 class PortInUse(RuntimeFailure):

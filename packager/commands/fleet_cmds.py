@@ -384,6 +384,27 @@ def poll_service(client: HubClient, name: str) -> dict[str, Any]:
     return service
 
 
+@service_app.command("logs")
+def logs_cmd(
+    name: str,
+    device: Annotated[str, typer.Option("--device", help="the device whose module log to show")],
+    tail: Annotated[int, typer.Option("--tail", min=1, max=10_000, help="how many lines")] = 100,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The last lines a service's module logged on one device (fetched through the hub)."""
+    with hub_client(hub, token) as client:
+        body = client.get_json(f"/api/v1/deployments/{name}/logs", params={"device": device, "tail": tail})
+    if as_json:
+        print_json(body)
+        return
+    if body["truncated"]:
+        console.print("[dim](older lines left out to fit one message)[/]")
+    for line in body["lines"]:
+        console.out(line, highlight=False)
+
+
 @service_app.command("wait")
 def wait_service_cmd(
     name: str,

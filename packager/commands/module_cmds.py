@@ -21,10 +21,11 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from manifests.azureml import DeploymentConfig, InferenceConfig, parse_config
-from manifests.bundle import BlobSink, VerifiedModule
+from manifests.bundle import BlobSink
 from manifests.errors import ConfigError
 from manifests.module import Resources
 from manifests.signing import TrustStore
+from manifests.verified import VerifiedModule
 from packager.app import app, console, edgepack_home, err_console
 from packager.build import DEFAULT_IMAGE, build_module, spec_from_configs
 from packager.files import atomic_output, load_json_file

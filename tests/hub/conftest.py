@@ -82,10 +82,15 @@ class RunningHub:
         self._thread.join(timeout=30)
         self.process.close()
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
     def restart(self, **overrides: Any) -> RunningHub:
-        """Stop this hub and start another on the same data dir (and settings)."""
+        """Stop this hub and start another on the same data dir, settings and port (devices
+        enrolled with its URL find it again)."""
         self.stop()
-        return self._start(data_dir=self.data_dir, **{**self.overrides, **overrides})
+        return self._start(data_dir=self.data_dir, bind_port=self.port, **{**self.overrides, **overrides})
 
 
 HubFactory = Callable[..., RunningHub]
@@ -158,7 +163,9 @@ def hub(
     trusted = keys_dir / "publisher.pub"
     trusted.write_bytes(public_key_pem(publisher.key.public_key()))
 
-    def start(*, data_dir: Path | None = None, postgres: str | None = None, **overrides: Any) -> RunningHub:
+    def start(
+        *, data_dir: Path | None = None, postgres: str | None = None, bind_port: int = 0, **overrides: Any
+    ) -> RunningHub:
         data = data_dir or tmp_path_factory.mktemp("hub-data")
         if blob_backend == "s3" and "blob_store" not in overrides:
             # A restarted hub finds its blobs again: the bucket goes with the data dir.
@@ -176,7 +183,7 @@ def hub(
             databases.append((pg_server, name))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", bind_port))
         port = sock.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         values: dict[str, Any] = {

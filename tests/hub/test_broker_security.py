@@ -1,5 +1,5 @@
 """The same attacks against both brokers the hub manages: Mosquitto (its generated password
-file and ACL) and a two-node RabbitMQ cluster (users and permissions set through the
+file and ACL) and a three-node RabbitMQ cluster (users and permissions set through the
 management API). A device may read only its own ``desired``/``logs-request`` and write only
 its own ``reported``/``telemetry``/``online``/``logs-response``; nobody else gets in.
 

@@ -1,4 +1,4 @@
-"""A hub on a two-node RabbitMQ cluster: accounts through the management API, devices on the
+"""A hub on a three-node RabbitMQ cluster: accounts through the management API, devices on the
 other node than the hub, retained state node-local (so devices also fetch it over HTTP).
 """
 

@@ -1,0 +1,163 @@
+"""The agent process: reads its configuration, wires the parts together once, runs the loop.
+
+This is the composition root: nothing else builds runtimes, links or the loop, and each part
+gets only what it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from edge_agent import __version__, logfmt
+from edge_agent.reconcile.loop import ReconcileLoop, Stop
+from edge_agent.report.sampler import Sampler
+from edge_agent.runtime.base import Runtime
+from edge_agent.runtime.process import ProcessRuntime
+from edge_agent.status import LOCK_FILE
+from edge_agent.uplink.http import HubHttp
+from edge_agent.uplink.mqtt import MqttSession
+from manifests.desired import RuntimeKind
+from manifests.device import AgentConfig, DeviceCredentials, parse_agent_config, parse_credentials
+from manifests.errors import ConfigError
+
+log = logging.getLogger("edge_agent")
+
+MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def load_setup(config_path: Path) -> tuple[AgentConfig, DeviceCredentials]:
+    try:
+        data = config_path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{config_path}: not found; write one with 'edgepack agent init'") from None
+    config = parse_agent_config(data, source=str(config_path), base_dir=config_path.resolve().parent)
+    try:
+        creds = config.credentials.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{config.credentials}: credentials not found; write them with "
+            "'edgepack device enroll ID --out FILE' and point agent.toml at them"
+        ) from None
+    return config, parse_credentials(creds, source=str(config.credentials))
+
+
+def agent_version() -> str:
+    return __version__
+
+
+def build_runtimes(config: AgentConfig, device_id: str) -> dict[RuntimeKind, Runtime]:
+    runtimes: dict[RuntimeKind, Runtime] = {}
+    runs = config.state_dir / "run"
+    for kind in config.runtimes:
+        if kind is RuntimeKind.PROCESS:
+            runtimes[kind] = ProcessRuntime(
+                runs, python=config.process.python, max_log_bytes=config.max_log_bytes
+            )
+        elif kind is RuntimeKind.DOCKER:
+            from edge_agent.runtime.docker import DockerRuntime  # the docker SDK only when used
+
+            runtimes[kind] = DockerRuntime.connect(config, runs, device_id)
+    return runtimes
+
+
+def enable_port_handover() -> None:
+    """Ask the kernel to hand connections queued at a closing listener to the other listener of
+    the same port (Linux 5.14+), so a version that steps down during an update drops none."""
+    try:
+        if MIGRATE_SYSCTL.read_text().strip() != "1":
+            MIGRATE_SYSCTL.write_text("1\n")
+    except OSError as exc:
+        log.warning(
+            "cannot enable net.ipv4.tcp_migrate_req (%s); during an update, connections queued "
+            "at the old version's listener in the instant it closes may be reset",
+            exc.strerror,
+        )
+
+
+@contextlib.contextmanager
+def single_agent(state_dir: Path) -> Iterator[None]:
+    """One agent per state folder: a second one would fight the first over every module."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another agent already runs on {state_dir}; stop it first (or give this one "
+                "another state_dir)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_agent(config_path: Path, *, stop_modules: bool = False) -> None:
+    """Run until SIGTERM/SIGINT. Modules keep running afterwards unless ``stop_modules``."""
+    config, credentials = load_setup(config_path)
+    logfmt.configure(config.log_level, config.log_format)
+    with single_agent(config.state_dir):
+        enable_port_handover()
+        runtimes = build_runtimes(config, credentials.device_id)
+        hub = HubHttp(credentials)
+        mqtt: MqttSession | None = None
+        loop_ref: list[ReconcileLoop] = []
+
+        def on_mqtt(event: object) -> None:
+            loop_ref[0].on_mqtt(event)  # type: ignore[arg-type]
+
+        if credentials.mqtt.host is not None:
+            mqtt = MqttSession(credentials, on_mqtt)
+        loop = ReconcileLoop(
+            config,
+            credentials,
+            runtimes=runtimes,
+            hub=hub,
+            publish_reported=mqtt.publish_reported if mqtt else (lambda _: None),
+            publish_logs=mqtt.publish_logs if mqtt else (lambda _: None),
+            agent_version=agent_version(),
+        )
+        loop_ref.append(loop)
+        sampler = Sampler(
+            credentials.device_id,
+            runtimes,
+            loop.watched,
+            mqtt.publish_telemetry if mqtt else (lambda _: False),
+            interval_s=config.telemetry_interval_s,
+        )
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            loop.submit(Stop())
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        log.info(
+            "agent %s for %s starting (runtimes: %s, state in %s)",
+            agent_version(),
+            credentials.device_id,
+            ", ".join(config.runtimes),
+            config.state_dir,
+        )
+        # Modules start from the cache first: a device with no network still serves.
+        loop.boot()
+        loop.step()
+        if mqtt is not None:
+            mqtt.start()
+        sampler.start()
+        try:
+            loop.run()
+        finally:
+            log.info("agent stopping%s", " and its modules" if stop_modules else "; modules keep running")
+            sampler.stop()
+            if mqtt is not None:
+                mqtt.stop()
+            loop.shutdown(stop_modules=stop_modules)

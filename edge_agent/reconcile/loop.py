@@ -1,0 +1,1017 @@
+"""The reconcile loop: one thread that owns the agent's state and reacts to events.
+
+Everything that happens reaches the loop as an event on one queue: a desired state (MQTT or
+HTTP), an operation that finished, a probe result, a log request, a timer. The loop updates
+its records, asks the pure planner (:mod:`edge_agent.reconcile.plan`) what to do, starts
+operations on worker threads (:mod:`edge_agent.reconcile.operations`), saves its state and
+reports. It never blocks on the network, a disk or a container: those are the workers' and
+they have deadlines, so nothing can hold up the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import random
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from edge_agent.backoff import RestartBackoff, full_jitter
+from edge_agent.cache.modules import InstalledModule, ModuleCache
+from edge_agent.download.module import Cancelled, Counters, FetchControl, fetch_module
+from edge_agent.health import Prober, ProbeResult, Watched
+from edge_agent.reconcile.operations import Control, start_instance
+from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
+from edge_agent.reconcile.supervise import Trouble, after_failure, log_tail_reason
+from edge_agent.report.status import reported_state
+from edge_agent.runtime.base import LaunchSpec, Runtime
+from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord, ServiceRecord
+from edge_agent.state.store import StateStore
+from edge_agent.uplink.http import DesiredFetch, HubHttp
+from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage, MqttEvent
+from manifests.desired import (
+    DesiredRefusal,
+    DesiredState,
+    DesiredStateRefused,
+    ModuleAssignment,
+    RuntimeKind,
+    verify_desired,
+)
+from manifests.device import AgentConfig, DeviceCredentials
+from manifests.errors import EdgepackError, ModuleStartFailure, Unschedulable
+from manifests.logs import MAX_LINE_CHARS, MAX_RESPONSE_CHARS, LogRequest, LogResponse
+from manifests.reported import Progress
+from manifests.states import ServiceState
+
+log = logging.getLogger("edge_agent")
+
+FETCH_DEADLINE_S = 1800.0
+STOP_GRACE_S = 10.0
+DRAIN_S = 10.0
+#: how long an Unschedulable verdict stands before it is checked again
+UNSCHEDULABLE_RECHECK_S = 60.0
+PROGRESS_REPORT_EVERY_S = 0.5
+
+
+def advertised_host(config: AgentConfig) -> str:
+    """The host a client uses to reach this device's modules."""
+    if config.advertise_host:
+        return config.advertise_host
+    if config.service_host not in ("0.0.0.0", "::", ""):
+        return f"[{config.service_host}]" if ":" in config.service_host else config.service_host
+    return socket.gethostname()
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpDone:
+    service: str
+    op_id: int
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class OpProgress:
+    service: str
+    op_id: int
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class HttpDesired:
+    fetch: DesiredFetch | None
+    error: EdgepackError | None = None
+
+
+@dataclass(frozen=True)
+class Retired:
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Event = MqttEvent | OpDone | OpProgress | HttpDesired | ProbeResult | Retired | Stop
+
+
+@dataclass
+class RunningOp:
+    id: int
+    kind: Op
+    key: str | None
+    assignment: ModuleAssignment | None
+    control: Control
+    restart: bool = False
+    replaces: InstanceRecord | None = None  # the instance a Replace takes over from
+    thread: threading.Thread | None = None
+
+
+@dataclass
+class Health:
+    """What the loop tracks of a serving instance between probe results."""
+
+    alive: bool = True
+    misses: int = 0
+
+
+@dataclass
+class Timers:
+    restart_at: dict[str, float] = field(default_factory=dict)
+    retry_at: dict[str, float] = field(default_factory=dict)
+    retry_attempts: dict[str, int] = field(default_factory=dict)
+    unschedulable: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # key, why, until
+    next_poll: float = 0.0
+    poll_attempts: int = 0
+    next_report: float = 0.0
+
+
+class ReconcileLoop:
+    def __init__(
+        self,
+        config: AgentConfig,
+        credentials: DeviceCredentials,
+        *,
+        runtimes: Mapping[RuntimeKind, Runtime],
+        hub: HubHttp,
+        publish_reported: Callable[[bytes], None],
+        publish_logs: Callable[[bytes], None],
+        agent_version: str,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.credentials = credentials
+        self.device_id = credentials.device_id
+        self.runtimes = dict(runtimes)
+        self.hub = hub
+        self.publish_reported = publish_reported
+        self.publish_logs = publish_logs
+        self.agent_version = agent_version
+        self.clock = clock
+        self.rand = rand
+        self.store = StateStore(config.state_dir)
+        self.cache = ModuleCache(config.state_dir / "cache")
+        self.runs = config.state_dir / "run"
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.record: AgentRecord = self.store.load(self.device_id)
+        self.desired: DesiredState | None = None
+        self.desired_bytes: bytes | None = None
+        self.ops: dict[str, RunningOp] = {}
+        self.health: dict[str, Health] = {}  # instance id -> health
+        self.retiring: dict[str, tuple[str, InstanceRecord]] = {}  # instance id -> (service, instance)
+        self.installed: dict[str, InstalledModule] = {}
+        totals = self.record.downloads
+        self.counters = Counters(manifests=totals.manifests, blobs=totals.blobs, bytes=totals.bytes)
+        self.timers = Timers()
+        self.etag: str | None = None
+        self.prober = Prober(self.runtimes, self.events.put, clock=clock)
+        self._op_ids = 0
+        self._poll_in_flight = False
+        self._dirty_plan = True
+        self._dirty_report = True
+        self._dirty_save = False
+        self._gc_needed = True
+        self._last_progress_report: dict[str, float] = {}
+        self._stopping = False
+        self._advertised = advertised_host(config)
+
+    # --- public ------------------------------------------------------------------------------
+
+    def submit(self, event: Event) -> None:
+        """Hand an event to the loop (any thread)."""
+        self.events.put(event)
+
+    def on_mqtt(self, event: MqttEvent) -> None:
+        self.events.put(event)
+
+    def watched(self) -> list[Watched]:
+        """The serving instances (for the telemetry thread); a snapshot."""
+        return [
+            Watched(name, rec.current)
+            for name, rec in list(self.record.services.items())
+            if rec.current is not None and self.health.get(rec.current.id, Health()).alive
+        ]
+
+    def boot(self) -> None:
+        """Restore what was running from disk alone: no hub and no broker needed."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        self._restore_desired()
+        for name, service in self.record.services.items():
+            current = service.current
+            if current is None:
+                continue
+            runtime = self.runtimes.get(current.runtime)
+            alive = runtime is not None and runtime.liveness(current).alive
+            self.health[current.id] = Health(alive=alive)
+            if alive:
+                # Its state stays what it was: the first probe confirms or changes it.
+                log.info("adopted %s version %s (instance %s)", name, current.version, current.id)
+            else:
+                log.info("%s version %s is not running; starting it from the cache", name, current.version)
+                self.timers.restart_at[name] = self.clock()
+        known = {s.current.id for s in self.record.services.values() if s.current is not None}
+        for runtime in self.runtimes.values():
+            for orphan in runtime.reap_orphans(known):
+                log.warning("stopped instance %s that no record names", orphan)
+        self._watch()
+        self.prober.start()
+
+    def run(self) -> None:
+        """Process events until :class:`Stop` arrives."""
+        while not self._stopping:
+            timeout = max(0.0, min(self._next_timer() - self.clock(), 1.0))
+            try:
+                event: Event | None = self.events.get(timeout=timeout)
+            except queue.Empty:
+                event = None
+            while event is not None:
+                self._handle(event)
+                try:
+                    event = self.events.get_nowait()
+                except queue.Empty:
+                    event = None
+            self.step()
+
+    def step(self) -> None:
+        """Timers, planning, saving and reporting after a batch of events."""
+        self._timers()
+        if self._dirty_plan:
+            self._dirty_plan = False
+            self._replan()
+        if self._gc_needed and not any(op.kind is Op.FETCH for op in self.ops.values()):
+            self._gc_needed = False
+            self._gc()
+        if self._dirty_save:
+            self._dirty_save = False
+            self._save()
+        if self._dirty_report:
+            self._dirty_report = False
+            self._report()
+
+    def shutdown(self, *, stop_modules: bool) -> None:
+        for op in self.ops.values():
+            op.control.cancel.set()
+        for op in list(self.ops.values()):
+            if op.thread is not None:
+                op.thread.join(timeout=STOP_GRACE_S + DRAIN_S)
+        self.prober.stop()
+        if stop_modules:
+            for name, service in self.record.services.items():
+                if service.current is not None:
+                    log.info("stopping %s (--stop-modules)", name)
+                    self._runtime_of(service.current).stop(service.current, grace_s=STOP_GRACE_S)
+        for _, instance in list(self.retiring.values()):
+            self._runtime_of(instance).stop(instance, grace_s=STOP_GRACE_S)
+        self._save()
+        self.hub.close()
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _handle(self, event: Event) -> None:
+        match event:
+            case DesiredMessage(payload=payload, source=source):
+                self._on_desired(payload, source)
+            case Connected():
+                self.timers.next_poll = self.clock()  # a missed retained message must not matter
+                self._dirty_report = True
+            case Disconnected():
+                pass
+            case HttpDesired():
+                self._on_http(event)
+            case OpDone():
+                self._on_op_done(event)
+            case OpProgress():
+                self._on_progress(event)
+            case ProbeResult():
+                self._on_probe(event)
+            case LogRequestMessage(payload=payload):
+                self._on_log_request(payload)
+            case Retired(instance_id=instance_id):
+                self.retiring.pop(instance_id, None)
+                self.health.pop(instance_id, None)
+                self._gc_needed = True
+            case Stop():
+                self._stopping = True
+
+    def _on_desired(self, payload: bytes, source: str) -> None:
+        if payload == self.desired_bytes:
+            return
+        try:
+            state = verify_desired(
+                payload,
+                hub_trust=self.credentials.hub_trust(),
+                device_id=self.device_id,
+                applied_generation=self.record.applied_generation,
+                now=datetime.now(UTC),
+            )
+        except DesiredStateRefused as exc:
+            if exc.reason is DesiredRefusal.NOT_NEWER and self._same_generation(payload):
+                return  # the same generation again (a retained message redelivered)
+            log.warning("desired state from %s refused: %s", source, exc)
+            self.record.last_error = f"desired state from {source} refused ({exc.reason}): {exc}"[:2000]
+            self._dirty_save = self._dirty_report = True
+            return
+        self.store.save_desired(payload)
+        self.desired, self.desired_bytes = state, payload
+        self.record.applied_generation = state.generation
+        self.record.applied_at = datetime.now(UTC)
+        self.record.last_error = None
+        log.info(
+            "desired state generation %d accepted from %s: %s",
+            state.generation,
+            source,
+            ", ".join(f"{m.service}={m.module}:{m.version}" for m in state.modules) or "no services",
+        )
+        for assignment in state.modules:
+            service = self._service(assignment.service)
+            if service.target != assignment:
+                service.target = assignment
+        self._dirty_plan = self._dirty_save = self._dirty_report = True
+
+    def _same_generation(self, payload: bytes) -> bool:
+        try:
+            generation = json.loads(payload)["signed"]["generation"]
+        except (ValueError, KeyError, TypeError):
+            return False
+        return bool(generation == self.record.applied_generation)
+
+    def _on_http(self, event: HttpDesired) -> None:
+        self._poll_in_flight = False
+        if event.error is not None:
+            delay = full_jitter(self.timers.poll_attempts, self.rand(), cap_s=60.0)
+            self.timers.poll_attempts += 1
+            self.timers.next_poll = self.clock() + min(delay, self.config.poll_interval_s)
+            log.info("desired state over HTTP: %s; retrying in %.1fs", event.error, delay)
+            return
+        self.timers.poll_attempts = 0
+        self.timers.next_poll = self.clock() + self.config.poll_interval_s
+        fetch = event.fetch
+        if fetch is None:
+            return
+        self.etag = fetch.etag
+        if fetch.data is not None:
+            self._on_desired(fetch.data, "http")
+
+    def _on_progress(self, event: OpProgress) -> None:
+        op = self.ops.get(event.service)
+        if op is None or op.id != event.op_id:
+            return
+        service = self._service(event.service)
+        service.progress = event.progress
+        now = self.clock()
+        if now - self._last_progress_report.get(event.service, 0.0) >= PROGRESS_REPORT_EVERY_S:
+            self._last_progress_report[event.service] = now
+            self._dirty_report = True
+
+    # --- planning ----------------------------------------------------------------------------
+
+    def _wanted(self) -> dict[str, Wanted]:
+        out: dict[str, Wanted] = {}
+        if self.desired is None:
+            return out
+        now = self.clock()
+        for a in self.desired.modules:
+            key = assignment_key(a)
+            why: str | None = None
+            if a.settings.runtime not in self.runtimes:
+                enabled = ", ".join(sorted(self.runtimes)) or "none"
+                why = (
+                    f"runtime {a.settings.runtime} is not enabled on this device (enabled: {enabled}); "
+                    "enable it in agent.toml or deploy the service with another runtime"
+                )
+            else:
+                memo = self.timers.unschedulable.get(a.service)
+                if memo is not None and memo[0] == key and now < memo[2]:
+                    why = memo[1]
+            out[a.service] = Wanted(a, key, self._cached(a.manifest_digest), why)
+        return out
+
+    def _observed(self) -> dict[str, Observed]:
+        now = self.clock()
+        out: dict[str, Observed] = {}
+        for name, service in self.record.services.items():
+            current = service.current
+            op = self.ops.get(name)
+            restart_at = self.timers.restart_at.get(name)
+            fallback = next(
+                (a for a in (service.last_good, service.previous)
+                 if a is not None and assignment_key(a) not in service.failed),
+                None,
+            )  # fmt: skip
+            out[name] = Observed(
+                running_key=current.key if current else None,
+                running_alive=current is not None and self.health.get(current.id, Health()).alive,
+                fallback=fallback,
+                op=op.kind if op else None,
+                op_key=op.key if op else None,
+                failed_keys=frozenset(service.failed),
+                restart_due=restart_at is not None and now >= restart_at,
+            )
+        return out
+
+    def _replan(self) -> None:
+        now = self.clock()
+        for action in plan(self._wanted(), self._observed()):
+            name = action.service
+            match action.verdict:
+                case Verdict.RUN:
+                    if now < self.timers.retry_at.get(name, 0.0):
+                        continue  # backing off after a temporary failure
+                    assert action.op is not None
+                    self._dispatch(name, action.op, action.assignment)
+                case Verdict.CANCEL:
+                    op = self.ops[name]
+                    if not op.control.cancel.is_set():
+                        log.info("%s: cancelling %s (the desired state moved on)", name, op.kind)
+                        op.control.cancel.set()
+                case Verdict.REFUSE:
+                    self._set_status(name, ServiceState.UNSCHEDULABLE, action.reason)
+                case Verdict.KEEP | Verdict.WAIT:
+                    service = self.record.services.get(name)
+                    desired = self.desired.modules if self.desired is not None else []
+                    wanted = any(m.service == name for m in desired)
+                    idle = service is not None and service.current is None and name not in self.ops
+                    if idle and not wanted:
+                        self._forget(name)
+
+    def _dispatch(self, name: str, op: Op, assignment: ModuleAssignment | None) -> None:
+        service = self._service(name)
+        restart = False
+        if op in (Op.START, Op.REPLACE) and assignment is not None:
+            restart = service.current is not None and service.current.key == assignment_key(assignment)
+            self.timers.restart_at.pop(name, None)
+        self._op_ids += 1
+        deadline = self.clock() + self._deadline_of(op, assignment)
+        running = RunningOp(
+            id=self._op_ids,
+            kind=op,
+            key=assignment_key(assignment) if assignment else None,
+            assignment=assignment,
+            control=Control(deadline=deadline),
+            restart=restart,
+            replaces=service.current if op is Op.REPLACE else None,
+        )
+        target = f"version {assignment.version}" if assignment else ""
+        match op:
+            case Op.FETCH:
+                self._set_status(name, ServiceState.TRANSITIONING, f"downloading {target}")
+                body: Callable[[], Any] = lambda: self._do_fetch(running)  # noqa: E731
+            case Op.START:
+                what = "restarting" if restart else "starting"
+                self._set_status(name, ServiceState.TRANSITIONING, f"{what} {target}", keep_failed=True)
+                body = lambda: self._do_start(running)  # noqa: E731
+            case Op.REPLACE:
+                old = service.current
+                if restart:
+                    text = f"restarting {target} beside the running instance"
+                else:
+                    serving = old.version if old else "?"
+                    text = f"starting {target} beside version {serving}, which keeps serving"
+                self._set_status(name, ServiceState.TRANSITIONING, text, keep_failed=True)
+                body = lambda: self._do_start(running)  # noqa: E731
+            case Op.STOP:
+                body = lambda: self._do_stop(name)  # noqa: E731
+
+        def work() -> None:
+            try:
+                result = body()
+            except BaseException as exc:
+                self.events.put(OpDone(name, running.id, error=exc))
+            else:
+                self.events.put(OpDone(name, running.id, result=result))
+
+        running.thread = threading.Thread(target=work, name=f"edgepack-{op}-{name}", daemon=True)
+        self.ops[name] = running
+        running.thread.start()
+
+    def _deadline_of(self, op: Op, assignment: ModuleAssignment | None) -> float:
+        if op is Op.FETCH:
+            return FETCH_DEADLINE_S
+        if op is Op.STOP or assignment is None:
+            return STOP_GRACE_S + DRAIN_S + 5
+        # Pulling an image has its own, longer deadline (the docker runtime applies it).
+        return assignment.settings.health.start_timeout_s + (
+            self.config.docker.pull_timeout_s if assignment.settings.runtime is RuntimeKind.DOCKER else 0.0
+        )
+
+    # --- operation bodies (worker threads) ----------------------------------------------------
+
+    def _progress_cb(self, running: RunningOp, name: str) -> Callable[[str, int, int], None]:
+        def progress(phase: str, done: int, total: int) -> None:
+            report = Progress.model_validate({"phase": phase, "done_bytes": done, "total_bytes": total})
+            self.events.put(OpProgress(name, running.id, report))
+
+        return progress
+
+    def _do_fetch(self, running: RunningOp) -> InstalledModule:
+        assert running.assignment is not None
+        name = running.assignment.service
+        progress = self._progress_cb(running, name)
+        control = FetchControl(
+            cancelled=running.control.cancelled,
+            deadline=running.control.deadline,
+            progress=lambda done, total: progress("download", done, total),
+        )
+        return fetch_module(
+            self.hub,
+            self.cache,
+            running.assignment.manifest_digest,
+            self.credentials.publishers,
+            control,
+            self.counters,
+        )
+
+    def _do_start(self, running: RunningOp) -> InstanceRecord:
+        assignment = running.assignment
+        assert assignment is not None and running.key is not None
+        name = assignment.service
+        module = self.installed.get(assignment.manifest_digest)
+        if module is None:
+            module = self._do_fetch(running)
+        runtime = self.runtimes[assignment.settings.runtime]
+        why = runtime.unschedulable(module, assignment)
+        if why is not None:
+            raise Unschedulable(why)
+        serving = running.replaces
+        if serving is not None and serving.runtime is not runtime.kind:
+            # Processes and containers run as different users, which SO_REUSEPORT does not let
+            # share a port: the old version stops before the new one starts.
+            log.info("%s moves from the %s to the %s runtime: stopping the old version first",
+                     name, serving.runtime, runtime.kind)  # fmt: skip
+            self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
+        instance_id = f"{assignment.version}-{secrets.token_hex(4)}"
+        spec = LaunchSpec(
+            instance_id=instance_id,
+            assignment=assignment,
+            key=running.key,
+            module=module,
+            run_dir=self.runs / name / instance_id,
+            host=self.config.service_host,
+            drain_s=DRAIN_S,
+        )
+        return start_instance(runtime, spec, running.control, progress=self._progress_cb(running, name))
+
+    def _do_stop(self, name: str) -> None:
+        service = self.record.services.get(name)
+        if service is not None and service.current is not None:
+            self._runtime_of(service.current).stop(service.current, grace_s=STOP_GRACE_S + DRAIN_S)
+
+    # --- operation results (loop thread) ------------------------------------------------------
+
+    def _on_op_done(self, event: OpDone) -> None:
+        running = self.ops.get(event.service)
+        if running is None or running.id != event.op_id:
+            return
+        del self.ops[event.service]
+        name = event.service
+        service = self._service(name)
+        service.progress = None
+        self._dirty_plan = self._dirty_save = self._dirty_report = True
+        error = event.error
+        if running.kind is Op.STOP:
+            if error is not None:
+                log.error("%s: stop failed: %s", name, error)
+            self._forget(name)
+            return
+        if error is None:
+            if running.kind is Op.FETCH:
+                module: InstalledModule = event.result
+                self.installed[module.manifest_digest] = module
+                self.timers.retry_attempts.pop(name, None)
+                return
+            self._started(name, running, event.result)
+            return
+        if isinstance(error, Cancelled):
+            log.info("%s: %s cancelled", name, running.kind)
+            return
+        self._failed(name, running, error)
+
+    def _started(self, name: str, running: RunningOp, instance: InstanceRecord) -> None:
+        service = self._service(name)
+        old = service.current
+        if old is not None and old.key != instance.key:
+            service.previous = old.assignment
+        service.current = instance
+        service.last_good = instance.assignment
+        service.healthy_since = datetime.now(UTC)
+        self.health[instance.id] = Health(alive=True)
+        self.timers.retry_attempts.pop(name, None)
+        self.timers.unschedulable.pop(name, None)
+        if running.restart:
+            service.restarts += 1
+        if old is not None and old.id != instance.id:
+            # An instance that stopped answering gets no time to drain: its queue is not moving.
+            answering = self.health.get(old.id, Health()).misses == 0
+            self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S if answering else 1.0)
+        state, reason = self._steady(service)
+        self._set_status(name, state, reason)
+        self._watch()
+        self._gc_needed = True
+
+    def _failed(self, name: str, running: RunningOp, error: BaseException) -> None:
+        service = self._service(name)
+        key = running.key
+        version = running.assignment.version if running.assignment else "?"
+        now = self.clock()
+        if isinstance(error, Unschedulable):
+            if key is not None:
+                self.timers.unschedulable[name] = (key, str(error), now + UNSCHEDULABLE_RECHECK_S)
+            self._set_status(name, ServiceState.UNSCHEDULABLE, str(error))
+            return
+        if isinstance(error, EdgepackError) and error.temporary:
+            attempt = self.timers.retry_attempts.get(name, 0)
+            delay = error.retry_after_s or full_jitter(attempt, self.rand(), cap_s=60.0)
+            self.timers.retry_attempts[name] = attempt + 1
+            self.timers.retry_at[name] = now + delay
+            text = f"{running.kind} of version {version}: {error}; retrying in {delay:.0f}s"
+            self._set_status(name, ServiceState.TRANSITIONING, text)
+            return
+        if not isinstance(error, EdgepackError):
+            log.error("%s: %s of version %s failed unexpectedly", name, running.kind, version, exc_info=error)
+        reason = str(error) or type(error).__name__
+        good = service.last_good
+        if (
+            isinstance(error, ModuleStartFailure)
+            and good is not None
+            and key == assignment_key(good)
+            and running.kind in (Op.START, Op.REPLACE)
+        ):
+            # A version that ran here before: a crash to retry with backoff, not a verdict.
+            self._count_failure(name, Trouble.EXITED, None, reason)
+            return
+        if key is not None:
+            service.failed[key] = reason
+        log.warning("%s: version %s failed: %s", name, version, reason)
+        state, status_reason = self._steady(service)
+        self._set_status(name, state, status_reason)
+
+    def _steady(self, service: ServiceRecord) -> tuple[ServiceState, str | None]:
+        """The state of a service that is not in the middle of anything."""
+        target = service.target
+        current = service.current
+        serving = current is not None and self.health.get(current.id, Health()).alive
+        if target is not None:
+            why = service.failed.get(assignment_key(target))
+            if why is not None:
+                if serving and current is not None and current.key != assignment_key(target):
+                    return ServiceState.FAILED, (
+                        f"version {target.version} failed: {why}; rolled back to version "
+                        f"{current.version}, which keeps serving"
+                    )
+                return ServiceState.FAILED, f"version {target.version} failed: {why}"
+        return (ServiceState.HEALTHY, None) if serving else (ServiceState.TRANSITIONING, None)
+
+    # --- health ------------------------------------------------------------------------------
+
+    def _on_probe(self, result: ProbeResult) -> None:
+        service = self.record.services.get(result.service)
+        if service is None or service.current is None or service.current.id != result.instance_id:
+            return
+        health = self.health.setdefault(result.instance_id, Health())
+        probe_cfg = service.current.assignment.settings.health
+        if not result.alive:
+            if not health.alive:
+                return  # known already (found dead at boot): its restart is under way
+            health.alive = False
+            self._dirty_plan = True
+            lines = self._runtime_of(service.current).log_tail(service.current, 30)
+            code = "unknown" if result.exit_code is None else str(result.exit_code)
+            self._count_failure(
+                result.service,
+                Trouble.EXITED,
+                result.exit_code,
+                log_tail_reason(f"version {service.current.version} exited (code {code})", lines),
+            )
+            return
+        if result.healthy:
+            health.misses = 0
+            if service.healthy_since is None:
+                service.healthy_since = datetime.now(UTC)
+            healthy_for = (datetime.now(UTC) - service.healthy_since).total_seconds()
+            if healthy_for >= self.config.restart.reset_after_s and service.failures:
+                service.failures = 0
+                self._dirty_save = True
+            if result.service not in self.ops and service.state is not ServiceState.HEALTHY:
+                state, reason = self._steady(service)
+                if state is not service.state or reason != service.reason:
+                    self._set_status(result.service, state, reason)
+            return
+        health.misses += 1
+        service.healthy_since = None
+        if health.misses == probe_cfg.failure_threshold:
+            self._count_failure(
+                result.service,
+                Trouble.UNHEALTHY,
+                None,
+                f"missed {health.misses} health probes in a row on {probe_cfg.path}",
+            )
+
+    def _count_failure(self, name: str, trouble: Trouble, exit_code: int | None, reason: str) -> None:
+        service = self._service(name)
+        current = service.current
+        assert current is not None
+        healthy_for = (
+            (datetime.now(UTC) - service.healthy_since).total_seconds() if service.healthy_since else 0.0
+        )
+        restart = self.config.restart
+        decision = after_failure(
+            policy=current.assignment.settings.restart_policy,
+            trouble=trouble,
+            exit_code=exit_code,
+            failures_before=service.failures,
+            healthy_for_s=healthy_for,
+            rand=self.rand(),
+            backoff=RestartBackoff(restart.base_s, restart.cap_s, restart.jitter, restart.reset_after_s),
+            limit=restart.crash_loop_limit,
+        )
+        service.failures = decision.failures
+        service.healthy_since = None
+        self._dirty_save = self._dirty_report = self._dirty_plan = True
+        if decision.restart_in_s is not None:
+            self.timers.restart_at[name] = self.clock() + decision.restart_in_s
+        if decision.crash_loop:
+            text = f"crash loop: failed {decision.failures} times in a row; {reason}"
+            earlier = service.previous
+            if earlier is not None and assignment_key(earlier) != current.key:
+                # The version that served before goes back to serving (see _observed).
+                service.failed[current.key] = text
+            self._set_status(name, ServiceState.FAILED, text)
+            return
+        if decision.restart_in_s is None:
+            policy = current.assignment.settings.restart_policy
+            state = ServiceState.UNHEALTHY if trouble is Trouble.UNHEALTHY else ServiceState.FAILED
+            self._set_status(name, state, f"{reason}; restart policy '{policy}' does not restart it")
+            return
+        self._set_status(
+            name, ServiceState.UNHEALTHY, f"{reason}; restarting in {decision.restart_in_s:.1f}s"
+        )
+
+    # --- logs --------------------------------------------------------------------------------
+
+    def _on_log_request(self, payload: bytes) -> None:
+        try:
+            request = LogRequest.model_validate_json(payload)
+        except ValidationError:
+            log.warning("ignoring a malformed log request")
+            return
+        service = self.record.services.get(request.service)
+        instance = service.current if service else None
+
+        def answer() -> None:
+            if instance is None:
+                response = LogResponse(
+                    request_id=request.request_id,
+                    device_id=self.device_id,
+                    service=request.service,
+                    error=f"service {request.service!r} does not run on {self.device_id}",
+                )
+            else:
+                lines = self._runtime_of(instance).log_tail(instance, request.tail)
+                lines = [line[:MAX_LINE_CHARS] for line in lines]
+                truncated = False
+                while lines and sum(len(line) + 4 for line in lines) > MAX_RESPONSE_CHARS:
+                    lines = lines[len(lines) // 10 + 1 :]
+                    truncated = True
+                response = LogResponse(
+                    request_id=request.request_id,
+                    device_id=self.device_id,
+                    service=request.service,
+                    lines=lines,
+                    truncated=truncated,
+                )
+            self.publish_logs(response.model_dump_json(by_alias=True).encode())
+
+        threading.Thread(target=answer, name="edgepack-logs", daemon=True).start()
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def _next_timer(self) -> float:
+        candidates = [self.timers.next_report, self.timers.next_poll]
+        candidates += self.timers.restart_at.values()
+        candidates += self.timers.retry_at.values()
+        candidates += (until for _, _, until in self.timers.unschedulable.values())
+        return min(candidates) if candidates else self.clock() + 1.0
+
+    def _timers(self) -> None:
+        now = self.clock()
+        if any(now >= t for t in self.timers.restart_at.values()):
+            self._dirty_plan = True
+        for name, at in list(self.timers.retry_at.items()):
+            if now >= at:
+                del self.timers.retry_at[name]
+                self._dirty_plan = True
+        for name, (_, _, until) in list(self.timers.unschedulable.items()):
+            if now >= until:
+                del self.timers.unschedulable[name]
+                self._dirty_plan = True
+        if now >= self.timers.next_poll and not self._poll_in_flight:
+            self._poll_in_flight = True
+            self.timers.next_poll = now + self.config.poll_interval_s
+            threading.Thread(target=self._poll, name="edgepack-poll", daemon=True).start()
+        if now >= self.timers.next_report:
+            self._dirty_report = True
+
+    def _poll(self) -> None:
+        try:
+            self.events.put(HttpDesired(self.hub.desired(self.etag)))
+        except EdgepackError as exc:
+            self.events.put(HttpDesired(None, exc))
+        except Exception as exc:  # never let a poll thread die silently
+            log.exception("desired-state poll failed")
+            self.events.put(HttpDesired(None, EdgepackError(str(exc))))
+
+    # --- records, reports, garbage -------------------------------------------------------------
+
+    def _save(self) -> None:
+        c = self.counters
+        self.record.downloads = DownloadTotals(manifests=c.manifests, blobs=c.blobs, bytes=c.bytes)
+        self.store.save(self.record)
+
+    def _service(self, name: str) -> ServiceRecord:
+        service = self.record.services.get(name)
+        if service is None:
+            service = ServiceRecord(name=name, since=datetime.now(UTC))
+            self.record.services[name] = service
+        return service
+
+    def _set_status(
+        self, name: str, state: ServiceState, reason: str | None, *, keep_failed: bool = False
+    ) -> None:
+        service = self._service(name)
+        if keep_failed and service.state is ServiceState.FAILED and service.target is not None:
+            target_key = assignment_key(service.target)
+            if target_key in service.failed:
+                return  # a rollback restart must not hide why the wanted version failed
+        if service.state is not state:
+            service.since = datetime.now(UTC)
+            log.info("%s is %s%s", name, state.value, f": {reason}" if reason else "")
+        service.state = state
+        service.reason = reason
+        self._dirty_save = self._dirty_report = True
+
+    def _forget(self, name: str) -> None:
+        service = self.record.services.pop(name, None)
+        self.timers.restart_at.pop(name, None)
+        self.timers.retry_at.pop(name, None)
+        self.timers.unschedulable.pop(name, None)
+        if service is not None and service.current is not None:
+            self.health.pop(service.current.id, None)
+        self._watch()
+        self._gc_needed = True
+        log.info("%s removed", name)
+
+    def _retire(self, name: str, instance: InstanceRecord, *, grace_s: float) -> None:
+        """Stop an instance that no longer serves (it drains first), in the background."""
+        self.retiring[instance.id] = (name, instance)
+        self.health.pop(instance.id, None)
+
+        def work() -> None:
+            try:
+                self._runtime_of(instance).stop(instance, grace_s=grace_s)
+            except Exception:
+                log.exception("stopping instance %s failed", instance.id)
+            self.events.put(Retired(instance.id))
+
+        threading.Thread(target=work, name=f"edgepack-retire-{name}", daemon=True).start()
+
+    def _runtime_of(self, instance: InstanceRecord) -> Runtime:
+        return self.runtimes[instance.runtime]
+
+    def _watch(self) -> None:
+        self.prober.watch(
+            [
+                Watched(name, service.current)
+                for name, service in self.record.services.items()
+                if service.current is not None
+            ]
+        )
+
+    def _cached(self, digest: str) -> bool:
+        if digest in self.installed:
+            return True
+        if not self.cache.module_dir(digest).is_dir():
+            return False
+        try:
+            module = self.cache.open_installed(digest, self.credentials.publishers)
+        except EdgepackError:
+            return False
+        if module is None:
+            return False
+        self.installed[digest] = module
+        return True
+
+    def _report(self) -> None:
+        self.timers.next_report = self.clock() + self.config.report_interval_s
+        desired = self.desired.modules if self.desired else []
+        alive = {iid: h.alive for iid, h in self.health.items()}
+        state = reported_state(
+            self.record,
+            desired,
+            alive=alive,
+            runtimes=sorted(self.runtimes),
+            agent_version=self.agent_version,
+            now=datetime.now(UTC),
+            host=self._advertised,
+        )
+        self.publish_reported(state.model_dump_json(by_alias=True).encode())
+
+    def _gc(self) -> None:
+        """Drop modules and blobs no service needs: each keeps its current, its last good and
+        its wanted version (for rollback), nothing else."""
+        keep: set[str] = set()
+        live_instances: set[str] = set(self.retiring)
+        for service in self.record.services.values():
+            current = service.current.assignment if service.current else None
+            for a in (current, service.last_good, service.previous, service.target):
+                if a is not None:
+                    keep.add(a.manifest_digest)
+            if service.current is not None:
+                live_instances.add(service.current.id)
+        for op in self.ops.values():
+            if op.assignment is not None:
+                keep.add(op.assignment.manifest_digest)
+        report = self.cache.prune(keep)
+        for digest in list(self.installed):
+            if digest not in keep:
+                del self.installed[digest]
+        if report.modules_removed or report.blobs_removed:
+            log.info(
+                "garbage collected %d module(s), %d blob(s), %d byte(s)",
+                report.modules_removed,
+                report.blobs_removed,
+                report.bytes_freed,
+            )
+        self._prune_run_dirs(live_instances)
+
+    def _prune_run_dirs(self, live: set[str], keep_per_service: int = 3) -> None:
+        """Keep the run folders (and logs) of live instances and the few newest dead ones."""
+        if not self.runs.is_dir():
+            return
+        for service_dir in self.runs.iterdir():
+            if not service_dir.is_dir():
+                continue
+            dead = [d for d in service_dir.iterdir() if d.is_dir() and d.name not in live]
+            dead.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+            for old in dead[keep_per_service:]:
+                shutil.rmtree(old, ignore_errors=True)
+            if service_dir.name not in self.record.services and not dead[:keep_per_service]:
+                with contextlib.suppress(OSError):
+                    service_dir.rmdir()
+
+    # --- boot ----------------------------------------------------------------------------------
+
+    def _restore_desired(self) -> None:
+        """The last verified desired state, checked again (signature, device) as of when it was
+        applied: after a reboot an expired state still says what to run until the hub speaks."""
+        data = self.store.load_desired()
+        if data is None:
+            return
+        try:
+            signed = json.loads(data)["signed"]
+            generation = int(signed["generation"])
+            applied_at = self.record.applied_at or datetime.fromisoformat(signed["issued"])
+        except (ValueError, KeyError, TypeError):
+            log.error("the saved desired state is damaged; waiting for the hub")
+            return
+        try:
+            # The desired file is written before the state file: a crash in between leaves a
+            # newer desired state, which was verified before it was written.
+            state = verify_desired(
+                data,
+                hub_trust=self.credentials.hub_trust(),
+                device_id=self.device_id,
+                applied_generation=min(generation, max(self.record.applied_generation, 1)) - 1,
+                now=applied_at,
+            )
+        except DesiredStateRefused as exc:
+            log.error("the saved desired state no longer verifies (%s); waiting for the hub", exc)
+            return
+        if state.generation < self.record.applied_generation:
+            log.error(
+                "the saved desired state is generation %d, older than the applied %d; waiting for the hub",
+                state.generation,
+                self.record.applied_generation,
+            )
+            return
+        self.record.applied_generation = state.generation
+        self.record.applied_at = applied_at
+        self.desired, self.desired_bytes = state, data
+        for assignment in state.modules:
+            self._service(assignment.service).target = assignment
+

@@ -1,0 +1,88 @@
+"""Keeping a running module healthy: when to call it Unhealthy, whether to restart it, when a
+crash loop ends in Failed, and whether to roll back (pure; the caller supplies time and
+randomness).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from edge_agent.backoff import RestartBackoff
+from manifests.desired import RestartPolicy
+
+#: consecutive failures after which a crash loop is reported as Failed
+CRASH_LOOP_LIMIT = 5
+
+
+class Trouble(StrEnum):
+    EXITED = "exited"  # the process or container ended
+    UNHEALTHY = "unhealthy"  # alive but missed failure_threshold probes in a row
+
+
+def should_restart(policy: RestartPolicy, trouble: Trouble, exit_code: int | None) -> bool:
+    """Whether the restart policy restarts a module that ran into ``trouble``.
+
+    ``on-failure`` restarts an unhealthy module and one that exited with an error, not one
+    that exited cleanly (code 0); ``never`` leaves it as it is; ``always`` always restarts.
+    """
+    match policy:
+        case RestartPolicy.ALWAYS:
+            return True
+        case RestartPolicy.NEVER:
+            return False
+        case RestartPolicy.ON_FAILURE:
+            return trouble is Trouble.UNHEALTHY or exit_code != 0
+    raise ValueError(policy)
+
+
+@dataclass(frozen=True)
+class RestartPlan:
+    """What to do after one more failure of a running module."""
+
+    restart_in_s: float | None  # None: do not restart
+    crash_loop: bool  # the failure count reached the limit: report Failed
+    failures: int  # consecutive failures, this one included
+
+
+def after_failure(
+    *,
+    policy: RestartPolicy,
+    trouble: Trouble,
+    exit_code: int | None,
+    failures_before: int,
+    healthy_for_s: float,
+    rand: float,
+    backoff: RestartBackoff = RestartBackoff(),
+    limit: int = CRASH_LOOP_LIMIT,
+) -> RestartPlan:
+    """Count the failure (afresh when the module had been healthy for long) and pick the delay.
+
+    A crash loop keeps being retried at the capped delay, so a module that only needed a
+    dependency to come back recovers by itself; it is reported Failed meanwhile.
+    """
+    failures = 1 if backoff.forgiven(healthy_for_s) else failures_before + 1
+    restart = should_restart(policy, trouble, exit_code)
+    return RestartPlan(
+        restart_in_s=backoff.delay(failures, rand) if restart else None,
+        crash_loop=failures >= limit,
+        failures=failures,
+    )
+
+
+def log_tail_reason(headline: str, lines: list[str], *, max_chars: int = 1500) -> str:
+    """A state reason with the last log lines of the module, newest last, within a budget."""
+    lead = "; last log lines: "
+    kept: list[str] = []
+    size = len(headline) + len(lead)
+    for line in reversed(lines):
+        line = line.rstrip()
+        if not line:
+            continue
+        if size + len(line) + 3 > max_chars:
+            break
+        kept.append(line)
+        size += len(line) + 3
+    if not kept:
+        return headline
+    return headline + lead + " | ".join(reversed(kept))

@@ -1,0 +1,63 @@
+"""The reported state, built from the agent's records (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+from edge_agent.state.records import AgentRecord
+from manifests.desired import ModuleAssignment, RuntimeKind
+from manifests.reported import ModuleStatus, ReportedState
+from manifests.states import ServiceState
+
+
+def module_status(
+    record: AgentRecord, assignment: ModuleAssignment, *, serving_alive: bool, host: str | None = None
+) -> ModuleStatus:
+    service = record.services.get(assignment.service)
+    current = service.current if service else None
+    serving = current if current is not None and serving_alive else None
+    return ModuleStatus(
+        service=assignment.service,
+        manifest_digest=assignment.manifest_digest,
+        version=assignment.version,
+        generation=record.applied_generation,
+        state=service.state if service else ServiceState.TRANSITIONING,
+        reason=service.reason[:2000] if service and service.reason else None,
+        since=service.since if service else (record.applied_at or datetime.fromtimestamp(0, UTC)),
+        runtime=assignment.settings.runtime,
+        port=assignment.settings.port,
+        restarts=service.restarts if service else 0,
+        serving_digest=serving.digest if serving else None,
+        serving_version=serving.version if serving else None,
+        progress=service.progress if service else None,
+        endpoint=f"http://{host}:{assignment.settings.port}" if host else None,
+    )
+
+
+def reported_state(
+    record: AgentRecord,
+    desired: Sequence[ModuleAssignment],
+    *,
+    alive: Mapping[str, bool],
+    runtimes: Sequence[RuntimeKind],
+    agent_version: str,
+    now: datetime,
+    host: str | None = None,
+) -> ReportedState:
+    """One status per service the applied desired state lists, in its order."""
+    modules = []
+    for assignment in desired:
+        service = record.services.get(assignment.service)
+        current = service.current if service else None
+        serving_alive = current is not None and alive.get(current.id, False)
+        modules.append(module_status(record, assignment, serving_alive=serving_alive, host=host))
+    return ReportedState(
+        device_id=record.device_id,
+        reported_at=now,
+        agent_version=agent_version[:64],
+        applied_generation=record.applied_generation,
+        runtimes=list(runtimes),
+        last_error=record.last_error[:2000] if record.last_error else None,
+        modules=modules,
+    )

@@ -1,0 +1,104 @@
+"""Telemetry samples: per-module rates and latency quantiles from two scrapes of the scoring
+server's ``/metrics``, CPU from two readings of CPU time; the device's own load (pure, except
+the ``/proc`` readers at the bottom)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.scoring.metrics import Totals, latency_quantile
+from manifests.reported import ModuleMetrics
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One scrape of one instance, and when."""
+
+    instance_id: str
+    at: float  # time.monotonic()
+    totals: Totals
+    cpu_s: float | None = None
+    memory_mb: float | None = None
+
+
+def _score_requests(totals: Totals) -> int:
+    return sum(n for (route, _), n in totals.requests.items() if route == "score")
+
+
+def module_metrics(service: str, before: Reading | None, now: Reading) -> ModuleMetrics:
+    """The sample for ``service`` from the previous reading of the same instance (rates over
+    the interval) or, for a new instance, from its totals alone (rates unknown: 0)."""
+    requests = _score_requests(now.totals)
+    same = before is not None and before.instance_id == now.instance_id and now.at > before.at
+    rate = 0.0
+    p50 = p99 = None
+    cpu = None
+    if same:
+        assert before is not None
+        dt = now.at - before.at
+        delta = requests - _score_requests(before.totals)
+        buckets = tuple(b - a for a, b in zip(before.totals.buckets, now.totals.buckets, strict=True))
+        if delta >= 0 and all(b >= 0 for b in buckets):  # counters reset: an instance restarted
+            rate = delta / dt
+            q50, q99 = latency_quantile(buckets, 0.5), latency_quantile(buckets, 0.99)
+            p50 = None if q50 is None else q50 * 1000
+            p99 = None if q99 is None else q99 * 1000
+        if before.cpu_s is not None and now.cpu_s is not None and now.cpu_s >= before.cpu_s:
+            cpu = 100.0 * (now.cpu_s - before.cpu_s) / dt
+    return ModuleMetrics(
+        service=service,
+        requests_total=requests,
+        errors_total=now.totals.errors,
+        requests_per_s=round(rate, 3),
+        p50_ms=None if p50 is None else round(p50, 3),
+        p99_ms=None if p99 is None else round(p99, 3),
+        cpu_percent=None if cpu is None else round(cpu, 2),
+        memory_mb=None if now.memory_mb is None else round(now.memory_mb, 2),
+    )
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    busy: int
+    total: int
+
+
+def device_cpu_percent(before: CpuTimes | None, now: CpuTimes) -> float | None:
+    if before is None or now.total <= before.total:
+        return None
+    return round(100.0 * (now.busy - before.busy) / (now.total - before.total), 2)
+
+
+# --- readers (the only I/O here) ----------------------------------------------------------
+
+
+def read_cpu_times() -> CpuTimes | None:
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return CpuTimes(busy=sum(fields) - idle, total=sum(fields))
+
+
+def read_memory_used_mb() -> float | None:
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        info = dict(line.split(":", 1) for line in lines if ":" in line)
+        total = int(info["MemTotal"].split()[0])
+        available = int(info["MemAvailable"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return None
+    return round((total - available) / 1024, 1)
+
+
+def own_rss_mb() -> float:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0

@@ -1,0 +1,303 @@
+"""The ``docker`` runtime: each instance is a container of the module's pinned runtime image.
+
+- The image comes from a registry **by digest**: the signed manifest records
+  ``runtime.image_digest``, the agent pulls ``<repository>@<digest>`` (the engine checks the
+  content against it) and refuses a module that pins nothing. Pull progress is reported in
+  ``Transitioning``; a pull that is still running is never reported as a failure.
+- The module folder is mounted read-only at ``/module``; the instance's run folder, the only
+  writable place, at ``/run/edgepack`` (the scoring server's state file); the root file system
+  is read-only with a small ``/tmp``.
+- Host networking: the public port is the device's own, shared with ``SO_REUSEPORT`` between
+  two versions during an update, exactly as with the process runtime.
+- CPU and memory limits from the deployment settings (``containerResourceRequirements``).
+- Labels (``edgepack.device``, ``edgepack.service``, ``edgepack.instance``) let a restarted
+  agent adopt its containers and remove any that no record names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import Mount
+
+from edge_agent.cache.modules import InstalledModule
+from edge_agent.download.module import Cancelled
+from edge_agent.runtime.base import STATE_FILE, LaunchSpec, Liveness, Progress, Usage
+from edge_agent.state.records import InstanceRecord
+from manifests.desired import ModuleAssignment, RuntimeKind
+from manifests.device import AgentConfig
+from manifests.errors import ImageUnavailable, RegistryUnavailable, RuntimeFailure
+from manifests.image_ref import parse_image_ref
+
+log = logging.getLogger(__name__)
+
+MODULE_MOUNT = "/module"
+RUN_MOUNT = "/run/edgepack"
+CONTAINER_UID = 10001  # the runtime image's user
+LABEL_DEVICE = "edgepack.device"
+LABEL_SERVICE = "edgepack.service"
+LABEL_INSTANCE = "edgepack.instance"
+
+
+class DockerRuntime:
+    kind = RuntimeKind.DOCKER
+
+    def __init__(
+        self,
+        client: Any,
+        device_id: str,
+        runs_root: Path,
+        *,
+        pull_timeout_s: float,
+        stop_timeout_s: float,
+    ) -> None:
+        self._client = client
+        self._device = device_id
+        self.runs_root = runs_root
+        self._pull_timeout = pull_timeout_s
+        self._stop_timeout = stop_timeout_s
+        self._pull_lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, config: AgentConfig, runs_root: Path, device_id: str) -> DockerRuntime:
+        client = docker.DockerClient(base_url=config.docker.url) if config.docker.url else docker.from_env()
+        return cls(
+            client,
+            device_id,
+            runs_root,
+            pull_timeout_s=config.docker.pull_timeout_s,
+            stop_timeout_s=config.docker.stop_timeout_s,
+        )
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def unschedulable(self, module: InstalledModule, assignment: ModuleAssignment) -> str | None:
+        try:
+            self._client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            return f"the Docker Engine does not answer ({type(exc).__name__}); start dockerd"
+        return None
+
+    def _reference(self, module: InstalledModule) -> str:
+        runtime = module.manifest.runtime
+        if runtime.image_digest is None:
+            raise ImageUnavailable(
+                f"module {module.manifest.ref} does not pin its runtime image {runtime.image!r} by digest; "
+                "the docker runtime runs only pinned images: rebuild it with "
+                "'edgepack build --runtime-image REGISTRY/edgepack/runtime@sha256:...'"
+            )
+        try:
+            # The tag is not trusted: only the digest the publisher signed names the image.
+            return parse_image_ref(runtime.image).pinned(runtime.image_digest)
+        except ValueError as exc:
+            raise ImageUnavailable(f"module {module.manifest.ref}: {exc}") from None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def prepare(
+        self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool], deadline: float
+    ) -> None:
+        """Pull the pinned image unless the engine holds it already (checked by digest). A pull
+        that is still going is reported as progress, never as a failure, until ``deadline``."""
+        reference = self._reference(spec.module)
+        with self._pull_lock:  # two services on one image pull it once
+            if self._holds(reference):
+                return
+            log.info("pulling %s for %s", reference, spec.service)
+            layers: dict[str, tuple[int, int]] = {}
+            try:
+                for event in self._client.api.pull(reference, stream=True, decode=True):
+                    if cancelled():
+                        raise _PullCancelled
+                    if time.monotonic() > deadline:
+                        raise RegistryUnavailable(
+                            f"pulling {reference} did not finish within its deadline; retrying later"
+                        )
+                    if "error" in event:
+                        raise ImageUnavailable(f"pulling {reference} failed: {event['error']}")
+                    detail = event.get("progressDetail") or {}
+                    if event.get("id") and "total" in detail:
+                        layers[event["id"]] = (int(detail.get("current", 0)), int(detail["total"]))
+                        done = sum(c for c, _ in layers.values())
+                        total = sum(t for _, t in layers.values())
+                        progress("pull", done, total)
+            except _PullCancelled:
+                raise Cancelled(f"pull of {reference}") from None
+            except docker.errors.NotFound as exc:
+                raise ImageUnavailable(
+                    f"image {reference} is not in its registry ({exc.explanation})"
+                ) from None
+            except docker.errors.APIError as exc:
+                text = str(exc.explanation or exc)
+                if "manifest unknown" in text or "not found" in text:
+                    raise ImageUnavailable(f"image {reference} is not in its registry ({text})") from None
+                raise RegistryUnavailable(f"pulling {reference} failed ({text}); retrying") from None
+            except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+                why = type(exc).__name__
+                raise RegistryUnavailable(f"pulling {reference} failed ({why}); retrying") from None
+            if not self._holds(reference):
+                raise ImageUnavailable(
+                f"the engine pulled {reference} but does not hold that digest; refused"
+            )
+
+    def _holds(self, reference: str) -> bool:
+        try:
+            image = self._client.images.get(reference)
+        except docker.errors.ImageNotFound:
+            return False
+        return reference in (image.attrs.get("RepoDigests") or [])
+
+    def launch(self, spec: LaunchSpec) -> InstanceRecord:
+        settings = spec.assignment.settings
+        reference = self._reference(spec.module)
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(spec.run_dir, CONTAINER_UID, CONTAINER_UID)
+        (spec.run_dir / STATE_FILE).unlink(missing_ok=True)
+        command = [
+            "--host", spec.host,
+            "--port", str(settings.port),
+            "--workers", str(settings.workers),
+            "--preload", "--reuse-port",
+            "--probe-port", "0",
+            "--state-file", f"{RUN_MOUNT}/{STATE_FILE}",
+            "--drain-s", str(spec.drain_s),
+            "--log-level", "info",
+        ]  # fmt: skip
+        options: dict[str, Any] = {}
+        if settings.cpu is not None:
+            options["nano_cpus"] = int(settings.cpu * 1e9)
+        if settings.memory_mb is not None:
+            options["mem_limit"] = f"{settings.memory_mb}m"
+        try:
+            container = self._client.containers.run(
+                reference,
+                command=command,
+                detach=True,
+                name=f"edgepack-{self._device}-{spec.service}-{spec.instance_id}",
+                labels={
+                    LABEL_DEVICE: self._device,
+                    LABEL_SERVICE: spec.service,
+                    LABEL_INSTANCE: spec.instance_id,
+                },
+                network_mode="host",
+                user=f"{CONTAINER_UID}:{CONTAINER_UID}",
+                read_only=True,
+                tmpfs={"/tmp": "size=64m"},
+                mounts=[
+                    Mount(MODULE_MOUNT, str(spec.module.dir), type="bind", read_only=True),
+                    Mount(RUN_MOUNT, str(spec.run_dir), type="bind", read_only=False),
+                ],
+                environment={**settings.env, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+                log_config={"type": "json-file", "config": {"max-size": "8m", "max-file": "2"}},
+                **options,
+            )
+        except docker.errors.ImageNotFound as exc:
+            gone = f"image {reference} vanished before its container started: {exc}"
+            raise ImageUnavailable(gone) from None
+        except docker.errors.APIError as exc:
+            why = exc.explanation or exc
+            raise RuntimeFailure(f"the engine refused to start {spec.service}: {why}") from None
+        return InstanceRecord(
+            id=spec.instance_id,
+            assignment=spec.assignment,
+            key=spec.key,
+            runtime=self.kind,
+            run_dir=str(spec.run_dir),
+            started_at=datetime.now(UTC),
+            container_id=container.id,
+        )
+
+    def _container(self, instance: InstanceRecord) -> Any | None:
+        if instance.container_id is None:
+            return None
+        try:
+            return self._client.containers.get(instance.container_id)
+        except docker.errors.NotFound:
+            return None
+
+    def liveness(self, instance: InstanceRecord) -> Liveness:
+        try:
+            container = self._container(instance)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return Liveness(True)  # the engine is busy or restarting: not a verdict on the module
+        if container is None:
+            return Liveness(False)
+        if container.status in ("running", "created", "restarting"):
+            return Liveness(True)
+        return Liveness(False, int(container.attrs.get("State", {}).get("ExitCode", -1)))
+
+    def stop(self, instance: InstanceRecord, *, grace_s: float) -> None:
+        container = self._container(instance)
+        if container is None:
+            return
+        try:
+            container.stop(timeout=max(1, int(grace_s)))
+        except docker.errors.APIError as exc:
+            log.warning("stopping container of %s: %s", instance.id, exc)
+        try:
+            container.remove(force=True)
+        except docker.errors.APIError as exc:
+            log.warning("removing container of %s: %s", instance.id, exc)
+
+    def log_tail(self, instance: InstanceRecord, lines: int) -> list[str]:
+        container = self._container(instance)
+        if container is None:
+            return []
+        try:
+            data: bytes = container.logs(tail=lines)
+        except docker.errors.APIError:
+            return []
+        return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+
+    def usage(self, instance: InstanceRecord) -> Usage | None:
+        container = self._container(instance)
+        if container is None:
+            return None
+        try:
+            stats = container.stats(stream=False, one_shot=True)
+        except (docker.errors.APIError, requests.exceptions.RequestException):
+            return None
+        cpu_ns = stats.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage")
+        memory = stats.get("memory_stats", {}).get("usage")
+        if cpu_ns is None or memory is None:
+            return None
+        return Usage(cpu_s=cpu_ns / 1e9, memory_mb=memory / 2**20)
+
+    def maintain(self, instance: InstanceRecord) -> None:
+        return None  # the engine rotates container logs (json-file max-size)
+
+    def reap_orphans(self, known: set[str]) -> list[str]:
+        stopped = []
+        try:
+            mine = {"label": f"{LABEL_DEVICE}={self._device}"}
+            containers = self._client.containers.list(all=True, filters=mine)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("cannot list containers to adopt (%s)", exc)
+            return []
+        for container in containers:
+            instance_id = container.labels.get(LABEL_INSTANCE)
+            if instance_id in known:
+                continue
+            log.warning("removing container %s that no record names", container.name)
+            try:
+                container.stop(timeout=int(self._stop_timeout))
+                container.remove(force=True)
+            except docker.errors.APIError as exc:
+                log.warning("removing %s: %s", container.name, exc)
+            stopped.append(str(instance_id))
+        return stopped
+
+
+class _PullCancelled(Exception):
+    pass
+

@@ -1,0 +1,81 @@
+"""Talking to one instance on its private probe port: readiness, metrics, a scored example.
+
+The probe port belongs to exactly one instance, so these answers are that instance's even
+while two versions share the public port. Plain ``http.client``: one short request on
+loopback, no pool needed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+from edge_agent.scoring.metrics import Totals, parse
+from edge_agent.scoring.openapi import GENERIC_SCHEMA
+
+PROBE_HOST = "127.0.0.1"
+
+
+def _request(
+    port: int, method: str, path: str, timeout_s: float, body: bytes | None = None
+) -> tuple[int, bytes] | None:
+    conn = http.client.HTTPConnection(PROBE_HOST, port, timeout=timeout_s)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read(1 << 20)
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def healthy(port: int, path: str, timeout_s: float) -> bool:
+    """True when the instance answers its health path with 200 within ``timeout_s``."""
+    answer = _request(port, "GET", path, timeout_s)
+    return answer is not None and answer[0] == 200
+
+
+def metrics(port: int, timeout_s: float = 2.0) -> Totals | None:
+    answer = _request(port, "GET", "/metrics", timeout_s)
+    if answer is None or answer[0] != 200:
+        return None
+    try:
+        return parse(answer[1].decode("utf-8", errors="replace"))
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
+def input_example(port: int, timeout_s: float) -> bytes | None:
+    """The example request body the module's input schema gives, if it gives one."""
+    answer = _request(port, "GET", "/swagger.json", timeout_s)
+    if answer is None or answer[0] != 200:
+        return None
+    try:
+        schema = json.loads(answer[1])["components"]["schemas"]["ServiceInput"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if schema == GENERIC_SCHEMA:
+        return None  # the module declares no input schema: its placeholder example says nothing
+    example = _example_of(schema)
+    return None if example is None else json.dumps(example).encode()
+
+
+def _example_of(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        return None
+    if "example" in schema:
+        return schema["example"]
+    properties = schema.get("properties")
+    if isinstance(properties, dict) and properties:
+        parts = {name: _example_of(sub) for name, sub in properties.items()}
+        if all(v is not None for v in parts.values()):
+            return parts
+    return None
+
+
+def score(port: int, body: bytes, timeout_s: float) -> tuple[int, bytes] | None:
+    """POST ``body`` to the instance's ``/score``: (status, body), or None on no answer."""
+    return _request(port, "POST", "/score", timeout_s, body)

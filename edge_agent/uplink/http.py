@@ -1,0 +1,194 @@
+"""The device side of the hub's HTTP API: its desired state, manifests and blobs.
+
+Every call authenticates with the device token. Failures are classified for the reconcile
+loop: :class:`HubUnavailable` (network, 5xx, 429: retry with backoff), :class:`NotFoundError`
+(the hub does not have it, or no longer names it for this device), :class:`ConfigError` (the
+token is refused: enroll again).
+
+This is the standard library's ``http.client``, not httpx as elsewhere in edgepack: the agent
+runs for months on small devices with a memory budget (45 MB), and httpx with its
+dependencies costs it about 5 MB more for three GET requests. Each thread keeps one
+keep-alive connection, so the blobs of a module come over one connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from edge_agent import __version__
+from edge_agent.uplink.tls import client_context
+from manifests.device import DeviceCredentials
+from manifests.errors import ConfigError, HubUnavailable, NotFoundError
+
+#: a manifest lists a module's files; far below this
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_ERROR_BYTES = 16 << 10
+CHUNK = 256 << 10
+
+
+@dataclass(frozen=True)
+class DesiredFetch:
+    """What ``GET /device/desired`` gave: new bytes, or nothing new (304) or nothing yet."""
+
+    data: bytes | None
+    etag: str | None
+
+
+class HubHttp:
+    def __init__(self, credentials: DeviceCredentials, *, timeout_s: float = 30.0) -> None:
+        url = urllib.parse.urlsplit(credentials.hub_url)
+        self.base = credentials.hub_url.rstrip("/")
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (443 if self._https else 80)
+        self._prefix = url.path.rstrip("/")
+        self._timeout = timeout_s
+        self._tls = client_context(credentials) if self._https else None
+        self._headers = {
+            "Authorization": f"Bearer {credentials.token}",
+            "User-Agent": f"edgepack-agent/{__version__}",
+        }
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[http.client.HTTPConnection] = []
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def desired(self, etag: str | None) -> DesiredFetch:
+        """This device's signed desired state, unless it is still ``etag`` (304)."""
+        path = "/api/v1/device/desired"
+        headers = {"If-None-Match": etag} if etag else {}
+        with self._open(path, headers) as response:
+            if response.status == 304:
+                return DesiredFetch(None, etag)
+            if response.status == 404:
+                _read_error(response)
+                return DesiredFetch(None, None)  # enrolled, nothing issued yet
+            self._check(response, path)
+            data = _read_bounded(response, MAX_MANIFEST_BYTES, "desired state")
+            return DesiredFetch(data, response.getheader("etag"))
+
+    def manifest(self, digest: str) -> bytes:
+        path = f"/api/v1/device/manifests/{digest}"
+        with self._open(path, {}) as response:
+            self._check(response, path)
+            return _read_bounded(response, MAX_MANIFEST_BYTES, f"manifest {digest}")
+
+    @contextlib.contextmanager
+    def blob(self, digest: str, offset: int) -> Iterator[tuple[int, Iterator[bytes]]]:
+        """Open blob ``digest`` from byte ``offset``; yields the offset the body starts at (0
+        when the hub sent the whole blob instead of the range) and the chunks."""
+        path = f"/api/v1/device/blobs/{digest}"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with self._open(path, headers) as response:
+            self._check(response, path)
+            start = offset if response.status == 206 else 0
+            yield start, self._chunks(response, digest)
+
+    def _chunks(self, response: http.client.HTTPResponse, digest: str) -> Iterator[bytes]:
+        try:
+            while chunk := response.read(CHUNK):
+                yield chunk
+        except (OSError, http.client.HTTPException) as exc:
+            why = type(exc).__name__
+            raise HubUnavailable(f"download of {digest} from {self.base} broke off ({why})") from None
+
+    # --- connections -------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._https:
+                conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout, context=self._tls
+                )
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+            with self._lock, contextlib.suppress(ValueError):
+                self._all.remove(conn)
+
+    @contextlib.contextmanager
+    def _open(self, path: str, headers: dict[str, str]) -> Iterator[http.client.HTTPResponse]:
+        """One GET on this thread's connection; a kept-alive connection the hub closed in the
+        meantime is replaced once. The connection is dropped unless the body was read whole."""
+        for attempt in (1, 2):
+            conn = self._connection()
+            reused = conn.sock is not None
+            try:
+                conn.request("GET", self._prefix + path, headers={**self._headers, **headers})
+                response = conn.getresponse()
+                break
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine) as exc:
+                self._drop()
+                if reused and attempt == 1:
+                    continue
+                raise HubUnavailable(f"hub {self.base} unreachable ({type(exc).__name__}: {exc})") from None
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                raise HubUnavailable(f"hub {self.base} unreachable ({type(exc).__name__}: {exc})") from None
+        try:
+            yield response
+        finally:
+            # Only a response read to its end leaves the connection fit for the next request.
+            if not response.isclosed() or response.will_close:
+                self._drop()
+
+    def _check(self, response: http.client.HTTPResponse, path: str) -> None:
+        status = response.status
+        if status < 400:
+            return
+        message = f"hub {self.base} answered {status} for {path}: {_read_error(response)}"
+        if status in (401, 403) and path.endswith("/desired"):
+            raise ConfigError(message + "; the device token was refused: enroll the device again")
+        if status in (401, 403, 404):
+            # 403 for a file: the hub no longer names it for this device (its state moved on).
+            raise NotFoundError(message)
+        retry_after = response.getheader("retry-after")
+        delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+        raise HubUnavailable(message, retry_after_s=delay)
+
+
+def _read_bounded(response: http.client.HTTPResponse, limit: int, what: str) -> bytes:
+    declared = response.getheader("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HubUnavailable(f"{what} from the hub is {declared} bytes, over the {limit} allowed")
+    try:
+        data = response.read(limit + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise HubUnavailable(f"{what}: the transfer broke off ({type(exc).__name__})") from None
+    if len(data) > limit:
+        raise HubUnavailable(f"{what} from the hub exceeds {limit} bytes")
+    return data
+
+
+def _read_error(response: http.client.HTTPResponse) -> str:
+    try:
+        data = response.read(MAX_ERROR_BYTES)
+    except (OSError, http.client.HTTPException):
+        return response.reason
+    try:
+        return str(json.loads(data)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return data[:300].decode("utf-8", errors="replace") or response.reason

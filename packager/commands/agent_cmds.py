@@ -1,0 +1,156 @@
+"""``edgepack agent``: set up, run and inspect the device agent on this machine.
+
+``init`` writes ``agent.toml`` from the credentials ``edgepack device enroll --out`` wrote;
+``run`` replaces itself with the lean daemon process (``python -m edge_agent``), which keeps
+none of the CLI's libraries in memory; ``status`` reads the agent's state folder and needs no
+network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from edge_agent.status import agent_status
+from manifests.desired import RuntimeKind
+from manifests.device import AgentConfig, parse_agent_config, parse_credentials, render_agent_config
+from manifests.errors import ConfigError
+from packager.app import app, console
+from packager.files import atomic_output
+
+agent_app = typer.Typer(help="Set up, run and inspect the device agent.", no_args_is_help=True)
+app.add_typer(agent_app, name="agent")
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="agent.toml")]
+STATE_STYLE = {
+    "Healthy": "green",
+    "Failed": "bold red",
+    "Unhealthy": "yellow",
+    "Unschedulable": "magenta",
+    "Transitioning": "cyan",
+}
+
+
+@agent_app.command("init")
+def init_cmd(
+    credentials: Annotated[
+        Path, typer.Option("--credentials", help="the file 'edgepack device enroll --out' wrote")
+    ],
+    runtime: Annotated[
+        list[RuntimeKind] | None, typer.Option("--runtime", help="docker or process; repeatable")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="where the agent keeps its cache and state")
+    ] = None,
+    service_host: Annotated[
+        str, typer.Option("--service-host", help="address module endpoints listen on")
+    ] = "0.0.0.0",
+    telemetry_interval: Annotated[float, typer.Option("--telemetry-interval", min=1, max=3600)] = 10.0,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    out: Annotated[Path, typer.Option("--out", "-o", help="the agent.toml to write")] = Path("agent.toml"),
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
+) -> None:
+    """Write agent.toml for the device whose credentials are given."""
+    try:
+        data = credentials.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{credentials}: not found; write it with 'edgepack device enroll ID --out FILE'"
+        ) from None
+    creds = parse_credentials(data, source=str(credentials))
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it")
+    base = out.resolve().parent
+    try:
+        config = AgentConfig.model_validate(
+            {
+                "credentials": credentials.resolve(),
+                "state_dir": (state_dir or base / f"{creds.device_id}-state").resolve(),
+                "runtimes": runtime or [RuntimeKind.PROCESS],
+                "service_host": service_host,
+                "telemetry_interval_s": telemetry_interval,
+                "log_level": log_level,
+            }
+        )
+    except ValueError as exc:
+        raise ConfigError(f"agent settings: {str(exc).splitlines()[-1].strip()}") from None
+    with atomic_output(out, mode=0o644) as fh:
+        fh.write(render_agent_config(config).encode())
+    console.print(
+        f"wrote {out} for [bold]{creds.device_id}[/] (runtimes: {', '.join(config.runtimes)}, "
+        f"state in {config.state_dir})\nstart it with: edgepack agent run --config {out}",
+        highlight=False,
+    )
+
+
+def _load(config_path: Path) -> tuple[AgentConfig, str]:
+    try:
+        data = config_path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{config_path}: not found; write one with 'edgepack agent init'") from None
+    config = parse_agent_config(data, source=str(config_path), base_dir=config_path.resolve().parent)
+    try:
+        creds = parse_credentials(config.credentials.read_bytes(), source=str(config.credentials))
+    except FileNotFoundError:
+        raise ConfigError(f"{config.credentials}: credentials not found (named by {config_path})") from None
+    return config, creds.device_id
+
+
+@agent_app.command("run")
+def run_cmd(
+    config: ConfigOption = Path("agent.toml"),
+    stop_modules: Annotated[
+        bool,
+        typer.Option("--stop-modules", help="stop the modules too (default: they keep serving)"),
+    ] = False,
+) -> None:
+    """Run the agent until SIGTERM or Ctrl-C (structured logs on stderr)."""
+    _load(config)  # a bad file is reported here, as one line, before the daemon starts
+    argv = [sys.executable, "-m", "edge_agent", "--config", str(config)]
+    if stop_modules:
+        argv.append("--stop-modules")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+@agent_app.command("status")
+def status_cmd(
+    config: ConfigOption = Path("agent.toml"),
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+) -> None:
+    """What the agent last recorded: generation, each module's state, version, port, restarts."""
+    agent_config, device_id = _load(config)
+    status = agent_status(agent_config, device_id)
+    if as_json:
+        sys.stdout.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+        return
+    running = f"running (pid {status['agent_pid']})" if status["agent_pid"] else "not running"
+    console.print(
+        f"[bold]{device_id}[/]  agent {running}  applied generation {status['applied_generation']}",
+        highlight=False,
+    )
+    if status["last_error"]:
+        console.print(f"[red]last error:[/] {status['last_error']}", highlight=False)
+    table = Table("service", "state", "version", "serving", "runtime", "port", "restarts", "reason")
+    for s in status["services"]:
+        table.add_row(
+            s["service"],
+            Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
+            s["version"] or "-",
+            s["serving_version"] or "-",
+            s["runtime"] or "-",
+            str(s["port"] or "-"),
+            str(s["restarts"]),
+            s["reason"] or "",
+        )
+    console.print(table)
+    d = status["downloads"]
+    console.print(f"downloaded: {d['manifests']} manifest(s), {d['blobs']} blob(s), {d['bytes']} byte(s)")
