@@ -5,8 +5,10 @@ from __future__ import annotations
 import uvicorn
 
 from cloud_hub.app import create_app
+from cloud_hub.core import open_blob_store
 from cloud_hub.db.schema import Migration, migrate
 from cloud_hub.settings import HubSettings
+from cloud_hub.store.copy import Copied, copy_blobs
 from cloud_hub.wiring import open_hub
 
 
@@ -23,6 +25,11 @@ def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
     finally:
         process.close()
+
+
+def copy_hub_blobs(source: HubSettings, target: HubSettings) -> Copied:
+    """Copy every blob of the store ``source`` names into the one ``target`` names."""
+    return copy_blobs(open_blob_store(source), open_blob_store(target))
 
 
 def migrate_hub(settings: HubSettings) -> Migration:

@@ -7,6 +7,7 @@ verifier into a staging area) in a worker thread, never whole into memory.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud_hub.api.deps import Admin, Core
 from cloud_hub.core import HubCore
 from cloud_hub.errors import NotFound
+from cloud_hub.events import record_event
 from cloud_hub.registry import blob_refs
 from cloud_hub.registry import models as model_registry
 from cloud_hub.registry import modules as module_registry
@@ -27,9 +29,10 @@ from cloud_hub.registry.tables import ModelVersion, Module
 from cloud_hub.registry.tags import parse_filters
 from cloud_hub.store.blobs import CHUNK, check_digest
 from cloud_hub.store.streaming import MIB, body_file, check_declared_length
-from manifests.errors import ConfigError, EdgepackError
+from manifests.errors import ConfigError, EdgepackError, TrustError
 from manifests.signing import parse_envelope
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", dependencies=[Admin])
 
 DigestPath = Annotated[str, Path(description="sha256:<hex>")]
@@ -167,10 +170,19 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
+def _chunks(fh: IO[bytes], core: HubCore, digest: str) -> Iterator[bytes]:
     with fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
+        try:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+        except TrustError as exc:
+            # The store's copy changed behind the hub's back: the answer is cut off before its
+            # end (the client sees a broken transfer, never the whole wrong bytes), and the
+            # operator is told which blob to push again.
+            log.error("%s", exc)
+            with core.sessions.begin() as s:
+                record_event(s, "blob-corrupt", str(exc))
+            raise
 
 
 def blob_response(core: HubCore, digest: str, range_header: str | None, media_type: str) -> Response:
@@ -181,12 +193,16 @@ def blob_response(core: HubCore, digest: str, range_header: str | None, media_ty
     headers = {"Accept-Ranges": "bytes", "ETag": f'"{digest}"'}
     if span is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(_chunks(core.blobs.open(digest)), media_type=media_type, headers=headers)
+        chunks = _chunks(core.blobs.open(digest), core, digest)
+        return StreamingResponse(chunks, media_type=media_type, headers=headers)
     start, end = span
     headers["Content-Length"] = str(end - start)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     return StreamingResponse(
-        _chunks(core.blobs.open(digest, start, end)), status_code=206, media_type=media_type, headers=headers
+        _chunks(core.blobs.open(digest, start, end), core, digest),
+        status_code=206,
+        media_type=media_type,
+        headers=headers,
     )
 
 

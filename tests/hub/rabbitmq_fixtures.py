@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -57,6 +57,9 @@ class RabbitNode:
             **os.environ,
             "HOME": str(home),  # where the shared Erlang cookie lives
             "ERL_EPMD_PORT": str(epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # Erlang distribution on loopback only, like every other listener here.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "RABBITMQ_NODENAME": self.name,
             "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
@@ -85,7 +88,7 @@ class RabbitCluster:
     home: Path
     epmd_port: int
     log: Path
-    _epmd: list[int] = field(default_factory=list)
+    epmd: subprocess.Popen[bytes] | None = None
 
     @property
     def api(self) -> str:
@@ -136,12 +139,27 @@ class RabbitCluster:
         nodes = httpx.get(f"{self.api}/api/nodes", auth=ADMIN, timeout=10).json()
         return sorted(n["name"] for n in nodes if n.get("running"))
 
+    def start_epmd(self) -> None:
+        """Erlang's port mapper, started by us in the foreground (a node would start a daemon
+        that outlives the test), on loopback and a port of our own."""
+        self.epmd = subprocess.Popen(
+            ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.epmd_port), timeout=1).close()
+                return
+            time.sleep(0.05)
+        raise RuntimeError("epmd did not start")
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             self.stop_node(node)
-        # The port mapper the first node started is ours too (its own port, its own daemon).
-        subprocess.run(["epmd", "-kill"], env={**os.environ, "ERL_EPMD_PORT": str(self.epmd_port)},
-                       capture_output=True, timeout=30, check=False)  # fmt: skip
+        if self.epmd is not None and self.epmd.poll() is None:
+            self.epmd.kill()
+            self.epmd.wait(timeout=10)
 
 
 def start_cluster(size: int = 3) -> RabbitCluster:
@@ -156,6 +174,7 @@ def start_cluster(size: int = 3) -> RabbitCluster:
     ]
     cluster = RabbitCluster(nodes, root, free_port(), root / "rabbit.log")
     try:
+        cluster.start_epmd()
         with ThreadPoolExecutor(len(nodes)) as pool:
             list(pool.map(cluster.start_node, nodes))
         for node in nodes[1:]:

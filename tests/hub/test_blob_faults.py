@@ -142,3 +142,33 @@ def test_a_blob_changed_in_the_store_is_never_served_whole(hub: HubFactory) -> N
         for chunk in answer.iter_bytes():
             received += chunk
     assert len(received) < len(forged) and bytes(received) != bytes(forged)
+
+
+def test_a_single_hubs_blobs_move_to_s3_checked_and_resumably(
+    hub: HubFactory, forge: Forge, seaweedfs: SeaweedFS
+) -> None:
+    import subprocess
+    import sys
+
+    old = hub()  # blobs on its disk
+    files = {"src/score.py": b"def init(): pass\n", "model/w.bin": os.urandom(PART_BYTES + 5)}
+    bundle = forge.bundle(files=files)
+    with old.client() as http:
+        assert http.post("/api/v1/modules", content=bundle, headers=BUNDLE_TYPE).status_code == 201
+    held = stored_blobs(old.core.blobs)
+    old.stop()
+    target = seaweedfs.url()
+    copy = [sys.executable, "-m", "packager", "hub", "copy-blobs",
+            "--data-dir", str(old.data_dir), "--to", target]  # fmt: skip
+    first = subprocess.run(copy, capture_output=True, text=True, timeout=120, check=False)
+    assert first.returncode == 0, first.stderr
+    assert f"copied {len(held)} blobs" in first.stdout
+    again = subprocess.run(copy, capture_output=True, text=True, timeout=120, check=False)
+    assert "copied 0 blobs" in again.stdout and f"{len(held)} were there already" in again.stdout
+
+    moved = hub(data_dir=old.data_dir, blob_store=target)  # the same database, blobs in S3
+    assert stored_blobs(moved.core.blobs) == held
+    with moved.client() as http:
+        module = http.get("/api/v1/modules/demo/versions/1").json()
+        for f in module["files"]:
+            assert sha256_digest(http.get(f"/api/v1/blobs/{f['digest']}").content) == f["digest"]
