@@ -19,14 +19,14 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "scale-out.md"
 
 def commands() -> list[list[str]]:
     text = DOC.read_text()
-    blocks = re.findall(r"```\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```\n(.*?)```", text, flags=re.S)  # fences inside lists too
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    return [line.split() for line in lines if line.startswith("edgepack ")]
+    return [line.split() for line in map(str.strip, lines) if line.startswith("edgepack ")]
 
 
 def test_every_edgepack_command_and_flag_in_the_page_exists() -> None:
     found = commands()
-    assert len(found) >= 5
+    assert len(found) >= 6
     for words in found:
         path = [w for w in words[1:3] if not w.startswith("-")]
         if path and path[0] != "hub":
