@@ -34,6 +34,8 @@ from manifests.topics import DEVICE_READS, DEVICE_WRITES
 from tests.hub.broker_fixtures import BrokerFactory, MqttProbe
 from tests.hub.rabbitmq_fixtures import ADMIN, RabbitCluster
 
+pytestmark = pytest.mark.scale_out
+
 HUB = ("edgepack-hub", "hub-secret")
 
 

@@ -23,6 +23,8 @@ from tests.hub.postgres_fixtures import PostgresServer, find_postgres_bin, start
 from tests.hub.rabbitmq_fixtures import RabbitCluster
 from tests.hub.test_ingest import T0, reported
 
+pytestmark = pytest.mark.scale_out
+
 
 def report(device_id: str, seq: int) -> bytes:
     return reported(device_id, seq, ("digits", "Healthy", None))

@@ -18,7 +18,7 @@ from tests.hub.fleet_support import deploy, hub_trust, push, verified_state
 from tests.hub.rabbitmq_fixtures import RabbitCluster
 from tests.hub.test_replicas import healthy
 
-pytestmark = pytest.mark.xdist_group("rabbitmq")
+pytestmark = [pytest.mark.xdist_group("rabbitmq"), pytest.mark.scale_out]
 
 
 def connect_device(cluster: RabbitCluster, device_id: str, password: str, node: int = -1) -> MqttProbe:

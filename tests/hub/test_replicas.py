@@ -31,6 +31,8 @@ from tests.hub.fleet_support import verified_state
 from tests.hub.replica_fixtures import ReplicaSet, ReplicaSetFactory
 from tests.hub.test_ingest import T0
 
+pytestmark = pytest.mark.scale_out
+
 EDGEPACK = [sys.executable, "-m", "packager"]
 BUNDLE = {"Content-Type": "application/vnd.edgepack.module+tar"}
 
