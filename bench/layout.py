@@ -20,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from manifests.signing import generate_private_key, private_key_pem, public_key_pem
-from tests.conftest import free_port, make_publisher
+from tests.conftest import free_port, free_ports, make_publisher
 from tests.hub.broker_fixtures import Broker, plain_config, start_mosquitto
 from tests.hub.postgres_fixtures import PostgresServer, find_postgres_bin, start_postgres
 from tests.hub.replica_fixtures import ADMIN, HubReplica, _start_nginx
@@ -53,7 +53,8 @@ class Layout:
         if s3:
             names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
                      "iceberg", "lance"]  # fmt: skip
-            layout.seaweedfs = SeaweedFS(find_weed(), root / "weed", {n: free_port() for n in names})
+            ports = dict(zip(names, free_ports(len(names)), strict=True))
+            layout.seaweedfs = SeaweedFS(find_weed(), root / "weed", ports)
             (root / "weed").mkdir()
             layout.seaweedfs.start()
         return layout

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_ports
 
 __all__ = ["SeaweedFS", "find_weed", "seaweedfs"]
 
@@ -139,12 +139,21 @@ def seaweedfs() -> Iterator[SeaweedFS]:
     root = Path(tempfile.mkdtemp(prefix="edgepack-weed-"))
     names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
              "iceberg", "lance"]  # fmt: skip
-    store = SeaweedFS(find_weed(), root, {name: free_port() for name in names})
+    # Ten listeners: chosen together so that no two get the same port, and chosen again if
+    # another program takes one before SeaweedFS binds it.
+    store = SeaweedFS(find_weed(), root, dict(zip(names, free_ports(len(names)), strict=True)))
     saved = {k: os.environ.get(k) for k in store.env}
     # The hubs under test run in this process and read their S3 credentials as boto3 does.
     os.environ.update(store.env)
     try:
-        store.start()
+        for attempt in range(3):
+            try:
+                store.start()
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                store.ports = dict(zip(names, free_ports(len(names)), strict=True))
         yield store
     finally:
         store.stop()

@@ -166,7 +166,7 @@ def test_a_single_hubs_blobs_move_to_s3_checked_and_resumably(
     again = subprocess.run(copy, capture_output=True, text=True, timeout=120, check=False)
     assert "copied 0 blobs" in again.stdout and f"{len(held)} were there already" in again.stdout
 
-    moved = hub(data_dir=old.data_dir, blob_store=target)  # the same database, blobs in S3
+    moved = old.restart(blob_store=target)  # the same database, blobs in S3
     assert stored_blobs(moved.core.blobs) == held
     with moved.client() as http:
         module = http.get("/api/v1/modules/demo/versions/1").json()
