@@ -13,7 +13,14 @@ Two measurements:
   keeps only the newest pending state per device (latest wins), so it absorbs bursts far above
   its apply rate. ``coalesced`` says how many it folded.
 
-Usage: ``python bench/ingest.py [--quick]``; the last line of output is JSON.
+And, with ``--replicas 1,2``, the scaled-out case: real ``edgepack hub serve`` processes on one
+PostgreSQL and one Mosquitto (``bench/layout.py``), the replicas sharing the device messages
+through a shared subscription. ``replicated`` gives the apply rate (every message a state
+change, as above) for each replica count, the ratio of the largest to one (target: two
+replicas at least 1.6 times one), and the check that no message was applied twice: the replicas together
+received each message once, and each produced exactly one event.
+
+Usage: ``python bench/ingest.py [--quick] [--replicas 1,2]``; the last line of output is JSON.
 """
 
 from __future__ import annotations
@@ -33,11 +40,15 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+# The benchmarks start the same engines as the tests, with the tests' helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from cloud_hub.broker.passwords import hash_password
-from cloud_hub.context import HubContext
+from cloud_hub.core import HubCore
 from cloud_hub.fleet.tables import Device, DeviceDesired
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.settings import HubSettings
+from cloud_hub.wiring import open_hub
 from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
 from manifests.signing import envelope_bytes, sign_payload
 
@@ -80,7 +91,7 @@ def publisher(port: int) -> mqtt.Client:
     return client
 
 
-def assigning_svc(ctx: HubContext, device_id: str) -> bytes:
+def assigning_svc(core: HubCore, device_id: str) -> bytes:
     state = DesiredState(
         device_id=device_id,
         generation=1,
@@ -96,7 +107,7 @@ def assigning_svc(ctx: HubContext, device_id: str) -> bytes:
             )
         ],
     )
-    return envelope_bytes(sign_payload(state.model_dump(mode="json", by_alias=True), [ctx.hub_key]))
+    return envelope_bytes(sign_payload(state.model_dump(mode="json", by_alias=True), [core.hub_key]))
 
 
 def reported(device_id: str, seq: int) -> bytes:
@@ -144,19 +155,21 @@ def run(
     )
     if db:
         settings = settings.model_copy(update={"db": db})
-    ctx = HubContext.open(settings)
+    hub = open_hub(settings)
     pubs: list[mqtt.Client] = []
     try:
         pw = hash_password("x")
         ids = [f"dev-{i:05d}" for i in range(max(devices, burst_devices))]
-        with ctx.sessions.begin() as s:
+        with hub.core.sessions.begin() as s:
             s.add_all(Device(id=d, tags={}, mqtt_password_hash=pw, token_hash=f"t-{d}") for d in ids)
             s.flush()
             # Ingest keeps only reports about services a device is assigned.
-            s.add_all(DeviceDesired(device_id=d, generation=1, payload=assigning_svc(ctx, d)) for d in ids)
-        ctx.start_mqtt()
-        worker = ctx.extras["ingest"]
-        assert isinstance(worker, IngestWorker)
+            s.add_all(
+                DeviceDesired(device_id=d, generation=1, payload=assigning_svc(hub.core, d)) for d in ids
+            )
+        hub.start()
+        worker = hub.ingest
+        assert worker is not None
         pubs = [publisher(port) for _ in range(2)]
 
         sent = 0
@@ -192,7 +205,7 @@ def run(
         wait_received(worker, sent + burst)
         burst_s = time.perf_counter() - start
 
-        with ctx.sessions.begin() as s:
+        with hub.core.sessions.begin() as s:
             from cloud_hub.ingest.tables import DeviceReport
 
             last = s.get(DeviceReport, ids[(burst - 1) % burst_devices])
@@ -201,7 +214,7 @@ def run(
             )
         return {
             "bench": "ingest",
-            "db": ctx.sessions.engine.dialect.name,
+            "db": hub.core.sessions.engine.dialect.name,
             "devices": devices,
             "rounds": rounds,
             "reported_msgs": sent,
@@ -225,18 +238,99 @@ def run(
         for p in pubs:
             p.disconnect()
             p.loop_stop()
-        ctx.close()
+        hub.close()
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_replicated(counts: list[int], devices: int, rounds: int) -> dict[str, object]:
+    """Ingest rate of ``n`` hub processes on PostgreSQL, for each n in ``counts``."""
+    import httpx
+    from layout import DEVICE_ROW, Layout
+    from sqlalchemy import create_engine, text
+
+    from tests.hub.replica_fixtures import ADMIN
+
+    layout = Layout.start()
+    out: dict[str, object] = {"devices": devices, "rounds": rounds}
+    try:
+        for count in counts:
+            db = layout.database()
+            prefix = f"bench{count}"
+            hubs = layout.hubs(count, db, prefix)
+            engine = create_engine(db)
+            pw = hash_password("x")
+            ids = [f"dev-{i:05d}" for i in range(devices)]
+            with engine.begin() as conn:
+                rows = [{"id": d, "tags": "{}", "pw": pw, "tok": f"t-{d}"} for d in ids]
+                conn.execute(text(DEVICE_ROW), rows)
+            time.sleep(6)  # past the replicas' retained catch-up: only the shared subscription now
+            pubs = [publisher(layout.broker.port) for _ in range(2)]
+            sent, elapsed = 0, 0.0
+            try:
+                for r in range(rounds):
+                    at = T0 + timedelta(seconds=r)
+                    payloads = [(f"{prefix}/devices/{d}/reported", reported(d, r)) for d in ids]
+                    start = time.perf_counter()
+                    infos = [pubs[i % 2].publish(t, p, qos=1) for i, (t, p) in enumerate(payloads)]
+                    for info in infos:
+                        info.wait_for_publish(60)
+                    sent += len(payloads)
+                    deadline = time.monotonic() + 300
+                    with engine.connect() as conn:
+                        while (
+                            conn.execute(
+                                text("SELECT count(*) FROM device_reports WHERE reported_at = :t"), {"t": at}
+                            ).scalar_one()
+                            < devices
+                        ):
+                            if time.monotonic() > deadline:
+                                raise SystemExit(f"round {r} was not applied by {count} replica(s)")
+                            conn.rollback()
+                            time.sleep(0.02)
+                    elapsed += time.perf_counter() - start
+            finally:
+                for p in pubs:
+                    p.disconnect()
+                    p.loop_stop()
+            received = 0
+            for hub in hubs:
+                auth = {"Authorization": f"Bearer {ADMIN}"}
+                answer = httpx.get(f"{hub.url}/api/v1/dashboard/ingest", headers=auth)
+                stats = answer.json()["stats"]
+                received += stats["received"]
+            with engine.connect() as conn:
+                events = conn.execute(text("SELECT count(*) FROM events")).scalar_one()
+            engine.dispose()
+            layout.stop_hubs()
+            out[f"replicas_{count}_msgs_per_s"] = round(sent / elapsed, 1)
+            out[f"replicas_{count}_received"] = received
+            out[f"replicas_{count}_events"] = events
+            out[f"replicas_{count}_sent"] = sent
+            print(f"{count} replica(s): {sent / elapsed:.0f} msg/s", file=sys.stderr)
+    finally:
+        layout.close()
+    base, top = min(counts), max(counts)
+    ratio = float(out[f"replicas_{top}_msgs_per_s"]) / float(out[f"replicas_{base}_msgs_per_s"])  # type: ignore[arg-type]
+    once = all(out[f"replicas_{c}_received"] == out[f"replicas_{c}_sent"] == out[f"replicas_{c}_events"]
+               for c in counts)  # fmt: skip
+    out.update({"scaling_ratio": round(ratio, 2), "applied_once": once,
+                "targets": {"scaling_ratio": 1.6}, "targets_met": ratio >= 1.6 and once})  # fmt: skip
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run (a few seconds)")
     parser.add_argument("--db", help="SQLAlchemy URL of an EMPTY database (default: a fresh SQLite file)")
+    parser.add_argument("--replicas", help="e.g. 1,2: hub processes on PostgreSQL, one run per count")
     args = parser.parse_args()
-    if args.quick:
+    if args.replicas:
+        counts = [int(c) for c in args.replicas.split(",")]
+        devices, rounds = (500, 4) if args.quick else (2000, 6)
+        result: dict[str, object] = {"bench": "ingest-replicated", **run_replicated(counts, devices, rounds)}
+    elif args.quick:
         result = run(devices=500, rounds=4, burst_devices=50, burst_per_device=100, db=args.db)
     else:
         result = run(devices=2000, rounds=10, burst_devices=200, burst_per_device=250, db=args.db)

@@ -1,6 +1,6 @@
 """The hub's FastAPI application.
 
-Route handlers open their own transaction (``with ctx.sessions.begin() as s``) so that a
+Route handlers open their own transaction (``with core.sessions.begin() as s``) so that a
 commit failure turns into an error response instead of happening after a 200 was sent.
 """
 
@@ -15,25 +15,26 @@ from cloud_hub.api import dashboard, endpoint_certs, fleet, registry
 from cloud_hub.api.body_limit import BodyLimit
 from cloud_hub.api.docs import install_docs
 from cloud_hub.api.errors import install_error_handlers
-from cloud_hub.context import HubContext
 from cloud_hub.settings import HubSettings
+from cloud_hub.wiring import HubProcess, open_hub
 
 
-def create_app(settings: HubSettings | None = None, *, ctx: HubContext | None = None) -> FastAPI:
-    """A hub app; pass ``ctx`` to share an already-open context (tests), else it opens one."""
+def create_app(settings: HubSettings | None = None, *, hub: HubProcess | None = None) -> FastAPI:
+    """A hub app; pass ``hub`` to serve an already-wired process (tests), else it wires one
+    from ``settings`` at start-up and closes it at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        own = ctx is None
-        context = ctx or HubContext.open(settings or HubSettings())
-        app.state.ctx = context
+        own = hub is None
+        process = hub or open_hub(settings or HubSettings())
+        app.state.hub = process
         if own:
-            context.start_services()
+            process.start()
         try:
             yield
         finally:
             if own:
-                context.close()
+                process.close()
 
     app = FastAPI(
         title="edgepack hub",

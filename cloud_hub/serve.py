@@ -1,12 +1,16 @@
-"""Running the hub under uvicorn (``edgepack hub serve``)."""
+"""Running the hub under uvicorn (``edgepack hub serve``) and migrating its database."""
 
 from __future__ import annotations
 
 import uvicorn
 
 from cloud_hub.app import create_app
+from cloud_hub.core import open_blob_store
+from cloud_hub.db.schema import Migration, migrate
 from cloud_hub.settings import HubSettings
+from cloud_hub.store.copy import Copied, copy_blobs
 from cloud_hub.tls.material import with_default_tls
+from cloud_hub.wiring import open_hub
 
 
 def serving_settings(settings: HubSettings) -> HubSettings:
@@ -18,14 +22,34 @@ def serving_settings(settings: HubSettings) -> HubSettings:
 def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
     """Serve the hub until interrupted: HTTPS when it has a certificate (its own, from
     ``broker-config --tls``, is used by default), and never plain HTTP beyond loopback unless
-    ``allow_plain_http`` says so."""
+    ``allow_plain_http`` says so.
+
+    The hub is opened before the server starts, so a configuration it refuses (a database on an
+    older schema, a bad trust file) is one error for the CLI to print, not a server traceback.
+    """
     settings = with_default_tls(settings)
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-    )
+    process = open_hub(settings)
+    try:
+        process.start()
+        app = create_app(hub=process)
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        )
+    finally:
+        process.close()
+
+
+def copy_hub_blobs(source: HubSettings, target: HubSettings) -> Copied:
+    """Copy every blob of the store ``source`` names into the one ``target`` names."""
+    return copy_blobs(open_blob_store(source), open_blob_store(target))
+
+
+def migrate_hub(settings: HubSettings) -> Migration:
+    """Bring the hub's database schema to the newest revision (``edgepack hub migrate``)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return migrate(settings.database_url())

@@ -44,8 +44,16 @@ class HubSettings(BaseSettings):
     allow_plain_http: bool = Field(
         default=False, description="serve plain HTTP on an address other than loopback (not advised)"
     )
+    blob_store: str | None = Field(
+        default=None,
+        description="where blobs live: unset = <data_dir>/blobs; s3://BUCKET?endpoint=URL for S3 "
+        "(credentials from the AWS_* variables)",
+    )
     max_upload_mb: int = Field(default=2048, gt=0)
     desired_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    upkeep_interval_s: float = Field(
+        default=5.0, gt=0, description="seconds between upkeep rounds (renewals, unpublished states)"
+    )
     telemetry_keep: int = Field(default=500, gt=0, le=1_000_000, description="samples kept per device")
     # What one device may send; the excess is dropped and counted (see cloud_hub.ingest.budget).
     device_reports_per_min: float = Field(default=120, gt=0, le=1e6)
@@ -63,11 +71,23 @@ class HubSettings(BaseSettings):
     # broker's machine uses 127.0.0.1); goes into each device's credentials.
     mqtt_public_host: str | None = None
     mqtt_public_port: int | None = Field(default=None, ge=1, le=65535)
+    mqtt_share_group: str | None = Field(
+        default="edgepack-hub",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="shared-subscription group of the hub replicas; unset for a broker without "
+        "shared subscriptions (RabbitMQ before 3.13): then the database alone de-duplicates",
+    )
     topic_prefix: str = Field(default="edgepack", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_/-]*$")
     # Where the hub writes the Mosquitto password file and ACL for enrolled devices, and the
     # broker's pid file so that it can be told (SIGHUP) to reload them.
     broker_dir: Path | None = None
     broker_pid_file: Path | None = None
+    # Or: RabbitMQ's MQTT plugin, whose users and permissions the hub sets through the
+    # management API (cloud_hub.broker.rabbitmq) instead of writing Mosquitto's files.
+    rabbitmq_api: str | None = Field(default=None, description="management API URL, http://HOST:15672")
+    rabbitmq_api_username: str = "guest"
+    rabbitmq_api_password: SecretStr | None = None
+    rabbitmq_vhost: str = "/"
 
     def database_url(self) -> str:
         return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"

@@ -5,9 +5,11 @@ from __future__ import annotations
 from packager.app import app, main
 from packager.commands import (  # noqa: F401  (registers commands)
     agent_cmds,
+    balancer_cmds,
     broker_cmds,
     fleet_cmds,
     local_cmds,
+    migrate_cmds,
     module_cmds,
     registry_cmds,
     runtime_cmds,

@@ -21,14 +21,34 @@ from manifests.errors import ConfigError, EdgepackError, FetchError, TrustError
 from packager.app import edgepack_home
 from packager.files import atomic_output
 
+#: The hub's error ``type`` → this CLI's exit code (manifests.errors: 2 config/input,
+#: 3 trust, 4 transfer). The hub names the category, so the CLI never guesses from a status.
+EXIT_CODES: dict[str, int] = {
+    "ConfigError": 2,
+    "ValidationError": 2,
+    "NotFound": 2,
+    "Conflict": 2,
+    "TooLarge": 2,
+    "Unauthorized": 2,
+    "Forbidden": 2,
+    "MethodNotAllowed": 2,
+    "TrustError": 3,
+    "FetchError": 4,
+    "GatewayTimeout": 4,  # a device did not answer in time: a transfer that may work later
+    "InternalError": 4,
+}
+
 
 class HubRequestError(EdgepackError):
-    """The hub refused a request (4xx) or failed (5xx); the message is the hub's."""
+    """The hub refused a request or failed; the message is the hub's, the exit code its type's."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, kind: str | None) -> None:
         super().__init__(message)
         self.status = status
-        self.exit_code = 3 if status == 422 else 2 if 400 <= status < 500 else 4
+        self.kind = kind
+        # Without an edgepack error body something between us and the hub answered (a proxy's
+        # 502 page, a hub too old to name its errors): only then does the status decide.
+        self.exit_code = EXIT_CODES.get(kind or "", 4 if status >= 500 else 2)
 
 
 def config_path() -> Path:
@@ -116,17 +136,24 @@ class HubClient:
         return self.request("POST", path, json=body, **kwargs).json()
 
 
+def hub_error(response: httpx.Response) -> tuple[str | None, str]:
+    """``(type, message)`` of an error answer; type None when it is not the hub's error shape."""
+    try:
+        error = response.json()["error"]
+        kind, message = error["type"], error["message"]
+    except (ValueError, KeyError, TypeError):
+        return None, response.text[:500] or response.reason_phrase
+    if not isinstance(kind, str) or not isinstance(message, str):
+        return None, response.text[:500]
+    return kind, message
+
+
 def raise_for_hub_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
-    message = response.text[:500] or response.reason_phrase
-    try:
-        body = response.json()
-        message = body["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        pass
-    if response.status_code == 401:
+    kind, message = hub_error(response)
+    if kind == "Unauthorized":
         message += "; run 'edgepack login --hub URL --token TOKEN' with the hub's admin token"
-    if response.status_code == 422 and "signature" in message:
+    if kind == "TrustError":
         raise TrustError(f"hub refused: {message}")
-    raise HubRequestError(f"hub answered {response.status_code}: {message}", response.status_code)
+    raise HubRequestError(f"hub answered {response.status_code}: {message}", response.status_code, kind)

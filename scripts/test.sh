@@ -17,6 +17,8 @@ TEST_PACKAGES=(
     docker.io   # the real Docker Engine the docker runtime and the runtime image tests use
     docker-registry  # a real container registry per test worker, on loopback
     debootstrap # the runtime image's base is built offline from Debian packages
+    nginx       # the load balancer in front of several hub replicas (generated config)
+    rabbitmq-server  # the clustered MQTT broker (rabbitmq_mqtt + rabbitmq_management plugins)
 )
 ensure_apt_packages "${TEST_PACKAGES[@]}"
 
@@ -33,8 +35,15 @@ step "mypy"
 mypy
 
 step "pytest"
-if [ "$#" -eq 0 ]; then
-    set -- -n 2 tests
-fi
 # pytest exits 5 when it collected no test: that fails this script like any other failure.
-pytest "$@"
+if [ "$#" -gt 0 ]; then
+    pytest "$@"
+    exit
+fi
+# loadgroup: tests that share a heavy engine (the RabbitMQ cluster) run on one worker.
+# The scaled-out engines (hub processes, the RabbitMQ cluster) wait for the second pass: next
+# to the agent's timing-sensitive Docker tests they starve them of the two cores.
+pytest -n 2 --dist loadgroup -m "not scale_out" tests
+
+step "pytest: the hub suite again, every hub on PostgreSQL, and the scaled-out layout"
+EDGEPACK_TEST_POSTGRES=auto pytest -n 2 --dist loadgroup tests/hub

@@ -15,7 +15,8 @@ PUBLIC = {
     ("packager", "edge_agent"): ("edge_agent.scoring.server", "edge_agent.scoring.entry",
                                  "edge_agent.cache", "edge_agent.status",
                                  "edge_agent.setup"),
-    ("packager", "cloud_hub"): ("cloud_hub.serve", "cloud_hub.settings", "cloud_hub.broker"),
+    ("packager", "cloud_hub"): ("cloud_hub.serve", "cloud_hub.settings", "cloud_hub.broker",
+                                 "cloud_hub.balancer"),
 }
 
 

@@ -20,14 +20,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from cloud_hub.api.deps import ADMIN_COOKIE, Admin, Ctx
+from cloud_hub.api.deps import ADMIN_COOKIE, Admin, Core, Hub
 from cloud_hub.api.sessions import SESSION_TTL, close_all_sessions, close_session, open_session
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import NotFound, Unauthorized
 from cloud_hub.events import Event, events_since, recent_events
 from cloud_hub.ingest.series import service_series
 from cloud_hub.ingest.tables import TelemetrySample
-from cloud_hub.ingest.worker import IngestWorker
 from manifests.bounds import MAX_INT63
 from manifests.reported import Telemetry
 
@@ -57,12 +56,12 @@ def static_file(name: str) -> FileResponse:
 
 
 @router.post("/api/v1/dashboard/login", tags=["dashboard"])
-def login(ctx: Ctx, request: Request, token: Annotated[str, Form()]) -> Response:
+def login(core: Core, request: Request, token: Annotated[str, Form()]) -> Response:
     """Exchange the admin token for a server-side session, in an HttpOnly cookie (``Secure``
     over HTTPS) that holds only the session's id."""
-    if not secrets.compare_digest(token.strip().encode(), ctx.admin_token.encode()):
+    if not secrets.compare_digest(token.strip().encode(), core.admin_token.encode()):
         raise Unauthorized("that is not the admin token (see <data_dir>/admin_token on the hub)")
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         session_id = open_session(s)
     response = JSONResponse({"ok": True})
     response.set_cookie(
@@ -78,11 +77,11 @@ def login(ctx: Ctx, request: Request, token: Annotated[str, Form()]) -> Response
 
 
 @router.post("/api/v1/dashboard/logout", tags=["dashboard"])
-def logout(ctx: Ctx, request: Request) -> Response:
+def logout(core: Core, request: Request) -> Response:
     """End this browser's session on the hub (its cookie is worth nothing afterwards)."""
     session_id = request.cookies.get(ADMIN_COOKIE)
     if session_id is not None:
-        with ctx.sessions.begin() as s:
+        with core.sessions.begin() as s:
             close_session(s, session_id)
     response = JSONResponse({"ok": True})
     response.delete_cookie(ADMIN_COOKIE, path="/")
@@ -90,9 +89,9 @@ def logout(ctx: Ctx, request: Request) -> Response:
 
 
 @router.delete("/api/v1/dashboard/sessions", tags=["dashboard"], dependencies=[Admin])
-def end_all_sessions(ctx: Ctx) -> dict[str, int]:
+def end_all_sessions(core: Core) -> dict[str, int]:
     """Sign every browser out (e.g. after a laptop was lost)."""
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         return {"ended": close_all_sessions(s)}
 
 
@@ -109,36 +108,36 @@ def _event_out(e: Event) -> dict[str, Any]:
 
 @router.get("/api/v1/dashboard/events", tags=["dashboard"], dependencies=[Admin])
 def events(
-    ctx: Ctx,
+    core: Core,
     after: Annotated[int, Query(ge=0, le=MAX_INT63, description="only events with a higher id")] = 0,
 ) -> dict[str, list[dict[str, Any]]]:
     """Events after ``after`` (the newest 50 when ``after`` is 0), oldest first."""
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         rows = events_since(s, after) if after else recent_events(s, limit=50)
         return {"events": [_event_out(e) for e in rows]}
 
 
 @router.get("/api/v1/dashboard/ingest", tags=["dashboard"], dependencies=[Admin])
-def ingest_status(ctx: Ctx) -> dict[str, Any]:
+def ingest_status(hub: Hub) -> dict[str, Any]:
     """This replica's broker connection and ingest counters (since it started)."""
-    worker = ctx.extras.get("ingest")
+    link, worker = hub.link, hub.ingest
     return {
-        "broker": None if ctx.mqtt is None else f"{ctx.mqtt.host}:{ctx.mqtt.port}",
-        "connected": ctx.mqtt is not None and ctx.mqtt.connected,
-        "pending": worker.pending() if isinstance(worker, IngestWorker) else 0,
-        "stats": asdict(worker.stats) if isinstance(worker, IngestWorker) else None,
+        "broker": None if link is None else f"{link.host}:{link.port}",
+        "connected": link is not None and link.connected,
+        "pending": worker.pending() if worker is not None else 0,
+        "stats": asdict(worker.stats) if worker is not None else None,
     }
 
 
 @router.get("/api/v1/dashboard/telemetry", tags=["dashboard"], dependencies=[Admin])
 def telemetry(
-    ctx: Ctx,
+    core: Core,
     minutes: Annotated[int, Query(ge=1, le=24 * 60)] = 15,
     bucket_s: Annotated[int, Query(ge=1, le=3600)] = 10,
 ) -> dict[str, Any]:
     """Per-service requests/s and p50 latency over the last ``minutes``, for the charts."""
     since = utcnow() - timedelta(minutes=minutes)
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         payloads: list[dict[str, Any]] = list(
             s.scalars(
                 select(TelemetrySample.payload)

@@ -1,4 +1,9 @@
-"""Request dependencies: the hub context and the admin check."""
+"""Request dependencies: the parts of the hub a route needs, and the admin check.
+
+The app holds the :class:`~cloud_hub.wiring.HubProcess` its lifespan wired; a route asks for
+the part it uses (``Core`` for the database, blobs, keys and settings, ``Fleet`` to change what
+devices run), never for the whole process.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,36 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from cloud_hub.api.sessions import session_valid
-from cloud_hub.context import HubContext
+from cloud_hub.core import HubCore
 from cloud_hub.errors import Unauthorized
+from cloud_hub.fleet.changes import FleetChanges
+from cloud_hub.mqtt.link import MqttLink
+from cloud_hub.wiring import HubProcess
 
 ADMIN_COOKIE = "edgepack_admin"
 
 
-def get_ctx(request: Request) -> HubContext:
-    ctx: HubContext = request.app.state.ctx
-    return ctx
+def get_hub(request: Request) -> HubProcess:
+    hub: HubProcess = request.app.state.hub
+    return hub
 
 
-Ctx = Annotated[HubContext, Depends(get_ctx)]
+def get_core(request: Request) -> HubCore:
+    return get_hub(request).core
+
+
+def get_fleet(request: Request) -> FleetChanges:
+    return get_hub(request).fleet
+
+
+def get_link(request: Request) -> MqttLink | None:
+    return get_hub(request).link
+
+
+Hub = Annotated[HubProcess, Depends(get_hub)]
+Core = Annotated[HubCore, Depends(get_core)]
+Fleet = Annotated[FleetChanges, Depends(get_fleet)]
+Link = Annotated[MqttLink | None, Depends(get_link)]
 
 
 def bearer_token(request: Request) -> str | None:
@@ -30,17 +53,17 @@ def bearer_token(request: Request) -> str | None:
     return None
 
 
-def require_admin(request: Request, ctx: Ctx) -> None:
+def require_admin(request: Request, core: Core) -> None:
     """The admin token as a Bearer header (CLI), or the dashboard's session cookie."""
     token = bearer_token(request)
     if token is not None:
-        if not secrets.compare_digest(token.encode(), ctx.admin_token.encode()):
+        if not secrets.compare_digest(token.encode(), core.admin_token.encode()):
             raise Unauthorized("admin token is not valid")
         return
     session_id = request.cookies.get(ADMIN_COOKIE)
     if session_id is None:
         raise Unauthorized("admin token required: send 'Authorization: Bearer <token>'")
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         if not session_valid(s, session_id):
             raise Unauthorized("the dashboard session has ended; sign in again")
 

@@ -14,10 +14,10 @@ from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_hub.api.deps import Ctx, bearer_token
+from cloud_hub.api.deps import Core, Fleet, bearer_token
 from cloud_hub.api.registry import blob_response
 from cloud_hub.errors import Forbidden, NotFound, Unauthorized
-from cloud_hub.fleet.desired import renew_if_expiring, stored_state
+from cloud_hub.fleet.desired import stored_state
 from cloud_hub.fleet.devices import token_hash
 from cloud_hub.fleet.tables import Device, DeviceDesired
 from cloud_hub.registry.modules import module_by_digest
@@ -27,12 +27,12 @@ from cloud_hub.store.blobs import check_digest
 router = APIRouter(prefix="/api/v1/device", tags=["device"])
 
 
-def require_device(request: Request, ctx: Ctx) -> str:
+def require_device(request: Request, core: Core) -> str:
     """The id of the device whose token came with the request."""
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("device token required: send 'Authorization: Bearer <device token>'")
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         device_id = s.scalar(
             select(Device.id).where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
         )
@@ -59,11 +59,11 @@ def _named_modules(session: Session, device_id: str) -> list[Module]:
 
 
 @router.get("/desired", summary="This device's current signed desired state")
-def get_desired(ctx: Ctx, device_id: DeviceId, request: Request) -> Response:
+def get_desired(core: Core, fleet: Fleet, device_id: DeviceId, request: Request) -> Response:
     """The signed envelope bytes; the generation is the ETag, so a polling agent that sends
     ``If-None-Match`` gets 304 until there is something new."""
-    renew_if_expiring(ctx, device_id)
-    with ctx.sessions.begin() as s:
+    fleet.renew_if_expiring(device_id)
+    with core.sessions.begin() as s:
         row = _current_payload(s, device_id)
         payload, generation = row.payload, row.generation
     assert payload is not None
@@ -78,9 +78,9 @@ def get_desired(ctx: Ctx, device_id: DeviceId, request: Request) -> Response:
 
 
 @router.get("/manifests/{digest}", summary="A module manifest named by this device's desired state")
-def get_manifest(ctx: Ctx, device_id: DeviceId, digest: str) -> Response:
+def get_manifest(core: Core, device_id: DeviceId, digest: str) -> Response:
     check_digest(digest)
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         manifests = {m.manifest_digest: m.manifest for m in _named_modules(s, device_id)}
     if digest not in manifests:
         raise Forbidden(f"manifest {digest} is not named by device {device_id!r}'s desired state")
@@ -88,10 +88,10 @@ def get_manifest(ctx: Ctx, device_id: DeviceId, digest: str) -> Response:
 
 
 @router.get("/blobs/{digest}", summary="A blob of a module this device's desired state names")
-def get_blob(ctx: Ctx, device_id: DeviceId, digest: str, request: Request) -> Response:
+def get_blob(core: Core, device_id: DeviceId, digest: str, request: Request) -> Response:
     check_digest(digest)
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         allowed = {f.digest for m in _named_modules(s, device_id) for f in m.files}
     if digest not in allowed:
         raise Forbidden(f"blob {digest} is not part of a module in device {device_id!r}'s desired state")
-    return blob_response(ctx, digest, request.headers.get("range"), "application/octet-stream")
+    return blob_response(core, digest, request.headers.get("range"), "application/octet-stream")

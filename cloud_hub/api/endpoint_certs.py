@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_hub.api.deps import Ctx
+from cloud_hub.api.deps import Core
 from cloud_hub.api.device_auth import DeviceId
 from cloud_hub.errors import Forbidden, NotFound
 from cloud_hub.fleet.desired import stored_state
@@ -42,18 +42,18 @@ class CertificateOut(BaseModel):
 
 
 @router.get("/api/v1/hub/endpoint-ca", tags=["hub"])
-def endpoint_ca(ctx: Ctx) -> Response:
+def endpoint_ca(core: Core) -> Response:
     """The CA that signs scoring endpoints' certificates (PEM; no auth needed)."""
-    ca = load_or_make_ca(tls_dir(ctx.settings) / ENDPOINT_CA_DIR)
+    ca = load_or_make_ca(tls_dir(core.settings) / ENDPOINT_CA_DIR)
     return Response(ca.cert_pem, media_type="application/x-pem-file")
 
 
 @router.post("/api/v1/device/certificates", status_code=201, response_model=CertificateOut)
 def issue_endpoint_certificate(
-    ctx: Ctx, device_id: DeviceId, body: CertificateRequest
+    core: Core, device_id: DeviceId, body: CertificateRequest
 ) -> CertificateOut:
     """Sign this device's certificate request for one of its services that has ``tls``."""
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         row = s.get(DeviceDesired, device_id)
         modules = stored_state(row.payload).modules if row is not None and row.payload else []
     module = next((m for m in modules if m.service == body.service), None)
@@ -63,7 +63,7 @@ def issue_endpoint_certificate(
         raise Forbidden(
             f"service {body.service!r} is not deployed with sslEnabled; it gets no certificate"
         )
-    ca = load_or_make_ca(tls_dir(ctx.settings) / ENDPOINT_CA_DIR)
+    ca = load_or_make_ca(tls_dir(core.settings) / ENDPOINT_CA_DIR)
 
     def allowed(name: str) -> bool:
         return name.split(".", 1)[0].lower() == device_id.lower()

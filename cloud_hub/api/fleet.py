@@ -2,13 +2,13 @@
 
 Every route that lists or changes anything needs the admin token; ``/api/v1/hub/key`` is
 public (devices need it to verify desired states) and ``/api/v1/device/...`` takes a device
-token (see ``api.device_auth``). Changes to what devices run go through
-``fleet.desired.change_fleet``, which re-issues, signs, stores and publishes desired states.
+token (see ``api.device_auth``). Changes to what devices run go through ``Fleet``
+(:class:`cloud_hub.fleet.changes.FleetChanges`), which re-issues, signs and stores desired
+states and has their effects (publishes, broker accounts) applied; no route does either itself.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,12 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud_hub.api import device_auth
-from cloud_hub.api.deps import Admin, Ctx
-from cloud_hub.broker.mosquitto import sync_broker
-from cloud_hub.context import HubContext
+from cloud_hub.api.deps import Admin, Core, Fleet, Link
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Conflict, NotFound
-from cloud_hub.events import record_event
+from cloud_hub.fleet.changes import Outcome
 from cloud_hub.fleet.deployments import (
     ModuleRef,
     check_service_name,
@@ -34,7 +32,7 @@ from cloud_hub.fleet.deployments import (
     upsert_deployment,
     with_endpoint_keys,
 )
-from cloud_hub.fleet.desired import FleetChange, change_fleet, current_plan, publish_current, stored_state
+from cloud_hub.fleet.desired import current_plan, stored_state
 from cloud_hub.fleet.devices import enroll_device, get_device, retag_device, revoke_device
 from cloud_hub.fleet.endpoint_keys import KeyName, auth_of, get_keys, regenerate
 from cloud_hub.fleet.plan import Plan, devices_running
@@ -47,13 +45,11 @@ from cloud_hub.ingest.tables import DeviceReport
 from cloud_hub.registry.modules import get_module
 from cloud_hub.tls.material import ca_pem
 from manifests.device import DeviceCredentials, MqttEndpoint
-from manifests.errors import EdgepackError
 from manifests.logs import MAX_TAIL
 from manifests.reported import ModuleStatus, Progress
 from manifests.signing import TrustedKey, public_key_pem, raw_public_bytes
 from manifests.states import ServiceState
 
-log = logging.getLogger(__name__)
 router = APIRouter()
 admin = APIRouter(prefix="/api/v1", dependencies=[Admin])
 
@@ -207,11 +203,11 @@ def _device_out(device: Device, desired: DeviceDesired | None) -> DeviceOut:
     )
 
 
-def _change_out(change: FleetChange[Any]) -> dict[str, Any]:
+def _change_out(change: Outcome[Any]) -> dict[str, Any]:
     return {
         "issued": change.issued,
-        "published": change.published,
-        "publish_errors": change.publish_errors,
+        "published": change.applied.published,
+        "publish_errors": change.applied.publish_errors,
     }
 
 
@@ -260,30 +256,15 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
     )
 
 
-def _sync_broker(ctx: HubContext) -> None:
-    """Regenerate the broker's password file and ACL after a committed device change.
-
-    The change is already stored (and an enrolment's credentials exist only in this answer),
-    so a failure here is logged and recorded as an event instead of failing the request; the
-    next device change, or 'edgepack hub broker-config', writes the files again.
-    """
-    try:
-        sync_broker(ctx)
-    except (EdgepackError, OSError) as exc:
-        log.warning("broker files not updated: %s", exc)
-        with ctx.sessions.begin() as s:
-            record_event(s, "broker-sync-failed", f"broker password file/ACL not updated: {exc}")
-
-
 # --- public ----------------------------------------------------------------------------------
 
 
 @router.get("/api/v1/hub/key", response_model=HubKey, tags=["hub"])
-def hub_key(ctx: Ctx) -> HubKey:
+def hub_key(core: Core) -> HubKey:
     """The hub's public key: devices verify their desired states with it (no auth needed)."""
-    pub = ctx.hub_key.public_key()
+    pub = core.hub_key.public_key()
     return HubKey(
-        keyid=ctx.hub_key_id, public_key=raw_public_bytes(pub).hex(), pem=public_key_pem(pub).decode()
+        keyid=core.hub_key_id, public_key=raw_public_bytes(pub).hex(), pem=public_key_pem(pub).decode()
     )
 
 
@@ -291,22 +272,21 @@ def hub_key(ctx: Ctx) -> HubKey:
 
 
 @admin.post("/devices", status_code=201, response_model=EnrollOut, tags=["devices"])
-def enroll(ctx: Ctx, body: EnrollRequest) -> EnrollOut:
+def enroll(core: Core, fleet: Fleet, body: EnrollRequest) -> EnrollOut:
     """Enroll a device; its credentials are in the answer, once."""
-    if body.id == ctx.settings.mqtt_username:
+    if body.id == core.settings.mqtt_username:
         # Its MQTT username would be the hub's own: the broker files leave it out, so the
         # credentials printed once could never connect.
         raise Conflict(f"device id {body.id!r} is the hub's own broker user name; choose another id")
     tags = check_tags(body.tags)
-    change = change_fleet(ctx, lambda s: enroll_device(s, body.id, tags))
-    _sync_broker(ctx)
+    change = fleet.change(lambda s: enroll_device(s, body.id, tags))
     creds = change.result
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         device = _device_out(get_device(s, body.id), s.get(DeviceDesired, body.id))
-    settings = ctx.settings
+    settings = core.settings
     mqtt_host = settings.mqtt_public_host or settings.mqtt_host
     mqtt_port = settings.mqtt_public_port or settings.mqtt_port
-    pub = ctx.hub_key.public_key()
+    pub = core.hub_key.public_key()
     document = DeviceCredentials(
         device_id=body.id,
         hub_url=settings.base_url(),
@@ -320,10 +300,10 @@ def enroll(ctx: Ctx, body: EnrollRequest) -> EnrollOut:
             tls=settings.mqtt_tls_ca is not None,
         ),
         ca_pem=ca_pem(settings),
-        hub_key=TrustedKey(keyid=ctx.hub_key_id, public_key=raw_public_bytes(pub).hex(), name="hub"),
+        hub_key=TrustedKey(keyid=core.hub_key_id, public_key=raw_public_bytes(pub).hex(), name="hub"),
         # The device checks every module against these itself: a hub compromised later can
         # make it run nothing that these publishers did not sign.
-        publishers=ctx.trust,
+        publishers=core.trust,
     )
     return EnrollOut(
         device=device,
@@ -334,19 +314,19 @@ def enroll(ctx: Ctx, body: EnrollRequest) -> EnrollOut:
         mqtt_host=mqtt_host,
         mqtt_port=mqtt_port,
         topic_prefix=settings.topic_prefix,
-        hub_keyid=ctx.hub_key_id,
+        hub_keyid=core.hub_key_id,
         device_credentials=document,
     )
 
 
 @admin.get("/devices", tags=["devices"])
 def list_devices(
-    ctx: Ctx,
+    core: Core,
     selector: str | None = Query(default=None, description="only devices matching k=v,..."),
     include_revoked: bool = False,
 ) -> dict[str, list[DeviceOut]]:
     wanted = parse_selector(selector) if selector is not None else None
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         desired = {d.device_id: d for d in s.scalars(select(DeviceDesired))}
         out = [
             _device_out(d, desired.get(d.id))
@@ -358,8 +338,8 @@ def list_devices(
 
 
 @admin.get("/devices/{device_id}", response_model=DeviceDetail, tags=["devices"])
-def show_device(ctx: Ctx, device_id: str) -> DeviceDetail:
-    with ctx.sessions.begin() as s:
+def show_device(core: Core, device_id: str) -> DeviceDetail:
+    with core.sessions.begin() as s:
         device = get_device(s, device_id)
         desired = s.get(DeviceDesired, device_id)
         report = s.get(DeviceReport, device_id)
@@ -374,25 +354,19 @@ def show_device(ctx: Ctx, device_id: str) -> DeviceDetail:
 
 
 @admin.patch("/devices/{device_id}", response_model=ChangeOut, tags=["devices"])
-def update_tags(ctx: Ctx, device_id: str, body: TagUpdate) -> dict[str, Any]:
+def update_tags(fleet: Fleet, device_id: str, body: TagUpdate) -> dict[str, Any]:
     """Change a device's tags; the services it runs follow its new tags."""
     tags = check_tags(body.set)
-    change = change_fleet(
-        ctx,
+    change = fleet.change(
         lambda s: retag_device(s, device_id, set_tags=tags, remove=body.remove, replace=body.replace),
     )
-    _sync_broker(ctx)
     return _change_out(change)
 
 
 @admin.post("/devices/{device_id}/revoke", response_model=ChangeOut, tags=["devices"])
-def revoke(ctx: Ctx, device_id: str) -> dict[str, Any]:
+def revoke(fleet: Fleet, device_id: str) -> dict[str, Any]:
     """Refuse the device's credentials and withdraw its desired state (retained message too)."""
-    change = change_fleet(ctx, lambda s: revoke_device(s, device_id))
-    if ctx.mqtt is not None:
-        change.publish_errors = publish_current(ctx, [device_id])
-        change.published = not change.publish_errors
-    _sync_broker(ctx)
+    change = fleet.change(lambda s: revoke_device(s, device_id))
     return _change_out(change)
 
 
@@ -400,7 +374,7 @@ def revoke(ctx: Ctx, device_id: str) -> dict[str, Any]:
 
 
 @admin.put("/deployments/{name}", response_model=DeployOut, tags=["deployments"])
-def deploy(ctx: Ctx, name: str, body: DeployRequest, response: Response) -> dict[str, Any]:
+def deploy(core: Core, fleet: Fleet, name: str, body: DeployRequest, response: Response) -> dict[str, Any]:
     """Create or update a service; every affected device gets a new signed desired state."""
     check_service_name(name)
     requested = settings_from_request(body.deployment_config, body.settings)
@@ -414,9 +388,9 @@ def deploy(ctx: Ctx, name: str, body: DeployRequest, response: Response) -> dict
         row.settings = with_endpoint_keys(s, name, requested).model_dump(mode="json")
         return created
 
-    change = change_fleet(ctx, mutate)
+    change = fleet.change(mutate)
     response.status_code = 201 if change.result else 200
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         out = _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
     return {
         **_change_out(change),
@@ -427,15 +401,15 @@ def deploy(ctx: Ctx, name: str, body: DeployRequest, response: Response) -> dict
 
 
 @admin.get("/deployments/{name}/keys", response_model=KeysOut, tags=["deployments"])
-def show_keys(ctx: Ctx, name: str) -> KeysOut:
+def show_keys(core: Core, name: str) -> KeysOut:
     """The service's endpoint keys (Azure's "get keys"); devices only ever see their hashes."""
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         keys = get_keys(s, name)
         return KeysOut(primary=keys.primary, secondary=keys.secondary)
 
 
 @admin.post("/deployments/{name}/keys/regenerate", response_model=RegeneratedOut, tags=["deployments"])
-def regenerate_key(ctx: Ctx, name: str, body: RegenerateRequest) -> dict[str, Any]:
+def regenerate_key(fleet: Fleet, name: str, body: RegenerateRequest) -> dict[str, Any]:
     """Replace one key; every device running the service gets the new hashes (the other key
     keeps working throughout)."""
 
@@ -446,22 +420,22 @@ def regenerate_key(ctx: Ctx, name: str, body: RegenerateRequest) -> dict[str, An
         row.updated_at = utcnow()
         return keys
 
-    change = change_fleet(ctx, mutate)
+    change = fleet.change(mutate)
     keys = change.result
     return {**_change_out(change), "keys": KeysOut(primary=keys.primary, secondary=keys.secondary)}
 
 
 @admin.get("/deployments", tags=["deployments"])
-def list_deployments(ctx: Ctx) -> dict[str, list[DeploymentOut]]:
-    with ctx.sessions.begin() as s:
+def list_deployments(core: Core) -> dict[str, list[DeploymentOut]]:
+    with core.sessions.begin() as s:
         rows = list(s.scalars(select(Deployment).order_by(Deployment.name)))
         view = _FleetView.read(s)
         return {"deployments": [_deployment_out(s, r, view) for r in rows]}
 
 
 @admin.get("/deployments/{name}", response_model=DeploymentOut, tags=["deployments"])
-def show_deployment(ctx: Ctx, name: str) -> DeploymentOut:
-    with ctx.sessions.begin() as s:
+def show_deployment(core: Core, name: str) -> DeploymentOut:
+    with core.sessions.begin() as s:
         return _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
 
 
@@ -474,32 +448,33 @@ class LogsOut(BaseModel):
 
 @admin.get("/deployments/{name}/logs", response_model=LogsOut, tags=["deployments"])
 def service_logs(
-    ctx: Ctx,
+    core: Core,
+    link: Link,
     name: str,
     device: str = Query(description="the device whose module log to fetch"),
     tail: int = Query(default=100, ge=1, le=MAX_TAIL),
 ) -> LogsOut:
     """A module's last log lines, fetched from the device over MQTT (request and answer on
     per-device topics only that device can use)."""
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         get_deployment(s, name)
         get_device(s, device, active=True)
         if device not in devices_running(current_plan(s), name):
             raise NotFound(
                 f"service {name!r} is not deployed to device {device!r}; see 'edgepack service show {name}'"
             )
-    if ctx.mqtt is None:
+    if link is None:
         raise Conflict("the hub runs without a broker, so it cannot reach devices for their logs")
-    answer = ctx.mqtt.request_logs(device, name, tail)
+    answer = link.request_logs(device, name, tail)
     if answer.error:
         raise NotFound(answer.error)
     return LogsOut(device_id=device, service=name, lines=answer.lines, truncated=answer.truncated)
 
 
 @admin.delete("/deployments/{name}", response_model=ChangeOut, tags=["deployments"])
-def delete(ctx: Ctx, name: str) -> dict[str, Any]:
+def delete(fleet: Fleet, name: str) -> dict[str, Any]:
     """Delete a service; its devices get a desired state without it."""
-    change = change_fleet(ctx, lambda s: delete_deployment(s, name))
+    change = fleet.change(lambda s: delete_deployment(s, name))
     return _change_out(change)
 
 

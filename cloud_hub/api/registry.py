@@ -7,6 +7,7 @@ verifier into a staging area) in a worker thread, never whole into memory.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -17,9 +18,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_hub.api.deps import Admin, Ctx
-from cloud_hub.context import HubContext
+from cloud_hub.api.deps import Admin, Core
+from cloud_hub.core import HubCore
 from cloud_hub.errors import NotFound
+from cloud_hub.events import record_event
 from cloud_hub.registry import blob_refs
 from cloud_hub.registry import models as model_registry
 from cloud_hub.registry import modules as module_registry
@@ -28,9 +30,10 @@ from cloud_hub.registry.tags import parse_filters
 from cloud_hub.store.blobs import CHUNK, check_digest
 from cloud_hub.store.streaming import MIB, body_file, check_declared_length
 from manifests.bounds import MAX_TAGS, Count, TagKey, TagMap, Text
-from manifests.errors import ConfigError, EdgepackError
+from manifests.errors import ConfigError, EdgepackError, TrustError
 from manifests.signing import parse_envelope
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", dependencies=[Admin])
 
 #: A longer grace than ten years means "never": refuse it rather than overflow the date maths.
@@ -148,8 +151,8 @@ def _binary_body(media_type: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def _upload_limit(ctx: HubContext) -> int:
-    return ctx.settings.max_upload_mb * MIB
+def _upload_limit(core: HubCore) -> int:
+    return core.settings.max_upload_mb * MIB
 
 
 # --- blobs ----------------------------------------------------------------------------------
@@ -175,39 +178,52 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
+def _chunks(fh: IO[bytes], core: HubCore, digest: str) -> Iterator[bytes]:
     with fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
+        try:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+        except TrustError as exc:
+            # The store's copy changed behind the hub's back: the answer is cut off before its
+            # end (the client sees a broken transfer, never the whole wrong bytes), and the
+            # operator is told which blob to push again.
+            log.error("%s", exc)
+            with core.sessions.begin() as s:
+                record_event(s, "blob-corrupt", str(exc))
+            raise
 
 
-def blob_response(ctx: HubContext, digest: str, range_header: str | None, media_type: str) -> Response:
+def blob_response(core: HubCore, digest: str, range_header: str | None, media_type: str) -> Response:
     """Stream a blob, or one byte range of it (206), for any route that serves blobs."""
     check_digest(digest)
-    size = ctx.blobs.size(digest)
+    size = core.blobs.size(digest)
     span = parse_range(range_header, size)
     headers = {"Accept-Ranges": "bytes", "ETag": f'"{digest}"'}
     if span is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(_chunks(ctx.blobs.open(digest)), media_type=media_type, headers=headers)
+        chunks = _chunks(core.blobs.open(digest), core, digest)
+        return StreamingResponse(chunks, media_type=media_type, headers=headers)
     start, end = span
     headers["Content-Length"] = str(end - start)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     return StreamingResponse(
-        _chunks(ctx.blobs.open(digest, start, end)), status_code=206, media_type=media_type, headers=headers
+        _chunks(core.blobs.open(digest, start, end), core, digest),
+        status_code=206,
+        media_type=media_type,
+        headers=headers,
     )
 
 
 @router.head("/blobs/{digest}", tags=["blobs"])
-def head_blob(digest: DigestPath, ctx: Ctx) -> Response:
-    size = ctx.blobs.size(check_digest(digest))
+def head_blob(digest: DigestPath, core: Core) -> Response:
+    size = core.blobs.size(check_digest(digest))
     return Response(headers={"Content-Length": str(size), "Accept-Ranges": "bytes"})
 
 
 @router.get("/blobs/{digest}", tags=["blobs"], response_class=StreamingResponse)
-def get_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Response:
+def get_blob(digest: DigestPath, request: Request, core: Core) -> Response:
     """A blob by digest; honours a single ``Range`` header."""
-    return blob_response(ctx, digest, request.headers.get("range"), "application/octet-stream")
+    return blob_response(core, digest, request.headers.get("range"), "application/octet-stream")
 
 
 @router.put(
@@ -217,17 +233,17 @@ def get_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Response:
     response_model=BlobOut,
     openapi_extra=_binary_body("application/octet-stream"),
 )
-async def put_blob(digest: DigestPath, request: Request, ctx: Ctx) -> Any:
+async def put_blob(digest: DigestPath, request: Request, core: Core) -> Any:
     """Upload one blob (raw body); its digest must match. A blob already held is not rewritten."""
     check_digest(digest)
-    limit = _upload_limit(ctx)
+    limit = _upload_limit(core)
     check_declared_length(request.headers.get("content-length"), limit)
     raw, fh = body_file(request.stream(), limit=limit)
-    if ctx.blobs.has(digest):
+    if core.blobs.has(digest):
         await raw.drain()
-        return JSONResponse(BlobOut(digest=digest, size=ctx.blobs.size(digest), created=False).model_dump())
+        return JSONResponse(BlobOut(digest=digest, size=core.blobs.size(digest), created=False).model_dump())
     try:
-        got, size = await run_in_threadpool(ctx.blobs.put, fh, expected_digest=digest, max_bytes=limit)
+        got, size = await run_in_threadpool(core.blobs.put, fh, expected_digest=digest, max_bytes=limit)
     except EdgepackError:
         await raw.drain()
         raise
@@ -240,14 +256,14 @@ class Collected(BaseModel):
 
 @router.post("/registry/gc", tags=["blobs"], response_model=Collected)
 def collect_garbage(
-    ctx: Ctx,
+    core: Core,
     grace_s: Annotated[
         int, Query(ge=0, le=MAX_GC_GRACE_S, description="keep unused blobs younger than this")
     ] = 3600,
 ) -> Collected:
     """Delete blobs that no model or module uses (uploads never registered, failed pushes)."""
     return Collected(
-        freed_blobs=blob_refs.collect_garbage(ctx.sessions, ctx.blobs, grace=timedelta(seconds=grace_s))
+        freed_blobs=blob_refs.collect_garbage(core.sessions, core.blobs, grace=timedelta(seconds=grace_s))
     )
 
 
@@ -255,11 +271,11 @@ def collect_garbage(
 
 
 @router.post("/models/{name}/versions", tags=["models"], status_code=201, response_model=ModelOut)
-def register_model(name: str, body: ModelRegistration, ctx: Ctx) -> ModelOut:
+def register_model(name: str, body: ModelRegistration, core: Core) -> ModelOut:
     """Register a new version of model ``name`` over blobs uploaded with ``PUT /blobs``."""
     model = model_registry.register_model(
-        ctx.sessions,
-        ctx.blobs,
+        core.sessions,
+        core.blobs,
         name,
         [model_registry.FileRef(f.path, f.digest, f.size) for f in body.files],
         description=body.description,
@@ -271,13 +287,13 @@ def register_model(name: str, body: ModelRegistration, ctx: Ctx) -> ModelOut:
 
 @router.get("/models", tags=["models"], response_model=list[ModelOut])
 def list_models(
-    ctx: Ctx,
+    core: Core,
     tag: Annotated[list[str], Query(description="key=value or key; all must match")] = [],  # noqa: B006
     name: str | None = None,
     latest: Annotated[bool, Query(description="only the highest version of each name")] = False,
 ) -> list[ModelOut]:
     filters = parse_filters(tag)
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         found = model_registry.list_models(s, name=name, filters=filters)
         if latest:
             found = list({m.name: m for m in found}.values())
@@ -285,8 +301,8 @@ def list_models(
 
 
 @router.get("/models/{name}/versions", tags=["models"], response_model=list[ModelOut])
-def list_model_versions(name: str, ctx: Ctx) -> list[ModelOut]:
-    with ctx.sessions.begin() as s:
+def list_model_versions(name: str, core: Core) -> list[ModelOut]:
+    with core.sessions.begin() as s:
         found = model_registry.list_models(s, name=name)
         if not found:
             model_registry.get_model(s, name)  # raises NotFound with advice
@@ -294,27 +310,27 @@ def list_model_versions(name: str, ctx: Ctx) -> list[ModelOut]:
 
 
 @router.get("/models/{name}/versions/{version}", tags=["models"], response_model=ModelOut)
-def show_model(name: str, version: str, ctx: Ctx) -> ModelOut:
+def show_model(name: str, version: str, core: Core) -> ModelOut:
     """One version; ``latest`` names the highest."""
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         return ModelOut.of(model_registry.get_model(s, name, version))
 
 
 @router.get("/models/{name}/versions/{version}/files/{path:path}", tags=["models"])
-def download_model_file(name: str, version: str, path: str, request: Request, ctx: Ctx) -> Response:
-    with ctx.sessions.begin() as s:
+def download_model_file(name: str, version: str, path: str, request: Request, core: Core) -> Response:
+    with core.sessions.begin() as s:
         model = model_registry.get_model(s, name, version)
         digest = next((f.digest for f in model.files if f.path == path), None)
     if digest is None:
         raise NotFound(f"model {model.ref} has no file {path!r}; 'edgepack model show' lists them")
-    return blob_response(ctx, digest, request.headers.get("range"), "application/octet-stream")
+    return blob_response(core, digest, request.headers.get("range"), "application/octet-stream")
 
 
 @router.patch("/models/{name}/versions/{version}", tags=["models"], response_model=ModelOut)
-def update_model(name: str, version: str, body: ModelUpdate, ctx: Ctx) -> ModelOut:
+def update_model(name: str, version: str, body: ModelUpdate, core: Core) -> ModelOut:
     """Change tags, description or properties of one version (its files never change)."""
     model = model_registry.update_model(
-        ctx.sessions,
+        core.sessions,
         name,
         version,
         set_tags=body.set_tags,
@@ -326,9 +342,9 @@ def update_model(name: str, version: str, body: ModelUpdate, ctx: Ctx) -> ModelO
 
 
 @router.delete("/models/{name}/versions/{version}", tags=["models"], response_model=Deleted)
-def delete_model(name: str, version: str, ctx: Ctx) -> Deleted:
+def delete_model(name: str, version: str, core: Core) -> Deleted:
     """Delete one version; refused (409) while a deployment uses it."""
-    freed = model_registry.delete_model(ctx.sessions, ctx.blobs, name, version)
+    freed = model_registry.delete_model(core.sessions, core.blobs, name, version)
     return Deleted(deleted=f"{name}:{version}", freed_blobs=freed)
 
 
@@ -342,14 +358,16 @@ def delete_model(name: str, version: str, ctx: Ctx) -> Deleted:
     response_model=PushOut,
     openapi_extra=_binary_body("application/vnd.edgepack.module+tar"),
 )
-async def push_module(request: Request, ctx: Ctx) -> Any:
+async def push_module(request: Request, core: Core) -> Any:
     """Push a ``.edgepack`` (raw body). Every signature and blob digest is verified before
     anything is stored; 422 names the problem. The same module again answers 200."""
-    limit = _upload_limit(ctx)
+    limit = _upload_limit(core)
     check_declared_length(request.headers.get("content-length"), limit)
     raw, fh = body_file(request.stream(), limit=limit)
     try:
-        result = await run_in_threadpool(module_registry.push_module, ctx.sessions, ctx.blobs, ctx.trust, fh)
+        result = await run_in_threadpool(
+            module_registry.push_module, core.sessions, core.blobs, core.trust, fh
+        )
     except EdgepackError:
         await raw.drain()
         raise
@@ -366,14 +384,14 @@ async def push_module(request: Request, ctx: Ctx) -> Any:
 
 
 @router.get("/modules", tags=["modules"], response_model=list[ModuleOut])
-def list_modules(ctx: Ctx, name: str | None = None) -> list[ModuleOut]:
-    with ctx.sessions.begin() as s:
+def list_modules(core: Core, name: str | None = None) -> list[ModuleOut]:
+    with core.sessions.begin() as s:
         return [ModuleOut.of(m) for m in module_registry.list_modules(s, name)]
 
 
 @router.get("/modules/{name}/versions/{version}", tags=["modules"], response_model=ModuleDetail)
-def show_module(name: str, version: str, ctx: Ctx) -> ModuleDetail:
-    with ctx.sessions.begin() as s:
+def show_module(name: str, version: str, core: Core) -> ModuleDetail:
+    with core.sessions.begin() as s:
         module = module_registry.get_module(s, name, version)
         signed = parse_envelope(module.manifest, what=f"module {module.ref}").signed
         return ModuleDetail(**ModuleOut.of(module).model_dump(), manifest=signed)
@@ -388,20 +406,20 @@ def _manifest_response(module: Module) -> Response:
 
 
 @router.get("/modules/{name}/versions/{version}/manifest", tags=["modules"])
-def get_module_manifest(name: str, version: str, ctx: Ctx) -> Response:
+def get_module_manifest(name: str, version: str, core: Core) -> Response:
     """The exact signed ``module.json`` bytes that were pushed."""
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         return _manifest_response(module_registry.get_module(s, name, version))
 
 
 @router.get("/manifests/{digest}", tags=["modules"])
-def get_manifest_by_digest(digest: DigestPath, ctx: Ctx) -> Response:
-    with ctx.sessions.begin() as s:
+def get_manifest_by_digest(digest: DigestPath, core: Core) -> Response:
+    with core.sessions.begin() as s:
         return _manifest_response(module_registry.module_by_digest(s, check_digest(digest)))
 
 
 @router.delete("/modules/{name}/versions/{version}", tags=["modules"], response_model=Deleted)
-def delete_module(name: str, version: str, ctx: Ctx) -> Deleted:
+def delete_module(name: str, version: str, core: Core) -> Deleted:
     """Delete a module version; refused (409) while a deployment uses it."""
-    freed = module_registry.delete_module(ctx.sessions, ctx.blobs, name, version)
+    freed = module_registry.delete_module(core.sessions, core.blobs, name, version)
     return Deleted(deleted=f"{name}:{version}", freed_blobs=freed)

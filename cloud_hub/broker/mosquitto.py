@@ -8,8 +8,8 @@ the hub's own user may read and write everything under the topic prefix. After e
 the files are rewritten atomically and the broker is sent SIGHUP, which makes Mosquitto reload
 both files without dropping connections.
 
-Rendering is pure (data in, text out); :func:`sync_broker` is the thin edge that reads the
-device table, writes the files and signals the broker.
+Rendering is pure (data in, text out); :class:`MosquittoAccounts` is the thin edge that reads
+the device table, writes the files and signals the broker.
 """
 
 from __future__ import annotations
@@ -23,22 +23,19 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from cloud_hub.broker.passwords import hash_password
+from cloud_hub.core import HubCore
+from cloud_hub.db.base import Sessions
 from cloud_hub.fleet.tables import Device
+from cloud_hub.settings import HubSettings
 from cloud_hub.store.files import write_atomic
 from manifests.desired import DEVICE_ID_PATTERN
 from manifests.errors import ConfigError
 from manifests.topics import DEVICE_READS, DEVICE_WRITES, device_topic
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
-    from cloud_hub.context import HubContext
-    from cloud_hub.settings import HubSettings
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +166,15 @@ def hub_mqtt_password(settings: HubSettings) -> str | None:
 
     A hub that writes the broker's password file owns its own credentials too, so when no
     password is configured it makes one (kept in ``<data_dir>/mqtt_password``, mode 0600).
-    Without a broker dir and without a configured password the hub connects anonymously.
+    Without a broker dir (or RabbitMQ API) and without a configured password the hub connects
+    anonymously. Replicas on one broker must share one configured password.
     """
     if settings.mqtt_password is not None:
         return settings.mqtt_password.get_secret_value()
     path = settings.data_dir / HUB_PASSWORD_FILE
     if path.exists():
         return path.read_text().strip()
-    if settings.broker_dir is None:
+    if settings.broker_dir is None and settings.rabbitmq_api is None:
         return None
     password = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,26 +218,28 @@ def prepare_broker_dir(settings: HubSettings) -> None:
     write_broker_files(settings.broker_dir, prefix=settings.topic_prefix, hub=hub_user(settings), devices=[])
 
 
-def sync_broker(ctx: HubContext) -> None:
-    """Regenerate the password file and ACL from the device table and reload the broker.
+class MosquittoAccounts:
+    """Keeps Mosquitto's password file and ACL equal to the device table (an ``AccountSync``)."""
 
-    A no-op when the hub does not manage a broker (``broker_dir`` unset). Call it after every
-    enrolment, tag change or revocation, once the transaction has committed.
-    """
-    settings = ctx.settings
-    if settings.broker_dir is None:
-        return
-    lock = ctx.extras.setdefault("broker_sync_lock", threading.Lock())
-    assert isinstance(lock, type(threading.Lock()))
-    # Read and write under one lock: otherwise a slower sync that read the table before another
-    # enrolment committed could overwrite the newer files with older ones.
-    with lock:
-        with ctx.sessions.begin() as session:
-            devices = enrolled_devices(session)
-        write_broker_files(
-            settings.broker_dir, prefix=settings.topic_prefix, hub=hub_user(settings), devices=devices
-        )
-        reload_broker(settings.broker_pid_file)
+    def __init__(self, sessions: Sessions, settings: HubSettings) -> None:
+        if settings.broker_dir is None:
+            raise ConfigError("no broker dir: set EDGEPACK_HUB_BROKER_DIR (or --broker-dir)")
+        self._sessions = sessions
+        self._broker_dir = settings.broker_dir
+        self._prefix = settings.topic_prefix
+        self._hub = hub_user(settings)
+        self._pid_file = settings.broker_pid_file
+        self._lock = threading.Lock()
+
+    def sync(self) -> None:
+        """Regenerate the password file and ACL from the device table and reload the broker."""
+        # Read and write under one lock: otherwise a slower sync that read the table before another
+        # enrolment committed could overwrite the newer files with older ones.
+        with self._lock:
+            with self._sessions.begin() as session:
+                devices = enrolled_devices(session)
+            write_broker_files(self._broker_dir, prefix=self._prefix, hub=self._hub, devices=devices)
+            reload_broker(self._pid_file)
 
 
 def prepare_broker_tls(
@@ -272,17 +272,15 @@ def write_broker_config(
     The config keeps retained messages across broker restarts and writes its pid file beside
     the other files, for the hub's ``broker_pid_file`` setting.
     """
-    from cloud_hub.context import HubContext
-
     if settings.broker_dir is None:
         raise ConfigError("no broker dir: pass --out DIR")
     broker_dir = settings.broker_dir
     broker_dir.mkdir(parents=True, exist_ok=True)
-    ctx = HubContext.open(settings)
+    core = HubCore.open(settings)
     try:
-        sync_broker(ctx)
+        MosquittoAccounts(core.sessions, settings).sync()
     finally:
-        ctx.close()
+        core.close()
     conf = render_config(
         broker_dir,
         port=port,

@@ -22,6 +22,16 @@ def hash_password(password: str, *, iterations: int = ITERATIONS, salt: bytes | 
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+def rabbit_hash(password: str, *, salt: bytes | None = None) -> str:
+    """RabbitMQ's ``rabbit_password_hashing_sha256``: base64(salt + sha256(salt + password)).
+
+    RabbitMQ cannot check the ``$7$`` hash above, so for a RabbitMQ broker the hub keeps this
+    one too (a 4-byte salt and one round are RabbitMQ's format, not our choice).
+    """
+    salt = salt if salt is not None else os.urandom(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
 def check_password(password: str, hashed: str) -> bool:
     try:
         _, tag, iters, salt_b64, digest_b64 = hashed.split("$")

@@ -55,15 +55,13 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def create_schema(engine: Engine) -> None:
-    """Create every table (imports each area's table module so it registers with Base)."""
+def import_tables() -> None:
+    """Import each area's table module so that every table is registered with ``Base``."""
     import cloud_hub.api.sessions
     import cloud_hub.events
     import cloud_hub.fleet.tables
     import cloud_hub.ingest.tables
     import cloud_hub.registry.tables  # noqa: F401
-
-    Base.metadata.create_all(engine)
 
 
 def utcnow() -> datetime:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from cloud_hub.broker.passwords import hash_password
+from cloud_hub.broker.passwords import hash_password, rabbit_hash
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Device, DeviceDesired
@@ -66,6 +66,7 @@ def enroll_device(session: Session, device_id: str, tags: Mapping[str, str]) -> 
         session.add(device)
     device.tags = dict(tags)
     device.mqtt_password_hash = hash_password(creds.mqtt_password)
+    device.rabbitmq_password_hash = rabbit_hash(creds.mqtt_password)
     device.token_hash = token_hash(creds.token)
     device.revoked = False
     device.online = False
@@ -107,6 +108,7 @@ def revoke_device(session: Session, device_id: str) -> Device:
     # Nothing can match the token or password any more; the hashes are replaced, not kept.
     device.token_hash = token_hash(secrets.token_urlsafe(32))
     device.mqtt_password_hash = hash_password(secrets.token_urlsafe(32))
+    device.rabbitmq_password_hash = None
     desired = session.get(DeviceDesired, device_id)
     if desired is not None:
         desired.payload = None

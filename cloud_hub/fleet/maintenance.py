@@ -8,24 +8,38 @@ broker's acknowledgement, so it must never run on paho's network thread — henc
 
 Several hub replicas may each run one: renewals happen under the fleet lock and are skipped
 when another replica already renewed, and republishing the same bytes is harmless.
+
+It is given the two jobs it runs as plain callables, not the hub that owns them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-
-from cloud_hub.context import HubContext
-from cloud_hub.fleet.desired import renew_expiring, republish_all
+from collections.abc import Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
 
 class FleetMaintenance:
-    def __init__(self, ctx: HubContext, *, interval_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        *,
+        renew: Callable[[], Mapping[str, int]],
+        republish: Callable[[], Sequence[str]] | None,
+        pending: Callable[[], Sequence[str]] | None = None,
+        interval_s: float = 5.0,
+    ) -> None:
+        """``renew`` re-issues (and publishes) what is due; ``republish`` publishes every
+        stored state again and ``pending`` every state not published yet (by any replica),
+        each returning the errors (None: the hub runs without a broker). Every round is cheap
+        when there is nothing to do, so rounds are seconds apart: a state a dead replica left
+        unpublished goes out within one interval."""
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
-        self.ctx = ctx
+        self._renew = renew
+        self._republish_all = republish
+        self._pending = pending
         self.interval_s = interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -51,14 +65,16 @@ class FleetMaintenance:
         self._wake.set()
 
     def run_once(self) -> None:
-        """One round: republish if asked, then renew what is due. Never raises."""
+        """One round: republish if asked, publish what is pending, renew what is due. Never raises."""
         try:
             if self._republish.is_set():
                 self._republish.clear()
-                errors = republish_all(self.ctx)
+                errors = self._republish_all() if self._republish_all is not None else []
                 if errors:
                     self._republish.set()  # try again next round
-            renewed = renew_expiring(self.ctx)
+            if self._pending is not None:
+                self._pending()
+            renewed = self._renew()
             if renewed:
                 log.info("renewed the desired state of %d device(s)", len(renewed))
         except Exception:

@@ -1,10 +1,10 @@
 """Fleet tables: devices, deployments (services) and each device's signed desired state.
 
-``FleetLock`` is a single row that every transaction changing what devices should run updates
-*first*. On PostgreSQL that row lock, and on SQLite the database write lock it takes, serialise
-those transactions, so two concurrent deploys never compute a device's desired state from a
-view that misses the other's deployment, and generations rise strictly — across hub replicas
-too, because the lock lives in the database.
+``FleetLock`` is a single row (made by the baseline migration) that every transaction changing
+what devices should run updates *first*. On PostgreSQL that row lock, and on SQLite the
+database write lock it takes, serialise those transactions, so two concurrent deploys never
+compute a device's desired state from a view that misses the other's deployment, and
+generations rise strictly — across hub replicas too, because the lock lives in the database.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
-    event,
-    insert,
+    false,
 )
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from cloud_hub.db.base import Base, utcnow
@@ -34,6 +32,9 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     mqtt_password_hash: Mapped[str] = mapped_column(String(255))
+    # The same password as RabbitMQ's own salted hash (broker.rabbitmq); None for a device
+    # enrolled before the hub knew RabbitMQ.
+    rabbitmq_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
     # sha256 hex of the device's HTTP token: looked up directly, the token itself is never kept.
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -90,6 +91,11 @@ class DeviceDesired(Base):
     modules_digest: Mapped[str | None] = mapped_column(String(71), default=None)
     issued: Mapped[datetime | None] = mapped_column(default=None)
     expires: Mapped[datetime | None] = mapped_column(default=None)
+    # What the broker's retained message for this device was last made to be, by any replica
+    # (fleet.publish): the generation published, and whether it was a clearing. A state whose
+    # generation differs is still to be published (a replica died before it could).
+    published_generation: Mapped[int | None] = mapped_column(Integer, default=None)
+    published_cleared: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class FleetLock(Base):
@@ -97,8 +103,3 @@ class FleetLock(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer, default=0)
-
-
-@event.listens_for(FleetLock.__table__, "after_create")
-def _seed_lock_row(target: Any, connection: Connection, **_: Any) -> None:
-    connection.execute(insert(FleetLock).values(id=1, version=0))

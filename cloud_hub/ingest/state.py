@@ -88,7 +88,12 @@ class BatchView:
         self.session = session
         self.allow_event = allow_event or (lambda _device_id: True)
         self.unassigned = 0
-        self.devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
+        # FOR UPDATE, in id order, before anything else is read: two replicas that get the same
+        # message (a redelivered QoS 1 message, or a broker without shared subscriptions) apply
+        # it one after the other, and the second sees it is not news — no event is recorded
+        # twice. (SQLite has no row locks; it serialises every writer, and runs one hub.)
+        devices = select(Device).where(Device.id.in_(ids)).order_by(Device.id).with_for_update()
+        self.devices = {d.id: d for d in session.scalars(devices)}
         self.assigned = self._load_assigned(ids, {} if assigned_cache is None else assigned_cache)
         self.reports = {
             r.device_id: r
@@ -216,22 +221,35 @@ def apply_online(view: BatchView, msg: Online) -> bool:
 
 def apply_telemetry(view: BatchView, msgs: Iterable[TelemetryMessage], *, keep: int) -> int:
     """Store samples of enrolled devices and trim each device's history to its newest
-    ``keep``; returns how many were stored (samples of unknown devices are skipped)."""
+    ``keep``; returns how many came from enrolled devices (the others are skipped)."""
     session = view.session
-    stored = 0
+    known = 0
     devices: set[str] = set()
-    for msg in msgs:
+    # Device clocks may run ahead: a sample is stored at the hub's time at the latest.
+    stamped = [(m, clamp_to_hub_clock(m.sample.ts, m.received_at)) for m in msgs]
+    # A sample that another replica already stored (same device, same timestamp) is skipped;
+    # the device rows are locked (BatchView), so the check cannot race with that replica.
+    rows = session.execute(
+        select(TelemetrySample.device_id, TelemetrySample.ts).where(
+            TelemetrySample.device_id.in_({m.device_id for m, _ in stamped}),
+            TelemetrySample.ts.in_({ts for _, ts in stamped}),
+        )
+    )
+    held = {(device_id, ts) for device_id, ts in rows}
+    for msg, ts in stamped:
         try:
             device = view.device(msg.device_id)
         except UnknownDevice:
             continue
         _touch(device, msg.retained, msg.received_at)
+        known += 1
+        if (msg.device_id, ts) in held:
+            continue
+        held.add((msg.device_id, ts))
         assigned = view.services_of(msg.device_id)
         modules = [m for m in msg.sample.modules if m.service in assigned]
         view.unassigned += len(msg.sample.modules) - len(modules)
-        sample = msg.sample.model_copy(
-            update={"ts": clamp_to_hub_clock(msg.sample.ts, msg.received_at), "modules": modules}
-        )
+        sample = msg.sample.model_copy(update={"ts": ts, "modules": modules})
         session.add(
             TelemetrySample(
                 device_id=msg.device_id,
@@ -241,7 +259,6 @@ def apply_telemetry(view: BatchView, msgs: Iterable[TelemetryMessage], *, keep: 
             )
         )
         devices.add(msg.device_id)
-        stored += 1
     session.flush()
     for device_id in devices:
         cutoff = session.scalar(
@@ -257,4 +274,4 @@ def apply_telemetry(view: BatchView, msgs: Iterable[TelemetryMessage], *, keep: 
                     TelemetrySample.device_id == device_id, TelemetrySample.id <= cutoff
                 )
             )
-    return stored
+    return known

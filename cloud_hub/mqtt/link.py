@@ -3,9 +3,24 @@
 One paho-mqtt 2.x client (MQTT 3.1.1, so that RabbitMQ's MQTT plugin works as well as
 Mosquitto) whose network loop runs in paho's own thread. paho reconnects by itself with an
 exponential backoff (1 s doubling up to ``max_backoff_s``) and, on every connect, the link
-subscribes again to ``<prefix>/devices/+/reported|telemetry|online``. Message callbacks only
+subscribes again. Message callbacks only
 hand the bytes to :class:`cloud_hub.ingest.worker.IngestWorker`, which never blocks, so a slow
 database or a malformed message cannot stall the network loop (or the other devices).
+
+Subscriptions, for several hub replicas on one broker:
+
+- the ingest channels (``reported``, ``telemetry``, ``online``) as a *shared* subscription,
+  ``$share/<share_group>/<prefix>/devices/+/<channel>``: the broker hands each message to one
+  replica of the group, so the replicas split the work instead of each doing all of it;
+- ``logs-response`` plainly: every replica sees every response and keeps the ones whose
+  request id it asked for;
+- and, for ``catch_up_s`` after each connect, the ingest channels plainly too, because a
+  broker does not send retained messages to a shared subscription: that is how a hub (re)started
+  learns the state devices reported while it was away. Duplicates this causes (and any QoS 1
+  redelivery) are harmless: ingest decides in the database, under row locks, what is news.
+
+With ``share_group`` None (a broker without shared subscriptions, such as RabbitMQ before
+3.13) every replica subscribes plainly and the database alone keeps each message applied once.
 """
 
 from __future__ import annotations
@@ -17,7 +32,7 @@ import secrets
 import ssl
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -28,9 +43,6 @@ from manifests.errors import FetchError
 from manifests.logs import LogRequest, LogResponse
 from manifests.topics import INGEST_CHANNELS, LOGS_REQUEST, LOGS_RESPONSE, device_topic, parse_device_topic
 
-if TYPE_CHECKING:
-    from cloud_hub.context import HubContext
-
 log = logging.getLogger(__name__)
 
 #: Called for every device message: ``(topic, payload, retained)``. Must not block.
@@ -38,7 +50,7 @@ MessageSink = Callable[[str, bytes, bool], None]
 
 
 class MqttLink:
-    """The hub's broker connection. Build it with :meth:`from_context` in the hub."""
+    """The hub's broker connection (built by :mod:`cloud_hub.wiring`)."""
 
     def __init__(
         self,
@@ -54,8 +66,8 @@ class MqttLink:
         publish_timeout_s: float = 10.0,
         connect_wait_s: float = 5.0,
         max_backoff_s: int = 30,
-        on_start: Callable[[], None] | None = None,
-        on_stop: Callable[[], None] | None = None,
+        share_group: str | None = None,
+        catch_up_s: float = 5.0,
         on_connected: Callable[[], None] | None = None,
     ) -> None:
         if publish_timeout_s <= 0 or connect_wait_s < 0:
@@ -66,10 +78,11 @@ class MqttLink:
         self.publish_timeout_s = publish_timeout_s
         self.connect_wait_s = connect_wait_s
         self._sink = sink
-        self._on_start = on_start
-        self._on_stop = on_stop
+        self.share_group = share_group
+        self.catch_up_s = catch_up_s
         # Called from paho's network thread after every (re)subscription: it must only signal.
-        self._on_connected = on_connected
+        # Public so that the composition root can point it at a part built after the link.
+        self.on_connected = on_connected
         self._subscribed = threading.Event()
         self._started = False
         # Log requests waiting for their device's answer: request id -> (device id, answer).
@@ -93,47 +106,6 @@ class MqttLink:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
 
-    @classmethod
-    def from_context(
-        cls, ctx: HubContext, *, on_connected: Callable[[], None] | None = None
-    ) -> MqttLink:
-        """A link configured from the hub settings, feeding the hub's ingest worker."""
-        from cloud_hub.broker.mosquitto import hub_mqtt_password, sync_broker
-        from cloud_hub.ingest.worker import IngestWorker, ingest_policy
-
-        settings = ctx.settings
-        if settings.mqtt_host is None:
-            raise ValueError("no MQTT host configured")
-        limits, retention = ingest_policy(settings)
-        worker = IngestWorker(
-            ctx.sessions,
-            prefix=settings.topic_prefix,
-            telemetry_keep=settings.telemetry_keep,
-            limits=limits,
-            retention=retention,
-        )
-        ctx.extras["ingest"] = worker
-
-        def on_start() -> None:
-            # A hub that manages the broker's accounts makes sure, before it connects, that the
-            # broker knows its own user and exactly the devices in the database (restored
-            # backups, devices enrolled while the broker was down).
-            sync_broker(ctx)
-            worker.start()
-
-        return cls(
-            host=settings.mqtt_host,
-            port=settings.mqtt_port,
-            prefix=settings.topic_prefix,
-            username=settings.mqtt_username,
-            password=hub_mqtt_password(settings),
-            tls_ca=str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
-            sink=worker.submit,
-            on_start=on_start,
-            on_stop=worker.stop,
-            on_connected=on_connected,
-        )
-
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -144,8 +116,6 @@ class MqttLink:
         if self._started:
             return
         self._started = True
-        if self._on_start is not None:
-            self._on_start()
         self._client.connect_async(self.host, self.port, keepalive=30)
         self._client.loop_start()
         if not self._subscribed.wait(self.connect_wait_s):
@@ -159,8 +129,6 @@ class MqttLink:
         self._started = False
         self._client.disconnect()
         self._client.loop_stop()
-        if self._on_stop is not None:
-            self._on_stop()
 
     @property
     def connected(self) -> bool:
@@ -253,10 +221,24 @@ class MqttLink:
         if reason.is_failure:
             log.warning("MQTT broker refused the hub: %s", reason)
             return
-        topics = [(f"{self.prefix}/devices/+/{channel}", 1) for channel in (*INGEST_CHANNELS, LOGS_RESPONSE)]
+        plain = [f"{self.prefix}/devices/+/{channel}" for channel in INGEST_CHANNELS]
+        topics = [(f"{self.prefix}/devices/+/{LOGS_RESPONSE}", 1), *((t, 1) for t in plain)]
+        if self.share_group is not None:
+            topics += [(f"$share/{self.share_group}/{t}", 1) for t in plain]
         rc, _mid = client.subscribe(topics)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.warning("MQTT subscribe failed: %s", mqtt.error_string(rc))
+            return
+        if self.share_group is not None:
+            # The plain ingest subscriptions only bring the retained messages; then the shared
+            # ones carry the traffic. (A timer thread: the network thread must not wait.)
+            timer = threading.Timer(self.catch_up_s, self._end_catch_up, args=(plain,))
+            timer.daemon = True
+            timer.start()
+
+    def _end_catch_up(self, topics: list[str]) -> None:
+        if self._client.is_connected():
+            self._client.unsubscribe(topics)
 
     def _on_subscribe(
         self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[Any], _props: Any
@@ -266,8 +248,8 @@ class MqttLink:
             log.warning("MQTT broker refused the hub's subscriptions: %s", refused)
             return
         self._subscribed.set()
-        if self._on_connected is not None:
-            self._on_connected()
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any

@@ -21,10 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    event,
-    insert,
 )
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from cloud_hub.db.base import Base, utcnow
@@ -114,8 +111,3 @@ class RegistryLock(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer, default=0)
-
-
-@event.listens_for(RegistryLock.__table__, "after_create")
-def _seed_lock_row(target: Any, connection: Connection, **_: Any) -> None:
-    connection.execute(insert(RegistryLock).values(id=1, version=0))

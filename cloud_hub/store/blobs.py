@@ -128,6 +128,51 @@ class _RangeReader(io.RawIOBase):
         super().close()
 
 
+class VerifiedReader(io.RawIOBase):
+    """A whole blob, read through a digest check: bytes that do not match are never all served.
+
+    It reads one chunk ahead and hands out the last chunk only after the digest of everything
+    matched, so a blob changed behind the store's back (a flipped bit on disk, an object
+    overwritten in the bucket) ends in a :class:`TrustError` before its end: an HTTP client
+    sees a cut-off answer, never the whole wrong content.
+    """
+
+    def __init__(self, raw: IO[bytes], digest: str) -> None:
+        self._raw = raw
+        self._digest = digest
+        self._hasher = hashlib.sha256()
+        self._ahead = self._next()
+        self._out = memoryview(b"")
+
+    def _next(self) -> bytes:
+        chunk = self._raw.read(CHUNK)
+        self._hasher.update(chunk)
+        return chunk
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if not self._out:
+            if not self._ahead:
+                return 0
+            following = self._next()
+            if not following and "sha256:" + self._hasher.hexdigest() != self._digest:
+                raise TrustError(
+                    f"blob {self._digest} in the store does not match its digest; it is not served "
+                    "(push or upload it again to replace it)"
+                )
+            self._out, self._ahead = memoryview(self._ahead), following
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 class _FileWriter:
     """Writes one blob to a temp file, hashing as it goes; ``commit`` renames it into place."""
 
@@ -245,7 +290,7 @@ class FileBlobStore:
         except FileNotFoundError:
             raise NotFound(f"blob {digest} is not held by this hub") from None
         if start == 0 and end is None:
-            return fh
+            return io.BufferedReader(VerifiedReader(fh, digest), buffer_size=CHUNK)
         total = os.fstat(fh.fileno()).st_size
         stop = total if end is None else min(end, total)
         if start < 0 or start > stop:

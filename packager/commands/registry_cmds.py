@@ -92,6 +92,9 @@ def serve_cmd(
         list[Path] | None, typer.Option("--trust", help="trusted publisher key (.pub or trust JSON)")
     ] = None,
     max_upload_mb: Annotated[int | None, typer.Option(help="largest accepted upload (default 2048)")] = None,
+    blob_store: Annotated[
+        str | None, typer.Option(help="s3://BUCKET?endpoint=URL (AWS_* credentials); default DATA_DIR/blobs")
+    ] = None,
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host (none: HTTP only)")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port (default 1883)")] = None,
     topic_prefix: Annotated[str | None, typer.Option(help="MQTT topic prefix (default edgepack)")] = None,
@@ -124,6 +127,7 @@ def serve_cmd(
         "public_url": public_url,
         "trusted_keys": trust or None,
         "max_upload_mb": max_upload_mb,
+        "blob_store": blob_store,
         "mqtt_host": mqtt_host,
         "mqtt_port": mqtt_port,
         "topic_prefix": topic_prefix,

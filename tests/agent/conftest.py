@@ -34,7 +34,7 @@ from manifests.device import AgentConfig, parse_agent_config, render_agent_confi
 from tests.conftest import Publisher, free_port
 from tests.factory import Forge, ModuleParts, default_files
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
-from tests.hub.conftest import HubFactory, RunningHub, hub  # noqa: F401  (fixtures)
+from tests.hub.conftest import HubFactory, RunningHub, blob_backend, hub  # noqa: F401  (fixtures)
 
 HUB_PASSWORD = "hub-broker-password-for-tests"
 T = TypeVar("T")

@@ -17,6 +17,9 @@ from tests.docker_fixtures import PushedRuntimeImage
 from tests.factory import SCORE_PY, ModuleParts
 
 DOCKER = (RuntimeKind.DOCKER,)
+# Each run has its own device id: the xdist workers share one Docker Engine, and an agent
+# adopts or removes every container labelled with its device.
+DEV = f"edge-d{uuid.uuid4().hex[:6]}"
 
 
 def pinned_module(fleet: Fleet, image: PushedRuntimeImage, version: str, **kw: Any) -> ModuleParts:
@@ -34,17 +37,17 @@ def container_of(engine: Any, device: str) -> Any:
 def test_a_module_runs_in_a_container_of_its_pinned_image_with_limits_and_labels(
     fleet: Fleet, runtime_image: PushedRuntimeImage, docker_engine: Any
 ) -> None:
-    agent = fleet.device("edge-d", runtimes=DOCKER).start()
+    agent = fleet.device(DEV, runtimes=DOCKER).start()
     port = free_port()
     module = pinned_module(fleet, runtime_image, "1")
-    fleet.deploy("demo", module, port=port, devices=["edge-d"], runtime="docker")
+    fleet.deploy("demo", module, port=port, devices=[DEV], runtime="docker")
     with fleet.http() as http:  # containerResourceRequirements, as Azure users write them
         r = http.put(
             "/api/v1/deployments/demo",
             json={
                 "module": "demo",
                 "version": "1",
-                "target": {"devices": ["edge-d"]},
+                "target": {"devices": [DEV]},
                 "deployment_config": {
                     "computeType": "local",
                     "port": port,
@@ -58,7 +61,7 @@ def test_a_module_runs_in_a_container_of_its_pinned_image_with_limits_and_labels
 
     def limited() -> Any:
         try:
-            c = container_of(docker_engine, "edge-d")
+            c = container_of(docker_engine, DEV)
         except AssertionError:
             return None
         return c if c.attrs["HostConfig"]["NanoCpus"] == 500_000_000 else None
@@ -78,43 +81,43 @@ def test_a_module_runs_in_a_container_of_its_pinned_image_with_limits_and_labels
 def test_a_docker_update_switches_without_a_failed_request_and_a_restart_adopts(
     fleet: Fleet, runtime_image: PushedRuntimeImage, docker_engine: Any
 ) -> None:
-    agent = fleet.device("edge-d", runtimes=DOCKER).start()
+    agent = fleet.device(DEV, runtimes=DOCKER).start()
     port = free_port()
     module = pinned_module(fleet, runtime_image, "1")
-    fleet.deploy("demo", module, port=port, devices=["edge-d"], runtime="docker")
+    fleet.deploy("demo", module, port=port, devices=[DEV], runtime="docker")
     agent.wait_state("demo", "Healthy", timeout=120)
     script = SCORE_PY.replace(b"x * factor", b"x * factor * 3 // 2")
     v2 = pinned_module(fleet, runtime_image, "2", files={**files(), "src/score.py": script})
     with steady_load(port) as load:
         time.sleep(0.3)
-        fleet.deploy("demo", v2, port=port, devices=["edge-d"], runtime="docker")
+        fleet.deploy("demo", v2, port=port, devices=[DEV], runtime="docker")
         agent.wait_state("demo", "Healthy", version="2", timeout=120)
         wait_for(lambda: load.answers[3] > 20, what="answers from version 2")
     assert load.failures == [], load.failures[:3]
     assert load.answers[2] > 0
-    wait_for(lambda: len(docker_engine.containers.list(filters={"label": "edgepack.device=edge-d"})) == 1,
+    wait_for(lambda: len(docker_engine.containers.list(filters={"label": f"edgepack.device={DEV}"})) == 1,
              what="the old container to go", timeout=60)  # fmt: skip
-    before = container_of(docker_engine, "edge-d").id
+    before = container_of(docker_engine, DEV).id
     assert agent.stop() == 0
     agent.start()
     wait_for(lambda: "adopted demo" in agent.log(), what="the adoption", log=agent.log)
     time.sleep(1.0)
-    assert container_of(docker_engine, "edge-d").id == before
+    assert container_of(docker_engine, DEV).id == before
     assert agent.wait_state("demo", "Healthy")["restarts"] == 0
 
 
 def test_an_image_missing_from_the_registry_fails_and_an_unpinned_one_is_refused(
     fleet: Fleet, runtime_image: PushedRuntimeImage
 ) -> None:
-    fleet.device("edge-d", runtimes=DOCKER).start()
+    fleet.device(DEV, runtimes=DOCKER).start()
     repository = runtime_image.pinned.split("@", 1)[0]
     absent = {"image": f"{repository}:pytest", "image_digest": "sha256:" + "0" * 64}
     missing = fleet.push("missing", "1", runtime=absent)
-    fleet.deploy("missing", missing, port=free_port(), devices=["edge-d"], runtime="docker")
+    fleet.deploy("missing", missing, port=free_port(), devices=[DEV], runtime="docker")
     body = fleet.wait_rollup("missing", "Failed", timeout=120)
     assert "is not in its registry" in body["devices"][0]["reason"]
     unpinned = fleet.push("unpinned", "1", runtime={"image": f"{repository}:pytest"})
-    fleet.deploy("unpinned", unpinned, port=free_port(), devices=["edge-d"], runtime="docker")
+    fleet.deploy("unpinned", unpinned, port=free_port(), devices=[DEV], runtime="docker")
     body = fleet.wait_rollup("unpinned", "Failed", timeout=60)
     assert "does not pin its runtime image" in body["devices"][0]["reason"]
 
@@ -122,7 +125,7 @@ def test_an_image_missing_from_the_registry_fails_and_an_unpinned_one_is_refused
 def test_the_pinned_digest_is_pulled_from_the_registry_whatever_its_tag_now_names(
     fleet: Fleet, runtime_image: PushedRuntimeImage, docker_engine: Any, registry: Any
 ) -> None:
-    agent = fleet.device("edge-d", runtimes=DOCKER).start()
+    agent = fleet.device(DEV, runtimes=DOCKER).start()
     repository = f"{registry.host}/edgepack/moved-{uuid.uuid4().hex[:8]}"
     docker_engine.images.get(runtime_image.image_id).tag(repository, "v1")
     docker_engine.images.push(repository, "v1")
@@ -143,9 +146,9 @@ def test_the_pinned_digest_is_pulled_from_the_registry_whatever_its_tag_now_name
     docker_engine.images.remove(f"{repository}@{digest}", noprune=True)
     module = fleet.push("demo", "1", runtime={"image": f"{repository}:v1", "image_digest": digest})
     port = free_port()
-    fleet.deploy("demo", module, port=port, devices=["edge-d"], runtime="docker")
+    fleet.deploy("demo", module, port=port, devices=[DEV], runtime="docker")
     agent.wait_state("demo", "Healthy", timeout=180)
-    assert container_of(docker_engine, "edge-d").image.id == runtime_image.image_id
+    assert container_of(docker_engine, DEV).image.id == runtime_image.image_id
     assert f"pulling {repository}@{digest}" in agent.log()
     assert score(port, [3]) == {"result": [6]}
 
@@ -153,12 +156,12 @@ def test_the_pinned_digest_is_pulled_from_the_registry_whatever_its_tag_now_name
 def test_a_service_moves_from_the_process_to_the_docker_runtime(
     fleet: Fleet, runtime_image: PushedRuntimeImage, docker_engine: Any
 ) -> None:
-    agent = fleet.device("edge-d", runtimes=(RuntimeKind.PROCESS, RuntimeKind.DOCKER)).start()
+    agent = fleet.device(DEV, runtimes=(RuntimeKind.PROCESS, RuntimeKind.DOCKER)).start()
     port = free_port()
     module = pinned_module(fleet, runtime_image, "1")
-    fleet.deploy("demo", module, port=port, devices=["edge-d"], runtime="process")
+    fleet.deploy("demo", module, port=port, devices=[DEV], runtime="process")
     assert agent.wait_state("demo", "Healthy")["runtime"] == "process"
-    fleet.deploy("demo", module, port=port, devices=["edge-d"], runtime="docker")
+    fleet.deploy("demo", module, port=port, devices=[DEV], runtime="docker")
     def in_docker() -> dict[str, Any] | None:
         s = agent.service("demo")
         return s if s and s["state"] == "Healthy" and s["container"] else None
@@ -166,7 +169,7 @@ def test_a_service_moves_from_the_process_to_the_docker_runtime(
     status = wait_for(in_docker, timeout=120, what="the docker instance", log=agent.log)
     assert status["pid"] is None
     assert score(port, [2]) == {"result": [4]}
-    assert container_of(docker_engine, "edge-d").labels["edgepack.service"] == "demo"
+    assert container_of(docker_engine, DEV).labels["edgepack.service"] == "demo"
 
 
 def test_a_deployment_that_names_no_runtime_runs_where_each_device_can(

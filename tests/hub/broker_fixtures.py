@@ -250,10 +250,12 @@ class MqttProbe:
         self.client.subscribe(topic, qos)
         return self.suback.get(timeout=timeout)
 
-    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, timeout: float = 10
+    ) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
-            info.wait_for_publish(10)
+            info.wait_for_publish(timeout)
 
     def expect(self, predicate: Callable[[Received], bool], timeout: float = 10) -> Received:
         """The first received message that satisfies ``predicate``."""

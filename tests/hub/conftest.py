@@ -7,7 +7,9 @@ state on the same data dir, which is how restart tests prove nothing is lost.
 
 By default each hub keeps its state in SQLite in its data dir. With
 ``EDGEPACK_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT/postgres`` every new hub gets a
-fresh PostgreSQL database instead (dropped afterwards), so the same tests check portability.
+fresh PostgreSQL database instead (dropped afterwards), so the same tests check portability;
+``EDGEPACK_TEST_POSTGRES=auto`` does the same on each worker's own ``postgres`` server (what CI
+runs, as a second pass over the hub suite).
 ``hub(postgres=SERVER_URL)`` does the same for one hub, e.g. on the ``postgres`` fixture's server.
 """
 
@@ -31,24 +33,28 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from cloud_hub.app import create_app
-from cloud_hub.context import HubContext
+from cloud_hub.core import HubCore
 from cloud_hub.settings import HubSettings
+from cloud_hub.wiring import HubProcess, open_hub
 from manifests.signing import public_key_pem
 from tests.conftest import Publisher
 from tests.factory import Forge
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
 from tests.hub.postgres_fixtures import *  # noqa: F403  (PostgreSQL server fixture)
+from tests.hub.rabbitmq_fixtures import *  # noqa: F403  (a RabbitMQ cluster with MQTT)
+from tests.hub.replica_fixtures import *  # noqa: F403  (hub processes behind nginx)
+from tests.hub.seaweedfs_fixtures import *  # noqa: F403  (SeaweedFS S3 store fixture)
 
 ADMIN_TOKEN = "ep_admin_test-token"
 
 
 @dataclass
 class RunningHub:
-    """A hub serving real HTTP on loopback; ``ctx`` is the very context the app uses."""
+    """A hub serving real HTTP on loopback; ``process`` is the very hub the app serves."""
 
     url: str
     admin_token: str
-    ctx: HubContext
+    process: HubProcess
     data_dir: Path
     overrides: dict[str, Any]
     _server: uvicorn.Server
@@ -57,6 +63,10 @@ class RunningHub:
     _stopped: bool = field(default=False)
     #: the CA that signed the hub's HTTPS certificate, when it serves HTTPS
     ca: Path | None = None
+
+    @property
+    def core(self) -> HubCore:
+        return self.process.core
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -74,7 +84,7 @@ class RunningHub:
         self._stopped = True
         self._server.should_exit = True
         self._thread.join(timeout=30)
-        self.ctx.close()
+        self.process.close()
 
     @property
     def port(self) -> int:
@@ -93,6 +103,25 @@ HubFactory = Callable[..., RunningHub]
 
 POSTGRES_ENV = "EDGEPACK_TEST_POSTGRES"
 
+#: Test modules marked with this run every test once per blob store: files and S3 (SeaweedFS).
+BOTH_BLOB_STORES = "both_blob_stores"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{BOTH_BLOB_STORES}: run on the file store and on S3 (SeaweedFS)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker(BOTH_BLOB_STORES) and "hub" in metafunc.fixturenames:
+        metafunc.parametrize("blob_backend", ["file", "s3"], indirect=True)
+
+
+@pytest.fixture
+def blob_backend(request: pytest.FixtureRequest) -> str | None:
+    """The blob store every hub of this test uses by default: None (files) or an S3 URL maker."""
+    kind = getattr(request, "param", "file")
+    return None if kind == "file" else "s3"
+
 
 def _database(action: str, name: str, server: str) -> str:
     """Create or drop a PostgreSQL database on ``server`` (the URL of its admin database)."""
@@ -109,10 +138,10 @@ def _database(action: str, name: str, server: str) -> str:
     return admin_url.set(database=name).render_as_string(hide_password=False)
 
 
-def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvicorn.Server, threading.Thread]:
-    ctx = HubContext.open(settings)
-    ctx.start_services()
-    app = create_app(ctx=ctx)
+def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubProcess, uvicorn.Server, threading.Thread]:
+    process = open_hub(settings)
+    process.start()
+    app = create_app(hub=process)
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -128,14 +157,19 @@ def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvic
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
-            ctx.close()
+            process.close()
             raise RuntimeError("the test hub did not start")
         time.sleep(0.01)
-    return ctx, server, thread
+    return process, server, thread
 
 
 @pytest.fixture
-def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Iterator[HubFactory]:
+def hub(
+    tmp_path_factory: pytest.TempPathFactory,
+    publisher: Publisher,
+    blob_backend: str | None,
+    request: pytest.FixtureRequest,
+) -> Iterator[HubFactory]:
     started: list[RunningHub] = []
     databases: list[tuple[str, str]] = []
     keys_dir = tmp_path_factory.mktemp("hub-keys")
@@ -152,7 +186,16 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
     ) -> RunningHub:
         """``ca``: the CA of the certificate given as ``tls_cert`` (the hub then serves HTTPS)."""
         data = data_dir or tmp_path_factory.mktemp("hub-data")
+        if blob_backend == "s3" and "blob_store" not in overrides:
+            # A restarted hub finds its blobs again: the bucket goes with the data dir.
+            bucket_file = data / "test-bucket"
+            if not bucket_file.exists():
+                store = request.getfixturevalue("seaweedfs")
+                bucket_file.write_text(store.url())
+            overrides["blob_store"] = bucket_file.read_text()
         pg_server = postgres or os.environ.get(POSTGRES_ENV)
+        if pg_server == "auto":  # CI: this worker's own throwaway server
+            pg_server = request.getfixturevalue("postgres")
         if pg_server and "db" not in overrides:
             name = f"hub_{uuid.uuid4().hex[:12]}"
             overrides["db"] = _database("create", name, pg_server)
@@ -172,11 +215,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
         }
         values.update(overrides)
         settings = HubSettings(**values)
-        ctx, server, thread = _serve(settings, sock)
+        process, server, thread = _serve(settings, sock)
         running = RunningHub(
             url=url,
             admin_token=ADMIN_TOKEN,
-            ctx=ctx,
+            process=process,
             data_dir=data,
             overrides=overrides,
             _server=server,

@@ -67,9 +67,32 @@ class PostgresServer:
     process: subprocess.Popen[bytes]
     root: Path
     log: Path
+    args: list[str] | None = None
+    run_as: dict[str, Any] | None = None
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def restart(self, *, down_s: float = 0.0) -> None:
+        """Stop the server (fast shutdown) and start it again on the same port and data."""
+        assert self.args is not None
+        self._shutdown()
+        time.sleep(down_s)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.args, stdout=out, stderr=subprocess.STDOUT, cwd=self.root, **(self.run_as or {})
+            )
+        if not _ready(self.url.replace("+psycopg", ""), self.process, timeout=30):
+            raise RuntimeError(f"postgres did not come back:\n{self.log_text()[-2000:]}")
+
+    def _shutdown(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(2)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -115,20 +138,19 @@ def start_postgres(bin_dir: Path, *, attempts: int = 5) -> PostgresServer:
             raise RuntimeError(f"initdb failed:\n{initdb.stdout.decode()}{initdb.stderr.decode()}")
         for _ in range(attempts):
             port = free_port()
+            args = [str(bin_dir / "postgres"), "-D", str(data),
+                    "-c", "listen_addresses=127.0.0.1", "-c", f"port={port}",
+                    "-c", f"unix_socket_directories={root}",
+                    # A throwaway cluster: durability only costs time here.
+                    "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                    "-c", "max_connections=200"]  # fmt: skip
             with log.open("wb") as out:
-                process = subprocess.Popen(
-                    [str(bin_dir / "postgres"), "-D", str(data),
-                     "-c", "listen_addresses=127.0.0.1", "-c", f"port={port}",
-                     "-c", f"unix_socket_directories={root}",
-                     # A throwaway cluster: durability only costs time here.
-                     "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                     "-c", "max_connections=200"],
-                    stdout=out, stderr=subprocess.STDOUT, cwd=root, **run_as,
-                )  # fmt: skip
+                process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=root, **run_as)
             url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
             if _ready(url, process, timeout=30):
                 return PostgresServer(
-                    f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", port, process, root, log
+                    f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", port, process, root, log,
+                    args, run_as,
                 )
             if process.poll() is None:
                 process.kill()

@@ -6,20 +6,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cloud_hub.broker.mosquitto import HUB_PASSWORD_FILE, sync_broker
+from cloud_hub.broker.mosquitto import HUB_PASSWORD_FILE, MosquittoAccounts
 from cloud_hub.broker.passwords import hash_password
-from cloud_hub.context import HubContext
+from cloud_hub.core import HubCore
 from cloud_hub.fleet.tables import Device
 from cloud_hub.settings import HubSettings
+from cloud_hub.wiring import open_hub
 from tests.hub.broker_fixtures import BrokerFactory, start_mosquitto
 
 
 def test_cli_broker_config_starts_a_broker_for_the_fleet(tmp_path: Path) -> None:
     data_dir = tmp_path / "hub"
-    ctx = HubContext.open(HubSettings(data_dir=data_dir))
-    with ctx.sessions.begin() as s:
+    core = HubCore.open(HubSettings(data_dir=data_dir))
+    with core.sessions.begin() as s:
         s.add(Device(id="dev-x", tags={}, mqtt_password_hash=hash_password("pw-x"), token_hash="tx"))
-    ctx.close()
+    core.close()
     out = tmp_path / "broker"
 
     def generate(port: int) -> str:
@@ -68,17 +69,16 @@ def test_hub_generates_and_uses_its_own_broker_password(
 ) -> None:
     broker_dir = tmp_path / "broker"
     settings = HubSettings(data_dir=tmp_path / "hub", broker_dir=broker_dir, mqtt_host="127.0.0.1")
-    ctx = HubContext.open(settings)
+    core = HubCore.open(settings)
+    MosquittoAccounts(core.sessions, settings).sync()
+    core.close()
+    password = (settings.data_dir / HUB_PASSWORD_FILE).read_text().strip()
+    assert password and password not in (broker_dir / "passwd").read_text()
+    broker = broker_factory(broker_dir)
+    hub = open_hub(settings.model_copy(update={"mqtt_port": broker.port, "broker_pid_file": broker.pid_file}))
     try:
-        sync_broker(ctx)
-        password = (settings.data_dir / HUB_PASSWORD_FILE).read_text().strip()
-        assert password and password not in (broker_dir / "passwd").read_text()
-        broker = broker_factory(broker_dir)
-        ctx.settings = settings.model_copy(
-            update={"mqtt_port": broker.port, "broker_pid_file": broker.pid_file}
-        )
-        ctx.start_mqtt()
-        assert ctx.mqtt is not None and ctx.mqtt.wait_connected(10)
-        ctx.mqtt.publish_desired("dev-1", b"state")  # the hub's ACL lets it publish anywhere
+        hub.start()
+        assert hub.link is not None and hub.link.wait_connected(10)
+        hub.link.publish_desired("dev-1", b"state")  # the hub's ACL lets it publish anywhere
     finally:
-        ctx.close()
+        hub.close()

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from cloud_hub.fleet.desired import change_fleet, take_fleet_lock
+from cloud_hub.fleet.desired import take_fleet_lock
 from tests.conftest import Publisher
 from tests.factory import Forge, default_files
 from tests.hub.broker_fixtures import Broker, MqttProbe
@@ -124,9 +124,9 @@ def test_fleet_changes_are_serialised_by_the_database_lock(hub: HubFactory) -> N
     order: list[str] = []
 
     def second_change() -> None:
-        change_fleet(h.ctx, lambda _s: order.append("second change runs"))
+        h.process.fleet.change(lambda _s: order.append("second change runs"))
 
-    with h.ctx.sessions.begin() as session:
+    with h.core.sessions.begin() as session:
         take_fleet_lock(session)
         worker = threading.Thread(target=second_change)
         worker.start()

@@ -158,7 +158,7 @@ def test_one_failing_feed_does_not_hide_the_others(hub: HubFactory, page: Page) 
     with h.client() as http:
         enroll(http, "dev-1", site="berlin")
     # A damaged database: the telemetry table is gone, so that feed fails (JSON 500).
-    with h.ctx.sessions.engine.begin() as conn:
+    with h.core.sessions.engine.begin() as conn:
         conn.execute(text("DROP TABLE telemetry_samples"))
     with h.client() as http:
         r = http.get("/api/v1/dashboard/telemetry")

@@ -46,7 +46,7 @@ def test_the_cookie_is_a_session_that_signing_out_ends(hub: HubFactory) -> None:
 def test_sessions_expire_and_an_admin_can_end_them_all(hub: HubFactory) -> None:
     h = hub()
     first, second = _sign_in(h.url, h.admin_token), _sign_in(h.url, h.admin_token)
-    with h.ctx.sessions.begin() as s:
+    with h.core.sessions.begin() as s:
         s.execute(update(DashboardSession).values(expires_at=utcnow() - timedelta(seconds=1)))
     assert first.get("/api/v1/devices").status_code == 401
     third, fourth = _sign_in(h.url, h.admin_token), _sign_in(h.url, h.admin_token)

@@ -12,7 +12,6 @@ from pydantic import SecretStr
 
 from cloud_hub.broker.mosquitto import prepare_broker_dir
 from cloud_hub.events import recent_events
-from cloud_hub.fleet.desired import republish_all
 from cloud_hub.settings import HubSettings
 from manifests.desired import DesiredState
 from manifests.signing import TrustStore
@@ -107,7 +106,7 @@ def test_deploy_publishes_retained_signed_state_per_device(
 
         # A broker that lost its retained messages gets them back from the hub's database.
         fresh.publish(f"{topic_prefix}/devices/b2/desired", b"", retain=True)
-        assert republish_all(h.ctx) == []
+        assert h.process.publisher is not None and h.process.publisher.republish_all() == []
     finally:
         fresh.close()
     again = MqttProbe.connect(mosquitto.host, mosquitto.port)
@@ -207,6 +206,6 @@ def test_broker_down_does_not_lose_a_deployment(
         assert "edge-1: " in r.json()["publish_errors"][0]
     state = verified_state(desired_over_http(h, dev.token), hub_trust(h), "edge-1")
     assert services(state) == ["digits"] and state.generation == 2
-    with h.ctx.sessions.begin() as s:
+    with h.core.sessions.begin() as s:
         kinds = [e.kind for e in recent_events(s)]
     assert "publish-failed" in kinds

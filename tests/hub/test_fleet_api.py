@@ -8,7 +8,6 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from cloud_hub.fleet.desired import renew_expiring
 from cloud_hub.fleet.tables import Device, DeviceDesired
 from manifests.digests import sha256_digest
 from manifests.errors import TrustError
@@ -40,7 +39,7 @@ def services_of(hub: RunningHub, token: str) -> list[str]:
 def _device_of(hub: RunningHub, token: str) -> str:
     from cloud_hub.fleet.devices import token_hash
 
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         device_id = s.scalar(select(Device.id).where(Device.token_hash == token_hash(token)))
     assert device_id is not None
     return device_id
@@ -50,7 +49,7 @@ def test_hub_key_is_public_and_signs_desired_states(hub: HubFactory) -> None:
     h = hub()
     r = httpx.get(f"{h.url}/api/v1/hub/key")
     assert r.status_code == 200
-    assert r.json()["keyid"] == h.ctx.hub_key_id
+    assert r.json()["keyid"] == h.core.hub_key_id
     assert "BEGIN PUBLIC KEY" in r.json()["pem"]
     with h.client() as http:
         dev = enroll(http, "edge-1", site="berlin")
@@ -104,7 +103,7 @@ def test_enroll_shows_credentials_once_and_keeps_only_hashes(hub: HubFactory) ->
         assert "device id" in error_of(bad, 400)
         bad_tag = http.post("/api/v1/devices", json={"id": "edge-2", "tags": {"site": "a b"}})
         assert "value 'a b'" in error_of(bad_tag, 400)
-    with h.ctx.sessions.begin() as s:
+    with h.core.sessions.begin() as s:
         row = s.get(Device, "edge-1")
         assert row is not None
         assert row.token_hash == sha256_digest(creds["token"].encode()).split(":")[1]
@@ -236,6 +235,7 @@ def test_selector_follows_enrolment_and_tags(hub: HubFactory, publisher: Publish
         assert state.generation == 3
 
 
+@pytest.mark.both_blob_stores
 def test_device_token_reads_only_what_its_desired_state_names(hub: HubFactory, publisher: Publisher) -> None:
     h = hub()
     mine = push(h, publisher, "digits", "1", factor=2)
@@ -322,7 +322,7 @@ def test_updating_a_service_reissues_only_on_change(hub: HubFactory, publisher: 
 
 
 def _expire_soon(hub: RunningHub, *device_ids: str) -> None:
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         for device_id in device_ids:
             row = s.get(DeviceDesired, device_id)
             assert row is not None and row.issued is not None
@@ -336,7 +336,7 @@ def test_expiring_desired_states_are_renewed_once(hub: HubFactory) -> None:
         enroll(http, "edge-b")
         enroll(http, "edge-c")
     trust = hub_trust(h)
-    assert renew_expiring(h.ctx) == {}
+    assert h.process.fleet.renew_expiring() == {}
     with h.client(token=a.token) as dev:
         first = dev.get("/api/v1/device/desired")
         assert first.headers["etag"] == '"1"'
@@ -353,8 +353,8 @@ def test_expiring_desired_states_are_renewed_once(hub: HubFactory) -> None:
         assert changed.status_code == 200 and changed.headers["etag"] == '"2"'
 
     _expire_soon(h, "edge-b", "edge-c")
-    assert renew_expiring(h.ctx) == {"edge-b": 2, "edge-c": 2}
-    assert renew_expiring(h.ctx) == {}
+    assert h.process.fleet.renew_expiring() == {"edge-b": 2, "edge-c": 2}
+    assert h.process.fleet.renew_expiring() == {}
 
 
 def test_openapi_documents_the_fleet_api(hub: HubFactory) -> None:

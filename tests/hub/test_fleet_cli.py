@@ -64,11 +64,11 @@ def test_enroll_deploy_tag_and_services(hub: HubFactory, publisher: Publisher, t
     assert "shown only once" in r.stdout
     creds = json.loads(creds_file.read_text())
     assert stat.S_IMODE(creds_file.stat().st_mode) == 0o600
-    assert creds["token"] in r.stdout and creds["hub_key"]["keyid"] == h.ctx.hub_key_id
+    assert creds["token"] in r.stdout and creds["hub_key"]["keyid"] == h.core.hub_key_id
     # What the agent reads: a valid credentials document that names the publishers the hub
     # trusts, so the device can check every module's signature itself.
     document = parse_credentials(creds_file.read_bytes(), source=str(creds_file))
-    assert [k.keyid for k in document.publishers.keys] == [k.keyid for k in h.ctx.trust.keys]
+    assert [k.keyid for k in document.publishers.keys] == [k.keyid for k in h.core.trust.keys]
     assert document.publishers.keys and document.device_id == "edge-1"
     enrolled = ok_json(run(home, h, "device", "enroll", "edge-2", "--tag", "site=munich", "--json"))
     assert enrolled["mqtt"]["username"] == "edge-2"

@@ -13,7 +13,7 @@ from tests.hub.fleet_support import enroll, hub_trust, verified_state
 
 
 def generation_of(hub: RunningHub, device_id: str) -> int:
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         row = s.get(DeviceDesired, device_id)
         assert row is not None
         return row.generation
@@ -30,12 +30,15 @@ def test_maintenance_renews_and_republishes(hub: HubFactory, mosquitto: Broker, 
     with h.client() as http:
         enroll(http, "edge-1")
         enroll(http, "edge-2")
-    with h.ctx.sessions.begin() as s:
+    with h.core.sessions.begin() as s:
         row = s.get(DeviceDesired, "edge-1")
         assert row is not None
         row.expires = datetime.now(UTC) + timedelta(minutes=1)
 
-    upkeep = FleetMaintenance(h.ctx, interval_s=0.1)
+    assert h.process.publisher is not None
+    upkeep = FleetMaintenance(
+        renew=h.process.fleet.renew_expiring, republish=h.process.publisher.republish_all, interval_s=0.1
+    )
     upkeep.start()
     try:
         deadline = time.monotonic() + 20
@@ -70,17 +73,17 @@ def test_a_failing_round_does_not_stop_the_loop(hub: HubFactory) -> None:
     h = hub(desired_ttl_s=3600)
     with h.client() as http:
         enroll(http, "edge-1")
-    upkeep = FleetMaintenance(h.ctx, interval_s=0.05)
-    real_sessions = h.ctx.sessions
+    broken = True
 
-    class Broken:
-        def begin(self) -> object:
+    def renew() -> dict[str, int]:
+        if broken:
             raise RuntimeError("database unreachable")
+        return h.process.fleet.renew_expiring()
 
-    h.ctx.sessions = Broken()  # type: ignore[assignment]
+    upkeep = FleetMaintenance(renew=renew, republish=None, interval_s=0.05)
     upkeep.run_once()  # logs, does not raise
-    h.ctx.sessions = real_sessions
-    with h.ctx.sessions.begin() as s:
+    broken = False
+    with h.core.sessions.begin() as s:
         row = s.get(DeviceDesired, "edge-1")
         assert row is not None
         row.expires = datetime.now(UTC) + timedelta(minutes=1)

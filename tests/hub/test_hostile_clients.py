@@ -157,7 +157,8 @@ def test_the_hubs_data_dir_and_database_are_private(hub: HubFactory, tmp_path: P
     # hub.db (token and password hashes) came out 0644 in a 0755 folder.
     data = tmp_path / "data"
     data.mkdir(mode=0o755)
-    h = hub(data_dir=data)
+    # SQLite's own file is the point here, also in the pass that puts every other hub on PostgreSQL.
+    h = hub(data_dir=data, db=f"sqlite:///{data / 'hub.db'}")
     with h.client() as http:
         enroll(http, "dev-1")
     assert stat.S_IMODE(data.stat().st_mode) == 0o700

@@ -61,7 +61,7 @@ def test_a_device_cannot_knock_another_off_the_broker_with_its_client_id(
 
 
 def _ingest(h: RunningHub) -> IngestWorker:
-    worker = h.ctx.extras["ingest"]
+    worker = h.process.ingest
     assert isinstance(worker, IngestWorker)
     return worker
 
@@ -170,7 +170,7 @@ def test_a_device_flipping_many_modules_cannot_flood_the_event_log(
     finally:
         device.close()
     worker = _ingest(h)
-    with h.ctx.sessions.begin() as s:
+    with h.core.sessions.begin() as s:
         kinds = s.execute(
             select(Event.service, func.count()).where(Event.device_id == "dev-a").group_by(Event.service)
         ).all()
@@ -199,7 +199,7 @@ def test_the_event_log_is_trimmed_to_its_configured_size(
     with h.client() as http:
         for n in range(150):
             enroll(http, f"dev-{n}")
-    with h.ctx.sessions.begin() as s:
+    with h.core.sessions.begin() as s:
         assert s.scalar(select(func.count()).select_from(Event)) >= 150
     device = mosquitto.probe()
     try:
@@ -207,7 +207,7 @@ def test_the_event_log_is_trimmed_to_its_configured_size(
         _settle(h, 1)
     finally:
         device.close()
-    with h.ctx.sessions.begin() as s:
+    with h.core.sessions.begin() as s:
         assert s.scalar(select(func.count()).select_from(Event)) == 100
         newest = s.scalars(select(Event.message).order_by(Event.id.desc()).limit(1)).one()
     assert "dev-0 came online" in newest
@@ -219,7 +219,7 @@ def test_a_device_over_its_budget_is_throttled_and_its_newest_state_still_lands(
     h = hub()
     _fleet_of_two(h, publisher)
     worker = IngestWorker(
-        h.ctx.sessions,
+        h.core.sessions,
         prefix="p",
         telemetry_keep=100,
         limits=IngestLimits(reports_per_min=120, reports_burst=5, telemetry_per_min=1, telemetry_burst=3),
@@ -248,7 +248,7 @@ def test_a_device_over_its_budget_is_throttled_and_its_newest_state_still_lands(
         assert worker.stats.applied <= 5 + 3 + 3  # the bursts, and what refilled meanwhile
     finally:
         worker.stop()
-    with h.ctx.sessions.begin() as s:
+    with h.core.sessions.begin() as s:
         report_row = s.get(DeviceReport, "dev-a")
         assert report_row is not None and report_row.reported_at == start + timedelta(seconds=19)
         assert s.scalar(select(func.count()).select_from(TelemetrySample)) <= 4

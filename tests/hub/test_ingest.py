@@ -14,13 +14,14 @@ import pytest
 from sqlalchemy import func, select
 
 from cloud_hub.broker.passwords import hash_password
-from cloud_hub.context import HubContext
+from cloud_hub.core import HubCore
 from cloud_hub.events import Event
 from cloud_hub.fleet.tables import Device, DeviceDesired
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
 from cloud_hub.ingest.tables import DeviceReport, TelemetrySample
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.settings import HubSettings
+from cloud_hub.wiring import HubProcess, open_hub
 from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
 from manifests.signing import envelope_bytes, sign_payload
 from manifests.states import ServiceState
@@ -80,11 +81,11 @@ class Hub:
             mqtt_username=None,
             telemetry_keep=3,
         )
-        self.ctx = HubContext.open(settings)
-        self.ctx.start_mqtt()
-        worker = self.ctx.extras["ingest"]
-        assert isinstance(worker, IngestWorker)
-        self.worker = worker
+        self.process: HubProcess = open_hub(settings)
+        self.core: HubCore = self.process.core
+        self.process.start()
+        assert self.process.ingest is not None
+        self.worker: IngestWorker = self.process.ingest
 
     def settle(self, received: int) -> None:
         """Wait until ``received`` messages arrived and everything was applied."""
@@ -95,19 +96,19 @@ class Hub:
         assert self.worker.drain(20)
 
     def events(self, device_id: str) -> list[tuple[str, str]]:
-        with self.ctx.sessions.begin() as s:
+        with self.core.sessions.begin() as s:
             rows = s.scalars(select(Event).where(Event.device_id == device_id).order_by(Event.id))
             return [(e.kind, e.message) for e in rows]
 
     def device(self, device_id: str) -> Any:
-        with self.ctx.sessions.begin() as s:
+        with self.core.sessions.begin() as s:
             return s.get(Device, device_id)
 
 
-def enroll(ctx: HubContext, *device_ids: str, services: tuple[str, ...] = ("digits",)) -> None:
+def enroll(core: HubCore, *device_ids: str, services: tuple[str, ...] = ("digits",)) -> None:
     """Devices as enrolment leaves them, with a signed desired state that assigns ``services``
     (ingest drops reports about services a device was not given)."""
-    with ctx.sessions.begin() as s:
+    with core.sessions.begin() as s:
         for d in device_ids:
             s.add(Device(id=d, tags={}, mqtt_password_hash=hash_password("x"), token_hash=f"tok-{d}"))
         s.flush()
@@ -128,16 +129,16 @@ def enroll(ctx: HubContext, *device_ids: str, services: tuple[str, ...] = ("digi
                     for n, svc in enumerate(services)
                 ],
             )
-            envelope = sign_payload(state.model_dump(mode="json", by_alias=True), [ctx.hub_key])
+            envelope = sign_payload(state.model_dump(mode="json", by_alias=True), [core.hub_key])
             s.add(DeviceDesired(device_id=d, generation=1, payload=envelope_bytes(envelope)))
 
 
 @pytest.fixture
 def hub(tmp_path: Path, mosquitto: Broker, topic_prefix: str) -> Iterator[Hub]:
     h = Hub(tmp_path / "hub", mosquitto, topic_prefix)
-    enroll(h.ctx, "dev-1", "dev-2")
+    enroll(h.core, "dev-1", "dev-2")
     yield h
-    h.ctx.close()
+    h.process.close()
 
 
 @pytest.fixture
@@ -162,7 +163,7 @@ def test_device_states_history_and_events(hub: Hub, device: MqttProbe, topic_pre
     dev = hub.device("dev-1")
     assert (dev.online, dev.agent_version) == (True, "0.1.0")
     assert dev.last_seen is not None
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         [status] = device_module_statuses(s, "dev-1")
         assert (status.service, status.state, status.manifest_digest) == (
             "digits",
@@ -193,7 +194,7 @@ def test_failure_reason_and_removed_module_become_events(
     device.publish(t, reported("dev-2", 3))
     hub.settle(3)
     assert hub.events("dev-2")[-1] == ("removed", "digits removed from dev-2")
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         assert device_module_statuses(s, "dev-2") == []
 
 
@@ -209,7 +210,7 @@ def test_bad_messages_are_dropped_without_stalling_others(
     device.publish(f"{t}/dev-1/reported", reported("dev-1", 1, ("digits", "Healthy", None)))
     hub.settle(5)
 
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         assert [x.state for x in device_module_statuses(s, "dev-1")] == [ServiceState.HEALTHY]
         assert device_module_statuses(s, "dev-2") == []
         assert s.get(DeviceReport, "ghost") is None
@@ -224,14 +225,14 @@ def test_redelivered_retained_state_is_not_news(
     tmp_path: Path, mosquitto: Broker, device: MqttProbe, topic_prefix: str
 ) -> None:
     first = Hub(tmp_path / "hub", mosquitto, topic_prefix)
-    enroll(first.ctx, "dev-1")
+    enroll(first.core, "dev-1")
     t = f"{topic_prefix}/devices/dev-1"
     device.publish(f"{t}/online", b"true", retain=True)
     device.publish(f"{t}/reported", reported("dev-1", 1, ("digits", "Healthy", None)), retain=True)
     first.settle(2)
     before = first.events("dev-1")
     seen = first.device("dev-1").last_seen
-    first.ctx.close()
+    first.process.close()
 
     # A restarted hub gets both retained messages again; they change nothing.
     again = Hub(tmp_path / "hub", mosquitto, topic_prefix)
@@ -239,10 +240,10 @@ def test_redelivered_retained_state_is_not_news(
         again.settle(2)
         assert again.events("dev-1") == before
         assert again.device("dev-1").last_seen == seen
-        with again.ctx.sessions.begin() as s:
+        with again.core.sessions.begin() as s:
             assert s.scalar(select(func.count()).select_from(DeviceReport)) == 1
     finally:
-        again.ctx.close()
+        again.process.close()
 
 
 def test_a_stalled_database_does_not_stall_the_broker_session(
@@ -252,7 +253,7 @@ def test_a_stalled_database_does_not_stall_the_broker_session(
     device.publish(f"{t}/dev-1/reported", reported("dev-1", 0, ("digits", "Transitioning", None)))
     hub.settle(1)
     # Another writer holds SQLite's write lock: the worker blocks in its transaction.
-    blocker = sqlite3.connect(hub.ctx.settings.data_dir / "hub.db", isolation_level=None)
+    blocker = sqlite3.connect(hub.core.settings.data_dir / "hub.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
         for n in range(1, 101):
@@ -260,14 +261,14 @@ def test_a_stalled_database_does_not_stall_the_broker_session(
             device.publish(f"{t}/dev-2/reported", reported("dev-2", n, ("digits", "Healthy", None)))
         # The MQTT session is still live: the hub publishes, and the broker acknowledges.
         device.subscribe(f"{t}/dev-1/desired")
-        assert hub.ctx.mqtt is not None
-        hub.ctx.mqtt.publish_desired("dev-1", b"while the database is busy")
+        assert hub.process.link is not None
+        hub.process.link.publish_desired("dev-1", b"while the database is busy")
         assert device.expect(lambda m: m.topic.endswith("/desired")).payload == b"while the database is busy"
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     hub.settle(201)
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         for dev in ("dev-1", "dev-2"):
             report = s.get(DeviceReport, dev)
             assert report is not None and report.reported_at == T0 + timedelta(seconds=100)

@@ -36,7 +36,7 @@ def pg_hub(hub: HubFactory, postgres: str) -> HubFactory:
     def start(**overrides: Any) -> RunningHub:
         running = hub(postgres=postgres, **overrides)
         # Proof the tests below exercise PostgreSQL, not a silent fallback to the SQLite file.
-        assert running.ctx.sessions.engine.dialect.name == "postgresql"
+        assert running.core.sessions.engine.dialect.name == "postgresql"
         assert not (running.data_dir / "hub.db").exists()
         return running
 
@@ -123,7 +123,7 @@ def test_fleet_story_on_postgres(
             healthy = rolled_up(client, "Healthy")
             assert sorted(d["device_id"] for d in healthy["devices"]) == ["berlin-1", "berlin-2", "munich-1"]
 
-            with h.ctx.sessions.begin() as s:
+            with h.core.sessions.begin() as s:
                 kinds = [(e.kind, e.device_id) for e in s.scalars(select(Event).order_by(Event.id))]
             assert ("failed", "berlin-2") in kinds and ("healthy", "munich-1") in kinds
             before = {

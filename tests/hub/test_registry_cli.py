@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from manifests.digests import sha256_digest
 from manifests.signing import public_key_pem
 from tests.conftest import Publisher, free_port
 from tests.factory import Defect, Forge
 from tests.hub.conftest import HubFactory, RunningHub
+
+pytestmark = pytest.mark.both_blob_stores
 
 EDGEPACK = str(Path(sys.executable).parent / "edgepack")
 

@@ -13,8 +13,11 @@ from manifests.canonical import canonical_json
 from manifests.digests import sha256_digest
 from manifests.errors import ConfigError
 from tests.factory import Forge
+from tests.hub.blob_support import leave_a_crashed_upload, leftovers
 from tests.hub.conftest import HubFactory
 from tests.hub.test_registry_modules import add_deployment, push, stored_blobs
+
+pytestmark = pytest.mark.both_blob_stores
 
 
 def register(client: httpx.Client, name: str, files: dict[str, bytes], **fields: Any) -> httpx.Response:
@@ -242,7 +245,7 @@ def test_garbage_collection_frees_only_unused_blobs_past_the_grace_period(hub: H
     with running.client() as client:
         register(client, "digits", {"m.onnx": b"kept"})
         assert client.put(f"/api/v1/blobs/{sha256_digest(b'orphan')}", content=b"orphan").status_code == 201
-        (running.data_dir / "blobs" / "tmp" / "put-crashed.part").write_bytes(b"half an upload")
+        leave_a_crashed_upload(running.core.blobs)
 
         recent = client.post("/api/v1/registry/gc", params={"grace_s": 3600})
         assert recent.status_code == 200 and recent.json()["freed_blobs"] == []
@@ -251,4 +254,4 @@ def test_garbage_collection_frees_only_unused_blobs_past_the_grace_period(hub: H
         now = client.post("/api/v1/registry/gc", params={"grace_s": 0}).json()
         assert now["freed_blobs"] == [sha256_digest(b"orphan")]
     assert stored_blobs(running) == {sha256_digest(b"kept")}
-    assert list((running.data_dir / "blobs" / "tmp").iterdir()) == []
+    assert leftovers(running.core.blobs) == []

@@ -22,14 +22,17 @@ from manifests.bundle import MANIFEST_NAME
 from manifests.canonical import canonical_json
 from manifests.digests import sha256_digest
 from tests.factory import Defect, Forge
+from tests.hub import blob_support
+from tests.hub.blob_support import leftovers
 from tests.hub.conftest import HubFactory, RunningHub
+
+pytestmark = pytest.mark.both_blob_stores
 
 BUNDLE_TYPE = {"Content-Type": "application/vnd.edgepack.module+tar"}
 
 
 def stored_blobs(hub: RunningHub) -> set[str]:
-    root = hub.data_dir / "blobs" / "sha256"
-    return {"sha256:" + p.name for p in root.rglob("*") if p.is_file()}
+    return blob_support.stored_blobs(hub.core.blobs)
 
 
 def push(client: httpx.Client, data: bytes) -> httpx.Response:
@@ -38,7 +41,7 @@ def push(client: httpx.Client, data: bytes) -> httpx.Response:
 
 def add_deployment(hub: RunningHub, name: str, module: dict[str, str]) -> None:
     """A FLEET deployment row, inserted directly: the registry only reads this table."""
-    with hub.ctx.sessions.begin() as s:
+    with hub.core.sessions.begin() as s:
         s.add(
             Deployment(
                 name=name,
@@ -112,7 +115,7 @@ def test_a_refused_push_names_the_reason_and_stores_nothing(
         assert client.get("/api/v1/modules").json() == []
         assert client.get("/api/v1/modules/demo/versions/1").status_code == 404
     assert stored_blobs(running) == set()
-    assert [p for p in (running.data_dir / "blobs" / "tmp").rglob("*") if p.is_file()] == []
+    assert leftovers(running.core.blobs) == []
 
 
 def test_blobs_shared_between_modules_are_stored_once(hub: HubFactory, forge: Forge) -> None:
@@ -295,7 +298,7 @@ def test_a_push_that_relied_on_a_blob_deleted_meanwhile_is_refused_cleanly(
     hub: HubFactory, forge: Forge
 ) -> None:
     running = hub()
-    ctx = running.ctx
+    core = running.core
     shared = b"weights" * 100
     # Blobs travel sorted by digest: pick a large filler that comes after the shared blob, so
     # the shared one has been checked (and skipped, being held) when the filler is being read.
@@ -312,14 +315,14 @@ def test_a_push_that_relied_on_a_blob_deleted_meanwhile_is_refused_cleanly(
     )
 
     # 'old' is deleted, freeing the shared blob, after the push skipped it and before it commits.
-    stream = _ThenRun(second, lambda: delete_module(ctx.sessions, ctx.blobs, "old", "1"), tail=50_000)
+    stream = _ThenRun(second, lambda: delete_module(core.sessions, core.blobs, "old", "1"), tail=50_000)
     with io.BufferedReader(stream) as fh, pytest.raises(Conflict, match="push it again"):
-        push_module(ctx.sessions, ctx.blobs, ctx.trust, fh)
-    assert not ctx.blobs.has(sha256_digest(shared))
+        push_module(core.sessions, core.blobs, core.trust, fh)
+    assert not core.blobs.has(sha256_digest(shared))
     with running.client() as client:
         assert client.get("/api/v1/modules").json() == []
         assert push(client, second).status_code == 201  # pushed again: the blob comes back
-    assert ctx.blobs.has(sha256_digest(shared))
+    assert core.blobs.has(sha256_digest(shared))
     assert stored_blobs(running) == {sha256_digest(d) for d in (b"# new\n", shared, filler)}
 
 
@@ -337,13 +340,12 @@ def test_an_upload_cut_off_midway_leaves_nothing_behind(hub: HubFactory, forge: 
             ).encode()
             + data[: len(data) // 2]
         )
-        tmp = running.data_dir / "blobs" / "tmp"
         deadline = time.monotonic() + 20
-        while not any(tmp.glob("stage-*/*")):  # the hub is staging blobs: now the client vanishes
+        while not leftovers(running.core.blobs):  # the hub is staging blobs: now the client vanishes
             assert time.monotonic() < deadline, "the hub never started staging the upload"
             time.sleep(0.01)
-    while any(tmp.iterdir()):
-        assert time.monotonic() < deadline, f"left behind: {list(tmp.rglob('*'))}"
+    while left := leftovers(running.core.blobs):
+        assert time.monotonic() < deadline, f"left behind: {left}"
         time.sleep(0.05)
     assert stored_blobs(running) == set()
     with running.client() as client:

@@ -22,16 +22,16 @@ def test_hub_republishes_desired_states_when_the_broker_comes_back(
         with h.client() as http:
             enroll(http, "r1", site="berlin")
             assert deploy(http, "digits", mod, selector="site=berlin").status_code == 201
-        assert h.ctx.mqtt is not None and h.ctx.mqtt.wait_connected(10)
+        assert h.process.link is not None and h.process.link.wait_connected(10)
 
         broker.stop()  # no persistence: every retained message is gone with it
         deadline = time.monotonic() + 30
-        while h.ctx.mqtt.connected:
+        while h.process.link.connected:
             assert time.monotonic() < deadline, "the hub did not notice the broker going away"
             time.sleep(0.05)
         second = start_mosquitto(tmp_path / "second", plain_config, port=broker.port)
         # paho's reconnect backoff grows to 30 s while the broker is away.
-        assert h.ctx.mqtt.wait_connected(60), "the hub did not reconnect"
+        assert h.process.link.wait_connected(60), "the hub did not reconnect"
 
         probe = MqttProbe.connect(second.host, second.port)
         try:

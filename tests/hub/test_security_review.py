@@ -117,7 +117,7 @@ def test_huge_device_messages_do_not_pile_up_in_the_ingest_queue(hub: HubFactory
     # Pending telemetry is bounded by count (10k); a device sending 4 MiB messages used to have
     # each kept whole until parsed, so a flood could fill the hub's memory.
     h = hub()
-    worker = IngestWorker(h.ctx.sessions, prefix="p", telemetry_keep=10)
+    worker = IngestWorker(h.core.sessions, prefix="p", telemetry_keep=10)
     payloads = [bytearray(b"{" + b" " * (4 << 20)) for _ in range(10)]
     tracemalloc.start()
     try:
@@ -154,7 +154,7 @@ def test_an_empty_admin_token_stops_the_hub_instead_of_letting_anyone_in(
 def test_a_device_cannot_take_the_hubs_broker_user_name(hub: HubFactory) -> None:
     h = hub()
     with h.client() as http:
-        r = http.post("/api/v1/devices", json={"id": h.ctx.settings.mqtt_username, "tags": {}})
+        r = http.post("/api/v1/devices", json={"id": h.core.settings.mqtt_username, "tags": {}})
         assert r.status_code == 409, r.text
         assert "broker user" in r.json()["error"]["message"]
         assert http.get("/api/v1/devices").json()["devices"] == []

@@ -1,17 +1,15 @@
-"""Everything a running hub holds, built once at start-up and passed down (no globals)."""
+"""What a hub is: its settings, database, blob store, keys and trust, opened once at start-up."""
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud_hub.db.base import Sessions, create_schema, make_engine, utcnow
+from cloud_hub.db.base import Sessions, import_tables, make_engine, utcnow
+from cloud_hub.db.schema import ensure_schema
 from cloud_hub.settings import HubSettings
 from cloud_hub.store.blobs import BlobStore, FileBlobStore
 from cloud_hub.store.files import write_atomic
@@ -25,9 +23,6 @@ from manifests.signing import (
     parse_trust,
     private_key_pem,
 )
-
-if TYPE_CHECKING:
-    from cloud_hub.mqtt.link import MqttLink
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -69,6 +64,20 @@ def _load_or_create_admin_token(settings: HubSettings) -> str:
     return token
 
 
+def open_blob_store(settings: HubSettings) -> BlobStore:
+    """The blob store the settings name: a local folder by default, or an S3 bucket."""
+    url = settings.blob_store
+    if url is None or url in ("", "file"):
+        return FileBlobStore(settings.data_dir / "blobs")
+    if url.startswith("s3://"):
+        from cloud_hub.store.s3 import S3BlobStore
+
+        store = S3BlobStore.from_url(url)
+        store.ensure_bucket()
+        return store
+    raise ConfigError(f"blob store {url!r}: use s3://BUCKET?endpoint=URL, or leave it unset for files")
+
+
 def _load_trust(paths: list[Path]) -> TrustStore:
     store = TrustStore()
     for path in paths:
@@ -77,31 +86,42 @@ def _load_trust(paths: list[Path]) -> TrustStore:
 
 
 @dataclass
-class HubContext:
+class HubCore:
+    """What the hub *is*, the same in every replica: settings, database, blobs, keys, trust.
+
+    It holds no running part (no thread, no broker connection); those are built around it
+    by :mod:`cloud_hub.wiring`, and each gets only the pieces of the core it needs.
+    """
+
     settings: HubSettings
     sessions: Sessions
     blobs: BlobStore
     hub_key: Ed25519PrivateKey
     admin_token: str
     trust: TrustStore
-    mqtt: MqttLink | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
     @property
     def hub_key_id(self) -> str:
         return key_id(self.hub_key.public_key())
 
     @classmethod
-    def open(cls, settings: HubSettings) -> HubContext:
+    def open(cls, settings: HubSettings) -> HubCore:
         started = utcnow()
         prepare_data_dir(settings.data_dir)
         private_sqlite_file(settings.database_url())
+        import_tables()
         engine = make_engine(settings.database_url())
-        create_schema(engine)
-        blobs = FileBlobStore(settings.data_dir / "blobs")
-        # Uploads staged before this start belong to a hub process that is gone (killed
-        # mid-push): nothing will ever finish them.
-        blobs.clean_partial(started)
+        try:
+            ensure_schema(engine, settings.database_url())
+        except BaseException:
+            engine.dispose()
+            raise
+        blobs = open_blob_store(settings)
+        if isinstance(blobs, FileBlobStore):
+            # A file store belongs to one hub process: uploads staged before this start are
+            # a killed process's, which nothing will ever finish. (An S3 store is shared by
+            # replicas whose uploads may be under way; its gc removes the stale ones.)
+            blobs.clean_partial(started)
         return cls(
             settings=settings,
             sessions=Sessions(engine),
@@ -111,37 +131,5 @@ class HubContext:
             trust=_load_trust(settings.trusted_keys),
         )
 
-    def start_services(self) -> None:
-        """Start the background work of a serving hub: fleet upkeep, then the MQTT link.
-
-        Upkeep renews desired states before they expire and republishes them whenever the
-        broker connection comes back (a broker restarted without persistence lost them).
-        """
-        from cloud_hub.fleet.maintenance import FleetMaintenance
-
-        upkeep = FleetMaintenance(self)
-        upkeep.start()
-        self.extras["fleet.maintenance"] = upkeep
-        self.start_mqtt(on_connected=upkeep.request_republish)
-
-    def start_mqtt(self, *, on_connected: Callable[[], None] | None = None) -> None:
-        """Connect to the broker when one is configured (publishing, ingest).
-
-        ``on_connected`` runs after every (re)connection, on the MQTT network thread.
-        """
-        if self.settings.mqtt_host is None:
-            return
-        from cloud_hub.mqtt.link import MqttLink
-
-        self.mqtt = MqttLink.from_context(self, on_connected=on_connected)
-        self.mqtt.start()
-
     def close(self) -> None:
-        upkeep = self.extras.pop("fleet.maintenance", None)
-        if upkeep is not None:
-            upkeep.stop()  # type: ignore[attr-defined]
-        if self.mqtt is not None:
-            with contextlib.suppress(Exception):
-                self.mqtt.stop()
-            self.mqtt = None
         self.sessions.engine.dispose()

@@ -1,0 +1,1 @@
+"""Putting several hub replicas behind one address (a generated nginx config)."""

@@ -1,0 +1,57 @@
+"""Changing the fleet: decide in the database, then apply the effects, in one call.
+
+Routes and upkeep use :class:`FleetChanges`; it runs a decision from
+:mod:`cloud_hub.fleet.desired` (which commits and returns effects as data) and hands the
+effects to the executor. Nothing else publishes or touches the broker's accounts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from sqlalchemy.orm import Session
+
+from cloud_hub.db.base import Sessions
+from cloud_hub.fleet.desired import DesiredSigner, change_fleet, is_expiring, renew_expiring
+from cloud_hub.fleet.effects import Applied, Effects
+from cloud_hub.fleet.executor import EffectExecutor
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[R]):
+    """A committed change: the mutation's result, its effects, and what applying them did."""
+
+    result: R
+    effects: Effects
+    applied: Applied
+
+    @property
+    def issued(self) -> dict[str, int]:
+        return dict(self.effects.issued)
+
+
+class FleetChanges:
+    def __init__(self, sessions: Sessions, signer: DesiredSigner, executor: EffectExecutor) -> None:
+        self._sessions = sessions
+        self._signer = signer
+        self._executor = executor
+
+    def change(self, mutate: Callable[[Session], R]) -> Outcome[R]:
+        """Apply ``mutate`` (see :func:`change_fleet`), then its effects."""
+        change = change_fleet(self._sessions, self._signer, mutate)
+        return Outcome(change.result, change.effects, self._executor.apply(change.effects))
+
+    def renew_expiring(self, device_ids: Sequence[str] | None = None) -> dict[str, int]:
+        """Renew the states that are due (see :func:`renew_expiring`) and publish them."""
+        effects = renew_expiring(self._sessions, self._signer, device_ids)
+        self._executor.apply(effects)
+        return dict(effects.issued)
+
+    def renew_if_expiring(self, device_id: str) -> None:
+        """Renew one device's state if it is due (the cheap check first, without the lock)."""
+        if is_expiring(self._sessions, device_id, self._signer.ttl_s):
+            self.renew_expiring([device_id])

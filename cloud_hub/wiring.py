@@ -1,0 +1,148 @@
+"""The hub's composition root: the one place that builds the running parts and wires them.
+
+:class:`~cloud_hub.core.HubCore` is what the hub *is* (settings, database, blobs, keys,
+trust). :func:`wire_hub` builds what it *runs* around it, each part given only what it needs:
+
+- the ingest worker (device messages → database), fed by
+- the MQTT link (broker session), which also carries
+- the desired-state publisher, used by
+- the effect executor (publishes, broker accounts), used by
+- fleet changes (decide in the database, then apply), and
+- fleet upkeep (renewals, republishing when the broker connection comes back).
+
+No part holds the hub or reaches back into it; :class:`HubProcess` only owns their lifecycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from cloud_hub.broker.mosquitto import MosquittoAccounts, hub_mqtt_password
+from cloud_hub.broker.rabbitmq import RabbitMqAccounts
+from cloud_hub.core import HubCore
+from cloud_hub.fleet.changes import FleetChanges
+from cloud_hub.fleet.desired import DesiredSigner
+from cloud_hub.fleet.executor import AccountSync, EffectExecutor
+from cloud_hub.fleet.maintenance import FleetMaintenance
+from cloud_hub.fleet.publish import DesiredPublisher
+from cloud_hub.ingest.worker import IngestWorker, ingest_policy
+from cloud_hub.mqtt.link import MqttLink
+from cloud_hub.settings import HubSettings
+from manifests.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HubProcess:
+    """Everything one hub process runs, built by :func:`wire_hub`."""
+
+    core: HubCore
+    fleet: FleetChanges
+    executor: EffectExecutor
+    upkeep: FleetMaintenance
+    link: MqttLink | None = None
+    ingest: IngestWorker | None = None
+    publisher: DesiredPublisher | None = None
+    accounts: AccountSync | None = None
+    _started: bool = False
+
+    def start(self) -> None:
+        """Start the background work: upkeep, then broker accounts, ingest and the MQTT link.
+
+        A hub that manages the broker's accounts makes sure, before it connects, that the
+        broker knows its own user and exactly the devices in the database (restored backups,
+        devices enrolled while the broker was down).
+        """
+        if self._started:
+            return
+        self._started = True
+        self.upkeep.start()
+        if self.link is not None:
+            self.executor.sync_accounts()
+            if self.ingest is not None:
+                self.ingest.start()
+            self.link.start()
+
+    def close(self) -> None:
+        """Stop what runs (upkeep, link, ingest) and close the core; safe to call twice."""
+        if self._started:
+            self._started = False
+            self.upkeep.stop()
+            if self.link is not None:
+                with contextlib.suppress(Exception):
+                    self.link.stop()
+            if self.ingest is not None:
+                self.ingest.stop()
+        self.core.close()
+
+
+def wire_hub(core: HubCore) -> HubProcess:
+    """Build the running parts of a hub around ``core`` (nothing starts until ``start()``)."""
+    settings = core.settings
+    link, ingest, publisher = _broker_parts(core)
+    accounts = _account_sync(core)
+    executor = EffectExecutor(core.sessions, publisher=publisher, accounts=accounts)
+    fleet = FleetChanges(core.sessions, DesiredSigner(core.hub_key, settings.desired_ttl_s), executor)
+    upkeep = FleetMaintenance(
+        renew=fleet.renew_expiring,
+        republish=publisher.republish_all if publisher is not None else None,
+        pending=publisher.publish_pending if publisher is not None else None,
+        interval_s=settings.upkeep_interval_s,
+    )
+    if link is not None:
+        link.on_connected = upkeep.request_republish
+    return HubProcess(
+        core=core,
+        fleet=fleet,
+        executor=executor,
+        upkeep=upkeep,
+        link=link,
+        ingest=ingest,
+        publisher=publisher,
+        accounts=accounts,
+    )
+
+
+def open_hub(settings: HubSettings) -> HubProcess:
+    """Open the core for ``settings`` and wire a hub around it."""
+    return wire_hub(HubCore.open(settings))
+
+
+def _account_sync(core: HubCore) -> AccountSync | None:
+    """Who keeps the broker's accounts: Mosquitto's files, RabbitMQ's API, or nobody."""
+    settings = core.settings
+    if settings.broker_dir is not None and settings.rabbitmq_api is not None:
+        raise ConfigError("give either a Mosquitto broker dir or a RabbitMQ management API, not both")
+    if settings.rabbitmq_api is not None:
+        return RabbitMqAccounts(core.sessions, settings, hub_mqtt_password(settings))
+    if settings.broker_dir is not None:
+        return MosquittoAccounts(core.sessions, settings)
+    return None
+
+
+def _broker_parts(core: HubCore) -> tuple[MqttLink | None, IngestWorker | None, DesiredPublisher | None]:
+    settings = core.settings
+    if settings.mqtt_host is None:
+        return None, None, None
+    limits, retention = ingest_policy(settings)
+    ingest = IngestWorker(
+        core.sessions,
+        prefix=settings.topic_prefix,
+        telemetry_keep=settings.telemetry_keep,
+        limits=limits,
+        retention=retention,
+    )
+    link = MqttLink(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        prefix=settings.topic_prefix,
+        username=settings.mqtt_username,
+        password=hub_mqtt_password(settings),
+        tls_ca=str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
+        sink=ingest.submit,
+        share_group=settings.mqtt_share_group,
+    )
+    return link, ingest, DesiredPublisher(core.sessions, link)
