@@ -27,10 +27,14 @@ from cloud_hub.registry.tables import ModelVersion, Module
 from cloud_hub.registry.tags import parse_filters
 from cloud_hub.store.blobs import CHUNK, check_digest
 from cloud_hub.store.streaming import MIB, body_file, check_declared_length
+from manifests.bundle import BundleLimits
 from manifests.errors import ConfigError, EdgepackError
 from manifests.signing import parse_envelope
 
 router = APIRouter(prefix="/api/v1", dependencies=[Admin])
+
+#: A push whose body is a signed ``module.json`` alone (its blobs uploaded beforehand).
+MANIFEST_MEDIA_TYPE = "application/vnd.edgepack.manifest+json"
 
 DigestPath = Annotated[str, Path(description="sha256:<hex>")]
 
@@ -334,7 +338,21 @@ def delete_model(name: str, version: str, ctx: Ctx) -> Deleted:
 )
 async def push_module(request: Request, ctx: Ctx) -> Any:
     """Push a ``.edgepack`` (raw body). Every signature and blob digest is verified before
-    anything is stored; 422 names the problem. The same module again answers 200."""
+    anything is stored; 422 names the problem. The same module again answers 200.
+
+    With ``Content-Type: application/vnd.edgepack.manifest+json`` the body is the signed
+    ``module.json`` alone, over blobs already uploaded with ``PUT /blobs`` (409 names one that
+    is missing): a client then sends only the files the hub does not hold."""
+    if request.headers.get("content-type", "").split(";")[0].strip() == MANIFEST_MEDIA_TYPE:
+        limit = BundleLimits().max_manifest_bytes
+        check_declared_length(request.headers.get("content-length"), limit)
+        raw, fh = body_file(request.stream(), limit=limit)
+        data = await run_in_threadpool(fh.read)
+        await raw.drain()
+        result = await run_in_threadpool(
+            module_registry.register_manifest, ctx.sessions, ctx.blobs, ctx.trust, data
+        )
+        return _push_answer(result)
     limit = _upload_limit(ctx)
     check_declared_length(request.headers.get("content-length"), limit)
     raw, fh = body_file(request.stream(), limit=limit)
@@ -344,6 +362,10 @@ async def push_module(request: Request, ctx: Ctx) -> Any:
         await raw.drain()
         raise
     await raw.drain()  # tar padding after the end-of-archive marker
+    return _push_answer(result)
+
+
+def _push_answer(result: module_registry.PushResult) -> Any:
     out = PushOut(
         **ModuleOut.of(result.module).model_dump(),
         created=result.created,
