@@ -110,7 +110,7 @@ class LocalService:
         command = [
             sys.executable, "-m", "edge_agent.scoring", "--module-dir", str(self.installed.dir),
             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
-            "--preload", "--state-file", str(state_file),
+            "--log-level", "info", "--preload", "--state-file", str(state_file),
         ]  # fmt: skip
         with log:
             self._proc = subprocess.Popen(
