@@ -1,110 +1,13 @@
-"""Talking to a hub over HTTP: where it is, the token, and errors as one line.
+"""The hub client's former home: its names now live in the SDK (``packager.sdk``).
 
-The hub is found from ``--hub``/``--token``, then ``EDGEPACK_HUB_URL``/``EDGEPACK_TOKEN``,
-then ``$EDGEPACK_HOME/config.json`` (written by ``edgepack login``).
+Kept so that code written against them keeps working; there is no logic here.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from packager.sdk.config import HubConfig
+from packager.sdk.errors import HubError as HubRequestError
+from packager.sdk.errors import error_body as hub_error
+from packager.sdk.errors import raise_for_hub_error
 
-import httpx
-
-from manifests.errors import ConfigError, EdgepackError, FetchError, TrustError
-from packager.app import edgepack_home
-from packager.files import atomic_output
-
-
-class HubRequestError(EdgepackError):
-    """The hub refused a request (4xx) or failed (5xx); the message is the hub's."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-        self.exit_code = 3 if status == 422 else 2 if 400 <= status < 500 else 4
-
-
-def config_path() -> Path:
-    return edgepack_home() / "config.json"
-
-
-@dataclass
-class HubConfig:
-    url: str
-    token: str | None
-
-    @classmethod
-    def resolve(cls, url: str | None = None, token: str | None = None) -> HubConfig:
-        saved: dict[str, Any] = {}
-        path = config_path()
-        if path.exists():
-            try:
-                saved = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}: invalid JSON ({exc.msg}); run 'edgepack login' again") from None
-        url = url or os.environ.get("EDGEPACK_HUB_URL") or saved.get("hub_url")
-        token = token or os.environ.get("EDGEPACK_TOKEN") or saved.get("token")
-        if not url:
-            raise ConfigError(
-                "no hub configured: run 'edgepack login --hub URL --token TOKEN' "
-                "or set EDGEPACK_HUB_URL and EDGEPACK_TOKEN"
-            )
-        return cls(url=url.rstrip("/"), token=token)
-
-    def save(self) -> Path:
-        path = config_path()
-        with atomic_output(path, mode=0o600) as fh:
-            fh.write(json.dumps({"hub_url": self.url, "token": self.token}, indent=2).encode())
-        return path
-
-
-class HubClient:
-    """A thin httpx wrapper: JSON in, JSON out, hub errors raised as one-line errors."""
-
-    def __init__(self, config: HubConfig, *, timeout: float = 60.0) -> None:
-        headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
-        self.config = config
-        self.http = httpx.Client(base_url=config.url, headers=headers, timeout=timeout)
-
-    def __enter__(self) -> HubClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise FetchError(
-                f"cannot reach the hub at {self.config.url} ({exc.__class__.__name__}); "
-                "is 'edgepack hub serve' running and the URL right?"
-            ) from None
-        raise_for_hub_error(response)
-        return response
-
-    def get_json(self, path: str, **kwargs: Any) -> Any:
-        return self.request("GET", path, **kwargs).json()
-
-    def post_json(self, path: str, body: Any = None, **kwargs: Any) -> Any:
-        return self.request("POST", path, json=body, **kwargs).json()
-
-
-def raise_for_hub_error(response: httpx.Response) -> None:
-    if response.status_code < 400:
-        return
-    message = response.text[:500] or response.reason_phrase
-    try:
-        body = response.json()
-        message = body["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        pass
-    if response.status_code == 401:
-        message += "; run 'edgepack login --hub URL --token TOKEN' with the hub's admin token"
-    if response.status_code == 422 and "signature" in message:
-        raise TrustError(f"hub refused: {message}")
-    raise HubRequestError(f"hub answered {response.status_code}: {message}", response.status_code)
+__all__ = ["HubConfig", "HubRequestError", "hub_error", "raise_for_hub_error"]

@@ -24,18 +24,12 @@ from manifests.device import AgentConfig, parse_agent_config, parse_credentials,
 from manifests.errors import ConfigError
 from packager.app import app, console
 from packager.files import atomic_output
+from packager.sdk.live import STATE_STYLE
 
 agent_app = typer.Typer(help="Set up, run and inspect the device agent.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="agent.toml")]
-STATE_STYLE = {
-    "Healthy": "green",
-    "Failed": "bold red",
-    "Unhealthy": "yellow",
-    "Unschedulable": "magenta",
-    "Transitioning": "cyan",
-}
 
 
 @agent_app.command("init")

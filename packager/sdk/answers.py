@@ -54,37 +54,36 @@ class FileRecord(_Answer):
     size: int
 
 
-class ModelRecord(_Answer):
-    """A registered model version."""
+class _Version(_Answer):
+    """What model and module versions have in common."""
 
     name: str
+    version: int | str
+    size: int
+    created_at: datetime
+    files: list[FileRecord]
+
+    @property
+    def ref(self) -> str:
+        """``name:version``."""
+        return f"{self.name}:{self.version}"
+
+
+class ModelRecord(_Version):
+    """A registered model version."""
+
     version: int
     description: str = ""
     tags: dict[str, str] = Field(default_factory=dict)
     properties: dict[str, Any] = Field(default_factory=dict)
-    size: int
-    created_at: datetime
-    files: list[FileRecord]
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}:{self.version}"
 
 
-class ModuleRecord(_Answer):
+class ModuleRecord(_Version):
     """A module version on the hub (pushed as a signed ``.edgepack`` or built by ``Model.deploy``)."""
 
-    name: str
     version: str
     manifest_digest: str
     signers: list[str] = Field(default_factory=list)
-    size: int
-    created_at: datetime
-    files: list[FileRecord]
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}:{self.version}"
 
 
 class ModuleDetail(ModuleRecord):

@@ -135,6 +135,14 @@ class Hub:
 
         return put_deployment(self, name, module, deployment_config, self.target_for(target, "deploy"))
 
+    def collect_garbage(self, grace_s: int = 3600) -> list[str]:
+        """Delete the hub's blobs that no model or module uses and that are older than
+        ``grace_s`` seconds (uploads never registered, failed pushes); the digests freed."""
+        if not isinstance(grace_s, int) or isinstance(grace_s, bool) or grace_s < 0:
+            raise BadArgument(f"collect_garbage: grace_s must be a whole number of seconds, not {grace_s!r}")
+        answer = self.transport.send("POST", "/api/v1/registry/gc", params={"grace_s": grace_s})
+        return [str(d) for d in answer["freed_blobs"]]
+
     def get(self, path: str, **params: Any) -> Any:
         """GET one of the hub's API paths (``/api/v1/...``) and decode its JSON."""
         return self.transport.get(path, params=params or None)
