@@ -115,6 +115,19 @@ def rss_mb(pid: int) -> float:
 # --- the stack ------------------------------------------------------------------------------
 
 
+def remove_containers(device_id: str) -> None:
+    """Remove the containers an agent started for ``device_id`` (docker runtime rounds)."""
+    if not Path("/var/run/docker.sock").exists():
+        return
+    with contextlib.suppress(Exception):
+        import docker
+
+        client = docker.from_env()
+        for container in client.containers.list(all=True, filters={"label": f"edgepack.device={device_id}"}):
+            container.remove(force=True)
+        client.close()
+
+
 @dataclass
 class Agent:
     device_id: str
@@ -137,9 +150,18 @@ class Agent:
             self.proc.wait(timeout=60)
 
     def kill_modules(self) -> None:
+        """SIGKILL the module processes this agent started (what a power cut does).
+
+        Only a pid whose command line names the state file is one of them: a container's
+        state file holds a pid of the container's namespace, which on the host is somebody
+        else's (killing its process group once took the machine's services down)."""
         for state in self.state_dir.glob("run/*/*/instance.json"):
-            with contextlib.suppress(ValueError, KeyError, ProcessLookupError, PermissionError):
-                os.killpg(json.loads(state.read_text())["pid"], signal.SIGKILL)
+            with contextlib.suppress(ValueError, KeyError, OSError):
+                pid = int(json.loads(state.read_text())["pid"])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if str(state).encode() in cmdline:
+                    os.killpg(pid, signal.SIGKILL)
+        remove_containers(self.device_id)
 
     def connected(self) -> bool:
         return self.log.exists() and "connected to the broker" in self.log.read_text(errors="replace")

@@ -20,32 +20,17 @@ from edge_agent.reconcile.loop import ReconcileLoop, Stop
 from edge_agent.report.sampler import Sampler
 from edge_agent.runtime.base import Runtime
 from edge_agent.runtime.process import ProcessRuntime
+from edge_agent.setup import load_setup
 from edge_agent.status import LOCK_FILE
 from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import MqttSession
 from manifests.desired import RuntimeKind
-from manifests.device import AgentConfig, DeviceCredentials, parse_agent_config, parse_credentials
+from manifests.device import AgentConfig
 from manifests.errors import ConfigError
 
 log = logging.getLogger("edge_agent")
 
 MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
-
-
-def load_setup(config_path: Path) -> tuple[AgentConfig, DeviceCredentials]:
-    try:
-        data = config_path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{config_path}: not found; write one with 'edgepack agent init'") from None
-    config = parse_agent_config(data, source=str(config_path), base_dir=config_path.resolve().parent)
-    try:
-        creds = config.credentials.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{config.credentials}: credentials not found; write them with "
-            "'edgepack device enroll ID --out FILE' and point agent.toml at them"
-        ) from None
-    return config, parse_credentials(creds, source=str(config.credentials))
 
 
 def agent_version() -> str:

@@ -6,8 +6,6 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
-import difflib
-
 from pydantic import BaseModel, ValidationError
 
 
@@ -41,6 +39,8 @@ def describe_validation_error(
     loc = tuple(err["loc"])
     field = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
+        import difflib  # only on the way to an error message
+
         hint = difflib.get_close_matches(str(loc[-1]), _known_aliases(model, loc), n=1)
         suffix = f"; did you mean '{hint[0]}'?" if hint else ""
         return f"{source}: unknown field '{field}'{suffix}"

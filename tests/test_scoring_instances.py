@@ -8,16 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.load import Load
 
 START_TIMEOUT_S = 30.0
 
@@ -92,43 +91,9 @@ def refused(port: int) -> bool:
         return True
 
 
-@dataclass
-class Load:
-    """Clients posting to /score without pause, on keep-alive or fresh connections."""
-
-    port: int
-    fresh_connections: bool
-    answers: Counter[int] = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)
-    last: list[int] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def _client(self) -> None:
-        headers = {"Connection": "close"} if self.fresh_connections else {}
-        with httpx.Client(timeout=10) as client:
-            while not self._stop.is_set():
-                try:
-                    r = client.post(f"http://127.0.0.1:{self.port}/score", content=b"{}", headers=headers)
-                    r.raise_for_status()
-                    answer = r.json()["v"]
-                except Exception as exc:
-                    self.failures.append(repr(exc))
-                    continue
-                self.answers[answer] += 1
-                self.last.append(answer)
-                del self.last[:-50]
-
-    def __enter__(self) -> Load:
-        self._threads = [threading.Thread(target=self._client) for _ in range(4)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
+def versioned_load(port: int, *, fresh_connections: bool) -> Load:
+    """Four clients; each answer says which version gave it."""
+    return Load(port, b"{}", lambda body: int(body["v"]), clients=4, fresh_connections=fresh_connections)
 
 
 def test_a_preloaded_instance_does_not_listen_before_init_succeeded(tmp_path: Path) -> None:
@@ -163,7 +128,7 @@ def test_two_versions_hand_over_the_port_under_load_without_a_failed_request(
     wait_listening(old)
     new = None
     try:
-        with Load(port, fresh_connections) as load:
+        with versioned_load(port, fresh_connections=fresh_connections) as load:
             time.sleep(0.3)
             new = launch(versioned_module(tmp_path / "v2", 2, init_s=0.3), port, workers=workers)
             wait_listening(new)

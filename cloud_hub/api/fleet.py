@@ -45,7 +45,7 @@ from cloud_hub.registry.modules import get_module
 from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.errors import EdgepackError
 from manifests.logs import MAX_TAIL
-from manifests.reported import ModuleStatus
+from manifests.reported import ModuleStatus, Progress
 from manifests.signing import TrustedKey, public_key_pem, raw_public_bytes
 from manifests.states import ServiceState
 
@@ -144,6 +144,7 @@ class DeviceServiceOut(BaseModel):
     reason: str | None
     endpoint: str | None = Field(default=None, description="where the device serves it (its report)")
     serving_version: str | None = None
+    progress: Progress | None = Field(default=None, description="download/pull progress while Transitioning")
 
 
 class DeploymentOut(BaseModel):
@@ -211,6 +212,7 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
     for device_id in devices_running(view.plan, row.name):
         status = reported.get(device_id)
         here = service_state_on_device(status, row.manifest_digest)
+        moving = status is not None and here.state is ServiceState.TRANSITIONING
         rows.append(
             DeviceServiceOut(
                 device_id=device_id,
@@ -219,6 +221,7 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
                 reason=here.reason,
                 endpoint=status.endpoint if status is not None else None,
                 serving_version=status.serving_version if status is not None else None,
+                progress=status.progress if status is not None and moving else None,
             )
         )
     return DeploymentOut(

@@ -127,13 +127,7 @@ class BlobStore:
                     yield digest
 
     def remove_partial(self, digest: str) -> int:
-        path = self.partial_path(digest)
-        try:
-            size = os.lstat(path).st_size
-            path.unlink()
-        except FileNotFoundError:
-            return 0
-        return size
+        return _unlink_counting(self.partial_path(digest))
 
     def digests(self) -> Iterator[str]:
         """Every blob held (temp files excluded)."""
@@ -146,13 +140,7 @@ class BlobStore:
 
     def remove(self, digest: str) -> int:
         """Delete a blob; returns the bytes freed (0 when it was not held)."""
-        path = self.path(digest)
-        try:
-            size = os.lstat(path).st_size
-            path.unlink()
-        except FileNotFoundError:
-            return 0
-        return size
+        return _unlink_counting(self.path(digest))
 
     def remove_stale_parts(self, older_than_s: float) -> int:
         """Delete temp files left by crashed writers; a writer that is still busy keeps its
@@ -167,6 +155,22 @@ class BlobStore:
                     os.unlink(entry.path)
                     removed += 1
         return removed
+
+
+def _unlink_counting(path: Path) -> int:
+    """Remove ``path``; the bytes it held (0 when there was nothing)."""
+    try:
+        size = os.lstat(path).st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def _write_all(fd: int, chunk: bytes) -> None:
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class PendingBlob:
@@ -214,9 +218,7 @@ class PendingBlob:
             )
         if self._hasher is not None:
             self._hasher.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, chunk)
 
     def commit(self) -> None:
         """Keep the blob if it is complete and matches its digest; otherwise discard it and
@@ -304,9 +306,7 @@ class ResumableBlob:
             self.discard()
             raise TrustError(f"blob {self.digest}: more than the {self.size} bytes announced; discarded")
         self._hasher.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, chunk)
         self.offset += len(chunk)
 
     def commit(self) -> None:

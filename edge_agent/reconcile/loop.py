@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import random
-import secrets
 import shutil
 import socket
 import threading
@@ -241,7 +241,12 @@ class ReconcileLoop:
             except queue.Empty:
                 event = None
             while event is not None:
-                self._handle(event)
+                try:
+                    self._handle(event)
+                except Exception:
+                    # One event that cannot be handled (a bug, a full disk) must not end the
+                    # agent: its modules keep being supervised, and the log says what failed.
+                    log.exception("handling %s failed", type(event).__name__)
                 try:
                     event = self.events.get_nowait()
                 except queue.Empty:
@@ -250,16 +255,35 @@ class ReconcileLoop:
 
     def step(self) -> None:
         """Timers, planning, saving and reporting after a batch of events."""
-        self._timers()
+        for name, phase in (
+            ("timers", self._timers),
+            ("planning", self._plan_if_needed),
+            ("garbage collection", self._gc_if_idle),
+            ("saving the state", self._save_if_needed),
+            ("reporting", self._report_if_needed),
+        ):
+            try:
+                phase()
+            except Exception as exc:
+                log.exception("%s failed", name)
+                self.record.last_error = f"{name} failed: {type(exc).__name__}: {exc}"[:2000]
+
+    def _plan_if_needed(self) -> None:
         if self._dirty_plan:
             self._dirty_plan = False
             self._replan()
+
+    def _gc_if_idle(self) -> None:
         if self._gc_needed and not any(op.kind is Op.FETCH for op in self.ops.values()):
             self._gc_needed = False
             self._gc()
+
+    def _save_if_needed(self) -> None:
         if self._dirty_save:
+            self._save()  # raises on a full disk: stays dirty, tried again on the next step
             self._dirty_save = False
-            self._save()
+
+    def _report_if_needed(self) -> None:
         if self._dirty_report:
             self._dirty_report = False
             self._report()
@@ -555,7 +579,7 @@ class ReconcileLoop:
             log.info("%s moves from the %s to the %s runtime: stopping the old version first",
                      name, serving.runtime, runtime.kind)  # fmt: skip
             self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
-        instance_id = f"{assignment.version}-{secrets.token_hex(4)}"
+        instance_id = f"{assignment.version}-{os.urandom(4).hex()}"
         spec = LaunchSpec(
             instance_id=instance_id,
             assignment=assignment,

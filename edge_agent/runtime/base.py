@@ -35,6 +35,22 @@ class LaunchSpec:
         return self.assignment.service
 
 
+def instance_arguments(spec: LaunchSpec, state_file: str) -> list[str]:
+    """The scoring server's options for an instance the agent runs (both runtimes): ready
+    before it listens, sharing the port, a private probe port, a state file, a drain."""
+    settings = spec.assignment.settings
+    return [
+        "--host", spec.host,
+        "--port", str(settings.port),
+        "--workers", str(settings.workers),
+        "--preload", "--reuse-port",
+        "--probe-port", "0",
+        "--state-file", state_file,
+        "--drain-s", str(spec.drain_s),
+        "--log-level", "info",
+    ]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Liveness:
     alive: bool

@@ -32,7 +32,7 @@ from docker.types import Mount
 
 from edge_agent.cache.modules import InstalledModule
 from edge_agent.download.module import Cancelled
-from edge_agent.runtime.base import STATE_FILE, LaunchSpec, Liveness, Progress, Usage
+from edge_agent.runtime.base import STATE_FILE, LaunchSpec, Liveness, Progress, Usage, instance_arguments
 from edge_agent.state.records import InstanceRecord
 from manifests.desired import ModuleAssignment, RuntimeKind
 from manifests.device import AgentConfig
@@ -163,16 +163,7 @@ class DockerRuntime:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         os.chown(spec.run_dir, CONTAINER_UID, CONTAINER_UID)
         (spec.run_dir / STATE_FILE).unlink(missing_ok=True)
-        command = [
-            "--host", spec.host,
-            "--port", str(settings.port),
-            "--workers", str(settings.workers),
-            "--preload", "--reuse-port",
-            "--probe-port", "0",
-            "--state-file", f"{RUN_MOUNT}/{STATE_FILE}",
-            "--drain-s", str(spec.drain_s),
-            "--log-level", "info",
-        ]  # fmt: skip
+        command = instance_arguments(spec, f"{RUN_MOUNT}/{STATE_FILE}")
         options: dict[str, Any] = {}
         if settings.cpu is not None:
             options["nano_cpus"] = int(settings.cpu * 1e9)

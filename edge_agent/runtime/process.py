@@ -32,6 +32,7 @@ from edge_agent.runtime.base import (
     Liveness,
     Progress,
     Usage,
+    instance_arguments,
     read_instance_state,
     tail_lines,
 )
@@ -176,16 +177,8 @@ class ProcessRuntime:
         with contextlib.suppress(FileNotFoundError):
             (spec.run_dir / STATE_FILE).unlink()
         argv = [
-            self.python, "-m", "edge_agent.scoring",
-            "--module-dir", str(spec.module.dir),
-            "--host", spec.host,
-            "--port", str(settings.port),
-            "--workers", str(settings.workers),
-            "--preload", "--reuse-port",
-            "--probe-port", "0",
-            "--state-file", str(spec.run_dir / STATE_FILE),
-            "--drain-s", str(spec.drain_s),
-            "--log-level", "info",
+            self.python, "-m", "edge_agent.scoring", "--module-dir", str(spec.module.dir),
+            *instance_arguments(spec, str(spec.run_dir / STATE_FILE)),
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV}
         env.update(self._extra_env)

@@ -16,15 +16,15 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
+from edge_agent.setup import load_setup
 from edge_agent.status import agent_status
 from manifests.desired import RuntimeKind
-from manifests.device import AgentConfig, parse_agent_config, parse_credentials, render_agent_config
+from manifests.device import AgentConfig, parse_credentials, render_agent_config
 from manifests.errors import ConfigError
 from packager.app import app, console
+from packager.display import state_text
 from packager.files import atomic_output
-from packager.sdk.live import STATE_STYLE
 
 agent_app = typer.Typer(help="Set up, run and inspect the device agent.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
@@ -85,16 +85,8 @@ def init_cmd(
 
 
 def _load(config_path: Path) -> tuple[AgentConfig, str]:
-    try:
-        data = config_path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{config_path}: not found; write one with 'edgepack agent init'") from None
-    config = parse_agent_config(data, source=str(config_path), base_dir=config_path.resolve().parent)
-    try:
-        creds = parse_credentials(config.credentials.read_bytes(), source=str(config.credentials))
-    except FileNotFoundError:
-        raise ConfigError(f"{config.credentials}: credentials not found (named by {config_path})") from None
-    return config, creds.device_id
+    config, credentials = load_setup(config_path)
+    return config, credentials.device_id
 
 
 @agent_app.command("run")
@@ -137,7 +129,7 @@ def status_cmd(
     for s in status["services"]:
         table.add_row(
             s["service"],
-            Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
+            state_text(s["state"]),
             s["version"] or "-",
             s["serving_version"] or "-",
             s["runtime"] or "-",

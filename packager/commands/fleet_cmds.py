@@ -30,6 +30,7 @@ from packager.commands.options import (
     split_ref,
 )
 from packager.commands.output import print_change, print_json, when
+from packager.display import state_text
 from packager.sdk import (
     DeploymentConfig,
     DeploymentFailed,
@@ -39,7 +40,7 @@ from packager.sdk import (
     Service,
     save_credentials,
 )
-from packager.sdk.live import LiveServiceView, devices_table, state_text, tags_text, target_text
+from packager.sdk.live import LiveServiceView, devices_table, tags_text, target_text
 
 device_app = typer.Typer(help="Enroll, list, show, tag and revoke devices.", no_args_is_help=True)
 app.add_typer(device_app, name="device")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from manifests.desired import DeploymentSettings
 from manifests.errors import HubUnavailable
 from manifests.module import ModuleManifest
-from manifests.reported import ModuleStatus
+from manifests.reported import ModuleStatus, Progress
 from manifests.states import ServiceState
 
 
@@ -124,6 +124,7 @@ class DeviceServiceState(_Answer):
     reason: str | None = None
     endpoint: str | None = Field(default=None, description="e.g. http://10.0.0.5:8890, as the device reports")
     serving_version: str | None = None
+    progress: Progress | None = Field(default=None, description="a download or pull under way")
 
     @property
     def final(self) -> bool:

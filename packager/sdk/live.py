@@ -2,7 +2,7 @@
 
 In a terminal: a table of every device's state that redraws at each poll (what ``edgepack
 service wait`` shows). Elsewhere (a pipe, a log): one line per device whose state changed.
-The CLI draws its service tables with the same pieces.
+The CLI draws its service tables with the same pieces (and its colours, ``packager.display``).
 """
 
 from __future__ import annotations
@@ -16,21 +16,17 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from manifests.reported import Progress
+from packager.display import state_text
 from packager.sdk.answers import ServiceRecord
 from packager.sdk.progress import ProgressEvent
 
-STATE_STYLE = {
-    "Healthy": "green",
-    "Failed": "bold red",
-    "Unhealthy": "yellow",
-    "Unschedulable": "magenta",
-    "Transitioning": "cyan",
-}
 
-
-def state_text(state: str | None) -> Text:
-    """A service state in its colour; ``not reported`` until a device said."""
-    return Text(state or "not reported", style=STATE_STYLE.get(state or "", "dim"))
+def progress_text(progress: Progress | None) -> str:
+    """`` (12.3/96.0 MB)`` for a download or pull under way, else nothing."""
+    if progress is None or not progress.total_bytes:
+        return ""
+    return f" ({progress.done_bytes / 1e6:.1f}/{progress.total_bytes / 1e6:.1f} MB)"
 
 
 def tags_text(tags: dict[str, str]) -> str:
@@ -52,7 +48,7 @@ def devices_table(service: ServiceRecord) -> Table:
             d.device_id,
             Text("online", "green") if d.online else Text("offline", "red"),
             state_text(d.state),
-            d.reason or "",
+            (d.reason or "") + progress_text(d.progress),
         )
     return table
 

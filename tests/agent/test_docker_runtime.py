@@ -12,7 +12,7 @@ from typing import Any
 from manifests.desired import RuntimeKind
 from tests.agent.conftest import Fleet, free_port, score, wait_for
 from tests.agent.modules import files
-from tests.agent.test_updates import SteadyLoad
+from tests.agent.test_updates import steady_load
 from tests.docker_fixtures import PushedRuntimeImage
 from tests.factory import SCORE_PY, ModuleParts
 
@@ -85,7 +85,7 @@ def test_a_docker_update_switches_without_a_failed_request_and_a_restart_adopts(
     agent.wait_state("demo", "Healthy", timeout=120)
     script = SCORE_PY.replace(b"x * factor", b"x * factor * 3 // 2")
     v2 = pinned_module(fleet, runtime_image, "2", files={**files(), "src/score.py": script})
-    with SteadyLoad(port) as load:
+    with steady_load(port) as load:
         time.sleep(0.3)
         fleet.deploy("demo", v2, port=port, devices=["edge-d"], runtime="docker")
         agent.wait_state("demo", "Healthy", version="2", timeout=120)

@@ -3,54 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from manifests.digests import sha256_digest
 from tests.agent.conftest import Agent, Fleet, free_port, score, wait_for
 from tests.agent.modules import CRASHES_AFTER_START, CRASHES_ONCE, FAILING_INIT, HANGS_ON_REQUEST, files
 from tests.factory import SCORE_PY
+from tests.load import Load
 
 FAST_RESTARTS = {"restart": {"base_s": 0.2, "cap_s": 1.0, "crash_loop_limit": 3}}
 
 
-@dataclass
-class SteadyLoad:
-    """Two clients calling /score without pause on keep-alive connections."""
-
-    port: int
-    answers: Counter[int] = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def _client(self) -> None:
-        with httpx.Client(timeout=10) as client:
-            while not self._stop.is_set():
-                try:
-                    r = client.post(f"http://127.0.0.1:{self.port}/score", json={"data": [1]})
-                    r.raise_for_status()
-                    self.answers[r.json()["result"][0]] += 1
-                except Exception as exc:
-                    self.failures.append(repr(exc))
-
-    def __enter__(self) -> SteadyLoad:
-        self._threads = [threading.Thread(target=self._client) for _ in range(2)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
+def steady_load(port: int) -> Load:
+    """Two keep-alive clients posting ``{"data": [1]}``: the factor model answers ``[factor]``."""
+    return Load(port, b'{"data": [1]}', lambda body: int(body["result"][0]))
 
 
 def test_an_update_switches_versions_without_a_failed_request_and_fetches_only_what_changed(
@@ -67,7 +39,7 @@ def test_an_update_switches_versions_without_a_failed_request_and_fetches_only_w
     # Version 2 changes the entry script only (it now triples): one blob to download.
     script = SCORE_PY.replace(b"x * factor", b"x * factor * 3 // 2")
     v2 = fleet.push("demo", "2", files={**files(factor=2, padding=big_model), "src/score.py": script})
-    with SteadyLoad(port) as load:
+    with steady_load(port) as load:
         time.sleep(0.3)
         fleet.deploy("demo", v2, port=port, devices=["edge-1"])
         agent.wait_state("demo", "Healthy", version="2")
@@ -233,3 +205,23 @@ def test_a_version_that_crash_loops_after_the_switch_is_abandoned_for_the_previo
     assert score(port, [1]) == {"result": [2]}
     body = fleet.wait_rollup("demo", "Failed")
     assert "about to crash" in body["devices"][0]["reason"]
+
+
+def test_a_deleted_service_stops_and_its_files_leave_the_device(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1").start()
+    port = free_port()
+    fleet.deploy("demo", fleet.push("demo", "1"), port=port, devices=["edge-1"])
+    agent.wait_state("demo", "Healthy")
+    with fleet.http() as http:
+        assert http.delete("/api/v1/deployments/demo").status_code == 200
+    wait_for(lambda: agent.service("demo") is None, what="the service to be forgotten", log=agent.log)
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"http://127.0.0.1:{port}/score", json={"data": [1]}, timeout=2)
+    cache = agent.state_dir / "cache"
+
+    def emptied() -> bool:
+        modules = [p for p in (cache / "modules").iterdir() if not p.name.startswith(".")]
+        blobs = list((cache / "blobs" / "sha256").iterdir())
+        return not modules and not blobs
+
+    wait_for(emptied, what="the cache to be emptied", log=agent.log)

@@ -3,6 +3,7 @@ to one class each: pure checks, no hub needed."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -126,3 +127,32 @@ def test_the_hubs_error_type_names_the_class(
     assert exc.kind == (body["error"]["type"] if isinstance(body, dict) else None)
     if cls is HubUnauthorized:
         assert "edgepack login" in str(exc)
+
+
+def test_the_wait_view_shows_a_download_under_way() -> None:
+    from rich.console import Console
+
+    from packager.sdk import ServiceRecord
+    from packager.sdk.live import StateLines, devices_table
+    from packager.sdk.progress import ProgressEvent
+
+    service = ServiceRecord.of(
+        {
+            "name": "demo", "module": "demo", "version": "1", "manifest_digest": "sha256:" + "0" * 64,
+            "settings": {"port": 8890}, "target": {"devices": ["edge-1"]},
+            "created_at": "2026-06-01T00:00:00Z", "updated_at": "2026-06-01T00:00:00Z",
+            "state": "Transitioning",
+            "devices": [{"device_id": "edge-1", "online": True, "state": "Transitioning",
+                         "reason": "downloading version 1",
+                         "progress": {"phase": "download", "done_bytes": 3_000_000,
+                                      "total_bytes": 9_000_000}}],
+        }
+    )  # fmt: skip
+    console = Console(record=True, width=120)
+    console.print(devices_table(service))
+    assert "downloading version 1 (3.0/9.0 MB)" in console.export_text()
+    out = io.StringIO()
+    printer = StateLines(out)
+    for _ in range(2):
+        printer(ProgressEvent("waiting for demo", 0, 1, "devices", service))
+    assert out.getvalue() == "demo on edge-1: Transitioning (downloading version 1)\n"  # once per change

@@ -1,0 +1,161 @@
+"""Fetching modules the way the agent does, against a real hub over HTTP: progress, only the
+missing blobs, resuming a partial blob, refusing bad bytes, the disk check, cancellation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.cache.modules import ModuleCache
+from edge_agent.download.module import Cancelled, Counters, FetchControl, fetch_module
+from edge_agent.uplink.http import HubHttp
+from manifests.device import DeviceCredentials
+from manifests.digests import sha256_digest
+from manifests.errors import TrustError, Unschedulable
+from tests.agent.conftest import Fleet, free_port, wait_for
+from tests.agent.modules import files
+from tests.hub.broker_fixtures import MqttProbe
+
+BIG = os.urandom(6 << 20)
+
+
+@pytest.fixture
+def device(fleet: Fleet) -> tuple[HubHttp, DeviceCredentials]:
+    agent = fleet.device("edge-1")
+    creds = DeviceCredentials.model_validate(agent.credentials)
+    http = HubHttp(creds)
+    yield http, creds
+    http.close()
+
+
+def control(
+    progress: list[tuple[int, int]] | None = None, *, cancel_after_bytes: int | None = None
+) -> FetchControl:
+    seen = progress if progress is not None else []
+
+    def cancelled() -> bool:
+        return cancel_after_bytes is not None and bool(seen) and seen[-1][0] >= cancel_after_bytes
+
+    return FetchControl(
+        cancelled=cancelled, deadline=time.monotonic() + 60, progress=lambda d, t: seen.append((d, t))
+    )
+
+
+def deployed(fleet: Fleet, version: str, contents: dict[str, bytes]) -> str:
+    module = fleet.push("demo", version, files=contents)
+    fleet.deploy("demo", module, port=free_port(), devices=["edge-1"])
+    return module.manifest_digest
+
+
+def test_a_fetch_reports_progress_and_an_update_moves_only_the_changed_file(
+    fleet: Fleet, device: tuple[HubHttp, DeviceCredentials], tmp_path: Path
+) -> None:
+    http, creds = device
+    cache = ModuleCache(tmp_path / "cache")
+    digest = deployed(fleet, "1", files(padding=BIG))
+    progress: list[tuple[int, int]] = []
+    counters = Counters()
+    installed = fetch_module(http, cache, digest, creds.publishers, control(progress), counters)
+    total = sum(f.size for f in installed.manifest.files)
+    assert progress[0] == (0, total) and progress[-1] == (total, total)
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress), "progress only rises"
+    assert len(progress) > 2, "a 6 MB blob reports progress on the way"
+    assert (counters.manifests, counters.blobs, counters.bytes) == (1, 3, total)
+    assert (installed.dir / "model" / "weights.bin").read_bytes() == BIG
+
+    v2 = {**files(padding=BIG), "src/score.py": b"def run(raw_data):\n    return 2\n"}
+    digest2 = deployed(fleet, "2", v2)
+    counters2 = Counters()
+    fetch_module(http, cache, digest2, creds.publishers, control(), counters2)
+    assert (counters2.blobs, counters2.bytes) == (1, len(v2["src/score.py"]))
+    # Fetching what is installed already asks the hub for nothing.
+    counters3 = Counters()
+    fetch_module(http, cache, digest2, creds.publishers, control(), counters3)
+    assert (counters3.manifests, counters3.blobs) == (0, 0)
+
+
+def test_a_partial_blob_is_resumed_and_one_that_does_not_match_is_discarded(
+    fleet: Fleet, device: tuple[HubHttp, DeviceCredentials], tmp_path: Path
+) -> None:
+    http, creds = device
+    cache = ModuleCache(tmp_path / "cache")
+    digest = deployed(fleet, "1", files(padding=BIG))
+    blob = sha256_digest(BIG)
+    partial = cache.blobs.partial_path(blob)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(BIG[: len(BIG) // 3])  # what a killed agent left
+    counters = Counters()
+    fetch_module(http, cache, digest, creds.publishers, control(), counters)
+    small = sum(len(v) for k, v in files().items())
+    assert counters.bytes == len(BIG) - len(BIG) // 3 + small, "only the rest was downloaded"
+    assert cache.blobs.path(blob).read_bytes() == BIG and not partial.exists()
+
+    # A partial blob with wrong bytes (a disk error) can never match: it is thrown away whole.
+    other = ModuleCache(tmp_path / "other")
+    bad = other.blobs.partial_path(blob)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\0" * (len(BIG) // 2))
+    with pytest.raises(TrustError, match="does not match its digest"):
+        fetch_module(http, other, digest, creds.publishers, control(), Counters())
+    assert not bad.exists() and not other.blobs.has(blob)
+    fetch_module(http, other, digest, creds.publishers, control(), Counters())  # the next try works
+    assert other.blobs.path(blob).read_bytes() == BIG
+
+
+def test_a_cancelled_fetch_stops_at_a_chunk_and_keeps_what_arrived(
+    fleet: Fleet, device: tuple[HubHttp, DeviceCredentials], tmp_path: Path
+) -> None:
+    http, creds = device
+    cache = ModuleCache(tmp_path / "cache")
+    digest = deployed(fleet, "1", files(padding=BIG))
+    with pytest.raises(Cancelled):
+        fetch_module(http, cache, digest, creds.publishers, control(cancel_after_bytes=4 << 20), Counters())
+    kept = cache.blobs.partial_size(sha256_digest(BIG))
+    assert 0 < kept < len(BIG)
+    assert cache.installed() == []
+
+
+def test_a_module_that_cannot_fit_on_the_disk_downloads_nothing(
+    fleet: Fleet, device: tuple[HubHttp, DeviceCredentials], tmp_path: Path
+) -> None:
+    http, creds = device
+    cache = ModuleCache(tmp_path / "cache")
+    digest = deployed(fleet, "1", files(padding=BIG))
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    counters = Counters()
+    with pytest.raises(Unschedulable, match=r"needs \d+ bytes of disk .* but \d+ are free"):
+        fetch_module(http, cache, digest, creds.publishers, control(), counters, reserve_bytes=free)
+    assert (counters.manifests, counters.blobs, counters.bytes) == (1, 0, 0)
+
+
+def test_progress_a_device_reports_shows_in_the_hubs_roll_up(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1")
+    module = fleet.push("demo", "1")
+    fleet.deploy("demo", module, port=8890, devices=["edge-1"])
+    creds = agent.credentials
+    device = MqttProbe.connect(fleet.broker.host, fleet.broker.port, username="edge-1",
+                               password=creds["mqtt"]["password"])  # fmt: skip
+    try:
+        report = {
+            "schema": "edgepack.reported/v1", "device_id": "edge-1", "reported_at": "2026-06-01T00:00:00Z",
+            "agent_version": "test", "applied_generation": 2, "runtimes": ["process"],
+            "modules": [{"service": "demo", "manifest_digest": module.manifest_digest, "version": "1",
+                         "state": "Transitioning", "reason": "downloading version 1",
+                         "since": "2026-06-01T00:00:00Z",
+                         "progress": {"phase": "download", "done_bytes": 3_000_000,
+                                      "total_bytes": 9_000_000}}],
+        }  # fmt: skip
+        device.publish(f"{fleet.prefix}/devices/edge-1/reported", json.dumps(report), retain=True)
+
+        def shown() -> dict[str, object] | None:
+            got = fleet.rollup("demo")["devices"][0].get("progress")
+            return got if got else None
+
+        assert wait_for(shown, what="the progress") == {"phase": "download", "done_bytes": 3_000_000,
+                                                          "total_bytes": 9_000_000}  # fmt: skip
+    finally:
+        device.close()
