@@ -133,10 +133,12 @@ class InferenceConfig:
 
     @property
     def entry_script(self) -> str:
+        """The entry script, as given (relative to ``base_dir`` or ``source_directory``)."""
         return self.document.entry_script
 
     @property
     def source_directory(self) -> str | None:
+        """The folder packed under ``src/``, as given."""
         return self.document.source_directory
 
     def to_json(self) -> dict[str, Any]:
@@ -258,10 +260,12 @@ class DeploymentConfig:
 
     @property
     def port(self) -> int | None:
+        """The port the service listens on (None: the default, 8890)."""
         return self.document.port
 
     @property
     def runtime(self) -> str | None:
+        """``"docker"``, ``"process"``, or None when not said."""
         return self.document.edgepack.runtime if self.document.edgepack else None
 
     def settings(self) -> DeploymentSettings:

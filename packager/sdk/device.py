@@ -57,18 +57,22 @@ class Device:
 
     @property
     def tags(self) -> dict[str, str]:
+        """The device's tags (selectors match them)."""
         return dict(self.record.tags)
 
     @property
     def online(self) -> bool:
+        """Whether the device's agent is connected to the broker."""
         return self.record.online
 
     @property
     def revoked(self) -> bool:
+        """Whether its credentials were revoked."""
         return self.record.revoked
 
     @property
     def services(self) -> list[str]:
+        """The services its desired state names."""
         return list(self.record.services)
 
     @property

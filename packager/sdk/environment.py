@@ -77,6 +77,7 @@ class CondaDependencies:
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> CondaDependencies:
+        """Read the ``condaDependencies`` object of an ``inferenceconfig.json``."""
         pip: list[str] = []
         conda: list[str] = []
         for dep in (data or {}).get("dependencies", []):

@@ -8,7 +8,7 @@ close it with :meth:`Hub.close` or use the hub as a context manager.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from packager.home import default_key_path
 from packager.sdk.config import HubConfig
@@ -83,6 +83,7 @@ class Hub:
 
     @property
     def url(self) -> str:
+        """The hub's address."""
         return self.config.url
 
     @property
@@ -142,7 +143,3 @@ class Hub:
             raise BadArgument(f"collect_garbage: grace_s must be a whole number of seconds, not {grace_s!r}")
         answer = self.transport.send("POST", "/api/v1/registry/gc", params={"grace_s": grace_s})
         return [str(d) for d in answer["freed_blobs"]]
-
-    def get(self, path: str, **params: Any) -> Any:
-        """GET one of the hub's API paths (``/api/v1/...``) and decode its JSON."""
-        return self.transport.get(path, params=params or None)

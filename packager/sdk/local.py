@@ -94,6 +94,7 @@ class LocalService:
 
     @property
     def scoring_uri(self) -> str:
+        """Where the service scores: ``http://HOST:PORT/score``."""
         return f"http://{self.host}:{self.port}/score"
 
     def start(self) -> LocalService:

@@ -126,10 +126,12 @@ class Model:
 
     @property
     def name(self) -> str:
+        """The model's name."""
         return self.record.name
 
     @property
     def version(self) -> int:
+        """Its version: 1, 2, … per name."""
         return self.record.version
 
     @property
@@ -139,22 +141,27 @@ class Model:
 
     @property
     def tags(self) -> dict[str, str]:
+        """Its tags."""
         return dict(self.record.tags)
 
     @property
     def properties(self) -> dict[str, Any]:
+        """Its properties (added, never changed)."""
         return dict(self.record.properties)
 
     @property
     def description(self) -> str:
+        """Its description."""
         return self.record.description
 
     @property
     def created_time(self) -> datetime:
+        """When this version was registered."""
         return self.record.created_at
 
     @property
     def files(self) -> list[FileRecord]:
+        """Its files: path, sha256 digest, size."""
         return list(self.record.files)
 
     def __repr__(self) -> str:

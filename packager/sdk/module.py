@@ -75,18 +75,22 @@ class Module:
 
     @property
     def name(self) -> str:
+        """The module's name."""
         return self.record.name
 
     @property
     def version(self) -> str:
+        """Its version."""
         return self.record.version
 
     @property
     def id(self) -> str:
+        """``name:version``."""
         return self.record.ref
 
     @property
     def manifest_digest(self) -> str:
+        """The sha256 of its signed ``module.json``: what devices are told to run."""
         return self.record.manifest_digest
 
     @property

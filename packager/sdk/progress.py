@@ -23,11 +23,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 if TYPE_CHECKING:
     from packager.sdk.answers import ServiceRecord
@@ -54,8 +57,26 @@ ProgressCallback: TypeAlias = Callable[[ProgressEvent], None]
 ProgressOption: TypeAlias = ProgressCallback | Literal[False] | None
 
 
+class _ByUnit(ProgressColumn):
+    """A column that shows bytes as ``bytes`` does and devices as ``done/total devices``."""
+
+    def __init__(self, for_bytes: ProgressColumn, *, for_devices: bool) -> None:
+        super().__init__()
+        self.for_bytes = for_bytes
+        self.for_devices = for_devices
+
+    def render(self, task: Task) -> Text:
+        if task.fields.get("unit") == "bytes":
+            rendered = self.for_bytes.render(task)
+            return rendered if isinstance(rendered, Text) else Text(str(rendered))
+        if self.for_devices:
+            return Text(f"{int(task.completed)}/{int(task.total or 0)} devices final")
+        return Text("")
+
+
 class RichBars:
-    """A progress callback that draws one rich bar per task (bytes, speed, time left).
+    """A progress callback that draws one rich bar per task: bytes with their speed and time
+    left, devices of a wait as how many are final.
 
     The bars appear with the first event and vanish when the call that drew them returns.
     """
@@ -66,22 +87,21 @@ class RichBars:
         self._tasks: dict[str, TaskID] = {}
 
     def __call__(self, event: ProgressEvent) -> None:
-        if event.unit != "bytes":
-            return
         if self._progress is None:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
+                _ByUnit(DownloadColumn(), for_devices=True),
+                _ByUnit(TransferSpeedColumn(), for_devices=False),
+                _ByUnit(TimeRemainingColumn(), for_devices=False),
                 console=self.console,
                 transient=True,
             )
             self._progress.start()
         task = self._tasks.get(event.task)
         if task is None:
-            task = self._tasks[event.task] = self._progress.add_task(event.task, total=event.total)
+            task = self._progress.add_task(event.task, total=event.total, unit=event.unit)
+            self._tasks[event.task] = task
         self._progress.update(task, completed=event.done, total=event.total)
 
     def close(self) -> None:

@@ -80,6 +80,7 @@ class Service:
 
     @property
     def settings(self) -> DeploymentSettings:
+        """What each device runs the service with: port, runtime, resources, probe."""
         return self.record.settings
 
     @property
@@ -110,8 +111,9 @@ class Service:
         """Poll until every device is Healthy or Failed; raise unless all are Healthy.
 
         ``show_output=True`` shows each device's state as it changes (a live table in a
-        terminal, a line per change elsewhere); ``progress`` receives an event per poll whose
-        ``service`` is the service as polled. Gives up after ``timeout`` seconds (Azure's
+        terminal, a line per change elsewhere); otherwise a terminal shows a bar of how many
+        devices are final. ``progress`` receives an event per poll whose ``service`` is the
+        service as polled. Gives up after ``timeout`` seconds (Azure's
         ``timeout_sec``; default 600) with :class:`DeploymentTimeout`; a device that ended
         Failed raises :class:`DeploymentFailed`. Both carry every device's state.
         """
@@ -122,8 +124,8 @@ class Service:
             )
         if not isinstance(interval, int | float) or interval <= 0:
             raise BadArgument(f"wait_for_deployment: interval must be positive, not {interval!r}")
-        if progress is None and show_output:
-            progress = show_output_view()
+        if progress is None:
+            progress = show_output_view() if show_output else self.workspace.progress
         start = time.monotonic()
         self.refresh()
         if not self.record.devices:
@@ -132,7 +134,7 @@ class Service:
                 "enroll or tag a device so that it matches",
                 [],
             )
-        with reporting(progress if progress is not None else False) as report:
+        with reporting(progress) as report:
             self._report(report)
             while not self._settled() and time.monotonic() - start < limit:
                 time.sleep(interval)
