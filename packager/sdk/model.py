@@ -338,7 +338,7 @@ class Model:
         The module (named ``name``, versioned 1, 2, … — reused when nothing changed) holds the
         entry script's folder under ``src/`` and the models under ``model/`` (one model: its
         files there; several: ``model/NAME/VERSION/…``, as Azure ML lays them out). It is
-        signed with the hub's signing key (``Hub(key=...)``, default ``edgepack keygen``'s);
+        signed with your key (``Hub(key=...)``, default the one ``edgepack keygen`` made);
         only the source files the hub lacks are uploaded, since the models' files are on the
         hub already. ``target`` (or Azure's ``deployment_target``) defaults to the hub's.
         An existing service of that name is updated only with ``overwrite=True``.

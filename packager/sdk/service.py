@@ -197,10 +197,10 @@ class Service:
     def get_logs(
         self, device: str | None = None, tail: int | None = None, *, num_lines: int | None = None
     ) -> str:
-        """The module's log on one device as text (Azure's ``num_lines`` is ``tail``; at most
-        the last 5,000 lines, or what fits one message from the device)."""
+        """The module's last ``tail`` log lines on one device as text (Azure's ``num_lines``
+        works too; default 5,000, as in Azure ML): what fits one message from the device."""
         lines = tail if tail is not None else num_lines if num_lines is not None else 5000
-        return "\n".join(self.logs(device, min(lines, MAX_TAIL) if isinstance(lines, int) else lines).lines)
+        return "\n".join(self.logs(device, lines).lines)
 
     def run(
         self, input_data: Any, device: str | None = None, *, key: str | None = None, timeout: float = 30.0
