@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud_hub.db.base import Sessions, create_schema, make_engine
+from cloud_hub.db.base import Sessions, create_schema, make_engine, utcnow
 from cloud_hub.settings import HubSettings
 from cloud_hub.store.blobs import BlobStore, FileBlobStore
 from cloud_hub.store.files import write_atomic
+from cloud_hub.store.private import prepare_data_dir, private_sqlite_file
 from manifests.errors import ConfigError
 from manifests.signing import (
     TrustStore,
@@ -92,13 +93,19 @@ class HubContext:
 
     @classmethod
     def open(cls, settings: HubSettings) -> HubContext:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        started = utcnow()
+        prepare_data_dir(settings.data_dir)
+        private_sqlite_file(settings.database_url())
         engine = make_engine(settings.database_url())
         create_schema(engine)
+        blobs = FileBlobStore(settings.data_dir / "blobs")
+        # Uploads staged before this start belong to a hub process that is gone (killed
+        # mid-push): nothing will ever finish them.
+        blobs.clean_partial(started)
         return cls(
             settings=settings,
             sessions=Sessions(engine),
-            blobs=FileBlobStore(settings.data_dir / "blobs"),
+            blobs=blobs,
             hub_key=_load_or_create_hub_key(settings),
             admin_token=_load_or_create_admin_token(settings),
             trust=_load_trust(settings.trusted_keys),

@@ -7,8 +7,10 @@ the dashboard's live feed reads events with an id above the last one it saw.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Integer, String, Text, select
+from sqlalchemy import Integer, String, Text, delete, select
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from cloud_hub.db.base import Base, utcnow
@@ -48,3 +50,14 @@ def events_since(session: Session, after_id: int = 0, *, limit: int = 200) -> li
 def recent_events(session: Session, *, limit: int = 50) -> list[Event]:
     rows = session.scalars(select(Event).order_by(Event.id.desc()).limit(limit))
     return list(reversed(list(rows)))
+
+
+def trim_events(session: Session, *, keep: int, older_than: datetime) -> int:
+    """Delete events older than ``older_than`` and all but the newest ``keep``; returns how many."""
+    removed: CursorResult[Any] = session.execute(delete(Event).where(Event.at < older_than))  # type: ignore[assignment]
+    count = removed.rowcount or 0
+    cutoff = session.scalar(select(Event.id).order_by(Event.id.desc()).offset(keep).limit(1))
+    if cutoff is not None:
+        older: CursorResult[Any] = session.execute(delete(Event).where(Event.id <= cutoff))  # type: ignore[assignment]
+        count += older.rowcount or 0
+    return int(count)

@@ -33,9 +33,26 @@ class HubSettings(BaseSettings):
     trusted_keys: list[Path] = Field(
         default_factory=list, description="publisher .pub files or trust-store JSON files"
     )
+    # HTTPS: the hub's certificate chain and key (made by 'edgepack hub broker-config --tls'
+    # into <data_dir>/tls/, which is used when these are unset and the files exist).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = Field(
+        default=None,
+        description="CA certificate handed to devices at enrolment; default <data_dir>/tls/ca.crt if present",
+    )
+    allow_plain_http: bool = Field(
+        default=False, description="serve plain HTTP on an address other than loopback (not advised)"
+    )
     max_upload_mb: int = Field(default=2048, gt=0)
     desired_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
-    telemetry_keep: int = Field(default=500, gt=0, description="samples kept per device")
+    telemetry_keep: int = Field(default=500, gt=0, le=1_000_000, description="samples kept per device")
+    # What one device may send; the excess is dropped and counted (see cloud_hub.ingest.budget).
+    device_reports_per_min: float = Field(default=120, gt=0, le=1e6)
+    device_telemetry_per_min: float = Field(default=120, gt=0, le=1e6)
+    device_events_per_min: float = Field(default=120, gt=0, le=1e6)
+    events_keep: int = Field(default=100_000, ge=100, le=100_000_000, description="events kept")
+    events_max_age_days: float = Field(default=30, gt=0, le=3650)
     # MQTT: with no host, the hub runs without a broker (devices then poll over HTTP).
     mqtt_host: str | None = None
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
@@ -56,4 +73,5 @@ class HubSettings(BaseSettings):
         return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"
 
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert is not None else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"

@@ -12,7 +12,18 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from manifests.desired import DeploymentSettings, HealthProbe, RestartPolicy, RuntimeKind
+from manifests.bounds import EnvMap, Port, TagMap, Text, finite
+from manifests.desired import (
+    MAX_CPUS,
+    MAX_MEMORY_MB,
+    PROBE_PATH_PATTERN,
+    DeploymentSettings,
+    EndpointLimits,
+    EndpointTLS,
+    HealthProbe,
+    RestartPolicy,
+    RuntimeKind,
+)
 from manifests.errors import ConfigError
 from manifests.validation import describe_validation_error
 
@@ -62,9 +73,7 @@ class Environment(_AzureModel):
     version: str | None = None
     python: EnvironmentPython | None = None
     docker: EnvironmentDocker | None = None
-    environment_variables: dict[str, str] = Field(
-        default_factory=dict, alias="environmentVariables"
-    )
+    environment_variables: EnvMap = Field(default_factory=dict, alias="environmentVariables")
     inferencing_stack_version: str | None = Field(None, alias="inferencingStackVersion")
     spark: dict[str, Any] | None = None
     databricks: dict[str, Any] | None = None
@@ -112,21 +121,25 @@ class InferenceConfig(_AzureModel):
 
 # --- deploymentconfig.json ------------------------------------------------------------------
 
+MAX_MEMORY_GB = MAX_MEMORY_MB / 1024
+
 
 class ContainerResourceRequirements(_AzureModel):
-    cpu: float | None = Field(None, gt=0)
-    memory_in_gb: float | None = Field(None, alias="memoryInGB", gt=0)
-    cpu_limit: float | None = Field(None, alias="cpuLimit", gt=0)
-    memory_in_gb_limit: float | None = Field(None, alias="memoryInGBLimit", gt=0)
-    gpu: int | None = Field(None, ge=0)
+    cpu: float | None = Field(None, gt=0, le=MAX_CPUS, allow_inf_nan=False)
+    memory_in_gb: float | None = Field(None, alias="memoryInGB", gt=0, le=MAX_MEMORY_GB, allow_inf_nan=False)
+    cpu_limit: float | None = Field(None, alias="cpuLimit", gt=0, le=MAX_CPUS, allow_inf_nan=False)
+    memory_in_gb_limit: float | None = Field(
+        None, alias="memoryInGBLimit", gt=0, le=MAX_MEMORY_GB, allow_inf_nan=False
+    )
+    gpu: int | None = Field(None, strict=True, ge=0, le=1024)
 
 
 class LivenessProbeRequirements(_AzureModel):
-    period_seconds: int = Field(10, alias="periodSeconds", ge=1)
-    initial_delay_seconds: int = Field(310, alias="initialDelaySeconds", ge=0)
-    timeout_seconds: int = Field(2, alias="timeoutSeconds", ge=1)
-    failure_threshold: int = Field(3, alias="failureThreshold", ge=1)
-    success_threshold: int = Field(1, alias="successThreshold", ge=1)
+    period_seconds: int = Field(10, alias="periodSeconds", strict=True, ge=1, le=3600)
+    initial_delay_seconds: int = Field(310, alias="initialDelaySeconds", strict=True, ge=0, le=86400)
+    timeout_seconds: int = Field(2, alias="timeoutSeconds", strict=True, ge=1, le=600)
+    failure_threshold: int = Field(3, alias="failureThreshold", strict=True, ge=1, le=1000)
+    success_threshold: int = Field(1, alias="successThreshold", strict=True, ge=1, le=1000)
 
 
 class AutoScaler(_AzureModel):
@@ -137,21 +150,36 @@ class AutoScaler(_AzureModel):
     target_utilization: int | None = Field(None, alias="targetUtilization")
 
 
+#: An endpoint key a user chose: long enough to resist guessing, printable, no spaces.
+ENDPOINT_KEY_PATTERN = r"^[\x21-\x7e]{16,256}$"
+
+
+class AzureKeys(_AzureModel):
+    """Endpoint keys given in the config instead of made by the hub."""
+
+    primary_key: str | None = Field(None, alias="primaryKey", pattern=ENDPOINT_KEY_PATTERN)
+    secondary_key: str | None = Field(None, alias="secondaryKey", pattern=ENDPOINT_KEY_PATTERN)
+
+
 class EdgepackExtension(_AzureModel):
     """edgepack's own deployment settings; everything optional."""
 
     runtime: RuntimeKind | None = None
-    workers: int | None = Field(None, ge=1, le=64)
+    workers: int | None = Field(None, strict=True, ge=1, le=64)
     restart_policy: RestartPolicy | None = Field(None, alias="restartPolicy")
-    environment_variables: dict[str, str] = Field(
-        default_factory=dict, alias="environmentVariables"
-    )
-    health_path: str | None = Field(None, alias="healthPath", pattern=r"^/")
+    environment_variables: EnvMap = Field(default_factory=dict, alias="environmentVariables")
+    health_path: str | None = Field(None, alias="healthPath", pattern=PROBE_PATH_PATTERN)
+    # The scoring server under hostile clients (see edge_agent.scoring.limits).
+    max_connections: int | None = Field(None, alias="maxConnections", strict=True, ge=1, le=100_000)
+    header_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="headerTimeoutSeconds")
+    body_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="bodyTimeoutSeconds")
+    run_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="runTimeoutSeconds")
     start_timeout_s: float | None = Field(
         None,
         alias="startTimeoutSeconds",
         gt=0,
         le=3600,
+        allow_inf_nan=False,
         description="how long a new version may take to become ready before it is abandoned",
     )
 
@@ -162,14 +190,15 @@ class DeploymentConfig(_AzureModel):
     compute_type: Literal["local", "aci", "aks", "iotedge", "edge", "ACI", "AKS", "Local"] = Field(
         "local", alias="computeType"
     )
-    port: int | None = Field(None, ge=1, le=65535)
+    port: Port | None = None
     container_resource_requirements: ContainerResourceRequirements | None = Field(
         None, alias="containerResourceRequirements"
     )
     liveness_probe_requirements: LivenessProbeRequirements | None = Field(
         None, alias="livenessProbeRequirements"
     )
-    # Documented ACI / AKS keys: accepted and recorded, without effect at the edge.
+    # Documented ACI / AKS keys. Those edgepack does not act on are accepted, recorded and
+    # named in a warning at deploy time (ignored_keys), never silently dropped.
     location: str | None = None
     auth_enabled: bool | None = Field(None, alias="authEnabled")
     token_auth_enabled: bool | None = Field(None, alias="tokenAuthEnabled")
@@ -182,30 +211,67 @@ class DeploymentConfig(_AzureModel):
     autoscaler: AutoScaler | None = Field(
         None, validation_alias=AliasChoices("autoScaler", "autoscaler"), alias="autoScaler"
     )
-    num_replicas: int | None = Field(None, alias="numReplicas", ge=1)
-    scoring_timeout_ms: int | None = Field(None, alias="scoringTimeoutMs", ge=1)
+    num_replicas: int | None = Field(None, alias="numReplicas", ge=1, le=1000)
+    scoring_timeout_ms: int | None = Field(None, alias="scoringTimeoutMs", strict=True, ge=1, le=3_600_000)
     max_concurrent_requests_per_container: int | None = Field(
-        None, alias="maxConcurrentRequestsPerContainer", ge=1
+        None, alias="maxConcurrentRequestsPerContainer", strict=True, ge=1, le=10_000
     )
-    max_queue_wait_ms: int | None = Field(None, alias="maxQueueWaitMs", ge=0)
-    gpu_cores: int | None = Field(None, alias="gpuCores", ge=0)
-    keys: dict[str, str] | None = None
+    max_queue_wait_ms: int | None = Field(None, alias="maxQueueWaitMs", ge=0, le=3_600_000)
+    gpu_cores: int | None = Field(None, alias="gpuCores", ge=0, le=1024)
+    keys: AzureKeys | None = None
     namespace: str | None = None
     compute_target_name: str | None = Field(None, alias="computeTargetName")
-    description: str | None = None
-    tags: dict[str, str] | None = None
-    properties: dict[str, str] | None = None
+    description: Text | None = None
+    tags: TagMap | None = None
+    properties: TagMap | None = None
     edgepack: EdgepackExtension | None = None
 
+    def ignored_keys(self) -> list[str]:
+        """The documented keys set here that edgepack does not act on, for a deploy warning."""
+        set_fields = self.model_fields_set
+        out = [
+            type(self).model_fields[name].alias or name
+            for name in (
+                "location",
+                "ssl_certificate",
+                "ssl_key",
+                "cname",
+                "dns_name_label",
+                "app_insights_enabled",
+                "autoscaler",
+                "num_replicas",
+                "max_queue_wait_ms",
+                "gpu_cores",
+                "namespace",
+                "compute_target_name",
+            )
+            if name in set_fields and getattr(self, name) not in (None, False)
+        ]
+        if self.token_auth_enabled:
+            out.append("tokenAuthEnabled (edgepack endpoints use keys: authEnabled)")
+        if self.ssl_enabled and (self.ssl_certificate or self.ssl_key):
+            out.append("sslCertificate/sslKey (the certificate comes from the hub's endpoint CA)")
+        res = self.container_resource_requirements
+        if res is not None and res.gpu:
+            out.append("containerResourceRequirements.gpu")
+        probe = self.liveness_probe_requirements
+        if probe is not None and "success_threshold" in probe.model_fields_set:
+            out.append("livenessProbeRequirements.successThreshold")
+        return out
+
     def to_settings(self, *, default_port: int = 8890) -> DeploymentSettings:
-        """Turn this config into the per-module settings a device receives."""
+        """Turn this config into the per-module settings a device receives.
+
+        ``authEnabled`` is not decided here: the hub makes (or takes from ``keys``) the
+        endpoint keys and puts their hashes into ``auth``.
+        """
         ext = self.edgepack or EdgepackExtension()
         res = self.container_resource_requirements
         cpu = (res.cpu_limit or res.cpu) if res else None
         mem_gb = (res.memory_in_gb_limit or res.memory_in_gb) if res else None
         probe = self.liveness_probe_requirements
-        start = {} if ext.start_timeout_s is None else {"start_timeout_s": ext.start_timeout_s}
-        health = HealthProbe(path=ext.health_path or "/healthz", **start)
+        start = ext.start_timeout_s if ext.start_timeout_s is not None else HealthProbe().start_timeout_s
+        health = HealthProbe(path=ext.health_path or "/healthz", start_timeout_s=start)
         if probe is not None:
             health = HealthProbe(
                 path=health.path,
@@ -214,7 +280,7 @@ class DeploymentConfig(_AzureModel):
                 initial_delay_s=min(probe.initial_delay_seconds, 600),
                 timeout_s=probe.timeout_seconds,
                 failure_threshold=probe.failure_threshold,
-                **start,
+                start_timeout_s=start,
             )
         return DeploymentSettings(
             port=self.port or default_port,
@@ -225,6 +291,20 @@ class DeploymentConfig(_AzureModel):
             cpu=cpu,
             memory_mb=int(mem_gb * 1024) if mem_gb else None,
             health=health,
+            tls=EndpointTLS() if self.ssl_enabled else None,
+            limits=self._limits(ext),
+        )
+
+    def _limits(self, ext: EdgepackExtension) -> EndpointLimits:
+        defaults = EndpointLimits()
+        run_timeout = ext.run_timeout_seconds
+        if run_timeout is None and self.scoring_timeout_ms is not None:
+            run_timeout = self.scoring_timeout_ms / 1000  # Azure's own name for the same limit
+        return EndpointLimits(
+            max_connections=ext.max_connections or defaults.max_connections,
+            header_timeout_s=ext.header_timeout_seconds or defaults.header_timeout_s,
+            body_timeout_s=ext.body_timeout_seconds or defaults.body_timeout_s,
+            run_timeout_s=run_timeout or defaults.run_timeout_s,
         )
 
 

@@ -6,6 +6,9 @@ never trusting a member name, type or size: the signed manifest is checked first
 blob must be one the manifest names, of the size it names, with the digest it names. Blob
 bytes go to a :class:`BlobSink` that may keep them only once their digest has been confirmed;
 where the sink writes (a cache, a hub store, nowhere) is the caller's business.
+
+The tar headers are read by :mod:`manifests.tar_stream`, not ``tarfile``, so that every header
+is bounded the same way on every Python patch level.
 """
 
 from __future__ import annotations
@@ -15,40 +18,18 @@ import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Protocol, Self
+from typing import IO, Protocol
 
 from manifests.errors import TrustError
 from manifests.module import check_relative_path
 from manifests.signing import UNTRUSTED_HINT, TrustStore
+from manifests.tar_stream import TarFormatError, TarMember, TarReader
 from manifests.verified import VerifiedModule, parse_module_manifest
 
 MANIFEST_NAME = "module.json"
 BLOB_PREFIX = "blobs/sha256/"
 _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 CHUNK = 1 << 20
-
-#: Extended headers (pax, GNU long names) carry only a name or a few attributes in a bundle.
-MAX_EXTENDED_HEADER = 64 << 10
-_EXTENDED_HEADERS = (
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-)
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses an oversized extended header before tarfile reads all of it into memory
-    (a bundle with a gigabyte pax header would otherwise cost gigabytes to reject)."""
-
-    @classmethod
-    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
-        info = super().frombuf(buf, encoding, errors)
-        if info.type in _EXTENDED_HEADERS and info.size > MAX_EXTENDED_HEADER:
-            raise tarfile.ReadError(f"extended tar header of {info.size} bytes")
-        return info
-
 
 @dataclass(frozen=True)
 class BundleLimits:
@@ -76,7 +57,7 @@ class BlobWriter(Protocol):
         """The digest did not match or reading failed: discard what was written."""
 
 
-def _member_problem(member: tarfile.TarInfo) -> str | None:
+def _member_problem(member: TarMember) -> str | None:
     try:
         check_relative_path(member.name)
     except ValueError as exc:
@@ -107,14 +88,11 @@ def verify_bundle(
 
     ``progress`` is called with the number of bytes of each chunk hashed.
     """
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)  # noqa: SIM115 (closed in finally)
-    except tarfile.TarError as exc:
-        raise TrustError(f"{what}: not a module bundle ({exc})") from None
+    reader = TarReader(stream)
     verified: VerifiedModule | None = None
     seen: set[str] = set()
     try:
-        for member in tar:
+        for member in reader.members():
             problem = _member_problem(member)
             if problem:
                 raise TrustError(f"{what}: {problem}; refused")
@@ -125,11 +103,8 @@ def verify_bundle(
                     )
                 if member.size > limits.max_manifest_bytes:
                     raise TrustError(f"{what}: {MANIFEST_NAME} is larger than allowed")
-                fh = tar.extractfile(member)
-                assert fh is not None  # a regular member always has data
-                verified = parse_module_manifest(
-                    fh.read(), trust, what=what, untrusted_hint=untrusted_hint
-                )
+                data = reader.read_all(limits.max_manifest_bytes)
+                verified = parse_module_manifest(data, trust, what=what, untrusted_hint=untrusted_hint)
                 if len(verified.manifest.files) > limits.max_files:
                     raise TrustError(f"{what}: more files than allowed ({limits.max_files})")
                 if verified.manifest.total_size() > limits.max_total_bytes:
@@ -149,11 +124,10 @@ def verify_bundle(
                     f"{what}: blob {digest} has {member.size} bytes, the manifest says {expected}"
                 )
             seen.add(digest)
-            _check_blob(tar, member, digest, sink, progress, what)
-    except tarfile.TarError as exc:
-        raise TrustError(f"{what}: damaged archive ({exc})") from None
-    finally:
-        tar.close()
+            _check_blob(reader, member, digest, sink, progress, what)
+    except TarFormatError as exc:
+        kind = "damaged archive" if verified is not None else "not a module bundle"
+        raise TrustError(f"{what}: {kind} ({exc})") from None
     if verified is None:
         raise TrustError(f"{what}: empty archive, no {MANIFEST_NAME}")
     missing = sorted(set(verified.blob_sizes) - seen)
@@ -163,19 +137,17 @@ def verify_bundle(
 
 
 def _check_blob(
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
+    reader: TarReader,
+    member: TarMember,
     digest: str,
     sink: BlobSink | None,
     progress: Callable[[int], None] | None,
     what: str,
 ) -> None:
-    fh = tar.extractfile(member)
-    assert fh is not None
     writer = sink.begin(digest, member.size) if sink is not None and not sink.has(digest) else None
     hasher = hashlib.sha256()
     try:
-        while chunk := fh.read(CHUNK):
+        for chunk in reader.read_member(CHUNK):
             hasher.update(chunk)
             if writer is not None:
                 writer.write(chunk)

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from manifests.bounds import MAX_INT63, EnvMap, Port, finite
 from manifests.digests import DIGEST_PATTERN
 from manifests.errors import TrustError
 from manifests.module import NAME_PATTERN, VERSION_PATTERN
 from manifests.signing import TrustStore, parse_envelope, verify_envelope
 
 DESIRED_SCHEMA = "edgepack.desired/v1"
+#: Limits no edge device comes near: one module on 1024 cores or 1 TiB of memory.
+MAX_CPUS = 1024
+MAX_MEMORY_MB = 1 << 20
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$"
+#: Services one device runs at most (each needs its own port and process).
+MAX_MODULES = 256
 
 
 class RuntimeKind(StrEnum):
@@ -34,20 +40,61 @@ class RestartPolicy(StrEnum):
     NEVER = "never"
 
 
+#: An HTTP path a probe may ask for: printable ASCII, no spaces.
+PROBE_PATH_PATTERN = r"^/[\x21-\x7e]{0,255}$"
+
+
 class HealthProbe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(default="/healthz", pattern=r"^/")
-    period_s: float = Field(default=10, gt=0)
-    initial_delay_s: float = Field(default=0, ge=0)
-    timeout_s: float = Field(default=2, gt=0)
-    failure_threshold: int = Field(default=3, ge=1)
+    path: str = Field(default="/healthz", pattern=PROBE_PATH_PATTERN)
+    period_s: float = finite(default=10, gt=0, le=3600)
+    initial_delay_s: float = finite(default=0, ge=0, le=3600)
+    timeout_s: float = finite(default=2, gt=0, le=600)
+    failure_threshold: int = Field(default=3, strict=True, ge=1, le=1000)
     start_timeout_s: float = Field(
         default=120,
         gt=0,
         le=3600,
+        allow_inf_nan=False,
         description="how long a new version may take to become ready before it is abandoned",
     )
+
+
+#: The hex sha256 of an endpoint key.
+KEY_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class EndpointAuth(BaseModel):
+    """An endpoint that needs a key (Azure's ``authEnabled``): the hex sha256 of each accepted
+    key (primary, secondary). The keys themselves stay on the hub; the agent writes these
+    hashes to the scoring server's keys file (``EDGEPACK_AUTH_KEYS_FILE``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_sha256: list[Annotated[str, Field(pattern=KEY_SHA256_PATTERN)]] = Field(min_length=1, max_length=2)
+
+
+class EndpointTLS(BaseModel):
+    """An endpoint that serves HTTPS (Azure's ``sslEnabled``). The agent obtains its certificate
+    from the hub's endpoint CA (``issuer``) and gives the scoring server its paths
+    (``EDGEPACK_TLS_CERT``, ``EDGEPACK_TLS_KEY``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: Literal["hub-endpoint-ca"] = "hub-endpoint-ca"
+
+
+class EndpointLimits(BaseModel):
+    """How the scoring server treats hostile clients (``EDGEPACK_MAX_CONNECTIONS``,
+    ``EDGEPACK_HEADER_TIMEOUT_S``, ``EDGEPACK_BODY_TIMEOUT_S``, ``EDGEPACK_RUN_TIMEOUT_S``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_connections: int = Field(default=512, strict=True, ge=1, le=100_000)
+    header_timeout_s: float = finite(default=10, gt=0, le=3600)
+    body_timeout_s: float = finite(default=60, gt=0, le=3600)
+    run_timeout_s: float | None = finite(default=60, gt=0, le=3600)
 
 
 class DeploymentSettings(BaseModel):
@@ -55,14 +102,17 @@ class DeploymentSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    port: int = Field(ge=1, le=65535)
-    env: dict[str, str] = Field(default_factory=dict)
+    port: Port
+    env: EnvMap = Field(default_factory=dict)
     runtime: RuntimeKind = RuntimeKind.DOCKER
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
-    workers: int = Field(default=1, ge=1, le=64)
-    cpu: float | None = Field(default=None, gt=0)
-    memory_mb: int | None = Field(default=None, gt=0)
+    workers: int = Field(default=1, strict=True, ge=1, le=64)
+    cpu: float | None = finite(default=None, gt=0, le=MAX_CPUS)
+    memory_mb: int | None = Field(default=None, strict=True, gt=0, le=MAX_MEMORY_MB)
     health: HealthProbe = Field(default_factory=HealthProbe)
+    auth: EndpointAuth | None = None
+    tls: EndpointTLS | None = None
+    limits: EndpointLimits = Field(default_factory=EndpointLimits)
 
 
 class ModuleAssignment(BaseModel):
@@ -84,10 +134,10 @@ class DesiredState(BaseModel):
 
     schema_: Literal["edgepack.desired/v1"] = Field(default="edgepack.desired/v1", alias="schema")
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
-    generation: int = Field(ge=1)
+    generation: int = Field(strict=True, ge=1, le=MAX_INT63)
     issued: datetime
     expires: datetime
-    modules: list[ModuleAssignment] = Field(default_factory=list)
+    modules: list[ModuleAssignment] = Field(default_factory=list, max_length=MAX_MODULES)
 
     @model_validator(mode="after")
     def _consistent(self) -> DesiredState:

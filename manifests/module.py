@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import posixpath
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from manifests.bounds import Count, EnvMap, TagMap, Text
 from manifests.digests import DIGEST_PATTERN
 
 MODULE_SCHEMA = "edgepack.module/v1"
@@ -40,7 +41,7 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str = Field(description="relative POSIX path inside the module, under src/ or model/")
-    size: int = Field(ge=0)
+    size: Count
     digest: str = Field(pattern=DIGEST_PATTERN)
 
     @field_validator("path")
@@ -55,10 +56,10 @@ class FileEntry(BaseModel):
 class PythonRuntime(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    requirements: list[str] = Field(
-        default_factory=list, description="pip requirement strings the entry script needs"
+    requirements: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=1000, description="pip requirement strings the entry script needs"
     )
-    conda_file: str | None = Field(default=None, description="conda YAML kept for reference")
+    conda_file: str | None = Field(default=None, max_length=1024, description="conda YAML kept for reference")
 
 
 class Runtime(BaseModel):
@@ -66,13 +67,13 @@ class Runtime(BaseModel):
 
     image: str = Field(
         default="edgepack/runtime:py311",
+        max_length=1024,
+        pattern=r"^[\x21-\x7e]+$",
         description="container image for the docker runtime",
     )
     image_digest: str | None = Field(default=None, pattern=DIGEST_PATTERN)
     python: PythonRuntime = Field(default_factory=PythonRuntime)
-    environment: dict[str, str] = Field(
-        default_factory=dict, description="environment variables every instance gets"
-    )
+    environment: EnvMap = Field(default_factory=dict, description="environment variables every instance gets")
 
 
 class Resources(BaseModel):
@@ -80,8 +81,8 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpu: float = Field(default=0.5, gt=0, le=256)
-    memory_mb: int = Field(default=512, gt=0)
+    cpu: float = Field(default=0.5, gt=0, le=256, allow_inf_nan=False)
+    memory_mb: int = Field(default=512, strict=True, gt=0, le=1 << 20)
 
 
 class ModuleManifest(BaseModel):
@@ -93,14 +94,14 @@ class ModuleManifest(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
     created: datetime
-    description: str = ""
-    entry_script: str = Field(description="path of the entry script, under src/")
+    description: Text = ""
+    entry_script: str = Field(max_length=4096, description="path of the entry script, under src/")
     runtime: Runtime = Field(default_factory=Runtime)
     resources: Resources = Field(default_factory=Resources)
     input_schema: dict[str, Any] | None = None
     output_schema: dict[str, Any] | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
-    files: list[FileEntry]
+    tags: TagMap = Field(default_factory=dict)
+    files: list[FileEntry] = Field(max_length=1_000_000)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModuleManifest:

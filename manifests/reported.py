@@ -7,10 +7,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from manifests.desired import DEVICE_ID_PATTERN, RuntimeKind
+from manifests.bounds import Count, Port, Reason, finite
+from manifests.desired import DEVICE_ID_PATTERN, MAX_CPUS, MAX_MEMORY_MB, MAX_MODULES, RuntimeKind
 from manifests.digests import DIGEST_PATTERN
 from manifests.module import NAME_PATTERN, VERSION_PATTERN
 from manifests.states import ServiceState
+
+#: No module serves more requests a second than this, or answers slower than an hour.
+MAX_RATE = 1e9
+MAX_LATENCY_MS = 3_600_000.0
+MAX_CPU_PERCENT = 100.0 * MAX_CPUS
 
 
 class Progress(BaseModel):
@@ -19,8 +25,8 @@ class Progress(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     phase: Literal["download", "pull", "start", "switch"]
-    done_bytes: int = Field(default=0, ge=0)
-    total_bytes: int = Field(default=0, ge=0)
+    done_bytes: Count = 0
+    total_bytes: Count = 0
 
 
 class ModuleStatus(BaseModel):
@@ -37,13 +43,13 @@ class ModuleStatus(BaseModel):
     service: str = Field(pattern=NAME_PATTERN)
     manifest_digest: str | None = Field(default=None, pattern=DIGEST_PATTERN)
     version: str | None = Field(default=None, pattern=VERSION_PATTERN)
-    generation: int | None = Field(default=None, ge=0, description="desired-state generation")
+    generation: Count | None = Field(default=None, description="desired-state generation")
     state: ServiceState
-    reason: str | None = Field(default=None, max_length=2000)
+    reason: Reason | None = None
     since: datetime
     runtime: RuntimeKind | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
-    restarts: int = Field(default=0, ge=0)
+    port: Port | None = None
+    restarts: Count = 0
     serving_digest: str | None = Field(default=None, pattern=DIGEST_PATTERN)
     serving_version: str | None = Field(default=None, pattern=VERSION_PATTERN)
     progress: Progress | None = None
@@ -65,24 +71,24 @@ class ReportedState(BaseModel):
     )
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     reported_at: datetime
-    agent_version: str = Field(max_length=64)
-    applied_generation: int = Field(ge=0)
-    runtimes: list[RuntimeKind] = Field(default_factory=list)
-    last_error: str | None = Field(default=None, max_length=2000)
-    modules: list[ModuleStatus] = Field(default_factory=list)
+    agent_version: str = Field(max_length=64, pattern=r"^[\x21-\x7e]*$")
+    applied_generation: Count
+    runtimes: list[RuntimeKind] = Field(default_factory=list, max_length=8)
+    last_error: Reason | None = None
+    modules: list[ModuleStatus] = Field(default_factory=list, max_length=MAX_MODULES)
 
 
 class ModuleMetrics(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     service: str = Field(pattern=NAME_PATTERN)
-    requests_total: int = Field(ge=0)
-    errors_total: int = Field(ge=0)
-    requests_per_s: float = Field(ge=0)
-    p50_ms: float | None = Field(default=None, ge=0)
-    p99_ms: float | None = Field(default=None, ge=0)
-    cpu_percent: float | None = Field(default=None, ge=0)
-    memory_mb: float | None = Field(default=None, ge=0)
+    requests_total: Count
+    errors_total: Count
+    requests_per_s: float = finite(ge=0, le=MAX_RATE)
+    p50_ms: float | None = finite(default=None, ge=0, le=MAX_LATENCY_MS)
+    p99_ms: float | None = finite(default=None, ge=0, le=MAX_LATENCY_MS)
+    cpu_percent: float | None = finite(default=None, ge=0, le=MAX_CPU_PERCENT)
+    memory_mb: float | None = finite(default=None, ge=0, le=MAX_MEMORY_MB)
 
 
 class Telemetry(BaseModel):
@@ -95,7 +101,7 @@ class Telemetry(BaseModel):
     )
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     ts: datetime
-    cpu_percent: float | None = Field(default=None, ge=0)
-    memory_mb: float | None = Field(default=None, ge=0)
-    agent_memory_mb: float | None = Field(default=None, ge=0)
-    modules: list[ModuleMetrics] = Field(default_factory=list)
+    cpu_percent: float | None = finite(default=None, ge=0, le=MAX_CPU_PERCENT)
+    memory_mb: float | None = finite(default=None, ge=0, le=MAX_MEMORY_MB)
+    agent_memory_mb: float | None = finite(default=None, ge=0, le=MAX_MEMORY_MB)
+    modules: list[ModuleMetrics] = Field(default_factory=list, max_length=MAX_MODULES)

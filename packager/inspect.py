@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from manifests.bundle import MANIFEST_NAME, BlobSink, verify_bundle
+from manifests.bundle import MANIFEST_NAME, BlobSink, BundleLimits, verify_bundle
 from manifests.errors import ConfigError, TrustError
 from manifests.module import ModuleManifest
 from manifests.signing import Envelope, TrustStore, parse_envelope
+from manifests.tar_stream import TarFormatError, TarReader
 from manifests.verified import VerifiedModule
 
 
@@ -34,16 +34,15 @@ def open_verified(
 def read_unverified(path: Path) -> tuple[bytes, Envelope, ModuleManifest]:
     """Read ``module.json`` without checking signatures (for ``inspect``)."""
     try:
-        with tarfile.open(path, mode="r|") as tar:
-            member = next(iter(tar), None)
+        with path.open("rb") as fh:
+            reader = TarReader(fh)
+            member = next(reader.members(), None)
             if member is None or member.name != MANIFEST_NAME or not member.isreg():
                 raise TrustError(f"{path}: not a module bundle (no {MANIFEST_NAME} first)")
-            fh = tar.extractfile(member)
-            assert fh is not None
-            data = fh.read()
+            data = reader.read_all(BundleLimits().max_manifest_bytes)
     except FileNotFoundError:
         raise ConfigError(f"{path}: bundle not found") from None
-    except tarfile.TarError as exc:
+    except TarFormatError as exc:
         raise TrustError(f"{path}: not a module bundle ({exc})") from None
     envelope = parse_envelope(data, what=str(path))
     try:

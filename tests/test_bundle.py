@@ -13,6 +13,7 @@ from manifests.bundle import BundleLimits, verify_bundle
 from manifests.digests import sha256_digest
 from manifests.errors import TrustError
 from manifests.signing import TrustStore
+from manifests.tar_stream import TarReader
 from packager.inspect import open_verified
 from tests.conftest import Publisher
 from tests.factory import Defect, Forge, default_files, tar_bytes
@@ -191,3 +192,31 @@ def test_forge_module_parts_match_its_bundle(forge: Forge) -> None:
     assert verified.manifest_bytes == parts.manifest_bytes
     assert verified.manifest_digest == parts.manifest_digest
     assert sink.held == parts.blobs
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_tar_reader_reads_what_tarfile_writes(fmt: int) -> None:
+    # Bundles are read by manifests.tar_stream, not tarfile: it must agree with tarfile on
+    # names (long ones, with a prefix, non-ASCII), sizes, types and contents.
+    names = ["module.json", "d/" + "n" * 90 + "/" + "m" * 60, "caf\u00e9.bin", "x" * 99]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = [n for n in names if n.isascii()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for n, name in enumerate(names):
+            data = bytes([n]) * (n * 700)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "module.json"
+        tar.addfile(link)
+    buf.seek(0)
+    reader = TarReader(buf)
+    seen = []
+    for member in reader.members():
+        data = b"".join(reader.read_member())
+        seen.append((member.name, member.size, member.isreg(), member.issym(), data))
+    expected = [(name, n * 700, True, False, bytes([n]) * (n * 700)) for n, name in enumerate(names)]
+    assert seen == [*expected, ("link", 0, False, True, b"")]

@@ -8,6 +8,7 @@ database, so every hub replica shows the same feed.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from dataclasses import asdict
 from datetime import timedelta
@@ -16,15 +17,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from cloud_hub.api.deps import ADMIN_COOKIE, Admin, Ctx
+from cloud_hub.api.sessions import SESSION_TTL, close_all_sessions, close_session, open_session
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import NotFound, Unauthorized
 from cloud_hub.events import Event, events_since, recent_events
 from cloud_hub.ingest.series import service_series
 from cloud_hub.ingest.tables import TelemetrySample
 from cloud_hub.ingest.worker import IngestWorker
+from manifests.bounds import MAX_INT63
 from manifests.reported import Telemetry
 
 router = APIRouter()
@@ -54,27 +58,42 @@ def static_file(name: str) -> FileResponse:
 
 @router.post("/api/v1/dashboard/login", tags=["dashboard"])
 def login(ctx: Ctx, request: Request, token: Annotated[str, Form()]) -> Response:
-    """Exchange the admin token for an HttpOnly session cookie (the dashboard's login form)."""
+    """Exchange the admin token for a server-side session, in an HttpOnly cookie (``Secure``
+    over HTTPS) that holds only the session's id."""
     if not secrets.compare_digest(token.strip().encode(), ctx.admin_token.encode()):
         raise Unauthorized("that is not the admin token (see <data_dir>/admin_token on the hub)")
+    with ctx.sessions.begin() as s:
+        session_id = open_session(s)
     response = JSONResponse({"ok": True})
     response.set_cookie(
         ADMIN_COOKIE,
-        ctx.admin_token,
+        session_id,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
-        max_age=12 * 3600,
+        max_age=int(SESSION_TTL.total_seconds()),
         path="/",
     )
     return response
 
 
 @router.post("/api/v1/dashboard/logout", tags=["dashboard"])
-def logout() -> Response:
+def logout(ctx: Ctx, request: Request) -> Response:
+    """End this browser's session on the hub (its cookie is worth nothing afterwards)."""
+    session_id = request.cookies.get(ADMIN_COOKIE)
+    if session_id is not None:
+        with ctx.sessions.begin() as s:
+            close_session(s, session_id)
     response = JSONResponse({"ok": True})
     response.delete_cookie(ADMIN_COOKIE, path="/")
     return response
+
+
+@router.delete("/api/v1/dashboard/sessions", tags=["dashboard"], dependencies=[Admin])
+def end_all_sessions(ctx: Ctx) -> dict[str, int]:
+    """Sign every browser out (e.g. after a laptop was lost)."""
+    with ctx.sessions.begin() as s:
+        return {"ended": close_all_sessions(s)}
 
 
 def _event_out(e: Event) -> dict[str, Any]:
@@ -90,7 +109,8 @@ def _event_out(e: Event) -> dict[str, Any]:
 
 @router.get("/api/v1/dashboard/events", tags=["dashboard"], dependencies=[Admin])
 def events(
-    ctx: Ctx, after: Annotated[int, Query(ge=0, description="only events with a higher id")] = 0
+    ctx: Ctx,
+    after: Annotated[int, Query(ge=0, le=MAX_INT63, description="only events with a higher id")] = 0,
 ) -> dict[str, list[dict[str, Any]]]:
     """Events after ``after`` (the newest 50 when ``after`` is 0), oldest first."""
     with ctx.sessions.begin() as s:
@@ -127,7 +147,11 @@ def telemetry(
                 .limit(MAX_CHART_SAMPLES)
             )
         )
-        samples = [Telemetry.model_validate(p) for p in payloads]
+    samples = []
+    for payload in payloads:
+        # A row an older hub stored without today's checks costs its own point, not the chart.
+        with contextlib.suppress(ValidationError):
+            samples.append(Telemetry.model_validate(payload))
     series = service_series(samples, bucket_s=bucket_s)
     return {
         "bucket_s": bucket_s,

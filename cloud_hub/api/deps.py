@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from cloud_hub.api.sessions import session_valid
 from cloud_hub.context import HubContext
 from cloud_hub.errors import Unauthorized
 
@@ -30,12 +31,18 @@ def bearer_token(request: Request) -> str | None:
 
 
 def require_admin(request: Request, ctx: Ctx) -> None:
-    """The admin token, as a Bearer header (CLI) or the dashboard's login cookie."""
-    token = bearer_token(request) or request.cookies.get(ADMIN_COOKIE)
-    if token is None:
+    """The admin token as a Bearer header (CLI), or the dashboard's session cookie."""
+    token = bearer_token(request)
+    if token is not None:
+        if not secrets.compare_digest(token.encode(), ctx.admin_token.encode()):
+            raise Unauthorized("admin token is not valid")
+        return
+    session_id = request.cookies.get(ADMIN_COOKIE)
+    if session_id is None:
         raise Unauthorized("admin token required: send 'Authorization: Bearer <token>'")
-    if not secrets.compare_digest(token.encode(), ctx.admin_token.encode()):
-        raise Unauthorized("admin token is not valid")
+    with ctx.sessions.begin() as s:
+        if not session_valid(s, session_id):
+            raise Unauthorized("the dashboard session has ended; sign in again")
 
 
 Admin = Depends(require_admin)

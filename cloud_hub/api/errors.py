@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from cloud_hub.errors import Conflict, Forbidden, GatewayTimeout, NotFound, TooLarge, Unauthorized
 from manifests.errors import ConfigError, EdgepackError, FetchError, TrustError
+
+log = logging.getLogger(__name__)
 
 STATUS: list[tuple[type[EdgepackError], int]] = [
     (NotFound, 404),
@@ -50,5 +55,19 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=422,
         )
 
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Still a JSON error body (clients parse one), never the exception text: it may name
+        # paths or values a client should not see. The traceback goes to the hub's log.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return JSONResponse(
+                error_body("InsufficientStorage", "the hub's disk is full; free space and try again"),
+                status_code=507,
+            )
+        return JSONResponse(
+            error_body("InternalError", "the hub failed to handle this request; see its log"), status_code=500
+        )
+
     app.add_exception_handler(EdgepackError, on_edgepack)
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -22,6 +22,7 @@ from cloud_hub.api import device_auth
 from cloud_hub.api.deps import Admin, Ctx
 from cloud_hub.broker.mosquitto import sync_broker
 from cloud_hub.context import HubContext
+from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
 from cloud_hub.fleet.deployments import (
@@ -31,17 +32,20 @@ from cloud_hub.fleet.deployments import (
     get_deployment,
     settings_from_request,
     upsert_deployment,
+    with_endpoint_keys,
 )
 from cloud_hub.fleet.desired import FleetChange, change_fleet, current_plan, publish_current, stored_state
 from cloud_hub.fleet.devices import enroll_device, get_device, retag_device, revoke_device
+from cloud_hub.fleet.endpoint_keys import KeyName, auth_of, get_keys, regenerate
 from cloud_hub.fleet.plan import Plan, devices_running
 from cloud_hub.fleet.status import service_state_on_device
-from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
+from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, ServiceKeys
 from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, selector_matches
 from cloud_hub.ingest.rollup import rollup_states
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
 from cloud_hub.ingest.tables import DeviceReport
 from cloud_hub.registry.modules import get_module
+from cloud_hub.tls.material import ca_pem
 from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.errors import EdgepackError
 from manifests.logs import MAX_TAIL
@@ -163,6 +167,24 @@ class DeploymentOut(BaseModel):
 class DeployOut(ChangeOut):
     created: bool
     deployment: DeploymentOut
+    warnings: list[str] = Field(
+        default_factory=list, description="documented Azure keys in the config that have no effect here"
+    )
+
+
+class KeysOut(BaseModel):
+    primary: str
+    secondary: str
+
+
+class RegenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: KeyName
+
+
+class RegeneratedOut(ChangeOut):
+    keys: KeysOut
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -295,7 +317,9 @@ def enroll(ctx: Ctx, body: EnrollRequest) -> EnrollOut:
             username=creds.mqtt_username,
             password=creds.mqtt_password,
             topic_prefix=settings.topic_prefix,
+            tls=settings.mqtt_tls_ca is not None,
         ),
+        ca_pem=ca_pem(settings),
         hub_key=TrustedKey(keyid=ctx.hub_key_id, public_key=raw_public_bytes(pub).hex(), name="hub"),
         # The device checks every module against these itself: a hub compromised later can
         # make it run nothing that these publishers did not sign.
@@ -379,19 +403,52 @@ def revoke(ctx: Ctx, device_id: str) -> dict[str, Any]:
 def deploy(ctx: Ctx, name: str, body: DeployRequest, response: Response) -> dict[str, Any]:
     """Create or update a service; every affected device gets a new signed desired state."""
     check_service_name(name)
-    settings = settings_from_request(body.deployment_config, body.settings)
+    requested = settings_from_request(body.deployment_config, body.settings)
     target = parse_target(body.target)
 
     def mutate(s: Session) -> bool:
         module = get_module(s, body.module, body.version)
         ref = ModuleRef(module.name, module.version, module.manifest_digest)
-        return upsert_deployment(s, name, ref, settings, target)[1]
+        row, created = upsert_deployment(s, name, ref, requested.settings, target)
+        s.flush()  # the keys row refers to the deployment's
+        row.settings = with_endpoint_keys(s, name, requested).model_dump(mode="json")
+        return created
 
     change = change_fleet(ctx, mutate)
     response.status_code = 201 if change.result else 200
     with ctx.sessions.begin() as s:
         out = _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
-    return {**_change_out(change), "created": change.result, "deployment": out}
+    return {
+        **_change_out(change),
+        "created": change.result,
+        "deployment": out,
+        "warnings": list(requested.warnings),
+    }
+
+
+@admin.get("/deployments/{name}/keys", response_model=KeysOut, tags=["deployments"])
+def show_keys(ctx: Ctx, name: str) -> KeysOut:
+    """The service's endpoint keys (Azure's "get keys"); devices only ever see their hashes."""
+    with ctx.sessions.begin() as s:
+        keys = get_keys(s, name)
+        return KeysOut(primary=keys.primary, secondary=keys.secondary)
+
+
+@admin.post("/deployments/{name}/keys/regenerate", response_model=RegeneratedOut, tags=["deployments"])
+def regenerate_key(ctx: Ctx, name: str, body: RegenerateRequest) -> dict[str, Any]:
+    """Replace one key; every device running the service gets the new hashes (the other key
+    keeps working throughout)."""
+
+    def mutate(s: Session) -> ServiceKeys:
+        row = get_deployment(s, name)
+        keys = regenerate(s, name, body.key)
+        row.settings = {**row.settings, "auth": auth_of(keys).model_dump(mode="json")}
+        row.updated_at = utcnow()
+        return keys
+
+    change = change_fleet(ctx, mutate)
+    keys = change.result
+    return {**_change_out(change), "keys": KeysOut(primary=keys.primary, secondary=keys.secondary)}
 
 
 @admin.get("/deployments", tags=["deployments"])

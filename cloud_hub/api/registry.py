@@ -27,6 +27,7 @@ from cloud_hub.registry.tables import ModelVersion, Module
 from cloud_hub.registry.tags import parse_filters
 from cloud_hub.store.blobs import CHUNK, check_digest
 from cloud_hub.store.streaming import MIB, body_file, check_declared_length
+from manifests.bounds import MAX_TAGS, Count, TagKey, TagMap, Text
 from manifests.bundle import BundleLimits
 from manifests.errors import ConfigError, EdgepackError
 from manifests.signing import parse_envelope
@@ -35,6 +36,9 @@ router = APIRouter(prefix="/api/v1", dependencies=[Admin])
 
 #: A push whose body is a signed ``module.json`` alone (its blobs uploaded beforehand).
 MANIFEST_MEDIA_TYPE = "application/vnd.edgepack.manifest+json"
+
+#: A longer grace than ten years means "never": refuse it rather than overflow the date maths.
+MAX_GC_GRACE_S = 10 * 365 * 24 * 3600
 
 DigestPath = Annotated[str, Path(description="sha256:<hex>")]
 
@@ -48,27 +52,31 @@ class FileOut(BaseModel):
 class ModelFileIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="relative path inside the model (a file name, or folder/file)")
-    digest: str = Field(description="sha256:<hex> of a blob already uploaded")
-    size: int = Field(ge=0)
+    path: str = Field(
+        max_length=4096, description="relative path inside the model (a file name, or folder/file)"
+    )
+    digest: str = Field(max_length=71, description="sha256:<hex> of a blob already uploaded")
+    size: Count
 
 
 class ModelRegistration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    files: list[ModelFileIn] = Field(min_length=1)
-    description: str = ""
-    tags: dict[str, str] = Field(default_factory=dict)
-    properties: dict[str, Any] = Field(default_factory=dict)
+    files: list[ModelFileIn] = Field(min_length=1, max_length=100_000)
+    description: Text = ""
+    tags: TagMap = Field(default_factory=dict)
+    properties: dict[TagKey, Any] = Field(default_factory=dict, max_length=MAX_TAGS)
 
 
 class ModelUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    set_tags: dict[str, str] = Field(default_factory=dict, description="tags to add or change")
-    remove_tags: list[str] = Field(default_factory=list)
-    description: str | None = None
-    properties: dict[str, Any] = Field(default_factory=dict, description="properties to add")
+    set_tags: TagMap = Field(default_factory=dict, description="tags to add or change")
+    remove_tags: list[TagKey] = Field(default_factory=list, max_length=MAX_TAGS)
+    description: Text | None = None
+    properties: dict[TagKey, Any] = Field(
+        default_factory=dict, max_length=MAX_TAGS, description="properties to add"
+    )
 
 
 class ModelOut(BaseModel):
@@ -237,7 +245,9 @@ class Collected(BaseModel):
 @router.post("/registry/gc", tags=["blobs"], response_model=Collected)
 def collect_garbage(
     ctx: Ctx,
-    grace_s: Annotated[int, Query(ge=0, description="keep unused blobs younger than this")] = 3600,
+    grace_s: Annotated[
+        int, Query(ge=0, le=MAX_GC_GRACE_S, description="keep unused blobs younger than this")
+    ] = 3600,
 ) -> Collected:
     """Delete blobs that no model or module uses (uploads never registered, failed pushes)."""
     return Collected(

@@ -144,31 +144,47 @@ function showLogin(message) {
   $("token").focus();
 }
 
+// Each feed is fetched and drawn on its own: one that fails (a 500, a timeout) shows its error in
+// its own card and never hides the others.
+const FEEDS = [
+  ["devices", () => "/api/v1/devices", (d) => renderDevices(d.devices)],
+  ["services", () => "/api/v1/deployments", (d) => renderServices(d.deployments)],
+  ["models", () => "/api/v1/models", renderModels],
+  ["modules", () => "/api/v1/modules", renderModules],
+  ["events", () => `/api/v1/dashboard/events?after=${lastEventId}`, (d) => renderEvents(d.events)],
+  ["telemetry", () => "/api/v1/dashboard/telemetry?minutes=15", renderTelemetry],
+];
+
+function feedError(name, message) {
+  const note = document.querySelector(`[data-feed-error='${name}']`);
+  note.textContent = message ? `${name} unavailable (${message}); retrying` : "";
+  note.hidden = !message;
+}
+
 async function refresh() {
   clearTimeout(timer);
-  try {
-    const [devices, deployments, models, modules, events, telemetry] = await Promise.all([
-      getJSON("/api/v1/devices"),
-      getJSON("/api/v1/deployments"),
-      getJSON("/api/v1/models"),
-      getJSON("/api/v1/modules"),
-      getJSON(`/api/v1/dashboard/events?after=${lastEventId}`),
-      getJSON("/api/v1/dashboard/telemetry?minutes=15"),
-    ]);
-    $("login").hidden = true;
-    $("main").hidden = false;
-    $("logout").hidden = false;
-    renderDevices(devices.devices);
-    renderServices(deployments.deployments);
-    renderModels(models);
-    renderModules(modules);
-    renderEvents(events.events);
-    renderTelemetry(telemetry);
-    $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
-  } catch (err) {
-    if (err instanceof LoggedOut) return showLogin();
-    $("status").textContent = `hub unreachable (${err.message}); retrying`;
-  }
+  const results = await Promise.allSettled(FEEDS.map(([, path]) => getJSON(path())));
+  if (results.some((r) => r.status === "rejected" && r.reason instanceof LoggedOut)) return showLogin();
+  $("login").hidden = true;
+  $("main").hidden = false;
+  $("logout").hidden = false;
+  const failed = [];
+  results.forEach((result, i) => {
+    const [name, , render] = FEEDS[i];
+    let error = result.status === "rejected" ? result.reason.message : null;
+    if (!error) {
+      try {
+        render(result.value);
+      } catch (err) {
+        error = `cannot show it: ${err.message}`;
+      }
+    }
+    feedError(name, error);
+    if (error) failed.push(name);
+  });
+  const now = new Date().toLocaleTimeString();
+  $("status").textContent = failed.length === FEEDS.length ? `hub unreachable; retrying`
+    : failed.length ? `updated ${now}; ${failed.join(", ")} unavailable` : `updated ${now}`;
   timer = setTimeout(refresh, POLL_MS);
 }
 

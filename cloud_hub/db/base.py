@@ -57,6 +57,7 @@ def make_engine(url: str) -> Engine:
 
 def create_schema(engine: Engine) -> None:
     """Create every table (imports each area's table module so it registers with Base)."""
+    import cloud_hub.api.sessions
     import cloud_hub.events
     import cloud_hub.fleet.tables
     import cloud_hub.ingest.tables

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import NotFound
 from cloud_hub.events import record_event
+from cloud_hub.fleet.endpoint_keys import auth_of, drop_keys, ensure_keys
 from cloud_hub.fleet.tables import Deployment, Device
 from cloud_hub.fleet.targeting import Target
-from manifests.azureml import DeploymentConfig, parse_config
+from manifests.azureml import AzureKeys, DeploymentConfig, parse_config
 from manifests.desired import DeploymentSettings
 from manifests.errors import ConfigError
 from manifests.module import NAME_PATTERN
@@ -38,21 +39,59 @@ def check_service_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class RequestedSettings:
+    """What a deploy request asks for: the settings, whether the endpoint needs keys (and any
+    keys given in the config), and the documented Azure keys edgepack will not act on."""
+
+    settings: DeploymentSettings
+    auth: bool = False
+    keys: AzureKeys | None = None
+    warnings: tuple[str, ...] = ()
+
+
 def settings_from_request(
     deployment_config: Mapping[str, Any] | None, settings: Mapping[str, Any] | None
-) -> DeploymentSettings:
-    """Deployment settings from an Azure ``deploymentconfig.json`` or edgepack's own form."""
+) -> RequestedSettings:
+    """Deployment settings from an Azure ``deploymentconfig.json`` or edgepack's own form.
+
+    In edgepack's form, any ``auth`` asks for endpoint keys; the hub makes them and fills in
+    their hashes (a client never chooses what a device accepts).
+    """
     if deployment_config is not None and settings is not None:
         raise ConfigError("give either 'deployment_config' or 'settings', not both")
     if settings is not None:
+        wants_auth = settings.get("auth") is not None
+        body = {k: v for k, v in settings.items() if k != "auth"}
         try:
-            return DeploymentSettings.model_validate(settings)
+            return RequestedSettings(DeploymentSettings.model_validate(body), auth=wants_auth)
         except ValidationError as exc:
             raise ConfigError(
                 describe_validation_error(exc, source="settings", model=DeploymentSettings)
             ) from None
     config = parse_config(DeploymentConfig, dict(deployment_config or {}), source=DEPLOYMENT_CONFIG)
-    return config.to_settings()
+    warnings = tuple(
+        f"{DEPLOYMENT_CONFIG}: '{key}' has no effect on edgepack devices" for key in config.ignored_keys()
+    )
+    return RequestedSettings(
+        config.to_settings(), auth=bool(config.auth_enabled), keys=config.keys, warnings=warnings
+    )
+
+
+def with_endpoint_keys(session: Session, service: str, requested: RequestedSettings) -> DeploymentSettings:
+    """The settings to store: with the hashes of the service's keys when it needs keys (made
+    now if it has none), without them (and its keys dropped) when it does not."""
+    if not requested.auth:
+        drop_keys(session, service)
+        return requested.settings
+    given = requested.keys
+    keys = ensure_keys(
+        session,
+        service,
+        primary=given.primary_key if given else None,
+        secondary=given.secondary_key if given else None,
+    )
+    return requested.settings.model_copy(update={"auth": auth_of(keys)})
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,19 @@ class Deployment(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ServiceKeys(Base):
+    """The endpoint keys of a service deployed with ``authEnabled`` (see fleet.endpoint_keys)."""
+
+    __tablename__ = "service_keys"
+
+    service: Mapped[str] = mapped_column(
+        String(64), ForeignKey("deployments.name", ondelete="CASCADE"), primary_key=True
+    )
+    primary: Mapped[str] = mapped_column(String(256))
+    secondary: Mapped[str] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class DeviceDesired(Base):
     """The latest signed desired state of a device (the bytes MQTT and HTTP both serve)."""
 

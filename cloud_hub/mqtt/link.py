@@ -99,13 +99,18 @@ class MqttLink:
     ) -> MqttLink:
         """A link configured from the hub settings, feeding the hub's ingest worker."""
         from cloud_hub.broker.mosquitto import hub_mqtt_password, sync_broker
-        from cloud_hub.ingest.worker import IngestWorker
+        from cloud_hub.ingest.worker import IngestWorker, ingest_policy
 
         settings = ctx.settings
         if settings.mqtt_host is None:
             raise ValueError("no MQTT host configured")
+        limits, retention = ingest_policy(settings)
         worker = IngestWorker(
-            ctx.sessions, prefix=settings.topic_prefix, telemetry_keep=settings.telemetry_keep
+            ctx.sessions,
+            prefix=settings.topic_prefix,
+            telemetry_keep=settings.telemetry_keep,
+            limits=limits,
+            retention=retention,
         )
         ctx.extras["ingest"] = worker
 

@@ -46,6 +46,10 @@ def release_blobs(session: Session, blobs: BlobStore, digests: Iterable[str]) ->
     return gone
 
 
+#: A staged upload not written to for this long is a leftover.
+PARTIAL_IDLE = timedelta(minutes=10)
+
+
 def collect_garbage(sessions: Sessions, blobs: BlobStore, *, grace: timedelta) -> list[str]:
     """Delete blobs no module or model names that were stored more than ``grace`` ago.
 
@@ -54,7 +58,9 @@ def collect_garbage(sessions: Sessions, blobs: BlobStore, *, grace: timedelta) -
     protects a blob uploaded moments ago whose registration is still on its way.
     """
     cutoff = utcnow() - grace
-    blobs.clean_partial(cutoff)
+    # An upload idle this long was abandoned (a live one writes every few seconds), whatever
+    # the grace for finished blobs: crash leftovers are freed by the default gc too.
+    blobs.clean_partial(utcnow() - min(grace, PARTIAL_IDLE))
     with sessions.begin() as session:
         lock_registry(session)
         old = [b.digest for b in blobs.iter_blobs() if b.stored_at < cutoff]

@@ -24,6 +24,7 @@ from cloud_hub.registry.tables import ModelFile, ModelName, ModelVersion
 from cloud_hub.registry.tags import check_tags, matches
 from cloud_hub.registry.usage import delete_unless_used, lock_fleet
 from cloud_hub.store.blobs import BlobStore, check_digest
+from manifests.bounds import MAX_INT63, MAX_TAGS
 from manifests.errors import ConfigError
 from manifests.module import NAME_PATTERN, check_relative_path
 
@@ -72,12 +73,16 @@ def check_files(files: Sequence[FileRef]) -> list[FileRef]:
 def parse_version(version: str | int) -> int | None:
     """``latest`` → None, else the positive version number."""
     if isinstance(version, int):
+        if not 0 < version <= MAX_INT63:
+            raise ConfigError(f"model version {version} is out of range")
         return version
     if version == "latest":
         return None
-    if version.isdigit() and int(version) > 0:
+    # ASCII digits only (superscripts and Arabic-Indic digits pass str.isdigit) and within 63
+    # bits, as the database holds.
+    if re.fullmatch(r"[0-9]{1,19}", version) and 0 < int(version) <= MAX_INT63:
         return int(version)
-    raise ConfigError(f"model version {version!r} is not a number or 'latest'")
+    raise ConfigError(f"model version {version[:40]!r} is not a number (1 to {MAX_INT63}) or 'latest'")
 
 
 def _allocate_version(session: Session, name: str) -> int:
@@ -190,6 +195,8 @@ def update_model(
         model = get_model(session, name, version)
         tags = {k: v for k, v in model.tags.items() if k not in remove_tags}
         model.tags = {**tags, **clean}
+        if len(model.tags) > MAX_TAGS:
+            raise ConfigError(f"a model version has at most {MAX_TAGS} tags; remove some first")
         if properties:
             model.properties = {**model.properties, **properties}
         if description is not None:

@@ -96,7 +96,8 @@ class BlobStore(Protocol):
         """Every blob held (for garbage collection)."""
 
     def clean_partial(self, older_than: datetime) -> int:
-        """Remove leftovers of uploads that never finished (a crash mid-write); return how many."""
+        """Remove leftovers of uploads that never finished (a crash mid-write) and have not been
+        written to since ``older_than``; return how many."""
 
 
 def check_digest(digest: str) -> str:
@@ -320,7 +321,7 @@ class FileBlobStore:
         removed = 0
         for path in list(self._tmp.iterdir()):
             with contextlib.suppress(FileNotFoundError):
-                if datetime.fromtimestamp(path.stat().st_mtime, UTC) >= older_than:
+                if _last_activity(path) >= older_than:
                     continue
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
@@ -328,3 +329,14 @@ class FileBlobStore:
                     path.unlink()
                 removed += 1
         return removed
+
+
+def _last_activity(path: Path) -> datetime:
+    """When ``path`` (a temp file, or a push's staging folder and what is in it) last changed:
+    a folder's own time moves only when a file is added, not while one is being written."""
+    latest = path.stat().st_mtime
+    if path.is_dir():
+        for child in path.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                latest = max(latest, child.stat().st_mtime)
+    return datetime.fromtimestamp(latest, UTC)

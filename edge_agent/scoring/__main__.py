@@ -3,11 +3,15 @@
 Every option can also be set by an environment variable (``EDGEPACK_MODULE_DIR``,
 ``EDGEPACK_HOST``, ``EDGEPACK_PORT``, ``EDGEPACK_WORKERS``, ``EDGEPACK_LOG_LEVEL``,
 ``EDGEPACK_PRELOAD``, ``EDGEPACK_REUSE_PORT``, ``EDGEPACK_PROBE_PORT``,
-``EDGEPACK_STATE_FILE``, ``EDGEPACK_DRAIN_S``); the command line wins. The last five are how
-the agent runs an instance (see :class:`edge_agent.scoring.server.InstanceOptions`).
+``EDGEPACK_STATE_FILE``, ``EDGEPACK_DRAIN_S``, ``EDGEPACK_AUTH_KEYS_FILE``, ``EDGEPACK_TLS_CERT``,
+``EDGEPACK_TLS_KEY``, ``EDGEPACK_MAX_CONNECTIONS``, ``EDGEPACK_HEADER_TIMEOUT_S``,
+``EDGEPACK_BODY_TIMEOUT_S``, ``EDGEPACK_RUN_TIMEOUT_S``); the command line wins. Preload to
+drain are how the agent runs an instance (see :class:`edge_agent.scoring.server.InstanceOptions`);
+the rest is what the endpoint enforces (:mod:`edge_agent.scoring.endpoint`).
 
 Exit codes: 0 after SIGINT/SIGTERM, 5 when the module fails to start (traceback logged
-first), 6 when the port is held by another program, 2 for bad arguments.
+first), 6 when the port is held by another program, 2 for bad arguments (a worker ended by
+the run() watchdog exits 7 and is replaced by its supervisor).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+from edge_agent.scoring.endpoint import EndpointOptions
 from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE
+from edge_agent.scoring.limits import ServingLimits
 from edge_agent.scoring.server import LOG_LEVELS, InstanceOptions, PortInUse, serve_module
 from manifests.errors import EdgepackError
 
@@ -84,6 +90,40 @@ def main(argv: list[str] | None = None) -> int:
         default=env.get("EDGEPACK_DRAIN_S", "0"),
         help="on SIGTERM, let open connections finish for up to this long [$EDGEPACK_DRAIN_S]",
     )
+    parser.add_argument(
+        "--auth-keys-file",
+        type=Path,
+        default=env.get("EDGEPACK_AUTH_KEYS_FILE"),
+        help='JSON {"sha256": [...]} of accepted endpoint keys; re-read on change [$EDGEPACK_AUTH_KEYS_FILE]',
+    )
+    for name in ("cert", "key"):
+        variable = f"EDGEPACK_TLS_{name.upper()}"
+        parser.add_argument(f"--tls-{name}", type=Path, default=env.get(variable), help=f"PEM [${variable}]")
+    defaults = ServingLimits()
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=env.get("EDGEPACK_MAX_CONNECTIONS", str(defaults.max_connections)),
+        help="open connections per worker [$EDGEPACK_MAX_CONNECTIONS]",
+    )
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=env.get("EDGEPACK_HEADER_TIMEOUT_S", str(defaults.header_timeout_s)),
+        help="[$EDGEPACK_HEADER_TIMEOUT_S]",
+    )
+    parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=env.get("EDGEPACK_BODY_TIMEOUT_S", str(defaults.body_timeout_s)),
+        help="[$EDGEPACK_BODY_TIMEOUT_S]",
+    )
+    parser.add_argument(
+        "--run-timeout-s",
+        type=float,
+        default=env.get("EDGEPACK_RUN_TIMEOUT_S") or None,
+        help="answer 504 and replace the worker when run() takes longer [$EDGEPACK_RUN_TIMEOUT_S]",
+    )
     args = parser.parse_args(argv)
     if args.module_dir is None:
         parser.error("--module-dir (or $EDGEPACK_MODULE_DIR) is required")
@@ -94,6 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         state_file=args.state_file,
         drain_s=args.drain_s,
     )
+    try:
+        endpoint = EndpointOptions(
+            keys_file=args.auth_keys_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            limits=ServingLimits(
+                max_connections=args.max_connections,
+                header_timeout_s=args.header_timeout_s,
+                body_timeout_s=args.body_timeout_s,
+                run_timeout_s=args.run_timeout_s,
+            ),
+        )
+    except EdgepackError as exc:
+        parser.error(str(exc))
     # Whatever the entry script prints should reach the supervisor's log as it happens.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
@@ -104,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             log_level=args.log_level,
             options=options,
+            endpoint=endpoint,
         )
     except PortInUse as exc:
         print(f"edgepack scoring: {exc}", file=sys.stderr)

@@ -29,7 +29,9 @@ from typing import Any
 
 import orjson
 
+from edge_agent.scoring.auth import EndpointKeys
 from edge_agent.scoring.entry import BadInput, EntryScript, read_layout
+from edge_agent.scoring.limits import FD_EXTENSION, RunWatchdog
 from edge_agent.scoring.metrics import ROUTE_OTHER, MetricsBoard, WorkerMetrics, render
 from edge_agent.scoring.openapi import openapi_document
 from manifests.errors import ModuleStartFailure, RuntimeFailure
@@ -49,6 +51,9 @@ _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
 _PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 _DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+#: What an endpoint with keys answers only to a key; GET / (liveness) and /healthz (the
+#: agent's readiness probe) stay open, as on Azure.
+_KEYED_PATHS = frozenset(("/score", "/swagger.json", "/metrics"))
 
 
 def _json_default(value: Any) -> Any:
@@ -120,8 +125,12 @@ class ScoringApp:
         board: MetricsBoard,
         on_fatal: FatalHandler = _exit_process,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        keys: EndpointKeys | None = None,
+        watchdog: RunWatchdog | None = None,
     ) -> None:
         self.module_dir = module_dir
+        self.keys = keys
+        self.watchdog = watchdog
         self.metrics = metrics
         self.board = board
         self.on_fatal = on_fatal
@@ -136,12 +145,43 @@ class ScoringApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if scope["path"] == "/score":
+            if (
+                self.keys is not None
+                and scope["path"] in _KEYED_PATHS
+                and scope["method"] != "OPTIONS"  # a CORS pre-flight carries no credentials
+                and not self._authorized(scope)
+            ):
+                await self._unauthorized(scope, send)
+            elif scope["path"] == "/score":
                 await self._score(scope, receive, send)
             else:
                 await self._other(scope, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+
+    # --- endpoint keys ----------------------------------------------------------------------
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.keys is not None
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        return self.keys.allows(header, perf_counter_ns() / 1e9)
+
+    async def _unauthorized(self, scope: Scope, send: Send) -> None:
+        body = _error_body(
+            "this endpoint needs a key: send 'Authorization: Bearer KEY' "
+            "(see 'edgepack service keys SERVICE')",
+            "Unauthorized",
+        )
+        headers = [
+            (b"content-type", _JSON),
+            (b"content-length", b"%d" % len(body)),
+            (b"www-authenticate", b"Bearer"),
+            # The unread body (if any) is not worth reading: close instead.
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        self.metrics.request(ROUTE_OTHER, 401)
 
     # --- /score ---------------------------------------------------------------------------
 
@@ -202,6 +242,9 @@ class ScoringApp:
         headers = None
         if entry.wants_headers:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        watchdog = self.watchdog
+        if watchdog is not None:
+            watchdog.begin(scope.get("extensions", {}).get(FD_EXTENSION, {}).get("fd", -1))
         try:
             result = entry.run(body, headers)
         except BadInput as exc:
@@ -210,6 +253,9 @@ class ScoringApp:
             log.exception("run() raised %s", type(exc).__name__)
             self.metrics.error()
             return 500, _error_body(str(exc), type(exc).__name__)
+        finally:
+            if watchdog is not None:
+                watchdog.end()
         try:
             return 200, orjson.dumps(result, default=_json_default, option=_DUMP_OPTIONS)
         except TypeError as exc:
@@ -337,6 +383,8 @@ def create_app(
     worker: int = 0,
     on_fatal: FatalHandler | None = None,
     max_body_bytes: int | None = None,
+    keys: EndpointKeys | None = None,
+    watchdog: RunWatchdog | None = None,
 ) -> ScoringApp:
     """The ASGI app serving ``module_dir``.
 
@@ -360,4 +408,6 @@ def create_app(
         board=board,
         on_fatal=on_fatal or _exit_process,
         max_body_bytes=max_body_bytes,
+        keys=keys,
+        watchdog=watchdog,
     )

@@ -13,3 +13,5 @@ EXIT_USAGE = 2
 EXIT_START_FAILED = RuntimeFailure.exit_code
 #: the public port is held by another program that does not share it
 EXIT_PORT_IN_USE = 6
+#: a worker ended by the run() watchdog (a run() overran its timeout); its supervisor starts another
+EXIT_STUCK = 7

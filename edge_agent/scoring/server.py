@@ -51,7 +51,10 @@ from types import FrameType
 import uvicorn
 
 from edge_agent.scoring.app import create_app
-from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE
+from edge_agent.scoring.auth import EndpointKeys
+from edge_agent.scoring.endpoint import EndpointOptions, ReloadingTLS
+from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE, EXIT_STUCK
+from edge_agent.scoring.limits import RunWatchdog, guarded_protocol
 from edge_agent.scoring.metrics import MetricsBoard
 from manifests.errors import ConfigError, RuntimeFailure
 
@@ -184,6 +187,7 @@ def serve_worker(
     address: tuple[str, int] | None = None,
     probe: socket.socket | None = None,
     on_started: Callable[[], None] | None = None,
+    endpoint: EndpointOptions = EndpointOptions(),
 ) -> None:
     """Serve on ``sock`` (and the private ``probe`` socket) in this process until SIGINT or
     SIGTERM. With ``options.preload`` the entry script is loaded and ``init()`` runs first;
@@ -199,7 +203,19 @@ def serve_worker(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(module_dir, board=board, worker=worker, on_fatal=fatal)
+    # TLS material is checked before init() runs: a bad certificate fails at once.
+    tls = None
+    if endpoint.tls_cert is not None and endpoint.tls_key is not None:
+        tls = ReloadingTLS(endpoint.tls_cert, endpoint.tls_key)
+    limits = endpoint.limits
+    app = create_app(
+        module_dir,
+        board=board,
+        worker=worker,
+        on_fatal=fatal,
+        keys=EndpointKeys(endpoint.keys_file) if endpoint.keys_file is not None else None,
+        watchdog=RunWatchdog(limits.run_timeout_s) if limits.run_timeout_s is not None else None,
+    )
     if options.preload:
         app.preload()
         if sock is None:
@@ -208,16 +224,20 @@ def serve_worker(
     assert sock is not None
     sockets = [sock] if probe is None else [sock, probe]
 
+    background: list[asyncio.Task[None]] = []
+
     def started() -> None:
         if options.preload:
             board.set_ready(worker, True)
+        if tls is not None:
+            background.append(asyncio.get_running_loop().create_task(tls.watch()))
         if on_started is not None:
             on_started()
 
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(limits),
         interface="asgi3",
         lifespan="on",
         access_log=False,
@@ -226,6 +246,9 @@ def serve_worker(
         server_header=False,
         timeout_graceful_shutdown=_STOP_GRACE_S,
     )
+    if tls is not None:
+        config.load()
+        config.ssl = tls.context
     server = _Server(
         config,
         drain_s=options.drain_s,
@@ -249,6 +272,7 @@ def _worker_main(
     log_level: str,
     options: InstanceOptions,
     probe_address: tuple[str, int] | None,
+    endpoint: EndpointOptions,
 ) -> None:
     # The parent's handlers only set its own flag; a worker stops the way uvicorn does.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -265,6 +289,7 @@ def _worker_main(
             options=options,
             address=address,
             probe=probe,
+            endpoint=endpoint,
         )
     except PortInUse as exc:
         log.error("worker %d: %s", worker, exc)
@@ -283,6 +308,7 @@ def _supervise(
     options: InstanceOptions = InstanceOptions(),
     probe_address: tuple[str, int] | None = None,
     on_all_ready: Callable[[], None] | None = None,
+    endpoint: EndpointOptions = EndpointOptions(),
 ) -> None:
     ctx = multiprocessing.get_context("fork")
     stopping = False
@@ -295,7 +321,7 @@ def _supervise(
         board.set_ready(index, False)
         proc = ctx.Process(
             target=_worker_main,
-            args=(module_dir, address, board, index, log_level, options, probe_address),
+            args=(module_dir, address, board, index, log_level, options, probe_address, endpoint),
             name=f"edgepack-worker-{index}",
         )
         proc.start()
@@ -324,7 +350,10 @@ def _supervise(
                         f"worker {index} failed to start the module in {module_dir} "
                         f"(exit code {code}); the traceback is in the log above"
                     )
-                log.warning("worker %d exited with code %s; starting a new one", index, code)
+                if code == EXIT_STUCK:
+                    log.warning("worker %d was stuck in run(); starting a new one", index)
+                else:
+                    log.warning("worker %d exited with code %s; starting a new one", index, code)
                 procs[index] = start(index)
     finally:
         for proc in procs.values():
@@ -348,8 +377,12 @@ def serve_module(
     workers: int = 1,
     log_level: str = "warning",
     options: InstanceOptions = InstanceOptions(),
+    endpoint: EndpointOptions = EndpointOptions(),
 ) -> None:
     """Serve the unpacked module in ``module_dir`` until SIGINT or SIGTERM, then return.
+
+    With a run() timeout the workers are supervised even when there is one, so that a worker
+    the watchdog ended is replaced.
 
     Raises :class:`PortInUse` / :class:`RuntimeFailure` when the port cannot be bound or the
     module fails to start (its traceback is logged first), :class:`ConfigError` for bad
@@ -361,12 +394,13 @@ def serve_module(
         raise ConfigError(f"drain time must not be negative, not {options.drain_s}")
     _configure_logging(log_level)
     board = MetricsBoard(workers)
-    reuse = options.reuse_port or workers > 1
+    supervised = workers > 1 or endpoint.limits.run_timeout_s is not None
+    reuse = options.reuse_port or supervised
     # Bound but not listening: holds the port (and resolves port 0) before init() runs, so a
     # port held by another program is known at once, without taking connections yet.
     reserved = bind_socket(host, port, reuse_port=reuse, listen=False)
     probe_reserved = (
-        bind_socket(options.probe_host, options.probe_port, reuse_port=workers > 1, listen=False)
+        bind_socket(options.probe_host, options.probe_port, reuse_port=supervised, listen=False)
         if options.probe_port is not None
         else None
     )
@@ -381,7 +415,7 @@ def serve_module(
             )
 
     try:
-        if workers == 1:
+        if not supervised:
             if not reuse:
                 # edgepack serve: the reserved socket itself listens, as before.
                 reserved.listen(2048)
@@ -401,12 +435,21 @@ def serve_module(
                 address=address,
                 probe=probe,
                 on_started=announce,
+                endpoint=endpoint,
             )
             if sock is not None and sock is not reserved:
                 sock.close()
             return
         _supervise(
-            module_dir, address, board, workers, log_level, options, probe_address, on_all_ready=announce
+            module_dir,
+            address,
+            board,
+            workers,
+            log_level,
+            options,
+            probe_address,
+            on_all_ready=announce,
+            endpoint=endpoint,
         )
     finally:
         reserved.close()

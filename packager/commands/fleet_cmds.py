@@ -18,6 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from manifests.errors import ConfigError
 from packager.app import app, console, err_console
 from packager.commands.options import (
     HubOption,
@@ -297,6 +298,39 @@ def show_service_cmd(
     )
     console.print(Text.assemble("state ", state_text(s["state"])))
     console.print(devices_table(service.record))
+
+
+@service_app.command("keys")
+def service_keys_cmd(
+    name: str,
+    regenerate: Annotated[
+        str | None, typer.Option(help="replace one key: primary or secondary (the other keeps working)")
+    ] = None,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show (or regenerate) the endpoint keys of a service deployed with authEnabled.
+
+    Callers send one as 'Authorization: Bearer KEY' (edgepack call --key KEY); devices switch to
+    a regenerated key without restarting the service.
+    """
+    if regenerate is not None and regenerate not in ("primary", "secondary"):
+        raise ConfigError(f"--regenerate {regenerate!r}: give primary or secondary")
+    with connect(hub, token) as connected:
+        service = Service(connected, name)
+        if regenerate is None:
+            keys, change = service.keys().raw, None
+        else:
+            change = service.regen_key(regenerate).raw
+            keys = change["keys"]
+    if as_json:
+        print_json(keys if change is None else change)
+        return
+    console.print(f"primary    {keys['primary']}", highlight=False)
+    console.print(f"secondary  {keys['secondary']}", highlight=False)
+    if change is not None:
+        print_change(change)
 
 
 @service_app.command("delete")

@@ -30,7 +30,7 @@ from packager.app import app, console
 from packager.commands.options import CacheOption, TrustOption, bars
 from packager.files import atomic_output
 from packager.sdk.local import install_bundle, trust_store
-from packager.sdk.scoring import decode_answer, post_score, scoring_url
+from packager.sdk.scoring import decode_answer, post_score, scoring_url, tls_verify
 from packager.sdk.scoring import server_message as server_message  # tests read it from here
 
 
@@ -116,13 +116,24 @@ def call_cmd(
         Path | None, typer.Option("--file", "-f", help="file holding the request body")
     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the answer", min=0.1)] = 30.0,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            envvar="EDGEPACK_SERVICE_KEY",
+            help="endpoint key (authEnabled services; see 'edgepack service keys')",
+        ),
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="CA certificate to verify an HTTPS service with")
+    ] = None,
 ) -> None:
     """POST one request to a scoring service and print its JSON answer.
 
     Exit code 4 when the service cannot be reached or answers with an error status.
     """
     body = request_body(data, file)
-    response = post_score(scoring_url(url), body, timeout=timeout)
+    response = post_score(scoring_url(url), body, key=key, verify=tls_verify(ca), timeout=timeout)
     answer = decode_answer(response)
     if isinstance(answer, str):
         console.print(response.text, markup=False, highlight=False)

@@ -64,6 +64,16 @@ def serve_cmd(
     broker_pid_file: Annotated[
         Path | None, typer.Option(help="Mosquitto's pid file, to make it reload the ACL (SIGHUP)")
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="HTTPS certificate (default <data_dir>/tls/hub.crt)")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="HTTPS key (default <data_dir>/tls/hub.key)")] = None,
+    mqtt_tls_ca: Annotated[
+        Path | None, typer.Option(help="connect to the broker with TLS, verified against this CA")
+    ] = None,
+    allow_plain_http: Annotated[
+        bool, typer.Option(help="serve plain HTTP beyond loopback (tokens cross the network in clear)")
+    ] = False,
 ) -> None:
     """Run the hub (API, dashboard, MQTT link) until Ctrl-C. Flags override EDGEPACK_HUB_* variables."""
     from cloud_hub.serve import run_hub
@@ -82,6 +92,10 @@ def serve_cmd(
         "topic_prefix": topic_prefix,
         "broker_dir": broker_dir,
         "broker_pid_file": broker_pid_file,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "mqtt_tls_ca": mqtt_tls_ca,
+        "allow_plain_http": allow_plain_http or None,
     }
     for path in trust or []:
         if not path.is_file():
@@ -92,7 +106,10 @@ def serve_cmd(
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"hub setting {field}: {err['msg']}") from None
-    url = f"http://{settings.host}:{settings.port}"
+    from cloud_hub.serve import serving_settings
+
+    settings = serving_settings(settings)
+    url = f"{'https' if settings.tls_cert else 'http'}://{settings.host}:{settings.port}"
     token_source = (
         "EDGEPACK_HUB_ADMIN_TOKEN"
         if settings.admin_token is not None
@@ -128,10 +145,15 @@ def gc_cmd(
 def login_cmd(
     hub: Annotated[str, typer.Option("--hub", help="hub URL, e.g. http://hub.example:8800")],
     token: Annotated[str, typer.Option("--token", help="the hub's admin token")],
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="CA certificate of an HTTPS hub (from broker-config --tls)")
+    ] = None,
 ) -> None:
     """Check the token against the hub and save both to $EDGEPACK_HOME/config.json."""
-    config = HubConfig(url=hub.rstrip("/"), token=token)
-    with Hub(config.url, config.token, progress=False) as connected:
+    if ca is not None and not ca.is_file():
+        raise ConfigError(f"{ca}: CA certificate not found")
+    config = HubConfig(url=hub.rstrip("/"), token=token, ca=str(ca.resolve()) if ca else None)
+    with Hub(config.url, config.token, ca=config.ca, progress=False) as connected:
         Model.list(connected, latest=True)
     path = config.save()
     console.print(f"logged in to {config.url}; saved to {path}")

@@ -155,6 +155,20 @@ class Deployed(FleetChange):
     warnings: list[str] = Field(default_factory=list)
 
 
+class ServiceKeys(_Answer):
+    """The endpoint keys of a service deployed with ``auth_enabled``: callers send one as
+    ``Authorization: Bearer KEY``; devices hold only their hashes."""
+
+    primary: str
+    secondary: str
+
+
+class KeysRegenerated(FleetChange):
+    """A service's keys after one was replaced, and the desired states that re-issued."""
+
+    keys: ServiceKeys
+
+
 class DeviceRecord(_Answer):
     """An enrolled device as the hub knows it."""
 

@@ -7,9 +7,11 @@ close it with :meth:`Hub.close` or use the hub as a context manager.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from manifests.errors import HubUnavailable
 from packager.home import default_key_path
 from packager.sdk.config import HubConfig
 from packager.sdk.errors import BadArgument
@@ -63,6 +65,7 @@ class Hub:
         self.progress: ProgressOption = progress
         self.timeout = timeout
         self._transport: Transport | None = None
+        self._endpoint_ca: ssl.SSLContext | None = None
 
     @classmethod
     def from_config(
@@ -135,6 +138,17 @@ class Hub:
         from packager.sdk.service import put_deployment
 
         return put_deployment(self, name, module, deployment_config, self.target_for(target, "deploy"))
+
+    def endpoint_ca(self) -> ssl.SSLContext:
+        """What verifies the HTTPS of services deployed with ``ssl_enabled``: the hub's
+        endpoint CA (public, fetched once)."""
+        if self._endpoint_ca is None:
+            pem = self.transport.request("GET", "/api/v1/hub/endpoint-ca").text
+            try:
+                self._endpoint_ca = ssl.create_default_context(cadata=pem)
+            except ssl.SSLError as exc:
+                raise HubUnavailable(f"the hub's endpoint CA is not a usable certificate ({exc})") from None
+        return self._endpoint_ca
 
     def collect_garbage(self, grace_s: int = 3600) -> list[str]:
         """Delete the hub's blobs that no model or module uses and that are older than

@@ -9,6 +9,7 @@ construction, after a wait, or :meth:`Service.refresh`).
 from __future__ import annotations
 
 import builtins
+import ssl
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,15 @@ from manifests.desired import DeploymentSettings
 from manifests.errors import FetchError, RuntimeFailure
 from manifests.logs import MAX_TAIL
 from manifests.states import ServiceState
-from packager.sdk.answers import Deployed, DeviceServiceState, FleetChange, ServiceLogs, ServiceRecord
+from packager.sdk.answers import (
+    Deployed,
+    DeviceServiceState,
+    FleetChange,
+    KeysRegenerated,
+    ServiceKeys,
+    ServiceLogs,
+    ServiceRecord,
+)
 from packager.sdk.configs import DeploymentConfig
 from packager.sdk.errors import BadArgument, DeploymentFailed, DeploymentTimeout
 from packager.sdk.hub import Hub
@@ -208,8 +217,9 @@ class Service:
         """Score ``input_data`` on one device's endpoint and return the answer (its JSON).
 
         ``input_data`` is a JSON string (as Azure ML scripts pass it) or any JSON-ready value.
-        ``device`` defaults to the first Healthy device. ``key`` is an endpoint key for a
-        service deployed with ``auth_enabled``.
+        ``device`` defaults to the first Healthy device. A service deployed with
+        ``auth_enabled`` is called with ``key``, else with its primary key (fetched from the
+        hub); one deployed with ``ssl_enabled`` over HTTPS, verified with the hub's endpoint CA.
         """
         body = request_bytes(input_data)
         if device is not None:
@@ -237,7 +247,37 @@ class Service:
                 f"device {target.device_id} reports no endpoint for {self.name} "
                 f"(state {target.state or 'not reported'}); wait until it is Healthy"
             )
-        return decode_answer(post_score(target.endpoint, body, key=key, timeout=timeout))
+        if key is None and self.settings.auth is not None:
+            key = self.get_keys()[0]
+        url = target.endpoint
+        verify: ssl.SSLContext | bool = True
+        if self.settings.tls is not None:
+            # Devices report where they listen; a TLS service answers HTTPS there, with a
+            # certificate from the hub's endpoint CA (not one any public CA vouches for).
+            url = "https://" + url.split("://", 1)[-1]
+            verify = self.workspace.endpoint_ca()
+        return decode_answer(post_score(url, body, key=key, verify=verify, timeout=timeout))
+
+    def keys(self) -> ServiceKeys:
+        """The endpoint keys of a service deployed with ``auth_enabled``."""
+        return ServiceKeys.of(self.workspace.transport.get(f"/api/v1/deployments/{self.name}/keys"))
+
+    def get_keys(self) -> tuple[str, str]:
+        """``(primary, secondary)``: the keys callers of an ``auth_enabled`` service send
+        (Azure ML's ``get_keys``). ``run`` sends the primary one by itself."""
+        keys = self.keys()
+        return keys.primary, keys.secondary
+
+    def regen_key(self, key: str) -> KeysRegenerated:
+        """Replace the ``"primary"`` or ``"secondary"`` key (Azure ML's ``regen_key``); the other
+        keeps working, and devices switch to the new one without restarting the service."""
+        which = key.lower() if isinstance(key, str) else key
+        if which not in ("primary", "secondary"):
+            raise BadArgument(f"regen_key: key {key!r}: give 'primary' or 'secondary'")
+        answer = self.workspace.transport.send(
+            "POST", f"/api/v1/deployments/{self.name}/keys/regenerate", {"key": which}
+        )
+        return KeysRegenerated.of(answer)
 
     def update(
         self,

@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud_hub.broker.mosquitto import render_config
+from cloud_hub.broker.mosquitto import BrokerTLS, render_config
 from tests.conftest import free_port  # re-exported: fixtures and tests start brokers on it
 
 __all__ = [
@@ -73,9 +73,19 @@ class Broker:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def probe(self, *, username: str | None = None, password: str | None = None) -> MqttProbe:
-        """A connected client on this broker (stopped by the caller or at test end)."""
-        return MqttProbe.connect(self.host, self.port, username=username, password=password)
+    def probe(
+        self,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        client_id: str | None = None,
+        tls_ca: Path | None = None,
+    ) -> MqttProbe:
+        """A connected client on this broker (stopped by the caller or at test end); with
+        ``tls_ca`` it connects with TLS and verifies the broker against that CA."""
+        return MqttProbe.connect(
+            self.host, self.port, username=username, password=password, client_id=client_id, tls_ca=tls_ca
+        )
 
 
 def _wait_listening(host: str, port: int, process: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -148,17 +158,20 @@ def topic_prefix() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-BrokerFactory = Callable[[Path], Broker]
+BrokerFactory = Callable[..., Broker]
 
 
 @pytest.fixture
 def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerFactory]:
-    """``start(broker_dir)``: a broker enforcing the hub-generated password file and ACL."""
+    """``start(broker_dir, tls=None)``: a broker enforcing the hub-generated password file and
+    ACL (listening with TLS only when ``tls`` is given)."""
     started: list[Broker] = []
 
-    def start(broker_dir: Path) -> Broker:
+    def start(broker_dir: Path, tls: BrokerTLS | None = None) -> Broker:
         workdir = tmp_path_factory.mktemp("mosquitto-secured")
-        broker = start_mosquitto(workdir, lambda port: render_config(broker_dir, port=port, run_as=_run_as()))
+        broker = start_mosquitto(
+            workdir, lambda port: render_config(broker_dir, port=port, run_as=_run_as(), tls=tls)
+        )
         started.append(broker)
         return broker
 
@@ -181,6 +194,7 @@ class MqttProbe:
     client: mqtt.Client
     messages: queue.Queue[Received] = field(default_factory=queue.Queue)
     suback: queue.Queue[list[int]] = field(default_factory=queue.Queue)
+    disconnects: int = 0
 
     @classmethod
     def connect(
@@ -192,10 +206,12 @@ class MqttProbe:
         password: str | None = None,
         will: tuple[str, bytes] | None = None,
         timeout: float = 10,
+        client_id: str | None = None,
+        tls_ca: Path | None = None,
     ) -> MqttProbe:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"probe-{uuid.uuid4().hex[:10]}",
+            client_id=client_id or f"probe-{uuid.uuid4().hex[:10]}",
             protocol=mqtt.MQTTv311,
         )
         probe = cls(client)
@@ -204,11 +220,18 @@ class MqttProbe:
         client.on_message = lambda _c, _u, msg: probe.messages.put(
             Received(msg.topic, bytes(msg.payload), bool(msg.retain))
         )
+
+        def on_disconnect(*_: Any) -> None:
+            probe.disconnects += 1
+
+        client.on_disconnect = on_disconnect
         client.on_subscribe = lambda _c, _u, _mid, reasons, _p: probe.suback.put([r.value for r in reasons])
         if username is not None:
             client.username_pw_set(username, password)
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
+        if tls_ca is not None:
+            client.tls_set(ca_certs=str(tls_ca))
         client.connect(host, port, keepalive=30)
         client.loop_start()
         try:

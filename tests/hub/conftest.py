@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -54,6 +55,8 @@ class RunningHub:
     _thread: threading.Thread
     _start: Callable[..., RunningHub]
     _stopped: bool = field(default=False)
+    #: the CA that signed the hub's HTTPS certificate, when it serves HTTPS
+    ca: Path | None = None
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -62,7 +65,8 @@ class RunningHub:
     def client(self, *, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
         """An httpx client on this hub, authenticated as admin unless another token is given."""
         headers = {"Authorization": f"Bearer {token or self.admin_token}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify)
 
     def stop(self) -> None:
         if self._stopped:
@@ -80,7 +84,9 @@ class RunningHub:
         """Stop this hub and start another on the same data dir, settings and port (devices
         enrolled with its URL find it again)."""
         self.stop()
-        return self._start(data_dir=self.data_dir, bind_port=self.port, **{**self.overrides, **overrides})
+        return self._start(
+            data_dir=self.data_dir, bind_port=self.port, ca=self.ca, **{**self.overrides, **overrides}
+        )
 
 
 HubFactory = Callable[..., RunningHub]
@@ -107,7 +113,14 @@ def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubContext, uvic
     ctx = HubContext.open(settings)
     ctx.start_services()
     app = create_app(ctx=ctx)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -130,8 +143,14 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
     trusted.write_bytes(public_key_pem(publisher.key.public_key()))
 
     def start(
-        *, data_dir: Path | None = None, postgres: str | None = None, bind_port: int = 0, **overrides: Any
+        *,
+        data_dir: Path | None = None,
+        postgres: str | None = None,
+        bind_port: int = 0,
+        ca: Path | None = None,
+        **overrides: Any,
     ) -> RunningHub:
+        """``ca``: the CA of the certificate given as ``tls_cert`` (the hub then serves HTTPS)."""
         data = data_dir or tmp_path_factory.mktemp("hub-data")
         pg_server = postgres or os.environ.get(POSTGRES_ENV)
         if pg_server and "db" not in overrides:
@@ -142,7 +161,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", bind_port))
         port = sock.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if overrides.get('tls_cert') else 'http'}://127.0.0.1:{port}"
         values: dict[str, Any] = {
             "data_dir": data,
             "host": "127.0.0.1",
@@ -163,6 +182,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, publisher: Publisher) -> Itera
             _server=server,
             _thread=thread,
             _start=start,
+            ca=ca,
         )
         started.append(running)
         return running

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from sqlalchemy import text
 
 from tests.conftest import Publisher
 from tests.hub.broker_fixtures import Broker
@@ -148,3 +149,26 @@ def test_dashboard_api_needs_the_admin_cookie(hub: HubFactory) -> None:
         assert "httponly" in cookie and "samesite=strict" in cookie
         assert http.get("/api/v1/dashboard/events").status_code == 200
         assert http.get("/api/v1/devices").status_code == 200
+
+
+def test_one_failing_feed_does_not_hide_the_others(hub: HubFactory, page: Page) -> None:
+    # Any one failing feed (a device's telemetry made it answer 500) used to hide the whole
+    # dashboard behind "hub unreachable".
+    h = hub()
+    with h.client() as http:
+        enroll(http, "dev-1", site="berlin")
+    # A damaged database: the telemetry table is gone, so that feed fails (JSON 500).
+    with h.ctx.sessions.engine.begin() as conn:
+        conn.execute(text("DROP TABLE telemetry_samples"))
+    with h.client() as http:
+        r = http.get("/api/v1/dashboard/telemetry")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "InternalError"
+
+    page.goto(h.url + "/")
+    page.fill("#token", h.admin_token)
+    page.click("#login button[type=submit]")
+    expect(page.locator("#devices tr[data-device='dev-1']")).to_be_visible()
+    expect(page.locator("[data-feed-error='telemetry']")).to_contain_text("telemetry unavailable")
+    expect(page.locator("[data-feed-error='devices']")).to_be_hidden()
+    expect(page.locator("#events")).to_contain_text("dev-1")
+    expect(page.locator("#status")).to_contain_text("telemetry unavailable")

@@ -16,11 +16,13 @@ from sqlalchemy import func, select
 from cloud_hub.broker.passwords import hash_password
 from cloud_hub.context import HubContext
 from cloud_hub.events import Event
-from cloud_hub.fleet.tables import Device
+from cloud_hub.fleet.tables import Device, DeviceDesired
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
 from cloud_hub.ingest.tables import DeviceReport, TelemetrySample
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.settings import HubSettings
+from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
+from manifests.signing import envelope_bytes, sign_payload
 from manifests.states import ServiceState
 from tests.hub.broker_fixtures import Broker, MqttProbe
 
@@ -102,10 +104,32 @@ class Hub:
             return s.get(Device, device_id)
 
 
-def enroll(ctx: HubContext, *device_ids: str) -> None:
+def enroll(ctx: HubContext, *device_ids: str, services: tuple[str, ...] = ("digits",)) -> None:
+    """Devices as enrolment leaves them, with a signed desired state that assigns ``services``
+    (ingest drops reports about services a device was not given)."""
     with ctx.sessions.begin() as s:
         for d in device_ids:
             s.add(Device(id=d, tags={}, mqtt_password_hash=hash_password("x"), token_hash=f"tok-{d}"))
+        s.flush()
+        for d in device_ids:
+            state = DesiredState(
+                device_id=d,
+                generation=1,
+                issued=T0,
+                expires=T0 + timedelta(days=3650),
+                modules=[
+                    ModuleAssignment(
+                        service=svc,
+                        module=svc,
+                        version="1",
+                        manifest_digest=DIGEST,
+                        settings=DeploymentSettings(port=8000 + n),
+                    )
+                    for n, svc in enumerate(services)
+                ],
+            )
+            envelope = sign_payload(state.model_dump(mode="json", by_alias=True), [ctx.hub_key])
+            s.add(DeviceDesired(device_id=d, generation=1, payload=envelope_bytes(envelope)))
 
 
 @pytest.fixture

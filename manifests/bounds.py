@@ -1,0 +1,68 @@
+"""Bounded field types for every number and string that crosses a trust boundary.
+
+A contract that takes "any float" or "any string" lets one bad value travel far: ``Infinity``
+in a setting could not be signed (500), ``"port": true`` became port 1, a 15 MB description
+or a NUL in an environment name reached the devices. These types refuse such values where
+the document is parsed, and the JSON Schemas generated from the models state the same limits
+(``maximum``, ``maxLength``, ``pattern``) for anyone writing these documents by hand.
+
+- numbers are finite and within a range; integers are strict (no booleans, no strings, no
+  floats) and fit in 63 bits, so every database and JSON reader holds them exactly;
+- names follow a pattern; free text has a length limit and no control characters.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
+
+#: The largest integer every store we use (SQLite, PostgreSQL BIGINT, JSON readers that use
+#: int64) holds exactly.
+MAX_INT63 = (1 << 63) - 1
+#: POSIX portable environment variable names.
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"
+MAX_ENV_VARS = 256
+MAX_ENV_VALUE = 32 * 1024
+MAX_TAGS = 64
+MAX_TAG_VALUE = 256
+MAX_DESCRIPTION = 4096
+MAX_REASON = 2000
+
+
+def _no_control(value: str) -> str:
+    # Tab and newline are ordinary text; NUL and the other C0 controls are not (a NUL cuts a
+    # C string short on the device, an escape sequence rewrites a terminal).
+    if any((ord(c) < 0x20 and c not in "\t\n\r") or c == "\x7f" for c in value):
+        raise ValueError("must not contain control characters (NUL, escape, ...)")
+    return value
+
+
+def _no_control_line(value: str) -> str:
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError("must not contain control characters or line breaks")
+    return value
+
+
+def finite(
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float,
+    default: Any = ...,
+    alias: str | None = None,
+) -> Any:
+    """A ``Field`` for a finite float in a range (NaN and infinities refused)."""
+    return Field(default, allow_inf_nan=False, ge=ge, gt=gt, le=le, alias=alias)
+
+
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_INT63)]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
+EnvValue = Annotated[str, Field(max_length=MAX_ENV_VALUE), AfterValidator(_no_control)]
+EnvMap = Annotated[dict[EnvName, EnvValue], Field(max_length=MAX_ENV_VARS)]
+Text = Annotated[str, Field(max_length=MAX_DESCRIPTION), AfterValidator(_no_control)]
+Reason = Annotated[str, Field(max_length=MAX_REASON), AfterValidator(_no_control)]
+TagKey = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_control_line)]
+TagValue = Annotated[str, Field(max_length=MAX_TAG_VALUE), AfterValidator(_no_control_line)]
+TagMap = Annotated[dict[TagKey, TagValue], Field(max_length=MAX_TAGS)]
