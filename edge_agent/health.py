@@ -110,6 +110,6 @@ class Prober:
         if now < due:
             return
         self._next_probe[instance.id] = now + health.period_s
-        port = instance.probe_port
-        ok = port is not None and probe.healthy(port, health.path, health.timeout_s)
+        target = probe.Target.of(instance)
+        ok = target is not None and probe.healthy(target, health.path, health.timeout_s)
         self._report(ProbeResult(w.service, instance.id, True, ok))

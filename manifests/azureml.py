@@ -285,7 +285,7 @@ class DeploymentConfig(_AzureModel):
         return DeploymentSettings(
             port=self.port or default_port,
             env=dict(ext.environment_variables),
-            runtime=ext.runtime or RuntimeKind.DOCKER,
+            runtime=ext.runtime,
             restart_policy=ext.restart_policy or RestartPolicy.ALWAYS,
             workers=ext.workers or 1,
             cpu=cpu,

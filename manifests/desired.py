@@ -104,7 +104,10 @@ class DeploymentSettings(BaseModel):
 
     port: Port
     env: EnvMap = Field(default_factory=dict)
-    runtime: RuntimeKind = RuntimeKind.DOCKER
+    runtime: RuntimeKind | None = Field(
+        default=None,
+        description="docker or process; unset: each device picks the first of its runtimes that can run it",
+    )
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
     workers: int = Field(default=1, strict=True, ge=1, le=64)
     cpu: float | None = finite(default=None, gt=0, le=MAX_CPUS)

@@ -238,7 +238,8 @@ def test_top_level_must_be_an_object() -> None:
 def test_to_settings_defaults() -> None:
     settings = dc({}).to_settings()
     assert settings.port == 8890
-    assert settings.runtime is RuntimeKind.DOCKER
+    assert settings.runtime is None, "unset: each device picks a runtime it has"
+    assert dc({"edgepack": {"runtime": "docker"}}).to_settings().runtime is RuntimeKind.DOCKER
     assert settings.restart_policy is RestartPolicy.ALWAYS
     assert settings.workers == 1
     assert settings.cpu is None and settings.memory_mb is None

@@ -3,6 +3,7 @@ instance, two versions sharing the public port, and a drain that loses no reques
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -49,13 +50,15 @@ class Instance:
         return self.log.read_text(errors="replace")
 
 
-def launch(module_dir: Path, port: int, *, workers: int = 1, drain_s: float = 5.0) -> Instance:
+def launch(
+    module_dir: Path, port: int, *, workers: int = 1, drain_s: float = 5.0, extra: tuple[str, ...] = ()
+) -> Instance:
     state = module_dir.parent / f"{module_dir.name}.state.json"
     log = module_dir.parent / f"{module_dir.name}.log"
     argv = [
         sys.executable, "-m", "edge_agent.scoring", "--module-dir", str(module_dir),
         "--port", str(port), "--workers", str(workers), "--preload", "--reuse-port",
-        "--probe-port", "0", "--state-file", str(state), "--drain-s", str(drain_s),
+        "--probe-port", "0", "--state-file", str(state), "--drain-s", str(drain_s), *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     return Instance(proc, state, log)
@@ -165,3 +168,21 @@ def test_a_failing_init_ends_a_preloaded_instance_with_exit_5_and_never_listens(
     assert "Traceback" in instance.log_text()
     assert not instance.state_file.exists()
     assert refused(port)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_dead_worker_ends_a_supervised_instance_with_its_exit_code(tmp_path: Path, workers: int) -> None:
+    """With --exit-on-crash (as the agent runs instances) a dead worker is not replaced in
+    place: the instance ends, so the agent's restart policy and crash-loop count apply."""
+    module = versioned_module(tmp_path / "crashy", 1)
+    (module / "src" / "score.py").write_text(
+        "import os\n\ndef init():\n    pass\n\ndef run(raw_data):\n    os._exit(3)\n"
+    )
+    port = free_port()
+    extra = ("--exit-on-crash", "--run-timeout-s", "30")  # a run timeout: workers are supervised
+    instance = launch(module, port, workers=workers, extra=extra)
+    wait_listening(instance)
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(f"http://127.0.0.1:{port}/score", content=b"{}", timeout=5)
+    assert instance.proc.wait(timeout=30) == 3
+    assert "exited with code 3" in instance.log_text()

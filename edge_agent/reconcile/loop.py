@@ -38,6 +38,7 @@ from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import LaunchSpec, Runtime
 from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord, ServiceRecord
 from edge_agent.state.store import StateStore
+from edge_agent.uplink.certificates import EndpointCertificates
 from edge_agent.uplink.http import DesiredFetch, HubHttp
 from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage, MqttEvent
 from manifests.desired import (
@@ -61,7 +62,11 @@ STOP_GRACE_S = 10.0
 DRAIN_S = 10.0
 #: how long an Unschedulable verdict stands before it is checked again
 UNSCHEDULABLE_RECHECK_S = 60.0
-PROGRESS_REPORT_EVERY_S = 0.5
+PROGRESS_REPORT_EVERY_S = 2.0
+#: reports go out at most this often (the hub allows 120 a minute, bursts of 30)
+REPORT_MIN_GAP_S = 0.5
+#: how often TLS services' certificates are checked for renewal
+CERT_CHECK_S = 6 * 3600.0
 
 
 def advertised_host(config: AgentConfig) -> str:
@@ -190,6 +195,11 @@ class ReconcileLoop:
         self._last_progress_report: dict[str, float] = {}
         self._stopping = False
         self._advertised = advertised_host(config)
+        self.certificates = EndpointCertificates(
+            hub, self.device_id, config.state_dir / "tls", [self._advertised, config.service_host]
+        )
+        self._last_report = float("-inf")
+        self._next_renewal_check = 0.0
 
     # --- public ------------------------------------------------------------------------------
 
@@ -284,9 +294,36 @@ class ReconcileLoop:
             self._dirty_save = False
 
     def _report_if_needed(self) -> None:
-        if self._dirty_report:
+        # At most one report per REPORT_MIN_GAP_S (the hub budgets each device's reports);
+        # the newest state goes out when the gap is over.
+        if self._dirty_report and self.clock() - self._last_report >= REPORT_MIN_GAP_S:
             self._dirty_report = False
+            self._last_report = self.clock()
             self._report()
+
+    def _renew_certificates(self) -> None:
+        """Renew, in the background, the certificates of TLS services that are due."""
+        due = [
+            (name, service.current)
+            for name, service in self.record.services.items()
+            if service.current is not None
+            and service.current.assignment.settings.tls is not None
+            and self.certificates.due(name)
+        ]
+        if not due:
+            return
+
+        def work() -> None:
+            for name, instance in due:
+                try:
+                    material = self.certificates.material(name)
+                    self._runtime_of(instance).update_endpoint(
+                        instance, instance.assignment.settings.auth, material
+                    )
+                except EdgepackError as exc:
+                    log.warning("%s: certificate not renewed (%s); trying again later", name, exc)
+
+        threading.Thread(target=work, name="edgepack-certificates", daemon=True).start()
 
     def shutdown(self, *, stop_modules: bool) -> None:
         for op in self.ops.values():
@@ -366,7 +403,19 @@ class ReconcileLoop:
             service = self._service(assignment.service)
             if service.target != assignment:
                 service.target = assignment
+            self._rotate_keys(service, assignment)
         self._dirty_plan = self._dirty_save = self._dirty_report = True
+
+    def _rotate_keys(self, service: ServiceRecord, assignment: ModuleAssignment) -> None:
+        """New endpoint keys for what runs already: rewrite its keys file, no restart."""
+        current = service.current
+        if current is None or current.key != assignment_key(assignment):
+            return
+        if current.assignment.settings.auth == assignment.settings.auth:
+            return
+        self._runtime_of(current).update_endpoint(current, assignment.settings.auth, None)
+        service.current = current.model_copy(update={"assignment": assignment})
+        log.info("%s: endpoint keys rotated", service.name)
 
     def _same_generation(self, payload: bytes) -> bool:
         try:
@@ -413,7 +462,7 @@ class ReconcileLoop:
         for a in self.desired.modules:
             key = assignment_key(a)
             why: str | None = None
-            if a.settings.runtime not in self.runtimes:
+            if a.settings.runtime is not None and a.settings.runtime not in self.runtimes:
                 enabled = ", ".join(sorted(self.runtimes)) or "none"
                 why = (
                     f"runtime {a.settings.runtime} is not enabled on this device (enabled: {enabled}); "
@@ -530,8 +579,10 @@ class ReconcileLoop:
         if op is Op.STOP or assignment is None:
             return STOP_GRACE_S + DRAIN_S + 5
         # Pulling an image has its own, longer deadline (the docker runtime applies it).
+        docker_ok = RuntimeKind.DOCKER in self.runtimes
+        may_pull = docker_ok and assignment.settings.runtime in (RuntimeKind.DOCKER, None)
         return assignment.settings.health.start_timeout_s + (
-            self.config.docker.pull_timeout_s if assignment.settings.runtime is RuntimeKind.DOCKER else 0.0
+            self.config.docker.pull_timeout_s if may_pull else 0.0
         )
 
     # --- operation bodies (worker threads) ----------------------------------------------------
@@ -568,10 +619,7 @@ class ReconcileLoop:
         module = self.installed.get(assignment.manifest_digest)
         if module is None:
             module = self._do_fetch(running)
-        runtime = self.runtimes[assignment.settings.runtime]
-        why = runtime.unschedulable(module, assignment)
-        if why is not None:
-            raise Unschedulable(why)
+        runtime = self._choose_runtime(module, assignment)
         serving = running.replaces
         if serving is not None and serving.runtime is not runtime.kind:
             # Processes and containers run as different users, which SO_REUSEPORT does not let
@@ -580,6 +628,7 @@ class ReconcileLoop:
                      name, serving.runtime, runtime.kind)  # fmt: skip
             self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
         instance_id = f"{assignment.version}-{os.urandom(4).hex()}"
+        settings = assignment.settings
         spec = LaunchSpec(
             instance_id=instance_id,
             assignment=assignment,
@@ -588,8 +637,26 @@ class ReconcileLoop:
             run_dir=self.runs / name / instance_id,
             host=self.config.service_host,
             drain_s=DRAIN_S,
+            tls=self.certificates.material(name) if settings.tls is not None else None,
+            agent_key=os.urandom(16).hex() if settings.auth is not None else None,
         )
         return start_instance(runtime, spec, running.control, progress=self._progress_cb(running, name))
+
+    def _choose_runtime(self, module: InstalledModule, assignment: ModuleAssignment) -> Runtime:
+        """The runtime the deployment names, or else the first of this device's runtimes (in
+        agent.toml's order) that can run the module; Unschedulable with every reason if none can."""
+        wanted = assignment.settings.runtime
+        candidates = [wanted] if wanted is not None else list(self.config.runtimes)
+        reasons = []
+        for kind in candidates:
+            runtime = self.runtimes.get(kind)
+            if runtime is None:
+                continue
+            why = runtime.unschedulable(module, assignment)
+            if why is None:
+                return runtime
+            reasons.append(why)
+        raise Unschedulable("; ".join(reasons) or "no runtime of this device can run the module")
 
     def _do_stop(self, name: str) -> None:
         service = self.record.services.get(name)
@@ -827,6 +894,8 @@ class ReconcileLoop:
 
     def _next_timer(self) -> float:
         candidates = [self.timers.next_report, self.timers.next_poll]
+        if self._dirty_report:
+            candidates.append(self._last_report + REPORT_MIN_GAP_S)
         candidates += self.timers.restart_at.values()
         candidates += self.timers.retry_at.values()
         candidates += (until for _, _, until in self.timers.unschedulable.values())
@@ -850,6 +919,9 @@ class ReconcileLoop:
             threading.Thread(target=self._poll, name="edgepack-poll", daemon=True).start()
         if now >= self.timers.next_report:
             self._dirty_report = True
+        if now >= self._next_renewal_check:
+            self._next_renewal_check = now + CERT_CHECK_S
+            self._renew_certificates()
 
     def _poll(self) -> None:
         try:

@@ -102,13 +102,14 @@ def _wait_ready(
             )
         state = read_instance_state(spec.run_dir)
         port = state.get("probe_port") if state else None
-        if isinstance(port, int) and probe.healthy(port, health.path, health.timeout_s):
+        target = probe.Target.of(instance, port) if isinstance(port, int) else None
+        if target is not None and probe.healthy(target, health.path, health.timeout_s):
             if not example_checked:
-                example = probe.input_example(port, health.timeout_s)
+                example = probe.input_example(target, health.timeout_s)
                 example_checked = True
             if example is None:
                 return instance.model_copy(update={"probe_port": port})
-            answer = probe.score(port, example, max(health.timeout_s, 10.0))
+            answer = probe.score(target, example, max(health.timeout_s, 10.0))
             if answer is not None and answer[0] == 200:
                 return instance.model_copy(update={"probe_port": port})
             detail = answer[1][:300].decode(errors="replace") if answer else "no answer"

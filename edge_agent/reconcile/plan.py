@@ -24,8 +24,13 @@ from manifests.digests import sha256_digest
 
 
 def assignment_key(assignment: ModuleAssignment) -> str:
-    """Identifies what runs: module digest *and* settings (a new port or env is a new key)."""
-    return sha256_digest(canonical_json(assignment.model_dump(mode="json")))
+    """Identifies what runs: module digest *and* settings (a new port or env is a new key).
+
+    The endpoint's key hashes are left out (only whether it has keys counts): a rotation
+    rewrites the running instance's keys file and must not restart it."""
+    payload = assignment.model_dump(mode="json")
+    payload["settings"]["auth"] = payload["settings"].get("auth") is not None
+    return sha256_digest(canonical_json(payload))
 
 
 class Op(StrEnum):

@@ -69,8 +69,8 @@ class Sampler:
             runtime = self._runtimes.get(w.instance.runtime)
             if runtime is not None:
                 runtime.maintain(w.instance)
-            port = w.instance.probe_port
-            totals = probe.metrics(port) if port is not None else None
+            target = probe.Target.of(w.instance)
+            totals = probe.metrics(target) if target is not None else None
             if totals is None:
                 continue
             usage = runtime.usage(w.instance) if runtime is not None else None

@@ -17,6 +17,7 @@ def module_status(
     service = record.services.get(assignment.service)
     current = service.current if service else None
     serving = current if current is not None and serving_alive else None
+    scheme = "https" if assignment.settings.tls is not None else "http"
     return ModuleStatus(
         service=assignment.service,
         manifest_digest=assignment.manifest_digest,
@@ -25,13 +26,13 @@ def module_status(
         state=service.state if service else ServiceState.TRANSITIONING,
         reason=service.reason[:2000] if service and service.reason else None,
         since=service.since if service else (record.applied_at or datetime.fromtimestamp(0, UTC)),
-        runtime=assignment.settings.runtime,
+        runtime=serving.runtime if serving else assignment.settings.runtime,
         port=assignment.settings.port,
         restarts=service.restarts if service else 0,
         serving_digest=serving.digest if serving else None,
         serving_version=serving.version if serving else None,
         progress=service.progress if service else None,
-        endpoint=f"http://{host}:{assignment.settings.port}" if host else None,
+        endpoint=f"{scheme}://{host}:{assignment.settings.port}" if host else None,
     )
 
 

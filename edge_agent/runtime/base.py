@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Protocol
 
 from edge_agent.cache.modules import InstalledModule
+from edge_agent.runtime.endpoint_files import TlsMaterial
 from edge_agent.state.records import InstanceRecord
-from manifests.desired import ModuleAssignment, RuntimeKind
+from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind
 
 #: the scoring server's state file inside an instance's run folder (pid, ports)
 STATE_FILE = "instance.json"
@@ -29,6 +30,8 @@ class LaunchSpec:
     run_dir: Path
     host: str  # the address the public port binds
     drain_s: float
+    tls: TlsMaterial | None = None  # when the assignment asks for TLS
+    agent_key: str | None = None  # the agent's own endpoint key, when the assignment has keys
 
     @property
     def service(self) -> str:
@@ -43,7 +46,7 @@ def instance_arguments(spec: LaunchSpec, state_file: str) -> list[str]:
         "--host", spec.host,
         "--port", str(settings.port),
         "--workers", str(settings.workers),
-        "--preload", "--reuse-port",
+        "--preload", "--reuse-port", "--exit-on-crash",
         "--probe-port", "0",
         "--state-file", state_file,
         "--drain-s", str(spec.drain_s),
@@ -95,6 +98,11 @@ class Runtime(Protocol):
 
     def maintain(self, instance: InstanceRecord) -> None:
         """Periodic upkeep of a serving instance (the process runtime rotates its log)."""
+
+    def update_endpoint(
+        self, instance: InstanceRecord, auth: EndpointAuth | None, tls: TlsMaterial | None
+    ) -> None:
+        """Rotate a running instance's keys, or renew its certificate, without a restart."""
 
     def reap_orphans(self, known: set[str]) -> list[str]:
         """Stop instances running for this device that ``known`` (instance ids) does not

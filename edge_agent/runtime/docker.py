@@ -33,8 +33,9 @@ from docker.types import Mount
 from edge_agent.cache.modules import InstalledModule
 from edge_agent.download.module import Cancelled
 from edge_agent.runtime.base import STATE_FILE, LaunchSpec, Liveness, Progress, Usage, instance_arguments
+from edge_agent.runtime.endpoint_files import TlsMaterial, endpoint_environment, write_keys, write_tls
 from edge_agent.state.records import InstanceRecord
-from manifests.desired import ModuleAssignment, RuntimeKind
+from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind
 from manifests.device import AgentConfig
 from manifests.errors import ImageUnavailable, RegistryUnavailable, RuntimeFailure
 from manifests.image_ref import parse_image_ref
@@ -82,6 +83,9 @@ class DockerRuntime:
     # --- checks ------------------------------------------------------------------------------
 
     def unschedulable(self, module: InstalledModule, assignment: ModuleAssignment) -> str | None:
+        if assignment.settings.runtime is None and module.manifest.runtime.image_digest is None:
+            # Left to the device: a module without a pinned image is not one for docker.
+            return f"module {module.manifest.ref} pins no runtime image, so the docker runtime cannot run it"
         try:
             self._client.ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
@@ -164,6 +168,9 @@ class DockerRuntime:
         os.chown(spec.run_dir, CONTAINER_UID, CONTAINER_UID)
         (spec.run_dir / STATE_FILE).unlink(missing_ok=True)
         command = instance_arguments(spec, f"{RUN_MOUNT}/{STATE_FILE}")
+        write_keys(spec.run_dir, settings.auth, spec.agent_key, owner=CONTAINER_UID)
+        if spec.tls is not None:
+            write_tls(spec.run_dir, spec.tls, owner=CONTAINER_UID)
         options: dict[str, Any] = {}
         if settings.cpu is not None:
             options["nano_cpus"] = int(settings.cpu * 1e9)
@@ -188,7 +195,12 @@ class DockerRuntime:
                     Mount(MODULE_MOUNT, str(spec.module.dir), type="bind", read_only=True),
                     Mount(RUN_MOUNT, str(spec.run_dir), type="bind", read_only=False),
                 ],
-                environment={**settings.env, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+                environment={
+                    **settings.env,
+                    **endpoint_environment(spec.assignment, RUN_MOUNT),
+                    "PYTHONUNBUFFERED": "1",
+                    "PYTHONDONTWRITEBYTECODE": "1",
+                },
                 log_config={"type": "json-file", "config": {"max-size": "8m", "max-file": "2"}},
                 **options,
             )
@@ -206,6 +218,7 @@ class DockerRuntime:
             run_dir=str(spec.run_dir),
             started_at=datetime.now(UTC),
             container_id=container.id,
+            agent_key=spec.agent_key,
         )
 
     def _container(self, instance: InstanceRecord) -> Any | None:
@@ -263,6 +276,13 @@ class DockerRuntime:
         if cpu_ns is None or memory is None:
             return None
         return Usage(cpu_s=cpu_ns / 1e9, memory_mb=memory / 2**20)
+
+    def update_endpoint(
+        self, instance: InstanceRecord, auth: EndpointAuth | None, tls: TlsMaterial | None
+    ) -> None:
+        write_keys(Path(instance.run_dir), auth, instance.agent_key, owner=CONTAINER_UID)
+        if tls is not None:
+            write_tls(Path(instance.run_dir), tls, owner=CONTAINER_UID)
 
     def maintain(self, instance: InstanceRecord) -> None:
         return None  # the engine rotates container logs (json-file max-size)

@@ -36,8 +36,9 @@ from edge_agent.runtime.base import (
     read_instance_state,
     tail_lines,
 )
+from edge_agent.runtime.endpoint_files import TlsMaterial, endpoint_environment, write_keys, write_tls
 from edge_agent.state.records import InstanceRecord
-from manifests.desired import ModuleAssignment, RuntimeKind
+from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind
 from manifests.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,10 @@ class ProcessRuntime:
         env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV}
         env.update(self._extra_env)
         env.update(settings.env)
+        env.update(endpoint_environment(spec.assignment, str(spec.run_dir)))
+        write_keys(spec.run_dir, settings.auth, spec.agent_key)
+        if spec.tls is not None:
+            write_tls(spec.run_dir, spec.tls)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # the module folder is read-only anyway
         with (spec.run_dir / LOG_FILE).open("ab") as out:
@@ -210,6 +215,7 @@ class ProcessRuntime:
             started_at=datetime.now(UTC),
             pid=proc.pid,
             pid_start=process_start_ticks(proc.pid),
+            agent_key=spec.agent_key,
         )
 
     def liveness(self, instance: InstanceRecord) -> Liveness:
@@ -280,6 +286,13 @@ class ProcessRuntime:
         if instance.pid is None or not self.liveness(instance).alive:
             return None
         return _usage_of(_process_tree(instance.pid))
+
+    def update_endpoint(
+        self, instance: InstanceRecord, auth: EndpointAuth | None, tls: TlsMaterial | None
+    ) -> None:
+        write_keys(Path(instance.run_dir), auth, instance.agent_key)
+        if tls is not None:
+            write_tls(Path(instance.run_dir), tls)
 
     def maintain(self, instance: InstanceRecord) -> None:
         """Rotate the module's log once it passes ``max_log_bytes``: the newest half moves to

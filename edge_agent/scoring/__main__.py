@@ -24,7 +24,7 @@ from pathlib import Path
 from edge_agent.scoring.endpoint import EndpointOptions
 from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE
 from edge_agent.scoring.limits import ServingLimits
-from edge_agent.scoring.server import LOG_LEVELS, InstanceOptions, PortInUse, serve_module
+from edge_agent.scoring.server import LOG_LEVELS, InstanceOptions, PortInUse, WorkerCrashed, serve_module
 from manifests.errors import EdgepackError
 
 
@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         default=env.get("EDGEPACK_RUN_TIMEOUT_S") or None,
         help="answer 504 and replace the worker when run() takes longer [$EDGEPACK_RUN_TIMEOUT_S]",
     )
+    parser.add_argument(
+        "--exit-on-crash",
+        action="store_true",
+        default=_flag(env.get("EDGEPACK_EXIT_ON_CRASH")),
+        help="a worker that dies ends the instance with its code, not replaced [$EDGEPACK_EXIT_ON_CRASH]",
+    )
     args = parser.parse_args(argv)
     if args.module_dir is None:
         parser.error("--module-dir (or $EDGEPACK_MODULE_DIR) is required")
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_port=args.probe_port,
         state_file=args.state_file,
         drain_s=args.drain_s,
+        exit_on_crash=args.exit_on_crash,
     )
     try:
         endpoint = EndpointOptions(
@@ -163,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except PortInUse as exc:
         print(f"edgepack scoring: {exc}", file=sys.stderr)
         return EXIT_PORT_IN_USE
+    except WorkerCrashed as exc:
+        print(f"edgepack scoring: {exc}", file=sys.stderr)
+        return exc.code
     except EdgepackError as exc:
         print(f"edgepack scoring: {exc}", file=sys.stderr)
         return exc.exit_code

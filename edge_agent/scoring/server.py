@@ -78,6 +78,17 @@ class InstanceOptions:
     probe_port: int | None = None  # None: no private probe socket; 0: any free port
     state_file: Path | None = None
     drain_s: float = 0.0
+    # A worker that dies ends the whole instance (its exit code passed on), instead of being
+    # replaced in place: the agent restarts the instance with its backoff and sees a crash loop.
+    exit_on_crash: bool = False
+
+
+class WorkerCrashed(RuntimeFailure):
+    """A worker died after it was ready, and the instance exits with its code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _Server(uvicorn.Server):
@@ -352,6 +363,11 @@ def _supervise(
                     )
                 if code == EXIT_STUCK:
                     log.warning("worker %d was stuck in run(); starting a new one", index)
+                elif options.exit_on_crash:
+                    # A signal's death becomes 128 + signal, as a shell reports it.
+                    passed_on = code if code > 0 else 128 - code
+                    message = f"worker {index} exited with code {code}; the instance ends"
+                    raise WorkerCrashed(message, passed_on)
                 else:
                     log.warning("worker %d exited with code %s; starting a new one", index, code)
                 procs[index] = start(index)

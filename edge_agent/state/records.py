@@ -35,6 +35,9 @@ class InstanceRecord(BaseModel):
     pid_start: int | None = None  # ... and its start time, so a reused pid is not taken for it
     container_id: str | None = None  # docker runtime
     probe_port: int | None = None
+    # The agent's own key for an endpoint with keys (so it can probe /metrics and /score);
+    # only its hash is in the instance's keys file.
+    agent_key: str | None = None
 
     @property
     def version(self) -> str:

@@ -129,15 +129,27 @@ class HubHttp:
             with self._lock, contextlib.suppress(ValueError):
                 self._all.remove(conn)
 
+    def post_json(self, path: str, body: dict[str, object]) -> dict[str, object]:
+        """POST a JSON body, return the JSON answer (a small one: at most 4 MB)."""
+        data = json.dumps(body).encode()
+        with self._open(path, {"Content-Type": "application/json"}, method="POST", body=data) as response:
+            self._check(response, path)
+            answer = json.loads(_read_bounded(response, MAX_MANIFEST_BYTES, f"answer of {path}"))
+        if not isinstance(answer, dict):
+            raise HubUnavailable(f"hub {self.base} answered {path} with something other than an object")
+        return answer
+
     @contextlib.contextmanager
-    def _open(self, path: str, headers: dict[str, str]) -> Iterator[http.client.HTTPResponse]:
-        """One GET on this thread's connection; a kept-alive connection the hub closed in the
-        meantime is replaced once. The connection is dropped unless the body was read whole."""
+    def _open(
+        self, path: str, headers: dict[str, str], *, method: str = "GET", body: bytes | None = None
+    ) -> Iterator[http.client.HTTPResponse]:
+        """One request on this thread's connection; a kept-alive connection the hub closed in
+        the meantime is replaced once. The connection is dropped unless the body was read whole."""
         for attempt in (1, 2):
             conn = self._connection()
             reused = conn.sock is not None
             try:
-                conn.request("GET", self._prefix + path, headers={**self._headers, **headers})
+                conn.request(method, self._prefix + path, body=body, headers={**self._headers, **headers})
                 response = conn.getresponse()
                 break
             except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine) as exc:

@@ -25,8 +25,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from cloud_hub.broker.mosquitto import prepare_broker_dir
+from cloud_hub.broker.mosquitto import BrokerTLS, prepare_broker_dir
 from cloud_hub.settings import HubSettings
+from cloud_hub.tls.material import make_tls_material
 from edge_agent.status import agent_status
 from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig, parse_agent_config, render_agent_config
@@ -189,14 +190,14 @@ class Fleet:
         port: int,
         devices: list[str] | None = None,
         selector: str | None = None,
-        runtime: str = "process",
+        runtime: str | None = "process",
         probe: dict[str, int] | None = None,
         **edgepack: Any,
     ) -> dict[str, Any]:
         """Deploy with a deploymentconfig.json: ``probe`` is its livenessProbeRequirements,
         ``edgepack`` its edgepack object (restartPolicy, environmentVariables, ...)."""
         target: dict[str, Any] = {"selector": selector} if selector else {"devices": devices}
-        extension = {"runtime": runtime, **edgepack}
+        extension = {**({"runtime": runtime} if runtime else {}), **edgepack}
         config: dict[str, Any] = {"computeType": "local", "port": port, "edgepack": extension}
         if probe is not None:
             config["livenessProbeRequirements"] = probe
@@ -235,6 +236,65 @@ class Fleet:
         return wait_for(check, timeout=timeout, what=what, log=logs)
 
 
+def start_fleet(
+    hub: HubFactory,  # noqa: F811
+    broker_factory: BrokerFactory,  # noqa: F405
+    topic_prefix: str,
+    publisher: Publisher,
+    root: Path,
+    *,
+    tls: bool = False,
+) -> Fleet:
+    """A hub and the broker it manages; with ``tls`` both speak only TLS, from a CA the hub
+    made (what ``edgepack hub broker-config --tls`` does), and devices get that CA."""
+    broker_dir = root / "broker"
+    prepare_broker_dir(
+        HubSettings(
+            data_dir=root / "prep",
+            broker_dir=broker_dir,
+            topic_prefix=topic_prefix,
+            mqtt_password=SecretStr(HUB_PASSWORD),
+        )
+    )
+    extra: dict[str, Any] = {}
+    broker_tls = None
+    if tls:
+        files = make_tls_material(
+            HubSettings(data_dir=root / "hub"),
+            hub_hosts=["127.0.0.1", "localhost"],
+            broker_hosts=["127.0.0.1", "localhost"],
+            broker_dir=broker_dir,
+        )
+        broker_tls = BrokerTLS(files.broker_cert, files.broker_key, files.broker_ca)
+        extra = {
+            "data_dir": root / "hub",
+            "ca": files.ca_cert,
+            "tls_cert": files.hub_cert,
+            "tls_key": files.hub_key,
+            "mqtt_tls_ca": files.ca_cert,
+        }
+    broker = broker_factory(broker_dir, broker_tls)
+    running = hub(
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        mqtt_password=HUB_PASSWORD,
+        broker_dir=broker_dir,
+        broker_pid_file=broker.pid_file,
+        topic_prefix=topic_prefix,
+        **extra,
+    )
+    return Fleet(running, broker, topic_prefix, root / "devices", publisher)
+
+
+def stop_fleet(fleet: Fleet) -> None:
+    for agent in fleet.agents:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop()
+        # Modules outlive their agent by design; a test must not leave them behind.
+        kill_modules(agent.state_dir)
+        remove_containers(agent.device_id)
+
+
 @pytest.fixture
 def fleet(
     hub: HubFactory,  # noqa: F811
@@ -243,32 +303,9 @@ def fleet(
     publisher: Publisher,
     tmp_path: Path,
 ) -> Iterator[Fleet]:
-    broker_dir = tmp_path / "broker"
-    prepare_broker_dir(
-        HubSettings(
-            data_dir=tmp_path / "prep",
-            broker_dir=broker_dir,
-            topic_prefix=topic_prefix,
-            mqtt_password=SecretStr(HUB_PASSWORD),
-        )
-    )
-    broker = broker_factory(broker_dir)
-    running = hub(
-        mqtt_host=broker.host,
-        mqtt_port=broker.port,
-        mqtt_password=HUB_PASSWORD,
-        broker_dir=broker_dir,
-        broker_pid_file=broker.pid_file,
-        topic_prefix=topic_prefix,
-    )
-    fleet = Fleet(running, broker, topic_prefix, tmp_path / "devices", publisher)
-    yield fleet
-    for agent in fleet.agents:
-        if agent.proc is not None and agent.proc.poll() is None:
-            agent.stop()
-        # Modules outlive their agent by design; a test must not leave them behind.
-        kill_modules(agent.state_dir)
-        remove_containers(agent.device_id)
+    running = start_fleet(hub, broker_factory, topic_prefix, publisher, tmp_path)
+    yield running
+    stop_fleet(running)
 
 
 def remove_containers(device_id: str) -> None:
@@ -302,10 +339,26 @@ def kill_modules(state_dir: Path) -> list[int]:
     return killed
 
 
+def answers_with(port: int, data: list[float], expected: Any, *, timeout: float = 20) -> None:
+    """Wait until the service answers ``expected``: right after a switch the old version may
+    still take a request or two while it drains."""
+    wait_for(lambda: score(port, data) == expected, timeout=timeout, what=f"the answer {expected}")
+
+
 def score(port: int, data: list[float], *, timeout: float = 10) -> Any:
     r = httpx.post(f"http://127.0.0.1:{port}/score", json={"data": data}, timeout=timeout)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-__all__ = ["Agent", "Fleet", "free_port", "kill_modules", "score", "wait_for"]
+__all__ = [
+    "Agent",
+    "Fleet",
+    "answers_with",
+    "free_port",
+    "kill_modules",
+    "score",
+    "start_fleet",
+    "stop_fleet",
+    "wait_for",
+]

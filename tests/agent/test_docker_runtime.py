@@ -167,3 +167,22 @@ def test_a_service_moves_from_the_process_to_the_docker_runtime(
     assert status["pid"] is None
     assert score(port, [2]) == {"result": [4]}
     assert container_of(docker_engine, "edge-d").labels["edgepack.service"] == "demo"
+
+
+def test_a_deployment_that_names_no_runtime_runs_where_each_device_can(
+    fleet: Fleet, runtime_image: PushedRuntimeImage, docker_engine: Any
+) -> None:
+    # Two devices on one machine share its ports, so each gets its own deployment here; on a
+    # fleet one deploymentconfig.json without a runtime serves both kinds of device.
+    both = fleet.device("edge-both", runtimes=(RuntimeKind.DOCKER, RuntimeKind.PROCESS)).start()
+    process_only = fleet.device("edge-proc").start()
+    module = pinned_module(fleet, runtime_image, "1")
+    fleet.deploy("in-docker", module, port=free_port(), devices=["edge-both"], runtime=None)
+    fleet.deploy("as-process", module, port=free_port(), devices=["edge-proc"], runtime=None)
+    assert both.wait_state("in-docker", "Healthy", timeout=120)["runtime"] == "docker"
+    assert process_only.wait_state("as-process", "Healthy", timeout=120)["runtime"] == "process"
+    assert container_of(docker_engine, "edge-both").labels["edgepack.service"] == "in-docker"
+    # A module without a pinned image goes to the process runtime, even where docker comes first.
+    unpinned = fleet.push("plain", "1")
+    fleet.deploy("plain", unpinned, port=free_port(), devices=["edge-both"], runtime=None)
+    assert both.wait_state("plain", "Healthy", timeout=60)["runtime"] == "process"

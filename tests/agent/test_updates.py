@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from manifests.digests import sha256_digest
-from tests.agent.conftest import Agent, Fleet, free_port, score, wait_for
+from tests.agent.conftest import Agent, Fleet, answers_with, free_port, score, wait_for
 from tests.agent.modules import CRASHES_AFTER_START, CRASHES_ONCE, FAILING_INIT, HANGS_ON_REQUEST, files
 from tests.factory import SCORE_PY
 from tests.load import Load
@@ -157,7 +157,7 @@ def test_old_versions_are_garbage_collected_keeping_the_serving_and_the_previous
     v1_model = sha256_digest(files(factor=2)["model/model.json"])
     assert v1_model not in blobs
     assert sha256_digest(SCORE_PY) in blobs
-    assert score(port, [1]) == {"result": [4]}
+    answers_with(port, [1], {"result": [4]})
 
 
 CHATTY = SCORE_PY + b"""
