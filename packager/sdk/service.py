@@ -96,7 +96,13 @@ class Service:
     def scoring_uri(self) -> str | None:
         """The scoring URL of the first Healthy device (each device has its own)."""
         device = next((d for d in self._healthy()), None)
-        return f"{device.endpoint}/score" if device is not None else None
+        if device is None or device.endpoint is None:
+            return None
+        return f"{self._url(device.endpoint)}/score"
+
+    def _url(self, endpoint: str) -> str:
+        # A TLS service answers HTTPS where the device says it listens.
+        return "https://" + endpoint.split("://", 1)[-1] if self.settings.tls is not None else endpoint
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, {self.module}, {self.state})"
@@ -249,14 +255,13 @@ class Service:
             )
         if key is None and self.settings.auth is not None:
             key = self.get_keys()[0]
-        url = target.endpoint
         verify: ssl.SSLContext | bool = True
         if self.settings.tls is not None:
-            # Devices report where they listen; a TLS service answers HTTPS there, with a
-            # certificate from the hub's endpoint CA (not one any public CA vouches for).
-            url = "https://" + url.split("://", 1)[-1]
+            # Its certificate comes from the hub's endpoint CA, which no public CA vouches for.
             verify = self.workspace.endpoint_ca()
-        return decode_answer(post_score(url, body, key=key, verify=verify, timeout=timeout))
+        return decode_answer(
+            post_score(self._url(target.endpoint), body, key=key, verify=verify, timeout=timeout)
+        )
 
     def keys(self) -> ServiceKeys:
         """The endpoint keys of a service deployed with ``auth_enabled``."""

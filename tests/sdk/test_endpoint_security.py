@@ -33,6 +33,7 @@ def test_run_sends_the_key_and_verifies_the_endpoint_ca(
     assert service.settings.auth is not None and service.settings.tls is not None
     service.wait_for_deployment(timeout=120)
 
+    assert service.scoring_uri == f"https://127.0.0.1:{port}/score"
     assert service.run({"data": [1]}) == {"ok": True}  # over HTTPS, with the primary key, by itself
     with pytest.raises(FetchError, match="401"):
         service.run({"data": [1]}, key="not-a-key")
