@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -20,11 +18,6 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-
-
-def edgepack_home() -> Path:
-    """Where keys, the trust store and the CLI config live (``EDGEPACK_HOME``)."""
-    return Path(os.environ.get("EDGEPACK_HOME", Path.home() / ".edgepack"))
 
 
 def main() -> None:

@@ -3,6 +3,10 @@
 The same inputs give the same bytes: files are sorted, the tar carries no owners or times,
 ``created`` comes from ``SOURCE_DATE_EPOCH`` or the newest input file, and Ed25519
 signatures are deterministic.
+
+:func:`assemble_module` signs the same manifest without writing a bundle, over model files
+named by their digests (a model registered on the hub, whose bytes need not be here): the
+SDK's ``Model.deploy`` then uploads only the source files the hub lacks.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ class BuildSpec:
     name: str
     version: str
     entry_script: Path
-    model: Path
+    #: the model file or folder; None when :func:`assemble_module` is given the model's files
+    model: Path | None
     source_dir: Path | None = None
     description: str = ""
     image: str = DEFAULT_IMAGE
@@ -76,19 +81,31 @@ class BuildResult:
     total_bytes: int
 
 
+@dataclass
+class AssembledModule:
+    """A signed manifest and where each of its local files' bytes are (by digest)."""
+
+    manifest: ModuleManifest
+    manifest_bytes: bytes
+    manifest_digest: str
+    sources: dict[str, Path]
+
+
 def spec_from_configs(
     *,
     name: str,
     version: str,
-    model: Path,
+    model: Path | None,
     inference_config: InferenceConfig | None,
     ic_path: Path | None,
     entry_script: Path | None,
     source_dir: Path | None,
     deployment_config: DeploymentConfig | None,
+    base_dir: Path | None = None,
 ) -> BuildSpec:
-    """Resolve paths the way Azure ML does: relative to the inferenceconfig's folder."""
-    base = ic_path.parent if ic_path else Path.cwd()
+    """Resolve paths the way Azure ML does: relative to the inferenceconfig's folder (or
+    ``base_dir``, where a config made in Python was made)."""
+    base = ic_path.parent if ic_path else (base_dir or Path.cwd())
     if inference_config is not None:
         if inference_config.source_directory and source_dir is None:
             source_dir = (base / inference_config.source_directory).resolve()
@@ -107,7 +124,7 @@ def spec_from_configs(
         name=name,
         version=version,
         entry_script=entry_script,
-        model=model.resolve(),
+        model=model.resolve() if model is not None else None,
         source_dir=source_dir,
         description=(inference_config.description or "") if inference_config else "",
         requirements=inference_config.pip_requirements() if inference_config else [],
@@ -127,7 +144,7 @@ def _check_inputs(spec: BuildSpec) -> None:
                 f"{spec.entry_script}: entry script must lie inside the source directory "
                 f"{spec.source_dir}"
             )
-    if not spec.model.exists():
+    if spec.model is not None and not spec.model.exists():
         raise ConfigError(f"{spec.model}: model file or folder not found")
 
 
@@ -171,20 +188,22 @@ def collect_files(spec: BuildSpec) -> list[tuple[str, Path]]:
     """(module path, source file) pairs, sorted by module path."""
     _check_inputs(spec)
     skip = {p.resolve() for p in spec.exclude}
-    model = spec.model.resolve()
+    model = spec.model.resolve() if spec.model is not None else None
     pairs: list[tuple[str, Path]] = []
     if spec.source_dir is not None:
         src_root = spec.source_dir.resolve()
         for p in _walk(src_root, skip):
-            if p.resolve() == model or p.resolve().is_relative_to(model):
+            if model is not None and (p.resolve() == model or p.resolve().is_relative_to(model)):
                 continue  # the model goes under model/, not twice
             pairs.append((f"{SRC_ROOT}/{p.relative_to(src_root).as_posix()}", p))
     else:
         pairs.append((f"{SRC_ROOT}/{spec.entry_script.name}", spec.entry_script))
-    if model.is_dir():
+    if model is None:
+        pass  # the model's files are named by digest (assemble_module)
+    elif model.is_dir():
         model_files = _walk(model, skip)
         if not model_files:
-            raise ConfigError(f"{spec.model}: model folder is empty")
+            raise ConfigError(f"{model}: model folder is empty")
         for p in model_files:
             rel = p.relative_to(model.parent).as_posix()
             pairs.append((f"{MODEL_ROOT}/{rel}", p))
@@ -206,39 +225,25 @@ def _hash_file(path: Path, progress: Callable[[int], None] | None) -> tuple[int,
     return size, "sha256:" + h.hexdigest()
 
 
-def build_module(
-    spec: BuildSpec,
-    key: Ed25519PrivateKey,
-    out_dir: Path,
-    *,
-    progress: Callable[[int, int], None] | None = None,
-) -> BuildResult:
-    """Hash, sign and write ``out_dir/<name>-<version>.edgepack``.
-
-    ``progress(done, total)`` is called as bytes are hashed and written (total counts both).
-    Nothing is written until every input has been checked; a failure leaves no file behind.
-    """
-    pairs = collect_files(spec)
-    total = sum(p.stat().st_size for _, p in pairs) * 2
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
+def _hash_inputs(pairs: list[tuple[str, Path]], tick: Callable[[int], None]) -> list[_Input]:
     inputs: list[_Input] = []
     for mpath, src in pairs:
         size, digest = _hash_file(src, tick)
         inputs.append(_Input(mpath, src, size, digest))
+    return inputs
+
+
+def _entry_path(spec: BuildSpec, inputs: list[_Input]) -> str:
     entry_rel = spec.entry_script.resolve()
     entry = next((i.path for i in inputs if i.source.resolve() == entry_rel), None)
     if entry is None:
         raise ConfigError(f"{spec.entry_script}: entry script was excluded from the module")
-    created = spec.created or _default_created([src for _, src in pairs])
+    return entry
+
+
+def _manifest(spec: BuildSpec, entry: str, files: list[FileEntry], created: datetime) -> ModuleManifest:
     try:
-        manifest = ModuleManifest(
+        return ModuleManifest(
             name=spec.name,
             version=spec.version,
             created=created,
@@ -252,12 +257,43 @@ def build_module(
             ),
             resources=spec.resources,
             tags=spec.tags,
-            files=[FileEntry(path=i.path, size=i.size, digest=i.digest) for i in inputs],
+            files=sorted(files, key=lambda f: f.path),
         )
     except ValidationError as exc:
         err = exc.errors()[0]
         field_name = ".".join(str(p) for p in err["loc"]) or "module"
         raise ConfigError(f"module {field_name}: {err['msg']}") from None
+
+
+def build_module(
+    spec: BuildSpec,
+    key: Ed25519PrivateKey,
+    out_dir: Path,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """Hash, sign and write ``out_dir/<name>-<version>.edgepack``.
+
+    ``progress(done, total)`` is called as bytes are hashed and written (total counts both).
+    Nothing is written until every input has been checked; a failure leaves no file behind.
+    """
+    if spec.model is None:
+        raise ConfigError("a module bundle needs a model file or folder")
+    pairs = collect_files(spec)
+    total = sum(p.stat().st_size for _, p in pairs) * 2
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    inputs = _hash_inputs(pairs, tick)
+    entry = _entry_path(spec, inputs)
+    created = spec.created or _default_created([src for _, src in pairs])
+    files = [FileEntry(path=i.path, size=i.size, digest=i.digest) for i in inputs]
+    manifest = _manifest(spec, entry, files, created)
     envelope = sign_payload(manifest.payload(), [key])
     manifest_bytes = envelope_bytes(envelope)
     blobs: dict[str, tuple[str, int, Callable[[], IO[bytes]]]] = {}
@@ -273,6 +309,36 @@ def build_module(
         manifest=manifest,
         manifest_digest="sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
         total_bytes=out_path.stat().st_size,
+    )
+
+
+def assemble_module(
+    spec: BuildSpec,
+    key: Ed25519PrivateKey,
+    model_files: list[FileEntry],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> AssembledModule:
+    """Sign the manifest of the module ``spec`` describes, without writing a bundle.
+
+    The source files are hashed here; the model's files are ``model_files`` as given (paths
+    under ``model/``, digests and sizes as the hub's registry lists them). ``spec.model`` must
+    be None. ``progress(n)`` is called with the bytes of each chunk hashed.
+    """
+    if spec.model is not None:
+        raise ConfigError("assemble_module takes the model's files, not a model path")
+    pairs = collect_files(spec)
+    inputs = _hash_inputs(pairs, progress or (lambda _n: None))
+    entry = _entry_path(spec, inputs)
+    created = spec.created or _default_created([src for _, src in pairs])
+    files = [FileEntry(path=i.path, size=i.size, digest=i.digest) for i in inputs]
+    manifest = _manifest(spec, entry, files + list(model_files), created)
+    manifest_bytes = envelope_bytes(sign_payload(manifest.payload(), [key]))
+    return AssembledModule(
+        manifest=manifest,
+        manifest_bytes=manifest_bytes,
+        manifest_digest="sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
+        sources={i.digest: i.source for i in inputs},
     )
 
 

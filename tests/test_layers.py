@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OURS = ("manifests", "packager", "edge_agent", "cloud_hub")
+OURS = ("manifests", "packager", "edge_agent", "cloud_hub", "edgepack")
 
 # What one product may use of another: the public entry points the CLI needs on a laptop.
 PUBLIC = {
@@ -17,7 +17,11 @@ PUBLIC = {
                                  "edge_agent.setup"),
     ("packager", "cloud_hub"): ("cloud_hub.serve", "cloud_hub.settings", "cloud_hub.broker",
                                  "cloud_hub.balancer"),
+    # The top-level package users import only names the SDK's public API.
+    ("edgepack", "packager"): ("packager.sdk",),
 }
+#: Libraries the device agent must not load: the SDK's and the CLI's (the agent counts its MB).
+AGENT_NEVER = ("typer", "rich", "httpx", "packager", "edgepack")
 
 
 def _imports(path: Path) -> list[str]:
@@ -45,8 +49,14 @@ def _violations() -> list[str]:
                     found.append(
                         f"{path.relative_to(REPO)} imports {name}: manifests imports nothing of ours"
                     )
+                elif package == "edgepack" and top != "packager":
+                    found.append(f"{path.relative_to(REPO)} imports {name}: edgepack re-exports the SDK only")
                 elif top != "manifests" and not name.startswith(PUBLIC.get((package, top), ())):
                     found.append(f"{path.relative_to(REPO)} imports {name}: not a public entry point")
+    for path in sorted((REPO / "edge_agent").rglob("*.py")):
+        for name in _imports(path):
+            if name.split(".", 1)[0] in AGENT_NEVER:
+                found.append(f"{path.relative_to(REPO)} imports {name}: the agent never loads it")
     return found
 
 
@@ -57,3 +67,4 @@ def test_layers_are_respected() -> None:
 def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     # Guard against a check that passes because it reads nothing.
     assert "packager.build" in _imports(REPO / "packager" / "commands" / "module_cmds.py")
+    assert "packager.sdk" in _imports(REPO / "edgepack" / "__init__.py")

@@ -30,11 +30,15 @@ from cloud_hub.registry.tags import parse_filters
 from cloud_hub.store.blobs import CHUNK, check_digest
 from cloud_hub.store.streaming import MIB, body_file, check_declared_length
 from manifests.bounds import MAX_TAGS, Count, TagKey, TagMap, Text
+from manifests.bundle import BundleLimits
 from manifests.errors import ConfigError, EdgepackError, TrustError
 from manifests.signing import parse_envelope
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", dependencies=[Admin])
+
+#: A push whose body is a signed ``module.json`` alone (its blobs uploaded beforehand).
+MANIFEST_MEDIA_TYPE = "application/vnd.edgepack.manifest+json"
 
 #: A longer grace than ten years means "never": refuse it rather than overflow the date maths.
 MAX_GC_GRACE_S = 10 * 365 * 24 * 3600
@@ -360,7 +364,21 @@ def delete_model(name: str, version: str, core: Core) -> Deleted:
 )
 async def push_module(request: Request, core: Core) -> Any:
     """Push a ``.edgepack`` (raw body). Every signature and blob digest is verified before
-    anything is stored; 422 names the problem. The same module again answers 200."""
+    anything is stored; 422 names the problem. The same module again answers 200.
+
+    With ``Content-Type: application/vnd.edgepack.manifest+json`` the body is the signed
+    ``module.json`` alone, over blobs already uploaded with ``PUT /blobs`` (409 names one that
+    is missing): a client then sends only the files the hub does not hold."""
+    if request.headers.get("content-type", "").split(";")[0].strip() == MANIFEST_MEDIA_TYPE:
+        limit = BundleLimits().max_manifest_bytes
+        check_declared_length(request.headers.get("content-length"), limit)
+        raw, fh = body_file(request.stream(), limit=limit)
+        data = await run_in_threadpool(fh.read)
+        await raw.drain()
+        result = await run_in_threadpool(
+            module_registry.register_manifest, core.sessions, core.blobs, core.trust, data
+        )
+        return _push_answer(result)
     limit = _upload_limit(core)
     check_declared_length(request.headers.get("content-length"), limit)
     raw, fh = body_file(request.stream(), limit=limit)
@@ -372,6 +390,10 @@ async def push_module(request: Request, core: Core) -> Any:
         await raw.drain()
         raise
     await raw.drain()  # tar padding after the end-of-archive marker
+    return _push_answer(result)
+
+
+def _push_answer(result: module_registry.PushResult) -> Any:
     out = PushOut(
         **ModuleOut.of(result.module).model_dump(),
         created=result.created,

@@ -4,6 +4,12 @@ A push streams the ``.edgepack`` through :func:`manifests.bundle.verify_bundle` 
 staging area of the blob store. Only when every signature and every blob digest has checked
 out are the new blobs published and the module row committed; a refused push leaves neither
 rows nor blobs behind. Blobs the store already holds are not written again.
+
+A module can also be registered from its signed ``module.json`` alone, once every blob it
+names is in the store (uploaded with ``PUT /blobs``, each checked against its digest there):
+that is how a client sends only the files the hub lacks (``Model.deploy`` in the SDK, whose
+model files the hub holds already). The manifest is verified exactly as in a bundle, and the
+module appears only if every blob is there with the size the signed manifest gives.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from cloud_hub.registry.tables import Module, ModuleFile
 from cloud_hub.registry.usage import delete_unless_used, lock_fleet
 from cloud_hub.store.blobs import BlobStore
 from manifests.bundle import verify_bundle
+from manifests.errors import TrustError
 from manifests.signing import TrustStore
-from manifests.verified import VerifiedModule
+from manifests.verified import VerifiedModule, parse_module_manifest
 
 UNTRUSTED_BY_HUB = (
     "the hub accepts modules signed by the keys it was started with: "
@@ -113,17 +120,8 @@ def push_module(
         ref = verified.manifest.ref
         with sessions.begin() as session:
             lock_registry(session)
-            existing = session.scalar(
-                select(Module)
-                .where(Module.name == verified.manifest.name, Module.version == verified.manifest.version)
-                .options(selectinload(Module.files))
-            )
+            existing = _existing(session, verified)
             if existing is not None:
-                if existing.manifest_digest != verified.manifest_digest:
-                    raise Conflict(
-                        f"module {ref} already exists with different content "
-                        f"({existing.manifest_digest}); build it with a new version"
-                    )
                 staging.discard()
                 return PushResult(existing, False, 0, len(verified.blob_sizes))
             # A blob skipped because the store held it may have been removed by a delete that
@@ -146,6 +144,59 @@ def push_module(
     except BaseException:
         staging.discard()
         raise
+
+
+def _existing(session: Session, verified: VerifiedModule) -> Module | None:
+    """The module already registered under the pushed name and version, if it is the very
+    same one; a Conflict if it is another."""
+    manifest = verified.manifest
+    existing = session.scalar(
+        select(Module)
+        .where(Module.name == manifest.name, Module.version == manifest.version)
+        .options(selectinload(Module.files))
+    )
+    if existing is not None and existing.manifest_digest != verified.manifest_digest:
+        raise Conflict(
+            f"module {manifest.ref} already exists with different content "
+            f"({existing.manifest_digest}); build it with a new version"
+        )
+    return existing
+
+
+def register_manifest(sessions: Sessions, blobs: BlobStore, trust: TrustStore, data: bytes) -> PushResult:
+    """Register a module from its signed ``module.json`` bytes over blobs the store holds.
+
+    Verified as a pushed bundle's manifest is; every blob it names must already be stored
+    with the size the manifest gives (a missing one is a Conflict naming it: upload it and
+    register again). Nothing is written unless all of that holds.
+    """
+    verified = parse_module_manifest(data, trust, what="pushed manifest", untrusted_hint=UNTRUSTED_BY_HUB)
+    ref = verified.manifest.ref
+    with sessions.begin() as session:
+        lock_registry(session)
+        existing = _existing(session, verified)
+        if existing is not None:
+            return PushResult(existing, False, 0, len(verified.blob_sizes))
+        # Checked under the registry lock, so a delete or gc cannot take a blob away between
+        # this check and the commit that makes the module use it.
+        for digest, size in sorted(verified.blob_sizes.items()):
+            if not blobs.has(digest):
+                raise Conflict(
+                    f"blob {digest} of module {ref} is not on the hub; upload it "
+                    f"(PUT /api/v1/blobs/{digest}) and register the manifest again"
+                )
+            held = blobs.size(digest)
+            if held != size:
+                raise TrustError(f"pushed manifest: blob {digest} has {held} bytes, the manifest says {size}")
+        module = _record(session, verified)
+        session.flush()
+        record_event(
+            session,
+            "module_pushed",
+            f"module {ref} registered from its manifest ({len(verified.blob_sizes)} blobs already "
+            f"held, signed by {', '.join(verified.signers)})",
+        )
+    return PushResult(module, True, 0, len(verified.blob_sizes))
 
 
 def delete_module(sessions: Sessions, blobs: BlobStore, name: str, version: str) -> list[str]:

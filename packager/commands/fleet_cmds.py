@@ -1,61 +1,52 @@
 """Hub commands for the fleet: devices, deployments (services), waiting for a rollout.
 
 ``edgepack deploy`` is the Azure ML ``deploy`` step for a fleet: one module version, a
-``deploymentconfig.json`` as it is, and a target (device ids or a tag selector).
-``edgepack service wait`` is ``wait_for_deployment(show_output=True)``: live per-device state
-until every device is final, exit code 0 only when the service ended Healthy.
+``deploymentconfig.json`` as it is, and a target (device ids or a tag selector); with ``--ic``
+it is ``az ml model deploy``: a registered model and an entry script, built, signed, pushed and
+deployed in one command. ``edgepack service wait`` is ``wait_for_deployment(show_output=True)``:
+live per-device state until every device is final, exit code 0 only when the service ended
+Healthy. Every command calls the SDK (``packager.sdk``) and prints what it returns.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Group
-from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from manifests.device import DeviceCredentials
-from manifests.errors import ConfigError, RuntimeFailure
+from manifests.errors import ConfigError
 from packager.app import app, console, err_console
-from packager.commands.registry_cmds import (
+from packager.commands.options import (
     HubOption,
     JsonOption,
     TokenOption,
-    hub_client,
+    connect,
+    model_version,
     parse_pairs,
-    print_json,
+    parse_target,
     split_ref,
 )
+from packager.commands.output import print_change, print_json, when
 from packager.display import state_text
-from packager.files import atomic_output, load_json_file
-from packager.hubclient import HubClient
+from packager.sdk import (
+    DeploymentConfig,
+    DeploymentFailed,
+    Device,
+    InferenceConfig,
+    Model,
+    Service,
+    save_credentials,
+)
+from packager.sdk.live import LiveServiceView, devices_table, tags_text, target_text
 
 device_app = typer.Typer(help="Enroll, list, show, tag and revoke devices.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
 service_app = typer.Typer(help="List, show, delete and wait for deployed services.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
-
-FINAL = ("Healthy", "Failed")
-
-
-def tags_text(tags: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(tags.items())) or "-"
-
-
-def target_text(target: dict[str, Any]) -> str:
-    if "devices" in target:
-        return "devices " + ", ".join(target["devices"])
-    return "selector " + tags_text(target.get("selector", {}))
-
-
-def when(value: str | None) -> str:
-    return value.replace("T", " ")[:19] if value else "never"
 
 
 # --- devices ---------------------------------------------------------------------------------
@@ -75,28 +66,21 @@ def enroll_cmd(
 ) -> None:
     """Enroll a device and print its credentials ONCE (the hub keeps only hashes)."""
     tags = parse_pairs(tag, "tag")
-    with hub_client(hub, token) as client:
-        body = client.post_json("/api/v1/devices", {"id": device_id, "tags": tags})
-    creds = body["credentials"]
-    # Validated before it is written: the agent reads exactly this document.
-    document = DeviceCredentials.model_validate(body["device_credentials"]).model_dump(
-        mode="json", by_alias=True, exclude_none=True
-    )
+    with connect(hub, token) as connected:
+        creds = Device.enroll(connected, device_id, tags=tags)
     if out is not None:
-        with atomic_output(out, mode=0o600) as fh:
-            fh.write(json.dumps(document, indent=2).encode() + b"\n")
+        save_credentials(creds, out)
     if as_json:
-        print_json(document)
+        print_json(creds.model_dump(mode="json", by_alias=True, exclude_none=True))
         return
     lines = [
         f"device        {device_id}  ({tags_text(tags)})",
-        f"hub           {body['hub_url']}",
-        f"HTTP token    {creds['token']}",
-        f"MQTT          {body['mqtt_host'] or '(no broker)'}:{body['mqtt_port']}"
-        f"  user {creds['mqtt_username']}",
-        f"MQTT password {creds['mqtt_password']}",
-        f"hub key id    {document['hub_key']['keyid']}",
-        f"publishers    {len(document['publishers']['keys'])} trusted key(s)",
+        f"hub           {creds.hub_url}",
+        f"HTTP token    {creds.token}",
+        f"MQTT          {creds.mqtt.host or '(no broker)'}:{creds.mqtt.port}  user {creds.mqtt.username}",
+        f"MQTT password {creds.mqtt.password}",
+        f"hub key id    {creds.hub_key.keyid}",
+        f"publishers    {len(creds.publishers.keys)} trusted key(s)",
     ]
     console.print(Panel("\n".join(lines), title="enrolled", expand=False), highlight=False)
     where = f"saved to {out}" if out else "copy them now"
@@ -112,11 +96,8 @@ def list_devices_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Devices with their tags, online state and services."""
-    params: dict[str, Any] = {"include_revoked": include_revoked}
-    if selector is not None:
-        params["selector"] = selector
-    with hub_client(hub, token) as client:
-        devices = client.get_json("/api/v1/devices", params=params)["devices"]
+    with connect(hub, token) as connected:
+        devices = [d.record.raw for d in Device.list(connected, selector, include_revoked=include_revoked)]
     if as_json:
         print_json(devices)
         return
@@ -144,8 +125,8 @@ def show_device_cmd(
     device_id: str, hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False
 ) -> None:
     """One device: tags, online state, desired state, and each module's reported state."""
-    with hub_client(hub, token) as client:
-        d = client.get_json(f"/api/v1/devices/{device_id}")
+    with connect(hub, token) as connected:
+        d: dict[str, Any] = Device(connected, device_id).record.raw
     if as_json:
         print_json(d)
         return
@@ -183,15 +164,15 @@ def tag_device_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Change a device's tags; the services it runs follow (selectors are re-evaluated)."""
-    body = {"set": parse_pairs(tags, "tag"), "remove": remove or [], "replace": replace}
-    with hub_client(hub, token) as client:
-        change = client.request("PATCH", f"/api/v1/devices/{device_id}", json=body).json()
-        device = client.get_json(f"/api/v1/devices/{device_id}")
+    new = parse_pairs(tags, "tag")
+    with connect(hub, token) as connected:
+        device = Device(connected, device_id)
+        change = device.tag(new, remove=remove or [], replace=replace)
     if as_json:
-        print_json({"change": change, "device": device})
+        print_json({"change": change.raw, "device": device.record.raw})
         return
-    console.print(f"{device_id} tags now {tags_text(device['tags'])}", highlight=False)
-    print_change(change)
+    console.print(f"{device_id} tags now {tags_text(device.tags)}", highlight=False)
+    print_change(change.raw)
 
 
 @device_app.command("revoke")
@@ -205,48 +186,34 @@ def revoke_device_cmd(
     """Refuse the device's credentials and withdraw its desired state."""
     if not yes and not as_json:
         typer.confirm(f"revoke device {device_id}? Its services stop being desired", abort=True)
-    with hub_client(hub, token) as client:
-        change = client.post_json(f"/api/v1/devices/{device_id}/revoke")
+    with connect(hub, token) as connected:
+        change = Device(connected, device_id).revoke()
     if as_json:
-        print_json(change)
+        print_json(change.raw)
         return
     console.print(f"device {device_id} revoked", highlight=False)
-
-
-def print_change(change: dict[str, Any]) -> None:
-    issued = change["issued"]
-    if not issued:
-        console.print("no device's desired state changed")
-        return
-    listed = ", ".join(f"{d} (generation {g})" for d, g in sorted(issued.items()))
-    console.print(f"new desired state for {listed}", highlight=False)
-    if change["published"] is False:
-        console.print(
-            "[yellow]not published over MQTT[/] (devices will fetch it over HTTP): "
-            + change["publish_errors"][0],
-            highlight=False,
-        )
 
 
 # --- deploy and services ---------------------------------------------------------------------
 
 
-def parse_targets(targets: list[str]) -> list[str]:
-    ids: list[str] = []
-    for text in targets:
-        kind, sep, value = text.partition(":")
-        if kind != "device" or not sep or not value:
-            raise ConfigError(f"--target {text!r}: write it as device:ID (repeat for several devices)")
-        ids.append(value)
-    return ids
-
-
 @app.command("deploy")
 def deploy_cmd(
     name: Annotated[str, typer.Option("--name", "-n", help="service name")],
-    module: Annotated[str, typer.Option("--module", "-m", help="NAME:VERSION of a pushed module")],
+    module: Annotated[
+        str,
+        typer.Option(
+            "--module", "-m", help="NAME:VERSION of a pushed module (with --ic: of a registered model)"
+        ),
+    ],
     dc: Annotated[
         Path | None, typer.Option("--dc", help="deploymentconfig.json (Azure ML v1 schema)")
+    ] = None,
+    ic: Annotated[
+        Path | None,
+        typer.Option(
+            "--ic", help="inferenceconfig.json: build a module of model -m and the entry script, deploy it"
+        ),
     ] = None,
     target: Annotated[list[str] | None, typer.Option("--target", help="device:ID, repeatable")] = None,
     selector: Annotated[str | None, typer.Option(help="tag selector, e.g. site=berlin,tier=gpu")] = None,
@@ -254,24 +221,31 @@ def deploy_cmd(
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Deploy (or update) a service: a module version with its config to devices."""
-    mod_name, version = split_ref(module, need_version=True)
-    if (target is None) == (selector is None):
-        raise ConfigError("give either --target device:ID (repeatable) or --selector k=v,...")
-    body: dict[str, Any] = {
-        "module": mod_name,
-        "version": version,
-        "target": {"devices": parse_targets(target)} if target else {"selector": selector},
-    }
-    if dc is not None:
-        body["deployment_config"] = load_json_file(dc)
-    with hub_client(hub, token) as client:
-        result = client.request("PUT", f"/api/v1/deployments/{name}", json=body).json()
+    """Deploy (or update) a service: a module version with its config to devices.
+
+    With --ic, -m names a registered model: its files and the entry script's folder become a
+    new module (signed with your key, only what the hub lacks is uploaded), as
+    'az ml model deploy -m MODEL:VERSION --ic ... --dc ...' does.
+    """
+    ref_name, version = split_ref(module, need_version=True)
+    where = parse_target(target, selector)
+    config = DeploymentConfig.from_file(dc) if dc is not None else None
+    inference = InferenceConfig.from_file(ic) if ic is not None else None
+    with connect(hub, token) as connected:
+        if inference is None:
+            service = connected.deploy(name, f"{ref_name}:{version}", config, where)
+        else:
+            model = Model(connected, ref_name, model_version(version))
+            service = Model.deploy(connected, name, [model], inference, config, target=where, overwrite=True)
+    assert service.deployed is not None
+    result = service.deployed.raw
     if as_json:
-        print_json(result)
+        print_json(result if inference is None else {**result, "module_version": service.module_version})
         return
     for warning in result.get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if inference is not None:
+        console.print(f"built module [bold]{name}:{service.module_version}[/] from {module}", highlight=False)
     dep = result["deployment"]
     verb = "created" if result["created"] else "updated"
     console.print(
@@ -287,8 +261,8 @@ def deploy_cmd(
 @service_app.command("list")
 def list_services_cmd(hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
     """Services with their module, target and rolled-up state."""
-    with hub_client(hub, token) as client:
-        services = client.get_json("/api/v1/deployments")["deployments"]
+    with connect(hub, token) as connected:
+        services = [s.record.raw for s in Service.list(connected)]
     if as_json:
         print_json(services)
         return
@@ -306,32 +280,14 @@ def list_services_cmd(hub: HubOption = None, token: TokenOption = None, as_json:
     console.print(table)
 
 
-def progress_text(progress: dict[str, Any] | None) -> str:
-    """`` (12.3/96.0 MB)`` for a download or pull under way, else nothing."""
-    if not progress or not progress.get("total_bytes"):
-        return ""
-    return f" ({progress['done_bytes'] / 1e6:.1f}/{progress['total_bytes'] / 1e6:.1f} MB)"
-
-
-def devices_table(service: dict[str, Any]) -> Table:
-    table = Table("device", "online", "state", "reason")
-    for d in service["devices"]:
-        table.add_row(
-            d["device_id"],
-            Text("online", "green") if d["online"] else Text("offline", "red"),
-            state_text(d["state"]),
-            (d["reason"] or "") + progress_text(d.get("progress")),
-        )
-    return table
-
-
 @service_app.command("show")
 def show_service_cmd(
     name: str, hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False
 ) -> None:
     """One service: module, settings, target and its state on every device."""
-    with hub_client(hub, token) as client:
-        s = client.get_json(f"/api/v1/deployments/{name}")
+    with connect(hub, token) as connected:
+        service = Service(connected, name)
+    s: dict[str, Any] = service.record.raw
     if as_json:
         print_json(s)
         return
@@ -341,7 +297,7 @@ def show_service_cmd(
         highlight=False,
     )
     console.print(Text.assemble("state ", state_text(s["state"])))
-    console.print(devices_table(s))
+    console.print(devices_table(service.record))
 
 
 @service_app.command("keys")
@@ -359,15 +315,14 @@ def service_keys_cmd(
     Callers send one as 'Authorization: Bearer KEY' (edgepack call --key KEY); devices switch to
     a regenerated key without restarting the service.
     """
-    with hub_client(hub, token) as client:
+    if regenerate is not None and regenerate not in ("primary", "secondary"):
+        raise ConfigError(f"--regenerate {regenerate!r}: give primary or secondary")
+    with connect(hub, token) as connected:
+        service = Service(connected, name)
         if regenerate is None:
-            keys = client.get_json(f"/api/v1/deployments/{name}/keys")
-            change = None
+            keys, change = service.keys().raw, None
         else:
-            if regenerate not in ("primary", "secondary"):
-                raise ConfigError(f"--regenerate {regenerate!r}: give primary or secondary")
-            path = f"/api/v1/deployments/{name}/keys/regenerate"
-            change = client.request("POST", path, json={"key": regenerate}).json()
+            change = service.regen_key(regenerate).raw
             keys = change["keys"]
     if as_json:
         print_json(keys if change is None else change)
@@ -389,32 +344,13 @@ def delete_service_cmd(
     """Delete a service; its devices stop running it."""
     if not yes and not as_json:
         typer.confirm(f"delete service {name} from every device?", abort=True)
-    with hub_client(hub, token) as client:
-        change = client.request("DELETE", f"/api/v1/deployments/{name}").json()
+    with connect(hub, token) as connected:
+        change = Service(connected, name).delete()
     if as_json:
-        print_json(change)
+        print_json(change.raw)
         return
     console.print(f"service {name} deleted", highlight=False)
-    print_change(change)
-
-
-def settled(service: dict[str, Any]) -> bool:
-    return bool(service["devices"]) and all(d["state"] in FINAL for d in service["devices"])
-
-
-def wait_view(service: dict[str, Any], elapsed: float) -> Group:
-    header = Text.assemble(
-        (service["name"], "bold"),
-        f"  {service['module']}:{service['version']}  ",
-        state_text(service["state"]),
-        f"  {elapsed:.0f}s",
-    )
-    return Group(header, devices_table(service))
-
-
-def poll_service(client: HubClient, name: str) -> dict[str, Any]:
-    service: dict[str, Any] = client.get_json(f"/api/v1/deployments/{name}")
-    return service
+    print_change(change.raw)
 
 
 @service_app.command("logs")
@@ -427,14 +363,14 @@ def logs_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """The last lines a service's module logged on one device (fetched through the hub)."""
-    with hub_client(hub, token) as client:
-        body = client.get_json(f"/api/v1/deployments/{name}/logs", params={"device": device, "tail": tail})
+    with connect(hub, token) as connected:
+        logs = Service(connected, name).logs(device, tail)
     if as_json:
-        print_json(body)
+        print_json(logs.raw)
         return
-    if body["truncated"]:
+    if logs.truncated:
         console.print("[dim](older lines left out to fit one message)[/]")
-    for line in body["lines"]:
+    for line in logs.lines:
         console.out(line, highlight=False)
 
 
@@ -448,33 +384,17 @@ def wait_service_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Show each device's state live until all are final; exit 0 only if all are Healthy."""
-    start = time.monotonic()
-    with hub_client(hub, token) as client:
-        service = poll_service(client, name)
-        if not service["devices"]:
-            raise RuntimeFailure(
-                f"service {name} targets no device ({target_text(service['target'])}); "
-                "enroll or tag a device so that it matches"
+    with connect(hub, token) as connected:
+        service = Service(connected, name)
+        try:
+            service.wait_for_deployment(
+                timeout=timeout, interval=interval, progress=LiveServiceView(console, transient=as_json)
             )
-        with Live(wait_view(service, 0), console=console, transient=as_json, auto_refresh=False) as live:
-            while not settled(service) and time.monotonic() - start < timeout:
-                time.sleep(interval)
-                service = poll_service(client, name)
-                live.update(wait_view(service, time.monotonic() - start), refresh=True)
+        except DeploymentFailed:
+            if as_json and service.record.devices:
+                print_json(service.record.raw)
+            raise
     if as_json:
-        print_json(service)
-    if not settled(service):
-        pending = [d["device_id"] for d in service["devices"] if d["state"] not in FINAL]
-        raise RuntimeFailure(
-            f"service {name} did not settle within {timeout:g}s: still {service['state']} on "
-            f"{', '.join(pending)}; check 'edgepack device show' for those devices"
-        )
-    failed = [d for d in service["devices"] if d["state"] != "Healthy"]
-    if failed:
-        first = failed[0]
-        raise RuntimeFailure(
-            f"service {name} is {service['state']}: {len(failed)} device(s) failed, first "
-            f"{first['device_id']}: {first['reason'] or 'no reason reported'}"
-        )
-    if not as_json:
-        console.print(f"[green]service {name} is Healthy on {len(service['devices'])} device(s)[/]")
+        print_json(service.record.raw)
+    else:
+        console.print(f"[green]service {name} is Healthy on {len(service.devices)} device(s)[/]")

@@ -8,14 +8,11 @@ bodies, the way a batch endpoint would.
 
 from __future__ import annotations
 
-import json
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import orjson
 import typer
 from rich.progress import (
@@ -27,29 +24,19 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from edge_agent.cache import InstalledModule, ModuleCache
-from manifests.errors import ConfigError, EdgepackError, FetchError, RuntimeFailure
-from packager.app import app, console, edgepack_home
-from packager.commands.module_cmds import TrustOption, trust_paths, verify_with_progress
+from edge_agent.cache import InstalledModule
+from manifests.errors import ConfigError, EdgepackError, RuntimeFailure
+from packager.app import app, console
+from packager.commands.options import CacheOption, TrustOption, bars
 from packager.files import atomic_output
-from packager.keys import read_trust
-
-CacheOption = Annotated[
-    Path | None,
-    typer.Option("--cache", help="module cache folder (default: $EDGEPACK_HOME/cache)"),
-]
-
-
-def default_cache_dir() -> Path:
-    return edgepack_home() / "cache"
+from packager.sdk.local import install_bundle, trust_store
+from packager.sdk.scoring import decode_answer, post_score, scoring_url, tls_verify
+from packager.sdk.scoring import server_message as server_message  # tests read it from here
 
 
 def install(bundle: Path, trust: list[Path] | None, cache_dir: Path | None) -> InstalledModule:
     """Verify ``bundle`` (refusing exactly as ``edgepack verify`` does) into the cache."""
-    store = read_trust(trust_paths(trust))
-    cache = ModuleCache(cache_dir or default_cache_dir())
-    verified = verify_with_progress(bundle, store, sink=cache.bundle_sink())
-    return cache.install_verified(verified)
+    return install_bundle(bundle, trust_store(trust), cache_dir, progress=bars())
 
 
 # --- serve ---------------------------------------------------------------------------------
@@ -101,22 +88,6 @@ def serve_cmd(
 # --- call ----------------------------------------------------------------------------------
 
 
-def scoring_url(url: str) -> str:
-    """``url`` as a full scoring URL: ``http://`` when no scheme, ``/score`` when no path."""
-    text = url.strip()
-    if "://" not in text:
-        text = "http://" + text
-    try:
-        parsed = httpx.URL(text)
-    except httpx.InvalidURL as exc:
-        raise ConfigError(f"{url!r} is not a URL ({exc})") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(f"{url!r}: expected http://HOST:PORT[/PATH]")
-    if parsed.path in ("", "/"):
-        parsed = parsed.copy_with(path="/score")
-    return str(parsed)
-
-
 def request_body(data: str | None, file: Path | None) -> bytes:
     """The request body from ``--data`` or ``--file``; it must be JSON, as scoring expects."""
     if (data is None) == (file is None):
@@ -135,27 +106,6 @@ def request_body(data: str | None, file: Path | None) -> bytes:
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{what}: not valid JSON ({exc})") from None
     return body
-
-
-def server_message(body: bytes) -> str:
-    """The one-line reason a scoring server gave with an error status."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        doc = None
-    if isinstance(doc, dict):
-        for key in ("error", "message", "detail"):
-            value = doc.get(key)
-            if isinstance(value, dict):
-                value = value.get("message") or value.get("detail") or json.dumps(value)
-            if value:
-                message = " ".join(str(value).split())
-                kind = doc.get("type")  # the scoring server names the exception class here
-                if isinstance(kind, str) and kind and not message.startswith(kind):
-                    message = f"{kind}: {message}"
-                return message
-    text = " ".join(body.decode("utf-8", "replace").split())
-    return text[:300] + ("…" if len(text) > 300 else "") or "(empty response)"
 
 
 @app.command("call")
@@ -183,38 +133,12 @@ def call_cmd(
     Exit code 4 when the service cannot be reached or answers with an error status.
     """
     body = request_body(data, file)
-    target = scoring_url(url)
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    verify: ssl.SSLContext | bool = True
-    if ca is not None:
-        if not ca.is_file():
-            raise ConfigError(f"{ca}: CA certificate not found")
-        verify = ssl.create_default_context(cafile=str(ca))
-    try:
-        response = httpx.post(target, content=body, headers=headers, timeout=timeout, verify=verify)
-    except httpx.ConnectError as exc:
-        raise FetchError(
-            f"cannot connect to {target} ({exc}); check that the service is running "
-            "(e.g. 'edgepack serve') and that the host and port are right"
-        ) from None
-    except httpx.TimeoutException:
-        raise FetchError(
-            f"{target}: no answer within {timeout:g} s; check the service's log, "
-            "or allow more time with --timeout"
-        ) from None
-    except httpx.HTTPError as exc:
-        raise FetchError(f"{target}: {exc.__class__.__name__}: {exc}") from None
-    if not response.is_success:
-        raise FetchError(
-            f"{target}: HTTP {response.status_code} {response.reason_phrase}: "
-            f"{server_message(response.content)}"
-        )
-    try:
-        console.print_json(data=orjson.loads(response.content))
-    except orjson.JSONDecodeError:
+    response = post_score(scoring_url(url), body, key=key, verify=tls_verify(ca), timeout=timeout)
+    answer = decode_answer(response)
+    if isinstance(answer, str):
         console.print(response.text, markup=False, highlight=False)
+    else:
+        console.print_json(data=answer)
 
 
 # --- batch ---------------------------------------------------------------------------------

@@ -10,28 +10,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Column, Table
 
-from manifests.azureml import DeploymentConfig, InferenceConfig, parse_config
-from manifests.bundle import BlobSink
 from manifests.errors import ConfigError
-from manifests.module import Resources
-from manifests.signing import TrustStore
-from manifests.verified import VerifiedModule
-from packager.app import app, console, edgepack_home, err_console
-from packager.build import DEFAULT_IMAGE, build_module, spec_from_configs
-from packager.files import atomic_output, load_json_file
+from packager.app import app, console, err_console
+from packager.build import DEFAULT_IMAGE
+from packager.commands.options import TrustOption, bars, parse_pairs
+from packager.files import atomic_output
+from packager.home import default_key_path, default_trust_path
 from packager.inspect import open_verified, read_unverified
-from packager.keys import keygen, read_private_key, read_trust
-from packager.runtime_image.pinning import pin_image
+from packager.keys import keygen, read_trust
+from packager.sdk import DeploymentConfig, InferenceConfig, Module
+from packager.sdk.local import trust_store
+from packager.sdk.progress import Tracker, reporting
 
 _PIN_SOURCES = {
     "given": "as given",
@@ -41,38 +32,6 @@ _PIN_SOURCES = {
 
 trust_app = typer.Typer(help="Manage the publisher keys this machine trusts.", no_args_is_help=True)
 app.add_typer(trust_app, name="trust")
-
-
-def default_key_path() -> Path:
-    return edgepack_home() / "keys" / "publisher.key"
-
-
-def default_trust_path() -> Path:
-    return edgepack_home() / "trust.json"
-
-
-def trust_paths(given: list[Path] | None) -> list[Path]:
-    """Trust given on the command line, else the default trust store."""
-    if given:
-        return given
-    default = default_trust_path()
-    if not default.exists():
-        raise ConfigError(
-            "no trusted keys: pass --trust PUBLISHER.pub, or add one with 'edgepack trust add'"
-        )
-    return [default]
-
-
-def byte_progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 @app.command("keygen")
@@ -138,10 +97,6 @@ def init_cmd(
     )
 
 
-def _load(model: type[InferenceConfig] | type[DeploymentConfig], path: Path) -> object:
-    return parse_config(model, load_json_file(path, what="config file"), source=str(path))
-
-
 @app.command("build")
 def build_cmd(
     model: Annotated[Path, typer.Option("--model", "-m", help="model file or folder")],
@@ -179,81 +134,35 @@ def build_cmd(
     ] = None,
 ) -> None:
     """Build and sign dist/NAME-VERSION.edgepack."""
-    ic = _load(InferenceConfig, inference_config) if inference_config else None
-    dc = _load(DeploymentConfig, deployment_config) if deployment_config else None
-    assert ic is None or isinstance(ic, InferenceConfig)
-    assert dc is None or isinstance(dc, DeploymentConfig)
-    key_path = key or default_key_path()
-    signing_key = read_private_key(key_path)
-    spec = spec_from_configs(
-        name=name,
-        version=version,
-        model=model,
-        inference_config=ic,
-        ic_path=inference_config,
-        entry_script=entry_script.resolve() if entry_script else None,
-        source_dir=source_dir.resolve() if source_dir else None,
-        deployment_config=dc,
+    module = Module.build(
+        model,
+        name,
+        version,
+        InferenceConfig.from_file(inference_config) if inference_config else None,
+        DeploymentConfig.from_file(deployment_config) if deployment_config else None,
+        entry_script=entry_script,
+        source_directory=source_dir,
+        key=key,
+        out_dir=out,
+        runtime_image=runtime_image,
+        requirements=requirement or [],
+        tags=parse_pairs(tag, "tag"),
+        created=created,
+        progress=bars(),
     )
-    if runtime_image is not None:
-        pin = pin_image(runtime_image)
-        spec.image, spec.image_digest = pin.image, pin.digest
-        if pin.warning():
-            err_console.print(f"[bold yellow]warning:[/] {pin.warning()}", highlight=False, soft_wrap=True)
-        else:
-            console.print(
-                f"runtime image {pin.image}@{pin.digest} ({_PIN_SOURCES[pin.source]})",
-                highlight=False,
-                soft_wrap=True,
-            )
-    spec.requirements += requirement or []
-    spec.tags = _parse_tags(tag or [])
-    spec.exclude.add(key_path)
-    if created is not None:
-        spec.created = created if created.tzinfo else created.astimezone()
-    if dc is None:
-        spec.resources = Resources()
-    with byte_progress() as progress:
-        task = progress.add_task(f"building {name}:{version}", total=None)
-        result = build_module(
-            spec,
-            signing_key,
-            out,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+    pin = module.image_pin
+    if pin is not None and pin.warning():
+        err_console.print(f"[bold yellow]warning:[/] {pin.warning()}", highlight=False, soft_wrap=True)
+    elif pin is not None:
+        console.print(
+            f"runtime image {pin.image}@{pin.digest} ({_PIN_SOURCES[pin.source]})",
+            highlight=False,
+            soft_wrap=True,
         )
     console.print(
-        f"built [bold]{result.path}[/] ({len(result.manifest.files)} files, "
-        f"{result.total_bytes:,} bytes)"
+        f"built [bold]{module.path}[/] ({len(module.manifest.files)} files, {module.total_bytes:,} bytes)"
     )
-    console.print(f"manifest digest {result.manifest_digest}", soft_wrap=True)
-
-
-def _parse_tags(items: list[str]) -> dict[str, str]:
-    tags: dict[str, str] = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise ConfigError(f"--tag {item!r}: expected key=value")
-        tags[k] = v
-    return tags
-
-
-TrustOption = Annotated[
-    list[Path] | None,
-    typer.Option("--trust", "-t", help="trusted publisher key (.pub) or trust store; repeatable"),
-]
-
-
-def verify_with_progress(
-    bundle: Path, trust: TrustStore, *, sink: BlobSink | None = None
-) -> VerifiedModule:
-    """Verify ``bundle`` behind a progress bar; every command that takes a bundle refuses
-    it through here, so they all refuse the same things with the same message."""
-    with byte_progress() as progress:
-        task = progress.add_task("verifying", total=bundle.stat().st_size if bundle.exists() else None)
-        return open_verified(
-            bundle, trust, sink=sink, progress=lambda n: progress.advance(task, n)
-        )
+    console.print(f"manifest digest {module.manifest_digest}", soft_wrap=True)
 
 
 @app.command("verify")
@@ -262,7 +171,10 @@ def verify_cmd(
     trust: TrustOption = None,
 ) -> None:
     """Check every signature and every blob digest of a module bundle."""
-    verified = verify_with_progress(bundle, read_trust(trust_paths(trust)))
+    store = trust_store(trust)
+    with reporting(bars()) as report:
+        tracker = Tracker(report, "verifying", bundle.stat().st_size if bundle.exists() else None)
+        verified = open_verified(bundle, store, progress=tracker.advance)
     m = verified.manifest
     console.print(
         f"[green]verified[/] {m.name}:{m.version}: {len(m.files)} files, signed by "

@@ -1,35 +1,33 @@
 """Hub commands for the registry: serve a hub, log in, register models, push modules.
 
-Everything here talks to the hub over HTTP (``packager.hubclient``), except ``hub serve``,
-which runs one. Uploads stream from disk with a progress bar; downloads are checked against
-their digests before they are renamed into place.
+Everything here talks to the hub through the SDK (``packager.sdk``), except ``hub serve``,
+which runs one; these commands read options and print what the SDK returns.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-import sys
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from manifests.bundle import write_bundle
-from manifests.digests import digest_hex, sha256_digest
-from manifests.errors import ConfigError, FetchError, TrustError
-from manifests.module import NAME_PATTERN, check_relative_path
+from manifests.errors import ConfigError
 from packager.app import app, console
-from packager.commands.module_cmds import byte_progress
-from packager.files import atomic_output
-from packager.hubclient import HubClient, HubConfig, raise_for_hub_error
-
-CHUNK = 1 << 20
+from packager.commands.options import (
+    HubOption,
+    JsonOption,
+    TokenOption,
+    connect,
+    model_version,
+    parse_pairs,
+    split_ref,
+)
+from packager.commands.output import files_table, pairs_text, print_json
+from packager.sdk import Hub, Model, Module
+from packager.sdk.config import HubConfig
 
 hub_app = typer.Typer(help="Run an edgepack hub.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
@@ -39,41 +37,6 @@ model_app = typer.Typer(
 app.add_typer(model_app, name="model")
 module_app = typer.Typer(help="List and show the modules pushed to the hub.", no_args_is_help=True)
 app.add_typer(module_app, name="module")
-
-HubOption = Annotated[str | None, typer.Option("--hub", help="hub URL (default: from 'edgepack login')")]
-TokenOption = Annotated[str | None, typer.Option("--token", help="admin token (default: from login)")]
-JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
-
-
-def hub_client(hub: str | None, token: str | None) -> HubClient:
-    return HubClient(HubConfig.resolve(hub, token))
-
-
-def print_json(data: Any) -> None:
-    # Plain stdout, not rich: scripts want exactly the JSON, unwrapped and uncoloured.
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def split_ref(ref: str, *, need_version: bool) -> tuple[str, str]:
-    """``NAME:VERSION`` (or ``NAME`` = latest when the version may be omitted)."""
-    name, sep, version = ref.partition(":")
-    if not name or (sep and not version):
-        raise ConfigError(f"{ref!r} is not NAME:VERSION")
-    if not sep:
-        if need_version:
-            raise ConfigError(f"give the exact version: {ref}:VERSION ('edgepack model list' shows them)")
-        version = "latest"
-    return name, version
-
-
-def parse_pairs(texts: list[str] | None, what: str) -> dict[str, str]:
-    pairs: dict[str, str] = {}
-    for text in texts or []:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{what} {text!r} is not key=value; write it like --{what} stage=prod")
-        pairs[key.strip()] = value.strip()
-    return pairs
 
 
 # --- hub serve / login ----------------------------------------------------------------------
@@ -177,8 +140,8 @@ def gc_cmd(
     token: TokenOption = None,
 ) -> None:
     """Delete blobs on the hub that no model or module uses any more."""
-    with hub_client(hub, token) as client:
-        freed = client.post_json("/api/v1/registry/gc", params={"grace_s": grace})["freed_blobs"]
+    with connect(hub, token) as connected:
+        freed = connected.collect_garbage(grace)
     console.print(f"[green]freed[/] {len(freed)} unused blobs")
 
 
@@ -194,63 +157,13 @@ def login_cmd(
     if ca is not None and not ca.is_file():
         raise ConfigError(f"{ca}: CA certificate not found")
     config = HubConfig(url=hub.rstrip("/"), token=token, ca=str(ca.resolve()) if ca else None)
-    with HubClient(config) as client:
-        client.get_json("/api/v1/models", params={"latest": True})
+    with Hub(config.url, config.token, ca=config.ca, progress=False) as connected:
+        Model.list(connected, latest=True)
     path = config.save()
     console.print(f"logged in to {config.url}; saved to {path}")
 
 
 # --- models ---------------------------------------------------------------------------------
-
-
-def model_files(path: Path) -> dict[str, Path]:
-    """A file registers as its own name; a folder as ``folder/…`` for every file beneath it."""
-    if path.is_symlink() or not path.exists():
-        raise ConfigError(f"{path}: no such model file or folder")
-    if path.is_file():
-        return {path.name: path}
-    files: dict[str, Path] = {}
-    for item in sorted(path.rglob("*")):
-        rel = f"{path.name}/{item.relative_to(path).as_posix()}"
-        if item.is_symlink():
-            raise ConfigError(f"{item}: links are not registered; copy the file into the folder")
-        if item.is_file():
-            files[check_relative_path(rel)] = item
-    if not files:
-        raise ConfigError(f"{path}: the folder holds no files")
-    return files
-
-
-def file_digest(path: Path, progress: Callable[[int], None]) -> str:
-    hasher = hashlib.sha256()
-    for chunk in read_chunks(path, progress):
-        hasher.update(chunk)
-    return "sha256:" + hasher.hexdigest()
-
-
-def read_chunks(path: Path, progress: Callable[[int], None]) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            progress(len(chunk))
-            yield chunk
-
-
-def upload_blob(client: HubClient, path: Path, digest: str, progress: Callable[[int], None]) -> bool:
-    """Upload a file unless the hub holds its blob already; True when bytes were sent."""
-    head = client.http.head(f"/api/v1/blobs/{digest}")
-    if head.status_code == 200:
-        return False
-    if head.status_code != 404:
-        raise_for_hub_error(head)
-    size = path.stat().st_size
-    # An explicit Content-Length lets the hub refuse an oversized file before it is sent.
-    client.request(
-        "PUT",
-        f"/api/v1/blobs/{digest}",
-        content=read_chunks(path, progress),
-        headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-    )
-    return True
 
 
 @model_app.command("register")
@@ -265,52 +178,25 @@ def model_register_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Register a file or folder as the next version of model NAME (uploads only what the hub lacks)."""
-    if not re.match(NAME_PATTERN, name):
-        raise ConfigError(
-            f"model name {name!r} is invalid: lower-case letters, digits, '.', '_', '-' "
-            "(starting with a letter or digit, at most 63)"
+    tags, properties = parse_pairs(tag, "tag"), parse_pairs(prop, "property")
+    with connect(hub, token) as connected:
+        model = Model.register(
+            connected,
+            model_path=path,
+            model_name=name,
+            tags=tags,
+            properties=properties,
+            description=description,
         )
-    files = model_files(path)
-    total = sum(p.stat().st_size for p in files.values())
-    with hub_client(hub, token) as client, byte_progress() as progress:
-        hashing = progress.add_task("hashing", total=total)
-        digests = {rel: file_digest(p, lambda n: progress.advance(hashing, n)) for rel, p in files.items()}
-        uploading = progress.add_task("uploading", total=total)
-        sent = 0
-        for rel, p in files.items():
-            if upload_blob(client, p, digests[rel], lambda n: progress.advance(uploading, n)):
-                sent += 1
-            else:
-                progress.advance(uploading, p.stat().st_size)
-        listing = [
-            {"path": rel, "digest": digests[rel], "size": p.stat().st_size} for rel, p in files.items()
-        ]
-        body = {
-            "files": listing,
-            "tags": parse_pairs(tag, "tag"),
-            "properties": parse_pairs(prop, "property"),
-            "description": description,
-        }
-        model = client.post_json(f"/api/v1/models/{name}/versions", body)
     if as_json:
-        print_json(model)
+        print_json(model.record.raw)
         return
+    count = len(model.files)
     console.print(
-        f"[green]registered[/] {model['name']}:{model['version']}  "
-        f"{len(files)} files, {total:,} bytes ({sent} uploaded, {len(files) - sent} already on the hub)"
+        f"[green]registered[/] {model.name}:{model.version}  "
+        f"{count} files, {model.record.size:,} bytes ({model.uploaded} uploaded, "
+        f"{count - model.uploaded} already on the hub)"
     )
-
-
-def tags_text(tags: dict[str, str]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(tags.items()))
-
-
-def files_table(files: list[dict[str, Any]]) -> Table:
-    """The files of a model or module version as the hub lists them."""
-    table = Table("path", "size", "digest")
-    for f in files:
-        table.add_row(f["path"], f"{f['size']:,}", f["digest"])
-    return table
 
 
 @model_app.command("list")
@@ -323,11 +209,8 @@ def model_list_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """List registered model versions."""
-    params: dict[str, Any] = {"tag": tag or [], "latest": latest}
-    if name:
-        params["name"] = name
-    with hub_client(hub, token) as client:
-        models = client.get_json("/api/v1/models", params=params)
+    with connect(hub, token) as connected:
+        models = [m.record.raw for m in Model.list(connected, name=name, tags=tag or [], latest=latest)]
     if as_json:
         print_json(models)
         return
@@ -338,7 +221,7 @@ def model_list_cmd(
             str(m["version"]),
             str(len(m["files"])),
             f"{m['size']:,}",
-            tags_text(m["tags"]),
+            pairs_text(m["tags"]),
             m["created_at"][:19],
             m["description"],
         )
@@ -354,48 +237,17 @@ def model_show_cmd(
 ) -> None:
     """Show one model version: tags, properties and files."""
     name, version = split_ref(ref, need_version=False)
-    with hub_client(hub, token) as client:
-        m = client.get_json(f"/api/v1/models/{name}/versions/{version}")
+    with connect(hub, token) as connected:
+        m: dict[str, Any] = Model(connected, name, model_version(version)).record.raw
     if as_json:
         print_json(m)
         return
     console.print(f"[bold]{m['name']}[/]:{m['version']}  created {m['created_at'][:19]}")
     if m["description"]:
         console.print(m["description"])
-    console.print(f"tags        {tags_text(m['tags']) or '-'}")
+    console.print(f"tags        {pairs_text(m['tags']) or '-'}")
     console.print(f"properties  {json.dumps(m['properties']) if m['properties'] else '-'}")
     console.print(files_table(m["files"]))
-
-
-def download_blob(
-    client: HubClient, url: str, target: Path, digest: str, progress: Callable[[int], None]
-) -> None:
-    """Stream a blob to ``target``; the file appears only once its digest has matched."""
-    hasher = hashlib.sha256()
-    try:
-        with client.http.stream("GET", url) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise_for_hub_error(response)
-            with atomic_output(target) as out:
-                for chunk in response.iter_bytes(CHUNK):
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    progress(len(chunk))
-                if "sha256:" + hasher.hexdigest() != digest:
-                    raise TrustError(f"{target.name}: downloaded bytes do not match {digest}; download again")
-    except (OSError, ValueError) as exc:
-        raise FetchError(f"downloading {url} failed ({exc}); try again") from None
-
-
-def download_blobs(client: HubClient, wanted: Iterable[tuple[str, Path]], total: int) -> None:
-    """Download each ``(digest, target)`` in turn behind one progress bar of ``total`` bytes."""
-    with byte_progress() as progress:
-        task = progress.add_task("downloading", total=total)
-        for digest, target in wanted:
-            download_blob(
-                client, f"/api/v1/blobs/{digest}", target, digest, lambda n: progress.advance(task, n)
-            )
 
 
 @model_app.command("download")
@@ -407,12 +259,10 @@ def model_download_cmd(
 ) -> None:
     """Download a model's files into DIR (each checked against its digest)."""
     name, version = split_ref(ref, need_version=False)
-    with hub_client(hub, token) as client:
-        m = client.get_json(f"/api/v1/models/{name}/versions/{version}")
-        # Lazily, so each path is still checked just before its file is written.
-        wanted = ((f["digest"], out / check_relative_path(f["path"])) for f in m["files"])
-        download_blobs(client, wanted, m["size"])
-    console.print(f"[green]downloaded[/] {m['name']}:{m['version']} ({len(m['files'])} files) to {out}")
+    with connect(hub, token) as connected:
+        model = Model(connected, name, model_version(version))
+        model.download(out, exist_ok=True)
+    console.print(f"[green]downloaded[/] {model.id} ({len(model.files)} files) to {out}")
 
 
 @model_app.command("update")
@@ -428,18 +278,19 @@ def model_update_cmd(
 ) -> None:
     """Change a model version's tags, description or properties (its files never change)."""
     name, version = split_ref(ref, need_version=True)
-    body = {
-        "set_tags": parse_pairs(tag, "tag"),
-        "remove_tags": remove_tag or [],
-        "properties": parse_pairs(prop, "property"),
-        "description": description,
-    }
-    with hub_client(hub, token) as client:
-        m = client.request("PATCH", f"/api/v1/models/{name}/versions/{version}", json=body).json()
+    add_tags, properties = parse_pairs(tag, "tag"), parse_pairs(prop, "property")
+    with connect(hub, token) as connected:
+        model = Model(connected, name, model_version(version))
+        model.update(
+            description=description,
+            add_tags=add_tags,
+            remove_tags=remove_tag or [],
+            add_properties=properties,
+        )
     if as_json:
-        print_json(m)
+        print_json(model.record.raw)
         return
-    console.print(f"[green]updated[/] {m['name']}:{m['version']}  tags: {tags_text(m['tags']) or '-'}")
+    console.print(f"[green]updated[/] {model.id}  tags: {pairs_text(model.tags) or '-'}")
 
 
 @model_app.command("delete")
@@ -449,15 +300,10 @@ def model_delete_cmd(
     token: TokenOption = None,
 ) -> None:
     """Delete one model version (refused while a deployment uses it)."""
-    delete_version("model", ref, hub, token)
-
-
-def delete_version(kind: str, ref: str, hub: str | None, token: str | None) -> None:
-    """DELETE a model or module version (``kind``) and say how many blobs that freed."""
     name, version = split_ref(ref, need_version=True)
-    with hub_client(hub, token) as client:
-        result = client.request("DELETE", f"/api/v1/{kind}s/{name}/versions/{version}").json()
-    console.print(f"[green]deleted[/] {kind} {result['deleted']} ({len(result['freed_blobs'])} blobs freed)")
+    with connect(hub, token) as connected:
+        result = Model(connected, name, model_version(version)).delete()
+    console.print(f"[green]deleted[/] model {result.deleted} ({len(result.freed_blobs)} blobs freed)")
 
 
 # --- modules --------------------------------------------------------------------------------
@@ -471,24 +317,15 @@ def push_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Upload a signed module; the hub verifies every signature and digest before storing it."""
-    if not bundle.is_file():
-        raise ConfigError(f"{bundle}: no such bundle; build one with 'edgepack build'")
-    size = bundle.stat().st_size
-    with hub_client(hub, token) as client, byte_progress() as progress:
-        task = progress.add_task("pushing", total=size)
-        result = client.request(
-            "POST",
-            "/api/v1/modules",
-            content=read_chunks(bundle, lambda n: progress.advance(task, n)),
-            headers={"Content-Length": str(size), "Content-Type": "application/vnd.edgepack.module+tar"},
-        ).json()
+    with connect(hub, token) as connected:
+        result = Module.push(connected, bundle)
     if as_json:
-        print_json(result)
+        print_json(result.raw)
         return
-    verb = "pushed" if result["created"] else "already on the hub:"
+    verb = "pushed" if result.created else "already on the hub:"
     console.print(
-        f"[green]{verb}[/] {result['name']}:{result['version']}  {result['manifest_digest']}  "
-        f"({result['new_blobs']} new blobs, {result['reused_blobs']} already held)"
+        f"[green]{verb}[/] {result.name}:{result.version}  {result.manifest_digest}  "
+        f"({result.new_blobs} new blobs, {result.reused_blobs} already held)"
     )
 
 
@@ -500,8 +337,8 @@ def module_list_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """List pushed modules."""
-    with hub_client(hub, token) as client:
-        modules = client.get_json("/api/v1/modules", params={"name": name} if name else None)
+    with connect(hub, token) as connected:
+        modules = [m.record.raw for m in Module.list(connected, name)]
     if as_json:
         print_json(modules)
         return
@@ -527,8 +364,8 @@ def module_show_cmd(
 ) -> None:
     """Show a pushed module: signers, entry script, runtime and files."""
     name, version = split_ref(ref, need_version=True)
-    with hub_client(hub, token) as client:
-        m = client.get_json(f"/api/v1/modules/{name}/versions/{version}")
+    with connect(hub, token) as connected:
+        m: dict[str, Any] = Module(connected, name, version).record.raw
     if as_json:
         print_json(m)
         return
@@ -549,25 +386,9 @@ def module_download_cmd(
 ) -> None:
     """Download a pushed module as a signed .edgepack (the same bytes 'edgepack build' wrote)."""
     name, version = split_ref(ref, need_version=True)
-    target = out / f"{name}-{version}.edgepack"
-    with hub_client(hub, token) as client:
-        m = client.get_json(f"/api/v1/modules/{name}/versions/{version}")
-        manifest_bytes = client.request("GET", f"/api/v1/modules/{name}/versions/{version}/manifest").content
-        if sha256_digest(manifest_bytes) != m["manifest_digest"]:
-            raise TrustError(f"module {ref}: the manifest served does not match its digest; try again")
-        sizes = {f["digest"]: f["size"] for f in m["files"]}
-        with tempfile.TemporaryDirectory(
-            prefix=".edgepack-download-", dir=out if out.is_dir() else None
-        ) as tmp:
-            download_blobs(client, [(d, Path(tmp) / digest_hex(d)) for d in sizes], sum(sizes.values()))
-            blobs = [(d, size, _opener(Path(tmp) / digest_hex(d))) for d, size in sizes.items()]
-            with atomic_output(target) as fh:
-                write_bundle(fh, manifest_bytes, blobs)
+    with connect(hub, token) as connected:
+        target = Module(connected, name, version).download(out)
     console.print(f"[green]downloaded[/] {name}:{version} to {target}")
-
-
-def _opener(path: Path) -> Callable[[], IO[bytes]]:
-    return lambda: path.open("rb")
 
 
 @module_app.command("delete")
@@ -577,4 +398,7 @@ def module_delete_cmd(
     token: TokenOption = None,
 ) -> None:
     """Delete a module version (refused while a deployment uses it)."""
-    delete_version("module", ref, hub, token)
+    name, version = split_ref(ref, need_version=True)
+    with connect(hub, token) as connected:
+        result = Module(connected, name, version).delete()
+    console.print(f"[green]deleted[/] module {result.deleted} ({len(result.freed_blobs)} blobs freed)")

@@ -22,7 +22,8 @@ from rich.progress import (
 
 from manifests.errors import ConfigError
 from manifests.image_ref import parse_image_ref
-from packager.app import app, console, edgepack_home, err_console
+from packager.app import app, console, err_console
+from packager.home import edgepack_home
 from packager.runtime_image.recipe import DEFAULT_TAG
 
 runtime_app = typer.Typer(

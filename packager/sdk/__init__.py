@@ -1,0 +1,128 @@
+"""The edgepack Python SDK: the hub's registry, devices and services, as Azure ML's SDK has them.
+
+Users import it as ``edgepack`` (the top-level package re-exports these names)::
+
+    from edgepack import Hub, Model, InferenceConfig, DeploymentConfig, Selector
+
+    hub = Hub.from_config(target=Selector("site=berlin"))
+    model = Model.register(hub, model_path="digits.onnx", model_name="digits")
+    service = Model.deploy(hub, "digits-svc", [model], InferenceConfig(entry_script="score.py"),
+                           DeploymentConfig(port=8890))
+    service.wait_for_deployment(show_output=True)
+    print(service.state, service.run({"data": [[0.0] * 64]}))
+
+``docs/azure-ml-sdk.md`` maps every Azure ML call of the deployment workflow to its
+counterpart here. The CLI (``edgepack …``) is built on this package.
+"""
+
+from __future__ import annotations
+
+from manifests.errors import (
+    ConfigError,
+    EdgepackError,
+    FetchError,
+    HubUnavailable,
+    ModuleStartFailure,
+    RuntimeFailure,
+    TrustError,
+)
+from manifests.states import ServiceState
+from packager.sdk.answers import (
+    Deleted,
+    DeviceDetail,
+    DeviceRecord,
+    DeviceServiceState,
+    FileRecord,
+    FleetChange,
+    KeysRegenerated,
+    ModelRecord,
+    ModuleDetail,
+    ModuleRecord,
+    PushResult,
+    ServiceKeys,
+    ServiceLogs,
+    ServiceRecord,
+)
+from packager.sdk.configs import DeploymentConfig, InferenceConfig
+from packager.sdk.device import Device, save_credentials
+from packager.sdk.environment import CondaDependencies, Environment
+from packager.sdk.errors import (
+    BadArgument,
+    DeploymentFailed,
+    DeploymentTimeout,
+    HubConflict,
+    HubError,
+    HubFailure,
+    HubForbidden,
+    HubNotFound,
+    HubRejected,
+    HubTrustRefusal,
+    HubUnauthorized,
+    ServiceExists,
+)
+from packager.sdk.hub import Hub
+from packager.sdk.local import LocalService
+from packager.sdk.model import Model
+from packager.sdk.module import BuiltModule, Module
+from packager.sdk.progress import ProgressCallback, ProgressEvent, RichBars
+from packager.sdk.service import Service
+from packager.sdk.targets import Devices, Selector
+from packager.sdk.webservice import AciWebservice, AksWebservice, LocalWebservice, Webservice
+
+__all__ = [
+    "AciWebservice",
+    "AksWebservice",
+    "BadArgument",
+    "BuiltModule",
+    "CondaDependencies",
+    "ConfigError",
+    "Deleted",
+    "DeploymentConfig",
+    "DeploymentFailed",
+    "DeploymentTimeout",
+    "Device",
+    "DeviceDetail",
+    "DeviceRecord",
+    "DeviceServiceState",
+    "Devices",
+    "EdgepackError",
+    "Environment",
+    "FetchError",
+    "FileRecord",
+    "FleetChange",
+    "Hub",
+    "HubConflict",
+    "HubError",
+    "HubFailure",
+    "HubForbidden",
+    "HubNotFound",
+    "HubRejected",
+    "HubTrustRefusal",
+    "HubUnauthorized",
+    "HubUnavailable",
+    "InferenceConfig",
+    "KeysRegenerated",
+    "LocalService",
+    "LocalWebservice",
+    "Model",
+    "ModelRecord",
+    "Module",
+    "ModuleDetail",
+    "ModuleRecord",
+    "ModuleStartFailure",
+    "ProgressCallback",
+    "ProgressEvent",
+    "PushResult",
+    "RichBars",
+    "RuntimeFailure",
+    "Selector",
+    "Service",
+    "ServiceExists",
+    "ServiceKeys",
+    "ServiceLogs",
+    "ServiceRecord",
+    "ServiceState",
+    "TrustError",
+    "Webservice",
+    "save_credentials",
+]

@@ -1,0 +1,202 @@
+"""The hub's answers as the SDK reads them: small typed records.
+
+Where an answer carries one of edgepack's contracts (a module manifest, deployment settings, a
+module's reported state, a device's credentials) the record holds that contract from
+``manifests``; the rest is the hub's REST view (``/docs`` on a hub documents it). Fields the
+hub adds later are ignored, so an older SDK keeps working against a newer hub.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from manifests.desired import DeploymentSettings
+from manifests.errors import HubUnavailable
+from manifests.module import ModuleManifest
+from manifests.reported import ModuleStatus, Progress
+from manifests.states import ServiceState
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    _raw: Any = PrivateAttr(default=None)
+
+    @classmethod
+    def of(cls, data: Any) -> Self:
+        """Read one answer; one the SDK cannot read is the hub's failure, not the caller's."""
+        try:
+            record = cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            raise HubUnavailable(
+                f"the hub's answer is not a {cls.__name__} this SDK can read ({where}: {err['msg']}); "
+                "is the hub the same edgepack version?"
+            ) from None
+        record._raw = data
+        return record
+
+    @property
+    def raw(self) -> Any:
+        """The answer as the hub sent it (decoded JSON), e.g. for ``--json`` output."""
+        return self._raw if self._raw is not None else self.model_dump(mode="json")
+
+
+class FileRecord(_Answer):
+    """One file of a model or module version: its path, sha256 digest and size."""
+
+    path: str
+    digest: str
+    size: int
+
+
+class _Version(_Answer):
+    """What model and module versions have in common."""
+
+    name: str
+    version: int | str
+    size: int
+    created_at: datetime
+    files: list[FileRecord]
+
+    @property
+    def ref(self) -> str:
+        """``name:version``."""
+        return f"{self.name}:{self.version}"
+
+
+class ModelRecord(_Version):
+    """A registered model version."""
+
+    version: int
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModuleRecord(_Version):
+    """A module version on the hub (pushed as a signed ``.edgepack`` or built by ``Model.deploy``)."""
+
+    version: str
+    manifest_digest: str
+    signers: list[str] = Field(default_factory=list)
+
+
+class ModuleDetail(ModuleRecord):
+    """A module version with its signed manifest."""
+
+    manifest: ModuleManifest
+
+
+class PushResult(ModuleRecord):
+    """What a push did: ``created`` False when the hub held the very same module already."""
+
+    created: bool
+    new_blobs: int
+    reused_blobs: int
+
+
+class Deleted(_Answer):
+    """A deleted model or module version and the blobs that freed on the hub."""
+
+    deleted: str
+    freed_blobs: list[str]
+
+
+class FleetChange(_Answer):
+    """The devices whose desired state a change re-issued, and whether it reached the broker."""
+
+    issued: dict[str, int] = Field(description="device id → new desired-state generation")
+    published: bool | None = Field(default=None, description="None when the hub runs without a broker")
+    publish_errors: list[str] = Field(default_factory=list)
+
+
+class DeviceServiceState(_Answer):
+    """A service on one device: its state there, why, and where it answers."""
+
+    device_id: str
+    online: bool
+    state: ServiceState | None = Field(default=None, description="None until the device reported it")
+    reason: str | None = None
+    endpoint: str | None = Field(default=None, description="e.g. http://10.0.0.5:8890, as the device reports")
+    serving_version: str | None = None
+    progress: Progress | None = Field(default=None, description="a download or pull under way")
+
+    @property
+    def final(self) -> bool:
+        """Healthy or Failed: nothing will change without a new deployment."""
+        return self.state in (ServiceState.HEALTHY, ServiceState.FAILED)
+
+
+class ServiceRecord(_Answer):
+    """A deployed service: its module, settings, target and rolled-up state."""
+
+    name: str
+    module: str
+    version: str
+    manifest_digest: str
+    settings: DeploymentSettings
+    target: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    state: ServiceState
+    devices: list[DeviceServiceState] = Field(default_factory=list)
+
+
+class Deployed(FleetChange):
+    """The answer to a deployment: the service as it now stands and what it changed."""
+
+    created: bool
+    deployment: ServiceRecord
+    warnings: list[str] = Field(default_factory=list)
+
+
+class ServiceKeys(_Answer):
+    """The endpoint keys of a service deployed with ``auth_enabled``: callers send one as
+    ``Authorization: Bearer KEY``; devices hold only their hashes."""
+
+    primary: str
+    secondary: str
+
+
+class KeysRegenerated(FleetChange):
+    """A service's keys after one was replaced, and the desired states that re-issued."""
+
+    keys: ServiceKeys
+
+
+class DeviceRecord(_Answer):
+    """An enrolled device as the hub knows it."""
+
+    id: str
+    tags: dict[str, str] = Field(default_factory=dict)
+    revoked: bool = False
+    online: bool = False
+    last_seen: datetime | None = None
+    agent_version: str | None = None
+    created_at: datetime
+    generation: int = 0
+    services: list[str] = Field(default_factory=list)
+
+
+class DeviceDetail(DeviceRecord):
+    """A device with its desired-state times, its last error and each module's reported state."""
+
+    desired_issued: datetime | None = None
+    desired_expires: datetime | None = None
+    applied_generation: int | None = None
+    last_error: str | None = None
+    modules: list[ModuleStatus] = Field(default_factory=list)
+
+
+class ServiceLogs(_Answer):
+    """A module's last log lines on one device."""
+
+    device_id: str
+    service: str
+    lines: list[str]
+    truncated: bool = False

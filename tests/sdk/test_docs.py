@@ -1,0 +1,69 @@
+"""The porting guide names only what ``import edgepack`` has: every call in the edgepack column
+of ``docs/azure-ml-sdk.md`` exists and takes the keywords the guide writes."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import edgepack
+from tests.conftest import REPO
+
+GUIDE = REPO / "docs" / "azure-ml-sdk.md"
+#: the lower-case names the guide uses for objects, and what they are
+OBJECTS: dict[str, Any] = {
+    "hub": edgepack.Hub,
+    "model": edgepack.Model,
+    "service": edgepack.Service,
+    "device": edgepack.Device,
+    "env": edgepack.Environment("guide"),
+}
+CALL = re.compile(r"\b([A-Za-z_]\w*)((?:\.[a-z_]\w*)*)(?:\(([^)]*)\))?")
+KEYWORD = re.compile(r"(?:^|[(,]\s*)(\w+)=")
+
+
+def edgepack_column() -> list[str]:
+    """The code spans of the guide's table's edgepack column."""
+    text = GUIDE.read_text()
+    table = text.split("## The calls, one by one", 1)[1].split("\n## ", 1)[0]
+    spans: list[str] = []
+    for row in table.splitlines():
+        cells = row.split(" | ")
+        if len(cells) >= 3 and not row.startswith("|---"):
+            spans += re.findall(r"`([^`]+)`", cells[1])
+    return spans
+
+
+def resolve(root: str, chain: str) -> Any:
+    if root in OBJECTS:
+        target = OBJECTS[root]
+    elif root in edgepack.__all__:
+        target = getattr(edgepack, root)
+    else:
+        return None
+    for part in chain.strip(".").split(".") if chain else []:
+        assert hasattr(target, part), f"{root}{chain}: edgepack has no {part!r}"
+        target = getattr(target, part)
+    return target
+
+
+def test_every_call_in_the_guide_exists_with_its_keywords() -> None:
+    spans = edgepack_column()
+    assert len(spans) > 40, spans  # the table was read
+    checked = 0
+    for span in spans:
+        for match in CALL.finditer(span):
+            root, chain, args = match.groups()
+            target = resolve(root, chain)
+            if target is None or args is None or not callable(target):
+                continue
+            params = inspect.signature(target).parameters
+            # A catch-all named "unknown" only refuses (with a did-you-mean); it takes nothing.
+            takes_any = any(
+                p.kind is inspect.Parameter.VAR_KEYWORD and p.name != "unknown" for p in params.values()
+            )
+            for keyword in KEYWORD.findall(args):
+                assert takes_any or keyword in params, f"{span}: {root}{chain} takes no {keyword}="
+            checked += 1
+    assert checked > 30

@@ -1,0 +1,74 @@
+"""``examples/sdk_quickstart.py``, the Azure ML workflow in Python, run as a user runs it:
+a real hub with its Mosquitto, a real agent process serving the module, the example as its
+own Python process reading the login from the environment."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.agent.conftest import Fleet
+from tests.conftest import EXAMPLE, REPO
+
+EXAMPLE_PORT = 8890  # what the example deploys to, as the seed's LocalWebservice does
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_the_example_runs_the_azure_workflow_on_a_device(
+    fleet: Fleet, sdk_home: Path, digits_model: Path, digits_samples: dict[str, list[object]], tmp_path: Path
+) -> None:
+    assert port_is_free(EXAMPLE_PORT), f"port {EXAMPLE_PORT}, which the example deploys to, is in use"
+    device = fleet.device("edge-1", tags={"site": "berlin"}).start()
+    work = tmp_path / "digits"
+    (work / "model").mkdir(parents=True)
+    shutil.copy(EXAMPLE / "score.py", work / "score.py")
+    for name in ("digits.onnx", "test_samples.json"):
+        shutil.copy(digits_model / name, work / "model" / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
+    env.update(
+        {
+            "EDGEPACK_HOME": str(sdk_home),
+            "EDGEPACK_HUB_URL": fleet.hub.url,
+            "EDGEPACK_TOKEN": fleet.hub.admin_token,
+        }
+    )
+
+    run = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "sdk_quickstart.py")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n--- agent ---\n{device.log()}"
+
+    lines = run.stdout.splitlines()
+    assert lines[0].split("\t") == ["digits", "digits:1", "1"]
+    assert "myservice on edge-1: Healthy" in lines  # show_output, outside a terminal
+    assert "Healthy" in lines
+    answer = ast.literal_eval(next(line for line in lines if line.startswith("{")))  # print(dict)
+    assert answer["predictions"] == digits_samples["expected"][:5]
+    assert any("model loaded from" in line for line in lines), run.stdout  # get_logs: score.py's init()
+
+    # service.delete() and model.delete(): nothing of either is left on the hub.
+    with fleet.http() as http:
+        assert http.get("/api/v1/deployments").json() == {"deployments": []}
+        assert http.get("/api/v1/models").json() == []
+        [module] = http.get("/api/v1/modules").json()
+    assert (module["name"], module["version"]) == ("myservice", "1")
+    assert [f["path"] for f in module["files"]] == ["model/digits.onnx", "src/score.py"]
