@@ -171,6 +171,8 @@ class Agent:
 class Stack:
     root: Path
     mqtt_port: int = 0
+    #: the broker's loopback listener for hubs, where a client id is not its user name
+    hub_listener_port: int = 0
     hub_port: int = 0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
@@ -185,12 +187,12 @@ class Stack:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
 
     def start(self, publisher_pub: Path) -> None:
-        self.mqtt_port, self.hub_port = free_port(), free_port()
+        self.mqtt_port, self.hub_port, self.hub_listener_port = free_port(), free_port(), free_port()
         data, broker_dir = self.root / "hub", self.root / "broker"
         env = {**os.environ, "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN}
         subprocess.run(
             [PY, "-m", "packager", "hub", "broker-config", "--out", str(broker_dir), "--data-dir", str(data),
-             "--port", str(self.mqtt_port)],
+             "--port", str(self.mqtt_port), "--hub-port", str(self.hub_listener_port)],
             check=True, env=env, capture_output=True,
         )  # fmt: skip
         self.start_broker()
@@ -462,7 +464,9 @@ def rss_growth(stack: Stack, agent: Agent, hub_key: Any, changes: int) -> dict[s
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{secrets.token_hex(4)}",
                          protocol=mqtt.MQTTv311)  # fmt: skip
     client.username_pw_set("edgepack-hub", password)
-    client.connect("127.0.0.1", stack.mqtt_port)
+    # Beside the hub, under the hub's user: on the devices' listener the client id is the user
+    # name, and the two would keep replacing each other.
+    client.connect("127.0.0.1", stack.hub_listener_port)
     client.loop_start()
     topic = f"edgepack/devices/{device}/desired"
     state_file = agent.state_dir / "agent-state.json"

@@ -8,6 +8,7 @@ bad configuration.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         "--stop-modules", action="store_true", help="stop the modules when the agent stops"
     )
     args = parser.parse_args(argv)
+    # pydantic looks for plugins by reading the metadata of every installed distribution; the
+    # agent uses none, and on a full system Python that scan stays in the daemon's memory.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     from edge_agent.daemon import run_agent
 
     try:
