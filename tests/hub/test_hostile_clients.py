@@ -260,6 +260,21 @@ def test_a_full_disk_answers_the_json_error_body(hub: HubFactory, tiny_disk: Pat
         assert "disk is full" in r.json()["error"]["message"]
 
 
+def _wait_until_staging_settles(tmp: Path, deadline: float) -> None:
+    """Until the staged files' names and sizes stay the same for a second."""
+
+    def snapshot() -> set[tuple[str, int]]:
+        return {(str(p), p.stat().st_size) for p in tmp.rglob("*") if p.is_file()}
+
+    last, since = snapshot(), time.monotonic()
+    while time.monotonic() - since < 1.0:
+        assert time.monotonic() < deadline, "the hub kept writing the stalled upload"
+        time.sleep(0.1)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def test_gc_with_its_default_grace_frees_a_stalled_upload(hub: HubFactory, publisher: Publisher) -> None:
     # 'hub gc' applied its one-hour grace to staged uploads too, so leftovers stayed for hours.
     h = hub()
@@ -274,6 +289,9 @@ def test_gc_with_its_default_grace_frees_a_stalled_upload(hub: HubFactory, publi
     while not any(tmp.rglob("*.part")):
         assert time.monotonic() < deadline, "the push never staged a blob"
         time.sleep(0.05)
+    # Backdate only once the hub has written all it was sent: a write after the backdating
+    # (a loaded machine) would make the file young again and gc rightly keep it.
+    _wait_until_staging_settles(tmp, deadline)
     eleven_minutes_ago = time.time() - 11 * 60
     for path in tmp.rglob("*"):
         os.utime(path, (eleven_minutes_ago, eleven_minutes_ago))
