@@ -69,8 +69,11 @@ def enroll_many(hub: RunningHub, count: int) -> list[str]:
     ids = [device_id(i) for i in range(count)]
 
     def mutate(session: Session) -> None:
-        for i, dev in enumerate(ids):
-            enroll_device(session, dev, tags_of(i))
+        # No flush per device (enroll_device looks the id up first, which would flush every
+        # pending row): the rows go to the database in one batched flush at the end.
+        with session.no_autoflush:
+            for i, dev in enumerate(ids):
+                enroll_device(session, dev, tags_of(i))
 
     hub.process.fleet.change(mutate)
     return ids
