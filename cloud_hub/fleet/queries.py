@@ -287,8 +287,8 @@ class Rollout:
 def fleet_counts(session: Session) -> FleetCounts:
     """Active devices: how many, how many online, how many in each device state."""
     dq = DeviceQuery.make()
-    online = func.sum(case((Device.online.is_(True), 1), else_=0))
-    rows = session.execute(dq.select(dq.state, func.count(), online).group_by(dq.state))
+    online_here = func.sum(case((Device.online.is_(True), 1), else_=0))
+    rows = session.execute(dq.select(dq.state, func.count(), online_here).group_by(dq.state))
     by_state = {s.value: 0 for s in DeviceState}
     total = online = 0
     for state, n, n_online in rows:

@@ -34,10 +34,10 @@ from tests.hub import fleet_seed
 from tests.hub.broker_fixtures import Broker
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import deploy, push
-from tests.hub.test_dashboard import browser, page  # noqa: F401  (the shared Chromium fixtures)
 
 FLEET = 5000
 FIRST_RENDER_S = 2.0
+DASH = "\N{EN DASH}"  # the pager writes "1{DASH}50 of 5000"
 SEED_BUDGET_S = 30.0  # measured ~6 s on a laptop-class core; the budget allows a busy CI box
 
 
@@ -114,12 +114,12 @@ class SeededHub:
 
 def services_of(i: int) -> list[str]:
     tags = fleet_seed.tags_of(i)
-    return sorted(
-        ["digits"] + (["vision"] if tags["tier"] == "gpu" else []) + (["canary"] if i < 3 else [])
-    )
+    return sorted(["digits"] + (["vision"] if tags["tier"] == "gpu" else []) + (["canary"] if i < 3 else []))
 
 
-def seed(hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str, count: int) -> SeededHub:
+def seed(
+    hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str, count: int
+) -> SeededHub:
     h = hub(mqtt_host=mosquitto.host, mqtt_port=mosquitto.port, topic_prefix=topic_prefix, mqtt_username=None)
     digits = push(h, publisher, "digits", "1")
     vision = push(h, publisher, "vision", "1", factor=3)
@@ -191,7 +191,7 @@ def sign_in(page: Page, h: RunningHub) -> None:
     expect(page.locator("#main")).to_be_visible()
 
 
-def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None:  # noqa: F811
+def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None:
     h = big_fleet.hub
     assert big_fleet.seed_s < SEED_BUDGET_S
     devices = db_devices(h)
@@ -238,7 +238,9 @@ def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None: 
     vision = db_service_states(h, "vision", devices)
     vision_row = page.locator("#services tr[data-service='vision']")
     expect(vision_row).to_have_attribute("data-state", "Failed")
-    expect(vision_row.locator("[data-rollout-total]")).to_have_attribute("data-rollout-total", str(len(vision)))
+    expect(vision_row.locator("[data-rollout-total]")).to_have_attribute(
+        "data-rollout-total", str(len(vision))
+    )
     healthy = sum(st == "Healthy" for st in vision.values())
     expect(vision_row.locator("[data-rollout-total]")).to_have_attribute("data-rollout-done", str(healthy))
     expect(vision_row.locator("li[data-device]")).to_have_count(0)
@@ -249,9 +251,9 @@ def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None: 
     # One page of devices, never the fleet.
     rows = page.locator("#devices tr[data-device]")
     expect(rows).to_have_count(50)
-    expect(page.locator("#page-info")).to_have_text(f"1–50 of {FLEET}")
+    expect(page.locator("#page-info")).to_have_text(f"1{DASH}50 of {FLEET}")
     page.click("#page-next")
-    expect(page.locator("#page-info")).to_have_text(f"51–100 of {FLEET}")
+    expect(page.locator("#page-info")).to_have_text(f"51{DASH}100 of {FLEET}")
     expect(rows.first).to_have_attribute("data-device", devices[50].id)
     page.click("#page-prev")
     expect(rows.first).to_have_attribute("data-device", devices[0].id)
@@ -298,7 +300,9 @@ def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None: 
     assert page.evaluate("location.hash") == "#/devices/sim-00000"
     modules = page.locator("#device-modules tr[data-service]")
     expect(modules).to_have_count(3)
-    expect(page.locator("#device-modules tr[data-service='vision']")).to_have_attribute("data-state", "Healthy")
+    expect(page.locator("#device-modules tr[data-service='vision']")).to_have_attribute(
+        "data-state", "Healthy"
+    )
     expect(page.locator("#device-charts [data-chart='digits requests/s']")).to_contain_text("2.5 req/s")
     expect(page.locator("#device-charts [data-chart='digits p50 latency']")).to_contain_text("4 ms")
     expect(page.locator("#device-events")).to_contain_text("sim-00000 came online")
@@ -324,14 +328,14 @@ def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None: 
         expect(rollout.locator(f"[data-rollout-state='{state}'] .n")).to_have_text(str(n))
     service_rows = page.locator("#service-devices tr[data-device]")
     expect(service_rows).to_have_count(50)
-    expect(page.locator("#service-page-info")).to_have_text(f"1–50 of {len(digits)}")
+    expect(page.locator("#service-page-info")).to_have_text(f"1{DASH}50 of {len(digits)}")
     page.select_option("#service-state", "Failed")
     failed_here = sorted(d for d, st in digits.items() if st == "Failed")
     expect(sview).to_have_attribute("data-total", str(len(failed_here)))
     expect(service_rows.first).to_have_attribute("data-device", failed_here[0])
     expect(page.locator("#service-devices tr[data-device='sim-00003'] td.reason")).to_contain_text("missing")
     page.click("#service-next")
-    expect(page.locator("#service-page-info")).to_have_text(f"51–100 of {len(failed_here)}")
+    expect(page.locator("#service-page-info")).to_have_text(f"51{DASH}100 of {len(failed_here)}")
     expect(service_rows.first).to_have_attribute("data-device", failed_here[50])
 
     # Back to the fleet: the table is as it was left (the search for sim-00000 still applies).

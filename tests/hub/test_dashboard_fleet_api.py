@@ -8,7 +8,9 @@ expected answers are computed from the database rows in plain Python
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -80,13 +82,19 @@ def test_device_listing_pages_and_filters(fleet_hub: RunningHub) -> None:
             ({"state": "Failed"}, [d for d in devices if d.state == "Failed"]),
             ({"state": "Pending"}, [d for d in devices if d.state == "Pending"]),
             ({"online": "false"}, [d for d in devices if not d.online]),
-            ({"online": "true", "state": "Healthy"}, [d for d in devices if d.online and d.state == "Healthy"]),
+            (
+                {"online": "true", "state": "Healthy"},
+                [d for d in devices if d.online and d.state == "Healthy"],
+            ),
             ({"tag": "site:berlin"}, [d for d in devices if d.tags["site"] == "berlin"]),
             (
                 {"tag": ["site:paris", "tier:gpu"]},
                 [d for d in devices if d.tags["site"] == "paris" and d.tags["tier"] == "gpu"],
             ),
-            ({"tag": "tier=gpu", "online": "true"}, [d for d in devices if d.tags["tier"] == "gpu" and d.online]),
+            (
+                {"tag": "tier=gpu", "online": "true"},
+                [d for d in devices if d.tags["tier"] == "gpu" and d.online],
+            ),
             ({"tag": "site:nowhere"}, []),
             ({"tag": "nosuchkey:x"}, []),
             ({"q": "sim-0012"}, [d for d in devices if "sim-0012" in d.id]),
@@ -140,7 +148,9 @@ def test_service_view_pages_its_devices(fleet_hub: RunningHub) -> None:
         bad = http.get(path, params={"state": "Idle"})  # a device state, not a service's
         assert bad.status_code == 400 and "expected one of" in bad.json()["error"]["message"]
         body = http.get(path).json()
-        assert body["service"]["module"] == "vision" and body["service"]["target"] == {"selector": {"tier": "gpu"}}
+        assert body["service"]["module"] == "vision" and body["service"]["target"] == {
+            "selector": {"tier": "gpu"}
+        }
         assert body["service"]["rollout"]["total"] == len(states)
 
 
@@ -202,3 +212,22 @@ def test_bad_views_are_refused(hub: HubFactory) -> None:
         for path in ("summary", "devices", "devices/x", "services/x"):
             r = anonymous.get(f"/api/v1/dashboard/{path}")
             assert r.status_code == 401 and r.json()["error"]["type"] == "Unauthorized"
+
+
+def test_the_dashboard_doc_names_every_dashboard_route(hub: HubFactory) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "dashboard.md").read_text()
+    documented = set(re.findall(r"/api/v1/dashboard/[a-z_{}/]+", doc))
+    documented |= {f"/api/v1/dashboard/{m}" for m in re.findall(r"`/(events|telemetry|ingest)`", doc)}
+    h = hub()
+    spec = httpx.get(f"{h.url}/openapi.json").json()
+    served = {p for p in spec["paths"] if p.startswith("/api/v1/dashboard/")}
+    sessions = {"/api/v1/dashboard/login", "/api/v1/dashboard/logout", "/api/v1/dashboard/sessions"}
+    assert served - sessions == documented
+
+
+def test_the_dashboard_script_never_parses_html() -> None:
+    # Device ids, tags, reasons and endpoints are device-controlled: the script only ever sets
+    # them as text (document.createElement + append), never through an HTML parser.
+    script = (Path(__file__).resolve().parents[2] / "cloud_hub" / "dashboard" / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert sink not in script, sink
