@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import Publisher
 from tests.hub.broker_fixtures import Broker
 from tests.hub.conftest import HubFactory, RunningHub
+from tests.hub.fleet_support import enroll
 from tests.hub.test_dashboard_fleet import DbDevice, db_devices, db_service_states, seed
 
 COUNT = 240
@@ -38,7 +39,10 @@ def fleet_hub(
         def factory(**kw: object) -> RunningHub:
             return hub(postgres=server, **kw)
 
-    return seed(factory, publisher, mosquitto, topic_prefix, COUNT).hub
+    h = seed(factory, publisher, mosquitto, topic_prefix, COUNT).hub
+    with h.client() as http:  # a key with '.' and '/' (as JSON paths go), and no service: Idle
+        enroll(http, "odd-1", **{"team.io/owner": "ml"})
+    return h
 
 
 def all_pages(http: httpx.Client, path: str, params: dict[str, object], limit: int = 37) -> list[dict]:
@@ -75,7 +79,11 @@ def test_device_listing_pages_and_filters(fleet_hub: RunningHub) -> None:
         # Pages cover the fleet once, in id order.
         assert ids(all_pages(http, path, {})) == expect_ids(devices)
         first = http.get(path).json()
-        assert first["total"] == COUNT and first["limit"] == 50 and len(first["devices"]) == 50
+        assert (
+            first["total"] == len(devices) == COUNT + 1
+            and first["limit"] == 50
+            and len(first["devices"]) == 50
+        )
 
         # Each filter, and filters combined, give exactly the matching devices.
         cases: list[tuple[dict[str, object], list[DbDevice]]] = [
@@ -86,20 +94,22 @@ def test_device_listing_pages_and_filters(fleet_hub: RunningHub) -> None:
                 {"online": "true", "state": "Healthy"},
                 [d for d in devices if d.online and d.state == "Healthy"],
             ),
-            ({"tag": "site:berlin"}, [d for d in devices if d.tags["site"] == "berlin"]),
+            ({"tag": "site:berlin"}, [d for d in devices if d.tags.get("site") == "berlin"]),
             (
                 {"tag": ["site:paris", "tier:gpu"]},
-                [d for d in devices if d.tags["site"] == "paris" and d.tags["tier"] == "gpu"],
+                [d for d in devices if d.tags.get("site") == "paris" and d.tags.get("tier") == "gpu"],
             ),
             (
                 {"tag": "tier=gpu", "online": "true"},
-                [d for d in devices if d.tags["tier"] == "gpu" and d.online],
+                [d for d in devices if d.tags.get("tier") == "gpu" and d.online],
             ),
             ({"tag": "site:nowhere"}, []),
+            ({"tag": "team.io/owner:ml"}, [d for d in devices if d.id == "odd-1"]),
+            ({"state": "Idle"}, [d for d in devices if d.id == "odd-1"]),
             ({"tag": "nosuchkey:x"}, []),
             ({"q": "sim-0012"}, [d for d in devices if "sim-0012" in d.id]),
             ({"q": "SIM-0012"}, [d for d in devices if "sim-0012" in d.id]),  # case does not matter
-            ({"q": "canary"}, [d for d in devices if d.tags["ring"] == "canary"]),  # tag text
+            ({"q": "canary"}, [d for d in devices if d.tags.get("ring") == "canary"]),  # tag text
             ({"q": "%"}, []),  # a LIKE wildcard is a plain character
             ({"q": "_"}, []),
         ]
@@ -116,9 +126,9 @@ def test_summary_counts_equal_the_database(fleet_hub: RunningHub) -> None:
     with fleet_hub.client() as http:
         body = http.get("/api/v1/dashboard/summary").json()
     counts = body["devices"]
-    assert counts["total"] == COUNT
+    assert counts["total"] == len(devices) == COUNT + 1
     assert counts["online"] == sum(d.online for d in devices)
-    assert counts["offline"] == COUNT - counts["online"]
+    assert counts["offline"] == len(devices) - counts["online"]
     assert {k: v for k, v in counts["by_state"].items() if v} == dict(Counter(d.state for d in devices))
     services = {s["name"]: s for s in body["services"]}
     assert list(services) == ["canary", "digits", "vision"]  # by name
