@@ -8,6 +8,11 @@
 
 const POLL_MS = 2000;
 const PAGE = 50;
+// A feed that takes the hub long to answer (the fleet charts read thousands of samples) is asked
+// for less often: at most once per this many times its last answer's duration, so polling
+// never keeps the hub busy more than ~1/10 of the time per open page, whatever the fleet's size.
+const COST_FACTOR = 10;
+const MAX_BACKOFF_MS = 30000;
 let lastEventId = 0;
 let timer = null;
 let countsMarked = false;
@@ -154,6 +159,12 @@ function devicesPath() {
 }
 
 function renderDevices(page) {
+  if (!page.devices.length && page.offset > 0 && page.total > 0) {
+    // The fleet changed under the page shown (fewer devices match now): go to the last page.
+    filters.offset = Math.floor((page.total - 1) / PAGE) * PAGE;
+    setTimeout(refresh, 0);
+    return;
+  }
   $("device-total").textContent = `${page.total} matching`;
   $("fleet").setAttribute("data-total", String(page.total));
   const first = page.total ? page.offset + 1 : 0;
@@ -301,6 +312,11 @@ function servicePath(name) {
 }
 
 function renderService(data) {
+  if (!data.devices.length && data.offset > 0 && data.total > 0) {
+    servicePage.offset = Math.floor((data.total - 1) / PAGE) * PAGE;
+    setTimeout(refresh, 0);
+    return;
+  }
   const s = data.service;
   const view = $("service-view");
   view.setAttribute("data-service", s.name);
@@ -377,6 +393,21 @@ function feeds(r) {
   ];
 }
 
+// When each feed was last asked for, and how long its answer took.
+const lastFetched = new Map();
+const cost = new Map();
+const failing = new Set();
+
+const lastUrl = new Map();
+
+// Due: never asked for, asked for something else than now (a filter or the page changed), or
+// its back-off has passed.
+function due([name, path]) {
+  const last = lastFetched.get(name);
+  if (last === undefined || lastUrl.get(name) !== path()) return true;
+  return Date.now() - last >= Math.min(MAX_BACKOFF_MS, COST_FACTOR * (cost.get(name) || 0));
+}
+
 function feedError(name, message, refused = false) {
   const note = document.querySelector(`[data-feed-error='${name}']`);
   if (!note) return;
@@ -391,13 +422,20 @@ async function refresh() {
   const mine = ++generation;  // a newer refresh (a filter changed) makes this one's answers stale
   const r = route();
   showView(r);
-  const list = feeds(r);
+  const list = feeds(r).filter(due);
   let loggedOut = false;
   const results = await Promise.all(list.map(async ([name, path, render]) => {
     const url = path();
+    const started = Date.now();
+    lastFetched.set(name, started);
+    lastUrl.set(name, url);
     try {
       const data = await getJSON(url);
-      if (mine !== generation) return null;
+      cost.set(name, Date.now() - started);
+      if (mine !== generation) {
+        lastFetched.delete(name);  // answered for filters no longer shown: ask again next time
+        return null;
+      }
       $("login").hidden = true;
       $("main").hidden = false;
       $("logout").hidden = false;
@@ -415,14 +453,12 @@ async function refresh() {
   }));
   if (mine !== generation) return;
   if (loggedOut) return showLogin();
-  const failed = results.filter((n) => n !== null);
-  if (failed.length < list.length) {
-    $("login").hidden = true;
-    $("main").hidden = false;
-    $("logout").hidden = false;
-  }
+  list.forEach(([name], i) => (results[i] === null ? failing.delete(name) : failing.add(name)));
+  // A feed not asked for this time (not due yet) keeps the verdict of its last answer.
+  const names = feeds(r).map(([name]) => name);
+  const failed = names.filter((n) => failing.has(n));
   const now = new Date().toLocaleTimeString();
-  $("status").textContent = failed.length === list.length ? `hub unreachable; retrying`
+  $("status").textContent = failed.length === names.length ? `hub unreachable; retrying`
     : failed.length ? `updated ${now}; ${failed.join(", ")} unavailable` : `updated ${now}`;
   timer = setTimeout(refresh, POLL_MS);
 }
@@ -503,6 +539,10 @@ $("login-form").addEventListener("submit", async (ev) => {
 $("logout").addEventListener("click", async () => {
   await fetch("/api/v1/dashboard/logout", { method: "POST", credentials: "same-origin" });
   lastEventId = 0;
+  lastFetched.clear();
+  lastUrl.clear();
+  cost.clear();
+  failing.clear();
   $("events").replaceChildren();
   showLogin();
 });
