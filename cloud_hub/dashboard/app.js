@@ -195,7 +195,10 @@ function setFilters(change) {
 
 // A count tile filters the device table, from whichever page it is clicked on.
 function showFiltered(change) {
-  if (route().view !== "home") history.pushState(null, "", "#/");
+  if (route().view !== "home") {
+    history.pushState(null, "", "#/");  // (no hashchange event for this)
+    clearViews();
+  }
   setFilters(change);
 }
 
@@ -513,9 +516,23 @@ $("service-next").addEventListener("click", () => {
   refresh();
 });
 
+// What a device or service page drew belongs to that page: leaving it clears it, so the next
+// page never shows another's rows while it loads, and the fleet's charts are the only ones
+// named "SERVICE requests/s" in the document.
+function clearViews() {
+  for (const id of ["device-info", "device-modules", "device-charts", "device-events",
+    "service-info", "service-rollout", "service-devices", "service-events"]) $(id).replaceChildren();
+  for (const id of ["device-view", "service-view"]) {
+    for (const attr of ["data-device", "data-service", "data-state", "data-online", "data-total"]) {
+      $(id).removeAttribute(attr);
+    }
+  }
+}
+
 window.addEventListener("hashchange", () => {
+  clearViews();
   const r = route();
-  if (r.view === "service" && $("service-view").getAttribute("data-service") !== r.id) {
+  if (r.view === "service") {
     servicePage.state = "";
     servicePage.offset = 0;
     $("service-state").value = "";

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -229,7 +230,7 @@ class DeviceRow:
     id: str
     tags: dict[str, str]
     online: bool
-    last_seen: Any
+    last_seen: datetime | None
     agent_version: str | None
     state: DeviceState
 
