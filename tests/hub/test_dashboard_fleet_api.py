@@ -14,7 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select, text
 
+from cloud_hub.events import Event
 from tests.conftest import Publisher
 from tests.hub.broker_fixtures import Broker
 from tests.hub.conftest import HubFactory, RunningHub
@@ -241,3 +243,19 @@ def test_the_dashboard_script_never_parses_html() -> None:
     script = (Path(__file__).resolve().parents[2] / "cloud_hub" / "dashboard" / "app.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in script, sink
+
+
+def test_a_devices_newest_events_are_read_through_an_index(hub: HubFactory, tmp_path: Path) -> None:
+    # The device and service pages read their newest events; migration 0005's indexes let the
+    # database walk them newest first instead of sorting every event of the device. (SQLite's
+    # plan, pinned in the PostgreSQL pass too: the planner's words differ per engine.)
+    h = hub(data_dir=tmp_path, db=f"sqlite:///{tmp_path / 'hub.db'}")
+    with h.core.sessions.begin() as s:
+        for column, name in [
+            (Event.device_id, "ix_events_device_id_id"),
+            (Event.service, "ix_events_service_id"),
+        ]:
+            query = select(Event.id).where(column == "x").order_by(Event.id.desc()).limit(30)
+            sql = str(query.compile(dialect=s.get_bind().dialect, compile_kwargs={"literal_binds": True}))
+            plan = " ".join(str(row[-1]) for row in s.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+            assert name in plan and "TEMP B-TREE" not in plan, plan
