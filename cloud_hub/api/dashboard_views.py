@@ -1,7 +1,7 @@
 """Routes: the dashboard's fleet views — summary, device pages, one device, one service.
 
 Built for fleets of thousands: every listing is filtered, counted and paged in SQL
-(:mod:`cloud_hub.fleet.queries`), a page holds at most ``MAX_PAGE`` rows, and every query
+(:mod:`cloud_hub.overview.queries`), a page holds at most ``MAX_PAGE`` rows, and every query
 parameter is bounded (a bad one is a 4xx in the hub's one JSON error shape). All routes need
 the admin token or the dashboard's session cookie.
 """
@@ -22,7 +22,12 @@ from cloud_hub.events import Event
 from cloud_hub.fleet.deployments import check_service_name, get_deployment
 from cloud_hub.fleet.desired import stored_state
 from cloud_hub.fleet.devices import get_device
-from cloud_hub.fleet.queries import (
+from cloud_hub.fleet.tables import Deployment, DeviceDesired
+from cloud_hub.fleet.targeting import check_device_id
+from cloud_hub.ingest.series import service_series
+from cloud_hub.ingest.state import device_module_statuses
+from cloud_hub.ingest.tables import DeviceReport, TelemetrySample
+from cloud_hub.overview.queries import (
     MAX_OFFSET,
     MAX_PAGE,
     MAX_SEARCH_CHARS,
@@ -36,11 +41,6 @@ from cloud_hub.fleet.queries import (
     rollout,
     service_devices_page,
 )
-from cloud_hub.fleet.tables import Deployment, DeviceDesired
-from cloud_hub.fleet.targeting import check_device_id
-from cloud_hub.ingest.series import service_series
-from cloud_hub.ingest.state import device_module_statuses
-from cloud_hub.ingest.tables import DeviceReport, TelemetrySample
 from manifests.reported import ModuleStatus, Progress, Telemetry
 from manifests.states import ServiceState
 

@@ -52,7 +52,7 @@ DASH = "\N{EN DASH}"  # the pager writes "1{DASH}50 of 5000"
 SEED_BUDGET_S = 60.0  # ~6 s measured; 24 s seen on a box shared with 3 other suites
 
 
-# --- what the database says, computed independently of cloud_hub.fleet.queries ----------------
+# --- what the database says, computed independently of cloud_hub.overview.queries -------------
 
 
 @dataclass(frozen=True)
