@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, String, Text, delete, select
+from sqlalchemy import Index, Integer, String, Text, delete, select
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -18,6 +18,12 @@ from cloud_hub.db.base import Base, utcnow
 
 class Event(Base):
     __tablename__ = "events"
+    # A device's or a service's newest events (the dashboard's device and service pages) are
+    # read from these without sorting every event of the device or service.
+    __table_args__ = (
+        Index("ix_events_device_id_id", "device_id", "id"),
+        Index("ix_events_service_id", "service", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

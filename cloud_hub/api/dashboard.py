@@ -1,9 +1,9 @@
 """Routes: the dashboard page, its login, and the JSON it polls (events, telemetry).
 
-The page itself is static (``cloud_hub/dashboard/``); its script reads the fleet, services,
-models and modules from the same admin API the CLI uses, authenticated by the HttpOnly
-``edgepack_admin`` cookie that the login form sets. Events and telemetry come from the
-database, so every hub replica shows the same feed.
+The page itself is static (``cloud_hub/dashboard/``); its script reads the fleet views
+(summary, device pages, one device, one service: ``api.dashboard_views``), the models and the
+modules, authenticated by the HttpOnly ``edgepack_admin`` cookie that the login form sets.
+Events and telemetry come from the database, so every hub replica shows the same feed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import select
 
+from cloud_hub.api import dashboard_views
 from cloud_hub.api.deps import ADMIN_COOKIE, Admin, Core, Hub
 from cloud_hub.api.sessions import SESSION_TTL, close_all_sessions, close_session, open_session
 from cloud_hub.db.base import utcnow
@@ -159,3 +160,6 @@ def telemetry(
             for svc, points in series.items()
         },
     }
+
+
+router.include_router(dashboard_views.router)

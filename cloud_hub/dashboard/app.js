@@ -1,10 +1,25 @@
 // The edgepack dashboard: polls the hub's admin API (the HttpOnly login cookie authenticates)
 // and redraws. No framework, no CDN: the hub may run where there is no internet.
+//
+// Built for fleets of thousands: the hub counts, filters and pages devices; the page only ever
+// holds one page of them. Routes live in the hash: #/ (fleet), #/devices/ID, #/services/NAME.
+// Every string that came from a device or a user is set as text (el() never parses HTML).
 "use strict";
 
 const POLL_MS = 2000;
+const PAGE = 50;
+// A feed that takes the hub long to answer (the fleet charts read thousands of samples) is asked
+// for less often: at most once per this many times its last answer's duration, so polling
+// never keeps the hub busy more than ~1/10 of the time per open page, whatever the fleet's size.
+const COST_FACTOR = 10;
+const MAX_BACKOFF_MS = 30000;
 let lastEventId = 0;
 let timer = null;
+let countsMarked = false;
+
+// What the device table shows: the filters and the page (offset) in it.
+const filters = { q: "", tags: [], state: "", online: "", offset: 0 };
+const servicePage = { state: "", offset: 0 };
 
 const $ = (id) => document.getElementById(id);
 
@@ -24,13 +39,20 @@ function el(tag, attrs = {}, ...children) {
 const badge = (text, cls) => el("span", { class: `badge ${cls || text}` }, text);
 const tags = (obj) => Object.entries(obj || {}).map(([k, v]) => el("span", { class: "tag" }, `${k}=${v}`));
 const when = (iso) => (iso ? new Date(iso).toLocaleString() : "never");
+const deviceLink = (id) => el("a", { href: `#/devices/${encodeURIComponent(id)}` }, el("code", {}, id));
+const serviceLink = (name) => el("a", { href: `#/services/${encodeURIComponent(name)}` }, el("strong", {}, name));
 
 class LoggedOut extends Error {}
 
 async function getJSON(path) {
   const res = await fetch(path, { credentials: "same-origin", headers: { Accept: "application/json" } });
   if (res.status === 401) throw new LoggedOut();
-  if (!res.ok) throw new Error(`${path}: HTTP ${res.status}`);
+  if (!res.ok) {
+    const body = await res.json().catch(() => ({}));
+    const err = new Error(body.error ? body.error.message : `${path}: HTTP ${res.status}`);
+    err.refused = res.status === 400 || res.status === 422;  // the request was wrong: no retry helps
+    throw err;
+  }
   return res.json();
 }
 
@@ -38,21 +60,50 @@ function fill(tbody, rows, empty) {
   tbody.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colSpan: 9, class: "muted" }, empty))]));
 }
 
-function renderDevices(devices) {
-  const online = devices.filter((d) => d.online).length;
-  $("fleet-summary").textContent = `${online} online, ${devices.length - online} offline`;
-  fill($("devices"), devices.map((d) => el("tr", { "data-device": d.id, "data-online": String(d.online) },
-    el("td", {}, el("code", {}, d.id)),
-    el("td", {}, badge(d.online ? "online" : "offline")),
-    el("td", {}, tags(d.tags)),
-    el("td", {}, d.agent_version || "–"),
-    el("td", {}, when(d.last_seen)),
-    el("td", {}, (d.services || []).join(", ") || "–"),
-  )), "No devices enrolled yet (edgepack device enroll ID --tag k=v).");
+// --- routes ----------------------------------------------------------------------------------
+
+function route() {
+  const hash = location.hash.replace(/^#\/?/, "");
+  const [kind, ...rest] = hash.split("/");
+  const id = decodeURIComponent(rest.join("/"));
+  if (kind === "devices" && id) return { view: "device", id };
+  if (kind === "services" && id) return { view: "service", id };
+  return { view: "home" };
+}
+
+function showView(r) {
+  $("home").hidden = r.view !== "home";
+  $("device-view").hidden = r.view !== "device";
+  $("service-view").hidden = r.view !== "service";
+}
+
+// --- summary and services ----------------------------------------------------------------------
+
+function renderSummary(data) {
+  const c = data.devices;
+  $("fleet-summary").textContent = `${c.online} online, ${c.offline} offline`;
+  const counts = $("counts");
+  counts.setAttribute("data-total", String(c.total));
+  for (const [key, n] of [["total", c.total], ["online", c.online], ["offline", c.offline]]) {
+    counts.querySelector(`[data-count='${key}'] .n`).textContent = String(n);
+  }
+  for (const tile of counts.querySelectorAll("[data-count-state]")) {
+    const n = c.by_state[tile.getAttribute("data-count-state")] || 0;
+    tile.querySelector(".n").textContent = String(n);
+    tile.classList.toggle("zero", n === 0);
+  }
+  if (!countsMarked) {
+    countsMarked = true;
+    performance.mark("edgepack:counts");  // the fleet test's first-render measure
+  }
+  renderServices(data.services);
 }
 
 function targetText(target) {
-  if (target.devices) return `devices: ${target.devices.join(", ")}`;
+  if (target.devices) {
+    const shown = target.devices.slice(0, 5).join(", ");
+    return `devices: ${shown}${target.devices.length > 5 ? ` (+${target.devices.length - 5})` : ""}`;
+  }
   if (target.selector) {
     const sel = typeof target.selector === "string" ? target.selector
       : Object.entries(target.selector).map(([k, v]) => `${k}=${v}`).join(",");
@@ -61,18 +112,97 @@ function targetText(target) {
   return JSON.stringify(target);
 }
 
-function renderServices(deployments) {
-  fill($("services"), deployments.map((s) => el("tr", { "data-service": s.name, "data-state": s.state },
-    el("td", {}, el("strong", {}, s.name)),
+function stateCounts(byState) {
+  return Object.entries(byState).filter(([, n]) => n > 0).map(([state, n]) =>
+    el("span", { class: "count", "data-state-count": state }, badge(state), ` ${n}`));
+}
+
+function bar(pct) {
+  const node = el("div", { class: "bar" });
+  node.style.width = `${pct}%`;
+  return node;
+}
+
+function progressBar(rollout) {
+  const pct = rollout.total ? Math.round((100 * rollout.done) / rollout.total) : 0;
+  return el("div", { class: "progress", title: `${rollout.done} of ${rollout.total} serving the current version` },
+    bar(pct),
+    el("span", { class: "label" }, `${rollout.done}/${rollout.total} (${pct}%)`));
+}
+
+function renderServices(services) {
+  fill($("services"), services.map((s) => el("tr", { "data-service": s.name, "data-state": s.state },
+    el("td", {}, serviceLink(s.name)),
     el("td", {}, `${s.module}:${s.version}`),
     el("td", {}, targetText(s.target)),
     el("td", {}, badge(s.state)),
-    el("td", {}, el("ul", { class: "breakdown" }, (s.devices || []).map((d) =>
-      el("li", { "data-device": d.device_id, "data-state": d.state || "pending" },
-        el("code", {}, d.device_id), " ", badge(d.state || "pending"),
-        d.reason ? el("span", { class: "muted" }, ` ${d.reason}`) : null))))
+    el("td", { "data-rollout-done": String(s.rollout.done), "data-rollout-total": String(s.rollout.total) },
+      progressBar(s.rollout)),
+    el("td", {}, s.devices
+      ? el("ul", { class: "breakdown" }, s.devices.map((d) =>
+        el("li", { "data-device": d.device_id, "data-state": d.state },
+          deviceLink(d.device_id), " ", badge(d.state),
+          d.reason ? el("span", { class: "muted" }, ` ${d.reason}`) : null)))
+      : el("div", { class: "counts" }, stateCounts(s.rollout.by_state))),
   )), "No services deployed yet (edgepack deploy -n NAME -m MODULE:VERSION …).");
 }
+
+// --- device table --------------------------------------------------------------------------------
+
+function devicesPath() {
+  const params = new URLSearchParams({ limit: String(PAGE), offset: String(filters.offset) });
+  if (filters.q) params.set("q", filters.q);
+  for (const t of filters.tags) params.append("tag", t);
+  if (filters.state) params.set("state", filters.state);
+  if (filters.online) params.set("online", filters.online);
+  return `/api/v1/dashboard/devices?${params}`;
+}
+
+function renderDevices(page) {
+  if (!page.devices.length && page.offset > 0 && page.total > 0) {
+    // The fleet changed under the page shown (fewer devices match now): go to the last page.
+    filters.offset = Math.floor((page.total - 1) / PAGE) * PAGE;
+    setTimeout(refresh, 0);
+    return;
+  }
+  $("device-total").textContent = `${page.total} matching`;
+  $("fleet").setAttribute("data-total", String(page.total));
+  const first = page.total ? page.offset + 1 : 0;
+  const last = page.offset + page.devices.length;
+  $("page-info").textContent = `${first}–${last} of ${page.total}`;
+  $("page-prev").disabled = page.offset === 0;
+  $("page-next").disabled = last >= page.total;
+  fill($("devices"), page.devices.map((d) => el("tr",
+    { "data-device": d.id, "data-online": String(d.online), "data-state": d.state },
+    el("td", {}, deviceLink(d.id)),
+    el("td", {}, badge(d.online ? "online" : "offline")),
+    el("td", {}, badge(d.state)),
+    el("td", {}, tags(d.tags)),
+    el("td", {}, d.agent_version || "–"),
+    el("td", {}, when(d.last_seen)),
+  )), page.total || filters.q || filters.tags.length || filters.state || filters.online
+    ? "No device matches these filters." : "No devices enrolled yet (edgepack device enroll ID --tag k=v).");
+}
+
+function setFilters(change) {
+  Object.assign(filters, change, { offset: change.offset ?? 0 });
+  $("device-search").value = filters.q;
+  $("device-tag").value = filters.tags.join(" ");
+  $("device-state").value = filters.state;
+  $("device-online").value = filters.online;
+  refresh();
+}
+
+// A count tile filters the device table, from whichever page it is clicked on.
+function showFiltered(change) {
+  if (route().view !== "home") {
+    history.pushState(null, "", "#/");  // (no hashchange event for this)
+    clearViews();
+  }
+  setFilters(change);
+}
+
+// --- models, modules, events, charts -------------------------------------------------------------
 
 function renderModels(models) {
   fill($("models"), models.map((m) => el("tr", {},
@@ -87,13 +217,17 @@ function renderModules(modules) {
   "No modules pushed.");
 }
 
+function eventItem(e) {
+  return el("li", { "data-kind": e.kind },
+    el("span", { class: "muted" }, new Date(e.at).toLocaleTimeString(), " "),
+    el("span", { class: "kind" }, e.kind), e.message);
+}
+
 function renderEvents(events) {
   const list = $("events");
   for (const e of events) {
     lastEventId = Math.max(lastEventId, e.id);
-    list.prepend(el("li", { "data-kind": e.kind },
-      el("span", { class: "muted" }, new Date(e.at).toLocaleTimeString(), " "),
-      el("span", { class: "kind" }, e.kind), e.message));
+    list.prepend(eventItem(e));
   }
   while (list.children.length > 200) list.lastChild.remove();
 }
@@ -123,17 +257,116 @@ function chart(title, points, key, cls, unit) {
     el("h3", {}, title, el("span", { class: "muted" }, last ? ` — ${last[key]} ${unit}` : " — no data")), svg);
 }
 
-function renderTelemetry(data) {
-  const services = Object.entries(data.services || {});
-  if (!services.length) {
-    $("charts").replaceChildren(el("p", { class: "muted" }, "No telemetry yet."));
+function charts(target, services, empty) {
+  const entries = Object.entries(services || {});
+  if (!entries.length) {
+    target.replaceChildren(el("p", { class: "muted" }, empty));
     return;
   }
-  $("charts").replaceChildren(...services.flatMap(([svc, points]) => [
+  target.replaceChildren(...entries.flatMap(([svc, points]) => [
     chart(`${svc} requests/s`, points, "rps", "rps", "req/s"),
     chart(`${svc} p50 latency`, points, "p50_ms", "p50", "ms"),
   ]));
 }
+
+const renderTelemetry = (data) => charts($("charts"), data.services, "No telemetry yet.");
+
+// --- device page ---------------------------------------------------------------------------------
+
+function info(target, pairs) {
+  target.replaceChildren(...pairs.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-field": k }, v)]));
+}
+
+function renderDevice(data) {
+  const d = data.device;
+  const view = $("device-view");
+  view.setAttribute("data-device", d.id);
+  view.setAttribute("data-online", String(d.online));
+  view.setAttribute("data-state", d.state);
+  $("device-title").textContent = d.id;
+  $("device-badges").replaceChildren(badge(d.online ? "online" : "offline"), " ", badge(d.state));
+  info($("device-info"), [
+    ["tags", el("span", {}, tags(d.tags))],
+    ["agent", d.agent_version || "–"],
+    ["last seen", when(d.last_seen)],
+    ["services", data.services.join(", ") || "–"],
+    ["generation", `${data.generation} issued, ${data.applied_generation ?? "none"} applied`],
+    ["last error", data.last_error || "–"],
+  ]);
+  fill($("device-modules"), data.modules.map((m) => el("tr", { "data-service": m.service, "data-state": m.state },
+    el("td", {}, serviceLink(m.service)),
+    el("td", {}, badge(m.state)),
+    el("td", { class: "reason" }, m.reason || "–"),
+    el("td", {}, m.version || (m.manifest_digest ? m.manifest_digest.slice(0, 19) + "…" : "–")),
+    el("td", {}, m.serving_version || "–"),
+    el("td", {}, String(m.restarts)),
+    el("td", {}, m.endpoint ? el("code", {}, m.endpoint) : "–"),
+  )), "This device has not reported any module yet.");
+  charts($("device-charts"), data.telemetry, "No telemetry from this device yet.");
+  $("device-events").replaceChildren(...data.events.map(eventItem));
+}
+
+// --- service page --------------------------------------------------------------------------------
+
+function servicePath(name) {
+  const params = new URLSearchParams({ limit: String(PAGE), offset: String(servicePage.offset) });
+  if (servicePage.state) params.set("state", servicePage.state);
+  return `/api/v1/dashboard/services/${encodeURIComponent(name)}?${params}`;
+}
+
+function renderService(data) {
+  if (!data.devices.length && data.offset > 0 && data.total > 0) {
+    servicePage.offset = Math.floor((data.total - 1) / PAGE) * PAGE;
+    setTimeout(refresh, 0);
+    return;
+  }
+  const s = data.service;
+  const view = $("service-view");
+  view.setAttribute("data-service", s.name);
+  view.setAttribute("data-state", s.state);
+  view.setAttribute("data-total", String(data.total));
+  $("service-title").textContent = s.name;
+  $("service-badge").replaceChildren(badge(s.state));
+  info($("service-info"), [
+    ["module", `${s.module}:${s.version}`],
+    ["digest", el("code", {}, s.manifest_digest)],
+    ["target", targetText(s.target)],
+    ["updated", when(data.updated_at)],
+  ]);
+  const r = s.rollout;
+  $("service-rollout").replaceChildren(
+    progressBar(r),
+    el("div", { class: "tiles" }, Object.entries(r.by_state).map(([state, n]) =>
+      el("a", { class: `tile ${state}${n ? "" : " zero"}`, href: location.hash, "data-rollout-state": state,
+        onclick: (ev) => { ev.preventDefault(); setServiceState(state); } },
+      el("span", { class: "n" }, String(n)), ` ${state}`))));
+  $("service-rollout").setAttribute("data-done", String(r.done));
+  $("service-rollout").setAttribute("data-total", String(r.total));
+  const first = data.total ? data.offset + 1 : 0;
+  const last = data.offset + data.devices.length;
+  $("service-page-info").textContent = `${first}–${last} of ${data.total}`;
+  $("service-prev").disabled = data.offset === 0;
+  $("service-next").disabled = last >= data.total;
+  fill($("service-devices"), data.devices.map((d) => el("tr",
+    { "data-device": d.device_id, "data-state": d.state, "data-online": String(d.online) },
+    el("td", {}, deviceLink(d.device_id)),
+    el("td", {}, badge(d.online ? "online" : "offline")),
+    el("td", {}, badge(d.state)),
+    el("td", { class: "reason" }, d.reason || "–"),
+    el("td", {}, d.serving_version || "–"),
+    el("td", {}, d.endpoint ? el("code", {}, d.endpoint) : "–"),
+  )), "No device in this state.");
+  $("service-events").replaceChildren(...data.events.map(eventItem));
+}
+
+function setServiceState(state) {
+  servicePage.state = state;
+  servicePage.offset = 0;
+  $("service-state").value = state;
+  refresh();
+}
+
+// --- polling -------------------------------------------------------------------------------------
 
 function showLogin(message) {
   clearTimeout(timer);
@@ -144,49 +377,169 @@ function showLogin(message) {
   $("token").focus();
 }
 
-// Each feed is fetched and drawn on its own: one that fails (a 500, a timeout) shows its error in
-// its own card and never hides the others.
-const FEEDS = [
-  ["devices", () => "/api/v1/devices", (d) => renderDevices(d.devices)],
-  ["services", () => "/api/v1/deployments", (d) => renderServices(d.deployments)],
-  ["models", () => "/api/v1/models", renderModels],
-  ["modules", () => "/api/v1/modules", renderModules],
-  ["events", () => `/api/v1/dashboard/events?after=${lastEventId}`, (d) => renderEvents(d.events)],
-  ["telemetry", () => "/api/v1/dashboard/telemetry?minutes=15", renderTelemetry],
-];
+// The feeds each route polls. Each is fetched and drawn on its own, as soon as it arrives: one
+// that fails (a 500, a timeout) shows its error in its own card and never hides the others,
+// and a slow one (telemetry) never delays the counts.
+function feeds(r) {
+  const always = [["summary", () => "/api/v1/dashboard/summary", renderSummary]];
+  if (r.view === "device") {
+    return [...always, ["device", () => `/api/v1/dashboard/devices/${encodeURIComponent(r.id)}`, renderDevice]];
+  }
+  if (r.view === "service") return [...always, ["service", () => servicePath(r.id), renderService]];
+  return [
+    ...always,
+    ["devices", devicesPath, renderDevices],
+    ["models", () => "/api/v1/models", renderModels],
+    ["modules", () => "/api/v1/modules", renderModules],
+    ["events", () => `/api/v1/dashboard/events?after=${lastEventId}`, (d) => renderEvents(d.events)],
+    ["telemetry", () => "/api/v1/dashboard/telemetry?minutes=15", renderTelemetry],
+  ];
+}
 
-function feedError(name, message) {
+// When each feed was last asked for, and how long its answer took.
+const lastFetched = new Map();
+const cost = new Map();
+const failing = new Set();
+
+const lastUrl = new Map();
+
+// Due: never asked for, asked for something else than now (a filter or the page changed), or
+// its back-off has passed.
+function due([name, path]) {
+  const last = lastFetched.get(name);
+  if (last === undefined || lastUrl.get(name) !== path()) return true;
+  return Date.now() - last >= Math.min(MAX_BACKOFF_MS, COST_FACTOR * (cost.get(name) || 0));
+}
+
+function feedError(name, message, refused = false) {
   const note = document.querySelector(`[data-feed-error='${name}']`);
-  note.textContent = message ? `${name} unavailable (${message}); retrying` : "";
+  if (!note) return;
+  note.textContent = !message ? "" : refused ? message : `${name} unavailable (${message}); retrying`;
   note.hidden = !message;
 }
 
+let generation = 0;
+
 async function refresh() {
   clearTimeout(timer);
-  const results = await Promise.allSettled(FEEDS.map(([, path]) => getJSON(path())));
-  if (results.some((r) => r.status === "rejected" && r.reason instanceof LoggedOut)) return showLogin();
-  $("login").hidden = true;
-  $("main").hidden = false;
-  $("logout").hidden = false;
-  const failed = [];
-  results.forEach((result, i) => {
-    const [name, , render] = FEEDS[i];
-    let error = result.status === "rejected" ? result.reason.message : null;
-    if (!error) {
-      try {
-        render(result.value);
-      } catch (err) {
-        error = `cannot show it: ${err.message}`;
+  const mine = ++generation;  // a newer refresh (a filter changed) makes this one's answers stale
+  const r = route();
+  showView(r);
+  const list = feeds(r).filter(due);
+  let loggedOut = false;
+  const results = await Promise.all(list.map(async ([name, path, render]) => {
+    const url = path();
+    const started = Date.now();
+    lastFetched.set(name, started);
+    lastUrl.set(name, url);
+    try {
+      const data = await getJSON(url);
+      cost.set(name, Date.now() - started);
+      if (mine !== generation) {
+        lastFetched.delete(name);  // answered for filters no longer shown: ask again next time
+        return null;
       }
+      $("login").hidden = true;
+      $("main").hidden = false;
+      $("logout").hidden = false;
+      render(data);
+      feedError(name, null);
+      return null;
+    } catch (err) {
+      if (err instanceof LoggedOut) {
+        loggedOut = true;
+        return name;
+      }
+      if (mine === generation) feedError(name, err.message, err.refused === true);
+      return name;
     }
-    feedError(name, error);
-    if (error) failed.push(name);
-  });
+  }));
+  if (mine !== generation) return;
+  if (loggedOut) return showLogin();
+  list.forEach(([name], i) => (results[i] === null ? failing.delete(name) : failing.add(name)));
+  // A feed not asked for this time (not due yet) keeps the verdict of its last answer.
+  const names = feeds(r).map(([name]) => name);
+  const failed = names.filter((n) => failing.has(n));
   const now = new Date().toLocaleTimeString();
-  $("status").textContent = failed.length === FEEDS.length ? `hub unreachable; retrying`
+  $("status").textContent = failed.length === names.length ? `hub unreachable; retrying`
     : failed.length ? `updated ${now}; ${failed.join(", ")} unavailable` : `updated ${now}`;
   timer = setTimeout(refresh, POLL_MS);
 }
+
+// --- controls ------------------------------------------------------------------------------------
+
+let searchTimer = null;
+$("device-search").addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => setFilters({ q: $("device-search").value.trim() }), 250);
+});
+$("device-tag").addEventListener("change", () => {
+  setFilters({ tags: $("device-tag").value.split(/[\s,]+/).filter(Boolean) });
+});
+$("device-state").addEventListener("change", () => setFilters({ state: $("device-state").value }));
+$("device-online").addEventListener("change", () => setFilters({ online: $("device-online").value }));
+$("device-filters").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  setFilters({
+    q: $("device-search").value.trim(),
+    tags: $("device-tag").value.split(/[\s,]+/).filter(Boolean),
+  });
+});
+$("device-clear").addEventListener("click", () => setFilters({ q: "", tags: [], state: "", online: "" }));
+$("page-prev").addEventListener("click", () => {
+  filters.offset = Math.max(0, filters.offset - PAGE);
+  refresh();
+});
+$("page-next").addEventListener("click", () => {
+  filters.offset += PAGE;
+  refresh();
+});
+for (const tile of document.querySelectorAll("#counts [data-count]")) {
+  tile.addEventListener("click", (ev) => {
+    ev.preventDefault();
+    showFiltered({ online: tile.getAttribute("data-filter-online"), state: "" });
+  });
+}
+for (const tile of document.querySelectorAll("#counts [data-count-state]")) {
+  tile.addEventListener("click", (ev) => {
+    ev.preventDefault();
+    showFiltered({ state: tile.getAttribute("data-count-state"), online: "" });
+  });
+}
+$("service-state").addEventListener("change", () => setServiceState($("service-state").value));
+$("service-prev").addEventListener("click", () => {
+  servicePage.offset = Math.max(0, servicePage.offset - PAGE);
+  refresh();
+});
+$("service-next").addEventListener("click", () => {
+  servicePage.offset += PAGE;
+  refresh();
+});
+
+// What a device or service page drew belongs to that page: leaving it clears it, so the next
+// page never shows another's rows while it loads, and the fleet's charts are the only ones
+// named "SERVICE requests/s" in the document.
+function clearViews() {
+  for (const id of ["device-info", "device-modules", "device-charts", "device-events",
+    "service-info", "service-rollout", "service-devices", "service-events"]) $(id).replaceChildren();
+  for (const id of ["device-view", "service-view"]) {
+    for (const attr of ["data-device", "data-service", "data-state", "data-online", "data-total"]) {
+      $(id).removeAttribute(attr);
+    }
+  }
+}
+
+window.addEventListener("hashchange", () => {
+  clearViews();
+  const r = route();
+  if (r.view === "service") {
+    servicePage.state = "";
+    servicePage.offset = 0;
+    $("service-state").value = "";
+  }
+  window.scrollTo(0, 0);
+  refresh();
+});
 
 $("login-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
@@ -203,6 +556,10 @@ $("login-form").addEventListener("submit", async (ev) => {
 $("logout").addEventListener("click", async () => {
   await fetch("/api/v1/dashboard/logout", { method: "POST", credentials: "same-origin" });
   lastEventId = 0;
+  lastFetched.clear();
+  lastUrl.clear();
+  cost.clear();
+  failing.clear();
   $("events").replaceChildren();
   showLogin();
 });

@@ -16,6 +16,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -28,6 +29,8 @@ from cloud_hub.db.base import Base, utcnow
 
 class Device(Base):
     __tablename__ = "devices"
+    # The dashboard counts and filters active devices by online status on every refresh.
+    __table_args__ = (Index("ix_devices_revoked_online", "revoked", "online"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)

@@ -40,6 +40,7 @@ from manifests.signing import public_key_pem
 from tests.conftest import Publisher
 from tests.factory import Forge
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
+from tests.hub.browser_fixtures import *  # noqa: F403  (headless Chromium: browser, page)
 from tests.hub.postgres_fixtures import *  # noqa: F403  (PostgreSQL server fixture)
 from tests.hub.rabbitmq_fixtures import *  # noqa: F403  (a RabbitMQ cluster with MQTT)
 from tests.hub.replica_fixtures import *  # noqa: F403  (hub processes behind nginx)
