@@ -231,8 +231,8 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
     score_size = (project / "src" / "score.py").stat().st_size
     for device in fleet:
         after = device.status()["downloads"]
-        moved = {k: after[k] - before[device.device_id][k] for k in ("blobs", "bytes")}
-        assert moved == {"blobs": 1, "bytes": score_size}, (device.device_id, before, after)
+        moved = {k: after[k] - before[device.device_id][k] for k in after}
+        assert moved == {"manifests": 1, "blobs": 1, "bytes": score_size}, (device.device_id, before, after)
         assert score(device.url(port), request)["predictions"] == expected
 
     # 5. A broken version 3 (init() raises): every device rolls back to 2, the service says
