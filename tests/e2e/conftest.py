@@ -159,6 +159,14 @@ class Device:
         self.proc = self.stack.cli.popen("agent", "run", "--config", str(self.config), log=self.log_path)
         return self
 
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def status(self) -> dict[str, Any]:
         """``edgepack agent status --json``: read from the state folder, as on the device."""
         body: dict[str, Any] = self.stack.cli.json("agent", "status", "--config", str(self.config))
@@ -181,6 +189,7 @@ class Device:
 
     def stop(self) -> None:
         if self.proc is not None:
+            self.resume()  # a paused agent would not act on SIGTERM
             stop_process(self.proc)
         # Modules outlive their agent by design; the test must not leave them behind.
         kill_modules(self.state_dir)

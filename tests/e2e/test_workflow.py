@@ -151,14 +151,15 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
     port, quick_port = (port_free_on(stack.addresses(4)) for _ in range(2))
     project = write_project(stack.root / "project", digits_model, port)
 
-    # The fleet: two docker devices and a process device, enrolled with tags and set up
-    # (credentials, agent.toml); their agents start in step 2.
+    # The fleet: two docker devices and a process device, enrolled with tags, agents running.
     fleet = [
-        stack.device("edge-1", runtime="docker", tags={**TAGS, "line": "a"}),
-        stack.device("edge-2", runtime="docker", tags={**TAGS, "line": "b"}),
-        stack.device("edge-3", runtime="process", tags={**TAGS, "line": "c"}),
+        stack.device("edge-1", runtime="docker", tags={**TAGS, "line": "a"}).start(),
+        stack.device("edge-2", runtime="docker", tags={**TAGS, "line": "b"}).start(),
+        stack.device("edge-3", runtime="process", tags={**TAGS, "line": "c"}).start(),
     ]
     ids = [d.device_id for d in fleet]
+    online = lambda: {d["id"] for d in cli.json("device", "list", "--selector", SELECTOR) if d["online"]}  # noqa: E731
+    wait_for(lambda: online() == set(ids), timeout=60, what="the fleet online", stack=stack)
 
     # 1. Register the model with tags; build, sign and push a module from the Azure ML files.
     cli.run("model", "register", "-n", "digits", "-p", str(project / "model" / "digits.onnx"),
@@ -167,16 +168,19 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
     assert [(m["name"], str(m["version"])) for m in models] == [("digits", "1")]
     v1 = build_and_push(stack, project, 1)
 
-    # 2. Deploy to the selector; the devices are switched on while service wait watches, and
-    #    it shows each of them Transitioning, then Healthy. (Switched on before, a process
-    #    device is Healthy within a second of the deploy, before the first poll.)
+    # 2. Deploy to the selector: service wait shows each device Transitioning, then Healthy.
+    #    A process device is Healthy within half a second of the deploy, before a CLI started
+    #    after it makes its first poll; so the agents are paused (SIGSTOP) until service wait
+    #    has drawn its first state of every device.
+    for device in fleet:
+        device.pause()
     deploy(stack, project, 1)
     waiting = stack.cli.popen_text("service", "wait", SERVICE, "--timeout", "150", "--interval", "0.2")
     assert waiting.stdout is not None
     first = [waiting.stdout.readline() for _ in fleet]
-    assert all("not reported yet" in line for line in first), first
+    assert sorted(line.split(": ")[0] for line in first) == [f"{SERVICE} on {i}" for i in ids], first
     for device in fleet:
-        device.start()
+        device.resume()
     rest, errors = waiting.communicate(timeout=200)
     output = "".join(first) + rest
     assert waiting.returncode == 0, f"{output}\n{errors}\n{stack.logs()}"
@@ -285,6 +289,8 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
     # 8. Delete the service and the model: modules stop, files leave the devices and the hub.
     assert all(files_under(d.state_dir / "cache") for d in everyone)
     assert files_under(stack.hub_data / "blobs")
+    pids = [(d.service(SERVICE) or {}).get("pid") for d in everyone if d.runtime == "process"]
+    assert all(pids), pids
     cli.run("service", "delete", SERVICE, "--yes")
     for device in everyone:
         wait_for(lambda device=device: not device.peek()["services"], timeout=60,  # type: ignore[misc]
@@ -295,6 +301,8 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
         assert files_under(device.state_dir / "cache") == [], device.device_id
     for device in fleet[:2]:
         assert containers_of(device) == [], device.device_id
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"module process {pid} still runs"
     for ref in ("digits:1", "digits:2", "digits:3", f"{QUICK}:1"):
         cli.run("module", "delete", ref)
     cli.run("model", "delete", "digits:1")
