@@ -188,6 +188,7 @@ def test_a_crash_reason_leaves_out_the_escape_sequences_a_module_logged() -> Non
     # state's bounds, and with it the device's whole report (a docker device's Failed was lost).
     lines = ["\x1b[0;93m[W:onnxruntime] telemetry\x1b[m", "bell\x07 and nul\x00", "RuntimeError: x"]
     reason = log_tail_reason("init() failed", lines)
-    assert reason == "init() failed; last log lines: [W:onnxruntime] telemetry | bell and nul | RuntimeError: x"
+    lead = "init() failed; last log lines: "
+    assert reason == lead + "[W:onnxruntime] telemetry | bell and nul | RuntimeError: x"
     ModuleStatus(service="s", manifest_digest="sha256:" + "0" * 64, state=ServiceState.FAILED,
                  since=datetime.now(UTC), reason=reason)  # fmt: skip
