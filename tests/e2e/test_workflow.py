@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -177,11 +178,14 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
     deploy(stack, project, 1)
     waiting = stack.cli.popen_text("service", "wait", SERVICE, "--timeout", "150", "--interval", "0.2")
     assert waiting.stdout is not None
+    guard = threading.Timer(200, waiting.kill)  # a wait that hangs silently must not hang the test
+    guard.start()
     first = [waiting.stdout.readline() for _ in fleet]
     assert sorted(line.split(": ")[0] for line in first) == [f"{SERVICE} on {i}" for i in ids], first
     for device in fleet:
         device.resume()
     rest, errors = waiting.communicate(timeout=200)
+    guard.cancel()
     output = "".join(first) + rest
     assert waiting.returncode == 0, f"{output}\n{errors}\n{stack.logs()}"
     for device_id in ids:
