@@ -21,6 +21,8 @@ class Load:
     body: bytes
     answer: Callable[[Any], int]  # the JSON answer -> which version answered
     clients: int = 2
+    #: where the service listens: loopback's 127.0.0.1, or another loopback address (tests/e2e)
+    host: str = "127.0.0.1"
     fresh_connections: bool = False
     answers: Counter[int] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
@@ -35,7 +37,8 @@ class Load:
         with httpx.Client(timeout=10) as client:
             while not self._stop.is_set():
                 try:
-                    r = client.post(f"http://127.0.0.1:{self.port}/score", content=self.body, headers=headers)
+                    url = f"http://{self.host}:{self.port}/score"
+                    r = client.post(url, content=self.body, headers=headers)
                     r.raise_for_status()
                     version = self.answer(r.json())
                 except Exception as exc:

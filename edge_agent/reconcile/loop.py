@@ -402,9 +402,22 @@ class ReconcileLoop:
         for assignment in state.modules:
             service = self._service(assignment.service)
             if service.target != assignment:
-                service.target = assignment
+                previous, service.target = service.target, assignment
+                self._back_to_serving(service, previous)
             self._rotate_keys(service, assignment)
         self._dirty_plan = self._dirty_save = self._dirty_report = True
+
+    def _back_to_serving(self, service: ServiceRecord, previous: ModuleAssignment | None) -> None:
+        """A release reverted to the version that kept serving after the new one failed: the
+        failure was the abandoned version's, and nothing needs doing (the plan keeps what runs),
+        so the service is Healthy again instead of Failed for ever."""
+        current = service.current
+        if previous is None or current is None or service.state is not ServiceState.FAILED:
+            return
+        if assignment_key(previous) == current.key or service.target is None:
+            return  # the serving version itself failed (a crash loop): that stays Failed
+        if assignment_key(service.target) == current.key:
+            self._set_status(service.name, ServiceState.HEALTHY, None)
 
     def _rotate_keys(self, service: ServiceRecord, assignment: ModuleAssignment) -> None:
         """New endpoint keys for what runs already: rewrite its keys file, no restart."""

@@ -5,6 +5,7 @@ randomness).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -70,13 +71,20 @@ def after_failure(
     )
 
 
+#: Terminal escape sequences (colours: onnxruntime colours its warnings) and other control
+#: characters, which a reported reason must not carry (manifests.bounds refuses them, and the
+#: whole report with them).
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def log_tail_reason(headline: str, lines: list[str], *, max_chars: int = 1500) -> str:
-    """A state reason with the last log lines of the module, newest last, within a budget."""
+    """A state reason with the last log lines of the module, newest last, within a budget,
+    without the escape sequences and control characters a module may have logged."""
     lead = "; last log lines: "
     kept: list[str] = []
     size = len(headline) + len(lead)
     for line in reversed(lines):
-        line = line.rstrip()
+        line = _ESCAPES.sub("", line).rstrip()
         if not line:
             continue
         if size + len(line) + 3 > max_chars:

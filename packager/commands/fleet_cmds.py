@@ -11,7 +11,7 @@ Healthy. Every command calls the SDK (``packager.sdk``) and prints what it retur
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.panel import Panel
@@ -41,7 +41,7 @@ from packager.sdk import (
     Service,
     save_credentials,
 )
-from packager.sdk.live import LiveServiceView, devices_table, tags_text, target_text
+from packager.sdk.live import LiveServiceView, StateLines, devices_table, tags_text, target_text
 
 device_app = typer.Typer(help="Enroll, list, show, tag and revoke devices.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
@@ -383,13 +383,21 @@ def wait_service_cmd(
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show each device's state live until all are final; exit 0 only if all are Healthy."""
+    """Show each device's state live until all are final; exit 0 only if all are Healthy.
+
+    In a terminal the per-device table redraws at each poll; in a pipe or a log (CI, scripts)
+    a line per device whose state changed, since a live table is drawn there only once, at the
+    end, and the rollout's steps would be lost.
+    """
+    progress: LiveServiceView | StateLines | Literal[False]
+    if console.is_terminal:
+        progress = LiveServiceView(console, transient=as_json)
+    else:
+        progress = False if as_json else StateLines(console.file)
     with connect(hub, token) as connected:
         service = Service(connected, name)
         try:
-            service.wait_for_deployment(
-                timeout=timeout, interval=interval, progress=LiveServiceView(console, transient=as_json)
-            )
+            service.wait_for_deployment(timeout=timeout, interval=interval, progress=progress)
         except DeploymentFailed:
             if as_json and service.record.devices:
                 print_json(service.record.raw)

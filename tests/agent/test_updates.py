@@ -55,7 +55,8 @@ def test_an_update_switches_versions_without_a_failed_request_and_fetches_only_w
 def test_a_broken_version_is_abandoned_and_the_last_good_one_keeps_serving(fleet: Fleet) -> None:
     agent = fleet.device("edge-1").start()
     port = free_port()
-    fleet.deploy("demo", fleet.push("demo", "2"), port=port, devices=["edge-1"])
+    v2 = fleet.push("demo", "2")
+    fleet.deploy("demo", v2, port=port, devices=["edge-1"])
     fleet.wait_rollup("demo", "Healthy")
     fleet.deploy("demo", fleet.push("demo", "3", files=files(FAILING_INIT)), port=port, devices=["edge-1"])
     body = fleet.wait_rollup("demo", "Failed")
@@ -69,6 +70,15 @@ def test_a_broken_version_is_abandoned_and_the_last_good_one_keeps_serving(fleet
     time.sleep(1.5)
     assert "init() failed" in (agent.service("demo") or {})["reason"]
     assert agent.log().count("demo: version 3 failed") == 1
+
+    # The team reverts the release: version 2 serves already, so it is Healthy, not restarted.
+    fleet.deploy("demo", v2, port=port, devices=["edge-1"])
+    reverted = wait_for(lambda: (s := agent.service("demo")) and s["version"] == "2" and s, log=agent.log,
+                        what="the reverted desired state applied")  # fmt: skip
+    # At once, not after a probe: 'service wait' ends on the first Failed it sees.
+    assert reverted["state"] == "Healthy" and reverted["reason"] is None, reverted
+    assert reverted["pid"] == status["pid"]
+    fleet.wait_rollup("demo", "Healthy")
 
 
 def restarted(agent: Agent, *, other_than: int | None = None) -> Callable[[], dict[str, Any] | None]:

@@ -169,11 +169,17 @@ def test_service_wait_follows_reported_states(
             stderr=subprocess.PIPE,
             text=True,
         )
+        # In a pipe each change is a line as it happens (a live table is drawn once, at the end).
+        assert waiting.stdout is not None
+        assert waiting.stdout.readline().startswith("digits on edge-1: ")
+        assert waiting.stdout.readline().startswith("digits on edge-2: ")
         report(probe, topic_prefix, "edge-1", mod.digest, ServiceState.TRANSITIONING)
+        assert waiting.stdout.readline() == "digits on edge-1: Transitioning\n"
         report(probe, topic_prefix, "edge-2", mod.digest, ServiceState.HEALTHY)
         report(probe, topic_prefix, "edge-1", mod.digest, ServiceState.HEALTHY)
         stdout, stderr = waiting.communicate(timeout=90)
         assert waiting.returncode == 0, stderr
+        assert "digits on edge-1: Healthy" in stdout and "digits on edge-2: Healthy" in stdout
         assert "Healthy on 2 device(s)" in stdout
 
         report(probe, topic_prefix, "edge-2", mod.digest, ServiceState.FAILED, "init() raised KeyError")
