@@ -384,6 +384,12 @@ class ReconcileLoop:
         except DesiredStateRefused as exc:
             if exc.reason is DesiredRefusal.NOT_NEWER and self._same_generation(payload):
                 return  # the same generation again (a retained message redelivered)
+            if exc.reason is DesiredRefusal.NOT_NEWER and source == "http":
+                # A poll sent before the newest state came over MQTT answers the hub's older
+                # one: stale, not hostile. Nothing is applied; reporting it would hide a real
+                # refusal behind a false one.
+                log.debug("desired state over HTTP older than the applied one: %s", exc)
+                return
             log.warning("desired state from %s refused: %s", source, exc)
             self.record.last_error = f"desired state from {source} refused ({exc.reason}): {exc}"[:2000]
             self._dirty_save = self._dirty_report = True
