@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -188,10 +188,8 @@ class Shards:
 
     def stop(self) -> None:
         for pipe in self.pipes:
-            try:
+            with suppress(BrokenPipeError, OSError):
                 pipe.send(("stop", None))
-            except (BrokenPipeError, OSError):
-                pass
         for p in self.processes:
             p.join(timeout=30)
             if p.is_alive():
@@ -380,7 +378,7 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
         documents, enroll_s = enroll(hub, n)
         enroll_cpu = hub.cpu_s() - cpu0
         log(
-            f"  enrolled in {enroll_s:.2f} s ({n / enroll_s:.0f}/s); starting {shard_count} simulator processes"
+            f"  enrolled in {enroll_s:.2f} s ({n / enroll_s:.0f}/s); {shard_count} simulator processes start"
         )
         shards = start_shards(documents, shard_count, root)
         stack.callback(shards.stop)
