@@ -27,7 +27,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +138,13 @@ def save_credentials_files(documents: Sequence[DeviceCredentials], out_dir: Path
     staged: list[tuple[str, Path]] = []
     try:
         for document in documents:
-            fd, tmp = tempfile.mkstemp(prefix=f".{document.device_id}.", suffix=".part", dir=out_dir)
+            # A fixed temporary name (ids are unique in one enrolment): mkstemp's random names
+            # cost more than the writes. Never through a link; created 0600, so never readable.
+            tmp = str(out_dir / f".{document.device_id}.json.part")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # left by an interrupted run
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             staged.append((tmp, credentials_path(out_dir, document.device_id)))
-            os.fchmod(fd, 0o600)
             body = document.model_dump(mode="json", by_alias=True, exclude_none=True)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(json.dumps(body, indent=2).encode() + b"\n")
