@@ -12,7 +12,7 @@ and nginx.
   ``deploy_published_s`` the time until the broker holds every device's new retained state
   (counted by a subscriber); ``deploy_unpublished`` must be 0.
 
-Usage: ``python bench/fleet.py [--quick]``; the last line of output is JSON.
+Usage: ``python bench/scale_out.py [--quick]``; the last line of output is JSON.
 """
 
 from __future__ import annotations
