@@ -35,8 +35,9 @@ from cloud_hub.fleet.tables import DeviceDesired
 
 log = logging.getLogger(__name__)
 
-#: Rows locked and published per transaction: bounds how long a lock is held.
-CHUNK = 200
+#: Rows locked and published per transaction: bounds how long a lock is held; as many as the
+#: link keeps unacknowledged (``mqtt.link.MAX_INFLIGHT``), so a chunk costs one round of acks.
+CHUNK = 1000
 
 
 class DesiredChannel(Protocol):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -145,9 +144,10 @@ def save_credentials_files(documents: Sequence[DeviceCredentials], out_dir: Path
                 os.unlink(tmp)  # left by an interrupted run
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             staged.append((tmp, credentials_path(out_dir, document.device_id)))
-            body = document.model_dump(mode="json", by_alias=True, exclude_none=True)
+            # pydantic's encoder: json.dumps with an indent falls back to pure Python
+            body = document.model_dump_json(indent=2, by_alias=True, exclude_none=True)
             with os.fdopen(fd, "wb") as fh:
-                fh.write(json.dumps(body, indent=2).encode() + b"\n")
+                fh.write(body.encode() + b"\n")
         os.sync()  # one sync for every file's data, before any of them is renamed into place
         for tmp, path in staged:
             os.replace(tmp, path)
