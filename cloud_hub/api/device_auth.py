@@ -26,18 +26,45 @@ from cloud_hub.store.blobs import check_digest
 router = APIRouter(prefix="/api/v1/device", tags=["device"])
 
 
-def require_device(request: Request, core: Core) -> str:
-    """The id of the device whose token came with the request."""
+def _token_of(request: Request) -> str:
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("device token required: send 'Authorization: Bearer <device token>'")
+    return token
+
+
+_INVALID = "device token is not valid (unknown or revoked device)"
+
+
+def require_device(request: Request, core: Core) -> str:
+    """The id of the device whose token came with the request."""
+    token = _token_of(request)
     with core.sessions.begin() as s:
         device_id = s.scalar(
             select(Device.id).where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
         )
     if device_id is None:
-        raise Unauthorized("device token is not valid (unknown or revoked device)")
+        raise Unauthorized(_INVALID)
     return device_id
+
+
+def _device_and_named(session: Session, request: Request) -> tuple[str, list[str]]:
+    """The device whose token came with the request, and the manifest digests its current
+    desired state names: one query, in the route's own session (the downloads of a fleet-wide
+    rollout are most of the hub's requests, and each extra session or thread hop showed)."""
+    token = _token_of(request)
+    row = session.execute(
+        select(Device.id, DeviceDesired.payload)
+        .outerjoin(DeviceDesired, DeviceDesired.device_id == Device.id)
+        .where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
+    ).first()
+    if row is None:
+        raise Unauthorized(_INVALID)
+    device_id, payload = row
+    if payload is None:
+        raise NotFound(f"device {device_id!r} has no desired state yet")
+    # The hub wrote and signed these bytes itself: a plain JSON parse, no validation.
+    return device_id, [m["manifest_digest"] for m in json.loads(payload)["signed"]["modules"]]
 
 
 DeviceId = Annotated[str, Depends(require_device)]
@@ -48,19 +75,6 @@ def _current_payload(session: Session, device_id: str) -> DeviceDesired:
     if row is None or row.payload is None:
         raise NotFound(f"device {device_id!r} has no desired state yet")
     return row
-
-
-def _named_digests(session: Session, device_id: str) -> list[str]:
-    """The manifest digests the device's current desired state names.
-
-    Read from the stored envelope with a plain JSON parse: the hub wrote and signed those bytes
-    itself, and every download of a fleet-wide rollout asks this (validating the whole state
-    and loading each module with its files made the downloads the slowest part of a deploy).
-    """
-    payload = session.scalar(select(DeviceDesired.payload).where(DeviceDesired.device_id == device_id))
-    if payload is None:
-        raise NotFound(f"device {device_id!r} has no desired state yet")
-    return [m["manifest_digest"] for m in json.loads(payload)["signed"]["modules"]]
 
 
 @router.get("/desired", summary="This device's current signed desired state")
@@ -83,10 +97,11 @@ def get_desired(core: Core, fleet: Fleet, device_id: DeviceId, request: Request)
 
 
 @router.get("/manifests/{digest}", summary="A module manifest named by this device's desired state")
-def get_manifest(core: Core, device_id: DeviceId, digest: str) -> Response:
-    check_digest(digest)
+def get_manifest(core: Core, digest: str, request: Request) -> Response:
     with core.sessions.begin() as s:
-        if digest not in _named_digests(s, device_id):
+        device_id, named = _device_and_named(s, request)
+        check_digest(digest)
+        if digest not in named:
             raise Forbidden(f"manifest {digest} is not named by device {device_id!r}'s desired state")
         manifest = s.scalar(select(Module.manifest).where(Module.manifest_digest == digest))
     if manifest is None:
@@ -95,10 +110,10 @@ def get_manifest(core: Core, device_id: DeviceId, digest: str) -> Response:
 
 
 @router.get("/blobs/{digest}", summary="A blob of a module this device's desired state names")
-def get_blob(core: Core, device_id: DeviceId, digest: str, request: Request) -> Response:
-    check_digest(digest)
+def get_blob(core: Core, digest: str, request: Request) -> Response:
     with core.sessions.begin() as s:
-        named = _named_digests(s, device_id)
+        device_id, named = _device_and_named(s, request)
+        check_digest(digest)
         part_of = (
             select(ModuleFile.id)
             .join(Module, Module.id == ModuleFile.module_id)
