@@ -142,6 +142,7 @@ class BatchView:
             DeviceReport.device_id.in_(ids)
         )
         self.reported_at: dict[str, datetime] = {d: at for d, at in session.execute(reports)}
+        self._reports_stored = frozenset(self.reported_at)  # rows to update; the others are new
         self._reports_new: dict[str, dict[str, Any]] = {}
         self._reports_changed: dict[str, dict[str, Any]] = {}
         self.modules: dict[str, dict[str, _ModuleRow]] = {}
@@ -187,11 +188,10 @@ class BatchView:
         return self.assigned.get(device_id, frozenset())
 
     def store_report(self, device_id: str, values: dict[str, Any]) -> None:
-        if device_id in self.reported_at or device_id in self._reports_changed:
-            self._reports_changed[device_id] = values
-            self._reports_new.pop(device_id, None)
-        else:
-            self._reports_new[device_id] = values
+        """The device's newest report, to be written by :meth:`write` (the last one wins)."""
+        (self._reports_changed if device_id in self._reports_stored else self._reports_new)[device_id] = (
+            values
+        )
         self.reported_at[device_id] = values["reported_at"]
 
     def write(self) -> None:

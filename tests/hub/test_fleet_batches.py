@@ -17,6 +17,8 @@ from cloud_hub.broker.passwords import hash_password
 from cloud_hub.events import Event
 from cloud_hub.fleet.publish import DesiredPublisher, unpublished
 from cloud_hub.fleet.tables import Device, DeviceDesired
+from cloud_hub.ingest.messages import Reported, parse_message
+from cloud_hub.ingest.state import BatchView, apply_reported
 from cloud_hub.ingest.tables import DeviceReport, ModuleState
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.mqtt.link import MqttLink
@@ -133,3 +135,26 @@ def test_a_deploy_publishes_every_state_in_batches_and_marks_only_what_the_broke
     assert len(errors) == len(ids) and "not connected" in errors[0]
     with h.core.sessions.begin() as s:
         assert unpublished(s) == ids
+
+
+def test_two_reports_of_a_new_device_in_one_batch_keep_the_newer(hub: HubFactory) -> None:
+    # The worker keeps one pending state per device, but a batch must stay right without that.
+    h = hub()
+    (device,) = _fleet(h, 1)
+    received = T0 + timedelta(hours=1)
+    messages = [
+        parse_message(f"{PREFIX}/devices/{device}/reported", _report(device, s, state), prefix=PREFIX,
+                      retained=False, received_at=received)
+        for s, state in ((1, "Transitioning"), (2, "Healthy"), (0, "Failed"))
+    ]  # fmt: skip
+    with h.core.sessions.begin() as s:
+        view = BatchView(s, [device])
+        applied = [apply_reported(view, m) for m in messages if isinstance(m, Reported)]
+        view.write()
+    assert applied == [True, True, False]
+    with h.core.sessions.begin() as s:
+        report = s.get(DeviceReport, device)
+        assert report is not None and report.reported_at == T0 + timedelta(seconds=2)
+        assert s.get(ModuleState, (device, "svc")).state == "Healthy"  # type: ignore[union-attr]
+        kinds = sorted(s.scalars(select(Event.kind).where(Event.device_id == device)))
+        assert kinds == ["deployed", "healthy"]
