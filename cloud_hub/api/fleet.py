@@ -115,7 +115,7 @@ class BulkEnrollRequest(BaseModel):
 
 class BulkEnrollOut(BaseModel):
     enrolled: int
-    issued: int = Field(description="devices that got a desired state (a deployment already targets them)")
+    issued: int = Field(description="desired states issued: one per new device, naming what targets it")
     published: bool | None = Field(description="None when the hub runs without a broker")
     device_credentials: list[DeviceCredentials] = Field(description="in the order asked; shown once")
 
