@@ -281,15 +281,22 @@ def _trusted_part(view: BatchView, msg: Reported) -> ReportedState:
     """The report with device times clamped to the hub's clock and only assigned services."""
     state = msg.state
     assigned = view.services_of(msg.device_id)
-    modules = [
-        m.model_copy(update={"since": clamp_to_hub_clock(m.since, msg.received_at)})
-        for m in state.modules
-        if m.service in assigned
-    ]
+    modules = [_clamped(m, msg.received_at) for m in state.modules if m.service in assigned]
     view.unassigned += len(state.modules) - len(modules)
-    return state.model_copy(
-        update={"reported_at": clamp_to_hub_clock(state.reported_at, msg.received_at), "modules": modules}
+    reported_at = clamp_to_hub_clock(state.reported_at, msg.received_at)
+    unchanged = len(modules) == len(state.modules) and all(
+        a is b for a, b in zip(modules, state.modules, strict=True)
     )
+    if unchanged and reported_at == state.reported_at and state.reported_at.tzinfo is not None:
+        return state  # the usual case: nothing to clamp or drop, so no copy
+    return state.model_copy(update={"reported_at": reported_at, "modules": modules})
+
+
+def _clamped(status: ModuleStatus, received_at: datetime) -> ModuleStatus:
+    since = clamp_to_hub_clock(status.since, received_at)
+    if since == status.since and status.since.tzinfo is not None:
+        return status
+    return status.model_copy(update={"since": since})
 
 
 def apply_online(view: BatchView, msg: Online) -> bool:
