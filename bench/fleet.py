@@ -1,155 +1,447 @@
-"""The scaled-out hub's fleet operations: pushes to S3 vs the local store, a 1,000-device deploy.
+"""A fleet of thousands on one machine: enrolment, deploy and update to Healthy, ingest, hub memory.
 
-Real engines on loopback (``bench/layout.py``): PostgreSQL, SeaweedFS, Mosquitto, hub processes
-and nginx.
+For each fleet size N (``--devices 100,1000,5000``), on fresh engines:
 
-- ``push_*_mb_s``: a module with one large random model file pushed over HTTP to one hub
-  process whose blobs are on the local disk, then to one whose blobs are in S3 (SeaweedFS);
-  the hub verifies every signature and digest while it streams (best of ``--pushes``).
-- ``deploy_*``: two hub replicas behind nginx on PostgreSQL; ``--devices`` devices enrolled
-  (rows written straight into the database, then issued by a first deploy), then one deploy
-  through nginx that changes every device's state: ``deploy_request_s`` is the request, and
-  ``deploy_published_s`` the time until the broker holds every device's new retained state
-  (counted by a subscriber); ``deploy_unpublished`` must be 0.
+- Mosquitto with the password file and ACL the hub generates, and ``edgepack hub serve`` on
+  SQLite as a process of its own (so its CPU time and peak RSS are its own);
+- **enrolment**: ``edgepack device enroll --from-file devices.csv --out-dir creds/`` (one
+  request, one broker reload), timed as the command runs: ``enroll_per_s``;
+- N simulated devices (``bench/fleet_sim.py``) in ``--shards`` processes: real MQTT clients with
+  their own credentials that verify the hub's signature on their desired state
+  (``verify_desired``), fetch the manifest and blobs over HTTP with the digest and publisher
+  checks, and report Transitioning then Healthy without running a model;
+- ``deploy_to_healthy_s``: from ``edgepack deploy`` returning to all N devices Healthy in the
+  hub's roll-up (``GET /api/v1/deployments/sim``, what ``edgepack service wait`` reads);
+  ``update_to_healthy_s`` the same for a version that changes only score.py;
+- ``ingest_msgs_per_s``: every device sends one full reported state at once, three times;
+  messages applied per second until the database holds them all (best burst);
+- ``hub_peak_rss_mb`` (VmHWM) and the hub's CPU seconds per phase;
+- where the time goes: the hub's own account of a deploy request (sign + store, publish; from
+  its log), when the first and last device had its state, the devices' verify and download
+  time, when the last one reported Healthy, and the rest (ingest + roll-up) until the roll-up
+  said so.
 
-Usage: ``python bench/fleet.py [--quick]``; the last line of output is JSON.
+With ``--postgres`` one more point runs the hub on a throwaway PostgreSQL (``postgres_*``).
+
+Usage: ``python bench/fleet.py [--quick] [--devices 100,1000,5000]``; the last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
-import queue
+import re
+import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
-# The benchmarks start the same engines as the tests, with the tests' helpers.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from layout import DEVICE_ROW, Layout
+from pydantic import SecretStr
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import create_engine, text
 
-from cloud_hub.broker.passwords import hash_password
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fleet_sim import run_shard
+
+from cloud_hub.broker.mosquitto import prepare_broker_dir, render_config
+from cloud_hub.settings import HubSettings
+from manifests.signing import generate_private_key, public_key_pem
+from tests.conftest import free_port
 from tests.factory import Forge
-from tests.hub.replica_fixtures import ADMIN
+from tests.hub.broker_fixtures import Broker, start_mosquitto
 
-BUNDLE = {"Content-Type": "application/vnd.edgepack.module+tar"}
-AUTH = {"Authorization": f"Bearer {ADMIN}"}
-
-
-def push_rate(layout: Layout, model_mb: int, pushes: int, *, s3: bool) -> float:
-    db = layout.database()
-    prefix = f"push{'s3' if s3 else 'file'}"
-    blob_store = layout.seaweedfs.url(prefix=prefix) if s3 and layout.seaweedfs else None
-    (hub,) = layout.hubs(1, db, prefix, blob_store=blob_store)
-    forge = Forge(publisher=layout.publisher_key)  # type: ignore[arg-type]
-    best = 0.0
-    with httpx.Client(base_url=hub.url, headers={**AUTH, **BUNDLE}, timeout=600) as http:
-        for i in range(pushes):
-            model = os.urandom(model_mb << 20)
-            bundle = forge.bundle(files={"src/score.py": b"def init(): pass\n", "model/w.bin": model},
-                                  name="big", version=str(i + 1))  # fmt: skip
-            start = time.perf_counter()
-            r = http.post("/api/v1/modules", content=bundle)
-            took = time.perf_counter() - start
-            if r.status_code != 201:
-                raise SystemExit(f"push failed: {r.status_code} {r.text[:300]}")
-            best = max(best, len(bundle) / (1 << 20) / took)
-    layout.stop_hubs()
-    return round(best, 1)
+ADMIN = "ep_admin_fleet-bench-token-0123456789"
+HUB_MQTT_PASSWORD = "fleet-bench-hub-password"
+SERVICE = "sim"
+SELECTOR = "fleet=sim"
+TARGETS = {
+    "enroll_per_s": ">= 1000 (bulk)",
+    "deploy_to_healthy_s": "< 10 at 1,000; < 45 at 5,000",
+    "update_to_healthy_s": "< 10 at 1,000",
+    "ingest_msgs_per_s": ">= 5000 SQLite; >= 3000 PostgreSQL",
+    "hub_peak_rss_mb": "< 300 at 5,000",
+    "cost_vs_n": "no worse than linear",
+}
+console = Console(stderr=True)
 
 
-def deploy_time(layout: Layout, devices: int) -> dict[str, object]:
-    db = layout.database()
-    prefix = "fleet"
-    hubs = layout.hubs(2, db, prefix, nginx=True, upkeep_s=1.0)
-    url = f"http://127.0.0.1:{layout.nginx_port}"
-    forge = Forge(publisher=layout.publisher_key)  # type: ignore[arg-type]
-    with httpx.Client(base_url=url, headers=AUTH, timeout=600) as http:
-        for version in ("1", "2"):
-            files = {"src/score.py": f"# v{version}\n".encode(), "model/m.bin": b"weights"}
-            bundle = forge.bundle(files=files, name="svc", version=version)
-            assert http.post("/api/v1/modules", content=bundle, headers=BUNDLE).status_code == 201
-        engine = create_engine(db)
-        pw = hash_password("x")
-        with engine.begin() as conn:
-            rows = [{"id": f"dev-{i:05d}", "tags": '{"site": "x"}', "pw": pw, "tok": f"t-{i}"}
-                    for i in range(devices)]  # fmt: skip
-            conn.execute(text(DEVICE_ROW), rows)
-        body = {"module": "svc", "version": "1", "settings": {"port": 9000}, "target": {"selector": "site=x"}}
-        assert http.put("/api/v1/deployments/svc", json=body).status_code == 201  # issues every device
+def log(message: str) -> None:
+    console.print(message, highlight=False)
 
-        seen: queue.Queue[tuple[str, int]] = queue.Queue()
-        sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        sub.on_message = lambda _c, _u, m: seen.put(
-            (m.topic, json.loads(m.payload)["signed"]["generation"]) if m.payload else ("", 0)
-        )
-        sub.connect(layout.broker.host, layout.broker.port)
-        sub.loop_start()
-        sub.subscribe(f"{prefix}/devices/+/desired", qos=1)
-        time.sleep(2)  # the retained generation-1 states arrive and are drained below
-        while not seen.empty():
-            seen.get()
 
+def raise_fd_limit() -> None:
+    """Mosquitto (started from here) and the simulators hold a socket per device."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Hub:
+    url: str
+    process: subprocess.Popen[bytes]
+    broker: Broker
+    root: Path
+    db: str
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=600)
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def cli(self, *args: str) -> tuple[str, float]:
+        """Run ``edgepack ARGS`` as a user would; its output and how long it took."""
+        env = {**os.environ, "EDGEPACK_HOME": str(self.root / "home"), "NO_COLOR": "1"}
         start = time.perf_counter()
-        r = http.put("/api/v1/deployments/svc", json={**body, "version": "2"})
-        request_s = time.perf_counter() - start
-        assert r.status_code == 200, r.text
-        new: set[str] = set()
-        deadline = time.monotonic() + 300
-        while len(new) < devices and time.monotonic() < deadline:
+        done = subprocess.run(
+            [sys.executable, "-m", "packager", *args, "--hub", self.url, "--token", ADMIN],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        took = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"edgepack {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout, took
+
+    def log_text(self) -> str:
+        return (self.root / "hub.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
             try:
-                topic, generation = seen.get(timeout=1)
-            except queue.Empty:
-                continue
-            if generation >= 2:
-                new.add(topic)
-        published_s = time.perf_counter() - start
-        sub.loop_stop()
-        sub.disconnect()
-        with engine.connect() as conn:
-            unpublished = conn.execute(
-                text("SELECT count(*) FROM device_desired WHERE published_generation <> generation"
-                     " OR published_generation IS NULL")
-            ).scalar_one()
-        engine.dispose()
-    layout.stop_hubs()
-    del hubs
-    return {
-        "deploy_devices": devices,
-        "deploy_request_s": round(request_s, 3),
-        "deploy_published_s": round(published_s, 3),
-        "deploy_devices_published": len(new),
-        "deploy_unpublished": unpublished,
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.broker.stop()
+
+
+def start_hub(root: Path, publisher_pub: Path, db: str | None) -> Hub:
+    prefix = f"fleet{os.getpid()}"
+    broker_dir, data_dir = root / "broker", root / "hub"
+    prepare_broker_dir(
+        HubSettings(data_dir=root / "prep", broker_dir=broker_dir, topic_prefix=prefix,
+                    mqtt_password=SecretStr(HUB_MQTT_PASSWORD))
+    )  # fmt: skip
+    run_as = "root" if os.geteuid() == 0 else None
+    broker = start_mosquitto(
+        root / "mosquitto", lambda port: render_config(broker_dir, port=port, run_as=run_as)
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN,
+        "EDGEPACK_HUB_MQTT_PASSWORD": HUB_MQTT_PASSWORD,
+        "EDGEPACK_HUB_LOG_LEVEL": "info",
+        **({"EDGEPACK_HUB_DB": db} if db else {}),
     }
+    args = [
+        sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(data_dir), "--port", str(port),
+        "--trust", str(publisher_pub), "--mqtt-host", broker.host, "--mqtt-port", str(broker.port),
+        "--topic-prefix", prefix, "--broker-dir", str(broker_dir), "--broker-pid-file", str(broker.pid_file),
+    ]  # fmt: skip
+    with (root / "hub.log").open("wb") as out:
+        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    hub = Hub(f"http://127.0.0.1:{port}", process, broker, root, db or f"sqlite:///{data_dir / 'hub.db'}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(hub.url + "/api/v1/hub/key", timeout=2).status_code == 200:
+                return hub
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    hub.stop()
+    raise SystemExit(f"the hub did not start:\n{hub.log_text()[-3000:]}")
+
+
+# --- simulator processes ---------------------------------------------------------------------
+
+
+@dataclass
+class Shards:
+    processes: list[multiprocessing.process.BaseProcess]
+    pipes: list[Connection]
+
+    def ask(self, kind: str) -> list[Any]:
+        for pipe in self.pipes:
+            pipe.send((kind, None))
+        return [pipe.recv() for pipe in self.pipes]
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            with suppress(BrokenPipeError, OSError):
+                pipe.send(("stop", None))
+        for p in self.processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def start_shards(documents: list[dict[str, Any]], count: int, root: Path) -> Shards:
+    ctx = multiprocessing.get_context("spawn")
+    processes, pipes = [], []
+    for i in range(count):
+        path = root / f"shard-{i}.json"
+        path.write_text(json.dumps(documents[i::count]))
+        ours, theirs = ctx.Pipe()
+        p = ctx.Process(target=run_shard, args=(str(path), str(root / f"cache-{i}"), theirs), daemon=True)
+        p.start()
+        processes.append(p)
+        pipes.append(ours)
+    shards = Shards(processes, pipes)
+    for pipe in pipes:
+        if not pipe.poll(600) or pipe.recv() != "ready":
+            raise SystemExit("a simulator process did not start")
+    deadline = time.monotonic() + 120
+    with progress() as bar:
+        task = bar.add_task("devices connected", total=len(documents))
+        while (connected := sum(shards.ask("connected"))) < len(documents):
+            bar.update(task, completed=connected)
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {connected} of {len(documents)} simulated devices connected")
+            time.sleep(0.2)
+        bar.update(task, completed=connected)
+    return shards
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    )  # fmt: skip
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+
+def enroll(hub: Hub, n: int) -> tuple[list[dict[str, Any]], float]:
+    ids = [f"sim-{i:05d}" for i in range(n)]
+    csv_path, out = hub.root / "devices.csv", hub.root / "credentials"
+    csv_path.write_text("id,tags\n" + "".join(f"{i},{SELECTOR};shard={k % 4}\n" for k, i in enumerate(ids)))
+    _, took = hub.cli("device", "enroll", "--from-file", str(csv_path), "--out-dir", str(out))
+    return [json.loads((out / f"{i}.json").read_text()) for i in ids], took
+
+
+def healthy_count(http: httpx.Client, digest: str) -> tuple[int, int]:
+    body = http.get(f"/api/v1/deployments/{SERVICE}").json()
+    if body.get("manifest_digest") != digest:
+        return 0, len(body.get("devices", []))
+    return sum(1 for d in body["devices"] if d["state"] == "Healthy"), len(body["devices"])
+
+
+def hub_timings(log_text: str, since: int) -> dict[str, float]:
+    """The hub's own account of the last fleet change (see ``cloud_hub.fleet.changes``)."""
+    found = re.findall(r"fleet change: (\d+) device\(s\) issued in ([\d.]+)s, applied in ([\d.]+)s",
+                       log_text[since:])  # fmt: skip
+    if not found:
+        return {}
+    issued, decide, apply = found[-1]
+    return {"hub_issue_s": float(decide), "hub_publish_s": float(apply), "hub_issued": int(issued)}
+
+
+def rollout(hub: Hub, shards: Shards, n: int, version: str, digest: str, dc: Path) -> dict[str, Any]:
+    shards.ask("counters")  # start this phase's counts afresh
+    cpu0 = hub.cpu_s()
+    log_at = len(hub.log_text())
+    _, command_s = hub.cli(
+        "deploy", "-n", SERVICE, "-m", f"sim:{version}", "--dc", str(dc), "--selector", SELECTOR
+    )
+    returned = time.time()
+    start = time.perf_counter()
+    polls: list[float] = []
+    with hub.http() as http, progress() as bar:
+        task = bar.add_task(f"Healthy on v{version}", total=n)
+        while True:
+            t = time.perf_counter()
+            healthy, listed = healthy_count(http, digest)
+            polls.append(time.perf_counter() - t)
+            bar.update(task, completed=healthy)
+            if healthy == n and listed == n:
+                break
+            if time.perf_counter() - start > 600:
+                raise SystemExit(
+                    f"only {healthy} of {n} devices were Healthy after 600 s: {shards.ask('counters')}"
+                )
+            time.sleep(0.5)  # 'edgepack service wait' polls every second
+    to_healthy = time.perf_counter() - start
+    counters = shards.ask("counters")
+    desired = [t for c in counters for t in c["desired_at"]]
+    healthy_at = [t for c in counters for t in c["healthy_at"]]
+    last_healthy = max(healthy_at) - returned if healthy_at else float("nan")
+    return {
+        "to_healthy_s": round(to_healthy, 2),
+        # The command itself: process start, the request, and the hub's signing and publishing,
+        # which it does before answering (a deploy that answered early would look fast here).
+        "command_s": round(command_s, 2),
+        **hub_timings(hub.log_text(), log_at),
+        "first_desired_s": round(min(desired) - returned, 2) if desired else None,
+        "last_desired_s": round(max(desired) - returned, 2) if desired else None,
+        "last_device_healthy_s": round(last_healthy, 2),
+        "ingest_rollup_lag_s": round(to_healthy - last_healthy, 2),
+        "rollup_request_s": round(sorted(polls)[len(polls) // 2], 3),
+        "device_verify_cpu_s": round(sum(c["verify_s"] + c["manifest_verify_s"] for c in counters), 2),
+        "device_download_s": round(sum(c["download_s"] for c in counters), 2),
+        "device_report_cpu_s": round(sum(c["report_s"] for c in counters), 2),
+        "manifests_fetched": sum(c["manifests"] for c in counters),
+        "blobs_fetched": sum(c["blobs"] for c in counters),
+        "mb_fetched": round(sum(c["bytes"] for c in counters) / 1e6, 1),
+        "device_failures": sum(c["failed"] for c in counters),
+        "errors": [e for c in counters for e in c["errors"]][:3],
+        "hub_cpu_s": round(hub.cpu_s() - cpu0, 2),
+    }
+
+
+def ingest_rate(hub: Hub, shards: Shards, n: int, bursts: int = 3) -> dict[str, Any]:
+    """Every device sends one full report at once; applied per second until all are stored."""
+    engine = create_engine(hub.db)
+    best, rates = 0.0, []
+    cpu0 = hub.cpu_s()
+    try:
+        for _ in range(bursts):
+            time.sleep(1.0)
+            with engine.connect() as conn:
+                t0 = conn.execute(text("SELECT max(received_at) FROM device_reports")).scalar_one()
+            start = time.perf_counter()
+            shards.ask("report-all")
+            deadline = time.monotonic() + 300
+            while True:
+                with engine.connect() as conn:
+                    fresh = conn.execute(
+                        text("SELECT count(*) FROM device_reports WHERE received_at > :t0"), {"t0": t0}
+                    ).scalar_one()
+                if fresh >= n:
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"ingest: only {fresh} of {n} reports stored after 300 s")
+                time.sleep(0.02)
+            rate = n / (time.perf_counter() - start)
+            rates.append(round(rate))
+            best = max(best, rate)
+    finally:
+        engine.dispose()
+    return {
+        "ingest_msgs_per_s": round(best),
+        "ingest_bursts": rates,
+        "ingest_hub_cpu_s": round(hub.cpu_s() - cpu0, 2),
+    }
+
+
+def modules(forge: Forge) -> dict[str, bytes]:
+    model = os.urandom(64 << 10)  # one model file both versions share: the update moves score.py only
+    out = {}
+    for version in ("1", "2"):
+        score = f"# v{version}\ndef init():\n    pass\n\ndef run(raw):\n    return raw\n".encode()
+        out[version] = forge.bundle(files={"src/score.py": score, "model/weights.bin": model},
+                                    name="sim", version=version, entry_script="src/score.py")  # fmt: skip
+    return out
+
+
+def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix=f"edgepack-fleet-{n}-"))
+    key = generate_private_key()
+    pub = root / "publisher.pub"
+    pub.write_bytes(public_key_pem(key.public_key()))
+    forge = Forge(publisher=key)
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        hub = start_hub(root, pub, db)
+        stack.callback(hub.stop)
+        digests = {}
+        with hub.http() as http:
+            for version, bundle in modules(forge).items():
+                r = http.post("/api/v1/modules", content=bundle,
+                              headers={"Content-Type": "application/vnd.edgepack.module+tar"})  # fmt: skip
+                if r.status_code != 201:
+                    raise SystemExit(f"push failed: {r.status_code} {r.text[:300]}")
+                digests[version] = r.json()["manifest_digest"]
+        log(f"[bold]{n} devices[/] ({'PostgreSQL' if db else 'SQLite'}): enrolling from a CSV file")
+        cpu0 = hub.cpu_s()
+        documents, enroll_s = enroll(hub, n)
+        enroll_cpu = hub.cpu_s() - cpu0
+        log(
+            f"  enrolled in {enroll_s:.2f} s ({n / enroll_s:.0f}/s); {shard_count} simulator processes start"
+        )
+        shards = start_shards(documents, shard_count, root)
+        stack.callback(shards.stop)
+        dc = root / "deploymentconfig.json"
+        dc.write_text(json.dumps({"computeType": "local", "port": 9000, "edgepack": {"runtime": "process"}}))
+        deploy = rollout(hub, shards, n, "1", digests["1"], dc)
+        log(f"  deploy: {deploy['to_healthy_s']} s to Healthy (command {deploy['command_s']} s)")
+        update = rollout(hub, shards, n, "2", digests["2"], dc)
+        log(f"  update: {update['to_healthy_s']} s to Healthy (command {update['command_s']} s)")
+        ingest = ingest_rate(hub, shards, n)
+        log(f"  ingest: {ingest['ingest_msgs_per_s']} msgs/s (bursts {ingest['ingest_bursts']})")
+        return {
+            "devices": n,
+            "database": "postgresql" if db else "sqlite",
+            "enroll_per_s": round(n / enroll_s),
+            "enroll_s": round(enroll_s, 2),
+            "enroll_hub_cpu_s": round(enroll_cpu, 2),
+            "deploy_to_healthy_s": deploy["to_healthy_s"],
+            "update_to_healthy_s": update["to_healthy_s"],
+            "deploy_command_s": deploy["command_s"],
+            "update_command_s": update["command_s"],
+            **ingest,
+            "hub_peak_rss_mb": round(hub.peak_rss_mb(), 1),
+            "deploy": deploy,
+            "update": update,
+        }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
-    parser.add_argument("--devices", type=int, default=1000)
-    parser.add_argument("--pushes", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="100 and 1,000 devices (about a minute)")
+    parser.add_argument(
+        "--devices", default=None, help="fleet sizes, comma-separated (default 100,1000,5000)"
+    )
+    parser.add_argument("--shards", type=int, default=2, help="simulator processes")
+    parser.add_argument("--postgres", action="store_true", help="one more point with the hub on PostgreSQL")
+    parser.add_argument("--postgres-devices", type=int, default=1000)
     args = parser.parse_args()
-    model_mb = 64 if args.quick else 200
-    pushes = args.pushes or (2 if args.quick else 3)
-    layout = Layout.start(s3=True)
-    try:
-        result: dict[str, object] = {"bench": "fleet", "push_model_mb": model_mb}
-        result["push_file_mb_s"] = push_rate(layout, model_mb, pushes, s3=False)
-        print(f"push to the local store: {result['push_file_mb_s']} MB/s", file=sys.stderr)
-        result["push_s3_mb_s"] = push_rate(layout, model_mb, pushes, s3=True)
-        print(f"push to S3: {result['push_s3_mb_s']} MB/s", file=sys.stderr)
-        result.update(deploy_time(layout, args.devices))
-    finally:
-        layout.close()
-    for key, value in result.items():
-        print(f"{key:>26}: {value}", file=sys.stderr)
+    raise_fd_limit()
+    sizes = [int(s) for s in (args.devices or ("100,1000" if args.quick else "100,1000,5000")).split(",")]
+    curve = [run_point(n, args.shards, None) for n in sizes]
+    result: dict[str, Any] = {"bench": "fleet"}
+    last = curve[-1]
+    for key in ("devices", "enroll_per_s", "deploy_to_healthy_s", "update_to_healthy_s", "hub_peak_rss_mb",
+                "ingest_msgs_per_s"):  # fmt: skip
+        result[key] = last[key]
+    by_n = {p["devices"]: p for p in curve}
+    if 1000 in by_n:
+        result["deploy_to_healthy_s_1000"] = by_n[1000]["deploy_to_healthy_s"]
+        result["update_to_healthy_s_1000"] = by_n[1000]["update_to_healthy_s"]
+    if args.postgres:
+        from tests.hub.postgres_fixtures import find_postgres_bin, start_postgres
+
+        server = start_postgres(find_postgres_bin())
+        try:
+            pg = run_point(args.postgres_devices, args.shards, server.url)
+        finally:
+            server.stop()
+        result["postgres"] = {k: v for k, v in pg.items() if k not in ("deploy", "update")}
+        result["ingest_msgs_per_s_postgres"] = pg["ingest_msgs_per_s"]
+    result["targets"] = TARGETS
+    result["curve"] = [{k: v for k, v in p.items() if k not in ("deploy", "update")} for p in curve]
+    result["where"] = {str(p["devices"]): {"deploy": p["deploy"], "update": p["update"]} for p in curve}
     print(json.dumps(result))
 
 

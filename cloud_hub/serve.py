@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from cloud_hub.app import create_app
@@ -28,6 +30,7 @@ def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
     older schema, a bad trust file) is one error for the CLI to print, not a server traceback.
     """
     settings = with_default_tls(settings)
+    _log_to_stderr(log_level)
     process = open_hub(settings)
     try:
         process.start()
@@ -42,6 +45,16 @@ def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
         )
     finally:
         process.close()
+
+
+def _log_to_stderr(level: str) -> None:
+    """The hub's own messages (``cloud_hub.*``) at ``level`` on stderr, beside uvicorn's."""
+    logger = logging.getLogger("cloud_hub")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def copy_hub_blobs(source: HubSettings, target: HubSettings) -> Copied:

@@ -25,6 +25,9 @@ DESIRED_SCHEMA = "edgepack.desired/v1"
 MAX_CPUS = 1024
 MAX_MEMORY_MB = 1 << 20
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$"
+#: A device tag's key and value (selectors match them); the hub and the CLI check both.
+DEVICE_TAG_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$"
+DEVICE_TAG_VALUE_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126})$"
 #: Services one device runs at most (each needs its own port and process).
 MAX_MODULES = 256
 

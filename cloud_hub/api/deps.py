@@ -21,22 +21,29 @@ from cloud_hub.wiring import HubProcess
 
 ADMIN_COOKIE = "edgepack_admin"
 
+# The part getters are ``async``: they only read app state, and FastAPI runs a plain ``def``
+# dependency on a worker thread, a hop per dependency per request.
 
-def get_hub(request: Request) -> HubProcess:
+
+def _hub(request: Request) -> HubProcess:
     hub: HubProcess = request.app.state.hub
     return hub
 
 
-def get_core(request: Request) -> HubCore:
-    return get_hub(request).core
+async def get_hub(request: Request) -> HubProcess:
+    return _hub(request)
 
 
-def get_fleet(request: Request) -> FleetChanges:
-    return get_hub(request).fleet
+async def get_core(request: Request) -> HubCore:
+    return _hub(request).core
 
 
-def get_link(request: Request) -> MqttLink | None:
-    return get_hub(request).link
+async def get_fleet(request: Request) -> FleetChanges:
+    return _hub(request).fleet
+
+
+async def get_link(request: Request) -> MqttLink | None:
+    return _hub(request).link
 
 
 Hub = Annotated[HubProcess, Depends(get_hub)]

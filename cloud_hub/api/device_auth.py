@@ -7,6 +7,7 @@ the database per request, so any hub replica answers the same.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -17,28 +18,53 @@ from sqlalchemy.orm import Session
 from cloud_hub.api.deps import Core, Fleet, bearer_token
 from cloud_hub.api.registry import blob_response
 from cloud_hub.errors import Forbidden, NotFound, Unauthorized
-from cloud_hub.fleet.desired import stored_state
 from cloud_hub.fleet.devices import token_hash
 from cloud_hub.fleet.tables import Device, DeviceDesired
-from cloud_hub.registry.modules import module_by_digest
-from cloud_hub.registry.tables import Module
+from cloud_hub.registry.tables import Module, ModuleFile
 from cloud_hub.store.blobs import check_digest
 
 router = APIRouter(prefix="/api/v1/device", tags=["device"])
 
 
-def require_device(request: Request, core: Core) -> str:
-    """The id of the device whose token came with the request."""
+def _token_of(request: Request) -> str:
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("device token required: send 'Authorization: Bearer <device token>'")
+    return token
+
+
+_INVALID = "device token is not valid (unknown or revoked device)"
+
+
+def require_device(request: Request, core: Core) -> str:
+    """The id of the device whose token came with the request."""
+    token = _token_of(request)
     with core.sessions.begin() as s:
         device_id = s.scalar(
             select(Device.id).where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
         )
     if device_id is None:
-        raise Unauthorized("device token is not valid (unknown or revoked device)")
+        raise Unauthorized(_INVALID)
     return device_id
+
+
+def _device_and_named(session: Session, request: Request) -> tuple[str, list[str]]:
+    """The device whose token came with the request, and the manifest digests its current
+    desired state names: one query, in the route's own session (the downloads of a fleet-wide
+    rollout are most of the hub's requests, and each extra session or thread hop showed)."""
+    token = _token_of(request)
+    row = session.execute(
+        select(Device.id, DeviceDesired.payload)
+        .outerjoin(DeviceDesired, DeviceDesired.device_id == Device.id)
+        .where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
+    ).first()
+    if row is None:
+        raise Unauthorized(_INVALID)
+    device_id, payload = row
+    if payload is None:
+        raise NotFound(f"device {device_id!r} has no desired state yet")
+    # The hub wrote and signed these bytes itself: a plain JSON parse, no validation.
+    return device_id, [m["manifest_digest"] for m in json.loads(payload)["signed"]["modules"]]
 
 
 DeviceId = Annotated[str, Depends(require_device)]
@@ -49,13 +75,6 @@ def _current_payload(session: Session, device_id: str) -> DeviceDesired:
     if row is None or row.payload is None:
         raise NotFound(f"device {device_id!r} has no desired state yet")
     return row
-
-
-def _named_modules(session: Session, device_id: str) -> list[Module]:
-    """The registry modules the device's current desired state names."""
-    row = _current_payload(session, device_id)
-    assert row.payload is not None
-    return [module_by_digest(session, m.manifest_digest) for m in stored_state(row.payload).modules]
 
 
 @router.get("/desired", summary="This device's current signed desired state")
@@ -78,20 +97,30 @@ def get_desired(core: Core, fleet: Fleet, device_id: DeviceId, request: Request)
 
 
 @router.get("/manifests/{digest}", summary="A module manifest named by this device's desired state")
-def get_manifest(core: Core, device_id: DeviceId, digest: str) -> Response:
-    check_digest(digest)
+def get_manifest(core: Core, digest: str, request: Request) -> Response:
     with core.sessions.begin() as s:
-        manifests = {m.manifest_digest: m.manifest for m in _named_modules(s, device_id)}
-    if digest not in manifests:
-        raise Forbidden(f"manifest {digest} is not named by device {device_id!r}'s desired state")
-    return Response(content=manifests[digest], media_type="application/json")
+        device_id, named = _device_and_named(s, request)
+        check_digest(digest)
+        if digest not in named:
+            raise Forbidden(f"manifest {digest} is not named by device {device_id!r}'s desired state")
+        manifest = s.scalar(select(Module.manifest).where(Module.manifest_digest == digest))
+    if manifest is None:
+        raise NotFound(f"no module with manifest digest {digest} is in the registry")
+    return Response(content=manifest, media_type="application/json")
 
 
 @router.get("/blobs/{digest}", summary="A blob of a module this device's desired state names")
-def get_blob(core: Core, device_id: DeviceId, digest: str, request: Request) -> Response:
-    check_digest(digest)
+def get_blob(core: Core, digest: str, request: Request) -> Response:
     with core.sessions.begin() as s:
-        allowed = {f.digest for m in _named_modules(s, device_id) for f in m.files}
-    if digest not in allowed:
+        device_id, named = _device_and_named(s, request)
+        check_digest(digest)
+        part_of = (
+            select(ModuleFile.id)
+            .join(Module, Module.id == ModuleFile.module_id)
+            .where(Module.manifest_digest.in_(named), ModuleFile.digest == digest)
+            .limit(1)
+        )
+        allowed = bool(named) and s.scalar(part_of) is not None
+    if not allowed:
         raise Forbidden(f"blob {digest} is not part of a module in device {device_id!r}'s desired state")
     return blob_response(core, digest, request.headers.get("range"), "application/octet-stream")

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from cloud_hub.api import device_auth
 from cloud_hub.api.deps import Admin, Core, Fleet, Link
+from cloud_hub.core import HubCore
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.fleet.changes import Outcome
@@ -33,7 +34,17 @@ from cloud_hub.fleet.deployments import (
     with_endpoint_keys,
 )
 from cloud_hub.fleet.desired import current_plan, stored_state
-from cloud_hub.fleet.devices import enroll_device, get_device, retag_device, revoke_device
+from cloud_hub.fleet.devices import (
+    MAX_BULK,
+    Credentials,
+    Enrolment,
+    check_enrolments,
+    enroll_device,
+    enroll_devices,
+    get_device,
+    retag_device,
+    revoke_device,
+)
 from cloud_hub.fleet.endpoint_keys import KeyName, auth_of, get_keys, regenerate
 from cloud_hub.fleet.plan import Plan, devices_running
 from cloud_hub.fleet.status import service_state_on_device
@@ -94,6 +105,19 @@ class EnrollRequest(BaseModel):
 
     id: str
     tags: dict[str, str] = Field(default_factory=dict)
+
+
+class BulkEnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    devices: list[EnrollRequest] = Field(max_length=MAX_BULK)
+
+
+class BulkEnrollOut(BaseModel):
+    enrolled: int
+    issued: int = Field(description="desired states issued: one per new device, naming what targets it")
+    published: bool | None = Field(description="None when the hub runs without a broker")
+    device_credentials: list[DeviceCredentials] = Field(description="in the order asked; shown once")
 
 
 class EnrollOut(BaseModel):
@@ -271,6 +295,30 @@ def hub_key(core: Core) -> HubKey:
 # --- devices ---------------------------------------------------------------------------------
 
 
+def _credentials_document(core: HubCore, creds: Credentials, ca: str | None) -> DeviceCredentials:
+    """The whole document a device's agent needs, with the secrets shown this once."""
+    settings = core.settings
+    pub = core.hub_key.public_key()
+    return DeviceCredentials(
+        device_id=creds.device_id,
+        hub_url=settings.base_url(),
+        token=creds.token,
+        mqtt=MqttEndpoint(
+            host=settings.mqtt_public_host or settings.mqtt_host,
+            port=settings.mqtt_public_port or settings.mqtt_port,
+            username=creds.mqtt_username,
+            password=creds.mqtt_password,
+            topic_prefix=settings.topic_prefix,
+            tls=settings.mqtt_tls_ca is not None,
+        ),
+        ca_pem=ca,
+        hub_key=TrustedKey(keyid=core.hub_key_id, public_key=raw_public_bytes(pub).hex(), name="hub"),
+        # The device checks every module against these itself: a hub compromised later can
+        # make it run nothing that these publishers did not sign.
+        publishers=core.trust,
+    )
+
+
 @admin.post("/devices", status_code=201, response_model=EnrollOut, tags=["devices"])
 def enroll(core: Core, fleet: Fleet, body: EnrollRequest) -> EnrollOut:
     """Enroll a device; its credentials are in the answer, once."""
@@ -283,40 +331,38 @@ def enroll(core: Core, fleet: Fleet, body: EnrollRequest) -> EnrollOut:
     creds = change.result
     with core.sessions.begin() as s:
         device = _device_out(get_device(s, body.id), s.get(DeviceDesired, body.id))
-    settings = core.settings
-    mqtt_host = settings.mqtt_public_host or settings.mqtt_host
-    mqtt_port = settings.mqtt_public_port or settings.mqtt_port
-    pub = core.hub_key.public_key()
-    document = DeviceCredentials(
-        device_id=body.id,
-        hub_url=settings.base_url(),
-        token=creds.token,
-        mqtt=MqttEndpoint(
-            host=mqtt_host,
-            port=mqtt_port,
-            username=creds.mqtt_username,
-            password=creds.mqtt_password,
-            topic_prefix=settings.topic_prefix,
-            tls=settings.mqtt_tls_ca is not None,
-        ),
-        ca_pem=ca_pem(settings),
-        hub_key=TrustedKey(keyid=core.hub_key_id, public_key=raw_public_bytes(pub).hex(), name="hub"),
-        # The device checks every module against these itself: a hub compromised later can
-        # make it run nothing that these publishers did not sign.
-        publishers=core.trust,
-    )
+    document = _credentials_document(core, creds, ca_pem(core.settings))
     return EnrollOut(
         device=device,
         credentials=CredentialsOut(
             mqtt_username=creds.mqtt_username, mqtt_password=creds.mqtt_password, token=creds.token
         ),
-        hub_url=settings.base_url(),
-        mqtt_host=mqtt_host,
-        mqtt_port=mqtt_port,
-        topic_prefix=settings.topic_prefix,
+        hub_url=document.hub_url,
+        mqtt_host=document.mqtt.host,
+        mqtt_port=document.mqtt.port,
+        topic_prefix=document.mqtt.topic_prefix,
         hub_keyid=core.hub_key_id,
         device_credentials=document,
     )
+
+
+@admin.post("/devices/bulk", status_code=201, response_model=BulkEnrollOut, tags=["devices"])
+def enroll_many(core: Core, fleet: Fleet, body: BulkEnrollRequest) -> BulkEnrollOut:
+    """Enroll many devices in one transaction, all or none; one broker reload for them all.
+
+    Every entry is checked before anything is stored; the first bad one (an invalid id or tag,
+    an id listed twice or already enrolled) refuses the whole list with its position.
+    """
+    entries = check_enrolments(
+        [Enrolment(e.id, e.tags) for e in body.devices], reserved=core.settings.mqtt_username
+    )
+    change = fleet.change(lambda s: enroll_devices(s, entries))
+    ca = ca_pem(core.settings)
+    documents = [_credentials_document(core, creds, ca) for creds in change.result]
+    return BulkEnrollOut(
+        enrolled=len(documents), issued=len(change.issued), published=change.applied.published,
+        device_credentials=documents,
+    )  # fmt: skip
 
 
 @admin.get("/devices", tags=["devices"])

@@ -45,6 +45,9 @@ CONFIG_FILE = "mosquitto.conf"
 HUB_PASSWORD_FILE = "mqtt_password"
 #: The largest MQTT packet the broker accepts from anyone (the hub's desired states included).
 MAX_PACKET_BYTES = 1 << 20
+#: QoS 1 messages Mosquitto queues for one client beyond those in flight, and keeps in flight.
+MAX_QUEUED = 200_000
+MAX_INFLIGHT = 1000
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,11 @@ def render_config(
         # Device messages over ingest's limit are dropped anyway; without a cap a device could
         # push 256 MB packets through the broker into the hub's memory.
         f"max_packet_size {MAX_PACKET_BYTES}\n",
+        # The hub's one session carries every device's reports: when a whole fleet reports at
+        # once (after a deploy, a broker restart) they must queue for it, not be dropped past
+        # Mosquitto's default 1,000 per client, nor trickle out 20 unacknowledged at a time.
+        f"max_queued_messages {MAX_QUEUED}\n",
+        f"max_inflight_messages {MAX_INFLIGHT}\n",
     ]
     if persistence:
         lines.append(f"persistence_location {broker_dir.resolve()}/\n")

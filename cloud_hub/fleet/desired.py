@@ -84,10 +84,9 @@ def issued_digests(session: Session) -> dict[str, str | None]:
 
 
 def current_plan(session: Session) -> Plan:
-    devices = [
-        DeviceView(id=d.id, tags=dict(d.tags or {}))
-        for d in session.scalars(select(Device).where(Device.revoked.is_(False)))
-    ]
+    # Columns, not ORM rows: every fleet change and roll-up plans the whole fleet.
+    rows = session.execute(select(Device.id, Device.tags).where(Device.revoked.is_(False)))
+    devices = [DeviceView(id=device_id, tags=dict(tags or {})) for device_id, tags in rows]
     deployments = [deployment_view(r) for r in session.scalars(select(Deployment))]
     return plan_fleet(devices, deployments)
 
@@ -179,6 +178,7 @@ def renew_expiring(
     Safe to call from several places and replicas at once: the check runs under the fleet lock,
     so a state renewed by one caller is not renewed again by the next.
     """
+
     def due_query(horizon: datetime) -> Select[str]:
         query = select(DeviceDesired.device_id).where(
             DeviceDesired.payload.is_not(None), DeviceDesired.expires < horizon

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud_hub.broker.passwords import hash_password, rabbit_hash
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Device, DeviceDesired
-from cloud_hub.fleet.targeting import check_device_id, format_selector
+from cloud_hub.fleet.targeting import check_device_id, check_tags, format_selector
+from manifests.errors import ConfigError
 
 TOKEN_PREFIX = "ep_dev_"
+#: Devices one bulk enrolment may hold: its answer (every device's credentials) is one body.
+MAX_BULK = 20_000
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,73 @@ def get_device(session: Session, device_id: str, *, active: bool = False) -> Dev
 def enroll_device(session: Session, device_id: str, tags: Mapping[str, str]) -> Credentials:
     """Create the device (or re-enroll a revoked one, with new credentials)."""
     check_device_id(device_id)
-    creds = new_credentials(device_id)
     device = session.get(Device, device_id)
     if device is not None and not device.revoked:
         raise Conflict(f"device {device_id!r} is already enrolled; revoke it first to issue new credentials")
+    return _enroll(session, device, device_id, tags)
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """One device of a bulk enrolment: its id and tags."""
+
+    device_id: str
+    tags: Mapping[str, str]
+
+
+def check_enrolments(entries: Sequence[Enrolment], *, reserved: str | None = None) -> list[Enrolment]:
+    """Every entry's id and tags checked, and no id twice; the first bad one refuses them all.
+
+    Pure. Messages name the entry by its position (1 = the first), so a caller holding a file
+    can name the row. ``reserved`` is an id no device may take (the hub's own broker user).
+    """
+    if not entries:
+        raise ConfigError("no devices to enroll")
+    if len(entries) > MAX_BULK:
+        raise ConfigError(f"{len(entries)} devices in one enrolment; at most {MAX_BULK}, split the list")
+    seen: dict[str, int] = {}
+    out = []
+    for number, entry in enumerate(entries, 1):
+        try:
+            check_device_id(entry.device_id)
+            tags = check_tags(entry.tags)
+        except ConfigError as exc:
+            raise ConfigError(f"entry {number}: {exc}") from None
+        if entry.device_id == reserved:
+            raise ConfigError(f"entry {number}: device id {entry.device_id!r} is the hub's broker user name")
+        if entry.device_id in seen:
+            first = seen[entry.device_id]
+            raise ConfigError(
+                f"entry {number}: device {entry.device_id!r} is listed twice (first as entry {first})"
+            )
+        seen[entry.device_id] = number
+        out.append(Enrolment(entry.device_id, tags))
+    return out
+
+
+def enroll_devices(session: Session, entries: Sequence[Enrolment]) -> list[Credentials]:
+    """Enroll every entry (checked with :func:`check_enrolments`) or none.
+
+    One query finds the devices already known; one that is enrolled and not revoked refuses
+    the whole list (a :class:`Conflict` naming it) before anything is changed.
+    """
+    ids = [e.device_id for e in entries]
+    known: dict[str, Device] = {}
+    for start in range(0, len(ids), 500):  # bounded IN lists
+        chunk = ids[start : start + 500]
+        known.update((d.id, d) for d in session.scalars(select(Device).where(Device.id.in_(chunk))))
+    for number, entry in enumerate(entries, 1):
+        device = known.get(entry.device_id)
+        if device is not None and not device.revoked:
+            raise Conflict(
+                f"entry {number}: device {entry.device_id!r} is already enrolled; revoke it first or "
+                "leave it out (nothing was enrolled)"
+            )
+    return [_enroll(session, known.get(e.device_id), e.device_id, e.tags) for e in entries]
+
+
+def _enroll(session: Session, device: Device | None, device_id: str, tags: Mapping[str, str]) -> Credentials:
+    creds = new_credentials(device_id)
     if device is None:
         device = Device(id=device_id)
         session.add(device)

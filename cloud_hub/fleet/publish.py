@@ -32,20 +32,21 @@ from sqlalchemy.orm import Session
 from cloud_hub.db.base import Sessions
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import DeviceDesired
-from manifests.errors import FetchError
 
 log = logging.getLogger(__name__)
 
-#: Rows locked and published per transaction: bounds how long a lock is held.
-CHUNK = 200
+#: Rows locked and published per transaction: bounds how long a lock is held; as many as the
+#: link keeps unacknowledged (``mqtt.link.MAX_INFLIGHT``), so a chunk costs one round of acks.
+CHUNK = 1000
 
 
 class DesiredChannel(Protocol):
     """Where desired states go: the hub's MQTT link (or a test's stand-in)."""
 
-    def publish_desired(self, device_id: str, payload: bytes) -> None: ...
-
-    def clear_desired(self, device_id: str) -> None: ...
+    def publish_states(self, states: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
+        """Publish each device's state retained (``None`` clears it); why, per device that was
+        not acknowledged."""
+        ...
 
 
 def unpublished(session: Session) -> list[str]:
@@ -59,6 +60,11 @@ def unpublished(session: Session) -> list[str]:
         )
     )
     return sorted(session.scalars(query))
+
+
+def _published(row: DeviceDesired) -> bool:
+    """Whether the broker was last made to hold exactly what the row holds now."""
+    return (row.published_generation, row.published_cleared) == (row.generation, row.payload is None)
 
 
 class DesiredPublisher:
@@ -100,21 +106,13 @@ class DesiredPublisher:
             .order_by(DeviceDesired.device_id)
             .with_for_update()
         )
-        errors: list[str] = []
-        for row in session.scalars(query):
-            cleared = row.payload is None
-            if not again and (row.published_generation, row.published_cleared) == (row.generation, cleared):
-                continue
-            try:
-                if row.payload is None:
-                    self._channel.clear_desired(row.device_id)
-                else:
-                    self._channel.publish_desired(row.device_id, row.payload)
-            except FetchError as exc:
-                errors.append(f"{row.device_id}: {exc}")
-                continue
-            row.published_generation, row.published_cleared = row.generation, cleared
-        return errors
+        due = [row for row in session.scalars(query) if again or not _published(row)]
+        # The chunk goes out as one batch; only acknowledged rows are marked published.
+        failed = self._channel.publish_states([(row.device_id, row.payload) for row in due])
+        for row in due:
+            if row.device_id not in failed:
+                row.published_generation, row.published_cleared = row.generation, row.payload is None
+        return [f"{device_id}: {error}" for device_id, error in sorted(failed.items())]
 
     def publish_pending(self) -> list[str]:
         """Publish every state not published yet (by this replica or any other); the errors."""

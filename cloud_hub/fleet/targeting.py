@@ -13,11 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from manifests.desired import DEVICE_ID_PATTERN
+from manifests.desired import DEVICE_ID_PATTERN, DEVICE_TAG_KEY_PATTERN, DEVICE_TAG_VALUE_PATTERN
 from manifests.errors import ConfigError
 
-TAG_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$"
-TAG_VALUE_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126})$"
+TAG_KEY_PATTERN = DEVICE_TAG_KEY_PATTERN
+TAG_VALUE_PATTERN = DEVICE_TAG_VALUE_PATTERN
 _KEY_RE = re.compile(TAG_KEY_PATTERN)
 _VALUE_RE = re.compile(TAG_VALUE_PATTERN)
 _DEVICE_RE = re.compile(DEVICE_ID_PATTERN)

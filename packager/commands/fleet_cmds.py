@@ -41,6 +41,7 @@ from packager.sdk import (
     Service,
     save_credentials,
 )
+from packager.sdk.device_file import check_out_dir, parse_device_file, save_credentials_files
 from packager.sdk.live import LiveServiceView, StateLines, devices_table, tags_text, target_text
 
 device_app = typer.Typer(help="Enroll, list, show, tag and revoke devices.", no_args_is_help=True)
@@ -54,17 +55,43 @@ app.add_typer(service_app, name="service")
 
 @device_app.command("enroll")
 def enroll_cmd(
-    device_id: Annotated[str, typer.Argument(help="device id (letters, digits, . _ -)")],
+    device_id: Annotated[str | None, typer.Argument(help="device id (letters, digits, . _ -)")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable")] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="also write the credentials to this file (mode 0600) for the agent"),
     ] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-file",
+            help="enroll every device of a CSV file (columns id,tags; tags as k=v;k2=v2), all or none",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="with --from-file: write <id>.json (mode 0600) per device here"),
+    ] = None,
     hub: HubOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Enroll a device and print its credentials ONCE (the hub keeps only hashes)."""
+    """Enroll a device and print its credentials ONCE (the hub keeps only hashes).
+
+    With --from-file, enroll a whole list in one request (one broker reload) and write each
+    device's credentials into --out-dir; a bad row refuses the whole file and writes nothing.
+    """
+    if from_file is not None:
+        if device_id is not None or tag or out is not None:
+            raise ConfigError("--from-file takes no device id, --tag or --out; put them in the file")
+        if out_dir is None:
+            raise ConfigError("--from-file needs --out-dir DIR: the credentials are shown only once")
+        _enroll_file(from_file, out_dir, hub, token, as_json)
+        return
+    if device_id is None:
+        raise ConfigError("give a device id, or --from-file devices.csv --out-dir DIR")
+    if out_dir is not None:
+        raise ConfigError("--out-dir goes with --from-file; for one device use --out FILE")
     tags = parse_pairs(tag, "tag")
     with connect(hub, token) as connected:
         creds = Device.enroll(connected, device_id, tags=tags)
@@ -85,6 +112,24 @@ def enroll_cmd(
     console.print(Panel("\n".join(lines), title="enrolled", expand=False), highlight=False)
     where = f"saved to {out}" if out else "copy them now"
     console.print(f"[yellow]These credentials are shown only once[/] ({where}).")
+
+
+def _enroll_file(path: Path, out_dir: Path, hub: str | None, token: str | None, as_json: bool) -> None:
+    """Every row checked and every target file free before the one request; then the files."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's export may start with a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from None
+    rows = parse_device_file(text, name=path.name)
+    check_out_dir(out_dir, rows, name=path.name)
+    with connect(hub, token) as connected:
+        documents = Device.enroll_many(connected, [(r.device_id, r.tags) for r in rows])
+    paths = save_credentials_files(documents, out_dir)
+    if as_json:
+        print_json({"enrolled": len(paths), "credentials": [str(p) for p in paths]})
+        return
+    console.print(f"enrolled {len(paths)} device(s) from {path}; credentials in {out_dir}/<id>.json (0600)")
+    console.print("[yellow]These credentials are shown only once[/] (the hub keeps only hashes).")
 
 
 @device_app.command("list")

@@ -112,6 +112,26 @@ class Device:
             raise HubUnavailable(f"the hub's credentials for {id} are not a valid document ({exc})") from None
 
     @staticmethod
+    def enroll_many(
+        workspace: Hub, devices: Sequence[tuple[str, Mapping[str, str]]]
+    ) -> builtins.list[DeviceCredentials]:
+        """Enroll every ``(id, tags)`` in one request, all or none (the hub reloads its broker
+        once); their credentials documents in the same order, shown this once.
+
+        The hub checks every entry before it stores anything: an invalid or repeated id, a bad
+        tag or a device already enrolled refuses the whole list, naming the entry (1 = first).
+        """
+        body = {"devices": [{"id": check_device_id(i), "tags": string_map(t, "tags")} for i, t in devices]}
+        answer = workspace.transport.send("POST", "/api/v1/devices/bulk", body)
+        try:
+            documents = [DeviceCredentials.model_validate(d) for d in answer["device_credentials"]]
+        except (ValidationError, KeyError, TypeError) as exc:
+            raise HubUnavailable(f"the hub's credentials are not valid documents ({exc})") from None
+        if [d.device_id for d in documents] != [i for i, _ in devices]:
+            raise HubUnavailable("the hub answered credentials for other devices than were enrolled")
+        return documents
+
+    @staticmethod
     def list(
         workspace: Hub, selector: str | Selector | None = None, *, include_revoked: bool = False
     ) -> builtins.list[Device]:

@@ -144,6 +144,27 @@ def test_a_blob_changed_in_the_store_is_never_served_whole(hub: HubFactory) -> N
     assert len(received) < len(forged) and bytes(received) != bytes(forged)
 
 
+@pytest.mark.both_blob_stores
+def test_a_small_blob_changed_in_the_store_is_not_served(hub: HubFactory) -> None:
+    # Blobs up to 1 MiB are answered whole, not streamed: the check must still come first.
+    running = hub()
+    data = os.urandom(100_000)
+    digest = sha256_digest(data)
+    with running.client() as client:
+        assert client.put(f"/api/v1/blobs/{digest}", content=data).status_code == 201
+        assert client.get(f"/api/v1/blobs/{digest}").content == data
+    forged = bytes([data[0] ^ 0xFF]) + data[1:]
+    store = running.core.blobs
+    if isinstance(store, FileBlobStore):
+        Path(store.path(digest)).write_bytes(forged)
+    else:
+        assert isinstance(store, S3BlobStore)
+        store.client.put_object(Bucket=store.location.bucket, Key=store.key(digest), Body=forged)
+    with running.client() as client:
+        answer = client.get(f"/api/v1/blobs/{digest}")
+    assert answer.status_code >= 400 and forged not in answer.content
+
+
 def test_a_single_hubs_blobs_move_to_s3_checked_and_resumably(
     hub: HubFactory, forge: Forge, seaweedfs: SeaweedFS
 ) -> None:

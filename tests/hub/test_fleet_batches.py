@@ -1,0 +1,160 @@
+"""A fleet at once: many devices' reports in one ingest batch, many states in one publish.
+
+Against a real hub database (SQLite, or PostgreSQL in the PostgreSQL pass) and a real
+Mosquitto: batching must not change what is stored, which events are recorded, or what a
+device finds retained on its topic.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from cloud_hub.broker.passwords import hash_password
+from cloud_hub.events import Event
+from cloud_hub.fleet.publish import DesiredPublisher, unpublished
+from cloud_hub.fleet.tables import Device, DeviceDesired
+from cloud_hub.ingest.messages import Reported, parse_message
+from cloud_hub.ingest.state import BatchView, apply_reported
+from cloud_hub.ingest.tables import DeviceReport, ModuleState
+from cloud_hub.ingest.worker import IngestWorker
+from cloud_hub.mqtt.link import MqttLink
+from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
+from manifests.signing import envelope_bytes, sign_payload
+from tests.hub.broker_fixtures import MqttProbe, plain_config, start_mosquitto
+from tests.hub.conftest import HubFactory, RunningHub
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+DIGEST = "sha256:" + "c" * 64
+PREFIX = "batches"
+
+
+def _fleet(h: RunningHub, n: int) -> list[str]:
+    """``n`` enrolled devices, each assigned service ``svc`` by a signed desired state."""
+    ids = [f"dev-{i:04d}" for i in range(n)]
+    pw = hash_password("x")
+    with h.core.sessions.begin() as s:
+        s.add_all(Device(id=d, tags={}, mqtt_password_hash=pw, token_hash=f"t-{d}") for d in ids)
+        s.flush()
+        for d in ids:
+            state = DesiredState(
+                device_id=d, generation=1, issued=T0, expires=T0 + timedelta(days=3650),
+                modules=[ModuleAssignment(service="svc", module="svc", version="1", manifest_digest=DIGEST,
+                                          settings=DeploymentSettings(port=80))],
+            )  # fmt: skip
+            payload = envelope_bytes(
+                sign_payload(state.model_dump(mode="json", by_alias=True), [h.core.hub_key])
+            )
+            s.add(DeviceDesired(device_id=d, generation=1, payload=payload))
+    return ids
+
+
+def _report(device_id: str, seconds: int, state: str, version: str = "1") -> bytes:
+    at = (T0 + timedelta(seconds=seconds)).isoformat()
+    module = {"service": "svc", "manifest_digest": DIGEST, "version": version, "state": state, "since": at}
+    return json.dumps(
+        {"device_id": device_id, "reported_at": at, "agent_version": "t", "applied_generation": 1,
+         "modules": [module]}
+    ).encode()  # fmt: skip
+
+
+def test_a_fleet_reporting_at_once_is_applied_in_batches_with_one_event_per_change(hub: HubFactory) -> None:
+    h = hub()
+    ids = _fleet(h, 1200)
+    worker = IngestWorker(h.core.sessions, prefix=PREFIX, telemetry_keep=10, batch_size=500)
+    topic = f"{PREFIX}/devices/{{}}/reported"
+    # Every device: Transitioning, then (a later report) Healthy; the odd ones also an older,
+    # late report that must not win. Retained redeliveries of the last state change nothing.
+    for d in ids:
+        worker.submit(topic.format(d), _report(d, 1, "Transitioning"), False)
+    worker.start()
+    try:
+        assert worker.drain(timeout=60)
+        for i, d in enumerate(ids):
+            worker.submit(topic.format(d), _report(d, 2, "Healthy"), False)
+            if i % 2:
+                worker.submit(topic.format(d), _report(d, 0, "Failed"), False)  # older: not news
+        assert worker.drain(timeout=60)
+        for d in ids:
+            worker.submit(topic.format(d), _report(d, 2, "Healthy"), True)
+        assert worker.drain(timeout=60)
+    finally:
+        worker.stop()
+    assert worker.stats.failed == 0 and worker.stats.unknown_device == 0
+    with h.core.sessions.begin() as s:
+        states = dict(s.execute(select(ModuleState.device_id, ModuleState.state)).all())
+        assert states == dict.fromkeys(ids, "Healthy")
+        reported = {r.device_id: r.reported_at for r in s.scalars(select(DeviceReport))}
+        assert reported == dict.fromkeys(ids, T0 + timedelta(seconds=2))
+        kinds = dict(s.execute(select(Event.kind, func.count()).group_by(Event.kind)).all())
+        # deployed (first report), healthy (second); nothing for the stale or repeated ones
+        assert kinds == {"deployed": len(ids), "healthy": len(ids)}
+        assert s.scalar(select(func.count()).select_from(Device).where(Device.last_seen.is_(None))) == 0
+
+
+def test_a_deploy_publishes_every_state_in_batches_and_marks_only_what_the_broker_took(
+    hub: HubFactory, tmp_path: Path
+) -> None:
+    broker = start_mosquitto(tmp_path / "mosquitto", plain_config)  # our own: it is stopped below
+    h = hub()
+    ids = _fleet(h, 700)  # several publish chunks
+    link = MqttLink(host=broker.host, port=broker.port, prefix=PREFIX)
+    link.start()
+    assert link.wait_connected(10)
+    publisher = DesiredPublisher(h.core.sessions, link)
+    try:
+        assert publisher.publish_pending() == []
+    finally:
+        link.stop()
+    with h.core.sessions.begin() as s:
+        assert unpublished(s) == []
+    probe = MqttProbe.connect(broker.host, broker.port)
+    try:
+        probe.subscribe(f"{PREFIX}/devices/+/desired")
+        got = {m.topic.split("/")[2]: m for m in probe.received_within(lambda m: m.retain, 3.0)}
+    finally:
+        probe.close()
+    assert sorted(got) == ids
+    assert all(json.loads(m.payload)["signed"]["device_id"] == d for d, m in got.items())
+
+    # With the broker gone nothing is acknowledged: every row stays unpublished, for upkeep.
+    with h.core.sessions.begin() as s:
+        for row in s.scalars(select(DeviceDesired)):
+            row.generation += 1
+    broker.stop()
+    link = MqttLink(host=broker.host, port=broker.port, prefix=PREFIX, connect_wait_s=0.5)
+    link.start()
+    try:
+        errors = DesiredPublisher(h.core.sessions, link).publish_pending()
+    finally:
+        link.stop()
+        broker.stop()
+    assert len(errors) == len(ids) and "not connected" in errors[0]
+    with h.core.sessions.begin() as s:
+        assert unpublished(s) == ids
+
+
+def test_two_reports_of_a_new_device_in_one_batch_keep_the_newer(hub: HubFactory) -> None:
+    # The worker keeps one pending state per device, but a batch must stay right without that.
+    h = hub()
+    (device,) = _fleet(h, 1)
+    received = T0 + timedelta(hours=1)
+    messages = [
+        parse_message(f"{PREFIX}/devices/{device}/reported", _report(device, s, state), prefix=PREFIX,
+                      retained=False, received_at=received)
+        for s, state in ((1, "Transitioning"), (2, "Healthy"), (0, "Failed"))
+    ]  # fmt: skip
+    with h.core.sessions.begin() as s:
+        view = BatchView(s, [device])
+        applied = [apply_reported(view, m) for m in messages if isinstance(m, Reported)]
+        view.write()
+    assert applied == [True, True, False]
+    with h.core.sessions.begin() as s:
+        report = s.get(DeviceReport, device)
+        assert report is not None and report.reported_at == T0 + timedelta(seconds=2)
+        assert s.get(ModuleState, (device, "svc")).state == "Healthy"  # type: ignore[union-attr]
+        kinds = sorted(s.scalars(select(Event.kind).where(Event.device_id == device)))
+        assert kinds == ["deployed", "healthy"]
