@@ -126,6 +126,12 @@ def test_serve_with_two_workers(
     trust = write_trust(tmp_path / "trust.json", publisher)
     body = json.dumps({"data": digits_samples["data"][:5]})
     with serving(digits_bundle, trust, tmp_path / "home", "--workers", "2") as base:
+        # /healthz answers from whichever worker the kernel picks: the other one may still be
+        # in init() (answering 503 NotReady, as documented) until the metrics count both ready.
+        deadline = time.monotonic() + 60
+        while "edgepack_ready_workers 2" not in httpx.get(base + "/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "the second worker never became ready"
+            time.sleep(0.1)
         answers = [httpx.post(base + "/score", content=body, timeout=30).json() for _ in range(8)]
     assert all(a["predictions"] == digits_samples["expected"][:5] for a in answers)
 
