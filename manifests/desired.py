@@ -8,6 +8,7 @@ else in edgepack may accept a desired state.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from manifests.bounds import MAX_INT63, EnvMap, Port, finite
 from manifests.digests import DIGEST_PATTERN
-from manifests.errors import TrustError
+from manifests.errors import ConfigError, TrustError
 from manifests.module import NAME_PATTERN, VERSION_PATTERN
 from manifests.signing import TrustStore, parse_envelope, verify_envelope
 
@@ -28,6 +29,25 @@ DEVICE_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$"
 #: A device tag's key and value (selectors match them); the hub and the CLI check both.
 DEVICE_TAG_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$"
 DEVICE_TAG_VALUE_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126})$"
+_TAG_KEY_RE = re.compile(DEVICE_TAG_KEY_PATTERN)
+_TAG_VALUE_RE = re.compile(DEVICE_TAG_VALUE_PATTERN)
+
+
+def check_tag(key: str, value: str) -> None:
+    """A :class:`ConfigError` saying which half of a device tag breaks the patterns above
+    (callers put the tag or the file row in front of the message)."""
+    if not _TAG_KEY_RE.fullmatch(key):
+        raise ConfigError(
+            f"key {key!r} must start with a letter or digit and use only "
+            "letters, digits, '.', '_', '-', '/' (at most 63 characters)"
+        )
+    if not _TAG_VALUE_RE.fullmatch(value):
+        raise ConfigError(
+            f"value {value!r} must start with a letter or digit and use only "
+            "letters, digits, '.', '_', '-', ':' (at most 127 characters)"
+        )
+
+
 #: Services one device runs at most (each needs its own port and process).
 MAX_MODULES = 256
 

@@ -13,13 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from manifests.desired import DEVICE_ID_PATTERN, DEVICE_TAG_KEY_PATTERN, DEVICE_TAG_VALUE_PATTERN
+from manifests.desired import DEVICE_ID_PATTERN, check_tag
 from manifests.errors import ConfigError
 
-TAG_KEY_PATTERN = DEVICE_TAG_KEY_PATTERN
-TAG_VALUE_PATTERN = DEVICE_TAG_VALUE_PATTERN
-_KEY_RE = re.compile(TAG_KEY_PATTERN)
-_VALUE_RE = re.compile(TAG_VALUE_PATTERN)
 _DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
 
 
@@ -29,16 +25,10 @@ def parse_tag(text: str, *, what: str = "tag") -> tuple[str, str]:
     key, value = key.strip(), value.strip()
     if not sep:
         raise ConfigError(f"{what} {text!r}: expected key=value, e.g. site=berlin")
-    if not _KEY_RE.fullmatch(key):
-        raise ConfigError(
-            f"{what} {text!r}: key {key!r} must start with a letter or digit and use only "
-            "letters, digits, '.', '_', '-', '/' (at most 63 characters)"
-        )
-    if not _VALUE_RE.fullmatch(value):
-        raise ConfigError(
-            f"{what} {text!r}: value {value!r} must start with a letter or digit and use only "
-            "letters, digits, '.', '_', '-', ':' (at most 127 characters)"
-        )
+    try:
+        check_tag(key, value)
+    except ConfigError as exc:
+        raise ConfigError(f"{what} {text!r}: {exc}") from None
     return key, value
 
 

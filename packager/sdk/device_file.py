@@ -25,19 +25,17 @@ import contextlib
 import csv
 import io
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from manifests.desired import DEVICE_TAG_KEY_PATTERN, DEVICE_TAG_VALUE_PATTERN
+from manifests.desired import check_tag
 from manifests.device import DeviceCredentials
+from manifests.errors import ConfigError
 from packager.sdk.errors import BadArgument
 from packager.sdk.targets import check_device_id
 
 COLUMNS = ("id", "tags")
-_KEY = re.compile(DEVICE_TAG_KEY_PATTERN)
-_VALUE = re.compile(DEVICE_TAG_VALUE_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -58,16 +56,10 @@ def _tags(cell: str, where: str) -> dict[str, str]:
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep:
             raise BadArgument(f"{where}: tag {item!r} is not key=value (e.g. site=berlin)")
-        if not _KEY.fullmatch(key):
-            raise BadArgument(
-                f"{where}: tag key {key!r} must start with a letter or digit and use only letters, "
-                "digits, '.', '_', '-', '/' (at most 63 characters)"
-            )
-        if not _VALUE.fullmatch(value):
-            raise BadArgument(
-                f"{where}: tag value {value!r} must start with a letter or digit and use only letters, "
-                "digits, '.', '_', '-', ':' (at most 127 characters)"
-            )
+        try:
+            check_tag(key, value)
+        except ConfigError as exc:
+            raise BadArgument(f"{where}: tag {exc}") from None
         if tags.get(key, value) != value:
             raise BadArgument(f"{where}: tag key {key!r} is given twice")
         tags[key] = value
