@@ -41,7 +41,7 @@ from packager.sdk import (
     Service,
     save_credentials,
 )
-from packager.sdk.device_file import check_out_dir, parse_device_file, save_credentials_files
+from packager.sdk.device_file import CredentialsFiles, check_out_dir, parse_device_file
 from packager.sdk.live import LiveServiceView, StateLines, devices_table, tags_text, target_text
 
 device_app = typer.Typer(help="Enroll, list, show, tag and revoke devices.", no_args_is_help=True)
@@ -122,9 +122,10 @@ def _enroll_file(path: Path, out_dir: Path, hub: str | None, token: str | None, 
         raise ConfigError(f"{path}: cannot read it ({exc})") from None
     rows = parse_device_file(text, name=path.name)
     check_out_dir(out_dir, rows, name=path.name)
-    with connect(hub, token) as connected:
-        documents = Device.enroll_many(connected, [(r.device_id, r.tags) for r in rows])
-    paths = save_credentials_files(documents, out_dir)
+    with CredentialsFiles(out_dir, [r.device_id for r in rows]) as files:
+        with connect(hub, token) as connected:
+            documents = Device.enroll_many(connected, [(r.device_id, r.tags) for r in rows])
+        paths = files.save(documents)
     if as_json:
         print_json({"enrolled": len(paths), "credentials": [str(p) for p in paths]})
         return

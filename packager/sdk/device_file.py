@@ -13,10 +13,12 @@ edge-002,site=berlin
 :func:`parse_device_file` checks every row before anything is sent: the first bad one refuses
 the whole file with its row number (the header is row 1). Pure: text in, rows out.
 
-:func:`save_credentials_files` writes one credentials document per device into a folder, each
+:class:`CredentialsFiles` writes one credentials document per device into a folder, each
 mode 0600: every file is written under a temporary name first, the data is synced once, and
 only then is each renamed into place, so a crash leaves either no file or a whole one, and
-thousands of files cost one sync rather than one each.
+thousands of files cost one sync rather than one each. Creating thousands of files is slow on
+many disks (0.2-0.5 ms each on a virtual disk), so the empty temporary files are made in the
+background while the hub enrols the devices, and filled once it has answered.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import csv
 import io
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,34 +126,103 @@ def check_out_dir(out_dir: Path, rows: Sequence[DeviceRow], *, name: str = "devi
             )
 
 
-def save_credentials_files(documents: Sequence[DeviceCredentials], out_dir: Path) -> list[Path]:
-    """Write ``<id>.json`` (mode 0600) for every document into ``out_dir``; returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[str, Path]] = []
-    try:
-        for document in documents:
-            # A fixed temporary name (ids are unique in one enrolment): mkstemp's random names
-            # cost more than the writes. Never through a link; created 0600, so never readable.
-            tmp = str(out_dir / f".{document.device_id}.json.part")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)  # left by an interrupted run
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            staged.append((tmp, credentials_path(out_dir, document.device_id)))
+class CredentialsFiles:
+    """The credentials files of one bulk enrolment, as a context manager around the request.
+
+    On entering, the first temporary file is created at once (a folder that cannot be written
+    fails before the hub enrols anything), the rest in a background thread. :meth:`save` fills
+    and renames them; leaving the block without it (the hub refused, the user interrupted)
+    removes every temporary file, and the folder too when this made it.
+    """
+
+    def __init__(self, out_dir: Path, device_ids: Sequence[str]) -> None:
+        self.out_dir = out_dir
+        self.device_ids = list(device_ids)
+        self._made_dir = False
+        self._staged: list[str] = []
+        self._error: OSError | None = None
+        self._thread: threading.Thread | None = None
+        self._saved = False
+
+    def _tmp(self, device_id: str) -> str:
+        # A fixed temporary name (ids are unique in one enrolment): mkstemp's random names cost
+        # more than the writes.
+        return str(self.out_dir / f".{device_id}.json.part")
+
+    def _create(self, device_id: str) -> None:
+        tmp = self._tmp(device_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by an interrupted run
+        # Never through a link; created 0600, so never readable by others.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        self._staged.append(tmp)
+
+    def _create_rest(self) -> None:
+        try:
+            for device_id in self.device_ids[1:]:
+                self._create(device_id)
+        except OSError as exc:
+            self._error = exc
+
+    def __enter__(self) -> CredentialsFiles:
+        try:
+            if not self.out_dir.exists():
+                self.out_dir.mkdir(parents=True)
+                self._made_dir = True
+            if self.device_ids:
+                self._create(self.device_ids[0])
+        except OSError as exc:
+            self._discard()
+            raise BadArgument(f"cannot write credentials into {self.out_dir}: {exc.strerror}") from None
+        self._thread = threading.Thread(target=self._create_rest, name="credentials-files", daemon=True)
+        self._thread.start()
+        return self
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def save(self, documents: Sequence[DeviceCredentials]) -> list[Path]:
+        """Fill, sync and rename every file into place; the paths, in the order of the ids."""
+        self._join()
+        if self._error is not None:  # made now, as without the head start (or the error shows)
+            staged = set(self._staged)
+            for device_id in self.device_ids:
+                if self._tmp(device_id) not in staged:
+                    self._create(device_id)
+        by_id = {d.device_id: d for d in documents}
+        if sorted(by_id) != sorted(self.device_ids):
+            raise ValueError("the hub's answer does not name the devices that were sent")
+        for device_id in self.device_ids:
             # pydantic's encoder: json.dumps with an indent falls back to pure Python
-            body = document.model_dump_json(indent=2, by_alias=True, exclude_none=True)
+            body = by_id[device_id].model_dump_json(indent=2, by_alias=True, exclude_none=True)
+            fd = os.open(self._tmp(device_id), os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(body.encode() + b"\n")
         os.sync()  # one sync for every file's data, before any of them is renamed into place
-        for tmp, path in staged:
-            os.replace(tmp, path)
-        staged = []
-        dir_fd = os.open(out_dir, os.O_RDONLY)
+        paths = [credentials_path(self.out_dir, device_id) for device_id in self.device_ids]
+        for device_id, path in zip(self.device_ids, paths, strict=True):
+            os.replace(self._tmp(device_id), path)
+        self._staged = []
+        self._saved = True
+        dir_fd = os.open(self.out_dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    finally:
-        for tmp, _ in staged:
+        return paths
+
+    def _discard(self) -> None:
+        for tmp in self._staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    return [credentials_path(out_dir, d.device_id) for d in documents]
+        self._staged = []
+        if self._made_dir:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()  # only when empty: nothing of anyone else's goes
+
+    def __exit__(self, *exc: object) -> None:
+        self._join()
+        if not self._saved:
+            self._discard()
