@@ -15,11 +15,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -35,23 +34,9 @@ from tests.conftest import Publisher, free_port
 from tests.factory import Forge, ModuleParts, default_files
 from tests.hub.broker_fixtures import *  # noqa: F403  (Mosquitto fixtures)
 from tests.hub.conftest import HubFactory, RunningHub, blob_backend, hub  # noqa: F401  (fixtures)
+from tests.waiting import wait_for
 
 HUB_PASSWORD = "hub-broker-password-for-tests"
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], *, timeout: float = 30.0, what: str = "condition",
-             interval: float = 0.05, log: Callable[[], str] | None = None) -> T:  # fmt: skip
-    """The first truthy value of ``check()``, polling until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    detail = f"\n--- agent log ---\n{log()}" if log else ""
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r}){detail}")
 
 
 @dataclass

@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -30,6 +28,7 @@ from playwright.sync_api import expect, sync_playwright
 from tests.conftest import EXAMPLE
 from tests.e2e.conftest import Device, Stack, port_free_on
 from tests.load import Load
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("e2e")]
 
@@ -41,18 +40,6 @@ V2_MARK = '    return {\n        "predictions"'
 BROKEN = "v3 cannot load its model (broken on purpose)"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, stack: Stack) -> T:
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})\n{stack.logs()}")
 
 
 # --- the team's Azure ML project ------------------------------------------------------------
@@ -160,7 +147,8 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
     ]
     ids = [d.device_id for d in fleet]
     online = lambda: {d["id"] for d in cli.json("device", "list", "--selector", SELECTOR) if d["online"]}  # noqa: E731
-    wait_for(lambda: online() == set(ids), timeout=60, what="the fleet online", stack=stack)
+    wait_for(lambda: online() == set(ids), timeout=60, what="the fleet online", interval=0.3,
+             log=stack.logs)  # fmt: skip
 
     # 1. Register the model with tags; build, sign and push a module from the Azure ML files.
     cli.run("model", "register", "-n", "digits", "-p", str(project / "model" / "digits.onnx"),
@@ -229,7 +217,7 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
         service_wait(stack)
         for load in loads:
             wait_for(lambda load=load: load.last[-3:] == [2, 2, 2], timeout=30,  # type: ignore[misc]
-                     what="version 2 answering", stack=stack)  # fmt: skip
+                     what="version 2 answering", interval=0.3, log=stack.logs)  # fmt: skip
     finally:
         for load in loads:
             load.__exit__(None, None, None)
@@ -298,7 +286,7 @@ def test_a_team_ships_digits_to_its_fleet_updates_it_and_takes_it_away(
     cli.run("service", "delete", SERVICE, "--yes")
     for device in everyone:
         wait_for(lambda device=device: not device.peek()["services"], timeout=60,  # type: ignore[misc]
-                 what=f"{SERVICE} to leave {device.device_id}", stack=stack)  # fmt: skip
+                 what=f"{SERVICE} to leave {device.device_id}", interval=0.3, log=stack.logs)  # fmt: skip
     for device in everyone:
         with pytest.raises(httpx.TransportError):
             httpx.post(f"{device.url(port)}/score", content=body, timeout=5)
