@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from manifests.signing import (  # noqa: E402
     sign_payload,
 )
 from packager.build import BuildSpec, build_module  # noqa: E402
+from tests.load import Load  # noqa: E402
 
 ADMIN = "ep_admin_" + secrets.token_urlsafe(24)
 REGISTRY: list[subprocess.Popen[bytes]] = []
@@ -325,41 +325,6 @@ def digits_request(model_dir: Path) -> bytes:
     return json.dumps({"data": samples["data"][:1]}).encode()
 
 
-# --- load -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Load:
-    port: int
-    body: bytes
-    failures: list[str] = field(default_factory=list)
-    ok: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def _client(self, fresh: bool) -> None:
-        headers = {"Content-Type": "application/json", **({"Connection": "close"} if fresh else {})}
-        with httpx.Client(timeout=10) as client:
-            while not self._stop.is_set():
-                try:
-                    client.post(f"http://127.0.0.1:{self.port}/score", content=self.body,
-                                headers=headers).raise_for_status()  # fmt: skip
-                    self.ok += 1
-                except Exception as exc:
-                    self.failures.append(repr(exc))
-
-    def __enter__(self) -> Load:
-        self._threads = [threading.Thread(target=self._client, args=(i == 0,)) for i in range(3)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
-
-
 def answers(port: int, body: bytes) -> bool:
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/score", content=body, timeout=2,
@@ -398,15 +363,20 @@ def update_under_load(stack: Stack, mods: Modules, runtime: str, body: bytes) ->
     stack.deploy(name, name, "1", port, agent.device_id, runtime)
     wait(lambda: stack.state_is(name, "Healthy"), 120, "v1 Healthy")
     stack.push(mods.build(name, "2", docker=runtime == "docker"))
-    with Load(port, body) as load:
+    # Two clients on keep-alive connections and one opening a fresh connection per request.
+    loads = [Load(port, body, lambda _: 0, clients=2), Load(port, body, lambda _: 0, clients=1,
+                                                             fresh_connections=True)]  # fmt: skip
+    with loads[0], loads[1]:
         time.sleep(0.5)
         stack.deploy(name, name, "2", port, agent.device_id, runtime)
         wait(lambda: stack.state_is(name, "Healthy", "2"), 120, "v2 Healthy")
         time.sleep(1.0)
-    say(f"  {runtime} update under load: {load.ok} answered, {len(load.failures)} failed")
+    answered = sum(sum(load.answers.values()) for load in loads)
+    failed = sum(len(load.failures) for load in loads)
+    say(f"  {runtime} update under load: {answered} answered, {failed} failed")
     agent.stop()
     agent.kill_modules()
-    return {"answered": load.ok, "failed": len(load.failures)}
+    return {"answered": answered, "failed": failed}
 
 
 def rollback(stack: Stack, mods: Modules, body: bytes) -> dict[str, float]:
