@@ -87,6 +87,7 @@ class PostgresServer:
 
     def _shutdown(self) -> None:
         if self.process.poll() is None:
+            # SIGINT is PostgreSQL's "fast" shutdown: it ends open sessions instead of waiting.
             self.process.send_signal(2)
             try:
                 self.process.wait(timeout=20)
@@ -95,14 +96,7 @@ class PostgresServer:
                 self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            # SIGINT is PostgreSQL's "fast" shutdown: it ends open sessions instead of waiting.
-            self.process.send_signal(2)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        self._shutdown()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
