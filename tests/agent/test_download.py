@@ -159,3 +159,20 @@ def test_progress_a_device_reports_shows_in_the_hubs_roll_up(fleet: Fleet) -> No
                                                           "total_bytes": 9_000_000}  # fmt: skip
     finally:
         device.close()
+
+
+def test_two_services_of_one_module_on_a_fresh_device_share_one_download(fleet: Fleet) -> None:
+    # Both services are in the first desired state the device sees, so both fetches of the
+    # same blobs start together.
+    agent = fleet.device("edge-1")
+    module = fleet.push("demo", "1", files=files(padding=BIG))
+    for twin in ("twin-a", "twin-b"):
+        fleet.deploy(twin, module, port=free_port(), devices=["edge-1"])
+    agent.start()
+    for twin in ("twin-a", "twin-b"):
+        agent.wait_state(twin, "Healthy", timeout=90)
+    blobs = next(agent.state_dir.rglob("blobs/sha256"))
+    held = {entry.name: entry.read_bytes() for entry in blobs.iterdir()}
+    expected = {f.digest.removeprefix("sha256:"): f.size for f in module.manifest.files}
+    assert {name: len(data) for name, data in held.items()} == expected, "each blob once, whole"
+    assert all(sha256_digest(data) == "sha256:" + name for name, data in held.items())
