@@ -30,7 +30,7 @@ from edge_agent.cache.blobs import cache_errors
 from edge_agent.cache.modules import InstalledModule, ModuleCache
 from edge_agent.uplink.http import HubHttp
 from manifests.digests import sha256_digest
-from manifests.errors import FetchError, TrustError, Unschedulable
+from manifests.errors import FetchError, HubRefused, TrustError, Unschedulable
 from manifests.signing import TrustStore
 from manifests.verified import parse_module_manifest
 
@@ -156,7 +156,9 @@ def _fetch_blob(
                         last = done
                     _check(control, what)
         writer.commit()
-    except TrustError:
+    except (TrustError, HubRefused):
+        # Wrong bytes, or the hub refuses to serve the blob (its copy no longer matches): what
+        # arrived before is as suspect as the rest, so the next attempt starts from byte 0.
         writer.discard()
         raise
     except BaseException:
