@@ -210,16 +210,20 @@ class BlobStore:
             except BaseException:
                 os.close(fd)
                 raise
-            if not _is_open_at(fd, partial):
-                os.close(fd)  # renamed into place (or replaced) before the lock was ours
-                continue
-            if self.held(digest, size):
-                # Committed by another process between the check above and the open, which
-                # made a new, empty partial file: it is not needed.
-                partial.unlink()
-                os.close(fd)
-                return None
-            return fd
+            keep = False
+            try:
+                if not _is_open_at(fd, partial):
+                    continue  # renamed into place (or replaced) before the lock was ours
+                if self.held(digest, size):
+                    # Committed by another process between the check above and the open,
+                    # which made a new, empty partial file: it is not needed.
+                    partial.unlink()
+                    return None
+                keep = True
+                return fd
+            finally:
+                if not keep:
+                    os.close(fd)
 
     def partial_path(self, digest: str) -> Path:
         return self.dir / f".{digest_hex(digest)}{PARTIAL_SUFFIX}"
