@@ -9,7 +9,7 @@ else in edgepack may accept a desired state.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -190,6 +190,7 @@ class DesiredRefusal(StrEnum):
     OTHER_DEVICE = "other-device"  # addressed to another device
     NOT_NEWER = "not-newer"  # generation not above the applied one: a replay or rollback
     EXPIRED = "expired"  # past its expiry
+    CLOCK_SKEW = "clock-skew"  # still valid by the hub's clock, expired by the device's
 
 
 class DesiredStateRefused(TrustError):
@@ -201,9 +202,19 @@ class DesiredStateRefused(TrustError):
 
 
 def check_desired(
-    state: DesiredState, *, device_id: str, applied_generation: int, now: datetime
+    state: DesiredState,
+    *,
+    device_id: str,
+    applied_generation: int,
+    now: datetime,
+    hub_now: datetime | None = None,
 ) -> None:
-    """Refuse a desired state that is for another device, replayed/rolled back, or expired."""
+    """Refuse a desired state that is for another device, replayed/rolled back, or expired.
+
+    ``hub_now`` is the hub's clock as the device last saw it (the ``Date`` of the hub's last
+    HTTP answer, moved on by the device's elapsed time), when known: an expiry the hub's clock
+    does not see is the device clock's fault, and the refusal says by how much it is off.
+    """
     if state.device_id != device_id:
         raise DesiredStateRefused(
             f"desired state is for device {state.device_id!r}, not {device_id!r}; refused",
@@ -216,11 +227,57 @@ def check_desired(
             DesiredRefusal.NOT_NEWER,
         )
     if now >= state.expires:
-        raise DesiredStateRefused(
-            f"desired state generation {state.generation} expired at "
-            f"{state.expires.isoformat()}; the hub must re-issue it",
+        raise _expired(state, now, hub_now)
+
+
+def _expired(state: DesiredState, now: datetime, hub_now: datetime | None) -> DesiredStateRefused:
+    """The refusal of a state past its expiry by the device's clock, blaming what is wrong.
+
+    The hub renews every state before half its lifetime has passed, so a state it sends was
+    issued at most half a lifetime ago by the hub's clock. Expired by the device's clock, it is
+    either stale (the hub could not renew it for that long) or the device clock runs ahead.
+    """
+    generation, issued, expires = state.generation, state.issued, state.expires
+    if hub_now is not None and hub_now < expires:
+        return DesiredStateRefused(
+            f"desired state generation {generation} is valid until {expires.isoformat()} by the "
+            f"hub's clock, but the device clock is {format_span(now - hub_now)} ahead of the "
+            f"hub's (device {now.isoformat()}, hub {hub_now.isoformat()}, issued "
+            f"{issued.isoformat()}); fix the device's time (NTP)",
+            DesiredRefusal.CLOCK_SKEW,
+        )
+    if hub_now is not None:
+        return DesiredStateRefused(
+            f"desired state generation {generation} expired at {expires.isoformat()}, by the "
+            "hub's clock too; the hub must re-issue it",
             DesiredRefusal.EXPIRED,
         )
+    # The device clock alone: the state is as old as it says, or the clock is off by at least
+    # the age beyond half a lifetime (the most a renewing hub lets a state age).
+    age, half_life = now - issued, (expires - issued) / 2
+    return DesiredStateRefused(
+        f"desired state generation {generation} expired at {expires.isoformat()}: issued "
+        f"{issued.isoformat()}, {format_span(age)} before the device clock's {now.isoformat()}. "
+        f"A running hub renews a state within {format_span(half_life)}, so either the device "
+        f"clock is {format_span(age - half_life)} to {format_span(age)} ahead of the hub's "
+        "(fix the device's time, NTP) or the hub could not renew it (the hub must re-issue it)",
+        DesiredRefusal.EXPIRED,
+    )
+
+
+def format_span(span: timedelta) -> str:
+    """A duration for people: ``3 d 4 h``, ``2 h 03 min``, ``5 min 07 s``, ``42 s``."""
+    seconds = int(abs(span.total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
 
 
 def verify_desired(
@@ -230,11 +287,14 @@ def verify_desired(
     device_id: str,
     applied_generation: int,
     now: datetime,
+    hub_now: datetime | None = None,
 ) -> DesiredState:
     """The verified desired state in ``data`` (the exact bytes from MQTT or HTTP).
 
     Raises :class:`DesiredStateRefused` (a :class:`TrustError`) naming the first check that
-    failed: malformed, hub signature, other device, not newer, expired. Pure: no clock, no I/O.
+    failed: malformed, hub signature, other device, not newer, expired, clock skew (expired
+    only by the device's clock; ``hub_now``, see :func:`check_desired`). Every failure to read
+    the bytes, however hostile, is a ``malformed`` refusal. Pure: no clock, no I/O.
     """
     what = "desired state"
     if len(data) > MAX_DESIRED_BYTES:
@@ -265,5 +325,7 @@ def verify_desired(
         raise DesiredStateRefused(
             f"{what} is signed but invalid: {loc}: {first['msg']}", DesiredRefusal.MALFORMED
         ) from None
-    check_desired(state, device_id=device_id, applied_generation=applied_generation, now=now)
+    check_desired(
+        state, device_id=device_id, applied_generation=applied_generation, now=now, hub_now=hub_now
+    )
     return state

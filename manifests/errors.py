@@ -67,6 +67,23 @@ class NotFoundError(FetchError):
     temporary = False
 
 
+class HubRefused(FetchError):
+    """The hub refused a request in a way that asking again will not change (a 4xx other than
+    401/403/404/408/429: the request is wrong, or what the hub holds is, e.g. a stored blob
+    whose bytes no longer match its digest). Permanent for that request until someone changes
+    the hub's side (pushes the module again)."""
+
+    temporary = False
+
+
+class CacheError(EdgepackError):
+    """The device's module cache could not be read or written (a full disk, an I/O error, a
+    file removed underneath). Temporary: nothing is wrong with the module, and the same
+    operation succeeds once the disk is fixed or freed."""
+
+    temporary = True
+
+
 class RuntimeFailure(EdgepackError):
     """A module could not be started or kept running (init() failed, port taken, crash).
     Permanent for that module version."""

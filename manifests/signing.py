@@ -188,17 +188,50 @@ def envelope_bytes(envelope: Envelope) -> bytes:
     return canonical_json(envelope.model_dump(mode="json"))
 
 
+#: How deep a signed document may nest. A desired state nests 6 levels, a module manifest 5;
+#: the bound keeps a hostile document far from the interpreter's recursion limit, so neither
+#: the parser nor the canonical serialiser that checks the signature can run out of stack.
+MAX_JSON_DEPTH = 64
+
+
 def parse_envelope(data: bytes, *, what: str = "document") -> Envelope:
+    """The envelope in ``data``; :class:`TrustError` for anything that is not one: not JSON
+    (including NaN/Infinity, which canonical JSON cannot express), nested deeper than
+    :data:`MAX_JSON_DEPTH`, or not shaped like an envelope."""
     try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(data, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise TrustError(
+            f"{what} nests deeper than {MAX_JSON_DEPTH} levels; it is damaged or hostile"
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
         raise TrustError(f"{what} is not valid JSON ({exc.__class__.__name__}); it is damaged") from None
+    if _depth_exceeds(raw, MAX_JSON_DEPTH):
+        raise TrustError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels; it is damaged or hostile")
     try:
         return Envelope.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise TrustError(f"{what} is not a signed envelope: {loc}: {first['msg']}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """True when ``value`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 UNTRUSTED_HINT = "add the publisher's public key to the trust store (--trust KEY.pub) if you trust it"

@@ -144,6 +144,7 @@ class DesiredDefect(StrEnum):
     MALFORMED = "malformed"  # correctly signed, but the payload breaks the contract
     NOT_JSON = "not-json"  # bytes that are no JSON at all
     OVERSIZE = "oversize"  # a signed state far larger than any real one
+    DEEPLY_NESTED = "deeply-nested"  # 100,000 nested arrays: deeper than any parser's stack
 
     @property
     def reason(self) -> str:
@@ -165,6 +166,7 @@ _DESIRED_REASONS: dict[DesiredDefect, str] = {
     DesiredDefect.MALFORMED: "signed but invalid",
     DesiredDefect.NOT_JSON: "not valid JSON",
     DesiredDefect.OVERSIZE: "exceeds",
+    DesiredDefect.DEEPLY_NESTED: "nests deeper than",
 }
 
 _DESIRED_REFUSALS: dict[DesiredDefect, DesiredRefusal] = {
@@ -177,6 +179,7 @@ _DESIRED_REFUSALS: dict[DesiredDefect, DesiredRefusal] = {
     DesiredDefect.MALFORMED: DesiredRefusal.MALFORMED,
     DesiredDefect.NOT_JSON: DesiredRefusal.MALFORMED,
     DesiredDefect.OVERSIZE: DesiredRefusal.MALFORMED,
+    DesiredDefect.DEEPLY_NESTED: DesiredRefusal.MALFORMED,
 }
 
 
@@ -398,6 +401,9 @@ class Forge:
                 payload = state.model_dump(mode="json", by_alias=True)
                 payload["padding"] = "x" * (MAX_DESIRED_BYTES + 1)
                 return envelope_bytes(sign_payload(payload, [self.hub]))
+            case DesiredDefect.DEEPLY_NESTED:
+                depth = 100_000  # 200 kB: within every size limit on the way
+                return b'{"signed": ' + b"[" * depth + b"]" * depth + b', "signatures": []}'
         return self.desired_bytes(state)
 
 

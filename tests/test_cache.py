@@ -3,9 +3,11 @@ module folders appear whole or not at all, and nothing is stored twice."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from edge_agent.cache import ModuleCache, plan_layout
 from manifests.bundle import verify_bundle
 from manifests.digests import digest_hex, sha256_digest
-from manifests.errors import FetchError, TrustError
+from manifests.errors import CacheError, FetchError, TrustError
 from manifests.verified import VerifiedModule, parse_module_manifest
 from tests.conftest import Publisher
 from tests.factory import Defect, Forge
@@ -276,3 +278,82 @@ def test_verify_bundle_streams_into_the_cache_as_a_sink(tmp_path: Path) -> None:
     cache = ModuleCache(tmp_path / "cache")
     verified = verify_bundle(io.BytesIO(forge.bundle()), forge.trust, sink=cache)
     assert all(cache.has(f.digest) for f in verified.manifest.files)
+
+
+# --- one writer per blob --------------------------------------------------------------------
+
+
+def test_a_second_fetch_of_a_blob_waits_for_the_first_and_finds_it_held(tmp_path: Path) -> None:
+    cache = ModuleCache(tmp_path / "cache")
+    data = os.urandom(1 << 20)
+    digest = sha256_digest(data)
+    first = cache.blobs.begin_resumable(digest, len(data))
+    assert first is not None
+    first.write(data[: len(data) // 2])
+    waited = threading.Event()
+    second: list[object] = []
+
+    def fetch_again() -> None:
+        second.append(cache.blobs.begin_resumable(digest, len(data), check=waited.set))
+
+    twin = threading.Thread(target=fetch_again)
+    twin.start()
+    assert waited.wait(10), "the second writer waits while the first writes"
+    first.write(data[len(data) // 2 :])
+    first.commit()
+    twin.join(10)
+    assert second == [None], "nothing left to do: the blob is held"
+    assert cache.blob_path(digest).read_bytes() == data
+    assert os.listdir(cache.blobs.dir) == [digest_hex(digest)], "no partial file left behind"
+
+
+def test_a_blob_another_process_is_writing_is_not_written_beside_it(tmp_path: Path) -> None:
+    cache = ModuleCache(tmp_path / "cache")
+    data = os.urandom(4096)
+    digest = sha256_digest(data)
+    partial = cache.blobs.partial_path(digest)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[:100])
+    # What another agent process writing the blob holds: the partial file's exclusive lock.
+    with partial.open("rb") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        checks = 0
+
+        def give_up_after_three() -> None:
+            nonlocal checks
+            checks += 1
+            if checks == 3:
+                raise FetchError("deadline")
+
+        with pytest.raises(FetchError, match="deadline"):
+            cache.blobs.begin_resumable(digest, len(data), check=give_up_after_three)
+    assert partial.read_bytes() == data[:100], "not a byte appended while it was locked"
+    writer = cache.blobs.begin_resumable(digest, len(data))
+    assert writer is not None and writer.offset == 100
+    writer.write(data[100:])
+    writer.commit()
+    assert cache.blob_path(digest).read_bytes() == data
+
+
+def test_a_file_of_the_wrong_size_under_a_blobs_name_is_not_trusted(tmp_path: Path) -> None:
+    cache = ModuleCache(tmp_path / "cache")
+    data = b"sixteen bytes!!!"
+    digest = sha256_digest(data)
+    final = cache.blob_path(digest)
+    final.parent.mkdir(parents=True)
+    final.write_bytes(data + data)  # what two interleaved downloads left
+    assert not cache.blobs.held(digest, len(data)) and not final.exists()
+    writer = cache.blobs.begin_resumable(digest, len(data))
+    assert writer is not None
+    writer.write(data)
+    writer.commit()
+    assert cache.blobs.held(digest, len(data)) and final.read_bytes() == data
+
+
+def test_a_cache_that_cannot_be_written_is_a_temporary_cache_error(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "blobs").write_bytes(b"a file where a folder must be")
+    cache = ModuleCache(tmp_path / "cache")
+    with pytest.raises(CacheError, match="blob sha256:") as failed:
+        cache.blobs.begin_resumable(sha256_digest(b"x"), 1)
+    assert failed.value.temporary

@@ -195,6 +195,10 @@ def test_with_key_adds_a_key_once() -> None:
         (b'{"signed": {}, "signatures": []}', "signatures"),
         (b'{"signed": {}, "signatures": [{"keyid": "ab", "sig": "cd"}]}', "keyid"),
         (b'{"signed": {}, "signatures": [], "extra": 1}', "not a signed envelope"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests deeper than 64 levels"),  # past the parser's stack
+        (b'{"signed": ' + b"[" * 900 + b"]" * 900 + b"}", "nests deeper than 64 levels"),  # within it
+        (b'{"signed": {"a": NaN}, "signatures": []}', "not valid JSON"),  # canonical JSON has no NaN
+        (b"1" * 5000, "not valid JSON"),  # an integer longer than Python converts
     ],
 )
 def test_parse_envelope_refuses_damaged_documents(data: bytes, reason: str) -> None:

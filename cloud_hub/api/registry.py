@@ -27,7 +27,7 @@ from cloud_hub.registry import models as model_registry
 from cloud_hub.registry import modules as module_registry
 from cloud_hub.registry.tables import ModelVersion, Module
 from cloud_hub.registry.tags import parse_filters
-from cloud_hub.store.blobs import CHUNK, check_digest
+from cloud_hub.store.blobs import CHUNK, check_digest, holds_intact
 from cloud_hub.store.streaming import MIB, body_file, check_declared_length
 from manifests.bounds import MAX_TAGS, Count, TagKey, TagMap, Text
 from manifests.bundle import BundleLimits
@@ -213,6 +213,21 @@ def _whole(fh: IO[bytes], core: HubCore) -> bytes:
             raise
 
 
+def _check_whole(core: HubCore, digest: str) -> None:
+    """Read the whole blob through its digest check before a byte range of it is sent: a range
+    cannot be checked alone, and a resumed download must get a refusal (422), not the rest of
+    bytes that no longer match. Costs one more read of the blob per range request."""
+    with core.blobs.open(digest) as fh:
+        try:
+            while fh.read(CHUNK):
+                pass
+        except TrustError as exc:
+            log.error("%s", exc)
+            with core.sessions.begin() as s:
+                record_event(s, "blob-corrupt", str(exc))
+            raise
+
+
 def blob_response(core: HubCore, digest: str, range_header: str | None, media_type: str) -> Response:
     """Stream a blob, or one byte range of it (206), for any route that serves blobs."""
     check_digest(digest)
@@ -228,6 +243,7 @@ def blob_response(core: HubCore, digest: str, range_header: str | None, media_ty
         chunks = _chunks(core.blobs.open(digest), core, digest)
         return StreamingResponse(chunks, media_type=media_type, headers=headers)
     start, end = span
+    _check_whole(core, digest)
     headers["Content-Length"] = str(end - start)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     return StreamingResponse(
@@ -258,12 +274,13 @@ def get_blob(digest: DigestPath, request: Request, core: Core) -> Response:
     openapi_extra=_binary_body("application/octet-stream"),
 )
 async def put_blob(digest: DigestPath, request: Request, core: Core) -> Any:
-    """Upload one blob (raw body); its digest must match. A blob already held is not rewritten."""
+    """Upload one blob (raw body); its digest must match. A blob already held intact is not
+    rewritten; one whose stored bytes no longer match its digest is replaced."""
     check_digest(digest)
     limit = _upload_limit(core)
     check_declared_length(request.headers.get("content-length"), limit)
     raw, fh = body_file(request.stream(), limit=limit)
-    if core.blobs.has(digest):
+    if await run_in_threadpool(holds_intact, core.blobs, digest):
         await raw.drain()
         return JSONResponse(BlobOut(digest=digest, size=core.blobs.size(digest), created=False).model_dump())
     try:

@@ -122,11 +122,22 @@ def push_module(
             lock_registry(session)
             existing = _existing(session, verified)
             if existing is not None:
-                staging.discard()
-                return PushResult(existing, False, 0, len(verified.blob_sizes))
+                # Blobs staged for a module already registered replace copies whose bytes no
+                # longer match (the store's check let them through): the push repairs them.
+                repaired = staging.staged
+                staging.publish()
+                if repaired:
+                    record_event(
+                        session,
+                        "blob-repaired",
+                        f"module {ref} pushed again: {len(repaired)} damaged blob(s) replaced "
+                        f"({', '.join(repaired)})",
+                    )
+                return PushResult(existing, False, len(repaired), len(verified.blob_sizes) - len(repaired))
             # A blob skipped because the store held it may have been removed by a delete that
             # committed since; under the lock that can no longer change, so check once here.
-            missing = [d for d in verified.blob_sizes if not staging.has(d)]
+            staged = set(staging.staged)
+            missing = [d for d in verified.blob_sizes if d not in staged and not blobs.has(d)]
             if missing:
                 raise Conflict(f"blob {missing[0]} was deleted while {ref} was being pushed; push it again")
             module = _record(session, verified)

@@ -100,6 +100,21 @@ class BlobStore(Protocol):
         written to since ``older_than``; return how many."""
 
 
+def holds_intact(store: BlobStore, digest: str) -> bool:
+    """True when ``store`` holds ``digest`` and its bytes still hash to it. Reads the whole
+    blob: for uploads and pushes of a blob the store holds, so that bytes changed behind the
+    store's back are replaced by the upload instead of kept."""
+    if not store.has(digest):
+        return False
+    try:
+        with store.open(digest) as fh:
+            while fh.read(CHUNK):
+                pass
+    except (TrustError, NotFound):
+        return False
+    return True
+
+
 def check_digest(digest: str) -> str:
     if not is_digest(digest):
         raise ConfigError(f"{digest!r} is not a blob digest; expected 'sha256:' and 64 hex digits")
@@ -243,7 +258,8 @@ class _FileStaging:
         return list(self._staged)
 
     def has(self, digest: str) -> bool:
-        return self._store.has(digest) or digest in self._staged
+        # A held blob whose bytes no longer match is not held: the push's copy replaces it.
+        return digest in self._staged or holds_intact(self._store, digest)
 
     def begin(self, digest: str, size: int) -> BlobWriter:
         check_digest(digest)
@@ -328,12 +344,10 @@ class FileBlobStore:
                     "the file changed or was damaged in transit, upload it again"
                 )
             final = self.path(digest)
-            if final.is_file():
-                tmp.unlink()  # already held: keep one copy
-                os.utime(final)  # just uploaded again: not garbage yet, whatever its age
-            else:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, final)
+            # Checked bytes replace whatever is held under the name (the same bytes, or a copy
+            # changed behind the store's back); the new mtime restarts the gc grace period.
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
             return digest, size
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -35,7 +35,14 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from cloud_hub.errors import NotFound, TooLarge
-from cloud_hub.store.blobs import BlobInfo, BlobStaging, BlobWriter, VerifiedReader, check_digest
+from cloud_hub.store.blobs import (
+    BlobInfo,
+    BlobStaging,
+    BlobWriter,
+    VerifiedReader,
+    check_digest,
+    holds_intact,
+)
 from manifests.digests import digest_hex, is_digest
 from manifests.errors import ConfigError, FetchError, TrustError
 
@@ -278,7 +285,8 @@ class _S3Staging:
         self._pending[digest] = pending
 
     def has(self, digest: str) -> bool:
-        return digest in self._pending or self.store.has(digest)
+        # A held blob whose bytes no longer match is not held: the push's copy replaces it.
+        return digest in self._pending or holds_intact(self.store, digest)
 
     def begin(self, digest: str, size: int) -> BlobWriter:
         check_digest(digest)
@@ -384,7 +392,7 @@ class S3BlobStore:
     def put(
         self, stream: IO[bytes], *, expected_digest: str | None = None, max_bytes: int | None = None
     ) -> tuple[str, int]:
-        if expected_digest is not None and self.has(check_digest(expected_digest)):
+        if expected_digest is not None and holds_intact(self, check_digest(expected_digest)):
             return self._put_again(stream, expected_digest, max_bytes)
         temp = f"{self.location.prefix}uploads/{uuid.uuid4()}"
         key = self.key(expected_digest) if expected_digest else temp

@@ -11,27 +11,77 @@ sink=store)`` streams a bundle's blobs straight into it; the agent uses the same
 ``begin``/``write``/``commit``/``abort`` for blobs it downloads one by one. A writer hashes
 what it is given unless its caller already does and commits only on a match (see
 :meth:`BlobStore.begin`), which spares a second pass over large models.
+
+A resumable download has exactly one writer per blob: a thread lock (per partial file, for the
+threads of one agent) and an exclusive ``flock`` on the partial file (for other processes)
+make a second fetch of the same blob wait for the first and then find the blob held, instead
+of appending a second stream to the same file. Every ``OSError`` leaves as a
+:class:`~manifests.errors.CacheError` (temporary), never bare.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import stat
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 from manifests.digests import digest_hex, is_digest
-from manifests.errors import FetchError, TrustError
+from manifests.errors import CacheError, FetchError, TrustError
 
 BLOB_DIR = Path("blobs") / "sha256"
 PART_SUFFIX = ".part"
 #: a download that may be resumed after a crash keeps its bytes under this suffix
 PARTIAL_SUFFIX = ".partial"
 BLOB_MODE = 0o444  # blobs are hard-linked into module folders; nobody may write through them
+#: how often a fetch waiting for another writer of the same blob looks again (and at ``check``)
+WAIT_SLICE_S = 0.1
+
+
+@contextlib.contextmanager
+def cache_errors(what: str) -> Iterator[None]:
+    """Turn an ``OSError`` into a :class:`CacheError` naming ``what`` (temporary: a full or
+    failing disk is fixed without a new module version)."""
+    try:
+        yield
+    except OSError as exc:
+        raise CacheError(
+            f"{what}: {exc.strerror or type(exc).__name__} ({exc.filename or 'cache'}); "
+            "check the device's disk, the download is tried again"
+        ) from None
+
+
+class _WriterSlot:
+    """The one thread of this process that may write a partial file; shared by reference count
+    so the table of slots only holds blobs being fetched now."""
+
+    _table: ClassVar[dict[str, _WriterSlot]] = {}
+    _table_lock = threading.Lock()
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.lock = threading.Lock()
+        self.users = 0
+
+    @classmethod
+    def claim(cls, path: Path) -> _WriterSlot:
+        with cls._table_lock:
+            slot = cls._table.setdefault(str(path), cls(str(path)))
+            slot.users += 1
+            return slot
+
+    def leave(self) -> None:
+        with self._table_lock:
+            self.users -= 1
+            if self.users == 0:
+                self._table.pop(self.key, None)
 
 
 def fsync_dir(path: Path) -> None:
@@ -66,6 +116,18 @@ class BlobStore:
             return False
         return stat.S_ISREG(st.st_mode)
 
+    def held(self, digest: str, size: int) -> bool:
+        """True when the blob is held at its ``size``. Anything else under the blob's name (a
+        file of another size, which no commit can have verified) is removed, so that the blob
+        is fetched again instead of trusted."""
+        found = self.size(digest)
+        if found == size:
+            return True
+        if found is not None or os.path.lexists(self.path(digest)):
+            with cache_errors(f"removing a damaged copy of blob {digest}"):
+                _unlink_counting(self.path(digest))
+        return False
+
     def size(self, digest: str) -> int | None:
         """The size of a held blob, or ``None`` when it is not held."""
         try:
@@ -94,15 +156,74 @@ class BlobStore:
             hasher=None if hashed_by_caller else hashlib.sha256(),
         )
 
-    def begin_resumable(self, digest: str, size: int) -> ResumableBlob:
-        """Start or resume writing blob ``digest``: bytes kept by an interrupted download (even
-        one killed with SIGKILL) are taken up again. Finish with commit(); abort() keeps the
-        bytes for the next attempt, discard() drops them."""
+    def begin_resumable(
+        self, digest: str, size: int, *, check: Callable[[], None] = lambda: None
+    ) -> ResumableBlob | None:
+        """Start or resume writing blob ``digest`` as its only writer: bytes kept by an
+        interrupted download (even one killed with SIGKILL) are taken up again. Finish with
+        commit(); abort() keeps the bytes for the next attempt, discard() drops them.
+
+        While another thread or process writes the same blob this waits, calling ``check``
+        about every :data:`WAIT_SLICE_S` (it raises to give up: cancelled, past a deadline).
+        ``None`` means the blob is held: the other writer finished it, and nothing is left to
+        do.
+        """
         final = self.path(digest)
         if size < 0:
             raise TrustError(f"blob {digest}: negative size {size}; refused")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        return ResumableBlob(digest=digest, size=size, partial=self.partial_path(digest), final=final)
+        partial = self.partial_path(digest)
+        slot = _WriterSlot.claim(partial)
+        locked = False
+        try:
+            while not slot.lock.acquire(timeout=WAIT_SLICE_S):
+                check()
+            locked = True
+            with cache_errors(f"blob {digest}"):
+                self.dir.mkdir(parents=True, exist_ok=True)
+                fd = self._lock_partial(digest, size, partial, check)
+            if fd is None:
+                slot.lock.release()
+                slot.leave()
+                return None
+        except BaseException:
+            if locked:
+                slot.lock.release()
+            slot.leave()
+            raise
+        return ResumableBlob(digest=digest, size=size, partial=partial, final=final, fd=fd, slot=slot)
+
+    def _lock_partial(
+        self, digest: str, size: int, partial: Path, check: Callable[[], None]
+    ) -> int | None:
+        """An fd of the partial file holding its exclusive lock, or None once the blob is held."""
+        while True:
+            if self.held(digest, size):
+                return None
+            fd = _open_partial(partial)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # another process writes it: wait for it to finish or die
+                check()
+                time.sleep(WAIT_SLICE_S)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            keep = False
+            try:
+                if not _is_open_at(fd, partial):
+                    continue  # renamed into place (or replaced) before the lock was ours
+                if self.held(digest, size):
+                    # Committed by another process between the check above and the open,
+                    # which made a new, empty partial file: it is not needed.
+                    partial.unlink()
+                    return None
+                keep = True
+                return fd
+            finally:
+                if not keep:
+                    os.close(fd)
 
     def partial_path(self, digest: str) -> Path:
         return self.dir / f".{digest_hex(digest)}{PARTIAL_SUFFIX}"
@@ -167,6 +288,27 @@ def _unlink_counting(path: Path) -> int:
     return size
 
 
+def _open_partial(partial: Path) -> int:
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+    try:
+        return os.open(partial, flags, 0o600)
+    except OSError:
+        # A link or something else planted under the name: remove it and start clean.
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            partial.unlink()
+        return os.open(partial, flags, 0o600)
+
+
+def _is_open_at(fd: int, path: Path) -> bool:
+    """True when ``fd`` is the file that ``path`` names now."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (named.st_dev, named.st_ino)
+
+
 def _write_all(fd: int, chunk: bytes) -> None:
     view = memoryview(chunk)
     while view:
@@ -218,7 +360,8 @@ class PendingBlob:
             )
         if self._hasher is not None:
             self._hasher.update(chunk)
-        _write_all(fd, chunk)
+        with cache_errors(f"blob {self.digest}"):
+            _write_all(fd, chunk)
 
     def commit(self) -> None:
         """Keep the blob if it is complete and matches its digest; otherwise discard it and
@@ -232,16 +375,17 @@ class PendingBlob:
         if self._hasher is not None and "sha256:" + self._hasher.hexdigest() != self.digest:
             self.abort()
             raise TrustError(f"blob {self.digest}: content does not match its digest; discarded")
-        try:
-            os.fchmod(fd, BLOB_MODE)
-            os.fsync(fd)
-            os.close(fd)
-            self._fd = None
-            os.replace(self._tmp, self._final)
-        except BaseException:
-            self.abort()
-            raise
-        fsync_dir(self._final.parent)
+        with cache_errors(f"blob {self.digest}"):
+            try:
+                os.fchmod(fd, BLOB_MODE)
+                os.fsync(fd)
+                os.close(fd)
+                self._fd = None
+                os.replace(self._tmp, self._final)
+            except BaseException:
+                self.abort()
+                raise
+            fsync_dir(self._final.parent)
 
     def abort(self) -> None:
         """Discard whatever was written. Safe to call more than once."""
@@ -259,7 +403,9 @@ class PendingBlob:
 
 
 class ResumableBlob:
-    """A blob downloaded into ``.<hex>.partial``, appended to across attempts and processes.
+    """A blob downloaded into ``.<hex>.partial``, appended to across attempts and processes,
+    by one writer at a time (it holds the file's exclusive lock; see
+    :meth:`BlobStore.begin_resumable`).
 
     :attr:`offset` says where the next byte goes (what the ``Range`` request asks for). The
     bytes already there are hashed again on open, so a blob is only ever renamed into place
@@ -267,24 +413,25 @@ class ResumableBlob:
     the blob, or not a regular file, is dropped and the download starts over.
     """
 
-    def __init__(self, *, digest: str, size: int, partial: Path, final: Path) -> None:
+    def __init__(
+        self, *, digest: str, size: int, partial: Path, final: Path, fd: int, slot: _WriterSlot
+    ) -> None:
         self.digest = digest
         self.size = size
         self._partial = partial
         self._final = final
         self._hasher = hashlib.sha256()
-        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+        self._fd: int | None = fd
+        self._slot: _WriterSlot | None = slot
         try:
-            self._fd: int | None = os.open(partial, flags, 0o600)
-        except OSError:
-            # A link or something else planted under the name: remove it and start clean.
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                partial.unlink()
-            self._fd = os.open(partial, flags, 0o600)
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > size:
-            os.ftruncate(self._fd, 0)
-        self.offset = self._rehash()
+            with cache_errors(f"blob {digest}"):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > size:
+                    os.ftruncate(fd, 0)
+                self.offset = self._rehash()
+        except BaseException:
+            self.abort()
+            raise
 
     def _rehash(self) -> int:
         fd = self._open_fd()
@@ -296,7 +443,8 @@ class ResumableBlob:
 
     def restart(self) -> None:
         """Drop what is there and start from byte 0 (the server ignored the Range request)."""
-        os.ftruncate(self._open_fd(), 0)
+        with cache_errors(f"blob {self.digest}"):
+            os.ftruncate(self._open_fd(), 0)
         self._hasher = hashlib.sha256()
         self.offset = 0
 
@@ -306,12 +454,14 @@ class ResumableBlob:
             self.discard()
             raise TrustError(f"blob {self.digest}: more than the {self.size} bytes announced; discarded")
         self._hasher.update(chunk)
-        _write_all(fd, chunk)
+        with cache_errors(f"blob {self.digest}"):
+            _write_all(fd, chunk)
         self.offset += len(chunk)
 
     def commit(self) -> None:
         """Rename into place if complete and matching; a mismatch discards every byte (they
-        can never become right) and raises :class:`TrustError`."""
+        can never become right) and raises :class:`TrustError`. The lock is held until the
+        blob is under its final name, so a waiting writer then finds it held."""
         fd = self._open_fd()
         if self.offset != self.size:
             # Cut short, not wrong: the bytes are kept and the next attempt resumes.
@@ -321,26 +471,37 @@ class ResumableBlob:
         if "sha256:" + self._hasher.hexdigest() != self.digest:
             self.discard()
             raise TrustError(f"blob {self.digest}: content does not match its digest; discarded")
-        os.fchmod(fd, BLOB_MODE)
-        os.fsync(fd)
-        os.close(fd)
-        self._fd = None
-        os.replace(self._partial, self._final)
-        fsync_dir(self._final.parent)
+        with cache_errors(f"blob {self.digest}"):
+            os.fchmod(fd, BLOB_MODE)
+            os.fsync(fd)
+            os.replace(self._partial, self._final)
+            fsync_dir(self._final.parent)
+        self._release()
 
     def abort(self) -> None:
         """Stop for now, keeping the bytes for the next attempt."""
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.fsync(self._fd)
-                os.close(self._fd)
-            self._fd = None
+        self._release()
 
     def discard(self) -> None:
-        """Stop and forget the bytes."""
-        self.abort()
-        with contextlib.suppress(FileNotFoundError):
-            self._partial.unlink()
+        """Stop and forget the bytes (removed while the lock is still ours)."""
+        if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._partial.unlink()
+        self._release()
+
+    def _release(self) -> None:
+        """Close the file (which lets another process's writer in), then this process's."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._slot is not None:
+            self._slot.lock.release()
+            self._slot.leave()
+            self._slot = None
 
     def _open_fd(self) -> int:
         if self._fd is None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from edge_agent.cache.blobs import BLOB_MODE, PART_SUFFIX, BlobStore, PendingBlob, fsync_dir
+from edge_agent.cache.blobs import BLOB_MODE, PART_SUFFIX, BlobStore, PendingBlob, cache_errors, fsync_dir
 from edge_agent.cache.layout import MANIFEST_FILE, Placement, plan_layout
 from manifests.verified import VerifiedModule, parse_module_manifest
 
@@ -127,9 +127,12 @@ class ModuleCache:
         return _BundleSink(self.blobs)
 
     def install_verified(self, verified: VerifiedModule) -> InstalledModule:
-        """Materialise an already verified module whose blobs are all held."""
+        """Materialise an already verified module whose blobs are all held; a file system
+        failure is a :class:`CacheError`."""
+        with cache_errors(f"module {verified.manifest.ref}"):
+            folder = self.materialize(verified)
         return InstalledModule(
-            dir=self.materialize(verified),
+            dir=folder,
             manifest=verified.manifest,
             manifest_digest=verified.manifest_digest,
             signers=tuple(verified.signers),
@@ -179,15 +182,16 @@ class ModuleCache:
         """The installed module for ``manifest_digest`` with its signatures checked again
         (e.g. when the agent restarts), or ``None`` when it is not installed."""
         folder = self.module_dir(manifest_digest)
-        try:
-            data = (folder / MANIFEST_FILE).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if sha256_digest(data) != manifest_digest:
-            return None
-        verified = parse_module_manifest(data, trust, what=str(folder / MANIFEST_FILE))
-        if not _is_complete(folder, data, plan_layout(verified.manifest)):
-            return None
+        with cache_errors(f"module {manifest_digest[:19]}"):
+            try:
+                data = (folder / MANIFEST_FILE).read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if sha256_digest(data) != manifest_digest:
+                return None
+            verified = parse_module_manifest(data, trust, what=str(folder / MANIFEST_FILE))
+            if not _is_complete(folder, data, plan_layout(verified.manifest)):
+                return None
         return InstalledModule(
             dir=folder,
             manifest=verified.manifest,

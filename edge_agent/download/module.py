@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge_agent.cache.blobs import cache_errors
 from edge_agent.cache.modules import InstalledModule, ModuleCache
 from edge_agent.uplink.http import HubHttp
 from manifests.digests import sha256_digest
-from manifests.errors import FetchError, TrustError, Unschedulable
+from manifests.errors import FetchError, HubRefused, TrustError, Unschedulable
 from manifests.signing import TrustStore
 from manifests.verified import parse_module_manifest
 
@@ -99,11 +100,12 @@ def fetch_module(
         )
     verified = parse_module_manifest(data, publishers, what=what, untrusted_hint=UNTRUSTED_HINT)
     ref = verified.manifest.ref
-    missing = {d: size for d, size in verified.blob_sizes.items() if not cache.has(d)}
+    missing = {d: size for d, size in verified.blob_sizes.items() if not cache.blobs.held(d, size)}
     total = sum(missing.values())
     already = {d: min(cache.blobs.partial_size(d), size) for d, size in missing.items()}
     still = total - sum(already.values())
-    free = shutil.disk_usage(cache.root if cache.root.exists() else cache.root.parent).free
+    with cache_errors(f"module {ref}"):
+        free = shutil.disk_usage(cache.root if cache.root.exists() else cache.root.parent).free
     if still + reserve_bytes > free:
         raise Unschedulable(
             f"module {ref} needs {still + reserve_bytes} bytes of disk ({still} to download, "
@@ -130,7 +132,14 @@ def _fetch_blob(
     total: int,
     ref: str,
 ) -> int:
-    writer = cache.blobs.begin_resumable(blob, size)
+    what = f"download of {blob} for {ref}"
+    # Another service's fetch of the same blob (or another process's) may hold it: this one
+    # waits for it and finds the blob held, one download shared by both.
+    writer = cache.blobs.begin_resumable(blob, size, check=lambda: _check(control, what))
+    if writer is None:
+        done = min(done + size, total)
+        control.progress(done, total)
+        return done
     start_done = done - writer.offset
     try:
         if writer.offset < size:
@@ -145,9 +154,11 @@ def _fetch_blob(
                     if done - last >= PROGRESS_EVERY_BYTES:
                         control.progress(done, total)
                         last = done
-                    _check(control, f"download of {blob} for {ref}")
+                    _check(control, what)
         writer.commit()
-    except TrustError:
+    except (TrustError, HubRefused):
+        # Wrong bytes, or the hub refuses to serve the blob (its copy no longer matches): what
+        # arrived before is as suspect as the rest, so the next attempt starts from byte 0.
         writer.discard()
         raise
     except BaseException:

@@ -1,9 +1,11 @@
 """The device side of the hub's HTTP API: its desired state, manifests and blobs.
 
 Every call authenticates with the device token. Failures are classified for the reconcile
-loop: :class:`HubUnavailable` (network, 5xx, 429: retry with backoff), :class:`NotFoundError`
-(the hub does not have it, or no longer names it for this device), :class:`ConfigError` (the
-token is refused: enroll again).
+loop: :class:`HubUnavailable` (network, 5xx, 408, 429: retry with backoff),
+:class:`NotFoundError` (the hub does not have it, or no longer names it for this device),
+:class:`ConfigError` (the token is refused: enroll again), :class:`HubRefused` (any other 4xx:
+the hub refuses what it was asked, e.g. a blob whose stored bytes no longer match its digest
+is a 422, and asking again gets the same answer).
 
 This is the standard library's ``http.client``, not httpx as elsewhere in edgepack: the agent
 runs for months on small devices with a memory budget (45 MB), and httpx with its
@@ -24,12 +26,14 @@ from dataclasses import dataclass
 from edge_agent import __version__
 from edge_agent.uplink.tls import client_context
 from manifests.device import DeviceCredentials
-from manifests.errors import ConfigError, HubUnavailable, NotFoundError
+from manifests.errors import ConfigError, HubRefused, HubUnavailable, NotFoundError
 
 #: a manifest lists a module's files; far below this
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BYTES = 16 << 10
 CHUNK = 256 << 10
+#: client errors that say "not now" rather than "never": timed out, too many requests
+RETRIED_CLIENT_ERRORS = frozenset({408, 429})
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ class HubHttp:
         if status in (401, 403, 404):
             # 403 for a file: the hub no longer names it for this device (its state moved on).
             raise NotFoundError(message)
+        if status < 500 and status not in RETRIED_CLIENT_ERRORS:
+            raise HubRefused(message)
         retry_after = response.getheader("retry-after")
         delay = float(retry_after) if retry_after and retry_after.isdigit() else None
         raise HubUnavailable(message, retry_after_s=delay)

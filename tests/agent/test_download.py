@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from cloud_hub.store.blobs import FileBlobStore
+from cloud_hub.store.s3 import S3BlobStore
 from edge_agent.cache.modules import ModuleCache
 from edge_agent.download.module import Cancelled, Counters, FetchControl, fetch_module
 from edge_agent.uplink.http import HubHttp
 from manifests.device import DeviceCredentials
 from manifests.digests import sha256_digest
 from manifests.errors import TrustError, Unschedulable
-from tests.agent.conftest import Fleet, free_port, wait_for
+from tests.agent.conftest import Fleet, free_port, score, wait_for
 from tests.agent.modules import files
 from tests.hub.broker_fixtures import MqttProbe
 
@@ -159,3 +161,51 @@ def test_progress_a_device_reports_shows_in_the_hubs_roll_up(fleet: Fleet) -> No
                                                           "total_bytes": 9_000_000}  # fmt: skip
     finally:
         device.close()
+
+
+def test_two_services_of_one_module_on_a_fresh_device_share_one_download(fleet: Fleet) -> None:
+    # Both services are in the first desired state the device sees, so both fetches of the
+    # same blobs start together.
+    agent = fleet.device("edge-1")
+    module = fleet.push("demo", "1", files=files(padding=BIG))
+    for twin in ("twin-a", "twin-b"):
+        fleet.deploy(twin, module, port=free_port(), devices=["edge-1"])
+    agent.start()
+    for twin in ("twin-a", "twin-b"):
+        agent.wait_state(twin, "Healthy", timeout=90)
+    blobs = next(agent.state_dir.rglob("blobs/sha256"))
+    held = {entry.name: entry.read_bytes() for entry in blobs.iterdir()}
+    expected = {f.digest.removeprefix("sha256:"): f.size for f in module.manifest.files}
+    assert {name: len(data) for name, data in held.items()} == expected, "each blob once, whole"
+    assert all(sha256_digest(data) == "sha256:" + name for name, data in held.items())
+
+
+def tamper_on_the_hub(fleet: Fleet, digest: str, data: bytes) -> None:
+    """Flip the first byte of a blob in the hub's store, behind the hub's back."""
+    forged = bytes([data[0] ^ 0xFF]) + data[1:]
+    store = fleet.hub.core.blobs
+    if isinstance(store, FileBlobStore):
+        store.path(digest).write_bytes(forged)
+    else:
+        assert isinstance(store, S3BlobStore)
+        store.client.put_object(Bucket=store.location.bucket, Key=store.key(digest), Body=forged)
+
+
+@pytest.mark.parametrize("size", [100_000, 3 << 20], ids=["small", "large"])
+def test_a_blob_tampered_on_the_hub_fails_the_version_naming_it_while_the_last_good_serves(
+    fleet: Fleet, size: int
+) -> None:
+    # Under 1 MiB the hub answers 422 at once; over it, the streamed answer is cut off before
+    # its end and the resumed Range request is refused. Either way: final, not retried.
+    agent = fleet.device("edge-1").start()
+    port = free_port()
+    fleet.deploy("demo", fleet.push("demo", "1"), port=port, devices=["edge-1"])
+    agent.wait_state("demo", "Healthy")
+    data = os.urandom(size)
+    digest = sha256_digest(data)
+    v2 = fleet.push("demo", "2", files=files(factor=3, padding=data))
+    tamper_on_the_hub(fleet, digest, data)
+    fleet.deploy("demo", v2, port=port, devices=["edge-1"])
+    failed = agent.wait_state("demo", "Failed", timeout=60)
+    assert digest in failed["reason"] and "does not match its digest" in failed["reason"]
+    assert score(port, [1]) == {"result": [2]}, "version 1 still serves"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cloud_hub.store.blobs import FileBlobStore
+from cloud_hub.store.blobs import BlobStore, FileBlobStore
 from cloud_hub.store.s3 import PART_BYTES, S3BlobStore, S3Location
 from manifests.digests import sha256_digest
 from manifests.errors import FetchError, TrustError
@@ -193,3 +193,54 @@ def test_a_single_hubs_blobs_move_to_s3_checked_and_resumably(
         module = http.get("/api/v1/modules/demo/versions/1").json()
         for f in module["files"]:
             assert sha256_digest(http.get(f"/api/v1/blobs/{f['digest']}").content) == f["digest"]
+
+
+def _forge_in_store(store: BlobStore, digest: str, forged: bytes) -> None:
+    if isinstance(store, FileBlobStore):
+        Path(store.path(digest)).write_bytes(forged)
+    else:
+        assert isinstance(store, S3BlobStore)
+        store.client.put_object(Bucket=store.location.bucket, Key=store.key(digest), Body=forged)
+
+
+@pytest.mark.both_blob_stores
+def test_a_resumed_download_of_a_changed_blob_is_refused_not_completed(hub: HubFactory) -> None:
+    # A download cut off at 2 MiB resumes with a Range request: the rest of a blob that no
+    # longer matches must not be served (a 422 before any byte), or the client pieces together
+    # bytes that never were the blob.
+    running = hub()
+    data = os.urandom(3 << 20)
+    digest = sha256_digest(data)
+    with running.client() as client:
+        assert client.put(f"/api/v1/blobs/{digest}", content=data).status_code == 201
+        intact = client.get(f"/api/v1/blobs/{digest}", headers={"Range": "bytes=2097152-"})
+        assert intact.status_code == 206 and intact.content == data[2 << 20 :]
+    _forge_in_store(running.core.blobs, digest, data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with running.client() as client:
+        answer = client.get(f"/api/v1/blobs/{digest}", headers={"Range": "bytes=2097152-"})
+    assert answer.status_code == 422, answer.status_code
+    assert digest in answer.json()["error"]["message"]
+
+
+@pytest.mark.both_blob_stores
+def test_pushing_the_intact_module_again_replaces_a_blob_changed_in_the_store(
+    hub: HubFactory, forge: Forge
+) -> None:
+    running = hub()
+    model = os.urandom(200_000)
+    digest = sha256_digest(model)
+    bundle = forge.bundle(files={"src/score.py": b"def init(): pass\n", "model/w.bin": model})
+    with running.client() as client:
+        assert client.post("/api/v1/modules", content=bundle, headers=BUNDLE_TYPE).status_code == 201
+    _forge_in_store(running.core.blobs, digest, bytes([model[0] ^ 0xFF]) + model[1:])
+    with running.client() as client:
+        assert client.get(f"/api/v1/blobs/{digest}").status_code == 422
+        again = client.post("/api/v1/modules", content=bundle, headers=BUNDLE_TYPE)
+        assert again.status_code == 200, again.text
+        assert again.json()["new_blobs"] == 1, "the damaged blob was written anew"
+        assert client.get(f"/api/v1/blobs/{digest}").content == model
+    # An upload of the blob alone repairs it the same way.
+    _forge_in_store(running.core.blobs, digest, bytes([model[0] ^ 0xFF]) + model[1:])
+    with running.client() as client:
+        assert client.put(f"/api/v1/blobs/{digest}", content=model).json()["created"] is True
+        assert client.get(f"/api/v1/blobs/{digest}").content == model
