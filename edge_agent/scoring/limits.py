@@ -17,6 +17,13 @@ for every client after it. This module adds, per worker:
 - **a run() timeout** (``run_timeout_s``): a watchdog thread answers 504 on the connection whose
   ``run()`` overran and ends the worker process; its supervisor starts a fresh one (Python cannot
   stop a thread stuck in C code, so the process is what gets replaced).
+- **a bound on request bodies** (``max_body_bytes``): a body announced larger is answered 413
+  before any of it is read, a chunked one as soon as it grows past the bound;
+- **a budget for all bodies in flight** (``max_body_bytes_in_flight``): the bytes of every
+  request body the worker holds (being received, or waiting for and in ``run()``) add up to at
+  most this; a request that would pass it is answered 503 with ``Retry-After``, before its body
+  is read when its ``Content-Length`` says so (:class:`BodyBudget`). Without it, 512 connections
+  times a 100 MiB body each let anyone who reaches the port take gigabytes from the model.
 
 The protocol is uvicorn's httptools protocol with these hooks; requests themselves take the
 same path as before, so the hot path gains a few attribute writes (and, with a run() timeout,
@@ -43,6 +50,14 @@ log = logging.getLogger("edge_agent.scoring")
 #: The ASGI scope extension carrying the connection's raw socket fd (-1 under TLS).
 FD_EXTENSION = "edgepack.fd"
 
+#: The request body limit unless the deployment sets one: a few MiB holds the input of most
+#: models (a 224 by 224 RGB image as a JSON list of numbers is about 0.6 MB).
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+#: Without an explicit budget, a worker holds this many bodies of the largest size at once.
+BODIES_IN_FLIGHT = 4
+MAX_BODY_BYTES_BOUND = 1 << 30
+MAX_BODY_BYTES_IN_FLIGHT_BOUND = 16 << 30
+
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
 _503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
 
@@ -60,15 +75,74 @@ class ServingLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     run_timeout_s: float | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes_in_flight: int | None = None  # None: BODIES_IN_FLIGHT times max_body_bytes
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ConfigError(f"max connections must be at least 1, not {self.max_connections}")
+        if not 1 <= self.max_body_bytes <= MAX_BODY_BYTES_BOUND:
+            raise ConfigError(
+                f"max body bytes must be at least 1 and at most {MAX_BODY_BYTES_BOUND}, "
+                f"not {self.max_body_bytes}"
+            )
+        in_flight = self.max_body_bytes_in_flight
+        if in_flight is not None and not self.max_body_bytes <= in_flight <= MAX_BODY_BYTES_IN_FLIGHT_BOUND:
+            raise ConfigError(
+                f"max body bytes in flight must be at least the max body bytes ({self.max_body_bytes}: "
+                f"else no request of that size could ever be served) and at most "
+                f"{MAX_BODY_BYTES_IN_FLIGHT_BOUND}, not {in_flight}"
+            )
         for name in ("header_timeout_s", "body_timeout_s", "run_timeout_s"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 86400:
                 what = name.removesuffix("_s").replace("_", " ")
                 raise ConfigError(f"{what} must be more than 0 and at most 86400 s, not {value}")
+
+    @property
+    def body_budget(self) -> int:
+        """The bytes of request bodies one worker may hold at once."""
+        if self.max_body_bytes_in_flight is not None:
+            return self.max_body_bytes_in_flight
+        return BODIES_IN_FLIGHT * self.max_body_bytes
+
+
+class BodyBudget:
+    """What one worker's request bodies hold, and what may still come in (one per worker:
+    every request of the worker runs on its one event loop thread, so plain integers do).
+
+    A body is charged as its bytes arrive, never by what its head announces: a client that
+    announces a large body and sends nothing holds no part of the budget.
+    """
+
+    __slots__ = ("held", "limit", "max_body")
+
+    def __init__(self, max_body: int, limit: int) -> None:
+        self.max_body = max_body
+        self.limit = limit
+        self.held = 0
+
+    def refuse_announced(self, declared: int) -> int:
+        """0 when a body of ``declared`` bytes may start, else the status that refuses it
+        (413: larger than any body may be; 503: it would not fit beside the others now)."""
+        if declared > self.max_body:
+            return 413
+        if self.held + declared > self.limit:
+            return 503
+        return 0
+
+    def take(self, body_size: int, chunk: int) -> int:
+        """Charge ``chunk`` more bytes of a body that has ``body_size`` bytes with them: 0 when
+        they are charged, else the refusing status (as :meth:`refuse_announced`), nothing charged."""
+        if body_size > self.max_body:
+            return 413
+        if self.held + chunk > self.limit:
+            return 503
+        self.held += chunk
+        return 0
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
 
 
 def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
@@ -135,11 +209,7 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
                 head = conn._head_since
                 if head is not None and now - head > limits.header_timeout_s:
                     conn._time_out(b"request head not received in time")
-                elif (
-                    conn._busy()
-                    and conn.cycle.more_body
-                    and now - conn._body_since > limits.body_timeout_s
-                ):
+                elif conn._busy() and conn.cycle.more_body and now - conn._body_since > limits.body_timeout_s:
                     conn._time_out(b"request body not received in time")
             self.loop.call_later(sweep_every, self._sweep)
 
