@@ -209,7 +209,11 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
                 head = conn._head_since
                 if head is not None and now - head > limits.header_timeout_s:
                     conn._time_out(b"request head not received in time")
-                elif conn._busy() and conn.cycle.more_body and now - conn._body_since > limits.body_timeout_s:
+                elif (
+                    conn._busy()
+                    and conn.cycle.more_body
+                    and now - conn._body_since > limits.body_timeout_s
+                ):
                     conn._time_out(b"request body not received in time")
             self.loop.call_later(sweep_every, self._sweep)
 
