@@ -21,7 +21,10 @@ import httpx
 import pytest
 
 from cloud_hub.tls.ca import issue_server_cert, make_ca
+from edge_agent.runtime.endpoint_files import endpoint_environment
 from edge_agent.scoring.auth import key_hash
+from manifests.azureml import DeploymentConfig, parse_config
+from manifests.desired import ModuleAssignment
 from tests.body_flood import Flood, RssSampler, settle_rss
 from tests.conftest import free_port
 from tests.test_scoring_server import Server, make_module, serving, stop_server, wait_ready
@@ -414,3 +417,34 @@ def test_a_keyed_service_refuses_an_unauthenticated_body_before_reading_it(
             answers = Flood(host, port, clients=16, body_bytes=60 * MB).run()
         assert answers == {"401": 16}, answers
         assert rss.peak - resting < 64 * MB, rss.peak - resting
+
+
+def test_the_body_limits_of_deploymentconfig_reach_the_scoring_server(module: Path, tmp_path: Path) -> None:
+    # The way they travel: deploymentconfig.json's edgepack object, the desired state's
+    # settings.limits, the variables the agent starts the server with.
+    config = parse_config(
+        DeploymentConfig,
+        {"edgepack": {"maxBodyBytes": 2 * MB, "maxBodyBytesInFlight": 5 * MB}},
+        source="deploymentconfig.json",
+    )
+    assignment = ModuleAssignment(
+        service="svc",
+        module="mod",
+        version="1",
+        manifest_digest="sha256:" + "0" * 64,
+        settings=config.to_settings(),
+    )
+    env = endpoint_environment(assignment, str(tmp_path))
+    assert env["EDGEPACK_MAX_BODY_BYTES"] == "2000000"
+    assert env["EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT"] == "5000000"
+    with serving(module, env={**_env(tmp_path), **env}) as server:
+        wait_ready(server)
+        fits = json.dumps({"n": 1, "pad": "x" * (2 * MB - 100)}).encode()
+        assert httpx.post(server.url + "/score", content=fits, timeout=10).status_code == 200
+        r = httpx.post(server.url + "/score", content=fits + b" " * 200, timeout=10)
+        assert r.status_code == 413, r.text
+        assert r.json() == {
+            "error": "request body is larger than 2000000 bytes "
+            "(the service's maxBodyBytes in deploymentconfig.json)",
+            "type": "PayloadTooLarge",
+        }

@@ -43,20 +43,18 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edge_agent.scoring.exit_codes import EXIT_STUCK
+from manifests.desired import (
+    BODIES_IN_FLIGHT,
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_BODY_BYTES_BOUND,
+    MAX_BODY_BYTES_IN_FLIGHT_BOUND,
+)
 from manifests.errors import ConfigError
 
 log = logging.getLogger("edge_agent.scoring")
 
 #: The ASGI scope extension carrying the connection's raw socket fd (-1 under TLS).
 FD_EXTENSION = "edgepack.fd"
-
-#: The request body limit unless the deployment sets one: a few MiB holds the input of most
-#: models (a 224 by 224 RGB image as a JSON list of numbers is about 0.6 MB).
-DEFAULT_MAX_BODY_BYTES = 8 << 20
-#: Without an explicit budget, a worker holds this many bodies of the largest size at once.
-BODIES_IN_FLIGHT = 4
-MAX_BODY_BYTES_BOUND = 1 << 30
-MAX_BODY_BYTES_IN_FLIGHT_BOUND = 16 << 30
 
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
 _503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
