@@ -112,6 +112,30 @@ def send_large_body(
         return answer
 
 
+def send_large_head(host: str, port: int, head_bytes: int, *, timeout_s: float = 60) -> bytes:
+    """One client: sends a request head with ``head_bytes`` of headers (until the server stops
+    taking them) and returns what the server answered, as :func:`send_large_body`."""
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.sendall(b"GET /score HTTP/1.1\r\nHost: s\r\n")
+        sent = 0
+        try:
+            while sent < head_bytes:
+                sock.sendall(b"X-Filler: %s\r\n" % PIECE[: min(len(PIECE), head_bytes - sent)])
+                sent += len(PIECE)
+            sock.sendall(b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            return answer or b"reset"
+        except TimeoutError:
+            pass
+        return answer
+
+
 @dataclass
 class Flood:
     """``clients`` clients at once, each sending one ``body_bytes`` body."""

@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from edge_agent.runtime.endpoint_files import endpoint_environment
 from edge_agent.scoring.auth import key_hash
 from manifests.azureml import DeploymentConfig, parse_config
 from manifests.desired import ModuleAssignment
-from tests.body_flood import Flood, RssSampler, settle_rss
+from tests.body_flood import Flood, RssSampler, send_large_head, settle_rss
 from tests.conftest import free_port
 from tests.test_scoring_server import Server, make_module, serving, stop_server, wait_ready
 
@@ -448,3 +449,33 @@ def test_the_body_limits_of_deploymentconfig_reach_the_scoring_server(module: Pa
             "(the service's maxBodyBytes in deploymentconfig.json)",
             "type": "PayloadTooLarge",
         }
+
+
+def test_a_request_head_past_its_limit_is_refused_431_and_held_no_longer(
+    module: Path, tmp_path: Path
+) -> None:
+    # uvicorn keeps a head whole however large it grows: four clients sending 100 MB of
+    # headers each took the server from 49 MiB to about 400 MiB.
+    with serving(module, env=_env(tmp_path)) as server:
+        wait_ready(server)
+        host, port = _address(server)
+        answer = send_large_head(host, port, 200_000)
+        assert answer.startswith(b"HTTP/1.1 431"), answer or "no answer: the server took the head"
+        assert _json_of(answer)["type"] == "HeadTooLarge"
+        resting = settle_rss(server.proc.pid, 0.5)
+        answers: list[bytes] = []
+        with RssSampler(server.proc.pid) as rss:
+            threads = [
+                threading.Thread(target=lambda: answers.append(send_large_head(host, port, 100 * MB)))
+                for _ in range(4)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert rss.peak - resting < 64 * MB, rss.peak - resting
+        assert all(a.startswith(b"HTTP/1.1 431") for a in answers), answers
+        # A head of ordinary size, with a query, is served.
+        r = httpx.get(server.url + "/score", params={"n": 7, "pad": "x" * 30_000}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["echo"]["n"] == 7

@@ -6,7 +6,7 @@ Every option can also be set by an environment variable (``EDGEPACK_MODULE_DIR``
 ``EDGEPACK_STATE_FILE``, ``EDGEPACK_DRAIN_S``, ``EDGEPACK_AUTH_KEYS_FILE``, ``EDGEPACK_TLS_CERT``,
 ``EDGEPACK_TLS_KEY``, ``EDGEPACK_MAX_CONNECTIONS``, ``EDGEPACK_HEADER_TIMEOUT_S``,
 ``EDGEPACK_BODY_TIMEOUT_S``, ``EDGEPACK_RUN_TIMEOUT_S``, ``EDGEPACK_MAX_BODY_BYTES``,
-``EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT``); the command line wins. Preload to
+``EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT``, ``EDGEPACK_MAX_HEAD_BYTES``); the command line wins. Preload to
 drain are how the agent runs an instance (see :class:`edge_agent.scoring.server.InstanceOptions`);
 the rest is what the endpoint enforces (:mod:`edge_agent.scoring.endpoint`).
 
@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         "[$EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT]",
     )
     parser.add_argument(
+        "--max-head-bytes",
+        type=int,
+        default=env.get("EDGEPACK_MAX_HEAD_BYTES", str(defaults.max_head_bytes)),
+        help="largest request line and headers; larger ones get 431 [$EDGEPACK_MAX_HEAD_BYTES]",
+    )
+    parser.add_argument(
         "--exit-on-crash",
         action="store_true",
         default=_flag(env.get("EDGEPACK_EXIT_ON_CRASH")),
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_timeout_s=args.run_timeout_s,
                 max_body_bytes=args.max_body_bytes,
                 max_body_bytes_in_flight=args.max_body_bytes_in_flight,
+                max_head_bytes=args.max_head_bytes,
             ),
         )
     except EdgepackError as exc:
