@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from manifests.bounds import EnvMap, Port, TagMap, Text, finite
 from manifests.desired import (
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_BODY_BYTES_BOUND,
+    MAX_BODY_BYTES_IN_FLIGHT_BOUND,
     MAX_CPUS,
     MAX_MEMORY_MB,
     PROBE_PATH_PATTERN,
@@ -174,6 +177,12 @@ class EdgepackExtension(_AzureModel):
     header_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="headerTimeoutSeconds")
     body_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="bodyTimeoutSeconds")
     run_timeout_seconds: float | None = finite(default=None, gt=0, le=3600, alias="runTimeoutSeconds")
+    # The largest input the model takes, as a request body; and what one worker may hold of
+    # all bodies at once (null: BODIES_IN_FLIGHT times maxBodyBytes).
+    max_body_bytes: int | None = Field(None, alias="maxBodyBytes", strict=True, ge=1, le=MAX_BODY_BYTES_BOUND)
+    max_body_bytes_in_flight: int | None = Field(
+        None, alias="maxBodyBytesInFlight", strict=True, ge=1, le=MAX_BODY_BYTES_IN_FLIGHT_BOUND
+    )
     start_timeout_s: float | None = Field(
         None,
         alias="startTimeoutSeconds",
@@ -182,6 +191,16 @@ class EdgepackExtension(_AzureModel):
         allow_inf_nan=False,
         description="how long a new version may take to become ready before it is abandoned",
     )
+
+    @model_validator(mode="after")
+    def _a_body_fits_the_budget(self) -> EdgepackExtension:
+        body, in_flight = self.max_body_bytes or DEFAULT_MAX_BODY_BYTES, self.max_body_bytes_in_flight
+        if in_flight is not None and in_flight < body:
+            raise ValueError(
+                f"maxBodyBytesInFlight ({in_flight}) is less than maxBodyBytes ({body}): "
+                "no request of the largest size could ever be taken"
+            )
+        return self
 
 
 class DeploymentConfig(_AzureModel):
@@ -305,6 +324,8 @@ class DeploymentConfig(_AzureModel):
             header_timeout_s=ext.header_timeout_seconds or defaults.header_timeout_s,
             body_timeout_s=ext.body_timeout_seconds or defaults.body_timeout_s,
             run_timeout_s=run_timeout or defaults.run_timeout_s,
+            max_body_bytes=ext.max_body_bytes or defaults.max_body_bytes,
+            max_body_bytes_in_flight=ext.max_body_bytes_in_flight,
         )
 
 

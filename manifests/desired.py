@@ -108,9 +108,19 @@ class EndpointTLS(BaseModel):
     issuer: Literal["hub-endpoint-ca"] = "hub-endpoint-ca"
 
 
+#: The largest request body a scoring endpoint takes unless its deployment says otherwise: a
+#: few MiB hold the input of most models (a 224 by 224 RGB image as a JSON list is about 0.6 MB).
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+#: Without an explicit budget, one worker holds at most this many bodies of the largest size.
+BODIES_IN_FLIGHT = 4
+MAX_BODY_BYTES_BOUND = 1 << 30
+MAX_BODY_BYTES_IN_FLIGHT_BOUND = 16 << 30
+
+
 class EndpointLimits(BaseModel):
     """How the scoring server treats hostile clients (``EDGEPACK_MAX_CONNECTIONS``,
-    ``EDGEPACK_HEADER_TIMEOUT_S``, ``EDGEPACK_BODY_TIMEOUT_S``, ``EDGEPACK_RUN_TIMEOUT_S``)."""
+    ``EDGEPACK_HEADER_TIMEOUT_S``, ``EDGEPACK_BODY_TIMEOUT_S``, ``EDGEPACK_RUN_TIMEOUT_S``,
+    ``EDGEPACK_MAX_BODY_BYTES``, ``EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +128,31 @@ class EndpointLimits(BaseModel):
     header_timeout_s: float = finite(default=10, gt=0, le=3600)
     body_timeout_s: float = finite(default=60, gt=0, le=3600)
     run_timeout_s: float | None = finite(default=60, gt=0, le=3600)
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        strict=True,
+        ge=1,
+        le=MAX_BODY_BYTES_BOUND,
+        description="the largest request body; larger ones are answered 413 unread",
+    )
+    max_body_bytes_in_flight: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=MAX_BODY_BYTES_IN_FLIGHT_BOUND,
+        description=f"the bytes of all request bodies one worker holds at once (beyond: 503); "
+        f"null: {BODIES_IN_FLIGHT} times max_body_bytes",
+    )
+
+    @model_validator(mode="after")
+    def _a_body_fits_the_budget(self) -> EndpointLimits:
+        in_flight = self.max_body_bytes_in_flight
+        if in_flight is not None and in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({in_flight}) is less than max_body_bytes "
+                f"({self.max_body_bytes}): no body of the largest size could ever be taken"
+            )
+        return self
 
 
 class DeploymentSettings(BaseModel):

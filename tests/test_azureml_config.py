@@ -294,3 +294,33 @@ def test_malformed_json_file_names_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_json_file(path)
     assert str(err.value).startswith(f"{path}:4:1: invalid JSON")
+
+
+def test_body_limits_come_from_the_edgepack_object_with_small_defaults() -> None:
+    limits = dc({}).to_settings().limits
+    assert (limits.max_body_bytes, limits.max_body_bytes_in_flight) == (8 << 20, None)
+    given = {"edgepack": {"maxBodyBytes": 2_000_000, "maxBodyBytesInFlight": 5_000_000}}
+    limits = dc(given).to_settings().limits
+    assert (limits.max_body_bytes, limits.max_body_bytes_in_flight) == (2_000_000, 5_000_000)
+
+
+@pytest.mark.parametrize(
+    ("edgepack", "expected"),
+    [
+        ({"maxBodyBytes": 0}, "field 'edgepack.maxBodyBytes'"),
+        ({"maxBodyBytes": 2 << 30}, "field 'edgepack.maxBodyBytes'"),
+        ({"maxBodyBytes": "8MB"}, "field 'edgepack.maxBodyBytes'"),
+        ({"maxBodyBytesInFlight": 17 << 30}, "field 'edgepack.maxBodyBytesInFlight'"),
+        # Below the default body limit: no request of 8 MiB could ever be taken.
+        ({"maxBodyBytesInFlight": 1_000_000}, "maxBodyBytesInFlight (1000000) is less than maxBodyBytes"),
+        (
+            {"maxBodyBytes": 4_000_000, "maxBodyBytesInFlight": 3_999_999},
+            "is less than maxBodyBytes (4000000)",
+        ),
+    ],
+)
+def test_body_limits_out_of_bounds_are_refused_in_one_line(edgepack: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        dc({"edgepack": edgepack})
+    assert "\n" not in str(err.value)
+    assert expected in str(err.value)

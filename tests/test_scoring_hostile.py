@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,11 @@ import httpx
 import pytest
 
 from cloud_hub.tls.ca import issue_server_cert, make_ca
+from edge_agent.runtime.endpoint_files import endpoint_environment
 from edge_agent.scoring.auth import key_hash
+from manifests.azureml import DeploymentConfig, parse_config
+from manifests.desired import ModuleAssignment
+from tests.body_flood import Flood, RssSampler, send_large_head, settle_rss
 from tests.conftest import free_port
 from tests.test_scoring_server import Server, make_module, serving, stop_server, wait_ready
 
@@ -268,3 +273,210 @@ def test_a_slow_drip_head_does_not_stop_a_tls_endpoint(module: Path, tmp_path: P
         finally:
             for sock in drips:
                 sock.close()
+
+
+# --- request bodies: the limit per request and the budget of each worker (issue 16) ---------
+
+MB = 1_000_000
+
+
+def _address(server: Server) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _head_of(answer: bytes) -> dict[str, str]:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head)}
+
+
+def _json_of(answer: bytes) -> dict[str, object]:
+    body: dict[str, object] = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    return body
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """The whole answer of a server that closes the connection after it."""
+    sock.settimeout(5)
+    return _answer(sock)
+
+
+def test_a_body_announced_larger_than_the_limit_is_refused_before_it_is_read(
+    module: Path, tmp_path: Path
+) -> None:
+    # The default limit: a client announcing 60 MB gets its 413 without sending a byte of it.
+    with serving(module, env=_env(tmp_path)) as server:
+        wait_ready(server)
+        with _connect(server.url) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: s\r\nContent-Length: 60000000\r\n\r\n")
+            answer = _read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 413"), answer or "no answer: the server waits for the body"
+        assert _head_of(answer)["connection"] == "close"
+        assert _json_of(answer)["type"] == "PayloadTooLarge"
+        assert str(8 << 20) in str(_json_of(answer)["error"])
+        _score_ok(server)
+    assert all("n" in c for c in _calls(tmp_path))
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(module: Path, tmp_path: Path) -> None:
+    with serving(module, env=_env(tmp_path)) as server:
+        wait_ready(server)
+        with _connect(server.url) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n")
+            piece = b"x" * (1 << 20)
+            for _ in range(9):  # 9 MiB, one more than the default limit, and the body never ends
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            answer = _read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 413"), answer or "no answer: the server waits for the body"
+        assert _json_of(answer)["type"] == "PayloadTooLarge"
+        _score_ok(server)
+    assert all("n" in c for c in _calls(tmp_path)), "run() saw the refused body"
+
+
+def test_the_bodies_a_worker_holds_are_bounded_and_a_request_beyond_gets_503_retry_after(
+    module: Path, tmp_path: Path
+) -> None:
+    limits = _env(tmp_path, max_body_bytes=str(4 * MB), max_body_bytes_in_flight=str(8 * MB))
+    with serving(module, env=limits) as server:
+        wait_ready(server)
+        piece = b"x" * (MB // 2)
+        stalled = [_connect(server.url) for _ in range(2)]
+        try:
+            for sock in stalled:  # 3.5 MB each, and then nothing: 7 MB of the 8 MB held
+                sock.sendall(b"POST /score HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for _ in range(7):
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            # Announced 3 MB, within the body limit but not beside the 7 MB: refused unread,
+            # once the server has taken in the stalled bodies (they are on their way).
+            deadline = time.monotonic() + 20
+            while True:
+                with _connect(server.url) as sock:
+                    sock.sendall(b"POST /score HTTP/1.1\r\nHost: s\r\nContent-Length: 3000000\r\n\r\n")
+                    sock.settimeout(0.5)
+                    try:
+                        answer = sock.recv(65536)
+                    except TimeoutError:
+                        answer = b""  # taken: the server waits for its body
+                    if answer:
+                        answer += _read_answer(sock)  # the rest, up to the close
+                if answer or time.monotonic() > deadline:
+                    break
+            assert answer.startswith(b"HTTP/1.1 503"), answer or "no answer: the body would have been read"
+            head = _head_of(answer)
+            assert head["retry-after"] == "1"
+            assert head["connection"] == "close"
+            assert _json_of(answer)["type"] == "Busy"
+            _score_ok(server, 1)  # a small request still fits beside them
+        finally:
+            for sock in stalled:
+                sock.close()
+        # The stalled bodies gave their room back when their clients left.
+        big = json.dumps({"n": 2, "pad": "x" * (3 * MB)}).encode()
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(server.url + "/score", content=big, timeout=10)).status_code == 503:
+            assert time.monotonic() < deadline, "the budget was not given back"
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+    assert [c["n"] for c in _calls(tmp_path)] == [1, 2]
+
+
+def test_memory_stays_bounded_while_sixteen_clients_send_60_mb_bodies(module: Path, tmp_path: Path) -> None:
+    # Issue 16: with 100 MiB per request and 512 connections, this flood took the server from
+    # 44 MB to about 1.1 GB. Now what one worker holds is the body budget (32 MiB by default)
+    # and a few buffers; 64 MB above its resting size is the bound stated in docs/security.md.
+    with serving(module, env=_env(tmp_path)) as server:
+        wait_ready(server)
+        host, port = _address(server)
+        resting = settle_rss(server.proc.pid, 0.5)
+        for chunked in (False, True):
+            flood = Flood(host, port, clients=16, body_bytes=60 * MB, chunked=chunked)
+            with RssSampler(server.proc.pid) as rss:
+                answers = flood.run()
+            assert rss.peak - resting < 64 * MB, (chunked, rss.peak - resting, answers)
+            # Every client was told why, in the server's JSON error shape, none was reset.
+            assert set(answers) <= {"413", "503"}, answers
+            if not chunked:
+                assert answers == {"413": 16}, "announced too large: all refused unread"
+        _score_ok(server)
+
+
+def test_a_keyed_service_refuses_an_unauthenticated_body_before_reading_it(
+    module: Path, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.json"
+    _write_keys(keys, "primary-key-1")
+    # A body limit as large as 100 MB: the refusal is the key's, not the limit's.
+    env = _env(tmp_path, auth_keys_file=str(keys), max_body_bytes=str(100 * MB))
+    with serving(module, env=env) as server:
+        wait_ready(server)
+        with _connect(server.url) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: s\r\nContent-Length: 60000000\r\n\r\n")
+            answer = _read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 401"), answer or "no answer: the server waits for the body"
+        host, port = _address(server)
+        resting = settle_rss(server.proc.pid, 0.5)
+        with RssSampler(server.proc.pid) as rss:
+            answers = Flood(host, port, clients=16, body_bytes=60 * MB).run()
+        assert answers == {"401": 16}, answers
+        assert rss.peak - resting < 64 * MB, rss.peak - resting
+
+
+def test_the_body_limits_of_deploymentconfig_reach_the_scoring_server(module: Path, tmp_path: Path) -> None:
+    # The way they travel: deploymentconfig.json's edgepack object, the desired state's
+    # settings.limits, the variables the agent starts the server with.
+    config = parse_config(
+        DeploymentConfig,
+        {"edgepack": {"maxBodyBytes": 2 * MB, "maxBodyBytesInFlight": 5 * MB}},
+        source="deploymentconfig.json",
+    )
+    assignment = ModuleAssignment(
+        service="svc",
+        module="mod",
+        version="1",
+        manifest_digest="sha256:" + "0" * 64,
+        settings=config.to_settings(),
+    )
+    env = endpoint_environment(assignment, str(tmp_path))
+    assert env["EDGEPACK_MAX_BODY_BYTES"] == "2000000"
+    assert env["EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT"] == "5000000"
+    with serving(module, env={**_env(tmp_path), **env}) as server:
+        wait_ready(server)
+        fits = json.dumps({"n": 1, "pad": "x" * (2 * MB - 100)}).encode()
+        assert httpx.post(server.url + "/score", content=fits, timeout=10).status_code == 200
+        r = httpx.post(server.url + "/score", content=fits + b" " * 200, timeout=10)
+        assert r.status_code == 413, r.text
+        assert r.json() == {
+            "error": "request body is larger than 2000000 bytes "
+            "(the service's maxBodyBytes in deploymentconfig.json)",
+            "type": "PayloadTooLarge",
+        }
+
+
+def test_a_request_head_past_its_limit_is_refused_431_and_held_no_longer(
+    module: Path, tmp_path: Path
+) -> None:
+    # uvicorn keeps a head whole however large it grows: four clients sending 100 MB of
+    # headers each took the server from 49 MiB to about 400 MiB.
+    with serving(module, env=_env(tmp_path)) as server:
+        wait_ready(server)
+        host, port = _address(server)
+        answer = send_large_head(host, port, 200_000)
+        assert answer.startswith(b"HTTP/1.1 431"), answer or "no answer: the server took the head"
+        assert _json_of(answer)["type"] == "HeadTooLarge"
+        resting = settle_rss(server.proc.pid, 0.5)
+        answers: list[bytes] = []
+        with RssSampler(server.proc.pid) as rss:
+            threads = [
+                threading.Thread(target=lambda: answers.append(send_large_head(host, port, 100 * MB)))
+                for _ in range(4)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert rss.peak - resting < 64 * MB, rss.peak - resting
+        assert all(a.startswith(b"HTTP/1.1 431") for a in answers), answers
+        # A head of ordinary size, with a query, is served.
+        r = httpx.get(server.url + "/score", params={"n": 7, "pad": "x" * 30_000}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["echo"]["n"] == 7

@@ -72,9 +72,12 @@ def endpoint_environment(assignment: ModuleAssignment, run_dir_seen: str) -> dic
         "EDGEPACK_MAX_CONNECTIONS": str(limits.max_connections),
         "EDGEPACK_HEADER_TIMEOUT_S": str(limits.header_timeout_s),
         "EDGEPACK_BODY_TIMEOUT_S": str(limits.body_timeout_s),
+        "EDGEPACK_MAX_BODY_BYTES": str(limits.max_body_bytes),
     }
     if limits.run_timeout_s is not None:
         env["EDGEPACK_RUN_TIMEOUT_S"] = str(limits.run_timeout_s)
+    if limits.max_body_bytes_in_flight is not None:
+        env["EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT"] = str(limits.max_body_bytes_in_flight)
     if settings.auth is not None:
         env["EDGEPACK_AUTH_KEYS_FILE"] = f"{run_dir_seen}/{KEYS_FILE}"
     if settings.tls is not None:

@@ -5,7 +5,8 @@ Every option can also be set by an environment variable (``EDGEPACK_MODULE_DIR``
 ``EDGEPACK_PRELOAD``, ``EDGEPACK_REUSE_PORT``, ``EDGEPACK_PROBE_PORT``,
 ``EDGEPACK_STATE_FILE``, ``EDGEPACK_DRAIN_S``, ``EDGEPACK_AUTH_KEYS_FILE``, ``EDGEPACK_TLS_CERT``,
 ``EDGEPACK_TLS_KEY``, ``EDGEPACK_MAX_CONNECTIONS``, ``EDGEPACK_HEADER_TIMEOUT_S``,
-``EDGEPACK_BODY_TIMEOUT_S``, ``EDGEPACK_RUN_TIMEOUT_S``); the command line wins. Preload to
+``EDGEPACK_BODY_TIMEOUT_S``, ``EDGEPACK_RUN_TIMEOUT_S``, ``EDGEPACK_MAX_BODY_BYTES``,
+``EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT``, ``EDGEPACK_MAX_HEAD_BYTES``); the command line wins. Preload to
 drain are how the agent runs an instance (see :class:`edge_agent.scoring.server.InstanceOptions`);
 the rest is what the endpoint enforces (:mod:`edge_agent.scoring.endpoint`).
 
@@ -125,6 +126,25 @@ def main(argv: list[str] | None = None) -> int:
         help="answer 504 and replace the worker when run() takes longer [$EDGEPACK_RUN_TIMEOUT_S]",
     )
     parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=env.get("EDGEPACK_MAX_BODY_BYTES", str(defaults.max_body_bytes)),
+        help="largest request body; larger ones get 413 [$EDGEPACK_MAX_BODY_BYTES]",
+    )
+    parser.add_argument(
+        "--max-body-bytes-in-flight",
+        type=int,
+        default=env.get("EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT") or None,
+        help="request bodies one worker holds at once; beyond, 503 (default: 4 x --max-body-bytes) "
+        "[$EDGEPACK_MAX_BODY_BYTES_IN_FLIGHT]",
+    )
+    parser.add_argument(
+        "--max-head-bytes",
+        type=int,
+        default=env.get("EDGEPACK_MAX_HEAD_BYTES", str(defaults.max_head_bytes)),
+        help="largest request line and headers; larger ones get 431 [$EDGEPACK_MAX_HEAD_BYTES]",
+    )
+    parser.add_argument(
         "--exit-on-crash",
         action="store_true",
         default=_flag(env.get("EDGEPACK_EXIT_ON_CRASH")),
@@ -151,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                 header_timeout_s=args.header_timeout_s,
                 body_timeout_s=args.body_timeout_s,
                 run_timeout_s=args.run_timeout_s,
+                max_body_bytes=args.max_body_bytes,
+                max_body_bytes_in_flight=args.max_body_bytes_in_flight,
+                max_head_bytes=args.max_head_bytes,
             ),
         )
     except EdgepackError as exc:

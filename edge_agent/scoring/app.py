@@ -31,7 +31,7 @@ import orjson
 
 from edge_agent.scoring.auth import EndpointKeys
 from edge_agent.scoring.entry import BadInput, EntryScript, read_layout
-from edge_agent.scoring.limits import FD_EXTENSION, RunWatchdog
+from edge_agent.scoring.limits import FD_EXTENSION, BodyBudget, RunWatchdog, ServingLimits
 from edge_agent.scoring.metrics import ROUTE_OTHER, MetricsBoard, WorkerMetrics, render
 from edge_agent.scoring.openapi import openapi_document
 from manifests.errors import ModuleStartFailure, RuntimeFailure
@@ -44,8 +44,9 @@ FatalHandler = Callable[[BaseException], None]
 
 log = logging.getLogger("edge_agent.scoring")
 
-DEFAULT_MAX_BODY_BYTES = 100 << 20
-MAX_BODY_ENV = "EDGEPACK_MAX_BODY_BYTES"
+#: What a client refused for lack of room in the body budget is told to wait (seconds): bodies
+#: in flight finish within about a run() or the body timeout.
+RETRY_AFTER_S = 1
 
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
@@ -80,6 +81,14 @@ def query_as_json(query: bytes) -> bytes:
 
 class _ClientGone(Exception):
     """The client disconnected before its request body was complete."""
+
+
+class _Refused(Exception):
+    """The request body passed the body limit (413) or the worker's body budget (503)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def _declared_length(scope: Scope) -> int:
@@ -124,7 +133,7 @@ class ScoringApp:
         metrics: WorkerMetrics,
         board: MetricsBoard,
         on_fatal: FatalHandler = _exit_process,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        limits: ServingLimits = ServingLimits(),
         keys: EndpointKeys | None = None,
         watchdog: RunWatchdog | None = None,
     ) -> None:
@@ -134,7 +143,7 @@ class ScoringApp:
         self.metrics = metrics
         self.board = board
         self.on_fatal = on_fatal
-        self.max_body_bytes = max_body_bytes
+        self.budget = BodyBudget(limits.max_body_bytes, limits.body_budget)
         self.entry: EntryScript | None = None
         self.ready = False
         self.draining = False
@@ -193,22 +202,8 @@ class ScoringApp:
             status = 503
             payload = _error_body("the module is not ready: init() has not finished", "NotReady")
         elif method == "POST":
-            message = await receive()
-            body: bytes | None = message.get("body", b"")
-            if message.get("more_body", False):
-                try:
-                    body = await self._read_rest(scope, message.get("body", b""), receive)
-                except _ClientGone:
-                    return  # a cut-off body must not reach run(), and nobody is left to answer
-            elif not body and message["type"] == "http.disconnect":
-                return
-            if body is None or len(body) > self.max_body_bytes:
-                status = 413
-                payload = _error_body(
-                    f"request body is larger than {self.max_body_bytes} bytes", "PayloadTooLarge"
-                )
-            else:
-                status, payload = self._call_run(entry, scope, body)
+            await self._score_body(entry, scope, receive, send, start)
+            return
         elif method == "GET":
             status, payload = self._call_run(entry, scope, query_as_json(scope["query_string"]))
         elif method == "OPTIONS":
@@ -219,24 +214,77 @@ class ScoringApp:
         await _respond(send, status, payload, close=self.draining)
         self.metrics.score(status, perf_counter_ns() - start)
 
-    async def _read_rest(self, scope: Scope, first: bytes, receive: Receive) -> bytes | None:
-        """The whole body, or None as soon as it grows (or is announced to grow) past the
-        limit (nothing more is kept); raises :class:`_ClientGone` if the client goes away."""
-        if _declared_length(scope) > self.max_body_bytes:
-            return None
-        chunks = [first]
-        size = len(first)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    async def _score_body(
+        self, entry: EntryScript, scope: Scope, receive: Receive, send: Send, start: int
+    ) -> None:
+        """``POST /score``: the body read within the body limit and the worker's budget (a
+        body announced too large is refused before any of it is read), then ``run()``."""
+        budget = self.budget
+        status = budget.refuse_announced(_declared_length(scope))
+        if not status:
+            try:
+                body = await self._read_body(receive)
+            except _ClientGone:
+                return  # a cut-off body must not reach run(), and nobody is left to answer
+            except _Refused as exc:
+                status = exc.status
+        if status:
+            await self._refuse(send, status)
+            self.metrics.score(status, perf_counter_ns() - start)
+            return
+        try:
+            status, payload = self._call_run(entry, scope, body)
+            await _respond(send, status, payload, close=self.draining)
+        finally:
+            budget.give_back(len(body))
+        self.metrics.score(status, perf_counter_ns() - start)
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, charged to the budget as it arrives (the caller gives it back).
+
+        Raises :class:`_Refused` as soon as the body passes the limit or the budget, and
+        :class:`_ClientGone` if the client goes away; either way nothing stays charged.
+        """
+        budget = self.budget
+        chunks: list[bytes] = []
+        held = 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk: bytes = message.get("body", b"")
+                refused = budget.take(held + len(chunk), len(chunk))
+                if refused:
+                    raise _Refused(refused)
+                held += len(chunk)
+                if not message.get("more_body", False):
+                    break
+                chunks.append(chunk)
+        except BaseException:
+            budget.give_back(held)
+            raise
+        if not chunks:
+            return chunk  # the whole body came at once: the usual case, no copy
+        chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _refuse(self, send: Send, status: int) -> None:
+        """413 or 503 for a body that is not read (any further), closing the connection: the
+        rest of the body is still on its way, and reading it is what must not happen."""
+        headers = [(b"content-type", _JSON), (b"connection", b"close")]
+        if status == 413:
+            body = _error_body(
+                f"request body is larger than {self.budget.max_body} bytes "
+                "(the service's maxBodyBytes in deploymentconfig.json)",
+                "PayloadTooLarge",
+            )
+        else:
+            body = _error_body("the server holds as many request bodies as it may; try again shortly", "Busy")
+            headers.append((b"retry-after", b"%d" % RETRY_AFTER_S))
+        headers.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def _call_run(self, entry: EntryScript, scope: Scope, body: bytes) -> tuple[int, bytes]:
         headers = None
@@ -382,7 +430,7 @@ def create_app(
     board: MetricsBoard | None = None,
     worker: int = 0,
     on_fatal: FatalHandler | None = None,
-    max_body_bytes: int | None = None,
+    limits: ServingLimits = ServingLimits(),
     keys: EndpointKeys | None = None,
     watchdog: RunWatchdog | None = None,
 ) -> ScoringApp:
@@ -390,24 +438,17 @@ def create_app(
 
     ``board``/``worker`` give the metrics slot this worker writes (a fresh one-worker board
     by default); ``on_fatal`` is called when loading or ``init()`` fails (by default the
-    process exits with code 5). The body limit comes from ``EDGEPACK_MAX_BODY_BYTES`` unless
-    given.
+    process exits with code 5); ``limits`` bound the request bodies it holds.
     """
     read_layout(module_dir, os.environ)  # fail now, in the caller, on a directory that is no module
     if board is None:
         board = MetricsBoard(1)
-    if max_body_bytes is None:
-        raw_limit = os.environ.get(MAX_BODY_ENV, "")
-        try:
-            max_body_bytes = int(raw_limit) if raw_limit else DEFAULT_MAX_BODY_BYTES
-        except ValueError:
-            raise RuntimeFailure(f"{MAX_BODY_ENV}={raw_limit!r} is not a whole number of bytes") from None
     return ScoringApp(
         module_dir,
         metrics=board.worker(worker),
         board=board,
         on_fatal=on_fatal or _exit_process,
-        max_body_bytes=max_body_bytes,
+        limits=limits,
         keys=keys,
         watchdog=watchdog,
     )

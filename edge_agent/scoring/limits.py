@@ -17,6 +17,16 @@ for every client after it. This module adds, per worker:
 - **a run() timeout** (``run_timeout_s``): a watchdog thread answers 504 on the connection whose
   ``run()`` overran and ends the worker process; its supervisor starts a fresh one (Python cannot
   stop a thread stuck in C code, so the process is what gets replaced).
+- **a bound on request heads** (``max_head_bytes``): a request line and headers that grow past
+  it before they are complete are answered 431 and the connection closed (uvicorn itself keeps
+  any head whole, however large: four clients sending 100 MB of headers took 350 MB);
+- **a bound on request bodies** (``max_body_bytes``): a body announced larger is answered 413
+  before any of it is read, a chunked one as soon as it grows past the bound;
+- **a budget for all bodies in flight** (``max_body_bytes_in_flight``): the bytes of every
+  request body the worker holds (being received, or waiting for and in ``run()``) add up to at
+  most this; a request that would pass it is answered 503 with ``Retry-After``, before its body
+  is read when its ``Content-Length`` says so (:class:`BodyBudget`). Without it, 512 connections
+  times a 100 MiB body each let anyone who reaches the port take gigabytes from the model.
 
 The protocol is uvicorn's httptools protocol with these hooks; requests themselves take the
 same path as before, so the hot path gains a few attribute writes (and, with a run() timeout,
@@ -36,6 +46,12 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edge_agent.scoring.exit_codes import EXIT_STUCK
+from manifests.desired import (
+    BODIES_IN_FLIGHT,
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_BODY_BYTES_BOUND,
+    MAX_BODY_BYTES_IN_FLIGHT_BOUND,
+)
 from manifests.errors import ConfigError
 
 log = logging.getLogger("edge_agent.scoring")
@@ -43,6 +59,14 @@ log = logging.getLogger("edge_agent.scoring")
 #: The ASGI scope extension carrying the connection's raw socket fd (-1 under TLS).
 FD_EXTENSION = "edgepack.fd"
 
+#: A request head (request line and headers) larger than this is refused: Azure's server (gunicorn)
+#: takes lines of 4 KiB, and a GET /score whose query carries the input fits in far less.
+DEFAULT_MAX_HEAD_BYTES = 64 << 10
+
+_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\n"
+)
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
 _503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
 
@@ -60,15 +84,80 @@ class ServingLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     run_timeout_s: float | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes_in_flight: int | None = None  # None: BODIES_IN_FLIGHT times max_body_bytes
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ConfigError(f"max connections must be at least 1, not {self.max_connections}")
+        if not 1 <= self.max_body_bytes <= MAX_BODY_BYTES_BOUND:
+            raise ConfigError(
+                f"max body bytes must be at least 1 and at most {MAX_BODY_BYTES_BOUND}, "
+                f"not {self.max_body_bytes}"
+            )
+        if not 1024 <= self.max_head_bytes <= MAX_BODY_BYTES_BOUND:
+            raise ConfigError(
+                f"max head bytes must be at least 1024 and at most {MAX_BODY_BYTES_BOUND}, "
+                f"not {self.max_head_bytes}"
+            )
+        in_flight = self.max_body_bytes_in_flight
+        if in_flight is not None and not self.max_body_bytes <= in_flight <= MAX_BODY_BYTES_IN_FLIGHT_BOUND:
+            raise ConfigError(
+                f"max body bytes in flight must be at least the max body bytes ({self.max_body_bytes}: "
+                f"else no request of that size could ever be served) and at most "
+                f"{MAX_BODY_BYTES_IN_FLIGHT_BOUND}, not {in_flight}"
+            )
         for name in ("header_timeout_s", "body_timeout_s", "run_timeout_s"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 86400:
                 what = name.removesuffix("_s").replace("_", " ")
                 raise ConfigError(f"{what} must be more than 0 and at most 86400 s, not {value}")
+
+    @property
+    def body_budget(self) -> int:
+        """The bytes of request bodies one worker may hold at once."""
+        if self.max_body_bytes_in_flight is not None:
+            return self.max_body_bytes_in_flight
+        return BODIES_IN_FLIGHT * self.max_body_bytes
+
+
+class BodyBudget:
+    """What one worker's request bodies hold, and what may still come in (one per worker:
+    every request of the worker runs on its one event loop thread, so plain integers do).
+
+    A body is charged as its bytes arrive, never by what its head announces: a client that
+    announces a large body and sends nothing holds no part of the budget.
+    """
+
+    __slots__ = ("held", "limit", "max_body")
+
+    def __init__(self, max_body: int, limit: int) -> None:
+        self.max_body = max_body
+        self.limit = limit
+        self.held = 0
+
+    def refuse_announced(self, declared: int) -> int:
+        """0 when a body of ``declared`` bytes may start, else the status that refuses it
+        (413: larger than any body may be; 503: it would not fit beside the others now)."""
+        if declared > self.max_body:
+            return 413
+        if self.held + declared > self.limit:
+            return 503
+        return 0
+
+    def take(self, body_size: int, chunk: int) -> int:
+        """Charge ``chunk`` more bytes of a body that has ``body_size`` bytes with them: 0 when
+        they are charged, else the refusing status (as :meth:`refuse_announced`), nothing charged."""
+        if body_size > self.max_body:
+            return 413
+        if self.held + chunk > self.limit:
+            return 503
+        self.held += chunk
+        return 0
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
 
 
 def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
@@ -88,6 +177,7 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
             super().__init__(*args, **kwargs)
             self._opened = 0.0
             self._head_since: float | None = None  # waiting for a request head since then
+            self._head_bytes = 0  # of the head not yet complete
             self._body_since = 0.0  # when the current request's head was complete
             self._fd = -1
 
@@ -155,8 +245,22 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
             if self._head_since is None:  # a later request on a kept-alive connection
                 self._head_since = self.loop.time()
 
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # Counted only when the head is still incomplete after ``data``: then all of it was
+            # head (the head bytes of a read that completes the head are not, one read at most).
+            if self._head_since is not None and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > limits.max_head_bytes:
+                    body = b'{"error": "request head is larger than %d bytes", "type": "HeadTooLarge"}' % (
+                        limits.max_head_bytes
+                    )
+                    self.transport.write(_raw_response(_431, body))
+                    self.transport.close()
+
         def on_headers_complete(self) -> None:
             self._head_since = None
+            self._head_bytes = 0
             self._body_since = self.loop.time()
             super().on_headers_complete()
 

@@ -224,6 +224,7 @@ def serve_worker(
         board=board,
         worker=worker,
         on_fatal=fatal,
+        limits=limits,
         keys=EndpointKeys(endpoint.keys_file) if endpoint.keys_file is not None else None,
         watchdog=RunWatchdog(limits.run_timeout_s) if limits.run_timeout_s is not None else None,
     )

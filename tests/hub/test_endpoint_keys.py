@@ -115,7 +115,10 @@ def test_keys_given_in_the_config_are_used_and_ssl_enabled_reaches_the_device(
     with h.client() as http:
         device = enroll(http, "dev-k")
     given = {"primaryKey": "p" * 20, "secondaryKey": "s" * 20}
-    r = _deploy(h, {"authEnabled": True, "sslEnabled": True, "keys": given, "scoringTimeoutMs": 5000})
+    # The body limits of the edgepack object travel with the others (docs/security.md §7).
+    bodies = {"maxBodyBytes": 2_000_000, "maxBodyBytesInFlight": 5_000_000}
+    config = {"authEnabled": True, "sslEnabled": True, "keys": given, "scoringTimeoutMs": 5000}
+    r = _deploy(h, {**config, "edgepack": bodies})
     assert r.status_code == 201, r.text
     with h.client() as http:
         shown = http.get("/api/v1/deployments/keyed/keys").json()
@@ -123,6 +126,8 @@ def test_keys_given_in_the_config_are_used_and_ssl_enabled_reaches_the_device(
     settings, _ = _settings_on_device(h, device)
     assert settings.tls is not None and settings.auth is not None
     assert settings.limits.run_timeout_s == 5.0
+    limits = settings.limits
+    assert (limits.max_body_bytes, limits.max_body_bytes_in_flight) == (2_000_000, 5_000_000)
     # Deployed again without authEnabled: the endpoint is open again and its keys are gone.
     assert _deploy(h, {}).status_code == 200
     settings, _ = _settings_on_device(h, device)
