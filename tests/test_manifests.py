@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from manifests.desired import (
     MAX_MODULE_SIGNERS,
     DesiredRefusal,
-    ModuleAssignment,
     DesiredStateRefused,
+    ModuleAssignment,
     check_desired,
     check_module_signers,
     verify_desired,
