@@ -67,3 +67,11 @@ def test_a_version_signed_by_a_key_its_state_does_not_allow_fails_and_the_last_g
                       what="the device to report version 2 refused")  # fmt: skip
     assert status["state"] == "Failed" and status["serving_version"] == "1"
     assert status["pid"] == serving["pid"], "the serving instance was never stopped"
+
+    # The admin grants the key again: the state that names it is a new assignment, so the
+    # device tries version 2 once more, and runs it.
+    with fleet.http() as http:
+        assert http.put(f"/api/v1/modules/demo/signers/{second_id}").status_code == 200
+    wait_for(lambda: (s := agent.service("demo")) and s["serving_version"] == "2" and s["state"] == "Healthy",
+             log=agent.log, what="version 2 serving after the grant")  # fmt: skip
+    assert score(port, [1, 2]) == {"result": [3, 6]}
