@@ -39,10 +39,12 @@ def upgrade() -> None:
     rows = bind.execute(
         sa.select(modules.c.name, modules.c.signers, modules.c.created_at).where(modules.c.id.in_(first))
     )
+    # As a first push does (cloud_hub.registry.owners): its distinct signers, at most
+    # MAX_MODULE_SIGNERS (16) of them, so every desired state naming them stays valid.
     owners = [
         {"name": name, "keyid": keyid, "role": "owner", "created_at": created_at}
         for name, keys, created_at in rows
-        for keyid in dict.fromkeys(keys or [])
+        for keyid in sorted(set(keys or []))[:16]
     ]
     if owners:
         op.bulk_insert(signers, owners)
