@@ -9,6 +9,7 @@ else in edgepack may accept a desired state.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -19,7 +20,7 @@ from manifests.bounds import MAX_INT63, EnvMap, Port, finite
 from manifests.digests import DIGEST_PATTERN
 from manifests.errors import ConfigError, TrustError
 from manifests.module import NAME_PATTERN, VERSION_PATTERN
-from manifests.signing import TrustStore, parse_envelope, verify_envelope
+from manifests.signing import KEYID_PATTERN, TrustStore, parse_envelope, verify_envelope
 
 DESIRED_SCHEMA = "edgepack.desired/v1"
 #: Limits no edge device comes near: one module on 1024 cores or 1 TiB of memory.
@@ -50,6 +51,8 @@ def check_tag(key: str, value: str) -> None:
 
 #: Services one device runs at most (each needs its own port and process).
 MAX_MODULES = 256
+#: Keys that may sign one module name (its owner plus the keys granted to it).
+MAX_MODULE_SIGNERS = 16
 
 
 class RuntimeKind(StrEnum):
@@ -186,6 +189,43 @@ class ModuleAssignment(BaseModel):
     version: str = Field(pattern=VERSION_PATTERN)
     manifest_digest: str = Field(pattern=DIGEST_PATTERN)
     settings: DeploymentSettings
+    signers: list[Annotated[str, Field(pattern=KEYID_PATTERN)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MODULE_SIGNERS,
+        description=(
+            "key ids allowed to sign this module name (its owner and the keys the admin granted "
+            "it); the device runs the module only if one of them signed its manifest. Absent "
+            "only in states of a hub older than module ownership."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _distinct_signers(self) -> ModuleAssignment:
+        if self.signers is not None and len(set(self.signers)) != len(self.signers):
+            raise ValueError("a key id is listed twice in signers")
+        return self
+
+
+def check_module_signers(assignment: ModuleAssignment, signed_by: Sequence[str]) -> None:
+    """Refuse (:class:`TrustError`) a module whose manifest none of the keys the desired state
+    allows for its name has signed (``signed_by``: the key ids whose signatures verified).
+
+    The hub names, per assignment, the owner of the module name and the keys granted to it (as
+    a TUF delegation names the keys of a delegated role); a publisher the device trusts that
+    signs another publisher's module name is refused here, on the device, whatever the hub let
+    through. A state without ``signers`` (issued by an older hub) leaves the check to the
+    device's publisher keys alone.
+    """
+    allowed = assignment.signers
+    if allowed is None or any(k in allowed for k in signed_by):
+        return
+    keys = ", ".join(k[:16] for k in signed_by) or "no trusted key"
+    raise TrustError(
+        f"module {assignment.module}:{assignment.version} is signed by {keys}, which may not sign "
+        f"module {assignment.module!r} (allowed: {', '.join(k[:16] for k in allowed)}); the hub's "
+        f"admin allows a key with 'edgepack module grant {assignment.module} KEYID'"
+    )
 
 
 class DesiredState(BaseModel):

@@ -44,6 +44,7 @@ from manifests.signing import (
     envelope_bytes,
     generate_private_key,
     key_id,
+    parse_envelope,
     sign_payload,
 )
 
@@ -313,15 +314,22 @@ class Forge:
         service: str | None = None,
         port: int = 8890,
         runtime: RuntimeKind = RuntimeKind.PROCESS,
+        signers: list[str] | None = None,
         **settings: Any,
     ) -> ModuleAssignment:
-        """One service on a device, running the module ``parts``."""
+        """One service on a device, running the module ``parts``.
+
+        ``signers`` are the key ids the state allows to sign the module, by default the keys
+        that did sign it (as the hub names the owner); name others to forge a state whose
+        module is signed by a key it does not allow."""
+        signed_by = [s.keyid for s in parse_envelope(parts.manifest_bytes).signatures]
         return ModuleAssignment(
             service=service or parts.manifest.name,
             module=parts.manifest.name,
             version=parts.manifest.version,
             manifest_digest=parts.manifest_digest,
             settings=DeploymentSettings(port=port, runtime=runtime, **settings),
+            signers=signed_by if signers is None else signers,
         )
 
     def desired_state(

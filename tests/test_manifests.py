@@ -8,10 +8,19 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from manifests.desired import DesiredRefusal, DesiredStateRefused, check_desired, verify_desired
+from manifests.desired import (
+    MAX_MODULE_SIGNERS,
+    DesiredRefusal,
+    DesiredStateRefused,
+    ModuleAssignment,
+    check_desired,
+    check_module_signers,
+    verify_desired,
+)
 from manifests.errors import TrustError
 from manifests.module import check_relative_path
 from manifests.reported import ModuleStatus, ReportedState
+from manifests.signing import key_id
 from manifests.states import ServiceState
 from manifests.topics import device_topic, parse_device_topic
 from tests.factory import DesiredDefect, Forge
@@ -140,6 +149,49 @@ def test_desired_state_signed_by_a_stranger_or_tampered_is_refused(forge: Forge)
         with pytest.raises(DesiredStateRefused, match=reason) as refused:
             verify_desired(data, hub_trust=forge.hub_trust, device_id="dev-a", applied_generation=0, now=NOW)
         assert refused.value.reason is DesiredRefusal.HUB_SIGNATURE
+
+
+# --- who may sign a module: the delegation each assignment carries ----------------------------
+
+
+def test_a_module_signed_by_a_key_its_assignment_does_not_allow_is_refused(forge: Forge) -> None:
+    parts = forge.module(name="digits", version="2", keys=[forge.stranger])
+    owner = key_id(forge.publisher.public_key())
+    stranger = key_id(forge.stranger.public_key())
+    assignment = forge.assignment(parts, signers=[owner])
+    with pytest.raises(TrustError) as refused:
+        check_module_signers(assignment, [stranger])
+    message = str(refused.value)
+    assert stranger[:16] in message and owner[:16] in message
+    assert "edgepack module grant digits KEYID" in message and "\n" not in message
+
+
+def test_a_module_signed_by_an_allowed_key_passes(forge: Forge) -> None:
+    owner, other = key_id(forge.publisher.public_key()), key_id(forge.stranger.public_key())
+    parts = forge.module()
+    check_module_signers(forge.assignment(parts), [owner])  # the default: its own signer
+    check_module_signers(forge.assignment(parts, signers=[other, owner]), [owner])
+    check_module_signers(forge.assignment(parts, signers=[owner]), [other, owner])  # one of them suffices
+
+
+def test_a_state_of_an_older_hub_leaves_the_check_to_the_publisher_keys(forge: Forge) -> None:
+    legacy = forge.assignment(forge.module()).model_copy(update={"signers": None})
+    check_module_signers(legacy, [key_id(forge.stranger.public_key())])
+
+
+@pytest.mark.parametrize(
+    ("signers", "error"),
+    [
+        ([], "at least 1"),
+        (["a" * 64] * 2, "listed twice"),
+        (["x" * 64], "pattern"),
+        ([f"{i:064x}" for i in range(MAX_MODULE_SIGNERS + 1)], f"at most {MAX_MODULE_SIGNERS}"),
+    ],
+)
+def test_the_signers_of_an_assignment_are_bounded(forge: Forge, signers: list[str], error: str) -> None:
+    payload = forge.assignment(forge.module()).model_dump(mode="json")
+    with pytest.raises(ValidationError, match=error):
+        ModuleAssignment.model_validate({**payload, "signers": signers})
 
 
 def test_desired_state_refuses_two_modules_on_one_port(forge: Forge) -> None:

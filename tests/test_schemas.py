@@ -113,3 +113,5 @@ def test_example_desired_state_points_at_the_example_module() -> None:
     state = DesiredState.model_validate(example("desired-state"))
     wire = canonical_json(example("envelope"))
     assert state.modules[0].manifest_digest == sha256_digest(wire)
+    # ...and allows the key that signed it to sign the module's name.
+    assert state.modules[0].signers == [Envelope.model_validate(example("envelope")).signatures[0].keyid]

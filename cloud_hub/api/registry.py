@@ -17,14 +17,17 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
-from cloud_hub.api.deps import Admin, Core
+from cloud_hub.api.deps import Admin, Core, Fleet
 from cloud_hub.core import HubCore
 from cloud_hub.errors import NotFound
 from cloud_hub.events import record_event
-from cloud_hub.registry import blob_refs
+from cloud_hub.fleet.changes import Outcome
+from cloud_hub.registry import blob_refs, owners
 from cloud_hub.registry import models as model_registry
 from cloud_hub.registry import modules as module_registry
+from cloud_hub.registry.blob_refs import lock_registry
 from cloud_hub.registry.tables import ModelVersion, Module
 from cloud_hub.registry.tags import parse_filters
 from cloud_hub.store.blobs import CHUNK, check_digest, holds_intact
@@ -32,7 +35,7 @@ from cloud_hub.store.streaming import MIB, body_file, check_declared_length
 from manifests.bounds import MAX_TAGS, Count, TagKey, TagMap, Text
 from manifests.bundle import BundleLimits
 from manifests.errors import ConfigError, EdgepackError, TrustError
-from manifests.signing import parse_envelope
+from manifests.signing import KEYID_PATTERN, parse_envelope
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", dependencies=[Admin])
@@ -482,3 +485,70 @@ def delete_module(name: str, version: str, core: Core) -> Deleted:
     """Delete a module version; refused (409) while a deployment uses it."""
     freed = module_registry.delete_module(core.sessions, core.blobs, name, version)
     return Deleted(deleted=f"{name}:{version}", freed_blobs=freed)
+
+
+# --- who may sign a module name -------------------------------------------------------------
+
+KeyIdPath = Annotated[
+    str, Path(description="key id: sha256 of the raw public key, 64 hex", pattern=KEYID_PATTERN)
+]
+
+
+class SignersOut(BaseModel):
+    name: str
+    owners: list[str] = Field(description="the keys that pushed the name first")
+    granted: list[str] = Field(description="keys the admin allowed to sign it too")
+
+
+class SignerChangeOut(SignersOut):
+    keyid: str
+    changed: bool = Field(description="False when a granted key could sign the name already")
+    issued: dict[str, int] = Field(description="device id → new desired-state generation")
+    published: bool | None = Field(description="None when the hub runs without a broker")
+    publish_errors: list[str] = Field(default_factory=list)
+
+
+def _signer_change(fleet_change: Outcome[owners.SignerChange]) -> SignerChangeOut:
+    result = fleet_change.result
+    return SignerChangeOut(
+        name=result.keys.name,
+        owners=result.keys.owners,
+        granted=result.keys.granted,
+        keyid=result.keyid,
+        changed=result.changed,
+        issued=fleet_change.issued,
+        published=fleet_change.applied.published,
+        publish_errors=fleet_change.applied.publish_errors,
+    )
+
+
+@router.get("/modules/{name}/signers", tags=["modules"], response_model=SignersOut)
+def list_signers(name: str, core: Core) -> SignersOut:
+    """The keys that may sign new versions of module ``name``: its owner and the grants."""
+    with core.sessions.begin() as s:
+        keys = owners.keys_of(s, name)
+    return SignersOut(name=name, owners=keys.owners, granted=keys.granted)
+
+
+@router.put("/modules/{name}/signers/{keyid}", tags=["modules"], response_model=SignerChangeOut)
+def grant_signer(name: str, keyid: KeyIdPath, core: Core, fleet: Fleet) -> SignerChangeOut:
+    """Allow another key the hub trusts to sign versions of module ``name`` (recorded as an
+    event); every device running the name gets a desired state naming the key."""
+
+    def mutate(s: Session) -> owners.SignerChange:
+        lock_registry(s)
+        return owners.grant(s, core.trust, name, keyid)
+
+    return _signer_change(fleet.change(mutate))
+
+
+@router.delete("/modules/{name}/signers/{keyid}", tags=["modules"], response_model=SignerChangeOut)
+def revoke_signer(name: str, keyid: KeyIdPath, fleet: Fleet) -> SignerChangeOut:
+    """Withdraw a grant: versions the key signs later are refused, and devices refuse to start
+    a version only it signed."""
+
+    def mutate(s: Session) -> owners.SignerChange:
+        lock_registry(s)
+        return owners.revoke(s, name, keyid)
+
+    return _signer_change(fleet.change(mutate))

@@ -45,6 +45,7 @@ from cloud_hub.fleet.plan import (
 )
 from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, FleetLock
 from cloud_hub.fleet.targeting import Target
+from cloud_hub.registry.owners import signers_of
 from manifests.desired import DeploymentSettings, DesiredState
 from manifests.signing import envelope_bytes, parse_envelope, sign_payload
 
@@ -63,7 +64,7 @@ def take_fleet_lock(session: Session) -> None:
     session.execute(update(FleetLock).where(FleetLock.id == 1).values(version=FleetLock.version + 1))
 
 
-def deployment_view(row: Deployment) -> DeploymentView:
+def deployment_view(row: Deployment, signers: Sequence[str] = ()) -> DeploymentView:
     return DeploymentView(
         name=row.name,
         module=row.module_name,
@@ -71,6 +72,7 @@ def deployment_view(row: Deployment) -> DeploymentView:
         manifest_digest=row.manifest_digest,
         settings=DeploymentSettings.model_validate(row.settings),
         target=Target.model_validate(row.target),
+        signers=tuple(signers),
     )
 
 
@@ -87,7 +89,10 @@ def current_plan(session: Session) -> Plan:
     # Columns, not ORM rows: every fleet change and roll-up plans the whole fleet.
     rows = session.execute(select(Device.id, Device.tags).where(Device.revoked.is_(False)))
     devices = [DeviceView(id=device_id, tags=dict(tags or {})) for device_id, tags in rows]
-    deployments = [deployment_view(r) for r in session.scalars(select(Deployment))]
+    deployment_rows = list(session.scalars(select(Deployment)))
+    # Each assignment names the keys that may sign its module, so a device checks it too.
+    signers = signers_of(session, {r.module_name for r in deployment_rows})
+    deployments = [deployment_view(r, signers.get(r.module_name, ())) for r in deployment_rows]
     return plan_fleet(devices, deployments)
 
 

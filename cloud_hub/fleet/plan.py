@@ -32,6 +32,7 @@ class DeploymentView:
     manifest_digest: str
     settings: DeploymentSettings
     target: Target
+    signers: tuple[str, ...] = ()  # the keys allowed to sign the module's name
 
     def assignment(self) -> ModuleAssignment:
         return ModuleAssignment(
@@ -40,6 +41,7 @@ class DeploymentView:
             version=self.version,
             manifest_digest=self.manifest_digest,
             settings=self.settings,
+            signers=list(self.signers) or None,
         )
 
 

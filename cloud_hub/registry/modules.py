@@ -10,6 +10,9 @@ names is in the store (uploaded with ``PUT /blobs``, each checked against its di
 that is how a client sends only the files the hub lacks (``Model.deploy`` in the SDK, whose
 model files the hub holds already). The manifest is verified exactly as in a bundle, and the
 module appears only if every blob is there with the size the signed manifest gives.
+
+Either way a new version must be signed by a key that may publish its name (its owner or a
+granted key, see :mod:`cloud_hub.registry.owners`); the same module pushed again is not.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cloud_hub.db.base import Sessions
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
 from cloud_hub.registry.blob_refs import lock_registry
+from cloud_hub.registry.owners import check_publisher
 from cloud_hub.registry.tables import Module, ModuleFile
 from cloud_hub.registry.usage import delete_unless_used, lock_fleet
 from cloud_hub.store.blobs import BlobStore
@@ -140,6 +144,7 @@ def push_module(
             missing = [d for d in verified.blob_sizes if d not in staged and not blobs.has(d)]
             if missing:
                 raise Conflict(f"blob {missing[0]} was deleted while {ref} was being pushed; push it again")
+            check_publisher(session, verified.manifest.name, ref, verified.signers)
             module = _record(session, verified)
             new_blobs = len(staging.staged)
             session.flush()
@@ -188,6 +193,7 @@ def register_manifest(sessions: Sessions, blobs: BlobStore, trust: TrustStore, d
         existing = _existing(session, verified)
         if existing is not None:
             return PushResult(existing, False, 0, len(verified.blob_sizes))
+        check_publisher(session, verified.manifest.name, ref, verified.signers)
         # Checked under the registry lock, so a delete or gc cannot take a blob away between
         # this check and the commit that makes the module use it.
         for digest, size in sorted(verified.blob_sizes.items()):

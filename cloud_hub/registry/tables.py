@@ -111,3 +111,16 @@ class RegistryLock(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ModuleSigner(Base):
+    """A key allowed to sign module ``name``: its owner (the key that pushed the name first)
+    or a key the admin granted it. Kept when every version is deleted: a name never changes
+    hands by being emptied."""
+
+    __tablename__ = "module_signers"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    keyid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(8))  # OWNER or GRANTED (cloud_hub.registry.owners)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

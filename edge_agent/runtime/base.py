@@ -11,7 +11,7 @@ from typing import Protocol
 from edge_agent.cache.modules import InstalledModule
 from edge_agent.runtime.endpoint_files import TlsMaterial
 from edge_agent.state.records import InstanceRecord
-from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind
+from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind, check_module_signers
 
 #: the scoring server's state file inside an instance's run folder (pid, ports)
 STATE_FILE = "instance.json"
@@ -32,6 +32,11 @@ class LaunchSpec:
     drain_s: float
     tls: TlsMaterial | None = None  # when the assignment asks for TLS
     agent_key: str | None = None  # the agent's own endpoint key, when the assignment has keys
+
+    def __post_init__(self) -> None:
+        # Every start, of a fresh download or of a cached module, builds a spec first: nothing
+        # launches a module the desired state does not allow its signer to publish.
+        check_module_signers(self.assignment, self.module.signers)
 
     @property
     def service(self) -> str:

@@ -35,7 +35,10 @@ model_app = typer.Typer(
     help="Register, list, show, download and delete models on the hub.", no_args_is_help=True
 )
 app.add_typer(model_app, name="model")
-module_app = typer.Typer(help="List and show the modules pushed to the hub.", no_args_is_help=True)
+module_app = typer.Typer(
+    help="List and show the modules pushed to the hub; grant and revoke the keys that may sign a name.",
+    no_args_is_help=True,
+)
 app.add_typer(module_app, name="module")
 
 
@@ -402,3 +405,73 @@ def module_delete_cmd(
     with connect(hub, token) as connected:
         result = Module(connected, name, version).delete()
     console.print(f"[green]deleted[/] module {result.deleted} ({len(result.freed_blobs)} blobs freed)")
+
+
+# --- who may sign a module name -------------------------------------------------------------
+
+KeyIdArgument = Annotated[
+    str, typer.Argument(help="the publisher's key id (64 hex, as 'edgepack keygen' printed it)")
+]
+
+
+def _print_signers(owners: list[str], granted: list[str]) -> None:
+    for keyid in owners:
+        console.print(f"owner    {keyid}")
+    for keyid in granted:
+        console.print(f"granted  {keyid}")
+
+
+@module_app.command("signers")
+def module_signers_cmd(
+    name: Annotated[str, typer.Argument(help="module name")],
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the keys that may sign new versions of a module name: its owner and the grants."""
+    with connect(hub, token) as connected:
+        keys = Module.signers(connected, name)
+    if as_json:
+        print_json(keys.raw)
+        return
+    _print_signers(keys.owners, keys.granted)
+
+
+@module_app.command("grant")
+def module_grant_cmd(
+    name: Annotated[str, typer.Argument(help="module name")],
+    keyid: KeyIdArgument,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Let another trusted publisher key sign versions of a module name (the first key that
+    pushed the name owns it); devices running the name are told."""
+    with connect(hub, token) as connected:
+        change = Module.grant(connected, name, keyid)
+    if as_json:
+        print_json(change.raw)
+        return
+    verb = "granted" if change.changed else "already allowed:"
+    told = len(change.issued)
+    console.print(f"[green]{verb}[/] key {keyid} may sign module {name} ({told} device(s) told)")
+    _print_signers(change.owners, change.granted)
+
+
+@module_app.command("revoke")
+def module_revoke_cmd(
+    name: Annotated[str, typer.Argument(help="module name")],
+    keyid: KeyIdArgument,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Withdraw a grant: the key may no longer sign versions of the module name (the owner's key
+    cannot be revoked); devices running the name are told."""
+    with connect(hub, token) as connected:
+        change = Module.revoke(connected, name, keyid)
+    if as_json:
+        print_json(change.raw)
+        return
+    console.print(f"[green]revoked[/] key {keyid} on module {name} ({len(change.issued)} device(s) told)")
+    _print_signers(change.owners, change.granted)

@@ -38,10 +38,12 @@ from packager.sdk.answers import (
     ModelRecord,
     ModuleDetail,
     ModuleRecord,
+    ModuleSigners,
     PushResult,
     ServiceKeys,
     ServiceLogs,
     ServiceRecord,
+    SignerChange,
 )
 from packager.sdk.configs import DeploymentConfig, InferenceConfig
 from packager.sdk.device import Device, save_credentials
@@ -109,6 +111,7 @@ __all__ = [
     "Module",
     "ModuleDetail",
     "ModuleRecord",
+    "ModuleSigners",
     "ModuleStartFailure",
     "ProgressCallback",
     "ProgressEvent",
@@ -122,6 +125,7 @@ __all__ = [
     "ServiceLogs",
     "ServiceRecord",
     "ServiceState",
+    "SignerChange",
     "TrustError",
     "Webservice",
     "save_credentials",

@@ -100,6 +100,26 @@ class PushResult(ModuleRecord):
     reused_blobs: int
 
 
+class ModuleSigners(_Answer):
+    """The keys that may sign new versions of a module name: its owners (the keys of its first
+    push) and the keys the hub's admin granted it."""
+
+    name: str
+    owners: list[str]
+    granted: list[str] = Field(default_factory=list)
+
+
+class SignerChange(ModuleSigners):
+    """A grant or revoke: the name's keys afterwards, and the devices re-issued a desired state
+    naming them (``changed`` False: the key could sign the name already)."""
+
+    keyid: str
+    changed: bool
+    issued: dict[str, int] = Field(description="device id → new desired-state generation")
+    published: bool | None = Field(default=None, description="None when the hub runs without a broker")
+    publish_errors: list[str] = Field(default_factory=list)
+
+
 class Deleted(_Answer):
     """A deleted model or module version and the blobs that freed on the hub."""
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import builtins
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,12 +19,13 @@ from manifests.bundle import write_bundle
 from manifests.digests import digest_hex, sha256_digest
 from manifests.errors import TrustError
 from manifests.module import ModuleManifest
+from manifests.signing import KEYID_PATTERN
 from packager.build import build_module, spec_from_configs
 from packager.files import atomic_output
 from packager.home import default_key_path
 from packager.keys import read_private_key
 from packager.runtime_image.pinning import ImagePin, pin_image
-from packager.sdk.answers import Deleted, ModuleDetail, ModuleRecord, PushResult
+from packager.sdk.answers import Deleted, ModuleDetail, ModuleRecord, ModuleSigners, PushResult, SignerChange
 from packager.sdk.blobs import download_blobs, read_chunks
 from packager.sdk.configs import DeploymentConfig, InferenceConfig
 from packager.sdk.errors import BadArgument
@@ -219,6 +221,40 @@ class Module:
             "DELETE", f"/api/v1/modules/{self.name}/versions/{self.version}"
         )
         return Deleted.of(answer.json())
+
+    # --- who may sign a module name (the hub's admin decides) ------------------------------
+
+    @staticmethod
+    def signers(workspace: Hub, name: str) -> ModuleSigners:
+        """The keys that may sign new versions of module ``name``: the key that pushed it
+        first (its owner) and the keys granted it."""
+        check_name(name, "module")
+        return ModuleSigners.of(workspace.transport.get(f"/api/v1/modules/{name}/signers"))
+
+    @staticmethod
+    def grant(workspace: Hub, name: str, keyid: str) -> SignerChange:
+        """Let ``keyid`` (a publisher key the hub trusts) sign versions of module ``name`` too;
+        the hub records it as an event, and the devices running the name are told."""
+        check_name(name, "module")
+        path = f"/api/v1/modules/{name}/signers/{_check_keyid(keyid)}"
+        return SignerChange.of(workspace.transport.send("PUT", path))
+
+    @staticmethod
+    def revoke(workspace: Hub, name: str, keyid: str) -> SignerChange:
+        """Withdraw a grant: new versions signed only by ``keyid`` are refused, by the hub and by
+        the devices (the owner's key cannot be revoked)."""
+        check_name(name, "module")
+        path = f"/api/v1/modules/{name}/signers/{_check_keyid(keyid)}"
+        return SignerChange.of(workspace.transport.send("DELETE", path))
+
+
+def _check_keyid(keyid: object) -> str:
+    if not isinstance(keyid, str) or not re.fullmatch(KEYID_PATTERN, keyid):
+        raise BadArgument(
+            f"key id {keyid!r} is invalid: 64 lowercase hex characters, as 'edgepack keygen' "
+            "printed (or the hub's refusal of a push names it)"
+        )
+    return keyid
 
 
 def _opener(path: Path) -> Callable[[], IO[bytes]]:

@@ -229,9 +229,11 @@ def start_fleet(
     root: Path,
     *,
     tls: bool = False,
+    **hub_settings: Any,
 ) -> Fleet:
     """A hub and the broker it manages; with ``tls`` both speak only TLS, from a CA the hub
-    made (what ``edgepack hub broker-config --tls`` does), and devices get that CA."""
+    made (what ``edgepack hub broker-config --tls`` does), and devices get that CA.
+    ``hub_settings`` go to the hub as they are (e.g. ``trusted_keys``)."""
     broker_dir = root / "broker"
     prepare_broker_dir(
         HubSettings(
@@ -267,6 +269,7 @@ def start_fleet(
         broker_pid_file=broker.pid_file,
         topic_prefix=topic_prefix,
         **extra,
+        **hub_settings,
     )
     return Fleet(running, broker, topic_prefix, root / "devices", publisher)
 

@@ -29,7 +29,9 @@ from cloud_hub.db.schema import BASELINE, _config, _migration_engine, head_revis
 from cloud_hub.settings import HubSettings
 from cloud_hub.wiring import open_hub
 from manifests.errors import ConfigError
+from manifests.signing import generate_private_key, key_id, public_key_pem
 from tests.conftest import Publisher
+from tests.factory import Forge
 from tests.hub.conftest import HubFactory, _database
 from tests.hub.fleet_support import deploy, enroll, push
 
@@ -164,6 +166,37 @@ def test_a_pre_migration_database_with_data_is_migrated_with_nothing_lost(
     assert snapshot(again.url, again.admin_headers) == before
     with again.client(token=device.token) as dev:
         assert dev.get("/api/v1/device/desired").content == desired.content  # the signed bytes
+
+
+def test_an_existing_registry_gives_each_module_name_to_the_key_of_its_first_version(
+    database: str, hub: HubFactory, publisher: Publisher, tmp_path: Path
+) -> None:
+    second = Forge(publisher=generate_private_key())
+    keys = []
+    for name, key in (("first", publisher.key), ("second", second.publisher)):
+        keys.append(tmp_path / f"{name}.pub")
+        keys[-1].write_bytes(public_key_pem(key.public_key()))
+    first_id, second_id = key_id(publisher.key.public_key()), key_id(second.publisher.public_key())
+    h = hub(db=database, trusted_keys=keys)
+    push(h, publisher, "digits", "1")
+    with h.client() as http:
+        assert http.put(f"/api/v1/modules/digits/signers/{second_id}").status_code == 200
+        for name, version in (("digits", "2"), ("faces", "1")):
+            pushed = http.post("/api/v1/modules", content=second.bundle(name=name, version=version))
+            assert pushed.status_code == 201, pushed.text
+    data_dir = h.data_dir
+    h.stop()
+
+    to_revision(database, "0005")  # the registry as a hub before module ownership kept it
+    done = run_migrate(database, data_dir)
+    assert done.returncode == 0 and f"0005 → {head_revision()}" in done.stdout, done.stderr
+    again = hub(data_dir=data_dir, db=database, trusted_keys=keys)
+    with again.client() as http:
+        owners = {n: http.get(f"/api/v1/modules/{n}/signers").json() for n in ("digits", "faces")}
+        assert (owners["digits"]["owners"], owners["digits"]["granted"]) == ([first_id], [])
+        assert owners["faces"]["owners"] == [second_id]
+        late = http.post("/api/v1/modules", content=second.bundle(name="digits", version="3"))
+        assert late.status_code == 403 and first_id in late.json()["error"]["message"]
 
 
 def test_the_hub_refuses_an_older_schema_in_one_line(database: str, tmp_path: Path) -> None:
