@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -18,6 +22,7 @@ from manifests.logs import LogLimits, LogResponse, bound_response
 from packager.display import safe_text
 from packager.sdk.device_file import parse_device_file
 from packager.sdk.errors import BadArgument
+from tests.factory import Forge
 
 REQUEST = "0123456789abcdef"
 
@@ -111,3 +116,21 @@ def test_one_tag_bound_for_every_path() -> None:
         parse_device_file(rows)
     rows = "id,tags\nedge-1," + ";".join(f"k{i}=v" for i in range(64)) + "\n"
     assert len(parse_device_file(rows)[0].tags) == 64
+
+
+def test_inspecting_a_strangers_bundle_prints_its_text_without_obeying_it(tmp_path: Path) -> None:
+    # Anyone's bundle can be inspected before it is trusted: its description and requirements
+    # are text (C1 controls, bidi overrides and markup pass the manifest's bounds).
+    description = "\x9b2J\x9d0;pwned\x9c \u202eevil\u202c [/] [link=http://evil]x[/link] :skull:"
+    bundle = tmp_path / "stranger.edgepack"
+    bundle.write_bytes(Forge().bundle(description=description))
+    result = subprocess.run(
+        [sys.executable, "-m", "packager", "inspect", str(bundle)],
+        capture_output=True,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.decode()
+    assert "\\x9b2J\\x9d0;pwned\\x9c \\u202eevil\\u202c [/] [link=http://evil]x[/link] :skull:" in text
+    assert not any(0x80 <= ord(c) <= 0x9F or 0x202A <= ord(c) <= 0x202E for c in text)

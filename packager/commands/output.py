@@ -31,7 +31,7 @@ def files_table(files: list[dict[str, Any]]) -> Table:
     """The files of a model or module version as the hub lists them."""
     table = Table("path", "size", "digest")
     for f in files:
-        table.add_row(f["path"], f"{f['size']:,}", f["digest"])
+        table.add_row(safe_text(f["path"]), f"{f['size']:,}", f["digest"])
     return table
 
 
