@@ -294,7 +294,7 @@ def deploy_cmd(
         print_json(result if inference is None else {**result, "module_version": service.module_version})
         return
     for warning in result.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", safe_text(warning)), soft_wrap=True)
     if inference is not None:
         console.print(f"built module [bold]{name}:{service.module_version}[/] from {module}", highlight=False)
     dep = result["deployment"]
