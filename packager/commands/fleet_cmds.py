@@ -424,7 +424,8 @@ def logs_cmd(
         print_json(logs.raw)
         return
     if logs.truncated:
-        console.print("[dim](older lines left out to fit one message)[/]")
+        # On stderr: stdout holds the log lines alone, for a pipe.
+        err_console.print("[dim](older lines left out: beyond --tail, or over a size limit)[/]")
     for line in logs.lines:
         # The hub escaped these already; a hub of another version may not have.
         console.print(safe_text(line), soft_wrap=True)

@@ -205,7 +205,7 @@ def test_a_devices_reported_reason_and_version_print_as_text_in_every_table(
 
 
 def test_a_device_answering_more_than_asked_gets_only_the_tail_and_cut_lines_through(
-    fleet: Fleet, device: Callable[[Answer], None]
+    fleet: Fleet, device: Callable[[Answer], None], tmp_path: Path
 ) -> None:
     # 10,000 lines (the most a contract answer holds), the newest 100,000 characters long.
     flood = [f"line {n}" for n in range(9_999)] + ["x" * 100_000]
@@ -217,6 +217,13 @@ def test_a_device_answering_more_than_asked_gets_only_the_tail_and_cut_lines_thr
     assert body["truncated"] is True
     assert body["lines"][:2] == ["line 9997", "line 9998"]
     assert body["lines"][2] == "x" * 4096 + " [... 95,904 more characters cut]"
+
+    result = run_bytes(
+        tmp_path / "home", fleet.hub, "service", "logs", "digits", "--device", "edge-1", "--tail", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == body["lines"]  # the lines alone, for a pipe
+    assert b"older lines left out" in result.stderr
 
 
 def test_the_hub_bounds_the_whole_answer_and_refuses_an_oversized_message(
