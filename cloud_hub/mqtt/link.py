@@ -232,6 +232,10 @@ class MqttLink:
         if parsed is None:
             return
         device_id = parsed[0]
+        with self._log_lock:
+            asked = any(waiting == device_id for waiting, _ in self._log_waiters.values())
+        if not asked:
+            return  # unasked answers cost nothing: not even parsed (this runs in paho's thread)
         limit = self.log_limits.payload_bytes
         if len(payload) > limit:
             # Not parsed at all: its request id is unknown, so every request waiting on this
