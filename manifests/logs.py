@@ -89,6 +89,8 @@ def bound_response(response: LogResponse, *, tail: int, limits: LogLimits) -> Lo
     """``response`` within what was asked and ``limits``: at most the last ``tail`` lines, each
     cut to ``limits.line_chars``, together at most ``limits.answer_bytes``; ``truncated`` when
     lines were left out (here or by the device)."""
+    if tail < 1:
+        raise ValueError(f"tail must be at least 1, not {tail}")  # lines[-0:] would be all of them
     kept: list[str] = []
     size = 0
     for line in reversed(response.lines[-tail:]):

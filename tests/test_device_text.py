@@ -75,6 +75,8 @@ def test_the_hub_keeps_only_the_tail_it_asked_for() -> None:
     assert whole.lines == ["a", "b"] and not whole.truncated
     # The device's own flag survives.
     assert bound_response(_answer(["a"], truncated=True), tail=3, limits=LogLimits()).truncated
+    with pytest.raises(ValueError, match="tail"):
+        bound_response(_answer(["a"]), tail=0, limits=LogLimits())
 
 
 def test_the_hub_cuts_long_lines_with_a_marker_and_bounds_the_whole_answer() -> None:
