@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from manifests.logs import MAX_LINE_CHARS, LogLimits
+
 
 def _default_data_dir() -> Path:
     return Path.home() / ".edgepack" / "hub"
@@ -78,6 +80,11 @@ class HubSettings(BaseSettings):
         "shared subscriptions (RabbitMQ before 3.13): then the database alone de-duplicates",
     )
     topic_prefix: str = Field(default="edgepack", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_/-]*$")
+    # What the hub accepts of a device's answer to a log request (manifests.logs.LogLimits):
+    # the MQTT message before it is parsed, each line (cut with a marker), all lines passed on.
+    log_payload_max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    log_line_max_chars: int = Field(default=MAX_LINE_CHARS, ge=80, le=1 << 20)
+    log_answer_max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     # Where the hub writes the Mosquitto password file and ACL for enrolled devices, and the
     # broker's pid file so that it can be told (SIGHUP) to reload them.
     broker_dir: Path | None = None
@@ -88,6 +95,13 @@ class HubSettings(BaseSettings):
     rabbitmq_api_username: str = "guest"
     rabbitmq_api_password: SecretStr | None = None
     rabbitmq_vhost: str = "/"
+
+    def log_limits(self) -> LogLimits:
+        return LogLimits(
+            payload_bytes=self.log_payload_max_bytes,
+            line_chars=self.log_line_max_chars,
+            answer_bytes=self.log_answer_max_bytes,
+        )
 
     def database_url(self) -> str:
         return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"

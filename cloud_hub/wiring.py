@@ -144,5 +144,6 @@ def _broker_parts(core: HubCore) -> tuple[MqttLink | None, IngestWorker | None, 
         tls_ca=str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
         sink=ingest.submit,
         share_group=settings.mqtt_share_group,
+        log_limits=settings.log_limits(),
     )
     return link, ingest, DesiredPublisher(core.sessions, link)

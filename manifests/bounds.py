@@ -13,6 +13,7 @@ the document is parsed, and the JSON Schemas generated from the models state the
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
@@ -28,6 +29,24 @@ MAX_TAGS = 64
 MAX_TAG_VALUE = 256
 MAX_DESCRIPTION = 4096
 MAX_REASON = 2000
+
+#: What a terminal may act on instead of printing: C0 controls but tab, DEL, C1 controls (U+0085,
+#: U+009B CSI, ...: xterm and others obey them in UTF-8 too), the Unicode line and paragraph
+#: separators, and the bidirectional formatting characters ("Trojan Source", CVE-2021-42574),
+#: which make a line read differently from what it holds.
+TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every character of :data:`TERMINAL_CONTROLS` written as a visible escape
+    (``\\x1b``, ``\\u202e``): safe to print on a terminal, and what was there stays readable.
+    Text without such characters comes back unchanged, so escaping twice is escaping once."""
+    return TERMINAL_CONTROLS.sub(_escape, text)
 
 
 def _no_control(value: str) -> str:

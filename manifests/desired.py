@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from manifests.bounds import MAX_INT63, EnvMap, Port, finite
+from manifests.bounds import MAX_INT63, MAX_TAGS, EnvMap, Port, finite
 from manifests.digests import DIGEST_PATTERN
 from manifests.errors import ConfigError, TrustError
 from manifests.module import NAME_PATTERN, VERSION_PATTERN
@@ -32,6 +32,8 @@ DEVICE_TAG_KEY_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$"
 DEVICE_TAG_VALUE_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126})$"
 _TAG_KEY_RE = re.compile(DEVICE_TAG_KEY_PATTERN)
 _TAG_VALUE_RE = re.compile(DEVICE_TAG_VALUE_PATTERN)
+#: Tags one device carries at most (and pairs in one selector): the bound of every tagged object.
+MAX_DEVICE_TAGS = MAX_TAGS
 
 
 def check_tag(key: str, value: str) -> None:
@@ -47,6 +49,14 @@ def check_tag(key: str, value: str) -> None:
             f"value {value!r} must start with a letter or digit and use only "
             "letters, digits, '.', '_', '-', ':' (at most 127 characters)"
         )
+
+
+def check_tag_count(count: int, what: str = "tags") -> None:
+    """A :class:`ConfigError` when ``count`` tags are more than a device may carry. Every path
+    that sets a device's tags (enrolment, bulk enrolment, a change of tags, the CLI's device
+    file) and every selector is held to this one bound."""
+    if count > MAX_DEVICE_TAGS:
+        raise ConfigError(f"{count:,} {what}; a device carries at most {MAX_DEVICE_TAGS} tags")
 
 
 #: Services one device runs at most (each needs its own port and process).

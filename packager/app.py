@@ -6,8 +6,10 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from manifests.errors import EdgepackError
+from packager.display import safe_text
 
 app = typer.Typer(
     name="edgepack",
@@ -25,7 +27,8 @@ def main() -> None:
     try:
         app()
     except EdgepackError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # The message may quote what a device or the hub sent (a log request's error): as Text.
+        err_console.print(Text.assemble(("error:", "bold red"), " ", safe_text(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]error:[/] interrupted")

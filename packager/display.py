@@ -1,8 +1,11 @@
-"""How the CLI shows service states: one colour per state, the same in every command."""
+"""How the CLI shows what others wrote: service states in one colour each, and every string a
+device (or a hub) sent, made safe for a terminal."""
 
 from __future__ import annotations
 
 from rich.text import Text
+
+from manifests.bounds import escape_controls
 
 STATE_STYLE = {
     "Healthy": "green",
@@ -13,5 +16,17 @@ STATE_STYLE = {
 }
 
 
+def safe_text(value: object, style: str = "") -> Text:
+    """``value`` as it may reach a terminal: control characters written as visible escapes
+    (``\\x1b``, :func:`manifests.bounds.escape_controls`), and as rich :class:`Text`, so that
+    ``[bold]``-like markup and ``:emoji:`` codes in it print as they are.
+
+    Every string a device reported (log lines, reasons, errors, tags, versions, ids) goes
+    through here on its way to the screen; build lines with ``Text.assemble``, never by
+    formatting such a string into markup.
+    """
+    return Text(escape_controls("" if value is None else str(value)), style=style)
+
+
 def state_text(state: str | None) -> Text:
-    return Text(state or "not reported", style=STATE_STYLE.get(state or "", "dim"))
+    return safe_text(state or "not reported", style=STATE_STYLE.get(state or "", "dim"))

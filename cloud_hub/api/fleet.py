@@ -489,7 +489,10 @@ class LogsOut(BaseModel):
     device_id: str
     service: str
     lines: list[str]
-    truncated: bool = Field(description="older lines were left out to fit one message")
+    truncated: bool = Field(
+        description="older lines were left out: beyond the tail asked, or to fit the device's message "
+        "or the hub's limits (EDGEPACK_HUB_LOG_*)"
+    )
 
 
 @admin.get("/deployments/{name}/logs", response_model=LogsOut, tags=["deployments"])

@@ -20,6 +20,7 @@ from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Device, DeviceDesired
 from cloud_hub.fleet.targeting import check_device_id, check_tags, format_selector
+from manifests.desired import check_tag_count
 from manifests.errors import ConfigError
 
 TOKEN_PREFIX = "ep_dev_"
@@ -155,6 +156,12 @@ def retag_device(
     for key in remove:
         tags.pop(key, None)
     tags.update(set_tags)
+    if len(tags) > len(device.tags or {}):
+        # A device tagged before the bound existed may still shed tags, never gain them.
+        try:
+            check_tag_count(len(tags))
+        except ConfigError as exc:
+            raise ConfigError(f"device {device_id} would carry {exc}; remove some first") from None
     device.tags = tags
     record_event(
         session,

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from manifests.desired import DEVICE_ID_PATTERN, check_tag
+from manifests.desired import DEVICE_ID_PATTERN, check_tag, check_tag_count
 from manifests.errors import ConfigError
 
 _DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
@@ -50,6 +50,7 @@ def parse_selector(text: str) -> dict[str, str]:
             "selector is empty; give key=value pairs separated by commas, e.g. site=berlin,tier=gpu"
         )
     parts = text.split(",")
+    check_tag_count(len(parts), "items in the selector")
     if any(not p.strip() for p in parts):
         raise ConfigError(f"selector {text!r} has an empty item; remove the stray comma")
     return parse_tags(parts, what="selector item")
@@ -61,6 +62,7 @@ def format_selector(selector: Mapping[str, str]) -> str:
 
 def check_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     """Validate a tag mapping that arrived as JSON (keys and values as in ``parse_tag``)."""
+    check_tag_count(len(tags))
     out: dict[str, str] = {}
     for key, value in tags.items():
         if not isinstance(value, str):

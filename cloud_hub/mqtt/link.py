@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from cloud_hub.errors import GatewayTimeout
 from manifests.errors import FetchError
-from manifests.logs import LogRequest, LogResponse
+from manifests.logs import LogLimits, LogRequest, LogResponse, bound_response
 from manifests.topics import INGEST_CHANNELS, LOGS_REQUEST, LOGS_RESPONSE, device_topic, parse_device_topic
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class MqttLink:
         share_group: str | None = None,
         catch_up_s: float = 5.0,
         on_connected: Callable[[], None] | None = None,
+        log_limits: LogLimits | None = None,
     ) -> None:
         if publish_timeout_s <= 0 or connect_wait_s < 0:
             raise ValueError("publish_timeout_s must be > 0 and connect_wait_s >= 0")
@@ -84,13 +85,15 @@ class MqttLink:
         self._sink = sink
         self.share_group = share_group
         self.catch_up_s = catch_up_s
+        self.log_limits = log_limits or LogLimits()
         # Called from paho's network thread after every (re)subscription: it must only signal.
         # Public so that the composition root can point it at a part built after the link.
         self.on_connected = on_connected
         self._subscribed = threading.Event()
         self._started = False
-        # Log requests waiting for their device's answer: request id -> (device id, answer).
-        self._log_waiters: dict[str, tuple[str, queue.Queue[LogResponse]]] = {}
+        # Log requests waiting for their device's answer: request id -> (device id, answer, or
+        # why the device's answer was refused).
+        self._log_waiters: dict[str, tuple[str, queue.Queue[LogResponse | FetchError]]] = {}
         self._log_lock = threading.Lock()
         # A random suffix: two hub replicas with the same client id would kick each other off.
         cid = client_id or f"edgepack-hub-{secrets.token_hex(4)}"
@@ -196,10 +199,13 @@ class MqttLink:
 
         Every hub replica subscribes to every device's ``logs-response`` without sharing, so
         the answer reaches the replica that asked, whichever that is; the request id matches.
-        Raises :class:`GatewayTimeout` when the device does not answer in time.
+        The device's answer is cut to ``tail`` lines and :attr:`log_limits`
+        (:func:`manifests.logs.bound_response`): a device is not trusted to keep them.
+        Raises :class:`GatewayTimeout` when the device does not answer in time, a
+        :class:`FetchError` when its answer is too large or malformed.
         """
         request = LogRequest(request_id=secrets.token_hex(16), service=service, tail=tail)
-        answer: queue.Queue[LogResponse] = queue.Queue(maxsize=1)
+        answer: queue.Queue[LogResponse | FetchError] = queue.Queue(maxsize=1)
         with self._log_lock:
             self._log_waiters[request.request_id] = (device_id, answer)
         try:
@@ -208,7 +214,7 @@ class MqttLink:
                 request.model_dump_json(by_alias=True).encode(),
                 retain=False,
             )
-            return answer.get(timeout=timeout_s)
+            got = answer.get(timeout=timeout_s)
         except queue.Empty:
             raise GatewayTimeout(
                 f"device {device_id!r} did not answer the log request within {timeout_s:g}s; "
@@ -217,15 +223,41 @@ class MqttLink:
         finally:
             with self._log_lock:
                 self._log_waiters.pop(request.request_id, None)
+        if isinstance(got, FetchError):
+            raise got
+        return bound_response(got, tail=tail, limits=self.log_limits)
 
     def _on_log_response(self, topic: str, payload: bytes) -> None:
         parsed = parse_device_topic(topic, prefix=self.prefix)
-        if parsed is None or len(payload) > 2 << 20:
+        if parsed is None:
+            return
+        device_id = parsed[0]
+        with self._log_lock:
+            asked = any(waiting == device_id for waiting, _ in self._log_waiters.values())
+        if not asked:
+            return  # unasked answers cost nothing: not even parsed (this runs in paho's thread)
+        limit = self.log_limits.payload_bytes
+        if len(payload) > limit:
+            # Not parsed at all: its request id is unknown, so every request waiting on this
+            # device (only it can write this topic) learns why no answer comes.
+            log.warning("log response of %d bytes on %s refused (limit %d)", len(payload), topic, limit)
+            self._refuse_answers(
+                device_id,
+                f"device {device_id!r} answered the log request with {len(payload):,} bytes, more "
+                f"than the hub accepts ({limit:,}, EDGEPACK_HUB_LOG_PAYLOAD_MAX_BYTES); "
+                "ask for fewer lines (--tail)",
+            )
             return
         try:
             response = LogResponse.model_validate_json(payload)
-        except ValidationError:
+        except ValidationError as exc:
             log.warning("malformed log response on %s", topic)
+            self._refuse_answers(
+                device_id,
+                f"device {device_id!r} answered the log request with a malformed message "
+                f"({exc.error_count()} error(s), first at {'.'.join(map(str, exc.errors()[0]['loc']))}); "
+                "check its agent's version and log",
+            )
             return
         with self._log_lock:
             waiter = self._log_waiters.get(response.request_id)
@@ -234,6 +266,13 @@ class MqttLink:
             return
         with contextlib.suppress(queue.Full):
             waiter[1].put_nowait(response)
+
+    def _refuse_answers(self, device_id: str, message: str) -> None:
+        with self._log_lock:
+            waiting = [answer for asked, answer in self._log_waiters.values() if asked == device_id]
+        for answer in waiting:
+            with contextlib.suppress(queue.Full):
+                answer.put_nowait(FetchError(message))
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
         what = f"publishing to {topic} via {self.host}:{self.port}"

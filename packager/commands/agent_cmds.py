@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from edge_agent.setup import load_setup
 from edge_agent.status import agent_status
@@ -23,7 +24,7 @@ from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig, parse_credentials, render_agent_config
 from manifests.errors import ConfigError
 from packager.app import app, console
-from packager.display import state_text
+from packager.display import safe_text, state_text
 from packager.files import atomic_output
 
 agent_app = typer.Typer(help="Set up, run and inspect the device agent.", no_args_is_help=True)
@@ -120,22 +121,24 @@ def status_cmd(
         return
     running = f"running (pid {status['agent_pid']})" if status["agent_pid"] else "not running"
     console.print(
-        f"[bold]{device_id}[/]  agent {running}  applied generation {status['applied_generation']}",
-        highlight=False,
+        Text.assemble(
+            safe_text(device_id, "bold"),
+            f"  agent {running}  applied generation {status['applied_generation']}",
+        )
     )
     if status["last_error"]:
-        console.print(f"[red]last error:[/] {status['last_error']}", highlight=False)
+        console.print(Text.assemble(("last error:", "red"), " ", safe_text(status["last_error"])))
     table = Table("service", "state", "version", "serving", "runtime", "port", "restarts", "reason")
     for s in status["services"]:
         table.add_row(
-            s["service"],
+            safe_text(s["service"]),
             state_text(s["state"]),
-            s["version"] or "-",
-            s["serving_version"] or "-",
-            s["runtime"] or "-",
-            str(s["port"] or "-"),
-            str(s["restarts"]),
-            s["reason"] or "",
+            safe_text(s["version"] or "-"),
+            safe_text(s["serving_version"] or "-"),
+            safe_text(s["runtime"] or "-"),
+            safe_text(s["port"] or "-"),
+            safe_text(s["restarts"]),
+            safe_text(s["reason"] or ""),
         )
     console.print(table)
     d = status["downloads"]

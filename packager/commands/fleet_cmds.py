@@ -31,7 +31,7 @@ from packager.commands.options import (
     split_ref,
 )
 from packager.commands.output import print_change, print_json, when
-from packager.display import state_text
+from packager.display import safe_text, state_text
 from packager.sdk import (
     DeploymentConfig,
     DeploymentFailed,
@@ -109,7 +109,7 @@ def enroll_cmd(
         f"hub key id    {creds.hub_key.keyid}",
         f"publishers    {len(creds.publishers.keys)} trusted key(s)",
     ]
-    console.print(Panel("\n".join(lines), title="enrolled", expand=False), highlight=False)
+    console.print(Panel(Text("\n").join(safe_text(line) for line in lines), title="enrolled", expand=False))
     where = f"saved to {out}" if out else "copy them now"
     console.print(f"[yellow]These credentials are shown only once[/] ({where}).")
 
@@ -155,13 +155,13 @@ def list_devices_cmd(
             else (Text("online", "green") if d["online"] else Text("offline", "red"))
         )
         table.add_row(
-            d["id"],
-            tags_text(d["tags"]),
+            safe_text(d["id"]),
+            safe_text(tags_text(d["tags"])),
             online,
             when(d["last_seen"]),
-            d["agent_version"] or "-",
+            safe_text(d["agent_version"] or "-"),
             str(d["generation"]),
-            ", ".join(d["services"]) or "-",
+            safe_text(", ".join(d["services"]) or "-"),
         )
     console.print(table)
 
@@ -177,24 +177,29 @@ def show_device_cmd(
         print_json(d)
         return
     status = "revoked" if d["revoked"] else ("online" if d["online"] else "offline")
-    console.print(f"[bold]{d['id']}[/]  {status}  tags {tags_text(d['tags'])}", highlight=False)
     console.print(
-        f"last seen {when(d['last_seen'])}  agent {d['agent_version'] or '-'}  "
-        f"desired generation {d['generation']} (expires {when(d['desired_expires'])})",
-        highlight=False,
+        Text.assemble(safe_text(d["id"], "bold"), f"  {status}  tags ", safe_text(tags_text(d["tags"])))
     )
+    console.print(
+        safe_text(
+            f"last seen {when(d['last_seen'])}  agent {d['agent_version'] or '-'}  "
+            f"desired generation {d['generation']} (expires {when(d['desired_expires'])})"
+        )
+    )
+    if d.get("last_error"):
+        console.print(Text.assemble(("last error:", "red"), " ", safe_text(d["last_error"])))
     table = Table("service", "state", "reason", "port", "restarts", "since")
     reported = {m["service"]: m for m in d["modules"]}
     for name in sorted(set(d["services"]) | set(reported)):
         m = reported.get(name)
         suffix = "" if name in d["services"] else " (not desired)"
         table.add_row(
-            name + suffix,
+            safe_text(name + suffix),
             state_text(m["state"] if m else None),
-            (m or {}).get("reason") or "",
-            str((m or {}).get("port") or "-"),
-            str((m or {}).get("restarts", 0)),
-            when((m or {}).get("since")),
+            safe_text((m or {}).get("reason") or ""),
+            safe_text((m or {}).get("port") or "-"),
+            safe_text((m or {}).get("restarts", 0)),
+            safe_text(when((m or {}).get("since"))),
         )
     console.print(table)
 
@@ -217,7 +222,7 @@ def tag_device_cmd(
     if as_json:
         print_json({"change": change.raw, "device": device.record.raw})
         return
-    console.print(f"{device_id} tags now {tags_text(device.tags)}", highlight=False)
+    console.print(safe_text(f"{device_id} tags now {tags_text(device.tags)}"))
     print_change(change.raw)
 
 
@@ -289,7 +294,7 @@ def deploy_cmd(
         print_json(result if inference is None else {**result, "module_version": service.module_version})
         return
     for warning in result.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", safe_text(warning)), soft_wrap=True)
     if inference is not None:
         console.print(f"built module [bold]{name}:{service.module_version}[/] from {module}", highlight=False)
     dep = result["deployment"]
@@ -316,10 +321,10 @@ def list_services_cmd(hub: HubOption = None, token: TokenOption = None, as_json:
     for s in services:
         healthy = sum(1 for d in s["devices"] if d["state"] == "Healthy")
         table.add_row(
-            s["name"],
-            f"{s['module']}:{s['version']}",
+            safe_text(s["name"]),
+            safe_text(f"{s['module']}:{s['version']}"),
             str(s["settings"]["port"]),
-            target_text(s["target"]),
+            safe_text(target_text(s["target"])),
             f"{healthy}/{len(s['devices'])} healthy",
             state_text(s["state"]),
         )
@@ -338,9 +343,13 @@ def show_service_cmd(
         print_json(s)
         return
     console.print(
-        f"[bold]{s['name']}[/]  {s['module']}:{s['version']}  port {s['settings']['port']}  "
-        f"runtime {s['settings']['runtime']}  {target_text(s['target'])}",
-        highlight=False,
+        Text.assemble(
+            safe_text(s["name"], "bold"),
+            safe_text(
+                f"  {s['module']}:{s['version']}  port {s['settings']['port']}  "
+                f"runtime {s['settings']['runtime']}  {target_text(s['target'])}"
+            ),
+        )
     )
     console.print(Text.assemble("state ", state_text(s["state"])))
     console.print(devices_table(service.record))
@@ -415,9 +424,11 @@ def logs_cmd(
         print_json(logs.raw)
         return
     if logs.truncated:
-        console.print("[dim](older lines left out to fit one message)[/]")
+        # On stderr: stdout holds the log lines alone, for a pipe.
+        err_console.print("[dim](older lines left out: beyond --tail, or over a size limit)[/]")
     for line in logs.lines:
-        console.out(line, highlight=False)
+        # The hub escaped these already; a hub of another version may not have.
+        console.print(safe_text(line), soft_wrap=True)
 
 
 @service_app.command("wait")

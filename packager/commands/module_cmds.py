@@ -16,6 +16,7 @@ from manifests.errors import ConfigError
 from packager.app import app, console, err_console
 from packager.build import DEFAULT_IMAGE
 from packager.commands.options import TrustOption, bars, parse_pairs
+from packager.display import safe_text
 from packager.files import atomic_output
 from packager.home import default_key_path, default_trust_path
 from packager.inspect import open_verified, read_unverified
@@ -194,13 +195,14 @@ def inspect_cmd(
         return
     console.print(f"[bold]{manifest.name}[/]:{manifest.version}  created {manifest.created.isoformat()}")
     if manifest.description:
-        console.print(manifest.description)
+        # Anyone's bundle can be inspected: its text is shown, never obeyed.
+        console.print(safe_text(manifest.description))
     console.print("signed by    " + ", ".join(s.keyid for s in envelope.signatures), soft_wrap=True)
     console.print(f"entry script {manifest.entry_script}")
     console.print(f"runtime      {manifest.runtime.image}"
                   + (f"@{manifest.runtime.image_digest}" if manifest.runtime.image_digest else ""))
     if manifest.runtime.python.requirements:
-        console.print("requirements " + " ".join(manifest.runtime.python.requirements))
+        console.print(safe_text("requirements " + " ".join(manifest.runtime.python.requirements)))
     console.print(f"resources    cpu {manifest.resources.cpu}, memory {manifest.resources.memory_mb} MB")
     # Fold rather than truncate: a digest cut short with "…" is no digest at all.
     table = Table(

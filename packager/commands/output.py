@@ -11,8 +11,10 @@ import sys
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from packager.app import console
+from packager.display import safe_text
 
 
 def print_json(data: Any) -> None:
@@ -29,7 +31,7 @@ def files_table(files: list[dict[str, Any]]) -> Table:
     """The files of a model or module version as the hub lists them."""
     table = Table("path", "size", "digest")
     for f in files:
-        table.add_row(f["path"], f"{f['size']:,}", f["digest"])
+        table.add_row(safe_text(f["path"]), f"{f['size']:,}", f["digest"])
     return table
 
 
@@ -44,10 +46,12 @@ def print_change(change: dict[str, Any]) -> None:
         console.print("no device's desired state changed")
         return
     listed = ", ".join(f"{d} (generation {g})" for d, g in sorted(issued.items()))
-    console.print(f"new desired state for {listed}", highlight=False)
+    console.print(safe_text(f"new desired state for {listed}"))
     if change["published"] is False:
         console.print(
-            "[yellow]not published over MQTT[/] (devices will fetch it over HTTP): "
-            + change["publish_errors"][0],
-            highlight=False,
+            Text.assemble(
+                ("not published over MQTT", "yellow"),
+                " (devices will fetch it over HTTP): ",
+                safe_text(change["publish_errors"][0]),
+            )
         )

@@ -26,6 +26,7 @@ from packager.commands.options import (
     split_ref,
 )
 from packager.commands.output import files_table, pairs_text, print_json
+from packager.display import safe_text
 from packager.sdk import Hub, Model, Module
 from packager.sdk.config import HubConfig
 
@@ -224,9 +225,9 @@ def model_list_cmd(
             str(m["version"]),
             str(len(m["files"])),
             f"{m['size']:,}",
-            pairs_text(m["tags"]),
+            safe_text(pairs_text(m["tags"])),
             m["created_at"][:19],
-            m["description"],
+            safe_text(m["description"]),
         )
     console.print(table)
 
@@ -247,9 +248,9 @@ def model_show_cmd(
         return
     console.print(f"[bold]{m['name']}[/]:{m['version']}  created {m['created_at'][:19]}")
     if m["description"]:
-        console.print(m["description"])
-    console.print(f"tags        {pairs_text(m['tags']) or '-'}")
-    console.print(f"properties  {json.dumps(m['properties']) if m['properties'] else '-'}")
+        console.print(safe_text(m["description"]))
+    console.print(safe_text(f"tags        {pairs_text(m['tags']) or '-'}"))
+    console.print(safe_text(f"properties  {json.dumps(m['properties']) if m['properties'] else '-'}"))
     console.print(files_table(m["files"]))
 
 

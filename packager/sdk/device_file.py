@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from manifests.desired import check_tag
+from manifests.desired import check_tag, check_tag_count
 from manifests.device import DeviceCredentials
 from manifests.errors import ConfigError
 from packager.sdk.errors import BadArgument
@@ -66,6 +66,10 @@ def _tags(cell: str, where: str) -> dict[str, str]:
         if tags.get(key, value) != value:
             raise BadArgument(f"{where}: tag key {key!r} is given twice")
         tags[key] = value
+    try:
+        check_tag_count(len(tags))
+    except ConfigError as exc:
+        raise BadArgument(f"{where}: {exc}") from None
     return tags
 
 

@@ -3,6 +3,7 @@
 In a terminal: a table of every device's state that redraws at each poll (what ``edgepack
 service wait`` shows). Elsewhere (a pipe, a log): one line per device whose state changed.
 The CLI draws its service tables with the same pieces (and its colours, ``packager.display``).
+What devices reported (ids, states, reasons) is shown through ``packager.display.safe_text``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from manifests.reported import Progress
-from packager.display import state_text
+from packager.display import safe_text, state_text
 from packager.sdk.answers import ServiceRecord
 from packager.sdk.progress import ProgressEvent
 
@@ -45,18 +46,18 @@ def devices_table(service: ServiceRecord) -> Table:
     table = Table("device", "online", "state", "reason")
     for d in service.devices:
         table.add_row(
-            d.device_id,
+            safe_text(d.device_id),
             Text("online", "green") if d.online else Text("offline", "red"),
             state_text(d.state),
-            (d.reason or "") + progress_text(d.progress),
+            safe_text((d.reason or "") + progress_text(d.progress)),
         )
     return table
 
 
 def wait_view(service: ServiceRecord, elapsed: float) -> Group:
     header = Text.assemble(
-        (service.name, "bold"),
-        f"  {service.module}:{service.version}  ",
+        safe_text(service.name, "bold"),
+        safe_text(f"  {service.module}:{service.version}  "),
         state_text(service.state),
         f"  {elapsed:.0f}s",
     )
@@ -106,7 +107,8 @@ class StateLines:
                     said = d.reason or "not reported yet"
                 else:
                     said = f"{d.state} ({d.reason})" if d.reason else str(d.state)
-                self.out.write(f"{event.service.name} on {d.device_id}: {said}\n")
+                line = safe_text(f"{event.service.name} on {d.device_id}: {said}").plain
+                self.out.write(line + "\n")
                 self.out.flush()
 
 

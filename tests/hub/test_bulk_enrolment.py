@@ -11,6 +11,7 @@ import json
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -30,7 +31,7 @@ HUB_PASSWORD = "hub-secret-for-bulk-tests"
 
 
 def _secured_hub(
-    hub: HubFactory, broker_factory: BrokerFactory, tmp_path: Path, prefix: str
+    hub: HubFactory, broker_factory: BrokerFactory, tmp_path: Path, prefix: str, **overrides: Any
 ) -> tuple[RunningHub, Broker]:
     broker_dir = tmp_path / "broker"
     prepare_broker_dir(
@@ -42,7 +43,7 @@ def _secured_hub(
     broker = broker_factory(broker_dir)
     h = hub(
         mqtt_host=broker.host, mqtt_port=broker.port, mqtt_password=HUB_PASSWORD, broker_dir=broker_dir,
-        broker_pid_file=broker.pid_file, topic_prefix=prefix,
+        broker_pid_file=broker.pid_file, topic_prefix=prefix, **overrides,
     )  # fmt: skip
     return h, broker
 
