@@ -234,6 +234,7 @@ class Stack:
         folder.mkdir(parents=True)
         creds = folder / "credentials.json"
         creds.write_text(json.dumps(r.json()["device_credentials"]))
+        creds.chmod(0o600)  # the agent refuses credentials other users may read
         config = AgentConfig.model_validate(
             {"credentials": creds, "state_dir": folder / "state", "runtimes": runtimes,
              "service_host": "127.0.0.1", "telemetry_interval_s": 10, "log_format": "text"}

@@ -12,8 +12,8 @@ from cloud_hub.db.base import Sessions, import_tables, make_engine, utcnow
 from cloud_hub.db.schema import ensure_schema
 from cloud_hub.settings import HubSettings
 from cloud_hub.store.blobs import BlobStore, FileBlobStore
-from cloud_hub.store.files import write_atomic
 from cloud_hub.store.private import prepare_data_dir, private_sqlite_file
+from manifests.durable import write_durable
 from manifests.errors import ConfigError
 from manifests.signing import (
     TrustStore,
@@ -27,7 +27,7 @@ from manifests.signing import (
 
 def _write_secret(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data, 0o600)
+    write_durable(path, data, mode=0o600)
 
 
 def _load_or_create_hub_key(settings: HubSettings) -> Ed25519PrivateKey:

@@ -2,7 +2,8 @@
 
 ``edgepack agent run`` execs this, so that the daemon does not carry the CLI's libraries
 (typer, click, rich) in its memory for months. Exit codes: 0 after SIGTERM/SIGINT, 2 for a
-bad configuration.
+bad configuration (credentials other users may read included, unless
+``--allow-open-credentials``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stop-modules", action="store_true", help="stop the modules when the agent stops"
     )
+    parser.add_argument(
+        "--allow-open-credentials",
+        action="store_true",
+        help="use credentials other users may read (with a warning) instead of refusing them",
+    )
     args = parser.parse_args(argv)
     # pydantic looks for plugins by reading the metadata of every installed distribution; the
     # agent uses none, and on a full system Python that scan stays in the daemon's memory.
@@ -28,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from edge_agent.daemon import run_agent
 
     try:
-        run_agent(args.config, stop_modules=args.stop_modules)
+        run_agent(
+            args.config, stop_modules=args.stop_modules, allow_open_credentials=args.allow_open_credentials
+        )
     except EdgepackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

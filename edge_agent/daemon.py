@@ -20,7 +20,7 @@ from edge_agent.reconcile.loop import ReconcileLoop, Stop
 from edge_agent.report.sampler import Sampler
 from edge_agent.runtime.base import Runtime
 from edge_agent.runtime.process import ProcessRuntime
-from edge_agent.setup import load_setup
+from edge_agent.setup import check_credentials_private, load_setup, tighten_state_dir
 from edge_agent.status import LOCK_FILE
 from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import MqttSession
@@ -69,7 +69,9 @@ def enable_port_handover() -> None:
 @contextlib.contextmanager
 def single_agent(state_dir: Path) -> Iterator[None]:
     """One agent per state folder: a second one would fight the first over every module."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tightened = tighten_state_dir(state_dir)
+    if tightened is not None:
+        log.warning("%s", tightened)
     fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
@@ -86,10 +88,14 @@ def single_agent(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def run_agent(config_path: Path, *, stop_modules: bool = False) -> None:
-    """Run until SIGTERM/SIGINT. Modules keep running afterwards unless ``stop_modules``."""
+def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_credentials: bool = False) -> None:
+    """Run until SIGTERM/SIGINT. Modules keep running afterwards unless ``stop_modules``.
+    Credentials other users may read are refused unless ``allow_open_credentials``."""
     config, credentials = load_setup(config_path)
+    open_credentials = check_credentials_private(config.credentials, allow_open=allow_open_credentials)
     logfmt.configure(config.log_level, config.log_format)
+    if open_credentials is not None:
+        log.warning("%s", open_credentials)
     with single_agent(config.state_dir):
         enable_port_handover()
         runtimes = build_runtimes(config, credentials.device_id)

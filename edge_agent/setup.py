@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from manifests.device import AgentConfig, DeviceCredentials, parse_agent_config, parse_credentials
@@ -23,3 +25,35 @@ def load_setup(config_path: Path) -> tuple[AgentConfig, DeviceCredentials]:
             "'edgepack device enroll ID --out FILE'"
         ) from None
     return config, parse_credentials(creds, source=str(config.credentials))
+
+
+def check_credentials_private(path: Path, *, allow_open: bool = False) -> str | None:
+    """Refuse credentials that other users may read (they hold the device's HTTP token and its
+    broker password: whoever reads them can act as the device). With ``allow_open`` they are
+    used, and the warning to log is returned; ``None`` when they are private."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    if not mode & 0o077:
+        return None
+    who = " and ".join(w for w, bits in (("its group", 0o070), ("other users", 0o007)) if mode & bits)
+    problem = f"{path} is open to {who} (mode {mode:04o}) and holds the device's token and broker password"
+    if allow_open:
+        return f"{problem}; used anyway (--allow-open-credentials): run 'chmod 600 {path}'"
+    raise ConfigError(f"{problem}: run 'chmod 600 {path}' (or pass --allow-open-credentials)")
+
+
+def tighten_state_dir(state_dir: Path) -> str | None:
+    """Create the state folder 0700, or make an existing one 0700 whoever created it (it holds
+    the desired state, the modules and their TLS keys); returns what was changed, to log."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        mode = stat.S_IMODE(state_dir.stat().st_mode)
+        if mode == 0o700:
+            return None
+        os.chmod(state_dir, 0o700)
+    except OSError as exc:
+        problem = f"cannot make the state folder private (0700): {exc.strerror}"
+        raise ConfigError(f"{state_dir}: {problem}") from None
+    return f"state folder {state_dir} was mode {mode:04o}; made it 0700"

@@ -75,6 +75,12 @@ class ReportedState(BaseModel):
     applied_generation: Count
     runtimes: list[RuntimeKind] = Field(default_factory=list, max_length=8)
     last_error: Reason | None = None
+    link_problem: Reason | None = Field(
+        default=None,
+        description="what the device's broker session suffers from now, when it is not the "
+        "network: e.g. another client connecting with this device's id (two agents with one "
+        "device's credentials); the hub records it as an event",
+    )
     modules: list[ModuleStatus] = Field(default_factory=list, max_length=MAX_MODULES)
 
 

@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from manifests.durable import durable_output
 from manifests.errors import ConfigError
 
 
-@contextlib.contextmanager
-def atomic_output(path: Path, *, mode: int = 0o644) -> Iterator[IO[bytes]]:
-    """Write ``path`` all at once: a temp file beside it, fsync, rename.
-
-    On any error the temp file is removed, so nothing half-written is ever left behind.
-    """
+def atomic_output(path: Path, *, mode: int = 0o644) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """``manifests.durable.durable_output`` for what the CLI writes where a user said: the
+    folder is made when missing, and the default mode is 0644 (bundles, public keys, configs;
+    secrets pass 0o600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return durable_output(path, mode=mode)
 
 
 def load_json_file(path: Path, *, what: str = "") -> Any:

@@ -36,7 +36,8 @@ import httpx
 import pytest
 
 from packager.runtime_image.builder import BuildOptions, RuntimeImage, build_runtime_image
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
+from tests.engines import ENGINE_START_ATTEMPTS, EngineFailed, start_on_free_ports
 
 __all__ = [
     "DOCKER_REGISTRY",
@@ -138,7 +139,7 @@ def _answers(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool
     return False
 
 
-def start_registry(workdir: Path, *, attempts: int = 5) -> Registry:
+def start_registry(workdir: Path, *, attempts: int = ENGINE_START_ATTEMPTS) -> Registry:
     """``docker-registry serve`` on a free loopback port (another one if that was taken)."""
     if not DOCKER_REGISTRY.is_file():
         pytest.fail(
@@ -149,8 +150,9 @@ def start_registry(workdir: Path, *, attempts: int = 5) -> Registry:
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     log = workdir / "registry.log"
-    for _ in range(attempts):
-        port = free_port()
+
+    def launch(ports: list[int]) -> Registry:
+        port = ports[0]
         config = workdir / "config.yml"
         config.write_text(registry_config(storage, port))
         with log.open("wb") as out:
@@ -162,7 +164,9 @@ def start_registry(workdir: Path, *, attempts: int = 5) -> Registry:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
-    raise RuntimeError(f"docker-registry did not start after {attempts} attempts:\n{log.read_text()}")
+        raise EngineFailed(log.read_text(errors="replace"))
+
+    return start_on_free_ports("docker-registry", 1, launch, attempts=attempts)
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,56 @@ def test_layers_are_respected() -> None:
     assert _violations() == []
 
 
+#: ``manifests`` is pure but for one module: the durable write every part shares.
+MANIFESTS_IO = REPO / "manifests" / "durable.py"
+#: Calls that touch the file system.
+FILE_IO = ("open", "os.open", "os.replace", "os.rename", "os.fsync", "os.sync", "os.unlink", "os.mkdir",
+           "os.makedirs", "read_bytes", "read_text", "write_bytes", "write_text", "mkdir",
+           "unlink")  # fmt: skip
+#: Where a file may be renamed into place other than through ``manifests.durable``: the two
+#: blob stores, whose streamed temp files are renamed only after their digest was checked.
+OWN_RENAMES = ("cloud_hub/store/blobs.py", "edge_agent/cache/")
+
+
+def _calls(path: Path) -> list[str]:
+    """The dotted names of every call in ``path`` (``os.replace``; ``x.write_bytes`` as
+    ``write_bytes``)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name):
+                names.append(func.id)
+            elif isinstance(func, ast.Attribute):
+                owner = func.value.id if isinstance(func.value, ast.Name) else None
+                names.append(f"{owner}.{func.attr}" if owner == "os" else func.attr)
+    return names
+
+
+def test_manifests_does_no_io_but_the_durable_write() -> None:
+    found = [
+        f"{path.relative_to(REPO)} calls {name}"
+        for path in sorted((REPO / "manifests").rglob("*.py"))
+        if path != MANIFESTS_IO
+        for name in _calls(path)
+        if name in FILE_IO
+    ]
+    assert found == []
+
+
+def test_every_file_is_renamed_into_place_by_the_one_durable_write() -> None:
+    found = []
+    for package in OURS:
+        for path in sorted((REPO / package).rglob("*.py")):
+            where = path.relative_to(REPO).as_posix()
+            if path == MANIFESTS_IO or where.startswith(OWN_RENAMES):
+                continue
+            found += [f"{where} calls {name}" for name in _calls(path) if name in ("os.replace", "os.rename")]
+    assert found == []
+
+
 def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     # Guard against a check that passes because it reads nothing.
     assert "packager.build" in _imports(REPO / "packager" / "commands" / "module_cmds.py")
     assert "packager.sdk" in _imports(REPO / "edgepack" / "__init__.py")
+    assert "os.replace" in _calls(MANIFESTS_IO) and "os.replace" in _calls(REPO / "cloud_hub/store/blobs.py")

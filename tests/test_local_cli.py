@@ -19,6 +19,7 @@ import pytest
 
 from packager.commands.local_cmds import read_records, scoring_url, server_message
 from tests.conftest import Publisher, free_port, make_publisher
+from tests.engines import EngineFailed, start_on_free_ports
 from tests.factory import FAILING_SCORE_PY, Defect, Forge, default_files
 
 Samples = dict[str, list[object]]
@@ -49,29 +50,31 @@ def write_trust(path: Path, publisher: Publisher) -> Path:
 @contextlib.contextmanager
 def serving(bundle: Path, trust: Path, home: Path, *extra: str) -> Iterator[str]:
     """Run ``edgepack serve`` until the block ends; yield its base URL once it is ready."""
-    port = free_port()
-    log = home / f"serve-{port}.log"
     home.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "packager", "serve", str(bundle), "--port", str(port),
-             "--trust", str(trust), *extra],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(home),
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
+
+    def launch(ports: list[int]) -> tuple[subprocess.Popen[str], str]:
+        log = home / f"serve-{ports[0]}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "packager", "serve", str(bundle), "--port", str(ports[0]),
+                 "--trust", str(trust), *extra],
+                stdout=out, stderr=subprocess.STDOUT, env=_env(home), text=True,
+            )  # fmt: skip
+        base = f"http://127.0.0.1:{ports[0]}"
         deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()}")
+        while proc.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
+                    return proc, base
             if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
                 pytest.fail(f"serve did not become ready:\n{log.read_text()}")
             time.sleep(0.1)
+        raise EngineFailed(f"serve exited with {proc.returncode}:\n{log.read_text()}")
+
+    proc, base = start_on_free_ports("edgepack serve", 1, launch)
+    try:
         yield base
     finally:
         proc.terminate()

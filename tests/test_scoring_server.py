@@ -26,6 +26,7 @@ import pytest
 from edge_agent.scoring.metrics import BUCKETS_S, MetricsBoard, latency_quantile, parse, render
 from manifests.bundle import verify_bundle
 from tests.conftest import EXAMPLE, Publisher, free_port
+from tests.engines import EngineFailed, start_on_free_ports
 
 START_TIMEOUT_S = 30.0
 
@@ -99,36 +100,30 @@ class Server:
 
 
 def start_server(module_dir: Path, *, workers: int = 1, env: dict[str, str] | None = None) -> Server:
-    port = free_port()
-    stderr = module_dir.parent / f"{module_dir.name}-{port}.stderr"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent.scoring",
-            "--module-dir",
-            str(module_dir),
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=stderr.open("wb"),
-        env={**os.environ, **(env or {})},
-    )
-    server = Server(f"http://127.0.0.1:{port}", proc, stderr)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(server.url + "/", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"server did not answer within {START_TIMEOUT_S}s:\n{server.log()}")
+    def launch(ports: list[int]) -> Server:
+        port = ports[0]
+        stderr = module_dir.parent / f"{module_dir.name}-{port}.stderr"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent.scoring", "--module-dir", str(module_dir),
+             "--port", str(port), "--workers", str(workers)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr.open("wb"),
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        server = Server(f"http://127.0.0.1:{port}", proc, stderr)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise EngineFailed(f"server exited with {proc.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(server.url + "/", timeout=1).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                time.sleep(0.05)
+        proc.kill()
+        raise AssertionError(f"server did not answer within {START_TIMEOUT_S}s:\n{server.log()}")
+
+    return start_on_free_ports("the scoring server", 1, launch)
 
 
 def stop_server(server: Server) -> int:

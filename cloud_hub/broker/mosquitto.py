@@ -32,8 +32,8 @@ from cloud_hub.core import HubCore
 from cloud_hub.db.base import Sessions
 from cloud_hub.fleet.tables import Device
 from cloud_hub.settings import HubSettings
-from cloud_hub.store.files import write_atomic
 from manifests.desired import DEVICE_ID_PATTERN
+from manifests.durable import write_durable
 from manifests.errors import ConfigError
 from manifests.topics import DEVICE_READS, DEVICE_WRITES, device_topic
 
@@ -164,9 +164,9 @@ def write_broker_files(
     if len(usable) != len(devices):
         log.warning("a device named like the hub's broker user %r was left out", hub.username)
     broker_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(broker_dir / PASSWORD_FILE, render_password_file([hub, *usable]).encode(), 0o640)
+    write_durable(broker_dir / PASSWORD_FILE, render_password_file([hub, *usable]).encode(), mode=0o640)
     acl = render_acl(prefix=prefix, hub_username=hub.username, device_ids=[d.username for d in usable])
-    write_atomic(broker_dir / ACL_FILE, acl.encode(), 0o644)
+    write_durable(broker_dir / ACL_FILE, acl.encode(), mode=0o644)
 
 
 def hub_mqtt_password(settings: HubSettings) -> str | None:
@@ -186,7 +186,7 @@ def hub_mqtt_password(settings: HubSettings) -> str | None:
         return None
     password = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (password + "\n").encode(), 0o600)
+    write_durable(path, (password + "\n").encode(), mode=0o600)
     return password
 
 
@@ -300,5 +300,5 @@ def write_broker_config(
         hub_port=hub_port,
     )
     path = broker_dir / CONFIG_FILE
-    write_atomic(path, conf.encode(), 0o644)
+    write_durable(path, conf.encode(), mode=0o644)
     return path

@@ -9,19 +9,25 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from cloud_hub.events import record_event
+from cloud_hub.events import Event, record_event
 from cloud_hub.fleet.tables import Device, DeviceDesired
 from cloud_hub.ingest.changes import module_changes
 from cloud_hub.ingest.messages import Online, Reported, TelemetryMessage
 from cloud_hub.ingest.tables import DeviceReport, ModuleState, TelemetrySample
 from manifests.reported import ModuleStatus, ReportedState
 from manifests.states import ServiceState
+
+#: The event a device's ``link_problem`` becomes (e.g. two agents with one device's credentials).
+LINK_PROBLEM_EVENT = "link-problem"
+#: A device's link problem is recorded once in this long, however many reports repeat it (both
+#: agents of a pair report it, and their retained reports replace each other).
+LINK_PROBLEM_QUIET = timedelta(hours=1)
 
 
 def _status(row: ModuleState) -> ModuleStatus:
@@ -157,6 +163,23 @@ class BatchView:
             )
             self.modules.setdefault(device_id, {})[service] = _ModuleRow(old, stored=True)
         self.modules_gone: list[tuple[str, str]] = []
+        self._link_problems_noted: set[str] = set()
+
+    def link_problem_is_news(self, device_id: str, at_: datetime) -> bool:
+        """Whether a link problem of ``device_id`` is to be recorded: none was in this batch,
+        nor in the events of the last :data:`LINK_PROBLEM_QUIET` (a query only for the rare
+        report that names one)."""
+        if device_id in self._link_problems_noted:
+            return False
+        self._link_problems_noted.add(device_id)
+        recent = (
+            select(Event.id)
+            .where(Event.device_id == device_id, Event.kind == LINK_PROBLEM_EVENT)
+            .where(Event.at > at_ - LINK_PROBLEM_QUIET)
+            .limit(1)
+        )
+        with self.session.no_autoflush:
+            return self.session.scalar(recent) is None
 
     def device(self, device_id: str) -> _DeviceRow:
         device = self.devices.get(device_id)
@@ -247,6 +270,13 @@ def apply_reported(view: BatchView, msg: Reported) -> bool:
         },
     )
     device.set(agent_version=state.agent_version)
+    if (
+        state.link_problem is not None
+        and view.link_problem_is_news(msg.device_id, msg.received_at)
+        and view.allow_event(msg.device_id)
+    ):
+        message = f"{msg.device_id}: {state.link_problem}"
+        record_event(view.session, LINK_PROBLEM_EVENT, message, device_id=msg.device_id)
 
     rows = view.modules.setdefault(msg.device_id, {})
     old = {svc: r.old for svc, r in rows.items()}

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cloud_hub.store.files import write_atomic
+from manifests.durable import write_durable
 from manifests.errors import ConfigError
 
 CA_CERT = "ca.crt"
@@ -130,15 +130,15 @@ def load_or_make_ca(directory: Path) -> Issued:
         return Issued(cert.read_bytes(), key.read_bytes())
     directory.mkdir(parents=True, exist_ok=True)
     ca = make_ca()
-    write_atomic(key, ca.key_pem, 0o600)
-    write_atomic(cert, ca.cert_pem, 0o644)
+    write_durable(key, ca.key_pem, mode=0o600)
+    write_durable(cert, ca.cert_pem, mode=0o644)
     return ca
 
 
 def write_issued(issued: Issued, cert_path: Path, key_path: Path) -> None:
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(key_path, issued.key_pem, 0o600)
-    write_atomic(cert_path, issued.cert_pem, 0o644)
+    write_durable(key_path, issued.key_pem, mode=0o600)
+    write_durable(cert_path, issued.cert_pem, mode=0o644)
 
 
 #: A certificate request is a few hundred bytes.

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.state.files import write_atomic
 from manifests.desired import EndpointAuth, ModuleAssignment
+from manifests.durable import write_durable
 
 KEYS_FILE = "keys.json"
 TLS_DIR = "tls"
@@ -35,7 +35,7 @@ class TlsMaterial:
 
 def _write_owned(path: Path, data: bytes, owner: int | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(path, data, 0o600)
+    write_durable(path, data, mode=0o600)
     if owner is not None:
         os.chown(path.parent, owner, owner)
         os.chown(path, owner, owner)

@@ -41,7 +41,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from edge_agent.scoring.endpoint import EndpointOptions, ReloadingTLS
 from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE, EXIT_STUCK
 from edge_agent.scoring.limits import RunWatchdog, guarded_protocol
 from edge_agent.scoring.metrics import MetricsBoard
+from manifests.durable import write_durable
 from manifests.errors import ConfigError, RuntimeFailure
 
 log = logging.getLogger("edge_agent.scoring")
@@ -164,16 +164,8 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool 
 
 
 def write_state_file(path: Path, state: dict[str, object]) -> None:
-    """Write the instance's state file atomically (the agent reads it to find the probe port)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(state, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write the instance's state file durably (the agent reads it to find the probe port)."""
+    write_durable(path, json.dumps(state).encode())
 
 
 def _configure_logging(log_level: str) -> None:

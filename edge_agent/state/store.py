@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edge_agent.state.files import write_atomic
 from edge_agent.state.records import AgentRecord
+from manifests.durable import write_durable
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class StateStore:
 
     def save(self, record: AgentRecord) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.state_path, record.model_dump_json(by_alias=True).encode())
+        write_durable(self.state_path, record.model_dump_json(by_alias=True).encode())
 
     def load_desired(self) -> bytes | None:
         try:
@@ -60,4 +60,4 @@ class StateStore:
 
     def save_desired(self, data: bytes) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.desired_path, data)
+        write_durable(self.desired_path, data)

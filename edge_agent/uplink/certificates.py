@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edge_agent.runtime.endpoint_files import CERT_FILE, KEY_FILE, TlsMaterial
-from edge_agent.state.files import write_atomic
 from edge_agent.uplink.http import HubHttp
+from manifests.durable import write_durable
 from manifests.errors import HubUnavailable
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class EndpointCertificates:
         )
         folder = self._store / service
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(folder / KEY_FILE, material.key_pem, 0o600)
-        write_atomic(folder / CERT_FILE, material.cert_pem, 0o600)
+        write_durable(folder / KEY_FILE, material.key_pem, mode=0o600)
+        write_durable(folder / CERT_FILE, material.cert_pem, mode=0o600)
         log.info("certificate for %s obtained from the hub's endpoint CA", service)
         return material

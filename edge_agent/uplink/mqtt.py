@@ -4,7 +4,16 @@
   device's subscriptions and queued QoS 1 messages while it is away.
 - Reconnects with exponential backoff and **full jitter** capped at 60 s (a fleet that lost
   its broker must not come back in lockstep); paho's own reconnect has no jitter, so this
-  module runs the connect loop itself.
+  module runs the connect loop itself. Only a session that lasted ``short_session_s``
+  forgives the backoff: a connect that succeeds is not enough.
+- Notices a session **taken over**: two agents with one device's credentials (a cloned SD
+  card, a forgotten test box) connect with the same client id, and the broker closes one
+  session each time the other connects. MQTT 3.1.1 (which RabbitMQ's plugin speaks too) gives
+  no reason for that close, but the pattern is plain: the broker ends a session within
+  seconds of accepting it, and accepts the next connect at once, again and again (about twice
+  a second without backoff). After ``takeover_threshold`` such sessions in a row the device
+  says so once in its reported state (``link_problem``, which the hub records as an event)
+  and the backoff, no longer forgiven, spaces the fight out to one every few tens of seconds.
 - Last will ``online=false`` (retained); ``online=true`` retained on every connect.
 - Subscribes to its own ``desired`` and ``logs-request`` topics.
 - The reported state is *latest wins*: while the broker is away only the newest report is
@@ -16,9 +25,11 @@ Everything received is handed to ``on_event`` from paho's thread; the callback m
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +68,54 @@ class LogRequestMessage:
 
 MqttEvent = Connected | Disconnected | DesiredMessage | LogRequestMessage
 
+#: What the device reports (``link_problem``) while its session keeps being taken over.
+TAKEN_OVER = (
+    "the broker keeps closing this device's session moments after accepting it: another client "
+    "connects with the device's id (two agents running with one device's credentials?); stop "
+    "the other one, or enroll it as a device of its own"
+)
+
+
+@dataclass
+class SessionWatch:
+    """Tells a session taken over by another client with the device's id from other losses.
+    Pure: the caller passes the monotonic time.
+
+    A session that the broker ended less than ``short_s`` after accepting it is *short*;
+    ``threshold`` short sessions in a row, each reconnect accepted at once, are a takeover. A
+    connect that fails breaks the row (a broker that is away, not a rival). The problem is
+    forgotten after a session that lasted ``clear_after_s``."""
+
+    short_s: float = 10.0
+    threshold: int = 3
+    clear_after_s: float = 300.0
+    short_in_row: int = 0
+    problem: str | None = None
+    _began: float | None = None
+
+    def connected(self, now: float) -> None:
+        self._began = now
+
+    def unreachable(self) -> None:
+        self.short_in_row = 0
+
+    def lost(self, now: float) -> bool | None:
+        """A session ended that we did not end: whether it was short (``None`` when no session
+        had been accepted: a refused CONNACK)."""
+        began, self._began = self._began, None
+        if began is None:
+            return None
+        lasted = now - began
+        if lasted >= self.clear_after_s:
+            self.problem = None
+        if lasted >= self.short_s:
+            self.short_in_row = 0
+            return False
+        self.short_in_row += 1
+        if self.short_in_row >= self.threshold:
+            self.problem = TAKEN_OVER
+        return True
+
 
 class MqttSession:
     def __init__(
@@ -66,6 +125,8 @@ class MqttSession:
         *,
         keepalive_s: int = 30,
         max_backoff_s: float = 60.0,
+        short_session_s: float = 10.0,
+        takeover_threshold: int = 3,
         rand: Callable[[], float] = random.random,
     ) -> None:
         endpoint = credentials.mqtt
@@ -84,7 +145,9 @@ class MqttSession:
         self._lock = threading.Lock()
         self._latest_report: bytes | None = None
         self._connected = False
-        self.attempts = 0  # consecutive failed connects (for tests and status)
+        # Connects since the last session that lasted short_session_s (the backoff's exponent).
+        self.attempts = 0
+        self.watch = SessionWatch(short_s=short_session_s, threshold=takeover_threshold)
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=credentials.device_id,
@@ -135,11 +198,24 @@ class MqttSession:
             try:
                 self._client.connect(self.host, self.port, keepalive=self._keepalive)
             except (OSError, ValueError) as exc:
+                with self._lock:
+                    self.watch.unreachable()
                 self._failed(f"cannot reach {self.host}:{self.port} ({exc})")
                 continue
             self._client.loop_forever()  # returns when the connection is lost
             if not self._stop.is_set():
-                self._failed("connection lost")
+                self._lost()
+
+    def _lost(self) -> None:
+        with self._lock:
+            known = self.watch.problem
+            short = self.watch.lost(time.monotonic())
+            problem = self.watch.problem
+        if short is False:
+            self.attempts = 0  # the session was steady: a fresh start, not a fight
+        if problem is not None and known is None:
+            log.warning("broker: %s", problem)
+        self._failed("session taken over" if problem is not None and short else "connection lost")
 
     def _failed(self, why: str) -> None:
         delay = full_jitter(self.attempts, self._rand(), cap_s=self._max_backoff)
@@ -154,8 +230,10 @@ class MqttSession:
         with self._lock:
             self._latest_report = payload
             connected = self._connected
+            problem = self.watch.problem
         if connected:
-            self._client.publish(self.topic(REPORTED), payload, qos=1, retain=True)
+            report = with_link_problem(payload, problem)
+            self._client.publish(self.topic(REPORTED), report, qos=1, retain=True)
 
     def publish_telemetry(self, payload: bytes) -> bool:
         if not self.connected:
@@ -174,14 +252,15 @@ class MqttSession:
             log.warning("broker %s:%s refused the device: %s", self.host, self.port, reason)
             client.disconnect()
             return
-        self.attempts = 0
         client.subscribe([(self.topic(DESIRED), 1), (self.topic(LOGS_REQUEST), 1)])
         client.publish(self.topic(ONLINE), b"true", qos=1, retain=True)
         with self._lock:
             self._connected = True
+            self.watch.connected(time.monotonic())
             report = self._latest_report
+            problem = self.watch.problem
         if report is not None:
-            client.publish(self.topic(REPORTED), report, qos=1, retain=True)
+            client.publish(self.topic(REPORTED), with_link_problem(report, problem), qos=1, retain=True)
         log.info("connected to the broker %s:%s", self.host, self.port)
         self._on_event(Connected(bool(getattr(flags, "session_present", False))))
 
@@ -199,3 +278,13 @@ class MqttSession:
                 self._on_event(DesiredMessage(payload))
         elif msg.topic == self.topic(LOGS_REQUEST):
             self._on_event(LogRequestMessage(payload))
+
+
+def with_link_problem(report: bytes, problem: str | None) -> bytes:
+    """The reported state the loop made, with the session's own problem in ``link_problem``
+    (the loop knows the services; only the session knows what the broker does to it)."""
+    if problem is None:
+        return report
+    document = json.loads(report)
+    document["link_problem"] = problem
+    return json.dumps(document, separators=(",", ":")).encode()

@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from edge_agent.setup import load_setup
+from edge_agent.setup import check_credentials_private, load_setup
 from edge_agent.status import agent_status
 from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig, parse_credentials, render_agent_config
@@ -97,12 +97,24 @@ def run_cmd(
         bool,
         typer.Option("--stop-modules", help="stop the modules too (default: they keep serving)"),
     ] = False,
+    allow_open_credentials: Annotated[
+        bool,
+        typer.Option(
+            "--allow-open-credentials",
+            help="use credentials other users may read, with a warning (default: refuse them)",
+        ),
+    ] = False,
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C (structured logs on stderr)."""
-    _load(config)  # a bad file is reported here, as one line, before the daemon starts
+    # A bad file, or credentials others may read, is reported here as one line before the
+    # daemon starts (the daemon checks again, and logs the warning when allowed).
+    agent_config, _ = _load(config)
+    check_credentials_private(agent_config.credentials, allow_open=allow_open_credentials)
     argv = [sys.executable, "-m", "edge_agent", "--config", str(config)]
     if stop_modules:
         argv.append("--stop-modules")
+    if allow_open_credentials:
+        argv.append("--allow-open-credentials")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)

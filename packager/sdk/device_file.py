@@ -34,6 +34,7 @@ from pathlib import Path
 
 from manifests.desired import check_tag, check_tag_count
 from manifests.device import DeviceCredentials
+from manifests.durable import replace_all_durably
 from manifests.errors import ConfigError
 from packager.sdk.errors import BadArgument
 from packager.sdk.targets import check_device_id
@@ -204,17 +205,11 @@ class CredentialsFiles:
             fd = os.open(self._tmp(device_id), os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(body.encode() + b"\n")
-        os.sync()  # one sync for every file's data, before any of them is renamed into place
         paths = [credentials_path(self.out_dir, device_id) for device_id in self.device_ids]
-        for device_id, path in zip(self.device_ids, paths, strict=True):
-            os.replace(self._tmp(device_id), path)
+        # One sync for every file's data before any of them is renamed into place.
+        replace_all_durably([(Path(self._tmp(d)), p) for d, p in zip(self.device_ids, paths, strict=True)])
         self._staged = []
         self._saved = True
-        dir_fd = os.open(self.out_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
         return paths
 
     def _discard(self) -> None:

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from manifests.device import parse_agent_config
 from tests.agent.conftest import kill_modules, remove_containers
 from tests.conftest import free_port
 from tests.docker_fixtures import PushedRuntimeImage
+from tests.engines import EngineFailed, listens, start_on_free_ports
 from tests.hub.broker_fixtures import MOSQUITTO
 
 #: The installed entry point, as a user runs it (not ``python -m``).
@@ -93,23 +94,21 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
             proc.wait(timeout=10)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+def started(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float = 20) -> bool:
+    """Whether ``proc`` became ``ready`` in time (else it is stopped: its log says why)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer:\n{log.read_text(errors='replace')[-4000:]}")
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
+        if ready():
+            return True
         time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}:\n{log.read_text(errors='replace')[-4000:]}")
+    stop_process(proc)
+    return False
+
+
+def answers(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=2).status_code == 200
+    return False
 
 
 def loopback_block() -> str:
@@ -252,31 +251,41 @@ def stack(
     cli = Cli(root / "home")
     cli.run("keygen")
     hub_data, broker_dir = root / "hub", root / "broker"
-    mqtt_port, hub_port = free_port(), free_port()
-    cli.run("hub", "broker-config", "--out", str(broker_dir), "--data-dir", str(hub_data),
-            "--port", str(mqtt_port), *(["--run-as", "root"] if os.geteuid() == 0 else []))  # fmt: skip
     procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     run_id = f"e2e{os.getpid() % 10000}{random.randint(100, 999)}"
-    running = Stack(root, cli, f"http://127.0.0.1:{hub_port}", "", hub_data, runtime_image.pinned,
-                    run_id, loopback_block(), procs)  # fmt: skip
-    try:
+    running = Stack(root, cli, "", "", hub_data, runtime_image.pinned, run_id, loopback_block(), procs)
+
+    def launch_broker(ports: list[int]) -> int:
+        cli.run("hub", "broker-config", "--out", str(broker_dir), "--data-dir", str(hub_data),
+                "--port", str(ports[0]), *(["--run-as", "root"] if os.geteuid() == 0 else []))  # fmt: skip
         log = root / "mosquitto.log"
         with log.open("wb") as out:
             broker = subprocess.Popen([str(MOSQUITTO), "-c", str(broker_dir / "mosquitto.conf")],
                                       stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        if not started(broker, lambda: listens(broker.pid, ports[0])):
+            raise EngineFailed(log.read_text(errors="replace"))
         procs.append(("mosquitto", broker, log))
-        wait_listening(mqtt_port, broker, log)
         # In the foreground Mosquitto writes no pid file; the hub needs it to make it reload.
         (broker_dir / "mosquitto.pid").write_text(f"{broker.pid}\n")
+        return ports[0]
+
+    def launch_hub(ports: list[int]) -> str:
         log = root / "hub.log"
         hub = cli.popen(
-            "hub", "serve", "--data-dir", str(hub_data), "--port", str(hub_port),
+            "hub", "serve", "--data-dir", str(hub_data), "--port", str(ports[0]),
             "--trust", str(cli.home / "keys" / "publisher.pub"), "--mqtt-host", "127.0.0.1",
             "--mqtt-port", str(mqtt_port), "--broker-dir", str(broker_dir),
             "--broker-pid-file", str(broker_dir / "mosquitto.pid"), log=log,
         )  # fmt: skip
+        url = f"http://127.0.0.1:{ports[0]}"
+        if not started(hub, lambda: answers(f"{url}/api/v1/hub/key"), timeout=60):
+            raise EngineFailed(log.read_text(errors="replace"))
         procs.append(("hub", hub, log))
-        wait_http(f"{running.url}/api/v1/hub/key", hub, log)
+        return url
+
+    try:
+        mqtt_port = start_on_free_ports("mosquitto", 1, launch_broker)
+        running.url = start_on_free_ports("the hub", 1, launch_hub)
         running.admin_token = (hub_data / "admin_token").read_text().strip()
         cli.run("login", "--hub", running.url, "--token", running.admin_token)
         yield running

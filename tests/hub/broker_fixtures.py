@@ -11,10 +11,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
-import socket
 import subprocess
 import time
 import uuid
@@ -29,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.broker.mosquitto import BrokerTLS, render_config
 from tests.conftest import free_port  # re-exported: fixtures and tests start brokers on it
+from tests.engines import ENGINE_START_ATTEMPTS, EngineFailed, listens, start_on_free_ports
 
 __all__ = [
     "MOSQUITTO",
@@ -88,28 +87,29 @@ class Broker:
         )
 
 
-def _wait_listening(host: str, port: int, process: subprocess.Popen[bytes], timeout: float) -> bool:
+def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             return False
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        # This process's own listener: a connect would also succeed on whoever took the port.
+        if listens(process.pid, port):
             return True
         time.sleep(0.02)
     return False
 
 
 def start_mosquitto(
-    workdir: Path, config_for_port: Callable[[int], str], *, port: int | None = None, attempts: int = 5
-) -> Broker:
+    workdir: Path, config_for_port: Callable[[int], str], *, port: int | None = None,
+    attempts: int = ENGINE_START_ATTEMPTS,
+) -> Broker:  # fmt: skip
     """Start Mosquitto with the config ``config_for_port(port)`` on a free loopback port
-    (or on ``port``, e.g. to restart a broker where its clients expect it)."""
+    (another if that one was taken meanwhile), or on ``port``, e.g. to restart a broker where
+    its clients expect it (tried again while the old listener lets go of it)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    last_log = ""
-    for attempt in range(attempts):
-        if port is not None and attempt:
-            time.sleep(0.5)  # the old listener may not have let go of the port yet
-        port_now = port if port is not None else free_port()
+
+    def launch(ports: list[int]) -> Broker:
+        port_now = ports[0]
         config = workdir / "mosquitto.conf"
         config.write_text(config_for_port(port_now))
         log = workdir / "mosquitto.log"
@@ -117,15 +117,18 @@ def start_mosquitto(
             process = subprocess.Popen(
                 [str(MOSQUITTO), "-c", str(config)], stdout=out, stderr=subprocess.STDOUT
             )
-        if _wait_listening("127.0.0.1", port_now, process, timeout=10):
+        if _wait_listening(port_now, process, timeout=10):
             pid_file = workdir / "mosquitto.pid"
             pid_file.write_text(f"{process.pid}\n")
             return Broker("127.0.0.1", port_now, process, config, log, pid_file)
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
-        last_log = log.read_text(errors="replace")
-    raise RuntimeError(f"mosquitto did not start after {attempts} attempts:\n{last_log}")
+        raise EngineFailed(log.read_text(errors="replace"))
+
+    if port is None:
+        return start_on_free_ports("mosquitto", 1, launch, attempts=attempts)
+    return start_on_free_ports("mosquitto", 1, launch, attempts=attempts, pick=lambda _: [port], pause_s=0.5)
 
 
 def _run_as() -> str | None:

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import free_port
+from tests.engines import ENGINE_START_ATTEMPTS, EngineFailed, start_on_free_ports
 
 __all__ = ["PostgresServer", "find_postgres_bin", "postgres", "start_postgres"]
 
@@ -111,7 +111,7 @@ def _ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
     return False
 
 
-def start_postgres(bin_dir: Path, *, attempts: int = 5) -> PostgresServer:
+def start_postgres(bin_dir: Path, *, attempts: int = ENGINE_START_ATTEMPTS) -> PostgresServer:
     """initdb a fresh cluster in a temp dir and start it on a free loopback port."""
     run_as = _run_as()
     # Not under pytest's tmp dir: that is private to root, and the server may run as 'postgres'.
@@ -130,8 +130,9 @@ def start_postgres(bin_dir: Path, *, attempts: int = 5) -> PostgresServer:
         )  # fmt: skip
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{initdb.stdout.decode()}{initdb.stderr.decode()}")
-        for _ in range(attempts):
-            port = free_port()
+
+        def launch(ports: list[int]) -> PostgresServer:
+            port = ports[0]
             args = [str(bin_dir / "postgres"), "-D", str(data),
                     "-c", "listen_addresses=127.0.0.1", "-c", f"port={port}",
                     "-c", f"unix_socket_directories={root}",
@@ -148,8 +149,10 @@ def start_postgres(bin_dir: Path, *, attempts: int = 5) -> PostgresServer:
                 )
             if process.poll() is None:
                 process.kill()
-            process.wait(timeout=10)  # most likely another process took the port: try another
-        raise RuntimeError(f"postgres did not start after {attempts} attempts:\n{log.read_text()}")
+            process.wait(timeout=10)
+            raise EngineFailed(log.read_text(errors="replace"))
+
+        return start_on_free_ports("postgres", 1, launch, attempts=attempts)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise

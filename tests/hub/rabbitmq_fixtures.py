@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.engines import EngineFailed, listens, start_on_free_ports
 
 __all__ = ["RABBITMQ_BIN", "RabbitCluster", "RabbitNode", "rabbitmq"]
 
@@ -142,14 +142,14 @@ class RabbitCluster:
     def start_epmd(self) -> None:
         """Erlang's port mapper, started by us in the foreground (a node would start a daemon
         that outlives the test), on loopback and a port of our own."""
-        self.epmd = subprocess.Popen(
-            ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        with self.log.open("ab") as out:  # "address already in use" if its port was taken
+            self.epmd = subprocess.Popen(
+                ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.epmd_port), timeout=1).close()
+        while time.monotonic() < deadline and self.epmd.poll() is None:
+            if listens(self.epmd.pid, self.epmd_port):
                 return
             time.sleep(0.05)
         raise RuntimeError("epmd did not start")
@@ -163,31 +163,42 @@ class RabbitCluster:
 
 
 def start_cluster(size: int = 3) -> RabbitCluster:
+    """``size`` nodes clustered, each with four ports, plus one for epmd: all tried again on
+    new ports when one was taken before its node bound it."""
     if not (RABBITMQ_BIN / "rabbitmq-server").is_file():
         pytest.fail(f"no RabbitMQ under {RABBITMQ_BIN}: {INSTALL_HINT}", pytrace=False)
-    root = Path(tempfile.mkdtemp(prefix="edgepack-rabbit-"))
-    (root / ".erlang.cookie").write_text("edgepack-test-cookie")
-    (root / ".erlang.cookie").chmod(0o400)
-    nodes = [
-        RabbitNode(f"ept{i}_{os.getpid()}@localhost", root / f"node{i}", *(free_port() for _ in range(4)))
-        for i in range(size)
-    ]
-    cluster = RabbitCluster(nodes, root, free_port(), root / "rabbit.log")
-    try:
-        cluster.start_epmd()
-        with ThreadPoolExecutor(len(nodes)) as pool:
-            list(pool.map(cluster.start_node, nodes))
-        for node in nodes[1:]:
-            cluster.ctl(node, "stop_app")
-            cluster.ctl(node, "join_cluster", nodes[0].name)
-            cluster.ctl(node, "start_app")
-        if len(cluster.running_nodes()) != size:
-            raise RuntimeError(f"the RabbitMQ cluster has {cluster.running_nodes()}, not {size} nodes")
-        return cluster
-    except BaseException:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        raise
+
+    def launch(ports: list[int]) -> RabbitCluster:
+        root = Path(tempfile.mkdtemp(prefix="edgepack-rabbit-"))
+        (root / ".erlang.cookie").write_text("edgepack-test-cookie")
+        (root / ".erlang.cookie").chmod(0o400)
+        nodes = [
+            RabbitNode(f"ept{i}_{os.getpid()}@localhost", root / f"node{i}", *ports[4 * i : 4 * i + 4])
+            for i in range(size)
+        ]
+        cluster = RabbitCluster(nodes, root, ports[-1], root / "rabbit.log")
+        try:
+            cluster.start_epmd()
+            with ThreadPoolExecutor(len(nodes)) as pool:
+                list(pool.map(cluster.start_node, nodes))
+            for node in nodes[1:]:
+                cluster.ctl(node, "stop_app")
+                cluster.ctl(node, "join_cluster", nodes[0].name)
+                cluster.ctl(node, "start_app")
+            if len(cluster.running_nodes()) != size:
+                raise RuntimeError(f"the RabbitMQ cluster has {cluster.running_nodes()}, not {size} nodes")
+            return cluster
+        except RuntimeError as exc:
+            cluster.stop()
+            said = cluster.log.read_text(errors="replace") if cluster.log.exists() else ""
+            shutil.rmtree(root, ignore_errors=True)
+            raise EngineFailed(f"{said}\n{exc}") from None
+        except BaseException:
+            cluster.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    return start_on_free_ports("RabbitMQ", 4 * size + 1, launch)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,8 @@ import pytest
 
 from cloud_hub.balancer.nginx import Upstream, prepare_run_dir, render_nginx_config
 from manifests.signing import generate_private_key, private_key_pem, public_key_pem
-from tests.conftest import Publisher, free_port
+from tests.conftest import Publisher
+from tests.engines import EngineFailed, listens, start_on_free_ports
 
 __all__ = ["NGINX", "HubReplica", "ReplicaSet", "ReplicaSetFactory", "replica_set"]
 
@@ -49,6 +50,8 @@ class HubReplica:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
+        """Start it and wait until it answers; :class:`EngineFailed` with what it logged if not."""
+        offset = self.log.stat().st_size if self.log.exists() else 0  # this start's part of the log
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -59,7 +62,11 @@ class HubReplica:
                 if httpx.get(f"{self.url}/api/v1/hub/key", timeout=1).status_code == 200:
                     return
             time.sleep(0.1)
-        raise RuntimeError(f"hub replica {self.name} did not start:\n{self.log.read_text()[-3000:]}")
+        self.kill()
+        with self.log.open("rb") as log:
+            log.seek(offset)
+            said = log.read().decode(errors="replace")
+        raise EngineFailed(f"hub replica {self.name} did not start:\n{said}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no clean-up, as a crash or an OOM kill."""
@@ -129,13 +136,15 @@ def _start_nginx(run_dir: Path, port: int, replicas: list[HubReplica]) -> subpro
     )  # fmt: skip
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.get(f"http://127.0.0.1:{port}/api/v1/hub/key", timeout=1)
+        # nginx's own listener: any HTTP answer would come from whoever took the port too.
+        if listens(process.pid, port):
             return process
         time.sleep(0.05)
     if process.poll() is None:
         process.kill()
-    raise RuntimeError(f"nginx did not start:\n{(run_dir / 'error.log').read_text()}")
+    process.wait(timeout=10)
+    error_log = run_dir / "error.log"
+    raise EngineFailed(f"nginx did not start:\n{error_log.read_text() if error_log.exists() else ''}")
 
 
 @pytest.fixture
@@ -174,22 +183,31 @@ def replica_set(
             **(extra_env or {}),
         }
         blob_store = seaweedfs.url(prefix=prefix)
-        nginx_port = free_port()
-        replicas = []
-        for i in range(count):
-            port = free_port()
-            args = [
-                sys.executable, "-m", "packager", "hub", "serve",
-                "--db", db, "--data-dir", str(root / f"hub-{i}"), "--host", "127.0.0.1", "--port", str(port),
-                "--trust", str(shared / "publisher.pub"), "--blob-store", blob_store,
-                "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--topic-prefix", prefix,
-                "--public-url", f"http://127.0.0.1:{nginx_port}",
-            ]  # fmt: skip
-            replicas.append(HubReplica(f"hub-{i}", port, args, env, root / f"hub-{i}.log"))
-        for replica in replicas:
-            replica.start()
-        nginx = _start_nginx(root / "nginx", nginx_port, replicas)
-        rs = ReplicaSet(replicas, nginx_port, nginx, db, prefix)
+
+        def launch(ports: list[int]) -> ReplicaSet:
+            # nginx's port first: every replica is told it as its public URL.
+            nginx_port, replica_ports = ports[0], ports[1:]
+            replicas = []
+            for i, port in enumerate(replica_ports):
+                args = [
+                    sys.executable, "-m", "packager", "hub", "serve",
+                    "--db", db, "--data-dir", str(root / f"hub-{i}"), "--host", "127.0.0.1",
+                    "--port", str(port), "--trust", str(shared / "publisher.pub"), "--blob-store", blob_store,
+                    "--mqtt-host", broker.host, "--mqtt-port", str(broker.port), "--topic-prefix", prefix,
+                    "--public-url", f"http://127.0.0.1:{nginx_port}",
+                ]  # fmt: skip
+                replicas.append(HubReplica(f"hub-{i}", port, args, env, root / f"hub-{i}.log"))
+            try:
+                for replica in replicas:
+                    replica.start()
+                nginx = _start_nginx(root / "nginx", nginx_port, replicas)
+            except BaseException:
+                for replica in replicas:
+                    replica.stop()
+                raise
+            return ReplicaSet(replicas, nginx_port, nginx, db, prefix)
+
+        rs = start_on_free_ports("hub replicas behind nginx", count + 1, launch)
         started.append(rs)
         return rs
 

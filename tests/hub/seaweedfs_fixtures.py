@@ -22,14 +22,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 
-from tests.conftest import free_ports
+from tests.engines import EngineFailed, start_on_free_ports
 
-__all__ = ["SeaweedFS", "find_weed", "seaweedfs"]
+__all__ = ["LISTENERS", "SeaweedFS", "find_weed", "seaweedfs", "start_seaweedfs"]
 
 ACCESS_KEY = "edgepack-test"
 SECRET_KEY = "edgepack-test-secret"
@@ -59,10 +59,13 @@ class SeaweedFS:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3']}"
 
+    #: The AWS variables a hub (or boto3) needs to use this store.
+    ENV: ClassVar[dict[str, str]] = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+
     @property
     def env(self) -> dict[str, str]:
         """The AWS variables a hub (or boto3) needs to use this store."""
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        return dict(self.ENV)
 
     def url(self, prefix: str | None = None) -> str:
         """A hub ``blob_store`` URL with a key prefix of its own."""
@@ -99,8 +102,10 @@ class SeaweedFS:
             "-metricsPort=0",
         ]  # fmt: skip
         (self.root / "data").mkdir(exist_ok=True)
-        log = (self.root / "weed.log").open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        log_path = self.root / "weed.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0  # this start's part of it
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -111,7 +116,9 @@ class SeaweedFS:
                     return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"SeaweedFS did not start:\n{(self.root / 'weed.log').read_text()[-3000:]}")
+        with log_path.open("rb") as log:
+            log.seek(offset)
+            raise EngineFailed(log.read().decode(errors="replace"))
 
     def _writable(self) -> bool:
         """The gateway answers before a volume server registered: wait until a write works."""
@@ -133,30 +140,39 @@ class SeaweedFS:
         self.process = None
 
 
+#: SeaweedFS's listeners, each on a port of its own (``SeaweedFS.ports`` by these names).
+LISTENERS = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
+             "iceberg", "lance"]  # fmt: skip
+
+
+def start_seaweedfs(root: Path) -> SeaweedFS:
+    """``weed server -s3`` in a folder under ``root``, its ten listeners chosen together (so no
+    two share a port) and chosen again if another program took one before SeaweedFS bound it."""
+    weed = find_weed()
+
+    def launch(ports: list[int]) -> SeaweedFS:
+        # A folder per try: a master that died half-started must not leave its ports behind.
+        store = SeaweedFS(weed, Path(tempfile.mkdtemp(dir=root)), dict(zip(LISTENERS, ports, strict=True)))
+        store.start()
+        return store
+
+    return start_on_free_ports("SeaweedFS", len(LISTENERS), launch)
+
+
 @pytest.fixture(scope="session")
 def seaweedfs() -> Iterator[SeaweedFS]:
     """A SeaweedFS S3 store for this test session (per xdist worker)."""
     root = Path(tempfile.mkdtemp(prefix="edgepack-weed-"))
-    names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
-             "iceberg", "lance"]  # fmt: skip
-    # Ten listeners: chosen together so that no two get the same port, and chosen again if
-    # another program takes one before SeaweedFS binds it.
-    store = SeaweedFS(find_weed(), root, dict(zip(names, free_ports(len(names)), strict=True)))
-    saved = {k: os.environ.get(k) for k in store.env}
+    saved = {k: os.environ.get(k) for k in SeaweedFS.ENV}
     # The hubs under test run in this process and read their S3 credentials as boto3 does.
-    os.environ.update(store.env)
+    os.environ.update(SeaweedFS.ENV)
+    store: SeaweedFS | None = None
     try:
-        for attempt in range(3):
-            try:
-                store.start()
-                break
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-                store.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        store = start_seaweedfs(root)
         yield store
     finally:
-        store.stop()
+        if store is not None:
+            store.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -23,7 +23,8 @@ import pytest
 from manifests.bundle import BLOB_PREFIX, MANIFEST_NAME
 from manifests.digests import digest_hex, sha256_digest
 from manifests.signing import envelope_bytes, public_key_pem, sign_payload
-from tests.conftest import Publisher, free_port
+from tests.conftest import Publisher
+from tests.engines import EngineFailed, start_on_free_ports
 from tests.factory import Forge, Member, default_files, tar_bytes
 from tests.hub.conftest import ADMIN_TOKEN, HubFactory
 from tests.hub.fleet_support import enroll, push
@@ -169,25 +170,28 @@ def test_the_hubs_data_dir_and_database_are_private(hub: HubFactory, tmp_path: P
 
 
 def _serve_hub_process(data: Path, trusted: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
     env = {**os.environ, "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN_TOKEN}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(data),
-         "--port", str(port), "--trust", str(trusted)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/api/v1/hub/key", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
+    log = data.parent / f"{data.name}-hub.log"
+
+    def launch(ports: list[int]) -> tuple[subprocess.Popen[bytes], str]:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(data),
+                 "--port", str(ports[0]), "--trust", str(trusted)],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{ports[0]}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/api/v1/hub/key", timeout=1).status_code == 200:
+                    return proc, url
             time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the hub process did not start")
+        proc.kill()
+        proc.wait(timeout=10)
+        raise EngineFailed(log.read_text(errors="replace"))
+
+    return start_on_free_ports("the hub", 1, launch)
 
 
 def _stalled_push(url: str, bundle: bytes, sent: threading.Event) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 
 from manifests.digests import sha256_digest
 from manifests.signing import public_key_pem
-from tests.conftest import Publisher, free_port
+from tests.conftest import Publisher
+from tests.engines import EngineFailed, start_on_free_ports
 from tests.factory import Defect, Forge
 from tests.hub.conftest import HubFactory, RunningHub
 
@@ -151,25 +153,28 @@ def test_hub_serve_runs_a_hub_the_cli_can_push_to(
 ) -> None:
     pub = tmp_path / "publisher.pub"
     pub.write_bytes(public_key_pem(publisher.key.public_key()))
-    port = free_port()
     data = tmp_path / "hub"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
     env.update({"EDGEPACK_HOME": str(tmp_path / "home"), "COLUMNS": "200", "NO_COLOR": "1"})
-    args = ["hub", "serve", "--data-dir", str(data), "--port", str(port), "--trust", str(pub)]
-    proc = subprocess.Popen(
-        [EDGEPACK, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
+
+    def launch(ports: list[int]) -> tuple[subprocess.Popen[str], str]:
+        args = ["hub", "serve", "--data-dir", str(data), "--port", str(ports[0]), "--trust", str(pub)]
+        proc = subprocess.Popen(
+            [EDGEPACK, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        url = f"http://127.0.0.1:{ports[0]}"
         deadline = time.monotonic() + 60
-        while True:
-            try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
                 if httpx.get(url + "/openapi.json", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "hub serve did not come up"
+                    return proc, url
             time.sleep(0.1)
+        proc.kill()
+        output, _ = proc.communicate(timeout=30)
+        raise EngineFailed(output)
+
+    proc, url = start_on_free_ports("hub serve", 1, launch)
+    try:
         token = (data / "admin_token").read_text().strip()
         home = tmp_path / "home"
         assert run(home, "login", "--hub", url, "--token", token).returncode == 0
