@@ -15,6 +15,10 @@ const COST_FACTOR = 10;
 const MAX_BACKOFF_MS = 30000;
 let lastEventId = 0;
 let timer = null;
+// This session's CSRF token: every request that changes something sends it (the hub refuses
+// one without it: cloud_hub/api/csrf.py). It comes with the sign-in answer, or after a reload
+// from /api/v1/dashboard/session; a page of another origin can read neither.
+let csrfToken = null;
 let countsMarked = false;
 
 // What the device table shows: the filters and the page (offset) in it.
@@ -54,6 +58,33 @@ async function getJSON(path) {
     throw err;
   }
   return res.json();
+}
+
+// A request that changes something (revoke, collect garbage, sign out), with the CSRF token.
+async function send(method, path) {
+  if (csrfToken === null) csrfToken = (await getJSON("/api/v1/dashboard/session")).csrf_token;
+  const res = await fetch(path, {
+    method, credentials: "same-origin", headers: { Accept: "application/json", "X-CSRF-Token": csrfToken },
+  });
+  if (res.status === 401) throw new LoggedOut();
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.error ? body.error.message : `${path}: HTTP ${res.status}`);
+  return body;
+}
+
+// The outcome of the last action, until the next one.
+function notice(message, failed = false) {
+  $("notice").textContent = message;
+  $("notice").className = failed ? "error" : "muted";
+}
+
+async function act(method, path, done) {
+  try {
+    done(await send(method, path));
+  } catch (err) {
+    if (err instanceof LoggedOut) return showLogin();
+    notice(err.message, true);
+  }
 }
 
 function fill(tbody, rows, empty) {
@@ -370,6 +401,7 @@ function setServiceState(state) {
 
 function showLogin(message) {
   clearTimeout(timer);
+  csrfToken = null;
   $("main").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
@@ -549,12 +581,33 @@ $("login-form").addEventListener("submit", async (ev) => {
     const err = await res.json().catch(() => ({}));
     return showLogin(err.error ? err.error.message : `HTTP ${res.status}`);
   }
+  csrfToken = (await res.json()).csrf_token;
   $("token").value = "";
   refresh();
 });
 
+$("device-revoke").addEventListener("click", () => {
+  const r = route();
+  if (r.view !== "device") return;
+  if (!confirm(`Revoke ${r.id}? Its credentials stop working and its services are withdrawn.`)) return;
+  act("POST", `/api/v1/devices/${encodeURIComponent(r.id)}/revoke`, () => {
+    notice(`${r.id} revoked`);
+    location.hash = "#/";
+  });
+});
+
+$("collect-garbage").addEventListener("click", () => {
+  act("POST", "/api/v1/registry/gc", (body) => notice(`${body.freed_blobs.length} unused blobs deleted`));
+});
+
 $("logout").addEventListener("click", async () => {
-  await fetch("/api/v1/dashboard/logout", { method: "POST", credentials: "same-origin" });
+  try {
+    await send("POST", "/api/v1/dashboard/logout");
+  } catch (err) {
+    // An ended session is signed out already; anything else leaves it open: say so.
+    if (!(err instanceof LoggedOut)) return notice(err.message, true);
+  }
+  notice("");
   lastEventId = 0;
   lastFetched.clear();
   lastUrl.clear();
