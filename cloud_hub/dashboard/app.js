@@ -9,8 +9,11 @@
 const POLL_MS = 2000;
 const PAGE = 50;
 // A feed that takes the hub long to answer (the fleet charts read thousands of samples) is asked
-// for less often: at most once per this many times its last answer's duration, so polling
-// never keeps the hub busy more than ~1/10 of the time per open page, whatever the fleet's size.
+// for less often: at most once per this many times its answers' duration, so polling never
+// keeps the hub busy more than ~1/10 of the time per open page, whatever the fleet's size.
+// The duration is the shorter of its last two answers: one slow answer alone (the first after
+// sign-in, asked beside every other feed of a cold page; a pause) must not stop a fast feed for
+// seconds, while a feed that is slow every time is still asked for less often.
 const COST_FACTOR = 10;
 const MAX_BACKOFF_MS = 30000;
 let lastEventId = 0;
@@ -428,8 +431,10 @@ function feeds(r) {
   ];
 }
 
-// When each feed was last asked for, and how long its answer took.
+// When each feed was last asked for, how long its last answer took, and its cost (the shorter
+// of its last two answers, see COST_FACTOR).
 const lastFetched = new Map();
+const took = new Map();
 const cost = new Map();
 const failing = new Set();
 
@@ -466,7 +471,9 @@ async function refresh() {
     lastUrl.set(name, url);
     try {
       const data = await getJSON(url);
-      cost.set(name, Date.now() - started);
+      const ms = Date.now() - started;
+      cost.set(name, Math.min(ms, took.get(name) ?? 0));
+      took.set(name, ms);
       if (mine !== generation) {
         lastFetched.delete(name);  // answered for filters no longer shown: ask again next time
         return null;
@@ -612,6 +619,7 @@ $("logout").addEventListener("click", async () => {
   lastFetched.clear();
   lastUrl.clear();
   cost.clear();
+  took.clear();
   failing.clear();
   $("events").replaceChildren();
   showLogin();
