@@ -46,7 +46,7 @@ class ThrottlePolicy:
             raise ValueError("need 0 < base_delay_s <= max_delay_s")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Client:
     failures: int = 0
     blocked_until: float = 0.0
