@@ -56,12 +56,17 @@ class _Client:
 
 
 @dataclass(frozen=True)
-class Failure:
-    """What one wrong token did: the block it started (seconds, 0 for none) and whether that
-    block began a new throttling episode (the moment to record an event)."""
+class Admission:
+    """The verdict on one sign-in attempt, before its token is compared.
 
-    delay_s: float
-    episode_started: bool
+    ``retry_after_s`` > 0: refused, the address is blocked for that long. Otherwise the attempt
+    may go on; ``block_s`` is the block it starts if its token is wrong (0 for none), and
+    ``episode_started`` says that block begins a new throttling episode (the moment to record
+    an event)."""
+
+    retry_after_s: float
+    block_s: float = 0.0
+    episode_started: bool = False
 
 
 def client_key(address: str | None) -> str:
@@ -95,40 +100,42 @@ class LoginThrottle:
         """Seconds until ``key`` may try again; 0 when it may try now."""
         with self._lock:
             now = self._clock()
-            client = self._touch(key, now, create=False)
-            if client is None:
-                return 0.0
-            return max(0.0, client.blocked_until - now)
+            client = self._clients.get(key)
+            return 0.0 if client is None else max(0.0, client.blocked_until - now)
 
-    def failed(self, key: str) -> Failure:
-        """Count a wrong token from ``key`` (which was not blocked)."""
+    def admit(self, key: str) -> Admission:
+        """Decide on an attempt from ``key``, and count it as a wrong token at once.
+
+        Counting before the token is compared (:meth:`succeeded` undoes it) makes the check and
+        the count one step: a burst of concurrent attempts gets no more comparisons than the
+        same attempts one by one.
+        """
         with self._lock:
             now = self._clock()
-            client = self._touch(key, now, create=True)
-            assert client is not None
+            client = self._touch(key, now)
+            if client.blocked_until > now:
+                return Admission(retry_after_s=client.blocked_until - now)
             client.failures += 1
             # The free_failures-th wrong token starts the first block; each one after doubles it.
             doublings = client.failures - self.policy.free_failures
             if doublings < 0:
-                return Failure(0.0, episode_started=False)
+                return Admission(retry_after_s=0.0)
             # The exponent is capped only so that a long episode never overflows a float.
-            delay = min(self.policy.max_delay_s, self.policy.base_delay_s * 2 ** min(doublings, 62))
-            client.blocked_until = now + delay
+            block = min(self.policy.max_delay_s, self.policy.base_delay_s * 2 ** min(doublings, 62))
+            client.blocked_until = now + block
             started = not client.throttled
             client.throttled = True
-            return Failure(delay, episode_started=started)
+            return Admission(retry_after_s=0.0, block_s=block, episode_started=started)
 
     def succeeded(self, key: str) -> None:
-        """A right token from ``key``: its failures and episode end."""
+        """A right token from ``key`` (admitted): its failures, block and episode end."""
         with self._lock:
             self._clients.pop(key, None)
 
-    def _touch(self, key: str, now: float, *, create: bool) -> _Client | None:
+    def _touch(self, key: str, now: float) -> _Client:
         self._forget_idle(now)
         client = self._clients.get(key)
         if client is None:
-            if not create:
-                return None
             while len(self._clients) >= self.policy.max_clients:
                 self._clients.popitem(last=False)
             client = self._clients[key] = _Client()

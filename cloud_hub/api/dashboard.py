@@ -74,14 +74,14 @@ def login(hub: Hub, request: Request, token: Annotated[str, Form()]) -> Response
     address gets 429 with ``Retry-After`` and its token is not even compared."""
     core, throttle = hub.core, hub.login_throttle
     client = client_key(request.client.host if request.client else None)
-    wait = throttle.retry_after(client)
-    if wait > 0:
+    attempt = throttle.admit(client)
+    if attempt.retry_after_s > 0:
+        wait = attempt.retry_after_s
         raise Throttled(
             f"too many wrong tokens from {client}; try again in {math.ceil(wait)} s", retry_after_s=wait
         )
     if not secrets.compare_digest(token.strip().encode(), core.admin_token.encode()):
-        failure = throttle.failed(client)
-        if failure.episode_started:
+        if attempt.episode_started:
             # Once per episode, not per attempt: the event log is not the attacker's to fill.
             with core.sessions.begin() as s:
                 record_event(

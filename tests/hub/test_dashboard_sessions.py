@@ -10,6 +10,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -279,3 +280,14 @@ def test_wrong_tokens_are_throttled_per_address_with_a_growing_delay(hub: HubFac
     events = _throttle_events(h)
     assert len(events) == 2
     assert "127.0.0.1" in str(events[0]["message"]) and "5 wrong admin tokens" in str(events[0]["message"])
+
+
+def test_concurrent_wrong_tokens_get_no_more_tries_than_one_by_one(hub: HubFactory) -> None:
+    # Each attempt is counted in the same step that checks it (cloud_hub.login_throttle.admit):
+    # a concurrent burst gets exactly as many comparisons as the same attempts one by one.
+    h = hub(login_free_failures=5, login_delay_s=30.0, login_max_delay_s=60.0)
+    login = h.url + "/api/v1/dashboard/login"
+    with httpx.Client(limits=httpx.Limits(max_connections=40)) as http, ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(lambda i: http.post(login, data={"token": f"g{i}"}).status_code, range(200)))
+    assert codes.count(401) == 5 and codes.count(429) == 195
+    assert len(_throttle_events(h)) == 1
