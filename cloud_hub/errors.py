@@ -25,5 +25,11 @@ class Forbidden(EdgepackError):
     """Valid credentials that do not allow this."""
 
 
+class Throttled(EdgepackError):
+    """Too many attempts from this client; ``retry_after_s`` says when it may try again."""
+
+    temporary = True
+
+
 class GatewayTimeout(EdgepackError):
     """A device did not answer a request passed on to it in time."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from manifests.logs import MAX_LINE_CHARS, LogLimits
@@ -63,6 +63,15 @@ class HubSettings(BaseSettings):
     device_events_per_min: float = Field(default=120, gt=0, le=1e6)
     events_keep: int = Field(default=100_000, ge=100, le=100_000_000, description="events kept")
     events_max_age_days: float = Field(default=30, gt=0, le=3650)
+    # Dashboard sign-in, per client address (cloud_hub.login_throttle): the
+    # login_free_failures-th wrong token blocks the address for login_delay_s (429), and each
+    # wrong one after a block doubles it, up to login_max_delay_s; an address silent for
+    # login_forget_s is forgotten, and at most login_throttle_clients addresses are remembered.
+    login_free_failures: int = Field(default=5, ge=1, le=1000)
+    login_delay_s: float = Field(default=1.0, gt=0, le=3600)
+    login_max_delay_s: float = Field(default=300.0, gt=0, le=86400)
+    login_forget_s: float = Field(default=900.0, gt=0, le=86400)
+    login_throttle_clients: int = Field(default=10_000, ge=1, le=1_000_000)
     # MQTT: with no host, the hub runs without a broker (devices then poll over HTTP).
     mqtt_host: str | None = None
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
@@ -102,6 +111,13 @@ class HubSettings(BaseSettings):
             line_chars=self.log_line_max_chars,
             answer_bytes=self.log_answer_max_bytes,
         )
+
+    @field_validator("login_max_delay_s")
+    @classmethod
+    def _max_delay_not_below_delay(cls, value: float, info: ValidationInfo) -> float:
+        if value < info.data.get("login_delay_s", 0):
+            raise ValueError("login_max_delay_s must be at least login_delay_s")
+        return value
 
     def database_url(self) -> str:
         return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"

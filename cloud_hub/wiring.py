@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cloud_hub.broker.mosquitto import MosquittoAccounts, hub_mqtt_password
 from cloud_hub.broker.rabbitmq import RabbitMqAccounts
@@ -28,6 +28,7 @@ from cloud_hub.fleet.executor import AccountSync, EffectExecutor
 from cloud_hub.fleet.maintenance import FleetMaintenance
 from cloud_hub.fleet.publish import DesiredPublisher
 from cloud_hub.ingest.worker import IngestWorker, ingest_policy
+from cloud_hub.login_throttle import LoginThrottle, ThrottlePolicy
 from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.settings import HubSettings
 from manifests.errors import ConfigError
@@ -47,6 +48,8 @@ class HubProcess:
     ingest: IngestWorker | None = None
     publisher: DesiredPublisher | None = None
     accounts: AccountSync | None = None
+    #: wrong dashboard sign-ins per client address (this process's own; see login_throttle)
+    login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(ThrottlePolicy()))
     _started: bool = False
 
     def start(self) -> None:
@@ -103,6 +106,15 @@ def wire_hub(core: HubCore) -> HubProcess:
         ingest=ingest,
         publisher=publisher,
         accounts=accounts,
+        login_throttle=LoginThrottle(
+            ThrottlePolicy(
+                free_failures=settings.login_free_failures,
+                base_delay_s=settings.login_delay_s,
+                max_delay_s=settings.login_max_delay_s,
+                forget_after_s=settings.login_forget_s,
+                max_clients=settings.login_throttle_clients,
+            )
+        ),
     )
 
 

@@ -9,6 +9,7 @@ Events and telemetry come from the database, so every hub replica shows the same
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 from dataclasses import asdict
 from datetime import timedelta
@@ -21,13 +22,21 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from cloud_hub.api import dashboard_views
+from cloud_hub.api.csrf import check_dashboard_write
 from cloud_hub.api.deps import ADMIN_COOKIE, Admin, Core, Hub
-from cloud_hub.api.sessions import SESSION_TTL, close_all_sessions, close_session, open_session
+from cloud_hub.api.sessions import (
+    SESSION_TTL,
+    close_all_sessions,
+    close_session,
+    csrf_token,
+    open_session,
+)
 from cloud_hub.db.base import utcnow
-from cloud_hub.errors import NotFound, Unauthorized
-from cloud_hub.events import Event, events_since, recent_events
+from cloud_hub.errors import NotFound, Throttled, Unauthorized
+from cloud_hub.events import Event, events_since, recent_events, record_event
 from cloud_hub.ingest.series import service_series
 from cloud_hub.ingest.tables import TelemetrySample
+from cloud_hub.login_throttle import client_key
 from manifests.bounds import MAX_INT63
 from manifests.reported import Telemetry
 
@@ -57,14 +66,35 @@ def static_file(name: str) -> FileResponse:
 
 
 @router.post("/api/v1/dashboard/login", tags=["dashboard"])
-def login(core: Core, request: Request, token: Annotated[str, Form()]) -> Response:
+def login(hub: Hub, request: Request, token: Annotated[str, Form()]) -> Response:
     """Exchange the admin token for a server-side session, in an HttpOnly cookie (``Secure``
-    over HTTPS) that holds only the session's id."""
+    over HTTPS) that holds only the session's id; the answer carries the session's CSRF token.
+
+    Wrong tokens are throttled per client address (:mod:`cloud_hub.login_throttle`): a blocked
+    address gets 429 with ``Retry-After`` and its token is not even compared."""
+    core, throttle = hub.core, hub.login_throttle
+    client = client_key(request.client.host if request.client else None)
+    attempt = throttle.admit(client)
+    if attempt.retry_after_s > 0:
+        wait = attempt.retry_after_s
+        raise Throttled(
+            f"too many wrong tokens from {client}; try again in {math.ceil(wait)} s", retry_after_s=wait
+        )
     if not secrets.compare_digest(token.strip().encode(), core.admin_token.encode()):
+        if attempt.episode_started:
+            # Once per episode, not per attempt: the event log is not the attacker's to fill.
+            with core.sessions.begin() as s:
+                record_event(
+                    s,
+                    "signin-throttled",
+                    f"dashboard sign-in from {client} throttled after "
+                    f"{throttle.policy.free_failures} wrong admin tokens",
+                )
         raise Unauthorized("that is not the admin token (see <data_dir>/admin_token on the hub)")
+    throttle.succeeded(client)
     with core.sessions.begin() as s:
         session_id = open_session(s)
-    response = JSONResponse({"ok": True})
+    response = JSONResponse({"ok": True, "csrf_token": csrf_token(session_id)})
     response.set_cookie(
         ADMIN_COOKIE,
         session_id,
@@ -77,11 +107,23 @@ def login(core: Core, request: Request, token: Annotated[str, Form()]) -> Respon
     return response
 
 
+@router.get("/api/v1/dashboard/session", tags=["dashboard"], dependencies=[Admin])
+def session_info(request: Request) -> dict[str, str]:
+    """This browser's session: its CSRF token, for the dashboard's script after a reload.
+    (A page of another origin cannot read this answer: the hub allows no CORS.)"""
+    session_id = request.cookies.get(ADMIN_COOKIE)
+    if session_id is None:
+        raise Unauthorized("this is the dashboard's session; sign in to the dashboard")
+    return {"csrf_token": csrf_token(session_id)}
+
+
 @router.post("/api/v1/dashboard/logout", tags=["dashboard"])
 def logout(core: Core, request: Request) -> Response:
     """End this browser's session on the hub (its cookie is worth nothing afterwards)."""
     session_id = request.cookies.get(ADMIN_COOKIE)
     if session_id is not None:
+        # Signing someone out is a change too: only the dashboard itself may ask for it.
+        check_dashboard_write(request, core.settings, session_id)
         with core.sessions.begin() as s:
             close_session(s, session_id)
     response = JSONResponse({"ok": True})

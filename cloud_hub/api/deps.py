@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from cloud_hub.api.csrf import check_dashboard_write
 from cloud_hub.api.sessions import session_valid
 from cloud_hub.core import HubCore
 from cloud_hub.errors import Unauthorized
@@ -61,7 +62,9 @@ def bearer_token(request: Request) -> str | None:
 
 
 def require_admin(request: Request, core: Core) -> None:
-    """The admin token as a Bearer header (CLI), or the dashboard's session cookie."""
+    """The admin token as a Bearer header (CLI), or the dashboard's session cookie; with the
+    cookie, a request that changes something must also prove it came from the dashboard
+    (:mod:`cloud_hub.api.csrf`)."""
     token = bearer_token(request)
     if token is not None:
         if not secrets.compare_digest(token.encode(), core.admin_token.encode()):
@@ -73,6 +76,7 @@ def require_admin(request: Request, core: Core) -> None:
     with core.sessions.begin() as s:
         if not session_valid(s, session_id):
             raise Unauthorized("the dashboard session has ended; sign in again")
+    check_dashboard_write(request, core.settings, session_id)
 
 
 Admin = Depends(require_admin)

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from cloud_hub.errors import Conflict, Forbidden, GatewayTimeout, NotFound, TooLarge, Unauthorized
+from cloud_hub.errors import (
+    Conflict,
+    Forbidden,
+    GatewayTimeout,
+    NotFound,
+    Throttled,
+    TooLarge,
+    Unauthorized,
+)
 from manifests.errors import ConfigError, EdgepackError, FetchError, TrustError
 
 log = logging.getLogger(__name__)
@@ -28,6 +37,7 @@ STATUS: list[tuple[type[EdgepackError], int]] = [
     (TooLarge, 413),
     (Unauthorized, 401),
     (Forbidden, 403),
+    (Throttled, 429),
     (TrustError, 422),
     (ConfigError, 400),
     (GatewayTimeout, 504),
@@ -72,7 +82,9 @@ def type_for(exc: EdgepackError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_edgepack(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, EdgepackError)
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if isinstance(exc, Throttled) and exc.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         return JSONResponse(error_body(type_for(exc), str(exc)), status_code=status_for(exc), headers=headers)
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:

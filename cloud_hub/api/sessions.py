@@ -6,11 +6,16 @@ proxy log) was the admin token itself, valid until the token changed, and signin
 nothing on the server. Now signing in makes a session row (only the id's sha256 is stored, so
 a copy of the database holds no usable session), it expires after :data:`SESSION_TTL`, signing
 out deletes it, and an admin can end every session at once.
+
+Each session also has a CSRF token (:func:`csrf_token`), which the dashboard's script sends
+with every request that changes something; see :mod:`cloud_hub.api.csrf` for why the cookie
+alone does not prove a request came from the dashboard.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from datetime import datetime, timedelta
 
@@ -32,6 +37,13 @@ class DashboardSession(Base):
 
 def _hash(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
+
+
+def csrf_token(session_id: str) -> str:
+    """The session's CSRF token: an HMAC keyed by the session id, so it needs no column, it
+    dies with the session, and neither the stored sha256 of the id nor the token reveals the
+    other. A page that cannot read the hub's answers (another origin) cannot learn it."""
+    return hmac.new(session_id.encode(), b"edgepack dashboard csrf token", hashlib.sha256).hexdigest()
 
 
 def open_session(session: Session, *, ttl: timedelta = SESSION_TTL) -> str:

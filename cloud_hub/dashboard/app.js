@@ -9,12 +9,19 @@
 const POLL_MS = 2000;
 const PAGE = 50;
 // A feed that takes the hub long to answer (the fleet charts read thousands of samples) is asked
-// for less often: at most once per this many times its last answer's duration, so polling
-// never keeps the hub busy more than ~1/10 of the time per open page, whatever the fleet's size.
+// for less often: at most once per this many times its answers' duration, so polling never
+// keeps the hub busy more than ~1/10 of the time per open page, whatever the fleet's size.
+// The duration is the shorter of its last two answers: one slow answer alone (the first after
+// sign-in, asked beside every other feed of a cold page; a pause) must not stop a fast feed for
+// seconds, while a feed that is slow every time is still asked for less often.
 const COST_FACTOR = 10;
 const MAX_BACKOFF_MS = 30000;
 let lastEventId = 0;
 let timer = null;
+// This session's CSRF token: every request that changes something sends it (the hub refuses
+// one without it: cloud_hub/api/csrf.py). It comes with the sign-in answer, or after a reload
+// from /api/v1/dashboard/session; a page of another origin can read neither.
+let csrfToken = null;
 let countsMarked = false;
 
 // What the device table shows: the filters and the page (offset) in it.
@@ -54,6 +61,33 @@ async function getJSON(path) {
     throw err;
   }
   return res.json();
+}
+
+// A request that changes something (revoke, collect garbage, sign out), with the CSRF token.
+async function send(method, path) {
+  if (csrfToken === null) csrfToken = (await getJSON("/api/v1/dashboard/session")).csrf_token;
+  const res = await fetch(path, {
+    method, credentials: "same-origin", headers: { Accept: "application/json", "X-CSRF-Token": csrfToken },
+  });
+  if (res.status === 401) throw new LoggedOut();
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.error ? body.error.message : `${path}: HTTP ${res.status}`);
+  return body;
+}
+
+// The outcome of the last action, until the next one.
+function notice(message, failed = false) {
+  $("notice").textContent = message;
+  $("notice").className = failed ? "error" : "muted";
+}
+
+async function act(method, path, done) {
+  try {
+    done(await send(method, path));
+  } catch (err) {
+    if (err instanceof LoggedOut) return showLogin();
+    notice(err.message, true);
+  }
 }
 
 function fill(tbody, rows, empty) {
@@ -370,6 +404,7 @@ function setServiceState(state) {
 
 function showLogin(message) {
   clearTimeout(timer);
+  csrfToken = null;
   $("main").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
@@ -396,8 +431,10 @@ function feeds(r) {
   ];
 }
 
-// When each feed was last asked for, and how long its answer took.
+// When each feed was last asked for, how long its last answer took, and its cost (the shorter
+// of its last two answers, see COST_FACTOR).
 const lastFetched = new Map();
+const took = new Map();
 const cost = new Map();
 const failing = new Set();
 
@@ -434,7 +471,9 @@ async function refresh() {
     lastUrl.set(name, url);
     try {
       const data = await getJSON(url);
-      cost.set(name, Date.now() - started);
+      const ms = Date.now() - started;
+      cost.set(name, Math.min(ms, took.get(name) ?? 0));
+      took.set(name, ms);
       if (mine !== generation) {
         lastFetched.delete(name);  // answered for filters no longer shown: ask again next time
         return null;
@@ -549,16 +588,38 @@ $("login-form").addEventListener("submit", async (ev) => {
     const err = await res.json().catch(() => ({}));
     return showLogin(err.error ? err.error.message : `HTTP ${res.status}`);
   }
+  csrfToken = (await res.json()).csrf_token;
   $("token").value = "";
   refresh();
 });
 
+$("device-revoke").addEventListener("click", () => {
+  const r = route();
+  if (r.view !== "device") return;
+  if (!confirm(`Revoke ${r.id}? Its credentials stop working and its services are withdrawn.`)) return;
+  act("POST", `/api/v1/devices/${encodeURIComponent(r.id)}/revoke`, () => {
+    notice(`${r.id} revoked`);
+    location.hash = "#/";
+  });
+});
+
+$("collect-garbage").addEventListener("click", () => {
+  act("POST", "/api/v1/registry/gc", (body) => notice(`${body.freed_blobs.length} unused blobs deleted`));
+});
+
 $("logout").addEventListener("click", async () => {
-  await fetch("/api/v1/dashboard/logout", { method: "POST", credentials: "same-origin" });
+  try {
+    await send("POST", "/api/v1/dashboard/logout");
+  } catch (err) {
+    // An ended session is signed out already; anything else leaves it open: say so.
+    if (!(err instanceof LoggedOut)) return notice(err.message, true);
+  }
+  notice("");
   lastEventId = 0;
   lastFetched.clear();
   lastUrl.clear();
   cost.clear();
+  took.clear();
   failing.clear();
   $("events").replaceChildren();
   showLogin();

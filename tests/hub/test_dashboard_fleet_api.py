@@ -233,8 +233,7 @@ def test_the_dashboard_doc_names_every_dashboard_route(hub: HubFactory) -> None:
     h = hub()
     spec = httpx.get(f"{h.url}/openapi.json").json()
     served = {p for p in spec["paths"] if p.startswith("/api/v1/dashboard/")}
-    sessions = {"/api/v1/dashboard/login", "/api/v1/dashboard/logout", "/api/v1/dashboard/sessions"}
-    assert served - sessions == documented
+    assert served == documented  # the sign-in and session routes too
 
 
 def test_the_dashboard_script_never_parses_html() -> None:
