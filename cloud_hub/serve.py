@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from cloud_hub.app import create_app
+from cloud_hub.connections import SocketLimits, guarded_protocol
 from cloud_hub.core import open_blob_store
 from cloud_hub.db.schema import Migration, migrate
 from cloud_hub.settings import HubSettings
@@ -35,16 +38,24 @@ def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
     try:
         process.start()
         app = create_app(hub=process)
-        uvicorn.run(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=log_level,
-            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-        )
+        uvicorn.Server(server_config(app, settings, log_level=log_level)).run()
     finally:
         process.close()
+
+
+def server_config(app: FastAPI, settings: HubSettings, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for serving ``app`` with ``settings``: its address, TLS, and the
+    bounds on every socket (:mod:`cloud_hub.connections`); ``options`` go to uvicorn as they are."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(SocketLimits.of(settings)),
+        timeout_keep_alive=settings.keep_alive_s,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        **options,
+    )
 
 
 def _log_to_stderr(level: str) -> None:
