@@ -4,7 +4,7 @@ uvicorn closes a connection idle between two requests (``timeout_keep_alive``) a
 else: a client that opens a connection and sends half a request head, or a head and then a
 body one byte a minute, held its socket (and the request's buffers) for ever, and nothing
 bounded how many such sockets one hub process kept. This protocol adds, per hub process
-(docs/security.md §8 names the settings):
+(docs/security.md §10 names the settings):
 
 - **a bound on open connections** (``max_connections``): at the bound, a new connection closes
   the oldest idle one (between requests, or still sending its head); when every connection is

@@ -50,7 +50,7 @@ class HubSettings(BaseSettings):
         "(credentials from the AWS_* variables)",
     )
     max_upload_mb: int = Field(default=2048, gt=0)
-    # What any client that reaches the hub's port can hold (docs/security.md §8, enforced by
+    # What any client that reaches the hub's port can hold (docs/security.md §10, enforced by
     # cloud_hub.connections and cloud_hub.api.body_limit): every bound per hub process.
     max_connections: int = Field(
         default=1024, ge=1, le=1_000_000,

@@ -312,7 +312,7 @@ def _open(url: str, first_bytes: bytes) -> socket.socket:
 def _closed_within(sock: socket.socket, seconds: float) -> tuple[float | None, bytes]:
     """(seconds until the hub closed ``sock``, or None; what it said before closing)."""
     start = time.monotonic()
-    sock.settimeout(seconds)
+    sock.settimeout(max(0.1, seconds))
     answer = b""
     try:
         while data := sock.recv(65536):
