@@ -10,7 +10,7 @@ bounded how many such sockets one hub process kept. This protocol adds, per hub 
   the oldest idle one (between requests, or still sending its head); when every connection is
   busy with a request the new one is answered 503 and closed;
 - **a head timeout** (``header_timeout_s``): a request head not complete that long after the
-  connection opened (or after the first byte of a later request) is answered 408 and closed;
+  connection opened (or after the previous response) is answered 408 and closed;
 - **a head size bound** (``max_head_kb``): llhttp gathers a header of any length, so a head
   that grows past it is answered 431 and closed;
 - **a body progress timeout**: a body that brings no byte for ``body_timeout_s``, or less than
@@ -135,8 +135,18 @@ def guarded_protocol(limits: SocketLimits) -> type[asyncio.Protocol]:
             super().on_message_begin()
             self._heads += 1
             self._head_bytes = 0
-            if self._head_since is None:  # a later request on a kept-alive connection
+            if self._head_since is None:  # a request right behind a body (pipelined)
                 self._head_since = self.loop.time()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Between requests uvicorn's keep-alive timer closes an idle connection, but any
+            # byte cancels it, even one that begins no request (llhttp skips blank lines), so
+            # the next head's clock starts here.
+            cycle = self.cycle
+            if self._head_since is None and not self.pipeline and cycle is not None and not cycle.more_body:
+                self._head_since = self.loop.time()
+                self._head_bytes = 0
 
         def on_headers_complete(self) -> None:
             self._head_since = None

@@ -348,6 +348,26 @@ def test_half_sent_request_heads_are_closed_within_the_head_timeout(
     assert httpx.get(h.url + "/api/v1/hub/key", timeout=10).status_code == 200
 
 
+def test_blank_lines_between_requests_do_not_hold_a_connection(hub: HubFactory) -> None:
+    # Any byte cancels uvicorn's keep-alive timer, even a blank line that begins no request.
+    h = hub(header_timeout_s=2)
+    sock = _open(h.url, b"GET /api/v1/hub/key HTTP/1.1\r\nHost: hub\r\n\r\n")
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        closed_after: float | None = None
+        while closed_after is None and time.monotonic() - start < 10:
+            try:
+                sock.sendall(b"\r\n")
+            except OSError:
+                closed_after = time.monotonic() - start
+            time.sleep(0.25)
+        print(f"\nblank lines after a response: closed after {closed_after} s (head timeout 2 s)")
+        assert closed_after is not None and closed_after < 2 + 2
+    finally:
+        sock.close()
+
+
 def test_an_endless_request_head_is_refused(hub: HubFactory) -> None:
     h = hub()
     sock = _open(h.url, b"GET /api/v1/hub/key HTTP/1.1\r\nHost: hub\r\nX-Long: ")
