@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 from typing import Any
 
 import uvicorn
@@ -34,6 +35,7 @@ def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
     """
     settings = with_default_tls(settings)
     _log_to_stderr(log_level)
+    _files_for_connections(settings.max_connections)
     process = open_hub(settings)
     try:
         process.start()
@@ -56,6 +58,26 @@ def server_config(app: FastAPI, settings: HubSettings, **options: Any) -> uvicor
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         **options,
     )
+
+
+#: Descriptors the hub uses besides its clients' sockets: database, blobs, broker, logs.
+_OWN_FILES = 256
+
+
+def _files_for_connections(max_connections: int) -> None:
+    """Raise the soft open-file limit so that ``max_connections`` sockets fit (Debian's default
+    soft limit is 1024); when the hard limit does not allow it, say so: past it, new
+    connections fail at accept() instead of being answered."""
+    needed = max_connections + _OWN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            logging.getLogger("cloud_hub").warning(
+                "the open-file limit (%d) is too low for max_connections %d; lower "
+                "EDGEPACK_HUB_MAX_CONNECTIONS or raise 'ulimit -n'", hard, max_connections
+            )
 
 
 def _log_to_stderr(level: str) -> None:

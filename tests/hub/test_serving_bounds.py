@@ -9,6 +9,7 @@ numbers measured are in the test's assertion messages (``pytest -s`` prints them
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -62,8 +63,14 @@ def hub_process(tmp_path: Path, publisher: Publisher) -> Iterator[Callable[..., 
     trusted = tmp_path / "publisher.pub"
     trusted.write_bytes(public_key_pem(publisher.key.public_key()))
 
-    def start(**settings: object) -> HubProcess:
+    def start(*, files_soft_limit: int | None = None, **settings: object) -> HubProcess:
         port = free_port()
+
+        def limit_files() -> None:
+            if files_soft_limit is not None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (files_soft_limit, hard))
+
         env = {**os.environ, "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN_TOKEN}
         env.update({f"EDGEPACK_HUB_{k.upper()}": str(v) for k, v in settings.items()})
         proc = subprocess.Popen(
@@ -72,6 +79,7 @@ def hub_process(tmp_path: Path, publisher: Publisher) -> Iterator[Callable[..., 
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=limit_files,
         )
         started.append(proc)
         url = f"http://127.0.0.1:{port}"
@@ -434,3 +442,12 @@ def test_connections_are_bounded(hub: HubFactory) -> None:
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_the_hub_can_open_as_many_sockets_as_it_accepts(hub_process: Callable[..., HubProcess]) -> None:
+    # Debian's soft open-file limit (1024) is below the default connection bound: past it,
+    # accept() fails and clients hang instead of being answered.
+    h = hub_process(files_soft_limit=512, max_connections=2000)
+    limits = Path(f"/proc/{h.proc.pid}/limits").read_text()
+    soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
+    assert int(soft) >= 2000, limits
