@@ -89,6 +89,9 @@ def guarded_protocol(limits: SocketLimits) -> type[asyncio.Protocol]:
             self._window_start = 0.0  # the current body-progress window
             self._window_bytes = 0
             self._progress_at = 0.0  # when body bytes last came (or the hub last paused)
+            # Between a head and the end of its body. (uvicorn's ``cycle.more_body`` stays
+            # True for good when the answer went out before the body ended.)
+            self._in_body = False
 
         def _busy(self) -> bool:
             """A request head arrived and its response is not complete (uvicorn's own state)."""
@@ -140,16 +143,32 @@ def guarded_protocol(limits: SocketLimits) -> type[asyncio.Protocol]:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            # Between requests uvicorn's keep-alive timer closes an idle connection, but any
-            # byte cancels it, even one that begins no request (llhttp skips blank lines), so
-            # the next head's clock starts here.
+            self._between_requests()
+
+        def on_message_complete(self) -> None:
+            self._in_body = False
+            super().on_message_complete()
+            self._between_requests()  # a body that came in after its (early) answer
+
+        def _between_requests(self) -> None:
+            """Start the next head's clock once the request and its answer are both done.
+            uvicorn's keep-alive timer closes an idle connection, but any byte cancels it,
+            even one that begins no request (llhttp skips blank lines) or the rest of a body
+            answered early; then nothing else would."""
             cycle = self.cycle
-            if self._head_since is None and not self.pipeline and cycle is not None and not cycle.more_body:
+            if (
+                self._head_since is None
+                and not self.pipeline
+                and cycle is not None
+                and cycle.response_complete
+                and not self._in_body
+            ):
                 self._head_since = self.loop.time()
                 self._head_bytes = 0
 
         def on_headers_complete(self) -> None:
             self._head_since = None
+            self._in_body = True
             self._window_start = self._progress_at = self.loop.time()
             self._window_bytes = 0
             super().on_headers_complete()
@@ -172,8 +191,8 @@ def guarded_protocol(limits: SocketLimits) -> type[asyncio.Protocol]:
                     self._refuse(_408, b"RequestTimeout", b"request head not received in time")
                 return
             cycle = self.cycle
-            if cycle is None or not cycle.more_body:
-                return  # no body on its way (kept-alive connections are uvicorn's business)
+            if cycle is None or not self._in_body:
+                return  # no body on its way
             if self.flow.read_paused or cycle.waiting_for_100_continue:
                 # The hub's turn, not the client's: the clocks start when it reads again.
                 self._window_start = self._progress_at = now
@@ -192,7 +211,8 @@ def guarded_protocol(limits: SocketLimits) -> type[asyncio.Protocol]:
 
         def _refuse(self, status: bytes, kind: bytes, message: bytes) -> None:
             cycle = self.cycle
-            if self._head_since is not None or cycle is None or not cycle.response_started:
+            # Never into the middle of a response (a client that pipelines a head it never ends).
+            if cycle is None or cycle.response_complete or not cycle.response_started:
                 self.transport.write(_raw_response(status, kind, message))
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True  # the route sees the client gone, never half a body

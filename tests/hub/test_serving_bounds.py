@@ -376,6 +376,21 @@ def test_blank_lines_between_requests_do_not_hold_a_connection(hub: HubFactory) 
         sock.close()
 
 
+def test_a_body_answered_early_does_not_hold_its_connection(hub: HubFactory) -> None:
+    # The hub answers 404 before reading the body; the rest of the body, once it came, had
+    # cancelled uvicorn's keep-alive timer and the connection stayed open for good.
+    h = hub(header_timeout_s=2)
+    sock = _open(h.url, _head("/api/v1/no-such-route", 1000, f"Authorization: Bearer {ADMIN_TOKEN}"))
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404")
+        sock.sendall(b"x" * 1000)
+        closed, _ = _closed_within(sock, 6)
+        print(f"\nafter an early answer and its body: closed after {closed} s (head timeout 2 s)")
+        assert closed is not None and closed < 2 + 2
+    finally:
+        sock.close()
+
+
 def test_an_endless_request_head_is_refused(hub: HubFactory) -> None:
     h = hub()
     sock = _open(h.url, b"GET /api/v1/hub/key HTTP/1.1\r\nHost: hub\r\nX-Long: ")
