@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import httpx
 import pytest
 
 from cloud_hub.settings import HubSettings
+from cloud_hub.tls.material import make_tls_material
 from manifests.digests import sha256_digest
 from manifests.signing import public_key_pem
 from tests.conftest import Publisher, free_port
@@ -466,3 +468,27 @@ def test_the_hub_can_open_as_many_sockets_as_it_accepts(hub_process: Callable[..
     limits = Path(f"/proc/{h.proc.pid}/limits").read_text()
     soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
     assert int(soft) >= 2000, limits
+
+
+def test_the_bounds_hold_over_https(tmp_path: Path, hub: HubFactory) -> None:
+    files = make_tls_material(
+        HubSettings(data_dir=tmp_path / "hub"), hub_hosts=["127.0.0.1"], broker_hosts=["127.0.0.1"],
+        broker_dir=tmp_path,
+    )
+    h = hub(data_dir=tmp_path / "hub", ca=files.ca_cert, tls_cert=files.hub_cert, tls_key=files.hub_key,
+            header_timeout_s=2)
+    context = ssl.create_default_context(cafile=str(files.ca_cert))
+    host, port = h.url.removeprefix("https://").split(":")
+
+    def tls(first_bytes: bytes) -> ssl.SSLSocket:
+        raw = socket.create_connection((host, int(port)), timeout=10)
+        sock = context.wrap_socket(raw, server_hostname=host)
+        sock.sendall(first_bytes)
+        return sock
+
+    with tls(_head(BULK, 16_000_000)) as sock:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")
+    with tls(b"POST /api/v1/devices/bulk HTTP/1.1\r\nHost: hub\r\n") as sock:
+        closed, answer = _closed_within(sock, 6)
+        assert closed is not None and closed < 2 + 2
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
