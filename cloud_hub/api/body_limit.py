@@ -76,7 +76,6 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=_message(limit))
 
 
-_UNAUTHORIZED = "a request body needs valid credentials: send 'Authorization: Bearer <token>'"
 _BUSY_MESSAGE = "the hub holds as many request bodies as it may; try again shortly"
 
 
@@ -121,35 +120,43 @@ def _declared_length(scope: Scope) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-def _admin_or_device(core: HubCore, request: Request) -> bool:
-    """True when the request's headers carry credentials that are valid now (may query the
-    database: a session cookie or a device token)."""
+def _refusal(core: HubCore, request: Request) -> str | None:
+    """Why the request's headers do not carry credentials that are valid now, or None when
+    they do; the same words as the routes' own checks (may query the database for a session
+    cookie or a device token)."""
     token = bearer_token(request)
     if request.url.path.startswith(DEVICE_PREFIX):
         if token is None:
-            return False
+            return "device token required: send 'Authorization: Bearer <device token>'"
         with core.sessions.begin() as s:
             found = s.scalar(
                 select(Device.id).where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
             )
-        return found is not None
+        return None if found is not None else "device token is not valid (unknown or revoked device)"
     if token is not None:
-        return secrets.compare_digest(token.encode(), core.admin_token.encode())
+        return _admin_refusal(core, token)
     session_id = request.cookies.get(ADMIN_COOKIE)
     if session_id is None:
-        return False
+        return "admin token required: send 'Authorization: Bearer <token>'"
     with core.sessions.begin() as s:
-        return session_valid(s, session_id)
+        return None if session_valid(s, session_id) else "the dashboard session has ended; sign in again"
 
 
-async def _may_send_body(scope: Scope) -> bool:
+def _admin_refusal(core: HubCore, token: str) -> str | None:
+    if secrets.compare_digest(token.encode(), core.admin_token.encode()):
+        return None
+    return "admin token is not valid"
+
+
+async def _why_not_read(scope: Scope) -> str | None:
+    """None when the request may send its body, else why not."""
     core: HubCore = scope["app"].state.hub.core
     request = Request(scope)
     token = bearer_token(request)
     if token is not None and not request.url.path.startswith(DEVICE_PREFIX):
         # The admin token is compared in memory: no thread hop for the CLI's uploads.
-        return secrets.compare_digest(token.encode(), core.admin_token.encode())
-    return await anyio.to_thread.run_sync(_admin_or_device, core, request)
+        return _admin_refusal(core, token)
+    return await anyio.to_thread.run_sync(_refusal, core, request)
 
 
 async def _answer(scope: Scope, receive: Receive, send: Send, status: int, kind: str, message: str,
@@ -176,9 +183,10 @@ class BodyLimit:
             return
         method, path = scope["method"], scope["path"]
         public = (method, path) in PUBLIC_BODIES
-        if not public and not await _may_send_body(scope):
+        refusal = None if public else await _why_not_read(scope)
+        if refusal is not None:
             headers = {"WWW-Authenticate": "Bearer"}
-            await _answer(scope, receive, send, 401, "Unauthorized", _UNAUTHORIZED, headers)
+            await _answer(scope, receive, send, 401, "Unauthorized", refusal, headers)
             return
         if is_streamed_upload(method, path):
             await self.app(scope, receive, send)
