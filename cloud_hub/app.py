@@ -22,11 +22,12 @@ from cloud_hub.wiring import HubProcess, open_hub
 def create_app(settings: HubSettings | None = None, *, hub: HubProcess | None = None) -> FastAPI:
     """A hub app; pass ``hub`` to serve an already-wired process (tests), else it wires one
     from ``settings`` at start-up and closes it at shutdown."""
+    served = hub.core.settings if hub is not None else settings or HubSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = hub is None
-        process = hub or open_hub(settings or HubSettings())
+        process = hub or open_hub(served)
         app.state.hub = process
         if own:
             process.start()
@@ -45,7 +46,7 @@ def create_app(settings: HubSettings | None = None, *, hub: HubProcess | None = 
         redoc_url=None,
     )
     install_docs(app)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, settings=served)
     install_error_handlers(app)
     app.include_router(registry.router)
     app.include_router(fleet.router)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import resource
+from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from cloud_hub.app import create_app
+from cloud_hub.connections import SocketLimits, guarded_protocol
 from cloud_hub.core import open_blob_store
 from cloud_hub.db.schema import Migration, migrate
 from cloud_hub.settings import HubSettings
@@ -31,20 +35,49 @@ def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
     """
     settings = with_default_tls(settings)
     _log_to_stderr(log_level)
+    _files_for_connections(settings.max_connections)
     process = open_hub(settings)
     try:
         process.start()
         app = create_app(hub=process)
-        uvicorn.run(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=log_level,
-            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-        )
+        uvicorn.Server(server_config(app, settings, log_level=log_level)).run()
     finally:
         process.close()
+
+
+def server_config(app: FastAPI, settings: HubSettings, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for serving ``app`` with ``settings``: its address, TLS, and the
+    bounds on every socket (:mod:`cloud_hub.connections`); ``options`` go to uvicorn as they are."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(SocketLimits.of(settings)),
+        timeout_keep_alive=settings.keep_alive_s,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        **options,
+    )
+
+
+#: Descriptors the hub uses besides its clients' sockets: database, blobs, broker, logs.
+_OWN_FILES = 256
+
+
+def _files_for_connections(max_connections: int) -> None:
+    """Raise the soft open-file limit so that ``max_connections`` sockets fit (Debian's default
+    soft limit is 1024); when the hard limit does not allow it, say so: past it, new
+    connections fail at accept() instead of being answered."""
+    needed = max_connections + _OWN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            logging.getLogger("cloud_hub").warning(
+                "the open-file limit (%d) is too low for max_connections %d; lower "
+                "EDGEPACK_HUB_MAX_CONNECTIONS or raise 'ulimit -n'", hard, max_connections
+            )
 
 
 def _log_to_stderr(level: str) -> None:

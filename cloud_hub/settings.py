@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from manifests.logs import MAX_LINE_CHARS, LogLimits
@@ -52,6 +52,29 @@ class HubSettings(BaseSettings):
         "(credentials from the AWS_* variables)",
     )
     max_upload_mb: int = Field(default=2048, gt=0)
+    # What any client that reaches the hub's port can hold (docs/security.md §13, enforced by
+    # cloud_hub.connections and cloud_hub.api.body_limit): every bound per hub process.
+    max_connections: int = Field(
+        default=1024, ge=1, le=1_000_000,
+        description="open connections; at the bound the oldest idle one is closed, else 503",
+    )
+    header_timeout_s: float = Field(
+        default=10, gt=0, le=3600, description="a request head must be complete within this (408)"
+    )
+    max_head_kb: int = Field(default=64, ge=1, le=16384, description="largest request head (431)")
+    body_timeout_s: float = Field(
+        default=30, gt=0, le=3600,
+        description="window in which a request body must bring body_min_bytes_per_s on average (408)",
+    )
+    body_min_bytes_per_s: int = Field(default=1024, ge=0, le=1 << 30)
+    keep_alive_s: int = Field(default=5, ge=1, le=3600, description="idle time between requests")
+    max_body_mb: int = Field(
+        default=16, ge=1, le=1024, description="largest JSON or form body (uploads: max_upload_mb)"
+    )
+    max_bodies_in_flight_mb: int = Field(
+        default=64, ge=1, le=65536,
+        description="JSON and form bodies all requests together may hold in memory (503 beyond)",
+    )
     desired_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     upkeep_interval_s: float = Field(
         default=5.0, gt=0, description="seconds between upkeep rounds (renewals, unpublished states)"
@@ -118,6 +141,15 @@ class HubSettings(BaseSettings):
         if value < info.data.get("login_delay_s", 0):
             raise ValueError("login_max_delay_s must be at least login_delay_s")
         return value
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> HubSettings:
+        if self.max_body_mb > self.max_bodies_in_flight_mb:
+            raise ValueError(
+                f"max_body_mb ({self.max_body_mb}) is more than max_bodies_in_flight_mb "
+                f"({self.max_bodies_in_flight_mb}): no body that large could ever be read"
+            )
+        return self
 
     def database_url(self) -> str:
         return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"

@@ -54,6 +54,7 @@ HTTP_TYPES: dict[int, str] = {
     409: "Conflict",
     413: "TooLarge",
     422: "ValidationError",
+    503: "Busy",
 }
 
 #: The ``type`` of a failure the hub did not expect (a bug, or a broken database).

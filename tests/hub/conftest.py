@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 
 from cloud_hub.app import create_app
 from cloud_hub.core import HubCore
+from cloud_hub.serve import server_config
 from cloud_hub.settings import HubSettings
 from cloud_hub.wiring import HubProcess, open_hub
 from manifests.signing import public_key_pem
@@ -143,14 +144,8 @@ def _serve(settings: HubSettings, sock: socket.socket) -> tuple[HubProcess, uvic
     process = open_hub(settings)
     process.start()
     app = create_app(hub=process)
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-    )
+    # The same uvicorn configuration as 'edgepack hub serve' (socket bounds, TLS).
+    config = server_config(app, settings, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
