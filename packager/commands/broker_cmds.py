@@ -21,7 +21,7 @@ from packager.commands.registry_cmds import hub_app
 def broker_config_cmd(
     out: Annotated[Path, typer.Option("--out", help="folder for mosquitto.conf, passwd and acl")],
     data_dir: Annotated[
-        Path | None, typer.Option(help="the hub's data dir (default $EDGEPACK_HOME/hub, ~/.edgepack/hub)")
+        Path | None, typer.Option(help="the hub's data dir (default $EDGEPACK_HOME/hub)")
     ] = None,
     db: Annotated[str | None, typer.Option(help="the hub's SQLAlchemy URL")] = None,
     topic_prefix: Annotated[str, typer.Option(help="MQTT topic prefix, as the hub's")] = "edgepack",
@@ -84,5 +84,6 @@ def broker_config_cmd(
     console.print(
         "start the hub:     "
         f"edgepack hub serve --data-dir {settings.data_dir} --mqtt-host {listen} --mqtt-port {port} "
-        f"--broker-dir {out.resolve()} --broker-pid-file {pid_file} --topic-prefix {topic_prefix}" + tls_flags
+        f"--broker-dir {out.resolve()} --broker-pid-file {pid_file} --topic-prefix {topic_prefix}"
+        + tls_flags
     )

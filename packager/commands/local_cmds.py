@@ -55,7 +55,9 @@ def display_host(host: str) -> str:
 def serve_cmd(
     bundle: Annotated[Path, typer.Argument(help=".edgepack file")],
     port: Annotated[int, typer.Option(help="TCP port to listen on", min=1, max=65535)] = 8890,
-    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 for every interface)")] = ("127.0.0.1"),
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 for every interface)")] = (
+        "127.0.0.1"
+    ),
     workers: Annotated[int, typer.Option(help="worker processes", min=1, max=64)] = 1,
     trust: TrustOption = None,
     cache: CacheOption = None,
@@ -110,7 +112,9 @@ def request_body(data: str | None, file: Path | None) -> bytes:
 def call_cmd(
     url: Annotated[str, typer.Argument(help="service URL; /score is added when it has no path")],
     data: Annotated[str | None, typer.Option("--data", "-d", help="request body (JSON)")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="file holding the request body")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="file holding the request body")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the answer", min=0.1)] = 30.0,
     key: Annotated[
         str | None,
@@ -209,7 +213,9 @@ def result_line(
     doc: dict[str, Any] = {"index": index, "source": record.source}
     if error is None:
         try:
-            line = orjson.dumps({**doc, "output": output}, default=_tolist, option=orjson.OPT_SERIALIZE_NUMPY)
+            line = orjson.dumps(
+                {**doc, "output": output}, default=_tolist, option=orjson.OPT_SERIALIZE_NUMPY
+            )
             return line + b"\n", True
         except TypeError as exc:
             error = f"run() returned a value that is not JSON-serialisable: {exc}"
@@ -295,7 +301,9 @@ def batch_cmd(
         highlight=False,
     )
     if failed and not allow_failures:
-        raise EdgepackError(f"{failed} of {total} record(s) failed; see their 'error' in {output}")
+        raise EdgepackError(
+            f"{failed} of {total} record(s) failed; see their 'error' in {output}"
+        )
 
 
 def _record_progress() -> Progress:

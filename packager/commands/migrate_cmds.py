@@ -16,7 +16,7 @@ from packager.commands.registry_cmds import hub_app
 def migrate_cmd(
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite:///DATA_DIR/hub.db)")] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="the hub's data dir (default $EDGEPACK_HOME/hub, ~/.edgepack/hub)")
+        Path | None, typer.Option(help="the hub's data dir (default $EDGEPACK_HOME/hub)")
     ] = None,
 ) -> None:
     """Upgrade the database schema (back it up first; safe to run again). Flags override
@@ -39,7 +39,9 @@ def copy_blobs_cmd(
     data_dir: Annotated[
         Path | None, typer.Option(help="the hub whose blobs to copy (default $EDGEPACK_HOME/hub)")
     ] = None,
-    blob_store: Annotated[str | None, typer.Option(help="its blob store, when not DATA_DIR/blobs")] = None,
+    blob_store: Annotated[
+        str | None, typer.Option(help="its blob store, when not DATA_DIR/blobs")
+    ] = None,
 ) -> None:
     """Copy every blob into another store, each checked against its digest (safe to re-run)."""
     from cloud_hub.serve import copy_hub_blobs

@@ -197,10 +197,8 @@ def inspect_cmd(
         console.print(manifest.description)
     console.print("signed by    " + ", ".join(s.keyid for s in envelope.signatures), soft_wrap=True)
     console.print(f"entry script {manifest.entry_script}")
-    console.print(
-        f"runtime      {manifest.runtime.image}"
-        + (f"@{manifest.runtime.image_digest}" if manifest.runtime.image_digest else "")
-    )
+    console.print(f"runtime      {manifest.runtime.image}"
+                  + (f"@{manifest.runtime.image_digest}" if manifest.runtime.image_digest else ""))
     if manifest.runtime.python.requirements:
         console.print("requirements " + " ".join(manifest.runtime.python.requirements))
     console.print(f"resources    cpu {manifest.resources.cpu}, memory {manifest.resources.memory_mb} MB")

@@ -46,7 +46,7 @@ app.add_typer(module_app, name="module")
 def serve_cmd(
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite:///DATA_DIR/hub.db)")] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="blobs, database, keys (default $EDGEPACK_HOME/hub, ~/.edgepack/hub)")
+        Path | None, typer.Option(help="blobs, database, keys (default $EDGEPACK_HOME/hub)")
     ] = None,
     host: Annotated[str | None, typer.Option(help="address to listen on (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on (default 8800)")] = None,

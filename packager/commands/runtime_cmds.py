@@ -95,7 +95,8 @@ def _registry(value: str | None) -> str | None:
         ref = None
     if not host or ref is None or ref.registry != host:
         raise ConfigError(
-            f"--push {value!r}: expected a registry as HOST:PORT (e.g. 127.0.0.1:5000), without a path"
+            f"--push {value!r}: expected a registry as HOST:PORT (e.g. 127.0.0.1:5000), "
+            "without a path"
         )
     return host
 
@@ -112,7 +113,8 @@ def build_cmd(
         Path | None,
         typer.Option(
             "--cache-dir",
-            help="Debian packages, wheels, logs and the build lock (default: $EDGEPACK_HOME/runtime-image)",
+            help="Debian packages, wheels, logs and the build lock "
+            "(default: $EDGEPACK_HOME/runtime-image)",
         ),
     ] = None,
     mirror: Annotated[
