@@ -18,7 +18,9 @@ def nginx_config_cmd(
     out: Annotated[Path, typer.Option("--out", help="folder for nginx.conf, its logs and temp files")],
     replica: Annotated[list[str], typer.Option("--replica", help="a hub replica, HOST:PORT (repeat)")],
     listen: Annotated[str, typer.Option(help="address nginx listens on, HOST:PORT")] = "127.0.0.1:8800",
-    run_as: Annotated[str | None, typer.Option(help="user nginx's workers run as (default: you)")] = None,
+    run_as: Annotated[
+        str | None, typer.Option(help="user nginx's workers run as (default: you)")
+    ] = None,
 ) -> None:
     """Write an nginx.conf that balances over the replicas (all share one database and store)."""
     from cloud_hub.balancer.nginx import Upstream, prepare_run_dir, render_nginx_config
