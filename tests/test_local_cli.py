@@ -17,7 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from manifests.errors import RuntimeFailure
 from packager.commands.local_cmds import read_records, scoring_url, server_message
+from packager.sdk.scoring import post_score
 from tests.conftest import Publisher, free_port, make_publisher
 from tests.factory import FAILING_SCORE_PY, Defect, Forge, default_files
 
@@ -97,15 +99,18 @@ def test_serve_and_call_score_the_digits_model_over_http(
         direct = httpx.post(base + "/score", content=request.read_bytes(), timeout=30)
         called = edgepack("call", base, "--file", request, home=home)
         failed = edgepack("call", base + "/score", "--data", '{"data": [[1, 2]]}', home=home)
+        with pytest.raises(RuntimeFailure, match=r"run\(\) raised .*reshape"):  # what service.run() raises
+            post_score(base, b'{"data": [[1, 2]]}')
 
     assert direct.status_code == 200
     assert direct.json()["predictions"] == digits_samples["expected"]
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout)["predictions"] == digits_samples["expected"]
-    # run() raised: one line with the status and the server's reason, exit code 4
-    assert failed.returncode == 4
+    # run() raised: one line with the status and the server's reason, and the exit code of a
+    # module that failed (5), not of a transfer that failed (4)
+    assert failed.returncode == 5, failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
-    assert "HTTP 500" in failed.stderr and "reshape" in failed.stderr
+    assert "HTTP 500" in failed.stderr and "run() raised" in failed.stderr and "reshape" in failed.stderr
     # the module was unpacked into $EDGEPACK_HOME/cache, under its manifest digest
     modules = list((home / "cache" / "modules").iterdir())
     assert len(modules) == 1 and (modules[0] / "model" / "digits.onnx").is_file()

@@ -130,7 +130,8 @@ def call_cmd(
 ) -> None:
     """POST one request to a scoring service and print its JSON answer.
 
-    Exit code 4 when the service cannot be reached or answers with an error status.
+    Exit code 5 when the service's run() raised, 4 when the service cannot be reached or
+    answers with another error status.
     """
     body = request_body(data, file)
     response = post_score(scoring_url(url), body, key=key, verify=tls_verify(ca), timeout=timeout)
