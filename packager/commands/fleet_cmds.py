@@ -24,6 +24,7 @@ from packager.commands.options import (
     HubOption,
     JsonOption,
     TokenOption,
+    confirm,
     connect,
     model_version,
     parse_pairs,
@@ -231,7 +232,7 @@ def revoke_device_cmd(
 ) -> None:
     """Refuse the device's credentials and withdraw its desired state."""
     if not yes and not as_json:
-        typer.confirm(f"revoke device {device_id}? Its services stop being desired", abort=True)
+        confirm(f"revoke device {device_id}? Its services stop being desired", f"revoke device {device_id}")
     with connect(hub, token) as connected:
         change = Device(connected, device_id).revoke()
     if as_json:
@@ -273,7 +274,11 @@ def deploy_cmd(
     new module (signed with your key, only what the hub lacks is uploaded), as
     'az ml model deploy -m MODEL:VERSION --ic ... --dc ...' does.
     """
-    ref_name, version = split_ref(module, need_version=True)
+    if ic is None:
+        hint = "; with --ic, -m names a registered model instead"
+        ref_name, version = split_ref(module, need_version=True, kind="module", hint=hint)
+    else:
+        ref_name, version = split_ref(module, need_version=True)
     where = parse_target(target, selector)
     config = DeploymentConfig.from_file(dc) if dc is not None else None
     inference = InferenceConfig.from_file(ic) if ic is not None else None
@@ -389,7 +394,7 @@ def delete_service_cmd(
 ) -> None:
     """Delete a service; its devices stop running it."""
     if not yes and not as_json:
-        typer.confirm(f"delete service {name} from every device?", abort=True)
+        confirm(f"delete service {name} from every device?", f"delete service {name}")
     with connect(hub, token) as connected:
         change = Service(connected, name).delete()
     if as_json:

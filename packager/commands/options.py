@@ -7,6 +7,7 @@ Command modules share these instead of importing each other: where the hub is (`
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -42,14 +43,29 @@ def connect(hub: str | None, token: str | None) -> Hub:
     return connected
 
 
-def split_ref(ref: str, *, need_version: bool) -> tuple[str, str]:
-    """``NAME:VERSION`` (or ``NAME`` = latest when the version may be omitted)."""
+def confirm(question: str, action: str) -> None:
+    """Ask ``question`` at a terminal (a no aborts). Elsewhere nobody can answer: refuse
+    ``action`` naming ``--yes``, rather than abort with a bare "Aborted."."""
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            f"{action}: input is not a terminal, so it cannot be confirmed; "
+            f"pass --yes to {action.split()[0]} without being asked"
+        )
+    typer.confirm(question, abort=True)
+
+
+def split_ref(ref: str, *, need_version: bool, kind: str = "model", hint: str = "") -> tuple[str, str]:
+    """``NAME:VERSION`` of a ``kind`` (model or module), or ``NAME`` = latest when the version
+    may be omitted; ``hint`` is added to the message for a missing version."""
     name, sep, version = ref.partition(":")
     if not name or (sep and not version):
         raise ConfigError(f"{ref!r} is not NAME:VERSION")
     if not sep:
         if need_version:
-            raise ConfigError(f"give the exact version: {ref}:VERSION ('edgepack model list' shows them)")
+            raise ConfigError(
+                f"give the {kind}'s exact version: {ref}:VERSION, e.g. {ref}:1 "
+                f"('edgepack {kind} list --name {ref}' shows them){hint}"
+            )
         version = "latest"
     return name, version
 

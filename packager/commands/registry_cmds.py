@@ -363,7 +363,7 @@ def module_show_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Show a pushed module: signers, entry script, runtime and files."""
-    name, version = split_ref(ref, need_version=True)
+    name, version = split_ref(ref, need_version=True, kind="module")
     with connect(hub, token) as connected:
         m: dict[str, Any] = Module(connected, name, version).record.raw
     if as_json:
@@ -385,7 +385,7 @@ def module_download_cmd(
     token: TokenOption = None,
 ) -> None:
     """Download a pushed module as a signed .edgepack (the same bytes 'edgepack build' wrote)."""
-    name, version = split_ref(ref, need_version=True)
+    name, version = split_ref(ref, need_version=True, kind="module")
     with connect(hub, token) as connected:
         target = Module(connected, name, version).download(out)
     console.print(f"[green]downloaded[/] {name}:{version} to {target}")
@@ -398,7 +398,7 @@ def module_delete_cmd(
     token: TokenOption = None,
 ) -> None:
     """Delete a module version (refused while a deployment uses it)."""
-    name, version = split_ref(ref, need_version=True)
+    name, version = split_ref(ref, need_version=True, kind="module")
     with connect(hub, token) as connected:
         result = Module(connected, name, version).delete()
     console.print(f"[green]deleted[/] module {result.deleted} ({len(result.freed_blobs)} blobs freed)")

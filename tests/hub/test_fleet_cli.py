@@ -38,7 +38,12 @@ def env_for(home: Path, hub: RunningHub) -> dict[str, str]:
 
 def run(home: Path, hub: RunningHub, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [EDGEPACK, *args], env=env_for(home, hub), capture_output=True, text=True, timeout=120
+        [EDGEPACK, *args],
+        env=env_for(home, hub),
+        stdin=subprocess.DEVNULL,  # as in a script or CI job: no terminal to answer a question
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -123,6 +128,18 @@ def test_enroll_deploy_tag_and_services(hub: HubFactory, publisher: Publisher, t
         run(home, h, "deploy", "-n", "x", "-m", "digits:1", "--dc", str(dc), "--selector", "a=b"), 2
     )
 
+    # -m without a version names a module here (a model only with --ic): say which list.
+    missing = one_line_error(
+        run(home, h, "deploy", "-n", "x", "-m", "digits", "--target", "device:edge-1"), 2
+    )
+    assert "digits:VERSION" in missing and "'edgepack module list --name digits'" in missing
+    assert "model list" not in missing
+
+    # Without a terminal nobody can answer "are you sure": say --yes, and change nothing.
+    for args in (("service", "delete", "digits"), ("device", "revoke", "edge-1")):
+        refused = one_line_error(run(home, h, *args), 2)
+        assert "--yes" in refused and "Aborted" not in refused
+    assert ok_json(run(home, h, "service", "list", "--json"))[0]["name"] == "digits"
     assert run(home, h, "service", "delete", "digits", "--yes").returncode == 0
     assert "digits" in one_line_error(run(home, h, "service", "show", "digits"), 2)
     assert run(home, h, "device", "revoke", "edge-1", "--yes").returncode == 0
