@@ -339,8 +339,9 @@ def show_service_cmd(
     with connect(hub, token) as connected:
         service = Service(connected, name)
     s: dict[str, Any] = service.record.raw
+    uris = {"scoring_uri": service.scoring_uri, "swagger_uri": service.swagger_uri}
     if as_json:
-        print_json(s)
+        print_json({**s, **uris})
         return
     console.print(
         f"[bold]{s['name']}[/]  {s['module']}:{s['version']}  port {s['settings']['port']}  "
@@ -348,6 +349,8 @@ def show_service_cmd(
         highlight=False,
     )
     console.print(Text.assemble("state ", state_text(s["state"])))
+    for label, uri in uris.items():
+        console.print(f"{label}  {uri or '- (on no Healthy device yet)'}", highlight=False, soft_wrap=True)
     console.print(devices_table(service.record))
 
 

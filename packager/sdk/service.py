@@ -95,10 +95,18 @@ class Service:
     @property
     def scoring_uri(self) -> str | None:
         """The scoring URL of the first Healthy device (each device has its own)."""
+        return self._healthy_uri("/score")
+
+    @property
+    def swagger_uri(self) -> str | None:
+        """The OpenAPI document of the first Healthy device's endpoint (Azure's ``swagger_uri``)."""
+        return self._healthy_uri("/swagger.json")
+
+    def _healthy_uri(self, path: str) -> str | None:
         device = next((d for d in self._healthy()), None)
         if device is None or device.endpoint is None:
             return None
-        return f"{self._url(device.endpoint)}/score"
+        return f"{self._url(device.endpoint)}{path}"
 
     def _url(self, endpoint: str) -> str:
         # A TLS service answers HTTPS where the device says it listens.
