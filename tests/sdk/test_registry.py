@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,12 @@ def test_hub_from_config_and_a_wrong_token(
     assert SdkHub.from_config(other).url == "http://elsewhere.invalid"
     with sdk_hub(running) as direct:
         assert direct.url == running.url
+    # A file named that is not there is just that, whatever the environment or login say.
+    missing = tmp_path / "nowhere" / "config.json"
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(missing))}: file not found"):
+        SdkHub.from_config(missing)
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        SdkHub.from_config(path=tmp_path)
 
 
 def test_a_model_is_in_use_only_by_the_services_deployed_from_it(hub_sdk: SdkHub, tmp_path: Path) -> None:
