@@ -46,9 +46,15 @@ def model_tags(refs: list[str]) -> dict[str, str]:
     return {f"{MODEL_TAG_PREFIX}{i}": ref for i, ref in enumerate(refs, start=1)}
 
 
-def tagged_models(tags: dict[str, Any]) -> set[str]:
-    """The ``NAME:VERSION`` refs of the models that ``tags`` say a module was built from."""
-    return {str(v) for k, v in tags.items() if k.startswith(MODEL_TAG_PREFIX)}
+def tagged_models(tags: dict[str, Any]) -> list[str]:
+    """The ``NAME:VERSION`` refs of the models that ``tags`` say a module was built from, in
+    the order they were given (which decides where several lie under ``model/``)."""
+    numbered = []
+    for key, value in tags.items():
+        number = key.removeprefix(MODEL_TAG_PREFIX)
+        if key.startswith(MODEL_TAG_PREFIX) and number.isdigit():
+            numbered.append((int(number), str(value)))
+    return [ref for _, ref in sorted(numbered)]
 
 
 class FileEntry(BaseModel):

@@ -15,9 +15,11 @@ from packager.sdk import (
     Devices,
     Environment,
     Hub,
+    HubConflict,
     HubNotFound,
     InferenceConfig,
     Model,
+    Module,
     Selector,
     Service,
     ServiceExists,
@@ -181,3 +183,44 @@ def test_several_models_lie_where_azure_puts_them(hub_sdk: Hub, tmp_path: Path) 
         "model/first/1/a.onnx",
         "model/second/1/labels/names.txt",
     ]
+
+
+def test_a_wait_after_an_update_waits_for_that_update(
+    fleet: Fleet, sdk_home: Path, digits_model: Path, digits_samples: dict[str, list[object]], tmp_path: Path
+) -> None:
+    """A settings-only update keeps the module's digest: only the generation it issued tells
+    the device's new state from the old one. And an entry script alone rebuilds with the
+    models the service was built from."""
+    agent = fleet.device("edge-1").start()
+    hub = sdk_hub(fleet.hub)
+    model = Model.register(hub, model_path=digits_model / "digits.onnx", model_name="digits")
+    first_port, second_port = free_port(), free_port()
+    service = Model.deploy(
+        hub,
+        "digits-svc",
+        [model],
+        inference_config(hub, source_folder(tmp_path)),
+        DeploymentConfig(port=first_port),
+        target=Devices(["edge-1"]),
+    )
+    service.wait_for_deployment(timeout=120)
+    data = {"data": digits_samples["data"][:2]}
+
+    service.update(deployment_config=DeploymentConfig(port=second_port, runtime="process"))
+    service.wait_for_deployment(timeout=120)  # returns once edge-1 reports the new generation
+    assert service.state == ServiceState.HEALTHY
+    assert [d.endpoint for d in service.devices] == [f"http://127.0.0.1:{second_port}"]
+    assert service.run(data)["predictions"] == digits_samples["expected"][:2]
+
+    # What is not given stays: the models (from the module's signed tags) and the settings.
+    service.update(inference_config=inference_config(hub, source_folder(tmp_path / "v2", "\n# v2\n")))
+    assert service.module_version == "2" and service.settings.port == second_port
+    service.wait_for_deployment(timeout=120)
+    assert [(d.serving_version, d.endpoint) for d in service.devices] == [
+        ("2", f"http://127.0.0.1:{second_port}")
+    ]
+    agent.wait_state("digits-svc", "Healthy", version="2")
+    built = Module(hub, "digits-svc", "2").manifest
+    assert [f.digest for f in built.files if f.path == "model/digits.onnx"] == [model.files[0].digest]
+    with pytest.raises(HubConflict, match="'digits-svc'"):
+        model.delete()  # the rebuilt module still names the model it was built from
