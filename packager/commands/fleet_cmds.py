@@ -29,6 +29,7 @@ from packager.commands.options import (
     model_version,
     parse_pairs,
     parse_target,
+    request_body,
     split_ref,
 )
 from packager.commands.output import print_change, print_json, when
@@ -460,3 +461,34 @@ def wait_service_cmd(
         print_json(service.record.raw)
     else:
         console.print(f"[green]service {name} is Healthy on {len(service.devices)} device(s)[/]")
+
+
+@service_app.command("run")
+def run_service_cmd(
+    name: str,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="request body (JSON)")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="file holding the request body")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="the device to call (default: the first Healthy one)")
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(envvar="EDGEPACK_SERVICE_KEY", help="endpoint key (default: the service's primary)"),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer", min=0.1)] = 30.0,
+    hub: HubOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Score one request on a deployed service and print its JSON answer (Azure's service.run).
+
+    The hub says where the service answers (a Healthy device's endpoint); the request goes
+    there, with the primary key of an authEnabled service and over HTTPS for an sslEnabled
+    one. Exit code 5 when the service's run() raised, 4 when it cannot be reached.
+    """
+    body = request_body(data, file)
+    with connect(hub, token) as connected:
+        answer = Service(connected, name).run(body.decode(), device, key=key, timeout=timeout)
+    if isinstance(answer, str):
+        console.print(answer, markup=False, highlight=False)
+    else:
+        console.print_json(data=answer)

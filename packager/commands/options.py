@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
 
 from manifests.errors import ConfigError
@@ -103,3 +104,23 @@ def parse_target(targets: list[str] | None, selector: str | None) -> Devices | S
             raise ConfigError(f"--target {text!r}: write it as device:ID (repeat for several devices)")
         ids.append(value)
     return Devices(ids)
+
+
+def request_body(data: str | None, file: Path | None) -> bytes:
+    """The request body from ``--data`` or ``--file``; it must be JSON, as scoring expects."""
+    if (data is None) == (file is None):
+        raise ConfigError("pass exactly one of --data JSON or --file FILE")
+    if file is not None:
+        try:
+            body = file.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: request file not found") from None
+        what = str(file)
+    else:
+        assert data is not None
+        body, what = data.encode(), "--data"
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{what}: not valid JSON ({exc})") from None
+    return body

@@ -3,7 +3,11 @@ process; every request the SDK sends is recorded from its own HTTP client."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,20 @@ def source_folder(root: Path, comment: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "score.py").write_text((EXAMPLE / "score.py").read_text() + comment)
     return folder
+
+
+def edgepack_cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``edgepack`` command, logged in to the fleet's hub through the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
+    env.update({"EDGEPACK_HUB_URL": fleet.hub.url, "EDGEPACK_TOKEN": fleet.hub.admin_token, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "packager", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def inference_config(hub: Hub, folder: Path) -> InferenceConfig:
@@ -211,6 +229,13 @@ def test_a_wait_after_an_update_waits_for_that_update(
     assert service.state == ServiceState.HEALTHY
     assert [d.endpoint for d in service.devices] == [f"http://127.0.0.1:{second_port}"]
     assert service.run(data)["predictions"] == digits_samples["expected"][:2]
+
+    # The same from the command line, through the hub's view of where the service answers.
+    called = edgepack_cli(fleet, "service", "run", "digits-svc", "--data", json.dumps(data))
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout)["predictions"] == digits_samples["expected"][:2]
+    raised = edgepack_cli(fleet, "service", "run", "digits-svc", "--data", '{"data": [[1, 2]]}')
+    assert raised.returncode == 5 and "run() raised" in raised.stderr, raised.stderr
 
     # What is not given stays: the models (from the module's signed tags) and the settings.
     service.update(inference_config=inference_config(hub, source_folder(tmp_path / "v2", "\n# v2\n")))
