@@ -15,6 +15,7 @@ import pytest
 from manifests.digests import sha256_digest
 from manifests.states import ServiceState
 from packager.sdk import (
+    BadArgument,
     DeploymentConfig,
     Devices,
     Environment,
@@ -165,6 +166,9 @@ def test_hub_deploy_of_a_pushed_module_and_a_wait_that_times_out(
         service.wait_for_deployment(timeout=1, interval=0.2)
     assert "edge-9" in str(timeout.value) and timeout.value.exit_code == 5
     assert [(d.device_id, d.state) for d in timeout.value.devices] == [("edge-9", None)]
+    # A pushed module names no registered model it was built from: a rebuild needs them given.
+    with pytest.raises(BadArgument, match="names no registered model"):
+        service.update(inference_config=InferenceConfig(entry_script=str(EXAMPLE / "score.py")))
 
 
 def test_what_a_device_enrolment_answers_and_tags_change(hub_sdk: Hub, tmp_path: Path) -> None:
@@ -236,6 +240,9 @@ def test_a_wait_after_an_update_waits_for_that_update(
     assert json.loads(called.stdout)["predictions"] == digits_samples["expected"][:2]
     raised = edgepack_cli(fleet, "service", "run", "digits-svc", "--data", '{"data": [[1, 2]]}')
     assert raised.returncode == 5 and "run() raised" in raised.stderr, raised.stderr
+
+    with pytest.raises(BadArgument, match="inference_config"):
+        service.update(models=[model])  # the entry script to build them with is not on the hub
 
     # What is not given stays: the models (from the module's signed tags) and the settings.
     service.update(inference_config=inference_config(hub, source_folder(tmp_path / "v2", "\n# v2\n")))
