@@ -367,10 +367,16 @@ class Service:
                 f"Service.update: module {module.id} names no registered model it was built from "
                 "(it was pushed, or built before edgepack recorded them); pass models=[...] too"
             )
-        return [
-            Model(self.workspace, name, int(version))
-            for name, _, version in (r.rpartition(":") for r in refs)
-        ]
+        models = []
+        for ref in refs:
+            name, _, version = ref.rpartition(":")
+            if not name or not version.isdigit():
+                raise BadArgument(
+                    f"Service.update: module {module.id} names a model as {ref!r}, not NAME:VERSION; "
+                    "pass models=[...] too"
+                )
+            models.append(Model(self.workspace, name, int(version)))
+        return models
 
     def delete(self) -> FleetChange:
         """Delete the service; its devices stop running it."""
