@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -11,16 +12,16 @@ from manifests.logs import MAX_LINE_CHARS, LogLimits
 
 
 def _default_data_dir() -> Path:
-    return Path.home() / ".edgepack" / "hub"
+    # The hub's folder sits in the same home as the CLI's keys and login (packager.home),
+    # so one EDGEPACK_HOME moves everything edgepack keeps on a machine.
+    return Path(os.environ.get("EDGEPACK_HOME", Path.home() / ".edgepack")) / "hub"
 
 
 class HubSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGEPACK_HUB_", extra="forbid")
 
     data_dir: Path = Field(default_factory=_default_data_dir)
-    db: str | None = Field(
-        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/hub.db"
-    )
+    db: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/hub.db")
     host: str = "127.0.0.1"
     port: int = Field(default=8800, ge=0, le=65535)
     public_url: str | None = Field(

@@ -21,6 +21,10 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62})$"
 VERSION_PATTERN = r"^[0-9A-Za-z]([0-9A-Za-z.+_-]{0,62})$"
 SRC_ROOT = "src"
 MODEL_ROOT = "model"
+#: Tags ``edgepack.model.1``, ``edgepack.model.2``, ... name the registered models
+#: (``NAME:VERSION``) a module was built from. Signed with the rest, they are what makes a
+#: model "in use" by a deployment of the module: byte-identical files alone do not.
+MODEL_TAG_PREFIX = "edgepack.model."
 
 
 def check_relative_path(path: str) -> str:
@@ -35,6 +39,22 @@ def check_relative_path(path: str) -> str:
     if posixpath.normpath(path) != path:
         raise ValueError(f"unsafe path {path!r}: not normalised")
     return path
+
+
+def model_tags(refs: list[str]) -> dict[str, str]:
+    """The tags that record ``refs`` (``NAME:VERSION``) as the models a module is built from."""
+    return {f"{MODEL_TAG_PREFIX}{i}": ref for i, ref in enumerate(refs, start=1)}
+
+
+def tagged_models(tags: dict[str, Any]) -> list[str]:
+    """The ``NAME:VERSION`` refs of the models that ``tags`` say a module was built from, in
+    the order they were given (which decides where several lie under ``model/``)."""
+    numbered = []
+    for key, value in tags.items():
+        number = key.removeprefix(MODEL_TAG_PREFIX)
+        if key.startswith(MODEL_TAG_PREFIX) and number.isdigit():
+            numbered.append((int(number), str(value)))
+    return [ref for _, ref in sorted(numbered)]
 
 
 class FileEntry(BaseModel):

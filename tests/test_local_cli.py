@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,10 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from manifests.errors import RuntimeFailure
 from packager.commands.local_cmds import read_records, scoring_url, server_message
-from tests.conftest import Publisher, free_port, make_publisher
+from packager.sdk.scoring import post_score
+from tests.conftest import REPO, Publisher, free_port, make_publisher
 from tests.engines import EngineFailed, start_on_free_ports
 from tests.factory import FAILING_SCORE_PY, Defect, Forge, default_files
+
+README = REPO / "README.md"
 
 Samples = dict[str, list[object]]
 
@@ -40,6 +45,18 @@ def edgepack(
 def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "EDGEPACK_HOME": str(home), "COLUMNS": "200"}
 
+
+
+def readme_call(base: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """The README's ``edgepack call … --data '…'`` command, run by a shell as a reader would
+    paste it, against ``base`` instead of the README's port."""
+    found = re.search(r"^edgepack call http://127\.0\.0\.1:8890 --data '[^']*'$", README.read_text(), re.M)
+    assert found is not None, "the README's 'edgepack call --data' example"
+    command = found.group(0).replace("http://127.0.0.1:8890", base)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=120, env={**_env(home), "PATH": path}
+    )
 
 
 def write_trust(path: Path, publisher: Publisher) -> Path:
@@ -100,15 +117,22 @@ def test_serve_and_call_score_the_digits_model_over_http(
         direct = httpx.post(base + "/score", content=request.read_bytes(), timeout=30)
         called = edgepack("call", base, "--file", request, home=home)
         failed = edgepack("call", base + "/score", "--data", '{"data": [[1, 2]]}', home=home)
+        as_in_readme = readme_call(base, home)
+        with pytest.raises(RuntimeFailure, match=r"run\(\) raised .*reshape"):  # what service.run() raises
+            post_score(base, b'{"data": [[1, 2]]}')
 
     assert direct.status_code == 200
     assert direct.json()["predictions"] == digits_samples["expected"]
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout)["predictions"] == digits_samples["expected"]
-    # run() raised: one line with the status and the server's reason, exit code 4
-    assert failed.returncode == 4
+    # The README's example, typed as it stands (one 8x8 image of a zero), runs.
+    assert as_in_readme.returncode == 0, as_in_readme.stderr
+    assert json.loads(as_in_readme.stdout)["predictions"] == [0]
+    # run() raised: one line with the status and the server's reason, and the exit code of a
+    # module that failed (5), not of a transfer that failed (4)
+    assert failed.returncode == 5, failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
-    assert "HTTP 500" in failed.stderr and "reshape" in failed.stderr
+    assert "HTTP 500" in failed.stderr and "run() raised" in failed.stderr and "reshape" in failed.stderr
     # the module was unpacked into $EDGEPACK_HOME/cache, under its manifest digest
     modules = list((home / "cache" / "modules").iterdir())
     assert len(modules) == 1 and (modules[0] / "model" / "digits.onnx").is_file()

@@ -18,7 +18,7 @@ from manifests.desired import (
     verify_desired,
 )
 from manifests.errors import TrustError
-from manifests.module import check_relative_path
+from manifests.module import check_relative_path, model_tags, tagged_models
 from manifests.reported import ModuleStatus, ReportedState
 from manifests.signing import key_id
 from manifests.states import ServiceState
@@ -278,3 +278,10 @@ def test_the_sound_state_the_forge_starts_from_is_accepted(forge: Forge) -> None
         applied_generation=4, now=NOW,
     )  # fmt: skip
     assert got.generation == 5
+
+
+def test_model_tags_keep_the_order_models_were_given_in() -> None:
+    refs = [f"m{i}:{i}" for i in range(12, 0, -1)]  # more than 9: "10" must not sort before "2"
+    tags = {"team": "vision", **model_tags(refs), "edgepack.model.x": "not a numbered tag"}
+    assert tagged_models(tags) == refs
+    assert tagged_models({"team": "vision"}) == []

@@ -169,6 +169,11 @@ class DeviceServiceOut(BaseModel):
     endpoint: str | None = Field(default=None, description="where the device serves it (its report)")
     serving_version: str | None = None
     progress: Progress | None = Field(default=None, description="download/pull progress while Transitioning")
+    generation: int | None = Field(
+        default=None,
+        description="the desired-state generation the device's report is about: a wait for a change "
+        "compares it with the generation the change issued to that device",
+    )
 
 
 class DeploymentOut(BaseModel):
@@ -264,6 +269,7 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
                 endpoint=status.endpoint if status is not None else None,
                 serving_version=status.serving_version if status is not None else None,
                 progress=status.progress if status is not None and moving else None,
+                generation=status.generation if status is not None else None,
             )
         )
     return DeploymentOut(

@@ -1,7 +1,9 @@
 """Which deployments use a module or a model: a delete of either is refused while any does.
 
-A model counts as used when one of its file digests is among the ``model/`` files of a
-deployed module's manifest (that is how a registered model travels inside a module).
+A model counts as used when a deployed module's signed manifest names it as a model it was
+built from (``manifests.module.MODEL_TAG_PREFIX`` tags, which ``Model.deploy`` and
+``edgepack deploy --ic`` write). Byte-identical files in another service's module do not make
+it used: its blobs stay held by that module's own file rows whatever happens to the model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from cloud_hub.fleet.tables import Deployment, FleetLock
 from cloud_hub.registry.blob_refs import release_blobs
 from cloud_hub.registry.tables import ModelVersion, Module, ModuleFile
 from cloud_hub.store.blobs import BlobStore
-from manifests.module import MODEL_ROOT
+from manifests.module import MODEL_ROOT, tagged_models
+from manifests.signing import parse_envelope
 
 
 def lock_fleet(session: Session) -> None:
@@ -42,15 +45,25 @@ def deployments_using_model(session: Session, model: ModelVersion) -> list[str]:
     digests = {f.digest for f in model.files}
     if not digests:
         return []
-    rows = session.scalars(
-        select(Deployment.name)
+    # A module built from the model holds its files: the digests narrow the deployments to
+    # read, the module's signed tags decide.
+    candidates = session.execute(
+        select(Deployment.name, Module.manifest)
         .join(Module, Module.manifest_digest == Deployment.manifest_digest)
-        .join(ModuleFile, ModuleFile.module_id == Module.id)
-        .where(ModuleFile.path.startswith(MODEL_ROOT + "/"), ModuleFile.digest.in_(digests))
-        .distinct()
+        .where(
+            Module.id.in_(
+                select(ModuleFile.module_id).where(
+                    ModuleFile.path.startswith(MODEL_ROOT + "/"), ModuleFile.digest.in_(digests)
+                )
+            )
+        )
         .order_by(Deployment.name)
     )
-    return list(rows)
+    return [
+        name
+        for name, manifest in candidates
+        if model.ref in tagged_models(parse_envelope(manifest, what="stored manifest").signed.get("tags", {}))
+    ]
 
 
 def refuse_if_used(what: str, deployments: list[str]) -> None:

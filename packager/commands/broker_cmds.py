@@ -21,7 +21,7 @@ from packager.commands.registry_cmds import hub_app
 def broker_config_cmd(
     out: Annotated[Path, typer.Option("--out", help="folder for mosquitto.conf, passwd and acl")],
     data_dir: Annotated[
-        Path | None, typer.Option(help="the hub's data dir (default ~/.edgepack/hub)")
+        Path | None, typer.Option(help="the hub's data dir (default $EDGEPACK_HOME/hub)")
     ] = None,
     db: Annotated[str | None, typer.Option(help="the hub's SQLAlchemy URL")] = None,
     topic_prefix: Annotated[str, typer.Option(help="MQTT topic prefix, as the hub's")] = "edgepack",

@@ -24,10 +24,12 @@ from packager.commands.options import (
     HubOption,
     JsonOption,
     TokenOption,
+    confirm,
     connect,
     model_version,
     parse_pairs,
     parse_target,
+    request_body,
     split_ref,
 )
 from packager.commands.output import print_change, print_json, when
@@ -236,7 +238,7 @@ def revoke_device_cmd(
 ) -> None:
     """Refuse the device's credentials and withdraw its desired state."""
     if not yes and not as_json:
-        typer.confirm(f"revoke device {device_id}? Its services stop being desired", abort=True)
+        confirm(f"revoke device {device_id}? Its services stop being desired", f"revoke device {device_id}")
     with connect(hub, token) as connected:
         change = Device(connected, device_id).revoke()
     if as_json:
@@ -278,7 +280,11 @@ def deploy_cmd(
     new module (signed with your key, only what the hub lacks is uploaded), as
     'az ml model deploy -m MODEL:VERSION --ic ... --dc ...' does.
     """
-    ref_name, version = split_ref(module, need_version=True)
+    if ic is None:
+        hint = "; with --ic, -m names a registered model instead"
+        ref_name, version = split_ref(module, need_version=True, kind="module", hint=hint)
+    else:
+        ref_name, version = split_ref(module, need_version=True)
     where = parse_target(target, selector)
     config = DeploymentConfig.from_file(dc) if dc is not None else None
     inference = InferenceConfig.from_file(ic) if ic is not None else None
@@ -339,8 +345,9 @@ def show_service_cmd(
     with connect(hub, token) as connected:
         service = Service(connected, name)
     s: dict[str, Any] = service.record.raw
+    uris = {"scoring_uri": service.scoring_uri, "swagger_uri": service.swagger_uri}
     if as_json:
-        print_json(s)
+        print_json({**s, **uris})
         return
     console.print(
         Text.assemble(
@@ -352,6 +359,8 @@ def show_service_cmd(
         )
     )
     console.print(Text.assemble("state ", state_text(s["state"])))
+    for label, uri in uris.items():
+        console.print(f"{label}  {uri or '- (on no Healthy device yet)'}", highlight=False, soft_wrap=True)
     console.print(devices_table(service.record))
 
 
@@ -398,7 +407,7 @@ def delete_service_cmd(
 ) -> None:
     """Delete a service; its devices stop running it."""
     if not yes and not as_json:
-        typer.confirm(f"delete service {name} from every device?", abort=True)
+        confirm(f"delete service {name} from every device?", f"delete service {name}")
     with connect(hub, token) as connected:
         change = Service(connected, name).delete()
     if as_json:
@@ -463,3 +472,34 @@ def wait_service_cmd(
         print_json(service.record.raw)
     else:
         console.print(f"[green]service {name} is Healthy on {len(service.devices)} device(s)[/]")
+
+
+@service_app.command("run")
+def run_service_cmd(
+    name: str,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="request body (JSON)")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="file holding the request body")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="the device to call (default: the first Healthy one)")
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(envvar="EDGEPACK_SERVICE_KEY", help="endpoint key (default: the service's primary)"),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer", min=0.1)] = 30.0,
+    hub: HubOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Score one request on a deployed service and print its JSON answer (Azure's service.run).
+
+    The hub says where the service answers (a Healthy device's endpoint); the request goes
+    there, with the primary key of an authEnabled service and over HTTPS for an sslEnabled
+    one. Exit code 5 when the service's run() raised, 4 when it cannot be reached.
+    """
+    body = request_body(data, file)
+    with connect(hub, token) as connected:
+        answer = Service(connected, name).run(body.decode(), device, key=key, timeout=timeout)
+    if isinstance(answer, str):
+        console.print(answer, markup=False, highlight=False)
+    else:
+        console.print_json(data=answer)

@@ -27,7 +27,7 @@ from rich.progress import (
 from edge_agent.cache import InstalledModule
 from manifests.errors import ConfigError, EdgepackError, RuntimeFailure
 from packager.app import app, console
-from packager.commands.options import CacheOption, TrustOption, bars
+from packager.commands.options import CacheOption, TrustOption, bars, request_body
 from packager.files import atomic_output
 from packager.sdk.local import install_bundle, trust_store
 from packager.sdk.scoring import decode_answer, post_score, scoring_url, tls_verify
@@ -88,26 +88,6 @@ def serve_cmd(
 # --- call ----------------------------------------------------------------------------------
 
 
-def request_body(data: str | None, file: Path | None) -> bytes:
-    """The request body from ``--data`` or ``--file``; it must be JSON, as scoring expects."""
-    if (data is None) == (file is None):
-        raise ConfigError("pass exactly one of --data JSON or --file FILE")
-    if file is not None:
-        try:
-            body = file.read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"{file}: request file not found") from None
-        what = str(file)
-    else:
-        assert data is not None
-        body, what = data.encode(), "--data"
-    try:
-        orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"{what}: not valid JSON ({exc})") from None
-    return body
-
-
 @app.command("call")
 def call_cmd(
     url: Annotated[str, typer.Argument(help="service URL; /score is added when it has no path")],
@@ -130,7 +110,8 @@ def call_cmd(
 ) -> None:
     """POST one request to a scoring service and print its JSON answer.
 
-    Exit code 4 when the service cannot be reached or answers with an error status.
+    Exit code 5 when the service's run() raised, 4 when the service cannot be reached or
+    answers with another error status.
     """
     body = request_body(data, file)
     response = post_score(scoring_url(url), body, key=key, verify=tls_verify(ca), timeout=timeout)

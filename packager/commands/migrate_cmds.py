@@ -16,7 +16,7 @@ from packager.commands.registry_cmds import hub_app
 def migrate_cmd(
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite:///DATA_DIR/hub.db)")] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="the hub's data dir (default ~/.edgepack/hub)")
+        Path | None, typer.Option(help="the hub's data dir (default $EDGEPACK_HOME/hub)")
     ] = None,
 ) -> None:
     """Upgrade the database schema (back it up first; safe to run again). Flags override
@@ -37,7 +37,7 @@ def migrate_cmd(
 def copy_blobs_cmd(
     to: Annotated[str, typer.Option("--to", help="target blob store, s3://BUCKET?endpoint=URL")],
     data_dir: Annotated[
-        Path | None, typer.Option(help="the hub whose blobs to copy (default ~/.edgepack/hub)")
+        Path | None, typer.Option(help="the hub whose blobs to copy (default $EDGEPACK_HOME/hub)")
     ] = None,
     blob_store: Annotated[
         str | None, typer.Option(help="its blob store, when not DATA_DIR/blobs")

@@ -7,9 +7,11 @@ Command modules share these instead of importing each other: where the hub is (`
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
 
 from manifests.errors import ConfigError
@@ -42,14 +44,29 @@ def connect(hub: str | None, token: str | None) -> Hub:
     return connected
 
 
-def split_ref(ref: str, *, need_version: bool) -> tuple[str, str]:
-    """``NAME:VERSION`` (or ``NAME`` = latest when the version may be omitted)."""
+def confirm(question: str, action: str) -> None:
+    """Ask ``question`` at a terminal (a no aborts). Elsewhere nobody can answer: refuse
+    ``action`` naming ``--yes``, rather than abort with a bare "Aborted."."""
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            f"{action}: input is not a terminal, so it cannot be confirmed; "
+            f"pass --yes to {action.split()[0]} without being asked"
+        )
+    typer.confirm(question, abort=True)
+
+
+def split_ref(ref: str, *, need_version: bool, kind: str = "model", hint: str = "") -> tuple[str, str]:
+    """``NAME:VERSION`` of a ``kind`` (model or module), or ``NAME`` = latest when the version
+    may be omitted; ``hint`` is added to the message for a missing version."""
     name, sep, version = ref.partition(":")
     if not name or (sep and not version):
         raise ConfigError(f"{ref!r} is not NAME:VERSION")
     if not sep:
         if need_version:
-            raise ConfigError(f"give the exact version: {ref}:VERSION ('edgepack model list' shows them)")
+            raise ConfigError(
+                f"give the {kind}'s exact version: {ref}:VERSION, e.g. {ref}:1 "
+                f"('edgepack {kind} list --name {ref}' shows them){hint}"
+            )
         version = "latest"
     return name, version
 
@@ -87,3 +104,23 @@ def parse_target(targets: list[str] | None, selector: str | None) -> Devices | S
             raise ConfigError(f"--target {text!r}: write it as device:ID (repeat for several devices)")
         ids.append(value)
     return Devices(ids)
+
+
+def request_body(data: str | None, file: Path | None) -> bytes:
+    """The request body from ``--data`` or ``--file``; it must be JSON, as scoring expects."""
+    if (data is None) == (file is None):
+        raise ConfigError("pass exactly one of --data JSON or --file FILE")
+    if file is not None:
+        try:
+            body = file.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: request file not found") from None
+        what = str(file)
+    else:
+        assert data is not None
+        body, what = data.encode(), "--data"
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{what}: not valid JSON ({exc})") from None
+    return body

@@ -50,7 +50,7 @@ app.add_typer(module_app, name="module")
 def serve_cmd(
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite:///DATA_DIR/hub.db)")] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="blobs, database, keys (default ~/.edgepack/hub)")
+        Path | None, typer.Option(help="blobs, database, keys (default $EDGEPACK_HOME/hub)")
     ] = None,
     host: Annotated[str | None, typer.Option(help="address to listen on (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on (default 8800)")] = None,
@@ -367,7 +367,7 @@ def module_show_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Show a pushed module: signers, entry script, runtime and files."""
-    name, version = split_ref(ref, need_version=True)
+    name, version = split_ref(ref, need_version=True, kind="module")
     with connect(hub, token) as connected:
         m: dict[str, Any] = Module(connected, name, version).record.raw
     if as_json:
@@ -389,7 +389,7 @@ def module_download_cmd(
     token: TokenOption = None,
 ) -> None:
     """Download a pushed module as a signed .edgepack (the same bytes 'edgepack build' wrote)."""
-    name, version = split_ref(ref, need_version=True)
+    name, version = split_ref(ref, need_version=True, kind="module")
     with connect(hub, token) as connected:
         target = Module(connected, name, version).download(out)
     console.print(f"[green]downloaded[/] {name}:{version} to {target}")
@@ -402,7 +402,7 @@ def module_delete_cmd(
     token: TokenOption = None,
 ) -> None:
     """Delete a module version (refused while a deployment uses it)."""
-    name, version = split_ref(ref, need_version=True)
+    name, version = split_ref(ref, need_version=True, kind="module")
     with connect(hub, token) as connected:
         result = Module(connected, name, version).delete()
     console.print(f"[green]deleted[/] module {result.deleted} ({len(result.freed_blobs)} blobs freed)")

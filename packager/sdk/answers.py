@@ -145,11 +145,19 @@ class DeviceServiceState(_Answer):
     endpoint: str | None = Field(default=None, description="e.g. http://10.0.0.5:8890, as the device reports")
     serving_version: str | None = None
     progress: Progress | None = Field(default=None, description="a download or pull under way")
+    generation: int | None = Field(default=None, description="the desired-state generation reported on")
 
     @property
     def final(self) -> bool:
         """Healthy or Failed: nothing will change without a new deployment."""
         return self.state in (ServiceState.HEALTHY, ServiceState.FAILED)
+
+    def final_for(self, issued: int | None) -> bool:
+        """Final, and about generation ``issued`` (a change's) or a later one: a device's
+        report on an earlier generation is the state from before the change."""
+        if issued is not None and self.generation is not None and self.generation < issued:
+            return False
+        return self.final
 
 
 class ServiceRecord(_Answer):

@@ -35,6 +35,10 @@ class HubConfig:
         path: Path | None = None,
     ) -> HubConfig:
         """The hub to talk to; a :class:`ConfigError` saying how to name one when none is."""
+        if path is not None and not path.is_file():
+            # A file the caller named is never "no login": say which one is missing.
+            why = "is a folder, not a file" if path.is_dir() else "file not found"
+            raise ConfigError(f"{path}: {why}; name the config.json that 'edgepack login' wrote")
         saved = read_saved(path or hub_config_path())
         url = url or os.environ.get("EDGEPACK_HUB_URL") or saved.get("hub_url")
         token = token or os.environ.get("EDGEPACK_TOKEN") or saved.get("token")

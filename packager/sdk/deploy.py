@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from manifests.module import MODEL_ROOT, FileEntry, ModuleManifest
+from manifests.module import MODEL_ROOT, FileEntry, ModuleManifest, model_tags
 from packager.build import AssembledModule, BuildSpec, assemble_module, collect_files, spec_from_configs
 from packager.keys import read_private_key
 from packager.sdk.answers import PushResult, ServiceRecord
@@ -175,6 +175,8 @@ def deploy_models(
         deployment_config=deployment_config.document if deployment_config else None,
     )
     spec.exclude.add(hub.key_path)
+    # The hub counts a model as used by a deployment only through these signed tags.
+    spec.tags = {**spec.tags, **model_tags([m.id for m in checked])}
     collect_files(spec)  # the entry script, its folder and every file in it, checked now
     image = inference_config.document.docker_image()
     if image is not None:

@@ -157,6 +157,11 @@ def raise_for_hub_error(response: httpx.Response) -> None:
         raise hub_error(response)
 
 
+class ScoringRunFailed(RuntimeFailure):
+    """The scoring service was reached and its ``run()`` raised (HTTP 500 naming the
+    exception): the module's own failure, not the transfer's, so exit code 5, not 4."""
+
+
 class DeploymentFailed(RuntimeFailure):
     """A service ended in a final state other than Healthy on at least one device, or
     targets no device at all. ``devices`` holds every device's state and reason."""

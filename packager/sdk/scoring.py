@@ -14,7 +14,7 @@ import httpx
 import orjson
 
 from manifests.errors import ConfigError, FetchError
-from packager.sdk.errors import BadArgument
+from packager.sdk.errors import BadArgument, ScoringRunFailed
 
 
 def scoring_url(url: str) -> str:
@@ -72,6 +72,16 @@ def server_message(body: bytes) -> str:
     return text[:300] + ("…" if len(text) > 300 else "") or "(empty response)"
 
 
+def _names_an_exception(body: bytes) -> bool:
+    """Whether an error body has the scoring server's ``{"error": …, "type": CLASS}`` form,
+    which it sends when ``run()`` raised (a proxy's 500 page does not)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("type"), str) and "error" in doc
+
+
 def tls_verify(ca: Path | None) -> ssl.SSLContext | bool:
     """Verify an HTTPS service against ``ca`` when given, else against the system's CAs."""
     if ca is None:
@@ -108,6 +118,11 @@ def post_score(
         ) from None
     except httpx.HTTPError as exc:
         raise FetchError(f"{target}: {exc.__class__.__name__}: {exc}") from None
+    if response.status_code == 500 and _names_an_exception(response.content):
+        raise ScoringRunFailed(
+            f"{target}: HTTP 500, the service's run() raised {server_message(response.content)}; "
+            "its log says where ('edgepack service logs' for a deployed one)"
+        )
     if not response.is_success:
         raise FetchError(
             f"{target}: HTTP {response.status_code} {response.reason_phrase}: "

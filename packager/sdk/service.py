@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from manifests.desired import DeploymentSettings
 from manifests.errors import FetchError, RuntimeFailure
 from manifests.logs import MAX_TAIL
+from manifests.module import tagged_models
 from manifests.states import ServiceState
 from packager.sdk.answers import (
     Deployed,
@@ -95,10 +96,18 @@ class Service:
     @property
     def scoring_uri(self) -> str | None:
         """The scoring URL of the first Healthy device (each device has its own)."""
+        return self._healthy_uri("/score")
+
+    @property
+    def swagger_uri(self) -> str | None:
+        """The OpenAPI document of the first Healthy device's endpoint (Azure's ``swagger_uri``)."""
+        return self._healthy_uri("/swagger.json")
+
+    def _healthy_uri(self, path: str) -> str | None:
         device = next((d for d in self._healthy()), None)
         if device is None or device.endpoint is None:
             return None
-        return f"{self._url(device.endpoint)}/score"
+        return f"{self._url(device.endpoint)}{path}"
 
     def _url(self, endpoint: str) -> str:
         # A TLS service answers HTTPS where the device says it listens.
@@ -156,7 +165,7 @@ class Service:
                 self.refresh()
                 self._report(report)
         if not self._settled():
-            pending = [d.device_id for d in self.record.devices if not d.final]
+            pending = [d.device_id for d in self.record.devices if not self._final(d)]
             raise DeploymentTimeout(
                 f"service {self.name} did not settle within {limit:g}s: still {self.state} on "
                 f"{', '.join(pending)}; check 'edgepack device show' for those devices",
@@ -172,11 +181,18 @@ class Service:
             )
 
     def _settled(self) -> bool:
-        return bool(self.record.devices) and all(d.final for d in self.record.devices)
+        return bool(self.record.devices) and all(self._final(d) for d in self.record.devices)
+
+    def _final(self, device: DeviceServiceState) -> bool:
+        # After a change made through this object, a device's report on an earlier generation
+        # is the state from before it (a settings change keeps the module's digest, so nothing
+        # else tells the two apart): wait for the generation the change issued to the device.
+        issued = self.deployed.issued.get(device.device_id) if self.deployed is not None else None
+        return device.final_for(issued)
 
     def _report(self, report: Any) -> None:
         if report is not None:
-            done = sum(1 for d in self.record.devices if d.final)
+            done = sum(1 for d in self.record.devices if self._final(d))
             report(
                 ProgressEvent(
                     f"waiting for {self.name}", done, len(self.record.devices), "devices", self.record
@@ -297,13 +313,20 @@ class Service:
         """Change what the service runs, how, or where; unnamed parts stay as they are.
 
         ``models`` with ``inference_config`` build and deploy a new module version (as
-        :meth:`Model.deploy`); ``module`` deploys a pushed one; ``deployment_config`` replaces
-        the settings; ``target`` the devices.
+        :meth:`Model.deploy`); ``inference_config`` alone builds it with the models the
+        service's module was built from; ``module`` deploys a pushed one;
+        ``deployment_config`` replaces the settings; ``target`` the devices.
+        :meth:`wait_for_deployment` afterwards waits for the states this change brings.
         """
-        if (models is None) != (inference_config is None):
-            raise BadArgument("Service.update: give models and inference_config together (a new build)")
-        if models is not None and module is not None:
-            raise BadArgument("Service.update: give models (a new build) or module, not both")
+        if models is not None and inference_config is None:
+            raise BadArgument(
+                "Service.update: models need the inference_config to build them with (the entry "
+                "script is not kept on the hub)"
+            )
+        if inference_config is not None and module is not None:
+            raise BadArgument("Service.update: give inference_config (a new build) or module, not both")
+        if inference_config is not None and models is None:
+            models = self._models_built_from()
         new_target = check_target(target, "Service.update") if target is not None else None
         if models is not None:
             from packager.sdk.deploy import deploy_models
@@ -331,6 +354,29 @@ class Service:
             self.workspace, self.name, ref, deployment_config, new_target, keep=self.record
         )
         self.record, self.deployed = updated.record, updated.deployed
+
+    def _models_built_from(self) -> builtins.list[Model]:
+        """The registered models the service's module was built from, as its signed tags say."""
+        from packager.sdk.model import Model
+        from packager.sdk.module import Module
+
+        module = Module(self.workspace, self.record.module, self.record.version)
+        refs = tagged_models(module.manifest.tags)
+        if not refs:
+            raise BadArgument(
+                f"Service.update: module {module.id} names no registered model it was built from "
+                "(it was pushed, or built before edgepack recorded them); pass models=[...] too"
+            )
+        models = []
+        for ref in refs:
+            name, _, version = ref.rpartition(":")
+            if not name or not version.isdigit():
+                raise BadArgument(
+                    f"Service.update: module {module.id} names a model as {ref!r}, not NAME:VERSION; "
+                    "pass models=[...] too"
+                )
+            models.append(Model(self.workspace, name, int(version)))
+        return models
 
     def delete(self) -> FleetChange:
         """Delete the service; its devices stop running it."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from cloud_hub.broker.mosquitto import HUB_PASSWORD_FILE, MosquittoAccounts
 from cloud_hub.broker.passwords import hash_password
@@ -82,3 +85,29 @@ def test_hub_generates_and_uses_its_own_broker_password(
         hub.link.publish_desired("dev-1", b"state")  # the hub's ACL lets it publish anywhere
     finally:
         hub.close()
+
+
+def test_the_hub_data_dir_follows_edgepack_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPACK_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EDGEPACK_HUB_DATA_DIR", raising=False)
+    assert HubSettings().data_dir == tmp_path / "home" / "hub"
+    monkeypatch.setenv("EDGEPACK_HUB_DATA_DIR", str(tmp_path / "elsewhere"))  # still the override
+    assert HubSettings().data_dir == tmp_path / "elsewhere"
+
+
+def test_cli_broker_config_without_data_dir_writes_into_edgepack_home(tmp_path: Path) -> None:
+    home, user_home = tmp_path / "edgepack-home", tmp_path / "user"
+    user_home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
+    env.update({"EDGEPACK_HOME": str(home), "HOME": str(user_home), "COLUMNS": "1000"})
+    run = subprocess.run(
+        [sys.executable, "-m", "packager", "hub", "broker-config", "--out", str(tmp_path / "broker")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (home / "hub" / HUB_PASSWORD_FILE).is_file()
+    assert f"--data-dir {home / 'hub'} " in run.stdout
+    assert not (user_home / ".edgepack").exists()

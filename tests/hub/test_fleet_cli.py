@@ -38,7 +38,12 @@ def env_for(home: Path, hub: RunningHub) -> dict[str, str]:
 
 def run(home: Path, hub: RunningHub, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [EDGEPACK, *args], env=env_for(home, hub), capture_output=True, text=True, timeout=120
+        [EDGEPACK, *args],
+        env=env_for(home, hub),
+        stdin=subprocess.DEVNULL,  # as in a script or CI job: no terminal to answer a question
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -123,6 +128,18 @@ def test_enroll_deploy_tag_and_services(hub: HubFactory, publisher: Publisher, t
         run(home, h, "deploy", "-n", "x", "-m", "digits:1", "--dc", str(dc), "--selector", "a=b"), 2
     )
 
+    # -m without a version names a module here (a model only with --ic): say which list.
+    missing = one_line_error(
+        run(home, h, "deploy", "-n", "x", "-m", "digits", "--target", "device:edge-1"), 2
+    )
+    assert "digits:VERSION" in missing and "'edgepack module list --name digits'" in missing
+    assert "model list" not in missing
+
+    # Without a terminal nobody can answer "are you sure": say --yes, and change nothing.
+    for args in (("service", "delete", "digits"), ("device", "revoke", "edge-1")):
+        refused = one_line_error(run(home, h, *args), 2)
+        assert "--yes" in refused and "Aborted" not in refused
+    assert ok_json(run(home, h, "service", "list", "--json"))[0]["name"] == "digits"
     assert run(home, h, "service", "delete", "digits", "--yes").returncode == 0
     assert "digits" in one_line_error(run(home, h, "service", "show", "digits"), 2)
     assert run(home, h, "device", "revoke", "edge-1", "--yes").returncode == 0
@@ -130,7 +147,13 @@ def test_enroll_deploy_tag_and_services(hub: HubFactory, publisher: Publisher, t
 
 
 def report(
-    probe: MqttProbe, prefix: str, device_id: str, digest: str, state: ServiceState, reason: str | None = None
+    probe: MqttProbe,
+    prefix: str,
+    device_id: str,
+    digest: str,
+    state: ServiceState,
+    reason: str | None = None,
+    endpoint: str | None = None,
 ) -> None:
     now = datetime.now(UTC)
     body = ReportedState(
@@ -139,7 +162,14 @@ def report(
         agent_version="test-1",
         applied_generation=2,
         modules=[
-            ModuleStatus(service="digits", manifest_digest=digest, state=state, reason=reason, since=now)
+            ModuleStatus(
+                service="digits",
+                manifest_digest=digest,
+                state=state,
+                reason=reason,
+                since=now,
+                endpoint=endpoint,
+            )
         ],
     )
     probe.publish(f"{prefix}/devices/{device_id}/reported", body.model_dump_json(by_alias=True), retain=True)
@@ -175,12 +205,27 @@ def test_service_wait_follows_reported_states(
         assert waiting.stdout.readline().startswith("digits on edge-2: ")
         report(probe, topic_prefix, "edge-1", mod.digest, ServiceState.TRANSITIONING)
         assert waiting.stdout.readline() == "digits on edge-1: Transitioning\n"
-        report(probe, topic_prefix, "edge-2", mod.digest, ServiceState.HEALTHY)
-        report(probe, topic_prefix, "edge-1", mod.digest, ServiceState.HEALTHY)
+        report(
+            probe, topic_prefix, "edge-2", mod.digest, ServiceState.HEALTHY, endpoint="http://10.0.0.2:8890"
+        )
+        report(
+            probe, topic_prefix, "edge-1", mod.digest, ServiceState.HEALTHY, endpoint="http://10.0.0.1:8890"
+        )
         stdout, stderr = waiting.communicate(timeout=90)
         assert waiting.returncode == 0, stderr
         assert "digits on edge-1: Healthy" in stdout and "digits on edge-2: Healthy" in stdout
         assert "Healthy on 2 device(s)" in stdout
+
+        # Where to call it, as Azure's service.scoring_uri / swagger_uri say.
+        shown = run(home, h, "service", "show", "digits")
+        assert shown.returncode == 0, shown.stderr
+        assert "scoring_uri  http://10.0.0.1:8890/score" in shown.stdout
+        assert "swagger_uri  http://10.0.0.1:8890/swagger.json" in shown.stdout
+        uris = ok_json(run(home, h, "service", "show", "digits", "--json"))
+        assert (uris["scoring_uri"], uris["swagger_uri"]) == (
+            "http://10.0.0.1:8890/score",
+            "http://10.0.0.1:8890/swagger.json",
+        )
 
         report(probe, topic_prefix, "edge-2", mod.digest, ServiceState.FAILED, "init() raised KeyError")
         failed = one_line_error(

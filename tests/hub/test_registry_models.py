@@ -12,6 +12,7 @@ from cloud_hub.registry.tags import matches, parse_filters, parse_tags
 from manifests.canonical import canonical_json
 from manifests.digests import sha256_digest
 from manifests.errors import ConfigError
+from manifests.module import model_tags
 from tests.factory import Forge
 from tests.hub.blob_support import leave_a_crashed_upload, leftovers
 from tests.hub.conftest import HubFactory
@@ -196,21 +197,32 @@ def test_deleted_versions_are_not_reused_and_shared_blobs_stay(hub: HubFactory) 
     assert stored_blobs(running) == {sha256_digest(b"two"), sha256_digest(b"three")}
 
 
-def test_a_model_inside_a_deployed_module_cannot_be_deleted(hub: HubFactory, forge: Forge) -> None:
+def test_a_model_a_deployed_module_was_built_from_cannot_be_deleted(hub: HubFactory, forge: Forge) -> None:
     running = hub()
     weights = canonical_json({"factor": 5})
+    files = {"src/score.py": b"#\n", "model/model.json": weights}
     with running.client() as client:
         register(client, "factor", {"model.json": weights})
-        module = push(
-            client, forge.bundle(name="scaler", files={"src/score.py": b"#\n", "model/model.json": weights})
-        )
+        register(client, "twin", {"model.json": weights})  # the same bytes, another model
+        module = push(client, forge.bundle(name="scaler", files=files, tags=model_tags(["factor:1"])))
         add_deployment(running, "scaler-berlin", module.json())
         add_deployment(running, "scaler-paris", module.json())
+        # A module that holds the same bytes but was not built from a registered model.
+        local = push(client, forge.bundle(name="local", files=files))
+        add_deployment(running, "local-munich", local.json())
         refused = client.delete("/api/v1/models/factor/versions/1")
         assert refused.status_code == 409
         message = refused.json()["error"]["message"]
         assert "'scaler-berlin'" in message and "'scaler-paris'" in message
+        assert "local-munich" not in message
         assert client.get("/api/v1/models/factor/versions/1").status_code == 200
+
+        # Byte-identical files in other services' modules do not make the twin used; its
+        # delete frees no blob those modules hold.
+        gone = client.delete("/api/v1/models/twin/versions/1")
+        assert gone.status_code == 200, gone.text
+        assert gone.json()["freed_blobs"] == []
+        assert client.get(f"/api/v1/blobs/{sha256_digest(weights)}").status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,11 @@ process; every request the SDK sends is recorded from its own HTTP client."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +15,16 @@ import pytest
 from manifests.digests import sha256_digest
 from manifests.states import ServiceState
 from packager.sdk import (
+    BadArgument,
     DeploymentConfig,
     Devices,
     Environment,
     Hub,
+    HubConflict,
     HubNotFound,
     InferenceConfig,
     Model,
+    Module,
     Selector,
     Service,
     ServiceExists,
@@ -43,6 +50,20 @@ def source_folder(root: Path, comment: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "score.py").write_text((EXAMPLE / "score.py").read_text() + comment)
     return folder
+
+
+def edgepack_cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``edgepack`` command, logged in to the fleet's hub through the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
+    env.update({"EDGEPACK_HUB_URL": fleet.hub.url, "EDGEPACK_TOKEN": fleet.hub.admin_token, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "packager", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def inference_config(hub: Hub, folder: Path) -> InferenceConfig:
@@ -145,6 +166,9 @@ def test_hub_deploy_of_a_pushed_module_and_a_wait_that_times_out(
         service.wait_for_deployment(timeout=1, interval=0.2)
     assert "edge-9" in str(timeout.value) and timeout.value.exit_code == 5
     assert [(d.device_id, d.state) for d in timeout.value.devices] == [("edge-9", None)]
+    # A pushed module names no registered model it was built from: a rebuild needs them given.
+    with pytest.raises(BadArgument, match="names no registered model"):
+        service.update(inference_config=InferenceConfig(entry_script=str(EXAMPLE / "score.py")))
 
 
 def test_what_a_device_enrolment_answers_and_tags_change(hub_sdk: Hub, tmp_path: Path) -> None:
@@ -181,3 +205,54 @@ def test_several_models_lie_where_azure_puts_them(hub_sdk: Hub, tmp_path: Path) 
         "model/first/1/a.onnx",
         "model/second/1/labels/names.txt",
     ]
+
+
+def test_a_wait_after_an_update_waits_for_that_update(
+    fleet: Fleet, sdk_home: Path, digits_model: Path, digits_samples: dict[str, list[object]], tmp_path: Path
+) -> None:
+    """A settings-only update keeps the module's digest: only the generation it issued tells
+    the device's new state from the old one. And an entry script alone rebuilds with the
+    models the service was built from."""
+    agent = fleet.device("edge-1").start()
+    hub = sdk_hub(fleet.hub)
+    model = Model.register(hub, model_path=digits_model / "digits.onnx", model_name="digits")
+    first_port, second_port = free_port(), free_port()
+    service = Model.deploy(
+        hub,
+        "digits-svc",
+        [model],
+        inference_config(hub, source_folder(tmp_path)),
+        DeploymentConfig(port=first_port),
+        target=Devices(["edge-1"]),
+    )
+    service.wait_for_deployment(timeout=120)
+    data = {"data": digits_samples["data"][:2]}
+
+    service.update(deployment_config=DeploymentConfig(port=second_port, runtime="process"))
+    service.wait_for_deployment(timeout=120)  # returns once edge-1 reports the new generation
+    assert service.state == ServiceState.HEALTHY
+    assert [d.endpoint for d in service.devices] == [f"http://127.0.0.1:{second_port}"]
+    assert service.run(data)["predictions"] == digits_samples["expected"][:2]
+
+    # The same from the command line, through the hub's view of where the service answers.
+    called = edgepack_cli(fleet, "service", "run", "digits-svc", "--data", json.dumps(data))
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout)["predictions"] == digits_samples["expected"][:2]
+    raised = edgepack_cli(fleet, "service", "run", "digits-svc", "--data", '{"data": [[1, 2]]}')
+    assert raised.returncode == 5 and "run() raised" in raised.stderr, raised.stderr
+
+    with pytest.raises(BadArgument, match="inference_config"):
+        service.update(models=[model])  # the entry script to build them with is not on the hub
+
+    # What is not given stays: the models (from the module's signed tags) and the settings.
+    service.update(inference_config=inference_config(hub, source_folder(tmp_path / "v2", "\n# v2\n")))
+    assert service.module_version == "2" and service.settings.port == second_port
+    service.wait_for_deployment(timeout=120)
+    assert [(d.serving_version, d.endpoint) for d in service.devices] == [
+        ("2", f"http://127.0.0.1:{second_port}")
+    ]
+    agent.wait_state("digits-svc", "Healthy", version="2")
+    built = Module(hub, "digits-svc", "2").manifest
+    assert [f.digest for f in built.files if f.path == "model/digits.onnx"] == [model.files[0].digest]
+    with pytest.raises(HubConflict, match="'digits-svc'"):
+        model.delete()  # the rebuilt module still names the model it was built from

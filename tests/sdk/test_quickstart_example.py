@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.agent.conftest import Fleet
+from packager.sdk import DeploymentConfig, Devices, InferenceConfig, Model
+from tests.agent.conftest import Fleet, free_port
 from tests.conftest import EXAMPLE, REPO
+from tests.sdk.conftest import sdk_hub
 
 EXAMPLE_PORT = 8890  # what the example deploys to, as the seed's LocalWebservice does
 
@@ -38,6 +40,21 @@ def test_the_example_runs_the_azure_workflow_on_a_device(
     shutil.copy(EXAMPLE / "score.py", work / "score.py")
     for name in ("digits.onnx", "test_samples.json"):
         shutil.copy(digits_model / name, work / "model" / name)
+    # A hub that runs other services: one deployed from a model with the very same bytes.
+    with sdk_hub(fleet.hub) as hub:
+        other = Model.register(hub, model_path=digits_model / "digits.onnx", model_name="digits-other")
+        (tmp_path / "other").mkdir()
+        shutil.copy(EXAMPLE / "score.py", tmp_path / "other" / "score.py")
+        config = InferenceConfig(entry_script=str(tmp_path / "other" / "score.py"))
+        running = Model.deploy(
+            hub,
+            "other-service",
+            [other],
+            config,
+            DeploymentConfig(port=free_port()),
+            target=Devices("edge-1"),
+        )
+        running.wait_for_deployment(timeout=120)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
     env.update(
         {
@@ -65,10 +82,12 @@ def test_the_example_runs_the_azure_workflow_on_a_device(
     assert answer["predictions"] == digits_samples["expected"][:5]
     assert any("model loaded from" in line for line in lines), run.stdout  # get_logs: score.py's init()
 
-    # service.delete() and model.delete(): nothing of either is left on the hub.
+    # service.delete() and model.delete(): nothing of either is left on the hub, and the other
+    # service, whose model holds the same bytes, is untouched.
     with fleet.http() as http:
-        assert http.get("/api/v1/deployments").json() == {"deployments": []}
-        assert http.get("/api/v1/models").json() == []
-        [module] = http.get("/api/v1/modules").json()
+        assert [d["name"] for d in http.get("/api/v1/deployments").json()["deployments"]] == ["other-service"]
+        assert [m["name"] for m in http.get("/api/v1/models").json()] == ["digits-other"]
+        modules = {m["name"]: m for m in http.get("/api/v1/modules").json()}
+    module = modules["myservice"]
     assert (module["name"], module["version"]) == ("myservice", "1")
     assert [f["path"] for f in module["files"]] == ["model/digits.onnx", "src/score.py"]

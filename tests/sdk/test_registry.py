@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from manifests.digests import sha256_digest
 from manifests.errors import ConfigError, TrustError
-from packager.sdk import Hub as SdkHub
 from packager.sdk import (
+    Device,
+    Devices,
+    HubConflict,
     HubNotFound,
     HubTrustRefusal,
     HubUnauthorized,
@@ -18,7 +21,9 @@ from packager.sdk import (
     Model,
     Module,
     ProgressEvent,
+    Service,
 )
+from packager.sdk import Hub as SdkHub
 from tests.factory import Defect, Forge
 from tests.hub.conftest import HubFactory
 from tests.sdk.conftest import sdk_hub
@@ -136,3 +141,31 @@ def test_hub_from_config_and_a_wrong_token(
     assert SdkHub.from_config(other).url == "http://elsewhere.invalid"
     with sdk_hub(running) as direct:
         assert direct.url == running.url
+    # A file named that is not there is just that, whatever the environment or login say.
+    missing = tmp_path / "nowhere" / "config.json"
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(missing))}: file not found"):
+        SdkHub.from_config(missing)
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        SdkHub.from_config(path=tmp_path)
+
+
+def test_a_model_is_in_use_only_by_the_services_deployed_from_it(hub_sdk: SdkHub, tmp_path: Path) -> None:
+    """The quickstart's last line on a hub that runs other services: ``model.delete()``."""
+    Device.enroll(hub_sdk, "edge-1")
+    weights = tmp_path / "digits.onnx"
+    weights.write_bytes(b"onnx" * 1000)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "score.py").write_text("def init():\n    pass\n\ndef run(data):\n    return data\n")
+    config = InferenceConfig(entry_script=str(source / "score.py"), source_directory=str(source))
+    deployed = Model.register(hub_sdk, model_path=weights, model_name="digits")
+    twin = Model.register(hub_sdk, model_path=weights, model_name="digits-copy")  # same bytes
+    Model.deploy(hub_sdk, "other-service", [deployed], config, target=Devices("edge-1"))
+
+    assert twin.delete().deleted == "digits-copy:1"
+    with pytest.raises(HubConflict, match="'other-service'") as refused:
+        deployed.delete()
+    assert "digits-copy" not in str(refused.value)
+    assert [m.id for m in Model.list(hub_sdk)] == ["digits:1"]
+    Service(hub_sdk, "other-service").delete()
+    assert deployed.delete().deleted == "digits:1"
