@@ -237,8 +237,11 @@ def test_bodies_with_valid_credentials_are_read_as_before(hub: HubFactory) -> No
     with h.client() as http:
         device = enroll(http, "dev-1")
     with httpx.Client(base_url=h.url, timeout=30) as browser:
-        assert browser.post("/api/v1/dashboard/login", data={"token": ADMIN_TOKEN}).status_code == 200
-        r = browser.patch("/api/v1/devices/dev-1", json={"set": {"site": "a"}})
+        signed_in = browser.post("/api/v1/dashboard/login", data={"token": ADMIN_TOKEN})
+        assert signed_in.status_code == 200
+        # As the dashboard sends a cookie write: its origin and the session's CSRF token.
+        own = {"Origin": h.url, "X-CSRF-Token": signed_in.json()["csrf_token"]}
+        r = browser.patch("/api/v1/devices/dev-1", json={"set": {"site": "a"}}, headers=own)
         assert r.status_code == 200, r.text
     with httpx.Client(base_url=h.url, timeout=30, headers={"Authorization": f"Bearer {device.token}"}) as dev:
         # Past the gate: the route itself answers (no such service on this device).
