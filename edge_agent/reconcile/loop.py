@@ -180,6 +180,9 @@ class ReconcileLoop:
         self.ops: dict[str, RunningOp] = {}
         self.health: dict[str, Health] = {}  # instance id -> health
         self.retiring: dict[str, tuple[str, InstanceRecord]] = {}  # instance id -> (service, instance)
+        # Instances being killed because they stopped answering: until one is gone, the kernel
+        # may still hand it connections of its port, so its service is not called Healthy.
+        self.killing: set[str] = set()
         self.installed: dict[str, InstalledModule] = {}
         totals = self.record.downloads
         self.counters = Counters(manifests=totals.manifests, blobs=totals.blobs, bytes=totals.bytes)
@@ -364,9 +367,13 @@ class ReconcileLoop:
             case LogRequestMessage(payload=payload):
                 self._on_log_request(payload)
             case Retired(instance_id=instance_id):
-                self.retiring.pop(instance_id, None)
+                retired = self.retiring.pop(instance_id, None)
                 self.health.pop(instance_id, None)
                 self._gc_needed = True
+                if instance_id in self.killing:
+                    self.killing.discard(instance_id)
+                    if retired is not None:
+                        self._settle(retired[0])
             case Stop():
                 self._stopping = True
 
@@ -726,10 +733,16 @@ class ReconcileLoop:
         if running.restart:
             service.restarts += 1
         if old is not None and old.id != instance.id:
-            # An instance that stopped answering gets no time to drain: its queue is not moving.
-            answering = self.health.get(old.id, Health()).misses == 0
-            self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S if answering else 1.0)
+            if self.health.get(old.id, Health()).misses == 0:
+                self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S)
+            else:
+                # An instance that stopped answering gets no time to drain (its queue is not
+                # moving): it is killed, and its successor is Healthy once it is gone (Retired).
+                self.killing.add(old.id)
+                self._retire(name, old, grace_s=0.0)
         state, reason = self._steady(service)
+        if state is ServiceState.HEALTHY and self._killing_for(name):
+            state, reason = ServiceState.TRANSITIONING, "stopping the instance that stopped answering"
         self._set_status(name, state, reason)
         self._watch()
         self._gc_needed = True
@@ -770,6 +783,18 @@ class ReconcileLoop:
         log.warning("%s: version %s failed: %s", name, version, reason)
         state, status_reason = self._steady(service)
         self._set_status(name, state, status_reason)
+
+    def _killing_for(self, name: str) -> bool:
+        return any(self.retiring[iid][0] == name for iid in self.killing if iid in self.retiring)
+
+    def _settle(self, name: str) -> None:
+        """The steady state of a service that no operation holds (after its last change)."""
+        service = self.record.services.get(name)
+        if service is None or name in self.ops or self._killing_for(name):
+            return
+        state, reason = self._steady(service)
+        if state is not service.state or reason != service.reason:
+            self._set_status(name, state, reason)
 
     def _steady(self, service: ServiceRecord) -> tuple[ServiceState, str | None]:
         """The state of a service that is not in the middle of anything."""
@@ -817,10 +842,8 @@ class ReconcileLoop:
             if healthy_for >= self.config.restart.reset_after_s and service.failures:
                 service.failures = 0
                 self._dirty_save = True
-            if result.service not in self.ops and service.state is not ServiceState.HEALTHY:
-                state, reason = self._steady(service)
-                if state is not service.state or reason != service.reason:
-                    self._set_status(result.service, state, reason)
+            if service.state is not ServiceState.HEALTHY:
+                self._settle(result.service)
             return
         health.misses += 1
         service.healthy_since = None
