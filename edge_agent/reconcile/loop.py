@@ -141,6 +141,7 @@ class Timers:
     retry_at: dict[str, float] = field(default_factory=dict)
     retry_attempts: dict[str, int] = field(default_factory=dict)
     unschedulable: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # key, why, until
+    settle_at: dict[str, float] = field(default_factory=dict)  # when a standby may stop
     next_poll: float = 0.0
     poll_attempts: int = 0
     next_report: float = 0.0
@@ -227,6 +228,14 @@ class ReconcileLoop:
         self._restore_desired()
         for name, service in self.record.services.items():
             current = service.current
+            standby = service.standby
+            if standby is not None:
+                runtime = self.runtimes.get(standby.runtime)
+                if runtime is not None and runtime.liveness(standby).alive:
+                    self.health[standby.id] = Health(alive=True)
+                    self.timers.settle_at[name] = self.clock() + self.config.restart.settle_s
+                else:
+                    service.standby = None
             if current is None:
                 continue
             runtime = self.runtimes.get(current.runtime)
@@ -238,7 +247,7 @@ class ReconcileLoop:
             else:
                 log.info("%s version %s is not running; starting it from the cache", name, current.version)
                 self.timers.restart_at[name] = self.clock()
-        known = {s.current.id for s in self.record.services.values() if s.current is not None}
+        known = {i.id for s in self.record.services.values() for i in (s.current, s.standby) if i is not None}
         for runtime in self.runtimes.values():
             for orphan in runtime.reap_orphans(known):
                 log.warning("stopped instance %s that no record names", orphan)
@@ -340,6 +349,8 @@ class ReconcileLoop:
                 if service.current is not None:
                     log.info("stopping %s (--stop-modules)", name)
                     self._runtime_of(service.current).stop(service.current, grace_s=STOP_GRACE_S)
+                if service.standby is not None:
+                    self._runtime_of(service.standby).stop(service.standby, grace_s=STOP_GRACE_S)
         for _, instance in list(self.retiring.values()):
             self._runtime_of(instance).stop(instance, grace_s=STOP_GRACE_S)
         self._save()
@@ -416,6 +427,10 @@ class ReconcileLoop:
             service = self._service(assignment.service)
             if service.target != assignment:
                 previous, service.target = service.target, assignment
+                if previous is None or assignment_key(previous) != assignment_key(assignment):
+                    # The retry timer was the replaced target's: the new one starts at once.
+                    self.timers.retry_at.pop(assignment.service, None)
+                    self.timers.retry_attempts.pop(assignment.service, None)
                 self._back_to_serving(service, previous)
             self._rotate_keys(service, assignment)
         self._dirty_plan = self._dirty_save = self._dirty_report = True
@@ -540,7 +555,8 @@ class ReconcileLoop:
                         log.info("%s: cancelling %s (the desired state moved on)", name, op.kind)
                         op.control.cancel.set()
                 case Verdict.REFUSE:
-                    self._set_status(name, ServiceState.UNSCHEDULABLE, action.reason)
+                    why = self._serving_note(name, action.reason)
+                    self._set_status(name, ServiceState.UNSCHEDULABLE, why)
                 case Verdict.KEEP | Verdict.WAIT:
                     service = self.record.services.get(name)
                     desired = self.desired.modules if self.desired is not None else []
@@ -686,8 +702,9 @@ class ReconcileLoop:
 
     def _do_stop(self, name: str) -> None:
         service = self.record.services.get(name)
-        if service is not None and service.current is not None:
-            self._runtime_of(service.current).stop(service.current, grace_s=STOP_GRACE_S + DRAIN_S)
+        for instance in (service.current, service.standby) if service is not None else ():
+            if instance is not None:
+                self._runtime_of(instance).stop(instance, grace_s=STOP_GRACE_S + DRAIN_S)
 
     # --- operation results (loop thread) ------------------------------------------------------
 
@@ -722,24 +739,45 @@ class ReconcileLoop:
     def _started(self, name: str, running: RunningOp, instance: InstanceRecord) -> None:
         service = self._service(name)
         old = service.current
+        new_version = old is None or old.key != instance.key
         if old is not None and old.key != instance.key:
             service.previous = old.assignment
         service.current = instance
         service.last_good = instance.assignment
         service.healthy_since = datetime.now(UTC)
+        if new_version:
+            service.failures = 0  # the restart backoff counts this version's failures only
         self.health[instance.id] = Health(alive=True)
         self.timers.retry_attempts.pop(name, None)
         self.timers.unschedulable.pop(name, None)
         if running.restart:
             service.restarts += 1
+        standby = service.standby
+        if standby is not None and standby.key == instance.key:
+            service.standby = None  # the same version started anew: it takes over
+            self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
+        old_health = self.health.get(old.id, Health()) if old is not None else Health()
         if old is not None and old.id != instance.id:
-            if self.health.get(old.id, Health()).misses == 0:
+            answering = old_health.alive and old_health.misses == 0
+            if (
+                answering
+                and old.key != instance.key
+                and service.standby is None
+                and old.runtime is instance.runtime  # else the start stopped it already
+                and self.config.restart.settle_s > 0
+            ):
+                # The last good instance keeps serving beside the new version until that one
+                # has been healthy for the settle time (see _end_settle).
+                service.standby = old
+            elif old_health.misses == 0:
                 self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S)
             else:
                 # An instance that stopped answering gets no time to drain (its queue is not
                 # moving): it is killed, and its successor is Healthy once it is gone (Retired).
                 self.killing.add(old.id)
                 self._retire(name, old, grace_s=0.0)
+        if service.standby is not None:
+            self.timers.settle_at[name] = self.clock() + self.config.restart.settle_s
         state, reason = self._steady(service)
         if state is ServiceState.HEALTHY and self._killing_for(name):
             state, reason = ServiceState.TRANSITIONING, "stopping the instance that stopped answering"
@@ -755,7 +793,7 @@ class ReconcileLoop:
         if isinstance(error, Unschedulable):
             if key is not None:
                 self.timers.unschedulable[name] = (key, str(error), now + UNSCHEDULABLE_RECHECK_S)
-            self._set_status(name, ServiceState.UNSCHEDULABLE, str(error))
+            self._set_status(name, ServiceState.UNSCHEDULABLE, self._serving_note(name, str(error)))
             return
         if isinstance(error, EdgepackError) and error.temporary:
             attempt = self.timers.retry_attempts.get(name, 0)
@@ -784,6 +822,63 @@ class ReconcileLoop:
         state, status_reason = self._steady(service)
         self._set_status(name, state, status_reason)
 
+    def _end_settle(self, name: str) -> None:
+        """The new version has been healthy for the settle time: the standby drains and stops."""
+        service = self.record.services.get(name)
+        if service is None or service.standby is None or service.current is None:
+            return
+        health = self.health.get(service.current.id, Health())
+        since = service.healthy_since
+        healthy_for = (datetime.now(UTC) - since).total_seconds() if since is not None else 0.0
+        settle_s = self.config.restart.settle_s
+        if not health.alive or health.misses or healthy_for < settle_s:
+            # Not settled yet (a probe missed since): look again once it may have. A crash
+            # restarts it, and the start arms the timer anew.
+            if health.alive:
+                self.timers.settle_at[name] = self.clock() + max(settle_s - healthy_for, 1.0)
+            return
+        standby, service.standby = service.standby, None
+        log.info("%s: version %s settled; stopping version %s",
+                 name, service.current.version, standby.version)  # fmt: skip
+        self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
+        self._dirty_save = True
+
+    def _promote_standby(self, name: str) -> bool:
+        """A new version crash-loops while the last good instance still serves beside it: that
+        one becomes current again (no restart), and the failed one is stopped."""
+        service = self._service(name)
+        standby, failed = service.standby, service.current
+        if standby is None or failed is None or standby.key in service.failed:
+            return False
+        alive = self.health.get(standby.id, Health()).alive
+        if not alive or not self._runtime_of(standby).liveness(standby).alive:
+            service.standby = None
+            return False
+        service.standby = None
+        service.current = standby
+        service.last_good = standby.assignment
+        service.previous = failed.assignment
+        service.failures = 0
+        self.timers.restart_at.pop(name, None)
+        self.health[standby.id] = Health(alive=True)
+        self._retire(name, failed, grace_s=0.0)
+        self._watch()
+        log.info("%s: version %s crash-loops; version %s, which kept serving, is current again",
+                 name, failed.version, standby.version)  # fmt: skip
+        state, reason = self._steady(service)
+        self._set_status(name, state, reason)
+        return True
+
+    def _serving_note(self, name: str, reason: str | None) -> str | None:
+        """``reason``, saying which version serves meanwhile when it is not the target."""
+        service = self.record.services.get(name)
+        current = service.current if service else None
+        if service is None or current is None or not self.health.get(current.id, Health()).alive:
+            return reason
+        if service.target is not None and current.key == assignment_key(service.target):
+            return reason
+        return f"{reason}; version {current.version} ({current.runtime}) keeps serving"
+
     def _killing_for(self, name: str) -> bool:
         return any(self.retiring[iid][0] == name for iid in self.killing if iid in self.retiring)
 
@@ -810,6 +905,15 @@ class ReconcileLoop:
                         f"{current.version}, which keeps serving"
                     )
                 return ServiceState.FAILED, f"version {target.version} failed: {why}"
+            if serving and current is not None and current.key != assignment_key(target):
+                # Healthy means the target serves. What says why it does not (a retry timer,
+                # Unschedulable) stands; else the reason names the version that serves.
+                waiting = (ServiceState.TRANSITIONING, ServiceState.UNSCHEDULABLE)
+                if service.state in waiting and service.reason:
+                    return service.state, service.reason
+                return ServiceState.TRANSITIONING, (
+                    f"version {target.version} is not running yet; version {current.version} serves"
+                )
         return (ServiceState.HEALTHY, None) if serving else (ServiceState.TRANSITIONING, None)
 
     # --- health ------------------------------------------------------------------------------
@@ -875,6 +979,7 @@ class ReconcileLoop:
         )
         service.failures = decision.failures
         service.healthy_since = None
+        self.timers.settle_at.pop(name, None)  # the new version has not settled
         self._dirty_save = self._dirty_report = self._dirty_plan = True
         if decision.restart_in_s is not None:
             self.timers.restart_at[name] = self.clock() + decision.restart_in_s
@@ -884,6 +989,8 @@ class ReconcileLoop:
             if earlier is not None and assignment_key(earlier) != current.key:
                 # The version that served before goes back to serving (see _observed).
                 service.failed[current.key] = text
+            if self._promote_standby(name):
+                return
             self._set_status(name, ServiceState.FAILED, text)
             return
         if decision.restart_in_s is None:
@@ -941,6 +1048,7 @@ class ReconcileLoop:
         candidates += self.timers.restart_at.values()
         candidates += self.timers.retry_at.values()
         candidates += (until for _, _, until in self.timers.unschedulable.values())
+        candidates += self.timers.settle_at.values()
         return min(candidates) if candidates else self.clock() + 1.0
 
     def _timers(self) -> None:
@@ -951,6 +1059,10 @@ class ReconcileLoop:
             if now >= at:
                 del self.timers.retry_at[name]
                 self._dirty_plan = True
+        for name, at in list(self.timers.settle_at.items()):
+            if now >= at:
+                del self.timers.settle_at[name]
+                self._end_settle(name)
         for name, (_, _, until) in list(self.timers.unschedulable.items()):
             if now >= until:
                 del self.timers.unschedulable[name]
@@ -1008,6 +1120,7 @@ class ReconcileLoop:
         self.timers.restart_at.pop(name, None)
         self.timers.retry_at.pop(name, None)
         self.timers.unschedulable.pop(name, None)
+        self.timers.settle_at.pop(name, None)
         if service is not None and service.current is not None:
             self.health.pop(service.current.id, None)
         self._watch()
@@ -1076,11 +1189,13 @@ class ReconcileLoop:
         live_instances: set[str] = set(self.retiring)
         for service in self.record.services.values():
             current = service.current.assignment if service.current else None
-            for a in (current, service.last_good, service.previous, service.target):
+            standby = service.standby.assignment if service.standby else None
+            for a in (current, standby, service.last_good, service.previous, service.target):
                 if a is not None:
                     keep.add(a.manifest_digest)
-            if service.current is not None:
-                live_instances.add(service.current.id)
+            for instance in (service.current, service.standby):
+                if instance is not None:
+                    live_instances.add(instance.id)
         for op in self.ops.values():
             if op.assignment is not None:
                 keep.add(op.assignment.manifest_digest)

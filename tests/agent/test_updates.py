@@ -258,16 +258,24 @@ def test_a_version_that_crash_loops_after_the_switch_is_abandoned_for_the_previo
     agent = fleet.device("edge-1", **FAST_RESTARTS).start()
     port = free_port()
     fleet.deploy("demo", fleet.push("demo", "1"), port=port, devices=["edge-1"])
-    agent.wait_state("demo", "Healthy")
-    fleet.deploy("demo", fleet.push("demo", "2", files=files(CRASHES_AFTER_START, factor=5)), port=port,
-                 devices=["edge-1"])  # fmt: skip
+    v1_pid = agent.wait_state("demo", "Healthy")["pid"]
 
     def rolled_back() -> dict[str, Any] | None:
         s = agent.service("demo")
         return s if s and s["state"] == "Failed" and s["serving_version"] == "1" and s["alive"] else None
 
-    status = wait_for(rolled_back, timeout=60, what="the rollback to version 1", log=agent.log)
+    # A client calls all through the crash loop: version 1 keeps serving beside version 2 (which
+    # has never been healthy for its settle time), so only a call that version 2 holds when it
+    # dies can fail, one per crash at most (the client waits for each answer).
+    with TimedCalls(port) as calls:
+        fleet.deploy("demo", fleet.push("demo", "2", files=files(CRASHES_AFTER_START, factor=5)), port=port,
+                     devices=["edge-1"])  # fmt: skip
+        status = wait_for(rolled_back, timeout=60, what="the rollback to version 1", log=agent.log)
+    crashes = FAST_RESTARTS["restart"]["crash_loop_limit"]
+    assert len(calls.failures) <= crashes, (calls.answered, calls.failures[:5])
+    assert calls.answered > 20
     assert "crash loop" in status["reason"] and "rolled back to version 1" in status["reason"]
+    assert status["pid"] == v1_pid, "version 1 kept serving: it was not started again"
     assert score(port, [1]) == {"result": [2]}
     body = fleet.wait_rollup("demo", "Failed")
     assert "about to crash" in body["devices"][0]["reason"]
