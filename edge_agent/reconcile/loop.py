@@ -10,13 +10,11 @@ they have deadlines, so nothing can hold up the queue.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
 import random
-import shutil
 import socket
 import threading
 import time
@@ -25,14 +23,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-
 from edge_agent.backoff import RestartBackoff, full_jitter
 from edge_agent.cache.modules import InstalledModule, ModuleCache
 from edge_agent.download.module import Cancelled, Counters, FetchControl, fetch_module
 from edge_agent.health import Prober, ProbeResult, Watched
+from edge_agent.reconcile.garbage import collect, kept
+from edge_agent.reconcile.logs import answer_log_request
 from edge_agent.reconcile.operations import Control, start_instance
 from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
+from edge_agent.reconcile.steady import steady_state
 from edge_agent.reconcile.supervise import Trouble, after_failure, log_tail_reason
 from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import LaunchSpec, Runtime
@@ -51,7 +50,6 @@ from manifests.desired import (
 )
 from manifests.device import AgentConfig, DeviceCredentials
 from manifests.errors import EdgepackError, ModuleStartFailure, Unschedulable
-from manifests.logs import MAX_LINE_CHARS, MAX_RESPONSE_CHARS, LogRequest, LogResponse
 from manifests.reported import Progress
 from manifests.states import ServiceState
 
@@ -893,28 +891,15 @@ class ReconcileLoop:
 
     def _steady(self, service: ServiceRecord) -> tuple[ServiceState, str | None]:
         """The state of a service that is not in the middle of anything."""
-        target = service.target
         current = service.current
-        serving = current is not None and self.health.get(current.id, Health()).alive
-        if target is not None:
-            why = service.failed.get(assignment_key(target))
-            if why is not None:
-                if serving and current is not None and current.key != assignment_key(target):
-                    return ServiceState.FAILED, (
-                        f"version {target.version} failed: {why}; rolled back to version "
-                        f"{current.version}, which keeps serving"
-                    )
-                return ServiceState.FAILED, f"version {target.version} failed: {why}"
-            if serving and current is not None and current.key != assignment_key(target):
-                # Healthy means the target serves. What says why it does not (a retry timer,
-                # Unschedulable) stands; else the reason names the version that serves.
-                waiting = (ServiceState.TRANSITIONING, ServiceState.UNSCHEDULABLE)
-                if service.state in waiting and service.reason:
-                    return service.state, service.reason
-                return ServiceState.TRANSITIONING, (
-                    f"version {target.version} is not running yet; version {current.version} serves"
-                )
-        return (ServiceState.HEALTHY, None) if serving else (ServiceState.TRANSITIONING, None)
+        return steady_state(
+            target=service.target,
+            current=current,
+            serving=current is not None and self.health.get(current.id, Health()).alive,
+            failed=service.failed,
+            state=service.state,
+            reason=service.reason,
+        )
 
     # --- health ------------------------------------------------------------------------------
 
@@ -1005,39 +990,17 @@ class ReconcileLoop:
     # --- logs --------------------------------------------------------------------------------
 
     def _on_log_request(self, payload: bytes) -> None:
-        try:
-            request = LogRequest.model_validate_json(payload)
-        except ValidationError:
-            log.warning("ignoring a malformed log request")
-            return
-        service = self.record.services.get(request.service)
-        instance = service.current if service else None
+        def serving(name: str) -> InstanceRecord | None:
+            service = self.record.services.get(name)
+            return service.current if service else None
 
-        def answer() -> None:
-            if instance is None:
-                response = LogResponse(
-                    request_id=request.request_id,
-                    device_id=self.device_id,
-                    service=request.service,
-                    error=f"service {request.service!r} does not run on {self.device_id}",
-                )
-            else:
-                lines = self._runtime_of(instance).log_tail(instance, request.tail)
-                lines = [line[:MAX_LINE_CHARS] for line in lines]
-                truncated = False
-                while lines and sum(len(line) + 4 for line in lines) > MAX_RESPONSE_CHARS:
-                    lines = lines[len(lines) // 10 + 1 :]
-                    truncated = True
-                response = LogResponse(
-                    request_id=request.request_id,
-                    device_id=self.device_id,
-                    service=request.service,
-                    lines=lines,
-                    truncated=truncated,
-                )
-            self.publish_logs(response.model_dump_json(by_alias=True).encode())
-
-        threading.Thread(target=answer, name="edgepack-logs", daemon=True).start()
+        answer_log_request(
+            payload,
+            device_id=self.device_id,
+            serving=serving,
+            runtime_of=self._runtime_of,
+            publish=self.publish_logs,
+        )
 
     # --- timers ------------------------------------------------------------------------------
 
@@ -1183,49 +1146,9 @@ class ReconcileLoop:
         self.publish_reported(state.model_dump_json(by_alias=True).encode())
 
     def _gc(self) -> None:
-        """Drop modules and blobs no service needs: each keeps its current, its last good and
-        its wanted version (for rollback), nothing else."""
-        keep: set[str] = set()
-        live_instances: set[str] = set(self.retiring)
-        for service in self.record.services.values():
-            current = service.current.assignment if service.current else None
-            standby = service.standby.assignment if service.standby else None
-            for a in (current, standby, service.last_good, service.previous, service.target):
-                if a is not None:
-                    keep.add(a.manifest_digest)
-            for instance in (service.current, service.standby):
-                if instance is not None:
-                    live_instances.add(instance.id)
-        for op in self.ops.values():
-            if op.assignment is not None:
-                keep.add(op.assignment.manifest_digest)
-        report = self.cache.prune(keep)
-        for digest in list(self.installed):
-            if digest not in keep:
-                del self.installed[digest]
-        if report.modules_removed or report.blobs_removed:
-            log.info(
-                "garbage collected %d module(s), %d blob(s), %d byte(s)",
-                report.modules_removed,
-                report.blobs_removed,
-                report.bytes_freed,
-            )
-        self._prune_run_dirs(live_instances)
-
-    def _prune_run_dirs(self, live: set[str], keep_per_service: int = 3) -> None:
-        """Keep the run folders (and logs) of live instances and the few newest dead ones."""
-        if not self.runs.is_dir():
-            return
-        for service_dir in self.runs.iterdir():
-            if not service_dir.is_dir():
-                continue
-            dead = [d for d in service_dir.iterdir() if d.is_dir() and d.name not in live]
-            dead.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-            for old in dead[keep_per_service:]:
-                shutil.rmtree(old, ignore_errors=True)
-            if service_dir.name not in self.record.services and not dead[:keep_per_service]:
-                with contextlib.suppress(OSError):
-                    service_dir.rmdir()
+        in_flight = [op.assignment for op in self.ops.values() if op.assignment is not None]
+        keep = kept(self.record.services, in_flight, self.retiring)
+        collect(self.cache, self.installed, self.runs, keep, self.record.services)
 
     # --- boot ----------------------------------------------------------------------------------
 
