@@ -12,33 +12,42 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from edge_agent.backoff import RestartBackoff, full_jitter
 from edge_agent.cache.modules import InstalledModule, ModuleCache
-from edge_agent.download.module import Cancelled, Counters, FetchControl, fetch_module
+from edge_agent.download.module import Cancelled, Counters
 from edge_agent.health import Prober, ProbeResult, Watched
+from edge_agent.reconcile.executor import (
+    DRAIN_S,
+    STOP_GRACE_S,
+    Event,
+    Executor,
+    HttpDesired,
+    OpDone,
+    OpProgress,
+    Retired,
+    RunningOp,
+    Stop,
+)
 from edge_agent.reconcile.garbage import collect, kept
 from edge_agent.reconcile.logs import answer_log_request
-from edge_agent.reconcile.operations import Control, start_instance
+from edge_agent.reconcile.operations import Control
 from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
 from edge_agent.reconcile.steady import steady_state
 from edge_agent.reconcile.supervise import Trouble, after_failure, log_tail_reason
 from edge_agent.report.status import reported_state
-from edge_agent.runtime.base import LaunchSpec, Runtime
+from edge_agent.runtime.base import Runtime
 from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord, ServiceRecord
 from edge_agent.state.store import StateStore
 from edge_agent.uplink.certificates import EndpointCertificates
-from edge_agent.uplink.http import DesiredFetch, HubHttp
+from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage, MqttEvent
 from manifests.desired import (
     DesiredRefusal,
@@ -50,14 +59,12 @@ from manifests.desired import (
 )
 from manifests.device import AgentConfig, DeviceCredentials
 from manifests.errors import EdgepackError, ModuleStartFailure, Unschedulable
-from manifests.reported import Progress
 from manifests.states import ServiceState
 
 log = logging.getLogger("edge_agent")
 
-FETCH_DEADLINE_S = 1800.0
-STOP_GRACE_S = 10.0
-DRAIN_S = 10.0
+__all__ = ["Event", "ReconcileLoop", "Stop", "advertised_host"]
+
 #: how long an Unschedulable verdict stands before it is checked again
 UNSCHEDULABLE_RECHECK_S = 60.0
 PROGRESS_REPORT_EVERY_S = 2.0
@@ -74,55 +81,6 @@ def advertised_host(config: AgentConfig) -> str:
     if config.service_host not in ("0.0.0.0", "::", ""):
         return f"[{config.service_host}]" if ":" in config.service_host else config.service_host
     return socket.gethostname()
-
-
-# --- events --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpDone:
-    service: str
-    op_id: int
-    result: Any = None
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class OpProgress:
-    service: str
-    op_id: int
-    progress: Progress
-
-
-@dataclass(frozen=True)
-class HttpDesired:
-    fetch: DesiredFetch | None
-    error: EdgepackError | None = None
-
-
-@dataclass(frozen=True)
-class Retired:
-    instance_id: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-Event = MqttEvent | OpDone | OpProgress | HttpDesired | ProbeResult | Retired | Stop
-
-
-@dataclass
-class RunningOp:
-    id: int
-    kind: Op
-    key: str | None
-    assignment: ModuleAssignment | None
-    control: Control
-    restart: bool = False
-    replaces: InstanceRecord | None = None  # the instance a Replace takes over from
-    thread: threading.Thread | None = None
 
 
 @dataclass
@@ -201,6 +159,18 @@ class ReconcileLoop:
             hub, self.device_id, config.state_dir / "tls", [self._advertised, config.service_host]
         )
         self._last_report = float("-inf")
+        self.executor = Executor(
+            config,
+            credentials,
+            runtimes=self.runtimes,
+            hub=hub,
+            cache=self.cache,
+            runs=self.runs,
+            certificates=self.certificates,
+            counters=self.counters,
+            installed=self.installed,
+            emit=self.events.put,
+        )
         self._next_renewal_check = 0.0
 
     # --- public ------------------------------------------------------------------------------
@@ -320,20 +290,8 @@ class ReconcileLoop:
             and service.current.assignment.settings.tls is not None
             and self.certificates.due(name)
         ]
-        if not due:
-            return
-
-        def work() -> None:
-            for name, instance in due:
-                try:
-                    material = self.certificates.material(name)
-                    self._runtime_of(instance).update_endpoint(
-                        instance, instance.assignment.settings.auth, material
-                    )
-                except EdgepackError as exc:
-                    log.warning("%s: certificate not renewed (%s); trying again later", name, exc)
-
-        threading.Thread(target=work, name="edgepack-certificates", daemon=True).start()
+        if due:
+            self.executor.renew_certificates(due)
 
     def shutdown(self, *, stop_modules: bool) -> None:
         for op in self.ops.values():
@@ -570,7 +528,7 @@ class ReconcileLoop:
             restart = service.current is not None and service.current.key == assignment_key(assignment)
             self.timers.restart_at.pop(name, None)
         self._op_ids += 1
-        deadline = self.clock() + self._deadline_of(op, assignment)
+        deadline = self.clock() + self.executor.deadline_of(op, assignment)
         running = RunningOp(
             id=self._op_ids,
             kind=op,
@@ -584,11 +542,9 @@ class ReconcileLoop:
         match op:
             case Op.FETCH:
                 self._set_status(name, ServiceState.TRANSITIONING, f"downloading {target}")
-                body: Callable[[], Any] = lambda: self._do_fetch(running)  # noqa: E731
             case Op.START:
                 what = "restarting" if restart else "starting"
                 self._set_status(name, ServiceState.TRANSITIONING, f"{what} {target}", keep_failed=True)
-                body = lambda: self._do_start(running)  # noqa: E731
             case Op.REPLACE:
                 old = service.current
                 if restart:
@@ -597,112 +553,10 @@ class ReconcileLoop:
                     serving = old.version if old else "?"
                     text = f"starting {target} beside version {serving}, which keeps serving"
                 self._set_status(name, ServiceState.TRANSITIONING, text, keep_failed=True)
-                body = lambda: self._do_start(running)  # noqa: E731
             case Op.STOP:
-                body = lambda: self._do_stop(name)  # noqa: E731
-
-        def work() -> None:
-            try:
-                result = body()
-            except BaseException as exc:
-                self.events.put(OpDone(name, running.id, error=exc))
-            else:
-                self.events.put(OpDone(name, running.id, result=result))
-
-        running.thread = threading.Thread(target=work, name=f"edgepack-{op}-{name}", daemon=True)
+                running.stops = tuple(i for i in (service.current, service.standby) if i is not None)
         self.ops[name] = running
-        running.thread.start()
-
-    def _deadline_of(self, op: Op, assignment: ModuleAssignment | None) -> float:
-        if op is Op.FETCH:
-            return FETCH_DEADLINE_S
-        if op is Op.STOP or assignment is None:
-            return STOP_GRACE_S + DRAIN_S + 5
-        # Pulling an image has its own, longer deadline (the docker runtime applies it).
-        docker_ok = RuntimeKind.DOCKER in self.runtimes
-        may_pull = docker_ok and assignment.settings.runtime in (RuntimeKind.DOCKER, None)
-        return assignment.settings.health.start_timeout_s + (
-            self.config.docker.pull_timeout_s if may_pull else 0.0
-        )
-
-    # --- operation bodies (worker threads) ----------------------------------------------------
-
-    def _progress_cb(self, running: RunningOp, name: str) -> Callable[[str, int, int], None]:
-        def progress(phase: str, done: int, total: int) -> None:
-            report = Progress.model_validate({"phase": phase, "done_bytes": done, "total_bytes": total})
-            self.events.put(OpProgress(name, running.id, report))
-
-        return progress
-
-    def _do_fetch(self, running: RunningOp) -> InstalledModule:
-        assert running.assignment is not None
-        name = running.assignment.service
-        progress = self._progress_cb(running, name)
-        control = FetchControl(
-            cancelled=running.control.cancelled,
-            deadline=running.control.deadline,
-            progress=lambda done, total: progress("download", done, total),
-        )
-        return fetch_module(
-            self.hub,
-            self.cache,
-            running.assignment.manifest_digest,
-            self.credentials.publishers,
-            control,
-            self.counters,
-        )
-
-    def _do_start(self, running: RunningOp) -> InstanceRecord:
-        assignment = running.assignment
-        assert assignment is not None and running.key is not None
-        name = assignment.service
-        module = self.installed.get(assignment.manifest_digest)
-        if module is None:
-            module = self._do_fetch(running)
-        runtime = self._choose_runtime(module, assignment)
-        serving = running.replaces
-        if serving is not None and serving.runtime is not runtime.kind:
-            # Processes and containers run as different users, which SO_REUSEPORT does not let
-            # share a port: the old version stops before the new one starts.
-            log.info("%s moves from the %s to the %s runtime: stopping the old version first",
-                     name, serving.runtime, runtime.kind)  # fmt: skip
-            self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
-        instance_id = f"{assignment.version}-{os.urandom(4).hex()}"
-        settings = assignment.settings
-        spec = LaunchSpec(
-            instance_id=instance_id,
-            assignment=assignment,
-            key=running.key,
-            module=module,
-            run_dir=self.runs / name / instance_id,
-            host=self.config.service_host,
-            drain_s=DRAIN_S,
-            tls=self.certificates.material(name) if settings.tls is not None else None,
-            agent_key=os.urandom(16).hex() if settings.auth is not None else None,
-        )
-        return start_instance(runtime, spec, running.control, progress=self._progress_cb(running, name))
-
-    def _choose_runtime(self, module: InstalledModule, assignment: ModuleAssignment) -> Runtime:
-        """The runtime the deployment names, or else the first of this device's runtimes (in
-        agent.toml's order) that can run the module; Unschedulable with every reason if none can."""
-        wanted = assignment.settings.runtime
-        candidates = [wanted] if wanted is not None else list(self.config.runtimes)
-        reasons = []
-        for kind in candidates:
-            runtime = self.runtimes.get(kind)
-            if runtime is None:
-                continue
-            why = runtime.unschedulable(module, assignment)
-            if why is None:
-                return runtime
-            reasons.append(why)
-        raise Unschedulable("; ".join(reasons) or "no runtime of this device can run the module")
-
-    def _do_stop(self, name: str) -> None:
-        service = self.record.services.get(name)
-        for instance in (service.current, service.standby) if service is not None else ():
-            if instance is not None:
-                self._runtime_of(instance).stop(instance, grace_s=STOP_GRACE_S + DRAIN_S)
+        self.executor.run(name, running)
 
     # --- operation results (loop thread) ------------------------------------------------------
 
@@ -1033,21 +887,12 @@ class ReconcileLoop:
         if now >= self.timers.next_poll and not self._poll_in_flight:
             self._poll_in_flight = True
             self.timers.next_poll = now + self.config.poll_interval_s
-            threading.Thread(target=self._poll, name="edgepack-poll", daemon=True).start()
+            self.executor.poll(self.etag)
         if now >= self.timers.next_report:
             self._dirty_report = True
         if now >= self._next_renewal_check:
             self._next_renewal_check = now + CERT_CHECK_S
             self._renew_certificates()
-
-    def _poll(self) -> None:
-        try:
-            self.events.put(HttpDesired(self.hub.desired(self.etag)))
-        except EdgepackError as exc:
-            self.events.put(HttpDesired(None, exc))
-        except Exception as exc:  # never let a poll thread die silently
-            log.exception("desired-state poll failed")
-            self.events.put(HttpDesired(None, EdgepackError(str(exc))))
 
     # --- records, reports, garbage -------------------------------------------------------------
 
@@ -1095,14 +940,7 @@ class ReconcileLoop:
         self.retiring[instance.id] = (name, instance)
         self.health.pop(instance.id, None)
 
-        def work() -> None:
-            try:
-                self._runtime_of(instance).stop(instance, grace_s=grace_s)
-            except Exception:
-                log.exception("stopping instance %s failed", instance.id)
-            self.events.put(Retired(instance.id))
-
-        threading.Thread(target=work, name=f"edgepack-retire-{name}", daemon=True).start()
+        self.executor.retire(name, instance, grace_s=grace_s)
 
     def _runtime_of(self, instance: InstanceRecord) -> Runtime:
         return self.runtimes[instance.runtime]
