@@ -647,16 +647,20 @@ class ReconcileLoop:
                 self.timers.unschedulable[name] = (key, str(error), now + UNSCHEDULABLE_RECHECK_S)
             self._set_status(name, ServiceState.UNSCHEDULABLE, self._serving_note(name, str(error)))
             return
-        if isinstance(error, EdgepackError) and error.temporary:
+        if not isinstance(error, EdgepackError):
+            # Not a verdict on the version (a bug, a race on the disk): never final, retried
+            # with backoff like a temporary error, and logged whole.
+            log.error("%s: %s of version %s failed unexpectedly", name, running.kind, version, exc_info=error)
+        if not isinstance(error, EdgepackError) or error.temporary:
+            retry_after = error.retry_after_s if isinstance(error, EdgepackError) else None
             attempt = self.timers.retry_attempts.get(name, 0)
-            delay = error.retry_after_s or full_jitter(attempt, self.rand(), cap_s=60.0)
+            delay = retry_after or full_jitter(attempt, self.rand(), cap_s=60.0)
             self.timers.retry_attempts[name] = attempt + 1
             self.timers.retry_at[name] = now + delay
-            text = f"{running.kind} of version {version}: {error}; retrying in {delay:.0f}s"
-            self._set_status(name, ServiceState.TRANSITIONING, text)
+            what = error if isinstance(error, EdgepackError) else f"{type(error).__name__}: {error}"
+            text = f"{running.kind} of version {version}: {what}; retrying in {delay:.0f}s"
+            self._set_status(name, ServiceState.TRANSITIONING, self._serving_note(name, text))
             return
-        if not isinstance(error, EdgepackError):
-            log.error("%s: %s of version %s failed unexpectedly", name, running.kind, version, exc_info=error)
         reason = str(error) or type(error).__name__
         good = service.last_good
         if (

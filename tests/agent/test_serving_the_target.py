@@ -87,3 +87,21 @@ def test_a_new_target_does_not_wait_out_the_retry_timer_of_the_one_it_replaces(f
         agent.wait_state("demo", "Healthy", version="5", timeout=55)
         assert time.monotonic() - deployed < 10, "version 5 waited for version 2's retry timer"
         answers_with(port, [1], {"result": [5]})
+
+
+def test_an_error_outside_edgepacks_tree_is_retried_never_final(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1")
+    # A file where the service's run folder goes: starting it raises NotADirectoryError, an
+    # OSError and no verdict on the version (issue 15 saw FileNotFoundError from a cache race).
+    obstacle = agent.state_dir / "run" / "demo"
+    obstacle.parent.mkdir(parents=True)
+    obstacle.write_text("in the way")
+    agent.start()
+    port = free_port()
+    fleet.deploy("demo", fleet.push("demo", "1"), port=port, devices=["edge-1"])
+    retrying = wait_for(lambda: (s := agent.service("demo")) and "retrying" in (s["reason"] or "") and s,
+                        what="the retry after the unexpected error", log=agent.log)  # fmt: skip
+    assert retrying["state"] == "Transitioning" and "NotADirectoryError" in retrying["reason"], retrying
+    obstacle.unlink()
+    agent.wait_state("demo", "Healthy", timeout=30)
+    assert score(port, [1]) == {"result": [2]}
