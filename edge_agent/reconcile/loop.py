@@ -41,7 +41,8 @@ from edge_agent.reconcile.logs import answer_log_request
 from edge_agent.reconcile.operations import Control
 from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
 from edge_agent.reconcile.steady import steady_state
-from edge_agent.reconcile.supervise import Trouble, after_failure, log_tail_reason
+from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure, log_tail_reason
+from edge_agent.reconcile.supervise import Verdict as FailureKind
 from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import Runtime
 from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord, ServiceRecord
@@ -58,7 +59,7 @@ from manifests.desired import (
     verify_desired,
 )
 from manifests.device import AgentConfig, DeviceCredentials
-from manifests.errors import EdgepackError, ModuleStartFailure, Unschedulable
+from manifests.errors import EdgepackError
 from manifests.states import ServiceState
 
 log = logging.getLogger("edge_agent")
@@ -642,41 +643,35 @@ class ReconcileLoop:
         key = running.key
         version = running.assignment.version if running.assignment else "?"
         now = self.clock()
-        if isinstance(error, Unschedulable):
-            if key is not None:
-                self.timers.unschedulable[name] = (key, str(error), now + UNSCHEDULABLE_RECHECK_S)
-            self._set_status(name, ServiceState.UNSCHEDULABLE, self._serving_note(name, str(error)))
-            return
-        if not isinstance(error, EdgepackError):
-            # Not a verdict on the version (a bug, a race on the disk): never final, retried
-            # with backoff like a temporary error, and logged whole.
-            log.error("%s: %s of version %s failed unexpectedly", name, running.kind, version, exc_info=error)
-        if not isinstance(error, EdgepackError) or error.temporary:
-            retry_after = error.retry_after_s if isinstance(error, EdgepackError) else None
-            attempt = self.timers.retry_attempts.get(name, 0)
-            delay = retry_after or full_jitter(attempt, self.rand(), cap_s=60.0)
-            self.timers.retry_attempts[name] = attempt + 1
-            self.timers.retry_at[name] = now + delay
-            what = error if isinstance(error, EdgepackError) else f"{type(error).__name__}: {error}"
-            text = f"{running.kind} of version {version}: {what}; retrying in {delay:.0f}s"
-            self._set_status(name, ServiceState.TRANSITIONING, self._serving_note(name, text))
-            return
-        reason = str(error) or type(error).__name__
         good = service.last_good
-        if (
-            isinstance(error, ModuleStartFailure)
-            and good is not None
-            and key == assignment_key(good)
-            and running.kind in (Op.START, Op.REPLACE)
-        ):
-            # A version that ran here before: a crash to retry with backoff, not a verdict.
-            self._count_failure(name, Trouble.EXITED, None, reason)
-            return
-        if key is not None:
-            service.failed[key] = reason
-        log.warning("%s: version %s failed: %s", name, version, reason)
-        state, status_reason = self._steady(service)
-        self._set_status(name, state, status_reason)
+        judged = judge_failure(
+            error,
+            starting=running.kind in (Op.START, Op.REPLACE),
+            ran_here_before=good is not None and key == assignment_key(good),
+        )
+        if not isinstance(error, EdgepackError):
+            log.error("%s: %s of version %s failed unexpectedly", name, running.kind, version, exc_info=error)
+        match judged.verdict:
+            case FailureKind.UNSCHEDULABLE:
+                if key is not None:
+                    self.timers.unschedulable[name] = (key, judged.reason, now + UNSCHEDULABLE_RECHECK_S)
+                self._set_status(name, ServiceState.UNSCHEDULABLE, self._serving_note(name, judged.reason))
+            case FailureKind.RETRY:
+                attempt = self.timers.retry_attempts.get(name, 0)
+                delay = judged.retry_after_s or full_jitter(attempt, self.rand(), cap_s=60.0)
+                self.timers.retry_attempts[name] = attempt + 1
+                self.timers.retry_at[name] = now + delay
+                text = f"{running.kind} of version {version}: {judged.reason}; retrying in {delay:.0f}s"
+                self._set_status(name, ServiceState.TRANSITIONING, self._serving_note(name, text))
+            case FailureKind.CRASH:
+                # A version that ran here before: a crash to retry with backoff, not a verdict.
+                self._count_failure(name, Trouble.EXITED, None, judged.reason)
+            case FailureKind.FINAL:
+                if key is not None:
+                    service.failed[key] = judged.reason
+                log.warning("%s: version %s failed: %s", name, version, judged.reason)
+                state, status_reason = self._steady(service)
+                self._set_status(name, state, status_reason)
 
     def _end_settle(self, name: str) -> None:
         """The new version has been healthy for the settle time: the standby drains and stops."""
