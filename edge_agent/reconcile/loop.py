@@ -2,10 +2,12 @@
 
 Everything that happens reaches the loop as an event on one queue: a desired state (MQTT or
 HTTP), an operation that finished, a probe result, a log request, a timer. The loop updates
-its records, asks the pure planner (:mod:`edge_agent.reconcile.plan`) what to do, starts
-operations on worker threads (:mod:`edge_agent.reconcile.operations`), saves its state and
-reports. It never blocks on the network, a disk or a container: those are the workers' and
-they have deadlines, so nothing can hold up the queue.
+its records, asks the pure decisions what to do (:mod:`~edge_agent.reconcile.plan` for the
+next operation, :mod:`~edge_agent.reconcile.supervise` for failures and restarts,
+:mod:`~edge_agent.reconcile.steady` for a settled service's state), hands the effects to the
+executor (:mod:`edge_agent.reconcile.executor`), saves its state and reports. It never blocks
+on the network, a disk or a container: those are the executor's threads and they have
+deadlines, so nothing can hold up the queue.
 """
 
 from __future__ import annotations
