@@ -105,6 +105,9 @@ class RestartSettings(BaseModel):
     jitter: float = Field(default=0.2, ge=0, le=0.5, description="+- this fraction of the delay")
     reset_after_s: float = Field(default=600.0, gt=0, le=86400, description="healthy this long: forgiven")
     crash_loop_limit: int = Field(default=5, ge=1, le=100, description="failures in a row reported Failed")
+    settle_s: float = Field(
+        default=10.0, ge=0, le=3600, description="a new version healthy this long: the one it replaced stops"
+    )
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]

@@ -18,10 +18,16 @@ def service_state_on_device(status: ModuleStatus | None, manifest_digest: str) -
     """A device's state for a service as deployed now (``manifest_digest``), from its report.
 
     A device still reporting an older module version of the service is moving towards the new
-    one, so it counts as Transitioning whatever state the old version is in.
+    one, so it counts as Transitioning whatever state the old version is in. Healthy means the
+    deployed version serves: a device that says Healthy while it names another version as
+    serving is Transitioning.
     """
     if status is None:
         return DeviceServiceState(None, "not reported yet")
     if status.manifest_digest is not None and status.manifest_digest != manifest_digest:
         return DeviceServiceState(ServiceState.TRANSITIONING, "still running an earlier version")
+    serving = status.serving_digest
+    if status.state is ServiceState.HEALTHY and serving is not None and serving != manifest_digest:
+        which = f"version {status.serving_version}" if status.serving_version else serving
+        return DeviceServiceState(ServiceState.TRANSITIONING, f"{which} serves, not the deployed version yet")
     return DeviceServiceState(status.state, status.reason)

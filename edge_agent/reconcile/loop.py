@@ -2,44 +2,55 @@
 
 Everything that happens reaches the loop as an event on one queue: a desired state (MQTT or
 HTTP), an operation that finished, a probe result, a log request, a timer. The loop updates
-its records, asks the pure planner (:mod:`edge_agent.reconcile.plan`) what to do, starts
-operations on worker threads (:mod:`edge_agent.reconcile.operations`), saves its state and
-reports. It never blocks on the network, a disk or a container: those are the workers' and
-they have deadlines, so nothing can hold up the queue.
+its records, asks the pure decisions what to do (:mod:`~edge_agent.reconcile.plan` for the
+next operation, :mod:`~edge_agent.reconcile.supervise` for failures and restarts,
+:mod:`~edge_agent.reconcile.steady` for a settled service's state), hands the effects to the
+executor (:mod:`edge_agent.reconcile.executor`), saves its state and reports. It never blocks
+on the network, a disk or a container: those are the executor's threads and they have
+deadlines, so nothing can hold up the queue.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import queue
 import random
-import shutil
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-from pydantic import ValidationError
 
 from edge_agent.backoff import RestartBackoff, full_jitter
 from edge_agent.cache.modules import InstalledModule, ModuleCache
-from edge_agent.download.module import Cancelled, Counters, FetchControl, fetch_module
+from edge_agent.download.module import Cancelled, Counters
 from edge_agent.health import Prober, ProbeResult, Watched
-from edge_agent.reconcile.operations import Control, start_instance
+from edge_agent.reconcile.executor import (
+    DRAIN_S,
+    STOP_GRACE_S,
+    Event,
+    Executor,
+    HttpDesired,
+    OpDone,
+    OpProgress,
+    Retired,
+    RunningOp,
+    Stop,
+)
+from edge_agent.reconcile.garbage import collect, kept
+from edge_agent.reconcile.logs import answer_log_request
+from edge_agent.reconcile.operations import Control
 from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
-from edge_agent.reconcile.supervise import Trouble, after_failure, log_tail_reason
+from edge_agent.reconcile.steady import steady_state
+from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure, log_tail_reason
+from edge_agent.reconcile.supervise import Verdict as FailureKind
 from edge_agent.report.status import reported_state
-from edge_agent.runtime.base import LaunchSpec, Runtime
+from edge_agent.runtime.base import Runtime
 from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord, ServiceRecord
 from edge_agent.state.store import StateStore
 from edge_agent.uplink.certificates import EndpointCertificates
-from edge_agent.uplink.http import DesiredFetch, HubHttp
+from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage, MqttEvent
 from manifests.desired import (
     DesiredRefusal,
@@ -50,16 +61,13 @@ from manifests.desired import (
     verify_desired,
 )
 from manifests.device import AgentConfig, DeviceCredentials
-from manifests.errors import EdgepackError, ModuleStartFailure, Unschedulable
-from manifests.logs import MAX_LINE_CHARS, MAX_RESPONSE_CHARS, LogRequest, LogResponse
-from manifests.reported import Progress
+from manifests.errors import EdgepackError
 from manifests.states import ServiceState
 
 log = logging.getLogger("edge_agent")
 
-FETCH_DEADLINE_S = 1800.0
-STOP_GRACE_S = 10.0
-DRAIN_S = 10.0
+__all__ = ["Event", "ReconcileLoop", "Stop", "advertised_host"]
+
 #: how long an Unschedulable verdict stands before it is checked again
 UNSCHEDULABLE_RECHECK_S = 60.0
 PROGRESS_REPORT_EVERY_S = 2.0
@@ -78,55 +86,6 @@ def advertised_host(config: AgentConfig) -> str:
     return socket.gethostname()
 
 
-# --- events --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpDone:
-    service: str
-    op_id: int
-    result: Any = None
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class OpProgress:
-    service: str
-    op_id: int
-    progress: Progress
-
-
-@dataclass(frozen=True)
-class HttpDesired:
-    fetch: DesiredFetch | None
-    error: EdgepackError | None = None
-
-
-@dataclass(frozen=True)
-class Retired:
-    instance_id: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-Event = MqttEvent | OpDone | OpProgress | HttpDesired | ProbeResult | Retired | Stop
-
-
-@dataclass
-class RunningOp:
-    id: int
-    kind: Op
-    key: str | None
-    assignment: ModuleAssignment | None
-    control: Control
-    restart: bool = False
-    replaces: InstanceRecord | None = None  # the instance a Replace takes over from
-    thread: threading.Thread | None = None
-
-
 @dataclass
 class Health:
     """What the loop tracks of a serving instance between probe results."""
@@ -141,6 +100,7 @@ class Timers:
     retry_at: dict[str, float] = field(default_factory=dict)
     retry_attempts: dict[str, int] = field(default_factory=dict)
     unschedulable: dict[str, tuple[str, str, float]] = field(default_factory=dict)  # key, why, until
+    settle_at: dict[str, float] = field(default_factory=dict)  # when a standby may stop
     next_poll: float = 0.0
     poll_attempts: int = 0
     next_report: float = 0.0
@@ -180,6 +140,9 @@ class ReconcileLoop:
         self.ops: dict[str, RunningOp] = {}
         self.health: dict[str, Health] = {}  # instance id -> health
         self.retiring: dict[str, tuple[str, InstanceRecord]] = {}  # instance id -> (service, instance)
+        # Instances being killed because they stopped answering: until one is gone, the kernel
+        # may still hand it connections of its port, so its service is not called Healthy.
+        self.killing: set[str] = set()
         self.installed: dict[str, InstalledModule] = {}
         totals = self.record.downloads
         self.counters = Counters(manifests=totals.manifests, blobs=totals.blobs, bytes=totals.bytes)
@@ -199,6 +162,18 @@ class ReconcileLoop:
             hub, self.device_id, config.state_dir / "tls", [self._advertised, config.service_host]
         )
         self._last_report = float("-inf")
+        self.executor = Executor(
+            config,
+            credentials,
+            runtimes=self.runtimes,
+            hub=hub,
+            cache=self.cache,
+            runs=self.runs,
+            certificates=self.certificates,
+            counters=self.counters,
+            installed=self.installed,
+            emit=self.events.put,
+        )
         self._next_renewal_check = 0.0
 
     # --- public ------------------------------------------------------------------------------
@@ -224,6 +199,14 @@ class ReconcileLoop:
         self._restore_desired()
         for name, service in self.record.services.items():
             current = service.current
+            standby = service.standby
+            if standby is not None:
+                runtime = self.runtimes.get(standby.runtime)
+                if runtime is not None and runtime.liveness(standby).alive:
+                    self.health[standby.id] = Health(alive=True)
+                    self.timers.settle_at[name] = self.clock() + self.config.restart.settle_s
+                else:
+                    service.standby = None
             if current is None:
                 continue
             runtime = self.runtimes.get(current.runtime)
@@ -235,7 +218,7 @@ class ReconcileLoop:
             else:
                 log.info("%s version %s is not running; starting it from the cache", name, current.version)
                 self.timers.restart_at[name] = self.clock()
-        known = {s.current.id for s in self.record.services.values() if s.current is not None}
+        known = {i.id for s in self.record.services.values() for i in (s.current, s.standby) if i is not None}
         for runtime in self.runtimes.values():
             for orphan in runtime.reap_orphans(known):
                 log.warning("stopped instance %s that no record names", orphan)
@@ -310,20 +293,8 @@ class ReconcileLoop:
             and service.current.assignment.settings.tls is not None
             and self.certificates.due(name)
         ]
-        if not due:
-            return
-
-        def work() -> None:
-            for name, instance in due:
-                try:
-                    material = self.certificates.material(name)
-                    self._runtime_of(instance).update_endpoint(
-                        instance, instance.assignment.settings.auth, material
-                    )
-                except EdgepackError as exc:
-                    log.warning("%s: certificate not renewed (%s); trying again later", name, exc)
-
-        threading.Thread(target=work, name="edgepack-certificates", daemon=True).start()
+        if due:
+            self.executor.renew_certificates(due)
 
     def shutdown(self, *, stop_modules: bool) -> None:
         for op in self.ops.values():
@@ -337,6 +308,8 @@ class ReconcileLoop:
                 if service.current is not None:
                     log.info("stopping %s (--stop-modules)", name)
                     self._runtime_of(service.current).stop(service.current, grace_s=STOP_GRACE_S)
+                if service.standby is not None:
+                    self._runtime_of(service.standby).stop(service.standby, grace_s=STOP_GRACE_S)
         for _, instance in list(self.retiring.values()):
             self._runtime_of(instance).stop(instance, grace_s=STOP_GRACE_S)
         self._save()
@@ -364,9 +337,13 @@ class ReconcileLoop:
             case LogRequestMessage(payload=payload):
                 self._on_log_request(payload)
             case Retired(instance_id=instance_id):
-                self.retiring.pop(instance_id, None)
+                retired = self.retiring.pop(instance_id, None)
                 self.health.pop(instance_id, None)
                 self._gc_needed = True
+                if instance_id in self.killing:
+                    self.killing.discard(instance_id)
+                    if retired is not None:
+                        self._settle(retired[0])
             case Stop():
                 self._stopping = True
 
@@ -409,6 +386,10 @@ class ReconcileLoop:
             service = self._service(assignment.service)
             if service.target != assignment:
                 previous, service.target = service.target, assignment
+                if previous is None or assignment_key(previous) != assignment_key(assignment):
+                    # The retry timer was the replaced target's: the new one starts at once.
+                    self.timers.retry_at.pop(assignment.service, None)
+                    self.timers.retry_attempts.pop(assignment.service, None)
                 self._back_to_serving(service, previous)
             self._rotate_keys(service, assignment)
         self._dirty_plan = self._dirty_save = self._dirty_report = True
@@ -533,7 +514,8 @@ class ReconcileLoop:
                         log.info("%s: cancelling %s (the desired state moved on)", name, op.kind)
                         op.control.cancel.set()
                 case Verdict.REFUSE:
-                    self._set_status(name, ServiceState.UNSCHEDULABLE, action.reason)
+                    why = self._serving_note(name, action.reason)
+                    self._set_status(name, ServiceState.UNSCHEDULABLE, why)
                 case Verdict.KEEP | Verdict.WAIT:
                     service = self.record.services.get(name)
                     desired = self.desired.modules if self.desired is not None else []
@@ -549,7 +531,7 @@ class ReconcileLoop:
             restart = service.current is not None and service.current.key == assignment_key(assignment)
             self.timers.restart_at.pop(name, None)
         self._op_ids += 1
-        deadline = self.clock() + self._deadline_of(op, assignment)
+        deadline = self.clock() + self.executor.deadline_of(op, assignment)
         running = RunningOp(
             id=self._op_ids,
             kind=op,
@@ -563,11 +545,9 @@ class ReconcileLoop:
         match op:
             case Op.FETCH:
                 self._set_status(name, ServiceState.TRANSITIONING, f"downloading {target}")
-                body: Callable[[], Any] = lambda: self._do_fetch(running)  # noqa: E731
             case Op.START:
                 what = "restarting" if restart else "starting"
                 self._set_status(name, ServiceState.TRANSITIONING, f"{what} {target}", keep_failed=True)
-                body = lambda: self._do_start(running)  # noqa: E731
             case Op.REPLACE:
                 old = service.current
                 if restart:
@@ -576,111 +556,10 @@ class ReconcileLoop:
                     serving = old.version if old else "?"
                     text = f"starting {target} beside version {serving}, which keeps serving"
                 self._set_status(name, ServiceState.TRANSITIONING, text, keep_failed=True)
-                body = lambda: self._do_start(running)  # noqa: E731
             case Op.STOP:
-                body = lambda: self._do_stop(name)  # noqa: E731
-
-        def work() -> None:
-            try:
-                result = body()
-            except BaseException as exc:
-                self.events.put(OpDone(name, running.id, error=exc))
-            else:
-                self.events.put(OpDone(name, running.id, result=result))
-
-        running.thread = threading.Thread(target=work, name=f"edgepack-{op}-{name}", daemon=True)
+                running.stops = tuple(i for i in (service.current, service.standby) if i is not None)
         self.ops[name] = running
-        running.thread.start()
-
-    def _deadline_of(self, op: Op, assignment: ModuleAssignment | None) -> float:
-        if op is Op.FETCH:
-            return FETCH_DEADLINE_S
-        if op is Op.STOP or assignment is None:
-            return STOP_GRACE_S + DRAIN_S + 5
-        # Pulling an image has its own, longer deadline (the docker runtime applies it).
-        docker_ok = RuntimeKind.DOCKER in self.runtimes
-        may_pull = docker_ok and assignment.settings.runtime in (RuntimeKind.DOCKER, None)
-        return assignment.settings.health.start_timeout_s + (
-            self.config.docker.pull_timeout_s if may_pull else 0.0
-        )
-
-    # --- operation bodies (worker threads) ----------------------------------------------------
-
-    def _progress_cb(self, running: RunningOp, name: str) -> Callable[[str, int, int], None]:
-        def progress(phase: str, done: int, total: int) -> None:
-            report = Progress.model_validate({"phase": phase, "done_bytes": done, "total_bytes": total})
-            self.events.put(OpProgress(name, running.id, report))
-
-        return progress
-
-    def _do_fetch(self, running: RunningOp) -> InstalledModule:
-        assert running.assignment is not None
-        name = running.assignment.service
-        progress = self._progress_cb(running, name)
-        control = FetchControl(
-            cancelled=running.control.cancelled,
-            deadline=running.control.deadline,
-            progress=lambda done, total: progress("download", done, total),
-        )
-        return fetch_module(
-            self.hub,
-            self.cache,
-            running.assignment.manifest_digest,
-            self.credentials.publishers,
-            control,
-            self.counters,
-        )
-
-    def _do_start(self, running: RunningOp) -> InstanceRecord:
-        assignment = running.assignment
-        assert assignment is not None and running.key is not None
-        name = assignment.service
-        module = self.installed.get(assignment.manifest_digest)
-        if module is None:
-            module = self._do_fetch(running)
-        runtime = self._choose_runtime(module, assignment)
-        serving = running.replaces
-        if serving is not None and serving.runtime is not runtime.kind:
-            # Processes and containers run as different users, which SO_REUSEPORT does not let
-            # share a port: the old version stops before the new one starts.
-            log.info("%s moves from the %s to the %s runtime: stopping the old version first",
-                     name, serving.runtime, runtime.kind)  # fmt: skip
-            self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
-        instance_id = f"{assignment.version}-{os.urandom(4).hex()}"
-        settings = assignment.settings
-        spec = LaunchSpec(
-            instance_id=instance_id,
-            assignment=assignment,
-            key=running.key,
-            module=module,
-            run_dir=self.runs / name / instance_id,
-            host=self.config.service_host,
-            drain_s=DRAIN_S,
-            tls=self.certificates.material(name) if settings.tls is not None else None,
-            agent_key=os.urandom(16).hex() if settings.auth is not None else None,
-        )
-        return start_instance(runtime, spec, running.control, progress=self._progress_cb(running, name))
-
-    def _choose_runtime(self, module: InstalledModule, assignment: ModuleAssignment) -> Runtime:
-        """The runtime the deployment names, or else the first of this device's runtimes (in
-        agent.toml's order) that can run the module; Unschedulable with every reason if none can."""
-        wanted = assignment.settings.runtime
-        candidates = [wanted] if wanted is not None else list(self.config.runtimes)
-        reasons = []
-        for kind in candidates:
-            runtime = self.runtimes.get(kind)
-            if runtime is None:
-                continue
-            why = runtime.unschedulable(module, assignment)
-            if why is None:
-                return runtime
-            reasons.append(why)
-        raise Unschedulable("; ".join(reasons) or "no runtime of this device can run the module")
-
-    def _do_stop(self, name: str) -> None:
-        service = self.record.services.get(name)
-        if service is not None and service.current is not None:
-            self._runtime_of(service.current).stop(service.current, grace_s=STOP_GRACE_S + DRAIN_S)
+        self.executor.run(name, running)
 
     # --- operation results (loop thread) ------------------------------------------------------
 
@@ -715,21 +594,48 @@ class ReconcileLoop:
     def _started(self, name: str, running: RunningOp, instance: InstanceRecord) -> None:
         service = self._service(name)
         old = service.current
+        new_version = old is None or old.key != instance.key
         if old is not None and old.key != instance.key:
             service.previous = old.assignment
         service.current = instance
         service.last_good = instance.assignment
         service.healthy_since = datetime.now(UTC)
+        if new_version:
+            service.failures = 0  # the restart backoff counts this version's failures only
         self.health[instance.id] = Health(alive=True)
         self.timers.retry_attempts.pop(name, None)
         self.timers.unschedulable.pop(name, None)
         if running.restart:
             service.restarts += 1
+        standby = service.standby
+        if standby is not None and standby.key == instance.key:
+            service.standby = None  # the same version started anew: it takes over
+            self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
+        old_health = self.health.get(old.id, Health()) if old is not None else Health()
         if old is not None and old.id != instance.id:
-            # An instance that stopped answering gets no time to drain: its queue is not moving.
-            answering = self.health.get(old.id, Health()).misses == 0
-            self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S if answering else 1.0)
+            answering = old_health.alive and old_health.misses == 0
+            if (
+                answering
+                and old.key != instance.key
+                and service.standby is None
+                and old.runtime is instance.runtime  # else the start stopped it already
+                and self.config.restart.settle_s > 0
+            ):
+                # The last good instance keeps serving beside the new version until that one
+                # has been healthy for the settle time (see _end_settle).
+                service.standby = old
+            elif old_health.misses == 0:
+                self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S)
+            else:
+                # An instance that stopped answering gets no time to drain (its queue is not
+                # moving): it is killed, and its successor is Healthy once it is gone (Retired).
+                self.killing.add(old.id)
+                self._retire(name, old, grace_s=0.0)
+        if service.standby is not None:
+            self.timers.settle_at[name] = self.clock() + self.config.restart.settle_s
         state, reason = self._steady(service)
+        if state is ServiceState.HEALTHY and self._killing_for(name):
+            state, reason = ServiceState.TRANSITIONING, "stopping the instance that stopped answering"
         self._set_status(name, state, reason)
         self._watch()
         self._gc_needed = True
@@ -739,53 +645,116 @@ class ReconcileLoop:
         key = running.key
         version = running.assignment.version if running.assignment else "?"
         now = self.clock()
-        if isinstance(error, Unschedulable):
-            if key is not None:
-                self.timers.unschedulable[name] = (key, str(error), now + UNSCHEDULABLE_RECHECK_S)
-            self._set_status(name, ServiceState.UNSCHEDULABLE, str(error))
-            return
-        if isinstance(error, EdgepackError) and error.temporary:
-            attempt = self.timers.retry_attempts.get(name, 0)
-            delay = error.retry_after_s or full_jitter(attempt, self.rand(), cap_s=60.0)
-            self.timers.retry_attempts[name] = attempt + 1
-            self.timers.retry_at[name] = now + delay
-            text = f"{running.kind} of version {version}: {error}; retrying in {delay:.0f}s"
-            self._set_status(name, ServiceState.TRANSITIONING, text)
-            return
+        good = service.last_good
+        judged = judge_failure(
+            error,
+            starting=running.kind in (Op.START, Op.REPLACE),
+            ran_here_before=good is not None and key == assignment_key(good),
+        )
         if not isinstance(error, EdgepackError):
             log.error("%s: %s of version %s failed unexpectedly", name, running.kind, version, exc_info=error)
-        reason = str(error) or type(error).__name__
-        good = service.last_good
-        if (
-            isinstance(error, ModuleStartFailure)
-            and good is not None
-            and key == assignment_key(good)
-            and running.kind in (Op.START, Op.REPLACE)
-        ):
-            # A version that ran here before: a crash to retry with backoff, not a verdict.
-            self._count_failure(name, Trouble.EXITED, None, reason)
+        match judged.verdict:
+            case FailureKind.UNSCHEDULABLE:
+                if key is not None:
+                    self.timers.unschedulable[name] = (key, judged.reason, now + UNSCHEDULABLE_RECHECK_S)
+                self._set_status(name, ServiceState.UNSCHEDULABLE, self._serving_note(name, judged.reason))
+            case FailureKind.RETRY:
+                attempt = self.timers.retry_attempts.get(name, 0)
+                delay = judged.retry_after_s or full_jitter(attempt, self.rand(), cap_s=60.0)
+                self.timers.retry_attempts[name] = attempt + 1
+                self.timers.retry_at[name] = now + delay
+                text = f"{running.kind} of version {version}: {judged.reason}; retrying in {delay:.0f}s"
+                self._set_status(name, ServiceState.TRANSITIONING, self._serving_note(name, text))
+            case FailureKind.CRASH:
+                # A version that ran here before: a crash to retry with backoff, not a verdict.
+                self._count_failure(name, Trouble.EXITED, None, judged.reason)
+            case FailureKind.FINAL:
+                if key is not None:
+                    service.failed[key] = judged.reason
+                log.warning("%s: version %s failed: %s", name, version, judged.reason)
+                state, status_reason = self._steady(service)
+                self._set_status(name, state, status_reason)
+
+    def _end_settle(self, name: str) -> None:
+        """The new version has been healthy for the settle time: the standby drains and stops."""
+        service = self.record.services.get(name)
+        if service is None or service.standby is None or service.current is None:
             return
-        if key is not None:
-            service.failed[key] = reason
-        log.warning("%s: version %s failed: %s", name, version, reason)
-        state, status_reason = self._steady(service)
-        self._set_status(name, state, status_reason)
+        health = self.health.get(service.current.id, Health())
+        since = service.healthy_since
+        healthy_for = (datetime.now(UTC) - since).total_seconds() if since is not None else 0.0
+        settle_s = self.config.restart.settle_s
+        if not health.alive or health.misses or healthy_for < settle_s:
+            # Not settled yet (a probe missed since): look again once it may have. A crash
+            # restarts it, and the start arms the timer anew.
+            if health.alive:
+                self.timers.settle_at[name] = self.clock() + max(settle_s - healthy_for, 1.0)
+            return
+        standby, service.standby = service.standby, None
+        log.info("%s: version %s settled; stopping version %s",
+                 name, service.current.version, standby.version)  # fmt: skip
+        self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
+        self._dirty_save = True
+
+    def _promote_standby(self, name: str) -> bool:
+        """A new version crash-loops while the last good instance still serves beside it: that
+        one becomes current again (no restart), and the failed one is stopped."""
+        service = self._service(name)
+        standby, failed = service.standby, service.current
+        if standby is None or failed is None or standby.key in service.failed:
+            return False
+        alive = self.health.get(standby.id, Health()).alive
+        if not alive or not self._runtime_of(standby).liveness(standby).alive:
+            service.standby = None
+            return False
+        service.standby = None
+        service.current = standby
+        service.last_good = standby.assignment
+        service.previous = failed.assignment
+        service.failures = 0
+        self.timers.restart_at.pop(name, None)
+        self.health[standby.id] = Health(alive=True)
+        self._retire(name, failed, grace_s=0.0)
+        self._watch()
+        log.info("%s: version %s crash-loops; version %s, which kept serving, is current again",
+                 name, failed.version, standby.version)  # fmt: skip
+        state, reason = self._steady(service)
+        self._set_status(name, state, reason)
+        return True
+
+    def _serving_note(self, name: str, reason: str | None) -> str | None:
+        """``reason``, saying which version serves meanwhile when it is not the target."""
+        service = self.record.services.get(name)
+        current = service.current if service else None
+        if service is None or current is None or not self.health.get(current.id, Health()).alive:
+            return reason
+        if service.target is not None and current.key == assignment_key(service.target):
+            return reason
+        return f"{reason}; version {current.version} ({current.runtime}) keeps serving"
+
+    def _killing_for(self, name: str) -> bool:
+        return any(self.retiring[iid][0] == name for iid in self.killing if iid in self.retiring)
+
+    def _settle(self, name: str) -> None:
+        """The steady state of a service that no operation holds (after its last change)."""
+        service = self.record.services.get(name)
+        if service is None or name in self.ops or self._killing_for(name):
+            return
+        state, reason = self._steady(service)
+        if state is not service.state or reason != service.reason:
+            self._set_status(name, state, reason)
 
     def _steady(self, service: ServiceRecord) -> tuple[ServiceState, str | None]:
         """The state of a service that is not in the middle of anything."""
-        target = service.target
         current = service.current
-        serving = current is not None and self.health.get(current.id, Health()).alive
-        if target is not None:
-            why = service.failed.get(assignment_key(target))
-            if why is not None:
-                if serving and current is not None and current.key != assignment_key(target):
-                    return ServiceState.FAILED, (
-                        f"version {target.version} failed: {why}; rolled back to version "
-                        f"{current.version}, which keeps serving"
-                    )
-                return ServiceState.FAILED, f"version {target.version} failed: {why}"
-        return (ServiceState.HEALTHY, None) if serving else (ServiceState.TRANSITIONING, None)
+        return steady_state(
+            target=service.target,
+            current=current,
+            serving=current is not None and self.health.get(current.id, Health()).alive,
+            failed=service.failed,
+            state=service.state,
+            reason=service.reason,
+        )
 
     # --- health ------------------------------------------------------------------------------
 
@@ -817,10 +786,8 @@ class ReconcileLoop:
             if healthy_for >= self.config.restart.reset_after_s and service.failures:
                 service.failures = 0
                 self._dirty_save = True
-            if result.service not in self.ops and service.state is not ServiceState.HEALTHY:
-                state, reason = self._steady(service)
-                if state is not service.state or reason != service.reason:
-                    self._set_status(result.service, state, reason)
+            if service.state is not ServiceState.HEALTHY:
+                self._settle(result.service)
             return
         health.misses += 1
         service.healthy_since = None
@@ -852,6 +819,7 @@ class ReconcileLoop:
         )
         service.failures = decision.failures
         service.healthy_since = None
+        self.timers.settle_at.pop(name, None)  # the new version has not settled
         self._dirty_save = self._dirty_report = self._dirty_plan = True
         if decision.restart_in_s is not None:
             self.timers.restart_at[name] = self.clock() + decision.restart_in_s
@@ -861,6 +829,8 @@ class ReconcileLoop:
             if earlier is not None and assignment_key(earlier) != current.key:
                 # The version that served before goes back to serving (see _observed).
                 service.failed[current.key] = text
+            if self._promote_standby(name):
+                return
             self._set_status(name, ServiceState.FAILED, text)
             return
         if decision.restart_in_s is None:
@@ -875,39 +845,17 @@ class ReconcileLoop:
     # --- logs --------------------------------------------------------------------------------
 
     def _on_log_request(self, payload: bytes) -> None:
-        try:
-            request = LogRequest.model_validate_json(payload)
-        except ValidationError:
-            log.warning("ignoring a malformed log request")
-            return
-        service = self.record.services.get(request.service)
-        instance = service.current if service else None
+        def serving(name: str) -> InstanceRecord | None:
+            service = self.record.services.get(name)
+            return service.current if service else None
 
-        def answer() -> None:
-            if instance is None:
-                response = LogResponse(
-                    request_id=request.request_id,
-                    device_id=self.device_id,
-                    service=request.service,
-                    error=f"service {request.service!r} does not run on {self.device_id}",
-                )
-            else:
-                lines = self._runtime_of(instance).log_tail(instance, request.tail)
-                lines = [line[:MAX_LINE_CHARS] for line in lines]
-                truncated = False
-                while lines and sum(len(line) + 4 for line in lines) > MAX_RESPONSE_CHARS:
-                    lines = lines[len(lines) // 10 + 1 :]
-                    truncated = True
-                response = LogResponse(
-                    request_id=request.request_id,
-                    device_id=self.device_id,
-                    service=request.service,
-                    lines=lines,
-                    truncated=truncated,
-                )
-            self.publish_logs(response.model_dump_json(by_alias=True).encode())
-
-        threading.Thread(target=answer, name="edgepack-logs", daemon=True).start()
+        answer_log_request(
+            payload,
+            device_id=self.device_id,
+            serving=serving,
+            runtime_of=self._runtime_of,
+            publish=self.publish_logs,
+        )
 
     # --- timers ------------------------------------------------------------------------------
 
@@ -918,6 +866,7 @@ class ReconcileLoop:
         candidates += self.timers.restart_at.values()
         candidates += self.timers.retry_at.values()
         candidates += (until for _, _, until in self.timers.unschedulable.values())
+        candidates += self.timers.settle_at.values()
         return min(candidates) if candidates else self.clock() + 1.0
 
     def _timers(self) -> None:
@@ -928,6 +877,10 @@ class ReconcileLoop:
             if now >= at:
                 del self.timers.retry_at[name]
                 self._dirty_plan = True
+        for name, at in list(self.timers.settle_at.items()):
+            if now >= at:
+                del self.timers.settle_at[name]
+                self._end_settle(name)
         for name, (_, _, until) in list(self.timers.unschedulable.items()):
             if now >= until:
                 del self.timers.unschedulable[name]
@@ -935,21 +888,12 @@ class ReconcileLoop:
         if now >= self.timers.next_poll and not self._poll_in_flight:
             self._poll_in_flight = True
             self.timers.next_poll = now + self.config.poll_interval_s
-            threading.Thread(target=self._poll, name="edgepack-poll", daemon=True).start()
+            self.executor.poll(self.etag)
         if now >= self.timers.next_report:
             self._dirty_report = True
         if now >= self._next_renewal_check:
             self._next_renewal_check = now + CERT_CHECK_S
             self._renew_certificates()
-
-    def _poll(self) -> None:
-        try:
-            self.events.put(HttpDesired(self.hub.desired(self.etag)))
-        except EdgepackError as exc:
-            self.events.put(HttpDesired(None, exc))
-        except Exception as exc:  # never let a poll thread die silently
-            log.exception("desired-state poll failed")
-            self.events.put(HttpDesired(None, EdgepackError(str(exc))))
 
     # --- records, reports, garbage -------------------------------------------------------------
 
@@ -985,6 +929,7 @@ class ReconcileLoop:
         self.timers.restart_at.pop(name, None)
         self.timers.retry_at.pop(name, None)
         self.timers.unschedulable.pop(name, None)
+        self.timers.settle_at.pop(name, None)
         if service is not None and service.current is not None:
             self.health.pop(service.current.id, None)
         self._watch()
@@ -996,14 +941,7 @@ class ReconcileLoop:
         self.retiring[instance.id] = (name, instance)
         self.health.pop(instance.id, None)
 
-        def work() -> None:
-            try:
-                self._runtime_of(instance).stop(instance, grace_s=grace_s)
-            except Exception:
-                log.exception("stopping instance %s failed", instance.id)
-            self.events.put(Retired(instance.id))
-
-        threading.Thread(target=work, name=f"edgepack-retire-{name}", daemon=True).start()
+        self.executor.retire(name, instance, grace_s=grace_s)
 
     def _runtime_of(self, instance: InstanceRecord) -> Runtime:
         return self.runtimes[instance.runtime]
@@ -1047,47 +985,9 @@ class ReconcileLoop:
         self.publish_reported(state.model_dump_json(by_alias=True).encode())
 
     def _gc(self) -> None:
-        """Drop modules and blobs no service needs: each keeps its current, its last good and
-        its wanted version (for rollback), nothing else."""
-        keep: set[str] = set()
-        live_instances: set[str] = set(self.retiring)
-        for service in self.record.services.values():
-            current = service.current.assignment if service.current else None
-            for a in (current, service.last_good, service.previous, service.target):
-                if a is not None:
-                    keep.add(a.manifest_digest)
-            if service.current is not None:
-                live_instances.add(service.current.id)
-        for op in self.ops.values():
-            if op.assignment is not None:
-                keep.add(op.assignment.manifest_digest)
-        report = self.cache.prune(keep)
-        for digest in list(self.installed):
-            if digest not in keep:
-                del self.installed[digest]
-        if report.modules_removed or report.blobs_removed:
-            log.info(
-                "garbage collected %d module(s), %d blob(s), %d byte(s)",
-                report.modules_removed,
-                report.blobs_removed,
-                report.bytes_freed,
-            )
-        self._prune_run_dirs(live_instances)
-
-    def _prune_run_dirs(self, live: set[str], keep_per_service: int = 3) -> None:
-        """Keep the run folders (and logs) of live instances and the few newest dead ones."""
-        if not self.runs.is_dir():
-            return
-        for service_dir in self.runs.iterdir():
-            if not service_dir.is_dir():
-                continue
-            dead = [d for d in service_dir.iterdir() if d.is_dir() and d.name not in live]
-            dead.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-            for old in dead[keep_per_service:]:
-                shutil.rmtree(old, ignore_errors=True)
-            if service_dir.name not in self.record.services and not dead[:keep_per_service]:
-                with contextlib.suppress(OSError):
-                    service_dir.rmdir()
+        in_flight = [op.assignment for op in self.ops.values() if op.assignment is not None]
+        keep = kept(self.record.services, in_flight, self.retiring)
+        collect(self.cache, self.installed, self.runs, keep, self.record.services)
 
     # --- boot ----------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from enum import StrEnum
 
 from edge_agent.backoff import RestartBackoff
 from manifests.desired import RestartPolicy
+from manifests.errors import EdgepackError, ModuleStartFailure, Unschedulable
 
 #: consecutive failures after which a crash loop is reported as Failed
 CRASH_LOOP_LIMIT = 5
@@ -94,3 +95,35 @@ def log_tail_reason(headline: str, lines: list[str], *, max_chars: int = 1500) -
     if not kept:
         return headline
     return headline + lead + " | ".join(reversed(kept))
+
+
+class Verdict(StrEnum):
+    """What an operation's failure means for the version it worked on."""
+
+    UNSCHEDULABLE = "unschedulable"  # cannot run on this device as it is: report, look again later
+    RETRY = "retry"  # temporary, or unexpected (never final): try again after a backoff
+    CRASH = "crash"  # the version ran here before: a crash, counted by the restart policy
+    FINAL = "final"  # the same bytes would fail the same way: failed here for good
+
+
+@dataclass(frozen=True)
+class FailureVerdict:
+    verdict: Verdict
+    reason: str
+    retry_after_s: float | None = None  # what the hub asked for (Retry-After), if anything
+
+
+def judge_failure(error: BaseException, *, starting: bool, ran_here_before: bool) -> FailureVerdict:
+    """What an operation's ``error`` means: ``starting`` for a start or replace, and
+    ``ran_here_before`` when the version it started was healthy on this device before."""
+    if isinstance(error, Unschedulable):
+        return FailureVerdict(Verdict.UNSCHEDULABLE, str(error))
+    if not isinstance(error, EdgepackError):
+        # Not a verdict on the version (a bug, a race on the disk): never final.
+        return FailureVerdict(Verdict.RETRY, f"{type(error).__name__}: {error}")
+    if error.temporary:
+        return FailureVerdict(Verdict.RETRY, str(error), error.retry_after_s)
+    reason = str(error) or type(error).__name__
+    if isinstance(error, ModuleStartFailure) and starting and ran_here_before:
+        return FailureVerdict(Verdict.CRASH, reason)
+    return FailureVerdict(Verdict.FINAL, reason)

@@ -12,11 +12,18 @@ from manifests.states import ServiceState
 
 
 def module_status(
-    record: AgentRecord, assignment: ModuleAssignment, *, serving_alive: bool, host: str | None = None
+    record: AgentRecord,
+    assignment: ModuleAssignment,
+    *,
+    serving_alive: bool,
+    standby_alive: bool = False,
+    host: str | None = None,
 ) -> ModuleStatus:
     service = record.services.get(assignment.service)
     current = service.current if service else None
     serving = current if current is not None and serving_alive else None
+    if serving is None and service is not None and service.standby is not None and standby_alive:
+        serving = service.standby  # the last good instance serves while the new one restarts
     scheme = "https" if assignment.settings.tls is not None else "http"
     return ModuleStatus(
         service=assignment.service,
@@ -52,7 +59,13 @@ def reported_state(
         service = record.services.get(assignment.service)
         current = service.current if service else None
         serving_alive = current is not None and alive.get(current.id, False)
-        modules.append(module_status(record, assignment, serving_alive=serving_alive, host=host))
+        standby = service.standby if service else None
+        standby_alive = standby is not None and alive.get(standby.id, False)
+        modules.append(
+            module_status(
+                record, assignment, serving_alive=serving_alive, standby_alive=standby_alive, host=host
+            )
+        )
     return ReportedState(
         device_id=record.device_id,
         reported_at=now,

@@ -245,7 +245,10 @@ class DockerRuntime:
         if container is None:
             return
         try:
-            container.stop(timeout=max(1, int(grace_s)))
+            if grace_s <= 0:
+                container.kill()  # no time to drain: it leaves the port at once
+            else:
+                container.stop(timeout=max(1, int(grace_s)))
         except docker.errors.APIError as exc:
             log.warning("stopping container of %s: %s", instance.id, exc)
         try:

@@ -53,6 +53,10 @@ class ServiceRecord(BaseModel):
 
     name: str
     current: InstanceRecord | None = None
+    # The last good instance, still serving beside a new version until that one has been
+    # healthy for the settle time (restart.settle_s): a new version that crash-loops leaves it
+    # serving, and it becomes current again.
+    standby: InstanceRecord | None = None
     last_good: ModuleAssignment | None = None  # the last version that became ready here
     previous: ModuleAssignment | None = None  # what served before the current version
     failed: dict[str, str] = Field(default_factory=dict)  # assignment key -> reason

@@ -3,16 +3,19 @@ runtime image built offline (tests/docker_fixtures.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 import time
 import uuid
 from typing import Any
 
+import httpx
+
 from manifests.desired import RuntimeKind
 from tests.agent.conftest import Fleet, free_port, score, wait_for
-from tests.agent.modules import files
-from tests.agent.test_updates import steady_load
+from tests.agent.modules import HANGS_ON_REQUEST, files
+from tests.agent.test_updates import FAST_RESTARTS, steady_load
 from tests.docker_fixtures import PushedRuntimeImage
 from tests.factory import SCORE_PY, ModuleParts
 
@@ -189,3 +192,28 @@ def test_a_deployment_that_names_no_runtime_runs_where_each_device_can(
     unpinned = fleet.push("plain", "1")
     fleet.deploy("plain", unpinned, port=free_port(), devices=["edge-both"], runtime=None)
     assert both.wait_state("plain", "Healthy", timeout=60)["runtime"] == "process"
+
+
+def test_a_container_that_stops_answering_is_gone_before_its_replacement_is_called_healthy(
+    fleet: Fleet, runtime_image: PushedRuntimeImage, docker_engine: Any
+) -> None:
+    agent = fleet.device(DEV, runtimes=DOCKER, **FAST_RESTARTS).start()
+    port = free_port()
+    probe = {"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}
+    module = pinned_module(fleet, runtime_image, "1", files=files(HANGS_ON_REQUEST))
+    fleet.deploy("demo", module, port=port, devices=[DEV], runtime="docker", probe=probe)
+    first = agent.wait_state("demo", "Healthy", timeout=120)["container"]
+    with contextlib.suppress(httpx.TimeoutException):
+        httpx.post(f"http://127.0.0.1:{port}/score", json={"data": ["hang"]}, timeout=0.5)
+    agent.wait_state("demo", "Unhealthy", timeout=30)
+    def restarted() -> dict[str, Any] | None:
+        s = agent.service("demo")
+        return s if s and s["restarts"] >= 1 and s["state"] == "Healthy" else None
+
+    healthy = wait_for(restarted, timeout=120, what="the restarted container", log=agent.log)
+    # Killed (no drain: its queue is not moving) and removed before Healthy, so the kernel
+    # hands the hung container no connection of the port once the service is called Healthy.
+    running = docker_engine.containers.list(filters={"label": f"edgepack.device={DEV}"})
+    assert healthy["container"] != first
+    assert [c.id[:12] for c in running] == [healthy["container"]], [c.name for c in running]
+    assert score(port, [4]) == {"result": [8]}

@@ -21,10 +21,13 @@ from edge_agent.reconcile.supervise import (
     CRASH_LOOP_LIMIT,
     Trouble,
     after_failure,
+    judge_failure,
     log_tail_reason,
     should_restart,
 )
+from edge_agent.reconcile.supervise import Verdict as FailureKind
 from manifests.desired import DeploymentSettings, ModuleAssignment, RestartPolicy
+from manifests.errors import HubUnavailable, ModuleStartFailure, NotFoundError, TrustError, Unschedulable
 from manifests.reported import ModuleStatus
 from manifests.states import ServiceState
 
@@ -192,3 +195,33 @@ def test_a_crash_reason_leaves_out_the_escape_sequences_a_module_logged() -> Non
     assert reason == lead + "[W:onnxruntime] telemetry | bell and nul | RuntimeError: x"
     ModuleStatus(service="s", manifest_digest="sha256:" + "0" * 64, state=ServiceState.FAILED,
                  since=datetime.now(UTC), reason=reason)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "starting", "ran_before", "verdict", "retry_after"),
+    [
+        pytest.param(Unschedulable("port 9000 is held"), True, False, FailureKind.UNSCHEDULABLE, None,
+                     id="a port held by another program: Unschedulable"),
+        pytest.param(HubUnavailable("hub down", retry_after_s=55), False, False, FailureKind.RETRY, 55,
+                     id="the hub is away: retried, after what it asked"),
+        pytest.param(FileNotFoundError("blob.partial"), False, False, FailureKind.RETRY, None,
+                     id="an error outside edgepack's tree (a cache race): retried, never final"),
+        pytest.param(RuntimeError("bug"), True, True, FailureKind.RETRY, None,
+                     id="a bug while starting a version that ran before: retried"),
+        pytest.param(ModuleStartFailure("init() failed"), True, True, FailureKind.CRASH, None,
+                     id="a version that ran here before fails to start: a crash, restarted with backoff"),
+        pytest.param(ModuleStartFailure("init() failed"), True, False, FailureKind.FINAL, None,
+                     id="a new version fails to start: failed for good"),
+        pytest.param(TrustError("digest mismatch"), False, False, FailureKind.FINAL, None,
+                     id="bytes that do not match their digest: failed for good"),
+        pytest.param(NotFoundError("gone"), False, False, FailureKind.FINAL, None,
+                     id="the hub no longer has it: failed for good"),
+    ],
+)  # fmt: skip
+def test_judge_failure(
+    error: BaseException, starting: bool, ran_before: bool, verdict: FailureKind, retry_after: float | None
+) -> None:
+    judged = judge_failure(error, starting=starting, ran_here_before=ran_before)
+    assert judged.verdict is verdict
+    assert judged.retry_after_s == retry_after
+    assert judged.reason

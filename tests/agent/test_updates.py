@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,49 @@ def test_a_crash_loop_ends_failed_with_the_modules_last_log_lines(fleet: Fleet) 
     assert agent.service("demo")["restarts"] >= 2  # type: ignore[index]
 
 
+def group_running(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` that still run (zombies do not: they hold no
+    socket any more)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(stat.parent.name))
+    return out
+
+
+class TimedCalls:
+    """One client calling ``/score`` without pause on a fresh connection each time (so the
+    kernel picks a listener of the port group for every call), noting when each call failed."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.failures: list[tuple[float, str]] = []  # (time.monotonic() of the failure, what)
+        self.answered = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                r = httpx.post(f"http://127.0.0.1:{self.port}/score", json={"data": [4]}, timeout=20,
+                               headers={"Connection": "close"})  # fmt: skip
+                r.raise_for_status()
+                self.answered += 1
+            except Exception as exc:
+                self.failures.append((time.monotonic(), repr(exc)))
+                time.sleep(0.01)
+
+    def __enter__(self) -> TimedCalls:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def test_a_module_that_stops_answering_its_probe_goes_unhealthy_and_is_restarted(fleet: Fleet) -> None:
     agent = fleet.device("edge-1", **FAST_RESTARTS).start()
     port = free_port()
@@ -124,9 +168,21 @@ def test_a_module_that_stops_answering_its_probe_goes_unhealthy_and_is_restarted
     first_pid = agent.service("demo")["pid"]  # type: ignore[index]
     with contextlib.suppress(httpx.TimeoutException):
         httpx.post(f"http://127.0.0.1:{port}/score", json={"data": ["hang"]}, timeout=0.5)
-    unhealthy = agent.wait_state("demo", "Unhealthy", timeout=30)
-    assert "missed 2 health probes" in unhealthy["reason"]
-    healthy = wait_for(restarted(agent, other_than=first_pid), what="the restarted module", log=agent.log)
+    # A client calls through the restart: calls the kernel hands the hung instance fail until
+    # it is gone, but once the service is called Healthy again, every call is answered.
+    with TimedCalls(port) as calls:
+        unhealthy = agent.wait_state("demo", "Unhealthy", timeout=30)
+        assert "missed 2 health probes" in unhealthy["reason"]
+        healthy = wait_for(restarted(agent, other_than=first_pid), what="the restarted module", log=agent.log)
+        healthy_seen = time.monotonic()
+        # The hung instance left the port group before its successor was called Healthy: the
+        # kernel hands it no call any more (without tcp_migrate_req, what it held is reset).
+        assert group_running(first_pid) == [], "the hung instance still runs after Healthy"
+        answered = calls.answered
+        wait_for(lambda: calls.answered > answered + 20, what="calls answered after the restart")
+        time.sleep(1.5)  # past the 1 s a hung predecessor was once given to drain
+    late = [what for at, what in calls.failures if at >= healthy_seen]
+    assert late == [], f"{len(late)} call(s) failed after Healthy: {late[:3]}"
     assert healthy["restarts"] == 1
     assert score(port, [4]) == {"result": [8]}
 
@@ -202,16 +258,24 @@ def test_a_version_that_crash_loops_after_the_switch_is_abandoned_for_the_previo
     agent = fleet.device("edge-1", **FAST_RESTARTS).start()
     port = free_port()
     fleet.deploy("demo", fleet.push("demo", "1"), port=port, devices=["edge-1"])
-    agent.wait_state("demo", "Healthy")
-    fleet.deploy("demo", fleet.push("demo", "2", files=files(CRASHES_AFTER_START, factor=5)), port=port,
-                 devices=["edge-1"])  # fmt: skip
+    v1_pid = agent.wait_state("demo", "Healthy")["pid"]
 
     def rolled_back() -> dict[str, Any] | None:
         s = agent.service("demo")
         return s if s and s["state"] == "Failed" and s["serving_version"] == "1" and s["alive"] else None
 
-    status = wait_for(rolled_back, timeout=60, what="the rollback to version 1", log=agent.log)
+    # A client calls all through the crash loop: version 1 keeps serving beside version 2 (which
+    # has never been healthy for its settle time), so only a call that version 2 holds when it
+    # dies can fail, one per crash at most (the client waits for each answer).
+    with TimedCalls(port) as calls:
+        fleet.deploy("demo", fleet.push("demo", "2", files=files(CRASHES_AFTER_START, factor=5)), port=port,
+                     devices=["edge-1"])  # fmt: skip
+        status = wait_for(rolled_back, timeout=60, what="the rollback to version 1", log=agent.log)
+    crashes = FAST_RESTARTS["restart"]["crash_loop_limit"]
+    assert len(calls.failures) <= crashes, (calls.answered, calls.failures[:5])
+    assert calls.answered > 20
     assert "crash loop" in status["reason"] and "rolled back to version 1" in status["reason"]
+    assert status["pid"] == v1_pid, "version 1 kept serving: it was not started again"
     assert score(port, [1]) == {"result": [2]}
     body = fleet.wait_rollup("demo", "Failed")
     assert "about to crash" in body["devices"][0]["reason"]
