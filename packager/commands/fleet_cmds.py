@@ -38,6 +38,7 @@ from packager.sdk import (
     DeploymentConfig,
     DeploymentFailed,
     Device,
+    DeviceServiceState,
     InferenceConfig,
     Model,
     Service,
@@ -312,7 +313,17 @@ def deploy_cmd(
         highlight=False,
     )
     print_change(result)
+    _say_offline(service.record.devices)
     console.print(f"follow it with: edgepack service wait {name}")
+
+
+def _say_offline(devices: list[DeviceServiceState]) -> None:
+    """A warning per targeted device that is offline: it gets the change only when its agent
+    reconnects, so a deploy that 'worked' may not run anywhere yet."""
+    for d in devices:
+        if not d.online:
+            said = f"{d.offline_text}; it gets this change when its agent reconnects"
+            err_console.print(Text.assemble(("warning:", "yellow"), " ", safe_text(said)), soft_wrap=True)
 
 
 @service_app.command("list")
@@ -445,11 +456,18 @@ def wait_service_cmd(
     name: str,
     timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 600,
     interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
+    wait_offline: Annotated[
+        bool,
+        typer.Option("--wait-offline", help="keep waiting when every device still waited for is offline"),
+    ] = False,
     hub: HubOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show each device's state live until all are final; exit 0 only if all are Healthy.
+
+    When every device still waited for is offline it stops at once (exit 5, naming when each
+    was last seen), unless --wait-offline.
 
     In a terminal the per-device table redraws at each poll; in a pipe or a log (CI, scripts)
     a line per device whose state changed, since a live table is drawn there only once, at the
@@ -463,7 +481,9 @@ def wait_service_cmd(
     with connect(hub, token) as connected:
         service = Service(connected, name)
         try:
-            service.wait_for_deployment(timeout=timeout, interval=interval, progress=progress)
+            service.wait_for_deployment(
+                timeout=timeout, interval=interval, progress=progress, wait_offline=wait_offline
+            )
         except DeploymentFailed:
             if as_json and service.record.devices:
                 print_json(service.record.raw)
