@@ -255,11 +255,14 @@ def revoke_device_cmd(
 def deploy_cmd(
     name: Annotated[str, typer.Option("--name", "-n", help="service name")],
     module: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--module", "-m", help="NAME:VERSION of a pushed module (with --ic: of a registered model)"
+            "--module",
+            "-m",
+            help="NAME:VERSION of a pushed module (with --ic: of a registered model; leave it out "
+            "when the model lies in the source directory)",
         ),
-    ],
+    ] = None,
     dc: Annotated[
         Path | None, typer.Option("--dc", help="deploymentconfig.json (Azure ML v1 schema)")
     ] = None,
@@ -279,12 +282,20 @@ def deploy_cmd(
 
     With --ic, -m names a registered model: its files and the entry script's folder become a
     new module (signed with your key, only what the hub lacks is uploaded), as
-    'az ml model deploy -m MODEL:VERSION --ic ... --dc ...' does.
+    'az ml model deploy -m MODEL:VERSION --ic ... --dc ...' does. With --ic and no -m, the
+    entry script's folder alone (a local model that lies in it, never registered), as
+    'az ml model deploy --ic ... --dc ...' does.
     """
+    ref_name = version = None
     if ic is None:
+        if module is None:
+            raise ConfigError(
+                "deploy: give -m NAME:VERSION of a pushed module, or --ic inferenceconfig.json to build "
+                "one from the entry script's folder"
+            )
         hint = "; with --ic, -m names a registered model instead"
         ref_name, version = split_ref(module, need_version=True, kind="module", hint=hint)
-    else:
+    elif module is not None:
         ref_name, version = split_ref(module, need_version=True)
     where = parse_target(target, selector)
     config = DeploymentConfig.from_file(dc) if dc is not None else None
@@ -293,8 +304,12 @@ def deploy_cmd(
         if inference is None:
             service = connected.deploy(name, f"{ref_name}:{version}", config, where)
         else:
-            model = Model(connected, ref_name, model_version(version))
-            service = Model.deploy(connected, name, [model], inference, config, target=where, overwrite=True)
+            models = (
+                []
+                if ref_name is None or version is None
+                else [Model(connected, ref_name, model_version(version))]
+            )
+            service = Model.deploy(connected, name, models, inference, config, target=where, overwrite=True)
     assert service.deployed is not None
     result = service.deployed.raw
     if as_json:
@@ -303,7 +318,12 @@ def deploy_cmd(
     for warning in result.get("warnings", []):
         err_console.print(Text.assemble(("warning:", "yellow"), " ", safe_text(warning)), soft_wrap=True)
     if inference is not None:
-        console.print(f"built module [bold]{name}:{service.module_version}[/] from {module}", highlight=False)
+        source = (
+            module
+            if module is not None
+            else f"{inference.document.source_directory or '.'} (no registered model)"
+        )
+        console.print(f"built module [bold]{name}:{service.module_version}[/] from {source}", highlight=False)
     dep = result["deployment"]
     verb = "created" if result["created"] else "updated"
     console.print(
