@@ -86,6 +86,19 @@ def test_a_local_model_deploys_without_registering_and_a_build_keeps_the_source_
         )
         service.wait_for_deployment(timeout=120)
         assert score(sdk_port, data)["predictions"] == expected  # type: ignore[arg-type]
+        # An update of the script: models=[] again (none were registered to rebuild with).
+        with (project / "score.py").open("a") as script:
+            script.write("\n# v2\n")
+        service.update(
+            models=[],
+            inference_config=InferenceConfig(
+                entry_script=str(project / "score.py"), source_directory=str(project)
+            ),
+        )
+        assert service.module_version == "2"
+        service.wait_for_deployment(timeout=120)
+        assert [d.serving_version for d in service.devices] == ["2"]
+        assert score(sdk_port, data)["predictions"] == expected  # type: ignore[arg-type]
 
     # 3. build -m with the model inside the source folder: it stays in src/ as well as model/.
     built = edgepack(
