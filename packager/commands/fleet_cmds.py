@@ -486,8 +486,8 @@ def wait_service_cmd(
 ) -> None:
     """Show each device's state live until all are final; exit 0 only if all are Healthy.
 
-    When every device still waited for is offline it stops at once (exit 5, naming when each
-    was last seen), unless --wait-offline.
+    When every device still waited for is offline (after a 10 s grace for agents that are just
+    connecting) it stops (exit 5, naming when each was last seen), unless --wait-offline.
 
     In a terminal the per-device table redraws at each poll; in a pipe or a log (CI, scripts)
     a line per device whose state changed, since a live table is drawn there only once, at the

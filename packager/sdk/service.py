@@ -44,6 +44,11 @@ if TYPE_CHECKING:
     from packager.sdk.module import Module
 
 
+#: How long a wait polls before it gives up on devices that are all offline: an agent started
+#: just before the deploy may not have told the hub it is online yet.
+OFFLINE_GRACE_S = 10.0
+
+
 class Service:
     """A deployed service: ``Service(hub, "digits-svc")``."""
 
@@ -133,6 +138,7 @@ class Service:
         interval: float = 1.0,
         progress: ProgressOption = None,
         wait_offline: bool = False,
+        offline_grace: float = OFFLINE_GRACE_S,
     ) -> None:
         """Poll until every device is Healthy or Failed; raise unless all are Healthy.
 
@@ -142,14 +148,19 @@ class Service:
         service as polled. Gives up after ``timeout`` seconds (Azure's
         ``timeout_sec``; default 600) with :class:`DeploymentTimeout`; a device that ended
         Failed raises :class:`DeploymentFailed`. Both carry every device's state. When every
-        device still waited for is offline (as the hub knows from its ``online`` topic) it
-        stops at once with :class:`DevicesOffline` (``edge-2 is offline (last seen …)``):
-        nothing changes until one reconnects. ``wait_offline=True`` keeps waiting for them.
+        device still waited for is offline (as the hub knows from its ``online`` topic) once
+        ``offline_grace`` seconds have passed (an agent started just before may still be
+        connecting), it stops with :class:`DevicesOffline` (``edge-2 is offline (last seen
+        …)``): nothing changes until one reconnects. ``wait_offline=True`` keeps waiting.
         """
         limit = timeout if timeout is not None else timeout_sec if timeout_sec is not None else 600.0
         if not isinstance(limit, int | float) or limit <= 0:
             raise BadArgument(
                 f"wait_for_deployment: timeout must be a positive number of seconds, not {limit!r}"
+            )
+        if not isinstance(offline_grace, int | float) or offline_grace < 0:
+            raise BadArgument(
+                f"wait_for_deployment: offline_grace must be >= 0 seconds, not {offline_grace!r}"
             )
         if not isinstance(interval, int | float) or interval <= 0:
             raise BadArgument(f"wait_for_deployment: interval must be positive, not {interval!r}")
@@ -166,7 +177,7 @@ class Service:
         with reporting(progress) as report:
             self._report(report)
             while not self._settled() and time.monotonic() - start < limit:
-                if not wait_offline:
+                if not wait_offline and time.monotonic() - start >= offline_grace:
                     self._raise_if_all_offline()
                 time.sleep(interval)
                 self.refresh()

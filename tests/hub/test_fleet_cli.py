@@ -188,7 +188,7 @@ def test_service_wait_follows_reported_states(
         run(home, h, "deploy", "-n", "digits", "-m", "digits:1", "--selector", "site=berlin").returncode == 0
     )
 
-    # Nobody reports and no agent ever connected: the wait ends at once, naming each device.
+    # Nobody reports and no agent ever connected: the wait ends after its grace, naming each device.
     refused = one_line_error(run(home, h, "service", "wait", "digits", "--timeout", "60"), 5)
     assert "edge-1 is offline (last seen never); edge-2 is offline (last seen never)" in refused
     # These devices speak only through the probe below, which never says they are online.

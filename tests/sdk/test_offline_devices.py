@@ -47,7 +47,7 @@ def test_deploy_wait_and_logs_say_a_device_is_offline_and_wait_ends_early(
     assert deployed.returncode == 0, deployed.stderr
     assert OFFLINE.search(deployed.stderr) and "when its agent reconnects" in deployed.stderr, deployed.stderr
 
-    # wait: ends at once with exit 5, not after its 600 s timeout.
+    # wait: ends with exit 5 after its 10 s grace, not after its 600 s timeout.
     start = time.monotonic()
     waited = edgepack_cli(fleet, "service", "wait", "demo", "--interval", "0.2")
     assert waited.returncode == 5, (waited.stdout, waited.stderr)
@@ -67,7 +67,7 @@ def test_deploy_wait_and_logs_say_a_device_is_offline_and_wait_ends_early(
     with sdk_hub(fleet.hub) as hub:
         service = Service(hub, "demo")
         with pytest.raises(DevicesOffline) as offline:
-            service.wait_for_deployment(timeout=600, interval=0.2)
+            service.wait_for_deployment(timeout=600, interval=0.2, offline_grace=1)
         assert OFFLINE.search(str(offline.value)) and offline.value.exit_code == 5
         assert [d.device_id for d in offline.value.offline] == ["edge-1"]
         with pytest.raises(DeploymentTimeout) as timed_out:
