@@ -29,7 +29,12 @@ def local_project(root: Path, digits_model: Path) -> Path:
     script = (EXAMPLE / "score.py").read_text()
     old = 'os.path.join(os.getenv("AZUREML_MODEL_DIR"), "digits.onnx")'
     assert old in script
-    (src / "score.py").write_text(script.replace(old, BESIDE))
+    script = script.replace(old, BESIDE)
+    # AZUREML_MODEL_DIR names a folder that exists (empty when no model was registered).
+    init = "def init():\n"
+    assert init in script
+    script = script.replace(init, init + '    assert os.path.isdir(os.getenv("AZUREML_MODEL_DIR"))\n', 1)
+    (src / "score.py").write_text(script)
     shutil.copy(EXAMPLE / "inferenceconfig.json", src / "inferenceconfig.json")
     shutil.copy(digits_model / "digits.onnx", src / "digits.onnx")
     return src
