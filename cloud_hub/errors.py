@@ -33,3 +33,10 @@ class Throttled(EdgepackError):
 
 class GatewayTimeout(EdgepackError):
     """A device did not answer a request passed on to it in time."""
+
+
+class DeviceOffline(EdgepackError):
+    """A request that must reach a device now (its module's log) while the hub knows it is
+    offline: answered at once instead of after a timeout."""
+
+    temporary = True

@@ -99,7 +99,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
     with single_agent(config.state_dir):
         enable_port_handover()
         runtimes = build_runtimes(config, credentials.device_id)
-        hub = HubHttp(credentials)
+        hub = HubHttp(credentials, credentials_path=config.credentials)
         mqtt: MqttSession | None = None
         loop_ref: list[ReconcileLoop] = []
 

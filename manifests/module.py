@@ -2,7 +2,8 @@
 
 A module's files live under two roots inside the bundle: ``src/`` (the source directory with
 the entry script) and ``model/`` (the model file or folder, kept under its own base name, as
-Azure ML places a registered model under ``AZUREML_MODEL_DIR``).
+Azure ML places a registered model under ``AZUREML_MODEL_DIR``). ``model/`` may be empty: a
+module deployed the way Azure deploys a local model carries it in ``src/``.
 """
 
 from __future__ import annotations
@@ -135,8 +136,6 @@ class ModuleManifest(BaseModel):
             raise ValueError(f"entry_script must lie under {SRC_ROOT}/")
         if self.entry_script not in paths:
             raise ValueError(f"entry_script {self.entry_script!r} is not among files")
-        if not any(p.startswith(MODEL_ROOT + "/") for p in paths):
-            raise ValueError("a module needs at least one model file")
         return self
 
     @property

@@ -193,8 +193,8 @@ def collect_files(spec: BuildSpec) -> list[tuple[str, Path]]:
     if spec.source_dir is not None:
         src_root = spec.source_dir.resolve()
         for p in _walk(src_root, skip):
-            if model is not None and (p.resolve() == model or p.resolve().is_relative_to(model)):
-                continue  # the model goes under model/, not twice
+            # A model inside the source folder stays there too: a script that loads it from
+            # its own folder must find it. The bytes are one blob in the bundle all the same.
             pairs.append((f"{SRC_ROOT}/{p.relative_to(src_root).as_posix()}", p))
     else:
         pairs.append((f"{SRC_ROOT}/{spec.entry_script.name}", spec.entry_script))

@@ -125,7 +125,7 @@ def test_model_folder_keeps_its_name_and_tree(publisher: Publisher, tmp_path: Pa
     ]
 
 
-def test_source_directory_is_packed_without_the_model_twice_or_build_junk(
+def test_source_directory_is_packed_whole_without_build_junk(
     digits_source: Path, publisher: Publisher, tmp_path: Path
 ) -> None:
     src = tmp_path / "project"
@@ -143,6 +143,7 @@ def test_source_directory_is_packed_without_the_model_twice_or_build_junk(
     assert [f.path for f in result.manifest.files] == [
         "model/digits.onnx",
         "src/deploymentconfig.json",
+        "src/digits.onnx",  # where the script may load it from (stored once, as one blob)
         "src/helpers/prep.py",
         "src/inferenceconfig.json",
         "src/score.py",
@@ -279,3 +280,17 @@ def test_built_bundle_has_fixed_tar_metadata(
         for m in tar.getmembers():
             assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
             assert m.isreg()
+
+
+def test_a_model_inside_the_source_folder_stays_there_and_is_stored_once(
+    digits_source: Path, publisher: Publisher, tmp_path: Path
+) -> None:
+    """A script that loads the model from its own folder finds it; the bundle holds it once."""
+    result = build_module(
+        spec_for(digits_source, digits_source / "digits.onnx", source_dir=digits_source, created=CREATED),
+        publisher.key,
+        tmp_path,
+    )
+    by_path = {f.path: f.digest for f in result.manifest.files}
+    assert by_path["src/digits.onnx"] == by_path["model/digits.onnx"]
+    assert len(members(result.path)) == 1 + len(set(by_path.values()))  # module.json + each blob once

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from cloud_hub.errors import (
     Conflict,
+    DeviceOffline,
     Forbidden,
     GatewayTimeout,
     NotFound,
@@ -41,6 +42,7 @@ STATUS: list[tuple[type[EdgepackError], int]] = [
     (TrustError, 422),
     (ConfigError, 400),
     (GatewayTimeout, 504),
+    (DeviceOffline, 503),
     (FetchError, 502),
 ]
 

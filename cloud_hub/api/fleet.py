@@ -22,7 +22,7 @@ from cloud_hub.api import device_auth
 from cloud_hub.api.deps import Admin, Core, Fleet, Link
 from cloud_hub.core import HubCore
 from cloud_hub.db.base import utcnow
-from cloud_hub.errors import Conflict, NotFound
+from cloud_hub.errors import Conflict, DeviceOffline, NotFound
 from cloud_hub.fleet.changes import Outcome
 from cloud_hub.fleet.deployments import (
     ModuleRef,
@@ -47,7 +47,7 @@ from cloud_hub.fleet.devices import (
 )
 from cloud_hub.fleet.endpoint_keys import KeyName, auth_of, get_keys, regenerate
 from cloud_hub.fleet.plan import Plan, devices_running
-from cloud_hub.fleet.status import service_state_on_device
+from cloud_hub.fleet.status import seen_text, service_state_on_device
 from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, ServiceKeys
 from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, selector_matches
 from cloud_hub.ingest.rollup import rollup_states
@@ -164,6 +164,9 @@ class DeployRequest(BaseModel):
 class DeviceServiceOut(BaseModel):
     device_id: str
     online: bool
+    last_seen: datetime | None = Field(
+        default=None, description="the device's last message to the hub (None: never heard from)"
+    )
     state: ServiceState | None
     reason: str | None
     endpoint: str | None = Field(default=None, description="where the device serves it (its report)")
@@ -246,11 +249,13 @@ class _FleetView:
 
     plan: Plan
     online: frozenset[str]
+    last_seen: dict[str, datetime | None]
 
     @classmethod
     def read(cls, session: Session) -> _FleetView:
-        online = session.scalars(select(Device.id).where(Device.online.is_(True)))
-        return cls(current_plan(session), frozenset(online))
+        rows = session.execute(select(Device.id, Device.online, Device.last_seen)).all()
+        online = frozenset(id_ for id_, is_online, _ in rows if is_online)
+        return cls(current_plan(session), online, {id_: seen for id_, _, seen in rows})
 
 
 def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> DeploymentOut:
@@ -264,6 +269,7 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
             DeviceServiceOut(
                 device_id=device_id,
                 online=device_id in view.online,
+                last_seen=view.last_seen.get(device_id),
                 state=here.state,
                 reason=here.reason,
                 endpoint=status.endpoint if status is not None else None,
@@ -513,10 +519,17 @@ def service_logs(
     per-device topics only that device can use)."""
     with core.sessions.begin() as s:
         get_deployment(s, name)
-        get_device(s, device, active=True)
+        row = get_device(s, device, active=True)
         if device not in devices_running(current_plan(s), name):
             raise NotFound(
                 f"service {name!r} is not deployed to device {device!r}; see 'edgepack service show {name}'"
+            )
+        if not row.online:
+            # Asking would only wait out the timeout: the device's retained ``online`` topic
+            # (its last will when it dropped) says it is not connected.
+            raise DeviceOffline(
+                f"device {device!r} is offline (last seen {seen_text(row.last_seen)}); its log can "
+                "be fetched once its agent reconnects ('edgepack device show' says when)"
             )
     if link is None:
         raise Conflict("the hub runs without a broker, so it cannot reach devices for their logs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from manifests.reported import ModuleStatus
 from manifests.states import ServiceState
@@ -31,3 +32,11 @@ def service_state_on_device(status: ModuleStatus | None, manifest_digest: str) -
         which = f"version {status.serving_version}" if status.serving_version else serving
         return DeviceServiceState(ServiceState.TRANSITIONING, f"{which} serves, not the deployed version yet")
     return DeviceServiceState(status.state, status.reason)
+
+
+def seen_text(last_seen: datetime | None) -> str:
+    """When a device was last heard from, for a message: ``2026-12-07 12:01:03 UTC`` or never."""
+    if last_seen is None:
+        return "never"
+    aware = last_seen if last_seen.tzinfo is not None else last_seen.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

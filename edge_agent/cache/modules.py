@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from manifests.bundle import BlobSink
 from manifests.digests import digest_hex, is_digest, sha256_digest
 from manifests.errors import ConfigError, FetchError, TrustError
-from manifests.module import ModuleManifest
+from manifests.module import MODEL_ROOT, ModuleManifest
 from manifests.signing import TrustStore, parse_envelope
 
 MODULES_DIR = "modules"
@@ -250,7 +250,11 @@ class ModuleCache:
             fh.flush()
             os.fchmod(fh.fileno(), BLOB_MODE)
             os.fsync(fh.fileno())
-        folders = {tmp}
+        # model/ exists even without model files (a local model lies in src/): scripts list
+        # or join AZUREML_MODEL_DIR, which names it, as Azure's does a folder that exists.
+        model_root = tmp / MODEL_ROOT
+        model_root.mkdir(exist_ok=True)
+        folders = {tmp, model_root}
         for p in placements:
             target = _safe_target(tmp, p.path)
             _make_folders(tmp, target)

@@ -3,7 +3,8 @@
 Every call authenticates with the device token. Failures are classified for the reconcile
 loop: :class:`HubUnavailable` (network, 5xx, 408, 429: retry with backoff),
 :class:`NotFoundError` (the hub does not have it, or no longer names it for this device),
-:class:`ConfigError` (the token is refused: enroll again), :class:`HubRefused` (any other 4xx:
+:class:`TokenRefused`, a ``ConfigError`` (the token is refused: enroll again; logged as an
+error that says how, and asked again only after a backoff), :class:`HubRefused` (any other 4xx:
 the hub refuses what it was asked, e.g. a blob whose stored bytes no longer match its digest
 is a 422, and asking again gets the same answer).
 
@@ -18,12 +19,17 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
+import random
 import threading
+import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from edge_agent import __version__
+from edge_agent.backoff import full_jitter
 from edge_agent.uplink.tls import client_context
 from manifests.device import DeviceCredentials
 from manifests.errors import ConfigError, HubRefused, HubUnavailable, NotFoundError
@@ -34,6 +40,19 @@ MAX_ERROR_BYTES = 16 << 10
 CHUNK = 256 << 10
 #: client errors that say "not now" rather than "never": timed out, too many requests
 RETRIED_CLIENT_ERRORS = frozenset({408, 429})
+#: After the hub refused the device token, the next request waits a random time up to
+#: BASE * 2**refusals, capped (full jitter): a refusal does not heal by itself (the device was
+#: revoked, or its credentials file is not the one the hub issued), and a fleet whose tokens
+#: a restored hub database no longer knows must not come back in lockstep.
+TOKEN_REFUSED_BASE_S = 60.0
+TOKEN_REFUSED_CAP_S = 3600.0
+
+log = logging.getLogger(__name__)
+
+
+class TokenRefused(ConfigError):
+    """The hub refused this device's token (401/403 for its desired state): only enrolling the
+    device again, or pointing the agent at the right credentials file, cures it."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +64,26 @@ class DesiredFetch:
 
 
 class HubHttp:
-    def __init__(self, credentials: DeviceCredentials, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        credentials: DeviceCredentials,
+        *,
+        timeout_s: float = 30.0,
+        credentials_path: Path | None = None,
+        refused_base_s: float = TOKEN_REFUSED_BASE_S,
+        refused_cap_s: float = TOKEN_REFUSED_CAP_S,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if not 0 < refused_base_s <= refused_cap_s:
+            raise ValueError("refused_base_s must be positive and at most refused_cap_s")
         url = urllib.parse.urlsplit(credentials.hub_url)
+        self.device_id = credentials.device_id
+        self.credentials_path = credentials_path
+        self._refused_base_s, self._refused_cap_s = refused_base_s, refused_cap_s
+        self._clock, self._rand = clock, rand
+        self._refusals = 0  # in a row: the exponent of the backoff
+        self._refused_until = 0.0
         self.base = credentials.hub_url.rstrip("/")
         self._https = url.scheme == "https"
         self._host = url.hostname or "localhost"
@@ -73,8 +110,12 @@ class HubHttp:
     def desired(self, etag: str | None) -> DesiredFetch:
         """This device's signed desired state, unless it is still ``etag`` (304)."""
         path = "/api/v1/device/desired"
+        self._check_not_refused()
         headers = {"If-None-Match": etag} if etag else {}
         with self._open(path, headers) as response:
+            if response.status in (401, 403):
+                self._token_refused(response, path)
+            self._token_accepted()
             if response.status == 304:
                 return DesiredFetch(None, etag)
             if response.status == 404:
@@ -108,6 +149,48 @@ class HubHttp:
         except (OSError, http.client.HTTPException) as exc:
             why = type(exc).__name__
             raise HubUnavailable(f"download of {digest} from {self.base} broke off ({why})") from None
+
+    # --- a refused token ----------------------------------------------------------------------
+
+    def _check_not_refused(self) -> None:
+        """Within the backoff after a refusal: refuse again without asking the hub."""
+        with self._lock:
+            wait = self._refused_until - self._clock()
+        if wait > 0:
+            raise TokenRefused(
+                f"the hub refused the device token; not asking again for {wait:.0f}s (see the error logged)"
+            )
+
+    def _token_refused(self, response: http.client.HTTPResponse, path: str) -> None:
+        message = f"hub {self.base} answered {response.status} for {path}: {_read_error(response)}"
+        with self._lock:
+            delay = full_jitter(
+                self._refusals, self._rand(), base_s=self._refused_base_s, cap_s=self._refused_cap_s
+            )
+            self._refusals += 1
+            self._refused_until = self._clock() + delay
+        path_named = self.credentials_path
+        where = f"'{path_named}'" if path_named is not None else "that agent.toml names"
+        # An error, not a retry note: nothing on the device changes until someone acts.
+        log.error(
+            "%s. The hub refuses device %s's token: the device was revoked, or the credentials file "
+            "%s is not the one the hub issued for it. Enroll it again where the hub runs "
+            "('edgepack device enroll %s --out %s.json'), copy that file here and point agent.toml's "
+            "'credentials' at it (or fix that path); asking again in %.0fs",
+            message,
+            self.device_id,
+            where,
+            self.device_id,
+            self.device_id,
+            delay,
+        )
+        raise TokenRefused(f"{message}; the device token was refused: enroll the device again")
+
+    def _token_accepted(self) -> None:
+        with self._lock:
+            refused, self._refusals, self._refused_until = self._refusals, 0, 0.0
+        if refused:
+            log.info("the hub accepts device %s's token again", self.device_id)
 
     # --- connections -------------------------------------------------------------------------
 
@@ -176,8 +259,6 @@ class HubHttp:
         if status < 400:
             return
         message = f"hub {self.base} answered {status} for {path}: {_read_error(response)}"
-        if status in (401, 403) and path.endswith("/desired"):
-            raise ConfigError(message + "; the device token was refused: enroll the device again")
         if status in (401, 403, 404):
             # 403 for a file: the hub no longer names it for this device (its state moved on).
             raise NotFoundError(message)

@@ -38,6 +38,7 @@ from packager.sdk import (
     DeploymentConfig,
     DeploymentFailed,
     Device,
+    DeviceServiceState,
     InferenceConfig,
     Model,
     Service,
@@ -254,11 +255,14 @@ def revoke_device_cmd(
 def deploy_cmd(
     name: Annotated[str, typer.Option("--name", "-n", help="service name")],
     module: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--module", "-m", help="NAME:VERSION of a pushed module (with --ic: of a registered model)"
+            "--module",
+            "-m",
+            help="NAME:VERSION of a pushed module (with --ic: of a registered model; leave it out "
+            "when the model lies in the source directory)",
         ),
-    ],
+    ] = None,
     dc: Annotated[
         Path | None, typer.Option("--dc", help="deploymentconfig.json (Azure ML v1 schema)")
     ] = None,
@@ -278,12 +282,20 @@ def deploy_cmd(
 
     With --ic, -m names a registered model: its files and the entry script's folder become a
     new module (signed with your key, only what the hub lacks is uploaded), as
-    'az ml model deploy -m MODEL:VERSION --ic ... --dc ...' does.
+    'az ml model deploy -m MODEL:VERSION --ic ... --dc ...' does. With --ic and no -m, the
+    entry script's folder alone (a local model that lies in it, never registered), as
+    'az ml model deploy --ic ... --dc ...' does.
     """
+    ref_name = version = None
     if ic is None:
+        if module is None:
+            raise ConfigError(
+                "deploy: give -m NAME:VERSION of a pushed module, or --ic inferenceconfig.json to build "
+                "one from the entry script's folder"
+            )
         hint = "; with --ic, -m names a registered model instead"
         ref_name, version = split_ref(module, need_version=True, kind="module", hint=hint)
-    else:
+    elif module is not None:
         ref_name, version = split_ref(module, need_version=True)
     where = parse_target(target, selector)
     config = DeploymentConfig.from_file(dc) if dc is not None else None
@@ -292,8 +304,12 @@ def deploy_cmd(
         if inference is None:
             service = connected.deploy(name, f"{ref_name}:{version}", config, where)
         else:
-            model = Model(connected, ref_name, model_version(version))
-            service = Model.deploy(connected, name, [model], inference, config, target=where, overwrite=True)
+            models = (
+                []
+                if ref_name is None or version is None
+                else [Model(connected, ref_name, model_version(version))]
+            )
+            service = Model.deploy(connected, name, models, inference, config, target=where, overwrite=True)
     assert service.deployed is not None
     result = service.deployed.raw
     if as_json:
@@ -302,7 +318,12 @@ def deploy_cmd(
     for warning in result.get("warnings", []):
         err_console.print(Text.assemble(("warning:", "yellow"), " ", safe_text(warning)), soft_wrap=True)
     if inference is not None:
-        console.print(f"built module [bold]{name}:{service.module_version}[/] from {module}", highlight=False)
+        source = (
+            module
+            if module is not None
+            else f"{inference.document.source_directory or '.'} (no registered model)"
+        )
+        console.print(f"built module [bold]{name}:{service.module_version}[/] from {source}", highlight=False)
     dep = result["deployment"]
     verb = "created" if result["created"] else "updated"
     console.print(
@@ -312,7 +333,17 @@ def deploy_cmd(
         highlight=False,
     )
     print_change(result)
+    _say_offline(service.record.devices)
     console.print(f"follow it with: edgepack service wait {name}")
+
+
+def _say_offline(devices: list[DeviceServiceState]) -> None:
+    """A warning per targeted device that is offline: it gets the change only when its agent
+    reconnects, so a deploy that 'worked' may not run anywhere yet."""
+    for d in devices:
+        if not d.online:
+            said = f"{d.offline_text}; it gets this change when its agent reconnects"
+            err_console.print(Text.assemble(("warning:", "yellow"), " ", safe_text(said)), soft_wrap=True)
 
 
 @service_app.command("list")
@@ -445,11 +476,18 @@ def wait_service_cmd(
     name: str,
     timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 600,
     interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
+    wait_offline: Annotated[
+        bool,
+        typer.Option("--wait-offline", help="keep waiting when every device still waited for is offline"),
+    ] = False,
     hub: HubOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show each device's state live until all are final; exit 0 only if all are Healthy.
+
+    When every device still waited for is offline (after a 10 s grace for agents that are just
+    connecting) it stops (exit 5, naming when each was last seen), unless --wait-offline.
 
     In a terminal the per-device table redraws at each poll; in a pipe or a log (CI, scripts)
     a line per device whose state changed, since a live table is drawn there only once, at the
@@ -463,7 +501,9 @@ def wait_service_cmd(
     with connect(hub, token) as connected:
         service = Service(connected, name)
         try:
-            service.wait_for_deployment(timeout=timeout, interval=interval, progress=progress)
+            service.wait_for_deployment(
+                timeout=timeout, interval=interval, progress=progress, wait_offline=wait_offline
+            )
         except DeploymentFailed:
             if as_json and service.record.devices:
                 print_json(service.record.raw)

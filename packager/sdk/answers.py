@@ -8,7 +8,7 @@ hub adds later are ignored, so an older SDK keeps working against a newer hub.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -140,6 +140,7 @@ class DeviceServiceState(_Answer):
 
     device_id: str
     online: bool
+    last_seen: datetime | None = Field(default=None, description="its last message to the hub; None: never")
     state: ServiceState | None = Field(default=None, description="None until the device reported it")
     reason: str | None = None
     endpoint: str | None = Field(default=None, description="e.g. http://10.0.0.5:8890, as the device reports")
@@ -152,12 +153,26 @@ class DeviceServiceState(_Answer):
         """Healthy or Failed: nothing will change without a new deployment."""
         return self.state in (ServiceState.HEALTHY, ServiceState.FAILED)
 
+    @property
+    def offline_text(self) -> str:
+        """``edge-2 is offline (last seen 2026-12-07 12:01:03 UTC)``: what is said of a device
+        that cannot take a change now (it gets it when its agent reconnects)."""
+        return f"{self.device_id} is offline (last seen {seen_text(self.last_seen)})"
+
     def final_for(self, issued: int | None) -> bool:
         """Final, and about generation ``issued`` (a change's) or a later one: a device's
         report on an earlier generation is the state from before the change."""
         if issued is not None and self.generation is not None and self.generation < issued:
             return False
         return self.final
+
+
+def seen_text(last_seen: datetime | None) -> str:
+    """When a device was last heard from: ``2026-12-07 12:01:03 UTC``, or ``never``."""
+    if last_seen is None:
+        return "never"
+    aware = last_seen if last_seen.tzinfo is not None else last_seen.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class ServiceRecord(_Answer):

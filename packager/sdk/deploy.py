@@ -60,8 +60,11 @@ def model_entries(models: Sequence[Model]) -> list[FileEntry]:
 def _checked_models(models: object) -> list[Model]:
     if isinstance(models, Model):
         models = [models]
-    if not isinstance(models, Sequence) or not models:
-        raise BadArgument("Model.deploy: models must be a non-empty list of Model objects")
+    if not isinstance(models, Sequence) or isinstance(models, str | bytes):
+        # [] is Azure's local-model deploy: the model lies in the source folder, not registered.
+        raise BadArgument(
+            "Model.deploy: models must be a list of Model objects ([] when the model is in source_directory)"
+        )
     for m in models:
         if not isinstance(m, Model):
             raise BadArgument(f"Model.deploy: models must be Model objects, not {type(m).__name__}")

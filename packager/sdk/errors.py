@@ -99,6 +99,11 @@ class HubFailure(HubError, HubUnavailable):
     exit_code = 4
 
 
+class HubDeviceOffline(HubFailure):
+    """The request had to reach a device (a module's log) and the hub knows it is offline;
+    it answers at once, naming when the device was last seen. Try again once it reconnects."""
+
+
 #: The hub's error ``type`` (``cloud_hub/api/errors.py`` names each by its class) → ours.
 _BY_TYPE: dict[str, type[HubError]] = {
     "ValidationError": HubRejected,
@@ -112,6 +117,7 @@ _BY_TYPE: dict[str, type[HubError]] = {
     "TrustError": HubTrustRefusal,
     "FetchError": HubFailure,
     "GatewayTimeout": HubFailure,
+    "DeviceOffline": HubDeviceOffline,
     "InternalError": HubFailure,
 }
 
@@ -174,6 +180,18 @@ class DeploymentFailed(RuntimeFailure):
 class DeploymentTimeout(DeploymentFailed):
     """``wait_for_deployment`` gave up before every device reached a final state;
     ``devices`` holds each one's state when it gave up."""
+
+
+class DevicesOffline(DeploymentTimeout):
+    """``wait_for_deployment`` stopped early: every device it still waited for is offline, so
+    nothing can change until one reconnects (``wait_offline=True`` keeps waiting instead).
+    ``devices`` holds each one's state, ``offline`` those it stopped for."""
+
+    def __init__(
+        self, message: str, devices: list[DeviceServiceState], offline: list[DeviceServiceState]
+    ) -> None:
+        super().__init__(message, devices)
+        self.offline = offline
 
 
 class ServiceExists(ConfigError):

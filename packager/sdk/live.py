@@ -19,7 +19,7 @@ from rich.text import Text
 
 from manifests.reported import Progress
 from packager.display import safe_text, state_text
-from packager.sdk.answers import ServiceRecord
+from packager.sdk.answers import ServiceRecord, seen_text
 from packager.sdk.progress import ProgressEvent
 
 
@@ -47,7 +47,9 @@ def devices_table(service: ServiceRecord) -> Table:
     for d in service.devices:
         table.add_row(
             safe_text(d.device_id),
-            Text("online", "green") if d.online else Text("offline", "red"),
+            Text("online", "green")
+            if d.online
+            else Text(f"offline, last seen {seen_text(d.last_seen)}", "red"),
             state_text(d.state),
             safe_text((d.reason or "") + progress_text(d.progress)),
         )
@@ -94,19 +96,21 @@ class StateLines:
 
     def __init__(self, out: IO[str] | None = None) -> None:
         self.out = out or sys.stdout
-        self._seen: dict[str, tuple[str | None, str | None]] = {}
+        self._seen: dict[str, tuple[str | None, str | None, bool]] = {}
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.service is None:
             return
         for d in event.service.devices:
-            now = (d.state, d.reason)
+            now = (d.state, d.reason, d.online)
             if self._seen.get(d.device_id) != now:
                 self._seen[d.device_id] = now
                 if d.state is None:
                     said = d.reason or "not reported yet"
                 else:
                     said = f"{d.state} ({d.reason})" if d.reason else str(d.state)
+                if not d.online:
+                    said += f"; offline (last seen {seen_text(d.last_seen)})"
                 line = safe_text(f"{event.service.name} on {d.device_id}: {said}").plain
                 self.out.write(line + "\n")
                 self.out.flush()

@@ -342,6 +342,8 @@ class Model:
         only the source files the hub lacks are uploaded, since the models' files are on the
         hub already. ``target`` (or Azure's ``deployment_target``) defaults to the hub's.
         An existing service of that name is updated only with ``overwrite=True``.
+        ``models=[]`` deploys the source folder alone, as Azure deploys a local model that was
+        never registered: the entry script loads it from its own folder (``model/`` is empty).
 
         The module signs the model files' digests as the hub's registry lists them: registering
         a model and deploying it trust the hub's registry alike.

@@ -27,9 +27,10 @@ from packager.sdk.answers import (
     ServiceKeys,
     ServiceLogs,
     ServiceRecord,
+    seen_text,
 )
 from packager.sdk.configs import DeploymentConfig
-from packager.sdk.errors import BadArgument, DeploymentFailed, DeploymentTimeout
+from packager.sdk.errors import BadArgument, DeploymentFailed, DeploymentTimeout, DevicesOffline
 from packager.sdk.hub import Hub
 from packager.sdk.live import show_output_view, target_text
 from packager.sdk.model import check_name
@@ -41,6 +42,11 @@ if TYPE_CHECKING:
     from packager.sdk.configs import InferenceConfig
     from packager.sdk.model import Model
     from packager.sdk.module import Module
+
+
+#: How long a wait polls before it gives up on devices that are all offline: an agent started
+#: just before the deploy may not have told the hub it is online yet.
+OFFLINE_GRACE_S = 10.0
 
 
 class Service:
@@ -131,6 +137,8 @@ class Service:
         timeout_sec: float | None = None,
         interval: float = 1.0,
         progress: ProgressOption = None,
+        wait_offline: bool = False,
+        offline_grace: float = OFFLINE_GRACE_S,
     ) -> None:
         """Poll until every device is Healthy or Failed; raise unless all are Healthy.
 
@@ -139,12 +147,20 @@ class Service:
         devices are final. ``progress`` receives an event per poll whose ``service`` is the
         service as polled. Gives up after ``timeout`` seconds (Azure's
         ``timeout_sec``; default 600) with :class:`DeploymentTimeout`; a device that ended
-        Failed raises :class:`DeploymentFailed`. Both carry every device's state.
+        Failed raises :class:`DeploymentFailed`. Both carry every device's state. When every
+        device still waited for is offline (as the hub knows from its ``online`` topic) once
+        ``offline_grace`` seconds have passed (an agent started just before may still be
+        connecting), it stops with :class:`DevicesOffline` (``edge-2 is offline (last seen
+        …)``): nothing changes until one reconnects. ``wait_offline=True`` keeps waiting.
         """
         limit = timeout if timeout is not None else timeout_sec if timeout_sec is not None else 600.0
         if not isinstance(limit, int | float) or limit <= 0:
             raise BadArgument(
                 f"wait_for_deployment: timeout must be a positive number of seconds, not {limit!r}"
+            )
+        if not isinstance(offline_grace, int | float) or offline_grace < 0:
+            raise BadArgument(
+                f"wait_for_deployment: offline_grace must be >= 0 seconds, not {offline_grace!r}"
             )
         if not isinstance(interval, int | float) or interval <= 0:
             raise BadArgument(f"wait_for_deployment: interval must be positive, not {interval!r}")
@@ -161,11 +177,17 @@ class Service:
         with reporting(progress) as report:
             self._report(report)
             while not self._settled() and time.monotonic() - start < limit:
+                if not wait_offline and time.monotonic() - start >= offline_grace:
+                    self._raise_if_all_offline()
                 time.sleep(interval)
                 self.refresh()
                 self._report(report)
         if not self._settled():
-            pending = [d.device_id for d in self.record.devices if not self._final(d)]
+            pending = [
+                d.device_id if d.online else f"{d.device_id} (offline, last seen {seen_text(d.last_seen)})"
+                for d in self.record.devices
+                if not self._final(d)
+            ]
             raise DeploymentTimeout(
                 f"service {self.name} did not settle within {limit:g}s: still {self.state} on "
                 f"{', '.join(pending)}; check 'edgepack device show' for those devices",
@@ -179,6 +201,18 @@ class Service:
                 f"{first.device_id}: {first.reason or 'no reason reported'}",
                 self.devices,
             )
+
+    def _raise_if_all_offline(self) -> None:
+        pending = [d for d in self.record.devices if not self._final(d)]
+        if not pending or any(d.online for d in pending):
+            return
+        raise DevicesOffline(
+            f"service {self.name} cannot settle now: {'; '.join(d.offline_text for d in pending)}; "
+            "each gets the change when its agent reconnects (wait for it with "
+            "'edgepack service wait --wait-offline', wait_offline=True)",
+            self.devices,
+            pending,
+        )
 
     def _settled(self) -> bool:
         return bool(self.record.devices) and all(self._final(d) for d in self.record.devices)

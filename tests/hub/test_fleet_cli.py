@@ -18,6 +18,7 @@ from tests.conftest import Publisher
 from tests.hub.broker_fixtures import Broker, MqttProbe
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import desired_over_http, hub_trust, push, verified_state
+from tests.waiting import wait_for
 
 EDGEPACK = str(Path(sys.executable).parent / "edgepack")
 
@@ -187,11 +188,22 @@ def test_service_wait_follows_reported_states(
         run(home, h, "deploy", "-n", "digits", "-m", "digits:1", "--selector", "site=berlin").returncode == 0
     )
 
-    # Nobody reports: the wait gives up and says on which devices.
-    assert "edge-1, edge-2" in one_line_error(run(home, h, "service", "wait", "digits", "--timeout", "1"), 5)
+    # Nobody reports and no agent ever connected: the wait ends after its grace, naming each device.
+    refused = one_line_error(run(home, h, "service", "wait", "digits", "--timeout", "60"), 5)
+    assert "edge-1 is offline (last seen never); edge-2 is offline (last seen never)" in refused
+    # These devices speak only through the probe below, which never says they are online.
+    kept = one_line_error(run(home, h, "service", "wait", "digits", "--timeout", "1", "--wait-offline"), 5)
+    assert "on edge-1 (offline, last seen never), edge-2 (offline, last seen never)" in kept
 
     probe = MqttProbe.connect(mosquitto.host, mosquitto.port)
     try:
+        # The probe speaks for both devices from here on, as their agents would: online first.
+        for device_id in ("edge-1", "edge-2"):
+            probe.publish(f"{topic_prefix}/devices/{device_id}/online", "true", retain=True)
+        wait_for(
+            lambda: all(d["online"] for d in ok_json(run(home, h, "device", "list", "--json"))) or None,
+            what="both devices online at the hub",
+        )
         waiting = subprocess.Popen(
             [EDGEPACK, "service", "wait", "digits", "--timeout", "60", "--interval", "0.2"],
             env=env_for(home, h),

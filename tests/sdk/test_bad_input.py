@@ -121,7 +121,10 @@ def test_bad_arguments_are_refused_before_any_request(
 
     # Deployments.
     refused(
-        lambda: Model.deploy(h, "svc", [], ic, target=Devices(["edge-1"])), BadArgument, "non-empty", sent
+        lambda: Model.deploy(h, "svc", "digits:1", ic, target=Devices(["edge-1"])),  # type: ignore[arg-type]
+        BadArgument,
+        "must be a list of Model objects",
+        sent,
     )
     refused(
         lambda: Model.deploy(h, "svc", [model], None, target=Devices(["edge-1"])),
