@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from manifests.digests import digest_hex, is_digest
+from manifests.durable import fsync_dir
 from manifests.errors import CacheError, FetchError, TrustError
 
 BLOB_DIR = Path("blobs") / "sha256"
@@ -82,15 +83,6 @@ class _WriterSlot:
             self.users -= 1
             if self.users == 0:
                 self._table.pop(self.key, None)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from edge_agent.cache.blobs import BLOB_MODE, PART_SUFFIX, BlobStore, PendingBlob, cache_errors, fsync_dir
+from edge_agent.cache.blobs import BLOB_MODE, PART_SUFFIX, BlobStore, PendingBlob, cache_errors
 from edge_agent.cache.layout import MANIFEST_FILE, Placement, plan_layout
+from manifests.durable import fsync_dir
 from manifests.verified import VerifiedModule, parse_module_manifest
 
 if TYPE_CHECKING:
