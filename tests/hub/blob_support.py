@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cloud_hub.store.blobs import BlobStore, FileBlobStore
@@ -16,7 +17,10 @@ def stored_blobs(store: BlobStore) -> set[str]:
 def leftovers(store: BlobStore) -> list[str]:
     """What unfinished writes left behind: temp files, open multipart uploads, ``uploads/``."""
     if isinstance(store, FileBlobStore):
-        return [str(p) for p in (store.root / "tmp").rglob("*") if p.is_file()]
+        # os.walk, not rglob: the hub removes a cut-off upload's staging folder while this
+        # looks, and a folder that vanishes between listing and reading is simply not there.
+        walk = os.walk(store.root / "tmp")
+        return [os.path.join(folder, name) for folder, _, names in walk for name in names]
     assert isinstance(store, S3BlobStore)
     bucket, prefix = store.location.bucket, store.location.prefix
     uploads = store.client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])

@@ -97,6 +97,17 @@ def answer_with(lines: list[str], **extra: Any) -> Answer:
     return build
 
 
+def _say_online(probe: Any, prefix: str, device_id: str, hub: RunningHub) -> None:
+    """What an agent does first on connecting: the hub answers log requests only for a device
+    it knows to be online."""
+    probe.publish(f"{prefix}/devices/{device_id}/online", "true", retain=True)
+    deadline = time.monotonic() + 20
+    with hub.client() as http:
+        while not http.get(f"/api/v1/devices/{device_id}").json()["online"]:
+            assert time.monotonic() < deadline, "the hub never saw the device online"
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def device(fleet: Fleet) -> Iterator[Callable[[Answer], None]]:
     """The device side, logged in with edge-1's own credentials: answers every log request with
@@ -104,6 +115,7 @@ def device(fleet: Fleet) -> Iterator[Callable[[Answer], None]]:
     probe = _connect(fleet.broker, fleet.device_id, fleet.password)
     base = f"{fleet.prefix}/devices/{fleet.device_id}"
     assert probe.subscribe(f"{base}/logs-request") == [1]
+    _say_online(probe, fleet.prefix, fleet.device_id, fleet.hub)
     current: list[Answer] = []
     stop = threading.Event()
 
@@ -247,6 +259,7 @@ def test_the_hub_bounds_the_whole_answer_and_refuses_an_oversized_message(
 
     assert probe.subscribe(f"{topic_prefix}/devices/edge-1/logs-request") == [1]
     probe.client.on_message = serve
+    _say_online(probe, topic_prefix, fleet.device_id, h)
     try:
         with h.client() as http:
             # 2,000 lines of 100 characters (about 210 KB): the newest that fit in 64 KiB.
