@@ -22,10 +22,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from edge_agent.backoff import RestartBackoff, full_jitter
+from edge_agent.backoff import full_jitter
 from edge_agent.cache.modules import InstalledModule, ModuleCache
 from edge_agent.download.module import Cancelled, Counters
 from edge_agent.health import Prober, ProbeResult, Watched
+from edge_agent.reconcile import step as decide
 from edge_agent.reconcile.executor import (
     DRAIN_S,
     STOP_GRACE_S,
@@ -42,8 +43,8 @@ from edge_agent.reconcile.garbage import collect, kept
 from edge_agent.reconcile.logs import answer_log_request
 from edge_agent.reconcile.operations import Control
 from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
-from edge_agent.reconcile.steady import steady_state
-from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure, log_tail_reason
+from edge_agent.reconcile.step import Health
+from edge_agent.reconcile.supervise import Trouble, judge_failure
 from edge_agent.reconcile.supervise import Verdict as FailureKind
 from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import Runtime
@@ -84,14 +85,6 @@ def advertised_host(config: AgentConfig) -> str:
     if config.service_host not in ("0.0.0.0", "::", ""):
         return f"[{config.service_host}]" if ":" in config.service_host else config.service_host
     return socket.gethostname()
-
-
-@dataclass
-class Health:
-    """What the loop tracks of a serving instance between probe results."""
-
-    alive: bool = True
-    misses: int = 0
 
 
 @dataclass
@@ -696,32 +689,6 @@ class ReconcileLoop:
         self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
         self._dirty_save = True
 
-    def _promote_standby(self, name: str) -> bool:
-        """A new version crash-loops while the last good instance still serves beside it: that
-        one becomes current again (no restart), and the failed one is stopped."""
-        service = self._service(name)
-        standby, failed = service.standby, service.current
-        if standby is None or failed is None or standby.key in service.failed:
-            return False
-        alive = self.health.get(standby.id, Health()).alive
-        if not alive or not self._runtime_of(standby).liveness(standby).alive:
-            service.standby = None
-            return False
-        service.standby = None
-        service.current = standby
-        service.last_good = standby.assignment
-        service.previous = failed.assignment
-        service.failures = 0
-        self.timers.restart_at.pop(name, None)
-        self.health[standby.id] = Health(alive=True)
-        self._retire(name, failed, grace_s=0.0)
-        self._watch()
-        log.info("%s: version %s crash-loops; version %s, which kept serving, is current again",
-                 name, failed.version, standby.version)  # fmt: skip
-        state, reason = self._steady(service)
-        self._set_status(name, state, reason)
-        return True
-
     def _serving_note(self, name: str, reason: str | None) -> str | None:
         """``reason``, saying which version serves meanwhile when it is not the target."""
         service = self.record.services.get(name)
@@ -737,24 +704,13 @@ class ReconcileLoop:
 
     def _settle(self, name: str) -> None:
         """The steady state of a service that no operation holds (after its last change)."""
-        service = self.record.services.get(name)
-        if service is None or name in self.ops or self._killing_for(name):
-            return
-        state, reason = self._steady(service)
-        if state is not service.state or reason != service.reason:
-            self._set_status(name, state, reason)
+        if name in self.record.services:
+            slot = self._slot(name)
+            self._apply(name, slot, decide.settle(slot, datetime.now(UTC)))
 
     def _steady(self, service: ServiceRecord) -> tuple[ServiceState, str | None]:
         """The state of a service that is not in the middle of anything."""
-        current = service.current
-        return steady_state(
-            target=service.target,
-            current=current,
-            serving=current is not None and self.health.get(current.id, Health()).alive,
-            failed=service.failed,
-            state=service.state,
-            reason=service.reason,
-        )
+        return decide.steady(self._slot(service.name))
 
     # --- health ------------------------------------------------------------------------------
 
@@ -763,84 +719,90 @@ class ReconcileLoop:
         if service is None or service.current is None or service.current.id != result.instance_id:
             return
         health = self.health.setdefault(result.instance_id, Health())
-        probe_cfg = service.current.assignment.settings.health
-        if not result.alive:
-            if not health.alive:
-                return  # known already (found dead at boot): its restart is under way
-            health.alive = False
-            self._dirty_plan = True
+        failing = not result.alive or not result.healthy
+        lines: list[str] = []
+        if not result.alive and health.alive:
             lines = self._runtime_of(service.current).log_tail(service.current, 30)
-            code = "unknown" if result.exit_code is None else str(result.exit_code)
-            self._count_failure(
-                result.service,
-                Trouble.EXITED,
-                result.exit_code,
-                log_tail_reason(f"version {service.current.version} exited (code {code})", lines),
-            )
-            return
-        if result.healthy:
-            health.misses = 0
-            if service.healthy_since is None:
-                service.healthy_since = datetime.now(UTC)
-            healthy_for = (datetime.now(UTC) - service.healthy_since).total_seconds()
-            if healthy_for >= self.config.restart.reset_after_s and service.failures:
-                service.failures = 0
-                self._dirty_save = True
-            if service.state is not ServiceState.HEALTHY:
-                self._settle(result.service)
-            return
-        health.misses += 1
-        service.healthy_since = None
-        if health.misses == probe_cfg.failure_threshold:
-            self._count_failure(
-                result.service,
-                Trouble.UNHEALTHY,
-                None,
-                f"missed {health.misses} health probes in a row on {probe_cfg.path}",
-            )
+        slot = self._slot(result.service, standby_check=failing)
+        self._apply(
+            result.service,
+            slot,
+            decide.on_probe(
+                slot,
+                result,
+                log_lines=lines,
+                restart=self.config.restart,
+                now=self.clock(),
+                wall=datetime.now(UTC),
+                rand=self.rand(),
+            ),
+        )
 
     def _count_failure(self, name: str, trouble: Trouble, exit_code: int | None, reason: str) -> None:
-        service = self._service(name)
-        current = service.current
-        assert current is not None
-        healthy_for = (
-            (datetime.now(UTC) - service.healthy_since).total_seconds() if service.healthy_since else 0.0
-        )
-        restart = self.config.restart
-        decision = after_failure(
-            policy=current.assignment.settings.restart_policy,
-            trouble=trouble,
-            exit_code=exit_code,
-            failures_before=service.failures,
-            healthy_for_s=healthy_for,
+        slot = self._slot(name, standby_check=True)
+        outcome = decide.count_failure(
+            slot,
+            trouble,
+            exit_code,
+            reason,
+            restart=self.config.restart,
+            now=self.clock(),
+            wall=datetime.now(UTC),
             rand=self.rand(),
-            backoff=RestartBackoff(restart.base_s, restart.cap_s, restart.jitter, restart.reset_after_s),
-            limit=restart.crash_loop_limit,
         )
-        service.failures = decision.failures
-        service.healthy_since = None
-        self.timers.settle_at.pop(name, None)  # the new version has not settled
-        self._dirty_save = self._dirty_report = self._dirty_plan = True
-        if decision.restart_in_s is not None:
-            self.timers.restart_at[name] = self.clock() + decision.restart_in_s
-        if decision.crash_loop:
-            text = f"crash loop: failed {decision.failures} times in a row; {reason}"
-            earlier = service.previous
-            if earlier is not None and assignment_key(earlier) != current.key:
-                # The version that served before goes back to serving (see _observed).
-                service.failed[current.key] = text
-            if self._promote_standby(name):
-                return
-            self._set_status(name, ServiceState.FAILED, text)
-            return
-        if decision.restart_in_s is None:
-            policy = current.assignment.settings.restart_policy
-            state = ServiceState.UNHEALTHY if trouble is Trouble.UNHEALTHY else ServiceState.FAILED
-            self._set_status(name, state, f"{reason}; restart policy '{policy}' does not restart it")
-            return
-        self._set_status(
-            name, ServiceState.UNHEALTHY, f"{reason}; restarting in {decision.restart_in_s:.1f}s"
+        self._apply(name, slot, outcome)
+
+    def _slot(self, name: str, *, standby_check: bool = False) -> decide.Slot:
+        """What the pure decisions see of service ``name`` (``standby_check``: ask the runtime
+        whether the standby still runs, for a decision that may hand back to it)."""
+        service = self._service(name)
+        current, standby = service.current, service.standby
+        standby_alive = (
+            standby_check
+            and standby is not None
+            and self.health.get(standby.id, Health()).alive
+            and self._runtime_of(standby).liveness(standby).alive
         )
+        return decide.Slot(
+            service=service,
+            health=self.health.get(current.id, Health()) if current is not None else Health(),
+            standby_alive=standby_alive,
+            restart_at=self.timers.restart_at.get(name),
+            settle_at=self.timers.settle_at.get(name),
+            busy=name in self.ops,
+            killing=self._killing_for(name),
+        )
+
+    def _apply(self, name: str, before: decide.Slot, outcome: decide.Outcome) -> None:
+        """Keep what a decision returned and carry out its effects."""
+        slot = outcome.slot
+        self.record.services[name] = slot.service
+        current = slot.service.current
+        if current is not None and (
+            current.id in self.health
+            or slot.health != before.health
+            or before.service.current is None
+            or before.service.current.id != current.id
+        ):
+            self.health[current.id] = slot.health
+        timers = ((self.timers.restart_at, slot.restart_at), (self.timers.settle_at, slot.settle_at))
+        for timer, value in timers:
+            if value is None:
+                timer.pop(name, None)
+            else:
+                timer[name] = value
+        for effect in outcome.effects:
+            match effect:
+                case decide.Dirty(save=save, report=report, plan=plan_again):
+                    self._dirty_save |= save
+                    self._dirty_report |= report
+                    self._dirty_plan |= plan_again
+                case decide.Retire(service=service_name, instance=instance, grace_s=grace_s):
+                    self._retire(service_name, instance, grace_s=grace_s)
+                case decide.Watch():
+                    self._watch()
+                case decide.Say(level=level, text=text):
+                    log.log(level, "%s", text)
 
     # --- logs --------------------------------------------------------------------------------
 
@@ -1029,4 +991,3 @@ class ReconcileLoop:
         self.desired, self.desired_bytes = state, data
         for assignment in state.modules:
             self._service(assignment.service).target = assignment
-
