@@ -19,6 +19,7 @@ from edge_agent.download.module import Counters, FetchControl, fetch_module
 from edge_agent.health import ProbeResult
 from edge_agent.reconcile.operations import Control, start_instance
 from edge_agent.reconcile.plan import Op
+from edge_agent.reconcile.step import DRAIN_S, STOP_GRACE_S
 from edge_agent.runtime.base import LaunchSpec, Runtime
 from edge_agent.state.records import InstanceRecord
 from edge_agent.uplink.certificates import EndpointCertificates
@@ -32,8 +33,6 @@ from manifests.reported import Progress
 log = logging.getLogger("edge_agent")
 
 FETCH_DEADLINE_S = 1800.0
-STOP_GRACE_S = 10.0
-DRAIN_S = 10.0
 
 
 # --- the events the executor feeds back ---------------------------------------------------------

@@ -21,15 +21,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from edge_agent.backoff import full_jitter
 from edge_agent.cache.modules import InstalledModule, ModuleCache
-from edge_agent.download.module import Cancelled, Counters
+from edge_agent.download.module import Counters
 from edge_agent.health import Prober, ProbeResult, Watched
 from edge_agent.reconcile import step as decide
 from edge_agent.reconcile.executor import (
-    DRAIN_S,
-    STOP_GRACE_S,
     Event,
     Executor,
     HttpDesired,
@@ -43,9 +42,7 @@ from edge_agent.reconcile.garbage import collect, kept
 from edge_agent.reconcile.logs import answer_log_request
 from edge_agent.reconcile.operations import Control
 from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
-from edge_agent.reconcile.step import Health
-from edge_agent.reconcile.supervise import Trouble, judge_failure
-from edge_agent.reconcile.supervise import Verdict as FailureKind
+from edge_agent.reconcile.step import DRAIN_S, STOP_GRACE_S, Health
 from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import Runtime
 from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord, ServiceRecord
@@ -54,7 +51,6 @@ from edge_agent.uplink.certificates import EndpointCertificates
 from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage, MqttEvent
 from manifests.desired import (
-    DesiredRefusal,
     DesiredState,
     DesiredStateRefused,
     ModuleAssignment,
@@ -69,8 +65,6 @@ log = logging.getLogger("edge_agent")
 
 __all__ = ["Event", "ReconcileLoop", "Stop", "advertised_host"]
 
-#: how long an Unschedulable verdict stands before it is checked again
-UNSCHEDULABLE_RECHECK_S = 60.0
 PROGRESS_REPORT_EVERY_S = 2.0
 #: reports go out at most this often (the hub allows 120 a minute, bursts of 30)
 REPORT_MIN_GAP_S = 0.5
@@ -341,81 +335,27 @@ class ReconcileLoop:
                 self._stopping = True
 
     def _on_desired(self, payload: bytes, source: str) -> None:
-        if payload == self.desired_bytes:
-            return
-        try:
-            state = verify_desired(
-                payload,
-                hub_trust=self.credentials.hub_trust(),
-                device_id=self.device_id,
-                applied_generation=self.record.applied_generation,
-                now=datetime.now(UTC),
-            )
-        except DesiredStateRefused as exc:
-            if exc.reason is DesiredRefusal.NOT_NEWER and self._same_generation(payload):
-                return  # the same generation again (a retained message redelivered)
-            if exc.reason is DesiredRefusal.NOT_NEWER and source == "http":
-                # A poll sent before the newest state came over MQTT answers the hub's older
-                # one: stale, not hostile. Nothing is applied; reporting it would hide a real
-                # refusal behind a false one.
-                log.debug("desired state over HTTP older than the applied one: %s", exc)
-                return
-            log.warning("desired state from %s refused: %s", source, exc)
-            self.record.last_error = f"desired state from {source} refused ({exc.reason}): {exc}"[:2000]
-            self._dirty_save = self._dirty_report = True
-            return
-        self.store.save_desired(payload)
-        self.desired, self.desired_bytes = state, payload
-        self.record.applied_generation = state.generation
-        self.record.applied_at = datetime.now(UTC)
-        self.record.last_error = None
-        log.info(
-            "desired state generation %d accepted from %s: %s",
-            state.generation,
-            source,
-            ", ".join(f"{m.service}={m.module}:{m.version}" for m in state.modules) or "no services",
+        before = decide.Applied(
+            self.record, self.desired, self.desired_bytes, self.timers.retry_at, self.timers.retry_attempts
         )
-        for assignment in state.modules:
-            service = self._service(assignment.service)
-            if service.target != assignment:
-                previous, service.target = service.target, assignment
-                if previous is None or assignment_key(previous) != assignment_key(assignment):
-                    # The retry timer was the replaced target's: the new one starts at once.
-                    self.timers.retry_at.pop(assignment.service, None)
-                    self.timers.retry_attempts.pop(assignment.service, None)
-                self._back_to_serving(service, previous)
-            self._rotate_keys(service, assignment)
-        self._dirty_plan = self._dirty_save = self._dirty_report = True
-
-    def _back_to_serving(self, service: ServiceRecord, previous: ModuleAssignment | None) -> None:
-        """A release reverted to the version that kept serving after the new one failed: the
-        failure was the abandoned version's, and nothing needs doing (the plan keeps what runs),
-        so the service is Healthy again instead of Failed for ever."""
-        current = service.current
-        if previous is None or current is None or service.state is not ServiceState.FAILED:
-            return
-        if assignment_key(previous) == current.key or service.target is None:
-            return  # the serving version itself failed (a crash loop): that stays Failed
-        if assignment_key(service.target) == current.key:
-            self._set_status(service.name, ServiceState.HEALTHY, None)
-
-    def _rotate_keys(self, service: ServiceRecord, assignment: ModuleAssignment) -> None:
-        """New endpoint keys for what runs already: rewrite its keys file, no restart."""
-        current = service.current
-        if current is None or current.key != assignment_key(assignment):
-            return
-        if current.assignment.settings.auth == assignment.settings.auth:
-            return
-        self._runtime_of(current).update_endpoint(current, assignment.settings.auth, None)
-        service.current = current.model_copy(update={"assignment": assignment})
-        log.info("%s: endpoint keys rotated", service.name)
-
-    def _same_generation(self, payload: bytes) -> bool:
-        try:
-            generation = json.loads(payload)["signed"]["generation"]
-        except (ValueError, KeyError, TypeError):
-            return False
-        return bool(generation == self.record.applied_generation)
+        out = decide.on_desired(
+            before,
+            payload,
+            source,
+            hub_trust=self.credentials.hub_trust(),
+            device_id=self.device_id,
+            wall=datetime.now(UTC),
+        )
+        for effect in out.effects:
+            if isinstance(effect, decide.SaveDesired):
+                self.store.save_desired(effect.payload)  # saved before anything is done by it
+        applied = out.applied
+        self.record, self.desired, self.desired_bytes = applied.record, applied.desired, applied.payload
+        self.timers.retry_at, self.timers.retry_attempts = (
+            dict(applied.retry_at),
+            dict(applied.retry_attempts),
+        )
+        self._effects(out.effects)
 
     def _on_http(self, event: HttpDesired) -> None:
         self._poll_in_flight = False
@@ -561,112 +501,25 @@ class ReconcileLoop:
         if running is None or running.id != event.op_id:
             return
         del self.ops[event.service]
-        name = event.service
-        service = self._service(name)
-        service.progress = None
-        self._dirty_plan = self._dirty_save = self._dirty_report = True
-        error = event.error
-        if running.kind is Op.STOP:
-            if error is not None:
-                log.error("%s: stop failed: %s", name, error)
-            self._forget(name)
-            return
-        if error is None:
-            if running.kind is Op.FETCH:
-                module: InstalledModule = event.result
-                self.installed[module.manifest_digest] = module
-                self.timers.retry_attempts.pop(name, None)
-                return
-            self._started(name, running, event.result)
-            return
-        if isinstance(error, Cancelled):
-            log.info("%s: %s cancelled", name, running.kind)
-            return
-        self._failed(name, running, error)
-
-    def _started(self, name: str, running: RunningOp, instance: InstanceRecord) -> None:
-        service = self._service(name)
-        old = service.current
-        new_version = old is None or old.key != instance.key
-        if old is not None and old.key != instance.key:
-            service.previous = old.assignment
-        service.current = instance
-        service.last_good = instance.assignment
-        service.healthy_since = datetime.now(UTC)
-        if new_version:
-            service.failures = 0  # the restart backoff counts this version's failures only
-        self.health[instance.id] = Health(alive=True)
-        self.timers.retry_attempts.pop(name, None)
-        self.timers.unschedulable.pop(name, None)
-        if running.restart:
-            service.restarts += 1
-        standby = service.standby
-        if standby is not None and standby.key == instance.key:
-            service.standby = None  # the same version started anew: it takes over
-            self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
-        old_health = self.health.get(old.id, Health()) if old is not None else Health()
-        if old is not None and old.id != instance.id:
-            answering = old_health.alive and old_health.misses == 0
-            if (
-                answering
-                and old.key != instance.key
-                and service.standby is None
-                and old.runtime is instance.runtime  # else the start stopped it already
-                and self.config.restart.settle_s > 0
-            ):
-                # The last good instance keeps serving beside the new version until that one
-                # has been healthy for the settle time (see _end_settle).
-                service.standby = old
-            elif old_health.misses == 0:
-                self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S)
-            else:
-                # An instance that stopped answering gets no time to drain (its queue is not
-                # moving): it is killed, and its successor is Healthy once it is gone (Retired).
-                self.killing.add(old.id)
-                self._retire(name, old, grace_s=0.0)
-        if service.standby is not None:
-            self.timers.settle_at[name] = self.clock() + self.config.restart.settle_s
-        state, reason = self._steady(service)
-        if state is ServiceState.HEALTHY and self._killing_for(name):
-            state, reason = ServiceState.TRANSITIONING, "stopping the instance that stopped answering"
-        self._set_status(name, state, reason)
-        self._watch()
-        self._gc_needed = True
-
-    def _failed(self, name: str, running: RunningOp, error: BaseException) -> None:
-        service = self._service(name)
-        key = running.key
-        version = running.assignment.version if running.assignment else "?"
-        now = self.clock()
-        good = service.last_good
-        judged = judge_failure(
-            error,
-            starting=running.kind in (Op.START, Op.REPLACE),
-            ran_here_before=good is not None and key == assignment_key(good),
+        done = decide.Finished(
+            kind=running.kind,
+            key=running.key,
+            assignment=running.assignment,
+            restart=running.restart,
+            error=event.error,
+            result=event.result,
         )
-        if not isinstance(error, EdgepackError):
-            log.error("%s: %s of version %s failed unexpectedly", name, running.kind, version, exc_info=error)
-        match judged.verdict:
-            case FailureKind.UNSCHEDULABLE:
-                if key is not None:
-                    self.timers.unschedulable[name] = (key, judged.reason, now + UNSCHEDULABLE_RECHECK_S)
-                self._set_status(name, ServiceState.UNSCHEDULABLE, self._serving_note(name, judged.reason))
-            case FailureKind.RETRY:
-                attempt = self.timers.retry_attempts.get(name, 0)
-                delay = judged.retry_after_s or full_jitter(attempt, self.rand(), cap_s=60.0)
-                self.timers.retry_attempts[name] = attempt + 1
-                self.timers.retry_at[name] = now + delay
-                text = f"{running.kind} of version {version}: {judged.reason}; retrying in {delay:.0f}s"
-                self._set_status(name, ServiceState.TRANSITIONING, self._serving_note(name, text))
-            case FailureKind.CRASH:
-                # A version that ran here before: a crash to retry with backoff, not a verdict.
-                self._count_failure(name, Trouble.EXITED, None, judged.reason)
-            case FailureKind.FINAL:
-                if key is not None:
-                    service.failed[key] = judged.reason
-                log.warning("%s: version %s failed: %s", name, version, judged.reason)
-                state, status_reason = self._steady(service)
-                self._set_status(name, state, status_reason)
+        crashed = event.error is not None and running.kind in (Op.START, Op.REPLACE)
+        slot = self._slot(event.service, standby_check=crashed)
+        outcome = decide.on_op_done(
+            slot,
+            done,
+            restart=self.config.restart,
+            now=self.clock(),
+            wall=datetime.now(UTC),
+            rand=self.rand(),
+        )
+        self._apply(event.service, slot, outcome)
 
     def _end_settle(self, name: str) -> None:
         """The new version has been healthy for the settle time: the standby drains and stops."""
@@ -691,13 +544,9 @@ class ReconcileLoop:
 
     def _serving_note(self, name: str, reason: str | None) -> str | None:
         """``reason``, saying which version serves meanwhile when it is not the target."""
-        service = self.record.services.get(name)
-        current = service.current if service else None
-        if service is None or current is None or not self.health.get(current.id, Health()).alive:
+        if name not in self.record.services:
             return reason
-        if service.target is not None and current.key == assignment_key(service.target):
-            return reason
-        return f"{reason}; version {current.version} ({current.runtime}) keeps serving"
+        return decide.serving_note(self._slot(name), reason)
 
     def _killing_for(self, name: str) -> bool:
         return any(self.retiring[iid][0] == name for iid in self.killing if iid in self.retiring)
@@ -707,10 +556,6 @@ class ReconcileLoop:
         if name in self.record.services:
             slot = self._slot(name)
             self._apply(name, slot, decide.settle(slot, datetime.now(UTC)))
-
-    def _steady(self, service: ServiceRecord) -> tuple[ServiceState, str | None]:
-        """The state of a service that is not in the middle of anything."""
-        return decide.steady(self._slot(service.name))
 
     # --- health ------------------------------------------------------------------------------
 
@@ -738,20 +583,6 @@ class ReconcileLoop:
             ),
         )
 
-    def _count_failure(self, name: str, trouble: Trouble, exit_code: int | None, reason: str) -> None:
-        slot = self._slot(name, standby_check=True)
-        outcome = decide.count_failure(
-            slot,
-            trouble,
-            exit_code,
-            reason,
-            restart=self.config.restart,
-            now=self.clock(),
-            wall=datetime.now(UTC),
-            rand=self.rand(),
-        )
-        self._apply(name, slot, outcome)
-
     def _slot(self, name: str, *, standby_check: bool = False) -> decide.Slot:
         """What the pure decisions see of service ``name`` (``standby_check``: ask the runtime
         whether the standby still runs, for a decision that may hand back to it)."""
@@ -771,6 +602,9 @@ class ReconcileLoop:
             settle_at=self.timers.settle_at.get(name),
             busy=name in self.ops,
             killing=self._killing_for(name),
+            retry_at=self.timers.retry_at.get(name),
+            retry_attempts=self.timers.retry_attempts.get(name, 0),
+            unschedulable=self.timers.unschedulable.get(name),
         )
 
     def _apply(self, name: str, before: decide.Slot, outcome: decide.Outcome) -> None:
@@ -785,24 +619,46 @@ class ReconcileLoop:
             or before.service.current.id != current.id
         ):
             self.health[current.id] = slot.health
-        timers = ((self.timers.restart_at, slot.restart_at), (self.timers.settle_at, slot.settle_at))
+        timers: tuple[tuple[dict[str, Any], Any], ...] = (
+            (self.timers.restart_at, slot.restart_at),
+            (self.timers.settle_at, slot.settle_at),
+            (self.timers.retry_at, slot.retry_at),
+            (self.timers.retry_attempts, slot.retry_attempts or None),
+            (self.timers.unschedulable, slot.unschedulable),
+        )
         for timer, value in timers:
             if value is None:
                 timer.pop(name, None)
             else:
                 timer[name] = value
-        for effect in outcome.effects:
+        self._effects(outcome.effects)
+
+    def _effects(self, effects: tuple[decide.Effect, ...]) -> None:
+        """Carry out what the decisions asked for (a saved desired state is saved already)."""
+        for effect in effects:
             match effect:
                 case decide.Dirty(save=save, report=report, plan=plan_again):
                     self._dirty_save |= save
                     self._dirty_report |= report
                     self._dirty_plan |= plan_again
-                case decide.Retire(service=service_name, instance=instance, grace_s=grace_s):
-                    self._retire(service_name, instance, grace_s=grace_s)
+                case decide.Retire(service=name, instance=instance, grace_s=grace_s, kill=kill):
+                    if kill:
+                        self.killing.add(instance.id)
+                    self._retire(name, instance, grace_s=grace_s)
                 case decide.Watch():
                     self._watch()
-                case decide.Say(level=level, text=text):
-                    log.log(level, "%s", text)
+                case decide.Say(level=level, text=text, error=error):
+                    log.log(level, "%s", text, exc_info=error)
+                case decide.Forget(service=name):
+                    self._forget(name)
+                case decide.Installed(module=module):
+                    self.installed[module.manifest_digest] = module
+                case decide.Collect():
+                    self._gc_needed = True
+                case decide.RotateKeys(instance=instance, auth=auth):
+                    self._runtime_of(instance).update_endpoint(instance, auth, None)
+                case decide.SaveDesired():
+                    pass
 
     # --- logs --------------------------------------------------------------------------------
 

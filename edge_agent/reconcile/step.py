@@ -11,18 +11,39 @@ line, what became dirty). Nothing here reads a clock, a file or a runtime: the c
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from edge_agent.backoff import RestartBackoff
+from edge_agent.backoff import RestartBackoff, full_jitter
+from edge_agent.cache.modules import InstalledModule
+from edge_agent.download.module import Cancelled
 from edge_agent.health import ProbeResult
-from edge_agent.reconcile.plan import assignment_key
+from edge_agent.reconcile.plan import Op, assignment_key
 from edge_agent.reconcile.steady import steady_state
-from edge_agent.reconcile.supervise import Trouble, after_failure, log_tail_reason
-from edge_agent.state.records import InstanceRecord, ServiceRecord
+from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure, log_tail_reason
+from edge_agent.reconcile.supervise import Verdict as FailureKind
+from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
+from manifests.desired import (
+    DesiredRefusal,
+    DesiredState,
+    DesiredStateRefused,
+    EndpointAuth,
+    ModuleAssignment,
+    verify_desired,
+)
 from manifests.device import RestartSettings
+from manifests.errors import EdgepackError
+from manifests.signing import TrustStore
 from manifests.states import ServiceState
+
+#: how long a module that is stopped gets to finish what it does, and to drain its connections
+STOP_GRACE_S = 10.0
+DRAIN_S = 10.0
+#: how long an Unschedulable verdict stands before it is checked again
+UNSCHEDULABLE_RECHECK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +61,9 @@ class Slot:
     ``health``: of the current instance. ``standby_alive``: the standby answers (the caller
     checked its process or container). ``busy``: an operation holds the service. ``killing``:
     an instance of it that stopped answering is being killed (until it is gone, the kernel may
-    hand it connections, so the service is not called Healthy).
+    hand it connections, so the service is not called Healthy). The timers: when to restart
+    the current instance, when the standby may stop, when to try a failed operation again
+    (after ``retry_attempts``), and an Unschedulable verdict (assignment key, why, until).
     """
 
     service: ServiceRecord
@@ -50,6 +73,9 @@ class Slot:
     settle_at: float | None = None
     busy: bool = False
     killing: bool = False
+    retry_at: float | None = None
+    retry_attempts: int = 0
+    unschedulable: tuple[str, str, float] | None = None
 
 
 # --- effects -----------------------------------------------------------------------------------
@@ -57,11 +83,48 @@ class Slot:
 
 @dataclass(frozen=True)
 class Retire:
-    """Stop ``instance`` (it no longer serves) after ``grace_s`` of draining."""
+    """Stop ``instance`` (it no longer serves) after ``grace_s`` of draining; ``kill``: it
+    stopped answering, and its service is not Healthy until it is gone."""
 
     service: str
     instance: InstanceRecord
     grace_s: float
+    kill: bool = False
+
+
+@dataclass(frozen=True)
+class Forget:
+    """The service is gone: its records, timers and health go too."""
+
+    service: str
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A module was fetched and verified: it is in the cache."""
+
+    module: InstalledModule
+
+
+@dataclass(frozen=True)
+class Collect:
+    """What may be deleted changed: garbage collection runs once nothing downloads."""
+
+
+@dataclass(frozen=True)
+class SaveDesired:
+    """The verified desired state's bytes, to be saved before anything is done by them."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class RotateKeys:
+    """New endpoint keys for a running instance: its keys file is rewritten, no restart."""
+
+    service: str
+    instance: InstanceRecord
+    auth: EndpointAuth | None
 
 
 @dataclass(frozen=True)
@@ -71,10 +134,11 @@ class Watch:
 
 @dataclass(frozen=True)
 class Say:
-    """A line for the agent's log."""
+    """A line for the agent's log (``error``: an unexpected one, logged with its traceback)."""
 
     level: int
     text: str
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +150,7 @@ class Dirty:
     plan: bool = False
 
 
-Effect = Retire | Watch | Say | Dirty
+Effect = Retire | Watch | Say | Dirty | Forget | Installed | Collect | SaveDesired | RotateKeys
 
 
 @dataclass(frozen=True)
@@ -283,3 +347,311 @@ def promote_standby(slot: Slot, wall: datetime) -> Outcome | None:
     state, reason = steady(slot)
     service, said = _status(slot.service, state, reason, wall)
     return Outcome(replace(slot, service=service), (*effects, *said))
+
+
+def serving_note(slot: Slot, reason: str | None) -> str | None:
+    """``reason``, saying which version serves meanwhile when it is not the target."""
+    service = slot.service
+    current = service.current
+    if current is None or not slot.health.alive:
+        return reason
+    if service.target is not None and current.key == assignment_key(service.target):
+        return reason
+    return f"{reason}; version {current.version} ({current.runtime}) keeps serving"
+
+
+# --- operation results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finished:
+    """An operation ended: ``result`` is the installed module of a fetch, the instance a start
+    or replace started; ``restart``: it started again the version that ran."""
+
+    kind: Op
+    key: str | None
+    assignment: ModuleAssignment | None
+    restart: bool = False
+    error: BaseException | None = None
+    result: object = None
+
+
+def on_op_done(
+    slot: Slot,
+    done: Finished,
+    *,
+    restart: RestartSettings,
+    now: float,
+    wall: datetime,
+    rand: float,
+) -> Outcome:
+    """An operation of the service ended (it no longer holds the service)."""
+    name = slot.service.name
+    slot = replace(slot, service=slot.service.model_copy(update={"progress": None}), busy=False)
+    dirty = Dirty(save=True, report=True, plan=True)
+    error = done.error
+    if done.kind is Op.STOP:
+        said = (Say(logging.ERROR, f"{name}: stop failed: {error}"),) if error is not None else ()
+        return Outcome(slot, (dirty, *said, Forget(name)))
+    if error is None:
+        if done.kind is Op.FETCH:
+            assert isinstance(done.result, InstalledModule)
+            return Outcome(replace(slot, retry_attempts=0), (dirty, Installed(done.result)))
+        assert isinstance(done.result, InstanceRecord)
+        out = started(
+            slot, done.result, restarted=done.restart, settle_s=restart.settle_s, now=now, wall=wall
+        )
+        return Outcome(out.slot, (dirty, *out.effects))
+    if isinstance(error, Cancelled):
+        return Outcome(slot, (dirty, Say(logging.INFO, f"{name}: {done.kind} cancelled")))
+    out = failed(slot, done, error, restart=restart, now=now, wall=wall, rand=rand)
+    return Outcome(out.slot, (dirty, *out.effects))
+
+
+def started(
+    slot: Slot, instance: InstanceRecord, *, restarted: bool, settle_s: float, now: float, wall: datetime
+) -> Outcome:
+    """An instance started and answered: it serves. The one it replaces stands by until the
+    new version settles, drains and stops, or (when it stopped answering) is killed."""
+    service = slot.service
+    name = service.name
+    old = service.current
+    old_health = slot.health if old is not None else Health()
+    update: dict[str, object] = {
+        "current": instance,
+        "last_good": instance.assignment,
+        "healthy_since": wall,
+    }
+    if old is None or old.key != instance.key:
+        update["failures"] = 0  # the restart backoff counts this version's failures only
+    if old is not None and old.key != instance.key:
+        update["previous"] = old.assignment
+    if restarted:
+        update["restarts"] = service.restarts + 1
+    effects: list[Effect] = []
+    standby = service.standby
+    if standby is not None and standby.key == instance.key:
+        standby = None  # the same version started anew: it takes over
+        effects.append(Retire(name, service.standby, STOP_GRACE_S + DRAIN_S))  # type: ignore[arg-type]
+    killing = slot.killing
+    if old is not None and old.id != instance.id:
+        answering = old_health.alive and old_health.misses == 0
+        if (
+            answering
+            and old.key != instance.key
+            and standby is None
+            and old.runtime is instance.runtime  # else the start stopped it already
+            and settle_s > 0
+        ):
+            # The last good instance keeps serving beside the new version until that one has
+            # been healthy for the settle time (see the settle timer).
+            standby = old
+        elif old_health.misses == 0:
+            effects.append(Retire(name, old, STOP_GRACE_S + DRAIN_S))
+        else:
+            # An instance that stopped answering gets no time to drain (its queue is not
+            # moving): it is killed, and its successor is Healthy once it is gone.
+            effects.append(Retire(name, old, 0.0, kill=True))
+            killing = True
+    update["standby"] = standby
+    slot = replace(
+        slot,
+        service=service.model_copy(update=update),
+        health=Health(alive=True),
+        retry_attempts=0,
+        unschedulable=None,
+        killing=killing,
+        settle_at=now + settle_s if standby is not None else slot.settle_at,
+    )
+    state, reason = steady(slot)
+    if state is ServiceState.HEALTHY and slot.killing:
+        state, reason = ServiceState.TRANSITIONING, "stopping the instance that stopped answering"
+    new_service, said = _status(slot.service, state, reason, wall)
+    return Outcome(replace(slot, service=new_service), (*effects, *said, Watch(), Collect()))
+
+
+def failed(
+    slot: Slot,
+    done: Finished,
+    error: BaseException,
+    *,
+    restart: RestartSettings,
+    now: float,
+    wall: datetime,
+    rand: float,
+) -> Outcome:
+    """An operation failed: Unschedulable for a while, retried after a backoff, counted as a
+    crash of a version that ran here before, or failed here for good."""
+    service = slot.service
+    name = service.name
+    key = done.key
+    version = done.assignment.version if done.assignment else "?"
+    good = service.last_good
+    judged = judge_failure(
+        error,
+        starting=done.kind in (Op.START, Op.REPLACE),
+        ran_here_before=good is not None and key == assignment_key(good),
+    )
+    effects: list[Effect] = []
+    if not isinstance(error, EdgepackError):
+        effects.append(
+            Say(logging.ERROR, f"{name}: {done.kind} of version {version} failed unexpectedly", error)
+        )
+    match judged.verdict:
+        case FailureKind.UNSCHEDULABLE:
+            if key is not None:
+                slot = replace(slot, unschedulable=(key, judged.reason, now + UNSCHEDULABLE_RECHECK_S))
+            state, why = ServiceState.UNSCHEDULABLE, serving_note(slot, judged.reason)
+        case FailureKind.RETRY:
+            attempt = slot.retry_attempts
+            delay = judged.retry_after_s or full_jitter(attempt, rand, cap_s=60.0)
+            slot = replace(slot, retry_attempts=attempt + 1, retry_at=now + delay)
+            text = f"{done.kind} of version {version}: {judged.reason}; retrying in {delay:.0f}s"
+            state, why = ServiceState.TRANSITIONING, serving_note(slot, text)
+        case FailureKind.CRASH:
+            # A version that ran here before: a crash to retry with backoff, not a verdict.
+            out = count_failure(
+                slot, Trouble.EXITED, None, judged.reason, restart=restart, now=now, wall=wall, rand=rand
+            )
+            return Outcome(out.slot, (*effects, *out.effects))
+        case FailureKind.FINAL:
+            if key is not None:
+                failed_keys = {**service.failed, key: judged.reason}
+                slot = replace(slot, service=service.model_copy(update={"failed": failed_keys}))
+            effects.append(Say(logging.WARNING, f"{name}: version {version} failed: {judged.reason}"))
+            state, why = steady(slot)
+    new_service, said = _status(slot.service, state, why, wall)
+    return Outcome(replace(slot, service=new_service), (*effects, *said))
+
+
+# --- desired states ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the agent applied of its desired states: its record (the applied generation, each
+    service's target), the last verified state and its bytes, and the retry timers a new
+    target resets."""
+
+    record: AgentRecord
+    desired: DesiredState | None = None
+    payload: bytes | None = None
+    retry_at: Mapping[str, float] = field(default_factory=dict)
+    retry_attempts: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    applied: Applied
+    effects: tuple[Effect, ...] = ()
+
+
+def same_generation(payload: bytes, applied_generation: int) -> bool:
+    try:
+        generation = json.loads(payload)["signed"]["generation"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(generation == applied_generation)
+
+
+def on_desired(
+    applied: Applied,
+    payload: bytes,
+    source: str,
+    *,
+    hub_trust: TrustStore,
+    device_id: str,
+    wall: datetime,
+) -> Acceptance:
+    """A desired state arrived from ``source`` (``mqtt`` or ``http``): refused (and said so,
+    unless it is a redelivery or a stale poll), or accepted as each service's new target."""
+    if payload == applied.payload:
+        return Acceptance(applied)
+    record = applied.record
+    try:
+        state = verify_desired(
+            payload,
+            hub_trust=hub_trust,
+            device_id=device_id,
+            applied_generation=record.applied_generation,
+            now=wall,
+        )
+    except DesiredStateRefused as exc:
+        if exc.reason is DesiredRefusal.NOT_NEWER and same_generation(payload, record.applied_generation):
+            return Acceptance(applied)  # the same generation again (a retained message redelivered)
+        if exc.reason is DesiredRefusal.NOT_NEWER and source == "http":
+            # A poll sent before the newest state came over MQTT answers the hub's older one:
+            # stale, not hostile. Nothing is applied; reporting it would hide a real refusal
+            # behind a false one.
+            stale = Say(logging.DEBUG, f"desired state over HTTP older than the applied one: {exc}")
+            return Acceptance(applied, (stale,))
+        error = f"desired state from {source} refused ({exc.reason}): {exc}"[:2000]
+        return Acceptance(
+            replace(applied, record=record.model_copy(update={"last_error": error})),
+            (
+                Say(logging.WARNING, f"desired state from {source} refused: {exc}"),
+                Dirty(save=True, report=True),
+            ),
+        )
+    services = dict(record.services)
+    retry_at, retry_attempts = dict(applied.retry_at), dict(applied.retry_attempts)
+    modules = ", ".join(f"{m.service}={m.module}:{m.version}" for m in state.modules) or "no services"
+    effects: list[Effect] = [
+        SaveDesired(payload),
+        Say(logging.INFO, f"desired state generation {state.generation} accepted from {source}: {modules}"),
+    ]
+    for assignment in state.modules:
+        name = assignment.service
+        service = services.get(name) or ServiceRecord(name=name, since=wall)
+        if service.target != assignment:
+            previous = service.target
+            service = service.model_copy(update={"target": assignment})
+            if previous is None or assignment_key(previous) != assignment_key(assignment):
+                # The retry timer was the replaced target's: the new one starts at once.
+                retry_at.pop(name, None)
+                retry_attempts.pop(name, None)
+            service, said = back_to_serving(service, previous, wall)
+            effects += said
+        service, rotated = rotate_keys(service, assignment)
+        effects += rotated
+        services[name] = service
+    effects.append(Dirty(save=True, report=True, plan=True))
+    record = record.model_copy(
+        update={
+            "services": services,
+            "applied_generation": state.generation,
+            "applied_at": wall,
+            "last_error": None,
+        }
+    )
+    return Acceptance(Applied(record, state, payload, retry_at, retry_attempts), tuple(effects))
+
+
+def back_to_serving(
+    service: ServiceRecord, previous: ModuleAssignment | None, wall: datetime
+) -> tuple[ServiceRecord, list[Effect]]:
+    """A release reverted to the version that kept serving after the new one failed: the
+    failure was the abandoned version's, and nothing needs doing (the plan keeps what runs),
+    so the service is Healthy again instead of Failed for ever."""
+    current = service.current
+    if previous is None or current is None or service.state is not ServiceState.FAILED:
+        return service, []
+    if assignment_key(previous) == current.key or service.target is None:
+        return service, []  # the serving version itself failed (a crash loop): that stays Failed
+    if assignment_key(service.target) == current.key:
+        return _status(service, ServiceState.HEALTHY, None, wall)
+    return service, []
+
+
+def rotate_keys(service: ServiceRecord, assignment: ModuleAssignment) -> tuple[ServiceRecord, list[Effect]]:
+    """New endpoint keys for what runs already: its keys file is rewritten, no restart."""
+    current = service.current
+    if current is None or current.key != assignment_key(assignment):
+        return service, []
+    if current.assignment.settings.auth == assignment.settings.auth:
+        return service, []
+    rotated = current.model_copy(update={"assignment": assignment})
+    return service.model_copy(update={"current": rotated}), [
+        RotateKeys(service.name, current, assignment.settings.auth),
+        Say(logging.INFO, f"{service.name}: endpoint keys rotated"),
+    ]

@@ -5,16 +5,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from edge_agent.cache.modules import InstalledModule
+from edge_agent.download.module import Cancelled
 from edge_agent.health import ProbeResult
-from edge_agent.reconcile.plan import assignment_key
-from edge_agent.reconcile.step import Dirty, Health, Outcome, Retire, Slot, Watch, on_probe
-from edge_agent.state.records import InstanceRecord, ServiceRecord
-from manifests.desired import DeploymentSettings, ModuleAssignment, RestartPolicy, RuntimeKind
+from edge_agent.reconcile.plan import Op, assignment_key
+from edge_agent.reconcile.step import (
+    Acceptance,
+    Applied,
+    Collect,
+    Dirty,
+    Finished,
+    Forget,
+    Health,
+    Installed,
+    Outcome,
+    Retire,
+    RotateKeys,
+    SaveDesired,
+    Slot,
+    Watch,
+    on_desired,
+    on_op_done,
+    on_probe,
+)
+from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
+from manifests.desired import DeploymentSettings, EndpointAuth, ModuleAssignment, RestartPolicy, RuntimeKind
 from manifests.device import RestartSettings
+from manifests.errors import HubUnavailable, ModuleStartFailure, Unschedulable
 from manifests.states import ServiceState
+from tests.factory import Forge
 
 H, T, F, U = ServiceState.HEALTHY, ServiceState.TRANSITIONING, ServiceState.FAILED, ServiceState.UNHEALTHY
 AT = datetime(2026, 1, 1, tzinfo=UTC)
@@ -29,6 +52,7 @@ V1 = ModuleAssignment(
     settings=DeploymentSettings(port=9000),
 )
 V2 = V1.model_copy(update={"version": "2", "manifest_digest": "sha256:" + "2" * 64})
+V3 = V1.model_copy(update={"version": "3", "manifest_digest": "sha256:" + "3" * 64})
 
 
 def policy(a: ModuleAssignment, p: RestartPolicy) -> ModuleAssignment:
@@ -234,6 +258,249 @@ def test_an_exit_plans_again_and_a_crash_loop_retires_the_failed_version_at_once
 
 def _dirty(out: Outcome) -> Dirty:
     flags = [e for e in out.effects if isinstance(e, Dirty)]
+    return Dirty(
+        save=any(d.save for d in flags), report=any(d.report for d in flags), plan=any(d.plan for d in flags)
+    )
+
+
+# --- operation results ------------------------------------------------------------------------------
+
+SETTLE = RestartSettings(settle_s=30.0)
+NO_SETTLE = RestartSettings(settle_s=0.0)
+HUNG = "stopping the instance that stopped answering"
+
+
+@dataclass(frozen=True)
+class Ended:
+    """What the slot and effects look like after an operation ended."""
+
+    state: ServiceState
+    reason: str | None
+    current: str | None = "1-i"
+    standby: str | None = None
+    retired: tuple[tuple[str, float, bool], ...] = ()  # (instance, grace, killed)
+    kinds: tuple[type, ...] = ()  # other effects that must be there
+    failed: tuple[str, ...] = ()
+    retry_at: float | None = None
+    retry_attempts: int = 0
+    unschedulable: tuple[str, str, float] | None = None
+    settle_at: float | None = None
+    restarts: int = 0
+
+
+def op(kind: Op, a: ModuleAssignment | None, *, error: BaseException | None = None, result: object = None,
+       restart: bool = False) -> Finished:  # fmt: skip
+    return Finished(kind, assignment_key(a) if a else None, a, restart=restart, error=error, result=result)
+
+
+MODULE = InstalledModule(dir=Path("/cache/v2"), manifest=None, manifest_digest=V2.manifest_digest)  # type: ignore[arg-type]
+NOT_HERE = Unschedulable("runtime docker is not enabled on this device")
+INIT_FAILED = ModuleStartFailure("init() failed: no weights")
+NOTE_V1 = "; version 1 (process) keeps serving"
+
+OP_CASES = [
+    pytest.param(Given(target=V2, state=T), op(Op.FETCH, V2, result=MODULE),
+                 SETTLE, Ended(T, None, kinds=(Installed,)),
+                 id="fetch done: the module is installed, nothing else changes"),
+    pytest.param(Given(), op(Op.STOP, None), SETTLE, Ended(H, None, kinds=(Forget,)),
+                 id="stop done: the service is forgotten"),
+    pytest.param(Given(), op(Op.STOP, None, error=RuntimeError("stuck")), SETTLE,
+                 Ended(H, None, kinds=(Forget,)),
+                 id="stop failed: forgotten all the same (the log says why)"),
+    pytest.param(Given(target=V2, state=T, reason="downloading version 2"),
+                 op(Op.FETCH, V2, error=Cancelled("cancelled")), SETTLE,
+                 Ended(T, "downloading version 2"),
+                 id="cancelled: nothing changes, the plan runs again"),
+    pytest.param(Given(state=T), op(Op.START, V1, result=instance(V1, "new")), SETTLE,
+                 Ended(H, None, current="1-new", retired=(("1-i", 20.0, False),), kinds=(Watch, Collect)),
+                 id="started again beside an answering instance of the same version: the old one drains"),
+    pytest.param(Given(target=V2, state=T), op(Op.REPLACE, V2, result=instance(V2)), SETTLE,
+                 Ended(H, None, current="2-i", standby="1-i", settle_at=NOW + 30.0, kinds=(Watch, Collect)),
+                 id="v2 replaces an answering v1: Healthy, v1 stands by until v2 settles"),
+    pytest.param(Given(target=V2, state=T), op(Op.REPLACE, V2, result=instance(V2)), NO_SETTLE,
+                 Ended(H, None, current="2-i", retired=(("1-i", 20.0, False),)),
+                 id="v2 replaces v1 with no settle time: v1 drains and stops at once"),
+    pytest.param(Given(state=U, health=Health(misses=3)),
+                 op(Op.REPLACE, V1, result=instance(V1, "new"), restart=True), SETTLE,
+                 Ended(T, HUNG, current="1-new", retired=(("1-i", 0.0, True),), restarts=1),
+                 id="restart beside a hung instance: it is killed, not Healthy until it is gone (finding 2)"),
+    pytest.param(Given(target=V1, current=V2, state=T, standby=V1),
+                 op(Op.REPLACE, V1, result=instance(V1, "new")), SETTLE,
+                 Ended(H, None, current="1-new", standby="2-i", retired=(("1-standby", 20.0, False),),
+                       settle_at=NOW + 30.0),
+                 id="the standby's version started anew: the old standby drains, the replaced one stands by"),
+    pytest.param(Given(target=V2, state=T), op(Op.FETCH, V2, error=NOT_HERE), SETTLE,
+                 Ended(ServiceState.UNSCHEDULABLE, f"{NOT_HERE}{NOTE_V1}",
+                       unschedulable=(assignment_key(V2), str(NOT_HERE), NOW + 60.0)),
+                 id="unschedulable: said with the version that keeps serving, looked at again in 60 s"),
+    pytest.param(Given(target=V2, state=T), op(Op.FETCH, V2, error=HubUnavailable("hub answered 503",
+                                                                                  retry_after_s=55.0)),
+                 SETTLE, Ended(T, f"fetch of version 2: hub answered 503; retrying in 55s{NOTE_V1}",
+                               retry_at=NOW + 55.0, retry_attempts=1),
+                 id="temporary failure: retried after the hub's Retry-After, v1 serving"),
+    pytest.param(Given(target=V2, state=T), op(Op.FETCH, V2, error=FileNotFoundError("x.partial")), SETTLE,
+                 Ended(T, f"fetch of version 2: FileNotFoundError: x.partial; retrying in 0s{NOTE_V1}",
+                       retry_at=NOW + 0.5, retry_attempts=1),
+                 id="an unexpected error is never final: retried (finding 1)"),
+    pytest.param(Given(target=V2, state=T), op(Op.REPLACE, V2, error=INIT_FAILED), SETTLE,
+                 Ended(F, f"version 2 failed: {INIT_FAILED}; rolled back to version 1, which keeps serving",
+                       failed=("2",)),
+                 id="a new version's init() fails: Failed for good, v1 keeps serving"),
+    pytest.param(Given(state=U, health=Health(alive=False)), op(Op.START, V1, error=INIT_FAILED), SETTLE,
+                 Ended(U, f"{INIT_FAILED}; restarting in 1.0s"),
+                 id="a version that ran here fails to start again: a crash, restarted after the backoff"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("given", "done", "restart", "then"), OP_CASES)
+def test_operation_results(given: Given, done: Finished, restart: RestartSettings, then: Ended) -> None:
+    slot = replace(given.slot(), busy=True)
+    out = on_op_done(slot, done, restart=restart, now=NOW, wall=AT, rand=0.5)
+    service = out.slot.service
+    assert (service.state, service.reason) == (then.state, then.reason)
+    assert (service.current.id if service.current else None) == then.current
+    assert (service.standby.id if service.standby else None) == then.standby
+    retired = tuple((e.instance.id, e.grace_s, e.kill) for e in out.effects if isinstance(e, Retire))
+    assert retired == then.retired
+    kinds = {type(e) for e in out.effects}
+    assert set(then.kinds) <= kinds
+    assert set(service.failed) == {assignment_key(a) for a in (V1, V2) if a.version in then.failed}
+    assert (out.slot.retry_at, out.slot.retry_attempts) == (then.retry_at, then.retry_attempts)
+    assert out.slot.unschedulable == then.unschedulable
+    assert out.slot.settle_at == then.settle_at
+    assert service.restarts == then.restarts
+    assert not out.slot.busy and service.progress is None
+    assert _dirty(out) == Dirty(save=True, report=True, plan=True)
+    assert slot == replace(given.slot(), busy=True), "the decision changed its input"
+
+
+def test_a_started_version_is_last_good_and_its_predecessor_previous() -> None:
+    out = on_op_done(Given(target=V2, failures=3).slot(), op(Op.REPLACE, V2, result=instance(V2)),
+                     restart=SETTLE, now=NOW, wall=AT, rand=0.5)  # fmt: skip
+    service = out.slot.service
+    assert (service.last_good, service.previous, service.failures) == (V2, V1, 0)
+    assert service.healthy_since == AT and out.slot.health == Health(alive=True)
+
+
+# --- desired states -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def forge() -> Forge:
+    return Forge()
+
+
+def accept(forge: Forge, applied: Applied, generation: int, modules: list[ModuleAssignment],
+           source: str = "mqtt") -> tuple[bytes, Acceptance]:  # fmt: skip
+    payload = forge.desired_bytes(forge.desired_state("device-1", generation, modules))
+    out = on_desired(applied, payload, source, hub_trust=forge.hub_trust, device_id="device-1", wall=AT)
+    return payload, out
+
+
+def records(*services: ServiceRecord, generation: int = 0) -> AgentRecord:
+    return AgentRecord(
+        device_id="device-1", applied_generation=generation, services={s.name: s for s in services}
+    )
+
+
+def test_a_new_desired_state_sets_each_target_and_is_saved_first(forge: Forge) -> None:
+    payload, out = accept(forge, Applied(records()), 1, [V1])
+    assert isinstance(out.effects[0], SaveDesired) and out.effects[0].payload == payload
+    record = out.applied.record
+    assert (record.applied_generation, record.applied_at, record.last_error) == (1, AT, None)
+    assert record.services["good"].target == V1 and record.services["good"].since == AT
+    assert out.applied.payload == payload and out.applied.desired is not None
+    assert _dirty_of(out.effects) == Dirty(save=True, report=True, plan=True)
+
+
+def test_the_same_bytes_again_change_nothing(forge: Forge) -> None:
+    payload, out = accept(forge, Applied(records()), 1, [V1])
+    again = on_desired(out.applied, payload, "mqtt", hub_trust=forge.hub_trust, device_id="device-1", wall=AT)
+    assert again == Acceptance(out.applied)
+
+
+@pytest.mark.parametrize(
+    ("source", "generation", "refused"),
+    [
+        pytest.param("mqtt", 5, False, id="the applied generation redelivered: dropped silently"),
+        pytest.param("http", 4, False, id="an older state from a poll: stale, dropped without a refusal"),
+        pytest.param("mqtt", 4, True, id="an older state over MQTT: a replay, refused and reported"),
+    ],
+)
+def test_not_newer_states(forge: Forge, source: str, generation: int, refused: bool) -> None:
+    applied = Applied(records(generation=5))
+    _, out = accept(forge, applied, generation, [V1], source)
+    assert out.applied.record.applied_generation == 5
+    assert not any(isinstance(e, SaveDesired) for e in out.effects)
+    error = out.applied.record.last_error
+    assert (error is not None and "not-newer" in error) is refused
+    assert _dirty_of(out.effects).report is refused
+
+
+def test_a_forged_state_is_refused_and_reported(forge: Forge) -> None:
+    state = forge.desired_state("device-1", 1, [V1])
+    payload = forge.desired_bytes(state, key=Forge().hub)  # another hub's key
+    out = on_desired(
+        Applied(records()), payload, "mqtt", hub_trust=forge.hub_trust, device_id="device-1", wall=AT
+    )
+    assert out.applied.record.applied_generation == 0 and out.applied.record.last_error
+    assert "refused" in out.applied.record.last_error
+    assert _dirty_of(out.effects) == Dirty(save=True, report=True)
+
+
+def test_a_new_target_resets_the_retry_timer_of_the_one_it_replaces(forge: Forge) -> None:
+    # finding 4: a new target (v3) must not wait out the retry timer of v2
+    service = ServiceRecord(name="good", since=AT, current=instance(V1), target=V2, state=T)
+    applied = Applied(records(service, generation=1), retry_at={"good": NOW + 55}, retry_attempts={"good": 3})
+    _, out = accept(forge, applied, 2, [V3])
+    assert dict(out.applied.retry_at) == {} and dict(out.applied.retry_attempts) == {}
+    same = Applied(records(service, generation=1), retry_at={"good": NOW + 55}, retry_attempts={"good": 3})
+    _, kept = accept(forge, same, 2, [V2])
+    assert dict(kept.applied.retry_at) == {"good": NOW + 55} and dict(kept.applied.retry_attempts) == {
+        "good": 3
+    }
+
+
+@pytest.mark.parametrize(
+    ("current", "previous_target", "new_target", "state"),
+    [
+        pytest.param(V1, V2, V1, H, id="reverted to the version that kept serving: Healthy again"),
+        pytest.param(V2, V2, V1, F, id="the serving version itself failed: stays Failed"),
+        pytest.param(V1, V2, V3, F,
+                     id="moved on to a third version: stays Failed until that one serves"),
+    ],
+)  # fmt: skip
+def test_back_to_the_serving_version_after_a_failed_release(
+    forge: Forge, current: ModuleAssignment, previous_target: ModuleAssignment, new_target: ModuleAssignment,
+    state: ServiceState,
+) -> None:  # fmt: skip
+    service = ServiceRecord(
+        name="good", since=AT - timedelta(hours=1), current=instance(current), target=previous_target,
+        state=F, reason="version 2 failed: crash loop",
+    )  # fmt: skip
+    _, out = accept(forge, Applied(records(service, generation=1)), 2, [new_target])
+    got = out.applied.record.services["good"]
+    assert got.state is state and got.target == new_target
+    assert (got.since == AT) is (state is not F)
+
+
+def test_new_endpoint_keys_for_the_running_version_are_rotated_without_a_restart(forge: Forge) -> None:
+    def keys(k: str) -> ModuleAssignment:
+        return V1.model_copy(
+            update={"settings": V1.settings.model_copy(update={"auth": EndpointAuth(key_sha256=[k * 64])})}
+        )
+
+    old, keyed = keys("a"), keys("b")
+    service = ServiceRecord(name="good", since=AT, current=instance(old), target=old)
+    _, out = accept(forge, Applied(records(service, generation=1)), 2, [keyed])
+    rotations = [e for e in out.effects if isinstance(e, RotateKeys)]
+    assert [(r.instance.id, r.auth) for r in rotations] == [("1-i", keyed.settings.auth)]
+    current = out.applied.record.services["good"].current
+    assert current is not None and current.assignment == keyed and current.id == "1-i"
+
+
+def _dirty_of(effects: tuple[object, ...]) -> Dirty:
+    flags = [e for e in effects if isinstance(e, Dirty)]
     return Dirty(
         save=any(d.save for d in flags), report=any(d.report for d in flags), plan=any(d.plan for d in flags)
     )
