@@ -21,9 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
-from edge_agent.backoff import full_jitter
 from edge_agent.cache.modules import InstalledModule, ModuleCache
 from edge_agent.download.module import Counters
 from edge_agent.health import Prober, ProbeResult, Watched
@@ -31,17 +29,14 @@ from edge_agent.reconcile import step as decide
 from edge_agent.reconcile.executor import (
     Event,
     Executor,
-    HttpDesired,
     OpDone,
-    OpProgress,
-    Retired,
     RunningOp,
     Stop,
 )
 from edge_agent.reconcile.garbage import collect, kept
 from edge_agent.reconcile.logs import answer_log_request
 from edge_agent.reconcile.operations import Control
-from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
+from edge_agent.reconcile.plan import Op
 from edge_agent.reconcile.step import DRAIN_S, STOP_GRACE_S, Health
 from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import Runtime
@@ -49,23 +44,20 @@ from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord
 from edge_agent.state.store import StateStore
 from edge_agent.uplink.certificates import EndpointCertificates
 from edge_agent.uplink.http import HubHttp
-from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage, MqttEvent
+from edge_agent.uplink.mqtt import DesiredMessage, MqttEvent
 from manifests.desired import (
     DesiredState,
     DesiredStateRefused,
-    ModuleAssignment,
     RuntimeKind,
     verify_desired,
 )
 from manifests.device import AgentConfig, DeviceCredentials
 from manifests.errors import EdgepackError
-from manifests.states import ServiceState
 
 log = logging.getLogger("edge_agent")
 
 __all__ = ["Event", "ReconcileLoop", "Stop", "advertised_host"]
 
-PROGRESS_REPORT_EVERY_S = 2.0
 #: reports go out at most this often (the hub allows 120 a minute, bursts of 30)
 REPORT_MIN_GAP_S = 0.5
 #: how often TLS services' certificates are checked for renewal
@@ -162,6 +154,12 @@ class ReconcileLoop:
             emit=self.events.put,
         )
         self._next_renewal_check = 0.0
+        self._context = decide.Context(
+            device_id=self.device_id,
+            hub_trust=credentials.hub_trust(),
+            restart=config.restart,
+            poll_interval_s=config.poll_interval_s,
+        )
 
     # --- public ------------------------------------------------------------------------------
 
@@ -304,359 +302,163 @@ class ReconcileLoop:
 
     # --- events ------------------------------------------------------------------------------
 
-    def _handle(self, event: Event) -> None:
-        match event:
-            case DesiredMessage(payload=payload, source=source):
-                self._on_desired(payload, source)
-            case Connected():
-                self.timers.next_poll = self.clock()  # a missed retained message must not matter
-                self._dirty_report = True
-            case Disconnected():
-                pass
-            case HttpDesired():
-                self._on_http(event)
-            case OpDone():
-                self._on_op_done(event)
-            case OpProgress():
-                self._on_progress(event)
-            case ProbeResult():
-                self._on_probe(event)
-            case LogRequestMessage(payload=payload):
-                self._on_log_request(payload)
-            case Retired(instance_id=instance_id):
-                retired = self.retiring.pop(instance_id, None)
-                self.health.pop(instance_id, None)
-                self._gc_needed = True
-                if instance_id in self.killing:
-                    self.killing.discard(instance_id)
-                    if retired is not None:
-                        self._settle(retired[0])
-            case Stop():
-                self._stopping = True
-
-    def _on_desired(self, payload: bytes, source: str) -> None:
-        before = decide.Applied(
-            self.record, self.desired, self.desired_bytes, self.timers.retry_at, self.timers.retry_attempts
-        )
-        out = decide.on_desired(
+    def _handle(self, event: Event | decide.SettleDue) -> None:
+        """One event through the pure step: look up what it needs, keep the new records,
+        carry out the effects."""
+        before = self._records()
+        records, effects = decide.step(
             before,
-            payload,
-            source,
-            hub_trust=self.credentials.hub_trust(),
-            device_id=self.device_id,
-            wall=datetime.now(UTC),
-        )
-        for effect in out.effects:
-            if isinstance(effect, decide.SaveDesired):
-                self.store.save_desired(effect.payload)  # saved before anything is done by it
-        applied = out.applied
-        self.record, self.desired, self.desired_bytes = applied.record, applied.desired, applied.payload
-        self.timers.retry_at, self.timers.retry_attempts = (
-            dict(applied.retry_at),
-            dict(applied.retry_attempts),
-        )
-        self._effects(out.effects)
-
-    def _on_http(self, event: HttpDesired) -> None:
-        self._poll_in_flight = False
-        if event.error is not None:
-            delay = full_jitter(self.timers.poll_attempts, self.rand(), cap_s=60.0)
-            self.timers.poll_attempts += 1
-            self.timers.next_poll = self.clock() + min(delay, self.config.poll_interval_s)
-            log.info("desired state over HTTP: %s; retrying in %.1fs", event.error, delay)
-            return
-        self.timers.poll_attempts = 0
-        self.timers.next_poll = self.clock() + self.config.poll_interval_s
-        fetch = event.fetch
-        if fetch is None:
-            return
-        self.etag = fetch.etag
-        if fetch.data is not None:
-            self._on_desired(fetch.data, "http")
-
-    def _on_progress(self, event: OpProgress) -> None:
-        op = self.ops.get(event.service)
-        if op is None or op.id != event.op_id:
-            return
-        service = self._service(event.service)
-        service.progress = event.progress
-        now = self.clock()
-        if now - self._last_progress_report.get(event.service, 0.0) >= PROGRESS_REPORT_EVERY_S:
-            self._last_progress_report[event.service] = now
-            self._dirty_report = True
-
-    # --- planning ----------------------------------------------------------------------------
-
-    def _wanted(self) -> dict[str, Wanted]:
-        out: dict[str, Wanted] = {}
-        if self.desired is None:
-            return out
-        now = self.clock()
-        for a in self.desired.modules:
-            key = assignment_key(a)
-            why: str | None = None
-            if a.settings.runtime is not None and a.settings.runtime not in self.runtimes:
-                enabled = ", ".join(sorted(self.runtimes)) or "none"
-                why = (
-                    f"runtime {a.settings.runtime} is not enabled on this device (enabled: {enabled}); "
-                    "enable it in agent.toml or deploy the service with another runtime"
-                )
-            else:
-                memo = self.timers.unschedulable.get(a.service)
-                if memo is not None and memo[0] == key and now < memo[2]:
-                    why = memo[1]
-            out[a.service] = Wanted(a, key, self._cached(a.manifest_digest), why)
-        return out
-
-    def _observed(self) -> dict[str, Observed]:
-        now = self.clock()
-        out: dict[str, Observed] = {}
-        for name, service in self.record.services.items():
-            current = service.current
-            op = self.ops.get(name)
-            restart_at = self.timers.restart_at.get(name)
-            fallback = next(
-                (a for a in (service.last_good, service.previous)
-                 if a is not None and assignment_key(a) not in service.failed),
-                None,
-            )  # fmt: skip
-            out[name] = Observed(
-                running_key=current.key if current else None,
-                running_alive=current is not None and self.health.get(current.id, Health()).alive,
-                fallback=fallback,
-                op=op.kind if op else None,
-                op_key=op.key if op else None,
-                failed_keys=frozenset(service.failed),
-                restart_due=restart_at is not None and now >= restart_at,
-            )
-        return out
-
-    def _replan(self) -> None:
-        now = self.clock()
-        for action in plan(self._wanted(), self._observed()):
-            name = action.service
-            match action.verdict:
-                case Verdict.RUN:
-                    if now < self.timers.retry_at.get(name, 0.0):
-                        continue  # backing off after a temporary failure
-                    assert action.op is not None
-                    self._dispatch(name, action.op, action.assignment)
-                case Verdict.CANCEL:
-                    op = self.ops[name]
-                    if not op.control.cancel.is_set():
-                        log.info("%s: cancelling %s (the desired state moved on)", name, op.kind)
-                        op.control.cancel.set()
-                case Verdict.REFUSE:
-                    why = self._serving_note(name, action.reason)
-                    self._set_status(name, ServiceState.UNSCHEDULABLE, why)
-                case Verdict.KEEP | Verdict.WAIT:
-                    service = self.record.services.get(name)
-                    desired = self.desired.modules if self.desired is not None else []
-                    wanted = any(m.service == name for m in desired)
-                    idle = service is not None and service.current is None and name not in self.ops
-                    if idle and not wanted:
-                        self._forget(name)
-
-    def _dispatch(self, name: str, op: Op, assignment: ModuleAssignment | None) -> None:
-        service = self._service(name)
-        restart = False
-        if op in (Op.START, Op.REPLACE) and assignment is not None:
-            restart = service.current is not None and service.current.key == assignment_key(assignment)
-            self.timers.restart_at.pop(name, None)
-        self._op_ids += 1
-        deadline = self.clock() + self.executor.deadline_of(op, assignment)
-        running = RunningOp(
-            id=self._op_ids,
-            kind=op,
-            key=assignment_key(assignment) if assignment else None,
-            assignment=assignment,
-            control=Control(deadline=deadline),
-            restart=restart,
-            replaces=service.current if op is Op.REPLACE else None,
-        )
-        target = f"version {assignment.version}" if assignment else ""
-        match op:
-            case Op.FETCH:
-                self._set_status(name, ServiceState.TRANSITIONING, f"downloading {target}")
-            case Op.START:
-                what = "restarting" if restart else "starting"
-                self._set_status(name, ServiceState.TRANSITIONING, f"{what} {target}", keep_failed=True)
-            case Op.REPLACE:
-                old = service.current
-                if restart:
-                    text = f"restarting {target} beside the running instance"
-                else:
-                    serving = old.version if old else "?"
-                    text = f"starting {target} beside version {serving}, which keeps serving"
-                self._set_status(name, ServiceState.TRANSITIONING, text, keep_failed=True)
-            case Op.STOP:
-                running.stops = tuple(i for i in (service.current, service.standby) if i is not None)
-        self.ops[name] = running
-        self.executor.run(name, running)
-
-    # --- operation results (loop thread) ------------------------------------------------------
-
-    def _on_op_done(self, event: OpDone) -> None:
-        running = self.ops.get(event.service)
-        if running is None or running.id != event.op_id:
-            return
-        del self.ops[event.service]
-        done = decide.Finished(
-            kind=running.kind,
-            key=running.key,
-            assignment=running.assignment,
-            restart=running.restart,
-            error=event.error,
-            result=event.result,
-        )
-        crashed = event.error is not None and running.kind in (Op.START, Op.REPLACE)
-        slot = self._slot(event.service, standby_check=crashed)
-        outcome = decide.on_op_done(
-            slot,
-            done,
-            restart=self.config.restart,
+            event,
+            ctx=self._context,
             now=self.clock(),
             wall=datetime.now(UTC),
             rand=self.rand(),
+            looked=self._look_up(before, event),
         )
-        self._apply(event.service, slot, outcome)
+        for effect in effects:
+            if isinstance(effect, decide.SaveDesired):
+                self.store.save_desired(effect.payload)  # saved before anything is done by it
+        self._keep(records)
+        self._effects(effects)
 
-    def _end_settle(self, name: str) -> None:
-        """The new version has been healthy for the settle time: the standby drains and stops."""
-        service = self.record.services.get(name)
-        if service is None or service.standby is None or service.current is None:
-            return
-        health = self.health.get(service.current.id, Health())
-        since = service.healthy_since
-        healthy_for = (datetime.now(UTC) - since).total_seconds() if since is not None else 0.0
-        settle_s = self.config.restart.settle_s
-        if not health.alive or health.misses or healthy_for < settle_s:
-            # Not settled yet (a probe missed since): look again once it may have. A crash
-            # restarts it, and the start arms the timer anew.
-            if health.alive:
-                self.timers.settle_at[name] = self.clock() + max(settle_s - healthy_for, 1.0)
-            return
-        standby, service.standby = service.standby, None
-        log.info("%s: version %s settled; stopping version %s",
-                 name, service.current.version, standby.version)  # fmt: skip
-        self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
-        self._dirty_save = True
+    def _on_desired(self, payload: bytes, source: str) -> None:
+        self._handle(DesiredMessage(payload, source))
 
-    def _serving_note(self, name: str, reason: str | None) -> str | None:
-        """``reason``, saying which version serves meanwhile when it is not the target."""
-        if name not in self.record.services:
-            return reason
-        return decide.serving_note(self._slot(name), reason)
+    def _look_up(self, records: decide.Records, event: Event | decide.SettleDue) -> decide.Looked:
+        """What the step needs to know of the runtimes for ``event``: the last log lines of an
+        instance that exited, whether the standby still runs when the new version failed."""
+        match event:
+            case ProbeResult(service=name, instance_id=instance_id, alive=alive, healthy=healthy):
+                service = records.agent.services.get(name)
+                if service is None or service.current is None or service.current.id != instance_id:
+                    return decide.Looked()
+                lines: list[str] = []
+                if not alive and records.health.get(instance_id, Health()).alive:
+                    lines = self._runtime_of(service.current).log_tail(service.current, 30)
+                failing = not alive or not healthy
+                return decide.Looked(tuple(lines), failing and self._standby_alive(records, name))
+            case OpDone(service=name, error=error):
+                running = self.ops.get(name)
+                crashed = error is not None and running is not None and running.kind in (Op.START, Op.REPLACE)
+                return decide.Looked(standby_alive=crashed and self._standby_alive(records, name))
+        return decide.Looked()
 
-    def _killing_for(self, name: str) -> bool:
-        return any(self.retiring[iid][0] == name for iid in self.killing if iid in self.retiring)
-
-    def _settle(self, name: str) -> None:
-        """The steady state of a service that no operation holds (after its last change)."""
-        if name in self.record.services:
-            slot = self._slot(name)
-            self._apply(name, slot, decide.settle(slot, datetime.now(UTC)))
-
-    # --- health ------------------------------------------------------------------------------
-
-    def _on_probe(self, result: ProbeResult) -> None:
-        service = self.record.services.get(result.service)
-        if service is None or service.current is None or service.current.id != result.instance_id:
-            return
-        health = self.health.setdefault(result.instance_id, Health())
-        failing = not result.alive or not result.healthy
-        lines: list[str] = []
-        if not result.alive and health.alive:
-            lines = self._runtime_of(service.current).log_tail(service.current, 30)
-        slot = self._slot(result.service, standby_check=failing)
-        self._apply(
-            result.service,
-            slot,
-            decide.on_probe(
-                slot,
-                result,
-                log_lines=lines,
-                restart=self.config.restart,
-                now=self.clock(),
-                wall=datetime.now(UTC),
-                rand=self.rand(),
-            ),
-        )
-
-    def _slot(self, name: str, *, standby_check: bool = False) -> decide.Slot:
-        """What the pure decisions see of service ``name`` (``standby_check``: ask the runtime
-        whether the standby still runs, for a decision that may hand back to it)."""
-        service = self._service(name)
-        current, standby = service.current, service.standby
-        standby_alive = (
-            standby_check
-            and standby is not None
-            and self.health.get(standby.id, Health()).alive
+    def _standby_alive(self, records: decide.Records, name: str) -> bool:
+        service = records.agent.services.get(name)
+        standby = service.standby if service is not None else None
+        return (
+            standby is not None
+            and records.health.get(standby.id, Health()).alive
             and self._runtime_of(standby).liveness(standby).alive
         )
-        return decide.Slot(
-            service=service,
-            health=self.health.get(current.id, Health()) if current is not None else Health(),
-            standby_alive=standby_alive,
-            restart_at=self.timers.restart_at.get(name),
-            settle_at=self.timers.settle_at.get(name),
-            busy=name in self.ops,
-            killing=self._killing_for(name),
-            retry_at=self.timers.retry_at.get(name),
-            retry_attempts=self.timers.retry_attempts.get(name, 0),
-            unschedulable=self.timers.unschedulable.get(name),
+
+    def _records(self) -> decide.Records:
+        """The loop's records, frozen, for one step."""
+        return decide.Records(
+            agent=self.record,
+            desired=self.desired,
+            payload=self.desired_bytes,
+            health=dict(self.health),
+            ops={
+                name: decide.OpView(op.id, op.kind, op.key, op.assignment, op.restart)
+                for name, op in self.ops.items()
+            },
+            retiring=dict(self.retiring),
+            killing=frozenset(self.killing),
+            restart_at=dict(self.timers.restart_at),
+            retry_at=dict(self.timers.retry_at),
+            retry_attempts=dict(self.timers.retry_attempts),
+            unschedulable=dict(self.timers.unschedulable),
+            settle_at=dict(self.timers.settle_at),
+            next_poll=self.timers.next_poll,
+            poll_attempts=self.timers.poll_attempts,
+            poll_in_flight=self._poll_in_flight,
+            etag=self.etag,
+            progress_reported=dict(self._last_progress_report),
+            next_op_id=self._op_ids,
         )
 
-    def _apply(self, name: str, before: decide.Slot, outcome: decide.Outcome) -> None:
-        """Keep what a decision returned and carry out its effects."""
-        slot = outcome.slot
-        self.record.services[name] = slot.service
-        current = slot.service.current
-        if current is not None and (
-            current.id in self.health
-            or slot.health != before.health
-            or before.service.current is None
-            or before.service.current.id != current.id
-        ):
-            self.health[current.id] = slot.health
-        timers: tuple[tuple[dict[str, Any], Any], ...] = (
-            (self.timers.restart_at, slot.restart_at),
-            (self.timers.settle_at, slot.settle_at),
-            (self.timers.retry_at, slot.retry_at),
-            (self.timers.retry_attempts, slot.retry_attempts or None),
-            (self.timers.unschedulable, slot.unschedulable),
-        )
-        for timer, value in timers:
-            if value is None:
-                timer.pop(name, None)
-            else:
-                timer[name] = value
-        self._effects(outcome.effects)
+    def _keep(self, records: decide.Records) -> None:
+        """Take the records a step returned as the loop's own."""
+        self.record, self.desired, self.desired_bytes = records.agent, records.desired, records.payload
+        self.health = dict(records.health)
+        for name in [name for name in self.ops if name not in records.ops]:
+            del self.ops[name]
+        self.retiring = dict(records.retiring)
+        self.killing = set(records.killing)
+        self.timers.restart_at = dict(records.restart_at)
+        self.timers.retry_at = dict(records.retry_at)
+        self.timers.retry_attempts = dict(records.retry_attempts)
+        self.timers.unschedulable = dict(records.unschedulable)
+        self.timers.settle_at = dict(records.settle_at)
+        self.timers.next_poll, self.timers.poll_attempts = records.next_poll, records.poll_attempts
+        self._poll_in_flight, self.etag = records.poll_in_flight, records.etag
+        self._last_progress_report = dict(records.progress_reported)
+        self._op_ids = records.next_op_id
 
-    def _effects(self, effects: tuple[decide.Effect, ...]) -> None:
-        """Carry out what the decisions asked for (a saved desired state is saved already)."""
+    # --- planning ----------------------------------------------------------------------------
+
+    def _replan(self) -> None:
+        modules = self.desired.modules if self.desired is not None else []
+        cached = {a.manifest_digest: self._cached(a.manifest_digest) for a in modules}
+        records, effects = decide.replan(
+            self._records(),
+            cached=cached,
+            runtimes=frozenset(self.runtimes),
+            now=self.clock(),
+            wall=datetime.now(UTC),
+        )
+        self._keep(records)
+        self._effects(effects)
+
+    def _effects(self, effects: tuple[decide.Action, ...]) -> None:
+        """Carry out what a step asked for (its records are kept already; a desired state's
+        bytes are saved already)."""
         for effect in effects:
             match effect:
                 case decide.Dirty(save=save, report=report, plan=plan_again):
                     self._dirty_save |= save
                     self._dirty_report |= report
                     self._dirty_plan |= plan_again
-                case decide.Retire(service=name, instance=instance, grace_s=grace_s, kill=kill):
-                    if kill:
-                        self.killing.add(instance.id)
-                    self._retire(name, instance, grace_s=grace_s)
+                case decide.Retire(service=name, instance=instance, grace_s=grace_s):
+                    self.executor.retire(name, instance, grace_s=grace_s)
                 case decide.Watch():
                     self._watch()
                 case decide.Say(level=level, text=text, error=error):
                     log.log(level, "%s", text, exc_info=error)
                 case decide.Forget(service=name):
-                    self._forget(name)
+                    self._watch()
+                    self._gc_needed = True
+                    log.info("%s removed", name)
                 case decide.Installed(module=module):
                     self.installed[module.manifest_digest] = module
                 case decide.Collect():
                     self._gc_needed = True
                 case decide.RotateKeys(instance=instance, auth=auth):
                     self._runtime_of(instance).update_endpoint(instance, auth, None)
+                case decide.AnswerLogs(payload=payload):
+                    self._on_log_request(payload)
+                case decide.Halt():
+                    self._stopping = True
+                case decide.Dispatch(service=name, op=op, replaces=replaces, stops=stops):
+                    deadline = self.clock() + self.executor.deadline_of(op.kind, op.assignment)
+                    running = RunningOp(
+                        id=op.id,
+                        kind=op.kind,
+                        key=op.key,
+                        assignment=op.assignment,
+                        control=Control(deadline=deadline),
+                        restart=op.restart,
+                        replaces=replaces,
+                        stops=stops,
+                    )
+                    self.ops[name] = running
+                    self.executor.run(name, running)
+                case decide.Cancel(service=name):
+                    running_op = self.ops.get(name)
+                    if running_op is not None and not running_op.control.cancel.is_set():
+                        log.info("%s: cancelling %s (the desired state moved on)", name, running_op.kind)
+                        running_op.control.cancel.set()
                 case decide.SaveDesired():
                     pass
 
@@ -698,7 +500,7 @@ class ReconcileLoop:
         for name, at in list(self.timers.settle_at.items()):
             if now >= at:
                 del self.timers.settle_at[name]
-                self._end_settle(name)
+                self._handle(decide.SettleDue(name))
         for name, (_, _, until) in list(self.timers.unschedulable.items()):
             if now >= until:
                 del self.timers.unschedulable[name]
@@ -726,40 +528,6 @@ class ReconcileLoop:
             service = ServiceRecord(name=name, since=datetime.now(UTC))
             self.record.services[name] = service
         return service
-
-    def _set_status(
-        self, name: str, state: ServiceState, reason: str | None, *, keep_failed: bool = False
-    ) -> None:
-        service = self._service(name)
-        if keep_failed and service.state is ServiceState.FAILED and service.target is not None:
-            target_key = assignment_key(service.target)
-            if target_key in service.failed:
-                return  # a rollback restart must not hide why the wanted version failed
-        if service.state is not state:
-            service.since = datetime.now(UTC)
-            log.info("%s is %s%s", name, state.value, f": {reason}" if reason else "")
-        service.state = state
-        service.reason = reason
-        self._dirty_save = self._dirty_report = True
-
-    def _forget(self, name: str) -> None:
-        service = self.record.services.pop(name, None)
-        self.timers.restart_at.pop(name, None)
-        self.timers.retry_at.pop(name, None)
-        self.timers.unschedulable.pop(name, None)
-        self.timers.settle_at.pop(name, None)
-        if service is not None and service.current is not None:
-            self.health.pop(service.current.id, None)
-        self._watch()
-        self._gc_needed = True
-        log.info("%s removed", name)
-
-    def _retire(self, name: str, instance: InstanceRecord, *, grace_s: float) -> None:
-        """Stop an instance that no longer serves (it drains first), in the background."""
-        self.retiring[instance.id] = (name, instance)
-        self.health.pop(instance.id, None)
-
-        self.executor.retire(name, instance, grace_s=grace_s)
 
     def _runtime_of(self, instance: InstanceRecord) -> Runtime:
         return self.runtimes[instance.runtime]

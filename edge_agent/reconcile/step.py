@@ -16,16 +16,19 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from edge_agent.backoff import RestartBackoff, full_jitter
 from edge_agent.cache.modules import InstalledModule
 from edge_agent.download.module import Cancelled
 from edge_agent.health import ProbeResult
-from edge_agent.reconcile.plan import Op, assignment_key
+from edge_agent.reconcile.events import Event, HttpDesired, OpDone, OpProgress, Retired, Stop
+from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
 from edge_agent.reconcile.steady import steady_state
 from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure, log_tail_reason
 from edge_agent.reconcile.supervise import Verdict as FailureKind
 from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
+from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage
 from manifests.desired import (
     DesiredRefusal,
     DesiredState,
@@ -655,3 +658,472 @@ def rotate_keys(service: ServiceRecord, assignment: ModuleAssignment) -> tuple[S
         RotateKeys(service.name, current, assignment.settings.auth),
         Say(logging.INFO, f"{service.name}: endpoint keys rotated"),
     ]
+
+
+# --- one step over all the records ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpView:
+    """An operation under way, as the decisions see it (its thread and controls are the loop's)."""
+
+    id: int
+    kind: Op
+    key: str | None
+    assignment: ModuleAssignment | None
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class Records:
+    """Everything the agent's decisions read and change, frozen: its persisted record, the
+    applied desired state, the health of serving instances, the operations under way, the
+    instances being retired (and which of them are killed), the per-service timers and the
+    poll's."""
+
+    agent: AgentRecord
+    desired: DesiredState | None = None
+    payload: bytes | None = None
+    health: Mapping[str, Health] = field(default_factory=dict)
+    ops: Mapping[str, OpView] = field(default_factory=dict)
+    retiring: Mapping[str, tuple[str, InstanceRecord]] = field(default_factory=dict)
+    killing: frozenset[str] = frozenset()
+    restart_at: Mapping[str, float] = field(default_factory=dict)
+    retry_at: Mapping[str, float] = field(default_factory=dict)
+    retry_attempts: Mapping[str, int] = field(default_factory=dict)
+    unschedulable: Mapping[str, tuple[str, str, float]] = field(default_factory=dict)
+    settle_at: Mapping[str, float] = field(default_factory=dict)
+    next_poll: float = 0.0
+    poll_attempts: int = 0
+    poll_in_flight: bool = False
+    etag: str | None = None
+    progress_reported: Mapping[str, float] = field(default_factory=dict)
+    next_op_id: int = 0
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the decisions need of the agent's settings and credentials."""
+
+    device_id: str
+    hub_trust: TrustStore
+    restart: RestartSettings = field(default_factory=RestartSettings)
+    poll_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Looked:
+    """What the loop looked up for an event before the step (the step reads no runtime):
+    the exited instance's last log lines, and whether the standby still runs."""
+
+    log_lines: tuple[str, ...] = ()
+    standby_alive: bool = False
+
+
+@dataclass(frozen=True)
+class SettleDue:
+    """The settle timer of a service ran out: its standby may stop."""
+
+    service: str
+
+
+@dataclass(frozen=True)
+class AnswerLogs:
+    """A log request arrived: it is answered from the runtimes (the loop's side)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Halt:
+    """Stop the loop."""
+
+
+#: a download's progress is reported at most this often
+PROGRESS_REPORT_EVERY_S = 2.0
+
+
+def slot_of(records: Records, name: str, *, looked: Looked = Looked(), wall: datetime) -> Slot:
+    """What the per-service decisions see of service ``name`` (a new record if it has none)."""
+    service = records.agent.services.get(name) or ServiceRecord(name=name, since=wall)
+    current = service.current
+    return Slot(
+        service=service,
+        health=records.health.get(current.id, Health()) if current is not None else Health(),
+        standby_alive=looked.standby_alive,
+        restart_at=records.restart_at.get(name),
+        settle_at=records.settle_at.get(name),
+        busy=name in records.ops,
+        killing=any(records.retiring[iid][0] == name for iid in records.killing if iid in records.retiring),
+        retry_at=records.retry_at.get(name),
+        retry_attempts=records.retry_attempts.get(name, 0),
+        unschedulable=records.unschedulable.get(name),
+    )
+
+
+def _put(mapping: Mapping[str, Any], name: str, value: Any) -> dict[str, Any]:
+    out = dict(mapping)
+    if value is None:
+        out.pop(name, None)
+    else:
+        out[name] = value
+    return out
+
+
+def merge(records: Records, name: str, before: Slot, outcome: Outcome, *, keep_health: bool = False) -> Step:
+    """The records with a per-service decision's slot in them, and the retirements and
+    removals it asked for applied (the effects still go out: the executor stops the instance)."""
+    slot = outcome.slot
+    services = {**records.agent.services, name: slot.service}
+    health = dict(records.health)
+    current = slot.service.current
+    if current is not None and (
+        keep_health
+        or current.id in health
+        or slot.health != before.health
+        or before.service.current is None
+        or before.service.current.id != current.id
+    ):
+        health[current.id] = slot.health
+    retiring, killing = dict(records.retiring), set(records.killing)
+    records = replace(
+        records,
+        restart_at=_put(records.restart_at, name, slot.restart_at),
+        settle_at=_put(records.settle_at, name, slot.settle_at),
+        retry_at=_put(records.retry_at, name, slot.retry_at),
+        retry_attempts=_put(records.retry_attempts, name, slot.retry_attempts or None),
+        unschedulable=_put(records.unschedulable, name, slot.unschedulable),
+    )
+    for effect in outcome.effects:
+        match effect:
+            case Retire(service=service_name, instance=instance, kill=kill):
+                retiring[instance.id] = (service_name, instance)
+                health.pop(instance.id, None)
+                if kill:
+                    killing.add(instance.id)
+            case Forget(service=gone):
+                dropped = services.pop(gone, None)
+                records = replace(
+                    records,
+                    restart_at=_put(records.restart_at, gone, None),
+                    retry_at=_put(records.retry_at, gone, None),
+                    unschedulable=_put(records.unschedulable, gone, None),
+                    settle_at=_put(records.settle_at, gone, None),
+                )
+                if dropped is not None and dropped.current is not None:
+                    health.pop(dropped.current.id, None)
+    agent = records.agent.model_copy(update={"services": services})
+    records = replace(records, agent=agent, health=health, retiring=retiring, killing=frozenset(killing))
+    return records, outcome.effects
+
+
+def end_settle(slot: Slot, *, settle_s: float, now: float, wall: datetime) -> Outcome:
+    """The settle timer ran out: the new version has been healthy for the settle time, and the
+    standby drains and stops; or not yet (a probe missed since), and the timer is set again."""
+    service = slot.service
+    current, standby = service.current, service.standby
+    if standby is None or current is None:
+        return Outcome(slot)
+    healthy_for = _healthy_for(service, wall)
+    if not slot.health.alive or slot.health.misses or healthy_for < settle_s:
+        # Not settled yet: look again once it may have. A crash restarts it, and the start
+        # arms the timer anew.
+        if slot.health.alive:
+            return Outcome(replace(slot, settle_at=now + max(settle_s - healthy_for, 1.0)))
+        return Outcome(slot)
+    text = f"{service.name}: version {current.version} settled; stopping version {standby.version}"
+    return Outcome(
+        replace(slot, service=service.model_copy(update={"standby": None})),
+        (Say(logging.INFO, text), Retire(service.name, standby, STOP_GRACE_S + DRAIN_S), Dirty(save=True)),
+    )
+
+
+def step(
+    records: Records,
+    event: Event | SettleDue,
+    *,
+    ctx: Context,
+    now: float,
+    wall: datetime,
+    rand: float,
+    looked: Looked = Looked(),
+) -> Step:
+    """What one event does to the records, and what it asks of the world (pure).
+
+    ``now`` is the monotonic clock (timers), ``wall`` the UTC time (records), ``rand`` a
+    uniform draw for backoff jitter, ``looked`` what the loop looked up for this event.
+    """
+    match event:
+        case DesiredMessage(payload=payload, source=source):
+            return _desired(records, payload, source, ctx=ctx, wall=wall)
+        case Connected():
+            # A missed retained message must not matter: poll at once.
+            return replace(records, next_poll=now), (Dirty(report=True),)
+        case Disconnected():
+            return records, ()
+        case HttpDesired(fetch=fetch, error=error):
+            records = replace(records, poll_in_flight=False)
+            if error is not None:
+                delay = full_jitter(records.poll_attempts, rand, cap_s=60.0)
+                text = f"desired state over HTTP: {error}; retrying in {delay:.1f}s"
+                return replace(
+                    records,
+                    poll_attempts=records.poll_attempts + 1,
+                    next_poll=now + min(delay, ctx.poll_interval_s),
+                ), (Say(logging.INFO, text),)
+            records = replace(records, poll_attempts=0, next_poll=now + ctx.poll_interval_s)
+            if fetch is None:
+                return records, ()
+            records = replace(records, etag=fetch.etag)
+            if fetch.data is None:
+                return records, ()
+            return _desired(records, fetch.data, "http", ctx=ctx, wall=wall)
+        case OpDone(service=name, op_id=op_id, result=result, error=error):
+            running = records.ops.get(name)
+            if running is None or running.id != op_id:
+                return records, ()
+            records = replace(records, ops={n: o for n, o in records.ops.items() if n != name})
+            done = Finished(running.kind, running.key, running.assignment, running.restart, error, result)
+            slot = slot_of(records, name, looked=looked, wall=wall)
+            out = on_op_done(slot, done, restart=ctx.restart, now=now, wall=wall, rand=rand)
+            return merge(records, name, slot, out)
+        case OpProgress(service=name, op_id=op_id, progress=progress):
+            running = records.ops.get(name)
+            if running is None or running.id != op_id:
+                return records, ()
+            service = records.agent.services.get(name) or ServiceRecord(name=name, since=wall)
+            services = {**records.agent.services, name: service.model_copy(update={"progress": progress})}
+            records = replace(records, agent=records.agent.model_copy(update={"services": services}))
+            if now - records.progress_reported.get(name, 0.0) < PROGRESS_REPORT_EVERY_S:
+                return records, ()
+            return replace(records, progress_reported={**records.progress_reported, name: now}), (
+                Dirty(report=True),
+            )
+        case ProbeResult(service=name, instance_id=instance_id):
+            probed = records.agent.services.get(name)
+            if probed is None or probed.current is None or probed.current.id != instance_id:
+                return records, ()  # an instance that no longer serves
+            slot = slot_of(records, name, looked=looked, wall=wall)
+            out = on_probe(
+                slot,
+                event,
+                log_lines=list(looked.log_lines),
+                restart=ctx.restart,
+                now=now,
+                wall=wall,
+                rand=rand,
+            )
+            return merge(records, name, slot, out, keep_health=True)
+        case LogRequestMessage(payload=payload):
+            return records, (AnswerLogs(payload),)
+        case Retired(instance_id=instance_id):
+            retired = records.retiring.get(instance_id)
+            health = {i: h for i, h in records.health.items() if i != instance_id}
+            killed = instance_id in records.killing
+            records = replace(
+                records,
+                retiring={i: r for i, r in records.retiring.items() if i != instance_id},
+                health=health,
+                killing=records.killing - {instance_id},
+            )
+            effects: tuple[Action, ...] = (Collect(),)
+            if not killed or retired is None or retired[0] not in records.agent.services:
+                return records, effects
+            # Its successor is Healthy once the instance that stopped answering is gone.
+            slot = slot_of(records, retired[0], wall=wall)
+            records, settled = merge(records, retired[0], slot, settle(slot, wall))
+            return records, (*effects, *settled)
+        case SettleDue(service=name):
+            if name not in records.agent.services:
+                return records, ()
+            slot = slot_of(records, name, wall=wall)
+            return merge(
+                records, name, slot, end_settle(slot, settle_s=ctx.restart.settle_s, now=now, wall=wall)
+            )
+        case Stop():
+            return records, (Halt(),)
+    raise TypeError(f"no step for {type(event).__name__}")  # pragma: no cover
+
+
+def _desired(records: Records, payload: bytes, source: str, *, ctx: Context, wall: datetime) -> Step:
+    before = Applied(
+        records.agent, records.desired, records.payload, records.retry_at, records.retry_attempts
+    )
+    out = on_desired(before, payload, source, hub_trust=ctx.hub_trust, device_id=ctx.device_id, wall=wall)
+    applied = out.applied
+    records = replace(
+        records,
+        agent=applied.record,
+        desired=applied.desired,
+        payload=applied.payload,
+        retry_at=applied.retry_at,
+        retry_attempts=applied.retry_attempts,
+    )
+    return records, out.effects
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run operation ``op`` for a service (``replaces``: the instance a Replace takes over
+    from; ``stops``: what a Stop stops)."""
+
+    service: str
+    op: OpView
+    replaces: InstanceRecord | None = None
+    stops: tuple[InstanceRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The desired state moved on: the service's operation stops at its next safe point."""
+
+    service: str
+
+
+def wanted_of(
+    records: Records, *, cached: Mapping[str, bool], runtimes: frozenset[str], now: float
+) -> dict[str, Wanted]:
+    """The services the desired state asks for, with what the device knows of them (``cached``:
+    manifest digest -> whether its verified module is complete in the cache)."""
+    out: dict[str, Wanted] = {}
+    if records.desired is None:
+        return out
+    for a in records.desired.modules:
+        key = assignment_key(a)
+        why: str | None = None
+        if a.settings.runtime is not None and a.settings.runtime not in runtimes:
+            enabled = ", ".join(sorted(runtimes)) or "none"
+            why = (
+                f"runtime {a.settings.runtime} is not enabled on this device (enabled: {enabled}); "
+                "enable it in agent.toml or deploy the service with another runtime"
+            )
+        else:
+            memo = records.unschedulable.get(a.service)
+            if memo is not None and memo[0] == key and now < memo[2]:
+                why = memo[1]
+        out[a.service] = Wanted(a, key, cached.get(a.manifest_digest, False), why)
+    return out
+
+
+def observed_of(records: Records, *, now: float) -> dict[str, Observed]:
+    """The services as they are on the device."""
+    out: dict[str, Observed] = {}
+    for name, service in records.agent.services.items():
+        current = service.current
+        op = records.ops.get(name)
+        restart_at = records.restart_at.get(name)
+        fallback = next(
+            (a for a in (service.last_good, service.previous)
+             if a is not None and assignment_key(a) not in service.failed),
+            None,
+        )  # fmt: skip
+        out[name] = Observed(
+            running_key=current.key if current else None,
+            running_alive=current is not None and records.health.get(current.id, Health()).alive,
+            fallback=fallback,
+            op=op.kind if op else None,
+            op_key=op.key if op else None,
+            failed_keys=frozenset(service.failed),
+            restart_due=restart_at is not None and now >= restart_at,
+        )
+    return out
+
+
+def replan(
+    records: Records, *, cached: Mapping[str, bool], runtimes: frozenset[str], now: float, wall: datetime
+) -> Step:
+    """The planner's verdicts for every service, as records and effects: operations to run
+    (unless a retry timer holds them back), to cancel, services to refuse, and services that
+    nothing runs and nothing wants, forgotten."""
+    effects: list[Action] = []
+    wanted = wanted_of(records, cached=cached, runtimes=runtimes, now=now)
+    for action in plan(wanted, observed_of(records, now=now)):
+        name = action.service
+        match action.verdict:
+            case Verdict.RUN:
+                if now < records.retry_at.get(name, 0.0):
+                    continue  # backing off after a temporary failure
+                assert action.op is not None
+                records, dispatched = _dispatch(records, name, action.op, action.assignment, wall=wall)
+                effects += dispatched
+            case Verdict.CANCEL:
+                effects.append(Cancel(name))
+            case Verdict.REFUSE:
+                slot = slot_of(records, name, wall=wall)
+                note = serving_note(slot, action.reason) if name in records.agent.services else action.reason
+                service, said = _status(slot.service, ServiceState.UNSCHEDULABLE, note, wall)
+                records = _with_service(records, service)
+                effects += said
+            case Verdict.KEEP | Verdict.WAIT:
+                existing = records.agent.services.get(name)
+                idle = existing is not None and existing.current is None and name not in records.ops
+                if idle and name not in wanted:
+                    slot = slot_of(records, name, wall=wall)
+                    records, forgotten = merge(records, name, slot, Outcome(slot, (Forget(name),)))
+                    effects += forgotten
+    return records, tuple(effects)
+
+
+def _with_service(records: Records, service: ServiceRecord) -> Records:
+    services = {**records.agent.services, service.name: service}
+    return replace(records, agent=records.agent.model_copy(update={"services": services}))
+
+
+def _dispatch(
+    records: Records, name: str, op: Op, assignment: ModuleAssignment | None, *, wall: datetime
+) -> Step:
+    """An operation starts for service ``name``: it holds the service, which says what it does."""
+    service = records.agent.services.get(name) or ServiceRecord(name=name, since=wall)
+    restart = False
+    restart_at = records.restart_at
+    if op in (Op.START, Op.REPLACE) and assignment is not None:
+        restart = service.current is not None and service.current.key == assignment_key(assignment)
+        restart_at = _put(restart_at, name, None)
+    view = OpView(
+        records.next_op_id + 1, op, assignment_key(assignment) if assignment else None, assignment, restart
+    )
+    target = f"version {assignment.version}" if assignment else ""
+    said: list[Effect] = []
+    stops: tuple[InstanceRecord, ...] = ()
+    text: str | None = None
+    match op:
+        case Op.FETCH:
+            service, said = _status(service, ServiceState.TRANSITIONING, f"downloading {target}", wall)
+        case Op.START:
+            text = f"{'restarting' if restart else 'starting'} {target}"
+        case Op.REPLACE:
+            if restart:
+                text = f"restarting {target} beside the running instance"
+            else:
+                serving = service.current.version if service.current else "?"
+                text = f"starting {target} beside version {serving}, which keeps serving"
+        case Op.STOP:
+            stops = tuple(i for i in (service.current, service.standby) if i is not None)
+    if text is not None and not _hides_failure(service):
+        service, said = _status(service, ServiceState.TRANSITIONING, text, wall)
+    records = replace(
+        _with_service(records, service),
+        restart_at=restart_at,
+        ops={**records.ops, name: view},
+        next_op_id=view.id,
+    )
+    replaces = service.current if op is Op.REPLACE else None
+    return records, (*said, Dispatch(name, view, replaces, stops))
+
+
+def _hides_failure(service: ServiceRecord) -> bool:
+    """A rollback restart must not hide why the wanted version failed."""
+    target = service.target
+    return (
+        service.state is ServiceState.FAILED
+        and target is not None
+        and assignment_key(target) in service.failed
+    )
+
+
+#: everything a step may ask of the world
+Action = Effect | AnswerLogs | Halt | Dispatch | Cancel
+Step = tuple[Records, tuple[Action, ...]]

@@ -12,30 +12,46 @@ import pytest
 from edge_agent.cache.modules import InstalledModule
 from edge_agent.download.module import Cancelled
 from edge_agent.health import ProbeResult
+from edge_agent.reconcile.events import HttpDesired, OpDone, OpProgress, Retired, Stop
 from edge_agent.reconcile.plan import Op, assignment_key
 from edge_agent.reconcile.step import (
     Acceptance,
+    AnswerLogs,
     Applied,
+    Cancel,
     Collect,
+    Context,
     Dirty,
+    Dispatch,
     Finished,
     Forget,
+    Halt,
     Health,
     Installed,
+    Looked,
+    OpView,
     Outcome,
+    Records,
     Retire,
     RotateKeys,
     SaveDesired,
+    Say,
+    SettleDue,
     Slot,
     Watch,
     on_desired,
     on_op_done,
     on_probe,
+    replan,
+    step,
 )
 from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
+from edge_agent.uplink.http import DesiredFetch
+from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage
 from manifests.desired import DeploymentSettings, EndpointAuth, ModuleAssignment, RestartPolicy, RuntimeKind
 from manifests.device import RestartSettings
 from manifests.errors import HubUnavailable, ModuleStartFailure, Unschedulable
+from manifests.reported import Progress
 from manifests.states import ServiceState
 from tests.factory import Forge
 
@@ -504,3 +520,205 @@ def _dirty_of(effects: tuple[object, ...]) -> Dirty:
     return Dirty(
         save=any(d.save for d in flags), report=any(d.report for d in flags), plan=any(d.plan for d in flags)
     )
+
+
+# --- one step over all the records, for every event type ---------------------------------------------
+
+
+def ctx(forge: Forge) -> Context:
+    return Context(device_id="device-1", hub_trust=forge.hub_trust, restart=SETTLE, poll_interval_s=60.0)
+
+
+def serving(a: ModuleAssignment = V1, **fields: object) -> Records:
+    """Records of a device where service ``good`` runs ``a`` healthily, as its target."""
+    service = ServiceRecord(name="good", since=AT, current=instance(a), last_good=a, target=a, state=H,
+                            healthy_since=AT - timedelta(seconds=5))  # fmt: skip
+    base = Records(agent=records(service, generation=1), health={instance(a).id: Health()})
+    return replace(base, **fields)  # type: ignore[arg-type]
+
+
+def stepped(
+    forge: Forge, before: Records, event: object, looked: Looked = Looked()
+) -> tuple[Records, tuple[object, ...]]:
+    return step(before, event, ctx=ctx(forge), now=NOW, wall=AT, rand=0.5, looked=looked)  # type: ignore[arg-type]
+
+
+FETCH_V2 = OpView(7, Op.FETCH, assignment_key(V2), V2)
+
+
+def test_step_a_desired_state_over_mqtt_sets_the_targets_and_is_saved(forge: Forge) -> None:
+    payload = forge.desired_bytes(forge.desired_state("device-1", 2, [V2]))
+    after, effects = stepped(forge, serving(), DesiredMessage(payload))
+    assert after.agent.services["good"].target == V2 and after.payload == payload
+    assert after.agent.applied_generation == 2 and SaveDesired(payload) in effects
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        pytest.param(Connected(session_present=False), {"next_poll": NOW}, id="connected: poll at once"),
+        pytest.param(Disconnected(reason="broker gone"), {}, id="disconnected: nothing changes"),
+        pytest.param(HttpDesired(fetch=None, error=HubUnavailable("503")),
+                     {"poll_attempts": 4, "next_poll": NOW + 4.0, "poll_in_flight": False},
+                     id="poll failed: polled again after a jittered backoff"),
+        pytest.param(HttpDesired(fetch=DesiredFetch(data=None, etag='"g1"')),
+                     {"poll_attempts": 0, "next_poll": NOW + 60.0, "etag": '"g1"', "poll_in_flight": False},
+                     id="poll answered 304: the next poll after the interval, the etag kept"),
+    ],
+)  # fmt: skip
+def test_step_connection_and_poll_events(forge: Forge, event: object, expected: dict[str, object]) -> None:
+    before = serving(poll_attempts=3, poll_in_flight=True)
+    after, effects = stepped(forge, before, event)
+    assert after == replace(before, **expected)  # type: ignore[arg-type]
+    assert all(isinstance(e, Dirty | Say) for e in effects)
+
+
+def test_step_a_poll_with_a_new_state_is_taken_as_a_desired_state_over_http(forge: Forge) -> None:
+    payload = forge.desired_bytes(forge.desired_state("device-1", 2, [V2]))
+    after, effects = stepped(forge, serving(), HttpDesired(fetch=DesiredFetch(data=payload, etag='"g2"')))
+    assert after.agent.services["good"].target == V2 and after.etag == '"g2"'
+    assert SaveDesired(payload) in effects
+
+
+def test_step_operation_done_ends_the_operation_and_applies_its_result(forge: Forge) -> None:
+    before = serving(ops={"good": FETCH_V2})
+    stale, effects = stepped(forge, before, OpDone("good", 6, result=MODULE))
+    assert (stale, effects) == (before, ())
+    after, effects = stepped(forge, before, OpDone("good", 7, result=MODULE))
+    assert "good" not in after.ops and Installed(MODULE) in effects
+
+
+def test_step_progress_is_kept_and_reported_at_most_every_two_seconds(forge: Forge) -> None:
+    before = serving(ops={"good": FETCH_V2})
+    progress = Progress(phase="download", done_bytes=10, total_bytes=100)
+    after, effects = stepped(forge, before, OpProgress("good", 7, progress))
+    assert after.agent.services["good"].progress == progress and Dirty(report=True) in effects
+    _, effects = stepped(forge, after, OpProgress("good", 7, progress))
+    assert effects == ()
+    stale, effects = stepped(forge, before, OpProgress("good", 6, progress))
+    assert (stale, effects) == (before, ())
+
+
+def test_step_a_probe_of_an_exited_instance_schedules_its_restart(forge: Forge) -> None:
+    after, effects = stepped(forge, serving(), probe(alive=False, code=1, iid="1-i"), Looked(tuple(BOOM)))
+    assert after.health["1-i"] == Health(alive=False) and after.restart_at == {"good": NOW + 1.0}
+    assert after.agent.services["good"].state is U and Dirty(plan=True) in effects
+    ignored, effects = stepped(forge, serving(), probe(alive=False, iid="0-old"))
+    assert (ignored, effects) == (serving(), ())
+
+
+def test_step_a_log_request_is_answered_and_stop_halts(forge: Forge) -> None:
+    assert stepped(forge, serving(), LogRequestMessage(b"{}")) == (serving(), (AnswerLogs(b"{}"),))
+    assert stepped(forge, serving(), Stop()) == (serving(), (Halt(),))
+
+
+def test_step_retired_instances_are_forgotten_and_a_killed_ones_successor_is_healthy(forge: Forge) -> None:
+    old = instance(V1, "old")
+    drained = serving(retiring={"1-old": ("good", old)}, health={"1-i": Health(), "1-old": Health()})
+    after, effects = stepped(forge, drained, Retired("1-old"))
+    assert after.retiring == {} and "1-old" not in after.health and effects == (Collect(),)
+    # finding 2: Healthy only once the instance that stopped answering is gone
+    hung = replace(drained, killing=frozenset({"1-old"}))
+    hung = replace(
+        hung, agent=records(hung.agent.services["good"].model_copy(update={"state": T, "reason": HUNG}))
+    )
+    after, effects = stepped(forge, hung, Retired("1-old"))
+    assert after.killing == frozenset() and after.agent.services["good"].state is H
+
+
+def test_step_the_settle_timer_stops_the_standby_once_the_new_version_settled(forge: Forge) -> None:
+    service = ServiceRecord(
+        name="good", since=AT, current=instance(V2), standby=instance(V1, "standby"), last_good=V2, target=V2,
+        state=H, healthy_since=AT - timedelta(seconds=31),
+    )  # fmt: skip
+    before = Records(agent=records(service), health={"2-i": Health(), "1-standby": Health()})
+    after, effects = stepped(forge, before, SettleDue("good"))
+    assert after.agent.services["good"].standby is None and "1-standby" in after.retiring
+    assert [(e.instance.id, e.grace_s) for e in effects if isinstance(e, Retire)] == [("1-standby", 20.0)]
+    early = replace(
+        before, agent=records(service.model_copy(update={"healthy_since": AT - timedelta(seconds=10)}))
+    )
+    after, effects = stepped(forge, early, SettleDue("good"))
+    assert after.settle_at == {"good": NOW + 20.0} and after.agent.services["good"].standby is not None
+
+
+# --- planning ------------------------------------------------------------------------------------------
+
+
+def planned(
+    before: Records, cached: bool = False, runtimes: frozenset[str] = frozenset({"process"})
+) -> tuple[Records, tuple[object, ...]]:
+    modules = before.desired.modules if before.desired else []
+    return replan(
+        before, cached={a.manifest_digest: cached for a in modules}, runtimes=runtimes, now=NOW, wall=AT
+    )
+
+
+def wanting(forge: Forge, *modules: ModuleAssignment, **fields: object) -> Records:
+    """Records of a device whose desired state asks for ``modules`` and that runs nothing."""
+    state = forge.desired_state("device-1", 1, list(modules))
+    services = {a.service: ServiceRecord(name=a.service, since=AT, target=a) for a in modules}
+    agent = AgentRecord(device_id="device-1", applied_generation=1, services=services)
+    return replace(Records(agent=agent, desired=state), **fields)  # type: ignore[arg-type]
+
+
+def dispatched(effects: tuple[object, ...]) -> list[tuple[str, Op, int]]:
+    return [(e.service, e.op.kind, e.op.id) for e in effects if isinstance(e, Dispatch)]
+
+
+def test_plan_a_new_service_is_downloaded_then_started(forge: Forge) -> None:
+    after, effects = planned(wanting(forge, V1))
+    assert dispatched(effects) == [("good", Op.FETCH, 1)] and after.next_op_id == 1
+    assert after.ops["good"].kind is Op.FETCH
+    assert (after.agent.services["good"].state, after.agent.services["good"].reason) == (
+        T,
+        "downloading version 1",
+    )
+    after, effects = planned(wanting(forge, V1), cached=True)
+    assert dispatched(effects) == [("good", Op.START, 1)]
+    assert after.agent.services["good"].reason == "starting version 1"
+
+
+def test_plan_a_retry_timer_holds_the_operation_back(forge: Forge) -> None:
+    before = wanting(forge, V1, retry_at={"good": NOW + 5})
+    after, effects = planned(before)
+    assert (after, effects) == (before, ())
+
+
+def test_plan_a_runtime_the_device_lacks_is_unschedulable_naming_what_is_enabled(forge: Forge) -> None:
+    docker = V1.model_copy(update={"settings": DeploymentSettings(port=9000, runtime=RuntimeKind.DOCKER)})
+    after, effects = planned(wanting(forge, docker), cached=True)
+    service = after.agent.services["good"]
+    assert service.state is ServiceState.UNSCHEDULABLE and dispatched(effects) == []
+    assert (
+        service.reason is not None
+        and "runtime docker is not enabled on this device (enabled: process)" in service.reason
+    )
+
+
+def test_plan_a_service_no_longer_wanted_and_not_running_is_forgotten(forge: Forge) -> None:
+    before = wanting(forge)
+    gone = ServiceRecord(name="gone", since=AT)
+    before = replace(
+        before, agent=before.agent.model_copy(update={"services": {"gone": gone}}), retry_at={"gone": 1.0}
+    )
+    after, effects = planned(before)
+    assert "gone" not in after.agent.services and after.retry_at == {} and Forget("gone") in effects
+
+
+def test_plan_an_operation_for_a_target_that_moved_on_is_cancelled(forge: Forge) -> None:
+    before = wanting(forge, V2, ops={"good": OpView(3, Op.FETCH, assignment_key(V1), V1)})
+    _, effects = planned(before)
+    assert Cancel("good") in effects
+
+
+def test_plan_a_rollback_start_keeps_saying_why_the_target_failed(forge: Forge) -> None:
+    why = "version 2 failed: init() failed"
+    before = wanting(forge, V2)
+    service = before.agent.services["good"].model_copy(
+        update={"state": F, "reason": why, "failed": {assignment_key(V2): "init() failed"}, "last_good": V1}
+    )
+    before = replace(before, agent=before.agent.model_copy(update={"services": {"good": service}}))
+    after, effects = planned(before, cached=True)
+    assert dispatched(effects) == [("good", Op.START, 1)] and after.ops["good"].assignment == V1
+    assert (after.agent.services["good"].state, after.agent.services["good"].reason) == (F, why)
