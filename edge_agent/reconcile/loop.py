@@ -12,7 +12,6 @@ deadlines, so nothing can hold up the queue.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import random
@@ -40,16 +39,14 @@ from edge_agent.reconcile.plan import Op
 from edge_agent.reconcile.step import DRAIN_S, STOP_GRACE_S, Health
 from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import Runtime
-from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord, ServiceRecord
+from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord
 from edge_agent.state.store import StateStore
 from edge_agent.uplink.certificates import EndpointCertificates
 from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import DesiredMessage, MqttEvent
 from manifests.desired import (
     DesiredState,
-    DesiredStateRefused,
     RuntimeKind,
-    verify_desired,
 )
 from manifests.device import AgentConfig, DeviceCredentials
 from manifests.errors import EdgepackError
@@ -522,13 +519,6 @@ class ReconcileLoop:
         self.record.downloads = DownloadTotals(manifests=c.manifests, blobs=c.blobs, bytes=c.bytes)
         self.store.save(self.record)
 
-    def _service(self, name: str) -> ServiceRecord:
-        service = self.record.services.get(name)
-        if service is None:
-            service = ServiceRecord(name=name, since=datetime.now(UTC))
-            self.record.services[name] = service
-        return service
-
     def _runtime_of(self, instance: InstanceRecord) -> Runtime:
         return self.runtimes[instance.runtime]
 
@@ -578,40 +568,10 @@ class ReconcileLoop:
     # --- boot ----------------------------------------------------------------------------------
 
     def _restore_desired(self) -> None:
-        """The last verified desired state, checked again (signature, device) as of when it was
-        applied: after a reboot an expired state still says what to run until the hub speaks."""
         data = self.store.load_desired()
-        if data is None:
-            return
-        try:
-            signed = json.loads(data)["signed"]
-            generation = int(signed["generation"])
-            applied_at = self.record.applied_at or datetime.fromisoformat(signed["issued"])
-        except (ValueError, KeyError, TypeError):
-            log.error("the saved desired state is damaged; waiting for the hub")
-            return
-        try:
-            # The desired file is written before the state file: a crash in between leaves a
-            # newer desired state, which was verified before it was written.
-            state = verify_desired(
-                data,
-                hub_trust=self.credentials.hub_trust(),
-                device_id=self.device_id,
-                applied_generation=min(generation, max(self.record.applied_generation, 1)) - 1,
-                now=applied_at,
+        if data is not None:
+            records, effects = decide.restore(
+                self._records(), data, ctx=self._context, wall=datetime.now(UTC)
             )
-        except DesiredStateRefused as exc:
-            log.error("the saved desired state no longer verifies (%s); waiting for the hub", exc)
-            return
-        if state.generation < self.record.applied_generation:
-            log.error(
-                "the saved desired state is generation %d, older than the applied %d; waiting for the hub",
-                state.generation,
-                self.record.applied_generation,
-            )
-            return
-        self.record.applied_generation = state.generation
-        self.record.applied_at = applied_at
-        self.desired, self.desired_bytes = state, data
-        for assignment in state.modules:
-            self._service(assignment.service).target = assignment
+            self._keep(records)
+            self._effects(effects)

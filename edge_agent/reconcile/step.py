@@ -1127,3 +1127,46 @@ def _hides_failure(service: ServiceRecord) -> bool:
 #: everything a step may ask of the world
 Action = Effect | AnswerLogs | Halt | Dispatch | Cancel
 Step = tuple[Records, tuple[Action, ...]]
+
+
+# --- boot ----------------------------------------------------------------------------------------
+
+
+def restore(records: Records, data: bytes, *, ctx: Context, wall: datetime) -> Step:
+    """The last verified desired state, read back at boot, checked again (signature, device) as
+    of when it was applied: after a reboot an expired state still says what to run until the
+    hub speaks. A damaged, foreign or older one is left aside (the hub sends the state again)."""
+    agent = records.agent
+    try:
+        signed = json.loads(data)["signed"]
+        generation = int(signed["generation"])
+        applied_at = agent.applied_at or datetime.fromisoformat(signed["issued"])
+    except (ValueError, KeyError, TypeError):
+        return records, (Say(logging.ERROR, "the saved desired state is damaged; waiting for the hub"),)
+    try:
+        # The desired file is written before the state file: a crash in between leaves a newer
+        # desired state, which was verified before it was written.
+        state = verify_desired(
+            data,
+            hub_trust=ctx.hub_trust,
+            device_id=ctx.device_id,
+            applied_generation=min(generation, max(agent.applied_generation, 1)) - 1,
+            now=applied_at,
+        )
+    except DesiredStateRefused as exc:
+        text = f"the saved desired state no longer verifies ({exc}); waiting for the hub"
+        return records, (Say(logging.ERROR, text),)
+    if state.generation < agent.applied_generation:
+        text = (
+            f"the saved desired state is generation {state.generation}, older than the applied "
+            f"{agent.applied_generation}; waiting for the hub"
+        )
+        return records, (Say(logging.ERROR, text),)
+    services = dict(agent.services)
+    for assignment in state.modules:
+        service = services.get(assignment.service) or ServiceRecord(name=assignment.service, since=wall)
+        services[assignment.service] = service.model_copy(update={"target": assignment})
+    agent = agent.model_copy(
+        update={"applied_generation": state.generation, "applied_at": applied_at, "services": services}
+    )
+    return replace(records, agent=agent, desired=state, payload=data), ()

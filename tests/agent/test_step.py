@@ -43,6 +43,7 @@ from edge_agent.reconcile.step import (
     on_op_done,
     on_probe,
     replan,
+    restore,
     step,
 )
 from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
@@ -722,3 +723,37 @@ def test_plan_a_rollback_start_keeps_saying_why_the_target_failed(forge: Forge) 
     after, effects = planned(before, cached=True)
     assert dispatched(effects) == [("good", Op.START, 1)] and after.ops["good"].assignment == V1
     assert (after.agent.services["good"].state, after.agent.services["good"].reason) == (F, why)
+
+
+# --- boot ----------------------------------------------------------------------------------------------
+
+
+def test_boot_restores_the_saved_desired_state_even_once_expired(forge: Forge) -> None:
+    payload = forge.desired_bytes(forge.desired_state("device-1", 3, [V1]))
+    before = Records(agent=AgentRecord(device_id="device-1", applied_generation=3))
+    later = datetime.now(UTC) + timedelta(days=3650)  # long after it expired; as of when it was applied
+    after, effects = restore(before, payload, ctx=ctx(forge), wall=later)
+    assert effects == () and after.payload == payload and after.agent.services["good"].target == V1
+
+
+@pytest.mark.parametrize(
+    ("payload", "applied", "says"),
+    [
+        pytest.param(b"{not json", 0, "damaged", id="damaged bytes: left aside"),
+        pytest.param(None, 4, "older than the applied 4", id="older than the applied generation: left aside"),
+        pytest.param("foreign", 0, "no longer verifies", id="signed by another hub: left aside"),
+    ],
+)
+def test_boot_leaves_a_saved_desired_state_aside_when_it_cannot_be_trusted(
+    forge: Forge, payload: bytes | str | None, applied: int, says: str
+) -> None:
+    state = forge.desired_state("device-1", 3, [V1])
+    if payload is None:
+        payload = forge.desired_bytes(state)
+    elif payload == "foreign":
+        payload = forge.desired_bytes(state, key=Forge().hub)
+    before = Records(agent=AgentRecord(device_id="device-1", applied_generation=applied))
+    assert isinstance(payload, bytes)
+    after, effects = restore(before, payload, ctx=ctx(forge), wall=AT)
+    assert after == before
+    assert [e.text for e in effects if isinstance(e, Say)] and says in effects[0].text  # type: ignore[union-attr]
