@@ -16,14 +16,14 @@ from typing import Any
 
 from edge_agent.cache.modules import InstalledModule, ModuleCache
 from edge_agent.download.module import Counters, FetchControl, fetch_module
-from edge_agent.health import ProbeResult
+from edge_agent.reconcile.events import Event, HttpDesired, OpDone, OpProgress, Retired, Stop
 from edge_agent.reconcile.operations import Control, start_instance
 from edge_agent.reconcile.plan import Op
+from edge_agent.reconcile.step import DRAIN_S, STOP_GRACE_S
 from edge_agent.runtime.base import LaunchSpec, Runtime
 from edge_agent.state.records import InstanceRecord
 from edge_agent.uplink.certificates import EndpointCertificates
-from edge_agent.uplink.http import DesiredFetch, HubHttp
-from edge_agent.uplink.mqtt import MqttEvent
+from edge_agent.uplink.http import HubHttp
 from manifests.desired import ModuleAssignment, RuntimeKind
 from manifests.device import AgentConfig, DeviceCredentials
 from manifests.errors import EdgepackError, Unschedulable
@@ -31,46 +31,9 @@ from manifests.reported import Progress
 
 log = logging.getLogger("edge_agent")
 
+__all__ = ["Event", "Executor", "HttpDesired", "OpDone", "OpProgress", "Retired", "RunningOp", "Stop"]
+
 FETCH_DEADLINE_S = 1800.0
-STOP_GRACE_S = 10.0
-DRAIN_S = 10.0
-
-
-# --- the events the executor feeds back ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpDone:
-    service: str
-    op_id: int
-    result: Any = None
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class OpProgress:
-    service: str
-    op_id: int
-    progress: Progress
-
-
-@dataclass(frozen=True)
-class HttpDesired:
-    fetch: DesiredFetch | None
-    error: EdgepackError | None = None
-
-
-@dataclass(frozen=True)
-class Retired:
-    instance_id: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-Event = MqttEvent | OpDone | OpProgress | HttpDesired | ProbeResult | Retired | Stop
 
 
 @dataclass

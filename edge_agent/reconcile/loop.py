@@ -12,7 +12,6 @@ deadlines, so nothing can hold up the queue.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import random
@@ -22,55 +21,40 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from edge_agent.backoff import RestartBackoff, full_jitter
 from edge_agent.cache.modules import InstalledModule, ModuleCache
-from edge_agent.download.module import Cancelled, Counters
+from edge_agent.download.module import Counters
 from edge_agent.health import Prober, ProbeResult, Watched
+from edge_agent.reconcile import step as decide
 from edge_agent.reconcile.executor import (
-    DRAIN_S,
-    STOP_GRACE_S,
     Event,
     Executor,
-    HttpDesired,
     OpDone,
-    OpProgress,
-    Retired,
     RunningOp,
     Stop,
 )
 from edge_agent.reconcile.garbage import collect, kept
 from edge_agent.reconcile.logs import answer_log_request
 from edge_agent.reconcile.operations import Control
-from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
-from edge_agent.reconcile.steady import steady_state
-from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure, log_tail_reason
-from edge_agent.reconcile.supervise import Verdict as FailureKind
+from edge_agent.reconcile.plan import Op
+from edge_agent.reconcile.step import DRAIN_S, STOP_GRACE_S, Health
 from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import Runtime
-from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord, ServiceRecord
+from edge_agent.state.records import AgentRecord, DownloadTotals, InstanceRecord
 from edge_agent.state.store import StateStore
 from edge_agent.uplink.certificates import EndpointCertificates
 from edge_agent.uplink.http import HubHttp
-from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage, MqttEvent
+from edge_agent.uplink.mqtt import DesiredMessage, MqttEvent
 from manifests.desired import (
-    DesiredRefusal,
     DesiredState,
-    DesiredStateRefused,
-    ModuleAssignment,
     RuntimeKind,
-    verify_desired,
 )
 from manifests.device import AgentConfig, DeviceCredentials
 from manifests.errors import EdgepackError
-from manifests.states import ServiceState
 
 log = logging.getLogger("edge_agent")
 
 __all__ = ["Event", "ReconcileLoop", "Stop", "advertised_host"]
 
-#: how long an Unschedulable verdict stands before it is checked again
-UNSCHEDULABLE_RECHECK_S = 60.0
-PROGRESS_REPORT_EVERY_S = 2.0
 #: reports go out at most this often (the hub allows 120 a minute, bursts of 30)
 REPORT_MIN_GAP_S = 0.5
 #: how often TLS services' certificates are checked for renewal
@@ -84,14 +68,6 @@ def advertised_host(config: AgentConfig) -> str:
     if config.service_host not in ("0.0.0.0", "::", ""):
         return f"[{config.service_host}]" if ":" in config.service_host else config.service_host
     return socket.gethostname()
-
-
-@dataclass
-class Health:
-    """What the loop tracks of a serving instance between probe results."""
-
-    alive: bool = True
-    misses: int = 0
 
 
 @dataclass
@@ -175,6 +151,12 @@ class ReconcileLoop:
             emit=self.events.put,
         )
         self._next_renewal_check = 0.0
+        self._context = decide.Context(
+            device_id=self.device_id,
+            hub_trust=credentials.hub_trust(),
+            restart=config.restart,
+            poll_interval_s=config.poll_interval_s,
+        )
 
     # --- public ------------------------------------------------------------------------------
 
@@ -317,530 +299,165 @@ class ReconcileLoop:
 
     # --- events ------------------------------------------------------------------------------
 
-    def _handle(self, event: Event) -> None:
-        match event:
-            case DesiredMessage(payload=payload, source=source):
-                self._on_desired(payload, source)
-            case Connected():
-                self.timers.next_poll = self.clock()  # a missed retained message must not matter
-                self._dirty_report = True
-            case Disconnected():
-                pass
-            case HttpDesired():
-                self._on_http(event)
-            case OpDone():
-                self._on_op_done(event)
-            case OpProgress():
-                self._on_progress(event)
-            case ProbeResult():
-                self._on_probe(event)
-            case LogRequestMessage(payload=payload):
-                self._on_log_request(payload)
-            case Retired(instance_id=instance_id):
-                retired = self.retiring.pop(instance_id, None)
-                self.health.pop(instance_id, None)
-                self._gc_needed = True
-                if instance_id in self.killing:
-                    self.killing.discard(instance_id)
-                    if retired is not None:
-                        self._settle(retired[0])
-            case Stop():
-                self._stopping = True
+    def _handle(self, event: Event | decide.SettleDue) -> None:
+        """One event through the pure step: look up what it needs, keep the new records,
+        carry out the effects."""
+        before = self._records()
+        records, effects = decide.step(
+            before,
+            event,
+            ctx=self._context,
+            now=self.clock(),
+            wall=datetime.now(UTC),
+            rand=self.rand(),
+            looked=self._look_up(before, event),
+        )
+        for effect in effects:
+            if isinstance(effect, decide.SaveDesired):
+                self.store.save_desired(effect.payload)  # saved before anything is done by it
+        self._keep(records)
+        self._effects(effects)
 
     def _on_desired(self, payload: bytes, source: str) -> None:
-        if payload == self.desired_bytes:
-            return
-        try:
-            state = verify_desired(
-                payload,
-                hub_trust=self.credentials.hub_trust(),
-                device_id=self.device_id,
-                applied_generation=self.record.applied_generation,
-                now=datetime.now(UTC),
-            )
-        except DesiredStateRefused as exc:
-            if exc.reason is DesiredRefusal.NOT_NEWER and self._same_generation(payload):
-                return  # the same generation again (a retained message redelivered)
-            if exc.reason is DesiredRefusal.NOT_NEWER and source == "http":
-                # A poll sent before the newest state came over MQTT answers the hub's older
-                # one: stale, not hostile. Nothing is applied; reporting it would hide a real
-                # refusal behind a false one.
-                log.debug("desired state over HTTP older than the applied one: %s", exc)
-                return
-            log.warning("desired state from %s refused: %s", source, exc)
-            self.record.last_error = f"desired state from {source} refused ({exc.reason}): {exc}"[:2000]
-            self._dirty_save = self._dirty_report = True
-            return
-        self.store.save_desired(payload)
-        self.desired, self.desired_bytes = state, payload
-        self.record.applied_generation = state.generation
-        self.record.applied_at = datetime.now(UTC)
-        self.record.last_error = None
-        log.info(
-            "desired state generation %d accepted from %s: %s",
-            state.generation,
-            source,
-            ", ".join(f"{m.service}={m.module}:{m.version}" for m in state.modules) or "no services",
+        self._handle(DesiredMessage(payload, source))
+
+    def _look_up(self, records: decide.Records, event: Event | decide.SettleDue) -> decide.Looked:
+        """What the step needs to know of the runtimes for ``event``: the last log lines of an
+        instance that exited, whether the standby still runs when the new version failed."""
+        match event:
+            case ProbeResult(service=name, instance_id=instance_id, alive=alive, healthy=healthy):
+                service = records.agent.services.get(name)
+                if service is None or service.current is None or service.current.id != instance_id:
+                    return decide.Looked()
+                lines: list[str] = []
+                if not alive and records.health.get(instance_id, Health()).alive:
+                    lines = self._runtime_of(service.current).log_tail(service.current, 30)
+                failing = not alive or not healthy
+                return decide.Looked(tuple(lines), failing and self._standby_alive(records, name))
+            case OpDone(service=name, error=error):
+                running = self.ops.get(name)
+                crashed = error is not None and running is not None and running.kind in (Op.START, Op.REPLACE)
+                return decide.Looked(standby_alive=crashed and self._standby_alive(records, name))
+        return decide.Looked()
+
+    def _standby_alive(self, records: decide.Records, name: str) -> bool:
+        service = records.agent.services.get(name)
+        standby = service.standby if service is not None else None
+        return (
+            standby is not None
+            and records.health.get(standby.id, Health()).alive
+            and self._runtime_of(standby).liveness(standby).alive
         )
-        for assignment in state.modules:
-            service = self._service(assignment.service)
-            if service.target != assignment:
-                previous, service.target = service.target, assignment
-                if previous is None or assignment_key(previous) != assignment_key(assignment):
-                    # The retry timer was the replaced target's: the new one starts at once.
-                    self.timers.retry_at.pop(assignment.service, None)
-                    self.timers.retry_attempts.pop(assignment.service, None)
-                self._back_to_serving(service, previous)
-            self._rotate_keys(service, assignment)
-        self._dirty_plan = self._dirty_save = self._dirty_report = True
 
-    def _back_to_serving(self, service: ServiceRecord, previous: ModuleAssignment | None) -> None:
-        """A release reverted to the version that kept serving after the new one failed: the
-        failure was the abandoned version's, and nothing needs doing (the plan keeps what runs),
-        so the service is Healthy again instead of Failed for ever."""
-        current = service.current
-        if previous is None or current is None or service.state is not ServiceState.FAILED:
-            return
-        if assignment_key(previous) == current.key or service.target is None:
-            return  # the serving version itself failed (a crash loop): that stays Failed
-        if assignment_key(service.target) == current.key:
-            self._set_status(service.name, ServiceState.HEALTHY, None)
+    def _records(self) -> decide.Records:
+        """The loop's records, frozen, for one step."""
+        return decide.Records(
+            agent=self.record,
+            desired=self.desired,
+            payload=self.desired_bytes,
+            health=dict(self.health),
+            ops={
+                name: decide.OpView(op.id, op.kind, op.key, op.assignment, op.restart)
+                for name, op in self.ops.items()
+            },
+            retiring=dict(self.retiring),
+            killing=frozenset(self.killing),
+            restart_at=dict(self.timers.restart_at),
+            retry_at=dict(self.timers.retry_at),
+            retry_attempts=dict(self.timers.retry_attempts),
+            unschedulable=dict(self.timers.unschedulable),
+            settle_at=dict(self.timers.settle_at),
+            next_poll=self.timers.next_poll,
+            poll_attempts=self.timers.poll_attempts,
+            poll_in_flight=self._poll_in_flight,
+            etag=self.etag,
+            progress_reported=dict(self._last_progress_report),
+            next_op_id=self._op_ids,
+        )
 
-    def _rotate_keys(self, service: ServiceRecord, assignment: ModuleAssignment) -> None:
-        """New endpoint keys for what runs already: rewrite its keys file, no restart."""
-        current = service.current
-        if current is None or current.key != assignment_key(assignment):
-            return
-        if current.assignment.settings.auth == assignment.settings.auth:
-            return
-        self._runtime_of(current).update_endpoint(current, assignment.settings.auth, None)
-        service.current = current.model_copy(update={"assignment": assignment})
-        log.info("%s: endpoint keys rotated", service.name)
-
-    def _same_generation(self, payload: bytes) -> bool:
-        try:
-            generation = json.loads(payload)["signed"]["generation"]
-        except (ValueError, KeyError, TypeError):
-            return False
-        return bool(generation == self.record.applied_generation)
-
-    def _on_http(self, event: HttpDesired) -> None:
-        self._poll_in_flight = False
-        if event.error is not None:
-            delay = full_jitter(self.timers.poll_attempts, self.rand(), cap_s=60.0)
-            self.timers.poll_attempts += 1
-            self.timers.next_poll = self.clock() + min(delay, self.config.poll_interval_s)
-            log.info("desired state over HTTP: %s; retrying in %.1fs", event.error, delay)
-            return
-        self.timers.poll_attempts = 0
-        self.timers.next_poll = self.clock() + self.config.poll_interval_s
-        fetch = event.fetch
-        if fetch is None:
-            return
-        self.etag = fetch.etag
-        if fetch.data is not None:
-            self._on_desired(fetch.data, "http")
-
-    def _on_progress(self, event: OpProgress) -> None:
-        op = self.ops.get(event.service)
-        if op is None or op.id != event.op_id:
-            return
-        service = self._service(event.service)
-        service.progress = event.progress
-        now = self.clock()
-        if now - self._last_progress_report.get(event.service, 0.0) >= PROGRESS_REPORT_EVERY_S:
-            self._last_progress_report[event.service] = now
-            self._dirty_report = True
+    def _keep(self, records: decide.Records) -> None:
+        """Take the records a step returned as the loop's own."""
+        self.record, self.desired, self.desired_bytes = records.agent, records.desired, records.payload
+        self.health = dict(records.health)
+        for name in [name for name in self.ops if name not in records.ops]:
+            del self.ops[name]
+        self.retiring = dict(records.retiring)
+        self.killing = set(records.killing)
+        self.timers.restart_at = dict(records.restart_at)
+        self.timers.retry_at = dict(records.retry_at)
+        self.timers.retry_attempts = dict(records.retry_attempts)
+        self.timers.unschedulable = dict(records.unschedulable)
+        self.timers.settle_at = dict(records.settle_at)
+        self.timers.next_poll, self.timers.poll_attempts = records.next_poll, records.poll_attempts
+        self._poll_in_flight, self.etag = records.poll_in_flight, records.etag
+        self._last_progress_report = dict(records.progress_reported)
+        self._op_ids = records.next_op_id
 
     # --- planning ----------------------------------------------------------------------------
 
-    def _wanted(self) -> dict[str, Wanted]:
-        out: dict[str, Wanted] = {}
-        if self.desired is None:
-            return out
-        now = self.clock()
-        for a in self.desired.modules:
-            key = assignment_key(a)
-            why: str | None = None
-            if a.settings.runtime is not None and a.settings.runtime not in self.runtimes:
-                enabled = ", ".join(sorted(self.runtimes)) or "none"
-                why = (
-                    f"runtime {a.settings.runtime} is not enabled on this device (enabled: {enabled}); "
-                    "enable it in agent.toml or deploy the service with another runtime"
-                )
-            else:
-                memo = self.timers.unschedulable.get(a.service)
-                if memo is not None and memo[0] == key and now < memo[2]:
-                    why = memo[1]
-            out[a.service] = Wanted(a, key, self._cached(a.manifest_digest), why)
-        return out
-
-    def _observed(self) -> dict[str, Observed]:
-        now = self.clock()
-        out: dict[str, Observed] = {}
-        for name, service in self.record.services.items():
-            current = service.current
-            op = self.ops.get(name)
-            restart_at = self.timers.restart_at.get(name)
-            fallback = next(
-                (a for a in (service.last_good, service.previous)
-                 if a is not None and assignment_key(a) not in service.failed),
-                None,
-            )  # fmt: skip
-            out[name] = Observed(
-                running_key=current.key if current else None,
-                running_alive=current is not None and self.health.get(current.id, Health()).alive,
-                fallback=fallback,
-                op=op.kind if op else None,
-                op_key=op.key if op else None,
-                failed_keys=frozenset(service.failed),
-                restart_due=restart_at is not None and now >= restart_at,
-            )
-        return out
-
     def _replan(self) -> None:
-        now = self.clock()
-        for action in plan(self._wanted(), self._observed()):
-            name = action.service
-            match action.verdict:
-                case Verdict.RUN:
-                    if now < self.timers.retry_at.get(name, 0.0):
-                        continue  # backing off after a temporary failure
-                    assert action.op is not None
-                    self._dispatch(name, action.op, action.assignment)
-                case Verdict.CANCEL:
-                    op = self.ops[name]
-                    if not op.control.cancel.is_set():
-                        log.info("%s: cancelling %s (the desired state moved on)", name, op.kind)
-                        op.control.cancel.set()
-                case Verdict.REFUSE:
-                    why = self._serving_note(name, action.reason)
-                    self._set_status(name, ServiceState.UNSCHEDULABLE, why)
-                case Verdict.KEEP | Verdict.WAIT:
-                    service = self.record.services.get(name)
-                    desired = self.desired.modules if self.desired is not None else []
-                    wanted = any(m.service == name for m in desired)
-                    idle = service is not None and service.current is None and name not in self.ops
-                    if idle and not wanted:
-                        self._forget(name)
-
-    def _dispatch(self, name: str, op: Op, assignment: ModuleAssignment | None) -> None:
-        service = self._service(name)
-        restart = False
-        if op in (Op.START, Op.REPLACE) and assignment is not None:
-            restart = service.current is not None and service.current.key == assignment_key(assignment)
-            self.timers.restart_at.pop(name, None)
-        self._op_ids += 1
-        deadline = self.clock() + self.executor.deadline_of(op, assignment)
-        running = RunningOp(
-            id=self._op_ids,
-            kind=op,
-            key=assignment_key(assignment) if assignment else None,
-            assignment=assignment,
-            control=Control(deadline=deadline),
-            restart=restart,
-            replaces=service.current if op is Op.REPLACE else None,
+        modules = self.desired.modules if self.desired is not None else []
+        cached = {a.manifest_digest: self._cached(a.manifest_digest) for a in modules}
+        records, effects = decide.replan(
+            self._records(),
+            cached=cached,
+            runtimes=frozenset(self.runtimes),
+            now=self.clock(),
+            wall=datetime.now(UTC),
         )
-        target = f"version {assignment.version}" if assignment else ""
-        match op:
-            case Op.FETCH:
-                self._set_status(name, ServiceState.TRANSITIONING, f"downloading {target}")
-            case Op.START:
-                what = "restarting" if restart else "starting"
-                self._set_status(name, ServiceState.TRANSITIONING, f"{what} {target}", keep_failed=True)
-            case Op.REPLACE:
-                old = service.current
-                if restart:
-                    text = f"restarting {target} beside the running instance"
-                else:
-                    serving = old.version if old else "?"
-                    text = f"starting {target} beside version {serving}, which keeps serving"
-                self._set_status(name, ServiceState.TRANSITIONING, text, keep_failed=True)
-            case Op.STOP:
-                running.stops = tuple(i for i in (service.current, service.standby) if i is not None)
-        self.ops[name] = running
-        self.executor.run(name, running)
+        self._keep(records)
+        self._effects(effects)
 
-    # --- operation results (loop thread) ------------------------------------------------------
-
-    def _on_op_done(self, event: OpDone) -> None:
-        running = self.ops.get(event.service)
-        if running is None or running.id != event.op_id:
-            return
-        del self.ops[event.service]
-        name = event.service
-        service = self._service(name)
-        service.progress = None
-        self._dirty_plan = self._dirty_save = self._dirty_report = True
-        error = event.error
-        if running.kind is Op.STOP:
-            if error is not None:
-                log.error("%s: stop failed: %s", name, error)
-            self._forget(name)
-            return
-        if error is None:
-            if running.kind is Op.FETCH:
-                module: InstalledModule = event.result
-                self.installed[module.manifest_digest] = module
-                self.timers.retry_attempts.pop(name, None)
-                return
-            self._started(name, running, event.result)
-            return
-        if isinstance(error, Cancelled):
-            log.info("%s: %s cancelled", name, running.kind)
-            return
-        self._failed(name, running, error)
-
-    def _started(self, name: str, running: RunningOp, instance: InstanceRecord) -> None:
-        service = self._service(name)
-        old = service.current
-        new_version = old is None or old.key != instance.key
-        if old is not None and old.key != instance.key:
-            service.previous = old.assignment
-        service.current = instance
-        service.last_good = instance.assignment
-        service.healthy_since = datetime.now(UTC)
-        if new_version:
-            service.failures = 0  # the restart backoff counts this version's failures only
-        self.health[instance.id] = Health(alive=True)
-        self.timers.retry_attempts.pop(name, None)
-        self.timers.unschedulable.pop(name, None)
-        if running.restart:
-            service.restarts += 1
-        standby = service.standby
-        if standby is not None and standby.key == instance.key:
-            service.standby = None  # the same version started anew: it takes over
-            self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
-        old_health = self.health.get(old.id, Health()) if old is not None else Health()
-        if old is not None and old.id != instance.id:
-            answering = old_health.alive and old_health.misses == 0
-            if (
-                answering
-                and old.key != instance.key
-                and service.standby is None
-                and old.runtime is instance.runtime  # else the start stopped it already
-                and self.config.restart.settle_s > 0
-            ):
-                # The last good instance keeps serving beside the new version until that one
-                # has been healthy for the settle time (see _end_settle).
-                service.standby = old
-            elif old_health.misses == 0:
-                self._retire(name, old, grace_s=STOP_GRACE_S + DRAIN_S)
-            else:
-                # An instance that stopped answering gets no time to drain (its queue is not
-                # moving): it is killed, and its successor is Healthy once it is gone (Retired).
-                self.killing.add(old.id)
-                self._retire(name, old, grace_s=0.0)
-        if service.standby is not None:
-            self.timers.settle_at[name] = self.clock() + self.config.restart.settle_s
-        state, reason = self._steady(service)
-        if state is ServiceState.HEALTHY and self._killing_for(name):
-            state, reason = ServiceState.TRANSITIONING, "stopping the instance that stopped answering"
-        self._set_status(name, state, reason)
-        self._watch()
-        self._gc_needed = True
-
-    def _failed(self, name: str, running: RunningOp, error: BaseException) -> None:
-        service = self._service(name)
-        key = running.key
-        version = running.assignment.version if running.assignment else "?"
-        now = self.clock()
-        good = service.last_good
-        judged = judge_failure(
-            error,
-            starting=running.kind in (Op.START, Op.REPLACE),
-            ran_here_before=good is not None and key == assignment_key(good),
-        )
-        if not isinstance(error, EdgepackError):
-            log.error("%s: %s of version %s failed unexpectedly", name, running.kind, version, exc_info=error)
-        match judged.verdict:
-            case FailureKind.UNSCHEDULABLE:
-                if key is not None:
-                    self.timers.unschedulable[name] = (key, judged.reason, now + UNSCHEDULABLE_RECHECK_S)
-                self._set_status(name, ServiceState.UNSCHEDULABLE, self._serving_note(name, judged.reason))
-            case FailureKind.RETRY:
-                attempt = self.timers.retry_attempts.get(name, 0)
-                delay = judged.retry_after_s or full_jitter(attempt, self.rand(), cap_s=60.0)
-                self.timers.retry_attempts[name] = attempt + 1
-                self.timers.retry_at[name] = now + delay
-                text = f"{running.kind} of version {version}: {judged.reason}; retrying in {delay:.0f}s"
-                self._set_status(name, ServiceState.TRANSITIONING, self._serving_note(name, text))
-            case FailureKind.CRASH:
-                # A version that ran here before: a crash to retry with backoff, not a verdict.
-                self._count_failure(name, Trouble.EXITED, None, judged.reason)
-            case FailureKind.FINAL:
-                if key is not None:
-                    service.failed[key] = judged.reason
-                log.warning("%s: version %s failed: %s", name, version, judged.reason)
-                state, status_reason = self._steady(service)
-                self._set_status(name, state, status_reason)
-
-    def _end_settle(self, name: str) -> None:
-        """The new version has been healthy for the settle time: the standby drains and stops."""
-        service = self.record.services.get(name)
-        if service is None or service.standby is None or service.current is None:
-            return
-        health = self.health.get(service.current.id, Health())
-        since = service.healthy_since
-        healthy_for = (datetime.now(UTC) - since).total_seconds() if since is not None else 0.0
-        settle_s = self.config.restart.settle_s
-        if not health.alive or health.misses or healthy_for < settle_s:
-            # Not settled yet (a probe missed since): look again once it may have. A crash
-            # restarts it, and the start arms the timer anew.
-            if health.alive:
-                self.timers.settle_at[name] = self.clock() + max(settle_s - healthy_for, 1.0)
-            return
-        standby, service.standby = service.standby, None
-        log.info("%s: version %s settled; stopping version %s",
-                 name, service.current.version, standby.version)  # fmt: skip
-        self._retire(name, standby, grace_s=STOP_GRACE_S + DRAIN_S)
-        self._dirty_save = True
-
-    def _promote_standby(self, name: str) -> bool:
-        """A new version crash-loops while the last good instance still serves beside it: that
-        one becomes current again (no restart), and the failed one is stopped."""
-        service = self._service(name)
-        standby, failed = service.standby, service.current
-        if standby is None or failed is None or standby.key in service.failed:
-            return False
-        alive = self.health.get(standby.id, Health()).alive
-        if not alive or not self._runtime_of(standby).liveness(standby).alive:
-            service.standby = None
-            return False
-        service.standby = None
-        service.current = standby
-        service.last_good = standby.assignment
-        service.previous = failed.assignment
-        service.failures = 0
-        self.timers.restart_at.pop(name, None)
-        self.health[standby.id] = Health(alive=True)
-        self._retire(name, failed, grace_s=0.0)
-        self._watch()
-        log.info("%s: version %s crash-loops; version %s, which kept serving, is current again",
-                 name, failed.version, standby.version)  # fmt: skip
-        state, reason = self._steady(service)
-        self._set_status(name, state, reason)
-        return True
-
-    def _serving_note(self, name: str, reason: str | None) -> str | None:
-        """``reason``, saying which version serves meanwhile when it is not the target."""
-        service = self.record.services.get(name)
-        current = service.current if service else None
-        if service is None or current is None or not self.health.get(current.id, Health()).alive:
-            return reason
-        if service.target is not None and current.key == assignment_key(service.target):
-            return reason
-        return f"{reason}; version {current.version} ({current.runtime}) keeps serving"
-
-    def _killing_for(self, name: str) -> bool:
-        return any(self.retiring[iid][0] == name for iid in self.killing if iid in self.retiring)
-
-    def _settle(self, name: str) -> None:
-        """The steady state of a service that no operation holds (after its last change)."""
-        service = self.record.services.get(name)
-        if service is None or name in self.ops or self._killing_for(name):
-            return
-        state, reason = self._steady(service)
-        if state is not service.state or reason != service.reason:
-            self._set_status(name, state, reason)
-
-    def _steady(self, service: ServiceRecord) -> tuple[ServiceState, str | None]:
-        """The state of a service that is not in the middle of anything."""
-        current = service.current
-        return steady_state(
-            target=service.target,
-            current=current,
-            serving=current is not None and self.health.get(current.id, Health()).alive,
-            failed=service.failed,
-            state=service.state,
-            reason=service.reason,
-        )
-
-    # --- health ------------------------------------------------------------------------------
-
-    def _on_probe(self, result: ProbeResult) -> None:
-        service = self.record.services.get(result.service)
-        if service is None or service.current is None or service.current.id != result.instance_id:
-            return
-        health = self.health.setdefault(result.instance_id, Health())
-        probe_cfg = service.current.assignment.settings.health
-        if not result.alive:
-            if not health.alive:
-                return  # known already (found dead at boot): its restart is under way
-            health.alive = False
-            self._dirty_plan = True
-            lines = self._runtime_of(service.current).log_tail(service.current, 30)
-            code = "unknown" if result.exit_code is None else str(result.exit_code)
-            self._count_failure(
-                result.service,
-                Trouble.EXITED,
-                result.exit_code,
-                log_tail_reason(f"version {service.current.version} exited (code {code})", lines),
-            )
-            return
-        if result.healthy:
-            health.misses = 0
-            if service.healthy_since is None:
-                service.healthy_since = datetime.now(UTC)
-            healthy_for = (datetime.now(UTC) - service.healthy_since).total_seconds()
-            if healthy_for >= self.config.restart.reset_after_s and service.failures:
-                service.failures = 0
-                self._dirty_save = True
-            if service.state is not ServiceState.HEALTHY:
-                self._settle(result.service)
-            return
-        health.misses += 1
-        service.healthy_since = None
-        if health.misses == probe_cfg.failure_threshold:
-            self._count_failure(
-                result.service,
-                Trouble.UNHEALTHY,
-                None,
-                f"missed {health.misses} health probes in a row on {probe_cfg.path}",
-            )
-
-    def _count_failure(self, name: str, trouble: Trouble, exit_code: int | None, reason: str) -> None:
-        service = self._service(name)
-        current = service.current
-        assert current is not None
-        healthy_for = (
-            (datetime.now(UTC) - service.healthy_since).total_seconds() if service.healthy_since else 0.0
-        )
-        restart = self.config.restart
-        decision = after_failure(
-            policy=current.assignment.settings.restart_policy,
-            trouble=trouble,
-            exit_code=exit_code,
-            failures_before=service.failures,
-            healthy_for_s=healthy_for,
-            rand=self.rand(),
-            backoff=RestartBackoff(restart.base_s, restart.cap_s, restart.jitter, restart.reset_after_s),
-            limit=restart.crash_loop_limit,
-        )
-        service.failures = decision.failures
-        service.healthy_since = None
-        self.timers.settle_at.pop(name, None)  # the new version has not settled
-        self._dirty_save = self._dirty_report = self._dirty_plan = True
-        if decision.restart_in_s is not None:
-            self.timers.restart_at[name] = self.clock() + decision.restart_in_s
-        if decision.crash_loop:
-            text = f"crash loop: failed {decision.failures} times in a row; {reason}"
-            earlier = service.previous
-            if earlier is not None and assignment_key(earlier) != current.key:
-                # The version that served before goes back to serving (see _observed).
-                service.failed[current.key] = text
-            if self._promote_standby(name):
-                return
-            self._set_status(name, ServiceState.FAILED, text)
-            return
-        if decision.restart_in_s is None:
-            policy = current.assignment.settings.restart_policy
-            state = ServiceState.UNHEALTHY if trouble is Trouble.UNHEALTHY else ServiceState.FAILED
-            self._set_status(name, state, f"{reason}; restart policy '{policy}' does not restart it")
-            return
-        self._set_status(
-            name, ServiceState.UNHEALTHY, f"{reason}; restarting in {decision.restart_in_s:.1f}s"
-        )
+    def _effects(self, effects: tuple[decide.Action, ...]) -> None:
+        """Carry out what a step asked for (its records are kept already; a desired state's
+        bytes are saved already)."""
+        for effect in effects:
+            match effect:
+                case decide.Dirty(save=save, report=report, plan=plan_again):
+                    self._dirty_save |= save
+                    self._dirty_report |= report
+                    self._dirty_plan |= plan_again
+                case decide.Retire(service=name, instance=instance, grace_s=grace_s):
+                    self.executor.retire(name, instance, grace_s=grace_s)
+                case decide.Watch():
+                    self._watch()
+                case decide.Say(level=level, text=text, error=error):
+                    log.log(level, "%s", text, exc_info=error)
+                case decide.Forget(service=name):
+                    self._watch()
+                    self._gc_needed = True
+                    log.info("%s removed", name)
+                case decide.Installed(module=module):
+                    self.installed[module.manifest_digest] = module
+                case decide.Collect():
+                    self._gc_needed = True
+                case decide.RotateKeys(instance=instance, auth=auth):
+                    self._runtime_of(instance).update_endpoint(instance, auth, None)
+                case decide.AnswerLogs(payload=payload):
+                    self._on_log_request(payload)
+                case decide.Halt():
+                    self._stopping = True
+                case decide.Dispatch(service=name, op=op, replaces=replaces, stops=stops):
+                    deadline = self.clock() + self.executor.deadline_of(op.kind, op.assignment)
+                    running = RunningOp(
+                        id=op.id,
+                        kind=op.kind,
+                        key=op.key,
+                        assignment=op.assignment,
+                        control=Control(deadline=deadline),
+                        restart=op.restart,
+                        replaces=replaces,
+                        stops=stops,
+                    )
+                    self.ops[name] = running
+                    self.executor.run(name, running)
+                case decide.Cancel(service=name):
+                    running_op = self.ops.get(name)
+                    if running_op is not None and not running_op.control.cancel.is_set():
+                        log.info("%s: cancelling %s (the desired state moved on)", name, running_op.kind)
+                        running_op.control.cancel.set()
+                case decide.SaveDesired():
+                    pass
 
     # --- logs --------------------------------------------------------------------------------
 
@@ -880,7 +497,7 @@ class ReconcileLoop:
         for name, at in list(self.timers.settle_at.items()):
             if now >= at:
                 del self.timers.settle_at[name]
-                self._end_settle(name)
+                self._handle(decide.SettleDue(name))
         for name, (_, _, until) in list(self.timers.unschedulable.items()):
             if now >= until:
                 del self.timers.unschedulable[name]
@@ -901,47 +518,6 @@ class ReconcileLoop:
         c = self.counters
         self.record.downloads = DownloadTotals(manifests=c.manifests, blobs=c.blobs, bytes=c.bytes)
         self.store.save(self.record)
-
-    def _service(self, name: str) -> ServiceRecord:
-        service = self.record.services.get(name)
-        if service is None:
-            service = ServiceRecord(name=name, since=datetime.now(UTC))
-            self.record.services[name] = service
-        return service
-
-    def _set_status(
-        self, name: str, state: ServiceState, reason: str | None, *, keep_failed: bool = False
-    ) -> None:
-        service = self._service(name)
-        if keep_failed and service.state is ServiceState.FAILED and service.target is not None:
-            target_key = assignment_key(service.target)
-            if target_key in service.failed:
-                return  # a rollback restart must not hide why the wanted version failed
-        if service.state is not state:
-            service.since = datetime.now(UTC)
-            log.info("%s is %s%s", name, state.value, f": {reason}" if reason else "")
-        service.state = state
-        service.reason = reason
-        self._dirty_save = self._dirty_report = True
-
-    def _forget(self, name: str) -> None:
-        service = self.record.services.pop(name, None)
-        self.timers.restart_at.pop(name, None)
-        self.timers.retry_at.pop(name, None)
-        self.timers.unschedulable.pop(name, None)
-        self.timers.settle_at.pop(name, None)
-        if service is not None and service.current is not None:
-            self.health.pop(service.current.id, None)
-        self._watch()
-        self._gc_needed = True
-        log.info("%s removed", name)
-
-    def _retire(self, name: str, instance: InstanceRecord, *, grace_s: float) -> None:
-        """Stop an instance that no longer serves (it drains first), in the background."""
-        self.retiring[instance.id] = (name, instance)
-        self.health.pop(instance.id, None)
-
-        self.executor.retire(name, instance, grace_s=grace_s)
 
     def _runtime_of(self, instance: InstanceRecord) -> Runtime:
         return self.runtimes[instance.runtime]
@@ -992,41 +568,10 @@ class ReconcileLoop:
     # --- boot ----------------------------------------------------------------------------------
 
     def _restore_desired(self) -> None:
-        """The last verified desired state, checked again (signature, device) as of when it was
-        applied: after a reboot an expired state still says what to run until the hub speaks."""
         data = self.store.load_desired()
-        if data is None:
-            return
-        try:
-            signed = json.loads(data)["signed"]
-            generation = int(signed["generation"])
-            applied_at = self.record.applied_at or datetime.fromisoformat(signed["issued"])
-        except (ValueError, KeyError, TypeError):
-            log.error("the saved desired state is damaged; waiting for the hub")
-            return
-        try:
-            # The desired file is written before the state file: a crash in between leaves a
-            # newer desired state, which was verified before it was written.
-            state = verify_desired(
-                data,
-                hub_trust=self.credentials.hub_trust(),
-                device_id=self.device_id,
-                applied_generation=min(generation, max(self.record.applied_generation, 1)) - 1,
-                now=applied_at,
+        if data is not None:
+            records, effects = decide.restore(
+                self._records(), data, ctx=self._context, wall=datetime.now(UTC)
             )
-        except DesiredStateRefused as exc:
-            log.error("the saved desired state no longer verifies (%s); waiting for the hub", exc)
-            return
-        if state.generation < self.record.applied_generation:
-            log.error(
-                "the saved desired state is generation %d, older than the applied %d; waiting for the hub",
-                state.generation,
-                self.record.applied_generation,
-            )
-            return
-        self.record.applied_generation = state.generation
-        self.record.applied_at = applied_at
-        self.desired, self.desired_bytes = state, data
-        for assignment in state.modules:
-            self._service(assignment.service).target = assignment
-
+            self._keep(records)
+            self._effects(effects)
