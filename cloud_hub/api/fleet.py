@@ -448,7 +448,7 @@ def deploy(core: Core, fleet: Fleet, name: str, body: DeployRequest, response: R
 
     change = fleet.change(mutate)
     response.status_code = 201 if change.result else 200
-    with core.sessions.begin() as s:
+    with core.sessions.snapshot() as s:
         out = _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
     return {
         **_change_out(change),
@@ -485,7 +485,7 @@ def regenerate_key(fleet: Fleet, name: str, body: RegenerateRequest) -> dict[str
 
 @admin.get("/deployments", tags=["deployments"])
 def list_deployments(core: Core) -> dict[str, list[DeploymentOut]]:
-    with core.sessions.begin() as s:
+    with core.sessions.snapshot() as s:
         rows = list(s.scalars(select(Deployment).order_by(Deployment.name)))
         view = _FleetView.read(s)
         return {"deployments": [_deployment_out(s, r, view) for r in rows]}
@@ -493,7 +493,7 @@ def list_deployments(core: Core) -> dict[str, list[DeploymentOut]]:
 
 @admin.get("/deployments/{name}", response_model=DeploymentOut, tags=["deployments"])
 def show_deployment(core: Core, name: str) -> DeploymentOut:
-    with core.sessions.begin() as s:
+    with core.sessions.snapshot() as s:
         return _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
 
 

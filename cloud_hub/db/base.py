@@ -85,3 +85,19 @@ class Sessions:
         """A session whose work commits at the end of the block, or rolls back on error."""
         with self._factory() as session, session.begin():
             yield session
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only session whose statements all see the database as it was at its first.
+
+        PostgreSQL's default isolation (READ COMMITTED) gives each statement a snapshot of its
+        own, so an answer built from several queries could pair a device's new state with the
+        last-seen time from before that report; REPEATABLE READ reads one snapshot throughout.
+        SQLite runs a transaction's reads against one snapshot already."""
+        with self._factory() as session:
+            if self.engine.dialect.name == "postgresql":
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            try:
+                yield session
+            finally:
+                session.rollback()
