@@ -28,6 +28,7 @@ from edge_agent.reconcile.steady import steady_state
 from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure, log_tail_reason
 from edge_agent.reconcile.supervise import Verdict as FailureKind
 from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
+from edge_agent.uplink.http import TokenRefused
 from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage
 from manifests.desired import (
     DesiredRefusal,
@@ -565,9 +566,12 @@ def on_desired(
     hub_trust: TrustStore,
     device_id: str,
     wall: datetime,
+    hub_now: datetime | None = None,
 ) -> Acceptance:
     """A desired state arrived from ``source`` (``mqtt`` or ``http``): refused (and said so,
-    unless it is a redelivery or a stale poll), or accepted as each service's new target."""
+    unless it is a redelivery or a stale poll), or accepted as each service's new target.
+    ``hub_now``: the hub's clock when it sent the state over HTTP (a refusal of a state expired
+    only by the device's clock then names the skew)."""
     if payload == applied.payload:
         return Acceptance(applied)
     record = applied.record
@@ -578,6 +582,7 @@ def on_desired(
             device_id=device_id,
             applied_generation=record.applied_generation,
             now=wall,
+            hub_now=hub_now,
         )
     except DesiredStateRefused as exc:
         if exc.reason is DesiredRefusal.NOT_NEWER and same_generation(payload, record.applied_generation):
@@ -864,20 +869,20 @@ def step(
         case HttpDesired(fetch=fetch, error=error):
             records = replace(records, poll_in_flight=False)
             if error is not None:
-                delay = full_jitter(records.poll_attempts, rand, cap_s=60.0)
-                text = f"desired state over HTTP: {error}; retrying in {delay:.1f}s"
-                return replace(
-                    records,
-                    poll_attempts=records.poll_attempts + 1,
-                    next_poll=now + min(delay, ctx.poll_interval_s),
-                ), (Say(logging.INFO, text),)
+                return _poll_failed(records, error, ctx=ctx, now=now, rand=rand)
             records = replace(records, poll_attempts=0, next_poll=now + ctx.poll_interval_s)
+            cleared: tuple[Action, ...] = ()
+            if records.agent.last_error == TOKEN_REFUSED_ERROR:  # the hub takes the token again
+                records = replace(records, agent=records.agent.model_copy(update={"last_error": None}))
+                cleared = (Dirty(save=True, report=True),)
             if fetch is None:
-                return records, ()
+                return records, cleared
             records = replace(records, etag=fetch.etag)
             if fetch.data is None:
-                return records, ()
-            return _desired(records, fetch.data, "http", ctx=ctx, wall=wall)
+                return records, cleared
+            hub_now = fetch.hub_time
+            records, accepted = _desired(records, fetch.data, "http", ctx=ctx, wall=wall, hub_now=hub_now)
+            return records, cleared + accepted
         case OpDone(service=name, op_id=op_id, result=result, error=error):
             running = records.ops.get(name)
             if running is None or running.id != op_id:
@@ -945,11 +950,21 @@ def step(
     raise TypeError(f"no step for {type(event).__name__}")  # pragma: no cover
 
 
-def _desired(records: Records, payload: bytes, source: str, *, ctx: Context, wall: datetime) -> Step:
+def _desired(
+    records: Records,
+    payload: bytes,
+    source: str,
+    *,
+    ctx: Context,
+    wall: datetime,
+    hub_now: datetime | None = None,
+) -> Step:
     before = Applied(
         records.agent, records.desired, records.payload, records.retry_at, records.retry_attempts
     )
-    out = on_desired(before, payload, source, hub_trust=ctx.hub_trust, device_id=ctx.device_id, wall=wall)
+    out = on_desired(
+        before, payload, source, hub_trust=ctx.hub_trust, device_id=ctx.device_id, wall=wall, hub_now=hub_now
+    )
     applied = out.applied
     records = replace(
         records,
@@ -960,6 +975,28 @@ def _desired(records: Records, payload: bytes, source: str, *, ctx: Context, wal
         retry_attempts=applied.retry_attempts,
     )
     return records, out.effects
+
+
+#: what the reported state says while the hub refuses the device token (the log says how to
+#: enroll again); set once, not per poll, and cleared when the hub takes the token again
+TOKEN_REFUSED_ERROR = "the hub refuses the device token: enroll the device again (see the agent's log)"
+
+
+def _poll_failed(records: Records, error: EdgepackError, *, ctx: Context, now: float, rand: float) -> Step:
+    delay = full_jitter(records.poll_attempts, rand, cap_s=60.0)
+    records = replace(
+        records, poll_attempts=records.poll_attempts + 1, next_poll=now + min(delay, ctx.poll_interval_s)
+    )
+    text = f"desired state over HTTP: {error}; retrying in {delay:.1f}s"
+    if not isinstance(error, TokenRefused):
+        return records, (Say(logging.INFO, text),)
+    # The refusal was logged as an error by the uplink, with what to do; each poll inside its
+    # backoff is only a debug line, and the reported state says it once.
+    effects: tuple[Effect, ...] = (Say(logging.DEBUG, text),)
+    if records.agent.last_error != TOKEN_REFUSED_ERROR:
+        records = replace(records, agent=records.agent.model_copy(update={"last_error": TOKEN_REFUSED_ERROR}))
+        effects += (Dirty(save=True, report=True),)
+    return records, effects
 
 
 # --- planning ------------------------------------------------------------------------------------

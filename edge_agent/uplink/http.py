@@ -26,6 +26,8 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from edge_agent import __version__
@@ -57,10 +59,13 @@ class TokenRefused(ConfigError):
 
 @dataclass(frozen=True)
 class DesiredFetch:
-    """What ``GET /device/desired`` gave: new bytes, or nothing new (304) or nothing yet."""
+    """What ``GET /device/desired`` gave: new bytes, or nothing new (304) or nothing yet;
+    ``hub_time`` is the hub's clock when it answered (its ``Date`` header), so a state that
+    expired only by the device's clock is blamed on the clock."""
 
     data: bytes | None
     etag: str | None
+    hub_time: datetime | None = None
 
 
 class HubHttp:
@@ -123,7 +128,7 @@ class HubHttp:
                 return DesiredFetch(None, None)  # enrolled, nothing issued yet
             self._check(response, path)
             data = _read_bounded(response, MAX_MANIFEST_BYTES, "desired state")
-            return DesiredFetch(data, response.getheader("etag"))
+            return DesiredFetch(data, response.getheader("etag"), _hub_time(response.getheader("date")))
 
     def manifest(self, digest: str) -> bytes:
         path = f"/api/v1/device/manifests/{digest}"
@@ -291,3 +296,15 @@ def _read_error(response: http.client.HTTPResponse) -> str:
         return str(json.loads(data)["error"]["message"])[:300]
     except (ValueError, KeyError, TypeError):
         return data[:300].decode("utf-8", errors="replace") or response.reason
+
+
+def _hub_time(header: str | None) -> datetime | None:
+    """The hub's clock from an HTTP ``Date`` header (RFC 9110, second resolution); ``None``
+    when it is missing or unreadable (then only the device's clock judges expiry)."""
+    if not header:
+        return None
+    try:
+        when = parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    return when.astimezone(UTC) if when.tzinfo is not None else when.replace(tzinfo=UTC)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edge_agent.reconcile.loop import ReconcileLoop
 from edge_agent.uplink.http import HubHttp
+from edge_agent.uplink.mqtt import DesiredMessage
 from manifests.device import AgentConfig, DeviceCredentials
 from tests.factory import Forge
 
@@ -47,9 +48,9 @@ def test_an_http_answer_older_than_the_applied_state_is_dropped_without_a_false_
     # as a refused replay, hiding any real refusal behind it.
     forge = Forge()
     loop = _loop(tmp_path, forge)
-    loop._on_desired(_state(forge, 5), "mqtt")
+    loop.handle(DesiredMessage(_state(forge, 5), "mqtt"))
     assert loop.record.applied_generation == 5
-    loop._on_desired(_state(forge, 4), "http")
+    loop.handle(DesiredMessage(_state(forge, 4), "http"))
     assert loop.record.applied_generation == 5
     assert loop.record.last_error is None
 
@@ -57,7 +58,7 @@ def test_an_http_answer_older_than_the_applied_state_is_dropped_without_a_false_
 def test_an_older_state_over_mqtt_is_still_refused_and_reported(tmp_path: Path) -> None:
     forge = Forge()
     loop = _loop(tmp_path, forge)
-    loop._on_desired(_state(forge, 5), "mqtt")
-    loop._on_desired(_state(forge, 4), "mqtt")
+    loop.handle(DesiredMessage(_state(forge, 5), "mqtt"))
+    loop.handle(DesiredMessage(_state(forge, 4), "mqtt"))
     assert loop.record.applied_generation == 5
     assert loop.record.last_error is not None and "not-newer" in loop.record.last_error

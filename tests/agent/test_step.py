@@ -3,6 +3,7 @@ records and an event in, the new records and the effects out. No agent, clock or
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from edge_agent.health import ProbeResult
 from edge_agent.reconcile.events import HttpDesired, OpDone, OpProgress, Retired, Stop
 from edge_agent.reconcile.plan import Op, assignment_key
 from edge_agent.reconcile.step import (
+    TOKEN_REFUSED_ERROR,
     Acceptance,
     AnswerLogs,
     Applied,
@@ -47,7 +49,7 @@ from edge_agent.reconcile.step import (
     step,
 )
 from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
-from edge_agent.uplink.http import DesiredFetch
+from edge_agent.uplink.http import DesiredFetch, TokenRefused
 from edge_agent.uplink.mqtt import Connected, DesiredMessage, Disconnected, LogRequestMessage
 from manifests.desired import DeploymentSettings, EndpointAuth, ModuleAssignment, RestartPolicy, RuntimeKind
 from manifests.device import RestartSettings
@@ -572,6 +574,34 @@ def test_step_connection_and_poll_events(forge: Forge, event: object, expected: 
     after, effects = stepped(forge, before, event)
     assert after == replace(before, **expected)  # type: ignore[arg-type]
     assert all(isinstance(e, Dirty | Say) for e in effects)
+
+
+@pytest.mark.parametrize(
+    ("last_error", "reported"),
+    [
+        pytest.param(None, True, id="the first refused poll: the last error says so, reported"),
+        pytest.param(TOKEN_REFUSED_ERROR, False, id="each later one: nothing new to report"),
+        pytest.param("something else", True, id="it replaces another error, reported"),
+    ],
+)
+def test_step_a_refused_token_is_the_last_error_once_and_each_poll_a_debug_line(
+    forge: Forge, last_error: str | None, reported: bool
+) -> None:
+    before = serving(poll_attempts=3, poll_in_flight=True)
+    before = replace(before, agent=before.agent.model_copy(update={"last_error": last_error}))
+    after, effects = stepped(forge, before, HttpDesired(fetch=None, error=TokenRefused("refused")))
+    assert after.agent.last_error == TOKEN_REFUSED_ERROR
+    assert (after.poll_attempts, after.next_poll, after.poll_in_flight) == (4, NOW + 4.0, False)
+    said = [e for e in effects if isinstance(e, Say)]
+    assert [s.level for s in said] == [logging.DEBUG]
+    assert any(isinstance(e, Dirty) and e.report for e in effects) is reported
+
+
+def test_step_a_token_taken_again_clears_the_refusal(forge: Forge) -> None:
+    before = serving()
+    before = replace(before, agent=before.agent.model_copy(update={"last_error": TOKEN_REFUSED_ERROR}))
+    after, effects = stepped(forge, before, HttpDesired(fetch=DesiredFetch(data=None, etag='"g1"')))
+    assert after.agent.last_error is None and Dirty(save=True, report=True) in effects
 
 
 def test_step_a_poll_with_a_new_state_is_taken_as_a_desired_state_over_http(forge: Forge) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.reconcile.step import TOKEN_REFUSED_ERROR
 from edge_agent.uplink.http import HubHttp, TokenRefused
 from manifests.device import DeviceCredentials
 from tests.agent.conftest import Fleet, wait_for
@@ -72,7 +73,8 @@ def test_the_backoff_after_a_refusal_grows_and_a_request_inside_it_is_not_sent(
 
 
 def test_an_agent_with_a_wrong_token_logs_an_error_that_says_what_to_do_and_backs_off(fleet: Fleet) -> None:
-    agent = fleet.device("edge-1")
+    # debug: each poll inside the backoff is a debug line (the error says it once)
+    agent = fleet.device("edge-1", log_level="debug")
     creds_path = agent.config.credentials
     creds = json.loads(creds_path.read_text())
     creds["token"] = wrong_token(creds["token"])
@@ -92,3 +94,25 @@ def test_an_agent_with_a_wrong_token_logs_an_error_that_says_what_to_do_and_back
     # 60 s, the third up to 120 s.
     asked = [line for line in log.splitlines() if "desired state over HTTP:" in line and REFUSED in line]
     assert 1 <= len(asked) <= 3, log
+
+
+def test_a_refused_token_reaches_the_hub_once_as_the_devices_last_error_and_each_poll_is_a_debug_line(
+    fleet: Fleet,
+) -> None:
+    agent = fleet.device("edge-1")
+    creds_path = agent.config.credentials
+    creds = json.loads(creds_path.read_text())
+    creds["token"] = wrong_token(creds["token"])
+    creds_path.write_text(json.dumps(creds))
+    agent.start()
+
+    # The broker session is not the HTTP token's: the reported state still reaches the hub.
+    reported = wait_for(
+        lambda: fleet.hub_device("edge-1").get("last_error") == TOKEN_REFUSED_ERROR or None,
+        what="the refused token as the device's last error on the hub",
+        log=agent.log,
+    )
+    assert reported
+    log = agent.log()
+    polls = [line for line in log.splitlines() if "desired state over HTTP:" in line]
+    assert not [line for line in polls if " INFO " in line], log
