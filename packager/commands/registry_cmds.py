@@ -27,7 +27,7 @@ from packager.commands.options import (
 )
 from packager.commands.output import files_table, pairs_text, print_json
 from packager.display import safe_text
-from packager.sdk import Hub, Model, Module
+from packager.sdk import Hub, Model, Module, SignerChange
 from packager.sdk.config import HubConfig
 
 hub_app = typer.Typer(help="Run an edgepack hub.", no_args_is_help=True)
@@ -422,6 +422,14 @@ def _print_signers(owners: list[str], granted: list[str]) -> None:
         console.print(f"granted  {keyid}")
 
 
+def _print_signer_change(change: SignerChange, as_json: bool, what: str) -> None:
+    if as_json:
+        print_json(change.raw)
+        return
+    console.print(f"{what} ({len(change.issued)} device(s) told)")
+    _print_signers(change.owners, change.granted)
+
+
 @module_app.command("signers")
 def module_signers_cmd(
     name: Annotated[str, typer.Argument(help="module name")],
@@ -450,13 +458,8 @@ def module_grant_cmd(
     pushed the name owns it); devices running the name are told."""
     with connect(hub, token) as connected:
         change = Module.grant(connected, name, keyid)
-    if as_json:
-        print_json(change.raw)
-        return
     verb = "granted" if change.changed else "already allowed:"
-    told = len(change.issued)
-    console.print(f"[green]{verb}[/] key {keyid} may sign module {name} ({told} device(s) told)")
-    _print_signers(change.owners, change.granted)
+    _print_signer_change(change, as_json, f"[green]{verb}[/] key {keyid} may sign module {name}")
 
 
 @module_app.command("revoke")
@@ -471,8 +474,4 @@ def module_revoke_cmd(
     cannot be revoked); devices running the name are told."""
     with connect(hub, token) as connected:
         change = Module.revoke(connected, name, keyid)
-    if as_json:
-        print_json(change.raw)
-        return
-    console.print(f"[green]revoked[/] key {keyid} on module {name} ({len(change.issued)} device(s) told)")
-    _print_signers(change.owners, change.granted)
+    _print_signer_change(change, as_json, f"[green]revoked[/] key {keyid} on module {name}")
