@@ -125,10 +125,19 @@ def guarded_protocol(limits: SocketLimits) -> type[asyncio.Protocol]:
 
         def data_received(self, data: bytes) -> None:
             heads = self._heads
+            pending = self._head_since is not None
             super().data_received(data)
-            # Counted only while one head is pending across reads: the read that begins a head
-            # may also end the body before it, so at most one read (256 KiB) goes uncounted.
-            if self._head_since is not None and self._heads == heads and not self.transport.is_closing():
+            # Counted only while one head is pending across the whole read: a read that ends a
+            # body (answered early, its rest still coming) may hold up to 256 KiB of that body
+            # before the next head begins, and a read that begins a head may end the body
+            # before it; either goes uncounted (at most one read), never a body's bytes
+            # counted as a head's.
+            if (
+                pending
+                and self._head_since is not None
+                and self._heads == heads
+                and not self.transport.is_closing()
+            ):
                 self._head_bytes += len(data)
                 if self._head_bytes > limits.max_head_bytes:
                     message = b"request head larger than %d bytes" % limits.max_head_bytes
