@@ -52,7 +52,12 @@ def test_the_walkthrough_runs_every_step_on_a_device(
         shutil.copy(EXAMPLE / "score.py", tmp_path / "other" / "score.py")
         config = InferenceConfig(entry_script=str(tmp_path / "other" / "score.py"))
         running = Model.deploy(
-            hub, "other-service", [other], config, DeploymentConfig(port=free_port()), target=Devices("edge-1")
+            hub,
+            "other-service",
+            [other],
+            config,
+            DeploymentConfig(port=free_port()),
+            target=Devices("edge-1"),
         )
         running.wait_for_deployment(timeout=120)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
