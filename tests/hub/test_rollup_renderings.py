@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from cloud_hub.fleet.devices import enroll_device, revoke_device
 from cloud_hub.fleet.tables import Device
@@ -35,6 +38,8 @@ from tests.hub.fleet_support import PushedModule, deploy, push
 from tests.hub.test_fleet_cli import run
 
 AT = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+#: Dashboard answers read while the states flip (each one a chance to see two moments).
+READS = 60
 #: docs/dashboard.md's order, worst first
 WORST_FIRST = ("Failed", "Unschedulable", "Unhealthy", "Transitioning", "Pending", "Healthy")
 
@@ -279,3 +284,62 @@ def test_a_device_that_has_not_reported_has_one_name(
     assert device.returncode == 0, device.stderr
     [row] = [line for line in device.stdout.splitlines() if "svc" in line]
     assert "Pending" in row and "state Pending" in device.stdout
+
+
+def test_dashboard_views_read_one_snapshot_while_reports_change(
+    hub: HubFactory, publisher: Publisher, postgres: str
+) -> None:
+    """On PostgreSQL (whose READ COMMITTED gives every statement its own snapshot) a dashboard
+    answer built from several queries is still one moment: while ingest flips every device's
+    state in one transaction after another, the summary's device counts and its service's
+    rollout, and a service view's rollout and its device rows, always agree."""
+    h = hub(postgres=postgres)
+    assert h.core.sessions.engine.dialect.name == "postgresql"
+    module = push(h, publisher, "m", "1")
+    ids = [f"s-{i:02d}" for i in range(40)]
+
+    def enroll(s: Any) -> None:
+        for device in ids:
+            enroll_device(s, device, {"fleet": "t"})
+
+    h.process.fleet.change(enroll)
+    with h.client() as http:
+        assert deploy(http, "svc", module, selector="fleet=t").status_code == 201
+    with h.core.sessions.begin() as s:
+        for device in ids:
+            s.add(_row(device, _status("svc", Report(H), {"current": module})))
+
+    stop = threading.Event()
+    flips = 0
+
+    def flip() -> None:
+        # What ingest does to the rows, as fast as the database takes it: every device's
+        # state changes in one commit, so any one moment has them all in one state.
+        nonlocal flips
+        while not stop.is_set():
+            state = (F if flips % 2 else H).value
+            with h.core.sessions.begin() as s:
+                s.execute(update(ModuleState).where(ModuleState.service == "svc").values(state=state))
+            flips += 1
+
+    writer = threading.Thread(target=flip, daemon=True)
+    writer.start()
+    torn: list[str] = []
+    try:
+        with h.client() as http:
+            for _ in range(READS):
+                summary = get(http, "/api/v1/dashboard/summary")
+                counts = {k: n for k, n in summary["devices"]["by_state"].items() if n}
+                rollout = {k: n for k, n in summary["services"][0]["rollout"]["by_state"].items() if n}
+                if counts != rollout or len(counts) != 1:
+                    torn.append(f"summary: devices {counts}, rollout {rollout}")
+                view = get(http, "/api/v1/dashboard/services/svc", limit=200)
+                rows = Counter(d["state"] for d in view["devices"])
+                rollout = {k: n for k, n in view["service"]["rollout"]["by_state"].items() if n}
+                if rows != rollout or len(rows) != 1:
+                    torn.append(f"service view: rows {dict(rows)}, rollout {rollout}")
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert flips > READS, "the writer did not keep up; the reads proved nothing"
+    assert not torn, f"{len(torn)} of {2 * READS} answers mixed two moments, e.g. {torn[:3]}"
