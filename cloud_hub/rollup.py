@@ -13,7 +13,8 @@ Words (``manifests.states``):
 
 The rules that turn one report into a :class:`StateOnDevice` (:data:`RULES`) and the order
 "worst first" (:data:`PRECEDENCE`) are data. :func:`state_on_device` and :func:`worst` apply
-them in Python (the deployment API, ``service show``, the SDK); :func:`state_on_device_sql`,
+them in Python (the deployment and device APIs behind ``service show``, ``device show`` and
+the SDK); :func:`state_on_device_sql`,
 :func:`rank_sql` and :func:`state_of_rank_sql` render the very same tables as SQL ``CASE``
 expressions (the dashboard's paged queries in ``overview/queries.py``), so the two cannot
 drift; ``tests/hub/test_rollup_renderings.py`` checks both against the same rows on SQLite
@@ -54,7 +55,7 @@ class DeviceState(StrEnum):
     UNHEALTHY = StateOnDevice.UNHEALTHY.value
     TRANSITIONING = StateOnDevice.TRANSITIONING.value
     HEALTHY = StateOnDevice.HEALTHY.value
-    PENDING = StateOnDevice.PENDING.value  # services assigned, none of the worse ones reported
+    PENDING = StateOnDevice.PENDING.value  # a service not reported yet, none worse, none moving
     IDLE = "Idle"  # no services assigned
 
 
