@@ -13,6 +13,7 @@ STATE_STYLE = {
     "Unhealthy": "yellow",
     "Unschedulable": "magenta",
     "Transitioning": "cyan",
+    "Pending": "dim",
 }
 
 

@@ -42,7 +42,7 @@ from cloud_hub.overview.queries import (
     service_devices_page,
 )
 from manifests.reported import ModuleStatus, Progress, Telemetry
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 
 router = APIRouter(prefix="/api/v1/dashboard", tags=["dashboard"], dependencies=[Admin])
 
@@ -170,11 +170,11 @@ def _service_device_out(row: ServiceDeviceRow) -> ServiceDeviceOut:
     if row.status is not None:
         with contextlib.suppress(ValidationError):
             status = ModuleStatus.model_validate(row.status)
-    moving = status is not None and row.state == ServiceState.TRANSITIONING.value
+    moving = status is not None and row.state is StateOnDevice.TRANSITIONING
     return ServiceDeviceOut(
         device_id=row.device_id,
         online=row.online,
-        state=row.state,
+        state=row.state.value,
         reason=row.reason,
         serving_version=status.serving_version if status is not None else None,
         endpoint=status.endpoint if status is not None else None,
@@ -218,7 +218,7 @@ def _events(s: Session, where: Any) -> list[EventOut]:
 @router.get("/summary", response_model=SummaryOut)
 def summary(core: Core) -> SummaryOut:
     """Device counts (total, online/offline, by state) and every service with its roll-up."""
-    with core.sessions.begin() as s:
+    with core.sessions.snapshot() as s:
         counts = fleet_counts(s)
         rows = list(s.scalars(select(Deployment).order_by(Deployment.name).limit(MAX_SUMMARY_SERVICES)))
         services = [_service_summary(s, r, inline=True) for r in rows]
@@ -251,7 +251,7 @@ def devices(
 ) -> DevicePageOut:
     """One page of active devices, by id, filtered; ``total`` counts every matching device."""
     wanted = DeviceFilter.parse(q=q, tags=tag or [], state=state, online=online)
-    with core.sessions.begin() as s:
+    with core.sessions.snapshot() as s:
         page = device_page(s, wanted, limit=limit, offset=offset)
     return DevicePageOut(
         total=page.total,
@@ -265,7 +265,7 @@ def devices(
 def device_view(core: Core, device_id: str) -> DeviceViewOut:
     """One device: its modules and their states and reasons, its telemetry, its recent events."""
     check_device_id(device_id)
-    with core.sessions.begin() as s:
+    with core.sessions.snapshot() as s:
         device = get_device(s, device_id, active=True)
         desired = s.get(DeviceDesired, device_id)
         report = s.get(DeviceReport, device_id)
@@ -327,7 +327,7 @@ def service_view(
 ) -> ServiceViewOut:
     """One service: its rollout progress and a page of its devices with their state for it."""
     check_service_name(name)
-    with core.sessions.begin() as s:
+    with core.sessions.snapshot() as s:
         row = get_deployment(s, name)
         total, rows = service_devices_page(s, row, state=state, limit=limit, offset=offset)
         return ServiceViewOut(

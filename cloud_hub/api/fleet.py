@@ -33,7 +33,7 @@ from cloud_hub.fleet.deployments import (
     upsert_deployment,
     with_endpoint_keys,
 )
-from cloud_hub.fleet.desired import current_plan, stored_state
+from cloud_hub.fleet.desired import current_plan, deployment_view, stored_state
 from cloud_hub.fleet.devices import (
     MAX_BULK,
     Credentials,
@@ -46,20 +46,21 @@ from cloud_hub.fleet.devices import (
     revoke_device,
 )
 from cloud_hub.fleet.endpoint_keys import KeyName, auth_of, get_keys, regenerate
-from cloud_hub.fleet.plan import Plan, devices_running
-from cloud_hub.fleet.status import seen_text, service_state_on_device
+from cloud_hub.fleet.plan import DeviceView, Plan, assignments_for, devices_running
+from cloud_hub.fleet.status import seen_text
 from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, ServiceKeys
 from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, selector_matches
-from cloud_hub.ingest.rollup import rollup_states
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
 from cloud_hub.ingest.tables import DeviceReport
 from cloud_hub.registry.modules import get_module
+from cloud_hub.rollup import DeviceState, device_state, service_state, state_on_device
 from cloud_hub.tls.material import ca_pem
+from manifests.desired import ModuleAssignment
 from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.logs import MAX_TAIL
 from manifests.reported import ModuleStatus, Progress
 from manifests.signing import TrustedKey, public_key_pem, raw_public_bytes
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 
 router = APIRouter()
 admin = APIRouter(prefix="/api/v1", dependencies=[Admin])
@@ -86,12 +87,26 @@ class DeviceOut(BaseModel):
     services: list[str] = Field(default_factory=list)
 
 
+class ServiceOnDevice(BaseModel):
+    service: str
+    state: StateOnDevice = Field(description="its state here; Pending until the device reported it")
+    reason: str | None
+
+
 class DeviceDetail(DeviceOut):
     desired_issued: datetime | None = None
     desired_expires: datetime | None = None
     applied_generation: int | None = Field(default=None, description="as the device last reported")
     last_error: str | None = Field(default=None, description="e.g. why it refused a desired state")
-    modules: list[ModuleStatus] = Field(default_factory=list)
+    modules: list[ModuleStatus] = Field(
+        default_factory=list, description="each module as the device last reported it"
+    )
+    state: DeviceState = Field(
+        description="the worst of its services' states (as on the dashboard); Idle with none"
+    )
+    service_states: list[ServiceOnDevice] = Field(
+        default_factory=list, description="each service assigned to it, with its state here"
+    )
 
 
 class CredentialsOut(BaseModel):
@@ -167,7 +182,7 @@ class DeviceServiceOut(BaseModel):
     last_seen: datetime | None = Field(
         default=None, description="the device's last message to the hub (None: never heard from)"
     )
-    state: ServiceState | None
+    state: StateOnDevice = Field(description="its state there; Pending until the device reported it")
     reason: str | None
     endpoint: str | None = Field(default=None, description="where the device serves it (its report)")
     serving_version: str | None = None
@@ -263,8 +278,8 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
     rows: list[DeviceServiceOut] = []
     for device_id in devices_running(view.plan, row.name):
         status = reported.get(device_id)
-        here = service_state_on_device(status, row.manifest_digest)
-        moving = status is not None and here.state is ServiceState.TRANSITIONING
+        here = state_on_device(status, row.manifest_digest)
+        moving = status is not None and here.state is StateOnDevice.TRANSITIONING
         rows.append(
             DeviceServiceOut(
                 device_id=device_id,
@@ -287,7 +302,7 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
         target=row.target,
         created_at=row.created_at,
         updated_at=row.updated_at,
-        state=rollup_states([r.state for r in rows]),
+        state=service_state(r.state for r in rows),
         devices=rows,
     )
 
@@ -397,17 +412,30 @@ def list_devices(
 
 @admin.get("/devices/{device_id}", response_model=DeviceDetail, tags=["devices"])
 def show_device(core: Core, device_id: str) -> DeviceDetail:
-    with core.sessions.begin() as s:
+    with core.sessions.snapshot() as s:
         device = get_device(s, device_id)
         desired = s.get(DeviceDesired, device_id)
         report = s.get(DeviceReport, device_id)
+        modules = device_module_statuses(s, device_id)
+        # Judged against what the deployments ask for now, as the dashboard judges them.
+        assigned: list[ModuleAssignment] = []
+        if not device.revoked:
+            deployments = [deployment_view(r) for r in s.scalars(select(Deployment))]
+            assigned = assignments_for(DeviceView(device.id, dict(device.tags or {})), deployments)
+        reported = {m.service: m for m in modules}
+        states = []
+        for assignment in assigned:
+            here = state_on_device(reported.get(assignment.service), assignment.manifest_digest)
+            states.append(ServiceOnDevice(service=assignment.service, state=here.state, reason=here.reason))
         return DeviceDetail(
             **_device_out(device, desired).model_dump(),
             desired_issued=desired.issued if desired is not None else None,
             desired_expires=desired.expires if desired is not None else None,
             applied_generation=report.applied_generation if report is not None else None,
             last_error=report.last_error if report is not None else None,
-            modules=device_module_statuses(s, device_id),
+            modules=modules,
+            state=device_state(x.state for x in states),
+            service_states=states,
         )
 
 

@@ -5,10 +5,10 @@ five: the database filters, counts and pages, and Python only shapes the rows it
 The same statements run on SQLite and PostgreSQL (tags are read with SQLAlchemy's portable
 JSON element access; no backend-specific operators).
 
-A **device's state** is the worst (``ingest.rollup.PRECEDENCE``) of the states it reports for
-the services deployed now; a module still reporting another manifest than its service's
-current one counts as Transitioning (as in ``fleet.status``). A device that has services
-assigned but has reported none of them is **Pending**; one with no services is **Idle**.
+States are named and rolled up by the rules of ``cloud_hub/rollup.py`` (its SQL renderings):
+a service's state on a device, a device's state (the worst over the services assigned to it,
+Pending included; Idle with none), a service's state (from its counts by state). Call these
+inside one ``Sessions.snapshot()``: a device's state joins what the deployments target now.
 
 A **service's devices** are found by turning its target into SQL (tags or ids), which is the
 same rule ``Target.includes`` applies when the fleet is planned.
@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
     ColumnElement,
     Select,
@@ -35,16 +35,26 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
 )
 from sqlalchemy.orm import Session
 
-from cloud_hub.fleet.plan import assignments_digest
-from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
+from cloud_hub.fleet.tables import Deployment, Device
 from cloud_hub.fleet.targeting import Target, parse_tag
-from cloud_hub.ingest.rollup import PRECEDENCE, rollup_states
 from cloud_hub.ingest.tables import ModuleState
+from cloud_hub.rollup import (
+    PRECEDENCE,
+    DeviceState,
+    ReportColumns,
+    rank_sql,
+    service_state_of_counts,
+    state_of_rank_sql,
+    state_on_device,
+    state_on_device_sql,
+)
 from manifests.errors import ConfigError
-from manifests.states import ServiceState
+from manifests.reported import ModuleStatus
+from manifests.states import ServiceState, StateOnDevice
 
 #: A page never holds more rows than this, whatever the client asks for.
 MAX_PAGE = 200
@@ -56,25 +66,8 @@ MAX_SEARCH_CHARS = 64
 MAX_OFFSET = 1_000_000
 
 
-class DeviceState(StrEnum):
-    """A device's rolled-up state: the five service states plus Pending and Idle."""
-
-    FAILED = "Failed"
-    UNSCHEDULABLE = "Unschedulable"
-    UNHEALTHY = "Unhealthy"
-    TRANSITIONING = "Transitioning"
-    HEALTHY = "Healthy"
-    PENDING = "Pending"  # services assigned, none reported yet
-    IDLE = "Idle"  # no services assigned
-
-
-#: A service's state on one device; PENDING when the device has not reported it yet.
-DEVICE_SERVICE_STATES: tuple[str, ...] = (*(s.value for s in PRECEDENCE), DeviceState.PENDING.value)
-
-_RANK = {s.value: i for i, s in enumerate(PRECEDENCE)}
-_TRANSITIONING_RANK = _RANK[ServiceState.TRANSITIONING.value]
-#: The modules digest of a desired state with no modules (a device with nothing to run).
-_NOTHING = assignments_digest([])
+#: The words for a service's state on one device (``StateOnDevice``), worst first.
+DEVICE_SERVICE_STATES: tuple[str, ...] = tuple(s.value for s in PRECEDENCE)
 
 
 # --- filters (pure) ----------------------------------------------------------------------------
@@ -154,32 +147,53 @@ def target_clause(target: Target) -> ColumnElement[bool]:
     return and_(*_tags_match(target.selector))
 
 
-def _module_state_here() -> ColumnElement[str]:
-    """A module row's state for the service as deployed now (needs Deployment joined)."""
-    stale = and_(
-        ModuleState.manifest_digest.is_not(None), ModuleState.manifest_digest != Deployment.manifest_digest
+def _report_columns(current: ColumnElement[Any]) -> ReportColumns:
+    """The rules' inputs from ``ModuleState`` (outer-joined) for a service whose current
+    manifest digest is ``current``."""
+    return ReportColumns(
+        reported=ModuleState.device_id.is_not(None),
+        state=ModuleState.state.expression,
+        manifest_digest=ModuleState.manifest_digest.expression,
+        serving_digest=ModuleState.status["serving_digest"].as_string(),
+        current=current,
     )
-    return case((stale, literal(ServiceState.TRANSITIONING.value)), else_=ModuleState.state)
 
 
-def _worst_rank_per_device() -> Any:
-    """Subquery: each reporting device's worst rank over its current services' states."""
-    rank = case(_RANK, value=_module_state_here(), else_=_TRANSITIONING_RANK)
+def _assigned(deployments: Sequence[Deployment], only: str | None) -> Any:
+    """Subquery: (device, service, current digest) for every service targeting a device (the
+    device ``only``, when given).
+
+    The targets are JSON the database cannot match portably, so each deployment's becomes its
+    own WHERE clause (a hub has tens of services, not thousands).
+    """
+    parts = [
+        select(
+            Device.id.label("device_id"),
+            cast(literal(d.name), String).label("service"),
+            cast(literal(d.manifest_digest), String).label("current"),
+        ).where(target_clause(Target.model_validate(d.target)), *([Device.id == only] if only else []))
+        for d in deployments
+    ]
+    if not parts:
+        nothing = cast(literal(None), String)
+        empty = select(Device.id.label("device_id"), nothing.label("service"), nothing.label("current"))
+        parts = [empty.where(false())]
+    return (union_all(*parts) if len(parts) > 1 else parts[0]).subquery("assigned")
+
+
+def _worst_rank_per_device(deployments: Sequence[Deployment], only: str | None) -> Any:
+    """Subquery: each assigned device's worst rank over its services' states."""
+    assigned = _assigned(deployments, only)
+    state = state_on_device_sql(_report_columns(assigned.c.current))
     return (
-        select(ModuleState.device_id.label("device_id"), func.min(rank).label("rank"))
-        .join(Deployment, Deployment.name == ModuleState.service)
-        .group_by(ModuleState.device_id)
+        select(assigned.c.device_id.label("device_id"), func.min(rank_sql(state)).label("rank"))
+        .select_from(assigned)
+        .outerjoin(
+            ModuleState,
+            and_(ModuleState.device_id == assigned.c.device_id, ModuleState.service == assigned.c.service),
+        )
+        .group_by(assigned.c.device_id)
         .subquery("worst")
-    )
-
-
-def _device_state_column(worst: Any) -> ColumnElement[str]:
-    has_services = and_(DeviceDesired.payload.is_not(None), DeviceDesired.modules_digest != _NOTHING)
-    by_rank = {i: s.value for i, s in enumerate(PRECEDENCE)}
-    return case(
-        *((worst.c.rank == i, literal(name)) for i, name in by_rank.items()),
-        (has_services, literal(DeviceState.PENDING.value)),
-        else_=literal(DeviceState.IDLE.value),
     )
 
 
@@ -191,18 +205,19 @@ class DeviceQuery:
     state: ColumnElement[str]
 
     @classmethod
-    def make(cls) -> DeviceQuery:
-        worst = _worst_rank_per_device()
-        return cls(worst, _device_state_column(worst))
+    def make(cls, session: Session, *, only: str | None = None) -> DeviceQuery:
+        """Reads the deployments (their targets and digests) in ``session``; ``only``: the
+        one device whose state is wanted (the others' is not computed)."""
+        worst = _worst_rank_per_device(list(session.scalars(select(Deployment))), only)
+        return cls(worst, state_of_rank_sql(worst.c.rank))
 
-    def select(self, *columns: Any) -> Select[Any]:
-        return (
-            select(*columns)
-            .select_from(Device)
-            .outerjoin(self.worst, self.worst.c.device_id == Device.id)
-            .outerjoin(DeviceDesired, DeviceDesired.device_id == Device.id)
-            .where(Device.revoked.is_(False))
-        )
+    def select(self, *columns: Any, state: bool = True) -> Select[Any]:
+        """Active devices; ``state=False`` leaves out the join their state needs (a count that
+        does not filter by state costs a fraction of one that does)."""
+        query = select(*columns).select_from(Device)
+        if state:
+            query = query.outerjoin(self.worst, self.worst.c.device_id == Device.id)
+        return query.where(Device.revoked.is_(False))
 
     def filtered(self, query: Select[Any], f: DeviceFilter) -> Select[Any]:
         if f.q is not None:
@@ -258,7 +273,7 @@ class FleetCounts:
 class ServiceDeviceRow:
     device_id: str
     online: bool
-    state: str  # one of DEVICE_SERVICE_STATES
+    state: StateOnDevice
     reason: str | None
     manifest_digest: str | None
     status: dict[str, Any] | None
@@ -269,17 +284,17 @@ class Rollout:
     """How far a service's current version has got over its targeted devices."""
 
     total: int
+    #: targeted devices by ``StateOnDevice`` word
     by_state: dict[str, int]
-    #: devices reporting the current manifest Healthy
-    done: int
+
+    @property
+    def done(self) -> int:
+        """Devices where the current version serves, Healthy."""
+        return self.by_state[StateOnDevice.HEALTHY.value]
 
     @property
     def state(self) -> ServiceState:
-        states: list[ServiceState | None] = []
-        for name, n in self.by_state.items():
-            if n:
-                states.append(None if name == DeviceState.PENDING.value else ServiceState(name))
-        return rollup_states(states)
+        return service_state_of_counts(self.by_state)
 
 
 # --- queries -------------------------------------------------------------------------------------
@@ -287,7 +302,7 @@ class Rollout:
 
 def fleet_counts(session: Session) -> FleetCounts:
     """Active devices: how many, how many online, how many in each device state."""
-    dq = DeviceQuery.make()
+    dq = DeviceQuery.make(session)
     online_here = func.sum(case((Device.online.is_(True), 1), else_=0))
     rows = session.execute(dq.select(dq.state, func.count(), online_here).group_by(dq.state))
     by_state = {s.value: 0 for s in DeviceState}
@@ -302,8 +317,8 @@ def fleet_counts(session: Session) -> FleetCounts:
 def device_page(session: Session, f: DeviceFilter, *, limit: int, offset: int) -> DevicePage:
     """One page of devices (by id) matching ``f``, and how many match in all."""
     check_page(limit, offset)
-    dq = DeviceQuery.make()
-    total = session.scalar(dq.filtered(dq.select(func.count()), f)) or 0
+    dq = DeviceQuery.make(session)
+    total = session.scalar(dq.filtered(dq.select(func.count(), state=f.state is not None), f)) or 0
     rows = session.execute(
         dq.filtered(
             dq.select(
@@ -330,20 +345,13 @@ def device_page(session: Session, f: DeviceFilter, *, limit: int, offset: int) -
 
 
 def device_state(session: Session, device_id: str) -> DeviceState:
-    dq = DeviceQuery.make()
+    dq = DeviceQuery.make(session, only=device_id)
     state = session.scalar(dq.select(dq.state).where(Device.id == device_id))
     return DeviceState(state) if state is not None else DeviceState.IDLE
 
 
 def _service_state_column(deployment: Deployment) -> ColumnElement[str]:
-    stale = and_(
-        ModuleState.manifest_digest.is_not(None), ModuleState.manifest_digest != deployment.manifest_digest
-    )
-    return case(
-        (ModuleState.device_id.is_(None), literal(DeviceState.PENDING.value)),
-        (stale, literal(ServiceState.TRANSITIONING.value)),
-        else_=ModuleState.state,
-    )
+    return state_on_device_sql(_report_columns(literal(deployment.manifest_digest)))
 
 
 def _service_devices(deployment: Deployment, *columns: Any) -> Select[Any]:
@@ -365,21 +373,17 @@ def rollout(session: Session, deployment: Deployment) -> Rollout:
     by_state = dict.fromkeys(DEVICE_SERVICE_STATES, 0)
     for name, n in rows:
         by_state[name] = by_state.get(name, 0) + int(n)
-    done = session.scalar(
-        _service_devices(deployment, func.count()).where(
-            ModuleState.state == ServiceState.HEALTHY.value,
-            ModuleState.manifest_digest == deployment.manifest_digest,
-        )
-    )
-    return Rollout(total=sum(by_state.values()), by_state=by_state, done=int(done or 0))
+    return Rollout(total=sum(by_state.values()), by_state=by_state)
 
 
-def _reason(state: str, reason: str | None, digest: str | None, current: str) -> str | None:
-    if state == DeviceState.PENDING.value:
-        return "not reported yet"
-    if digest is not None and digest != current:
-        return "still running an earlier version"
-    return reason
+def _reason(reason: str | None, status: dict[str, Any] | None, current: str) -> str | None:
+    """The rules' reason for a row (the SQL gave its state); a stored status this hub cannot
+    read keeps the device's own reason."""
+    try:
+        report = ModuleStatus.model_validate(status) if status is not None else None
+    except ValidationError:
+        return reason
+    return state_on_device(report, current).reason
 
 
 def service_devices_page(
@@ -413,8 +417,8 @@ def service_devices_page(
         ServiceDeviceRow(
             device_id=id_,
             online=bool(online),
-            state=st,
-            reason=_reason(st, reason, digest, deployment.manifest_digest),
+            state=StateOnDevice(st),
+            reason=_reason(reason, status, deployment.manifest_digest),
             manifest_digest=digest,
             status=status,
         )

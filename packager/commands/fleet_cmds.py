@@ -191,15 +191,21 @@ def show_device_cmd(
     )
     if d.get("last_error"):
         console.print(Text.assemble(("last error:", "red"), " ", safe_text(d["last_error"])))
+    if "state" in d:  # a hub from before the roll-up's one home does not say
+        console.print(Text.assemble("state ", state_text(d["state"])))
     table = Table("service", "state", "reason", "port", "restarts", "since")
     reported = {m["service"]: m for m in d["modules"]}
-    for name in sorted(set(d["services"]) | set(reported)):
+    # The hub's word for each assigned service (Pending until reported); a module the device
+    # still reports but is no longer assigned shows as the device reported it.
+    judged = {j["service"]: j for j in d.get("service_states", [])}
+    for name in sorted(set(d["services"]) | set(reported) | set(judged)):
         m = reported.get(name)
-        suffix = "" if name in d["services"] else " (not desired)"
+        here = judged.get(name) or m or {}
+        suffix = "" if name in d["services"] or name in judged else " (not desired)"
         table.add_row(
             safe_text(name + suffix),
-            state_text(m["state"] if m else None),
-            safe_text((m or {}).get("reason") or ""),
+            state_text(here.get("state")),
+            safe_text(here.get("reason") or ""),
             safe_text((m or {}).get("port") or "-"),
             safe_text((m or {}).get("restarts", 0)),
             safe_text(when((m or {}).get("since"))),

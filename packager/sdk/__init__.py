@@ -26,7 +26,7 @@ from manifests.errors import (
     RuntimeFailure,
     TrustError,
 )
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 from packager.sdk.answers import (
     Deleted,
     DeviceDetail,
@@ -130,6 +130,7 @@ __all__ = [
     "ServiceRecord",
     "ServiceState",
     "SignerChange",
+    "StateOnDevice",
     "TrustError",
     "Webservice",
     "save_credentials",

@@ -11,13 +11,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from manifests.desired import DeploymentSettings
 from manifests.errors import HubUnavailable
 from manifests.module import ModuleManifest
 from manifests.reported import ModuleStatus, Progress
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 
 
 class _Answer(BaseModel):
@@ -141,17 +141,25 @@ class DeviceServiceState(_Answer):
     device_id: str
     online: bool
     last_seen: datetime | None = Field(default=None, description="its last message to the hub; None: never")
-    state: ServiceState | None = Field(default=None, description="None until the device reported it")
+    state: StateOnDevice = Field(
+        default=StateOnDevice.PENDING, description="Pending until the device reported it"
+    )
     reason: str | None = None
     endpoint: str | None = Field(default=None, description="e.g. http://10.0.0.5:8890, as the device reports")
     serving_version: str | None = None
     progress: Progress | None = Field(default=None, description="a download or pull under way")
     generation: int | None = Field(default=None, description="the desired-state generation reported on")
 
+    @field_validator("state", mode="before")
+    @classmethod
+    def _pending_when_unnamed(cls, value: Any) -> Any:
+        # A hub from before the word Pending sent null for a device that had not reported.
+        return StateOnDevice.PENDING if value is None else value
+
     @property
     def final(self) -> bool:
         """Healthy or Failed: nothing will change without a new deployment."""
-        return self.state in (ServiceState.HEALTHY, ServiceState.FAILED)
+        return self.state.final
 
     @property
     def offline_text(self) -> str:
@@ -226,6 +234,14 @@ class DeviceRecord(_Answer):
     services: list[str] = Field(default_factory=list)
 
 
+class ServiceOnDevice(_Answer):
+    """A service assigned to a device, with its state there (Pending until reported)."""
+
+    service: str
+    state: StateOnDevice
+    reason: str | None = None
+
+
 class DeviceDetail(DeviceRecord):
     """A device with its desired-state times, its last error and each module's reported state."""
 
@@ -234,6 +250,10 @@ class DeviceDetail(DeviceRecord):
     applied_generation: int | None = None
     last_error: str | None = None
     modules: list[ModuleStatus] = Field(default_factory=list)
+    state: str | None = Field(
+        default=None, description="the worst of its services' states, or Idle (None: an older hub)"
+    )
+    service_states: list[ServiceOnDevice] = Field(default_factory=list)
 
 
 class ServiceLogs(_Answer):

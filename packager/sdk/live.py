@@ -105,10 +105,7 @@ class StateLines:
             now = (d.state, d.reason, d.online)
             if self._seen.get(d.device_id) != now:
                 self._seen[d.device_id] = now
-                if d.state is None:
-                    said = d.reason or "not reported yet"
-                else:
-                    said = f"{d.state} ({d.reason})" if d.reason else str(d.state)
+                said = f"{d.state} ({d.reason})" if d.reason else str(d.state)
                 if not d.online:
                     said += f"; offline (last seen {seen_text(d.last_seen)})"
                 line = safe_text(f"{event.service.name} on {d.device_id}: {said}").plain

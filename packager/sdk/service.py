@@ -1,7 +1,8 @@
 """``Service``: a deployed service across its devices, as Azure ML's ``Webservice`` is.
 
 ``service.state`` is the state rolled up over every device (worst first: Failed >
-Unschedulable > Unhealthy > Transitioning > Healthy), ``service.devices`` each device's own
+Unschedulable > Unhealthy > Transitioning > Healthy; a device that has not reported yet is
+Pending, which counts as Transitioning), ``service.devices`` each device's own
 state, reason and endpoint, as of the last time the service was read from the hub (at
 construction, after a wait, or :meth:`Service.refresh`).
 """
@@ -18,7 +19,7 @@ from manifests.desired import DeploymentSettings
 from manifests.errors import FetchError, RuntimeFailure
 from manifests.logs import MAX_TAIL
 from manifests.module import tagged_models
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 from packager.sdk.answers import (
     Deployed,
     DeviceServiceState,
@@ -193,7 +194,7 @@ class Service:
                 f"{', '.join(pending)}; check 'edgepack device show' for those devices",
                 self.devices,
             )
-        failed = [d for d in self.record.devices if d.state != ServiceState.HEALTHY]
+        failed = [d for d in self.record.devices if d.state is not StateOnDevice.HEALTHY]
         if failed:
             first = failed[0]
             raise DeploymentFailed(
@@ -234,7 +235,7 @@ class Service:
             )
 
     def _healthy(self) -> builtins.list[DeviceServiceState]:
-        return [d for d in self.record.devices if d.state == ServiceState.HEALTHY and d.endpoint]
+        return [d for d in self.record.devices if d.state is StateOnDevice.HEALTHY and d.endpoint]
 
     def _device(self, device: str | None, what: str) -> str:
         """The device a call is about: the one named, or the service's only device."""
@@ -284,7 +285,7 @@ class Service:
         if device is None:
             healthy = self._healthy()
             if not healthy:
-                states = ", ".join(f"{d.device_id}: {d.state or 'not reported'}" for d in self.record.devices)
+                states = ", ".join(f"{d.device_id}: {d.state}" for d in self.record.devices)
                 raise RuntimeFailure(
                     f"service {self.name} is Healthy on no device ({states or 'no device'}); "
                     "wait_for_deployment() first"
@@ -301,7 +302,7 @@ class Service:
         if not target.endpoint:
             raise FetchError(
                 f"device {target.device_id} reports no endpoint for {self.name} "
-                f"(state {target.state or 'not reported'}); wait until it is Healthy"
+                f"(state {target.state}); wait until it is Healthy"
             )
         if key is None and self.settings.auth is not None:
             key = self.get_keys()[0]

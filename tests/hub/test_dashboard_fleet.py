@@ -20,15 +20,15 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
-from cloud_hub.fleet.desired import stored_state
-from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
-from cloud_hub.ingest.rollup import PRECEDENCE
+from cloud_hub.fleet.tables import Deployment, Device
 from cloud_hub.ingest.tables import ModuleState
+from cloud_hub.rollup import PRECEDENCE
 from tests.conftest import Publisher
 from tests.hub import fleet_seed
 from tests.hub.broker_fixtures import Broker
@@ -63,30 +63,40 @@ class DbDevice:
     state: str
 
 
+def _targets(target: dict[str, Any], device_id: str, tags: dict[str, str]) -> bool:
+    if "devices" in target:
+        return device_id in target["devices"]
+    return all(tags.get(k) == v for k, v in target["selector"].items())
+
+
+def _state_here(row: ModuleState | None, current: str) -> str:
+    """A service's state on one device from its row (as docs/dashboard.md words it)."""
+    if row is None:
+        return "Pending"
+    if row.manifest_digest is not None and row.manifest_digest != current:
+        return "Transitioning"
+    serving = row.status.get("serving_digest")
+    if row.state == "Healthy" and serving is not None and serving != current:
+        return "Transitioning"
+    return row.state
+
+
 def db_devices(hub: RunningHub) -> list[DbDevice]:
     """Every active device with its rolled-up state, from the rows, in Python."""
     rank = {s.value: i for i, s in enumerate(PRECEDENCE)}
     with hub.core.sessions.begin() as s:
-        digests = {d.name: d.manifest_digest for d in s.scalars(select(Deployment))}
-        reported: dict[str, list[str]] = {}
-        for m in s.scalars(select(ModuleState)):
-            if m.service not in digests:
-                continue
-            stale = m.manifest_digest is not None and m.manifest_digest != digests[m.service]
-            reported.setdefault(m.device_id, []).append("Transitioning" if stale else m.state)
-        assigned = {
-            d.device_id: bool(stored_state(d.payload).modules)
-            for d in s.scalars(select(DeviceDesired))
-            if d.payload is not None
-        }
+        deployments = {d.name: (d.manifest_digest, dict(d.target)) for d in s.scalars(select(Deployment))}
+        rows = {(m.device_id, m.service): m for m in s.scalars(select(ModuleState))}
         out = []
         for d in s.scalars(select(Device).where(Device.revoked.is_(False)).order_by(Device.id)):
-            states = reported.get(d.id)
-            if states:
-                state = min(states, key=lambda st: rank.get(st, rank["Transitioning"]))
-            else:
-                state = "Pending" if assigned.get(d.id) else "Idle"
-            out.append(DbDevice(d.id, dict(d.tags or {}), d.online, state))
+            tags = dict(d.tags or {})
+            states = [
+                _state_here(rows.get((d.id, name)), digest)
+                for name, (digest, target) in deployments.items()
+                if _targets(target, d.id, tags)
+            ]
+            state = min(states, key=lambda st: rank[st]) if states else "Idle"
+            out.append(DbDevice(d.id, tags, d.online, state))
     return out
 
 
@@ -97,21 +107,8 @@ def db_service_states(hub: RunningHub, service: str, devices: list[DbDevice]) ->
         assert dep is not None
         rows = {m.device_id: m for m in s.scalars(select(ModuleState).where(ModuleState.service == service))}
         target = dict(dep.target)
-    out: dict[str, str] = {}
-    for d in devices:
-        if "devices" in target:
-            if d.id not in target["devices"]:
-                continue
-        elif any(d.tags.get(k) != v for k, v in target["selector"].items()):
-            continue
-        row = rows.get(d.id)
-        if row is None:
-            out[d.id] = "Pending"
-        elif row.manifest_digest is not None and row.manifest_digest != dep.manifest_digest:
-            out[d.id] = "Transitioning"
-        else:
-            out[d.id] = row.state
-    return out
+        current = dep.manifest_digest
+    return {d.id: _state_here(rows.get(d.id), current) for d in devices if _targets(target, d.id, d.tags)}
 
 
 # --- the seeded fleet ----------------------------------------------------------------------------

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from cloud_hub.fleet.status import service_state_on_device
+from cloud_hub.rollup import Verdict, state_on_device
 from manifests.reported import ModuleStatus
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 
 V1 = "sha256:" + "1" * 64
 V2 = "sha256:" + "2" * 64
@@ -47,9 +47,9 @@ def status(
                      id="a report that names no serving version is taken as it is"),
     ],
 )  # fmt: skip
-def test_service_state_on_device(report: ModuleStatus, state: ServiceState, reason_part: str | None) -> None:
-    here = service_state_on_device(report, V2)
-    assert here.state is state
+def test_state_on_device(report: ModuleStatus, state: ServiceState, reason_part: str | None) -> None:
+    here = state_on_device(report, V2)
+    assert here.state is StateOnDevice(state.value)
     if reason_part is None:
         assert here.reason is None
     else:
@@ -57,4 +57,4 @@ def test_service_state_on_device(report: ModuleStatus, state: ServiceState, reas
 
 
 def test_a_device_that_has_not_reported() -> None:
-    assert service_state_on_device(None, V2).state is None
+    assert state_on_device(None, V2) == Verdict(StateOnDevice.PENDING, "not reported yet")

@@ -1,4 +1,4 @@
-"""Rolling module states up into a service state, and which reports are news (pure)."""
+"""Rolling states up into a service's and a device's state, and which reports are news (pure)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from cloud_hub.ingest.changes import module_changes
-from cloud_hub.ingest.rollup import rollup_states
+from cloud_hub.rollup import DeviceState, device_state, service_state
 from manifests.reported import ModuleStatus
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 
 F, U, N, T, H = (
     ServiceState.FAILED,
@@ -18,6 +18,11 @@ F, U, N, T, H = (
     ServiceState.TRANSITIONING,
     ServiceState.HEALTHY,
 )
+P = StateOnDevice.PENDING
+
+
+def here(state: ServiceState | StateOnDevice) -> StateOnDevice:
+    return StateOnDevice(state.value)
 
 
 @pytest.mark.parametrize(
@@ -26,22 +31,41 @@ F, U, N, T, H = (
         ([], U),  # targets nothing: nowhere to run it
         ([H], H),
         ([H, H, H], H),
-        ([None], T),  # targeted but not reported yet
-        ([H, None], T),
+        ([P], T),  # targeted but not reported yet: still being deployed
+        ([H, P], T),
         ([H, T], T),
+        ([T, P], T),
         ([H, N], N),
         ([T, N], N),
         ([N, U], U),
         ([H, T, N, U], U),
         ([H, T, N, U, F], F),
         ([F, H], F),
-        ([None, F], F),
-        ([U, None], U),
+        ([P, F], F),
+        ([U, P], U),
     ],
 )
-def test_rollup(states: list[ServiceState | None], expected: ServiceState) -> None:
-    assert rollup_states(states) is expected
-    assert rollup_states(list(reversed(states))) is expected
+def test_service_rollup(states: list[ServiceState | StateOnDevice], expected: ServiceState) -> None:
+    assert service_state(here(s) for s in states) is expected
+    assert service_state(here(s) for s in reversed(states)) is expected
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        ([], DeviceState.IDLE),  # nothing assigned
+        ([P], DeviceState.PENDING),
+        ([P, P], DeviceState.PENDING),
+        ([H, P], DeviceState.PENDING),  # not Healthy before every service reported
+        ([T, P], DeviceState.TRANSITIONING),
+        ([H, H], DeviceState.HEALTHY),
+        ([P, N], DeviceState.UNHEALTHY),
+        ([F, U, P], DeviceState.FAILED),
+    ],
+)
+def test_device_rollup(states: list[ServiceState | StateOnDevice], expected: DeviceState) -> None:
+    assert device_state(here(s) for s in states) is expected
+    assert device_state(here(s) for s in reversed(states)) is expected
 
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)

@@ -165,7 +165,7 @@ def test_hub_deploy_of_a_pushed_module_and_a_wait_that_times_out(
     with pytest.raises(DeploymentTimeout) as timeout:
         service.wait_for_deployment(timeout=1, interval=0.2)
     assert "edge-9" in str(timeout.value) and timeout.value.exit_code == 5
-    assert [(d.device_id, d.state) for d in timeout.value.devices] == [("edge-9", None)]
+    assert [(d.device_id, d.state) for d in timeout.value.devices] == [("edge-9", "Pending")]
     # A pushed module names no registered model it was built from: a rebuild needs them given.
     with pytest.raises(BadArgument, match="names no registered model"):
         service.update(inference_config=InferenceConfig(entry_script=str(EXAMPLE / "score.py")))
