@@ -75,6 +75,13 @@ class Differs:
 
 
 @dataclass(frozen=True)
+class Behind:
+    """The report is about a desired-state generation before the one at which the service's
+    assignment on the device last changed: it describes what was there before the change (a
+    settings-only change keeps the digest, so :class:`Differs` cannot tell)."""
+
+
+@dataclass(frozen=True)
 class Reports:
     """The device reports this state."""
 
@@ -86,7 +93,7 @@ class AllOf:
     parts: tuple[Condition, ...]
 
 
-Condition = NotReported | Differs | Reports | AllOf
+Condition = NotReported | Differs | Behind | Reports | AllOf
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,8 @@ RULES: tuple[Rule, ...] = (
     # A device still reporting an older module version of the service is moving towards the
     # new one, whatever state the old version is in.
     Rule(Differs("manifest_digest"), StateOnDevice.TRANSITIONING, "still running an earlier version"),
+    # The same version with other settings: the report predates the change.
+    Rule(Behind(), StateOnDevice.TRANSITIONING, "has not applied the latest change yet"),
     # Healthy means the deployed version serves: Healthy while another version serves is the
     # switch not done yet. (Failed with the old version serving stays Failed: a rollback.)
     Rule(
@@ -121,24 +130,28 @@ class Verdict:
     reason: str | None = None
 
 
-def _holds(when: Condition, status: ModuleStatus | None, current: str) -> bool:
+def _holds(when: Condition, status: ModuleStatus | None, current: str, changed: int | None) -> bool:
     match when:
         case NotReported():
             return status is None
         case Differs(field=name):
             value = getattr(status, name) if status is not None else None
             return value is not None and value != current
+        case Behind():
+            generation = status.generation if status is not None else None
+            return generation is not None and changed is not None and generation < changed
         case Reports(state=state):
             return status is not None and status.state is state
         case AllOf(parts=parts):
-            return all(_holds(p, status, current) for p in parts)
+            return all(_holds(p, status, current, changed) for p in parts)
 
 
-def state_on_device(status: ModuleStatus | None, current: str) -> Verdict:
+def state_on_device(status: ModuleStatus | None, current: str, changed: int | None = None) -> Verdict:
     """A service's state on one device from its report (None: not reported), for the service as
-    deployed now (``current``: its manifest digest)."""
+    deployed now (``current``: its manifest digest) and last changed on the device at desired
+    generation ``changed`` (None: not known, before the hub kept it)."""
     for rule in RULES:
-        if _holds(rule.when, status, current):
+        if _holds(rule.when, status, current, changed):
             serving = ""
             if status is not None:
                 version = status.serving_version
@@ -158,6 +171,10 @@ class ReportColumns:
     manifest_digest: ColumnElement[Any]
     serving_digest: ColumnElement[Any]
     current: ColumnElement[Any]
+    #: the generation the report is about, and the one the service last changed at (NULL: not
+    #: known)
+    generation: ColumnElement[Any]
+    changed: ColumnElement[Any]
 
 
 def _sql(when: Condition, cols: ReportColumns) -> ColumnElement[bool]:
@@ -167,6 +184,9 @@ def _sql(when: Condition, cols: ReportColumns) -> ColumnElement[bool]:
         case Differs(field=name):
             column = cols.manifest_digest if name == "manifest_digest" else cols.serving_digest
             return and_(column.is_not(None), column != cols.current)
+        case Behind():
+            generation, changed = cols.generation, cols.changed
+            return and_(generation.is_not(None), changed.is_not(None), generation < changed)
         case Reports(state=state):
             return cols.state == state.value
         case AllOf(parts=parts):

@@ -33,7 +33,13 @@ from cloud_hub.fleet.deployments import (
     upsert_deployment,
     with_endpoint_keys,
 )
-from cloud_hub.fleet.desired import current_plan, deployment_view, stored_state
+from cloud_hub.fleet.desired import (
+    current_plan,
+    deployment_view,
+    device_changed_at,
+    service_changed_at,
+    stored_state,
+)
 from cloud_hub.fleet.devices import (
     MAX_BULK,
     Credentials,
@@ -275,10 +281,11 @@ class _FleetView:
 
 def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> DeploymentOut:
     reported = service_statuses(session, row.name)
+    changed = service_changed_at(session, row.name)
     rows: list[DeviceServiceOut] = []
     for device_id in devices_running(view.plan, row.name):
         status = reported.get(device_id)
-        here = state_on_device(status, row.manifest_digest)
+        here = state_on_device(status, row.manifest_digest, changed.get(device_id))
         moving = status is not None and here.state is StateOnDevice.TRANSITIONING
         rows.append(
             DeviceServiceOut(
@@ -423,9 +430,11 @@ def show_device(core: Core, device_id: str) -> DeviceDetail:
             deployments = [deployment_view(r) for r in s.scalars(select(Deployment))]
             assigned = assignments_for(DeviceView(device.id, dict(device.tags or {})), deployments)
         reported = {m.service: m for m in modules}
+        changed = device_changed_at(s, device_id)
         states = []
         for assignment in assigned:
-            here = state_on_device(reported.get(assignment.service), assignment.manifest_digest)
+            service = assignment.service
+            here = state_on_device(reported.get(service), assignment.manifest_digest, changed.get(service))
             states.append(ServiceOnDevice(service=assignment.service, state=here.state, reason=here.reason))
         return DeviceDetail(
             **_device_out(device, desired).model_dump(),

@@ -21,13 +21,14 @@ itself, and the upkeep loop calls it periodically for devices that only listen o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.db.base import Sessions, utcnow
@@ -43,7 +44,7 @@ from cloud_hub.fleet.plan import (
     plan_fleet,
     port_conflicts,
 )
-from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, FleetLock
+from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, FleetLock, ServiceChange
 from cloud_hub.fleet.targeting import Target
 from cloud_hub.registry.owners import signers_of
 from manifests.desired import DeploymentSettings, DesiredState
@@ -129,7 +130,9 @@ def issue_desired(
     )
     rows = {r.device_id: r for r in session.scalars(fresh)}
     expires = now + timedelta(seconds=signer.ttl_s)
+    known = _service_changes_of(session, ids)
     issued: dict[str, int] = {}
+    changes: list[dict[str, object]] = []
     for device_id in ids:
         row = rows.get(device_id)
         if row is None:
@@ -139,12 +142,85 @@ def issue_desired(
         payload = desired_payload(
             device_id, row.generation, plan.get(device_id, []), issued=now, expires=expires
         )
+        changes += service_changes(device_id, row.generation, row.payload, payload, known.get(device_id, {}))
         row.payload = envelope_bytes(sign_payload(payload, [signer.key]))
         row.modules_digest = assignments_digest(plan.get(device_id, []))
         row.issued = now
         row.expires = expires
         issued[device_id] = row.generation
+    for chunk in _chunks(ids):
+        session.execute(delete(ServiceChange).where(ServiceChange.device_id.in_(chunk)))
+    if changes:
+        session.execute(insert(ServiceChange), changes)
     return issued
+
+
+#: Device ids per IN (...): SQLite allows 32,766 bound values per statement.
+_CHUNK = 5000
+
+
+def _chunks(ids: Sequence[str]) -> list[Sequence[str]]:
+    return [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
+
+
+def _service_changes_of(session: Session, ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    found: dict[str, dict[str, int]] = {}
+    for chunk in _chunks(ids):
+        rows = session.execute(
+            select(ServiceChange.device_id, ServiceChange.service, ServiceChange.generation).where(
+                ServiceChange.device_id.in_(chunk)
+            )
+        )
+        for device_id, service, generation in rows:
+            found.setdefault(device_id, {})[service] = generation
+    return found
+
+
+def service_changed_at(session: Session, service: str) -> dict[str, int]:
+    """device id → the generation at which ``service`` last changed on it."""
+    rows = session.execute(
+        select(ServiceChange.device_id, ServiceChange.generation).where(ServiceChange.service == service)
+    )
+    return {device_id: generation for device_id, generation in rows}
+
+
+def device_changed_at(session: Session, device_id: str) -> dict[str, int]:
+    """service → the generation at which it last changed on ``device_id``."""
+    rows = session.execute(
+        select(ServiceChange.service, ServiceChange.generation).where(ServiceChange.device_id == device_id)
+    )
+    return {service: generation for service, generation in rows}
+
+
+def _assignments(payload: bytes | None) -> dict[str, object]:
+    """service → its assignment as JSON, from stored envelope bytes (None: never issued)."""
+    if payload is None:
+        return {}
+    return {m["service"]: m for m in json.loads(payload)["signed"]["modules"]}
+
+
+def service_changes(
+    device_id: str,
+    generation: int,
+    before: bytes | None,
+    after: dict[str, object],
+    known: dict[str, int],
+) -> list[dict[str, object]]:
+    """The ``service_changes`` rows of a device once its new state (``after``, the ``signed``
+    document, at ``generation``) replaces the stored one (``before``): a service whose
+    assignment changed, or that is new, changed now; any other keeps the generation it had
+    (``known``; none for one unchanged since before this table existed); a service no longer
+    assigned has no row."""
+    old = _assignments(before)
+    modules = after["modules"]
+    assert isinstance(modules, list)
+    rows: list[dict[str, object]] = []
+    for m in modules:
+        service = m["service"]
+        changed_at = generation if old.get(service) != m else known.get(service)
+        if changed_at is not None:
+            rows.append({"device_id": device_id, "service": service, "generation": changed_at})
+    return rows
 
 
 def change_fleet(sessions: Sessions, signer: DesiredSigner, mutate: Callable[[Session], R]) -> FleetChange[R]:

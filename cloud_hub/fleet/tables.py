@@ -101,6 +101,21 @@ class DeviceDesired(Base):
     published_cleared: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
+class ServiceChange(Base):
+    """The desired-state generation at which a service's assignment on a device last changed
+    (module or settings). A report on an earlier generation is about what was there before
+    (``cloud_hub.rollup``): a settings-only change keeps the module's digest, so nothing else
+    tells the two apart. Written with the desired state (``fleet.desired.issue_desired``)."""
+
+    __tablename__ = "service_changes"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    service: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer)
+
+
 class FleetLock(Base):
     __tablename__ = "fleet_lock"
 

@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from cloud_hub.fleet.tables import Deployment, Device
+from cloud_hub.fleet.tables import Deployment, Device, ServiceChange
 from cloud_hub.fleet.targeting import Target, parse_tag
 from cloud_hub.ingest.tables import ModuleState
 from cloud_hub.rollup import (
@@ -156,6 +156,18 @@ def _report_columns(current: ColumnElement[Any]) -> ReportColumns:
         manifest_digest=ModuleState.manifest_digest.expression,
         serving_digest=ModuleState.status["serving_digest"].as_string(),
         current=current,
+        generation=ModuleState.status["generation"].as_integer(),
+        changed=_changed_generation(),
+    )
+
+
+def _changed_generation() -> ColumnElement[Any]:
+    """The generation at which the outer-joined report's service last changed on its device."""
+    return (
+        select(ServiceChange.generation)
+        .where(ServiceChange.device_id == ModuleState.device_id, ServiceChange.service == ModuleState.service)
+        .correlate(ModuleState)
+        .scalar_subquery()
     )
 
 
@@ -376,14 +388,16 @@ def rollout(session: Session, deployment: Deployment) -> Rollout:
     return Rollout(total=sum(by_state.values()), by_state=by_state)
 
 
-def _reason(reason: str | None, status: dict[str, Any] | None, current: str) -> str | None:
+def _reason(
+    reason: str | None, status: dict[str, Any] | None, current: str, changed: int | None
+) -> str | None:
     """The rules' reason for a row (the SQL gave its state); a stored status this hub cannot
     read keeps the device's own reason."""
     try:
         report = ModuleStatus.model_validate(status) if status is not None else None
     except ValidationError:
         return reason
-    return state_on_device(report, current).reason
+    return state_on_device(report, current, changed).reason
 
 
 def service_devices_page(
@@ -408,6 +422,7 @@ def service_devices_page(
         ModuleState.reason,
         ModuleState.manifest_digest,
         ModuleState.status,
+        _changed_generation(),
     )
     if state is not None:
         count, rows_q = count.where(here == state), rows_q.where(here == state)
@@ -418,10 +433,10 @@ def service_devices_page(
             device_id=id_,
             online=bool(online),
             state=StateOnDevice(st),
-            reason=_reason(reason, status, deployment.manifest_digest),
+            reason=_reason(reason, status, deployment.manifest_digest, changed),
             manifest_digest=digest,
             status=status,
         )
-        for id_, online, st, reason, digest, status in rows
+        for id_, online, st, reason, digest, status, changed in rows
     ]
     return total, out

@@ -3,7 +3,8 @@
 The story: a hub runs two services over one fleet, and its devices have reported every kind of
 state there is — nothing yet, Transitioning, Healthy, Unhealthy, Unschedulable, Failed with
 the old version still serving, Healthy while the old version still serves, a report about an
-earlier version — online and offline, alongside devices the services no longer target (their
+earlier version, a report from before a settings-only change and one after it — online and
+offline, alongside devices the services no longer target (their
 old rows still stored), a revoked device and a row of a service deleted since. The deployment
 API and ``edgepack device show`` judge these rows in Python; the dashboard's paged views in
 SQL. Every device's state for each service, every reason, every service's state, its counts
@@ -25,10 +26,10 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from cloud_hub.fleet.devices import enroll_device, revoke_device
-from cloud_hub.fleet.tables import Device
+from cloud_hub.fleet.tables import Device, ServiceChange
 from cloud_hub.ingest.tables import ModuleState
 from manifests.reported import ModuleStatus
 from manifests.states import ServiceState
@@ -53,6 +54,9 @@ class Report:
     target: str | None = "current"
     serving: str | None = "current"
     reason: str | None = None
+    #: the desired-state generation the report is about, relative to the one at which the
+    #: service last changed on the device ("before", "at"); None: not named (an older agent)
+    generation: str | None = None
 
 
 #: Each kind of row, and the word every view must give the service on that device.
@@ -73,6 +77,9 @@ VARIANTS: dict[str, tuple[Report | None, str]] = {
     "failed-old-serving": (Report(F, serving="old", reason="init() raised; rolled back"), "Failed"),
     "healthy-old-serving": (Report(H, serving="old"), "Transitioning"),
     "earlier-version": (Report(H, target="old", serving="old"), "Transitioning"),
+    # Same version, other settings (a new port): the report from before the change is not its answer.
+    "healthy-before-the-change": (Report(H, generation="before"), "Transitioning"),
+    "healthy-at-the-change": (Report(H, generation="at"), "Healthy"),
 }
 #: What the second service ("gpu", on some devices only) is on each device: None = not targeted.
 GPU_VARIANTS = (None, "not-reported", "healthy", "failed-old-serving", "earlier-version")
@@ -80,6 +87,7 @@ REASONS = {
     "not-reported": "not reported yet",
     "healthy-old-serving": "version {old} serves, not the deployed version yet",
     "earlier-version": "still running an earlier version",
+    "healthy-before-the-change": "has not applied the latest change yet",
 }
 
 
@@ -108,12 +116,14 @@ def db_hub(request: pytest.FixtureRequest, hub: HubFactory) -> RunningHub:
     return hub()  # SQLite, or PostgreSQL on the suite's second pass (EDGEPACK_TEST_POSTGRES)
 
 
-def _status(service: str, report: Report, digests: dict[str, PushedModule]) -> ModuleStatus:
+def _status(service: str, report: Report, digests: dict[str, PushedModule], changed: int = 1) -> ModuleStatus:
     def pick(which: str | None) -> PushedModule | None:
         return None if which is None else digests[which]
 
     target, serving = pick(report.target), pick(report.serving)
+    generation = {None: None, "before": changed - 1, "at": changed}[report.generation]
     return ModuleStatus(
+        generation=generation,
         service=service,
         manifest_digest=target.digest if target else None,
         version=target.version if target else None,
@@ -168,11 +178,13 @@ def seed(h: RunningHub, publisher: Publisher) -> Fleet:
 
     relative = {"svc": {"current": v2, "old": v1}, "gpu": {"current": v1, "old": v2}}
     with h.core.sessions.begin() as s:
+        changed = {(r.device_id, r.service): r.generation for r in s.scalars(select(ServiceChange))}
         for c in all_cases:
             for service, variant in (("svc", c.svc), ("gpu", c.gpu)):
                 report = VARIANTS[variant][0] if variant is not None else None
                 if report is not None:
-                    s.add(_row(c.device, _status(service, report, relative[service])))
+                    at = changed[(c.device, service)]
+                    s.add(_row(c.device, _status(service, report, relative[service], at)))
             device = s.get(Device, c.device)
             assert device is not None
             device.online = c.online
