@@ -34,6 +34,7 @@ from cloud_hub.api.sessions import (
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import NotFound, Throttled, Unauthorized
 from cloud_hub.events import Event, events_since, recent_events, record_event
+from cloud_hub.fleet.tables import Deployment
 from cloud_hub.ingest.series import service_series
 from cloud_hub.ingest.tables import TelemetrySample
 from cloud_hub.login_throttle import client_key
@@ -178,7 +179,8 @@ def telemetry(
     minutes: Annotated[int, Query(ge=1, le=24 * 60)] = 15,
     bucket_s: Annotated[int, Query(ge=1, le=3600)] = 10,
 ) -> dict[str, Any]:
-    """Per-service requests/s and p50 latency over the last ``minutes``, for the charts."""
+    """Per-service requests/s, error rate and p50/p95 latency over the last ``minutes``, for the
+    charts: one point per ``bucket_s`` with data (a bucket without samples is a gap)."""
     since = utcnow() - timedelta(minutes=minutes)
     with core.sessions.begin() as s:
         payloads: list[dict[str, Any]] = list(
@@ -189,6 +191,8 @@ def telemetry(
                 .limit(MAX_CHART_SAMPLES)
             )
         )
+        # A deleted service's chart goes with it (its samples stay until they age out).
+        services = set(s.scalars(select(Deployment.name)))
     samples = []
     for payload in payloads:
         # A row an older hub stored without today's checks costs its own point, not the chart.
@@ -198,8 +202,9 @@ def telemetry(
     return {
         "bucket_s": bucket_s,
         "services": {
-            svc: [{"t": p.t.isoformat(), "rps": p.requests_per_s, "p50_ms": p.p50_ms} for p in points]
+            svc: [dashboard_views.ChartPoint.of(p).model_dump(mode="json") for p in points]
             for svc, points in series.items()
+            if svc in services
         },
     }
 

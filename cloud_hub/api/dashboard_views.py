@@ -24,7 +24,7 @@ from cloud_hub.fleet.desired import stored_state
 from cloud_hub.fleet.devices import get_device
 from cloud_hub.fleet.tables import Deployment, DeviceDesired
 from cloud_hub.fleet.targeting import check_device_id
-from cloud_hub.ingest.series import service_series
+from cloud_hub.ingest.series import Point, service_series
 from cloud_hub.ingest.state import device_module_statuses
 from cloud_hub.ingest.tables import DeviceReport, TelemetrySample
 from cloud_hub.overview.queries import (
@@ -54,6 +54,8 @@ INLINE_DEVICES = 10
 #: A device page charts at most this many of the device's newest telemetry samples.
 MAX_DEVICE_SAMPLES = 360
 RECENT_EVENTS = 30
+#: A device page's charts have one point per this many seconds.
+DEVICE_BUCKET_S = 10
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"rows per page, at most {MAX_PAGE}")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="rows to skip")]
@@ -132,9 +134,19 @@ class EventOut(BaseModel):
 
 
 class ChartPoint(BaseModel):
-    t: datetime
-    rps: float
-    p50_ms: float | None
+    t: datetime = Field(description="start of the bucket")
+    rps: float = Field(description="requests/s, summed over the devices")
+    p50_ms: float | None = Field(description="median latency, ms (median over the devices)")
+    p95_ms: float | None = Field(
+        default=None, description="95th percentile latency, ms (median over the devices)"
+    )
+    error_pct: float | None = Field(
+        default=None, description="errors per 100 requests in the bucket (None: no requests counted)"
+    )
+
+    @classmethod
+    def of(cls, p: Point) -> ChartPoint:
+        return cls(t=p.t, rps=p.requests_per_s, p50_ms=p.p50_ms, p95_ms=p.p95_ms, error_pct=p.error_pct)
 
 
 class DeviceViewOut(BaseModel):
@@ -146,6 +158,9 @@ class DeviceViewOut(BaseModel):
     desired_issued: datetime | None
     modules: list[ModuleStatus] = Field(description="each module as the device last reported it")
     telemetry: dict[str, list[ChartPoint]] = Field(description="per-service series of its newest samples")
+    bucket_s: int = Field(
+        default=DEVICE_BUCKET_S, description="seconds per chart point; a missing bucket is a gap"
+    )
     latest_sample: Telemetry | None
     events: list[EventOut] = Field(description="its newest events, newest first")
 
@@ -308,9 +323,11 @@ def device_view(core: Core, device_id: str) -> DeviceViewOut:
         with contextlib.suppress(ValidationError):
             samples.append(Telemetry.model_validate(payload))
     out.latest_sample = samples[0] if samples else None
+    # Only the services it runs now: a deleted (or moved) service's chart goes with it.
     out.telemetry = {
-        svc: [ChartPoint(t=p.t, rps=p.requests_per_s, p50_ms=p.p50_ms) for p in points]
-        for svc, points in service_series(samples, bucket_s=10).items()
+        svc: [ChartPoint.of(p) for p in points]
+        for svc, points in service_series(samples, bucket_s=DEVICE_BUCKET_S).items()
+        if svc in services
     }
     return out
 
