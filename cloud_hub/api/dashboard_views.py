@@ -9,6 +9,7 @@ the admin token or the dashboard's session cookie.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -99,6 +100,11 @@ class ServiceSummary(BaseModel):
     rollout: RolloutOut
     devices: list[ServiceDeviceOut] | None = Field(
         default=None, description=f"every device, when the service has at most {INLINE_DEVICES}"
+    )
+    serving_instead: str | None = Field(
+        default=None,
+        description="when the service's version failed and its devices went back to an earlier one: "
+        "the version they serve (the dashboard shows 'v3 failed — v2 serving')",
     )
 
 
@@ -207,7 +213,20 @@ def _service_summary(s: Session, row: Deployment, *, inline: bool) -> ServiceSum
     if inline and progress.total <= INLINE_DEVICES:
         _, rows = service_devices_page(s, row, state=None, limit=INLINE_DEVICES, offset=0)
         devices = [_service_device_out(r) for r in rows]
+    serving_instead = None
+    if progress.state is ServiceState.FAILED:
+        # A bounded look at the failed devices (the first page of them), not the whole fleet.
+        _, failed = service_devices_page(
+            s, row, state=ServiceState.FAILED.value, limit=INLINE_DEVICES, offset=0
+        )
+        older = Counter(
+            d.serving_version
+            for d in map(_service_device_out, failed)
+            if d.serving_version is not None and d.serving_version != row.module_version
+        )
+        serving_instead = older.most_common(1)[0][0] if older else None
     return ServiceSummary(
+        serving_instead=serving_instead,
         name=row.name,
         module=row.module_name,
         version=row.module_version,

@@ -7,7 +7,7 @@ from edge_agent.scoring.metrics import BUCKETS_S, Totals
 
 
 def totals(requests: int, errors: int, buckets: dict[float, int]) -> Totals:
-    counts = tuple(buckets.get(bound, 0) for bound in BUCKETS_S) + (0,)
+    counts = (*(buckets.get(bound, 0) for bound in BUCKETS_S), 0)
     return Totals(
         requests={("score", "200"): requests}, errors=errors, buckets=counts,
         sum_ns=0, count=sum(counts), workers=1, ready_workers=1,
