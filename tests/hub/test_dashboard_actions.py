@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -360,3 +361,34 @@ def test_every_view_fits_a_420_px_wide_screen(scene: Scene, device: Any, page: P
         wide = page.evaluate(WIDER_THAN_THE_SCREEN)
         assert width <= 420, f"{path} is {width} px wide at a 420 px viewport: {wide}"
     assert errors == [], errors
+
+
+def test_the_page_loads_uplot_from_the_hub_under_a_policy_without_inline_script(hub: HubFactory) -> None:
+    h = hub()
+    with httpx.Client(base_url=h.url) as http:
+        page = http.get("/")
+        policy = page.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy
+        assert "default-src 'none'" in policy
+        for path, kind in (
+            ("/dashboard/vendor/uPlot.iife.min.js", "text/javascript"),
+            ("/dashboard/vendor/uPlot.min.css", "text/css"),
+            ("/dashboard/vendor/uPlot.LICENSE", "text/plain"),
+        ):
+            r = http.get(path)
+            assert r.status_code == 200 and r.headers["content-type"].startswith(kind), path
+            assert path.rsplit("/", 1)[1] in page.text or kind == "text/plain"
+        assert http.get("/dashboard/vendor/..%2Fapp.js").status_code == 404
+        assert http.get("/dashboard/vendor/other.js").status_code == 404
+
+
+def test_the_package_ships_every_dashboard_file() -> None:
+    # The vendored files sit in a folder of their own, which "dashboard/*" does not reach: a
+    # hub installed from the wheel served a page whose charts' script was missing.
+    root = Path(__file__).resolve().parents[2]
+    package = root / "cloud_hub"
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = {p for pattern in setuptools["package-data"]["cloud_hub"] for p in package.glob(pattern)}
+    dashboard = {p for p in (package / "dashboard").rglob("*") if p.is_file()}
+    assert dashboard - shipped == set()
+    assert package / "dashboard" / "vendor" / "uPlot.iife.min.js" in dashboard
