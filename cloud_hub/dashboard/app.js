@@ -468,6 +468,7 @@ function servicePath(name) {
 
 // The service shown, as last read: what Redeploy sends back (its settings and target).
 let shownService = null;
+let versionsOf = null;  // the module whose versions Redeploy offers
 
 function renderService(data) {
   if (!data.devices.length && data.offset > 0 && data.total > 0) {
@@ -483,6 +484,12 @@ function renderService(data) {
   $("service-title").textContent = s.name;
   $("service-badge").replaceChildren(serviceState(s));
   shownService = data;
+  if (versionsOf !== s.module) {
+    // The versions feed asked for the module by the service's name until now: ask for the
+    // right one at once rather than at the next poll.
+    versionsOf = s.module;
+    getJSON(`/api/v1/modules?name=${encodeURIComponent(s.module)}`).then(renderVersions, () => {});
+  }
   info($("service-info"), [
     ["module", `${s.module}:${s.version}`],
     ["digest", el("code", {}, s.manifest_digest)],
@@ -561,8 +568,7 @@ function feeds(r) {
     return [
       ...always,
       ["service", () => servicePath(r.id), renderService],
-      ["versions", () => `/api/v1/modules?name=${encodeURIComponent(shownService ? shownService.service.module : r.id)}`,
-        renderVersions],
+      ["versions", () => `/api/v1/modules?name=${encodeURIComponent(versionsOf ?? r.id)}`, renderVersions],
       ["service-telemetry", () => "/api/v1/dashboard/telemetry?minutes=15", renderServiceTelemetry(r.id)],
     ];
   }
@@ -712,6 +718,7 @@ function clearViews() {
     "redeploy-version"]) $(id).replaceChildren();
   $("log-view").hidden = true;
   shownService = null;
+  versionsOf = null;
   if (confirmAnswer) confirmAnswer(false);
   for (const id of ["device-view", "service-view"]) {
     for (const attr of ["data-device", "data-service", "data-state", "data-online", "data-total"]) {

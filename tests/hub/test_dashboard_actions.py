@@ -243,6 +243,7 @@ def test_operator_rolls_back_redeploys_and_deletes_a_service(scene: Scene, devic
     page.click("#service-rollback")
     expect(page.locator("#notice")).to_have_text("digits rolled back to v2")
     expect(page.locator("#service-info [data-field='module']")).to_have_text("digits:2")
+    shoot(page, "dashboard-service")
     with scene.hub.client() as http:
         assert http.get("/api/v1/deployments/digits").json()["version"] == "2"
 
@@ -360,6 +361,9 @@ def test_every_view_fits_a_420_px_wide_screen(scene: Scene, device: Any, page: P
         width = page.evaluate("document.documentElement.scrollWidth")
         wide = page.evaluate(WIDER_THAN_THE_SCREEN)
         assert width <= 420, f"{path} is {width} px wide at a 420 px viewport: {wide}"
+        if path == "/#/services/digits":
+            expect(page.locator("#redeploy-version option")).to_have_count(3)
+            shoot(page, "dashboard-phone")
     assert errors == [], errors
 
 
