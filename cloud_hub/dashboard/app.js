@@ -354,7 +354,8 @@ function chartOptions(width, series) {
   const scales = [...new Set(series.map((d) => d.scale))];
   return {
     width, height: 170,
-    scales: { x: { time: true }, ...Object.fromEntries(scales.map((k) => [k, { range: (u, lo, hi) => [0, Math.max(hi || 0, 1e-9) * 1.1] }])) },
+    // Value axes start at 0 (a rate or a latency read against 0), with room above the top.
+    scales: { x: { time: true }, ...Object.fromEntries(scales.map((k) => [k, { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] }])) },
     series: [
       { label: "time" },
       ...series.map((d) => ({
