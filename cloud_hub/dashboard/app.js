@@ -308,8 +308,8 @@ function renderEvents(events) {
 // --- charts (uPlot, vendored: cloud_hub/dashboard/vendor/) ----------------------------------------
 
 // Each chart is one uPlot with a time axis and a value axis per unit. Points come one per
-// bucket that had samples; a bucket without any becomes a gap (a null), never a line drawn
-// across the missing time.
+// bucket that had samples; where samples stopped coming, the line stops (a null, which uPlot
+// leaves as a gap), never a line drawn across the missing time.
 const CHARTS = [
   { name: "requests/s", series: [
     { key: "rps", label: "requests/s", unit: "req/s", scale: "rps", stroke: "#1f5fbf" },
@@ -321,22 +321,39 @@ const CHARTS = [
   ] },
 ];
 
-// uPlot's columns: times (s) and one array per series, with a null where a bucket is missing.
+// A gap is more than two sampling intervals without a point (so one late or lost sample, or
+// samples drifting across a bucket boundary, is no gap). The interval is the series' usual
+// spacing (the lower median between points), at least one bucket: an agent may send less often.
+function spacing(xs, bucketS) {
+  const steps = xs.slice(1).map((x, i) => x - xs[i]).filter((d) => d > 0).sort((a, b) => a - b);
+  return Math.max(bucketS, steps.length ? steps[Math.floor((steps.length - 1) / 2)] : bucketS);
+}
+
+// uPlot's columns: times (s) and one array per series, with a null where data is missing;
+// ``gaps`` counts the missing stretches between points. A series that went silent reaches to
+// now without a line.
 function columns(points, series, bucketS) {
+  const times = points.map((p) => Date.parse(p.t) / 1000);
+  const step = spacing(times, bucketS);
   const xs = [];
   const ys = series.map(() => []);
+  const hole = (t) => {
+    xs.push(t);
+    ys.forEach((col) => col.push(null));
+  };
   let gaps = 0;
-  let prev = null;
-  for (const p of points) {
-    const t = Date.parse(p.t) / 1000;
-    if (prev !== null && t - prev > bucketS * 1.5) {
-      xs.push(prev + bucketS);
-      ys.forEach((col) => col.push(null));
+  points.forEach((p, n) => {
+    if (n > 0 && times[n] - times[n - 1] > 2 * step) {
+      hole(times[n - 1] + step);
       gaps += 1;
     }
-    xs.push(t);
+    xs.push(times[n]);
     series.forEach((def, i) => ys[i].push(p[def.key] ?? null));
-    prev = t;
+  });
+  const now = Date.now() / 1000;
+  if (times.length && now - times[times.length - 1] > 2 * step) {
+    hole(times[times.length - 1] + step);
+    hole(now);
   }
   return { data: [xs, ...ys], gaps };
 }

@@ -332,6 +332,14 @@ def test_charts_have_time_axes_units_p95_error_rate_and_gaps(scene: Scene, devic
         # The missing interval is a gap, not a line drawn across it.
         expect(traffic).to_have_attribute("data-points", "3")
         expect(traffic).to_have_attribute("data-gaps", "1")
+    # The page's rule, on other series: one missing or late sample is no gap (buckets are 10 s,
+    # and samples drift across their boundaries), and an agent sending every 30 s has none.
+    gaps = """(seconds) => columns(seconds.map((s) => ({ t: new Date(s * 1000).toISOString(), rps: 1 })),
+                                CHARTS[0].series, 10).gaps"""
+    assert page.evaluate(gaps, [0, 10, 30, 40, 50]) == 0
+    assert page.evaluate(gaps, [0, 10, 20, 60, 70]) == 1
+    assert page.evaluate(gaps, [0, 30, 60, 90, 120]) == 0
+    assert page.evaluate(gaps, [0, 30, 60, 150, 180]) == 1
     assert errors == [], errors
 
 
