@@ -358,6 +358,7 @@ function columns(points, series, bucketS) {
   return { data: [xs, ...ys], gaps };
 }
 
+const CHART_HEIGHT = 170;
 const fmt = (value, unit) => (value === null || value === undefined ? "–" : `${value} ${unit}`);
 
 function caption(points, series) {
@@ -370,7 +371,7 @@ function caption(points, series) {
 function chartOptions(width, series) {
   const scales = [...new Set(series.map((d) => d.scale))];
   return {
-    width, height: 170,
+    width, height: CHART_HEIGHT,
     // Value axes start at 0 (a rate or a latency read against 0), with room above the top.
     scales: { x: { time: true }, ...Object.fromEntries(scales.map((k) => [k, { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] }])) },
     series: [
@@ -381,7 +382,7 @@ function chartOptions(width, series) {
       })),
     ],
     axes: [
-      { label: "time" },
+      { label: "time", space: 80 },  // room for a date under its first tick
       ...scales.map((k, i) => {
         const unit = series.find((d) => d.scale === k).unit;
         return { scale: k, label: unit, side: i === 0 ? 3 : 1, grid: { show: i === 0 }, size: 56 };
@@ -391,12 +392,8 @@ function chartOptions(width, series) {
   };
 }
 
-function chartWidth(target) {
-  // One column at a phone's width, two or more on a desk: the chart fits its grid cell.
-  const cell = target.clientWidth || 320;
-  const columnsFit = Math.max(1, Math.floor((cell + 16) / 336));
-  return Math.max(200, Math.floor((cell - 16 * (columnsFit - 1)) / columnsFit) - 2);
-}
+// A chart fills its grid cell (one column on a phone, two or more on a desk; the CSS decides).
+const chartWidth = (node) => Math.max(200, node.clientWidth || 320);
 
 // Draw (or update) every service's charts in ``target``; charts of services no longer in the
 // answer (a deleted service) are removed with their uPlot.
@@ -409,7 +406,6 @@ function charts(target, services, empty, bucketS = 10) {
     return;
   }
   target.querySelector(":scope > p.muted")?.remove();
-  const width = chartWidth(target);
   for (const [svc, points] of entries) {
     for (const def of CHARTS) {
       const name = `${svc} ${def.name}`;
@@ -419,10 +415,9 @@ function charts(target, services, empty, bucketS = 10) {
       if (!node) {
         node = el("div", { class: "chart", "data-chart": name }, el("h3", {}, name, el("span", { class: "muted" })));
         target.append(node);
-        node.uplot = new uPlot(chartOptions(width, def.series), data, node);
+        node.uplot = new uPlot(chartOptions(chartWidth(node), def.series), data, node);
       } else {
         node.uplot.setData(data);
-        if (node.uplot.width !== width) node.uplot.setSize({ width, height: 170 });
       }
       node.setAttribute("data-gaps", String(gaps));
       node.setAttribute("data-points", String(points.length));
@@ -434,6 +429,12 @@ function charts(target, services, empty, bucketS = 10) {
       node.uplot?.destroy();
       node.remove();
     }
+  }
+  // After the grid settled (a chart added or removed changes the others' cells; so does the
+  // window's width), every chart takes its cell's width.
+  for (const node of target.querySelectorAll("[data-chart]")) {
+    const width = chartWidth(node);
+    if (node.uplot.width !== width) node.uplot.setSize({ width, height: CHART_HEIGHT });
   }
 }
 
