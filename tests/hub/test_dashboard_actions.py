@@ -26,6 +26,7 @@ from tests.conftest import Publisher
 from tests.hub.broker_fixtures import Broker
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import PushedModule, deploy, enroll, push
+from tests.hub.test_fleet_cli import ok_json, one_line_error, run
 
 SCREENSHOTS = os.environ.get("EDGEPACK_SCREENSHOTS")
 
@@ -110,6 +111,21 @@ def test_every_dashboard_action_needs_the_sessions_csrf_token(hub: HubFactory, p
     with h.client() as http:
         assert http.get("/api/v1/deployments/digits").status_code == 404
         assert http.get("/api/v1/devices/dev-2").json()["revoked"] is True
+
+
+def test_the_cli_rolls_back_the_same_way(hub: HubFactory, publisher: Publisher, tmp_path: Path) -> None:
+    h = hub()
+    push(h, publisher, "digits", "1")
+    v2 = push(h, publisher, "digits", "2", factor=3)
+    with h.client() as http:
+        enroll(http, "dev-1")
+        assert deploy(http, "digits", v2, devices=["dev-1"]).status_code == 201
+    done = run(tmp_path, h, "service", "rollback", "digits")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("service digits rolled back to digits:1\n")
+    error = one_line_error(run(tmp_path, h, "service", "rollback", "digits"), 2)
+    assert "nothing to roll back to" in error
+    assert ok_json(run(tmp_path, h, "service", "show", "digits", "--json"))["version"] == "1"
 
 
 # --- in the browser -----------------------------------------------------------------------------
