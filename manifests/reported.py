@@ -92,6 +92,8 @@ class ModuleMetrics(BaseModel):
     errors_total: Count
     requests_per_s: float = finite(ge=0, le=MAX_RATE)
     p50_ms: float | None = finite(default=None, ge=0, le=MAX_LATENCY_MS)
+    # Optional: agents before it send p50/p99 only, and their samples stay valid.
+    p95_ms: float | None = finite(default=None, ge=0, le=MAX_LATENCY_MS)
     p99_ms: float | None = finite(default=None, ge=0, le=MAX_LATENCY_MS)
     cpu_percent: float | None = finite(default=None, ge=0, le=MAX_CPU_PERCENT)
     memory_mb: float | None = finite(default=None, ge=0, le=MAX_MEMORY_MB)

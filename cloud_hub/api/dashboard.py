@@ -34,6 +34,7 @@ from cloud_hub.api.sessions import (
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import NotFound, Throttled, Unauthorized
 from cloud_hub.events import Event, events_since, recent_events, record_event
+from cloud_hub.fleet.tables import Deployment
 from cloud_hub.ingest.series import service_series
 from cloud_hub.ingest.tables import TelemetrySample
 from cloud_hub.login_throttle import client_key
@@ -45,14 +46,35 @@ router = APIRouter()
 #: The charts read at most this many (newest) samples per refresh, however large the fleet.
 MAX_CHART_SAMPLES = 20_000
 
-STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+STATIC_FILES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+    # uPlot, the charts' library, vendored from npm (scripts/vendor_uplot.py pins its sha256).
+    "vendor/uPlot.iife.min.js": "text/javascript",
+    "vendor/uPlot.min.css": "text/css",
+    "vendor/uPlot.LICENSE": "text/plain",
+}
+
+#: Everything the page loads comes from the hub itself, and no inline script runs: a string a
+#: device sent that reached the page as HTML still could not execute. (Scripts set element
+#: styles through the DOM, which ``style-src 'self'`` allows; uPlot draws on a canvas.)
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def _static(name: str) -> FileResponse:
     if name not in STATIC_FILES:
         raise NotFound(f"no dashboard file {name!r}")
-    path = resources.files("cloud_hub") / "dashboard" / name
-    return FileResponse(str(path), media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+    path = resources.files("cloud_hub").joinpath("dashboard", *name.split("/"))
+    headers = {
+        "Cache-Control": "no-cache",
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+        "X-Content-Type-Options": "nosniff",
+    }
+    return FileResponse(str(path), media_type=STATIC_FILES[name], headers=headers)
 
 
 @router.get("/", include_in_schema=False)
@@ -63,6 +85,11 @@ def index() -> FileResponse:
 @router.get("/dashboard/{name}", include_in_schema=False)
 def static_file(name: str) -> FileResponse:
     return _static(name)
+
+
+@router.get("/dashboard/vendor/{name}", include_in_schema=False)
+def vendored_file(name: str) -> FileResponse:
+    return _static(f"vendor/{name}")
 
 
 @router.post("/api/v1/dashboard/login", tags=["dashboard"])
@@ -178,7 +205,8 @@ def telemetry(
     minutes: Annotated[int, Query(ge=1, le=24 * 60)] = 15,
     bucket_s: Annotated[int, Query(ge=1, le=3600)] = 10,
 ) -> dict[str, Any]:
-    """Per-service requests/s and p50 latency over the last ``minutes``, for the charts."""
+    """Per-service requests/s, error rate and p50/p95 latency over the last ``minutes``, for the
+    charts: one point per ``bucket_s`` with data (a bucket without samples is a gap)."""
     since = utcnow() - timedelta(minutes=minutes)
     with core.sessions.begin() as s:
         payloads: list[dict[str, Any]] = list(
@@ -189,6 +217,8 @@ def telemetry(
                 .limit(MAX_CHART_SAMPLES)
             )
         )
+        # A deleted service's chart goes with it (its samples stay until they age out).
+        services = set(s.scalars(select(Deployment.name)))
     samples = []
     for payload in payloads:
         # A row an older hub stored without today's checks costs its own point, not the chart.
@@ -198,8 +228,9 @@ def telemetry(
     return {
         "bucket_s": bucket_s,
         "services": {
-            svc: [{"t": p.t.isoformat(), "rps": p.requests_per_s, "p50_ms": p.p50_ms} for p in points]
+            svc: [dashboard_views.ChartPoint.of(p).model_dump(mode="json") for p in points]
             for svc, points in series.items()
+            if svc in services
         },
     }
 

@@ -9,6 +9,7 @@ the admin token or the dashboard's session cookie.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ from cloud_hub.fleet.desired import stored_state
 from cloud_hub.fleet.devices import get_device
 from cloud_hub.fleet.tables import Deployment, DeviceDesired
 from cloud_hub.fleet.targeting import check_device_id
-from cloud_hub.ingest.series import service_series
+from cloud_hub.ingest.series import Point, service_series
 from cloud_hub.ingest.state import device_module_statuses
 from cloud_hub.ingest.tables import DeviceReport, TelemetrySample
 from cloud_hub.overview.queries import (
@@ -54,6 +55,8 @@ INLINE_DEVICES = 10
 #: A device page charts at most this many of the device's newest telemetry samples.
 MAX_DEVICE_SAMPLES = 360
 RECENT_EVENTS = 30
+#: A device page's charts have one point per this many seconds.
+DEVICE_BUCKET_S = 10
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"rows per page, at most {MAX_PAGE}")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="rows to skip")]
@@ -98,6 +101,11 @@ class ServiceSummary(BaseModel):
     devices: list[ServiceDeviceOut] | None = Field(
         default=None, description=f"every device, when the service has at most {INLINE_DEVICES}"
     )
+    serving_instead: str | None = Field(
+        default=None,
+        description="when the service's version failed and its devices went back to an earlier one: "
+        "the version they serve (the dashboard shows 'v3 failed — v2 serving')",
+    )
 
 
 class SummaryOut(BaseModel):
@@ -132,9 +140,19 @@ class EventOut(BaseModel):
 
 
 class ChartPoint(BaseModel):
-    t: datetime
-    rps: float
-    p50_ms: float | None
+    t: datetime = Field(description="start of the bucket")
+    rps: float = Field(description="requests/s, summed over the devices")
+    p50_ms: float | None = Field(description="median latency, ms (median over the devices)")
+    p95_ms: float | None = Field(
+        default=None, description="95th percentile latency, ms (median over the devices)"
+    )
+    error_pct: float | None = Field(
+        default=None, description="errors per 100 requests in the bucket (None: no requests counted)"
+    )
+
+    @classmethod
+    def of(cls, p: Point) -> ChartPoint:
+        return cls(t=p.t, rps=p.requests_per_s, p50_ms=p.p50_ms, p95_ms=p.p95_ms, error_pct=p.error_pct)
 
 
 class DeviceViewOut(BaseModel):
@@ -146,6 +164,9 @@ class DeviceViewOut(BaseModel):
     desired_issued: datetime | None
     modules: list[ModuleStatus] = Field(description="each module as the device last reported it")
     telemetry: dict[str, list[ChartPoint]] = Field(description="per-service series of its newest samples")
+    bucket_s: int = Field(
+        default=DEVICE_BUCKET_S, description="seconds per chart point; a missing bucket is a gap"
+    )
     latest_sample: Telemetry | None
     events: list[EventOut] = Field(description="its newest events, newest first")
 
@@ -192,7 +213,20 @@ def _service_summary(s: Session, row: Deployment, *, inline: bool) -> ServiceSum
     if inline and progress.total <= INLINE_DEVICES:
         _, rows = service_devices_page(s, row, state=None, limit=INLINE_DEVICES, offset=0)
         devices = [_service_device_out(r) for r in rows]
+    serving_instead = None
+    if progress.state is ServiceState.FAILED:
+        # A bounded look at the failed devices (the first page of them), not the whole fleet.
+        _, failed = service_devices_page(
+            s, row, state=ServiceState.FAILED.value, limit=INLINE_DEVICES, offset=0
+        )
+        older = Counter(
+            d.serving_version
+            for d in map(_service_device_out, failed)
+            if d.serving_version is not None and d.serving_version != row.module_version
+        )
+        serving_instead = older.most_common(1)[0][0] if older else None
     return ServiceSummary(
+        serving_instead=serving_instead,
         name=row.name,
         module=row.module_name,
         version=row.module_version,
@@ -308,9 +342,11 @@ def device_view(core: Core, device_id: str) -> DeviceViewOut:
         with contextlib.suppress(ValidationError):
             samples.append(Telemetry.model_validate(payload))
     out.latest_sample = samples[0] if samples else None
+    # Only the services it runs now: a deleted (or moved) service's chart goes with it.
     out.telemetry = {
-        svc: [ChartPoint(t=p.t, rps=p.requests_per_s, p50_ms=p.p50_ms) for p in points]
-        for svc, points in service_series(samples, bucket_s=10).items()
+        svc: [ChartPoint.of(p) for p in points]
+        for svc, points in service_series(samples, bucket_s=DEVICE_BUCKET_S).items()
+        if svc in services
     }
     return out
 

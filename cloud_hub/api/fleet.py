@@ -29,6 +29,7 @@ from cloud_hub.fleet.deployments import (
     check_service_name,
     delete_deployment,
     get_deployment,
+    roll_back_deployment,
     settings_from_request,
     upsert_deployment,
     with_endpoint_keys,
@@ -493,6 +494,22 @@ def deploy(core: Core, fleet: Fleet, name: str, body: DeployRequest, response: R
         "deployment": out,
         "warnings": list(requested.warnings),
     }
+
+
+class RollbackOut(ChangeOut):
+    version: str = Field(description="the module version the service runs now")
+    deployment: DeploymentOut
+
+
+@admin.post("/deployments/{name}/rollback", response_model=RollbackOut, tags=["deployments"])
+def rollback(core: Core, fleet: Fleet, name: str) -> dict[str, Any]:
+    """Redeploy the service's previous module version: the newest version of its module pushed
+    before the one it runs now, with the same settings and target. 409 when there is none."""
+    check_service_name(name)
+    change = fleet.change(lambda s: roll_back_deployment(s, name))
+    with core.sessions.snapshot() as s:
+        out = _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
+    return {**_change_out(change), "version": change.result.version, "deployment": out}
 
 
 @admin.get("/deployments/{name}/keys", response_model=KeysOut, tags=["deployments"])

@@ -63,16 +63,19 @@ async function getJSON(path) {
   return res.json();
 }
 
-// A request that changes something (revoke, collect garbage, sign out), with the CSRF token.
-async function send(method, path) {
+// A request that changes something (an action, sign out), with the CSRF token; ``body`` is
+// sent as JSON.
+async function send(method, path, body) {
   if (csrfToken === null) csrfToken = (await getJSON("/api/v1/dashboard/session")).csrf_token;
+  const headers = { Accept: "application/json", "X-CSRF-Token": csrfToken };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
   const res = await fetch(path, {
-    method, credentials: "same-origin", headers: { Accept: "application/json", "X-CSRF-Token": csrfToken },
+    method, credentials: "same-origin", headers, body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (res.status === 401) throw new LoggedOut();
-  const body = await res.json().catch(() => ({}));
-  if (!res.ok) throw new Error(body.error ? body.error.message : `${path}: HTTP ${res.status}`);
-  return body;
+  const answer = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(answer.error ? answer.error.message : `${path}: HTTP ${res.status}`);
+  return answer;
 }
 
 // The outcome of the last action, until the next one.
@@ -81,14 +84,37 @@ function notice(message, failed = false) {
   $("notice").className = failed ? "error" : "muted";
 }
 
-async function act(method, path, done) {
+// An action: the page says it is under way, then its outcome (or the hub's refusal).
+async function act(method, path, done, body) {
+  notice("working…");
   try {
-    done(await send(method, path));
+    done(await send(method, path, body));
   } catch (err) {
     if (err instanceof LoggedOut) return showLogin();
     notice(err.message, true);
   }
+  refresh();
 }
+
+// Destructive actions ask in the page first (no browser dialog: it can be styled, tested and
+// read by a screen reader). Resolves true when the operator confirmed.
+let confirmAnswer = null;
+function confirmInPage(question, yes) {
+  if (confirmAnswer) confirmAnswer(false);  // a newer question replaces the one still open
+  $("confirm-text").textContent = question;
+  $("confirm-yes").textContent = yes;
+  $("confirm").hidden = false;
+  $("confirm-no").focus();
+  return new Promise((resolve) => {
+    confirmAnswer = (answer) => {
+      confirmAnswer = null;
+      $("confirm").hidden = true;
+      resolve(answer);
+    };
+  });
+}
+$("confirm-yes").addEventListener("click", () => confirmAnswer && confirmAnswer(true));
+$("confirm-no").addEventListener("click", () => confirmAnswer && confirmAnswer(false));
 
 function fill(tbody, rows, empty) {
   tbody.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colSpan: 9, class: "muted" }, empty))]));
@@ -164,12 +190,25 @@ function progressBar(rollout) {
     el("span", { class: "label" }, `${rollout.done}/${rollout.total} (${pct}%)`));
 }
 
+// "v3" for a version that is a number, the version itself otherwise.
+const v = (version) => (/^\d/.test(version) ? `v${version}` : version);
+
+// A service whose version failed while its devices went back to an earlier one is not down:
+// say which version failed and which one serves, instead of a bare red "Failed".
+function serviceState(s) {
+  if (s.state === "Failed" && s.serving_instead) {
+    return el("span", { class: "badge Failed fallback", "data-serving-instead": s.serving_instead },
+      `${v(s.version)} failed — ${v(s.serving_instead)} serving`);
+  }
+  return badge(s.state);
+}
+
 function renderServices(services) {
   fill($("services"), services.map((s) => el("tr", { "data-service": s.name, "data-state": s.state },
     el("td", {}, serviceLink(s.name)),
     el("td", {}, `${s.module}:${s.version}`),
     el("td", {}, targetText(s.target)),
-    el("td", {}, badge(s.state)),
+    el("td", { class: "state" }, serviceState(s)),
     el("td", { "data-rollout-done": String(s.rollout.done), "data-rollout-total": String(s.rollout.total) },
       progressBar(s.rollout)),
     el("td", {}, s.devices
@@ -266,44 +305,140 @@ function renderEvents(events) {
   while (list.children.length > 200) list.lastChild.remove();
 }
 
-function polyline(points, key, cls, width, height) {
-  const values = points.map((p) => p[key]).filter((v) => v !== null);
-  if (!values.length) return null;
-  const max = Math.max(...values, 1e-9);
-  const t0 = Date.parse(points[0].t);
-  const span = Math.max(Date.parse(points[points.length - 1].t) - t0, 1);
-  const coords = points.filter((p) => p[key] !== null).map((p) =>
-    `${((Date.parse(p.t) - t0) / span) * width},${height - (p[key] / max) * (height - 6) - 3}`);
-  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", coords.join(" "));
-  line.setAttribute("class", cls);
-  return line;
+// --- charts (uPlot, vendored: cloud_hub/dashboard/vendor/) ----------------------------------------
+
+// Each chart is one uPlot with a time axis and a value axis per unit. Points come one per
+// bucket that had samples; where samples stopped coming, the line stops (a null, which uPlot
+// leaves as a gap), never a line drawn across the missing time.
+const CHARTS = [
+  { name: "requests/s", series: [
+    { key: "rps", label: "requests/s", unit: "req/s", scale: "rps", stroke: "#1f5fbf" },
+    { key: "error_pct", label: "errors", unit: "%", scale: "pct", stroke: "#b42318" },
+  ] },
+  { name: "latency", series: [
+    { key: "p50_ms", label: "p50", unit: "ms", scale: "ms", stroke: "#a15c00" },
+    { key: "p95_ms", label: "p95", unit: "ms", scale: "ms", stroke: "#6b3fa0" },
+  ] },
+];
+
+// A gap is more than two sampling intervals without a point (so one late or lost sample, or
+// samples drifting across a bucket boundary, is no gap). The interval is the series' usual
+// spacing (the lower median between points), at least one bucket: an agent may send less often.
+function spacing(xs, bucketS) {
+  const steps = xs.slice(1).map((x, i) => x - xs[i]).filter((d) => d > 0).sort((a, b) => a - b);
+  return Math.max(bucketS, steps.length ? steps[Math.floor((steps.length - 1) / 2)] : bucketS);
 }
 
-function chart(title, points, key, cls, unit) {
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", "0 0 300 90");
-  svg.setAttribute("preserveAspectRatio", "none");
-  const line = polyline(points, key, cls, 300, 90);
-  if (line) svg.append(line);
-  const last = [...points].reverse().find((p) => p[key] !== null);
-  return el("div", { class: "chart", "data-chart": `${title}` },
-    el("h3", {}, title, el("span", { class: "muted" }, last ? ` — ${last[key]} ${unit}` : " — no data")), svg);
+// uPlot's columns: times (s) and one array per series, with a null where data is missing;
+// ``gaps`` counts the missing stretches between points. A series that went silent reaches to
+// now without a line.
+function columns(points, series, bucketS) {
+  const times = points.map((p) => Date.parse(p.t) / 1000);
+  const step = spacing(times, bucketS);
+  const xs = [];
+  const ys = series.map(() => []);
+  const hole = (t) => {
+    xs.push(t);
+    ys.forEach((col) => col.push(null));
+  };
+  let gaps = 0;
+  points.forEach((p, n) => {
+    if (n > 0 && times[n] - times[n - 1] > 2 * step) {
+      hole(times[n - 1] + step);
+      gaps += 1;
+    }
+    xs.push(times[n]);
+    series.forEach((def, i) => ys[i].push(p[def.key] ?? null));
+  });
+  const now = Date.now() / 1000;
+  if (times.length && now - times[times.length - 1] > 2 * step) {
+    hole(times[times.length - 1] + step);
+    hole(now);
+  }
+  return { data: [xs, ...ys], gaps };
 }
 
-function charts(target, services, empty) {
+const CHART_HEIGHT = 170;
+const fmt = (value, unit) => (value === null || value === undefined ? "–" : `${value} ${unit}`);
+
+function caption(points, series) {
+  return series.map((def) => {
+    const last = [...points].reverse().find((p) => p[def.key] !== null && p[def.key] !== undefined);
+    return `${def.label} ${fmt(last ? last[def.key] : null, def.unit)}`;
+  }).join(", ");
+}
+
+function chartOptions(width, series) {
+  const scales = [...new Set(series.map((d) => d.scale))];
+  return {
+    width, height: CHART_HEIGHT,
+    // Value axes start at 0 (a rate or a latency read against 0), with room above the top.
+    scales: { x: { time: true }, ...Object.fromEntries(scales.map((k) => [k, { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] }])) },
+    series: [
+      { label: "time" },
+      ...series.map((d) => ({
+        label: `${d.label} (${d.unit})`, scale: d.scale, stroke: d.stroke, width: 2, spanGaps: false,
+        value: (u, val) => fmt(val, d.unit),
+      })),
+    ],
+    axes: [
+      { label: "time", space: 80 },  // room for a date under its first tick
+      ...scales.map((k, i) => {
+        const unit = series.find((d) => d.scale === k).unit;
+        return { scale: k, label: unit, side: i === 0 ? 3 : 1, grid: { show: i === 0 }, size: 56 };
+      }),
+    ],
+    legend: { live: false },
+  };
+}
+
+// A chart fills its grid cell (one column on a phone, two or more on a desk; the CSS decides).
+const chartWidth = (node) => Math.max(200, node.clientWidth || 320);
+
+// Draw (or update) every service's charts in ``target``; charts of services no longer in the
+// answer (a deleted service) are removed with their uPlot.
+function charts(target, services, empty, bucketS = 10) {
   const entries = Object.entries(services || {});
+  const wanted = new Set();
   if (!entries.length) {
+    for (const node of target.querySelectorAll("[data-chart]")) node.uplot?.destroy();
     target.replaceChildren(el("p", { class: "muted" }, empty));
     return;
   }
-  target.replaceChildren(...entries.flatMap(([svc, points]) => [
-    chart(`${svc} requests/s`, points, "rps", "rps", "req/s"),
-    chart(`${svc} p50 latency`, points, "p50_ms", "p50", "ms"),
-  ]));
+  target.querySelector(":scope > p.muted")?.remove();
+  for (const [svc, points] of entries) {
+    for (const def of CHARTS) {
+      const name = `${svc} ${def.name}`;
+      wanted.add(name);
+      const { data, gaps } = columns(points, def.series, bucketS);
+      let node = [...target.querySelectorAll("[data-chart]")].find((n) => n.getAttribute("data-chart") === name);
+      if (!node) {
+        node = el("div", { class: "chart", "data-chart": name }, el("h3", {}, name, el("span", { class: "muted" })));
+        target.append(node);
+        node.uplot = new uPlot(chartOptions(chartWidth(node), def.series), data, node);
+      } else {
+        node.uplot.setData(data);
+      }
+      node.setAttribute("data-gaps", String(gaps));
+      node.setAttribute("data-points", String(points.length));
+      node.querySelector("h3 .muted").textContent = ` — ${caption(points, def.series)}`;
+    }
+  }
+  for (const node of target.querySelectorAll("[data-chart]")) {
+    if (!wanted.has(node.getAttribute("data-chart"))) {
+      node.uplot?.destroy();
+      node.remove();
+    }
+  }
+  // After the grid settled (a chart added or removed changes the others' cells; so does the
+  // window's width), every chart takes its cell's width.
+  for (const node of target.querySelectorAll("[data-chart]")) {
+    const width = chartWidth(node);
+    if (node.uplot.width !== width) node.uplot.setSize({ width, height: CHART_HEIGHT });
+  }
 }
 
-const renderTelemetry = (data) => charts($("charts"), data.services, "No telemetry yet.");
+const renderTelemetry = (data) => charts($("charts"), data.services, "No telemetry yet.", data.bucket_s);
 
 // --- device page ---------------------------------------------------------------------------------
 
@@ -335,8 +470,10 @@ function renderDevice(data) {
     el("td", {}, m.serving_version || "–"),
     el("td", {}, String(m.restarts)),
     el("td", {}, m.endpoint ? el("code", {}, m.endpoint) : "–"),
+    el("td", {}, el("button", { type: "button", class: "log-button", "data-log": m.service,
+      onclick: () => showLog(d.id, m.service) }, "Log")),
   )), "This device has not reported any module yet.");
-  charts($("device-charts"), data.telemetry, "No telemetry from this device yet.");
+  charts($("device-charts"), data.telemetry, "No telemetry from this device yet.", data.bucket_s);
   $("device-events").replaceChildren(...data.events.map(eventItem));
 }
 
@@ -347,6 +484,10 @@ function servicePath(name) {
   if (servicePage.state) params.set("state", servicePage.state);
   return `/api/v1/dashboard/services/${encodeURIComponent(name)}?${params}`;
 }
+
+// The service shown, as last read: what Redeploy sends back (its settings and target).
+let shownService = null;
+let versionsOf = null;  // the module whose versions Redeploy offers
 
 function renderService(data) {
   if (!data.devices.length && data.offset > 0 && data.total > 0) {
@@ -360,7 +501,14 @@ function renderService(data) {
   view.setAttribute("data-state", s.state);
   view.setAttribute("data-total", String(data.total));
   $("service-title").textContent = s.name;
-  $("service-badge").replaceChildren(badge(s.state));
+  $("service-badge").replaceChildren(serviceState(s));
+  shownService = data;
+  if (versionsOf !== s.module) {
+    // The versions feed asked for the module by the service's name until now: ask for the
+    // right one at once rather than at the next poll.
+    versionsOf = s.module;
+    getJSON(`/api/v1/modules?name=${encodeURIComponent(s.module)}`).then(renderVersions, () => {});
+  }
   info($("service-info"), [
     ["module", `${s.module}:${s.version}`],
     ["digest", el("code", {}, s.manifest_digest)],
@@ -393,6 +541,21 @@ function renderService(data) {
   $("service-events").replaceChildren(...data.events.map(eventItem));
 }
 
+// The versions Redeploy offers: the service's module's, newest pushed first.
+function renderVersions(modules) {
+  if (!shownService) return;
+  const select = $("redeploy-version");
+  const versions = modules.filter((m) => m.name === shownService.service.module).map((m) => m.version).reverse();
+  const chosen = select.value;
+  if ([...select.options].map((o) => o.value).join("\n") === versions.join("\n")) return;
+  select.replaceChildren(...versions.map((version) => el("option", { value: version }, version)));
+  if (versions.includes(chosen)) select.value = chosen;
+}
+
+const renderServiceTelemetry = (name) => (data) => charts($("service-charts"),
+  name in data.services ? { [name]: data.services[name] } : {},
+  "No telemetry for this service in the last 15 minutes.", data.bucket_s);
+
 function setServiceState(state) {
   servicePage.state = state;
   servicePage.offset = 0;
@@ -420,7 +583,14 @@ function feeds(r) {
   if (r.view === "device") {
     return [...always, ["device", () => `/api/v1/dashboard/devices/${encodeURIComponent(r.id)}`, renderDevice]];
   }
-  if (r.view === "service") return [...always, ["service", () => servicePath(r.id), renderService]];
+  if (r.view === "service") {
+    return [
+      ...always,
+      ["service", () => servicePath(r.id), renderService],
+      ["versions", () => `/api/v1/modules?name=${encodeURIComponent(versionsOf ?? r.id)}`, renderVersions],
+      ["service-telemetry", () => "/api/v1/dashboard/telemetry?minutes=15", renderServiceTelemetry(r.id)],
+    ];
+  }
   return [
     ...always,
     ["devices", devicesPath, renderDevices],
@@ -559,8 +729,16 @@ $("service-next").addEventListener("click", () => {
 // page never shows another's rows while it loads, and the fleet's charts are the only ones
 // named "SERVICE requests/s" in the document.
 function clearViews() {
-  for (const id of ["device-info", "device-modules", "device-charts", "device-events",
-    "service-info", "service-rollout", "service-devices", "service-events"]) $(id).replaceChildren();
+  for (const id of ["device-charts", "service-charts"]) {
+    for (const node of $(id).querySelectorAll("[data-chart]")) node.uplot?.destroy();
+  }
+  for (const id of ["device-info", "device-modules", "device-charts", "device-events", "log-lines",
+    "service-info", "service-rollout", "service-devices", "service-events", "service-charts",
+    "redeploy-version"]) $(id).replaceChildren();
+  $("log-view").hidden = true;
+  shownService = null;
+  versionsOf = null;
+  if (confirmAnswer) confirmAnswer(false);
   for (const id of ["device-view", "service-view"]) {
     for (const attr of ["data-device", "data-service", "data-state", "data-online", "data-total"]) {
       $(id).removeAttribute(attr);
@@ -593,12 +771,68 @@ $("login-form").addEventListener("submit", async (ev) => {
   refresh();
 });
 
-$("device-revoke").addEventListener("click", () => {
+$("device-revoke").addEventListener("click", async () => {
   const r = route();
   if (r.view !== "device") return;
-  if (!confirm(`Revoke ${r.id}? Its credentials stop working and its services are withdrawn.`)) return;
+  const question = `Revoke ${r.id}? Its credentials stop working and its services are withdrawn.`;
+  if (!(await confirmInPage(question, `Revoke ${r.id}`))) return;
   act("POST", `/api/v1/devices/${encodeURIComponent(r.id)}/revoke`, () => {
     notice(`${r.id} revoked`);
+    location.hash = "#/";
+  });
+});
+
+// A module's log, fetched from the device through the hub. The lines are a module's output:
+// they are set as text (textContent), so markup in them shows as the characters it is.
+async function showLog(deviceId, service) {
+  $("log-view").hidden = false;
+  $("log-title").textContent = `${service} on ${deviceId}`;
+  $("log-note").textContent = "fetching…";
+  $("log-note").className = "muted";
+  $("log-lines").textContent = "";
+  const params = new URLSearchParams({ device: deviceId, tail: "200" });
+  try {
+    const answer = await getJSON(`/api/v1/deployments/${encodeURIComponent(service)}/logs?${params}`);
+    $("log-lines").textContent = answer.lines.join("\n");
+    $("log-note").textContent = `${answer.lines.length} lines${answer.truncated ? "; older lines left out" : ""}`;
+  } catch (err) {
+    if (err instanceof LoggedOut) return showLogin();
+    $("log-note").textContent = err.message;
+    $("log-note").className = "error";
+  }
+}
+$("log-close").addEventListener("click", () => { $("log-view").hidden = true; });
+
+$("service-rollback").addEventListener("click", () => {
+  const r = route();
+  if (r.view !== "service") return;
+  act("POST", `/api/v1/deployments/${encodeURIComponent(r.id)}/rollback`,
+    (answer) => notice(`${r.id} rolled back to ${v(answer.version)}`));
+});
+
+$("service-redeploy").addEventListener("click", () => {
+  const r = route();
+  if (r.view !== "service" || !shownService || shownService.service.name !== r.id) return;
+  const version = $("redeploy-version").value;
+  if (!version) return notice("no version of this module to deploy", true);
+  const body = {
+    module: shownService.service.module, version,
+    settings: shownService.settings, target: shownService.service.target,
+  };
+  act("PUT", `/api/v1/deployments/${encodeURIComponent(r.id)}`, (answer) => {
+    const n = Object.keys(answer.issued).length;
+    notice(n ? `${r.id} redeployed with ${v(version)} (${n} device${n === 1 ? "" : "s"} updated)`
+      : `${r.id} already runs ${v(version)} with these settings: nothing to send`);
+  }, body);
+});
+
+$("service-delete").addEventListener("click", async () => {
+  const r = route();
+  if (r.view !== "service") return;
+  const question = `Delete service ${r.id}? Its devices stop running it.`;
+  if (!(await confirmInPage(question, `Delete ${r.id}`))) return;
+  act("DELETE", `/api/v1/deployments/${encodeURIComponent(r.id)}`, () => {
+    notice(`service ${r.id} deleted`);
     location.hash = "#/";
   });
 });

@@ -16,11 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud_hub.db.base import utcnow
-from cloud_hub.errors import NotFound
+from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
 from cloud_hub.fleet.endpoint_keys import auth_of, drop_keys, ensure_keys
 from cloud_hub.fleet.tables import Deployment, Device
 from cloud_hub.fleet.targeting import Target
+from cloud_hub.registry.tables import Module
 from manifests.azureml import AzureKeys, DeploymentConfig, parse_config
 from manifests.desired import DeploymentSettings
 from manifests.errors import ConfigError
@@ -158,3 +159,38 @@ def delete_deployment(session: Session, name: str) -> None:
     row = get_deployment(session, name)
     session.delete(row)
     record_event(session, "undeploy", f"service {name} deleted", service=name)
+
+
+def previous_module(session: Session, row: Deployment) -> Module | None:
+    """The version a rollback returns to: of the service's module, the newest version pushed
+    to the registry before the one it runs now (by push order, not by how the version strings
+    compare), or None when the current one was pushed first."""
+    current = session.scalar(select(Module.id).where(Module.manifest_digest == row.manifest_digest))
+    if current is None:
+        return None
+    return session.scalar(
+        select(Module)
+        .where(Module.name == row.module_name, Module.id < current)
+        .order_by(Module.id.desc())
+        .limit(1)
+    )
+
+
+def roll_back_deployment(session: Session, name: str) -> ModuleRef:
+    """Point the service at its previous module version (:func:`previous_module`), with its
+    settings and target as they are; Conflict when there is none."""
+    row = get_deployment(session, name)
+    previous = previous_module(session, row)
+    if previous is None:
+        raise Conflict(
+            f"service {name} runs {row.module_name}:{row.module_version}, and no earlier version of "
+            f"{row.module_name} is in the registry: there is nothing to roll back to"
+        )
+    came_from = f"{row.module_name}:{row.module_version}"
+    row.module_version = previous.version
+    row.manifest_digest = previous.manifest_digest
+    row.updated_at = utcnow()
+    record_event(
+        session, "rollback", f"service {name} rolled back from {came_from} to {previous.ref}", service=name
+    )
+    return ModuleRef(previous.name, previous.version, previous.manifest_digest)

@@ -36,7 +36,7 @@ def module_metrics(service: str, before: Reading | None, now: Reading) -> Module
     requests = _score_requests(now.totals)
     same = before is not None and before.instance_id == now.instance_id and now.at > before.at
     rate = 0.0
-    p50 = p99 = None
+    p50 = p95 = p99 = None
     cpu = None
     if same:
         assert before is not None
@@ -45,8 +45,9 @@ def module_metrics(service: str, before: Reading | None, now: Reading) -> Module
         buckets = tuple(b - a for a, b in zip(before.totals.buckets, now.totals.buckets, strict=True))
         if delta >= 0 and all(b >= 0 for b in buckets):  # counters reset: an instance restarted
             rate = delta / dt
-            q50, q99 = latency_quantile(buckets, 0.5), latency_quantile(buckets, 0.99)
+            q50, q95, q99 = (latency_quantile(buckets, q) for q in (0.5, 0.95, 0.99))
             p50 = None if q50 is None else q50 * 1000
+            p95 = None if q95 is None else q95 * 1000
             p99 = None if q99 is None else q99 * 1000
         if before.cpu_s is not None and now.cpu_s is not None and now.cpu_s >= before.cpu_s:
             cpu = 100.0 * (now.cpu_s - before.cpu_s) / dt
@@ -56,6 +57,7 @@ def module_metrics(service: str, before: Reading | None, now: Reading) -> Module
         errors_total=now.totals.errors,
         requests_per_s=round(rate, 3),
         p50_ms=None if p50 is None else round(p50, 3),
+        p95_ms=None if p95 is None else round(p95, 3),
         p99_ms=None if p99 is None else round(p99, 3),
         cpu_percent=None if cpu is None else round(cpu, 2),
         memory_mb=None if now.memory_mb is None else round(now.memory_mb, 2),

@@ -454,6 +454,25 @@ def delete_service_cmd(
     print_change(change.raw)
 
 
+@service_app.command("rollback")
+def rollback_service_cmd(
+    name: str,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Redeploy a service's previous module version (the one pushed before its current one),
+    with the same settings and target."""
+    with connect(hub, token) as connected:
+        answer = Service(connected, name).rollback()
+    if as_json:
+        print_json(answer.raw)
+        return
+    module = answer.deployment.module
+    console.print(f"service {name} rolled back to {module}:{answer.version}", highlight=False)
+    print_change(answer.raw)
+
+
 @service_app.command("logs")
 def logs_cmd(
     name: str,

@@ -206,6 +206,13 @@ class Deployed(FleetChange):
     warnings: list[str] = Field(default_factory=list)
 
 
+class RolledBack(FleetChange):
+    """The answer to a rollback: the version the service runs now, and the service."""
+
+    version: str
+    deployment: ServiceRecord
+
+
 class ServiceKeys(_Answer):
     """The endpoint keys of a service deployed with ``auth_enabled``: callers send one as
     ``Authorization: Bearer KEY``; devices hold only their hashes."""

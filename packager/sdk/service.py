@@ -25,6 +25,7 @@ from packager.sdk.answers import (
     DeviceServiceState,
     FleetChange,
     KeysRegenerated,
+    RolledBack,
     ServiceKeys,
     ServiceLogs,
     ServiceRecord,
@@ -412,6 +413,13 @@ class Service:
                 )
             models.append(Model(self.workspace, name, int(version)))
         return models
+
+    def rollback(self) -> RolledBack:
+        """Redeploy the service's previous module version: the newest version of its module
+        pushed to the hub before the one it runs now, with the same settings and target.
+        :class:`HubConflict` when there is none."""
+        path = f"/api/v1/deployments/{self.name}/rollback"
+        return RolledBack.of(self.workspace.transport.send("POST", path))
 
     def delete(self) -> FleetChange:
         """Delete the service; its devices stop running it."""
