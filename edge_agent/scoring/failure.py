@@ -1,0 +1,89 @@
+"""Why a module failed to start, as its supervisor reports it: a one-line cause taken from the
+exception's traceback (the frame in the module's own code, the exception's type and message)
+and the traceback itself, once.
+
+An instance the agent runs writes both to ``failure.json`` beside its state file when its
+entry script cannot be loaded or its ``init()`` raises; the agent reads them from the run
+folder, so the cause never has to be parsed back out of a log. Kept apart from the server so
+that the agent reads them without importing a web stack.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from manifests.bounds import MAX_TRACEBACK_CHARS, multiline, one_line
+from manifests.durable import write_durable
+
+#: beside the instance's state file (STATE_FILE) in its run folder
+FAILURE_FILE = "failure.json"
+#: a cause is one line of at most this many characters
+MAX_CAUSE_CHARS = 300
+
+
+@dataclass(frozen=True)
+class StartFailure:
+    cause: str  # e.g. "score.py:18 RuntimeError: cannot open the feature store"
+    traceback: str | None = None
+
+
+def _location(exc: BaseException, code_dir: Path | None) -> str | None:
+    """``file:line`` of the deepest frame in the module's own code (``code_dir``, the module's
+    ``src/``), else of the deepest frame at all; for a syntax error, where the syntax is."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{_shown(Path(exc.filename), code_dir)}:{exc.lineno or '?'}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    ours = [f for f in frames if code_dir is not None and _inside(Path(f.filename), code_dir)]
+    frame = (ours or frames)[-1]
+    return f"{_shown(Path(frame.filename), code_dir)}:{frame.lineno}"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _shown(path: Path, code_dir: Path | None) -> str:
+    if code_dir is not None and _inside(path, code_dir):
+        return str(path.resolve().relative_to(code_dir.resolve()))
+    return path.name
+
+
+def describe(exc: BaseException, code_dir: Path | None = None) -> StartFailure:
+    """The cause and traceback of ``exc``, which ended a module's start."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    if isinstance(exc, SyntaxError):
+        message = exc.msg or message
+    what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    where = _location(exc, code_dir)
+    cause = one_line(f"{where} {what}" if where else what, MAX_CAUSE_CHARS)
+    text = "".join(traceback.format_exception(exc)).rstrip("\n")
+    return StartFailure(cause, multiline(text, MAX_TRACEBACK_CHARS) or None)
+
+
+def write_failure(path: Path, failure: StartFailure) -> None:
+    write_durable(path, json.dumps({"cause": failure.cause, "traceback": failure.traceback}).encode())
+
+
+def read_failure(run_dir: Path) -> StartFailure | None:
+    """What an instance wrote of its failure to start, or None (it wrote nothing, or the file
+    is not what it writes: the module runs as another user, and is not trusted)."""
+    try:
+        data = json.loads((run_dir / FAILURE_FILE).read_bytes()[: 4 * MAX_TRACEBACK_CHARS])
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("cause"), str):
+        return None
+    trace = data.get("traceback")
+    return StartFailure(
+        one_line(data["cause"], MAX_CAUSE_CHARS) or "init() failed",
+        multiline(trace, MAX_TRACEBACK_CHARS) or None if isinstance(trace, str) else None,
+    )
