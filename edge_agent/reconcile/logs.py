@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from edge_agent.runtime.base import Runtime
 from edge_agent.state.failed_logs import FailedLogs
 from edge_agent.state.records import InstanceRecord
+from manifests.compat import parse_lenient
 from manifests.logs import MAX_LINE_CHARS, MAX_RESPONSE_CHARS, LogRequest, LogResponse
 
 log = logging.getLogger("edge_agent")
@@ -45,7 +46,7 @@ def answer_log_request(
     ``failed`` gets the log ``failed_logs`` kept of the service's last failed instance; every
     answer names the version its lines are from and the version of a kept failed log."""
     try:
-        request = LogRequest.model_validate_json(payload)
+        request = parse_lenient(LogRequest, payload)  # a newer hub's fields are not a reason to refuse
     except ValidationError:
         log.warning("ignoring a malformed log request")
         return

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from edge_agent.backoff import RestartBackoff, full_jitter
@@ -27,8 +25,6 @@ from edge_agent.reconcile.supervise import (
 from edge_agent.reconcile.supervise import Verdict as FailureKind
 from manifests.desired import DeploymentSettings, ModuleAssignment, RestartPolicy
 from manifests.errors import HubUnavailable, ModuleStartFailure, NotFoundError, TrustError, Unschedulable
-from manifests.reported import ModuleStatus
-from manifests.states import ServiceState
 
 V1 = ModuleAssignment(
     service="svc",
