@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.scoring.failure import FAILURE_FILE, MAX_CAUSE_CHARS, describe, read_failure
+from edge_agent.scoring.failure import FAILURE_FILE, MAX_CAUSE_CHARS, describe, from_output, read_failure
 from edge_agent.state.failed_logs import FailedLogs
 from manifests.bounds import MAX_LOG_TAIL_CHARS, MAX_TRACEBACK_CHARS, multiline, one_line
 from manifests.reported import FailureDetail
@@ -149,3 +149,31 @@ def test_an_instance_whose_init_raises_writes_its_cause_beside_its_state_file(
     assert written.cause == "score.py:4 RuntimeError: model could not be loaded"
     assert written.traceback is not None and written.traceback.count("Traceback") == 1
     assert (instance.state_file.parent / FAILURE_FILE).exists() and not instance.state_file.exists()
+
+
+OLD_SERVER_OUTPUT = """\
+connecting to the feature store at /var/features
+2026-12-07 15:19:21,048 ERROR edge_agent.scoring [29587] module /m failed to start:
+Traceback (most recent call last):
+  File "/opt/edgepack/edge_agent/scoring/app.py", line 365, in preload
+    entry.init()
+  File "/m/src/score.py", line 6, in init
+    raise RuntimeError("cannot open the feature store")
+RuntimeError: cannot open the feature store
+
+2026-12-07 15:19:21,049 ERROR edge_agent.scoring [29587] worker 0: module in /m failed to start: \
+RuntimeError: cannot open the feature store (the traceback is in the log above); fix the entry script
+edgepack scoring: worker 0 failed to start the module in /m (exit code 5); the traceback is in the log above
+""".splitlines()
+
+
+def test_a_scoring_server_from_before_failure_files_gets_the_same_cause_from_its_output() -> None:
+    """An older runtime image writes no failure.json: its usual traceback gives the cause."""
+    written = from_output(OLD_SERVER_OUTPUT, Path("/m/src"))
+    assert written is not None
+    assert written.cause == "score.py:6 RuntimeError: cannot open the feature store"
+    assert written.traceback is not None
+    assert written.traceback.startswith("Traceback (most recent call last):")
+    assert written.traceback.endswith("RuntimeError: cannot open the feature store")
+    assert from_output(["no traceback here"]) is None
+    assert from_output(["Traceback (most recent call last):", "  File \"x.py\", line 1"]) is None

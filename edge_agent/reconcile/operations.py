@@ -18,11 +18,12 @@ from edge_agent.download.module import Cancelled
 from edge_agent.runtime import probe
 from edge_agent.runtime.base import LaunchSpec, Runtime, read_instance_state
 from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE, EXIT_START_FAILED
-from edge_agent.scoring.failure import read_failure
+from edge_agent.scoring.failure import from_output, read_failure
 from edge_agent.state.failed_logs import FailedLogs
 from edge_agent.state.records import InstanceRecord
 from manifests.bounds import one_line
 from manifests.errors import ModuleStartFailure, Unschedulable
+from manifests.module import SRC_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,10 @@ def _wait_ready(
                     "deploy the service on another port"
                 )
             lines = runtime.log_tail(instance, FAILURE_LOG_LINES)
-            written = read_failure(spec.run_dir) if alive.exit_code == EXIT_START_FAILED else None
+            written = None
+            if alive.exit_code == EXIT_START_FAILED:
+                code_dir = spec.module.dir / SRC_ROOT
+                written = read_failure(spec.run_dir) or from_output(lines, code_dir)
             if written is not None:
                 raise ModuleStartFailure(written.cause, traceback=written.traceback, log_lines=lines)
             raise ModuleStartFailure(

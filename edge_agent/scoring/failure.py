@@ -11,6 +11,7 @@ that the agent reads them without importing a web stack.
 from __future__ import annotations
 
 import json
+import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,35 @@ def describe(exc: BaseException, code_dir: Path | None = None) -> StartFailure:
     cause = one_line(f"{where} {what}" if where else what, MAX_CAUSE_CHARS)
     text = "".join(traceback.format_exception(exc)).rstrip("\n")
     return StartFailure(cause, multiline(text, MAX_TRACEBACK_CHARS) or None)
+
+
+_TRACEBACK_HEAD = "Traceback (most recent call last):"
+_FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def from_output(lines: list[str], code_dir: Path | None = None) -> StartFailure | None:
+    """The cause and traceback of the last traceback in an instance's output, for a scoring
+    server from before ``failure.json`` (an older runtime image): the same cause as
+    :func:`describe` gives when the output holds Python's usual traceback, else None."""
+    starts = [i for i, line in enumerate(lines) if line.rstrip().endswith(_TRACEBACK_HEAD)]
+    if not starts:
+        return None
+    body: list[str] = []
+    what = None
+    for line in lines[starts[-1] + 1 :]:
+        if line[:1].isspace():
+            body.append(line)
+            continue
+        what = line.strip()
+        break
+    if not what:
+        return None
+    frames = [(Path(m["file"]), m["line"]) for m in map(_FRAME.match, body) if m]
+    ours = [f for f in frames if code_dir is not None and _inside(f[0], code_dir)]
+    where = (ours or frames)[-1] if frames else None
+    cause = f"{_shown(where[0], code_dir)}:{where[1]} {what}" if where else what
+    text = "\n".join([lines[starts[-1]].strip(), *body, what])
+    return StartFailure(one_line(cause, MAX_CAUSE_CHARS), multiline(text, MAX_TRACEBACK_CHARS))
 
 
 def write_failure(path: Path, failure: StartFailure) -> None:

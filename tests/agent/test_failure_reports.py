@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from packager.sdk import Hub, Service
@@ -47,18 +46,8 @@ def init():
 '''
 
 
-#: The repository this test runs from. The process runtime starts modules in a clean
-#: environment, so an interpreter whose edgepack is installed from another checkout would run
-#: that checkout's scoring server: the device runs this one's (as a device runs its agent's).
-REPO = Path(__file__).resolve().parents[2]
-
-
 def device(fleet: Fleet, device_id: str = "edge-1") -> Agent:
-    fleet.root.mkdir(parents=True, exist_ok=True)
-    python = fleet.root / "python-of-this-checkout"
-    python.write_text(f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
-    return fleet.device(device_id, process={"python": str(python)}).start()
+    return fleet.device(device_id).start()
 
 
 def edgepack(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
