@@ -191,7 +191,7 @@ PROBE_CASES = [
     pytest.param(Given(), probe(alive=False, code=1),
                  Then(U, f"{EXITED_1}; restarting in 1.0s", failures=1, restart_at=NOW + 1.0,
                       health=Health(alive=False)),
-                 id="exited: Unhealthy with its last log lines, restart after the backoff"),
+                 id="exited: Unhealthy, restart after the backoff"),
     pytest.param(Given(failures=3), probe(alive=False, code=1),
                  Then(U, f"{EXITED_1}; restarting in 8.0s", failures=4, restart_at=NOW + 8.0,
                       health=Health(alive=False)),
