@@ -99,6 +99,11 @@ def test_a_service_whose_init_raises_says_why_in_one_line_and_its_log_is_kept(fl
     assert "traceback of demo version 1 on edge-1" in shown.stdout
     assert "last output of demo version 1 on edge-1" in shown.stdout
 
+    shown = edgepack(fleet, "device", "show", "edge-1")
+    assert shown.returncode == 0, shown.stderr
+    assert "traceback of demo version 1 on edge-1" in shown.stdout
+    assert 'score.py", line 6, in init' in shown.stdout
+
     # The kept log is the device's (0600) and goes with the service.
     kept = agent.state_dir / "failed-logs" / "demo.json"
     assert kept.stat().st_mode & 0o777 == 0o600
