@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.scoring.failure import FAILURE_FILE, MAX_CAUSE_CHARS, describe, from_output, read_failure
+from edge_agent.scoring.failure import (
+    FAILURE_FILE,
+    MAX_CAUSE_CHARS,
+    MAX_FAILURE_FILE_BYTES,
+    describe,
+    from_output,
+    read_failure,
+)
 from edge_agent.state.failed_logs import FailedLogs
 from manifests.bounds import MAX_LOG_TAIL_CHARS, MAX_TRACEBACK_CHARS, multiline, one_line
 from manifests.reported import FailureDetail
@@ -121,6 +128,15 @@ def test_what_an_instance_wrote_of_its_failure_is_read_with_the_same_bounds(tmp_
     assert written is not None and written.traceback is None
     assert written.cause.startswith("a b") and len(written.cause) == MAX_CAUSE_CHARS
     (tmp_path / FAILURE_FILE).write_text("[1, 2]")
+    assert read_failure(tmp_path) is None
+    huge = {"cause": "x", "traceback": "t" * MAX_FAILURE_FILE_BYTES}
+    (tmp_path / FAILURE_FILE).write_text(json.dumps(huge))
+    assert read_failure(tmp_path) is None, "larger than a scoring server writes"
+    # The instance owns its run folder: a link there is not followed to what it points at.
+    secret = tmp_path / "agent-only.json"
+    secret.write_text(json.dumps({"cause": "the agent's secret"}))
+    (tmp_path / FAILURE_FILE).unlink()
+    (tmp_path / FAILURE_FILE).symlink_to(secret)
     assert read_failure(tmp_path) is None
 
 

@@ -11,6 +11,7 @@ that the agent reads them without importing a web stack.
 from __future__ import annotations
 
 import json
+import os
 import re
 import traceback
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from manifests.durable import write_durable
 FAILURE_FILE = "failure.json"
 #: a cause is one line of at most this many characters
 MAX_CAUSE_CHARS = 300
+#: the most a failure file may hold: its traceback with every character escaped by JSON
+MAX_FAILURE_FILE_BYTES = 8 * MAX_TRACEBACK_CHARS
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,14 @@ def read_failure(run_dir: Path) -> StartFailure | None:
     """What an instance wrote of its failure to start, or None (it wrote nothing, or the file
     is not what it writes: the module runs as another user, and is not trusted)."""
     try:
-        data = json.loads((run_dir / FAILURE_FILE).read_bytes()[: 4 * MAX_TRACEBACK_CHARS])
+        # Not followed if a link (the instance could point it at a file only the agent may
+        # read), and read only up to what the scoring server writes at most.
+        fd = os.open(run_dir / FAILURE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_FAILURE_FILE_BYTES + 1)
+        if len(raw) > MAX_FAILURE_FILE_BYTES:
+            return None
+        data = json.loads(raw)
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("cause"), str):
