@@ -198,7 +198,13 @@ class Service:
             first = failed[0]
             raise DeploymentFailed(
                 f"service {self.name} is {self.state}: {len(failed)} device(s) failed, first "
-                f"{first.device_id}: {first.reason or 'no reason reported'}",
+                f"{first.device_id}: {first.reason or 'no reason reported'}"
+                + (
+                    f" (traceback: 'edgepack service show {self.name}'; its log: 'edgepack service logs "
+                    f"{self.name} --device {first.device_id} --failed')"
+                    if first.failure is not None
+                    else ""
+                ),
                 self.devices,
             )
 

@@ -93,6 +93,12 @@ def test_a_service_whose_init_raises_says_why_in_one_line_and_its_log_is_kept(fl
     assert plain.returncode != 0 and "--failed" in plain.stderr, plain.stderr
     assert "Traceback" not in plain.stderr and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
 
+    # `service wait` ends on it in one line that says where the rest is.
+    waited = edgepack(fleet, "service", "wait", "demo", "--timeout", "30")
+    assert waited.returncode != 0
+    said = " ".join(waited.stderr.split())
+    assert CAUSE in said and "edgepack service logs demo --device edge-1 --failed" in said, said
+
     # `service show` gives the cause in its table and the detail under it.
     shown = edgepack(fleet, "service", "show", "demo")
     assert shown.returncode == 0, shown.stderr
