@@ -13,11 +13,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from typing import Any
 
+from manifests.desired import RuntimeKind
 from packager.sdk import Hub, Service
 from tests.agent.conftest import Agent, Fleet, free_port, score, wait_for
 from tests.agent.modules import files
+from tests.agent.test_docker_runtime import pinned_module
+from tests.docker_fixtures import PushedRuntimeImage
 from tests.factory import SCORE_PY
 
 #: init() prints where it connects, then raises at line 6
@@ -157,3 +161,19 @@ def test_no_failed_log_is_one_clear_line(fleet: Fleet) -> None:
     assert result.returncode == 2, result.stderr
     assert "no failed instance of service 'demo' has left a log on edge-1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_container_whose_init_raises_says_why_the_same_way(
+    fleet: Fleet, runtime_image: PushedRuntimeImage, docker_engine: Any
+) -> None:
+    """In the docker runtime the scoring server writes its cause into the run folder the
+    container mounts, as uid 10001 under a read-only root: the same line, traceback and log."""
+    device_id = f"edge-f{uuid.uuid4().hex[:6]}"
+    fleet.device(device_id, runtimes=(RuntimeKind.DOCKER,)).start()
+    module = pinned_module(fleet, runtime_image, "1", files=files(FEATURE_STORE))
+    fleet.deploy("demo", module, port=free_port(), devices=[device_id], runtime="docker")
+    row = fleet.wait_rollup("demo", "Failed", timeout=180)["devices"][0]
+    assert_readable(row, CAUSE)
+    failed = edgepack(fleet, "service", "logs", "demo", "--device", device_id, "--failed")
+    assert failed.returncode == 0, failed.stderr
+    assert "connecting to the feature store at /var/features" in failed.stdout
