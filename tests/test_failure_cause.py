@@ -151,6 +151,8 @@ def test_a_kept_failed_log_holds_its_newest_lines_within_its_bound(tmp_path: Pat
     assert logs.read("demo") == type(kept)("3", ["only"], False)
     logs.remove("demo")
     assert logs.read("demo") is None
+    (tmp_path / "failed-logs" / "demo.json").write_text('{"version": "../x", "lines": []}')
+    assert logs.read("demo") is None, "not what keep() writes"
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from manifests.durable import write_durable
+from manifests.module import VERSION_PATTERN
 
 log = logging.getLogger("edge_agent")
 
@@ -72,8 +74,11 @@ class FailedLogs:
             return None
         if not isinstance(data, dict) or not isinstance(data.get("lines"), list):
             return None
+        version = data.get("version")
+        if not isinstance(version, str) or re.fullmatch(VERSION_PATTERN, version) is None:
+            return None  # not what keep() writes: as good as none
         lines = [line for line in data["lines"] if isinstance(line, str)]
-        return FailedLog(str(data.get("version", "?")), lines, bool(data.get("truncated")))
+        return FailedLog(version, lines, bool(data.get("truncated")))
 
     def remove(self, service: str) -> None:
         with contextlib.suppress(FileNotFoundError):
