@@ -29,6 +29,9 @@ MAX_TAGS = 64
 MAX_TAG_VALUE = 256
 MAX_DESCRIPTION = 4096
 MAX_REASON = 2000
+#: A failed module's last traceback and the tail of its output, as reported (the end is kept).
+MAX_TRACEBACK_CHARS = 16 * 1024
+MAX_LOG_TAIL_CHARS = 8 * 1024
 
 #: What a terminal may act on instead of printing: C0 controls but tab, DEL, C1 controls (U+0085,
 #: U+009B CSI, ...: xterm and others obey them in UTF-8 too), the Unicode line and paragraph
@@ -47,6 +50,34 @@ def escape_controls(text: str) -> str:
     (``\\x1b``, ``\\u202e``): safe to print on a terminal, and what was there stays readable.
     Text without such characters comes back unchanged, so escaping twice is escaping once."""
     return TERMINAL_CONTROLS.sub(_escape, text)
+
+
+def one_line(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` as one line of at most ``limit`` characters: line breaks and tabs become
+    spaces, terminal escape sequences are dropped, other controls escaped visibly; a longer
+    text is cut with an ellipsis."""
+    text = _ANSI.sub("", text)
+    text = " ".join(text.split())
+    text = escape_controls(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def multiline(text: str, limit: int) -> str:
+    """``text`` as lines that may be shown: terminal escape sequences dropped, other controls
+    of each line escaped visibly; when longer than ``limit`` its end is kept, from a line
+    start where one is near."""
+    lines = [escape_controls(_ANSI.sub("", line)).rstrip() for line in text.splitlines()]
+    text = "\n".join(lines)
+    if len(text) <= limit:
+        return text
+    text = text[len(text) - limit :]
+    start = text.find("\n")
+    return text[start + 1 :] if 0 <= start < 200 else text
+
+
+#: Terminal escape sequences (colours: onnxruntime colours its warnings), which carry nothing a
+#: reader of a report needs.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 def _no_control(value: str) -> str:
@@ -82,6 +113,9 @@ EnvValue = Annotated[str, Field(max_length=MAX_ENV_VALUE), AfterValidator(_no_co
 EnvMap = Annotated[dict[EnvName, EnvValue], Field(max_length=MAX_ENV_VARS)]
 Text = Annotated[str, Field(max_length=MAX_DESCRIPTION), AfterValidator(_no_control)]
 Reason = Annotated[str, Field(max_length=MAX_REASON), AfterValidator(_no_control)]
+#: A module's traceback and the tail of its output (see manifests.reported.FailureDetail).
+TracebackText = Annotated[str, Field(max_length=MAX_TRACEBACK_CHARS), AfterValidator(_no_control)]
+LogTailText = Annotated[str, Field(max_length=MAX_LOG_TAIL_CHARS), AfterValidator(_no_control)]
 TagKey = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_control_line)]
 TagValue = Annotated[str, Field(max_length=MAX_TAG_VALUE), AfterValidator(_no_control_line)]
 TagMap = Annotated[dict[TagKey, TagValue], Field(max_length=MAX_TAGS)]

@@ -144,6 +144,13 @@ class AgentConfig(BaseModel):
         le=1 << 30,
         description="a module's log (process runtime) is rotated past this",
     )
+    failed_log_max_bytes: int = Field(
+        default=256 << 10,
+        ge=16 << 10,
+        le=512 << 10,
+        description="the newest output of each service's last failed instance kept on the device "
+        "(edgepack service logs --failed)",
+    )
     docker: DockerSettings = Field(default_factory=DockerSettings)
     process: ProcessSettings = Field(default_factory=ProcessSettings)
     restart: RestartSettings = Field(default_factory=RestartSettings)

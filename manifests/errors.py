@@ -92,7 +92,17 @@ class RuntimeFailure(EdgepackError):
 
 
 class ModuleStartFailure(RuntimeFailure):
-    """The module's entry script could not be loaded or its ``init()`` raised."""
+    """The module's entry script could not be loaded or its ``init()`` raised.
+
+    The message is the one-line cause; ``traceback`` and ``log_lines`` (what the instance
+    wrote last) are the detail, when the caller has them."""
+
+    def __init__(
+        self, message: str = "", *, traceback: str | None = None, log_lines: list[str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+        self.log_lines = list(log_lines or [])
 
 
 class ImageUnavailable(RuntimeFailure):

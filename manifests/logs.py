@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from manifests.bounds import escape_controls
 from manifests.desired import DEVICE_ID_PATTERN
-from manifests.module import NAME_PATTERN
+from manifests.module import NAME_PATTERN, VERSION_PATTERN
 
 REQUEST_ID_PATTERN = r"^[0-9a-f]{16,64}$"
 MAX_TAIL = 10_000
@@ -45,6 +45,16 @@ class LogRequest(BaseModel):
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
     service: str = Field(pattern=NAME_PATTERN)
     tail: int = Field(default=100, ge=1, le=MAX_TAIL)
+    failed: bool = Field(
+        default=False,
+        description="the log the service's last failed instance left on the device, instead of "
+        "the serving instance's (sent only when true: an agent older than this field refuses it)",
+    )
+
+    def payload(self) -> bytes:
+        """The request as published: ``failed`` only when set, so that agents from before it
+        still read every plain log request."""
+        return self.model_dump_json(by_alias=True, exclude=None if self.failed else {"failed"}).encode()
 
 
 class LogResponse(BaseModel):
@@ -58,6 +68,12 @@ class LogResponse(BaseModel):
     service: str = Field(pattern=NAME_PATTERN)
     lines: list[LogLine] = Field(default_factory=list, max_length=MAX_TAIL)
     truncated: bool = Field(default=False, description="older lines were left out to fit")
+    version: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = Field(
+        default=None, description="the module version whose log the lines are"
+    )
+    failed_version: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = Field(
+        default=None, description="the version whose failed instance left a log here (see 'failed')"
+    )
     error: Annotated[str, Field(max_length=2000), AfterValidator(escape_controls)] | None = None
 
 

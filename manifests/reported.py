@@ -7,7 +7,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from manifests.bounds import Count, Port, Reason, finite
+from manifests.bounds import (
+    MAX_LOG_TAIL_CHARS,
+    MAX_TRACEBACK_CHARS,
+    Count,
+    LogTailText,
+    Port,
+    Reason,
+    TracebackText,
+    finite,
+    multiline,
+)
 from manifests.desired import DEVICE_ID_PATTERN, MAX_CPUS, MAX_MEMORY_MB, MAX_MODULES, RuntimeKind
 from manifests.digests import DIGEST_PATTERN
 from manifests.module import NAME_PATTERN, VERSION_PATTERN
@@ -17,6 +27,10 @@ from manifests.states import ServiceState
 MAX_RATE = 1e9
 MAX_LATENCY_MS = 3_600_000.0
 MAX_CPU_PERCENT = 100.0 * MAX_CPUS
+#: What the details of all of one report's failed services may hold together; the agent leaves
+#: out the details beyond it (the one-line ``reason`` stays), so a device with many failed
+#: services still fits the hub's report size limit (256 KiB).
+MAX_REPORT_FAILURE_CHARS = 64 * 1024
 
 
 class Progress(BaseModel):
@@ -29,6 +43,30 @@ class Progress(BaseModel):
     total_bytes: Count = 0
 
 
+class FailureDetail(BaseModel):
+    """Why a module failed, beyond its one-line ``reason``: the last traceback (once, as Python
+    printed it; None when the failure was not a Python exception, e.g. a crash or a timeout)
+    and the last lines the instance wrote. Each keeps its end within its limit; control
+    characters other than tab and newline arrive escaped as visible text (``\\x1b``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    traceback: TracebackText | None = None
+    log_tail: LogTailText | None = None
+
+    @classmethod
+    def of(cls, *, traceback: str | None, log_lines: list[str]) -> FailureDetail:
+        """The detail of raw text a module produced, made fit to report (see the class)."""
+        tail = multiline("\n".join(log_lines), MAX_LOG_TAIL_CHARS).strip("\n")
+        return cls(
+            traceback=multiline(traceback, MAX_TRACEBACK_CHARS) if traceback else None,
+            log_tail=tail or None,
+        )
+
+    def size(self) -> int:
+        return len(self.traceback or "") + len(self.log_tail or "")
+
+
 class ModuleStatus(BaseModel):
     """One service on one device.
 
@@ -36,6 +74,9 @@ class ModuleStatus(BaseModel):
     desired state asks for. What answers requests right now is ``serving_digest`` /
     ``serving_version``; they differ while an update is under way and after a rollback
     (``Failed`` for the desired version while the previous one keeps serving).
+
+    ``reason`` is one line (e.g. ``score.py:18 RuntimeError: cannot open the feature store``);
+    ``failure`` holds the traceback and the output's tail while the service is Failed.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,6 +87,9 @@ class ModuleStatus(BaseModel):
     generation: Count | None = Field(default=None, description="desired-state generation")
     state: ServiceState
     reason: Reason | None = None
+    failure: FailureDetail | None = Field(
+        default=None, description="the traceback and log tail of the failed version, while Failed"
+    )
     since: datetime
     runtime: RuntimeKind | None = None
     port: Port | None = None

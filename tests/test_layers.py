@@ -13,6 +13,7 @@ OURS = ("manifests", "packager", "edge_agent", "cloud_hub", "edgepack")
 # What one product may use of another: the public entry points the CLI needs on a laptop.
 PUBLIC = {
     ("packager", "edge_agent"): ("edge_agent.scoring.server", "edge_agent.scoring.entry",
+                                 "edge_agent.scoring.failure",  # why an instance did not start
                                  "edge_agent.cache", "edge_agent.status",
                                  "edge_agent.setup"),
     ("packager", "cloud_hub"): ("cloud_hub.serve", "cloud_hub.settings", "cloud_hub.broker",

@@ -42,7 +42,7 @@ from cloud_hub.overview.queries import (
     rollout,
     service_devices_page,
 )
-from manifests.reported import ModuleStatus, Progress, Telemetry
+from manifests.reported import FailureDetail, ModuleStatus, Progress, Telemetry
 from manifests.states import ServiceState, StateOnDevice
 
 router = APIRouter(prefix="/api/v1/dashboard", tags=["dashboard"], dependencies=[Admin])
@@ -84,7 +84,10 @@ class ServiceDeviceOut(BaseModel):
     device_id: str
     online: bool
     state: str = Field(description="a service state, or Pending when the device has not reported it")
-    reason: str | None
+    reason: str | None = Field(description="one line, e.g. the cause of a failure")
+    failure: FailureDetail | None = Field(
+        default=None, description="while Failed: the failed version's traceback and log tail"
+    )
     serving_version: str | None = None
     endpoint: str | None = None
     progress: Progress | None = None
@@ -197,6 +200,7 @@ def _service_device_out(row: ServiceDeviceRow) -> ServiceDeviceOut:
         online=row.online,
         state=row.state.value,
         reason=row.reason,
+        failure=status.failure if status is not None and row.state == ServiceState.FAILED.value else None,
         serving_version=status.serving_version if status is not None else None,
         endpoint=status.endpoint if status is not None else None,
         progress=status.progress if status is not None and moving else None,

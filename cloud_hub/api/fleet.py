@@ -65,7 +65,7 @@ from cloud_hub.tls.material import ca_pem
 from manifests.desired import ModuleAssignment
 from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.logs import MAX_TAIL
-from manifests.reported import ModuleStatus, Progress
+from manifests.reported import FailureDetail, ModuleStatus, Progress
 from manifests.signing import TrustedKey, public_key_pem, raw_public_bytes
 from manifests.states import ServiceState, StateOnDevice
 
@@ -190,7 +190,10 @@ class DeviceServiceOut(BaseModel):
         default=None, description="the device's last message to the hub (None: never heard from)"
     )
     state: StateOnDevice = Field(description="its state there; Pending until the device reported it")
-    reason: str | None
+    reason: str | None = Field(description="one line: why it is in this state (e.g. the failure's cause)")
+    failure: FailureDetail | None = Field(
+        default=None, description="while Failed: the failed version's traceback and log tail"
+    )
     endpoint: str | None = Field(default=None, description="where the device serves it (its report)")
     serving_version: str | None = None
     progress: Progress | None = Field(default=None, description="download/pull progress while Transitioning")
@@ -295,6 +298,7 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
                 last_seen=view.last_seen.get(device_id),
                 state=here.state,
                 reason=here.reason,
+                failure=status.failure if status is not None and here.state is StateOnDevice.FAILED else None,
                 endpoint=status.endpoint if status is not None else None,
                 serving_version=status.serving_version if status is not None else None,
                 progress=status.progress if status is not None and moving else None,
@@ -559,6 +563,11 @@ class LogsOut(BaseModel):
         description="older lines were left out: beyond the tail asked, or to fit the device's message "
         "or the hub's limits (EDGEPACK_HUB_LOG_*)"
     )
+    failed: bool = Field(default=False, description="the lines are the log the last failed instance left")
+    version: str | None = Field(default=None, description="the module version the lines are from")
+    failed_version: str | None = Field(
+        default=None, description="a failed version left a log on the device: ask with failed=true"
+    )
 
 
 @admin.get("/deployments/{name}/logs", response_model=LogsOut, tags=["deployments"])
@@ -568,9 +577,13 @@ def service_logs(
     name: str,
     device: str = Query(description="the device whose module log to fetch"),
     tail: int = Query(default=100, ge=1, le=MAX_TAIL),
+    failed: bool = Query(
+        default=False, description="the log the service's last failed instance left on the device"
+    ),
 ) -> LogsOut:
     """A module's last log lines, fetched from the device over MQTT (request and answer on
-    per-device topics only that device can use)."""
+    per-device topics only that device can use): those of the instance serving, or with
+    ``failed`` those the last failed instance left (after a rollback, or when none started)."""
     with core.sessions.begin() as s:
         get_deployment(s, name)
         row = get_device(s, device, active=True)
@@ -587,10 +600,18 @@ def service_logs(
             )
     if link is None:
         raise Conflict("the hub runs without a broker, so it cannot reach devices for their logs")
-    answer = link.request_logs(device, name, tail)
+    answer = link.request_logs(device, name, tail, failed=failed)
     if answer.error:
         raise NotFound(answer.error)
-    return LogsOut(device_id=device, service=name, lines=answer.lines, truncated=answer.truncated)
+    return LogsOut(
+        device_id=device,
+        service=name,
+        lines=answer.lines,
+        truncated=answer.truncated,
+        failed=failed,
+        version=answer.version,
+        failed_version=answer.failed_version,
+    )
 
 
 @admin.delete("/deployments/{name}", response_model=ChangeOut, tags=["deployments"])

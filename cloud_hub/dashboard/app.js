@@ -203,6 +203,26 @@ function serviceState(s) {
   return badge(s.state);
 }
 
+// A service's reason on one device, for a table: one line (cut with an ellipsis by CSS, the
+// whole of it in the title) and, once it failed, its traceback and last output as text in <pre>
+// under a disclosure, so that a long traceback never stretches a row. `key` names the
+// disclosure: it stays open across the redraws of polling. Only text nodes: never HTML.
+const openFailures = new Set();
+function reasonCell(reason, failure, key) {
+  const cell = el("td", { class: "reason" }, el("span", { class: "cause", title: reason || "" }, reason || "–"));
+  if (failure && (failure.traceback || failure.log_tail)) {
+    const details = el("details", { class: "failure", open: openFailures.has(key) },
+      el("summary", {}, "traceback and output"),
+      failure.traceback ? el("pre", { class: "traceback" }, failure.traceback) : null,
+      failure.log_tail ? el("pre", { class: "log-tail" }, failure.log_tail) : null);
+    details.addEventListener("toggle", () => {
+      if (details.open) openFailures.add(key); else openFailures.delete(key);
+    });
+    cell.append(details);
+  }
+  return cell;
+}
+
 function renderServices(services) {
   fill($("services"), services.map((s) => el("tr", { "data-service": s.name, "data-state": s.state },
     el("td", {}, serviceLink(s.name)),
@@ -215,7 +235,7 @@ function renderServices(services) {
       ? el("ul", { class: "breakdown" }, s.devices.map((d) =>
         el("li", { "data-device": d.device_id, "data-state": d.state },
           deviceLink(d.device_id), " ", badge(d.state),
-          d.reason ? el("span", { class: "muted" }, ` ${d.reason}`) : null)))
+          d.reason ? el("span", { class: "muted cause", title: d.reason }, ` ${d.reason}`) : null)))
       : el("div", { class: "counts" }, stateCounts(s.rollout.by_state))),
   )), "No services deployed yet (edgepack deploy -n NAME -m MODULE:VERSION …).");
 }
@@ -465,7 +485,7 @@ function renderDevice(data) {
   fill($("device-modules"), data.modules.map((m) => el("tr", { "data-service": m.service, "data-state": m.state },
     el("td", {}, serviceLink(m.service)),
     el("td", {}, badge(m.state)),
-    el("td", { class: "reason" }, m.reason || "–"),
+    reasonCell(m.reason, m.failure, `${d.id}/${m.service}`),
     el("td", {}, m.version || (m.manifest_digest ? m.manifest_digest.slice(0, 19) + "…" : "–")),
     el("td", {}, m.serving_version || "–"),
     el("td", {}, String(m.restarts)),
@@ -534,7 +554,7 @@ function renderService(data) {
     el("td", {}, deviceLink(d.device_id)),
     el("td", {}, badge(d.online ? "online" : "offline")),
     el("td", {}, badge(d.state)),
-    el("td", { class: "reason" }, d.reason || "–"),
+    reasonCell(d.reason, d.failure, `${d.device_id}/${s.name}`),
     el("td", {}, d.serving_version || "–"),
     el("td", {}, d.endpoint ? el("code", {}, d.endpoint) : "–"),
   )), "No device in this state.");

@@ -2,6 +2,8 @@
 
 Pure: :func:`parse_message` takes the bytes the broker delivered and returns a typed message
 or a :class:`Rejected` verdict that names the problem. Nothing here touches the database.
+Fields a newer agent added are dropped, not a reason to refuse its report
+(:func:`manifests.compat.parse_lenient`; docs/agent.md, "Upgrading a fleet").
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
+from manifests.compat import parse_lenient
 from manifests.reported import ReportedState, Telemetry
 from manifests.topics import INGEST_CHANNELS, parse_device_topic
 
@@ -86,11 +89,11 @@ def parse_message(
         return Online(device_id, text == b"true", retained, received_at)
     try:
         if channel == "reported":
-            state = ReportedState.model_validate_json(payload)
+            state = parse_lenient(ReportedState, payload)
             claimed = state.device_id
             message: DeviceMessage = Reported(device_id, state, retained, received_at)
         else:
-            sample = Telemetry.model_validate_json(payload)
+            sample = parse_lenient(Telemetry, payload)
             claimed = sample.device_id
             message = TelemetryMessage(device_id, sample, retained, received_at)
     except ValidationError as exc:

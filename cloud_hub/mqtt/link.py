@@ -40,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from pydantic import ValidationError
 
 from cloud_hub.errors import GatewayTimeout
+from manifests.compat import parse_lenient
 from manifests.errors import FetchError
 from manifests.logs import LogLimits, LogRequest, LogResponse, bound_response
 from manifests.topics import INGEST_CHANNELS, LOGS_REQUEST, LOGS_RESPONSE, device_topic, parse_device_topic
@@ -194,8 +195,11 @@ class MqttLink:
                 )
         return errors
 
-    def request_logs(self, device_id: str, service: str, tail: int, timeout_s: float = 10.0) -> LogResponse:
-        """Ask a device for the last ``tail`` log lines of ``service`` and wait for its answer.
+    def request_logs(
+        self, device_id: str, service: str, tail: int, timeout_s: float = 10.0, *, failed: bool = False
+    ) -> LogResponse:
+        """Ask a device for the last ``tail`` log lines of ``service`` (``failed``: of its last
+        failed instance) and wait for its answer.
 
         Every hub replica subscribes to every device's ``logs-response`` without sharing, so
         the answer reaches the replica that asked, whichever that is; the request id matches.
@@ -204,14 +208,14 @@ class MqttLink:
         Raises :class:`GatewayTimeout` when the device does not answer in time, a
         :class:`FetchError` when its answer is too large or malformed.
         """
-        request = LogRequest(request_id=secrets.token_hex(16), service=service, tail=tail)
+        request = LogRequest(request_id=secrets.token_hex(16), service=service, tail=tail, failed=failed)
         answer: queue.Queue[LogResponse | FetchError] = queue.Queue(maxsize=1)
         with self._log_lock:
             self._log_waiters[request.request_id] = (device_id, answer)
         try:
             self._publish(
                 device_topic(device_id, LOGS_REQUEST, prefix=self.prefix),
-                request.model_dump_json(by_alias=True).encode(),
+                request.payload(),
                 retain=False,
             )
             got = answer.get(timeout=timeout_s)
@@ -249,7 +253,7 @@ class MqttLink:
             )
             return
         try:
-            response = LogResponse.model_validate_json(payload)
+            response = parse_lenient(LogResponse, payload)
         except ValidationError as exc:
             log.warning("malformed log response on %s", topic)
             self._refuse_answers(

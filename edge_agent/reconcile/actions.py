@@ -101,6 +101,7 @@ class Actions:
                 case decide.Say(level=level, text=text, error=error):
                     log.log(level, "%s", text, exc_info=error)
                 case decide.Forget(service=name):
+                    self.executor.failed_logs.remove(name)
                     self.watch(records)
                     self.gc = True
                     log.info("%s removed", name)
@@ -152,6 +153,7 @@ class Actions:
             serving=serving,
             runtime_of=self.runtime_of,
             publish=self.publish_logs,
+            failed_logs=self.executor.failed_logs,
         )
 
     def watch(self, records: decide.Records) -> None:

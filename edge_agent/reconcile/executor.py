@@ -21,6 +21,7 @@ from edge_agent.reconcile.operations import Control, start_instance
 from edge_agent.reconcile.plan import Op
 from edge_agent.reconcile.step import DRAIN_S, STOP_GRACE_S
 from edge_agent.runtime.base import LaunchSpec, Runtime
+from edge_agent.state.failed_logs import FAILED_LOGS_DIR, FailedLogs
 from edge_agent.state.records import InstanceRecord
 from edge_agent.uplink.certificates import EndpointCertificates
 from edge_agent.uplink.http import HubHttp
@@ -76,6 +77,9 @@ class Executor:
         self.counters = counters
         self.installed = installed  # the loop's; read here, written by the loop only
         self.emit = emit
+        self.failed_logs = FailedLogs(
+            config.state_dir / FAILED_LOGS_DIR, max_bytes=config.failed_log_max_bytes
+        )
 
     def runtime_of(self, instance: InstanceRecord) -> Runtime:
         return self.runtimes[instance.runtime]
@@ -168,7 +172,8 @@ class Executor:
             tls=self.certificates.material(name) if settings.tls is not None else None,
             agent_key=os.urandom(16).hex() if settings.auth is not None else None,
         )
-        return start_instance(runtime, spec, running.control, progress=self._progress(running, name))
+        progress = self._progress(running, name)
+        return start_instance(runtime, spec, running.control, progress=progress, failed_logs=self.failed_logs)
 
     def choose_runtime(self, module: InstalledModule, assignment: ModuleAssignment) -> Runtime:
         """The runtime the deployment names, or else the first of this device's runtimes (in

@@ -26,6 +26,7 @@ from edge_agent.health import Prober, ProbeResult, Watched
 from edge_agent.reconcile import step as decide
 from edge_agent.reconcile.actions import Actions, advertised_host
 from edge_agent.reconcile.executor import Event, Executor, OpDone, Stop
+from edge_agent.reconcile.operations import FAILURE_LOG_LINES
 from edge_agent.reconcile.plan import Op
 from edge_agent.reconcile.step import Health
 from edge_agent.runtime.base import Runtime
@@ -254,7 +255,11 @@ class ReconcileLoop:
                     return decide.Looked()
                 lines: list[str] = []
                 if not alive and records.health.get(instance_id, Health()).alive:
-                    lines = self._runtime_of(service.current).log_tail(service.current, 30)
+                    current = service.current
+                    lines = self._runtime_of(current).log_tail(current, FAILURE_LOG_LINES)
+                    # The instance that died is the service's last failed one: its output stays
+                    # reachable (service logs --failed) after it is restarted or replaced.
+                    self.executor.failed_logs.keep(name, current.version, lines)
                 failing = not alive or not healthy
                 return decide.Looked(tuple(lines), failing and self._standby_alive(records, name))
             case OpDone(service=name, error=error):

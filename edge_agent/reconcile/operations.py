@@ -15,16 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge_agent.download.module import Cancelled
-from edge_agent.reconcile.supervise import log_tail_reason
 from edge_agent.runtime import probe
 from edge_agent.runtime.base import LaunchSpec, Runtime, read_instance_state
 from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE, EXIT_START_FAILED
+from edge_agent.scoring.failure import from_output, read_failure
+from edge_agent.state.failed_logs import FailedLogs
 from edge_agent.state.records import InstanceRecord
+from manifests.bounds import one_line
 from manifests.errors import ModuleStartFailure, Unschedulable
+from manifests.module import SRC_ROOT
 
 log = logging.getLogger(__name__)
 
 READY_POLL_S = 0.02
+#: lines of a failed instance's output read for its kept log (FailedLogs bounds their size) and
+#: its report (whose tail keeps 8 KiB of them)
+FAILURE_LOG_LINES = 5000
 
 
 @dataclass
@@ -48,12 +54,15 @@ def start_instance(
     control: Control,
     *,
     progress: Callable[[str, int, int], None],
+    failed_logs: FailedLogs | None = None,
 ) -> InstanceRecord:
     """Launch ``spec`` and return it once it is ready: listening, answering its health path on
     its own probe port, and (when its input schema has an example) scoring that example.
 
     Raises :class:`ModuleStartFailure` (init() failed, it exited, or it was not ready before
     the deadline), :class:`Unschedulable` (another program holds the port), ``Cancelled``.
+    The output of an instance that failed to start is kept in ``failed_logs`` (before it is
+    stopped: a container's log goes with it).
     """
     runtime.prepare(spec, progress, control.cancelled, control.deadline)
     control.check(f"start of {spec.service}")
@@ -61,7 +70,12 @@ def start_instance(
     instance = runtime.launch(spec)
     handed_over = False
     try:
-        instance = _wait_ready(runtime, instance, spec, control)
+        try:
+            instance = _wait_ready(runtime, instance, spec, control)
+        except ModuleStartFailure as exc:
+            if failed_logs is not None:
+                failed_logs.keep(spec.service, spec.assignment.version, exc.log_lines)
+            raise
         handed_over = True
         log.info("%s version %s ready (instance %s)", spec.service, spec.assignment.version, instance.id)
         return instance
@@ -82,23 +96,26 @@ def _wait_ready(
         control.check(f"start of {spec.service}")
         alive = runtime.liveness(instance)
         if not alive.alive:
-            lines = runtime.log_tail(instance, 30)
             if alive.exit_code == EXIT_PORT_IN_USE:
                 raise Unschedulable(
                     f"port {settings.port} is held by another program on this device; free it or "
                     "deploy the service on another port"
                 )
+            lines = runtime.log_tail(instance, FAILURE_LOG_LINES)
+            written = None
             if alive.exit_code == EXIT_START_FAILED:
-                raise ModuleStartFailure(log_tail_reason(f"version {version}: init() failed", lines))
+                code_dir = spec.module.dir / SRC_ROOT
+                written = read_failure(spec.run_dir) or from_output(lines, code_dir)
+            if written is not None:
+                raise ModuleStartFailure(written.cause, traceback=written.traceback, log_lines=lines)
             raise ModuleStartFailure(
-                log_tail_reason(f"version {version} exited with code {alive.exit_code} while starting", lines)
+                f"version {version} exited with code {alive.exit_code} before it answered on {health.path}",
+                log_lines=lines,
             )
         if time.monotonic() > control.deadline:
             raise ModuleStartFailure(
-                log_tail_reason(
-                    f"version {version} was not ready within {health.start_timeout_s:g}s",
-                    runtime.log_tail(instance, 20),
-                )
+                f"version {version} did not answer on {health.path} within {health.start_timeout_s:g}s",
+                log_lines=runtime.log_tail(instance, FAILURE_LOG_LINES),
             )
         state = read_instance_state(spec.run_dir)
         port = state.get("probe_port") if state else None
@@ -114,6 +131,7 @@ def _wait_ready(
                 return instance.model_copy(update={"probe_port": port})
             detail = answer[1][:300].decode(errors="replace") if answer else "no answer"
             raise ModuleStartFailure(
-                f"version {version} is up but failed to score its own input example: {detail}"
+                one_line(f"version {version} is up but failed to score its own input example: {detail}"),
+                log_lines=runtime.log_tail(instance, FAILURE_LOG_LINES),
             )
         time.sleep(READY_POLL_S)

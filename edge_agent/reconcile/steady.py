@@ -38,12 +38,13 @@ def steady_state(
         key = assignment_key(target)
         why = failed.get(key)
         if why is not None:
+            # The reason is the cause itself (the report names the version); a rollback is
+            # said after it, on the same line.
             if serving and current is not None and current.key != key:
                 return ServiceState.FAILED, (
-                    f"version {target.version} failed: {why}; rolled back to version "
-                    f"{current.version}, which keeps serving"
+                    f"{why}; rolled back to version {current.version}, which keeps serving"
                 )
-            return ServiceState.FAILED, f"version {target.version} failed: {why}"
+            return ServiceState.FAILED, why
         if serving and current is not None and current.key != key:
             # Healthy means the target serves. What says why it does not (a retry timer,
             # Unschedulable) stands; else the reason names the version that serves.

@@ -25,7 +25,7 @@ from edge_agent.health import ProbeResult
 from edge_agent.reconcile.events import Event, HttpDesired, OpDone, OpProgress, Retired, Stop
 from edge_agent.reconcile.plan import Observed, Op, Verdict, Wanted, assignment_key, plan
 from edge_agent.reconcile.steady import steady_state
-from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure, log_tail_reason
+from edge_agent.reconcile.supervise import Trouble, after_failure, judge_failure
 from edge_agent.reconcile.supervise import Verdict as FailureKind
 from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
 from edge_agent.uplink.http import TokenRefused
@@ -40,6 +40,7 @@ from manifests.desired import (
 )
 from manifests.device import RestartSettings
 from manifests.errors import EdgepackError
+from manifests.reported import FailureDetail
 from manifests.signing import TrustStore
 from manifests.states import ServiceState
 
@@ -166,12 +167,25 @@ class Outcome:
 # --- helpers -------------------------------------------------------------------------------------
 
 
+#: ``_status``'s default: the failure detail the service holds stands (while it stays Failed)
+_KEEP = object()
+
+
 def _status(
-    service: ServiceRecord, state: ServiceState, reason: str | None, wall: datetime
+    service: ServiceRecord,
+    state: ServiceState,
+    reason: str | None,
+    wall: datetime,
+    failure: FailureDetail | object | None = _KEEP,
 ) -> tuple[ServiceRecord, list[Effect]]:
-    """``service`` in ``state`` for ``reason`` (its ``since`` moves when the state changes)."""
+    """``service`` in ``state`` for ``reason`` (its ``since`` moves when the state changes);
+    ``failure`` is the detail of a new failure. A detail is kept only while Failed."""
     effects: list[Effect] = [Dirty(save=True, report=True)]
     update: dict[str, object] = {"state": state, "reason": reason}
+    if state is not ServiceState.FAILED:
+        update["failure"] = None
+    elif failure is not _KEEP:
+        update["failure"] = failure
     if service.state is not state:
         update["since"] = wall
         effects.append(Say(logging.INFO, f"{service.name} is {state.value}{f': {reason}' if reason else ''}"))
@@ -231,11 +245,13 @@ def on_probe(
         if not health.alive:
             return Outcome(slot)  # known already (found dead at boot): its restart is under way
         code = "unknown" if result.exit_code is None else str(result.exit_code)
-        reason = log_tail_reason(f"version {current.version} exited (code {code})", log_lines)
+        reason = f"version {current.version} exited with code {code}"
+        failure = FailureDetail.of(traceback=None, log_lines=log_lines) if log_lines else None
         dead = replace(slot, health=replace(health, alive=False))
         out = count_failure(
-            dead, Trouble.EXITED, result.exit_code, reason, restart=restart, now=now, wall=wall, rand=rand
-        )
+            dead, Trouble.EXITED, result.exit_code, reason, restart=restart, now=now, wall=wall, rand=rand,
+            failure=failure,
+        )  # fmt: skip
         return Outcome(out.slot, (Dirty(plan=True), *out.effects))
     if result.healthy:
         effects: list[Effect] = []
@@ -275,9 +291,11 @@ def count_failure(
     now: float,
     wall: datetime,
     rand: float,
+    failure: FailureDetail | None = None,
 ) -> Outcome:
     """One more failure of the current instance: the restart policy and its backoff, and a
-    crash loop that ends in Failed or hands back to the standby that kept serving."""
+    crash loop that ends in Failed (with ``failure``, its output) or hands back to the standby
+    that kept serving."""
     service = slot.service
     current = service.current
     assert current is not None
@@ -303,6 +321,8 @@ def count_failure(
             # The version that served before goes back to serving (see the planner's fallback).
             failed = {**service.failed, current.key: text}
             slot = replace(slot, service=service.model_copy(update={"failed": failed}))
+        # Kept while the service stays Failed, also when the standby takes over again.
+        slot = replace(slot, service=slot.service.model_copy(update={"failure": failure}))
         promoted = promote_standby(slot, wall)
         if promoted is not None:
             return Outcome(promoted.slot, (*effects, *promoted.effects))
@@ -317,7 +337,7 @@ def count_failure(
         why = f"{reason}; restart policy '{policy}' does not restart it"
     else:
         state, why = ServiceState.UNHEALTHY, f"{reason}; restarting in {decision.restart_in_s:.1f}s"
-    service, said = _status(slot.service, state, why, wall)
+    service, said = _status(slot.service, state, why, wall, failure)
     return Outcome(replace(slot, service=service), (*effects, *said))
 
 
@@ -515,8 +535,9 @@ def failed(
         case FailureKind.CRASH:
             # A version that ran here before: a crash to retry with backoff, not a verdict.
             out = count_failure(
-                slot, Trouble.EXITED, None, judged.reason, restart=restart, now=now, wall=wall, rand=rand
-            )
+                slot, Trouble.EXITED, None, judged.reason, restart=restart, now=now, wall=wall, rand=rand,
+                failure=judged.failure,
+            )  # fmt: skip
             return Outcome(out.slot, (*effects, *out.effects))
         case FailureKind.FINAL:
             if key is not None:
@@ -524,6 +545,8 @@ def failed(
                 slot = replace(slot, service=service.model_copy(update={"failed": failed_keys}))
             effects.append(Say(logging.WARNING, f"{name}: version {version} failed: {judged.reason}"))
             state, why = steady(slot)
+            new_service, said = _status(slot.service, state, why, wall, judged.failure)
+            return Outcome(replace(slot, service=new_service), (*effects, *said))
     new_service, said = _status(slot.service, state, why, wall)
     return Outcome(replace(slot, service=new_service), (*effects, *said))
 

@@ -5,13 +5,13 @@ randomness).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 from edge_agent.backoff import RestartBackoff
 from manifests.desired import RestartPolicy
 from manifests.errors import EdgepackError, ModuleStartFailure, Unschedulable
+from manifests.reported import FailureDetail
 
 #: consecutive failures after which a crash loop is reported as Failed
 CRASH_LOOP_LIMIT = 5
@@ -72,31 +72,6 @@ def after_failure(
     )
 
 
-#: Terminal escape sequences (colours: onnxruntime colours its warnings) and other control
-#: characters, which a reported reason must not carry (manifests.bounds refuses them, and the
-#: whole report with them).
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def log_tail_reason(headline: str, lines: list[str], *, max_chars: int = 1500) -> str:
-    """A state reason with the last log lines of the module, newest last, within a budget,
-    without the escape sequences and control characters a module may have logged."""
-    lead = "; last log lines: "
-    kept: list[str] = []
-    size = len(headline) + len(lead)
-    for line in reversed(lines):
-        line = _ESCAPES.sub("", line).rstrip()
-        if not line:
-            continue
-        if size + len(line) + 3 > max_chars:
-            break
-        kept.append(line)
-        size += len(line) + 3
-    if not kept:
-        return headline
-    return headline + lead + " | ".join(reversed(kept))
-
-
 class Verdict(StrEnum):
     """What an operation's failure means for the version it worked on."""
 
@@ -111,6 +86,7 @@ class FailureVerdict:
     verdict: Verdict
     reason: str
     retry_after_s: float | None = None  # what the hub asked for (Retry-After), if anything
+    failure: FailureDetail | None = None  # the traceback and output of a module that failed
 
 
 def judge_failure(error: BaseException, *, starting: bool, ran_here_before: bool) -> FailureVerdict:
@@ -124,6 +100,9 @@ def judge_failure(error: BaseException, *, starting: bool, ran_here_before: bool
     if error.temporary:
         return FailureVerdict(Verdict.RETRY, str(error), error.retry_after_s)
     reason = str(error) or type(error).__name__
+    failure = None
+    if isinstance(error, ModuleStartFailure) and (error.traceback or error.log_lines):
+        failure = FailureDetail.of(traceback=error.traceback, log_lines=error.log_lines)
     if isinstance(error, ModuleStartFailure) and starting and ran_here_before:
-        return FailureVerdict(Verdict.CRASH, reason)
-    return FailureVerdict(Verdict.FINAL, reason)
+        return FailureVerdict(Verdict.CRASH, reason, failure=failure)
+    return FailureVerdict(Verdict.FINAL, reason, failure=failure)

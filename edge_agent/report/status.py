@@ -6,8 +6,9 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from edge_agent.state.records import AgentRecord
+from manifests.bounds import one_line
 from manifests.desired import ModuleAssignment, RuntimeKind
-from manifests.reported import ModuleStatus, ReportedState
+from manifests.reported import MAX_REPORT_FAILURE_CHARS, ModuleStatus, ReportedState
 from manifests.states import ServiceState
 
 
@@ -31,7 +32,8 @@ def module_status(
         version=assignment.version,
         generation=record.applied_generation,
         state=service.state if service else ServiceState.TRANSITIONING,
-        reason=service.reason[:2000] if service and service.reason else None,
+        reason=one_line(service.reason) if service and service.reason else None,
+        failure=service.failure if service and service.state is ServiceState.FAILED else None,
         since=service.since if service else (record.applied_at or datetime.fromtimestamp(0, UTC)),
         runtime=serving.runtime if serving else assignment.settings.runtime,
         port=assignment.settings.port,
@@ -55,17 +57,22 @@ def reported_state(
 ) -> ReportedState:
     """One status per service the applied desired state lists, in its order."""
     modules = []
+    budget = MAX_REPORT_FAILURE_CHARS
     for assignment in desired:
         service = record.services.get(assignment.service)
         current = service.current if service else None
         serving_alive = current is not None and alive.get(current.id, False)
         standby = service.standby if service else None
         standby_alive = standby is not None and alive.get(standby.id, False)
-        modules.append(
-            module_status(
-                record, assignment, serving_alive=serving_alive, standby_alive=standby_alive, host=host
-            )
+        status = module_status(
+            record, assignment, serving_alive=serving_alive, standby_alive=standby_alive, host=host
         )
+        if status.failure is not None:
+            # Details beyond the report's budget are left out; their one-line reason stays.
+            budget -= status.failure.size()
+            if budget < 0:
+                status = status.model_copy(update={"failure": None})
+        modules.append(status)
     return ReportedState(
         device_id=record.device_id,
         reported_at=now,

@@ -26,7 +26,7 @@ from edge_agent.scoring.endpoint import EndpointOptions
 from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE
 from edge_agent.scoring.limits import ServingLimits
 from edge_agent.scoring.server import LOG_LEVELS, InstanceOptions, PortInUse, WorkerCrashed, serve_module
-from manifests.errors import EdgepackError
+from manifests.errors import EdgepackError, ModuleStartFailure
 
 
 def _flag(value: str | None) -> bool:
@@ -196,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerCrashed as exc:
         print(f"edgepack scoring: {exc}", file=sys.stderr)
         return exc.code
+    except ModuleStartFailure as exc:
+        print(
+            f"edgepack scoring: the module failed to start: {exc} (its traceback is above); "
+            "fix the entry script or its model",
+            file=sys.stderr,
+        )
+        return exc.exit_code
     except EdgepackError as exc:
         print(f"edgepack scoring: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -31,6 +31,7 @@ import orjson
 
 from edge_agent.scoring.auth import EndpointKeys
 from edge_agent.scoring.entry import BadInput, EntryScript, read_layout
+from edge_agent.scoring.failure import describe
 from edge_agent.scoring.limits import FD_EXTENSION, BodyBudget, RunWatchdog, ServingLimits
 from edge_agent.scoring.metrics import ROUTE_OTHER, MetricsBoard, WorkerMetrics, render
 from edge_agent.scoring.openapi import openapi_document
@@ -366,10 +367,10 @@ class ScoringApp:
         except BaseException as exc:
             log.error("module %s failed to start:\n%s", self.module_dir, traceback.format_exc())
             self.failure = exc
-            raise ModuleStartFailure(
-                f"module in {self.module_dir} failed to start: {type(exc).__name__}: {exc} "
-                "(the traceback is in the log above); fix the entry script or its model"
-            ) from None
+            # The cause from the traceback itself (the frame in the module's code), so that a
+            # supervisor need not parse it back out of the log.
+            described = describe(exc, read_layout(self.module_dir, os.environ).src_dir)
+            raise ModuleStartFailure(described.cause, traceback=described.traceback) from None
         self.ready = True
         self.metrics.mark_ready()
 

@@ -53,10 +53,11 @@ from edge_agent.scoring.app import create_app
 from edge_agent.scoring.auth import EndpointKeys
 from edge_agent.scoring.endpoint import EndpointOptions, ReloadingTLS
 from edge_agent.scoring.exit_codes import EXIT_PORT_IN_USE, EXIT_STUCK
+from edge_agent.scoring.failure import FAILURE_FILE, StartFailure, write_failure
 from edge_agent.scoring.limits import RunWatchdog, guarded_protocol
 from edge_agent.scoring.metrics import MetricsBoard
 from manifests.durable import write_durable
-from manifests.errors import ConfigError, RuntimeFailure
+from manifests.errors import ConfigError, ModuleStartFailure, RuntimeFailure
 
 log = logging.getLogger("edge_agent.scoring")
 
@@ -221,7 +222,14 @@ def serve_worker(
         watchdog=RunWatchdog(limits.run_timeout_s) if limits.run_timeout_s is not None else None,
     )
     if options.preload:
-        app.preload()
+        try:
+            app.preload()
+        except ModuleStartFailure as start_failure:
+            if options.state_file is not None:
+                # Beside the state file, for whoever supervises the instance (the agent).
+                written = StartFailure(str(start_failure), start_failure.traceback)
+                write_failure(options.state_file.with_name(FAILURE_FILE), written)
+            raise
         if sock is None:
             assert address is not None
             sock = bind_socket(*address, reuse_port=options.reuse_port)

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from manifests.desired import ModuleAssignment, RuntimeKind
-from manifests.reported import Progress
+from manifests.reported import FailureDetail, Progress
 from manifests.states import ServiceState
 
 STATE_SCHEMA = "edgepack.agent-state/v1"
@@ -64,6 +64,9 @@ class ServiceRecord(BaseModel):
     failures: int = 0  # consecutive, for the restart backoff
     state: ServiceState = ServiceState.TRANSITIONING
     reason: str | None = None
+    # While Failed: the traceback and output of the instance that failed (reported beside the
+    # one-line reason).
+    failure: FailureDetail | None = None
     since: datetime
     # What the state is about: the assignment the desired state asks for.
     target: ModuleAssignment | None = None

@@ -211,6 +211,22 @@ def show_device_cmd(
             safe_text(when((m or {}).get("since"))),
         )
     console.print(table)
+    for name in sorted(reported):
+        m = reported[name]
+        if m.get("failure"):
+            print_failure(f"{name} version {m.get('version') or '?'} on {d['id']}", m["failure"])
+
+
+def print_failure(title: str, failure: dict[str, Any]) -> None:
+    """A failed service's detail under its one-line reason: the traceback, then the last
+    lines its instance wrote, each line as text (escaped), never as markup."""
+    for label, key in (("traceback", "traceback"), ("last output", "log_tail")):
+        text = failure.get(key)
+        if not text:
+            continue
+        console.print(Text.assemble((f"{label} of ", "bold"), safe_text(title, "bold")))
+        for line in str(text).splitlines():
+            console.print(Text.assemble("  ", safe_text(line)), soft_wrap=True)
 
 
 @device_app.command("tag")
@@ -399,6 +415,9 @@ def show_service_cmd(
     for label, uri in uris.items():
         console.print(f"{label}  {uri or '- (on no Healthy device yet)'}", highlight=False, soft_wrap=True)
     console.print(devices_table(service.record))
+    for d in s["devices"]:
+        if d.get("failure"):
+            print_failure(f"{s['name']} version {s['version']} on {d['device_id']}", d["failure"])
 
 
 @service_app.command("keys")
@@ -478,18 +497,36 @@ def logs_cmd(
     name: str,
     device: Annotated[str, typer.Option("--device", help="the device whose module log to show")],
     tail: Annotated[int, typer.Option("--tail", min=1, max=10_000, help="how many lines")] = 100,
+    failed: Annotated[
+        bool,
+        typer.Option("--failed", help="the log of the service's last failed instance (kept on the device)"),
+    ] = False,
     hub: HubOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The last lines a service's module logged on one device (fetched through the hub)."""
+    """The last lines a service's module logged on one device (fetched through the hub): the
+    serving version's, or with --failed those the last failed version left there."""
     with connect(hub, token) as connected:
-        logs = Service(connected, name).logs(device, tail)
+        logs = Service(connected, name).logs(device, tail, failed=failed)
     if as_json:
         print_json(logs.raw)
         return
+    # On stderr, as every note here: stdout holds the log lines alone, for a pipe.
+    if failed:
+        err_console.print(
+            safe_text(f"(the log version {logs.version or '?'} left when it failed on {device})", "dim")
+        )
+    elif logs.failed_version is not None and logs.failed_version != logs.version:
+        err_console.print(
+            safe_text(
+                f"(version {logs.version or '?'} serves on {device} and these are its lines; version "
+                f"{logs.failed_version} failed there: add --failed for its log)",
+                "dim",
+            ),
+            soft_wrap=True,
+        )
     if logs.truncated:
-        # On stderr: stdout holds the log lines alone, for a pipe.
         err_console.print("[dim](older lines left out: beyond --tail, or over a size limit)[/]")
     for line in logs.lines:
         # The hub escaped these already; a hub of another version may not have.

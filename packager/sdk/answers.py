@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from manifests.desired import DeploymentSettings
 from manifests.errors import HubUnavailable
 from manifests.module import ModuleManifest
-from manifests.reported import ModuleStatus, Progress
+from manifests.reported import FailureDetail, ModuleStatus, Progress
 from manifests.states import ServiceState, StateOnDevice
 
 
@@ -144,7 +144,10 @@ class DeviceServiceState(_Answer):
     state: StateOnDevice = Field(
         default=StateOnDevice.PENDING, description="Pending until the device reported it"
     )
-    reason: str | None = None
+    reason: str | None = Field(default=None, description="one line, e.g. the cause of a failure")
+    failure: FailureDetail | None = Field(
+        default=None, description="while Failed: the failed version's traceback and log tail"
+    )
     endpoint: str | None = Field(default=None, description="e.g. http://10.0.0.5:8890, as the device reports")
     serving_version: str | None = None
     progress: Progress | None = Field(default=None, description="a download or pull under way")
@@ -270,3 +273,8 @@ class ServiceLogs(_Answer):
     service: str
     lines: list[str]
     truncated: bool = False
+    failed: bool = Field(default=False, description="the log the last failed instance left")
+    version: str | None = Field(default=None, description="the module version the lines are from")
+    failed_version: str | None = Field(
+        default=None, description="a failed version left a log on the device (get it with failed=True)"
+    )

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from edge_agent.cache import InstalledModule, ModuleCache
+from edge_agent.scoring.failure import read_failure
 from manifests.errors import ConfigError, ModuleStartFailure, RuntimeFailure
 from manifests.signing import TrustStore
 from packager.home import default_cache_dir, default_trust_path
@@ -121,7 +122,7 @@ class LocalService:
         while not state_file.exists():
             code = self._proc.poll()
             if code is not None:
-                self._failed(code, run_dir / "module.log")
+                self._failed(code, run_dir)
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeFailure(
@@ -132,16 +133,21 @@ class LocalService:
         self.port = int(json.loads(state_file.read_text())["port"])
         return self
 
-    def _failed(self, code: int, log_path: Path) -> None:
+    def _failed(self, code: int, run_dir: Path) -> None:
         assert self.installed is not None
-        tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+        tail = " | ".join((run_dir / "module.log").read_text(errors="replace").strip().splitlines()[-3:])
+        written = read_failure(run_dir)  # the cause the scoring server took from the traceback
         self._proc = None
         self._cleanup()
         ref = self.installed.manifest.ref
         if code == _EXIT_PORT_IN_USE:
             raise RuntimeFailure(f"port {self.port} is held by another program; choose another port (or 0)")
         if code == _EXIT_START_FAILED:
-            raise ModuleStartFailure(f"{ref}: the entry script failed to start: {tail}")
+            cause = written.cause if written is not None else tail
+            raise ModuleStartFailure(
+                f"{ref}: the entry script failed to start: {cause}",
+                traceback=written.traceback if written is not None else None,
+            )
         raise RuntimeFailure(f"{ref}: the scoring server exited with code {code}: {tail}")
 
     def logs(self) -> str:

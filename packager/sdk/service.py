@@ -200,7 +200,13 @@ class Service:
             first = failed[0]
             raise DeploymentFailed(
                 f"service {self.name} is {self.state}: {len(failed)} device(s) failed, first "
-                f"{first.device_id}: {first.reason or 'no reason reported'}",
+                f"{first.device_id}: {first.reason or 'no reason reported'}"
+                + (
+                    f" (traceback: 'edgepack service show {self.name}'; its log: 'edgepack service logs "
+                    f"{self.name} --device {first.device_id} --failed')"
+                    if first.failure is not None
+                    else ""
+                ),
                 self.devices,
             )
 
@@ -250,24 +256,35 @@ class Service:
             "name one with device='ID'"
         )
 
-    def logs(self, device: str | None = None, tail: int = 100) -> ServiceLogs:
+    def logs(self, device: str | None = None, tail: int = 100, *, failed: bool = False) -> ServiceLogs:
         """A module's last ``tail`` log lines on ``device`` (the only device when omitted),
-        fetched from the device through the hub."""
+        fetched from the device through the hub: the serving instance's, or with ``failed``
+        those the service's last failed instance left (after a rollback, or when it never
+        started)."""
         if not isinstance(tail, int) or isinstance(tail, bool) or not 1 <= tail <= MAX_TAIL:
             raise BadArgument(f"get_logs: tail must be a whole number from 1 to {MAX_TAIL}, not {tail!r}")
+        if not isinstance(failed, bool):
+            raise BadArgument(f"get_logs: failed must be True or False, not {failed!r}")
         device_id = self._device(device, "get_logs")
-        answer = self.workspace.transport.get(
-            f"/api/v1/deployments/{self.name}/logs", params={"device": device_id, "tail": tail}
-        )
+        params: dict[str, str | int] = {"device": device_id, "tail": tail}
+        if failed:
+            params["failed"] = "true"
+        answer = self.workspace.transport.get(f"/api/v1/deployments/{self.name}/logs", params=params)
         return ServiceLogs.of(answer)
 
     def get_logs(
-        self, device: str | None = None, tail: int | None = None, *, num_lines: int | None = None
+        self,
+        device: str | None = None,
+        tail: int | None = None,
+        *,
+        num_lines: int | None = None,
+        failed: bool = False,
     ) -> str:
         """The module's last ``tail`` log lines on one device as text (Azure's ``num_lines``
-        works too; default 5,000, as in Azure ML): what fits one message from the device."""
+        works too; default 5,000, as in Azure ML): what fits one message from the device.
+        ``failed=True``: the log of the service's last failed instance instead."""
         lines = tail if tail is not None else num_lines if num_lines is not None else 5000
-        return "\n".join(self.logs(device, lines).lines)
+        return "\n".join(self.logs(device, lines, failed=failed).lines)
 
     def run(
         self, input_data: Any, device: str | None = None, *, key: str | None = None, timeout: float = 30.0

@@ -39,6 +39,10 @@ from tests.waiting import wait_for
 HUB_PASSWORD = "hub-broker-password-for-tests"
 
 
+#: the checkout under test (see Fleet.checkout_python)
+REPO = Path(__file__).resolve().parents[2]
+
+
 @dataclass
 class Agent:
     """One device: its credentials, its agent.toml, and (once started) its agent process."""
@@ -147,6 +151,7 @@ class Fleet:
                 "poll_interval_s": 30,
                 "log_format": "text",
                 "log_level": "info",
+                "process": {"python": str(self.checkout_python())},
                 **config,
             }
         )
@@ -155,6 +160,18 @@ class Fleet:
         agent = Agent(self, device_id, config_path, credentials)
         self.agents.append(agent)
         return agent
+
+    def checkout_python(self) -> Path:
+        """An interpreter that imports edgepack from this checkout. The process runtime starts
+        modules in a clean environment (no PYTHONPATH), so with an edgepack installed from
+        another checkout the modules would run that checkout's scoring server, not the one
+        under test."""
+        python = self.root / "python-of-this-checkout"
+        if not python.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            python.write_text(f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} "$@"\n')
+            python.chmod(0o755)
+        return python
 
     def push(self, name: str = "demo", version: str = "1", *, files: dict[str, bytes] | None = None,
              forge: Forge | None = None, **manifest: Any) -> ModuleParts:  # fmt: skip

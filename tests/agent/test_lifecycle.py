@@ -166,7 +166,8 @@ def test_a_module_that_does_not_fit_on_the_disk_is_unschedulable_with_the_number
 
 
 def test_modules_the_device_cannot_run_are_unschedulable_with_the_reason(fleet: Fleet) -> None:
-    agent = fleet.device("edge-1").start()
+    # The agent's own interpreter runs modules: their requirements are checked against it.
+    agent = fleet.device("edge-1", process={"python": sys.executable}).start()
     fleet.deploy("in-docker", fleet.push("demo", "1"), port=free_port(), devices=["edge-1"], runtime="docker")
     body = fleet.wait_rollup("in-docker", "Unschedulable")
     assert "runtime docker is not enabled on this device" in body["devices"][0]["reason"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from edge_agent.backoff import RestartBackoff, full_jitter
@@ -22,14 +20,11 @@ from edge_agent.reconcile.supervise import (
     Trouble,
     after_failure,
     judge_failure,
-    log_tail_reason,
     should_restart,
 )
 from edge_agent.reconcile.supervise import Verdict as FailureKind
 from manifests.desired import DeploymentSettings, ModuleAssignment, RestartPolicy
 from manifests.errors import HubUnavailable, ModuleStartFailure, NotFoundError, TrustError, Unschedulable
-from manifests.reported import ModuleStatus
-from manifests.states import ServiceState
 
 V1 = ModuleAssignment(
     service="svc",
@@ -175,26 +170,6 @@ def test_full_jitter_stays_under_the_capped_exponential_and_spreads_a_fleet() ->
     assert delays[0] < 1 and delays[-1] > 59
     with pytest.raises(ValueError):
         full_jitter(1, 1.0)
-
-
-def test_a_crash_reason_carries_the_last_log_lines_within_its_budget() -> None:
-    lines = [f"line {i}" for i in range(1000)] + ["RuntimeError: model could not be loaded", ""]
-    reason = log_tail_reason("crashed 5 times", lines, max_chars=200)
-    assert reason.startswith("crashed 5 times; last log lines: ")
-    assert reason.endswith("RuntimeError: model could not be loaded")
-    assert len(reason) <= 200
-    assert log_tail_reason("exited", []) == "exited"
-
-
-def test_a_crash_reason_leaves_out_the_escape_sequences_a_module_logged() -> None:
-    # onnxruntime colours its warnings; a reason carrying the escapes was refused by the reported
-    # state's bounds, and with it the device's whole report (a docker device's Failed was lost).
-    lines = ["\x1b[0;93m[W:onnxruntime] telemetry\x1b[m", "bell\x07 and nul\x00", "RuntimeError: x"]
-    reason = log_tail_reason("init() failed", lines)
-    lead = "init() failed; last log lines: "
-    assert reason == lead + "[W:onnxruntime] telemetry | bell and nul | RuntimeError: x"
-    ModuleStatus(service="s", manifest_digest="sha256:" + "0" * 64, state=ServiceState.FAILED,
-                 since=datetime.now(UTC), reason=reason)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -61,10 +61,10 @@ NO_DOCKER = "runtime docker is not enabled on this device; version 1 (process) k
         pytest.param(V1_DOCKER, V1, True, {}, (U, NO_DOCKER), (U, NO_DOCKER),
                      id="same module, runtime the device lacks: stays Unschedulable"),
         pytest.param(V2, V1, True, {assignment_key(V2): "init() failed"}, (T, None),
-                     (F, "version 2 failed: init() failed; rolled back to version 1, which keeps serving"),
+                     (F, "init() failed; rolled back to version 1, which keeps serving"),
                      id="the target failed for good, v1 serves: Failed, rolled back"),
         pytest.param(V2, V2, False, {assignment_key(V2): "crash loop"}, (T, None),
-                     (F, "version 2 failed: crash loop"), id="the target failed and nothing serves: Failed"),
+                     (F, "crash loop"), id="the target failed and nothing serves: Failed"),
     ],
 )  # fmt: skip
 def test_steady_state(

@@ -46,6 +46,7 @@ from edge_agent.reconcile.step import (
     on_probe,
     replan,
     restore,
+    settle,
     step,
 )
 from edge_agent.state.records import AgentRecord, InstanceRecord, ServiceRecord
@@ -158,8 +159,8 @@ def probed(slot: Slot, result: ProbeResult, lines: list[str] | None = None) -> O
 
 
 BOOM = ["Traceback", "RuntimeError: boom"]
-EXITED_1 = "version 1 exited (code 1); last log lines: Traceback | RuntimeError: boom"
-EXITED_2 = "version 2 exited (code 1); last log lines: Traceback | RuntimeError: boom"
+EXITED_1 = "version 1 exited with code 1"
+EXITED_2 = "version 2 exited with code 1"
 LOOP_2 = f"crash loop: failed 5 times in a row; {EXITED_2}"
 WAITING = "stopping the instance that stopped answering"
 
@@ -190,7 +191,7 @@ PROBE_CASES = [
     pytest.param(Given(), probe(alive=False, code=1),
                  Then(U, f"{EXITED_1}; restarting in 1.0s", failures=1, restart_at=NOW + 1.0,
                       health=Health(alive=False)),
-                 id="exited: Unhealthy with its last log lines, restart after the backoff"),
+                 id="exited: Unhealthy, restart after the backoff"),
     pytest.param(Given(failures=3), probe(alive=False, code=1),
                  Then(U, f"{EXITED_1}; restarting in 8.0s", failures=4, restart_at=NOW + 8.0,
                       health=Health(alive=False)),
@@ -222,7 +223,7 @@ PROBE_CASES = [
                  id="crash loop of a new version, no standby: Failed, marked failed for the rollback"),
     pytest.param(Given(current=V2, previous=V1, failures=4, standby=V1, standby_alive=True),
                  probe(alive=False, code=1),
-                 Then(F, f"version 2 failed: {LOOP_2}; rolled back to version 1, which keeps serving",
+                 Then(F, f"{LOOP_2}; rolled back to version 1, which keeps serving",
                       failures=0, current="1-standby", effects=(Retire, Watch), failed=("2",)),
                  id="crash loop of a new version while v1 stands by: v1 current again, v2 stopped"),
     pytest.param(Given(current=V2, previous=V1, failures=4, standby=V1, standby_alive=False),
@@ -254,6 +255,38 @@ def test_probe_results(given: Given, result: ProbeResult, then: Then) -> None:
     assert slot == given.slot(), "the decision changed its input"
     if (service.state, service.reason) != (given.state, given.reason):
         assert _dirty(out).save and _dirty(out).report
+    # The one-line reason stays short; the output of an instance that exited is the detail of
+    # a Failed service only.
+    assert "\n" not in (service.reason or "") and "RuntimeError" not in (service.reason or "")
+    exited = not result.alive and given.health.alive
+    if service.state is F and exited:
+        assert service.failure is not None and service.failure.log_tail == "Traceback\nRuntimeError: boom"
+    else:
+        assert service.failure is None
+
+
+def test_a_failed_versions_traceback_and_output_stand_until_the_service_is_no_longer_failed() -> None:
+    error = ModuleStartFailure(
+        "score.py:4 RuntimeError: no weights",
+        traceback='Traceback (most recent call last):\n  File "score.py", line 4\nRuntimeError: no weights',
+        log_lines=["loading the weights", "\x1b[31mcoloured\x1b[0m"],
+    )
+    slot = replace(Given(target=V2).slot(), busy=True)
+    out = on_op_done(slot, op(Op.REPLACE, V2, error=error), restart=RESTART, now=NOW, wall=AT, rand=0.5)
+    service = out.slot.service
+    assert service.state is F
+    rollback = "rolled back to version 1, which keeps serving"
+    assert service.reason == f"score.py:4 RuntimeError: no weights; {rollback}"
+    assert service.failure is not None and service.failure.traceback is not None
+    assert service.failure.traceback.endswith("RuntimeError: no weights")
+    assert service.failure.log_tail == "loading the weights\ncoloured"
+    # A probe of version 1, which keeps serving, leaves the failure as it is ...
+    still = probed(out.slot, probe())
+    assert still.slot.service.state is F and still.slot.service.failure == service.failure
+    # ... and once the service is no longer Failed (its target moved back to v1) the detail goes.
+    back = replace(still.slot, service=still.slot.service.model_copy(update={"target": V1}))
+    healthy = settle(back, AT)
+    assert healthy.slot.service.state is H and healthy.slot.service.failure is None
 
 
 def test_a_healthy_probe_starts_the_healthy_clock_and_a_miss_stops_it() -> None:
@@ -362,7 +395,7 @@ OP_CASES = [
                        retry_at=NOW + 0.5, retry_attempts=1),
                  id="an unexpected error is never final: retried (finding 1)"),
     pytest.param(Given(target=V2, state=T), op(Op.REPLACE, V2, error=INIT_FAILED), SETTLE,
-                 Ended(F, f"version 2 failed: {INIT_FAILED}; rolled back to version 1, which keeps serving",
+                 Ended(F, f"{INIT_FAILED}; rolled back to version 1, which keeps serving",
                        failed=("2",)),
                  id="a new version's init() fails: Failed for good, v1 keeps serving"),
     pytest.param(Given(state=U, health=Health(alive=False)), op(Op.START, V1, error=INIT_FAILED), SETTLE,
@@ -744,7 +777,7 @@ def test_plan_an_operation_for_a_target_that_moved_on_is_cancelled(forge: Forge)
 
 
 def test_plan_a_rollback_start_keeps_saying_why_the_target_failed(forge: Forge) -> None:
-    why = "version 2 failed: init() failed"
+    why = "init() failed"
     before = wanting(forge, V2)
     service = before.agent.services["good"].model_copy(
         update={"state": F, "reason": why, "failed": {assignment_key(V2): "init() failed"}, "last_good": V1}

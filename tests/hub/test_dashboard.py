@@ -145,3 +145,52 @@ def test_one_failing_feed_does_not_hide_the_others(hub: HubFactory, page: Page) 
     expect(page.locator("[data-feed-error='devices']")).to_be_hidden()
     expect(page.locator("#events")).to_contain_text("dev-1")
     expect(page.locator("#status")).to_contain_text("telemetry unavailable")
+
+
+def test_a_failed_services_cause_is_one_line_and_its_traceback_is_text_on_its_pages(
+    hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str, page: Page
+) -> None:
+    """Tables show the one-line cause (cut, whole in the title); the device and service pages
+    give the traceback and the last output in <pre>, as text, and a disclosure opened stays
+    open while the page polls (issue 17, item 5)."""
+    h = hub(mqtt_host=mosquitto.host, mqtt_port=mosquitto.port, topic_prefix=topic_prefix, mqtt_username=None)
+    mod = push(h, publisher, "digits", "1")
+    with h.client() as http:
+        enroll(http, "dev-1", site="berlin")
+        assert deploy(http, "digits", mod, selector="site=berlin").status_code == 201
+    cause = "score.py:6 RuntimeError: cannot open the <b>feature</b> store " + "x" * 150
+    trace = 'Traceback (most recent call last):\n  File "score.py", line 6, in init\nRuntimeError: <b>no</b>'
+    report = json.loads(reported("dev-1", "Failed", mod.digest, datetime.now(UTC)))
+    report["modules"][0].update(
+        reason=cause, failure={"traceback": trace, "log_tail": "connecting to <i>the</i> store"}
+    )
+    device = mosquitto.probe()
+    try:
+        device.publish(f"{topic_prefix}/devices/dev-1/reported", json.dumps(report), retain=True)
+    finally:
+        device.close()
+
+    page.goto(h.url + "/")
+    page.fill("#token", h.admin_token)
+    page.click("#login button[type=submit]")
+    page.goto(h.url + "/#/devices/dev-1")
+    row = page.locator("#device-modules tr[data-service='digits']")
+    expect(row).to_have_attribute("data-state", "Failed")
+    shown = row.locator(".cause")
+    expect(shown).to_have_text(cause)
+    expect(shown).to_have_attribute("title", cause)
+    assert shown.evaluate("e => getComputedStyle(e).whiteSpace") == "nowrap"
+    assert shown.evaluate("e => e.scrollWidth > e.clientWidth"), "a long cause is cut, not wrapped"
+    row.locator("details.failure summary").click()
+    expect(row.locator("pre.traceback")).to_have_text(trace)
+    expect(row.locator("pre.log-tail")).to_have_text("connecting to <i>the</i> store")
+    expect(page.locator("#device-view b, #device-view i")).to_have_count(0)
+    page.wait_for_timeout(2500)  # a poll redraws the table: the opened detail stays open
+    expect(row.locator("pre.traceback")).to_be_visible()
+
+    page.goto(h.url + "/#/services/digits")
+    here = page.locator("#service-devices tr[data-device='dev-1']")
+    expect(here.locator(".cause")).to_have_text(cause)
+    here.locator("details.failure summary").click()
+    expect(here.locator("pre.log-tail")).to_have_text("connecting to <i>the</i> store")
+    expect(page.locator("#service-view b, #service-view i")).to_have_count(0)

@@ -54,3 +54,31 @@ def test_online_value() -> None:
         parse_message("other/devices/dev-1/online", b"true", prefix="ep", retained=False, received_at=AT)
         is None
     )
+
+
+NEWER_AGENT = (
+    b'{"schema": "edgepack.reported/v1", "device_id": "dev-1", "reported_at": "2026-01-01T00:00:00Z",'
+    b' "agent_version": "9.0", "applied_generation": 3, "battery": {"percent": 40},'
+    b' "modules": [{"service": "demo", "state": "Failed", "since": "2026-01-01T00:00:00Z",'
+    b' "reason": "score.py:6 RuntimeError: x", "failure": {"traceback": "T", "log_tail": "L", "core": 1},'
+    b' "gpu": "busy"}]}'
+)
+
+
+def test_a_newer_agents_fields_are_dropped_not_its_report() -> None:
+    """An agent one version ahead adds fields; the hub keeps what it knows of the report (the
+    upgrade order is in docs/agent.md, 'Upgrading a fleet')."""
+    result = parse("dev-1/reported", NEWER_AGENT)
+    assert isinstance(result, Reported), result
+    (module,) = result.state.modules
+    assert module.reason == "score.py:6 RuntimeError: x"
+    assert module.failure is not None and (module.failure.traceback, module.failure.log_tail) == ("T", "L")
+    assert "gpu" not in module.model_dump() and "battery" not in result.state.model_dump()
+    telemetry = parse("dev-1/telemetry", TELEMETRY[:-1] + b', "disk_percent": 3}')
+    assert isinstance(telemetry, TelemetryMessage)
+
+
+def test_a_known_field_that_is_wrong_still_refuses_a_report_with_unknown_ones() -> None:
+    wrong = NEWER_AGENT.replace(b'"applied_generation": 3', b'"applied_generation": -1')
+    result = parse("dev-1/reported", wrong)
+    assert isinstance(result, Rejected) and "applied_generation" in result.reason

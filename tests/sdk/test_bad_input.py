@@ -152,6 +152,7 @@ def test_bad_arguments_are_refused_before_any_request(
     refused(lambda: service.run({"x": object()}), BadArgument, "cannot be sent as JSON", sent)
     refused(lambda: service.run({}, device="no spaces"), BadArgument, "device id", sent)
     refused(lambda: service.get_logs(tail=0), BadArgument, "tail", sent)
+    refused(lambda: service.get_logs(failed="yes"), BadArgument, "failed must be True or False", sent)  # type: ignore[arg-type]
     refused(lambda: service.wait_for_deployment(timeout=0), BadArgument, "timeout", sent)
     refused(lambda: service.update(models=[model]), BadArgument, "models need the inference_config", sent)
     refused(lambda: Service(h, "Bad Name"), BadArgument, "service name", sent)

@@ -50,10 +50,14 @@ def test_a_local_service_refuses_what_verify_refuses_and_says_why_it_did_not_sta
     broken = tmp_path / "broken.edgepack"
     broken.write_bytes(forge.bundle(files={"src/score.py": BROKEN_INIT, "model/m.json": b"{}"}))
     with (
-        pytest.raises(ModuleStartFailure, match="no weights here"),
+        pytest.raises(ModuleStartFailure, match="no weights here") as failed,
         LocalService(broken, port=0, trust=trusted),
     ):
         pass
+    # One line: where init() raised, the type and the message; the traceback beside it.
+    cause = "score.py:2 KeyError: 'no weights here'"
+    assert str(failed.value).endswith(f"the entry script failed to start: {cause}")
+    assert failed.value.traceback is not None and failed.value.traceback.count("Traceback") == 1
     good = tmp_path / "good.edgepack"
     good.write_bytes(forge.bundle())
     with socket.socket() as holder:
