@@ -124,6 +124,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             loop.watched,
             mqtt.publish_telemetry if mqtt else (lambda _: False),
             interval_s=config.telemetry_interval_s,
+            hub_reads_newer=loop.hub_reads_newer,
         )
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:

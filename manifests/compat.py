@@ -17,6 +17,9 @@ from typing import Any, TypeVar, get_args
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from manifests.logs import LogResponse
+from manifests.reported import ReportedState, Telemetry
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -63,3 +66,22 @@ def parse_lenient(model: type[M], payload: bytes) -> M:
     # Only unknown fields were wrong: validated again without them, from JSON as before (so
     # that strict fields read the same).
     return model.model_validate_json(json.dumps(known_fields(model, json.loads(payload))))
+
+
+#: What agents send since hubs read leniently, and a hub from before that refuses whole: held
+#: back until the applied desired state says its hub reads newer messages
+#: (``DesiredState.hub_reads_newer``). The agents go first in an upgrade (an older agent
+#: refuses a newer hub's desired states), so a newer agent must keep speaking to the older
+#: hub; the list stays as long as such hubs may be out there.
+HELD_BACK: dict[type[BaseModel], dict[str, Any]] = {
+    ReportedState: {"link_problem": True, "modules": {"__all__": {"failure"}}},
+    Telemetry: {"modules": {"__all__": {"p95_ms"}}},
+    LogResponse: {"version": True, "failed_version": True},
+}
+
+
+def encode_for_hub(message: BaseModel, *, hub_reads_newer: bool) -> bytes:
+    """``message`` as JSON for a hub: all of it when the hub reads newer messages, else
+    without the fields an older hub refuses (:data:`HELD_BACK`)."""
+    held = None if hub_reads_newer else HELD_BACK.get(type(message))
+    return message.model_dump_json(by_alias=True, exclude=held).encode()

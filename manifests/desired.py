@@ -249,6 +249,13 @@ class DesiredState(BaseModel):
     issued: datetime
     expires: datetime
     modules: list[ModuleAssignment] = Field(default_factory=list, max_length=MAX_MODULES)
+    hub_reads_newer: bool = Field(
+        default=False,
+        description="the issuing hub drops the fields it does not know from what devices send "
+        "(reports, telemetry, log answers) instead of refusing the message, so the agent may send "
+        "all of its own; an older hub omits it and gets only the fields it reads "
+        "(manifests.compat.encode_for_hub)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DesiredState:

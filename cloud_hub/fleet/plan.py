@@ -121,5 +121,6 @@ def desired_payload(
         issued=issued,
         expires=expires,
         modules=list(modules),
+        hub_reads_newer=True,
     )
     return state.model_dump(mode="json", by_alias=True)

@@ -29,6 +29,7 @@ from edge_agent.report.status import reported_state
 from edge_agent.runtime.base import Runtime
 from edge_agent.state.records import DownloadTotals, InstanceRecord
 from edge_agent.state.store import StateStore
+from manifests.compat import encode_for_hub
 from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig, DeviceCredentials
 from manifests.errors import EdgepackError
@@ -43,6 +44,12 @@ def advertised_host(config: AgentConfig) -> str:
     if config.service_host not in ("0.0.0.0", "::", ""):
         return f"[{config.service_host}]" if ":" in config.service_host else config.service_host
     return socket.gethostname()
+
+
+
+def hub_reads_newer(records: decide.Records) -> bool:
+    """Whether the hub that issued the applied desired state reads this agent's newer fields."""
+    return records.desired is not None and records.desired.hub_reads_newer
 
 
 class Actions:
@@ -154,6 +161,7 @@ class Actions:
             runtime_of=self.runtime_of,
             publish=self.publish_logs,
             failed_logs=self.executor.failed_logs,
+            hub_reads_newer=hub_reads_newer(records),
         )
 
     def watch(self, records: decide.Records) -> None:
@@ -209,7 +217,7 @@ class Actions:
             now=datetime.now(UTC),
             host=self.advertised,
         )
-        self.publish_reported(state.model_dump_json(by_alias=True).encode())
+        self.publish_reported(encode_for_hub(state, hub_reads_newer=hub_reads_newer(records)))
 
     def collect_garbage(self, records: decide.Records) -> None:
         in_flight = [op.assignment for op in records.ops.values() if op.assignment is not None]

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from edge_agent.runtime.base import Runtime
 from edge_agent.state.failed_logs import FailedLogs
 from edge_agent.state.records import InstanceRecord
-from manifests.compat import parse_lenient
+from manifests.compat import encode_for_hub, parse_lenient
 from manifests.logs import MAX_LINE_CHARS, MAX_RESPONSE_CHARS, LogRequest, LogResponse
 
 log = logging.getLogger("edge_agent")
@@ -38,6 +38,7 @@ def answer_log_request(
     runtime_of: Callable[[InstanceRecord], Runtime],
     publish: Callable[[bytes], None],
     failed_logs: FailedLogs | None = None,
+    hub_reads_newer: bool = True,
 ) -> None:
     """Parse a log request and answer it in the background (a malformed one is ignored).
 
@@ -84,6 +85,6 @@ def answer_log_request(
                 version=instance.version,
                 failed_version=failed_version,
             )
-        publish(response.model_dump_json(by_alias=True).encode())
+        publish(encode_for_hub(response, hub_reads_newer=hub_reads_newer))
 
     threading.Thread(target=answer, name="edgepack-logs", daemon=True).start()

@@ -143,6 +143,12 @@ class ReconcileLoop:
             if rec.current is not None and records.health.get(rec.current.id, Health()).alive
         ]
 
+    def hub_reads_newer(self) -> bool:
+        """Whether the applied desired state's hub reads this agent's newer fields (for the
+        telemetry thread)."""
+        desired = self.records.desired
+        return desired is not None and desired.hub_reads_newer
+
     def boot(self) -> None:
         """Restore what was running from disk alone: no hub and no broker needed."""
         self.runs.mkdir(parents=True, exist_ok=True)

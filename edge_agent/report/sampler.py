@@ -20,6 +20,7 @@ from edge_agent.report.telemetry import (
 )
 from edge_agent.runtime import probe
 from edge_agent.runtime.base import Runtime
+from manifests.compat import encode_for_hub
 from manifests.desired import RuntimeKind
 from manifests.reported import Telemetry
 
@@ -35,11 +36,13 @@ class Sampler:
         publish: Callable[[bytes], object],
         *,
         interval_s: float,
+        hub_reads_newer: Callable[[], bool] = lambda: False,
     ) -> None:
         self._device = device_id
         self._runtimes = runtimes
         self._watched = watched
         self._publish = publish
+        self._hub_reads_newer = hub_reads_newer
         self._interval = interval_s
         self._readings: dict[str, Reading] = {}  # service -> previous reading
         self._cpu: CpuTimes | None = None
@@ -57,7 +60,7 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._publish(self.sample().model_dump_json(by_alias=True).encode())
+                self._publish(encode_for_hub(self.sample(), hub_reads_newer=self._hub_reads_newer()))
                 self.samples += 1
             except Exception:
                 log.exception("telemetry sample failed")
