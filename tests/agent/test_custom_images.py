@@ -16,7 +16,7 @@ import httpx
 
 from manifests.desired import RuntimeKind
 from packager.runtime_image.engine import push
-from tests.agent.conftest import Fleet, free_port
+from tests.agent.conftest import Fleet, free_port, score
 from tests.docker_fixtures import Registry
 from tests.factory import SCORE_PY
 from tests.foreign_images import ForeignImages, foreign_images  # noqa: F401  (the fixture)
@@ -101,3 +101,22 @@ def test_an_image_without_python3_fails_naming_what_edgepack_needs(
     assert "python3 (>= 3.11)" in reason
     assert not docker_engine.containers.list(all=True, filters={"label": f"edgepack.device={DEV}"})
     assert agent.service("bare") is not None
+
+
+def test_a_move_to_docker_with_an_image_that_cannot_run_the_module_leaves_the_process_serving(
+    fleet: Fleet, foreign_images: ForeignImages, docker_engine: Any  # noqa: F811
+) -> None:
+    agent = fleet.device(DEV, runtimes=(RuntimeKind.PROCESS, RuntimeKind.DOCKER)).start()
+    port = free_port()
+    files = {"src/score.py": SCORE_PY, "model/model.json": b'{"factor": 2}'}
+    module = fleet.push("demo", "1", files=files, runtime=foreign_images.lacking.runtime)
+    fleet.deploy("demo", module, port=port, devices=[DEV], runtime="process")
+    assert agent.wait_state("demo", "Healthy")["runtime"] == "process"
+    fleet.deploy("demo", module, port=port, devices=[DEV], runtime="docker")
+    body = fleet.wait_rollup("demo", "Failed", timeout=120)
+    assert "lacks python packages: uvicorn" in body["devices"][0]["reason"], body
+    # The image was checked before the process was stopped: the process still answers.
+    assert score(port, [3]) == {"result": [6]}
+    status = agent.service("demo")
+    assert status is not None and status["runtime"] == "process" and status["pid"] is not None, status
+    assert not docker_engine.containers.list(all=True, filters={"label": f"edgepack.device={DEV}"})
