@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from manifests.desired import RuntimeKind
 from packager.runtime_image.engine import push
@@ -20,6 +21,10 @@ from tests.agent.conftest import Fleet, free_port, score
 from tests.docker_fixtures import Registry
 from tests.factory import SCORE_PY
 from tests.foreign_images import ForeignImages, foreign_images  # noqa: F401  (the fixture)
+
+#: One worker runs them all: each worker's registry is its own, and pushing the foreign image
+#: to one takes about 15 s (its one 308 MB layer shares nothing with the runtime image's).
+pytestmark = pytest.mark.xdist_group("foreign-images")
 
 DOCKER = (RuntimeKind.DOCKER,)
 DEV = f"edge-c{uuid.uuid4().hex[:6]}"  # the xdist workers share one engine (see test_docker_runtime)
