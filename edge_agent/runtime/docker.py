@@ -79,6 +79,10 @@ IMAGE_CHECK_TIMEOUT_S = 120.0
 #: remembered, so a restart or a second service on the same image does not check it again.
 IMAGE_CHECKS_KEPT = 256
 _CHECK_POLL_S = 0.05
+#: Cut of each list of package names in a reason (the missing ones, the broken ones), and of
+#: the image's name: a reported reason holds 2000 characters.
+REASON_LIST_CHARS = 600
+REASON_IMAGE_CHARS = 200
 #: Cut of the check's output quoted in a reason when it printed no verdict.
 _CHECK_OUTPUT_CHARS = 300
 
@@ -105,9 +109,28 @@ def required_packages(module: InstalledModule) -> tuple[tuple[str, ...], tuple[s
     return tuple(imports), tuple(name for name in wanted if name not in imports)
 
 
+def _listed(names: list[str], separator: str) -> str:
+    """``names`` joined, within :data:`REASON_LIST_CHARS` (a module may declare a thousand
+    requirements)."""
+    kept: list[str] = []
+    size = 0
+    for name in names:
+        if kept and size + len(separator) + len(name) > REASON_LIST_CHARS:
+            return separator.join(kept) + f" and {len(names) - len(kept)} more"
+        kept.append(name[:REASON_LIST_CHARS])
+        size += len(separator) + len(name)
+    return separator.join(kept)
+
+
+def _shown(image: str) -> str:
+    """An image's name as a reason quotes it (a manifest allows 1024 characters)."""
+    return image if len(image) <= REASON_IMAGE_CHARS else image[: REASON_IMAGE_CHARS - 1] + "…"
+
+
 def image_problem(image: str, answer: dict[str, Any]) -> str | None:
     """The one-line reason why ``image`` cannot run the module, from the check's verdict
     (``edge_agent.scoring.image_check``), or None when it can."""
+    image = _shown(image)
     python = str(answer.get("python", "?"))
     minimum = ".".join(str(p) for p in MIN_PYTHON)
     if "missing" not in answer:  # the bootstrap stopped at the version
@@ -116,11 +139,10 @@ def image_problem(image: str, answer: dict[str, Any]) -> str | None:
     broken = [str(b) for b in answer.get("broken") or []]
     problems = []
     if missing:
-        problems.append(
-            f"image {image} lacks python packages: {', '.join(missing)} (pip install them into the image)"
-        )
+        listed = _listed(missing, ", ")
+        problems.append(f"image {image} lacks python packages: {listed} (pip install them into the image)")
     if broken:
-        problems.append(f"image {image} has python packages that do not import: {'; '.join(broken)}")
+        problems.append(f"image {image} has python packages that do not import: {_listed(broken, '; ')}")
     if problems:
         return "; ".join(problems)
     if answer.get("server"):
@@ -263,7 +285,7 @@ class DockerRuntime:
         with self._checks_lock:
             if key in self._checked:
                 return
-        name = spec.module.manifest.runtime.image
+        name = _shown(spec.module.manifest.runtime.image)
         output, exit_code = self._run_check(spec, reference, image, [*imports, SEPARATOR, *distributions],
                                             cancelled, deadline)  # fmt: skip
         answer = _verdict_line(output)
@@ -291,7 +313,7 @@ class DockerRuntime:
         deadline: float,
     ) -> tuple[str, int]:
         """The check container's output and exit code."""
-        name = spec.module.manifest.runtime.image
+        name = _shown(spec.module.manifest.runtime.image)
         settings = spec.assignment.settings
         options: dict[str, Any] = {}
         if settings.memory_mb is not None:

@@ -16,6 +16,7 @@ from edge_agent.cache.modules import InstalledModule
 from edge_agent.runtime.base import requirement_names
 from edge_agent.runtime.docker import image_problem, required_packages
 from edge_agent.scoring.image_check import BOOTSTRAP, SERVER_PACKAGES, check
+from manifests.bounds import MAX_REASON
 from tests.conftest import REPO
 from tests.factory import Forge
 
@@ -48,6 +49,16 @@ def test_missing_packages_are_named_in_one_line_with_what_to_do() -> None:
         "ImportError: cannot import name 'ConfigDict'"
     )
     assert image_problem(IMAGE, {"python": "3.11.2", "missing": [], "broken": [], "server": None}) is None
+
+
+def test_a_thousand_missing_requirements_still_fit_a_reported_reason() -> None:
+    names = [f"package-number-{i}" for i in range(1000)]
+    broken = [f"{n} (ImportError: {'x' * 300})" for n in names]
+    image = "registry.example/" + "a" * 1000 + ":1"  # as long as a manifest allows
+    reason = image_problem(image, {"python": "3.11.2", "missing": names, "broken": broken})
+    assert reason is not None and len(reason) < MAX_REASON - 200  # room for "version N failed: …"
+    assert "package-number-0, package-number-1, " in reason
+    assert " more (pip install them into the image)" in reason
 
 
 def test_an_onnx_model_needs_onnxruntime_and_declared_requirements_are_checked_by_name() -> None:
