@@ -133,6 +133,13 @@ def image_problem(image: str, answer: dict[str, Any]) -> str | None:
     image = _shown(image)
     python = str(answer.get("python", "?"))
     minimum = ".".join(str(p) for p in MIN_PYTHON)
+    if answer.get("code"):
+        folders = ", ".join(m["Source"] for m in code_mounts())
+        return (
+            f"image {image}: the agent's scoring code mounted at {CODE_MOUNT} does not import "
+            f"({str(answer['code'])[:REASON_LIST_CHARS]}); its folders ({folders}) must be "
+            f"readable by uid {CONTAINER_UID}"
+        )
     if "missing" not in answer:  # the bootstrap stopped at the version
         return f"image {image} has Python {python}; edgepack needs >= {minimum}"
     missing = sorted(str(m) for m in answer.get("missing") or [])
@@ -298,6 +305,8 @@ class DockerRuntime:
         problem = image_problem(name, answer)
         if problem is not None:
             raise ImageUnavailable(problem)
+        log.info("image %s can run %s: Python %s with %s", name, spec.module.manifest.ref, answer["python"],
+                 ", ".join((*imports, *distributions)))  # fmt: skip
         with self._checks_lock:
             if len(self._checked) >= IMAGE_CHECKS_KEPT:
                 self._checked.pop(next(iter(self._checked)))  # the oldest

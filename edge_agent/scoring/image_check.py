@@ -10,7 +10,9 @@ model) needs, looks up the module's declared requirements, and prints one JSON l
 
 ``{"python": "3.11.2", "missing": [...], "broken": [...], "server": null}``
 
-``missing`` are names that do not import (or distributions not installed), ``broken`` names
+(or ``{"python": ..., "code": ...}`` when the mounted code itself does not import, e.g. its
+folders are not readable by the container's user). ``missing`` are names that do not import
+(or distributions not installed), ``broken`` names
 that are there but fail to import (with the error), ``server`` why the scoring server itself
 does not import when every package does (e.g. a pydantic 1 in the image). The agent turns the
 line into a verdict (``edge_agent.runtime.docker``). Only the standard library is used here.
@@ -42,10 +44,15 @@ MAX_ERROR_CHARS = 200
 #: image with an old Python gets a verdict naming it instead of a SyntaxError.
 BOOTSTRAP = (
     "import json, sys\n"
+    "python = '.'.join(str(p) for p in sys.version_info[:3])\n"
     f"if sys.version_info[:2] < {MIN_PYTHON!r}:\n"
-    "    print(json.dumps({'python': '.'.join(str(p) for p in sys.version_info[:3])}))\n"
+    "    print(json.dumps({'python': python}))\n"
     "    sys.exit(0)\n"
-    "from edge_agent.scoring.image_check import main\n"
+    "try:\n"
+    "    from edge_agent.scoring.image_check import main\n"
+    "except ImportError as exc:\n"  # the mounted code is not readable by the container's user
+    "    print(json.dumps({'python': python, 'code': '%s: %s' % (type(exc).__name__, exc)}))\n"
+    "    sys.exit(0)\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 

@@ -51,6 +51,22 @@ def test_missing_packages_are_named_in_one_line_with_what_to_do() -> None:
     assert image_problem(IMAGE, {"python": "3.11.2", "missing": [], "broken": [], "server": None}) is None
 
 
+def test_scoring_code_the_container_cannot_read_is_named_with_its_folders() -> None:
+    # What the bootstrap prints when the mounted code does not import (its folders unreadable).
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", BOOTSTRAP], capture_output=True, text=True, timeout=60,
+        check=True, cwd="/",
+    )  # fmt: skip
+    answer = json.loads(done.stdout)
+    assert answer["code"] == "ModuleNotFoundError: No module named 'edge_agent'"
+    reason = image_problem(IMAGE, answer)
+    assert reason is not None and reason.startswith(
+        "image acme/py:1: the agent's scoring code mounted at /opt/edgepack-scoring does not import "
+        "(ModuleNotFoundError: No module named 'edge_agent'); its folders ("
+    )
+    assert f"{REPO / 'edge_agent'}, {REPO / 'manifests'}) must be readable by uid 10001" in reason
+
+
 def test_a_thousand_missing_requirements_still_fit_a_reported_reason() -> None:
     names = [f"package-number-{i}" for i in range(1000)]
     broken = [f"{n} (ImportError: {'x' * 300})" for n in names]
@@ -99,7 +115,7 @@ def test_the_bootstrap_runs_the_check_in_a_fresh_interpreter() -> None:
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["missing"] == ["no_such_module_xyz"] and answer["broken"] == []
     # The version check comes first, in syntax an old Python 3 still parses.
-    ast.parse(BOOTSTRAP.split("from edge_agent")[0], feature_version=(3, 0))
+    ast.parse(BOOTSTRAP, feature_version=(3, 4))
 
 
 def test_the_check_covers_every_third_party_package_the_scoring_server_imports() -> None:
