@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -83,8 +84,11 @@ _CHECK_POLL_S = 0.05
 #: the image's name: a reported reason holds 2000 characters.
 REASON_LIST_CHARS = 600
 REASON_IMAGE_CHARS = 200
-#: Cut of the check's output quoted in a reason when it printed no verdict.
+#: Cut of the check's output quoted in a reason when it printed no verdict, and how many of
+#: its last lines are read at all (the verdict is the last).
 _CHECK_OUTPUT_CHARS = 300
+_CHECK_OUTPUT_LINES = 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def code_mounts() -> list[Mount]:
@@ -109,6 +113,13 @@ def required_packages(module: InstalledModule) -> tuple[tuple[str, ...], tuple[s
     return tuple(imports), tuple(name for name in wanted if name not in imports)
 
 
+def _clean(value: object, limit: int = REASON_LIST_CHARS) -> str:
+    """Text the image printed, as a reason may quote it: one line without control characters
+    (a reported reason that holds one is refused whole), cut to ``limit``."""
+    text = " ".join(_CONTROL.sub(" ", str(value)).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _listed(names: list[str], separator: str) -> str:
     """``names`` joined, within :data:`REASON_LIST_CHARS` (a module may declare a thousand
     requirements)."""
@@ -117,9 +128,13 @@ def _listed(names: list[str], separator: str) -> str:
     for name in names:
         if kept and size + len(separator) + len(name) > REASON_LIST_CHARS:
             return separator.join(kept) + f" and {len(names) - len(kept)} more"
-        kept.append(name[:REASON_LIST_CHARS])
+        kept.append(name)
         size += len(separator) + len(name)
     return separator.join(kept)
+
+
+def _as_list(value: object) -> list[object]:
+    return list(value) if isinstance(value, list) else []
 
 
 def _shown(image: str) -> str:
@@ -131,19 +146,18 @@ def image_problem(image: str, answer: dict[str, Any]) -> str | None:
     """The one-line reason why ``image`` cannot run the module, from the check's verdict
     (``edge_agent.scoring.image_check``), or None when it can."""
     image = _shown(image)
-    python = str(answer.get("python", "?"))
+    python = _clean(answer.get("python", "?"), 40)
     minimum = ".".join(str(p) for p in MIN_PYTHON)
     if answer.get("code"):
         folders = ", ".join(m["Source"] for m in code_mounts())
         return (
             f"image {image}: the agent's scoring code mounted at {CODE_MOUNT} does not import "
-            f"({str(answer['code'])[:REASON_LIST_CHARS]}); its folders ({folders}) must be "
-            f"readable by uid {CONTAINER_UID}"
+            f"({_clean(answer['code'])}); its folders ({folders}) must be readable by uid {CONTAINER_UID}"
         )
     if "missing" not in answer:  # the bootstrap stopped at the version
         return f"image {image} has Python {python}; edgepack needs >= {minimum}"
-    missing = sorted(str(m) for m in answer.get("missing") or [])
-    broken = [str(b) for b in answer.get("broken") or []]
+    missing = sorted(_clean(m) for m in _as_list(answer.get("missing")))
+    broken = [_clean(b) for b in _as_list(answer.get("broken"))]
     problems = []
     if missing:
         listed = _listed(missing, ", ")
@@ -153,7 +167,7 @@ def image_problem(image: str, answer: dict[str, Any]) -> str | None:
     if problems:
         return "; ".join(problems)
     if answer.get("server"):
-        why = answer["server"]
+        why = _clean(answer["server"])
         return f"image {image}: edgepack's scoring server does not import with its Python {python}: {why}"
     return None
 
@@ -297,7 +311,7 @@ class DockerRuntime:
                                             cancelled, deadline)  # fmt: skip
         answer = _verdict_line(output)
         if answer is None:
-            quoted = " ".join(output.split())[-_CHECK_OUTPUT_CHARS:] or "no output"
+            quoted = _clean(output[-_CHECK_OUTPUT_CHARS:]) or "no output"
             raise ImageUnavailable(
                 f"image {name}: checking its python3 failed (exit code {exit_code}): {quoted}; "
                 f"edgepack needs python3 >= {'.'.join(map(str, MIN_PYTHON))} on the image's PATH"
@@ -344,6 +358,7 @@ class DockerRuntime:
                 tmpfs={"/tmp": "size=64m"},
                 mounts=code_mounts(),
                 environment=self._code_environment(image),
+                log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
                 **options,
             )
         except docker.errors.APIError as exc:
@@ -374,7 +389,8 @@ class DockerRuntime:
                     )
                 time.sleep(_CHECK_POLL_S)
             exit_code = int(container.attrs.get("State", {}).get("ExitCode", -1))
-            output = container.logs(stdout=True, stderr=True).decode("utf-8", errors="replace")
+            data: bytes = container.logs(stdout=True, stderr=True, tail=_CHECK_OUTPUT_LINES)
+            output = data.decode("utf-8", errors="replace")
             return output, exit_code
         finally:
             try:

@@ -77,6 +77,15 @@ def test_a_thousand_missing_requirements_still_fit_a_reported_reason() -> None:
     assert " more (pip install them into the image)" in reason
 
 
+def test_what_an_image_prints_reaches_the_reason_as_one_clean_line() -> None:
+    # The verdict comes from the image: control characters or odd shapes never break the report.
+    answer = {"python": "3.11\x1b[2J", "missing": ["evil\npkg", 7], "broken": "not a list", "server": None}
+    reason = image_problem(IMAGE, answer)
+    assert reason == "image acme/py:1 lacks python packages: 7, evil pkg (pip install them into the image)"
+    old = image_problem(IMAGE, {"python": "2.7.18\r\n" + "9" * 5000})
+    assert old is not None and len(old) < 120 and "\r" not in old and "\n" not in old
+
+
 def test_an_onnx_model_needs_onnxruntime_and_declared_requirements_are_checked_by_name() -> None:
     plain = installed({"src/score.py": b"", "model/model.json": b"{}"}, [])
     assert required_packages(plain) == (SERVER_PACKAGES, ())
