@@ -25,10 +25,9 @@ import json
 import os
 import tarfile
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import docker.errors
 import pytest
@@ -73,7 +72,6 @@ class ForeignImage:
 class ForeignImages:
     python: ForeignImage
     lacking: ForeignImage
-    seconds: float  # what making (or finding) both took
 
 
 class _ChunkReader(io.RawIOBase):
@@ -113,7 +111,7 @@ def _without_user(data: bytes) -> bytes:
     return "".join(line for line in lines if not line.startswith(f"{RUNTIME_USER}:")).encode()
 
 
-def rewrite_rootfs(source: Iterable[bytes], out: io.RawIOBase | Any) -> None:
+def rewrite_rootfs(source: Iterable[bytes], out: BinaryIO) -> None:
     """Copy the base's exported tar to ``out`` as the foreign root file system."""
     with (
         tarfile.open(fileobj=io.BufferedReader(_ChunkReader(source), 1 << 20), mode="r|") as src,
@@ -223,7 +221,6 @@ def _push(client: Any, image: Any, reference: str) -> ForeignImage:
 def foreign_images(
     docker_engine: Any, registry: Registry, runtime_image: PushedRuntimeImage
 ) -> ForeignImages:
-    started = time.monotonic()
     base_id = runtime_image.build.base_id
     key = _key(base_id, SITE, DIST)
     lacking_key = _key(key, REMOVED)
@@ -236,4 +233,4 @@ def foreign_images(
             lacking = _build_lacking(docker_engine, foreign, lacking_key)
     python = _push(docker_engine, foreign, f"{registry.host}/acme/python:3.11")
     short = _push(docker_engine, lacking, f"{registry.host}/acme/python:3.11-lacking")
-    return ForeignImages(python=python, lacking=short, seconds=time.monotonic() - started)
+    return ForeignImages(python=python, lacking=short)
