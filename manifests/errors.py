@@ -106,7 +106,8 @@ class ModuleStartFailure(RuntimeFailure):
 
 
 class ImageUnavailable(RuntimeFailure):
-    """The runtime image is not in the registry, or its digest is not the pinned one."""
+    """The runtime image is not in the registry, its digest is not the pinned one, or it
+    cannot run the scoring server (no compatible ``python3``, packages missing)."""
 
 
 class Unschedulable(EdgepackError):

@@ -153,12 +153,6 @@ class Executor:
             module = self._fetch(running)
         runtime = self.choose_runtime(module, assignment)
         serving = running.replaces
-        if serving is not None and serving.runtime is not runtime.kind:
-            # Processes and containers run as different users, which SO_REUSEPORT does not let
-            # share a port: the old version stops before the new one starts.
-            log.info("%s moves from the %s to the %s runtime: stopping the old version first",
-                     name, serving.runtime, runtime.kind)  # fmt: skip
-            self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
         instance_id = f"{assignment.version}-{os.urandom(4).hex()}"
         settings = assignment.settings
         spec = LaunchSpec(
@@ -173,6 +167,15 @@ class Executor:
             agent_key=os.urandom(16).hex() if settings.auth is not None else None,
         )
         progress = self._progress(running, name)
+        if serving is not None and serving.runtime is not runtime.kind:
+            # The new runtime gets ready (the image pulled and checked) while the old version
+            # still serves: an image that cannot run the module fails here, not after the stop.
+            runtime.prepare(spec, progress, running.control.cancelled, running.control.deadline)
+            # Processes and containers run as different users, which SO_REUSEPORT does not let
+            # share a port: the old version stops before the new one starts.
+            log.info("%s moves from the %s to the %s runtime: stopping the old version first",
+                     name, serving.runtime, runtime.kind)  # fmt: skip
+            self.runtimes[serving.runtime].stop(serving, grace_s=STOP_GRACE_S + DRAIN_S)
         return start_instance(runtime, spec, running.control, progress=progress, failed_logs=self.failed_logs)
 
     def choose_runtime(self, module: InstalledModule, assignment: ModuleAssignment) -> Runtime:

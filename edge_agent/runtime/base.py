@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +18,8 @@ from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind, check
 STATE_FILE = "instance.json"
 #: the module's stdout and stderr, for the process runtime
 LOG_FILE = "module.log"
+
+_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,18 @@ def instance_arguments(spec: LaunchSpec, state_file: str) -> list[str]:
         "--drain-s", str(spec.drain_s),
         "--log-level", "info",
     ]  # fmt: skip
+
+
+def requirement_names(requirements: Sequence[str]) -> list[str]:
+    """The distribution names of pip requirement strings (``numpy>=1.26`` → ``numpy``,
+    ``uvicorn[standard]`` → ``uvicorn``), each once, in order; what a runtime checks is
+    installed (by presence, not version)."""
+    names: list[str] = []
+    for requirement in requirements:
+        match = _REQUIREMENT_NAME.match(requirement)
+        if match is not None and match.group(1) not in names:
+            names.append(match.group(1))
+    return names
 
 
 @dataclass(frozen=True)

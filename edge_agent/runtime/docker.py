@@ -4,6 +4,13 @@
   ``runtime.image_digest``, the agent pulls ``<repository>@<digest>`` (the engine checks the
   content against it) and refuses a module that pins nothing. Pull progress is reported in
   ``Transitioning``; a pull that is still running is never reported as a failure.
+- Any image with a compatible ``python3`` serves, not only edgepack's runtime image: the
+  agent's own scoring server (its ``edge_agent`` and ``manifests`` package folders) is mounted
+  read-only at ``/opt/edgepack-scoring`` and run with the image's ``python3``, so the server
+  is always the agent's version. Before a module's first start in an image, a short check
+  container (``edge_agent.scoring.image_check``) tells whether that Python is new enough and
+  the packages the server, the model and the module's requirements need import; a missing one
+  fails the version with a one-line reason naming them, and the version serving stays.
 - The module folder is mounted read-only at ``/module``; the instance's run folder, the only
   writable place, at ``/run/edgepack`` (the scoring server's state file); the root file system
   is read-only with a small ``/tmp``.
@@ -16,8 +23,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -30,14 +39,25 @@ import docker.errors
 import requests.exceptions
 from docker.types import Mount
 
+import edge_agent
+import manifests
 from edge_agent.cache.modules import InstalledModule
 from edge_agent.download.module import Cancelled
-from edge_agent.runtime.base import STATE_FILE, LaunchSpec, Liveness, Progress, Usage, instance_arguments
+from edge_agent.runtime.base import (
+    STATE_FILE,
+    LaunchSpec,
+    Liveness,
+    Progress,
+    Usage,
+    instance_arguments,
+    requirement_names,
+)
 from edge_agent.runtime.endpoint_files import TlsMaterial, endpoint_environment, write_keys, write_tls
+from edge_agent.scoring.image_check import BOOTSTRAP, MIN_PYTHON, MODEL_PACKAGES, SEPARATOR, SERVER_PACKAGES
 from edge_agent.state.records import InstanceRecord
 from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind
 from manifests.device import AgentConfig
-from manifests.errors import ImageUnavailable, RegistryUnavailable, RuntimeFailure
+from manifests.errors import ImageUnavailable, ModuleStartFailure, RegistryUnavailable, RuntimeFailure
 from manifests.image_ref import parse_image_ref
 
 log = logging.getLogger(__name__)
@@ -48,6 +68,108 @@ CONTAINER_UID = 10001  # the runtime image's user
 LABEL_DEVICE = "edgepack.device"
 LABEL_SERVICE = "edgepack.service"
 LABEL_INSTANCE = "edgepack.instance"
+#: where the agent's own scoring code is mounted (read-only) in every container
+CODE_MOUNT = "/opt/edgepack-scoring"
+#: the packages of ours the scoring server imports: mounted from the agent's installation
+CODE_PACKAGES = (edge_agent, manifests)
+#: Seconds the image check may take (importing onnxruntime on a busy device takes a few); it
+#: ends sooner when the start's own deadline comes first. A check that does not finish fails
+#: the version like a server that is not ready in time.
+IMAGE_CHECK_TIMEOUT_S = 120.0
+#: Images (by id, with what was asked of them) that passed the check; at most this many are
+#: remembered, so a restart or a second service on the same image does not check it again.
+IMAGE_CHECKS_KEPT = 256
+_CHECK_POLL_S = 0.05
+#: Cut of each list of package names in a reason (the missing ones, the broken ones), and of
+#: the image's name: a reported reason holds 2000 characters.
+REASON_LIST_CHARS = 600
+REASON_IMAGE_CHARS = 200
+#: Cut of the check's output quoted in a reason when it printed no verdict, and how many of
+#: its last lines are read at all (the verdict is the last).
+_CHECK_OUTPUT_CHARS = 300
+_CHECK_OUTPUT_LINES = 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def code_mounts() -> list[Mount]:
+    """The agent's own ``edge_agent`` and ``manifests`` package folders, read-only, under
+    :data:`CODE_MOUNT`: the scoring server every container runs is the agent's."""
+    mounts = []
+    for package in CODE_PACKAGES:
+        folder = Path(package.__file__ or "").resolve().parent
+        mounts.append(Mount(f"{CODE_MOUNT}/{package.__name__}", str(folder), type="bind", read_only=True))
+    return mounts
+
+
+def required_packages(module: InstalledModule) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the image must hold for ``module``: the import names the scoring server and the
+    model need, and the distribution names of the module's declared requirements."""
+    imports = list(SERVER_PACKAGES)
+    for entry in module.manifest.files:
+        for suffix, package in MODEL_PACKAGES.items():
+            if entry.path.endswith(suffix) and package not in imports:
+                imports.append(package)
+    wanted = requirement_names(module.manifest.runtime.python.requirements)
+    return tuple(imports), tuple(name for name in wanted if name not in imports)
+
+
+def _clean(value: object, limit: int = REASON_LIST_CHARS) -> str:
+    """Text the image printed, as a reason may quote it: one line without control characters
+    (a reported reason that holds one is refused whole), cut to ``limit``."""
+    text = " ".join(_CONTROL.sub(" ", str(value)).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _listed(names: list[str], separator: str) -> str:
+    """``names`` joined, within :data:`REASON_LIST_CHARS` (a module may declare a thousand
+    requirements)."""
+    kept: list[str] = []
+    size = 0
+    for name in names:
+        if kept and size + len(separator) + len(name) > REASON_LIST_CHARS:
+            return separator.join(kept) + f" and {len(names) - len(kept)} more"
+        kept.append(name)
+        size += len(separator) + len(name)
+    return separator.join(kept)
+
+
+def _as_list(value: object) -> list[object]:
+    return list(value) if isinstance(value, list) else []
+
+
+def _shown(image: str) -> str:
+    """An image's name as a reason quotes it (a manifest allows 1024 characters)."""
+    return image if len(image) <= REASON_IMAGE_CHARS else image[: REASON_IMAGE_CHARS - 1] + "…"
+
+
+def image_problem(image: str, answer: dict[str, Any]) -> str | None:
+    """The one-line reason why ``image`` cannot run the module, from the check's verdict
+    (``edge_agent.scoring.image_check``), or None when it can."""
+    image = _shown(image)
+    python = _clean(answer.get("python", "?"), 40)
+    minimum = ".".join(str(p) for p in MIN_PYTHON)
+    if answer.get("code"):
+        folders = ", ".join(m["Source"] for m in code_mounts())
+        return (
+            f"image {image}: the agent's scoring code mounted at {CODE_MOUNT} does not import "
+            f"({_clean(answer['code'])}); its folders ({folders}) must be readable by uid {CONTAINER_UID}"
+        )
+    if "missing" not in answer:  # the bootstrap stopped at the version
+        return f"image {image} has Python {python}; edgepack needs >= {minimum}"
+    missing = sorted(_clean(m) for m in _as_list(answer.get("missing")))
+    broken = [_clean(b) for b in _as_list(answer.get("broken"))]
+    problems = []
+    if missing:
+        listed = _listed(missing, ", ")
+        problems.append(f"image {image} lacks python packages: {listed} (pip install them into the image)")
+    if broken:
+        problems.append(f"image {image} has python packages that do not import: {_listed(broken, '; ')}")
+    if problems:
+        return "; ".join(problems)
+    if answer.get("server"):
+        why = _clean(answer["server"])
+        return f"image {image}: edgepack's scoring server does not import with its Python {python}: {why}"
+    return None
 
 
 class DockerRuntime:
@@ -68,6 +190,8 @@ class DockerRuntime:
         self._pull_timeout = pull_timeout_s
         self._stop_timeout = stop_timeout_s
         self._pull_lock = threading.Lock()
+        self._checks_lock = threading.Lock()
+        self._checked: dict[tuple[str, tuple[str, ...], tuple[str, ...]], None] = {}
 
     @classmethod
     def connect(cls, config: AgentConfig, runs_root: Path, device_id: str) -> DockerRuntime:
@@ -111,9 +235,21 @@ class DockerRuntime:
     def prepare(
         self, spec: LaunchSpec, progress: Progress, cancelled: Callable[[], bool], deadline: float
     ) -> None:
-        """Pull the pinned image unless the engine holds it already (checked by digest). A pull
-        that is still going is reported as progress, never as a failure, until ``deadline``."""
+        """Pull the pinned image unless the engine holds it already (checked by digest), then
+        check that it can run the module (:meth:`_check_image`). A pull that is still going is
+        reported as progress, never as a failure, until ``deadline``."""
         reference = self._reference(spec.module)
+        self._pull(spec, reference, progress, cancelled, deadline)
+        self._check_image(spec, reference, cancelled, deadline)
+
+    def _pull(
+        self,
+        spec: LaunchSpec,
+        reference: str,
+        progress: Progress,
+        cancelled: Callable[[], bool],
+        deadline: float,
+    ) -> None:
         with self._pull_lock:  # two services on one image pull it once
             if self._holds(reference):
                 return
@@ -154,6 +290,122 @@ class DockerRuntime:
                 f"the engine pulled {reference} but does not hold that digest; refused"
             )
 
+    def _check_image(
+        self, spec: LaunchSpec, reference: str, cancelled: Callable[[], bool], deadline: float
+    ) -> None:
+        """Run the image check in a short container of the image (no network, the instance's
+        user and limits, the agent's code mounted read-only); raise :class:`ImageUnavailable`
+        with the reason when the image cannot run the module. An image that passed once for
+        the same packages is not checked again."""
+        imports, distributions = required_packages(spec.module)
+        try:
+            image = self._client.images.get(reference)
+        except docker.errors.ImageNotFound:
+            raise ImageUnavailable(f"image {reference} vanished before it could be checked") from None
+        key = (str(image.id), imports, distributions)
+        with self._checks_lock:
+            if key in self._checked:
+                return
+        name = _shown(spec.module.manifest.runtime.image)
+        output, exit_code = self._run_check(spec, reference, image, [*imports, SEPARATOR, *distributions],
+                                            cancelled, deadline)  # fmt: skip
+        answer = _verdict_line(output)
+        if answer is None:
+            quoted = _clean(output[-_CHECK_OUTPUT_CHARS:]) or "no output"
+            raise ImageUnavailable(
+                f"image {name}: checking its python3 failed (exit code {exit_code}): {quoted}; "
+                f"edgepack needs python3 >= {'.'.join(map(str, MIN_PYTHON))} on the image's PATH"
+            )
+        problem = image_problem(name, answer)
+        if problem is not None:
+            raise ImageUnavailable(problem)
+        log.info("image %s can run %s: Python %s with %s", name, spec.module.manifest.ref, answer["python"],
+                 ", ".join((*imports, *distributions)))  # fmt: skip
+        with self._checks_lock:
+            if len(self._checked) >= IMAGE_CHECKS_KEPT:
+                self._checked.pop(next(iter(self._checked)))  # the oldest
+            self._checked[key] = None
+
+    def _run_check(
+        self,
+        spec: LaunchSpec,
+        reference: str,
+        image: Any,
+        args: list[str],
+        cancelled: Callable[[], bool],
+        deadline: float,
+    ) -> tuple[str, int]:
+        """The check container's output and exit code."""
+        name = _shown(spec.module.manifest.runtime.image)
+        settings = spec.assignment.settings
+        options: dict[str, Any] = {}
+        if settings.memory_mb is not None:
+            options["mem_limit"] = f"{settings.memory_mb}m"
+        try:
+            container = self._client.containers.create(
+                reference,
+                entrypoint=["python3", "-c", BOOTSTRAP],
+                command=args,
+                name=f"edgepack-{self._device}-{spec.service}-{spec.instance_id}-check",
+                labels={  # an agent that dies meanwhile removes it on its next start
+                    LABEL_DEVICE: self._device,
+                    LABEL_SERVICE: spec.service,
+                    LABEL_INSTANCE: f"{spec.instance_id}-check",
+                },
+                network_mode="none",
+                user=f"{CONTAINER_UID}:{CONTAINER_UID}",
+                read_only=True,
+                tmpfs={"/tmp": "size=64m"},
+                mounts=code_mounts(),
+                environment=self._code_environment(image),
+                log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
+                **options,
+            )
+        except docker.errors.APIError as exc:
+            why = exc.explanation or exc
+            raise RuntimeFailure(f"the engine refused to check image {name}: {why}") from None
+        try:
+            try:
+                container.start()
+            except docker.errors.APIError as exc:
+                text = str(exc.explanation or exc)
+                if "python3" in text and ("not found" in text or "no such file" in text):
+                    raise ImageUnavailable(
+                        f"image {name} has no python3 on its PATH; edgepack runs its scoring server "
+                        f"with the image's python3 (>= {'.'.join(map(str, MIN_PYTHON))})"
+                    ) from None
+                raise RuntimeFailure(f"the engine refused to check image {name}: {text}") from None
+            limit = min(deadline, time.monotonic() + IMAGE_CHECK_TIMEOUT_S)
+            while True:
+                container.reload()
+                if container.status == "exited":
+                    break
+                if cancelled():
+                    raise Cancelled(f"check of image {name}")
+                if time.monotonic() > limit:
+                    raise ModuleStartFailure(
+                        f"image {name}: checking its python3 and packages did not finish within "
+                        f"{IMAGE_CHECK_TIMEOUT_S:g}s or the start's deadline"
+                    )
+                time.sleep(_CHECK_POLL_S)
+            exit_code = int(container.attrs.get("State", {}).get("ExitCode", -1))
+            data: bytes = container.logs(stdout=True, stderr=True, tail=_CHECK_OUTPUT_LINES)
+            output = data.decode("utf-8", errors="replace")
+            return output, exit_code
+        finally:
+            try:
+                container.remove(force=True)
+            except docker.errors.APIError as exc:
+                log.warning("removing the image check container of %s: %s", spec.service, exc)
+
+    def _code_environment(self, image: Any) -> dict[str, str]:
+        """``PYTHONPATH`` with the agent's code first (before whatever the image sets, so that
+        an ``edge_agent`` installed in the image is not the one that runs)."""
+        env = image.attrs.get("Config", {}).get("Env") or []
+        own = dict(item.split("=", 1) for item in env if "=" in item)
+        path = CODE_MOUNT + (f":{own['PYTHONPATH']}" if own.get("PYTHONPATH") else "")
+        return {"PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+
     def _holds(self, reference: str) -> bool:
         try:
             image = self._client.images.get(reference)
@@ -177,8 +429,12 @@ class DockerRuntime:
         if settings.memory_mb is not None:
             options["mem_limit"] = f"{settings.memory_mb}m"
         try:
+            image = self._client.images.get(reference)
             container = self._client.containers.run(
                 reference,
+                # The image's python3 runs the agent's own scoring server (mounted below), so
+                # any image with a compatible Python serves, whatever its own entry point.
+                entrypoint=["python3", "-m", "edge_agent.scoring", "--module-dir", MODULE_MOUNT],
                 command=command,
                 detach=True,
                 name=f"edgepack-{self._device}-{spec.service}-{spec.instance_id}",
@@ -194,12 +450,12 @@ class DockerRuntime:
                 mounts=[
                     Mount(MODULE_MOUNT, str(spec.module.dir), type="bind", read_only=True),
                     Mount(RUN_MOUNT, str(spec.run_dir), type="bind", read_only=False),
+                    *code_mounts(),
                 ],
                 environment={
                     **settings.env,
                     **endpoint_environment(spec.assignment, RUN_MOUNT),
-                    "PYTHONUNBUFFERED": "1",
-                    "PYTHONDONTWRITEBYTECODE": "1",
+                    **self._code_environment(image),
                 },
                 log_config={"type": "json-file", "config": {"max-size": "8m", "max-file": "2"}},
                 **options,
@@ -314,4 +570,16 @@ class DockerRuntime:
 
 class _PullCancelled(Exception):
     pass
+
+
+def _verdict_line(output: str) -> dict[str, Any] | None:
+    """The check's JSON verdict: its last line that is a JSON object with ``python``."""
+    for line in reversed(output.splitlines()):
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(answer, dict) and "python" in answer:
+            return answer
+    return None
 

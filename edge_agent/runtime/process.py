@@ -34,6 +34,7 @@ from edge_agent.runtime.base import (
     Usage,
     instance_arguments,
     read_instance_state,
+    requirement_names,
     tail_lines,
 )
 from edge_agent.runtime.endpoint_files import TlsMaterial, endpoint_environment, write_keys, write_tls
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _KEPT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
 
 
@@ -153,11 +153,11 @@ class ProcessRuntime:
         if self.python != sys.executable:
             return None
         installed = installed_distributions()
-        missing = []
-        for requirement in module.manifest.runtime.python.requirements:
-            match = _REQUIREMENT_NAME.match(requirement)
-            if match is not None and _normalized(match.group(1)) not in installed:
-                missing.append(match.group(1))
+        missing = [
+            name
+            for name in requirement_names(module.manifest.runtime.python.requirements)
+            if _normalized(name) not in installed
+        ]
         if missing:
             return (
                 f"the process runtime lacks the module's Python requirements {', '.join(missing)}; "

@@ -38,11 +38,11 @@ class ImagePin:
         )
 
 
-def parse_reference(text: str) -> ImageRef:
+def parse_reference(text: str, what: str = "--runtime-image") -> ImageRef:
     try:
         return parse_image_ref(text.strip())
     except ValueError as exc:
-        raise ConfigError(f"--runtime-image: {exc}") from None
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def local_digest(ref: ImageRef, repo_digests: list[str]) -> str | None:
@@ -58,11 +58,11 @@ def local_digest(ref: ImageRef, repo_digests: list[str]) -> str | None:
     return None
 
 
-def pin_image(text: str, *, client: Any | None = None) -> ImagePin:
+def pin_image(text: str, *, client: Any | None = None, what: str = "--runtime-image") -> ImagePin:
     """Resolve ``text`` to what the manifest records. Never raises for an unreachable engine
     or registry (that is an :class:`ImagePin` without digest); raises ``ConfigError`` for a
-    reference that is not one."""
-    ref = parse_reference(text)
+    reference that is not one (``what`` names where it came from)."""
+    ref = parse_reference(text, what)
     if ref.digest is not None:
         return ImagePin(image=ref.name, digest=ref.digest, source="given")
     import docker.errors  # the docker SDK only when a tag has to be resolved
@@ -92,6 +92,26 @@ def pin_image(text: str, *, client: Any | None = None) -> ImagePin:
     else:
         return ImagePin(image=ref.name, digest=str(remote.id), source="registry")
     return ImagePin(image=ref.name, digest=None, source="none", problem="; ".join(reasons))
+
+
+#: Where an inference configuration names its image (Azure ML's ``environment.docker.baseImage``,
+#: or the legacy top-level ``baseImage``).
+BASE_IMAGE_SOURCE = "the inference configuration's baseImage"
+
+
+def pin_base_image(text: str, *, client: Any | None = None) -> ImagePin:
+    """The image an inference configuration names (``environment.docker.baseImage``), pinned
+    as ``--runtime-image`` is; refused with a ``ConfigError`` when it cannot be pinned: an
+    image the configuration asks for is never recorded unpinned (the docker runtime would
+    refuse it on every device), nor silently dropped."""
+    pin = pin_image(text, client=client, what=BASE_IMAGE_SOURCE)
+    if pin.digest is None:
+        raise ConfigError(
+            f"{BASE_IMAGE_SOURCE} {pin.image} cannot be pinned to a digest ({pin.problem}): pull "
+            "it, or push it to a registry the devices reach, so that this machine's Docker knows "
+            "its digest; or name the image with --runtime-image REF@sha256:…"
+        )
+    return pin
 
 
 def _short(exc: BaseException) -> str:

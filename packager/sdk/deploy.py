@@ -183,9 +183,9 @@ def deploy_models(
     collect_files(spec)  # the entry script, its folder and every file in it, checked now
     image = inference_config.document.docker_image()
     if image is not None:
-        from packager.runtime_image.pinning import pin_image
+        from packager.runtime_image.pinning import pin_base_image
 
-        pin = pin_image(image)
+        pin = pin_base_image(image)  # refused, not recorded unpinned, when it cannot be pinned
         spec.image, spec.image_digest = pin.image, pin.digest
     if deployment_config is not None and deployment_config.runtime is None:
         # Docker runs only a module whose image is pinned; anything else can only be a process.

@@ -24,7 +24,7 @@ from packager.build import build_module, spec_from_configs
 from packager.files import atomic_output
 from packager.home import default_key_path
 from packager.keys import read_private_key
-from packager.runtime_image.pinning import ImagePin, pin_image
+from packager.runtime_image.pinning import ImagePin, pin_base_image, pin_image
 from packager.sdk.answers import Deleted, ModuleDetail, ModuleRecord, ModuleSigners, PushResult, SignerChange
 from packager.sdk.blobs import download_blobs, read_chunks
 from packager.sdk.configs import DeploymentConfig, InferenceConfig
@@ -130,8 +130,10 @@ class Module:
 
         The entry script comes from ``inference_config`` or ``entry_script`` (with
         ``source_directory``); ``runtime_image`` is recorded for the docker runtime, pinned to
-        its digest when Docker can resolve a tag (``image_pin`` says how). The same inputs give
-        the same bytes; nothing is written unless every input checks out.
+        its digest when Docker can resolve a tag (``image_pin`` says how). Without it, the
+        inference configuration's ``environment.docker.baseImage`` is the runtime image, and
+        one that cannot be pinned is refused (``ConfigError``). The same inputs give the same
+        bytes; nothing is written unless every input checks out.
         """
         if inference_config is not None and not isinstance(inference_config, InferenceConfig):
             raise BadArgument("Module.build: inference_config must be an InferenceConfig")
@@ -151,8 +153,12 @@ class Module:
             deployment_config=deployment_config.document if deployment_config else None,
         )
         pin = None
+        base_image = inference_config.document.docker_image() if inference_config else None
         if runtime_image is not None:
             pin = pin_image(runtime_image)
+        elif base_image is not None:
+            pin = pin_base_image(base_image)
+        if pin is not None:
             spec.image, spec.image_digest = pin.image, pin.digest
         spec.requirements += list(requirements)
         spec.tags = string_map(tags, "tags")

@@ -4,7 +4,11 @@ when the image can be resolved, and says so loudly when it cannot."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ from typer.testing import CliRunner
 from packager.cli import app
 from packager.inspect import read_unverified
 from packager.runtime_image.pinning import pin_image
-from tests.conftest import EXAMPLE, free_port
+from tests.conftest import EXAMPLE, REPO, free_port
 from tests.docker_fixtures import PushedRuntimeImage, Registry
 
 
@@ -102,3 +106,44 @@ def test_a_tag_missing_everywhere_is_unpinned(docker_engine: Any, registry: Regi
     pin = pin_image(f"{registry.host}/edgepack/runtime:never-pushed", client=docker_engine)
     assert pin.digest is None and pin.source == "none"
     assert pin.warning() is not None and "never-pushed" in pin.warning()
+
+
+def with_base_image(project: Path, image: str) -> None:
+    """The inference configuration names ``image`` as Azure ML does: environment.docker.baseImage."""
+    path = project / "inferenceconfig.json"
+    config = json.loads(path.read_text())
+    config["environment"]["docker"] = {"enabled": True, "baseImage": image}
+    path.write_text(json.dumps(config))
+
+
+def test_an_environment_base_image_is_the_runtime_image_pinned_to_its_digest(
+    project: Path, runtime_image: PushedRuntimeImage
+) -> None:
+    with_base_image(project, runtime_image.tagged)
+    result, bundle = build(project)
+    assert result.exit_code == 0, result.output
+    runtime = read_unverified(bundle)[2].runtime
+    assert (runtime.image, runtime.image_digest) == (runtime_image.tagged, runtime_image.digest)
+    assert f"runtime image {runtime_image.tagged}@{runtime_image.digest}" in result.output
+
+
+def test_a_base_image_that_cannot_be_pinned_is_refused_and_runtime_image_overrides_it(project: Path) -> None:
+    nowhere = f"127.0.0.1:{free_port()}/acme/python:3.11"
+    with_base_image(project, nowhere)
+    # A real `python -m packager`: the one-line error and the exit code are what a shell sees.
+    done = subprocess.run(
+        [sys.executable, "-m", "packager", "build", "--ic", str(project / "inferenceconfig.json"),
+         "-m", str(project / "model"), "-n", "digits", "-v", "1", "-o", str(project / "dist")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert f"the inference configuration's baseImage {nowhere} cannot be pinned to a digest" in lines[0]
+    assert "--runtime-image" in lines[0]
+    assert not (project / "dist" / "digits-1.edgepack").exists()
+    digest = "sha256:" + "cd" * 32
+    result, bundle = build(project, "--runtime-image", f"registry.example:5000/team/py:1@{digest}")
+    assert result.exit_code == 0, result.output
+    assert read_unverified(bundle)[2].runtime.image_digest == digest

@@ -38,6 +38,7 @@ from packager.sdk import (
     Selector,
     Service,
 )
+from tests.conftest import free_port
 from tests.factory import Defect, Forge
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.sdk.conftest import sdk_hub
@@ -143,6 +144,15 @@ def test_bad_arguments_are_refused_before_any_request(
     keyless = sent.watch(Hub(running.url, running.admin_token, key=tmp_path / "none.key", progress=False))
     refused(
         lambda: Model.deploy(keyless, "svc", [model], ic, target=Devices(["e"])), ConfigError, "keygen", sent
+    )
+    custom = Environment("custom")  # an image the devices could not run unpinned: refused
+    custom.docker.base_image = f"127.0.0.1:{free_port()}/acme/python:3.11"
+    unpinnable = InferenceConfig(entry_script=str(tmp_path / "score.py"), environment=custom)
+    refused(
+        lambda: Model.deploy(h, "svc", [model], unpinnable, target=Devices(["edge-1"])),
+        ConfigError,
+        "baseImage .* cannot be pinned to a digest",
+        sent,
     )
     refused(lambda: h.deploy("svc", "demo", target=Devices(["edge-1"])), BadArgument, "NAME:VERSION", sent)
     refused(lambda: h.deploy("svc", "demo:1"), BadArgument, "say where to deploy", sent)
