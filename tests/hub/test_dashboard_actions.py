@@ -179,7 +179,15 @@ def _report_failed_update(probe: Any, scene: Scene) -> None:
     now = datetime.now(UTC).isoformat()
     status = {
         "service": "digits", "manifest_digest": v3.digest, "version": "3", "state": "Failed",
-        "reason": "version 3 failed: init() raised ValueError; rolled back to version 2",
+        "reason": "score.py:14 ValueError: model input size 64 expected, got 32; rolled back to version 2, "
+                  "which keeps serving",
+        "failure": {
+            "traceback": "Traceback (most recent call last):\n"
+                         '  File "/module/src/score.py", line 14, in init\n'
+                         '    raise ValueError(f"model input size 64 expected, got {size}")\n'
+                         "ValueError: model input size 64 expected, got 32\n",
+            "log_tail": "loading model from /module/model/digits.onnx\n",
+        },
         "since": now, "serving_digest": v2.digest, "serving_version": "2",
         "endpoint": "http://10.0.0.7:8890",
     }  # fmt: skip
@@ -254,6 +262,9 @@ def test_operator_rolls_back_redeploys_and_deletes_a_service(scene: Scene, devic
     expect(page.locator("#service-badge")).to_have_text("v3 failed — v2 serving")
     expect(page.locator("#service-charts [data-chart='digits latency']")).to_be_visible()
     expect(page.locator("#redeploy-version option")).to_have_count(3)
+    failure = page.locator("#service-devices details.failure")
+    failure.locator("summary").click()
+    expect(failure.locator("pre.traceback")).to_contain_text("ValueError: model input size 64")
     shoot(page, "dashboard-failure")
 
     page.click("#service-rollback")
