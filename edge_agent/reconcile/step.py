@@ -927,10 +927,17 @@ def step(
             return replace(records, progress_reported={**records.progress_reported, name: now}), (
                 Dirty(report=True),
             )
-        case ProbeResult(service=name, instance_id=instance_id):
+        case ProbeResult(service=name, instance_id=instance_id, alive=alive):
             probed = records.agent.services.get(name)
             if probed is None or probed.current is None or probed.current.id != instance_id:
                 return records, ()  # an instance that no longer serves
+            running = records.ops.get(name)
+            if not alive and running is not None and running.kind in (Op.START, Op.REPLACE):
+                # The start under way ends with another instance serving, or fails and hands
+                # the service back, and a later probe judges this one then. A move to another
+                # runtime stops the serving instance itself first: counted as a crash, that
+                # stop scheduled a restart beside the new instance (two containers).
+                return records, ()
             slot = slot_of(records, name, looked=looked, wall=wall)
             out = on_probe(
                 slot,

@@ -671,6 +671,24 @@ def test_step_a_probe_of_an_exited_instance_schedules_its_restart(forge: Forge) 
     assert (ignored, effects) == (serving(), ())
 
 
+def test_step_an_instance_that_ends_while_a_start_replaces_it_is_judged_after_the_start(forge: Forge) -> None:
+    # A move from the process to the docker runtime stops the serving process before the
+    # container starts; the prober saw it gone and a restart was scheduled beside the new
+    # instance (two containers of one version, bare-box run).
+    moving = serving(ops={"good": OpView(8, Op.REPLACE, assignment_key(V1), V1, True)})
+    after, effects = stepped(forge, moving, probe(alive=False, code=0, iid="1-i"), Looked(tuple(BOOM)))
+    assert (after, effects) == (moving, ())
+    # The start failed and handed the service back: the next probe counts the exit.
+    failure = ModuleStartFailure("the container did not start")
+    done, _ = stepped(forge, moving, OpDone("good", 8, error=failure))
+    judged, _ = stepped(forge, done, probe(alive=False, code=0, iid="1-i"), Looked(tuple(BOOM)))
+    assert judged.health["1-i"] == Health(alive=False) and "good" in judged.restart_at
+    # A download under way is no start: a crash while it runs is judged at once.
+    fetching = serving(ops={"good": FETCH_V2})
+    crashed, _ = stepped(forge, fetching, probe(alive=False, code=1, iid="1-i"), Looked(tuple(BOOM)))
+    assert crashed.restart_at == {"good": NOW + 1.0}
+
+
 def test_step_a_log_request_is_answered_and_stop_halts(forge: Forge) -> None:
     assert stepped(forge, serving(), LogRequestMessage(b"{}")) == (serving(), (AnswerLogs(b"{}"),))
     assert stepped(forge, serving(), Stop()) == (serving(), (Halt(),))
