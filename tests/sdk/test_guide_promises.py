@@ -1,0 +1,140 @@
+"""Promises of ``docs/azure-ml-sdk.md`` that no other test checked, on one real hub (no broker,
+no agent: a device enrolled and never started is one that has not reported yet).
+
+The hub trusts two publisher keys, so that the guide's module ownership rows (grant, revoke,
+signers) run on the same hub as its service and progress rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from manifests.signing import generate_private_key, key_id, public_key_pem
+from manifests.states import ServiceState, StateOnDevice
+from packager.sdk import (
+    DeploymentConfig,
+    DeploymentFailed,
+    DeploymentTimeout,
+    Device,
+    Devices,
+    Hub,
+    HubConflict,
+    HubForbidden,
+    Model,
+    Module,
+    ProgressEvent,
+    Selector,
+    Service,
+    Webservice,
+)
+from tests.conftest import Publisher
+from tests.factory import Forge, default_files
+from tests.hub.conftest import HubFactory
+
+
+class Sent(list[str]):
+    """Every request a Hub's client sends, as ``METHOD /path``."""
+
+    def watch(self, hub: Hub) -> Hub:
+        hub.transport.http.event_hooks["request"].append(lambda r: self.append(f"{r.method} {r.url.path}"))
+        return hub
+
+
+def bundle(forge: Forge, folder: Path, name: str, version: str) -> Path:
+    path = folder / f"{name}-{version}.edgepack"
+    path.write_bytes(forge.bundle(name=name, version=version, files=default_files(int(version) + 1)))
+    return path
+
+
+def test_the_guides_promises_on_a_hub_whose_device_has_not_reported(
+    hub: HubFactory, sdk_home: Path, publisher: Publisher, tmp_path: Path
+) -> None:
+    second_key: Ed25519PrivateKey = generate_private_key()
+    trusted = []
+    for name, key in (("first", publisher.key), ("second", second_key)):
+        trusted.append(tmp_path / f"{name}.pub")
+        trusted[-1].write_bytes(public_key_pem(key.public_key()))
+    running = hub(trusted_keys=trusted)
+    events: list[ProgressEvent] = []
+    sent = Sent()
+    # Progress: Hub(progress=…) is the default of every call made through the hub.
+    h = sent.watch(Hub(running.url, running.admin_token, progress=events.append))
+    first, second = Forge(publisher=publisher.key), Forge(publisher=second_key)
+
+    weights = tmp_path / "digits.onnx"
+    weights.write_bytes(b"onnx" * 1000)
+    model = Model.register(h, model_path=weights, model_name="digits", tags={"stage": "dev", "old": "x"})
+    model.download(tmp_path / "out")
+    assert {(e.task, e.unit, e.total) for e in events} == {
+        ("hashing", "bytes", 4000),
+        ("uploading", "bytes", 4000),
+        ("downloading", "bytes", 4000),
+    }
+    assert all(e.service is None for e in events)
+
+    # model.update: add_tags=, remove_tags=, add_properties= (and the description), one request.
+    sent.clear()
+    model.update(
+        description="v1", add_tags={"stage": "prod"}, remove_tags=["old"], add_properties={"acc": "0.9"}
+    )
+    assert sent == ["PATCH /api/v1/models/digits/versions/1"]
+    again = Model(h, "digits", 1)
+    assert (again.tags, again.properties, again.description) == ({"stage": "prod"}, {"acc": "0.9"}, "v1")
+
+    # Module names belong to the key that pushed them first; another needs the admin's grant.
+    for version in ("1", "2"):
+        Module.push(h, bundle(first, tmp_path, "demo", version))
+    foreign = bundle(second, tmp_path, "demo", "3")
+    with pytest.raises(HubForbidden, match="edgepack module grant demo") as not_owner:
+        Module.push(h, foreign)
+    assert not_owner.value.exit_code == 2
+    signers = Module.signers(h, "demo")
+    assert (signers.owners, signers.granted) == ([key_id(publisher.key.public_key())], [])
+    second_id = key_id(second_key.public_key())
+    assert Module.grant(h, "demo", second_id).granted == [second_id]
+    assert Module.push(h, foreign).created
+    assert Module.revoke(h, "demo", second_id).granted == []
+    with pytest.raises(HubForbidden):
+        Module.push(h, bundle(second, tmp_path, "demo", "4"))
+
+    # A device that has not reported the service: Pending on it, Transitioning rolled up.
+    Device.enroll(h, "edge-1", tags={"site": "berlin"})
+    config = DeploymentConfig(port=18893, runtime="process")
+    service = h.deploy("demo", "demo:2", config, Selector(site="berlin"))
+    assert service.deployed is not None and service.deployed.created
+    assert service.state == ServiceState.TRANSITIONING
+    assert [(d.device_id, d.state) for d in service.devices] == [("edge-1", StateOnDevice.PENDING)]
+    assert (service.scoring_uri, service.swagger_uri) == (None, None)  # no Healthy device yet
+    events.clear()
+    with pytest.raises(DeploymentTimeout):
+        service.wait_for_deployment(timeout=0.5, interval=0.1, wait_offline=True)
+    assert events and {(e.unit, e.done, e.total) for e in events} == {("devices", 0, 1)}
+    assert all(e.service is not None and e.service.name == "demo" for e in events)
+
+    # Webservice(hub, name) is the same service; hub.deploy updates an existing one;
+    # refresh() (or update_deployment_state()) reads what changed since.
+    azure = Webservice(h, "demo")
+    assert isinstance(azure, Service) and azure.module == "demo:2"
+    updated = h.deploy("demo", "demo:3", config, Selector(site="berlin"))
+    assert updated.deployed is not None and not updated.deployed.created
+    assert azure.module == "demo:2"
+    assert azure.refresh().module == "demo:3"
+    assert service.update_deployment_state().module == "demo:3"
+
+    # rollback: the newest version pushed before the current one, same settings and target;
+    # none left is a conflict.
+    rolled = service.rollback()
+    assert rolled.version == "2" and rolled.deployment.target == {"selector": {"site": "berlin"}}
+    assert service.refresh().module == "demo:2" and service.settings.port == 18893
+    assert service.rollback().version == "1"
+    with pytest.raises(HubConflict) as none_left:
+        service.rollback()
+    assert none_left.value.exit_code == 2
+
+    # A service that targets no device: the wait fails at once, naming why.
+    h.deploy("nowhere", "demo:1", config, Selector(site="nowhere"))
+    with pytest.raises(DeploymentFailed, match="targets no device") as failed:
+        Service(h, "nowhere").wait_for_deployment(timeout=60)
+    assert failed.value.exit_code == 5 and failed.value.devices == []
