@@ -18,7 +18,6 @@ from packager.sdk import (
     DeploymentFailed,
     DeploymentTimeout,
     Device,
-    Devices,
     Hub,
     HubConflict,
     HubForbidden,
