@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from manifests.digests import sha256_digest
@@ -25,6 +26,7 @@ from packager.sdk import (
     InferenceConfig,
     Model,
     Module,
+    ScoringRunFailed,
     Selector,
     Service,
     ServiceExists,
@@ -97,6 +99,8 @@ def test_deploy_sends_only_what_the_hub_lacks_and_serves_on_the_device(
     )
     # Only score.py crossed the wire: the model (and its copy in the source folder) the hub held.
     assert sent.puts() == [f"/api/v1/blobs/{sha256_digest((folder / 'score.py').read_bytes())}"]
+    # The models' bytes are not downloaded: the manifest names the registry's digests.
+    assert not [path for method, path in sent if method == "GET" and path.startswith("/api/v1/blobs/")]
     assert ("POST", "/api/v1/modules") in sent and ("PUT", "/api/v1/deployments/digits-svc") in sent
     assert service.module_version == "1" and service.module == "digits-svc:1"
     assert service.settings.runtime == "process"  # no pinned image: Docker could not run it
@@ -114,6 +118,11 @@ def test_deploy_sends_only_what_the_hub_lacks_and_serves_on_the_device(
         service.run(f'{{"data": {data}}}', device="edge-1")["predictions"] == digits_samples["expected"][:5]
     )
     assert "model loaded from" in service.get_logs(device="edge-1", tail=50)
+    assert "model loaded from" in service.get_logs(num_lines=50)  # Azure's keyword, the first Healthy device
+    # Where to call it: the first Healthy device's endpoint, and its OpenAPI document beside it.
+    assert service.scoring_uri == f"http://127.0.0.1:{port}/score"
+    assert service.swagger_uri == f"http://127.0.0.1:{port}/swagger.json"
+    assert httpx.get(service.swagger_uri, timeout=10).json()["paths"]
     assert service.logs().device_id == "edge-1"
 
     # The same inputs again: the same module version, nothing uploaded, nothing registered.
@@ -240,6 +249,9 @@ def test_a_wait_after_an_update_waits_for_that_update(
     assert json.loads(called.stdout)["predictions"] == digits_samples["expected"][:2]
     raised = edgepack_cli(fleet, "service", "run", "digits-svc", "--data", '{"data": [[1, 2]]}')
     assert raised.returncode == 5 and "run() raised" in raised.stderr, raised.stderr
+    with pytest.raises(ScoringRunFailed, match=r"run\(\) raised") as run_failed:
+        service.run({"data": [[1, 2]]})
+    assert run_failed.value.exit_code == 5
 
     with pytest.raises(BadArgument, match="inference_config"):
         service.update(models=[model])  # the entry script to build them with is not on the hub
