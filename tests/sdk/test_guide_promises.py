@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_hub.settings import HubSettings
+from cloud_hub.tls.material import make_tls_material
+from manifests.errors import FetchError
 from manifests.signing import generate_private_key, key_id, public_key_pem
 from manifests.states import ServiceState, StateOnDevice
 from packager.sdk import (
@@ -18,6 +21,7 @@ from packager.sdk import (
     DeploymentFailed,
     DeploymentTimeout,
     Device,
+    Devices,
     Hub,
     HubConflict,
     HubForbidden,
@@ -132,8 +136,38 @@ def test_the_guides_promises_on_a_hub_whose_device_has_not_reported(
         service.rollback()
     assert none_left.value.exit_code == 2
 
+    # A port another service already uses on one of the target's devices: a conflict.
+    with pytest.raises(HubConflict, match="port 18893"):
+        h.deploy("other", "demo:1", config, Devices("edge-1"))
+
     # A service that targets no device: the wait fails at once, naming why.
     h.deploy("nowhere", "demo:1", config, Selector(site="nowhere"))
     with pytest.raises(DeploymentFailed, match="targets no device") as failed:
         Service(h, "nowhere").wait_for_deployment(timeout=60)
     assert failed.value.exit_code == 5 and failed.value.devices == []
+
+
+def test_an_https_hub_is_verified_with_the_ca_given_or_named_by_the_environment(
+    hub: HubFactory, sdk_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = make_tls_material(
+        HubSettings(data_dir=tmp_path / "hub"),
+        hub_hosts=["127.0.0.1"],
+        broker_hosts=["127.0.0.1"],
+        broker_dir=tmp_path / "broker",
+    )
+    running = hub(data_dir=tmp_path / "hub", ca=files.ca_cert, tls_cert=files.hub_cert, tls_key=files.hub_key)
+    assert running.url.startswith("https://")
+    with Hub(running.url, running.admin_token, ca=files.ca_cert, progress=False) as given:
+        assert Model.list(given) == []
+    with (
+        Hub(running.url, running.admin_token, progress=False) as unverified,
+        pytest.raises(FetchError) as refused,
+    ):
+        Model.list(unverified)
+    assert "EDGEPACK_HUB_CA" in str(refused.value)  # what to pass
+    monkeypatch.setenv("EDGEPACK_HUB_URL", running.url)
+    monkeypatch.setenv("EDGEPACK_TOKEN", running.admin_token)
+    monkeypatch.setenv("EDGEPACK_HUB_CA", str(files.ca_cert))
+    with Hub.from_config(progress=False) as from_environment:
+        assert Model.list(from_environment) == []
