@@ -14,10 +14,12 @@ import httpx
 import pytest
 
 from manifests.digests import sha256_digest
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 from packager.sdk import (
     BadArgument,
     DeploymentConfig,
+    DeploymentFailed,
+    DeploymentTimeout,
     Devices,
     Environment,
     Hub,
@@ -33,7 +35,9 @@ from packager.sdk import (
 )
 from tests.agent.conftest import Fleet, free_port
 from tests.conftest import EXAMPLE
+from tests.factory import Forge
 from tests.sdk.conftest import sdk_hub
+from tests.sdk.test_local_service import BROKEN_INIT
 
 
 class Requests(list[tuple[str, str]]):
@@ -217,7 +221,12 @@ def test_several_models_lie_where_azure_puts_them(hub_sdk: Hub, tmp_path: Path) 
 
 
 def test_a_wait_after_an_update_waits_for_that_update(
-    fleet: Fleet, sdk_home: Path, digits_model: Path, digits_samples: dict[str, list[object]], tmp_path: Path
+    fleet: Fleet,
+    sdk_home: Path,
+    digits_model: Path,
+    digits_samples: dict[str, list[object]],
+    tmp_path: Path,
+    forge: Forge,
 ) -> None:
     """A settings-only update keeps the module's digest: only the generation it issued tells
     the device's new state from the old one. And an entry script alone rebuilds with the
@@ -268,3 +277,24 @@ def test_a_wait_after_an_update_waits_for_that_update(
     assert [f.digest for f in built.files if f.path == "model/digits.onnx"] == [model.files[0].digest]
     with pytest.raises(HubConflict, match="'digits-svc'"):
         model.delete()  # the rebuilt module still names the model it was built from
+
+    # A module whose init() raises: the device ends Failed, the wait says so with every
+    # device's state, and the failed instance's log stays on the device.
+    broken = tmp_path / "broken-1.edgepack"
+    broken.write_bytes(
+        forge.bundle(name="broken", files={"src/score.py": BROKEN_INIT, "model/m.json": b"{}"})
+    )
+    Module.push(hub, broken)
+    failing = hub.deploy(
+        "broken", "broken:1", DeploymentConfig(port=free_port(), runtime="process"), Devices("edge-1")
+    )
+    with pytest.raises(DeploymentFailed, match="no weights here") as failed:
+        failing.wait_for_deployment(timeout=120)
+    assert failed.value.exit_code == 5 and not isinstance(failed.value, DeploymentTimeout)
+    assert [(d.device_id, d.state) for d in failed.value.devices] == [("edge-1", StateOnDevice.FAILED)]
+    assert failing.state == ServiceState.FAILED
+    with pytest.raises(HubNotFound, match="version 1 failed there and left a log"):
+        failing.logs("edge-1")  # nothing serves: no instance's log but the failed one's
+    kept = failing.logs("edge-1", failed=True)
+    assert (kept.device_id, kept.failed, kept.version, kept.failed_version) == ("edge-1", True, "1", "1")
+    assert any("no weights here" in line for line in kept.lines)
