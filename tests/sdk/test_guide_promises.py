@@ -6,6 +6,8 @@ signers) run on the same hub as its service and progress rows."""
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_hub.settings import HubSettings
 from cloud_hub.tls.material import make_tls_material
-from manifests.errors import FetchError
-from manifests.signing import generate_private_key, key_id, public_key_pem
+from manifests.errors import ConfigError, FetchError
+from manifests.signing import generate_private_key, key_id, private_key_pem, public_key_pem
 from manifests.states import ServiceState, StateOnDevice
 from packager.sdk import (
     DeploymentConfig,
@@ -25,6 +27,10 @@ from packager.sdk import (
     Hub,
     HubConflict,
     HubForbidden,
+    HubNotFound,
+    HubTrustRefusal,
+    HubUnavailable,
+    InferenceConfig,
     Model,
     Module,
     ProgressEvent,
@@ -32,8 +38,9 @@ from packager.sdk import (
     Service,
     Webservice,
 )
-from tests.conftest import Publisher
-from tests.factory import Forge, default_files
+from packager.sdk.progress import reporting
+from tests.conftest import Publisher, free_port
+from tests.factory import SCORE_PY, Forge, default_files
 from tests.hub.conftest import HubFactory
 
 
@@ -45,9 +52,11 @@ class Sent(list[str]):
         return hub
 
 
-def bundle(forge: Forge, folder: Path, name: str, version: str) -> Path:
+def bundle(forge: Forge, folder: Path, name: str, version: str, factor: int | None = None) -> Path:
+    folder.mkdir(exist_ok=True)
     path = folder / f"{name}-{version}.edgepack"
-    path.write_bytes(forge.bundle(name=name, version=version, files=default_files(int(version) + 1)))
+    files = default_files(factor if factor is not None else int(version) + 1)
+    path.write_bytes(forge.bundle(name=name, version=version, files=files))
     return path
 
 
@@ -76,6 +85,13 @@ def test_the_guides_promises_on_a_hub_whose_device_has_not_reported(
         ("downloading", "bytes", 4000),
     }
     assert all(e.service is None for e in events)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "score.py").write_bytes(SCORE_PY)
+    script = InferenceConfig(entry_script=str(source / "score.py"), source_directory=str(source))
+    events.clear()
+    Module.build(weights, "built", "1", script, out_dir=tmp_path / "dist", progress=events.append)
+    assert events and {e.unit for e in events} == {"bytes"}
 
     # model.update: add_tags=, remove_tags=, add_properties= (and the description), one request.
     sent.clear()
@@ -140,6 +156,41 @@ def test_the_guides_promises_on_a_hub_whose_device_has_not_reported(
     with pytest.raises(HubConflict, match="port 18893"):
         h.deploy("other", "demo:1", config, Devices("edge-1"))
 
+    # Model.deploy: deployment_target= as Azure names it; every file of the folder checked
+    # before the first request; a manifest signed by a key the hub does not trust is refused
+    # as a pushed bundle is, and leaves no module or service.
+    built = Model.deploy(
+        h, "from-model", [model], script, DeploymentConfig(port=18894), deployment_target=Devices("edge-1")
+    )
+    assert built.record.target == {"devices": ["edge-1"]}
+    os.mkfifo(source / "pipe")
+    sent.clear()
+    with pytest.raises(ConfigError, match="pipe: not a regular file"):
+        Model.deploy(h, "svc-2", [model], script, DeploymentConfig(port=18895), target=Devices("edge-1"))
+    assert sent == []
+    (source / "pipe").unlink()
+    stranger = tmp_path / "stranger.key"
+    stranger.write_bytes(private_key_pem(generate_private_key()))
+    untrusted = Hub(running.url, running.admin_token, key=stranger, progress=False)
+    with pytest.raises(HubTrustRefusal):
+        Model.deploy(
+            untrusted, "svc-2", [model], script, DeploymentConfig(port=18895), target=Devices("edge-1")
+        )
+    assert "svc-2" not in [m.name for m in Module.list(h)]
+    with pytest.raises(HubNotFound):
+        Service(h, "svc-2")
+
+    # Already exists: the same module version with other content.
+    with pytest.raises(HubConflict, match="already exists"):
+        Module.push(h, bundle(first, tmp_path / "again", "demo", "1", factor=9))
+
+    # Endpoint keys: (primary, secondary); regenerating one keeps the other.
+    keyed = h.deploy("keyed", "demo:1", DeploymentConfig(port=18896, auth_enabled=True), Devices("edge-1"))
+    primary, secondary = keyed.get_keys()
+    rotated = keyed.regen_key("secondary")
+    assert rotated.keys.primary == primary and rotated.keys.secondary not in (primary, secondary)
+    assert keyed.get_keys() == (primary, rotated.keys.secondary)
+
     # A service that targets no device: the wait fails at once, naming why.
     h.deploy("nowhere", "demo:1", config, Selector(site="nowhere"))
     with pytest.raises(DeploymentFailed, match="targets no device") as failed:
@@ -171,3 +222,19 @@ def test_an_https_hub_is_verified_with_the_ca_given_or_named_by_the_environment(
     monkeypatch.setenv("EDGEPACK_HUB_CA", str(files.ca_cert))
     with Hub.from_config(progress=False) as from_environment:
         assert Model.list(from_environment) == []
+
+
+def test_no_hub_an_unreachable_hub_and_progress_outside_a_terminal(
+    sdk_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match="edgepack login") as none:
+        Hub.from_config()
+    assert none.value.exit_code == 2
+    nowhere = Hub(f"http://127.0.0.1:{free_port()}", "token", progress=False)
+    with pytest.raises(HubUnavailable, match="cannot reach the hub") as down:
+        Model.list(nowhere)
+    assert down.value.exit_code == 4
+    # The default progress: bars only on a terminal, nothing on a pipe; False: nothing at all.
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    with reporting(None) as piped, reporting(False) as off:
+        assert piped is None and off is None
