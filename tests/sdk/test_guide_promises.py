@@ -39,7 +39,8 @@ from packager.sdk import (
     Webservice,
 )
 from packager.sdk.progress import reporting
-from tests.conftest import Publisher, free_port
+from tests.conftest import Publisher
+from tests.engines import free_port
 from tests.factory import SCORE_PY, Forge, default_files
 from tests.hub.conftest import HubFactory
 
