@@ -24,6 +24,7 @@ from packager.sdk import (
     DeploymentTimeout,
     Device,
     Devices,
+    Environment,
     Hub,
     HubConflict,
     HubForbidden,
@@ -160,10 +161,20 @@ def test_the_guides_promises_on_a_hub_whose_device_has_not_reported(
     # Model.deploy: deployment_target= as Azure names it; every file of the folder checked
     # before the first request; a manifest signed by a key the hub does not trust is refused
     # as a pushed bundle is, and leaves no module or service.
+    edge = Devices("edge-1")
     built = Model.deploy(
-        h, "from-model", [model], script, DeploymentConfig(port=18894), deployment_target=Devices("edge-1")
+        h, "from-model", [model], script, DeploymentConfig(port=18894), deployment_target=edge
     )
     assert built.record.target == {"devices": ["edge-1"]}
+    # An environment naming an image: the docker runtime, the image pinned in the manifest.
+    digest = "sha256:" + "cd" * 32
+    in_image = Environment("custom")
+    in_image.docker.base_image = f"registry.example:5000/team/py:1@{digest}"
+    imaged = InferenceConfig(entry_script=str(source / "score.py"), environment=in_image)
+    docker = Model.deploy(h, "in-docker", [model], imaged, DeploymentConfig(port=18897), target=edge)
+    assert docker.settings.runtime == "docker"
+    pinned = Module(h, "in-docker", "1").manifest.runtime
+    assert (pinned.image, pinned.image_digest) == (in_image.docker.base_image.split("@")[0], digest)
     os.mkfifo(source / "pipe")
     sent.clear()
     with pytest.raises(ConfigError, match="pipe: not a regular file"):
