@@ -6,6 +6,7 @@ signers) run on the same hub as its service and progress rows."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 from pathlib import Path
@@ -14,8 +15,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_hub.settings import HubSettings
+from cloud_hub.store.blobs import FileBlobStore
+from cloud_hub.store.s3 import S3BlobStore
 from cloud_hub.tls.material import make_tls_material
-from manifests.errors import ConfigError, FetchError
+from manifests.errors import ConfigError, FetchError, TrustError
 from manifests.signing import generate_private_key, key_id, private_key_pem, public_key_pem
 from manifests.states import ServiceState, StateOnDevice
 from packager.sdk import (
@@ -39,7 +42,8 @@ from packager.sdk import (
     Service,
     Webservice,
 )
-from packager.sdk.progress import reporting
+from packager.sdk.live import LiveServiceView, StateLines, show_output_view
+from packager.sdk.progress import RichBars, reporting
 from tests.conftest import Publisher
 from tests.engines import free_port
 from tests.factory import SCORE_PY, Forge, default_files
@@ -203,6 +207,23 @@ def test_the_guides_promises_on_a_hub_whose_device_has_not_reported(
     assert rotated.keys.primary == primary and rotated.keys.secondary not in (primary, secondary)
     assert keyed.get_keys() == (primary, rotated.keys.secondary)
 
+    # download: a file whose bytes changed in the hub's store never appears whole.
+    data = os.urandom(3 << 20)
+    (tmp_path / "big.bin").write_bytes(data)
+    big = Model.register(h, model_path=tmp_path / "big.bin", model_name="big")
+    forged = bytearray(data)
+    forged[-1] ^= 0xFF
+    store = running.core.blobs
+    if isinstance(store, FileBlobStore):
+        Path(store.path(big.files[0].digest)).write_bytes(bytes(forged))
+    else:
+        assert isinstance(store, S3BlobStore)
+        name = store.key(big.files[0].digest)
+        store.client.put_object(Bucket=store.location.bucket, Key=name, Body=bytes(forged))
+    with pytest.raises((FetchError, TrustError)):
+        big.download(tmp_path / "forged")
+    assert not (tmp_path / "forged" / "big.bin").exists()
+
     # A service that targets no device: the wait fails at once, naming why.
     h.deploy("nowhere", "demo:1", config, Selector(site="nowhere"))
     with pytest.raises(DeploymentFailed, match="targets no device") as failed:
@@ -248,5 +269,19 @@ def test_no_hub_an_unreachable_hub_and_progress_outside_a_terminal(
     assert down.value.exit_code == 4
     # The default progress: bars only on a terminal, nothing on a pipe; False: nothing at all.
     monkeypatch.setattr("sys.stderr", io.StringIO())
+    monkeypatch.setattr("sys.stdout", io.StringIO())
     with reporting(None) as piped, reporting(False) as off:
         assert piped is None and off is None
+    assert isinstance(show_output_view(), StateLines)  # show_output=True in a pipe: a line per change
+    monkeypatch.setattr("sys.stderr", Terminal())
+    monkeypatch.setattr("sys.stdout", Terminal())
+    with reporting(None) as bars:
+        assert isinstance(bars, RichBars)
+    assert isinstance(show_output_view(), LiveServiceView)  # in a terminal: the live table
+    # The grace an agent that is just connecting gets before a wait gives up on offline devices.
+    assert inspect.signature(Service.wait_for_deployment).parameters["offline_grace"].default == 10
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
