@@ -38,6 +38,7 @@ from tests.conftest import EXAMPLE
 from tests.factory import Forge
 from tests.sdk.conftest import sdk_hub
 from tests.sdk.test_local_service import BROKEN_INIT
+from tests.waiting import wait_for
 
 
 class Requests(list[tuple[str, str]]):
@@ -160,6 +161,10 @@ def test_deploy_sends_only_what_the_hub_lacks_and_serves_on_the_device(
     assert [s.name for s in Service.list(hub)] == ["digits-svc"]
     change = service.delete()
     assert list(change.issued) == ["edge-1"]
+    # Its devices stop running it: the agent drops it and its port answers no more.
+    wait_for(lambda: agent.service("digits-svc") is None or None, what="digits-svc stopped", log=agent.log)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
     with pytest.raises(HubNotFound):
         Service(hub, "digits-svc")
 
