@@ -125,7 +125,12 @@ def test_the_guides_promises_on_a_hub_whose_device_has_not_reported(
         Module.push(h, bundle(second, tmp_path, "demo", "4"))
 
     # A device that has not reported the service: Pending on it, Transitioning rolled up.
-    Device.enroll(h, "edge-1", tags={"site": "berlin"})
+    creds = Device.enroll(h, "edge-1", tags={"site": "berlin"})
+    # The credentials document is shown once: the device's record holds no token, and
+    # enrolling the id again does not hand out another.
+    assert creds.token and creds.token not in Device(h, "edge-1").record.model_dump_json()
+    with pytest.raises(HubConflict):
+        Device.enroll(h, "edge-1")
     config = DeploymentConfig(port=18893, runtime="process")
     service = h.deploy("demo", "demo:2", config, Selector(site="berlin"))
     assert service.deployed is not None and service.deployed.created
