@@ -95,3 +95,11 @@ def test_every_error_the_guide_names_is_importable_with_its_parent_and_exit_code
             assert cls.exit_code == exit_code, f"{name} exits {cls.exit_code}, the guide says {exit_code}"
             if parent is not None:
                 assert issubclass(cls, getattr(edgepack, parent)), f"{name} is not a {parent}"
+
+
+def test_what_the_guide_leaves_out_is_not_there() -> None:
+    # A script that calls them fails at the call, instead of doing something else.
+    assert not hasattr(edgepack.Model, "profile") and not hasattr(edgepack.Model, "package")
+    assert not hasattr(edgepack.Service, "get_token")
+    for name in ("Run", "Experiment", "Dataset"):
+        assert name not in edgepack.__all__
