@@ -63,6 +63,7 @@ from packager.sdk.errors import (
     HubRejected,
     HubTrustRefusal,
     HubUnauthorized,
+    ScoringRunFailed,
     ServiceExists,
 )
 from packager.sdk.hub import Hub
@@ -124,6 +125,7 @@ __all__ = [
     "RichBars",
     "RolledBack",
     "RuntimeFailure",
+    "ScoringRunFailed",
     "Selector",
     "Service",
     "ServiceExists",

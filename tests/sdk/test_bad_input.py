@@ -249,11 +249,23 @@ def test_an_interrupted_upload_leaves_nothing_registered(
     folder = tmp_path / "src"
     folder.mkdir()
     (folder / "score.py").write_text("def init():\n    pass\n\ndef run(raw):\n    return raw\n")
-    (folder / "lookup.bin").write_bytes(os.urandom(3 << 20))
+    for name in ("lookup-a.bin", "lookup-b.bin"):
+        (folder / name).write_bytes(os.urandom(2 << 20))
     ic = InferenceConfig(entry_script=str(folder / "score.py"), source_directory=str(folder))
     Device.enroll(h, "edge-1")
+
+    def interrupt_late(event: ProgressEvent) -> None:
+        # Past 3 MiB one 2 MiB file at least is on the hub, whatever the order of the uploads.
+        if event.task == "uploading" and event.done >= 3 << 20:
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        Model.deploy(h, "svc", [model], ic, target=Devices(["edge-1"]), progress=interrupt_uploads)
+        Model.deploy(h, "svc", [model], ic, target=Devices(["edge-1"]), progress=interrupt_late)
     assert Module.list(h) == []
     with pytest.raises(HubNotFound):
         Service(h, "svc")
+    # What it uploaded is unused, and `edgepack hub gc` frees it (the model's file stays).
+    stored = {b.digest for b in running.core.blobs.iter_blobs()}
+    assert len(stored) >= 2 and model.files[0].digest in stored
+    assert cli(running, tmp_path / "home", "hub", "gc", "--grace", "0") == 0
+    assert {b.digest for b in running.core.blobs.iter_blobs()} == {model.files[0].digest}

@@ -14,6 +14,7 @@ from manifests.azureml import DeploymentConfig as DeploymentDocument
 from manifests.azureml import parse_config
 from packager.sdk import (
     AciWebservice,
+    AksWebservice,
     CondaDependencies,
     DeploymentConfig,
     Devices,
@@ -49,6 +50,34 @@ def test_keywords_make_the_file_a_deploymentconfig_json_would_be() -> None:
     example = json.loads((EXAMPLE / "deploymentconfig.json").read_text())
     assert DeploymentConfig.from_file(EXAMPLE / "deploymentconfig.json").to_json() == example
     assert LocalWebservice.deploy_configuration(port=8890).to_json() == {"computeType": "local", "port": 8890}
+    # edgepack's own keywords, beside Azure's: the file's "edgepack" object, and what devices run.
+    own = DeploymentConfig(
+        port=8891,
+        runtime="process",
+        workers=2,
+        restart_policy="always",
+        environment_variables={"MODE": "edge"},
+        health_path="/ready",
+        start_timeout_seconds=30,
+    )
+    assert own.to_json()["edgepack"] == {
+        "runtime": "process",
+        "workers": 2,
+        "restartPolicy": "always",
+        "environmentVariables": {"MODE": "edge"},
+        "healthPath": "/ready",
+        "startTimeoutSeconds": 30,
+    }
+    ran = own.settings()
+    assert (ran.workers, ran.restart_policy, ran.env, ran.health.path, ran.health.start_timeout_s) == (
+        2,
+        "always",
+        {"MODE": "edge"},
+        "/ready",
+        30,
+    )
+    aks = AksWebservice.deploy_configuration(cpu_cores=1, memory_gb=1)
+    assert isinstance(aks, DeploymentConfig) and aks.to_json()["computeType"] == "aks"
     aci = AciWebservice.deploy_configuration(cpu_cores=1, memory_gb=1, auth_enabled=True).to_json()
     assert aci == {
         "computeType": "aci",

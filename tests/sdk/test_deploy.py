@@ -10,13 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from manifests.digests import sha256_digest
-from manifests.states import ServiceState
+from manifests.states import ServiceState, StateOnDevice
 from packager.sdk import (
     BadArgument,
     DeploymentConfig,
+    DeploymentFailed,
+    DeploymentTimeout,
     Devices,
     Environment,
     Hub,
@@ -25,13 +28,17 @@ from packager.sdk import (
     InferenceConfig,
     Model,
     Module,
+    ScoringRunFailed,
     Selector,
     Service,
     ServiceExists,
 )
 from tests.agent.conftest import Fleet, free_port
 from tests.conftest import EXAMPLE
+from tests.factory import Forge
 from tests.sdk.conftest import sdk_hub
+from tests.sdk.test_local_service import BROKEN_INIT
+from tests.waiting import wait_for
 
 
 class Requests(list[tuple[str, str]]):
@@ -97,6 +104,8 @@ def test_deploy_sends_only_what_the_hub_lacks_and_serves_on_the_device(
     )
     # Only score.py crossed the wire: the model (and its copy in the source folder) the hub held.
     assert sent.puts() == [f"/api/v1/blobs/{sha256_digest((folder / 'score.py').read_bytes())}"]
+    # The models' bytes are not downloaded: the manifest names the registry's digests.
+    assert not [path for method, path in sent if method == "GET" and path.startswith("/api/v1/blobs/")]
     assert ("POST", "/api/v1/modules") in sent and ("PUT", "/api/v1/deployments/digits-svc") in sent
     assert service.module_version == "1" and service.module == "digits-svc:1"
     assert service.settings.runtime == "process"  # no pinned image: Docker could not run it
@@ -114,6 +123,11 @@ def test_deploy_sends_only_what_the_hub_lacks_and_serves_on_the_device(
         service.run(f'{{"data": {data}}}', device="edge-1")["predictions"] == digits_samples["expected"][:5]
     )
     assert "model loaded from" in service.get_logs(device="edge-1", tail=50)
+    assert "model loaded from" in service.get_logs(num_lines=50)  # Azure's keyword, the first Healthy device
+    # Where to call it: the first Healthy device's endpoint, and its OpenAPI document beside it.
+    assert service.scoring_uri == f"http://127.0.0.1:{port}/score"
+    assert service.swagger_uri == f"http://127.0.0.1:{port}/swagger.json"
+    assert httpx.get(service.swagger_uri, timeout=10).json()["paths"]
     assert service.logs().device_id == "edge-1"
 
     # The same inputs again: the same module version, nothing uploaded, nothing registered.
@@ -147,6 +161,10 @@ def test_deploy_sends_only_what_the_hub_lacks_and_serves_on_the_device(
     assert [s.name for s in Service.list(hub)] == ["digits-svc"]
     change = service.delete()
     assert list(change.issued) == ["edge-1"]
+    # Its devices stop running it: the agent drops it and its port answers no more.
+    wait_for(lambda: agent.service("digits-svc") is None or None, what="digits-svc stopped", log=agent.log)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
     with pytest.raises(HubNotFound):
         Service(hub, "digits-svc")
 
@@ -208,7 +226,12 @@ def test_several_models_lie_where_azure_puts_them(hub_sdk: Hub, tmp_path: Path) 
 
 
 def test_a_wait_after_an_update_waits_for_that_update(
-    fleet: Fleet, sdk_home: Path, digits_model: Path, digits_samples: dict[str, list[object]], tmp_path: Path
+    fleet: Fleet,
+    sdk_home: Path,
+    digits_model: Path,
+    digits_samples: dict[str, list[object]],
+    tmp_path: Path,
+    forge: Forge,
 ) -> None:
     """A settings-only update keeps the module's digest: only the generation it issued tells
     the device's new state from the old one. And an entry script alone rebuilds with the
@@ -240,6 +263,9 @@ def test_a_wait_after_an_update_waits_for_that_update(
     assert json.loads(called.stdout)["predictions"] == digits_samples["expected"][:2]
     raised = edgepack_cli(fleet, "service", "run", "digits-svc", "--data", '{"data": [[1, 2]]}')
     assert raised.returncode == 5 and "run() raised" in raised.stderr, raised.stderr
+    with pytest.raises(ScoringRunFailed, match=r"run\(\) raised") as run_failed:
+        service.run({"data": [[1, 2]]})
+    assert run_failed.value.exit_code == 5
 
     with pytest.raises(BadArgument, match="inference_config"):
         service.update(models=[model])  # the entry script to build them with is not on the hub
@@ -256,3 +282,24 @@ def test_a_wait_after_an_update_waits_for_that_update(
     assert [f.digest for f in built.files if f.path == "model/digits.onnx"] == [model.files[0].digest]
     with pytest.raises(HubConflict, match="'digits-svc'"):
         model.delete()  # the rebuilt module still names the model it was built from
+
+    # A module whose init() raises: the device ends Failed, the wait says so with every
+    # device's state, and the failed instance's log stays on the device.
+    broken = tmp_path / "broken-1.edgepack"
+    broken.write_bytes(
+        forge.bundle(name="broken", files={"src/score.py": BROKEN_INIT, "model/m.json": b"{}"})
+    )
+    Module.push(hub, broken)
+    failing = hub.deploy(
+        "broken", "broken:1", DeploymentConfig(port=free_port(), runtime="process"), Devices("edge-1")
+    )
+    with pytest.raises(DeploymentFailed, match="no weights here") as failed:
+        failing.wait_for_deployment(timeout=120)
+    assert failed.value.exit_code == 5 and not isinstance(failed.value, DeploymentTimeout)
+    assert [(d.device_id, d.state) for d in failed.value.devices] == [("edge-1", StateOnDevice.FAILED)]
+    assert failing.state == ServiceState.FAILED
+    with pytest.raises(HubNotFound, match="version 1 failed there and left a log"):
+        failing.logs("edge-1")  # nothing serves: no instance's log but the failed one's
+    kept = failing.logs("edge-1", failed=True)
+    assert (kept.device_id, kept.failed, kept.version, kept.failed_version) == ("edge-1", True, "1", "1")
+    assert any("no weights here" in line for line in kept.lines)

@@ -67,3 +67,39 @@ def test_every_call_in_the_guide_exists_with_its_keywords() -> None:
                 assert takes_any or keyword in params, f"{span}: {root}{chain} takes no {keyword}="
             checked += 1
     assert checked > 30
+
+
+def errors_table() -> list[tuple[list[str], str | None, int]]:
+    """The guide's error table: (classes, the parent named in parentheses, CLI exit code)."""
+    text = GUIDE.read_text()
+    table = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    rows: list[tuple[list[str], str | None, int]] = []
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        if len(cells) != 3 or not cells[2].isdigit():
+            continue
+        names, _, parent = cells[0].partition("(")
+        parents = re.findall(r"`(\w+)`", parent)
+        rows.append((re.findall(r"`(\w+)`", names), parents[0] if parents else None, int(cells[2])))
+    return rows
+
+
+def test_every_error_the_guide_names_is_importable_with_its_parent_and_exit_code() -> None:
+    rows = errors_table()
+    assert len(rows) >= 14, rows  # the table was read
+    for names, parent, exit_code in rows:
+        for name in names:
+            assert name in edgepack.__all__, f"the guide's {name} is not importable from edgepack"
+            cls = getattr(edgepack, name)
+            assert issubclass(cls, edgepack.EdgepackError), name
+            assert cls.exit_code == exit_code, f"{name} exits {cls.exit_code}, the guide says {exit_code}"
+            if parent is not None:
+                assert issubclass(cls, getattr(edgepack, parent)), f"{name} is not a {parent}"
+
+
+def test_what_the_guide_leaves_out_is_not_there() -> None:
+    # A script that calls them fails at the call, instead of doing something else.
+    assert not hasattr(edgepack.Model, "profile") and not hasattr(edgepack.Model, "package")
+    assert not hasattr(edgepack.Service, "get_token")
+    for name in ("Run", "Experiment", "Dataset"):
+        assert name not in edgepack.__all__

@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from packager.sdk import DeploymentConfig, Devices, InferenceConfig, Model, Module
+import pytest
+
+from packager.sdk import BadArgument, DeploymentConfig, Devices, InferenceConfig, Model, Module
 from tests.agent.conftest import Fleet, free_port, score
 from tests.conftest import EXAMPLE
 from tests.sdk.conftest import sdk_hub
@@ -101,6 +103,13 @@ def test_a_local_model_deploys_without_registering_and_a_build_keeps_the_source_
             ),
         )
         assert service.module_version == "2"
+        # The entry script alone looks for the registered models it was built from: none.
+        with pytest.raises(BadArgument, match="names no registered model"):
+            service.update(
+                inference_config=InferenceConfig(
+                    entry_script=str(project / "score.py"), source_directory=str(project)
+                )
+            )
         service.wait_for_deployment(timeout=120)
         assert [d.serving_version for d in service.devices] == ["2"]
         assert score(sdk_port, data)["predictions"] == expected  # type: ignore[arg-type]
