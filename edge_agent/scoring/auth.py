@@ -90,8 +90,19 @@ class EndpointKeys:
         if scheme.lower() != b"bearer" or not key.strip():
             return False
         presented = hashlib.sha256(key.strip()).hexdigest().encode()
+        if self._matches(presented, self.accepted(now)):
+            return True
+        # A key just made (regen_key returns once the device applied it) is honoured at once:
+        # a refusal looks at the file again (one stat) before it stands. A replaced key stops
+        # working within RELOAD_INTERVAL_S.
+        self._checked = now
+        self._reload()
+        return self._matches(presented, self._hashes)
+
+    @staticmethod
+    def _matches(presented: bytes, hashes: Sequence[str]) -> bool:
         ok = False
-        for accepted in self.accepted(now):
+        for accepted in hashes:
             # Every accepted hash is compared, so the time taken says nothing about which.
             ok |= hmac.compare_digest(presented, accepted.encode())
         return ok

@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from manifests.desired import DeploymentSettings
@@ -342,16 +342,43 @@ class Service:
         keys = self.keys()
         return keys.primary, keys.secondary
 
-    def regen_key(self, key: str) -> KeysRegenerated:
+    def regen_key(self, key: str, *, timeout: float = 60.0) -> KeysRegenerated:
         """Replace the ``"primary"`` or ``"secondary"`` key (Azure ML's ``regen_key``); the other
-        keeps working, and devices switch to the new one without restarting the service."""
+        keeps working, and devices switch to the new one without restarting the service.
+
+        Returns once every online device the change went to has applied it (so the new key
+        works and the old one is refused there, and ``run()`` finds the device Healthy);
+        an offline device switches when it reconnects and is not waited for. Raises
+        :class:`DeploymentTimeout` when an online device has not applied it in ``timeout``
+        seconds (the keys are replaced all the same)."""
         which = key.lower() if isinstance(key, str) else key
         if which not in ("primary", "secondary"):
             raise BadArgument(f"regen_key: key {key!r}: give 'primary' or 'secondary'")
-        answer = self.workspace.transport.send(
-            "POST", f"/api/v1/deployments/{self.name}/keys/regenerate", {"key": which}
+        answer = KeysRegenerated.of(
+            self.workspace.transport.send(
+                "POST", f"/api/v1/deployments/{self.name}/keys/regenerate", {"key": which}
+            )
         )
-        return KeysRegenerated.of(answer)
+        self._wait_applied(answer.issued, timeout, what=f"the new {which} key")
+        return answer
+
+    def _wait_applied(self, issued: Mapping[str, int], timeout: float, *, what: str) -> None:
+        """Wait until every online device of ``issued`` reports the generation issued to it."""
+        start = time.monotonic()
+        while True:
+            self.refresh()
+            pending = [
+                d
+                for d in self.record.devices
+                if d.device_id in issued and d.online and (d.generation or 0) < issued[d.device_id]
+            ]
+            if not pending:
+                return
+            if time.monotonic() - start >= timeout:
+                names = ", ".join(d.device_id for d in pending)
+                message = f"service {self.name}: {names} did not apply {what} within {timeout:g} s"
+                raise DeploymentTimeout(message, self.record.devices)
+            time.sleep(0.2)
 
     def update(
         self,

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from edge_agent.scoring.auth import RELOAD_INTERVAL_S
 from manifests.errors import FetchError
 from packager.sdk import DeploymentConfig, Module, Selector
 from tests.agent.conftest import Fleet, free_port
@@ -22,7 +23,7 @@ SCRIPT = b"def init():\n    pass\n\n\ndef run(raw_data):\n    return {'ok': True
 def test_run_sends_the_key_and_verifies_the_endpoint_ca(
     fleet: Fleet, forge: Forge, sdk_home: Path, tmp_path: Path
 ) -> None:
-    agent = fleet.device("dev-k", tags={"site": "lab"}).start()
+    fleet.device("dev-k", tags={"site": "lab"}).start()
     h = sdk_hub(fleet.hub)
     bundle = tmp_path / "keyed-1.edgepack"
     bundle.write_bytes(forge.bundle(name="keyed", files={"src/score.py": SCRIPT, "model/m.bin": b"x"}))
@@ -48,16 +49,17 @@ def test_run_sends_the_key_and_verifies_the_endpoint_ca(
     rotated = service.regen_key("Primary")
     assert rotated.keys.primary != primary and rotated.keys.secondary == secondary
     assert list(rotated.issued) == ["dev-k"]
-    # Until dev-k reports the new desired state the hub counts it Transitioning, so no device
-    # is Healthy for run()'s default choice: name the device, which serves all along.
-    deadline = time.monotonic() + 60
-    while True:  # the agent rewrites the server's keys file when the new desired state lands
+    # regen_key returns once dev-k applied the change: run() finds the device Healthy and the
+    # new primary works at once; the replaced one stops working within the server's reload
+    # interval.
+    assert service.run("{}") == {"ok": True}  # the new primary, fetched again
+    refused_by = time.monotonic() + RELOAD_INTERVAL_S + 0.5
+    while True:
         try:
-            service.run("{}", device="dev-k", key=primary)
+            service.run("{}", key=primary)
         except FetchError as exc:
             assert "401" in str(exc), exc
             break
-        assert time.monotonic() < deadline, agent.log()
-        time.sleep(0.2)
-    assert service.run("{}", device="dev-k") == {"ok": True}  # the new primary, fetched again
+        assert time.monotonic() < refused_by, "the replaced primary key still works"
+        time.sleep(0.1)
     assert service.run("{}", device="dev-k", key=secondary) == {"ok": True}  # the other kept working
