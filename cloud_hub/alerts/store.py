@@ -73,7 +73,7 @@ def active_alerts(session: Session, *, limit: int) -> list[tuple[AlertState, Ale
         .order_by(AlertState.fired_at.desc(), AlertState.rule, AlertState.subject)
         .limit(limit)
     )
-    return [(state, rule) for state, rule in rows.tuples()]
+    return [(state, rule) for state, rule in rows]
 
 
 @dataclass(frozen=True)
