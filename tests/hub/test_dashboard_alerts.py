@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Any
 
 from playwright.sync_api import Page, expect
 from sqlalchemy import update
 
 from cloud_hub.db.base import utcnow
 from cloud_hub.fleet.tables import Device
-from tests.hub.conftest import HubFactory
+from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import enroll
+from tests.waiting import wait_for
 
 
 def test_the_dashboard_lists_the_alerts_firing_now(hub: HubFactory, page: Page) -> None:
@@ -40,3 +42,27 @@ def test_the_dashboard_lists_the_alerts_firing_now(hub: HubFactory, page: Page) 
     expect(page.locator("#alerts tr")).to_have_count(1)
     expect(page.locator("#alert-total")).to_have_text("(1 firing)")
     expect(row.locator("a[href='#/devices/dev-1']")).to_be_visible()
+
+
+def test_a_restarted_hub_does_not_fire_a_firing_alert_again(hub: HubFactory) -> None:
+    h = hub(alert_interval_s=1)
+    with h.client() as http:
+        enroll(http, "dev-1")
+        r = http.post("/api/v1/alerts/rules", json={"name": "gone", "condition": "device offline > 15m"})
+        assert r.status_code == 201, r.text
+    with h.core.sessions.begin() as s:
+        s.execute(update(Device).where(Device.id == "dev-1").values(last_seen=utcnow() - timedelta(hours=1)))
+
+    def firing(running: RunningHub) -> list[dict[str, Any]]:
+        with running.client() as http:
+            alerts: list[dict[str, Any]] = http.get("/api/v1/alerts").json()["alerts"]
+        return alerts
+
+    before = wait_for(lambda: firing(h), timeout=30, what="the offline alert firing")
+    again = h.restart()
+    # Rounds of the new process have run once the alert's value moved on.
+    wait_for(lambda: firing(again)[0]["value"] != before[0]["value"] or None, timeout=30, what="a new round")
+    with again.client() as http:
+        events = http.get("/api/v1/dashboard/events").json()["events"]
+    assert [e["kind"] for e in events if e["kind"].startswith("alert.")] == ["alert.fired"]
+    assert firing(again)[0]["fired_at"] == before[0]["fired_at"]
