@@ -42,13 +42,23 @@ def run(raw_data):
 )
 
 
+METRICS_TOKEN = "prometheus-read-only-token"
+
+
 @pytest.fixture
 def alerting_fleet(
     hub: HubFactory, broker_factory: BrokerFactory, topic_prefix: str, publisher: Publisher, tmp_path: Path
 ) -> Iterator[Fleet]:
     # Rounds every second over a short window, so that the test waits seconds, not minutes.
     running = start_fleet(
-        hub, broker_factory, topic_prefix, publisher, tmp_path, alert_interval_s=1, alert_window_s=5
+        hub,
+        broker_factory,
+        topic_prefix,
+        publisher,
+        tmp_path,
+        alert_interval_s=1,
+        alert_window_s=5,
+        metrics_token=METRICS_TOKEN,
     )
     yield running
     stop_fleet(running)
@@ -179,6 +189,11 @@ def test_a_rule_the_hub_cannot_read_is_refused_in_one_line(alerting_fleet: Fleet
         assert ok.status_code == 201, ok.text
         again = http.post("/api/v1/alerts/rules", json={"name": "failed", "condition": "state == Failed"})
         assert again.status_code == 409 and "exists" in again.json()["error"]["message"]
+    listed = _cli(alerting_fleet, "list", "--json")
+    assert listed.returncode == 0 and '"condition": "state == Failed"' in listed.stdout, listed.stderr
+    assert _cli(alerting_fleet, "remove", "failed").returncode == 0
+    gone = _cli(alerting_fleet, "remove", "failed")
+    assert gone.returncode != 0 and "no alert rule named failed" in gone.stderr
 
 
 def _scrape(fleet: Fleet, token: str | None) -> httpx.Response:
@@ -194,8 +209,16 @@ def test_metrics_are_prometheus_text_with_the_fleet_counts_of_the_api(alerting_f
     with fleet.http() as http:
         summary = http.get("/api/v1/dashboard/summary").json()["devices"]
         http.get("/api/v1/devices/edge-1")
+    # What a client picks (method, path) never becomes a label of its own.
+    httpx.request("PROPFIND", f"{fleet.hub.url}/coffee/pot-1", timeout=30)
     assert _scrape(fleet, None).status_code == 401
     assert _scrape(fleet, "not-the-token-at-all").status_code == 401
+    # The read-only token reads the metrics and nothing else.
+    assert _scrape(fleet, METRICS_TOKEN).status_code == 200
+    denied = httpx.get(
+        f"{fleet.hub.url}/api/v1/devices", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+    )
+    assert denied.status_code == 401
     r = _scrape(fleet, fleet.hub.admin_token)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -215,3 +238,6 @@ def test_metrics_are_prometheus_text_with_the_fleet_counts_of_the_api(alerting_f
         dict(k[1]).get("route") for k in samples if k[0] == "edgepack_hub_http_request_duration_seconds_count"
     }
     assert "/api/v1/devices/{device_id}" in routes and "/api/v1/devices/edge-1" not in routes
+    assert "/coffee/pot-1" not in routes
+    labels = [dict(k[1]) for k in samples if k[0] == "edgepack_hub_http_request_duration_seconds_count"]
+    assert {"method": "other", "route": "unmatched", "status": "4xx"} in labels

@@ -8,6 +8,7 @@ import pytest
 
 from cloud_hub.alerts.evaluate import FIRED, RESOLVED, Reading, Rule, Track, evaluate
 from cloud_hub.alerts.rules import Condition, Metric, check_rule_name, check_severity, parse_condition
+from cloud_hub.settings import HubSettings
 from manifests.errors import ConfigError
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -147,3 +148,10 @@ def test_device_offline_and_state_rules_fire_per_subject() -> None:
     readings = [Reading("service:x", "Failed", service="x"), Reading("service:y", "Healthy", service="y")]
     _, moved = evaluate(failed, readings, {}, T0)
     assert [(t.kind, t.service) for t in moved] == [(FIRED, "x")]
+
+
+def test_a_short_metrics_token_is_refused() -> None:
+    # An empty one (an unset variable in a compose file) would open /metrics to anyone.
+    with pytest.raises(ValueError, match="at least 16"):
+        HubSettings(metrics_token="")
+    assert HubSettings(metrics_token="x" * 16).metrics_token is not None
