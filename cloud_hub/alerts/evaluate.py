@@ -91,7 +91,7 @@ def evaluate(
         value = show_value(condition.metric, reading.value)
         if not condition.breached(reading.value):
             if track is not None and track.firing:
-                transitions.append(_resolved(rule, track, f"now {value}"))
+                transitions.append(resolved(rule, track, f"now {value}"))
             continue
         if track is None:
             track = Track(reading.subject, now, service=reading.service, device_id=reading.device_id)
@@ -109,11 +109,11 @@ def evaluate(
         out[reading.subject] = track
     for subject, track in tracks.items():
         if subject not in seen and track.firing:
-            transitions.append(_resolved(rule, track, "no data any more"))
+            transitions.append(resolved(rule, track, "no data any more"))
     return out, transitions
 
 
-def _resolved(rule: Rule, track: Track, why: str) -> Transition:
+def resolved(rule: Rule, track: Track, why: str) -> Transition:
     since = f" (firing since {track.fired_at:%Y-%m-%d %H:%M:%S}Z)" if track.fired_at else ""
     message = f"alert {rule.name} resolved on {_about(track)}: {why}{since}"
     return Transition(RESOLVED, rule.name, track.subject, message, track.service, track.device_id)

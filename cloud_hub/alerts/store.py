@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from cloud_hub.alerts.evaluate import Rule, Track, Transition, evaluate
+from cloud_hub.alerts.evaluate import Rule, Track, Transition, evaluate, resolved
 from cloud_hub.alerts.readings import Readings
 from cloud_hub.alerts.rules import Condition, Metric, check_rule_name, check_severity, parse_condition
 from cloud_hub.alerts.tables import AlertRule, AlertState
@@ -53,12 +53,20 @@ def add_rule(
     return row
 
 
-def remove_rule(session: Session, name: str) -> None:
+def remove_rule(session: Session, name: str) -> list[Transition]:
+    """Remove a rule; each of its firing alerts resolves (an event), so that whoever opened an
+    incident from the fired event (a webhook subscriber) sees it closed."""
     row = session.get(AlertRule, name)
     if row is None:
         raise NotFound(f"no alert rule named {name[:80]}")
+    firing = session.scalars(select(AlertState).where(AlertState.rule == name, AlertState.firing.is_(True)))
+    rule = rule_of(row)
+    moved = [resolved(rule, _track(s), "the rule was removed") for s in firing]
+    for t in moved:
+        record_event(session, t.kind, t.message, device_id=t.device_id, service=t.service)
     session.execute(delete(AlertState).where(AlertState.rule == name))
     session.delete(row)
+    return moved
 
 
 def list_rules(session: Session) -> list[AlertRule]:

@@ -93,7 +93,7 @@ def add(core: Core, body: RuleIn) -> RuleOut:
 
 @admin.delete("/rules/{name}", status_code=204)
 def remove(core: Core, name: str) -> Response:
-    """Remove a rule; its firing alerts go with it (no resolved event: the rule is gone)."""
+    """Remove a rule; each of its firing alerts resolves (an ``alert.resolved`` event)."""
     with core.sessions.begin() as s:
         remove_rule(s, name)
     return Response(status_code=204)

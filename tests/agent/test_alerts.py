@@ -168,9 +168,12 @@ def test_a_device_offline_rule_fires_when_the_agent_stops(alerting_fleet: Fleet)
         alerts = wait_for(hub.alerts.active, timeout=60, what="the offline alert firing", log=agent.log)
         assert [(a.rule, a.device_id, a.severity) for a in alerts] == [("gone", "edge-1", "critical")]
         assert [e["device_id"] for e in _events(fleet, "alert.fired")] == ["edge-1"]
-        # A removed rule's alerts end with it.
+        # A removed rule's alerts end with it, resolved (a webhook subscriber closes its incident).
         hub.alerts.remove("gone")
         assert hub.alerts.active() == [] and hub.alerts.rules() == []
+        resolved = _events(fleet, "alert.resolved")
+        assert [e["device_id"] for e in resolved] == ["edge-1"]
+        assert resolved[0]["message"].startswith("alert gone resolved on device edge-1: the rule was removed")
 
 
 def test_a_rule_the_hub_cannot_read_is_refused_in_one_line(alerting_fleet: Fleet) -> None:
