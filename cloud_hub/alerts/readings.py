@@ -76,7 +76,7 @@ class Readings:
             payloads: Sequence[dict[str, Any]] = self._session.scalars(
                 select(TelemetrySample.payload)
                 .where(TelemetrySample.received_at >= since)
-                .order_by(TelemetrySample.id.desc())
+                .order_by(TelemetrySample.received_at.desc())
                 .limit(self._max_samples)
             ).all()
             samples = []

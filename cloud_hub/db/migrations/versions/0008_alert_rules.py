@@ -1,4 +1,5 @@
-"""Alert rules and their state per subject (cloud_hub.alerts).
+"""Alert rules and their state per subject (cloud_hub.alerts); telemetry samples indexed by
+the time they were received, as each alert round reads the newest window of them.
 
 Revision ID: 0008
 """
@@ -44,8 +45,10 @@ def upgrade() -> None:
         sa.Column("value", sa.String(length=40), nullable=True),
         sa.Column("message", sa.Text(), nullable=True),
     )
+    op.create_index("ix_telemetry_received_at", "telemetry_samples", ["received_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_telemetry_received_at", table_name="telemetry_samples")
     op.drop_table("alert_states")
     op.drop_table("alert_rules")
