@@ -142,7 +142,7 @@ def parse_condition(text: str) -> Condition:
 
 
 def check_rule_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ConfigError(
             f"alert rule name {name[:80]!r}: use 1-63 lower-case letters, digits, '.', '_' or '-'"
         )

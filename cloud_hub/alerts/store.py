@@ -32,7 +32,7 @@ def add_rule(
     check_rule_name(name)
     parsed = parse_condition(condition)
     level = check_severity(severity)
-    if service is not None and not _SERVICE.match(service):
+    if service is not None and not _SERVICE.fullmatch(service):
         raise ConfigError(f"alert rule {name}: service {service[:80]!r} is not a service name")
     if session.get(AlertRule, name) is not None:
         raise Conflict(f"alert rule {name} exists; remove it first to change it")

@@ -188,6 +188,9 @@ def test_a_rule_the_hub_cannot_read_is_refused_in_one_line(alerting_fleet: Fleet
     with alerting_fleet.http() as http:
         r = http.post("/api/v1/alerts/rules", json={"name": "Bad Name", "condition": "state == Failed"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "ConfigError"
+        body = {"name": "nl", "condition": "state == Failed", "service": "digits\n"}
+        r = http.post("/api/v1/alerts/rules", json=body)
+        assert r.status_code == 400 and "is not a service name" in r.json()["error"]["message"]
         ok = http.post("/api/v1/alerts/rules", json={"name": "failed", "condition": "state == Failed"})
         assert ok.status_code == 201, ok.text
         again = http.post("/api/v1/alerts/rules", json={"name": "failed", "condition": "state == Failed"})

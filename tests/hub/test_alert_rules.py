@@ -65,7 +65,7 @@ def test_the_normalised_text_parses_back_to_the_same_condition() -> None:
 def test_names_and_severities_are_checked() -> None:
     assert check_rule_name("digits-errors") == "digits-errors"
     assert check_severity("critical").value == "critical"
-    for bad in ("", "Digits", "a" * 64, "a b"):
+    for bad in ("", "Digits", "a" * 64, "a b", "digits\n"):
         with pytest.raises(ConfigError):
             check_rule_name(bad)
     with pytest.raises(ConfigError, match="use one of info, warning, critical"):
