@@ -11,6 +11,7 @@ the raw path, so an attacker's URLs cannot grow the label set.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -25,12 +26,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cloud_hub.alerts.tables import AlertRule, AlertState
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.fleet.publish import unpublished
-from cloud_hub.overview.queries import fleet_counts
+from cloud_hub.fleet.tables import Deployment
+from cloud_hub.overview.queries import fleet_counts, rollout
+from manifests.states import ServiceState
 
 if TYPE_CHECKING:
     from cloud_hub.ingest.worker import IngestWorker
     from cloud_hub.mqtt.link import MqttLink
 
+#: Services whose roll-up a scrape computes (one query each; a hub has tens, as the dashboard's
+#: summary assumes).
+MAX_SERVICES = 200
 #: Latency buckets of the hub's API, seconds (a dashboard poll is milliseconds, an upload minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 
@@ -50,6 +56,8 @@ class _FleetCollector(Collector):
         with self._sessions.snapshot() as s:
             counts = fleet_counts(s)
             backlog = len(unpublished(s))
+            deployments = s.scalars(select(Deployment).order_by(Deployment.name).limit(MAX_SERVICES)).all()
+            services = collections.Counter(rollout(s, d).state.value for d in deployments)
             firing = s.execute(
                 select(AlertRule.severity, func.count())
                 .join(AlertState, AlertState.rule == AlertRule.name)
@@ -62,6 +70,14 @@ class _FleetCollector(Collector):
         for state, n in sorted(counts.by_state.items()):
             devices.add_metric([state], n)
         yield devices
+        by_service_state = GaugeMetricFamily(
+            "edgepack_hub_services",
+            f"Services by roll-up state (the first {MAX_SERVICES} by name)",
+            labels=["state"],
+        )
+        for state in ServiceState:
+            by_service_state.add_metric([state.value], services.get(state.value, 0))
+        yield by_service_state
         yield GaugeMetricFamily(
             "edgepack_hub_devices_online", "Devices whose agent is connected", value=counts.online
         )

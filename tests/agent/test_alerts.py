@@ -211,7 +211,8 @@ def test_metrics_are_prometheus_text_with_the_fleet_counts_of_the_api(alerting_f
     fleet = alerting_fleet
     fleet.device("edge-1").start()
     fleet.device("edge-2")  # enrolled, never started: offline
-    wait_for(lambda: fleet.hub_device("edge-1")["online"] or None, timeout=60, what="edge-1 online")
+    fleet.deploy("demo", fleet.push("demo", "1"), port=free_port(), devices=["edge-1"])
+    fleet.wait_rollup("demo", "Healthy")
     with fleet.http() as http:
         summary = http.get("/api/v1/dashboard/summary").json()["devices"]
         http.get("/api/v1/devices/edge-1")
@@ -236,6 +237,8 @@ def test_metrics_are_prometheus_text_with_the_fleet_counts_of_the_api(alerting_f
     assert by_state == summary["by_state"]
     assert sum(by_state.values()) == summary["total"] == 2
     assert samples[("edgepack_hub_mqtt_connected", ())] == 1
+    services = {dict(k[1])["state"]: v for k, v in samples.items() if k[0] == "edgepack_hub_services"}
+    assert services == {"Failed": 0, "Unschedulable": 0, "Unhealthy": 0, "Transitioning": 0, "Healthy": 1}
     assert ("edgepack_hub_publish_backlog", ()) in samples
     assert ("edgepack_hub_ingest_lag_seconds", ()) in samples
     assert samples[("edgepack_hub_webhook_deliveries_total", (("outcome", "failed"),))] == 0
