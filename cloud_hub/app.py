@@ -11,10 +11,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from cloud_hub.api import dashboard, endpoint_certs, fleet, registry
+from cloud_hub.api import alerts, dashboard, endpoint_certs, fleet, registry
 from cloud_hub.api.body_limit import BodyLimit
 from cloud_hub.api.docs import install_docs
 from cloud_hub.api.errors import install_error_handlers
+from cloud_hub.metrics import RequestTimer
 from cloud_hub.settings import HubSettings
 from cloud_hub.wiring import HubProcess, open_hub
 
@@ -48,8 +49,11 @@ def create_app(settings: HubSettings | None = None, *, hub: HubProcess | None = 
     install_docs(app)
     app.add_middleware(BodyLimit, settings=served)
     install_error_handlers(app)
+    # Outermost, so that a request the body limit refuses is timed as well.
+    app.add_middleware(RequestTimer)
     app.include_router(registry.router)
     app.include_router(fleet.router)
     app.include_router(dashboard.router)
     app.include_router(endpoint_certs.router)
+    app.include_router(alerts.router)
     return app

@@ -96,6 +96,23 @@ class HubSettings(BaseSettings):
     login_max_delay_s: float = Field(default=300.0, gt=0, le=86400)
     login_forget_s: float = Field(default=900.0, gt=0, le=86400)
     login_throttle_clients: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Alert rules (cloud_hub.alerts, docs/monitoring.md): a round every alert_interval_s over
+    # the telemetry received in the last alert_window_s; every query of a round is bounded.
+    alert_interval_s: float = Field(default=5.0, gt=0, le=3600, description="seconds between alert rounds")
+    alert_window_s: float = Field(
+        default=30.0, ge=5, le=3600, description="telemetry window a service metric is computed over"
+    )
+    alert_max_rules: int = Field(default=200, ge=1, le=10_000, description="alert rules the hub holds")
+    alert_max_subjects: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="services or devices one rule looks at per round"
+    )
+    alert_max_samples: int = Field(
+        default=50_000, ge=100, le=10_000_000, description="telemetry samples one round reads"
+    )
+    # Prometheus /metrics (cloud_hub.metrics): a bearer token, the admin's or this read-only one;
+    # metrics_public serves it to anyone (only behind a network that keeps others out).
+    metrics_token: SecretStr | None = Field(default=None, description="read-only token for /metrics")
+    metrics_public: bool = Field(default=False, description="serve /metrics without a token")
     # MQTT: with no host, the hub runs without a broker (devices then poll over HTTP).
     mqtt_host: str | None = None
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
@@ -135,6 +152,14 @@ class HubSettings(BaseSettings):
             line_chars=self.log_line_max_chars,
             answer_bytes=self.log_answer_max_bytes,
         )
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token (an unset variable in a compose file) would open /metrics to anyone.
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("metrics_token: use at least 16 random characters")
+        return value
 
     @field_validator("login_max_delay_s")
     @classmethod

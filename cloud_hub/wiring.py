@@ -8,7 +8,9 @@ trust). :func:`wire_hub` builds what it *runs* around it, each part given only w
 - the desired-state publisher, used by
 - the effect executor (publishes, broker accounts), used by
 - fleet changes (decide in the database, then apply), and
-- fleet upkeep (renewals, republishing when the broker connection comes back).
+- fleet upkeep (renewals, republishing when the broker connection comes back),
+- the alert loop (rules evaluated into alert.fired / alert.resolved events), and
+- the Prometheus metrics of this process (read at scrape, filled by the API's middleware).
 
 No part holds the hub or reaches back into it; :class:`HubProcess` only owns their lifecycle.
 """
@@ -19,6 +21,9 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+from cloud_hub.alerts.evaluate import Transition
+from cloud_hub.alerts.loop import AlertLoop
+from cloud_hub.alerts.store import Window
 from cloud_hub.broker.mosquitto import MosquittoAccounts, hub_mqtt_password
 from cloud_hub.broker.rabbitmq import RabbitMqAccounts
 from cloud_hub.core import HubCore
@@ -29,6 +34,7 @@ from cloud_hub.fleet.maintenance import FleetMaintenance
 from cloud_hub.fleet.publish import DesiredPublisher
 from cloud_hub.ingest.worker import IngestWorker, ingest_policy
 from cloud_hub.login_throttle import LoginThrottle, ThrottlePolicy
+from cloud_hub.metrics import HubMetrics
 from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.settings import HubSettings
 from manifests.errors import ConfigError
@@ -48,6 +54,8 @@ class HubProcess:
     ingest: IngestWorker | None = None
     publisher: DesiredPublisher | None = None
     accounts: AccountSync | None = None
+    alerts: AlertLoop | None = None
+    metrics: HubMetrics = field(default_factory=HubMetrics)
     #: wrong dashboard sign-ins per client address (this process's own; see login_throttle)
     login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(ThrottlePolicy()))
     _started: bool = False
@@ -63,6 +71,8 @@ class HubProcess:
             return
         self._started = True
         self.upkeep.start()
+        if self.alerts is not None:
+            self.alerts.start()
         if self.link is not None:
             self.executor.sync_accounts()
             if self.ingest is not None:
@@ -74,6 +84,8 @@ class HubProcess:
         if self._started:
             self._started = False
             self.upkeep.stop()
+            if self.alerts is not None:
+                self.alerts.stop()
             if self.link is not None:
                 with contextlib.suppress(Exception):
                     self.link.stop()
@@ -97,6 +109,19 @@ def wire_hub(core: HubCore) -> HubProcess:
     )
     if link is not None:
         link.on_connected = upkeep.request_republish
+    metrics = HubMetrics()
+    metrics.watch_fleet(core.sessions, ingest=lambda: ingest, link=lambda: link)
+
+    def count_transitions(moved: list[Transition]) -> None:
+        for t in moved:
+            metrics.alert_transitions.labels(t.kind).inc()
+
+    alerts = AlertLoop(
+        core.sessions,
+        Window(settings.alert_window_s, settings.alert_max_samples, settings.alert_max_subjects),
+        interval_s=settings.alert_interval_s,
+        on_round=count_transitions,
+    )
     return HubProcess(
         core=core,
         fleet=fleet,
@@ -106,6 +131,8 @@ def wire_hub(core: HubCore) -> HubProcess:
         ingest=ingest,
         publisher=publisher,
         accounts=accounts,
+        alerts=alerts,
+        metrics=metrics,
         login_throttle=LoginThrottle(
             ThrottlePolicy(
                 free_failures=settings.login_free_failures,

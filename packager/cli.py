@@ -5,6 +5,7 @@ from __future__ import annotations
 from packager.app import app, main
 from packager.commands import (  # noqa: F401  (registers commands)
     agent_cmds,
+    alert_cmds,
     balancer_cmds,
     broker_cmds,
     fleet_cmds,

@@ -310,6 +310,19 @@ function renderModules(modules) {
   "No modules pushed.");
 }
 
+// The alerts firing now (GET /api/v1/alerts, newest first); a device's or service's name links
+// to its page.
+function renderAlerts(data) {
+  const alerts = data.alerts;
+  $("alert-total").textContent = alerts.length ? `(${alerts.length} firing)` : "";
+  fill($("alerts"), alerts.map((a) => el("tr", { "data-severity": a.severity, title: a.message || "" },
+    el("td", {}, when(a.fired_at)),
+    el("td", {}, a.rule),
+    el("td", {}, badge(a.severity)),
+    el("td", {}, a.device_id ? ["device ", deviceLink(a.device_id)] : ["service ", serviceLink(a.service)]),
+    el("td", {}, a.value || ""))), "No alert is firing.");
+}
+
 function eventItem(e) {
   return el("li", { "data-kind": e.kind },
     el("span", { class: "muted" }, new Date(e.at).toLocaleTimeString(), " "),
@@ -613,6 +626,7 @@ function feeds(r) {
   }
   return [
     ...always,
+    ["alerts", () => "/api/v1/alerts?limit=100", renderAlerts],
     ["devices", devicesPath, renderDevices],
     ["models", () => "/api/v1/models", renderModels],
     ["modules", () => "/api/v1/modules", renderModules],

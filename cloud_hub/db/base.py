@@ -62,6 +62,7 @@ def make_engine(url: str) -> Engine:
 
 def import_tables() -> None:
     """Import each area's table module so that every table is registered with ``Base``."""
+    import cloud_hub.alerts.tables
     import cloud_hub.api.sessions
     import cloud_hub.events
     import cloud_hub.fleet.tables

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -49,8 +49,11 @@ def _bucket(ts: datetime, bucket_s: int) -> datetime:
     return datetime.fromtimestamp(seconds - seconds % bucket_s, tz=UTC)
 
 
+Bucketing = Callable[[datetime], datetime]
+
+
 def _counter_deltas(
-    samples: Iterable[Telemetry], bucket_s: int
+    samples: Iterable[Telemetry], bucket: Bucketing
 ) -> dict[tuple[str, datetime], tuple[int, int]]:
     """``{(service, bucket): (requests, errors)}`` counted between each device's consecutive
     samples, charged to the bucket of the later one."""
@@ -67,7 +70,7 @@ def _counter_deltas(
         for (_, req0, err0), (ts, req1, err1) in pairwise(readings):
             if req1 < req0 or err1 < err0:
                 continue  # counters restarted with the module: this interval is unknown
-            key = (service, _bucket(ts, bucket_s))
+            key = (service, bucket(ts))
             requests, errors = out[key]
             out[key] = (requests + req1 - req0, errors + min(err1 - err0, req1 - req0))
     return out
@@ -79,19 +82,32 @@ def _median(values: list[float] | None) -> float | None:
 
 def service_series(samples: Iterable[Telemetry], *, bucket_s: int = 10) -> dict[str, list[Point]]:
     """``{service: [Point, ...]}`` in time order, one point per bucket with data."""
+    return _series(samples, lambda ts: _bucket(ts, bucket_s))
+
+
+_WHOLE = datetime.fromtimestamp(0, tz=UTC)
+
+
+def service_summary(samples: Iterable[Telemetry]) -> dict[str, Point]:
+    """``{service: Point}`` over all ``samples`` as one bucket (the alert rules' window), by
+    the same rules as the charts; the point's ``t`` carries no meaning."""
+    return {service: points[0] for service, points in _series(samples, lambda _ts: _WHOLE).items()}
+
+
+def _series(samples: Iterable[Telemetry], bucket: Bucketing) -> dict[str, list[Point]]:
     samples = list(samples)
     rates: dict[tuple[str, datetime], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     p50s: dict[tuple[str, datetime], list[float]] = defaultdict(list)
     p95s: dict[tuple[str, datetime], list[float]] = defaultdict(list)
     for sample in samples:
-        at = _bucket(sample.ts, bucket_s)
+        at = bucket(sample.ts)
         for m in sample.modules:
             rates[(m.service, at)][sample.device_id].append(_bounded(m.requests_per_s, MAX_REQUESTS_PER_S))
             if m.p50_ms is not None:
                 p50s[(m.service, at)].append(_bounded(m.p50_ms, MAX_LATENCY_MS))
             if m.p95_ms is not None:
                 p95s[(m.service, at)].append(_bounded(m.p95_ms, MAX_LATENCY_MS))
-    deltas = _counter_deltas(samples, bucket_s)
+    deltas = _counter_deltas(samples, bucket)
     out: dict[str, list[Point]] = defaultdict(list)
     for service, at in sorted(rates, key=lambda k: (k[0], k[1])):
         per_device = rates[(service, at)]

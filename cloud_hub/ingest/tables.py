@@ -49,7 +49,11 @@ class TelemetrySample(Base):
     """One metrics sample; only the newest ``settings.telemetry_keep`` per device are kept."""
 
     __tablename__ = "telemetry_samples"
-    __table_args__ = (Index("ix_telemetry_device_id_id", "device_id", "id"),)
+    # received_at: the alert rounds (every few seconds) and the charts read the newest window.
+    __table_args__ = (
+        Index("ix_telemetry_device_id_id", "device_id", "id"),
+        Index("ix_telemetry_received_at", "received_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64))

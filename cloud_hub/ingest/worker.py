@@ -211,6 +211,12 @@ class IngestWorker:
         with self._cond:
             return len(self._states) + len(self._deferred) + len(self._telemetry) + (1 if self._busy else 0)
 
+    def oldest_pending_at(self) -> datetime | None:
+        """When the oldest message still waiting to be applied was received (the ingest lag)."""
+        with self._cond:
+            waiting = [*self._states.values(), *(raw for _, raw in self._deferred.values()), *self._telemetry]
+            return min((raw.received_at for raw in waiting), default=None)
+
     def drain(self, timeout: float) -> bool:
         """Wait until everything submitted so far has been applied (True) or ``timeout``."""
         deadline = time.monotonic() + timeout

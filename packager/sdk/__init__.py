@@ -27,6 +27,7 @@ from manifests.errors import (
     TrustError,
 )
 from manifests.states import ServiceState, StateOnDevice
+from packager.sdk.alerts import Alert, AlertRule, Alerts
 from packager.sdk.answers import (
     Deleted,
     DeviceDetail,
@@ -78,6 +79,9 @@ from packager.sdk.webservice import AciWebservice, AksWebservice, LocalWebservic
 __all__ = [
     "AciWebservice",
     "AksWebservice",
+    "Alert",
+    "AlertRule",
+    "Alerts",
     "BadArgument",
     "BuiltModule",
     "CondaDependencies",

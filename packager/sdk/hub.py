@@ -20,6 +20,7 @@ from packager.sdk.targets import Target, check_target
 from packager.sdk.transport import Transport
 
 if TYPE_CHECKING:
+    from packager.sdk.alerts import Alerts
     from packager.sdk.configs import DeploymentConfig
     from packager.sdk.module import Module
     from packager.sdk.service import Service
@@ -95,6 +96,13 @@ class Hub:
         if self._transport is None:
             self._transport = Transport(self.config, timeout=self.timeout)
         return self._transport
+
+    @property
+    def alerts(self) -> Alerts:
+        """The hub's alert rules and the alerts firing now."""
+        from packager.sdk.alerts import Alerts
+
+        return Alerts(self)
 
     def close(self) -> None:
         """Close the HTTP connections (the hub object can be used again afterwards)."""
