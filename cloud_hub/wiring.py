@@ -8,7 +8,8 @@ trust). :func:`wire_hub` builds what it *runs* around it, each part given only w
 - the desired-state publisher, used by
 - the effect executor (publishes, broker accounts), used by
 - fleet changes (decide in the database, then apply), and
-- fleet upkeep (renewals, republishing when the broker connection comes back).
+- fleet upkeep (renewals, republishing when the broker connection comes back), and
+- the webhook dispatcher (the outbox's deliveries → subscribers' URLs).
 
 No part holds the hub or reaches back into it; :class:`HubProcess` only owns their lifecycle.
 """
@@ -31,6 +32,7 @@ from cloud_hub.ingest.worker import IngestWorker, ingest_policy
 from cloud_hub.login_throttle import LoginThrottle, ThrottlePolicy
 from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.settings import HubSettings
+from cloud_hub.webhooks.dispatcher import DispatchPolicy, WebhookDispatcher
 from manifests.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class HubProcess:
     ingest: IngestWorker | None = None
     publisher: DesiredPublisher | None = None
     accounts: AccountSync | None = None
+    webhooks: WebhookDispatcher | None = None
     #: wrong dashboard sign-ins per client address (this process's own; see login_throttle)
     login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(ThrottlePolicy()))
     _started: bool = False
@@ -63,6 +66,8 @@ class HubProcess:
             return
         self._started = True
         self.upkeep.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
         if self.link is not None:
             self.executor.sync_accounts()
             if self.ingest is not None:
@@ -74,6 +79,8 @@ class HubProcess:
         if self._started:
             self._started = False
             self.upkeep.stop()
+            if self.webhooks is not None:
+                self.webhooks.stop()
             if self.link is not None:
                 with contextlib.suppress(Exception):
                     self.link.stop()
@@ -106,6 +113,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         ingest=ingest,
         publisher=publisher,
         accounts=accounts,
+        webhooks=WebhookDispatcher(core.sessions, DispatchPolicy.from_settings(settings)),
         login_throttle=LoginThrottle(
             ThrottlePolicy(
                 free_failures=settings.login_free_failures,
