@@ -10,7 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import Publisher
 from tests.hub.conftest import HubFactory, RunningHub
+from tests.hub.fleet_support import deploy, push
+from tests.hub.fleet_support import enroll as fleet_enroll
+from tests.hub.test_registry_models import register
 from tests.hub.webhook_receiver import Receiver, start_receiver
 
 #: Quick retries and polling, so that a test's receiver outage lasts seconds.
@@ -150,7 +154,9 @@ def test_a_redirect_is_not_followed_and_the_delivery_ends_as_a_dead_letter_that_
         assert c.get(f"/api/v1/webhooks/{sub['id']}/dead").json() == []
 
 
-def test_pending_deliveries_go_out_after_a_hub_restart_and_none_twice(hub: HubFactory, receiver: Receiver) -> None:
+def test_pending_deliveries_go_out_after_a_hub_restart_and_none_twice(
+    hub: HubFactory, receiver: Receiver
+) -> None:
     h = hub(**FAST)
     receiver.secret = subscribe(h, receiver.url)["secret"]
     receiver.mode = "fail"
@@ -176,7 +182,9 @@ def test_pending_deliveries_go_out_after_a_hub_restart_and_none_twice(hub: HubFa
         ({"url": "http://example.com/x", "filters": {"site": "berlin"}}, "unknown webhook filter"),
     ],
 )
-def test_a_bad_subscription_is_refused_with_a_json_error(hub: HubFactory, body: dict[str, Any], words: str) -> None:
+def test_a_bad_subscription_is_refused_with_a_json_error(
+    hub: HubFactory, body: dict[str, Any], words: str
+) -> None:
     h = hub()
     with h.client() as c:
         r = c.post("/api/v1/webhooks", json=body)
@@ -189,3 +197,26 @@ def test_webhooks_are_for_the_admin_only(hub: HubFactory) -> None:
     r = httpx.post(h.url + "/api/v1/webhooks", json={"url": "http://example.com/x"})
     assert r.status_code == 401
     assert r.json()["error"]["type"] == "Unauthorized"
+
+
+def test_the_registry_and_deployment_lifecycle_arrives_as_cloudevents(
+    hub: HubFactory, receiver: Receiver, publisher: Publisher
+) -> None:
+    h = hub(**FAST)
+    receiver.secret = subscribe(h, receiver.url)["secret"]
+    with h.client() as http:
+        assert register(http, "digits-model", {"digits.onnx": b"v1"}).status_code == 201
+        v1 = push(h, publisher, "digits", "1", factor=2)
+        v2 = push(h, publisher, "digits", "2", factor=3)
+        fleet_enroll(http, "edge-1", site="berlin")
+        assert deploy(http, "svc", v1, selector="site=berlin").status_code in (200, 201)
+        assert deploy(http, "svc", v2, selector="site=berlin").status_code == 200
+        assert http.delete("/api/v1/deployments/svc").status_code == 200
+    events = receiver.wait_for(7)
+    assert [e["type"] for e in events if e["subject"] == "services/svc"] == [
+        "edgepack.deployment.created",
+        "edgepack.deployment.updated",
+        "edgepack.deployment.deleted",
+    ]
+    kinds = {e["type"] for e in events}
+    assert {"edgepack.model.registered", "edgepack.module.pushed", "edgepack.device.enrolled"} <= kinds
