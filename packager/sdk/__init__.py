@@ -28,6 +28,7 @@ from manifests.errors import (
 )
 from manifests.states import ServiceState, StateOnDevice
 from packager.sdk.answers import (
+    DeadLetter,
     Deleted,
     DeviceDetail,
     DeviceRecord,
@@ -45,6 +46,7 @@ from packager.sdk.answers import (
     ServiceLogs,
     ServiceRecord,
     SignerChange,
+    WebhookRecord,
 )
 from packager.sdk.configs import DeploymentConfig, InferenceConfig
 from packager.sdk.device import Device, save_credentials
@@ -72,6 +74,7 @@ from packager.sdk.module import BuiltModule, Module
 from packager.sdk.progress import ProgressCallback, ProgressEvent, RichBars
 from packager.sdk.service import Service
 from packager.sdk.targets import Devices, Selector
+from packager.sdk.webhook import Webhook
 from packager.sdk.webservice import AciWebservice, AksWebservice, LocalWebservice, Webservice
 
 __all__ = [
@@ -81,6 +84,7 @@ __all__ = [
     "BuiltModule",
     "CondaDependencies",
     "ConfigError",
+    "DeadLetter",
     "Deleted",
     "DeploymentConfig",
     "DeploymentFailed",
@@ -134,6 +138,8 @@ __all__ = [
     "SignerChange",
     "StateOnDevice",
     "TrustError",
+    "Webhook",
+    "WebhookRecord",
     "Webservice",
     "save_credentials",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from tests.conftest import Publisher
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import deploy, push
 from tests.hub.fleet_support import enroll as fleet_enroll
+from tests.hub.test_registry_cli import ok_json, run
 from tests.hub.test_registry_models import register
 from tests.hub.webhook_receiver import Receiver, start_receiver
 
@@ -220,3 +222,28 @@ def test_the_registry_and_deployment_lifecycle_arrives_as_cloudevents(
     ]
     kinds = {e["type"] for e in events}
     assert {"edgepack.model.registered", "edgepack.module.pushed", "edgepack.device.enrolled"} <= kinds
+
+
+def test_the_cli_adds_lists_and_removes_a_subscription(
+    hub: HubFactory, receiver: Receiver, tmp_path: Path
+) -> None:
+    h = hub(**FAST)
+    added = run(tmp_path, "hub", "webhook", "add", receiver.url, "--event", "device.enrolled",
+                "--event", "edgepack.device.revoked", "--filter", "device=edge-1", "--json", hub=h)
+    sub = ok_json(added)
+    assert sub["events"] == ["edgepack.device.enrolled", "edgepack.device.revoked"]
+    assert sub["filters"] == {"device": "edge-1"}
+    receiver.secret = sub["secret"]
+
+    enroll(h, "edge-1", "edge-2")
+    [event] = receiver.wait_for(1)
+    assert event["subject"] == "devices/edge-1"
+    listed = run(tmp_path, "hub", "webhook", "list", hub=h)
+    assert listed.returncode == 0 and sub["id"] in listed.stdout and "whsec_" not in listed.stdout
+    assert ok_json(run(tmp_path, "hub", "webhook", "dead", sub["id"], "--json", hub=h)) == []
+    assert run(tmp_path, "hub", "webhook", "remove", sub["id"], hub=h).returncode == 0
+    assert ok_json(run(tmp_path, "hub", "webhook", "list", "--json", hub=h)) == []
+
+    refused = run(tmp_path, "hub", "webhook", "add", "file:///etc/passwd", hub=h)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().count("\n") == 0 and "http:// or https://" in refused.stderr
