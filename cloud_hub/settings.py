@@ -133,7 +133,7 @@ class HubSettings(BaseSettings):
     # receivers, and how long an undeliverable event is retried before it is dead-lettered.
     webhook_concurrency: int = Field(default=64, ge=1, le=4096, description="requests in flight")
     webhook_concurrency_per_subscription: int = Field(
-        default=16, ge=1, le=4096,
+        default=8, ge=1, le=4096,
         description="requests in flight to one subscription (a hanging receiver holds no more)",
     )
     webhook_timeout_s: float = Field(default=10, gt=0, le=300, description="whole request, answer included")

@@ -1,7 +1,7 @@
 """One dispatcher per hub process: claims due deliveries and sends them, signed.
 
-It runs its own thread with an asyncio loop and one ``httpx.AsyncClient``. What a receiver
-can cost the hub is bounded: requests in flight (all, and per subscription, so a receiver
+It runs its own thread with an asyncio loop and an ``httpx.AsyncClient`` per subscription.
+What a receiver can cost the hub is bounded: requests in flight (all, and per subscription, so a receiver
 that hangs holds at most its own share), the whole request's time, no redirect followed (a
 3xx is a failed attempt), at most a few KiB of an answer read. The database work (claim,
 record) runs in worker threads, batched: one transaction per round, not per delivery.
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import math
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 MAX_ANSWER_BYTES = 4096
 #: How often delivered rows older than webhook_keep_delivered_s are deleted.
 CLEANUP_EVERY_S = 60.0
+#: Deliveries claimed ahead per request slot: a claim round (a database transaction) then
+#: serves several rounds of requests.
+QUEUE_DEPTH = 8
 #: After a wake-up with requests in flight, the dispatcher waits this long for more to finish.
 BATCH_S = 0.02
 
@@ -47,9 +52,10 @@ class DispatchPolicy:
 
     @property
     def lease_s(self) -> float:
-        # Past the request's own timeout, so a claimed delivery is not claimed again while
-        # it may still be in flight; a process that dies leaves it for this long.
-        return self.timeout_s + 30
+        # Past the longest a claimed delivery can wait for its turn (QUEUE_DEPTH rounds of its
+        # subscription's requests) and take, so it is not claimed again while it may still be
+        # in flight; a process that dies leaves it for this long.
+        return self.timeout_s * (QUEUE_DEPTH + 1) + 30
 
     @classmethod
     def from_settings(cls, s: HubSettings) -> DispatchPolicy:
@@ -98,6 +104,44 @@ async def send(client: httpx.AsyncClient, job: Job, *, timeout_s: float) -> str 
     return f"HTTP {status}"
 
 
+def skip_sniffio_lookups() -> None:
+    """httpcore asks ``import sniffio`` on every request; without the package installed each
+    failed import searches sys.path again (a fifth of the dispatcher's time at 1,000
+    requests/s). Recording the absence once makes the failure immediate."""
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
+class _Clients:
+    """One HTTP client (connection pool) per subscription, of per_subscription connections:
+    httpcore's pool does work per connection for every request, so small pools are cheaper
+    than one large one, and one receiver's connections never crowd another's."""
+
+    def __init__(self, policy: DispatchPolicy) -> None:
+        self._policy = policy
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def of(self, subscription_id: str) -> httpx.AsyncClient:
+        client = self._clients.get(subscription_id)
+        if client is None:
+            n = self._policy.per_subscription
+            client = httpx.AsyncClient(
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+                timeout=self._policy.timeout_s,
+            )
+            self._clients[subscription_id] = client
+        return client
+
+    async def __aenter__(self) -> _Clients:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        for client in self._clients.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
 class WebhookDispatcher:
     def __init__(self, sessions: Sessions, policy: DispatchPolicy) -> None:
         self._sessions = sessions
@@ -107,7 +151,10 @@ class WebhookDispatcher:
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._done: list[Outcome] = []
+        #: claimed and not yet recorded: waiting for a slot, or in flight
         self._in_flight: dict[int, tuple[str, asyncio.Task[None]]] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._sub_slots: dict[str, asyncio.Semaphore] = {}
         self._ready = threading.Event()
 
     def start(self) -> None:
@@ -134,11 +181,12 @@ class WebhookDispatcher:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._policy.concurrency)
         self._ready.set()
         p = self._policy
-        limits = httpx.Limits(max_connections=p.concurrency, max_keepalive_connections=p.concurrency)
+        skip_sniffio_lookups()
         last_cleanup = 0.0
-        async with httpx.AsyncClient(follow_redirects=False, limits=limits, timeout=p.timeout_s) as client:
+        async with _Clients(p) as client:
             while not self._stop.is_set():
                 self._wake.clear()
                 claimed = 0
@@ -177,12 +225,12 @@ class WebhookDispatcher:
             for w in waits:
                 w.cancel()
 
-    async def _round(self, client: httpx.AsyncClient) -> int:
+    async def _round(self, client: _Clients) -> int:
         """Record the finished attempts and claim as many due deliveries as there are free
         slots, in one transaction; start sending what was claimed."""
         p = self._policy
         done, self._done = self._done, []
-        free = p.concurrency - len(self._in_flight)
+        free = p.concurrency * QUEUE_DEPTH - len(self._in_flight)
         busy = Counter(sub for sub, _ in self._in_flight.values())
         try:
             jobs = await asyncio.to_thread(self._record_and_claim, done, free, dict(busy))
@@ -202,12 +250,18 @@ class WebhookDispatcher:
                 record(s, done, now=now, policy=p.retry)
             if free <= 0:
                 return []
-            return claim(s, now=now, limit=free, in_flight=busy, per_subscription=p.per_subscription,
-                         lease_s=p.lease_s)
+            return claim(s, now=now, limit=free, in_flight=busy,
+                         per_subscription=p.per_subscription * QUEUE_DEPTH, lease_s=p.lease_s)
 
-    async def _deliver(self, client: httpx.AsyncClient, job: Job) -> None:
+    async def _deliver(self, client: _Clients, job: Job) -> None:
+        p = self._policy
+        sub_slots = self._sub_slots.setdefault(job.subscription_id, asyncio.Semaphore(p.per_subscription))
+        assert self._slots is not None
         try:
-            error = await send(client, job, timeout_s=self._policy.timeout_s)
+            # The subscription's own slot first: a receiver that hangs holds at most
+            # per_subscription of the process's slots, never the others'.
+            async with sub_slots, self._slots:
+                error = await send(client.of(job.subscription_id), job, timeout_s=p.timeout_s)
         except Exception as exc:  # a bug must not kill the dispatcher; the delivery is retried
             log.exception("webhook delivery %d failed unexpectedly", job.id)
             error = f"hub error: {type(exc).__name__}"
