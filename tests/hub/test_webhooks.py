@@ -247,3 +247,16 @@ def test_the_cli_adds_lists_and_removes_a_subscription(
     refused = run(tmp_path, "hub", "webhook", "add", "file:///etc/passwd", hub=h)
     assert refused.returncode != 0
     assert refused.stderr.strip().count("\n") == 0 and "http:// or https://" in refused.stderr
+
+
+def test_two_replicas_on_one_postgresql_send_each_event_once(
+    hub: HubFactory, receiver: Receiver, postgres: str
+) -> None:
+    first = hub(postgres=postgres, **FAST)
+    second = hub(db=first.overrides["db"], **FAST)  # the same database: a scaled-out hub
+    receiver.secret = subscribe(first, receiver.url)["secret"]
+    enroll(second, *[f"edge-{i}" for i in range(300)])
+
+    receiver.wait_for(300)
+    time.sleep(1)  # a second copy of any would have come by now
+    assert len(receiver.ids()) == 300
