@@ -26,7 +26,7 @@ from standardwebhooks import Webhook
 
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.settings import HubSettings
-from cloud_hub.webhooks.queue import Job, Outcome, RetryPolicy, claim, forget_delivered, record
+from cloud_hub.webhooks.queue import Job, Outcome, RetryPolicy, claim, forget_delivered, record, release
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class WebhookDispatcher:
         #: claimed and not yet recorded: waiting for a slot, or in flight
         self._in_flight: dict[int, tuple[str, asyncio.Task[None]]] = {}
         self._slots: asyncio.Semaphore | None = None
+        self._sending: set[int] = set()
         self._sub_slots: dict[str, asyncio.Semaphore] = {}
         self._ready = threading.Event()
 
@@ -213,6 +214,13 @@ class WebhookDispatcher:
                 await asyncio.wait(tasks, timeout=min(p.timeout_s, 5))
                 for t in tasks:
                     t.cancel()
+            # Claimed but never sent: free them for the next process at once instead of at
+            # the end of their lease. (One that was being sent keeps its lease: the receiver
+            # may have it, and a restart must not send it twice.)
+            unsent = [job_id for job_id in self._in_flight if job_id not in self._sending]
+            if unsent:
+                with contextlib.suppress(OperationalError):
+                    await asyncio.to_thread(self._release, unsent)
             with contextlib.suppress(OperationalError):
                 await self._record_done()
 
@@ -261,12 +269,14 @@ class WebhookDispatcher:
             # The subscription's own slot first: a receiver that hangs holds at most
             # per_subscription of the process's slots, never the others'.
             async with sub_slots, self._slots:
+                self._sending.add(job.id)
                 error = await send(client.of(job.subscription_id), job, timeout_s=p.timeout_s)
         except Exception as exc:  # a bug must not kill the dispatcher; the delivery is retried
             log.exception("webhook delivery %d failed unexpectedly", job.id)
             error = f"hub error: {type(exc).__name__}"
         self._done.append(Outcome(job, error))
         self._in_flight.pop(job.id, None)
+        self._sending.discard(job.id)
         if self._wake is not None:
             self._wake.set()
 
@@ -283,6 +293,10 @@ class WebhookDispatcher:
     def _record(self, done: list[Outcome]) -> None:
         with self._sessions.begin() as s:
             record(s, done, now=utcnow(), policy=self._policy.retry)
+
+    def _release(self, ids: list[int]) -> None:
+        with self._sessions.begin() as s:
+            release(s, ids, now=utcnow())
 
     def _cleanup(self) -> None:
         with self._sessions.begin() as s:

@@ -140,6 +140,16 @@ def record(session: Session, outcomes: Sequence[Outcome], *, now: datetime, poli
         )
 
 
+def release(session: Session, ids: Sequence[int], *, now: datetime) -> None:
+    """End the lease of claimed deliveries that were never sent (a stopping dispatcher)."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(list(ids)), Delivery.state == PENDING)
+        .values(next_attempt_at=now),
+        execution_options={"synchronize_session": False},
+    )
+
+
 def forget_delivered(session: Session, *, before: datetime) -> int:
     result = session.execute(delete(Delivery).where(Delivery.state == DELIVERED, Delivery.done_at < before))
     return int(getattr(result, "rowcount", 0) or 0)

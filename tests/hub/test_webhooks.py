@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from cloud_hub.events import trim_events
 from tests.conftest import Publisher
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import deploy, push
@@ -260,3 +262,33 @@ def test_two_replicas_on_one_postgresql_send_each_event_once(
     receiver.wait_for(300)
     time.sleep(1)  # a second copy of any would have come by now
     assert len(receiver.ids()) == 300
+
+
+def test_trimming_the_event_log_loses_no_delivery(hub: HubFactory, receiver: Receiver) -> None:
+    h = hub(**FAST)
+    receiver.secret = subscribe(h, receiver.url)["secret"]
+    receiver.mode = "fail"
+    enroll(h, *[f"edge-{i}" for i in range(10)])
+    with h.core.sessions.begin() as s:
+        assert trim_events(s, keep=0, older_than=datetime.now(UTC)) >= 10
+    receiver.mode = "ok"
+    assert len(receiver.wait_for(10)) == 10
+
+
+def test_deliveries_claimed_but_not_sent_when_the_hub_stops_go_out_at_once_after_a_restart(
+    hub: HubFactory, receiver: Receiver
+) -> None:
+    # One request at a time: of the eight deliveries claimed ahead, one is being sent (to a
+    # receiver that hangs) and seven wait for the slot when the hub stops.
+    h = hub(**{**FAST, "webhook_concurrency_per_subscription": 1})
+    receiver.secret = subscribe(h, receiver.url)["secret"]
+    receiver.mode, receiver.hang_s = "hang", 3
+    enroll(h, *[f"edge-{i}" for i in range(20)])
+    deadline = time.monotonic() + 10
+    while receiver.attempts < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    h = h.restart()
+    receiver.mode = "ok"
+    # All but the one that was in flight (its lease runs out later: it may have arrived).
+    receiver.wait_for(19, timeout=15)
