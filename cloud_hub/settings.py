@@ -146,6 +146,25 @@ class HubSettings(BaseSettings):
     rabbitmq_api_password: SecretStr | None = None
     rabbitmq_vhost: str = "/"
 
+    # Webhooks (cloud_hub.webhooks, docs/webhooks.md): what one hub process spends on
+    # receivers, and how long an undeliverable event is retried before it is dead-lettered.
+    webhook_concurrency: int = Field(default=64, ge=1, le=4096, description="requests in flight")
+    webhook_concurrency_per_subscription: int = Field(
+        default=8, ge=1, le=4096,
+        description="requests in flight to one subscription (a hanging receiver holds no more)",
+    )
+    webhook_timeout_s: float = Field(default=10, gt=0, le=300, description="whole request, answer included")
+    webhook_retry_base_s: float = Field(default=1, gt=0, le=3600, description="first backoff's cap")
+    webhook_retry_max_s: float = Field(default=3600, gt=0, le=86400, description="largest backoff")
+    webhook_max_age_s: float = Field(
+        default=24 * 3600, gt=0, le=30 * 86400, description="retried this long, then dead-lettered"
+    )
+    webhook_poll_s: float = Field(default=0.5, gt=0, le=60, description="idle dispatcher's look for work")
+    webhook_keep_delivered_s: float = Field(
+        default=24 * 3600, gt=0, le=365 * 86400, description="delivered rows kept this long"
+    )
+    webhook_max_subscriptions: int = Field(default=100, ge=1, le=10_000)
+
     def log_limits(self) -> LogLimits:
         return LogLimits(
             payload_bytes=self.log_payload_max_bytes,

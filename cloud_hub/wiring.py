@@ -9,7 +9,8 @@ trust). :func:`wire_hub` builds what it *runs* around it, each part given only w
 - the effect executor (publishes, broker accounts), used by
 - fleet changes (decide in the database, then apply), and
 - fleet upkeep (renewals, republishing when the broker connection comes back),
-- the alert loop (rules evaluated into alert.fired / alert.resolved events), and
+- the alert loop (rules evaluated into alert.fired / alert.resolved events),
+- the webhook dispatcher (the outbox's deliveries → subscribers' URLs), and
 - the Prometheus metrics of this process (read at scrape, filled by the API's middleware).
 
 No part holds the hub or reaches back into it; :class:`HubProcess` only owns their lifecycle.
@@ -37,6 +38,7 @@ from cloud_hub.login_throttle import LoginThrottle, ThrottlePolicy
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.settings import HubSettings
+from cloud_hub.webhooks.dispatcher import DispatchPolicy, WebhookDispatcher
 from manifests.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class HubProcess:
     accounts: AccountSync | None = None
     alerts: AlertLoop | None = None
     metrics: HubMetrics = field(default_factory=HubMetrics)
+    webhooks: WebhookDispatcher | None = None
     #: wrong dashboard sign-ins per client address (this process's own; see login_throttle)
     login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(ThrottlePolicy()))
     _started: bool = False
@@ -73,6 +76,8 @@ class HubProcess:
         self.upkeep.start()
         if self.alerts is not None:
             self.alerts.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
         if self.link is not None:
             self.executor.sync_accounts()
             if self.ingest is not None:
@@ -86,6 +91,8 @@ class HubProcess:
             self.upkeep.stop()
             if self.alerts is not None:
                 self.alerts.stop()
+            if self.webhooks is not None:
+                self.webhooks.stop()
             if self.link is not None:
                 with contextlib.suppress(Exception):
                     self.link.stop()
@@ -133,6 +140,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         accounts=accounts,
         alerts=alerts,
         metrics=metrics,
+        webhooks=WebhookDispatcher(core.sessions, DispatchPolicy.from_settings(settings)),
         login_throttle=LoginThrottle(
             ThrottlePolicy(
                 free_failures=settings.login_free_failures,

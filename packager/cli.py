@@ -14,6 +14,7 @@ from packager.commands import (  # noqa: F401  (registers commands)
     module_cmds,
     registry_cmds,
     runtime_cmds,
+    webhook_cmds,
 )
 
 __all__ = ["app", "main"]

@@ -67,7 +67,9 @@ def import_tables() -> None:
     import cloud_hub.events
     import cloud_hub.fleet.tables
     import cloud_hub.ingest.tables
-    import cloud_hub.registry.tables  # noqa: F401
+    import cloud_hub.registry.tables
+    import cloud_hub.webhooks.outbox
+    import cloud_hub.webhooks.tables  # noqa: F401
 
 
 def utcnow() -> datetime:

@@ -147,7 +147,7 @@ def upsert_deployment(
     verb = "created" if created else "updated"
     record_event(
         session,
-        "deploy",
+        "deploy" if created else "redeploy",
         f"service {name} {verb}: {module.name}:{module.version} on port {settings.port} "
         f"to {target.describe()}",
         service=name,

@@ -29,6 +29,7 @@ from manifests.errors import (
 from manifests.states import ServiceState, StateOnDevice
 from packager.sdk.alerts import Alert, AlertRule, Alerts
 from packager.sdk.answers import (
+    DeadLetter,
     Deleted,
     DeviceDetail,
     DeviceRecord,
@@ -46,6 +47,7 @@ from packager.sdk.answers import (
     ServiceLogs,
     ServiceRecord,
     SignerChange,
+    WebhookRecord,
 )
 from packager.sdk.configs import DeploymentConfig, InferenceConfig
 from packager.sdk.device import Device, save_credentials
@@ -74,6 +76,7 @@ from packager.sdk.module import BuiltModule, Module
 from packager.sdk.progress import ProgressCallback, ProgressEvent, RichBars
 from packager.sdk.service import Service
 from packager.sdk.targets import Devices, Selector
+from packager.sdk.webhook import Webhook
 from packager.sdk.webservice import AciWebservice, AksWebservice, LocalWebservice, Webservice
 
 __all__ = [
@@ -86,6 +89,7 @@ __all__ = [
     "BuiltModule",
     "CondaDependencies",
     "ConfigError",
+    "DeadLetter",
     "Deleted",
     "DeploymentConfig",
     "DeploymentFailed",
@@ -140,6 +144,8 @@ __all__ = [
     "SignerChange",
     "StateOnDevice",
     "TrustError",
+    "Webhook",
+    "WebhookRecord",
     "Webservice",
     "save_credentials",
 ]

@@ -278,3 +278,27 @@ class ServiceLogs(_Answer):
     failed_version: str | None = Field(
         default=None, description="a failed version left a log on the device (get it with failed=True)"
     )
+
+
+class WebhookRecord(_Answer):
+    """A webhook subscription: its URL, the CloudEvents types it wants (none: all) and its
+    filters (``service``, ``device``). ``secret`` is set only in the answer to its creation."""
+
+    id: str
+    url: str
+    events: list[str]
+    filters: dict[str, str]
+    created_at: datetime
+    secret: str | None = None
+
+
+class DeadLetter(_Answer):
+    """A delivery the hub gave up on after retrying for its maximum age."""
+
+    id: int
+    event_id: int
+    message_id: str
+    subject: str
+    attempts: int
+    created_at: datetime
+    last_error: str | None

@@ -1,0 +1,294 @@
+"""Events to webhooks: an admin subscribes a URL; the hub sends each matching event as a signed
+CloudEvent, retries, dead-letters, and survives a restart (docs/webhooks.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cloud_hub.events import trim_events
+from tests.conftest import Publisher
+from tests.hub.conftest import HubFactory, RunningHub
+from tests.hub.fleet_support import deploy, push
+from tests.hub.fleet_support import enroll as fleet_enroll
+from tests.hub.test_registry_cli import ok_json, run
+from tests.hub.test_registry_models import register
+from tests.hub.webhook_receiver import Receiver, start_receiver
+
+#: Quick retries and polling, so that a test's receiver outage lasts seconds.
+FAST: dict[str, Any] = {
+    "webhook_poll_s": 0.05,
+    "webhook_retry_base_s": 0.1,
+    "webhook_retry_max_s": 0.5,
+    "webhook_timeout_s": 2,
+}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = start_receiver()
+    yield made
+    assert made.server is not None
+    made.server.shutdown()
+
+
+@pytest.fixture
+def second_receiver() -> Iterator[Receiver]:
+    made = start_receiver()
+    yield made
+    assert made.server is not None
+    made.server.shutdown()
+
+
+def subscribe(h: RunningHub, url: str, **body: Any) -> dict[str, Any]:
+    with h.client() as c:
+        r = c.post("/api/v1/webhooks", json={"url": url, **body})
+    assert r.status_code == 201, r.text
+    answer: dict[str, Any] = r.json()
+    return answer
+
+
+def enroll(h: RunningHub, *ids: str) -> None:
+    with h.client() as c:
+        r = c.post("/api/v1/devices/bulk", json={"devices": [{"id": i} for i in ids]})
+    assert r.status_code == 201, r.text
+
+
+def revoke(h: RunningHub, device_id: str) -> None:
+    with h.client() as c:
+        assert c.post(f"/api/v1/devices/{device_id}/revoke").status_code == 200
+
+
+def test_a_subscriber_gets_signed_cloudevents_of_the_types_and_device_it_asked_for(
+    hub: HubFactory, receiver: Receiver
+) -> None:
+    h = hub(**FAST)
+    sub = subscribe(h, receiver.url, events=["device.enrolled"], filters={"device": "edge-1"})
+    receiver.secret = sub["secret"]
+    assert sub["secret"].startswith("whsec_")
+
+    enroll(h, "edge-0", "edge-1", "edge-2")
+    revoke(h, "edge-1")
+    [event] = receiver.wait_for(1)
+    time.sleep(0.5)  # anything else would have come by now
+
+    assert len(receiver.received) == 1
+    assert event["specversion"] == "1.0"
+    assert event["type"] == "edgepack.device.enrolled"
+    assert event["subject"] == "devices/edge-1"
+    assert event["data"]["device"] == "edge-1"
+    headers = receiver.received[0].headers
+    assert headers["webhook-id"] == event["id"]
+    assert headers["content-type"].startswith("application/cloudevents+json")
+    with h.client() as c:
+        listed = c.get("/api/v1/webhooks").json()
+    assert [s["id"] for s in listed] == [sub["id"]]
+    assert "secret" not in listed[0]  # shown once, at creation
+
+
+def test_a_receiver_that_fails_then_recovers_gets_everything_in_order_per_subject(
+    hub: HubFactory, receiver: Receiver
+) -> None:
+    h = hub(**FAST)
+    receiver.secret = subscribe(h, receiver.url)["secret"]
+    receiver.mode = "fail"
+    devices = [f"edge-{i}" for i in range(5)]
+    enroll(h, *devices)
+    for d in devices:
+        revoke(h, d)
+    deadline = time.monotonic() + 10
+    while receiver.attempts < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert receiver.attempts >= 10  # retried while failing
+    receiver.mode = "ok"
+
+    events = receiver.wait_for(10)
+    for d in devices:
+        about = [e["type"] for e in events if e["subject"] == f"devices/{d}"]
+        assert about == ["edgepack.device.enrolled", "edgepack.device.revoked"]
+    assert len(receiver.ids()) == len(set(receiver.ids()))
+
+
+def test_a_receiver_that_hangs_does_not_hold_up_another_subscription(
+    hub: HubFactory, receiver: Receiver, second_receiver: Receiver
+) -> None:
+    h = hub(**{**FAST, "webhook_timeout_s": 20, "webhook_concurrency": 8,
+               "webhook_concurrency_per_subscription": 4})
+    receiver.mode = "hang"
+    subscribe(h, receiver.url)
+    second_receiver.secret = subscribe(h, second_receiver.url)["secret"]
+
+    started = time.monotonic()
+    enroll(h, *[f"edge-{i}" for i in range(40)])
+    second_receiver.wait_for(40, timeout=10)
+    assert time.monotonic() - started < 10  # not after the hanging receiver's 20 s timeout
+    assert receiver.attempts <= 4  # it holds no more than its own share of requests
+
+
+def test_a_redirect_is_not_followed_and_the_delivery_ends_as_a_dead_letter_that_can_be_replayed(
+    hub: HubFactory, receiver: Receiver, second_receiver: Receiver
+) -> None:
+    h = hub(**{**FAST, "webhook_max_age_s": 1})
+    receiver.mode = "redirect"
+    receiver.redirect_to = second_receiver.url
+    sub = subscribe(h, receiver.url)
+    receiver.secret = sub["secret"]
+    enroll(h, "edge-1")
+
+    deadline = time.monotonic() + 15
+    dead: list[dict[str, Any]] = []
+    with h.client() as c:
+        while not dead and time.monotonic() < deadline:
+            dead = c.get(f"/api/v1/webhooks/{sub['id']}/dead").json()
+            time.sleep(0.1)
+        assert len(dead) == 1
+        assert "redirect" in dead[0]["last_error"] and "not followed" in dead[0]["last_error"]
+        assert second_receiver.attempts == 0
+
+        receiver.mode = "ok"
+        assert c.post(f"/api/v1/webhooks/{sub['id']}/replay").json() == {"replayed": 1}
+        [event] = receiver.wait_for(1)
+        assert event["id"] == dead[0]["message_id"]
+        assert c.get(f"/api/v1/webhooks/{sub['id']}/dead").json() == []
+
+
+def test_pending_deliveries_go_out_after_a_hub_restart_and_none_twice(
+    hub: HubFactory, receiver: Receiver
+) -> None:
+    h = hub(**FAST)
+    receiver.secret = subscribe(h, receiver.url)["secret"]
+    receiver.mode = "fail"
+    enroll(h, *[f"edge-{i}" for i in range(20)])
+    deadline = time.monotonic() + 10
+    while receiver.attempts < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    h = h.restart()
+    receiver.mode = "ok"
+    receiver.wait_for(20)
+    time.sleep(1)  # a second copy of any would have come by now
+    assert len(receiver.ids()) == 20
+    assert sorted(e["subject"] for e in receiver.events()) == sorted(f"devices/edge-{i}" for i in range(20))
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"url": "ftp://example.com/x"}, "http:// or https://"),
+        ({"url": "http://example.com/" + "a" * 3000}, "at most"),
+        ({"url": "http://example.com/x", "events": ["model.exploded"]}, "unknown event type"),
+        ({"url": "http://example.com/x", "filters": {"site": "berlin"}}, "unknown webhook filter"),
+    ],
+)
+def test_a_bad_subscription_is_refused_with_a_json_error(
+    hub: HubFactory, body: dict[str, Any], words: str
+) -> None:
+    h = hub()
+    with h.client() as c:
+        r = c.post("/api/v1/webhooks", json=body)
+    assert r.status_code in (400, 422), r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_webhooks_are_for_the_admin_only(hub: HubFactory) -> None:
+    h = hub()
+    r = httpx.post(h.url + "/api/v1/webhooks", json={"url": "http://example.com/x"})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "Unauthorized"
+
+
+def test_the_registry_and_deployment_lifecycle_arrives_as_cloudevents(
+    hub: HubFactory, receiver: Receiver, publisher: Publisher
+) -> None:
+    h = hub(**FAST)
+    receiver.secret = subscribe(h, receiver.url)["secret"]
+    with h.client() as http:
+        assert register(http, "digits-model", {"digits.onnx": b"v1"}).status_code == 201
+        v1 = push(h, publisher, "digits", "1", factor=2)
+        v2 = push(h, publisher, "digits", "2", factor=3)
+        fleet_enroll(http, "edge-1", site="berlin")
+        assert deploy(http, "svc", v1, selector="site=berlin").status_code in (200, 201)
+        assert deploy(http, "svc", v2, selector="site=berlin").status_code == 200
+        assert http.delete("/api/v1/deployments/svc").status_code == 200
+    events = receiver.wait_for(7)
+    assert [e["type"] for e in events if e["subject"] == "services/svc"] == [
+        "edgepack.deployment.created",
+        "edgepack.deployment.updated",
+        "edgepack.deployment.deleted",
+    ]
+    kinds = {e["type"] for e in events}
+    assert {"edgepack.model.registered", "edgepack.module.pushed", "edgepack.device.enrolled"} <= kinds
+
+
+def test_the_cli_adds_lists_and_removes_a_subscription(
+    hub: HubFactory, receiver: Receiver, tmp_path: Path
+) -> None:
+    h = hub(**FAST)
+    added = run(tmp_path, "hub", "webhook", "add", receiver.url, "--event", "device.enrolled",
+                "--event", "edgepack.device.revoked", "--filter", "device=edge-1", "--json", hub=h)
+    sub = ok_json(added)
+    assert sub["events"] == ["edgepack.device.enrolled", "edgepack.device.revoked"]
+    assert sub["filters"] == {"device": "edge-1"}
+    receiver.secret = sub["secret"]
+
+    enroll(h, "edge-1", "edge-2")
+    [event] = receiver.wait_for(1)
+    assert event["subject"] == "devices/edge-1"
+    listed = run(tmp_path, "hub", "webhook", "list", hub=h)
+    assert listed.returncode == 0 and sub["id"] in listed.stdout and "whsec_" not in listed.stdout
+    assert ok_json(run(tmp_path, "hub", "webhook", "dead", sub["id"], "--json", hub=h)) == []
+    assert run(tmp_path, "hub", "webhook", "remove", sub["id"], hub=h).returncode == 0
+    assert ok_json(run(tmp_path, "hub", "webhook", "list", "--json", hub=h)) == []
+
+    refused = run(tmp_path, "hub", "webhook", "add", "file:///etc/passwd", hub=h)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().count("\n") == 0 and "http:// or https://" in refused.stderr
+
+
+def test_two_replicas_on_one_postgresql_send_each_event_once(
+    hub: HubFactory, receiver: Receiver, postgres: str
+) -> None:
+    first = hub(postgres=postgres, **FAST)
+    second = hub(db=first.overrides["db"], **FAST)  # the same database: a scaled-out hub
+    receiver.secret = subscribe(first, receiver.url)["secret"]
+    enroll(second, *[f"edge-{i}" for i in range(300)])
+
+    receiver.wait_for(300)
+    time.sleep(1)  # a second copy of any would have come by now
+    assert len(receiver.ids()) == 300
+
+
+def test_trimming_the_event_log_loses_no_delivery(hub: HubFactory, receiver: Receiver) -> None:
+    h = hub(**FAST)
+    receiver.secret = subscribe(h, receiver.url)["secret"]
+    receiver.mode = "fail"
+    enroll(h, *[f"edge-{i}" for i in range(10)])
+    with h.core.sessions.begin() as s:
+        assert trim_events(s, keep=0, older_than=datetime.now(UTC)) >= 10
+    receiver.mode = "ok"
+    assert len(receiver.wait_for(10)) == 10
+
+
+def test_deliveries_claimed_but_not_sent_when_the_hub_stops_go_out_at_once_after_a_restart(
+    hub: HubFactory, receiver: Receiver
+) -> None:
+    # One request at a time: of the eight deliveries claimed ahead, one is being sent (to a
+    # receiver that hangs) and seven wait for the slot when the hub stops.
+    h = hub(**{**FAST, "webhook_concurrency_per_subscription": 1})
+    receiver.secret = subscribe(h, receiver.url)["secret"]
+    receiver.mode, receiver.hang_s = "hang", 3
+    enroll(h, *[f"edge-{i}" for i in range(20)])
+    deadline = time.monotonic() + 10
+    while receiver.attempts < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    h = h.restart()
+    receiver.mode = "ok"
+    # All but the one that was in flight (its lease runs out later: it may have arrived).
+    receiver.wait_for(19, timeout=15)
