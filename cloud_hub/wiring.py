@@ -140,7 +140,11 @@ def wire_hub(core: HubCore) -> HubProcess:
         accounts=accounts,
         alerts=alerts,
         metrics=metrics,
-        webhooks=WebhookDispatcher(core.sessions, DispatchPolicy.from_settings(settings)),
+        webhooks=WebhookDispatcher(
+            core.sessions,
+            DispatchPolicy.from_settings(settings),
+            on_attempt=lambda delivered: metrics.webhook_delivery(delivered=delivered),
+        ),
         login_throttle=LoginThrottle(
             ThrottlePolicy(
                 free_failures=settings.login_free_failures,

@@ -17,6 +17,7 @@ import math
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -143,9 +144,15 @@ class _Clients:
 
 
 class WebhookDispatcher:
-    def __init__(self, sessions: Sessions, policy: DispatchPolicy) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        policy: DispatchPolicy,
+        on_attempt: Callable[[bool], None] = lambda delivered: None,
+    ) -> None:
         self._sessions = sessions
         self._policy = policy
+        self._on_attempt = on_attempt  # counts each attempt (delivered or not) for /metrics
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -275,6 +282,7 @@ class WebhookDispatcher:
             log.exception("webhook delivery %d failed unexpectedly", job.id)
             error = f"hub error: {type(exc).__name__}"
         self._done.append(Outcome(job, error))
+        self._on_attempt(error is None)
         self._in_flight.pop(job.id, None)
         self._sending.discard(job.id)
         if self._wake is not None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_hub.events import trim_events
 from tests.conftest import Publisher
@@ -113,6 +114,16 @@ def test_a_receiver_that_fails_then_recovers_gets_everything_in_order_per_subjec
         about = [e["type"] for e in events if e["subject"] == f"devices/{d}"]
         assert about == ["edgepack.device.enrolled", "edgepack.device.revoked"]
     assert len(receiver.ids()) == len(set(receiver.ids()))
+    # /metrics counts the attempts, failed and delivered, as a Grafana user reads them.
+    with h.client() as http:
+        text = http.get("/metrics").text
+    counted = {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "edgepack_hub_webhook_deliveries_total"
+    }
+    assert counted["failed"] >= 10 and counted["delivered"] >= 10, counted
 
 
 def test_a_receiver_that_hangs_does_not_hold_up_another_subscription(
