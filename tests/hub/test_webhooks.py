@@ -103,10 +103,7 @@ def test_a_receiver_that_fails_then_recovers_gets_everything_in_order_per_subjec
     enroll(h, *devices)
     for d in devices:
         revoke(h, d)
-    deadline = time.monotonic() + 10
-    while receiver.attempts < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert receiver.attempts >= 10  # retried while failing
+    assert receiver.wait_attempts(10) >= 10  # retried while failing
     receiver.mode = "ok"
 
     events = receiver.wait_for(10)
@@ -176,9 +173,7 @@ def test_pending_deliveries_go_out_after_a_hub_restart_and_none_twice(
     receiver.secret = subscribe(h, receiver.url)["secret"]
     receiver.mode = "fail"
     enroll(h, *[f"edge-{i}" for i in range(20)])
-    deadline = time.monotonic() + 10
-    while receiver.attempts < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    receiver.wait_attempts(5)
 
     h = h.restart()
     receiver.mode = "ok"
@@ -295,9 +290,7 @@ def test_deliveries_claimed_but_not_sent_when_the_hub_stops_go_out_at_once_after
     receiver.secret = subscribe(h, receiver.url)["secret"]
     receiver.mode, receiver.hang_s = "hang", 3
     enroll(h, *[f"edge-{i}" for i in range(20)])
-    deadline = time.monotonic() + 10
-    while receiver.attempts < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    receiver.wait_attempts(1)
 
     h = h.restart()
     receiver.mode = "ok"

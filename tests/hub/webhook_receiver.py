@@ -46,6 +46,13 @@ class Receiver:
         with self.lock:
             return [r.event for r in self.received]
 
+    def wait_attempts(self, count: int, timeout: float = 10.0) -> int:
+        """Wait until the hub tried at least ``count`` deliveries (answered or not); how many."""
+        deadline = time.monotonic() + timeout
+        while self.attempts < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.attempts
+
     def wait_for(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -45,3 +45,4 @@ def hub_sdk(hub: HubFactory, sdk_home: Path) -> Iterator[Hub]:  # noqa: F811
     """A fresh hub (no broker) and an SDK ``Hub`` on it."""
     with sdk_hub(hub()) as connected:
         yield connected
+

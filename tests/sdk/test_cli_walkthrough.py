@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from packager.sdk import DeploymentConfig, Devices, InferenceConfig, Model
 from tests.agent.conftest import Fleet, free_port
 from tests.conftest import EXAMPLE, REPO
-from tests.sdk.conftest import sdk_hub
+from tests.sdk.other_services import run_another_service
 
 WALKTHROUGH = REPO / "examples" / "azure_cli_walkthrough.sh"
 
@@ -45,21 +44,7 @@ def test_the_walkthrough_runs_every_step_on_a_device(
         shutil.copy(EXAMPLE / name, work / name)
     for name in ("digits.onnx", "test_samples.json"):
         shutil.copy(digits_model / name, work / "model" / name)
-    # A hub that runs other services: one deployed from a model with the very same bytes.
-    with sdk_hub(fleet.hub) as hub:
-        other = Model.register(hub, model_path=digits_model / "digits.onnx", model_name="digits-other")
-        (tmp_path / "other").mkdir()
-        shutil.copy(EXAMPLE / "score.py", tmp_path / "other" / "score.py")
-        config = InferenceConfig(entry_script=str(tmp_path / "other" / "score.py"))
-        running = Model.deploy(
-            hub,
-            "other-service",
-            [other],
-            config,
-            DeploymentConfig(port=free_port()),
-            target=Devices("edge-1"),
-        )
-        running.wait_for_deployment(timeout=120)
+    run_another_service(fleet, digits_model, tmp_path, "edge-1")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
     env.update(
         {
