@@ -26,12 +26,21 @@ pytestmark = pytest.mark.both_blob_stores
 EDGEPACK = str(Path(sys.executable).parent / "edgepack")
 
 
-def run(home: Path, *args: str, hub: RunningHub | None = None) -> subprocess.CompletedProcess[str]:
+def cli_env(home: Path, hub: RunningHub | None = None) -> dict[str, str]:
+    """The environment of a user's shell with ``home`` as ``EDGEPACK_HOME``, logged in to ``hub``
+    through its variables (none of this machine's own ``EDGEPACK_*``), wide and without colour."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
     env.update({"EDGEPACK_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"})
     if hub is not None:
         env.update({"EDGEPACK_HUB_URL": hub.url, "EDGEPACK_TOKEN": hub.admin_token})
-    return subprocess.run([EDGEPACK, *args], env=env, capture_output=True, text=True, timeout=120)
+    return env
+
+
+def run(
+    home: Path, *args: str, hub: RunningHub | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    env = cli_env(home, hub)
+    return subprocess.run([EDGEPACK, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def ok_json(result: subprocess.CompletedProcess[str]) -> Any:

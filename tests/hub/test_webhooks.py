@@ -31,20 +31,15 @@ FAST: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+def _running_receiver() -> Iterator[Receiver]:
     made = start_receiver()
     yield made
     assert made.server is not None
     made.server.shutdown()
 
 
-@pytest.fixture
-def second_receiver() -> Iterator[Receiver]:
-    made = start_receiver()
-    yield made
-    assert made.server is not None
-    made.server.shutdown()
+receiver = pytest.fixture(_running_receiver, name="receiver")
+second_receiver = pytest.fixture(_running_receiver, name="second_receiver")
 
 
 def subscribe(h: RunningHub, url: str, **body: Any) -> dict[str, Any]:

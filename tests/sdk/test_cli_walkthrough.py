@@ -5,7 +5,6 @@ against a real hub (with its Mosquitto) that already runs another service, and a
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from tests.agent.conftest import Fleet, free_port
 from tests.conftest import EXAMPLE, REPO
+from tests.hub.test_registry_cli import cli_env
 from tests.sdk.other_services import run_another_service
 
 WALKTHROUGH = REPO / "examples" / "azure_cli_walkthrough.sh"
@@ -45,17 +45,12 @@ def test_the_walkthrough_runs_every_step_on_a_device(
     for name in ("digits.onnx", "test_samples.json"):
         shutil.copy(digits_model / name, work / "model" / name)
     run_another_service(fleet, digits_model, tmp_path, "edge-1")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
+    env = cli_env(sdk_home, fleet.hub)
     env.update(
         {
             "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-            "EDGEPACK_HOME": str(sdk_home),
-            "EDGEPACK_HUB_URL": fleet.hub.url,
-            "EDGEPACK_TOKEN": fleet.hub.admin_token,
             "PORT": str(free_port()),
             "LOCAL_PORT": str(free_port()),
-            "COLUMNS": "200",
-            "NO_COLOR": "1",
         }
     )
 

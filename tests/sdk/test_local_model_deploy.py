@@ -6,10 +6,8 @@ Against a real hub, broker and agent."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,8 @@ import pytest
 from packager.sdk import BadArgument, DeploymentConfig, Devices, InferenceConfig, Model, Module
 from tests.agent.conftest import Fleet, free_port, score
 from tests.conftest import EXAMPLE
+from tests.hub.test_registry_cli import run
 from tests.sdk.conftest import sdk_hub
-
-EDGEPACK = str(Path(sys.executable).parent / "edgepack")
 
 #: examples/digits/score.py, but loading the model from its own folder, not AZUREML_MODEL_DIR
 BESIDE = 'os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.onnx")'
@@ -47,19 +44,9 @@ def test_a_local_model_deploys_without_registering_and_a_build_keeps_the_source_
 ) -> None:
     agent = fleet.device("edge-1").start()
     project = local_project(tmp_path, digits_model)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
-    env.update(
-        {
-            "EDGEPACK_HOME": str(sdk_home),
-            "EDGEPACK_HUB_URL": fleet.hub.url,
-            "EDGEPACK_TOKEN": fleet.hub.admin_token,
-            "COLUMNS": "200",
-            "NO_COLOR": "1",
-        }
-    )
 
     def edgepack(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([EDGEPACK, *args], env=env, capture_output=True, text=True, timeout=180)
+        return run(sdk_home, *args, hub=fleet.hub, timeout=180)
 
     data = digits_samples["data"][:3]
     expected = digits_samples["expected"][:3]

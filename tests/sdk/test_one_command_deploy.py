@@ -5,33 +5,20 @@ what the hub lacks and deploys it; run as a user runs it, against a real fleet."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.agent.conftest import Fleet, free_port, score
-
-EDGEPACK = str(Path(sys.executable).parent / "edgepack")
+from tests.hub.test_registry_cli import run
 
 
 def test_one_command_deploys_a_registered_model_with_its_entry_script(
     fleet: Fleet, sdk_home: Path, digits_source: Path, digits_samples: dict[str, list[object]], tmp_path: Path
 ) -> None:
     agent = fleet.device("edge-1", tags={"site": "berlin"}).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
-    env.update(
-        {
-            "EDGEPACK_HOME": str(sdk_home),
-            "EDGEPACK_HUB_URL": fleet.hub.url,
-            "EDGEPACK_TOKEN": fleet.hub.admin_token,
-            "COLUMNS": "200",
-            "NO_COLOR": "1",
-        }
-    )
 
     def edgepack(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([EDGEPACK, *args], env=env, capture_output=True, text=True, timeout=180)
+        return run(sdk_home, *args, hub=fleet.hub, timeout=180)
 
     registered = edgepack("model", "register", "-n", "digits", "-p", str(digits_source / "digits.onnx"))
     assert registered.returncode == 0, registered.stderr

@@ -5,7 +5,6 @@ own Python process reading the login from the environment."""
 from __future__ import annotations
 
 import ast
-import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from tests.agent.conftest import Fleet
 from tests.conftest import EXAMPLE, REPO
+from tests.hub.test_registry_cli import cli_env
 from tests.sdk.other_services import run_another_service
 
 EXAMPLE_PORT = 8890  # what the example deploys to, as the seed's LocalWebservice does
@@ -40,14 +40,7 @@ def test_the_example_runs_the_azure_workflow_on_a_device(
     for name in ("digits.onnx", "test_samples.json"):
         shutil.copy(digits_model / name, work / "model" / name)
     run_another_service(fleet, digits_model, tmp_path, "edge-1")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
-    env.update(
-        {
-            "EDGEPACK_HOME": str(sdk_home),
-            "EDGEPACK_HUB_URL": fleet.hub.url,
-            "EDGEPACK_TOKEN": fleet.hub.admin_token,
-        }
-    )
+    env = cli_env(sdk_home, fleet.hub)
 
     run = subprocess.run(
         [sys.executable, str(REPO / "examples" / "sdk_quickstart.py")],

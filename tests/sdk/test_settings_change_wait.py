@@ -8,18 +8,15 @@ Against a real hub, broker and agent."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from packager.sdk import DeploymentConfig, Devices, InferenceConfig, Model
 from tests.agent.conftest import Fleet, free_port, score
 from tests.conftest import EXAMPLE
+from tests.hub.test_registry_cli import run
 from tests.sdk.conftest import sdk_hub
-
-EDGEPACK = str(Path(sys.executable).parent / "edgepack")
 
 
 def test_service_wait_after_a_settings_only_change_ends_when_the_device_serves_it(
@@ -36,12 +33,8 @@ def test_service_wait_after_a_settings_only_change_ends_when_the_device_serves_i
             hub, "svc", [model], config, DeploymentConfig(port=first), target=Devices("edge-1")
         )
         service.wait_for_deployment(timeout=120)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_")}
-    env["EDGEPACK_HOME"] = str(sdk_home)
-    env["EDGEPACK_HUB_URL"], env["EDGEPACK_TOKEN"] = fleet.hub.url, fleet.hub.admin_token
-
     def edgepack(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([EDGEPACK, *args], env=env, capture_output=True, text=True, timeout=180)
+        return run(sdk_home, *args, hub=fleet.hub, timeout=180)
 
     # The device is offline when the change is made: its last report (Healthy, the same
     # digest) is from before it, whatever the timing.
