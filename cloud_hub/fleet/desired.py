@@ -133,6 +133,7 @@ def issue_desired(
     known = _service_changes_of(session, ids)
     issued: dict[str, int] = {}
     changes: list[dict[str, object]] = []
+    rewritten: list[str] = []
     for device_id in ids:
         row = rows.get(device_id)
         if row is None:
@@ -142,13 +143,16 @@ def issue_desired(
         payload = desired_payload(
             device_id, row.generation, plan.get(device_id, []), issued=now, expires=expires
         )
-        changes += service_changes(device_id, row.generation, row.payload, payload, known.get(device_id, {}))
+        rows_now = service_changes(device_id, row.generation, row.payload, payload, known.get(device_id, {}))
+        if {r["service"]: r["generation"] for r in rows_now} != known.get(device_id, {}):
+            rewritten.append(device_id)  # a renewal changes no assignment and writes nothing here
+            changes += rows_now
         row.payload = envelope_bytes(sign_payload(payload, [signer.key]))
         row.modules_digest = assignments_digest(plan.get(device_id, []))
         row.issued = now
         row.expires = expires
         issued[device_id] = row.generation
-    for chunk in _chunks(ids):
+    for chunk in _chunks(rewritten):
         session.execute(delete(ServiceChange).where(ServiceChange.device_id.in_(chunk)))
     if changes:
         session.execute(insert(ServiceChange), changes)
