@@ -47,11 +47,6 @@ def advertised_host(config: AgentConfig) -> str:
 
 
 
-def hub_reads_newer(records: decide.Records) -> bool:
-    """Whether the hub that issued the applied desired state reads this agent's newer fields."""
-    return records.desired is not None and records.desired.hub_reads_newer
-
-
 class Actions:
     def __init__(
         self,
@@ -161,7 +156,7 @@ class Actions:
             runtime_of=self.runtime_of,
             publish=self.publish_logs,
             failed_logs=self.executor.failed_logs,
-            hub_reads_newer=hub_reads_newer(records),
+            hub_reads_newer=records.hub_reads_newer,
         )
 
     def watch(self, records: decide.Records) -> None:
@@ -217,7 +212,7 @@ class Actions:
             now=datetime.now(UTC),
             host=self.advertised,
         )
-        self.publish_reported(encode_for_hub(state, hub_reads_newer=hub_reads_newer(records)))
+        self.publish_reported(encode_for_hub(state, hub_reads_newer=records.hub_reads_newer))
 
     def collect_garbage(self, records: decide.Records) -> None:
         in_flight = [op.assignment for op in records.ops.values() if op.assignment is not None]

@@ -38,7 +38,7 @@ def answer_log_request(
     runtime_of: Callable[[InstanceRecord], Runtime],
     publish: Callable[[bytes], None],
     failed_logs: FailedLogs | None = None,
-    hub_reads_newer: bool = True,
+    hub_reads_newer: bool,
 ) -> None:
     """Parse a log request and answer it in the background (a malformed one is ignored).
 

@@ -146,8 +146,7 @@ class ReconcileLoop:
     def hub_reads_newer(self) -> bool:
         """Whether the applied desired state's hub reads this agent's newer fields (for the
         telemetry thread)."""
-        desired = self.records.desired
-        return desired is not None and desired.hub_reads_newer
+        return self.records.hub_reads_newer
 
     def boot(self) -> None:
         """Restore what was running from disk alone: no hub and no broker needed."""

@@ -728,6 +728,12 @@ class Records:
     progress_reported: Mapping[str, float] = field(default_factory=dict)
     next_op_id: int = 0
 
+    @property
+    def hub_reads_newer(self) -> bool:
+        """The hub that issued the applied desired state reads this agent's newer fields
+        (``manifests.compat.encode_for_hub``)."""
+        return self.desired is not None and self.desired.hub_reads_newer
+
 
 @dataclass(frozen=True)
 class Context:

@@ -36,7 +36,7 @@ class Sampler:
         publish: Callable[[bytes], object],
         *,
         interval_s: float,
-        hub_reads_newer: Callable[[], bool] = lambda: False,
+        hub_reads_newer: Callable[[], bool],
     ) -> None:
         self._device = device_id
         self._runtimes = runtimes

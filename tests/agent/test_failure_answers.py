@@ -41,7 +41,7 @@ def ask(payload: bytes, logs: FailedLogs, serving: InstanceRecord | None = None)
 
     answer_log_request(
         payload, device_id="edge-1", serving=lambda _: serving, runtime_of=runtime_of, publish=publish,
-        failed_logs=logs,
+        failed_logs=logs, hub_reads_newer=True,
     )  # fmt: skip
     assert done.wait(5), "no answer"
     return LogResponse.model_validate_json(answers[0])
