@@ -18,8 +18,10 @@ from manifests.desired import (
     MAX_BODY_BYTES_BOUND,
     MAX_BODY_BYTES_IN_FLIGHT_BOUND,
     MAX_CPUS,
+    MAX_DATA_SPOOL_MB,
     MAX_MEMORY_MB,
     PROBE_PATH_PATTERN,
+    DataCollection,
     DeploymentSettings,
     EndpointLimits,
     EndpointTLS,
@@ -164,6 +166,19 @@ class AzureKeys(_AzureModel):
     secondary_key: str | None = Field(None, alias="secondaryKey", pattern=ENDPOINT_KEY_PATTERN)
 
 
+class AzureDataCollection(_AzureModel):
+    """Azure's ``dataCollection`` (AKS): ``storageEnabled`` turns ``ModelDataCollector`` on."""
+
+    storage_enabled: bool = Field(False, alias="storageEnabled")
+
+
+class EdgepackDataCollection(_AzureModel):
+    """How much collected data a device keeps and sends (``edgepack.dataCollection``)."""
+
+    sample_rate: float | None = finite(default=None, gt=0, le=1, alias="sampleRate")
+    spool_quota_mb: int | None = Field(None, alias="spoolQuotaMB", strict=True, ge=1, le=MAX_DATA_SPOOL_MB)
+
+
 class EdgepackExtension(_AzureModel):
     """edgepack's own deployment settings; everything optional."""
 
@@ -183,6 +198,7 @@ class EdgepackExtension(_AzureModel):
     max_body_bytes_in_flight: int | None = Field(
         None, alias="maxBodyBytesInFlight", strict=True, ge=1, le=MAX_BODY_BYTES_IN_FLIGHT_BOUND
     )
+    data_collection: EdgepackDataCollection | None = Field(None, alias="dataCollection")
     start_timeout_s: float | None = Field(
         None,
         alias="startTimeoutSeconds",
@@ -227,6 +243,7 @@ class DeploymentConfig(_AzureModel):
     cname: str | None = None
     dns_name_label: str | None = Field(None, alias="dnsNameLabel")
     app_insights_enabled: bool | None = Field(None, alias="appInsightsEnabled")
+    data_collection: AzureDataCollection | None = Field(None, alias="dataCollection")
     autoscaler: AutoScaler | None = Field(
         None, validation_alias=AliasChoices("autoScaler", "autoscaler"), alias="autoScaler"
     )
@@ -244,6 +261,30 @@ class DeploymentConfig(_AzureModel):
     tags: TagMap | None = None
     properties: TagMap | None = None
     edgepack: EdgepackExtension | None = None
+
+    @model_validator(mode="after")
+    def _tuning_needs_collection_on(self) -> DeploymentConfig:
+        ext = self.edgepack
+        if ext is not None and ext.data_collection is not None and not self.collects_data:
+            raise ValueError(
+                "edgepack.dataCollection tunes data collection, which is off: "
+                'set "dataCollection": {"storageEnabled": true} to turn it on'
+            )
+        return self
+
+    @property
+    def collects_data(self) -> bool:
+        return self.data_collection is not None and self.data_collection.storage_enabled
+
+    def _data_collection(self) -> DataCollection | None:
+        if not self.collects_data:
+            return None
+        tuned = (self.edgepack.data_collection if self.edgepack else None) or EdgepackDataCollection()
+        defaults = DataCollection()
+        return DataCollection(
+            sample_rate=tuned.sample_rate if tuned.sample_rate is not None else defaults.sample_rate,
+            spool_quota_mb=tuned.spool_quota_mb or defaults.spool_quota_mb,
+        )
 
     def ignored_keys(self) -> list[str]:
         """The documented keys set here that edgepack does not act on, for a deploy warning."""
@@ -312,6 +353,7 @@ class DeploymentConfig(_AzureModel):
             health=health,
             tls=EndpointTLS() if self.ssl_enabled else None,
             limits=self._limits(ext),
+            data_collection=self._data_collection(),
         )
 
     def _limits(self, ext: EdgepackExtension) -> EndpointLimits:

@@ -75,7 +75,11 @@ def parse_lenient(model: type[M], payload: bytes) -> M:
 #: hub; the list stays as long as such hubs may be out there.
 HELD_BACK: dict[type[BaseModel], dict[str, Any]] = {
     ReportedState: {"link_problem": True, "modules": {"__all__": {"failure"}}},
-    Telemetry: {"modules": {"__all__": {"p95_ms"}}},
+    Telemetry: {
+        "modules": {
+            "__all__": {"p95_ms", "run_p50_ms", "run_p95_ms", "data_spooled_bytes", "data_dropped_total"}
+        }
+    },
     LogResponse: {"version": True, "failed_version": True},
 }
 

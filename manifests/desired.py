@@ -168,6 +168,29 @@ class EndpointLimits(BaseModel):
         return self
 
 
+#: The most a service's data spool may hold on a device: collection never fills a device's disk.
+MAX_DATA_SPOOL_MB = 64 * 1024
+DEFAULT_DATA_SPOOL_MB = 256
+
+
+class DataCollection(BaseModel):
+    """Production data the module collects (Azure's ``ModelDataCollector``), spooled on the
+    device and uploaded to the hub in batches (see :mod:`manifests.data`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The share of collect() calls kept (Azure keeps all: 1.0).
+    sample_rate: float = finite(default=1.0, gt=0, le=1)
+    spool_quota_mb: int = Field(
+        default=DEFAULT_DATA_SPOOL_MB,
+        strict=True,
+        ge=1,
+        le=MAX_DATA_SPOOL_MB,
+        description="what the device keeps while the hub is out of reach; beyond it the oldest "
+        "records are dropped and counted",
+    )
+
+
 class DeploymentSettings(BaseModel):
     """How one module runs on a device."""
 
@@ -187,6 +210,9 @@ class DeploymentSettings(BaseModel):
     auth: EndpointAuth | None = None
     tls: EndpointTLS | None = None
     limits: EndpointLimits = Field(default_factory=EndpointLimits)
+    data_collection: DataCollection | None = Field(
+        default=None, description="null: collect() calls in the module do nothing (Azure's default)"
+    )
 
 
 class ModuleAssignment(BaseModel):

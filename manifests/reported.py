@@ -141,6 +141,13 @@ class ModuleMetrics(BaseModel):
     p99_ms: float | None = finite(default=None, ge=0, le=MAX_LATENCY_MS)
     cpu_percent: float | None = finite(default=None, ge=0, le=MAX_CPU_PERCENT)
     memory_mb: float | None = finite(default=None, ge=0, le=MAX_MEMORY_MB)
+    # The time the module's own run() took, without the server's parsing and queueing.
+    run_p50_ms: float | None = finite(default=None, ge=0, le=MAX_LATENCY_MS)
+    run_p95_ms: float | None = finite(default=None, ge=0, le=MAX_LATENCY_MS)
+    # Collected production data (manifests.data): what waits in the device's spool, and the
+    # records dropped since the agent started because the spool was full (oldest first).
+    data_spooled_bytes: Count | None = None
+    data_dropped_total: Count | None = None
 
 
 class Telemetry(BaseModel):

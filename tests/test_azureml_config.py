@@ -324,3 +324,43 @@ def test_body_limits_out_of_bounds_are_refused_in_one_line(edgepack: dict[str, A
         dc({"edgepack": edgepack})
     assert "\n" not in str(err.value)
     assert expected in str(err.value)
+
+
+def test_data_collection_is_off_unless_azure_storage_is_enabled() -> None:
+    off = parse_config(DeploymentConfig, {"dataCollection": {"storageEnabled": False}}, source="d.json")
+    assert off.to_settings().data_collection is None
+    assert parse_config(DeploymentConfig, {}, source="d.json").to_settings().data_collection is None
+
+
+def test_data_collection_defaults_to_every_call_as_azure_and_takes_edgepack_tuning() -> None:
+    on = parse_config(DeploymentConfig, {"dataCollection": {"storageEnabled": True}}, source="d.json")
+    collection = on.to_settings().data_collection
+    assert collection is not None and collection.sample_rate == 1.0 and collection.spool_quota_mb == 256
+    tuned = parse_config(
+        DeploymentConfig,
+        {
+            "dataCollection": {"storageEnabled": True},
+            "edgepack": {"dataCollection": {"sampleRate": 0.05, "spoolQuotaMB": 16}},
+        },
+        source="d.json",
+    ).to_settings()
+    assert tuned.data_collection is not None
+    assert (tuned.data_collection.sample_rate, tuned.data_collection.spool_quota_mb) == (0.05, 16)
+
+
+_ON = {"storageEnabled": True}
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ({"edgepack": {"dataCollection": {"sampleRate": 0.5}}}, "storageEnabled"),
+        ({"dataCollection": _ON, "edgepack": {"dataCollection": {"sampleRate": 0}}}, "sampleRate"),
+        ({"dataCollection": _ON, "edgepack": {"dataCollection": {"sampleRate": 1.5}}}, "sampleRate"),
+        ({"dataCollection": _ON, "edgepack": {"dataCollection": {"spoolQuotaMB": 10**9}}}, "spoolQuotaMB"),
+    ],
+)
+def test_bad_data_collection_settings_are_one_line_errors(data: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(DeploymentConfig, data, source="d.json")
+    assert says in str(err.value) and "\n" not in str(err.value)
