@@ -20,6 +20,7 @@ from edge_agent.reconcile.loop import ReconcileLoop, Stop
 from edge_agent.report.sampler import Sampler
 from edge_agent.runtime.base import Runtime
 from edge_agent.runtime.process import ProcessRuntime
+from edge_agent.service_manager import Notifier
 from edge_agent.setup import check_credentials_private, load_setup, tighten_state_dir
 from edge_agent.status import LOCK_FILE
 from edge_agent.uplink.http import HubHttp
@@ -101,6 +102,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
         runtimes = build_runtimes(config, credentials.device_id)
         hub = HubHttp(credentials, credentials_path=config.credentials)
         mqtt: MqttSession | None = None
+        notifier = Notifier.from_env()
         loop_ref: list[ReconcileLoop] = []
 
         def on_mqtt(event: object) -> None:
@@ -116,6 +118,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             publish_reported=mqtt.publish_reported if mqtt else (lambda _: None),
             publish_logs=mqtt.publish_logs if mqtt else (lambda _: None),
             agent_version=agent_version(),
+            alive=notifier.alive,
         )
         loop_ref.append(loop)
         sampler = Sampler(
@@ -145,9 +148,11 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
         if mqtt is not None:
             mqtt.start()
         sampler.start()
+        notifier.ready(f"serving {len(loop.records.agent.services)} service(s) from the cache")
         try:
             loop.run()
         finally:
+            notifier.stopping()
             log.info("agent stopping%s", " and its modules" if stop_modules else "; modules keep running")
             sampler.stop()
             if mqtt is not None:

@@ -19,6 +19,7 @@ TEST_PACKAGES=(
     debootstrap # the runtime image's base is built offline from Debian packages
     nginx       # the load balancer in front of several hub replicas (generated config)
     rabbitmq-server  # the clustered MQTT broker (rabbitmq_mqtt + rabbitmq_management plugins)
+    systemd     # systemd-analyze verify checks the unit 'edgepack agent install-service' writes
 )
 ensure_apt_packages "${TEST_PACKAGES[@]}"
 

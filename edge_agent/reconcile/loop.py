@@ -61,8 +61,11 @@ class ReconcileLoop:
         agent_version: str,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        alive: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
+        #: called after every turn of :meth:`run` (the service manager's watchdog)
+        self.alive = alive
         self.device_id = credentials.device_id
         self.runtimes = dict(runtimes)
         self.hub = hub
@@ -204,6 +207,7 @@ class ReconcileLoop:
                 except queue.Empty:
                     event = None
             self.step()
+            self.alive()
 
     def step(self) -> None:
         """Timers, planning, saving and reporting after a batch of events."""

@@ -8,8 +8,12 @@ network.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,12 +24,14 @@ from rich.text import Text
 
 from edge_agent.setup import check_credentials_private, load_setup
 from edge_agent.status import agent_status
+from edge_agent.teardown import purge as purge_state
 from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig, parse_credentials, render_agent_config
 from manifests.errors import ConfigError
 from packager.app import app, console
 from packager.display import safe_text, state_text
 from packager.files import atomic_output
+from packager.systemd_unit import DEFAULT_UNIT_NAME, DEFAULT_USER, DEFAULT_WATCHDOG_S, UnitSpec, render_unit
 
 agent_app = typer.Typer(help="Set up, run and inspect the device agent.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
@@ -155,3 +161,127 @@ def status_cmd(
     console.print(table)
     d = status["downloads"]
     console.print(f"downloaded: {d['manifests']} manifest(s), {d['blobs']} blob(s), {d['bytes']} byte(s)")
+
+
+UnitDirOption = Annotated[
+    Path, typer.Option("--unit-dir", help="where systemd reads units (a folder of your own to only write it)")
+]
+UnitNameOption = Annotated[str, typer.Option("--name", help="the unit's name, without .service")]
+
+
+def _systemd_runs() -> bool:
+    """Whether systemd is this machine's service manager (what sd_booted() checks)."""
+    return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
+
+
+def _run(*argv: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise ConfigError(f"{' '.join(argv)} failed: {detail[-1] if detail else f'exit {done.returncode}'}")
+
+
+def _system_user(name: str, *, create: bool) -> tuple[int, int]:
+    """The uid and gid of ``name``, made a system user (no login, no home) when missing."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if not create:
+            raise ConfigError(f"user {name!r} does not exist; drop --no-create-user to make it") from None
+        if shutil.which("useradd") is None:
+            raise ConfigError(f"user {name!r} is missing and there is no useradd: create it") from None
+        _run("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", name)  # fmt: skip
+        entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+@agent_app.command("install-service")
+def install_service_cmd(
+    config: ConfigOption = Path("agent.toml"),
+    user: Annotated[str, typer.Option("--user", help="the system user the agent runs as")] = DEFAULT_USER,
+    unit_dir: UnitDirOption = Path("/etc/systemd/system"),
+    name: UnitNameOption = DEFAULT_UNIT_NAME,
+    watchdog: Annotated[
+        int,
+        typer.Option(
+            "--watchdog", min=10, max=3600, help="seconds the agent's loop may stand still before a restart"
+        ),
+    ] = DEFAULT_WATCHDOG_S,
+    start: Annotated[bool, typer.Option("--start/--no-start", help="enable and start it now")] = True,
+    create_user: Annotated[bool, typer.Option("--create-user/--no-create-user")] = True,
+) -> None:
+    """Run the agent under systemd: a hardened unit, its own user, started at boot."""
+    agent_config, device_id = _load(config)
+    if user == "root":
+        raise ConfigError("the agent does not run as root; name a system user with --user ")
+    if os.geteuid() != 0:
+        raise ConfigError("installing a service needs root: run it with sudo")
+    uid, gid = _system_user(user, create=create_user)
+    # The agent's own files belong to its user; nothing else on the device needs them.
+    agent_config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path in (agent_config.state_dir, agent_config.credentials):
+        os.chown(path, uid, gid)
+    agent_config.credentials.chmod(0o600)
+    docker = RuntimeKind.DOCKER in agent_config.runtimes
+    if docker:
+        try:
+            grp.getgrnam("docker")
+        except KeyError:
+            raise ConfigError(
+                "the docker runtime is enabled but there is no docker group; install docker.io first"
+            ) from None
+    spec = UnitSpec(
+        python=Path(sys.executable),
+        config=config.resolve(),
+        state_dir=agent_config.state_dir,
+        device_id=device_id,
+        user=user,
+        docker=docker,
+        watchdog_s=watchdog,
+    )
+    unit = unit_dir / f"{name}.service"
+    with atomic_output(unit, mode=0o644) as fh:
+        fh.write(render_unit(spec).encode())
+    console.print(f"wrote {unit} (runs as {user}, state in {agent_config.state_dir})", highlight=False)
+    if not start:
+        console.print(f"start it: systemctl daemon-reload && systemctl enable --now {name}", highlight=False)
+        return
+    if not _systemd_runs():
+        raise ConfigError(
+            f"systemd does not run on this machine; {unit} is written, start the agent with "
+            f"'edgepack agent run --config {config}' instead"
+        )
+    _run("systemctl", "daemon-reload")
+    _run("systemctl", "enable", "--now", f"{name}.service")
+    console.print(f"started {name}; follow it with: journalctl -u {name} -f", highlight=False)
+
+
+@agent_app.command("uninstall-service")
+def uninstall_service_cmd(
+    unit_dir: UnitDirOption = Path("/etc/systemd/system"),
+    name: UnitNameOption = DEFAULT_UNIT_NAME,
+    purge: Annotated[
+        bool, typer.Option("--purge", help="also stop its modules, delete its state folder (with --config)")
+    ] = False,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="agent.toml (for --purge)")] = None,
+) -> None:
+    """Stop the agent's unit and remove it; with --purge its modules and state go too."""
+    if purge and config is None:
+        raise ConfigError("--purge needs --config: the agent.toml names the state folder to delete")
+    loaded = _load(config) if purge and config is not None else None
+    unit = unit_dir / f"{name}.service"
+    if not unit.exists() and not purge:
+        raise ConfigError(f"{unit}: no such unit; give --unit-dir/--name of the one install-service wrote")
+    if _systemd_runs() and unit.exists():
+        _run("systemctl", "disable", "--now", f"{name}.service")
+    unit.unlink(missing_ok=True)
+    if _systemd_runs():
+        _run("systemctl", "daemon-reload")
+    console.print(f"removed {unit}", highlight=False)
+    if loaded is not None:
+        agent_config, device_id = loaded
+        stopped = purge_state(agent_config, device_id)
+        console.print(
+            f"stopped {len(stopped)} module instance(s) and deleted {agent_config.state_dir}", highlight=False
+        )

@@ -64,14 +64,14 @@ class Agent:
     def state_dir(self) -> Path:
         return self.config.state_dir
 
-    def start(self, *extra: str) -> Agent:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> Agent:
         self.starts += 1
         self.log_path = self.config_path.parent / f"agent-{self.starts}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "--config", str(self.config_path), *extra],
             stdout=subprocess.DEVNULL,
             stderr=self.log_path.open("wb"),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         return self
 
