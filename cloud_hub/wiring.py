@@ -28,6 +28,8 @@ from cloud_hub.alerts.store import Window
 from cloud_hub.broker.mosquitto import MosquittoAccounts, hub_mqtt_password
 from cloud_hub.broker.rabbitmq import RabbitMqAccounts
 from cloud_hub.core import HubCore
+from cloud_hub.data.intake import CollectedData
+from cloud_hub.data.store import open_data_store
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.fleet.desired import DesiredSigner
 from cloud_hub.fleet.executor import AccountSync, EffectExecutor
@@ -59,6 +61,8 @@ class HubProcess:
     alerts: AlertLoop | None = None
     metrics: HubMetrics = field(default_factory=HubMetrics)
     webhooks: WebhookDispatcher | None = None
+    #: collected production data: receiving, serving, retention (None only in bare tests)
+    data: CollectedData | None = None
     #: wrong dashboard sign-ins per client address (this process's own; see login_throttle)
     login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(ThrottlePolicy()))
     _started: bool = False
@@ -105,6 +109,9 @@ def wire_hub(core: HubCore) -> HubProcess:
     """Build the running parts of a hub around ``core`` (nothing starts until ``start()``)."""
     settings = core.settings
     link, ingest, publisher = _broker_parts(core)
+    data = CollectedData(
+        core.sessions, open_data_store(core.blobs, settings.data_dir), settings, settings.data_dir
+    )
     accounts = _account_sync(core)
     executor = EffectExecutor(core.sessions, publisher=publisher, accounts=accounts)
     fleet = FleetChanges(core.sessions, DesiredSigner(core.hub_key, settings.desired_ttl_s), executor)
@@ -113,6 +120,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         republish=publisher.republish_all if publisher is not None else None,
         pending=publisher.publish_pending if publisher is not None else None,
         interval_s=settings.upkeep_interval_s,
+        chores=[data.prune_if_due],
     )
     if link is not None:
         link.on_connected = upkeep.request_republish
@@ -140,6 +148,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         accounts=accounts,
         alerts=alerts,
         metrics=metrics,
+        data=data,
         webhooks=WebhookDispatcher(
             core.sessions,
             DispatchPolicy.from_settings(settings),

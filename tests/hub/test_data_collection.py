@@ -1,0 +1,283 @@
+"""Collected production data on the hub: a device uploads batches (gzip JSON lines), the hub
+checks and stores them under Azure's layout, the admin lists and downloads them
+(docs/data-collection.md). Against a real hub, a real enrolled device token, both stores."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from cloud_hub.data.tables import DataBatch
+from cloud_hub.events import Event
+from cloud_hub.ingest.tables import TelemetrySample
+from manifests.data import MAX_BATCH_BYTES, RECORDS_HEADER, UPLOAD_PATH, blob_key
+from tests.conftest import Publisher
+from tests.hub.conftest import HubFactory, RunningHub
+from tests.hub.data_support import (
+    DAY,
+    batch_of,
+    device_running,
+    digest_of,
+    gz,
+    head_only,
+    key_of,
+    lines,
+    record,
+    upload,
+)
+from tests.hub.fleet_support import deploy, enroll, push
+from tests.hub.webhook_receiver import Receiver, start_receiver
+
+
+def _batches(h: RunningHub) -> int:
+    with h.core.sessions.begin() as s:
+        return int(s.scalar(select(func.count()).select_from(DataBatch)) or 0)
+
+
+def _stored_files(h: RunningHub) -> list[Path]:
+    root = h.data_dir / "data"
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def _error(r: Any, status: int) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body["error"]) == {"type", "message"}
+    return str(body["error"]["message"])
+
+
+@pytest.mark.both_blob_stores
+def test_a_batch_is_stored_once_under_azures_layout_listed_and_downloaded(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    body, records = batch_of(key, 25)
+
+    first = upload(h, device.token, key, body, records=25)
+    again = upload(h, device.token, key, body, records=25)
+
+    assert first.status_code == 201, first.text
+    assert again.status_code == 200, again.text  # the same batch again: stored before
+    stored = first.json()
+    assert stored["path"] == blob_key(key, "edge-1", digest_of(body))
+    assert stored["path"].startswith("digits/digits/3/inputs/2026/12/07/edge-1-")
+    assert (stored["records"], stored["bytes"], stored["device_id"]) == (25, len(body), "edge-1")
+    assert again.json() == stored
+    assert _batches(h) == 1
+    with h.client() as http:
+        listed = http.get("/api/v1/services/digits/data").json()
+        download = http.get(f"/api/v1/services/digits/data/{digest_of(body)}")
+    assert [b["digest"] for b in listed["batches"]] == [digest_of(body)]
+    assert listed["next"] is None
+    assert download.status_code == 200
+    assert download.content == body
+    assert download.headers[RECORDS_HEADER] == "25"
+    back = [r for r in gzip.decompress(download.content).splitlines()]
+    assert back == lines(records).splitlines()
+    with h.core.sessions.begin() as s:
+        kinds = list(s.scalars(select(Event.kind).where(Event.kind == "data.batch-received")))
+    assert kinds == ["data.batch-received"]  # one event: the second upload stored nothing
+    if h.overrides.get("blob_store") is None:
+        assert (h.data_dir / "data" / stored["path"]).read_bytes() == body
+
+
+def test_bad_batches_are_refused_with_a_reason_and_nothing_is_stored(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    good, _ = batch_of(key, 3)
+    other_service = gz(lines([record(key, 0), record(key, 1, service="other")]))
+    other_day = gz(lines([record(key, 0), record(key_of("digits", day=DAY + timedelta(days=1)), 1)]))
+    unknown_field = gz(lines([record(key, 0, secret="x")]))
+    naive_time = gz(lines([record(key, 0, time="2026-12-07T10:00:00")]))
+    # 50 valid records of 1.5 MiB of one letter: 75 MiB unpacked, ~80 KiB as sent.
+    bomb = gz(lines([record(key, n, data="a" * 1_500_000) for n in range(50)]))
+
+    cases = [
+        (upload(h, device.token, key, good, records=3, digest=digest_of(b"other")), 422, "digest"),
+        (upload(h, device.token, key, b"not gzip at all", records=1), 422, "gzip"),
+        (upload(h, device.token, key, good[:-8], records=3), 422, "gzip"),
+        (upload(h, device.token, key, good, records=2), 422, "more than the 2 records"),
+        (upload(h, device.token, key, good, records=4), 422, "declares 4"),
+        (upload(h, device.token, key, other_service, records=2), 422, "line 2 is a record of other/"),
+        (upload(h, device.token, key, other_day, records=2), 422, "2026-12-08"),
+        (upload(h, device.token, key, unknown_field, records=1), 422, "secret"),
+        (upload(h, device.token, key, naive_time, records=1), 422, "UTC"),
+        (upload(h, device.token, key, bomb, records=50), 413, "decompresses to more than"),
+        (upload(h, device.token, key, good, records=3, headers={"Content-Encoding": "br"}), 400, "gzip"),
+        (
+            upload(h, device.token, key, good, records=3, headers={"Content-Type": "text/plain"}),
+            400,
+            "x-ndjson",
+        ),
+        (upload(h, device.token, key, good, records=0), 400, RECORDS_HEADER),
+    ]
+    for response, status, why in cases:
+        assert why in _error(response, status), response.text
+    with h.client(token=device.token) as http:
+        bad_key = http.put(
+            f"{UPLOAD_PATH}/{digest_of(good)}?service=digits&model=..&model_version=3&designation=inputs&day=2026-12-07",
+            content=good,
+        )
+        bad_digest = http.put(f"{UPLOAD_PATH}/sha256:abc?{key.query()}", content=good)
+    assert "model" in _error(bad_key, 400)
+    assert "digest" in _error(bad_digest, 400)
+    assert _batches(h) == 0
+    assert _stored_files(h) == []
+
+
+def test_a_body_is_not_read_before_the_device_and_its_right_to_send_were_checked(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    """Each refusal comes from the request's head alone: the test sends no byte of the 8 MiB the
+    head announces and gets its answer (a hub that read the body would wait for it)."""
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    with h.client() as http:
+        stranger = enroll(http, "edge-2")  # enrolled, but never ran "digits"
+    key = key_of("digits")
+    path = f"{UPLOAD_PATH}/{digest_of(b'x')}?{key.query()}"
+    head = {"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson", RECORDS_HEADER: "1"}
+
+    nobody = head_only(h, path, {**head, "Content-Length": str(MAX_BATCH_BYTES)})
+    forged = head_only(h, path, {**head, "Content-Length": "1000", "Authorization": "Bearer ep_dev_forged"})
+    other = head_only(
+        h, path, {**head, "Content-Length": "1000", "Authorization": f"Bearer {stranger.token}"}
+    )
+    huge = head_only(
+        h,
+        path,
+        {**head, "Content-Length": str(MAX_BATCH_BYTES + 1), "Authorization": f"Bearer {device.token}"},
+    )
+
+    assert nobody.startswith(b"HTTP/1.1 401")
+    assert forged.startswith(b"HTTP/1.1 401")
+    assert other.startswith(b"HTTP/1.1 403")
+    assert b"is not one device 'edge-2' runs or ran" in other
+    assert huge.startswith(b"HTTP/1.1 413")
+
+
+def test_a_device_over_its_data_budget_is_told_when_to_come_back(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub(data_burst_mb=8, data_mb_per_hour=1)
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    # Hex of random bytes halves when compressed: each batch is ~3.5 MiB, so the third passes the 8 MiB burst.
+    sizes = []
+    for n in range(3):
+        records = [record(key, i, data=os.urandom(450_000).hex()) for i in range(7)]
+        body = gz(lines(records))
+        sizes.append(len(body))
+        answer = upload(h, device.token, key, body, records=7)
+        if n < 2:
+            assert answer.status_code == 201, answer.text
+    assert sum(sizes) > 8 << 20 > sum(sizes[:2])
+    assert "budget" in _error(answer, 429)
+    assert int(answer.headers["Retry-After"]) > 60  # 1 MiB an hour: minutes, not seconds
+    assert _batches(h) == 2
+
+
+def test_a_device_may_still_upload_the_data_of_a_service_that_moved_away(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    """A device offline while its service moved comes back with the service's data spooled."""
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    module = push(h, publisher, "digits-mod", "1")
+    with h.client() as http:
+        enroll(http, "edge-9")
+        assert deploy(http, "digits", module, devices=["edge-9"]).status_code == 200
+    key = key_of("digits")
+    body, _ = batch_of(key, 2)
+    assert upload(h, device.token, key, body, records=2).status_code == 201
+
+    strict = h.restart(data_grace_days=0)
+    late, _ = batch_of(key, 3)
+    assert "ran in the last 0 days" in _error(upload(strict, device.token, key, late, records=3), 403)
+
+
+def test_collected_data_past_its_retention_is_deleted_with_its_bytes(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub(data_retention_days=1 / 86400)  # one second
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    body, _ = batch_of(key, 2)
+    assert upload(h, device.token, key, body, records=2).status_code == 201
+    assert len(_stored_files(h)) == 1
+    time.sleep(1.5)
+    assert h.process.data is not None
+    assert h.process.data.prune() == 1
+    assert _batches(h) == 0
+    assert _stored_files(h) == []
+
+
+def test_the_listing_pages_filters_and_shows_each_devices_spool(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    inputs, predictions = key_of("digits"), key_of("digits", designation="predictions")
+    for n in range(3):
+        body = gz(lines([record(inputs, n)]))
+        assert upload(h, device.token, inputs, body, records=1).status_code == 201
+    body, _ = batch_of(predictions, 2)
+    assert upload(h, device.token, predictions, body, records=2).status_code == 201
+    with h.core.sessions.begin() as s:
+        s.add(
+            TelemetrySample(
+                device_id="edge-1",
+                ts=datetime.now(UTC),
+                payload={
+                    "modules": [{"service": "digits", "data_spooled_bytes": 4096, "data_dropped_total": 7}]
+                },
+            )
+        )
+    with h.client() as http:
+        page1 = http.get("/api/v1/services/digits/data", params={"designation": "inputs", "limit": 2}).json()
+        page2 = http.get(
+            "/api/v1/services/digits/data",
+            params={"designation": "inputs", "limit": 2, "after": page1["next"]},
+        ).json()
+        late = http.get("/api/v1/services/digits/data", params={"since": "2026-12-07T10:00:01Z"}).json()
+        naive = http.get("/api/v1/services/digits/data", params={"since": "2026-12-07T10:00:01"})
+    assert [len(page1["batches"]), len(page2["batches"]), page2["next"]] == [2, 1, None]
+    assert {b["key"]["designation"] for b in page1["batches"] + page2["batches"]} == {"inputs"}
+    # the batches whose records reach 10:00:01 or later: inputs 1 and 2, and the predictions
+    assert len(late["batches"]) == 3
+    assert page1["devices"]["edge-1"]["data_dropped_total"] == 7
+    assert page1["devices"]["edge-1"]["data_spooled_bytes"] == 4096
+    assert "zone" in _error(naive, 400)
+
+
+def test_a_webhook_subscriber_hears_of_each_batch_received(hub: HubFactory, publisher: Publisher) -> None:
+    receiver: Receiver = start_receiver()
+    try:
+        h = hub(webhook_poll_s=0.05)
+        with h.client() as http:
+            sub = http.post("/api/v1/webhooks", json={"url": receiver.url, "events": ["data.batch-received"]})
+        assert sub.status_code == 201, sub.text
+        receiver.secret = sub.json()["secret"]
+        device = device_running(h, publisher, "edge-1", "digits")
+        key = key_of("digits")
+        body, _ = batch_of(key, 5)
+        assert upload(h, device.token, key, body, records=5).status_code == 201
+        [event] = receiver.wait_for(1)
+    finally:
+        assert receiver.server is not None
+        receiver.server.shutdown()
+    assert event["type"] == "edgepack.data.batch-received"
+    assert event["subject"] == "services/digits/devices/edge-1"
+    assert "5 records" in event["data"]["message"]
