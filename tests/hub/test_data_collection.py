@@ -5,6 +5,7 @@ checks and stores them under Azure's layout, the admin lists and downloads them
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,8 @@ from cloud_hub.data.tables import DataBatch
 from cloud_hub.events import Event
 from cloud_hub.ingest.tables import TelemetrySample
 from manifests.data import MAX_BATCH_BYTES, RECORDS_HEADER, UPLOAD_PATH, blob_key
+from packager.sdk import Hub, Service
+from packager.sdk.data import DataFilter, download_service_data, list_batches
 from tests.conftest import Publisher
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.data_support import (
@@ -33,6 +36,7 @@ from tests.hub.data_support import (
     upload,
 )
 from tests.hub.fleet_support import deploy, enroll, push
+from tests.hub.test_registry_cli import ok_json, run
 from tests.hub.webhook_receiver import Receiver, start_receiver
 
 
@@ -281,3 +285,63 @@ def test_a_webhook_subscriber_hears_of_each_batch_received(hub: HubFactory, publ
     assert event["type"] == "edgepack.data.batch-received"
     assert event["subject"] == "services/digits/devices/edge-1"
     assert "5 records" in event["data"]["message"]
+
+
+def test_the_cli_and_the_sdk_write_the_records_as_json_lines_under_azures_layout(
+    hub: HubFactory, publisher: Publisher, tmp_path: Path
+) -> None:
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    inputs, predictions = key_of("digits"), key_of("digits", designation="predictions")
+    inputs_body, inputs_records = batch_of(inputs, 30)  # 10:00:00 … 10:00:29
+    predictions_body, predictions_records = batch_of(predictions, 4)
+    assert upload(h, device.token, inputs, inputs_body, records=30).status_code == 201
+    assert upload(h, device.token, predictions, predictions_body, records=4).status_code == 201
+    with h.core.sessions.begin() as s:
+        s.add(
+            TelemetrySample(
+                device_id="edge-1",
+                ts=datetime.now(UTC),
+                payload={
+                    "modules": [{"service": "digits", "data_spooled_bytes": 0, "data_dropped_total": 7}]
+                },
+            )
+        )
+    with Hub(h.url, h.admin_token, progress=False) as connected:
+        listing = Service(connected, "digits").get_data(designation="predictions")
+    assert [(b.device_id, b.records) for b in listing.batches] == [("edge-1", 4)]
+    assert listing.dropped() == {"edge-1": 7}
+    with h.client() as http:  # the data outlives its service
+        assert http.delete("/api/v1/deployments/digits").status_code == 200
+    home = tmp_path / "home"
+    day = "2026/12/07"
+
+    everything = run(home, "service", "data", "digits", "--out", str(tmp_path / "all"), hub=h)
+    late_inputs = run(
+        home, "service", "data", "digits", "--designation", "inputs", "--since", "2026-12-07T10:00:20Z",
+        "--out", str(tmp_path / "late"), "--json", hub=h,
+    )  # fmt: skip
+    wrong = run(
+        home, "service", "data", "digits", "--since", "last tuesday", "--out", str(tmp_path / "x"), hub=h
+    )
+
+    assert everything.returncode == 0, everything.stderr
+    assert "2 batches, 34 records" in everything.stdout
+    assert "edge-1 dropped 7" in everything.stdout
+    hex_inputs = digest_of(inputs_body).removeprefix("sha256:")
+    written = tmp_path / "all" / "digits" / "digits" / "3" / "inputs" / day / f"edge-1-{hex_inputs}.jsonl"
+    assert written.read_bytes() == lines(inputs_records)
+    assert len(list((tmp_path / "all" / "digits" / "digits" / "3" / "predictions" / day).iterdir())) == 1
+    late = ok_json(late_inputs)
+    assert (late["batches"], late["records"]) == (1, 10)  # 10:00:20 … 10:00:29
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "'tuesday'" in wrong.stderr
+    assert not (tmp_path / "x").exists()
+
+    with Hub(h.url, h.admin_token, progress=False) as connected:
+        done = download_service_data(connected, "digits", tmp_path / "sdk", designation="predictions")
+        listed = list_batches(connected.transport, "digits", DataFilter.of(device="edge-1"))
+    assert (done.batches, done.records, done.dropped) == (1, 4, {"edge-1": 7})
+    [file] = done.files
+    records_back = [json.loads(line) for line in file.read_bytes().splitlines()]
+    assert records_back == predictions_records
+    assert [b.key.designation for b in listed.batches] == ["inputs", "predictions"]
