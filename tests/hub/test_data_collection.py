@@ -334,7 +334,7 @@ def test_the_cli_and_the_sdk_write_the_records_as_json_lines_under_azures_layout
     assert len(list((tmp_path / "all" / "digits" / "digits" / "3" / "predictions" / day).iterdir())) == 1
     late = ok_json(late_inputs)
     assert (late["batches"], late["records"]) == (1, 10)  # 10:00:20 … 10:00:29
-    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "'tuesday'" in wrong.stderr
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "'last tuesday'" in wrong.stderr
     assert not (tmp_path / "x").exists()
 
     with Hub(h.url, h.admin_token, progress=False) as connected:
