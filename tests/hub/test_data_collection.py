@@ -345,3 +345,15 @@ def test_the_cli_and_the_sdk_write_the_records_as_json_lines_under_azures_layout
     records_back = [json.loads(line) for line in file.read_bytes().splitlines()]
     assert records_back == predictions_records
     assert [b.key.designation for b in listed.batches] == ["inputs", "predictions"]
+
+
+def test_a_batch_is_spooled_to_disk_not_held_as_a_parsed_body(hub: HubFactory, publisher: Publisher) -> None:
+    """A hub whose parsed-body bounds are 1 MiB still takes a 3.5 MiB batch: batches are read
+    under their own bound (MAX_BATCH_BYTES) into a temp file, and hold none of the memory that
+    JSON bodies share."""
+    h = hub(max_body_mb=1, max_bodies_in_flight_mb=1)
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    body = gz(lines([record(key, i, data=os.urandom(450_000).hex()) for i in range(7)]))
+    assert len(body) > 3 << 20
+    assert upload(h, device.token, key, body, records=7).status_code == 201
