@@ -10,7 +10,8 @@ trust). :func:`wire_hub` builds what it *runs* around it, each part given only w
 - fleet changes (decide in the database, then apply), and
 - fleet upkeep (renewals, republishing when the broker connection comes back),
 - the alert loop (rules evaluated into alert.fired / alert.resolved events),
-- the webhook dispatcher (the outbox's deliveries → subscribers' URLs), and
+- the webhook dispatcher (the outbox's deliveries → subscribers' URLs),
+- collected production data (batches from devices → the data store; retention in upkeep), and
 - the Prometheus metrics of this process (read at scrape, filled by the API's middleware).
 
 No part holds the hub or reaches back into it; :class:`HubProcess` only owns their lifecycle.

@@ -50,7 +50,7 @@ from packager.sdk.answers import (
     WebhookRecord,
 )
 from packager.sdk.configs import DeploymentConfig, InferenceConfig
-from packager.sdk.data import DataDownload, DataListing
+from packager.sdk.data import DataDownload, DataListing, download_service_data
 from packager.sdk.device import Device, save_credentials
 from packager.sdk.environment import CondaDependencies, Environment
 from packager.sdk.errors import (
@@ -150,5 +150,6 @@ __all__ = [
     "Webhook",
     "WebhookRecord",
     "Webservice",
+    "download_service_data",
     "save_credentials",
 ]
