@@ -19,6 +19,7 @@ from cloud_hub.data.tables import DataBatch
 from cloud_hub.events import Event
 from cloud_hub.ingest.tables import TelemetrySample
 from manifests.data import MAX_BATCH_BYTES, RECORDS_HEADER, UPLOAD_PATH, blob_key
+from manifests.reported import ModuleMetrics, Telemetry
 from packager.sdk import Hub, Service
 from packager.sdk.data import DataFilter, download_service_data, list_batches
 from tests.conftest import Publisher
@@ -48,6 +49,22 @@ def _batches(h: RunningHub) -> int:
 def _stored_files(h: RunningHub) -> list[Path]:
     root = h.data_dir / "data"
     return [p for p in root.rglob("*") if p.is_file()]
+
+
+def stored_telemetry(device_id: str, service: str, *, spooled: int, dropped: int) -> TelemetrySample:
+    """A sample as the ingest stores an agent's telemetry (manifests.reported.Telemetry)."""
+    metrics = ModuleMetrics(
+        service=service,
+        requests_total=10,
+        errors_total=0,
+        requests_per_s=1.0,
+        data_spooled_bytes=spooled,
+        data_dropped_total=dropped,
+    )
+    sample = Telemetry(device_id=device_id, ts=datetime.now(UTC), modules=[metrics])
+    return TelemetrySample(
+        device_id=device_id, ts=sample.ts, payload=sample.model_dump(mode="json", by_alias=True)
+    )
 
 
 def _error(r: Any, status: int) -> str:
@@ -240,15 +257,7 @@ def test_the_listing_pages_filters_and_shows_each_devices_spool(
     body, _ = batch_of(predictions, 2)
     assert upload(h, device.token, predictions, body, records=2).status_code == 201
     with h.core.sessions.begin() as s:
-        s.add(
-            TelemetrySample(
-                device_id="edge-1",
-                ts=datetime.now(UTC),
-                payload={
-                    "modules": [{"service": "digits", "data_spooled_bytes": 4096, "data_dropped_total": 7}]
-                },
-            )
-        )
+        s.add(stored_telemetry("edge-1", "digits", spooled=4096, dropped=7))
     with h.client() as http:
         page1 = http.get("/api/v1/services/digits/data", params={"designation": "inputs", "limit": 2}).json()
         page2 = http.get(
@@ -298,15 +307,7 @@ def test_the_cli_and_the_sdk_write_the_records_as_json_lines_under_azures_layout
     assert upload(h, device.token, inputs, inputs_body, records=30).status_code == 201
     assert upload(h, device.token, predictions, predictions_body, records=4).status_code == 201
     with h.core.sessions.begin() as s:
-        s.add(
-            TelemetrySample(
-                device_id="edge-1",
-                ts=datetime.now(UTC),
-                payload={
-                    "modules": [{"service": "digits", "data_spooled_bytes": 0, "data_dropped_total": 7}]
-                },
-            )
-        )
+        s.add(stored_telemetry("edge-1", "digits", spooled=0, dropped=7))
     with Hub(h.url, h.admin_token, progress=False) as connected:
         listing = Service(connected, "digits").get_data(designation="predictions")
     assert [(b.device_id, b.records) for b in listing.batches] == [("edge-1", 4)]
