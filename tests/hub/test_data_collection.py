@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cloud_hub.data.tables import DataBatch
+from cloud_hub.errors import NotFound
 from cloud_hub.events import Event
 from cloud_hub.ingest.tables import TelemetrySample
 from manifests.data import MAX_BATCH_BYTES, RECORDS_HEADER, UPLOAD_PATH, blob_key
@@ -229,20 +229,33 @@ def test_a_device_may_still_upload_the_data_of_a_service_that_moved_away(
     assert "ran in the last 0 days" in _error(upload(strict, device.token, key, late, records=3), 403)
 
 
+@pytest.mark.both_blob_stores
 def test_collected_data_past_its_retention_is_deleted_with_its_bytes(
     hub: HubFactory, publisher: Publisher
 ) -> None:
-    h = hub(data_retention_days=1 / 86400)  # one second
+    h = hub(data_retention_days=30)
     device = device_running(h, publisher, "edge-1", "digits")
     key = key_of("digits")
-    body, _ = batch_of(key, 2)
-    assert upload(h, device.token, key, body, records=2).status_code == 201
-    assert len(_stored_files(h)) == 1
-    time.sleep(1.5)
-    assert h.process.data is not None
-    assert h.process.data.prune() == 1
-    assert _batches(h) == 0
-    assert _stored_files(h) == []
+    old, _ = batch_of(key, 2)
+    assert upload(h, device.token, key, old, records=2).status_code == 201
+    data = h.process.data
+    assert data is not None
+    stored = data.find("digits", digest_of(old), None)
+    with h.core.sessions.begin() as s:  # received a month ago
+        row = s.scalars(select(DataBatch).where(DataBatch.digest == digest_of(old))).one()
+        row.received_at = datetime.now(UTC) - timedelta(days=31)
+    fresh, _ = batch_of(key, 3)
+    assert upload(h, device.token, key, fresh, records=3).status_code == 201
+
+    assert data.prune() == 1
+
+    with h.client() as http:
+        listed = http.get("/api/v1/services/digits/data").json()["batches"]
+        gone = http.get(f"/api/v1/services/digits/data/{digest_of(old)}")
+    assert [b["digest"] for b in listed] == [digest_of(fresh)]
+    assert "no data batch" in _error(gone, 404)
+    with pytest.raises(NotFound):
+        data.store.open(stored.path, stored.digest)  # the bytes went with the row
 
 
 def test_the_listing_pages_filters_and_shows_each_devices_spool(
