@@ -20,7 +20,7 @@ from typing import IO, Protocol
 
 from cloud_hub.errors import NotFound
 from cloud_hub.store.blobs import BlobStore, FileBlobStore, VerifiedReader
-from cloud_hub.store.s3 import S3BlobStore, _BodyReader, _not_found, s3_errors
+from cloud_hub.store.s3 import BodyReader, S3BlobStore, is_not_found, s3_errors
 from manifests.durable import durable_output
 from manifests.errors import ConfigError
 
@@ -97,10 +97,10 @@ class S3DataStore:
             try:
                 answer = self._blobs.client.get_object(Bucket=self._bucket, Key=self.key(key))
             except Exception as exc:
-                if _not_found(exc):
+                if is_not_found(exc):
                     raise NotFound(f"data batch {key} is not in the store") from None
                 raise
-        raw = io.BufferedReader(_BodyReader(answer["Body"]), buffer_size=CHUNK)
+        raw = io.BufferedReader(BodyReader(answer["Body"]), buffer_size=CHUNK)
         return io.BufferedReader(VerifiedReader(raw, digest), buffer_size=CHUNK)
 
     def delete(self, key: str) -> None:
