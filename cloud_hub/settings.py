@@ -176,6 +176,10 @@ class HubSettings(BaseSettings):
         default=32, ge=8, le=1 << 16,
         description="what a device that was quiet may upload at once (at least one largest batch, 8 MiB)",
     )
+    data_checks_in_flight: int = Field(
+        default=2, ge=1, le=256,
+        description="batches checked at once per hub process (each holds a few MiB while it is)",
+    )
     data_retention_days: float = Field(
         default=30, ge=0, le=36500,
         description="collected data older than this is deleted; 0 keeps it for ever",

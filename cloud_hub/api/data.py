@@ -10,11 +10,13 @@ passes is read (at most ``MAX_BATCH_BYTES``) into an unnamed temp file, then che
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import datetime
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,7 +28,7 @@ from cloud_hub.data import batches
 from cloud_hub.data.intake import CollectedData
 from cloud_hub.errors import Throttled, TooLarge, Unauthorized
 from cloud_hub.store.blobs import check_digest
-from cloud_hub.store.streaming import body_file
+from cloud_hub.store.streaming import AsyncBodyReader
 from manifests.data import (
     CONTENT_TYPE,
     DESIGNATION_PATTERN,
@@ -124,17 +126,23 @@ async def put_batch(digest: str, request: Request, data: Data) -> Response:
         data.charge(admitted.device_id, length)
     except EdgepackError as exc:
         return _refusal(exc)
-    raw, fh = body_file(request.stream(), limit=MAX_BATCH_BYTES)
+    raw = AsyncBodyReader(request.stream(), limit=MAX_BATCH_BYTES)
     if admitted.stored is not None:
         await raw.drain()
         return JSONResponse(admitted.stored.model_dump(mode="json"), status_code=200)
     try:
-        batch, new = await run_in_threadpool(
-            data.receive, fh, device_id=admitted.device_id, key=key, digest=digest, declared=records
-        )
+        # From the unbuffered reader: a piece of the body at a time (a buffered one held 2 MiB
+        # per upload while it was spooled).
+        spool, size = await run_in_threadpool(data.spool, raw, digest)
     except EdgepackError:
         await raw.drain()
         raise
+    # The body is on disk now; checking it takes memory, so only a few are checked at once.
+    with spool:
+        check = functools.partial(
+            data.receive, spool, size, device_id=admitted.device_id, key=key, digest=digest, declared=records
+        )
+        batch, new = await anyio.to_thread.run_sync(check, limiter=data.limiter)
     return JSONResponse(batch.model_dump(mode="json"), status_code=201 if new else 200)
 
 

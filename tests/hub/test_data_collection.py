@@ -7,10 +7,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -23,7 +26,8 @@ from manifests.reported import ModuleMetrics, Telemetry
 from packager.sdk import Hub, Service
 from packager.sdk.data import DataFilter, download_service_data, list_batches
 from tests.conftest import Publisher
-from tests.hub.conftest import HubFactory, RunningHub
+from tests.factory import Forge, default_files
+from tests.hub.conftest import ADMIN_TOKEN, HubFactory, RunningHub
 from tests.hub.data_support import (
     DAY,
     batch_of,
@@ -36,8 +40,10 @@ from tests.hub.data_support import (
     record,
     upload,
 )
-from tests.hub.fleet_support import deploy, enroll, push
+from tests.hub.fleet_support import PushedModule, deploy, enroll, push
 from tests.hub.test_registry_cli import ok_json, run
+from tests.hub.test_serving_bounds import MIB, PeakRss, hub_process  # noqa: F401  (fixture)
+from tests.hub.test_serving_bounds import HubProcess as HubProcessUnderTest
 from tests.hub.webhook_receiver import Receiver, start_receiver
 
 
@@ -371,3 +377,45 @@ def test_a_batch_is_spooled_to_disk_not_held_as_a_parsed_body(hub: HubFactory, p
     body = gz(lines([record(key, i, data=os.urandom(450_000).hex()) for i in range(7)]))
     assert len(body) > 3 << 20
     assert upload(h, device.token, key, body, records=7).status_code == 201
+
+
+def test_many_devices_uploading_full_batches_and_bombs_at_once_cost_the_hub_little_memory(
+    hub_process: Callable[..., HubProcessUnderTest],  # noqa: F811  (the fixture)
+    publisher: Publisher,
+) -> None:
+    """16 devices each send a full 8 MiB batch and a compression bomb, all at once, to a hub
+    process of its own: batches are spooled to disk and unpacked a line at a time, so what the
+    hub holds stays far below what it was sent (128 MiB of batches, 1.2 GiB of bombs unpacked)."""
+    h = hub_process()
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    forge = Forge(publisher=publisher.key)
+    devices = [f"edge-{n}" for n in range(16)]
+    with httpx.Client(base_url=h.url, headers=admin, timeout=120) as http:
+        files = default_files(2)
+        assert http.post(
+            "/api/v1/modules", content=forge.bundle(files=files, name="mod", version="1")
+        ).is_success
+        module = PushedModule("mod", "1", forge.module(files=files, name="mod", version="1"))
+        tokens = [enroll(http, d).token for d in devices]
+        assert deploy(http, "digits", module, devices=devices).status_code == 201
+    key = key_of("digits")
+    full = gz(lines([record(key, n, data=os.urandom(1_300_000).hex()) for n in range(5)]))
+    bomb = gz(lines([record(key, n, data="a" * 1_500_000) for n in range(50)]))  # 75 MiB unpacked
+    assert 7 << 20 < len(full) <= MAX_BATCH_BYTES
+
+    def send(token: str, body: bytes, records: int) -> int:
+        headers = {"Authorization": f"Bearer {token}", "Content-Encoding": "gzip",
+                   "Content-Type": "application/x-ndjson", RECORDS_HEADER: str(records)}  # fmt: skip
+        url = f"{h.url}{UPLOAD_PATH}/{digest_of(body)}?{key.query()}"
+        return httpx.put(url, content=body, headers=headers, timeout=120).status_code
+
+    with PeakRss(h) as rss, ThreadPoolExecutor(32) as pool:
+        stored = list(pool.map(lambda t: send(t, full, 5), tokens))
+        bombs = list(pool.map(lambda t: send(t, bomb, 50), tokens))
+    print(
+        f"\n16 x {len(full) / MIB:.1f} MiB batches and 16 bombs at once: RSS {rss.before / MIB:.0f} MiB -> "
+        f"peak {rss.peak / MIB:.0f} MiB (growth {rss.growth / MIB:.1f} MiB, bound 64 MiB)"
+    )
+    assert stored == [201] * 16
+    assert bombs == [413] * 16
+    assert rss.growth < 64 * MIB, f"the hub grew by {rss.growth / MIB:.0f} MiB"
