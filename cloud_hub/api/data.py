@@ -199,6 +199,21 @@ def get_batch(
     return StreamingResponse(data.chunks(batch), media_type="application/gzip", headers=headers)
 
 
+@admin_router.delete("/{service}/data", summary="Delete a service's collected data")
+def delete_batches(
+    service: str,
+    data: Data,
+    device: Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)] = None,
+    until: datetime | None = None,
+) -> dict[str, Any]:
+    """Every batch of the service (of one ``device``, received before ``until``, when given),
+    its row and its bytes: ``{"deleted": N}``. The service itself need not exist any more."""
+    _check_service(service)
+    if until is not None and until.utcoffset() is None:
+        raise ConfigError("until: give a time with its zone (…Z or +00:00)")
+    return {"deleted": data.delete(service, device=device, until=until)}
+
+
 def _check_service(service: str) -> None:
     if not re.fullmatch(NAME_PATTERN, service):
         raise ConfigError(f"{service[:100]!r} is not a service name")

@@ -146,6 +146,22 @@ def spool_figures(session: Session, service: str, device_ids: Sequence[str]) -> 
     return out
 
 
+def take_service_rows(
+    session: Session, service: str, *, device: str | None, until: datetime | None
+) -> list[str]:
+    """Delete up to PRUNE_CHUNK rows of ``service``'s batches (of one device, received before
+    ``until``, when given); return their store keys."""
+    query = select(DataBatch.id, DataBatch.path).where(DataBatch.service == service)
+    if device is not None:
+        query = query.where(DataBatch.device_id == device)
+    if until is not None:
+        query = query.where(DataBatch.received_at < until)
+    rows = session.execute(query.limit(PRUNE_CHUNK)).all()
+    if rows:
+        session.execute(delete(DataBatch).where(DataBatch.id.in_([r.id for r in rows])))
+    return [r.path for r in rows]
+
+
 def prune(session: Session, *, older_than: datetime) -> list[str]:
     """Delete up to PRUNE_CHUNK rows of batches received before ``older_than``; return their
     store keys (the caller deletes the objects once the rows are gone)."""

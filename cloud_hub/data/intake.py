@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO
 
@@ -183,6 +183,19 @@ class CollectedData:
         with self.store.open(batch.path, batch.digest) as fh:
             while chunk := fh.read(CHUNK):
                 yield chunk
+
+    def delete(self, service: str, *, device: str | None, until: datetime | None) -> int:
+        """Delete ``service``'s batches (one device's, received before ``until``, when given),
+        rows then objects; return how many."""
+        removed = 0
+        while True:
+            with self.sessions.begin() as s:
+                paths = batches.take_service_rows(s, service, device=device, until=until)
+            for path in paths:
+                self.store.delete(path)
+            removed += len(paths)
+            if len(paths) < batches.PRUNE_CHUNK:
+                return removed
 
     # --- retention -------------------------------------------------------------------------
 

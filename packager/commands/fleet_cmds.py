@@ -44,7 +44,7 @@ from packager.sdk import (
     Service,
     save_credentials,
 )
-from packager.sdk.data import download_service_data
+from packager.sdk.data import delete_service_data, download_service_data
 from packager.sdk.device_file import CredentialsFiles, check_out_dir, parse_device_file
 from packager.sdk.live import LiveServiceView, StateLines, devices_table, tags_text, target_text
 
@@ -581,6 +581,32 @@ def data_cmd(
         ),
         soft_wrap=True,
     )
+
+
+@service_app.command("delete-data")
+def delete_data_cmd(
+    name: str,
+    device: Annotated[str | None, typer.Option("--device", help="only this device's data")] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="only what was received before: 30d ago, a day or an ISO time"),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete the production data the hub holds for a service (deleting the service keeps it)."""
+    what = f"the collected data of {name}" + (f" from {device}" if device else "")
+    what += f" received before {until}" if until else ""
+    if not yes and not as_json:
+        confirm(f"delete {what}?", f"delete {what}")
+    with connect(hub, token) as connected:
+        deleted = delete_service_data(connected, name, device=device, until=until)
+    if as_json:
+        print_json({"deleted": deleted})
+        return
+    console.print(safe_text(f"deleted {deleted} batches: {what}"), soft_wrap=True)
 
 
 @service_app.command("wait")

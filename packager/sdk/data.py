@@ -248,3 +248,22 @@ def download_service_data(
     where = DataFilter.of(since=since, until=until, designation=designation, model=model, device=device)
     with reporting(progress if progress is not None else workspace.progress) as report:
         return download(workspace.transport, service, Path(out_dir), where, report)
+
+
+def delete_service_data(
+    workspace: Hub,
+    service: str,
+    *,
+    device: str | None = None,
+    until: str | datetime | date | None = None,
+) -> int:
+    """Delete a service's collected data on the hub (one device's, or what was received before
+    ``until``, when given); the number of batches deleted. Works after the service was deleted."""
+    check_name(service, "service")
+    params: dict[str, str] = {}
+    if device is not None:
+        params["device"] = check_device_id(device)
+    if until is not None:
+        params["until"] = parse_when(until, what="until").isoformat()
+    answer = workspace.transport.request("DELETE", f"/api/v1/services/{service}/data", params=params).json()
+    return int(answer["deleted"])

@@ -34,7 +34,14 @@ from packager.sdk.answers import (
     seen_text,
 )
 from packager.sdk.configs import DeploymentConfig
-from packager.sdk.data import DataDownload, DataFilter, DataListing, download_service_data, list_batches
+from packager.sdk.data import (
+    DataDownload,
+    DataFilter,
+    DataListing,
+    delete_service_data,
+    download_service_data,
+    list_batches,
+)
 from packager.sdk.errors import BadArgument, DeploymentFailed, DeploymentTimeout, DevicesOffline
 from packager.sdk.hub import Hub
 from packager.sdk.live import show_output_view, target_text
@@ -508,6 +515,12 @@ class Service:
             device=device,
             progress=progress,
         )
+
+    def delete_data(self, *, device: str | None = None, until: str | datetime | date | None = None) -> int:
+        """Delete the collected data the hub holds for this service (one device's, or what was
+        received before ``until``); the number of batches deleted. Deleting the service keeps
+        its data (until the hub's retention): this is how to remove it."""
+        return delete_service_data(self.workspace, self.name, device=device, until=until)
 
     def delete(self) -> FleetChange:
         """Delete the service; its devices stop running it."""

@@ -419,3 +419,35 @@ def test_many_devices_uploading_full_batches_and_bombs_at_once_cost_the_hub_litt
     assert stored == [201] * 16
     assert bombs == [413] * 16
     assert rss.growth < 64 * MIB, f"the hub grew by {rss.growth / MIB:.0f} MiB"
+
+
+def test_the_admin_deletes_a_services_data_with_its_bytes_and_nothing_else(
+    hub: HubFactory, publisher: Publisher, tmp_path: Path
+) -> None:
+    h = hub()
+    one = device_running(h, publisher, "edge-1", "digits")
+    module = push(h, publisher, "digits-mod", "1")
+    with h.client() as http:
+        two = enroll(http, "edge-2")
+        assert deploy(http, "digits", module, devices=["edge-1", "edge-2"]).status_code == 200
+    other = device_running(h, publisher, "edge-3", "faces")
+    digits, faces = key_of("digits"), key_of("faces")
+    sent = {}
+    for name, device, key in (("one", one, digits), ("two", two, digits), ("faces", other, faces)):
+        sent[name], _ = batch_of(key, 2)
+        assert upload(h, device.token, key, sent[name], records=2).status_code == 201
+    home = tmp_path / "home"
+
+    unasked = run(home, "service", "delete-data", "digits", "--device", "edge-1", hub=h)
+    by_cli = run(home, "service", "delete-data", "digits", "--device", "edge-1", "--yes", hub=h)
+    with Hub(h.url, h.admin_token, progress=False) as connected:
+        by_sdk = Service(connected, "digits").delete_data()
+
+    assert unasked.returncode == 2 and "--yes" in unasked.stderr
+    assert by_cli.returncode == 0, by_cli.stderr
+    assert "deleted 1 batches: the collected data of digits from edge-1" in by_cli.stdout
+    assert by_sdk == 1  # edge-2's
+    with h.client() as http:
+        assert http.get("/api/v1/services/digits/data").json()["batches"] == []
+        assert len(http.get("/api/v1/services/faces/data").json()["batches"]) == 1
+    assert len(_stored_files(h)) == 1  # only faces' bytes are left
