@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from cloud_hub.api import alerts, dashboard, endpoint_certs, fleet, registry, webhooks
+from cloud_hub.api import alerts, dashboard, data, endpoint_certs, fleet, registry, webhooks
 from cloud_hub.api.body_limit import BodyLimit
 from cloud_hub.api.docs import install_docs
 from cloud_hub.api.errors import install_error_handlers
@@ -57,4 +57,6 @@ def create_app(settings: HubSettings | None = None, *, hub: HubProcess | None = 
     app.include_router(endpoint_certs.router)
     app.include_router(alerts.router)
     app.include_router(webhooks.router)
+    app.include_router(data.device_router)
+    app.include_router(data.admin_router)
     return app

@@ -40,3 +40,8 @@ class DeviceOffline(EdgepackError):
     offline: answered at once instead of after a timeout."""
 
     temporary = True
+
+
+class InvalidBatch(EdgepackError):
+    """A batch of collected data whose content the hub does not accept (not gzip, a line that
+    is not a record of the batch's key, a record count other than declared): refused for good."""

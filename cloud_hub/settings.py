@@ -165,6 +165,30 @@ class HubSettings(BaseSettings):
     )
     webhook_max_subscriptions: int = Field(default=100, ge=1, le=10_000)
 
+    # Collected production data (cloud_hub.data, docs/data-collection.md): what one device may
+    # upload, how long the hub keeps it, and how long after a service left a device its data
+    # is still taken from it (a device offline for a while comes back with its spool).
+    data_mb_per_hour: float = Field(
+        default=64, gt=0, le=1 << 20,
+        description="compressed data one device may upload per hour (429 beyond)",
+    )
+    data_burst_mb: int = Field(
+        default=32, ge=8, le=1 << 16,
+        description="what a device that was quiet may upload at once (at least one largest batch, 8 MiB)",
+    )
+    data_checks_in_flight: int = Field(
+        default=2, ge=1, le=256,
+        description="batches checked at once per hub process (each holds a few MiB while it is)",
+    )
+    data_retention_days: float = Field(
+        default=30, ge=0, le=36500,
+        description="collected data older than this is deleted; 0 keeps it for ever",
+    )
+    data_grace_days: float = Field(
+        default=7, ge=0, le=3650,
+        description="days after a service left a device during which the device may still upload its data",
+    )
+
     def log_limits(self) -> LogLimits:
         return LogLimits(
             payload_bytes=self.log_payload_max_bytes,

@@ -10,7 +10,8 @@ trust). :func:`wire_hub` builds what it *runs* around it, each part given only w
 - fleet changes (decide in the database, then apply), and
 - fleet upkeep (renewals, republishing when the broker connection comes back),
 - the alert loop (rules evaluated into alert.fired / alert.resolved events),
-- the webhook dispatcher (the outbox's deliveries → subscribers' URLs), and
+- the webhook dispatcher (the outbox's deliveries → subscribers' URLs),
+- collected production data (batches from devices → the data store; retention in upkeep), and
 - the Prometheus metrics of this process (read at scrape, filled by the API's middleware).
 
 No part holds the hub or reaches back into it; :class:`HubProcess` only owns their lifecycle.
@@ -28,6 +29,8 @@ from cloud_hub.alerts.store import Window
 from cloud_hub.broker.mosquitto import MosquittoAccounts, hub_mqtt_password
 from cloud_hub.broker.rabbitmq import RabbitMqAccounts
 from cloud_hub.core import HubCore
+from cloud_hub.data.intake import CollectedData
+from cloud_hub.data.store import open_data_store
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.fleet.desired import DesiredSigner
 from cloud_hub.fleet.executor import AccountSync, EffectExecutor
@@ -59,6 +62,8 @@ class HubProcess:
     alerts: AlertLoop | None = None
     metrics: HubMetrics = field(default_factory=HubMetrics)
     webhooks: WebhookDispatcher | None = None
+    #: collected production data: receiving, serving, retention (None only in bare tests)
+    data: CollectedData | None = None
     #: wrong dashboard sign-ins per client address (this process's own; see login_throttle)
     login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(ThrottlePolicy()))
     _started: bool = False
@@ -105,6 +110,9 @@ def wire_hub(core: HubCore) -> HubProcess:
     """Build the running parts of a hub around ``core`` (nothing starts until ``start()``)."""
     settings = core.settings
     link, ingest, publisher = _broker_parts(core)
+    data = CollectedData(
+        core.sessions, open_data_store(core.blobs, settings.data_dir), settings, settings.data_dir
+    )
     accounts = _account_sync(core)
     executor = EffectExecutor(core.sessions, publisher=publisher, accounts=accounts)
     fleet = FleetChanges(core.sessions, DesiredSigner(core.hub_key, settings.desired_ttl_s), executor)
@@ -113,6 +121,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         republish=publisher.republish_all if publisher is not None else None,
         pending=publisher.publish_pending if publisher is not None else None,
         interval_s=settings.upkeep_interval_s,
+        chores=[data.prune_if_due],
     )
     if link is not None:
         link.on_connected = upkeep.request_republish
@@ -140,6 +149,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         accounts=accounts,
         alerts=alerts,
         metrics=metrics,
+        data=data,
         webhooks=WebhookDispatcher(
             core.sessions,
             DispatchPolicy.from_settings(settings),

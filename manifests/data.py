@@ -122,6 +122,9 @@ class StoredBatch(BaseModel):
     records: Count
     bytes: Count
     received_at: datetime
+    #: the time of the batch's first and last record (what ``since``/``until`` filter on)
+    first_at: datetime | None = None
+    last_at: datetime | None = None
     path: str = Field(description="the batch's place in the store: blob_key()")
 
 

@@ -51,7 +51,12 @@ PUBLIC_BODIES = frozenset({("POST", "/api/v1/dashboard/login"), ("POST", "/api/v
 DEVICE_PREFIX = "/api/v1/device/"
 
 #: (method, path prefix) of the routes that stream their body under their own limit.
-STREAMED_UPLOADS = (("PUT", "/api/v1/blobs/"), ("POST", "/api/v1/modules"))
+STREAMED_UPLOADS = (
+    ("PUT", "/api/v1/blobs/"),
+    ("POST", "/api/v1/modules"),
+    # Collected data: at most manifests.data.MAX_BATCH_BYTES, spooled to a temp file.
+    ("PUT", "/api/v1/device/data/"),
+)
 
 #: What a client refused for want of room is told to wait: parsed bodies come and go in
 #: well under a second on a hub that is not under attack.

@@ -64,6 +64,7 @@ def import_tables() -> None:
     """Import each area's table module so that every table is registered with ``Base``."""
     import cloud_hub.alerts.tables
     import cloud_hub.api.sessions
+    import cloud_hub.data.tables
     import cloud_hub.events
     import cloud_hub.fleet.tables
     import cloud_hub.ingest.tables

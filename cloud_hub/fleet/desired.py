@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Select, delete, insert, select, update
 from sqlalchemy.orm import Session
 
+from cloud_hub.data.batches import note_services_left
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.errors import Conflict
 from cloud_hub.fleet.effects import Effects
@@ -147,6 +148,9 @@ def issue_desired(
         if {r["service"]: r["generation"] for r in rows_now} != known.get(device_id, {}):
             rewritten.append(device_id)  # a renewal changes no assignment and writes nothing here
             changes += rows_now
+            # Services that leave the device: it may still upload their collected data a while.
+            left = set(_assignments(row.payload)) - {str(r["service"]) for r in rows_now}
+            note_services_left(session, device_id, left, now=now)
         row.payload = envelope_bytes(sign_payload(payload, [signer.key]))
         row.modules_digest = assignments_digest(plan.get(device_id, []))
         row.issued = now

@@ -29,6 +29,7 @@ class FleetMaintenance:
         republish: Callable[[], Sequence[str]] | None,
         pending: Callable[[], Sequence[str]] | None = None,
         interval_s: float = 5.0,
+        chores: Sequence[Callable[[], object]] = (),
     ) -> None:
         """``renew`` re-issues (and publishes) what is due; ``republish`` publishes every
         stored state again and ``pending`` every state not published yet (by any replica),
@@ -40,6 +41,8 @@ class FleetMaintenance:
         self._renew = renew
         self._republish_all = republish
         self._pending = pending
+        # Other periodic work that rate-limits itself (collected data's retention).
+        self._chores = tuple(chores)
         self.interval_s = interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -77,6 +80,8 @@ class FleetMaintenance:
             renewed = self._renew()
             if renewed:
                 log.info("renewed the desired state of %d device(s)", len(renewed))
+            for chore in self._chores:
+                chore()
         except Exception:
             # The loop must outlive a database or broker hiccup; the next round retries.
             log.exception("fleet maintenance round failed")

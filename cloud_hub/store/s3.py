@@ -99,7 +99,7 @@ def s3_errors(what: str) -> Iterator[None]:
         raise FetchError(f"blob store unreachable while {what}: {exc}; retry when it is back") from None
 
 
-def _not_found(exc: Exception) -> bool:
+def is_not_found(exc: Exception) -> bool:
     from botocore.exceptions import ClientError
 
     if not isinstance(exc, ClientError):
@@ -108,7 +108,7 @@ def _not_found(exc: Exception) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
-class _BodyReader(io.RawIOBase):
+class BodyReader(io.RawIOBase):
     """A botocore streaming body as a raw file (closed with the response)."""
 
     def __init__(self, body: Any) -> None:
@@ -338,7 +338,7 @@ class S3BlobStore:
                 self.client.head_bucket(Bucket=bucket)
                 return
             except Exception as exc:
-                if not _not_found(exc):
+                if not is_not_found(exc):
                     raise
             self.client.create_bucket(Bucket=bucket)
 
@@ -357,7 +357,7 @@ class S3BlobStore:
             try:
                 return int(self.client.head_object(Bucket=self.location.bucket, Key=key)["ContentLength"])
             except Exception as exc:
-                if _not_found(exc):
+                if is_not_found(exc):
                     raise NotFound(f"blob {digest} is not held by this hub") from None
                 raise
 
@@ -380,10 +380,10 @@ class S3BlobStore:
                         Bucket=self.location.bucket, Key=key, Range=f"bytes={start}-{stop - 1}"
                     )
             except Exception as exc:
-                if _not_found(exc):
+                if is_not_found(exc):
                     raise NotFound(f"blob {digest} is not held by this hub") from None
                 raise
-        raw = io.BufferedReader(_BodyReader(answer["Body"]), buffer_size=1 << 20)
+        raw = io.BufferedReader(BodyReader(answer["Body"]), buffer_size=1 << 20)
         return io.BufferedReader(VerifiedReader(raw, digest), buffer_size=1 << 20) if whole else raw
 
     def begin(self, digest: str, size: int) -> BlobWriter:

@@ -43,6 +43,7 @@ TYPES: dict[str, str] = {
     "revoked": "edgepack.device.revoked",
     "online": "edgepack.device.online",
     "offline": "edgepack.device.offline",
+    "data.batch-received": "edgepack.data.batch-received",
 }
 
 #: Every type a subscription may ask for (plus any ``edgepack.alert.*``).

@@ -44,12 +44,16 @@ from packager.sdk import (
     Service,
     save_credentials,
 )
+from packager.sdk.data import delete_service_data, download_service_data
 from packager.sdk.device_file import CredentialsFiles, check_out_dir, parse_device_file
 from packager.sdk.live import LiveServiceView, StateLines, devices_table, tags_text, target_text
 
 device_app = typer.Typer(help="Enroll, list, show, tag and revoke devices.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
-service_app = typer.Typer(help="List, show, delete and wait for deployed services.", no_args_is_help=True)
+service_app = typer.Typer(
+    help="List, show, delete and wait for deployed services; download their collected data.",
+    no_args_is_help=True,
+)
 app.add_typer(service_app, name="service")
 
 
@@ -531,6 +535,78 @@ def logs_cmd(
     for line in logs.lines:
         # The hub escaped these already; a hub of another version may not have.
         console.print(safe_text(line), soft_wrap=True)
+
+
+@service_app.command("data")
+def data_cmd(
+    name: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder the JSON lines are written under")],
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="records from: 30m, 1h, 2d ago, a day (2026-12-01) or an ISO time"),
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="records before: as --since")] = None,
+    designation: Annotated[
+        str | None, typer.Option("--designation", help="inputs, predictions, or the name the module gave")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="only this model's records")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="only this device's records")] = None,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Download the production data a service's devices collected (Azure's ModelDataCollector)
+    as JSON lines under --out, in Azure's layout: SERVICE/MODEL/VERSION/DESIGNATION/YYYY/MM/DD/."""
+    with connect(hub, token) as connected:
+        done = download_service_data(
+            connected, name, out, since=since, until=until, designation=designation, model=model,
+            device=device,
+        )
+    if as_json:
+        print_json(
+            {
+                "batches": done.batches,
+                "records": done.records,
+                "bytes": done.bytes,
+                "files": [str(f) for f in done.files],
+                "dropped": done.dropped,
+            }
+        )
+        return
+    dropped = ", ".join(f"{d} dropped {n}" for d, n in sorted(done.dropped.items()))
+    console.print(
+        safe_text(
+            f"{done.batches} batches, {done.records} records, {done.bytes} bytes of {name}'s data under {out}"
+            + (f" (spools full: {dropped})" if dropped else "")
+        ),
+        soft_wrap=True,
+    )
+
+
+@service_app.command("delete-data")
+def delete_data_cmd(
+    name: str,
+    device: Annotated[str | None, typer.Option("--device", help="only this device's data")] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="only what was received before: 30d ago, a day or an ISO time"),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete the production data the hub holds for a service (deleting the service keeps it)."""
+    what = f"the collected data of {name}" + (f" from {device}" if device else "")
+    what += f" received before {until}" if until else ""
+    if not yes and not as_json:
+        confirm(f"delete {what}?", f"delete {what}")
+    with connect(hub, token) as connected:
+        deleted = delete_service_data(connected, name, device=device, until=until)
+    if as_json:
+        print_json({"deleted": deleted})
+        return
+    console.print(safe_text(f"deleted {deleted} batches: {what}"), soft_wrap=True)
 
 
 @service_app.command("wait")

@@ -50,6 +50,7 @@ from packager.sdk.answers import (
     WebhookRecord,
 )
 from packager.sdk.configs import DeploymentConfig, InferenceConfig
+from packager.sdk.data import DataDownload, DataListing, delete_service_data, download_service_data
 from packager.sdk.device import Device, save_credentials
 from packager.sdk.environment import CondaDependencies, Environment
 from packager.sdk.errors import (
@@ -89,6 +90,8 @@ __all__ = [
     "BuiltModule",
     "CondaDependencies",
     "ConfigError",
+    "DataDownload",
+    "DataListing",
     "DeadLetter",
     "Deleted",
     "DeploymentConfig",
@@ -147,5 +150,7 @@ __all__ = [
     "Webhook",
     "WebhookRecord",
     "Webservice",
+    "delete_service_data",
+    "download_service_data",
     "save_credentials",
 ]

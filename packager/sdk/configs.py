@@ -154,6 +154,9 @@ class DeploymentConfig:
     security. The keywords are those of Azure ML's ``*Webservice.deploy_configuration``; the
     edgepack-only ones (``runtime``, ``workers``, ``restart_policy``, ``environment_variables``,
     ``health_path``, ``start_timeout_seconds``) fill the file's ``edgepack`` object.
+    ``collect_model_data=True`` (Azure's keyword) turns on ``ModelDataCollector`` in the
+    module (``dataCollection.storageEnabled``); ``data_sample_rate`` and ``data_spool_quota_mb``
+    tune it (``edgepack.dataCollection``; see docs/data-collection.md).
 
     ``runtime`` is ``"docker"`` or ``"process"``. Left unset, ``hub.deploy`` runs the service in
     Docker (the hub's default), while ``Model.deploy`` picks Docker when the module pins its
@@ -187,6 +190,9 @@ class DeploymentConfig:
         "environment_variables": ("edgepack", "environmentVariables"),
         "health_path": ("edgepack", "healthPath"),
         "start_timeout_seconds": ("edgepack", "startTimeoutSeconds"),
+        "collect_model_data": ("dataCollection", "storageEnabled"),
+        "data_sample_rate": ("edgepack", "dataCollection", "sampleRate"),
+        "data_spool_quota_mb": ("edgepack", "dataCollection", "spoolQuotaMB"),
     }
 
     def __init__(
@@ -218,6 +224,9 @@ class DeploymentConfig:
         environment_variables: dict[str, str] | None = None,
         health_path: str | None = None,
         start_timeout_seconds: float | None = None,
+        collect_model_data: bool | None = None,
+        data_sample_rate: float | None = None,
+        data_spool_quota_mb: int | None = None,
         **unknown: Any,
     ) -> None:
         error = unknown_keywords("DeploymentConfig", unknown, self._PATHS)

@@ -13,6 +13,8 @@ import builtins
 import ssl
 import time
 from collections.abc import Mapping, Sequence
+from datetime import date, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from manifests.desired import DeploymentSettings
@@ -32,6 +34,14 @@ from packager.sdk.answers import (
     seen_text,
 )
 from packager.sdk.configs import DeploymentConfig
+from packager.sdk.data import (
+    DataDownload,
+    DataFilter,
+    DataListing,
+    delete_service_data,
+    download_service_data,
+    list_batches,
+)
 from packager.sdk.errors import BadArgument, DeploymentFailed, DeploymentTimeout, DevicesOffline
 from packager.sdk.hub import Hub
 from packager.sdk.live import show_output_view, target_text
@@ -464,6 +474,53 @@ class Service:
         :class:`HubConflict` when there is none."""
         path = f"/api/v1/deployments/{self.name}/rollback"
         return RolledBack.of(self.workspace.transport.send("POST", path))
+
+    def get_data(
+        self,
+        *,
+        since: str | datetime | date | None = None,
+        until: str | datetime | date | None = None,
+        designation: str | None = None,
+        model: str | None = None,
+        device: str | None = None,
+    ) -> DataListing:
+        """The batches of production data the service's devices collected and the hub holds
+        (Azure's ``ModelDataCollector`` data), oldest first, with each device's spool figures.
+        ``since``/``until``: ``"1h"`` ago, a day, an ISO time or a datetime."""
+        where = DataFilter.of(since=since, until=until, designation=designation, model=model, device=device)
+        return list_batches(self.workspace.transport, self.name, where)
+
+    def download_data(
+        self,
+        out_dir: str | Path,
+        *,
+        since: str | datetime | date | None = None,
+        until: str | datetime | date | None = None,
+        designation: str | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        progress: ProgressOption = None,
+    ) -> DataDownload:
+        """Write the collected data as JSON lines under ``out_dir``, in Azure's layout
+        (``service/model/version/designation/YYYY/MM/DD/DEVICE-ID.jsonl``); only the records
+        between ``since`` and ``until``. Every batch is checked against its digest first."""
+        return download_service_data(
+            self.workspace,
+            self.name,
+            out_dir,
+            since=since,
+            until=until,
+            designation=designation,
+            model=model,
+            device=device,
+            progress=progress,
+        )
+
+    def delete_data(self, *, device: str | None = None, until: str | datetime | date | None = None) -> int:
+        """Delete the collected data the hub holds for this service (one device's, or what was
+        received before ``until``); the number of batches deleted. Deleting the service keeps
+        its data (until the hub's retention): this is how to remove it."""
+        return delete_service_data(self.workspace, self.name, device=device, until=until)
 
     def delete(self) -> FleetChange:
         """Delete the service; its devices stop running it."""

@@ -15,6 +15,7 @@ from manifests.azureml import parse_config
 from packager.sdk import (
     AciWebservice,
     AksWebservice,
+    BadArgument,
     CondaDependencies,
     DeploymentConfig,
     Devices,
@@ -185,3 +186,18 @@ def test_the_wait_view_shows_a_download_under_way() -> None:
     for _ in range(2):
         printer(ProgressEvent("waiting for demo", 0, 1, "devices", service))
     assert out.getvalue() == "demo on edge-1: Transitioning (downloading version 1)\n"  # once per change
+
+
+def test_collect_model_data_turns_on_data_collection_as_azures_keyword_does() -> None:
+    on = AksWebservice.deploy_configuration(cpu_cores=1, collect_model_data=True, data_spool_quota_mb=512)
+    tuned = LocalWebservice.deploy_configuration(port=8890, collect_model_data=True, data_sample_rate=0.25)
+    off = AciWebservice.deploy_configuration(cpu_cores=1)
+
+    assert on.to_json()["dataCollection"] == {"storageEnabled": True}
+    on_settings, tuned_settings = on.settings().data_collection, tuned.settings().data_collection
+    assert on_settings is not None and on_settings.spool_quota_mb == 512
+    assert tuned.to_json()["edgepack"] == {"dataCollection": {"sampleRate": 0.25}}
+    assert tuned_settings is not None and tuned_settings.sample_rate == 0.25
+    assert off.settings().data_collection is None
+    with pytest.raises(BadArgument, match="storageEnabled"):
+        AksWebservice.deploy_configuration(data_sample_rate=0.5)
