@@ -116,3 +116,8 @@ def list_spool(folder: Path) -> Listing:
         segments.append(Segment(*parsed, size=info.st_size, path=path))
     segments.sort()
     return Listing(segments, strays, temps)
+
+
+def spool_dir(state_dir: Path, service: str) -> Path:
+    """Where ``service``'s records wait on this device."""
+    return state_dir / DATA_DIR / service

@@ -46,7 +46,6 @@ def advertised_host(config: AgentConfig) -> str:
     return socket.gethostname()
 
 
-
 class Actions:
     def __init__(
         self,

@@ -33,6 +33,7 @@ from pathlib import Path
 from edge_agent import __version__
 from edge_agent.backoff import full_jitter
 from edge_agent.uplink.tls import client_context
+from manifests.data import CONTENT_TYPE, RECORDS_HEADER, UPLOAD_PATH, BatchKey
 from manifests.device import DeviceCredentials
 from manifests.errors import ConfigError, HubRefused, HubUnavailable, NotFoundError
 
@@ -146,6 +147,29 @@ class HubHttp:
             self._check(response, path)
             start = offset if response.status == 206 else 0
             yield start, self._chunks(response, digest)
+
+    def put_batch(self, digest: str, key: BatchKey, body: bytes, records: int) -> int:
+        """Upload one batch of collected data (``manifests.data``); returns 201 (stored) or 200
+        (stored before). Raises :class:`HubUnavailable` for "later" (the network, 5xx, 408,
+        429, and 401: the data is not at fault when the token is refused) and
+        :class:`HubRefused` for any other 4xx (sending it again cannot succeed)."""
+        path = f"{UPLOAD_PATH}/{digest}?{key.query()}"
+        headers = {
+            "Content-Type": CONTENT_TYPE,
+            "Content-Encoding": "gzip",
+            RECORDS_HEADER: str(records),
+        }
+        with self._open(path, headers, method="PUT", body=body) as response:
+            status = response.status
+            if status in (200, 201):
+                response.read(MAX_ERROR_BYTES)
+                return status
+            if status == 401:
+                raise HubUnavailable(
+                    f"hub {self.base} refused the device token for {path}: {_read_error(response)}"
+                )
+            self._check(response, path)
+            raise HubUnavailable(f"hub {self.base} answered {status} for {path}")
 
     def _chunks(self, response: http.client.HTTPResponse, digest: str) -> Iterator[bytes]:
         try:
@@ -264,7 +288,7 @@ class HubHttp:
         if status < 400:
             return
         message = f"hub {self.base} answered {status} for {path}: {_read_error(response)}"
-        if status in (401, 403, 404):
+        if status in (401, 403, 404) and not path.startswith(UPLOAD_PATH):
             # 403 for a file: the hub no longer names it for this device (its state moved on).
             raise NotFoundError(message)
         if status < 500 and status not in RETRIED_CLIENT_ERRORS:
