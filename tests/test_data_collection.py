@@ -258,3 +258,38 @@ def test_a_spool_over_its_hard_cap_drops_the_newest_while_the_agent_is_away(tmp_
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("the scoring server runs on Linux")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_segments_close_by_age_and_gather_longer_while_the_hub_is_out_of_reach(tmp_path: Path) -> None:
+    clock = _Clock()
+    settings = CollectionSettings(folder=tmp_path / "spool", service="svc")
+    collection = Collection(settings, module_name="m", module_version="1", clock=clock)
+
+    def collect_and_drain() -> int:
+        collection.collect(1, model="m", model_version="1", designation="inputs", correlation_id=None)
+        collection.writer.drain()
+        return len(list_spool(settings.folder).segments)
+
+    assert collect_and_drain() == 0
+    clock.now += settings.segment_max_age_s
+    collection.writer.drain()
+    assert len(list_spool(settings.folder).segments) == 1  # online: closed after 10 s
+    for n in range(15):  # 16 segments wait: the hub is out of reach
+        write_segment = settings.folder / f"{n + 1:020d}-1-000001-1.jsonl.gz"
+        write_segment.write_bytes(gzip.compress(b"{}\n"))
+    assert collect_and_drain() == 16
+    clock.now += settings.segment_max_age_s
+    collection.writer.drain()
+    assert len(list_spool(settings.folder).segments) == 16  # still gathering
+    clock.now += settings.backlog_max_age_s
+    collection.writer.drain()
+    assert len(list_spool(settings.folder).segments) == 17
+    collection.close()

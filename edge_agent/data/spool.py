@@ -37,9 +37,12 @@ SEGMENT_MAX_RAW_BYTES = 1 << 20
 #: ... or this many records (well below manifests.data.MAX_BATCH_RECORDS) ...
 SEGMENT_MAX_RECORDS = 10_000
 #: ... or when its first record is this old (seconds): the delay before the hub can have it.
-SEGMENT_MAX_AGE_S = 30.0
+SEGMENT_MAX_AGE_S = 10.0
+#: While this many segments wait already (the hub is out of reach), a segment is closed by age
+#: only after BACKLOG_MAX_AGE_S: a day offline is 288 files per batch key, not 8,640.
+BACKLOG_SEGMENTS = 16
+BACKLOG_MAX_AGE_S = 300.0
 #: The most segments a service's spool holds; beyond, the oldest go as if over the quota.
-#: With one segment per key every 30 s, a day of two designations is 5,760 files.
 MAX_SEGMENTS = 20_000
 
 _NAME = re.compile(r"^(\d{20})-(\d{1,10})-(\d{6,12})-(\d{1,9})\.jsonl\.gz$")

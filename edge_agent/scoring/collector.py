@@ -37,6 +37,8 @@ from typing import Any
 import orjson
 
 from edge_agent.data.spool import (
+    BACKLOG_MAX_AGE_S,
+    BACKLOG_SEGMENTS,
     ENV_DIR,
     ENV_QUOTA_BYTES,
     ENV_SAMPLE_RATE,
@@ -66,8 +68,9 @@ MAX_QUEUED_BYTES = 32 << 20
 #: How often the writer thread looks at the queue (seconds); it is woken early when the queue
 #: is half full.
 WRITER_TICK_S = 0.2
-#: Batch keys with an open segment at once (a new one closes the oldest first).
-MAX_OPEN_SEGMENTS = 64
+#: Batch keys with an open segment at once (a new one closes the oldest first): with
+#: SEGMENT_MAX_RAW_BYTES, the most the open segments hold in memory is 16 MiB.
+MAX_OPEN_SEGMENTS = 16
 #: The writer's own cap on the spool while the agent (which drops the oldest) is away: past
 #: this share of the quota it drops what it would write, and counts it.
 HARD_CAP_FACTOR = 1.25
@@ -149,6 +152,7 @@ class CollectionSettings:
     segment_max_raw_bytes: int = SEGMENT_MAX_RAW_BYTES
     segment_max_records: int = SEGMENT_MAX_RECORDS
     segment_max_age_s: float = SEGMENT_MAX_AGE_S
+    backlog_max_age_s: float = BACKLOG_MAX_AGE_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], default_service: str) -> CollectionSettings | None:
@@ -189,6 +193,7 @@ class Collection:
         module_name: str,
         module_version: str,
         rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.module_name = module_name
@@ -200,7 +205,7 @@ class Collection:
         self.kept = 0
         self.dropped = DropCounts()
         self._warned_at = float("-inf")
-        self._writer = SpoolWriter(self)
+        self.writer = SpoolWriter(self, clock)
 
     # --- the request's path -----------------------------------------------------------------
 
@@ -258,9 +263,9 @@ class Collection:
         if full:
             self.drop("queue-full", "the writer falls behind: the queue of records is full")
             return
-        self._writer.ensure_started()
+        self.writer.ensure_started()
         if half:
-            self._writer.wake()
+            self.writer.wake()
 
     def drop(self, cause: str, why: str, count: int = 1) -> None:
         now = time.monotonic()
@@ -285,7 +290,7 @@ class Collection:
 
     def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         """Write what is in memory (queue and open segments) and stop the writer."""
-        self._writer.stop(timeout_s)
+        self.writer.stop(timeout_s)
 
 
 class _OpenSegment:
@@ -305,8 +310,11 @@ class SpoolWriter:
         self._settings = collection.settings
         self._clock = clock
         self._open: dict[_Key, _OpenSegment] = {}
+        self._backlog = False
+        self._backlog_checked = float("-inf")
         self._sequence = 0
         self._wake = threading.Event()
+        self._drain_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -331,7 +339,7 @@ class SpoolWriter:
         if thread is not None:
             thread.join(timeout_s)
         else:
-            self._drain(final=True)
+            self.drain(final=True)
 
     def _run(self) -> None:
         while True:
@@ -339,11 +347,17 @@ class SpoolWriter:
             self._wake.clear()
             final = self._stopping.is_set()
             try:
-                self._drain(final=final)
+                self.drain(final=final)
             except Exception:  # a disk error must not end collection for good
                 log.exception("data collection: writing the spool failed")
             if final:
                 return
+
+    def drain(self, *, final: bool = False) -> None:
+        """One pass of the thread: queued records into their segments, and every segment that
+        is full or old enough (all of them when ``final``) written to the spool."""
+        with self._drain_lock:
+            self._drain(final=final)
 
     def _drain(self, *, final: bool) -> None:
         settings = self._settings
@@ -362,9 +376,30 @@ class SpoolWriter:
                 or len(segment.lines) >= settings.segment_max_records
             ):
                 self._close(key)
+        age_limit = settings.segment_max_age_s
+        if (
+            not final
+            and any(now - s.opened >= age_limit for s in self._open.values())
+            and self._backlogged(now)
+        ):
+            # Segments wait already (the hub is out of reach): small ones would only fill the
+            # spool with files, so records gather for longer.
+            age_limit = settings.backlog_max_age_s
         for key in list(self._open):
-            if final or now - self._open[key].opened >= settings.segment_max_age_s:
+            if final or now - self._open[key].opened >= age_limit:
                 self._close(key)
+
+    def _backlogged(self, now: float) -> bool:
+        """Whether closed segments wait for the uploader (looked at once per segment age)."""
+        if now - self._backlog_checked >= self._settings.segment_max_age_s:
+            self._backlog_checked = now
+            try:
+                with os.scandir(self._settings.folder) as entries:
+                    waiting = sum(1 for e in entries if not e.name.startswith("."))
+            except OSError:
+                waiting = 0
+            self._backlog = waiting >= BACKLOG_SEGMENTS
+        return self._backlog
 
     def _close(self, key: _Key) -> None:
         segment = self._open.pop(key)

@@ -48,6 +48,10 @@ RETRIED_CLIENT_ERRORS = frozenset({408, 429})
 #: revoked, or its credentials file is not the one the hub issued), and a fleet whose tokens
 #: a restored hub database no longer knows must not come back in lockstep.
 TOKEN_REFUSED_BASE_S = 60.0
+#: Answers to a data upload that do not blame the batch, so it stays in the spool (within its
+#: quota) instead of being dropped: a refused token (401) is the device's credentials, and 404
+#: or 405 is a hub older than the upload route (devices are upgraded first).
+LATER_FOR_DATA = frozenset({401, 404, 405})
 TOKEN_REFUSED_CAP_S = 3600.0
 
 log = logging.getLogger(__name__)
@@ -151,8 +155,8 @@ class HubHttp:
     def put_batch(self, digest: str, key: BatchKey, body: bytes, records: int) -> int:
         """Upload one batch of collected data (``manifests.data``); returns 201 (stored) or 200
         (stored before). Raises :class:`HubUnavailable` for "later" (the network, 5xx, 408,
-        429, and 401: the data is not at fault when the token is refused) and
-        :class:`HubRefused` for any other 4xx (sending it again cannot succeed)."""
+        429, and :data:`LATER_FOR_DATA`) and :class:`HubRefused` for any other 4xx (sending it
+        again cannot succeed)."""
         path = f"{UPLOAD_PATH}/{digest}?{key.query()}"
         headers = {
             "Content-Type": CONTENT_TYPE,
@@ -164,10 +168,11 @@ class HubHttp:
             if status in (200, 201):
                 response.read(MAX_ERROR_BYTES)
                 return status
-            if status == 401:
-                raise HubUnavailable(
-                    f"hub {self.base} refused the device token for {path}: {_read_error(response)}"
-                )
+            if status in LATER_FOR_DATA:
+                why = _read_error(response)
+                raise HubUnavailable(f"hub {self.base} answered {status} for {path}: {why}")
+            if status < 500 and status not in RETRIED_CLIENT_ERRORS:
+                raise HubRefused(f"hub {self.base} answered {status} for {path}: {_read_error(response)}")
             self._check(response, path)
             raise HubUnavailable(f"hub {self.base} answered {status} for {path}")
 
@@ -288,7 +293,7 @@ class HubHttp:
         if status < 400:
             return
         message = f"hub {self.base} answered {status} for {path}: {_read_error(response)}"
-        if status in (401, 403, 404) and not path.startswith(UPLOAD_PATH):
+        if status in (401, 403, 404):
             # 403 for a file: the hub no longer names it for this device (its state moved on).
             raise NotFoundError(message)
         if status < 500 and status not in RETRIED_CLIENT_ERRORS:

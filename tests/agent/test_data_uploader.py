@@ -249,3 +249,20 @@ def test_an_agent_killed_mid_upload_resumes_and_stores_no_batch_twice(tmp_path: 
     assert segments_in(tmp_path, SERVICE) == []
     assert ids(hub) == list(range(200))  # each record stored once
     assert len([d for d, s in hub.log if s == 201]) == 20
+
+
+@pytest.mark.parametrize("status", [401, 404, 405])
+def test_answers_that_do_not_blame_the_batch_keep_it_for_later(
+    tmp_path: Path, hub: DataHub, status: int
+) -> None:
+    # 401: the device's token; 404/405: a hub older than the upload route (devices first).
+    spool_records(tmp_path, 10)
+    clock = Clock()
+    up, http = uploader(tmp_path, hub, clock)
+    hub.answers.append((status, {}))
+    up.scan()
+    assert len(segments_in(tmp_path, SERVICE)) == 1 and up.refused == 0
+    clock.now += 1000
+    up.scan()
+    http.close()
+    assert [s for _, s in hub.log] == [status, 201] and segments_in(tmp_path, SERVICE) == []
