@@ -54,6 +54,9 @@ _NAME = re.compile(NAME_PATTERN)
 #: A writer's temp file older than this (seconds) was left by a process that died mid-write.
 STALE_TEMP_S = 600.0
 
+#: The quota warning of a service is logged once a minute at most (seconds).
+WARN_EVERY_S = 60.0
+
 #: Sends one batch; returns the hub's status (200/201) or raises HubUnavailable/HubRefused.
 Send = Callable[[str, BatchKey, bytes, int], int]
 
@@ -132,6 +135,7 @@ class Uploader:
         self.settings = settings
         self._clock, self._rand = clock, rand
         self._known_quota: dict[str, int] = {}
+        self._warned_at: dict[str, float] = {}
         self._lock = threading.Lock()
         self._figures: dict[str, SpoolFigures] = {}
         self._dropped: dict[str, int] = {}
@@ -219,15 +223,18 @@ class Uploader:
             with self._lock:
                 self._dropped[service] = self._dropped.get(service, 0) + records
                 since = self._dropped[service]
-            log.warning(
-                "data spool of %s is over its quota of %d bytes: dropped the oldest %d records "
-                "(%d since the agent started); the hub has not been reachable, or the service "
-                "collects faster than the link uploads",
-                service,
-                quota,
-                records,
-                since,
-            )
+            # Once a minute at most: offline, every scan drops a little.
+            now = self._clock()
+            if now - self._warned_at.get(service, float("-inf")) >= WARN_EVERY_S:
+                self._warned_at[service] = now
+                log.warning(
+                    "data spool of %s is over its quota of %d bytes: dropping the oldest records "
+                    "(%d since the agent started); the hub has not been reachable, or the service "
+                    "collects faster than the link uploads",
+                    service,
+                    quota,
+                    since,
+                )
         return Listing(segments, [], listing.temps)
 
     def _publish(self, spools: Mapping[str, Listing]) -> None:
