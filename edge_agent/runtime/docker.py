@@ -11,9 +11,10 @@
   container (``edge_agent.scoring.image_check``) tells whether that Python is new enough and
   the packages the server, the model and the module's requirements need import; a missing one
   fails the version with a one-line reason naming them, and the version serving stays.
-- The module folder is mounted read-only at ``/module``; the instance's run folder, the only
-  writable place, at ``/run/edgepack`` (the scoring server's state file); the root file system
-  is read-only with a small ``/tmp``.
+- The module folder is mounted read-only at ``/module``; the instance's run folder at
+  ``/run/edgepack`` (the scoring server's state file); a service that collects data gets its
+  spool at ``/var/lib/edgepack/data`` (``docs/data-collection.md``). These two are the only
+  writable places: the root file system is read-only with a small ``/tmp``.
 - Host networking: the public port is the device's own, shared with ``SO_REUSEPORT`` between
   two versions during an update, exactly as with the process runtime.
 - CPU and memory limits from the deployment settings (``containerResourceRequirements``).
