@@ -7,22 +7,30 @@ storing a batch twice; over the quota the oldest records go, counted exactly."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from edge_agent.data.spool import list_spool, spool_dir
-from edge_agent.data.uploader import Uploader, UploaderSettings
+from edge_agent.data.uploader import SpoolFigures, Uploader, UploaderSettings
+from edge_agent.health import Watched
+from edge_agent.report.sampler import Sampler
 from edge_agent.scoring.collector import Collection, CollectionSettings
+from edge_agent.state.records import InstanceRecord
 from edge_agent.uplink.http import HubHttp
+from manifests.compat import encode_for_hub
+from manifests.desired import DeploymentSettings, ModuleAssignment, RuntimeKind
 from manifests.durable import write_durable
 from tests.agent.data_hub import DataHub, segments_in
+from tests.test_scoring_server import make_module, serving
 
 SERVICE = "fraud"
 
@@ -206,7 +214,9 @@ def test_what_the_module_left_that_is_no_segment_is_removed_never_sent(tmp_path:
 UPLOADER_PROCESS = """
 import sys, time
 from pathlib import Path
-from edge_agent.data.uploader import Uploader, UploaderSettings
+from edge_agent.data.uploader import SpoolFigures, Uploader, UploaderSettings
+from edge_agent.health import Watched
+from edge_agent.report.sampler import Sampler
 from edge_agent.uplink.http import HubHttp
 from manifests.device import DeviceCredentials
 
@@ -266,3 +276,35 @@ def test_answers_that_do_not_blame_the_batch_keep_it_for_later(
     up.scan()
     http.close()
     assert [s for _, s in hub.log] == [status, 201] and segments_in(tmp_path, SERVICE) == []
+
+
+def test_telemetry_carries_each_collecting_modules_spool_figures(tmp_path: Path) -> None:
+    module = make_module(tmp_path / "m", "def run(raw):\n    return 1\n", {})
+    with serving(module) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        assignment = ModuleAssignment(
+            service=SERVICE,
+            module="m",
+            version="1",
+            manifest_digest="sha256:" + "1" * 64,
+            settings=DeploymentSettings(port=port),
+        )
+        instance = InstanceRecord(
+            id="1-a", assignment=assignment, key="k", runtime=RuntimeKind.PROCESS, run_dir=str(tmp_path),
+            started_at=datetime.now(UTC), probe_port=port,
+        )  # fmt: skip
+        sampler = Sampler(
+            "edge-1",
+            {},
+            lambda: [Watched(SERVICE, instance)],
+            lambda _: None,
+            interval_s=1,
+            hub_reads_newer=lambda: True,
+            spools=lambda: {SERVICE: SpoolFigures(spooled_bytes=4096, dropped_total=150)},
+        )
+        sample = sampler.sample()
+    [metrics] = sample.modules
+    assert (metrics.data_spooled_bytes, metrics.data_dropped_total) == (4096, 150)
+    # A hub that does not read the newer fields does not get them.
+    old_hub = json.loads(encode_for_hub(sample, hub_reads_newer=False))
+    assert "data_spooled_bytes" not in old_hub["modules"][0]
