@@ -522,8 +522,7 @@ def docker_image(root: Path) -> tuple[str, str] | None:
 
     port = free_port()
     (root / "registry.yml").write_text(
-        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
-        + str(root / "registry")
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " + str(root / "registry")
         + f"\nhttp:\n  addr: 127.0.0.1:{port}\n"
     )
     REGISTRY.append(subprocess.Popen(["/usr/bin/docker-registry", "serve", str(root / "registry.yml")],

@@ -377,7 +377,9 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
         cpu0 = hub.cpu_s()
         documents, enroll_s = enroll(hub, n)
         enroll_cpu = hub.cpu_s() - cpu0
-        log(f"  enrolled in {enroll_s:.2f} s ({n / enroll_s:.0f}/s); {shard_count} simulator processes start")
+        log(
+            f"  enrolled in {enroll_s:.2f} s ({n / enroll_s:.0f}/s); {shard_count} simulator processes start"
+        )
         shards = start_shards(documents, shard_count, root)
         stack.callback(shards.stop)
         dc = root / "deploymentconfig.json"

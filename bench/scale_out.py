@@ -115,10 +115,8 @@ def deploy_time(layout: Layout, devices: int) -> dict[str, object]:
         sub.disconnect()
         with engine.connect() as conn:
             unpublished = conn.execute(
-                text(
-                    "SELECT count(*) FROM device_desired WHERE published_generation <> generation"
-                    " OR published_generation IS NULL"
-                )
+                text("SELECT count(*) FROM device_desired WHERE published_generation <> generation"
+                     " OR published_generation IS NULL")
             ).scalar_one()
         engine.dispose()
     layout.stop_hubs()

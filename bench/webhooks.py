@@ -66,16 +66,8 @@ class Receiver:
         self.lock = threading.Lock()
         self.deliveries: list[tuple[str, str, str]] = []  # (id, subject, type)
         self.port = free_port()
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.port,
-            lifespan="off",
-            interface="asgi3",
-            log_level="warning",
-            access_log=False,
-            backlog=4096,
-        )
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, lifespan="off", interface="asgi3",
+                                log_level="warning", access_log=False, backlog=4096)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -127,20 +119,9 @@ class Hub:
     def start(self) -> None:
         env = {**os.environ, **HUB_ENV, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "packager",
-                "hub",
-                "serve",
-                "--data-dir",
-                str(self.data_dir),
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(self.data_dir),
+             "--port", str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

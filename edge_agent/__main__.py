@@ -19,7 +19,9 @@ from manifests.errors import EdgepackError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_agent", description="The edgepack device agent.")
     parser.add_argument("--config", type=Path, required=True, help="agent.toml")
-    parser.add_argument("--stop-modules", action="store_true", help="stop the modules when the agent stops")
+    parser.add_argument(
+        "--stop-modules", action="store_true", help="stop the modules when the agent stops"
+    )
     parser.add_argument(
         "--allow-open-credentials",
         action="store_true",

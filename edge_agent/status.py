@@ -43,9 +43,9 @@ def agent_status(config: AgentConfig, device_id: str) -> dict[str, Any]:
                 "since": service.since.isoformat(),
                 "version": target.version if target else None,
                 "serving_version": current.version if current else None,
-                "runtime": current.runtime.value
-                if current
-                else (target.settings.runtime.value if target and target.settings.runtime else None),
+                "runtime": current.runtime.value if current else (
+                    target.settings.runtime.value if target and target.settings.runtime else None
+                ),
                 "port": target.settings.port if target else None,
                 "restarts": service.restarts,
                 "instance": current.id if current else None,

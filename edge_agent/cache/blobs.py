@@ -184,7 +184,9 @@ class BlobStore:
             raise
         return ResumableBlob(digest=digest, size=size, partial=partial, final=final, fd=fd, slot=slot)
 
-    def _lock_partial(self, digest: str, size: int, partial: Path, check: Callable[[], None]) -> int | None:
+    def _lock_partial(
+        self, digest: str, size: int, partial: Path, check: Callable[[], None]
+    ) -> int | None:
         """An fd of the partial file holding its exclusive lock, or None once the blob is held."""
         while True:
             if self.held(digest, size):
@@ -345,7 +347,9 @@ class PendingBlob:
         self._written += len(chunk)
         if self._written > self.size:
             self.abort()
-            raise TrustError(f"blob {self.digest}: more than the {self.size} bytes announced; discarded")
+            raise TrustError(
+                f"blob {self.digest}: more than the {self.size} bytes announced; discarded"
+            )
         if self._hasher is not None:
             self._hasher.update(chunk)
         with cache_errors(f"blob {self.digest}"):
@@ -453,7 +457,9 @@ class ResumableBlob:
         fd = self._open_fd()
         if self.offset != self.size:
             # Cut short, not wrong: the bytes are kept and the next attempt resumes.
-            raise FetchError(f"blob {self.digest}: transfer ended after {self.offset} of {self.size} bytes")
+            raise FetchError(
+                f"blob {self.digest}: transfer ended after {self.offset} of {self.size} bytes"
+            )
         if "sha256:" + self._hasher.hexdigest() != self.digest:
             self.discard()
             raise TrustError(f"blob {self.digest}: content does not match its digest; discarded")

@@ -41,7 +41,9 @@ def plan_layout(manifest: ModuleManifest) -> list[Placement]:
             )
         parents = {"/".join(parts[:i]) for i in range(1, len(parts))}
         if path in files or path in folders or parents & files:
-            raise TrustError(f"module {manifest.ref}: path {path!r} clashes with another file; refused")
+            raise TrustError(
+                f"module {manifest.ref}: path {path!r} clashes with another file; refused"
+            )
         files.add(path)
         folders |= parents
         placements.append(Placement(path=path, digest=entry.digest, size=entry.size))

@@ -117,7 +117,9 @@ class ModuleCache:
         except FileNotFoundError:
             raise ConfigError(f"{path}: bundle not found") from None
         with fh:
-            verified = verify_bundle(fh, trust, sink=self.bundle_sink(), progress=progress, what=str(path))
+            verified = verify_bundle(
+                fh, trust, sink=self.bundle_sink(), progress=progress, what=str(path)
+            )
         return self.install_verified(verified)
 
     def bundle_sink(self) -> BlobSink:
@@ -202,7 +204,9 @@ class ModuleCache:
         """Manifest digests of every module folder present."""
         if not self.modules.is_dir():
             return []
-        return sorted("sha256:" + e.name for e in os.scandir(self.modules) if is_digest("sha256:" + e.name))
+        return sorted(
+            "sha256:" + e.name for e in os.scandir(self.modules) if is_digest("sha256:" + e.name)
+        )
 
     def prune(self, keep: set[str], keep_blobs: frozenset[str] = frozenset()) -> PruneReport:
         """Remove every module folder not in ``keep`` (manifest digests) and every blob that no

@@ -46,6 +46,7 @@ def advertised_host(config: AgentConfig) -> str:
     return socket.gethostname()
 
 
+
 class Actions:
     def __init__(
         self,

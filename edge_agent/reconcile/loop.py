@@ -332,10 +332,8 @@ class ReconcileLoop:
         retry_at = {name: at for name, at in r.retry_at.items() if now < at}
         unschedulable = {name: u for name, u in r.unschedulable.items() if now < u[2]}
         settled = [name for name, at in r.settle_at.items() if now >= at]
-        if (
-            any(now >= t for t in r.restart_at.values())
-            or len(retry_at) < len(r.retry_at)
-            or (len(unschedulable) < len(r.unschedulable))
+        if any(now >= t for t in r.restart_at.values()) or len(retry_at) < len(r.retry_at) or (
+            len(unschedulable) < len(r.unschedulable)
         ):
             self.actions.plan = True
         settle_at = {name: at for name, at in r.settle_at.items() if name not in settled}

@@ -296,8 +296,8 @@ class DockerRuntime:
                 raise RegistryUnavailable(f"pulling {reference} failed ({why}); retrying") from None
             if not self._holds(reference):
                 raise ImageUnavailable(
-                    f"the engine pulled {reference} but does not hold that digest; refused"
-                )
+                f"the engine pulled {reference} but does not hold that digest; refused"
+            )
 
     def _check_image(
         self, spec: LaunchSpec, reference: str, cancelled: Callable[[], bool], deadline: float

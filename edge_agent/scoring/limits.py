@@ -64,7 +64,8 @@ FD_EXTENSION = "edgepack.fd"
 DEFAULT_MAX_HEAD_BYTES = 64 << 10
 
 _431 = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\n"
 )
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
 _503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -224,7 +225,11 @@ def guarded_protocol(limits: ServingLimits) -> type[asyncio.Protocol]:
                 head = conn._head_since
                 if head is not None and now - head > limits.header_timeout_s:
                     conn._time_out(b"request head not received in time")
-                elif conn._busy() and conn.cycle.more_body and now - conn._body_since > limits.body_timeout_s:
+                elif (
+                    conn._busy()
+                    and conn.cycle.more_body
+                    and now - conn._body_since > limits.body_timeout_s
+                ):
                     conn._time_out(b"request body not received in time")
             self.loop.call_later(sweep_every, self._sweep)
 
