@@ -293,3 +293,24 @@ def test_segments_close_by_age_and_gather_longer_while_the_hub_is_out_of_reach(t
     collection.writer.drain()
     assert len(list_spool(settings.folder).segments) == 17
     collection.close()
+
+
+def test_each_worker_writes_its_own_segments_and_flushes_them_on_sigterm(tmp_path: Path) -> None:
+    module = make_module(tmp_path / "digits", V1_SCRIPT, {})
+    spool = tmp_path / "spool"
+    state = tmp_path / "instance.json"  # written once every worker is ready (as the agent runs it)
+    env = spool_env(spool, EDGEPACK_PRELOAD="1", EDGEPACK_REUSE_PORT="1", EDGEPACK_STATE_FILE=str(state))
+    with serving(module, workers=2, env=env) as server:
+        deadline = time.monotonic() + 30
+        while not state.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(40):  # a connection each: the kernel spreads them over both workers
+            answer = httpx.post(
+                server.url + "/score", json={"data": [[i, 0]]}, headers={"x-ms-request-id": f"w{i}"}
+            )
+            assert answer.status_code == 200
+    records = read_spool(spool)
+    assert sorted(r.correlation_id or "" for r in records) == sorted(
+        f"w{i}" for i in range(40) for _ in range(2)
+    )
+    assert len({s.pid for s in list_spool(spool).segments}) == 2
