@@ -242,6 +242,8 @@ def test_the_request_context_reaches_collect_in_a_thread_run_with_the_context(tm
     asyncio.run(score())
     assert seen == ["in-task", "in-task"]
     assert azureml_shim.ModelDataCollector("m").collect([1]) == {"correlation_id": None}
+    given = azureml_shim.ModelDataCollector("m").collect([1], user_correlation_id="mine")
+    assert given == {"correlation_id": "mine"}
 
 
 def test_a_spool_over_its_hard_cap_drops_the_newest_while_the_agent_is_away(tmp_path: Path) -> None:

@@ -39,10 +39,6 @@ log = logging.getLogger("edge_agent.scoring.collector")
 _DEFAULT = "default"
 
 
-def _correlation(context: RequestContext | None, given: object = None) -> str | None:
-    return valid_correlation_id(given) or (context.correlation_id if context is not None else None)
-
-
 class ModelDataCollector:
     """Azure ML's v1 collector (``azureml.monitoring``), with its signature."""
 
@@ -74,7 +70,9 @@ class ModelDataCollector:
         """Keep ``input_data`` (when collection is on and the request is sampled); returns the
         correlations to pass to :meth:`add_correlations`, as Azure's does."""
         context = CURRENT_REQUEST.get()
-        correlation_id = _correlation(context, user_correlation_id or None)
+        correlation_id = context.correlation_id if context is not None else None
+        if user_correlation_id:
+            correlation_id = valid_correlation_id(user_correlation_id) or correlation_id
         try:
             collection = active()
             if collection is None:
