@@ -65,7 +65,9 @@ Send = Callable[[str, BatchKey, bytes, int], int]
 class UploaderSettings:
     scan_interval_s: float = 1.0
     backoff_base_s: float = 1.0
-    backoff_cap_s: float = 300.0
+    backoff_cap_s: float = 60.0
+    #: The longest ``Retry-After`` of the hub (its budget for this device) that is honoured.
+    max_retry_after_s: float = 3600.0
     #: Batches sent per scan at most, so that quota and hygiene keep their pace during a backlog.
     max_batches_per_scan: int = 64
     max_segments: int = MAX_SEGMENTS
@@ -288,7 +290,7 @@ class Uploader:
                 cap_s=self.settings.backoff_cap_s,
             )
             if exc.retry_after_s is not None:
-                delay = max(delay, min(exc.retry_after_s, self.settings.backoff_cap_s))
+                delay = max(delay, min(exc.retry_after_s, self.settings.max_retry_after_s))
             self._attempt += 1
             self._not_before = self._clock() + delay
             log.info("data upload waits %.1fs: %s", delay, exc)
