@@ -313,6 +313,10 @@ class SpoolWriter:
         self._clock = clock
         self._open: dict[_Key, _OpenSegment] = {}
         self._backlog = False
+        # What the spool holds, listed at most once per segment age and counted up in between
+        # (only the agent removes: an upper bound), so a large spool is not listed per segment.
+        self._held = 0
+        self._held_checked = float("-inf")
         self._backlog_checked = float("-inf")
         self._sequence = 0
         self._wake = threading.Event()
@@ -391,6 +395,13 @@ class SpoolWriter:
             if final or now - self._open[key].opened >= age_limit:
                 self._close(key)
 
+    def _spool_bytes(self) -> int:
+        now = self._clock()
+        if now - self._held_checked >= self._settings.segment_max_age_s:
+            self._held_checked = now
+            self._held = list_spool(self._settings.folder).bytes
+        return self._held
+
     def _backlogged(self, now: float) -> bool:
         """Whether closed segments wait for the uploader (looked at once per segment age)."""
         if now - self._backlog_checked >= self._settings.segment_max_age_s:
@@ -410,7 +421,7 @@ class SpoolWriter:
             return
         data = gzip.compress(b"".join(segment.lines), compresslevel=GZIP_LEVEL, mtime=0)
         settings = self._settings
-        held = list_spool(settings.folder).bytes
+        held = self._spool_bytes()
         if held + len(data) > settings.quota_bytes * HARD_CAP_FACTOR:
             # The agent drops the oldest to keep the spool within its quota; while it is away,
             # the newest go rather than the device's disk filling.
@@ -419,6 +430,7 @@ class SpoolWriter:
                 f"the spool holds {held} bytes, over its quota of {settings.quota_bytes}",
                 records,
             )
+            self._held_checked = float("-inf")  # the agent may have made room since: look again
             return
         self._sequence += 1
         name = segment_name(time.time_ns(), os.getpid(), self._sequence, records)
@@ -430,6 +442,7 @@ class SpoolWriter:
             self._collection.drop("write-failed", f"cannot write {settings.folder / name}: {exc}", records)
             return
         self.written += 1
+        self._held += len(data)
 
 
 # --- the process's collection -----------------------------------------------------------------
