@@ -330,6 +330,20 @@ def edgepack_server(
     return running(name, cmd, cwd=REPO, env={**os.environ, **(env or {})}, log=log, port=port)
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) of every process in the process group ``pgid`` (a server
+    and its workers: each runs in a session of its own)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def collecting_workload(work: Path, workload: Workload) -> Workload:
     """The same module with the collecting script."""
     module = work / "module-collecting"
@@ -347,6 +361,7 @@ def measure_collection(work: Path, workload: Workload, workers: int, plan: LoadP
     collecting = collecting_workload(work, workload)
     rounds = max(plan.rounds, COLLECT_ROUNDS_MIN)
     per_round: dict[str, list[float]] = {name: [] for name in COLLECTING}
+    cpu_per_request: dict[str, list[float]] = {name: [] for name in COLLECTING}
     with contextlib.ExitStack() as stack:
         servers = []
         for name, rate in COLLECTING.items():
@@ -363,10 +378,14 @@ def measure_collection(work: Path, workload: Workload, workers: int, plan: LoadP
         for index in range(rounds):
             order = servers[index % len(servers) :] + servers[: index % len(servers)]
             for server in order:
+                cpu_before = group_cpu_s(server.proc.pid)
                 loaded = wrk(
                     server.url, collecting.body_path, connections=plan.connections, seconds=plan.throughput_s
                 )
                 per_round[server.name].append(loaded["rps"])
+                cpu_per_request[server.name].append(
+                    (group_cpu_s(server.proc.pid) - cpu_before) / loaded["requests"]
+                )
     spooled = sum(f.stat().st_size for f in (work / "spool").rglob("*.jsonl.gz"))
     base = per_round["collect_off"]
     ratios = {
@@ -374,9 +393,15 @@ def measure_collection(work: Path, workload: Workload, workers: int, plan: LoadP
         for name, runs in per_round.items()
     }
     figures = {f"{name}_rps": round(statistics.median(runs), 1) for name, runs in per_round.items()}
+    # The server's CPU time per request: what the rps ratio would be on a machine nobody else
+    # uses (it moves far less with other tenants' load than throughput does).
+    cpu_us = {name: statistics.median(runs) * 1e6 for name, runs in cpu_per_request.items()}
+    figures.update({f"{name}_cpu_us_per_request": round(us, 1) for name, us in cpu_us.items()})
     say(f"collection: {figures}, ratios {ratios} over {rounds} rounds; {spooled} bytes spooled (gzip)")
     return {
         **figures,
+        "collect_5pct_cpu_ratio": round(cpu_us["collect_off"] / cpu_us["collect_5pct"], 3),
+        "collect_100pct_cpu_ratio": round(cpu_us["collect_off"] / cpu_us["collect_100pct"], 3),
         "collect_5pct_ratio": ratios["collect_5pct"],
         "collect_100pct_ratio": ratios["collect_100pct"],
         "collect_spooled_bytes": spooled,
