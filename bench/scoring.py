@@ -361,7 +361,8 @@ def measure_collection(work: Path, workload: Workload, workers: int, plan: LoadP
     collecting = collecting_workload(work, workload)
     rounds = max(plan.rounds, COLLECT_ROUNDS_MIN)
     per_round: dict[str, list[float]] = {name: [] for name in COLLECTING}
-    cpu_per_request: dict[str, list[float]] = {name: [] for name in COLLECTING}
+    cpu_s: dict[str, float] = dict.fromkeys(COLLECTING, 0.0)
+    requests: dict[str, int] = dict.fromkeys(COLLECTING, 0)
     with contextlib.ExitStack() as stack:
         servers = []
         for name, rate in COLLECTING.items():
@@ -383,9 +384,8 @@ def measure_collection(work: Path, workload: Workload, workers: int, plan: LoadP
                     server.url, collecting.body_path, connections=plan.connections, seconds=plan.throughput_s
                 )
                 per_round[server.name].append(loaded["rps"])
-                cpu_per_request[server.name].append(
-                    (group_cpu_s(server.proc.pid) - cpu_before) / loaded["requests"]
-                )
+                cpu_s[server.name] += group_cpu_s(server.proc.pid) - cpu_before
+                requests[server.name] += loaded["requests"]
     spooled = sum(f.stat().st_size for f in (work / "spool").rglob("*.jsonl.gz"))
     base = per_round["collect_off"]
     ratios = {
@@ -393,9 +393,10 @@ def measure_collection(work: Path, workload: Workload, workers: int, plan: LoadP
         for name, runs in per_round.items()
     }
     figures = {f"{name}_rps": round(statistics.median(runs), 1) for name, runs in per_round.items()}
-    # The server's CPU time per request: what the rps ratio would be on a machine nobody else
-    # uses (it moves far less with other tenants' load than throughput does).
-    cpu_us = {name: statistics.median(runs) * 1e6 for name, runs in cpu_per_request.items()}
+    # The server's CPU time per request over all its rounds (clock ticks are 10 ms: one round's
+    # figure would be too coarse): what the rps ratio would be on a machine nobody else uses,
+    # and it moves far less with other tenants' load than throughput does.
+    cpu_us = {name: cpu_s[name] / requests[name] * 1e6 for name in COLLECTING}
     figures.update({f"{name}_cpu_us_per_request": round(us, 1) for name, us in cpu_us.items()})
     say(f"collection: {figures}, ratios {ratios} over {rounds} rounds; {spooled} bytes spooled (gzip)")
     return {
