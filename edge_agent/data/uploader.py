@@ -73,6 +73,8 @@ class UploaderSettings:
     max_segments: int = MAX_SEGMENTS
     default_quota_bytes: int = DEFAULT_DATA_SPOOL_MB << 20
     stale_temp_s: float = STALE_TEMP_S
+    #: How long the empty spool of a service no longer assigned stays before it is removed.
+    remove_empty_after_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class Uploader:
         self._clock, self._rand = clock, rand
         self._known_quota: dict[str, int] = {}
         self._warned_at: dict[str, float] = {}
+        self._empty_since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._figures: dict[str, SpoolFigures] = {}
         self._dropped: dict[str, int] = {}
@@ -183,11 +186,18 @@ class Uploader:
             service = folder.name
             quota = self._known_quota.get(service, self.settings.default_quota_bytes)
             listing = self._tidy(folder, service, quota)
-            if not listing.segments and service not in quotas and not listing.temps:
-                # Nothing left of a service no longer assigned: its folder goes.
-                shutil.rmtree(folder, ignore_errors=True)
-                self._known_quota.pop(service, None)
-                continue
+            if service in quotas or listing.segments or listing.temps:
+                self._empty_since.pop(service, None)
+            else:
+                # Nothing left of a service no longer assigned: its folder goes, once its last
+                # instance had the time to stop (a container's mount of a deleted folder would
+                # lose what it writes while it drains).
+                since = self._empty_since.setdefault(service, self._clock())
+                if self._clock() - since >= self.settings.remove_empty_after_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    self._known_quota.pop(service, None)
+                    del self._empty_since[service]
+                    continue
             spools[service] = listing
         self._publish(spools)
         if self._clock() >= self._not_before:

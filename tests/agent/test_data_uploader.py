@@ -308,3 +308,24 @@ def test_telemetry_carries_each_collecting_modules_spool_figures(tmp_path: Path)
     # A hub that does not read the newer fields does not get them.
     old_hub = json.loads(encode_for_hub(sample, hub_reads_newer=False))
     assert "data_spooled_bytes" not in old_hub["modules"][0]
+
+
+def test_a_removed_services_spool_is_uploaded_then_its_folder_goes(tmp_path: Path, hub: DataHub) -> None:
+    spool_records(tmp_path, 30)
+    clock = Clock()
+    http = HubHttp(hub.credentials(), timeout_s=5)
+    up = Uploader(tmp_path, http.put_batch, dict, clock=clock, rand=lambda: 0.5)  # assigned: nothing
+    folder = spool_dir(tmp_path, SERVICE)
+    stale = folder / ".00000000000000000001-1-000001-1.jsonl.gz.1.abcd.tmp"
+    stale.write_bytes(b"half a segment")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # its writer died an hour ago
+    up.scan()
+    http.close()
+    assert ids(hub) == list(range(30)) and not stale.exists()
+    up.scan()
+    clock.now += up.settings.remove_empty_after_s - 1
+    up.scan()
+    assert folder.is_dir()  # an instance may still be draining into it
+    clock.now += 1
+    up.scan()
+    assert not folder.exists() and up.figures() == {}
