@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from edge_agent import __version__, logfmt
+from edge_agent.data.uploader import Uploader, quotas_of
 from edge_agent.reconcile.loop import ReconcileLoop, Stop
 from edge_agent.report.sampler import Sampler
 from edge_agent.runtime.base import Runtime
@@ -121,6 +122,8 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             alive=notifier.alive,
         )
         loop_ref.append(loop)
+        # Collected data: its own thread and its own HTTP connection, never the loop's.
+        uploader = Uploader(config.state_dir, hub.put_batch, lambda: quotas_of(loop.records.desired))
         sampler = Sampler(
             credentials.device_id,
             runtimes,
@@ -128,6 +131,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             mqtt.publish_telemetry if mqtt else (lambda _: False),
             interval_s=config.telemetry_interval_s,
             hub_reads_newer=loop.hub_reads_newer,
+            spools=uploader.figures,
         )
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -148,12 +152,14 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
         if mqtt is not None:
             mqtt.start()
         sampler.start()
+        uploader.start()
         notifier.ready(f"serving {len(loop.records.agent.services)} service(s) from the cache")
         try:
             loop.run()
         finally:
             notifier.stopping()
             log.info("agent stopping%s", " and its modules" if stop_modules else "; modules keep running")
+            uploader.stop()
             sampler.stop()
             if mqtt is not None:
                 mqtt.stop()

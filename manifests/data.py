@@ -12,8 +12,10 @@ The contract between the agent (writer and uploader) and the hub (receiver and s
 - The device sends it with ``PUT`` :data:`UPLOAD_PATH` ``/{digest}``, the key in the query
   (:meth:`BatchKey.query`), ``Content-Encoding: gzip``, ``Content-Type: application/x-ndjson``
   and ``X-Edgepack-Records``: the number of lines. Answers: 201 stored, 200 stored before
-  (the same id), 429/503 with ``Retry-After`` (later), any other 4xx refused for good (the
-  agent drops the batch, counts and logs it; sending it again cannot succeed), 5xx later.
+  (the same id), 429/503 with ``Retry-After`` (later), 5xx later; 401 (the device's token, not
+  the batch) and 404/405 (a hub older than this route: devices are upgraded first) later too;
+  any other 4xx refused for good (the agent drops the batch, counts and logs it; sending it
+  again cannot succeed).
 - The hub stores the bytes as sent under :func:`blob_key`, a layout like Azure's
   (``service/model/version/designation/YYYY/MM/DD/``), one object per batch.
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.cache.modules import InstalledModule, ModuleCache
+from edge_agent.data.spool import spool_dir
 from edge_agent.download.module import Counters, FetchControl, fetch_module
 from edge_agent.reconcile.events import Event, HttpDesired, OpDone, OpProgress, Retired, Stop
 from edge_agent.reconcile.operations import Control, start_instance
@@ -165,6 +166,7 @@ class Executor:
             drain_s=DRAIN_S,
             tls=self.certificates.material(name) if settings.tls is not None else None,
             agent_key=os.urandom(16).hex() if settings.auth is not None else None,
+            data_dir=spool_dir(self.config.state_dir, name) if settings.data_collection is not None else None,
         )
         progress = self._progress(running, name)
         if serving is not None and serving.runtime is not runtime.kind:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
+from edge_agent.data.uploader import SpoolFigures
 from edge_agent.health import Watched
 from edge_agent.report.telemetry import (
     CpuTimes,
@@ -37,12 +38,14 @@ class Sampler:
         *,
         interval_s: float,
         hub_reads_newer: Callable[[], bool],
+        spools: Callable[[], Mapping[str, SpoolFigures]] = dict,
     ) -> None:
         self._device = device_id
         self._runtimes = runtimes
         self._watched = watched
         self._publish = publish
         self._hub_reads_newer = hub_reads_newer
+        self._spools = spools
         self._interval = interval_s
         self._readings: dict[str, Reading] = {}  # service -> previous reading
         self._cpu: CpuTimes | None = None
@@ -68,6 +71,7 @@ class Sampler:
     def sample(self) -> Telemetry:
         modules = []
         seen: set[str] = set()
+        spools = self._spools()
         for w in self._watched():
             runtime = self._runtimes.get(w.instance.runtime)
             if runtime is not None:
@@ -84,7 +88,15 @@ class Sampler:
                 cpu_s=usage.cpu_s if usage else None,
                 memory_mb=usage.memory_mb if usage else None,
             )
-            modules.append(module_metrics(w.service, self._readings.get(w.service), reading))
+            metrics = module_metrics(w.service, self._readings.get(w.service), reading)
+            spool = spools.get(w.service)
+            if spool is not None:
+                update = {
+                    "data_spooled_bytes": spool.spooled_bytes,
+                    "data_dropped_total": spool.dropped_total,
+                }
+                metrics = metrics.model_copy(update=update)
+            modules.append(metrics)
             self._readings[w.service] = reading
             seen.add(w.service)
         for gone in set(self._readings) - seen:

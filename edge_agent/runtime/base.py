@@ -35,6 +35,7 @@ class LaunchSpec:
     drain_s: float
     tls: TlsMaterial | None = None  # when the assignment asks for TLS
     agent_key: str | None = None  # the agent's own endpoint key, when the assignment has keys
+    data_dir: Path | None = None  # the service's data spool, when its deployment collects data
 
     def __post_init__(self) -> None:
         # Every start, of a fresh download or of a cached module, builds a spec first: nothing

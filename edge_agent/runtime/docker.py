@@ -11,9 +11,10 @@
   container (``edge_agent.scoring.image_check``) tells whether that Python is new enough and
   the packages the server, the model and the module's requirements need import; a missing one
   fails the version with a one-line reason naming them, and the version serving stays.
-- The module folder is mounted read-only at ``/module``; the instance's run folder, the only
-  writable place, at ``/run/edgepack`` (the scoring server's state file); the root file system
-  is read-only with a small ``/tmp``.
+- The module folder is mounted read-only at ``/module``; the instance's run folder at
+  ``/run/edgepack`` (the scoring server's state file); a service that collects data gets its
+  spool at ``/var/lib/edgepack/data`` (``docs/data-collection.md``). These two are the only
+  writable places: the root file system is read-only with a small ``/tmp``.
 - Host networking: the public port is the device's own, shared with ``SO_REUSEPORT`` between
   two versions during an update, exactly as with the process runtime.
 - CPU and memory limits from the deployment settings (``containerResourceRequirements``).
@@ -52,7 +53,13 @@ from edge_agent.runtime.base import (
     instance_arguments,
     requirement_names,
 )
-from edge_agent.runtime.endpoint_files import TlsMaterial, endpoint_environment, write_keys, write_tls
+from edge_agent.runtime.endpoint_files import (
+    TlsMaterial,
+    data_environment,
+    endpoint_environment,
+    write_keys,
+    write_tls,
+)
 from edge_agent.scoring.image_check import BOOTSTRAP, MIN_PYTHON, MODEL_PACKAGES, SEPARATOR, SERVER_PACKAGES
 from edge_agent.state.records import InstanceRecord
 from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind
@@ -64,6 +71,8 @@ log = logging.getLogger(__name__)
 
 MODULE_MOUNT = "/module"
 RUN_MOUNT = "/run/edgepack"
+#: the service's data spool (read-write), when its deployment collects data
+DATA_MOUNT = "/var/lib/edgepack/data"
 CONTAINER_UID = 10001  # the runtime image's user
 LABEL_DEVICE = "edgepack.device"
 LABEL_SERVICE = "edgepack.service"
@@ -428,6 +437,13 @@ class DockerRuntime:
             options["nano_cpus"] = int(settings.cpu * 1e9)
         if settings.memory_mb is not None:
             options["mem_limit"] = f"{settings.memory_mb}m"
+        data_mounts = []
+        if spec.data_dir is not None:
+            # The service's spool, the one other folder the container may write: the agent
+            # reads it as untrusted (edge_agent.data.spool).
+            spec.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chown(spec.data_dir, CONTAINER_UID, CONTAINER_UID)
+            data_mounts.append(Mount(DATA_MOUNT, str(spec.data_dir), type="bind", read_only=False))
         try:
             image = self._client.images.get(reference)
             container = self._client.containers.run(
@@ -450,11 +466,13 @@ class DockerRuntime:
                 mounts=[
                     Mount(MODULE_MOUNT, str(spec.module.dir), type="bind", read_only=True),
                     Mount(RUN_MOUNT, str(spec.run_dir), type="bind", read_only=False),
+                    *data_mounts,
                     *code_mounts(),
                 ],
                 environment={
                     **settings.env,
                     **endpoint_environment(spec.assignment, RUN_MOUNT),
+                    **data_environment(spec.assignment, DATA_MOUNT if data_mounts else None),
                     **self._code_environment(image),
                 },
                 log_config={"type": "json-file", "config": {"max-size": "8m", "max-file": "2"}},
@@ -582,4 +600,3 @@ def _verdict_line(output: str) -> dict[str, Any] | None:
         if isinstance(answer, dict) and "python" in answer:
             return answer
     return None
-

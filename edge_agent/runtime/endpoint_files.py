@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.data.spool import ENV_DIR, ENV_QUOTA_BYTES, ENV_SAMPLE_RATE, ENV_SERVICE
 from manifests.desired import EndpointAuth, ModuleAssignment
 from manifests.durable import write_durable
 
@@ -84,3 +85,18 @@ def endpoint_environment(assignment: ModuleAssignment, run_dir_seen: str) -> dic
         env["EDGEPACK_TLS_CERT"] = f"{run_dir_seen}/{TLS_DIR}/{CERT_FILE}"
         env["EDGEPACK_TLS_KEY"] = f"{run_dir_seen}/{TLS_DIR}/{KEY_FILE}"
     return env
+
+
+def data_environment(assignment: ModuleAssignment, spool_seen: str | None) -> dict[str, str]:
+    """The collector's variables (:mod:`edge_agent.scoring.collector`): the service's spool as
+    the instance sees it, the sampling rate and the quota; none when the service collects
+    nothing (then every collect() in the module does nothing)."""
+    collection = assignment.settings.data_collection
+    if collection is None or spool_seen is None:
+        return {}
+    return {
+        ENV_DIR: spool_seen,
+        ENV_SERVICE: assignment.service,
+        ENV_SAMPLE_RATE: repr(collection.sample_rate),
+        ENV_QUOTA_BYTES: str(collection.spool_quota_mb << 20),
+    }

@@ -37,7 +37,13 @@ from edge_agent.runtime.base import (
     requirement_names,
     tail_lines,
 )
-from edge_agent.runtime.endpoint_files import TlsMaterial, endpoint_environment, write_keys, write_tls
+from edge_agent.runtime.endpoint_files import (
+    TlsMaterial,
+    data_environment,
+    endpoint_environment,
+    write_keys,
+    write_tls,
+)
 from edge_agent.state.records import InstanceRecord
 from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind
 from manifests.errors import RuntimeFailure
@@ -185,6 +191,9 @@ class ProcessRuntime:
         env.update(self._extra_env)
         env.update(settings.env)
         env.update(endpoint_environment(spec.assignment, str(spec.run_dir)))
+        if spec.data_dir is not None:
+            spec.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            env.update(data_environment(spec.assignment, str(spec.data_dir)))
         write_keys(spec.run_dir, settings.auth, spec.agent_key)
         if spec.tls is not None:
             write_tls(spec.run_dir, spec.tls)

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from edge_agent.scoring import collector
 from edge_agent.scoring.auth import EndpointKeys
 from edge_agent.scoring.entry import BadInput, EntryScript, read_layout
 from edge_agent.scoring.failure import describe
@@ -105,9 +106,19 @@ def _error_body(message: str, kind: str) -> bytes:
 
 
 async def _respond(
-    send: Send, status: int, body: bytes, content_type: bytes = _JSON, *, close: bool = False
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes = _JSON,
+    *,
+    close: bool = False,
+    request_id: bytes | None = None,
 ) -> None:
     headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+    if request_id is not None:
+        # Azure's server names every scoring request this way; it is the correlation id of
+        # the data run() collects.
+        headers.append((b"x-ms-request-id", request_id))
     if close:
         # uvicorn closes the connection after this response; the client reconnects, and the
         # kernel gives the new connection to the version that still listens.
@@ -196,6 +207,15 @@ class ScoringApp:
     # --- /score ---------------------------------------------------------------------------
 
     async def _score(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The request's correlation id, where collect() inside run() finds it.
+        request_id = collector.request_correlation_id(scope["headers"])
+        token = collector.CURRENT_REQUEST.set(collector.RequestContext(request_id))
+        try:
+            await self._score_request(scope, receive, send, request_id.encode())
+        finally:
+            collector.CURRENT_REQUEST.reset(token)
+
+    async def _score_request(self, scope: Scope, receive: Receive, send: Send, request_id: bytes) -> None:
         start = perf_counter_ns()
         entry = self.entry
         method = scope["method"]
@@ -203,7 +223,7 @@ class ScoringApp:
             status = 503
             payload = _error_body("the module is not ready: init() has not finished", "NotReady")
         elif method == "POST":
-            await self._score_body(entry, scope, receive, send, start)
+            await self._score_body(entry, scope, receive, send, start, request_id)
             return
         elif method == "GET":
             status, payload = self._call_run(entry, scope, query_as_json(scope["query_string"]))
@@ -212,11 +232,11 @@ class ScoringApp:
         else:
             status = 405
             payload = _error_body("use POST /score with the input as the body", "MethodNotAllowed")
-        await _respond(send, status, payload, close=self.draining)
+        await _respond(send, status, payload, close=self.draining, request_id=request_id)
         self.metrics.score(status, perf_counter_ns() - start)
 
     async def _score_body(
-        self, entry: EntryScript, scope: Scope, receive: Receive, send: Send, start: int
+        self, entry: EntryScript, scope: Scope, receive: Receive, send: Send, start: int, request_id: bytes
     ) -> None:
         """``POST /score``: the body read within the body limit and the worker's budget (a
         body announced too large is refused before any of it is read), then ``run()``."""
@@ -230,12 +250,12 @@ class ScoringApp:
             except _Refused as exc:
                 status = exc.status
         if status:
-            await self._refuse(send, status)
+            await self._refuse(send, status, request_id)
             self.metrics.score(status, perf_counter_ns() - start)
             return
         try:
             status, payload = self._call_run(entry, scope, body)
-            await _respond(send, status, payload, close=self.draining)
+            await _respond(send, status, payload, close=self.draining, request_id=request_id)
         finally:
             budget.give_back(len(body))
         self.metrics.score(status, perf_counter_ns() - start)
@@ -270,10 +290,10 @@ class ScoringApp:
         chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _refuse(self, send: Send, status: int) -> None:
+    async def _refuse(self, send: Send, status: int, request_id: bytes) -> None:
         """413 or 503 for a body that is not read (any further), closing the connection: the
         rest of the body is still on its way, and reading it is what must not happen."""
-        headers = [(b"content-type", _JSON), (b"connection", b"close")]
+        headers = [(b"content-type", _JSON), (b"connection", b"close"), (b"x-ms-request-id", request_id)]
         if status == 413:
             body = _error_body(
                 f"request body is larger than {self.budget.max_body} bytes "
@@ -353,6 +373,8 @@ class ScoringApp:
                 self.start(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                # What collect() calls left in memory goes to the spool before the process ends.
+                await asyncio.to_thread(collector.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

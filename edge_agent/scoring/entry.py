@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from edge_agent.scoring import azureml_shim, collector
 from manifests.errors import RuntimeFailure
 from manifests.module import MODEL_ROOT, SRC_ROOT
 
@@ -167,7 +168,8 @@ class EntryScript:
         Sets ``EDGEPACK_MODEL_DIR`` and ``AZUREML_MODEL_DIR`` to ``<dir>/model`` (and the
         module's own environment variables unless already set), puts ``src/`` first on
         ``sys.path`` and makes it the working directory, since Azure ML scripts open files
-        relative to it.
+        relative to it. ``azureml.monitoring`` and ``azureml.ai.monitoring`` are edgepack's
+        collector (:mod:`edge_agent.scoring.azureml_shim`).
         """
         layout = read_layout(module_dir, os.environ)
         if not layout.entry_script.is_file():
@@ -183,6 +185,10 @@ class EntryScript:
             sys.path.insert(0, src)
         if layout.src_dir.is_dir():
             os.chdir(src)
+        # An Azure script's data collector resolves to edgepack's, with this module as its
+        # default model.
+        collector.set_module(layout.name, layout.version)
+        azureml_shim.install()
         return cls(layout, _import_script(layout.entry_script))
 
     def init(self) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from edge_agent import __version__
 from edge_agent.backoff import full_jitter
 from edge_agent.uplink.tls import client_context
+from manifests.data import CONTENT_TYPE, RECORDS_HEADER, UPLOAD_PATH, BatchKey
 from manifests.device import DeviceCredentials
 from manifests.errors import ConfigError, HubRefused, HubUnavailable, NotFoundError
 
@@ -47,6 +48,10 @@ RETRIED_CLIENT_ERRORS = frozenset({408, 429})
 #: revoked, or its credentials file is not the one the hub issued), and a fleet whose tokens
 #: a restored hub database no longer knows must not come back in lockstep.
 TOKEN_REFUSED_BASE_S = 60.0
+#: Answers to a data upload that do not blame the batch, so it stays in the spool (within its
+#: quota) instead of being dropped: a refused token (401) is the device's credentials, and 404
+#: or 405 is a hub older than the upload route (devices are upgraded first).
+LATER_FOR_DATA = frozenset({401, 404, 405})
 TOKEN_REFUSED_CAP_S = 3600.0
 
 log = logging.getLogger(__name__)
@@ -146,6 +151,30 @@ class HubHttp:
             self._check(response, path)
             start = offset if response.status == 206 else 0
             yield start, self._chunks(response, digest)
+
+    def put_batch(self, digest: str, key: BatchKey, body: bytes, records: int) -> int:
+        """Upload one batch of collected data (``manifests.data``); returns 201 (stored) or 200
+        (stored before). Raises :class:`HubUnavailable` for "later" (the network, 5xx, 408,
+        429, and :data:`LATER_FOR_DATA`) and :class:`HubRefused` for any other 4xx (sending it
+        again cannot succeed)."""
+        path = f"{UPLOAD_PATH}/{digest}?{key.query()}"
+        headers = {
+            "Content-Type": CONTENT_TYPE,
+            "Content-Encoding": "gzip",
+            RECORDS_HEADER: str(records),
+        }
+        with self._open(path, headers, method="PUT", body=body) as response:
+            status = response.status
+            if status in (200, 201):
+                response.read(MAX_ERROR_BYTES)
+                return status
+            if status in LATER_FOR_DATA:
+                why = _read_error(response)
+                raise HubUnavailable(f"hub {self.base} answered {status} for {path}: {why}")
+            if status < 500 and status not in RETRIED_CLIENT_ERRORS:
+                raise HubRefused(f"hub {self.base} answered {status} for {path}: {_read_error(response)}")
+            self._check(response, path)
+            raise HubUnavailable(f"hub {self.base} answered {status} for {path}")
 
     def _chunks(self, response: http.client.HTTPResponse, digest: str) -> Iterator[bytes]:
         try:
