@@ -14,6 +14,7 @@ from edge_agent.data.spool import list_spool, spool_dir
 from manifests.data import CollectedRecord
 from manifests.desired import RuntimeKind
 from tests.agent.conftest import Agent, Fleet, free_port
+from tests.agent.hub_proxy import hub_proxy
 from tests.docker_fixtures import PushedRuntimeImage
 from tests.waiting import wait_for
 
@@ -83,9 +84,11 @@ def test_the_process_runtime_gives_a_collecting_service_its_spool_and_keeps_what
 ) -> None:
     agent = fleet.device("dc-1")
     port = deploy_collecting(fleet, agent, "process")
-    agent.start()
-    agent.wait_state("collects", "Healthy")
-    assert_collected(score_and_read_spool(agent, port))
+    with hub_proxy(agent) as proxy:
+        proxy.refuse("/device/data", 404)  # a hub older than the upload route
+        agent.start()
+        agent.wait_state("collects", "Healthy")
+        assert_collected(score_and_read_spool(agent, port))
 
 
 def test_the_docker_runtime_mounts_the_spool_into_the_container(
@@ -96,10 +99,12 @@ def test_the_docker_runtime_mounts_the_spool_into_the_container(
     repository = runtime_image.pinned.split("@", 1)[0]
     runtime = {"image": f"{repository}:pytest", "image_digest": runtime_image.digest}
     port = deploy_collecting(fleet, agent, "docker", runtime=runtime)
-    agent.start()
-    agent.wait_state("collects", "Healthy", timeout=180)
-    [container] = docker_engine.containers.list(filters={"label": f"edgepack.device={device}"})
-    mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
-    assert mounts["/var/lib/edgepack/data"]["RW"] is True
-    assert mounts["/var/lib/edgepack/data"]["Source"] == str(spool_dir(agent.state_dir, "collects"))
-    assert_collected(score_and_read_spool(agent, port))
+    with hub_proxy(agent) as proxy:
+        proxy.refuse("/device/data", 404)  # a hub older than the upload route
+        agent.start()
+        agent.wait_state("collects", "Healthy", timeout=180)
+        [container] = docker_engine.containers.list(filters={"label": f"edgepack.device={device}"})
+        mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+        assert mounts["/var/lib/edgepack/data"]["RW"] is True
+        assert mounts["/var/lib/edgepack/data"]["Source"] == str(spool_dir(agent.state_dir, "collects"))
+        assert_collected(score_and_read_spool(agent, port))
