@@ -31,6 +31,7 @@ from cloud_hub.core import HubCore
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.fleet.desired import DesiredSigner
 from cloud_hub.fleet.executor import AccountSync, EffectExecutor
+from cloud_hub.fleet.grants import DownloadGrants
 from cloud_hub.fleet.maintenance import FleetMaintenance
 from cloud_hub.fleet.publish import DesiredPublisher
 from cloud_hub.ingest.worker import IngestWorker, ingest_policy
@@ -52,6 +53,8 @@ class HubProcess:
     fleet: FleetChanges
     executor: EffectExecutor
     upkeep: FleetMaintenance
+    #: who may download what, remembered for a bounded time (cloud_hub.fleet.grants)
+    grants: DownloadGrants
     link: MqttLink | None = None
     ingest: IngestWorker | None = None
     publisher: DesiredPublisher | None = None
@@ -106,7 +109,14 @@ def wire_hub(core: HubCore) -> HubProcess:
     settings = core.settings
     link, ingest, publisher = _broker_parts(core)
     accounts = _account_sync(core)
-    executor = EffectExecutor(core.sessions, publisher=publisher, accounts=accounts)
+    grants = DownloadGrants(
+        ttl_s=settings.download_grant_ttl_s,
+        max_devices=settings.download_cache_devices,
+        max_modules=settings.download_cache_modules,
+    )
+    executor = EffectExecutor(
+        core.sessions, publisher=publisher, accounts=accounts, on_issued=grants.forget
+    )
     fleet = FleetChanges(core.sessions, DesiredSigner(core.hub_key, settings.desired_ttl_s), executor)
     upkeep = FleetMaintenance(
         renew=fleet.renew_expiring,
@@ -140,6 +150,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         accounts=accounts,
         alerts=alerts,
         metrics=metrics,
+        grants=grants,
         webhooks=WebhookDispatcher(
             core.sessions,
             DispatchPolicy.from_settings(settings),
