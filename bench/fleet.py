@@ -16,6 +16,8 @@ For each fleet size N (``--devices 100,1000,5000``), on fresh engines:
 - ``ingest_msgs_per_s``: every device sends one full reported state at once, three times;
   messages applied per second until the database holds them all (best burst);
 - ``hub_peak_rss_mb`` (VmHWM) and the hub's CPU seconds per phase;
+- ``hub_cpu_ms_per_download``: devices fetch a module's manifest and blobs with nothing else
+  going on; the hub's CPU time over the requests (median of three rounds, each its own devices);
 - where the time goes: the hub's own account of a deploy request (sign + store, publish; from
   its log), when the first and last device had its state, the devices' verify and download
   time, when the last one reported Healthy, and the rest (ingest + roll-up) until the roll-up
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -74,6 +77,7 @@ TARGETS = {
     "ingest_msgs_per_s": ">= 5000 SQLite; >= 3000 PostgreSQL",
     "hub_peak_rss_mb": "< 300 at 5,000",
     "cost_vs_n": "no worse than linear",
+    "hub_cpu_ms_per_download": "<= 0.3",
 }
 console = Console(stderr=True)
 
@@ -345,6 +349,35 @@ def ingest_rate(hub: Hub, shards: Shards, n: int, bursts: int = 3) -> dict[str, 
     }
 
 
+def download_cost(hub: Hub, documents: list[dict[str, Any]], digest: str, rounds: int = 3) -> dict[str, Any]:
+    """Hub CPU per download, alone: devices that hold nothing fetch the manifest and every
+    blob of the module they run, as after a deploy. Each round takes devices the hub has not
+    served in this phase (a rollout's pattern: one grant load per device, then hits); the
+    figure is the median round's hub CPU time over its requests."""
+    with hub.http() as http:
+        module = next(m for m in http.get("/api/v1/modules").json()
+                      if m["manifest_digest"] == digest)  # fmt: skip
+    blobs = sorted({f["digest"] for f in module["files"]})
+    per_round = max(1, min(len(documents) // rounds, 1000))
+    costs = []
+    for r in range(rounds):
+        group = documents[r * per_round : (r + 1) * per_round]
+
+        def fetch(creds: dict[str, Any]) -> int:
+            headers = {"Authorization": f"Bearer {creds['token']}"}
+            with httpx.Client(base_url=hub.url, headers=headers, timeout=60) as dev:
+                for path in [f"manifests/{digest}"] + [f"blobs/{b}" for b in blobs]:
+                    dev.get(f"/api/v1/device/{path}").raise_for_status()
+            return 1 + len(blobs)
+
+        cpu0 = hub.cpu_s()
+        with ThreadPoolExecutor(8) as pool:
+            requests = sum(pool.map(fetch, group))
+        costs.append(round((hub.cpu_s() - cpu0) * 1000 / requests, 3))
+    median = sorted(costs)[len(costs) // 2]
+    return {"hub_cpu_ms_per_download": median, "hub_cpu_ms_per_download_rounds": costs}
+
+
 def modules(forge: Forge) -> dict[str, bytes]:
     model = os.urandom(64 << 10)  # one model file both versions share: the update moves score.py only
     out = {}
@@ -390,6 +423,9 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
         log(f"  update: {update['to_healthy_s']} s to Healthy (command {update['command_s']} s)")
         ingest = ingest_rate(hub, shards, n)
         log(f"  ingest: {ingest['ingest_msgs_per_s']} msgs/s (bursts {ingest['ingest_bursts']})")
+        downloads = download_cost(hub, documents, digests["2"])
+        log(f"  downloads: {downloads['hub_cpu_ms_per_download']} ms of hub CPU each "
+            f"(rounds {downloads['hub_cpu_ms_per_download_rounds']}; target <= 0.3)")  # fmt: skip
         return {
             "devices": n,
             "database": "postgresql" if db else "sqlite",
@@ -402,6 +438,7 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
             "update_command_s": update["command_s"],
             **ingest,
             "hub_peak_rss_mb": round(hub.peak_rss_mb(), 1),
+            **downloads,
             "deploy": deploy,
             "update": update,
         }
@@ -423,7 +460,7 @@ def main() -> None:
     result: dict[str, Any] = {"bench": "fleet"}
     last = curve[-1]
     for key in ("devices", "enroll_per_s", "deploy_to_healthy_s", "update_to_healthy_s", "hub_peak_rss_mb",
-                "ingest_msgs_per_s"):  # fmt: skip
+                "ingest_msgs_per_s", "hub_cpu_ms_per_download"):  # fmt: skip
         result[key] = last[key]
     by_n = {p["devices"]: p for p in curve}
     if 1000 in by_n:

@@ -1,0 +1,203 @@
+"""Device downloads on the fast path (cloud_hub.api.downloads): a rollout's repeated
+downloads cost the hub no database query, and every guarantee of the slow path holds —
+only what the device's current state names, a revoked device refused (at once on this hub,
+within ``download_grant_ttl_s`` when revoked elsewhere), damaged blobs refused."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import event, select, update
+
+from cloud_hub.events import Event
+from cloud_hub.fleet.grants import DownloadGrants, Verdict
+from cloud_hub.fleet.tables import Device
+from cloud_hub.store.blobs import FileBlobStore
+from tests.hub.conftest import HubFactory, Publisher, RunningHub
+from tests.hub.fleet_support import PushedModule, deploy, enroll, push
+
+
+@contextmanager
+def statements(running: RunningHub) -> Iterator[list[str]]:
+    """Every SQL statement the hub sends while the block runs."""
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        seen.append(str(args[2]))
+
+    engine = running.core.sessions.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def fetch_all(dev: httpx.Client, module: PushedModule) -> list[int]:
+    codes = [dev.get(f"/api/v1/device/manifests/{module.digest}").status_code]
+    return codes + [dev.get(f"/api/v1/device/blobs/{d}").status_code for d in module.blob_digests]
+
+
+def test_a_device_downloading_again_costs_the_hub_no_database_query(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub(download_grant_ttl_s=300)
+    module = push(h, publisher, "digits", "1")
+    with h.client() as http:
+        dev = enroll(http, "dev-a")
+        deploy(http, "digits", module, devices=["dev-a"])
+    with h.client(token=dev.token) as device:
+        assert set(fetch_all(device, module)) == {200}
+        with statements(h) as seen:
+            assert set(fetch_all(device, module)) == {200}
+            first = module.blob_digests[0]
+            ranged = device.get(f"/api/v1/device/blobs/{first}", headers={"Range": "bytes=1-3"})
+    assert seen == []
+    assert ranged.status_code == 206 and ranged.headers["content-range"].startswith("bytes 1-3/")
+
+
+def test_a_new_state_and_a_revocation_on_this_hub_take_effect_at_once(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub(download_grant_ttl_s=300)
+    v1 = push(h, publisher, "digits", "1", factor=2)
+    v2 = push(h, publisher, "digits", "2", factor=3)
+    with h.client() as http:
+        dev = enroll(http, "dev-a")
+        deploy(http, "digits", v1, devices=["dev-a"])
+    with h.client(token=dev.token) as device:
+        assert set(fetch_all(device, v1)) == {200}  # the grant is now remembered
+        with h.client() as http:
+            deploy(http, "digits", v2, devices=["dev-a"])
+        assert set(fetch_all(device, v2)) == {200}
+        only_v1 = [d for d in v1.blob_digests if d not in v2.blob_digests]
+        assert device.get(f"/api/v1/device/manifests/{v1.digest}").status_code == 403
+        assert {device.get(f"/api/v1/device/blobs/{d}").status_code for d in only_v1} == {403}
+        with h.client() as http:
+            assert http.post("/api/v1/devices/dev-a/revoke").status_code == 200
+        assert set(fetch_all(device, v2)) == {401}
+
+
+def test_a_device_revoked_by_another_replica_is_refused_within_the_grant_ttl(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    ttl = 1.0
+    h = hub(download_grant_ttl_s=ttl)
+    module = push(h, publisher, "digits", "1")
+    with h.client() as http:
+        dev = enroll(http, "dev-a")
+        deploy(http, "digits", module, devices=["dev-a"])
+    with h.client(token=dev.token) as device:
+        assert set(fetch_all(device, module)) == {200}
+        # Another replica revokes it: only the shared database changes, this hub is not told.
+        with h.core.sessions.begin() as s:
+            s.execute(update(Device).where(Device.id == "dev-a").values(revoked=True))
+        revoked_at = time.monotonic()
+        time.sleep(ttl)
+        assert set(fetch_all(device, module)) == {401}
+    assert time.monotonic() - revoked_at >= ttl
+
+
+def test_another_devices_module_and_an_unassigned_digest_are_refused_with_a_warm_grant(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub(download_grant_ttl_s=300)
+    mine = push(h, publisher, "digits", "1", factor=2)
+    theirs = push(h, publisher, "other", "1", factor=5)
+    unassigned = push(h, publisher, "spare", "1", factor=7)
+    with h.client() as http:
+        a = enroll(http, "dev-a")
+        enroll(http, "dev-b")
+        deploy(http, "digits", mine, devices=["dev-a"])
+        deploy(http, "other", theirs, devices=["dev-b"])
+    with h.client(token=a.token) as device:
+        assert set(fetch_all(device, mine)) == {200}
+        for other in (theirs, unassigned):
+            assert device.get(f"/api/v1/device/manifests/{other.digest}").status_code == 403
+            foreign = [d for d in other.blob_digests if d not in mine.blob_digests]
+            answers = [device.get(f"/api/v1/device/blobs/{d}") for d in foreign]
+            assert {r.status_code for r in answers} == {403}
+            assert all("desired state" in r.json()["error"]["message"] for r in answers)
+        assert device.get(f"/api/v1/device/blobs/sha256:{'0' * 64}").status_code == 403
+    with httpx.Client(base_url=h.url) as anonymous:
+        assert anonymous.get(f"/api/v1/device/blobs/{mine.blob_digests[0]}").status_code == 401
+
+
+def test_a_blob_file_changed_after_it_was_served_is_checked_again_and_refused(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub()
+    module = push(h, publisher, "digits", "1")
+    with h.client() as http:
+        dev = enroll(http, "dev-a")
+        deploy(http, "digits", module, devices=["dev-a"])
+    store = h.core.blobs
+    assert isinstance(store, FileBlobStore)
+    digest = module.blob_digests[0]
+    with h.client(token=dev.token) as device:
+        assert device.get(f"/api/v1/device/blobs/{digest}").status_code == 200
+        path = Path(store.path(digest))
+        data = path.read_bytes()
+        path.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+        answer = device.get(f"/api/v1/device/blobs/{digest}")
+    assert answer.status_code == 422 and digest in answer.json()["error"]["message"]
+    with h.core.sessions.begin() as s:
+        kinds = s.scalars(select(Event.kind)).all()
+    assert "blob-corrupt" in kinds
+
+
+# --- the grant table alone -----------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_grants_expire_after_their_ttl_and_a_refusal_is_always_asked_again() -> None:
+    clock = Clock()
+    grants = DownloadGrants(ttl_s=5, max_devices=10, max_modules=10, clock=clock)
+    grant = grants.remember("t1", "dev-1", frozenset({"m1"}))
+    assert grants.manifest_verdict(grant, "m1", fresh=False) is Verdict.ALLOWED
+    assert grants.manifest_verdict(grant, "m2", fresh=False) is Verdict.ASK_AGAIN
+    assert grants.manifest_verdict(grant, "m2", fresh=True) is Verdict.REFUSED
+    assert grants.blob_verdict(grant, "b1", fresh=True) is Verdict.ASK_AGAIN  # m1's blobs unknown
+    grants.remember_blobs({"m1": frozenset({"b1"})})
+    assert grants.blob_verdict(grant, "b1", fresh=False) is Verdict.ALLOWED
+    assert grants.blob_verdict(grant, "b2", fresh=True) is Verdict.REFUSED
+    clock.now = 4.9
+    assert grants.cached("t1") is grant
+    clock.now = 5.0
+    assert grants.cached("t1") is None
+
+
+def test_grants_are_forgotten_per_device_and_bounded() -> None:
+    grants = DownloadGrants(ttl_s=60, max_devices=2, max_modules=1, clock=Clock())
+    shared = frozenset({"m1"})
+    first = grants.remember("t1", "dev-1", shared)
+    second = grants.remember("t2", "dev-2", frozenset({"m1"}))
+    assert first.manifests is second.manifests, "devices given the same modules share one set"
+    grants.forget(["dev-1"])
+    assert grants.cached("t1") is None and grants.cached("t2") is second
+    grants.remember("t3", "dev-3", shared)
+    grants.remember("t4", "dev-4", shared)
+    assert len(grants) == 2 and grants.cached("t2") is None
+    grants.remember_blobs({"m1": frozenset({"b1"}), "m2": frozenset({"b2"})})
+    assert grants.missing_modules(first) == ["m1"]
+
+
+def test_a_download_answer_is_the_same_json_error_as_other_routes(hub: HubFactory) -> None:
+    h = hub()
+    with httpx.Client(base_url=h.url, headers={"Authorization": "Bearer " + os.urandom(8).hex()}) as c:
+        r = c.get(f"/api/v1/device/manifests/sha256:{'1' * 64}")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["type"] == "Unauthorized"
