@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,7 +54,7 @@ class HubSettings(BaseSettings):
     )
     max_upload_mb: int = Field(default=2048, gt=0)
     # Device downloads (cloud_hub.api.downloads, docs/security.md §downloads): what a replica
-    # remembers of who may fetch what, and who serves the bytes.
+    # remembers of who may fetch what.
     download_grant_ttl_s: float = Field(
         default=5.0, gt=0, le=300,
         description="a device revoked (or a module withdrawn) on another replica can still "
@@ -69,15 +68,6 @@ class HubSettings(BaseSettings):
     )
     download_cache_blobs: int = Field(
         default=16_384, ge=1, le=10_000_000, description="checked blob files remembered as checked"
-    )
-    download_offload: Literal["hub", "nginx"] = Field(
-        default="hub",
-        description="who sends blob bytes: the hub itself, or nginx in front of it (X-Accel-Redirect; "
-        "only with the config 'edgepack hub nginx-config --blob-store' writes)",
-    )
-    download_url_ttl_s: int = Field(
-        default=60, ge=5, le=3600,
-        description="expiry of the presigned S3 URL the hub hands nginx for one blob",
     )
     # What any client that reaches the hub's port can hold (docs/security.md §13, enforced by
     # cloud_hub.connections and cloud_hub.api.body_limit): every bound per hub process.

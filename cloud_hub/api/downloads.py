@@ -12,11 +12,8 @@ CPU. This ASGI layer answers them itself:
   is checked against its digest the first time this process serves it (and again when the file
   is replaced), so a copy damaged before it was served is refused (422, a ``blob-corrupt``
   event) as before; the device checks every digest itself in any case;
-- with ``download_offload = "nginx"`` the hub only decides: it answers ``X-Accel-Redirect`` to
-  an ``internal`` nginx location that sends the file (file store) or fetches a short-lived
-  presigned URL from S3 (``download_url_ttl_s``), so no blob byte passes through Python and
-  the device's token never reaches S3;
-- **blobs in S3** without nginx are streamed through the hub as before.
+- **blobs in S3** are streamed through the hub as before (checked on the way), after the
+  same fast decision.
 
 Every refusal is the same JSON error as FastAPI's handlers give (:func:`error_response`).
 """
@@ -27,11 +24,9 @@ import hashlib
 import os
 import re
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
 
 import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -45,15 +40,9 @@ from cloud_hub.events import record_event
 from cloud_hub.fleet.devices import token_hash
 from cloud_hub.fleet.grants import DownloadGrants, Grant, Verdict
 from cloud_hub.store.blobs import CHUNK, FileBlobStore, check_digest
-from manifests.digests import digest_hex
 from manifests.errors import EdgepackError, TrustError
 
 _PATH = re.compile(r"^/api/v1/device/(manifests|blobs)/([^/]+)$")
-
-#: Where nginx serves blob files and S3 objects from, for the hub's X-Accel-Redirect only
-#: (``internal`` locations: a client asking for these paths gets 404 from nginx).
-ACCEL_BLOBS = "/_edgepack/blobs/"
-ACCEL_S3 = "/_edgepack/s3/"
 
 #: Blob answers up to this size are read in one go on the event loop (a page-cache read of a
 #: few hundred KiB takes microseconds; a thread hop costs more); larger ones in CHUNKs off it.
@@ -100,14 +89,13 @@ class _Lru:
 
 @dataclass
 class _Served:
-    """One hub process's download state: grants, manifest bytes, checked files, S3 URLs."""
+    """One hub process's download state: grants, manifest bytes, checked files."""
 
     core: HubCore
     grants: DownloadGrants
     source: DatabaseGrants
     manifests: _Lru
     checked: _Lru
-    urls: _Lru
 
 
 class DeviceDownloads:
@@ -143,7 +131,6 @@ class DeviceDownloads:
                 source=DatabaseGrants(hub.core.sessions),
                 manifests=_Lru(bound),
                 checked=_Lru(hub.core.settings.download_cache_blobs),
-                urls=_Lru(bound),
             )
         return self._served
 
@@ -233,41 +220,15 @@ async def _send_blob(
 ) -> None:
     range_header = _header(scope, b"range")
     await _allowed(served, token, "blobs", digest)
-    store, settings = served.core.blobs, served.core.settings
+    store = served.core.blobs
     if isinstance(store, FileBlobStore):
         await _send_file(served, store, digest, range_header, send)
         return
-    if settings.download_offload == "nginx":
-        cached = served.urls.get(digest)
-        if isinstance(cached, tuple) and cached[1] > time.monotonic():
-            url = cached[0]
-        else:
-            url = await anyio.to_thread.run_sync(_presign, served, digest)
-        await _start(send, 200, 0, b"application/octet-stream", [(b"x-accel-redirect", url.encode())])
-        await send({"type": "http.response.body", "body": b""})
-        return
-    # S3 without nginx: streamed through the hub, checked on the way (cloud_hub.api.registry).
+    # S3: streamed through the hub, checked on the way (cloud_hub.api.registry).
     response = await anyio.to_thread.run_sync(
         blob_response, served.core, digest, range_header, "application/octet-stream"
     )
     await response(scope, receive, send)
-
-
-def _presign(served: _Served, digest: str) -> str:
-    """An ``internal`` nginx path that fetches the blob from S3 with a presigned GET, kept for
-    half its life so that one signature serves many devices (it never leaves nginx)."""
-    from cloud_hub.store.s3 import S3BlobStore
-
-    store = served.core.blobs
-    assert isinstance(store, S3BlobStore)
-    ttl = served.core.settings.download_url_ttl_s
-    url = store.client.generate_presigned_url(
-        "get_object", Params={"Bucket": store.location.bucket, "Key": store.key(digest)}, ExpiresIn=ttl
-    )
-    parts = urlsplit(url)
-    accel = f"{ACCEL_S3.rstrip('/')}{parts.path}?{parts.query}"
-    served.urls.put(digest, (accel, time.monotonic() + ttl / 2))
-    return accel
 
 
 async def _send_file(
@@ -289,13 +250,6 @@ async def _send_file(
         if span is not None:
             extra.append((b"content-range", f"bytes {start}-{end - 1}/{st.st_size}".encode()))
         media = b"application/octet-stream"
-        if served.core.settings.download_offload == "nginx":
-            hex_ = digest_hex(digest)
-            target = f"{ACCEL_BLOBS}{hex_[:2]}/{hex_}".encode()
-            # nginx answers the Range itself from the file; the hub's headers are not sent.
-            await _start(send, 200, 0, media, [(b"x-accel-redirect", target)])
-            await send({"type": "http.response.body", "body": b""})
-            return
         await _start(send, 200 if span is None else 206, end - start, media, extra)
         if end - start <= INLINE_BYTES:
             await send({"type": "http.response.body", "body": os.pread(fd, end - start, start)})
