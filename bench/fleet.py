@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
@@ -353,29 +354,47 @@ def download_cost(hub: Hub, documents: list[dict[str, Any]], digest: str, rounds
     """Hub CPU per download, alone: devices that hold nothing fetch the manifest and every
     blob of the module they run, as after a deploy. Each round takes devices the hub has not
     served in this phase (a rollout's pattern: one grant load per device, then hits); the
-    figure is the median round's hub CPU time over its requests."""
+    figure is the median round's hub CPU time over its requests.
+
+    ``hub_cpu_ms_per_download``: over kept-alive connections, as the simulator's devices share
+    them (and as the issue's 3 ms was measured); ``..._new_connection``: each device opens its
+    own, as separate machines do (one TCP connection's cost spread over its requests)."""
     with hub.http() as http:
         module = next(m for m in http.get("/api/v1/modules").json()
                       if m["manifest_digest"] == digest)  # fmt: skip
-    blobs = sorted({f["digest"] for f in module["files"]})
-    per_round = max(1, min(len(documents) // rounds, 1000))
-    costs = []
-    for r in range(rounds):
-        group = documents[r * per_round : (r + 1) * per_round]
+    paths = [f"/api/v1/device/manifests/{digest}"]
+    paths += [f"/api/v1/device/blobs/{b}" for b in sorted({f["digest"] for f in module["files"]})]
+    per_round = max(1, min(len(documents) // (2 * rounds), 300))
+    local = threading.local()
 
-        def fetch(creds: dict[str, Any]) -> int:
-            headers = {"Authorization": f"Bearer {creds['token']}"}
-            with httpx.Client(base_url=hub.url, headers=headers, timeout=60) as dev:
-                for path in [f"manifests/{digest}"] + [f"blobs/{b}" for b in blobs]:
-                    dev.get(f"/api/v1/device/{path}").raise_for_status()
-            return 1 + len(blobs)
+    def kept_alive(creds: dict[str, Any]) -> int:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=hub.url, timeout=60)
+        for path in paths:
+            local.client.get(path, headers={"Authorization": f"Bearer {creds['token']}"}).raise_for_status()
+        return len(paths)
 
-        cpu0 = hub.cpu_s()
-        with ThreadPoolExecutor(8) as pool:
-            requests = sum(pool.map(fetch, group))
-        costs.append(round((hub.cpu_s() - cpu0) * 1000 / requests, 3))
-    median = sorted(costs)[len(costs) // 2]
-    return {"hub_cpu_ms_per_download": median, "hub_cpu_ms_per_download_rounds": costs}
+    def own_connection(creds: dict[str, Any]) -> int:
+        headers = {"Authorization": f"Bearer {creds['token']}"}
+        with httpx.Client(base_url=hub.url, headers=headers, timeout=60) as dev:
+            for path in paths:
+                dev.get(path).raise_for_status()
+        return len(paths)
+
+    out: dict[str, Any] = {}
+    ways = (("hub_cpu_ms_per_download", kept_alive, 0),
+            ("hub_cpu_ms_per_download_new_connection", own_connection, rounds))  # fmt: skip
+    for key, fetch, offset in ways:
+        costs = []
+        for r in range(rounds):
+            group = documents[(offset + r) * per_round : (offset + r + 1) * per_round]
+            cpu0 = hub.cpu_s()
+            with ThreadPoolExecutor(8) as pool:
+                requests = sum(pool.map(fetch, group))
+            costs.append(round((hub.cpu_s() - cpu0) * 1000 / requests, 3))
+        out[key] = sorted(costs)[len(costs) // 2]
+        out[f"{key}_rounds"] = costs
+    return out
 
 
 def modules(forge: Forge) -> dict[str, bytes]:
@@ -424,8 +443,9 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
         ingest = ingest_rate(hub, shards, n)
         log(f"  ingest: {ingest['ingest_msgs_per_s']} msgs/s (bursts {ingest['ingest_bursts']})")
         downloads = download_cost(hub, documents, digests["2"])
-        log(f"  downloads: {downloads['hub_cpu_ms_per_download']} ms of hub CPU each "
-            f"(rounds {downloads['hub_cpu_ms_per_download_rounds']}; target <= 0.3)")  # fmt: skip
+        fresh = downloads["hub_cpu_ms_per_download_new_connection"]
+        log(f"  downloads: {downloads['hub_cpu_ms_per_download']} ms of hub CPU each (target <= 0.3; "
+            f"{fresh} ms with a connection per device)")  # fmt: skip
         return {
             "devices": n,
             "database": "postgresql" if db else "sqlite",
