@@ -31,6 +31,7 @@ from cloud_hub.core import HubCore
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.fleet.desired import DesiredSigner
 from cloud_hub.fleet.executor import AccountSync, EffectExecutor
+from cloud_hub.fleet.grant_source import DatabaseGrants, GrantWarmer
 from cloud_hub.fleet.grants import DownloadGrants
 from cloud_hub.fleet.maintenance import FleetMaintenance
 from cloud_hub.fleet.publish import DesiredPublisher
@@ -115,7 +116,10 @@ def wire_hub(core: HubCore) -> HubProcess:
         max_modules=settings.download_cache_modules,
     )
     executor = EffectExecutor(
-        core.sessions, publisher=publisher, accounts=accounts, on_issued=grants.forget
+        core.sessions,
+        publisher=publisher,
+        accounts=accounts,
+        on_issued=GrantWarmer(grants, DatabaseGrants(core.sessions)),
     )
     fleet = FleetChanges(core.sessions, DesiredSigner(core.hub_key, settings.desired_ttl_s), executor)
     upkeep = FleetMaintenance(

@@ -1,17 +1,14 @@
 """The device side of the HTTP API, authenticated by a device's own token.
 
 A device may read its current signed desired state (the same bytes as the retained MQTT
-message) and the manifests and blobs that state names — nothing else. Everything is read from
-the database per request, so any hub replica answers the same; the downloads of manifests and
+message) and the manifests and blobs that state names — nothing else. The desired state is
+read from the database per request, so any hub replica answers the same; the downloads of manifests and
 blobs are answered before FastAPI, from grants each replica keeps for a bounded time
-(:mod:`cloud_hub.api.downloads`, :mod:`cloud_hub.fleet.grants`), loaded by
-:class:`DatabaseGrants` below.
+(:mod:`cloud_hub.api.downloads`, :mod:`cloud_hub.fleet.grants`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -20,11 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud_hub.api.deps import Core, Fleet, bearer_token
-from cloud_hub.db.base import Sessions
 from cloud_hub.errors import NotFound, Unauthorized
 from cloud_hub.fleet.devices import token_hash
 from cloud_hub.fleet.tables import Device, DeviceDesired
-from cloud_hub.registry.tables import Module, ModuleFile
 
 router = APIRouter(prefix="/api/v1/device", tags=["device"])
 
@@ -52,47 +47,6 @@ def require_device(request: Request, core: Core) -> str:
 
 
 DeviceId = Annotated[str, Depends(require_device)]
-
-
-class DatabaseGrants:
-    """A :class:`cloud_hub.fleet.grants.GrantSource` in the hub's database (called off the
-    event loop): who a token belongs to, what its desired state names, what a module holds."""
-
-    def __init__(self, sessions: Sessions) -> None:
-        self._sessions = sessions
-
-    def grant(self, token_hash: str) -> tuple[str, frozenset[str] | None] | None:
-        with self._sessions.begin() as s:
-            row = s.execute(
-                select(Device.id, DeviceDesired.payload)
-                .outerjoin(DeviceDesired, DeviceDesired.device_id == Device.id)
-                .where(Device.token_hash == token_hash, Device.revoked.is_(False))
-            ).first()
-        if row is None:
-            return None
-        device_id, payload = row
-        if payload is None:
-            return device_id, None
-        # The hub wrote and signed these bytes itself: a plain JSON parse, no validation.
-        return device_id, frozenset(m["manifest_digest"] for m in json.loads(payload)["signed"]["modules"])
-
-    def module_blobs(self, manifests: Iterable[str]) -> dict[str, frozenset[str]]:
-        wanted = list(manifests)
-        found: dict[str, set[str]] = {m: set() for m in wanted}
-        with self._sessions.begin() as s:
-            rows = s.execute(
-                select(Module.manifest_digest, ModuleFile.digest)
-                .join(ModuleFile, ModuleFile.module_id == Module.id)
-                .where(Module.manifest_digest.in_(wanted))
-            )
-            for manifest, blob in rows:
-                found[manifest].add(blob)
-        # A module with no files (or not in the registry) allows no blob: an empty set says so.
-        return {m: frozenset(blobs) for m, blobs in found.items()}
-
-    def manifest(self, digest: str) -> bytes | None:
-        with self._sessions.begin() as s:
-            return s.scalar(select(Module.manifest).where(Module.manifest_digest == digest))
 
 
 def _current_payload(session: Session, device_id: str) -> DeviceDesired:

@@ -32,13 +32,14 @@ from typing import Literal
 import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cloud_hub.api.device_auth import INVALID_TOKEN, DatabaseGrants
+from cloud_hub.api.device_auth import INVALID_TOKEN
 from cloud_hub.api.errors import error_response
 from cloud_hub.api.registry import blob_response, parse_range
 from cloud_hub.core import HubCore
 from cloud_hub.errors import Forbidden, NotFound, Unauthorized
 from cloud_hub.events import record_event
 from cloud_hub.fleet.devices import token_hash
+from cloud_hub.fleet.grant_source import DatabaseGrants
 from cloud_hub.fleet.grants import DownloadGrants, Grant, Verdict
 from cloud_hub.store.blobs import CHUNK, FileBlobStore, check_digest
 from manifests.errors import EdgepackError, TrustError
@@ -167,10 +168,11 @@ def _token(scope: Scope) -> str:
 
 
 async def _load(served: _Served, hashed: str) -> Grant:
+    as_of = served.grants.epoch
     loaded = await anyio.to_thread.run_sync(served.source.grant, hashed)
     if loaded is None:
         raise Unauthorized(INVALID_TOKEN)
-    return served.grants.remember(hashed, *loaded)
+    return served.grants.remember(hashed, *loaded, as_of=as_of)
 
 
 async def _allowed(served: _Served, token: str, kind: Literal["manifests", "blobs"], digest: str) -> None:

@@ -78,6 +78,9 @@ class DownloadGrants:
         self._interned: dict[frozenset[str], frozenset[str]] = {}
         self._prune_at = 1024
         self._lock = threading.Lock()
+        # Raised by every forget(): a grant read from the database before a forget may be
+        # older than it, so it is used for that request but not remembered (see remember()).
+        self._epoch = 0
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -118,18 +121,43 @@ class DownloadGrants:
 
     # --- filling -------------------------------------------------------------------------------
 
-    def remember(self, token_hash: str, device_id: str, manifests: frozenset[str] | None) -> Grant:
+    @property
+    def epoch(self) -> int:
+        """Read before loading grants; hand it to :meth:`remember`."""
+        return self._epoch
+
+    def remember(
+        self, token_hash: str, device_id: str, manifests: frozenset[str] | None, *, as_of: int
+    ) -> Grant:
+        """The grant for what was loaded; kept only when nothing was forgotten since ``as_of``
+        (else a revocation here during the load could be undone until the TTL ran out)."""
         with self._lock:
-            if manifests is not None:
-                self._prune_interned()
-                manifests = self._interned.setdefault(manifests, manifests)
-            self._drop(token_hash)
-            grant = Grant(device_id, manifests, self._clock())
-            self._grants[token_hash] = grant
-            self._by_device[device_id] = token_hash
-            while len(self._grants) > self._max_devices:
-                self._drop(next(iter(self._grants)))
+            return self._remember(token_hash, device_id, manifests, as_of)
+
+    def remember_many(self, loaded: list[tuple[str, str, frozenset[str] | None]], *, as_of: int) -> int:
+        """Grants loaded ahead of the downloads (a rollout's devices); how many were kept."""
+        with self._lock:
+            if as_of != self._epoch:
+                return 0
+            for token_hash, device_id, manifests in loaded[: self._max_devices]:
+                self._remember(token_hash, device_id, manifests, as_of)
+            return min(len(loaded), self._max_devices)
+
+    def _remember(
+        self, token_hash: str, device_id: str, manifests: frozenset[str] | None, as_of: int
+    ) -> Grant:
+        if manifests is not None:
+            self._prune_interned()
+            manifests = self._interned.setdefault(manifests, manifests)
+        grant = Grant(device_id, manifests, self._clock())
+        if as_of != self._epoch:
             return grant
+        self._drop(token_hash)
+        self._grants[token_hash] = grant
+        self._by_device[device_id] = token_hash
+        while len(self._grants) > self._max_devices:
+            self._drop(next(iter(self._grants)))
+        return grant
 
     def remember_blobs(self, blobs: dict[str, frozenset[str]]) -> None:
         with self._lock:
@@ -142,6 +170,7 @@ class DownloadGrants:
     def forget(self, device_ids: Iterable[str]) -> None:
         """Drop these devices' grants (revoked, or given a new desired state on this replica)."""
         with self._lock:
+            self._epoch += 1
             for device_id in device_ids:
                 token_hash = self._by_device.get(device_id)
                 if token_hash is not None:

@@ -166,7 +166,7 @@ class Clock:
 def test_grants_expire_after_their_ttl_and_a_refusal_is_always_asked_again() -> None:
     clock = Clock()
     grants = DownloadGrants(ttl_s=5, max_devices=10, max_modules=10, clock=clock)
-    grant = grants.remember("t1", "dev-1", frozenset({"m1"}))
+    grant = grants.remember("t1", "dev-1", frozenset({"m1"}), as_of=grants.epoch)
     assert grants.manifest_verdict(grant, "m1", fresh=False) is Verdict.ALLOWED
     assert grants.manifest_verdict(grant, "m2", fresh=False) is Verdict.ASK_AGAIN
     assert grants.manifest_verdict(grant, "m2", fresh=True) is Verdict.REFUSED
@@ -183,16 +183,51 @@ def test_grants_expire_after_their_ttl_and_a_refusal_is_always_asked_again() -> 
 def test_grants_are_forgotten_per_device_and_bounded() -> None:
     grants = DownloadGrants(ttl_s=60, max_devices=2, max_modules=1, clock=Clock())
     shared = frozenset({"m1"})
-    first = grants.remember("t1", "dev-1", shared)
-    second = grants.remember("t2", "dev-2", frozenset({"m1"}))
+    first = grants.remember("t1", "dev-1", shared, as_of=grants.epoch)
+    second = grants.remember("t2", "dev-2", frozenset({"m1"}), as_of=grants.epoch)
     assert first.manifests is second.manifests, "devices given the same modules share one set"
     grants.forget(["dev-1"])
     assert grants.cached("t1") is None and grants.cached("t2") is second
-    grants.remember("t3", "dev-3", shared)
-    grants.remember("t4", "dev-4", shared)
+    grants.remember("t3", "dev-3", shared, as_of=grants.epoch)
+    grants.remember("t4", "dev-4", shared, as_of=grants.epoch)
     assert len(grants) == 2 and grants.cached("t2") is None
     grants.remember_blobs({"m1": frozenset({"b1"}), "m2": frozenset({"b2"})})
     assert grants.missing_modules(first) == ["m1"]
+
+
+def test_a_grant_loaded_across_a_revocation_is_used_once_but_not_kept() -> None:
+    # A download's load and the revocation race: the load read the database before the
+    # revocation was committed. Keeping what it read would undo the revocation until the TTL.
+    grants = DownloadGrants(ttl_s=60, max_devices=10, max_modules=10, clock=Clock())
+    as_of = grants.epoch
+    grants.forget(["dev-1"])  # revoked here while the load ran
+    grant = grants.remember("t1", "dev-1", frozenset({"m1"}), as_of=as_of)
+    assert grant.device_id == "dev-1" and grants.cached("t1") is None
+    assert grants.remember_many([("t1", "dev-1", frozenset({"m1"}))], as_of=as_of) == 0
+    assert grants.cached("t1") is None
+
+
+def test_the_first_downloads_after_a_deploy_need_no_query_per_device(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub(download_grant_ttl_s=300)
+    module = push(h, publisher, "digits", "1")
+    with h.client() as http:
+        devices = [enroll(http, f"dev-{i}") for i in range(5)]
+        deploy(http, "digits", module, devices=[d.id for d in devices])
+    # Loaded ahead on a thread of the hub's own, which the deploy's answer does not wait for.
+    deadline = time.monotonic() + 10
+    while len(h.process.grants) < len(devices) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(h.process.grants) == len(devices)
+    first, *others = devices
+    with h.client(token=first.token) as device:  # the module's manifest and blob list, once
+        assert set(fetch_all(device, module)) == {200}
+    with statements(h) as seen:
+        for d in others:
+            with h.client(token=d.token) as device:
+                assert set(fetch_all(device, module)) == {200}
+    assert seen == []
 
 
 def test_a_download_answer_is_the_same_json_error_as_other_routes(hub: HubFactory) -> None:
