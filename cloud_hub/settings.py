@@ -56,7 +56,7 @@ class HubSettings(BaseSettings):
     # Device downloads (cloud_hub.api.downloads, docs/security.md §downloads): what a replica
     # remembers of who may fetch what.
     download_grant_ttl_s: float = Field(
-        default=5.0, gt=0, le=300,
+        default=30.0, gt=0, le=300,
         description="a device revoked (or a module withdrawn) on another replica can still "
         "download for at most this long",
     )

@@ -5,6 +5,7 @@ within ``download_grant_ttl_s`` when revoked elsewhere), damaged blobs refused."
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 from sqlalchemy import event, select, update
 
+from cloud_hub.api.downloads import QuietDownloads
 from cloud_hub.events import Event
 from cloud_hub.fleet.grants import DownloadGrants, Verdict
 from cloud_hub.fleet.tables import Device
@@ -236,3 +238,20 @@ def test_a_download_answer_is_the_same_json_error_as_other_routes(hub: HubFactor
         r = c.get(f"/api/v1/device/manifests/sha256:{'1' * 64}")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert r.json()["error"]["type"] == "Unauthorized"
+
+
+def test_successful_downloads_are_left_out_of_the_access_log_and_refusals_are_not() -> None:
+    quiet = QuietDownloads()
+
+    def kept(path: str, status: int) -> bool:
+        record = logging.LogRecord(
+            "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:5000", "GET", path, "1.1", status), None,
+        )  # fmt: skip
+        return quiet.filter(record)
+
+    blob = f"/api/v1/device/blobs/sha256:{'a' * 64}"
+    assert not kept(blob, 200) and not kept(blob, 206)
+    assert not kept(f"/api/v1/device/manifests/sha256:{'b' * 64}", 200)
+    assert kept(blob, 403) and kept(blob, 401)
+    assert kept("/api/v1/device/desired", 200) and kept("/api/v1/modules", 200)
