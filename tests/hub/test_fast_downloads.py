@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,11 +28,16 @@ from tests.hub.fleet_support import PushedModule, deploy, enroll, push
 
 @contextmanager
 def statements(running: RunningHub) -> Iterator[list[str]]:
-    """Every SQL statement the hub sends while the block runs."""
+    """Every SQL statement the hub sends for requests while the block runs: from the server's
+    event loop or the worker threads it hands work to (the hub's background loops, which
+    query on their own schedule, run on threads of their own)."""
     seen: list[str] = []
+    server = running._thread.ident
 
     def record(*args: Any) -> None:
-        seen.append(str(args[2]))
+        thread = threading.current_thread()
+        if thread.ident == server or thread.name == "AnyIO worker thread":
+            seen.append(str(args[2]))
 
     engine = running.core.sessions.engine
     event.listen(engine, "before_cursor_execute", record)
