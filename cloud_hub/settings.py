@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,6 +69,14 @@ class HubSettings(BaseSettings):
     )
     download_cache_blobs: int = Field(
         default=16_384, ge=1, le=10_000_000, description="checked blob files remembered as checked"
+    )
+    download_offload: Literal["hub", "nginx"] = Field(
+        default="hub",
+        description="who sends S3 blob bytes to devices: the hub, or nginx in front of it "
+        "(X-Accel-Redirect to a presigned GET; needs 'edgepack hub nginx-config --s3-endpoint')",
+    )
+    download_url_ttl_s: int = Field(
+        default=60, ge=5, le=3600, description="expiry of the presigned S3 URL handed to nginx"
     )
     # What any client that reaches the hub's port can hold (docs/security.md §13, enforced by
     # cloud_hub.connections and cloud_hub.api.body_limit): every bound per hub process.

@@ -13,7 +13,11 @@ CPU. This ASGI layer answers them itself:
   is replaced), so a copy damaged before it was served is refused (422, a ``blob-corrupt``
   event) as before; the device checks every digest itself in any case;
 - **blobs in S3** are streamed through the hub as before (checked on the way), after the
-  same fast decision.
+  same fast decision; or, with ``download_offload = "nginx"`` (the scaled-out layout), the hub
+  only decides: it answers ``X-Accel-Redirect`` to nginx's ``internal`` location
+  :data:`ACCEL_S3` with a presigned GET of the object (``download_url_ttl_s``), and nginx
+  fetches it from S3 (``Range`` passed on) without the device's token. No blob byte passes
+  through Python, and the device still checks every digest.
 
 Every refusal is the same JSON error as FastAPI's handlers give (:func:`error_response`).
 """
@@ -25,9 +29,11 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -45,6 +51,10 @@ from cloud_hub.store.blobs import CHUNK, FileBlobStore, check_digest
 from manifests.errors import EdgepackError, TrustError
 
 _PATH = re.compile(r"^/api/v1/device/(manifests|blobs)/([^/]+)$")
+
+#: nginx's ``internal`` location that fetches S3 objects for the hub's X-Accel-Redirect
+#: (cloud_hub.balancer.nginx); a client asking for it gets 404.
+ACCEL_S3 = "/_edgepack/s3/"
 
 #: Blob answers up to this size are read in one go on the event loop (a page-cache read of a
 #: few hundred KiB takes microseconds; a thread hop costs more); larger ones in CHUNKs off it.
@@ -104,13 +114,14 @@ class _Lru:
 
 @dataclass
 class _Served:
-    """One hub process's download state: grants, manifest bytes, checked files."""
+    """One hub process's download state: grants, manifest bytes, checked files, S3 URLs."""
 
     core: HubCore
     grants: DownloadGrants
     source: DatabaseGrants
     manifests: _Lru
     checked: _Lru
+    urls: _Lru
 
 
 class DeviceDownloads:
@@ -146,6 +157,7 @@ class DeviceDownloads:
                 source=DatabaseGrants(hub.core.sessions),
                 manifests=_Lru(bound),
                 checked=_Lru(hub.core.settings.download_cache_blobs),
+                urls=_Lru(bound),
             )
         return self._served
 
@@ -240,11 +252,38 @@ async def _send_blob(
     if isinstance(store, FileBlobStore):
         await _send_file(served, store, digest, range_header, send)
         return
+    if served.core.settings.download_offload == "nginx":
+        cached = served.urls.get(digest)
+        if isinstance(cached, tuple) and cached[1] > time.monotonic():
+            target = cached[0]
+        else:
+            target = await anyio.to_thread.run_sync(_presign, served, digest)
+        accel = [(b"x-accel-redirect", target.encode()), (b"etag", f'"{digest}"'.encode())]
+        await _start(send, 200, 0, b"application/octet-stream", accel)
+        await send({"type": "http.response.body", "body": b""})
+        return
     # S3: streamed through the hub, checked on the way (cloud_hub.api.registry).
     response = await anyio.to_thread.run_sync(
         blob_response, served.core, digest, range_header, "application/octet-stream"
     )
     await response(scope, receive, send)
+
+
+def _presign(served: _Served, digest: str) -> str:
+    """nginx's internal path for a presigned GET of the blob, kept for half the URL's life so
+    that one signature serves a rollout (it never leaves nginx: the device sees only the bytes)."""
+    from cloud_hub.store.s3 import S3BlobStore
+
+    store = served.core.blobs
+    assert isinstance(store, S3BlobStore)
+    ttl = served.core.settings.download_url_ttl_s
+    url = store.client.generate_presigned_url(
+        "get_object", Params={"Bucket": store.location.bucket, "Key": store.key(digest)}, ExpiresIn=ttl
+    )
+    parts = urlsplit(url)
+    target = f"{ACCEL_S3.rstrip('/')}{parts.path}?{parts.query}"
+    served.urls.put(digest, (target, time.monotonic() + ttl / 2))
+    return target
 
 
 async def _send_file(
