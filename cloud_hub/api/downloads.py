@@ -250,7 +250,7 @@ async def _send_blob(
     await _allowed(served, token, "blobs", digest)
     store = served.core.blobs
     if isinstance(store, FileBlobStore):
-        await _send_file(served, store, digest, range_header, send)
+        await _send_file(served, store, digest, range_header, receive, send)
         return
     if served.core.settings.download_offload == "nginx":
         cached = served.urls.get(digest)
@@ -287,7 +287,12 @@ def _presign(served: _Served, digest: str) -> str:
 
 
 async def _send_file(
-    served: _Served, store: FileBlobStore, digest: str, range_header: str | None, send: Send
+    served: _Served,
+    store: FileBlobStore,
+    digest: str,
+    range_header: str | None,
+    receive: Receive,
+    send: Send,
 ) -> None:
     try:
         fd = os.open(store.path(digest), os.O_RDONLY)
@@ -309,15 +314,32 @@ async def _send_file(
         if end - start <= INLINE_BYTES:
             await send({"type": "http.response.body", "body": os.pread(fd, end - start, start)})
             return
+        await _stream(fd, start, end, receive, send)
+    finally:
+        os.close(fd)
+
+
+async def _stream(fd: int, start: int, end: int, receive: Receive, send: Send) -> None:
+    """Bytes ``[start, end)`` of the file in CHUNKs read off the event loop, until the client
+    goes: uvicorn's ``send`` returns quietly once it has, so a device that gave up on a large
+    blob would otherwise cost the hub a read of the rest of it."""
+    gone = anyio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch)
         at = start
-        while at < end:
+        while at < end and not gone.is_set():
             chunk = await anyio.to_thread.run_sync(os.pread, fd, min(CHUNK, end - at), at)
             if not chunk:
                 break  # the file shrank under us: the short answer is refused by the device
             at += len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": at < end})
-    finally:
-        os.close(fd)
+        tasks.cancel_scope.cancel()
 
 
 def _check_file(core: HubCore, fd: int, digest: str) -> None:

@@ -22,6 +22,8 @@ from cloud_hub.events import Event
 from cloud_hub.fleet.grants import DownloadGrants, Verdict
 from cloud_hub.fleet.tables import Device
 from cloud_hub.store.blobs import FileBlobStore
+from manifests.digests import sha256_digest
+from tests.factory import Forge, default_files
 from tests.hub.conftest import HubFactory, Publisher, RunningHub
 from tests.hub.fleet_support import PushedModule, deploy, enroll, push
 
@@ -261,3 +263,37 @@ def test_successful_downloads_are_left_out_of_the_access_log_and_refusals_are_no
     assert not kept(f"/api/v1/device/manifests/sha256:{'b' * 64}", 200)
     assert kept(blob, 403) and kept(blob, 401)
     assert kept("/api/v1/device/desired", 200) and kept("/api/v1/modules", 200)
+
+
+def read_bytes_of_this_process() -> int:
+    """Bytes this process (the test and the in-process hub) has read through read calls."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_a_large_download_the_device_gives_up_on_stops_being_read(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub()
+    size = 64 << 20
+    files = {**default_files(2), "model/weights.bin": os.urandom(size)}
+    forge = Forge(publisher=publisher.key)
+    with h.client() as http:
+        r = http.post("/api/v1/modules", content=forge.bundle(files=files, name="big", version="1"))
+        assert r.status_code == 201, r.text
+        module = PushedModule("big", "1", forge.module(files=files, name="big", version="1"))
+        dev = enroll(http, "dev-a")
+        deploy(http, "big", module, devices=["dev-a"])
+    blob = sha256_digest(files["model/weights.bin"])
+    with h.client(token=dev.token, timeout=120) as device:
+        assert device.get(f"/api/v1/device/blobs/{blob}").content == files["model/weights.bin"]
+    before = read_bytes_of_this_process()
+    with h.client(token=dev.token) as device, device.stream("GET", f"/api/v1/device/blobs/{blob}") as answer:
+        assert answer.status_code == 200
+        next(answer.iter_raw(1 << 20))
+    # The hub notices the closed connection at its next chunk: give it time to read on, if it
+    # (wrongly) would, then see that it read a few chunks, not the 64 MiB.
+    time.sleep(2)
+    assert read_bytes_of_this_process() - before < size // 4
