@@ -68,7 +68,8 @@ class HubSettings(BaseSettings):
         default=1024, ge=1, le=1_000_000, description="modules whose manifest and blob list are held"
     )
     download_cache_blobs: int = Field(
-        default=16_384, ge=1, le=10_000_000, description="checked blob files remembered as checked"
+        default=16_384, ge=1, le=10_000_000,
+        description="blob files remembered as checked, and presigned S3 URLs kept for reuse",
     )
     download_offload: Literal["hub", "nginx"] = Field(
         default="hub",

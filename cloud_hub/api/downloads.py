@@ -150,14 +150,14 @@ class DeviceDownloads:
     def _state(self, scope: Scope) -> _Served:
         hub = scope["app"].state.hub
         if self._served is None or self._served.core is not hub.core:
-            bound = hub.core.settings.download_cache_modules
+            settings = hub.core.settings
             self._served = _Served(
                 core=hub.core,
                 grants=hub.grants,
                 source=DatabaseGrants(hub.core.sessions),
-                manifests=_Lru(bound),
-                checked=_Lru(hub.core.settings.download_cache_blobs),
-                urls=_Lru(bound),
+                manifests=_Lru(settings.download_cache_modules),
+                checked=_Lru(settings.download_cache_blobs),
+                urls=_Lru(settings.download_cache_blobs),
             )
         return self._served
 
