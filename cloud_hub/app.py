@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from cloud_hub.api import alerts, dashboard, data, endpoint_certs, fleet, registry, webhooks
 from cloud_hub.api.body_limit import BodyLimit
 from cloud_hub.api.docs import install_docs
+from cloud_hub.api.downloads import DeviceDownloads
 from cloud_hub.api.errors import install_error_handlers
 from cloud_hub.metrics import RequestTimer
 from cloud_hub.settings import HubSettings
@@ -48,6 +49,8 @@ def create_app(settings: HubSettings | None = None, *, hub: HubProcess | None = 
     )
     install_docs(app)
     app.add_middleware(BodyLimit, settings=served)
+    # Device downloads are answered here, before the body limit and FastAPI's routing.
+    app.add_middleware(DeviceDownloads)
     install_error_handlers(app)
     # Outermost, so that a request the body limit refuses is timed as well.
     app.add_middleware(RequestTimer)

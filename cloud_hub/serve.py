@@ -9,6 +9,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from cloud_hub.api.downloads import QuietDownloads
 from cloud_hub.app import create_app
 from cloud_hub.connections import SocketLimits, guarded_protocol
 from cloud_hub.core import open_blob_store
@@ -40,7 +41,10 @@ def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
     try:
         process.start()
         app = create_app(hub=process)
-        uvicorn.Server(server_config(app, settings, log_level=log_level)).run()
+        config = server_config(app, settings, log_level=log_level)
+        # After uvicorn's Config, which sets its loggers up.
+        logging.getLogger("uvicorn.access").addFilter(QuietDownloads())
+        uvicorn.Server(config).run()
     finally:
         process.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,31 @@ class HubSettings(BaseSettings):
         "(credentials from the AWS_* variables)",
     )
     max_upload_mb: int = Field(default=2048, gt=0)
+    # Device downloads (cloud_hub.api.downloads, docs/security.md §downloads): what a replica
+    # remembers of who may fetch what.
+    download_grant_ttl_s: float = Field(
+        default=30.0, gt=0, le=300,
+        description="a device revoked (or a module withdrawn) on another replica can still "
+        "download for at most this long",
+    )
+    download_cache_devices: int = Field(
+        default=100_000, ge=1, le=10_000_000, description="device grants held"
+    )
+    download_cache_modules: int = Field(
+        default=1024, ge=1, le=1_000_000, description="modules whose manifest and blob list are held"
+    )
+    download_cache_blobs: int = Field(
+        default=16_384, ge=1, le=10_000_000,
+        description="blob files remembered as checked, and presigned S3 URLs kept for reuse",
+    )
+    download_offload: Literal["hub", "nginx"] = Field(
+        default="hub",
+        description="who sends S3 blob bytes to devices: the hub, or nginx in front of it "
+        "(X-Accel-Redirect to a presigned GET; needs 'edgepack hub nginx-config --s3-endpoint')",
+    )
+    download_url_ttl_s: int = Field(
+        default=60, ge=5, le=3600, description="expiry of the presigned S3 URL handed to nginx"
+    )
     # What any client that reaches the hub's port can hold (docs/security.md §13, enforced by
     # cloud_hub.connections and cloud_hub.api.body_limit): every bound per hub process.
     max_connections: int = Field(

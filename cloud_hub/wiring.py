@@ -34,6 +34,8 @@ from cloud_hub.data.store import open_data_store
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.fleet.desired import DesiredSigner
 from cloud_hub.fleet.executor import AccountSync, EffectExecutor
+from cloud_hub.fleet.grant_source import DatabaseGrants, GrantWarmer
+from cloud_hub.fleet.grants import DownloadGrants
 from cloud_hub.fleet.maintenance import FleetMaintenance
 from cloud_hub.fleet.publish import DesiredPublisher
 from cloud_hub.ingest.worker import IngestWorker, ingest_policy
@@ -55,6 +57,8 @@ class HubProcess:
     fleet: FleetChanges
     executor: EffectExecutor
     upkeep: FleetMaintenance
+    #: who may download what, remembered for a bounded time (cloud_hub.fleet.grants)
+    grants: DownloadGrants
     link: MqttLink | None = None
     ingest: IngestWorker | None = None
     publisher: DesiredPublisher | None = None
@@ -114,7 +118,17 @@ def wire_hub(core: HubCore) -> HubProcess:
         core.sessions, open_data_store(core.blobs, settings.data_dir), settings, settings.data_dir
     )
     accounts = _account_sync(core)
-    executor = EffectExecutor(core.sessions, publisher=publisher, accounts=accounts)
+    grants = DownloadGrants(
+        ttl_s=settings.download_grant_ttl_s,
+        max_devices=settings.download_cache_devices,
+        max_modules=settings.download_cache_modules,
+    )
+    executor = EffectExecutor(
+        core.sessions,
+        publisher=publisher,
+        accounts=accounts,
+        on_issued=GrantWarmer(grants, DatabaseGrants(core.sessions)),
+    )
     fleet = FleetChanges(core.sessions, DesiredSigner(core.hub_key, settings.desired_ttl_s), executor)
     upkeep = FleetMaintenance(
         renew=fleet.renew_expiring,
@@ -150,6 +164,7 @@ def wire_hub(core: HubCore) -> HubProcess:
         alerts=alerts,
         metrics=metrics,
         data=data,
+        grants=grants,
         webhooks=WebhookDispatcher(
             core.sessions,
             DispatchPolicy.from_settings(settings),

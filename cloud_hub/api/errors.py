@@ -84,13 +84,19 @@ def type_for(exc: EdgepackError) -> str:
     return type(exc).__name__
 
 
+def error_response(exc: EdgepackError) -> JSONResponse:
+    """The answer to an error of the tree: for the exception handler, and for the routes that
+    answer before FastAPI (cloud_hub.api.downloads)."""
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+    if isinstance(exc, Throttled) and exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return JSONResponse(error_body(type_for(exc), str(exc)), status_code=status_for(exc), headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_edgepack(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, EdgepackError)
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
-        if isinstance(exc, Throttled) and exc.retry_after_s is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-        return JSONResponse(error_body(type_for(exc), str(exc)), status_code=status_for(exc), headers=headers)
+        return error_response(exc)
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

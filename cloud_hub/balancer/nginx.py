@@ -6,6 +6,12 @@ through unbuffered (the hub enforces its own size limits, so nginx's is off), an
 that stops answering is skipped: requests that are safe to repeat (GET, HEAD, PUT, DELETE)
 go on to the next replica, the others fail with 502 and the client repeats them.
 
+With ``s3_endpoint`` (the blob store's S3 endpoint, as the hubs reach it) nginx also sends
+device blob downloads itself: a replica that allowed one answers ``X-Accel-Redirect`` to the
+``internal`` location ``/_edgepack/s3/`` with a presigned GET (hub setting
+``download_offload = "nginx"``), and nginx fetches the object from S3 with the Host that
+signature covers, without the device's ``Authorization`` header.
+
 Rendering is pure; the caller writes the file and runs ``nginx -c FILE -p DIR``.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from manifests.errors import ConfigError
 
@@ -38,10 +45,12 @@ def render_nginx_config(
     run_dir: Path,
     run_as: str | None = None,
     daemon: bool = True,
+    s3_endpoint: str | None = None,
 ) -> str:
     """The whole ``nginx.conf``; ``run_dir`` holds its pid file, logs and temp files."""
     if not replicas:
         raise ConfigError("give at least one hub replica (--replica HOST:PORT)")
+    s3_upstream, s3_location = _s3_parts(s3_endpoint) if s3_endpoint else ("", "")
     run = run_dir.resolve()
     servers = "".join(f"        server {r.host}:{r.port} max_fails=1 fail_timeout=5s;\n" for r in replicas)
     temp = "".join(
@@ -65,9 +74,11 @@ def render_nginx_config(
         + servers
         + "        keepalive 32;\n"
         "    }\n"
-        "    server {\n"
+        + s3_upstream
+        + "    server {\n"
         f"        listen {listen.host}:{listen.port};\n"
-        "        location / {\n"
+        + s3_location
+        + "        location / {\n"
         "            proxy_pass http://edgepack_hub;\n"
         "            proxy_http_version 1.1;\n"
         '            proxy_set_header Connection "";\n'
@@ -85,6 +96,46 @@ def render_nginx_config(
         "    }\n"
         "}\n"
     )
+
+
+def _s3_parts(endpoint: str) -> tuple[str, str]:
+    """The upstream and the internal location for blob downloads from S3."""
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+        raise ConfigError(f"S3 endpoint {endpoint!r}: write it as http(s)://HOST[:PORT], as the hubs use it")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    # The Host the presigned URLs were signed for: boto3 leaves a default port out of it.
+    host = url.netloc.rpartition("@")[2]
+    upstream = (
+        "    upstream edgepack_s3 {\n"
+        f"        server {url.hostname}:{port};\n"
+        "        keepalive 16;\n"
+        "    }\n"
+    )
+    tls = (
+        f"            proxy_ssl_server_name on;\n            proxy_ssl_name {url.hostname};\n"
+        if url.scheme == "https"
+        else ""
+    )
+    location = (
+        "        # Device blob downloads a replica allowed (its X-Accel-Redirect names a presigned\n"
+        "        # GET): fetched from S3 here. Internal: a client asking for it gets 404.\n"
+        "        location /_edgepack/s3/ {\n"
+        "            internal;\n"
+        f"            proxy_pass {url.scheme}://edgepack_s3/;\n"
+        "            proxy_http_version 1.1;\n"
+        '            proxy_set_header Connection "";\n'
+        f"            proxy_set_header Host {host};\n"
+        "            # The device's token is for the hub only.\n"
+        '            proxy_set_header Authorization "";\n'
+        '            proxy_set_header Cookie "";\n'
+        + tls
+        + "            proxy_buffering off;\n"
+        "            proxy_connect_timeout 2s;\n"
+        "            proxy_read_timeout 600s;\n"
+        "        }\n"
+    )
+    return upstream, location
 
 
 def prepare_run_dir(run_dir: Path) -> None:

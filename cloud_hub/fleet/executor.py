@@ -10,6 +10,7 @@ event, and the next account change or the next start-up writes the accounts agai
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from cloud_hub.db.base import Sessions
@@ -31,15 +32,25 @@ class EffectExecutor:
     """Applies effects with the parts this hub runs (no publisher: no broker configured)."""
 
     def __init__(
-        self, sessions: Sessions, *, publisher: DesiredPublisher | None, accounts: AccountSync | None
+        self,
+        sessions: Sessions,
+        *,
+        publisher: DesiredPublisher | None,
+        accounts: AccountSync | None,
+        on_issued: Callable[[Iterable[str]], None] | None = None,
     ) -> None:
         self._sessions = sessions
         self._publisher = publisher
         self._accounts = accounts
+        self._on_issued = on_issued
 
     def apply(self, effects: Effects) -> Applied:
         applied = Applied()
         devices = effects.to_publish
+        if self._on_issued is not None and devices:
+            # First, before the device hears of its new state: what this replica remembers of
+            # its old one (download grants) must not outlive it here.
+            self._on_issued(devices)
         if self._publisher is not None and devices:
             errors = self._publisher.publish_current(devices)
             applied = Applied(published=not errors, publish_errors=errors)

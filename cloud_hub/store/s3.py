@@ -317,6 +317,9 @@ class S3BlobStore:
             region_name=location.region or "us-east-1",
             config=Config(
                 s3={"addressing_style": "path"},
+                # Presigned GETs (downloads sent by nginx) in SigV4, with a relative expiry:
+                # boto3 would otherwise presign in the legacy SigV2 that newer regions refuse.
+                signature_version="s3v4",
                 retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=5,
                 read_timeout=60,

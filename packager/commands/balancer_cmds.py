@@ -21,6 +21,13 @@ def nginx_config_cmd(
     run_as: Annotated[
         str | None, typer.Option(help="user nginx's workers run as (default: you)")
     ] = None,
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="the blob store's S3 endpoint as the hubs use it: nginx then sends device blob "
+            "downloads from S3 itself (run the hubs with EDGEPACK_HUB_DOWNLOAD_OFFLOAD=nginx)"
+        ),
+    ] = None,
 ) -> None:
     """Write an nginx.conf that balances over the replicas (all share one database and store)."""
     from cloud_hub.balancer.nginx import Upstream, prepare_run_dir, render_nginx_config
@@ -30,6 +37,7 @@ def nginx_config_cmd(
         replicas=[Upstream.parse(r) for r in replica],
         run_dir=out,
         run_as=run_as or getpass.getuser(),
+        s3_endpoint=s3_endpoint,
     )
     prepare_run_dir(out)
     path = out / "nginx.conf"

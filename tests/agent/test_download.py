@@ -209,3 +209,35 @@ def test_a_blob_tampered_on_the_hub_fails_the_version_naming_it_while_the_last_g
     failed = agent.wait_state("demo", "Failed", timeout=60)
     assert digest in failed["reason"] and "does not match its digest" in failed["reason"]
     assert score(port, [1]) == {"result": [2]}, "version 1 still serves"
+
+
+def test_a_blob_changed_in_place_in_the_hubs_store_is_refused_by_the_device(
+    fleet: Fleet, device: tuple[HubHttp, DeviceCredentials], tmp_path: Path
+) -> None:
+    # The hub checks a blob file once per process (cloud_hub.api.downloads): bytes that rot in
+    # place after that, the file's size and times unchanged, reach the device, which must
+    # refuse them (whole, and when resumed) and keep nothing.
+    http, creds = device
+    digest = deployed(fleet, "1", files(padding=BIG))
+    blob = sha256_digest(BIG)
+    fetch_module(http, ModuleCache(tmp_path / "first"), digest, creds.publishers, control(), Counters())
+    store = fleet.hub.core.blobs
+    if not isinstance(store, FileBlobStore):
+        pytest.skip("the file store's check-once is what this is about")
+    path = Path(store.path(blob))
+    before = path.stat()
+    with path.open("r+b") as fh:
+        fh.seek(len(BIG) - 1)
+        fh.write(bytes([BIG[-1] ^ 0xFF]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    whole = ModuleCache(tmp_path / "whole")
+    with pytest.raises(TrustError, match="does not match its digest"):
+        fetch_module(http, whole, digest, creds.publishers, control(), Counters())
+    assert not whole.blobs.has(blob) and whole.installed() == []
+    resumed = ModuleCache(tmp_path / "resumed")
+    partial = resumed.blobs.partial_path(blob)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(BIG[: len(BIG) // 2])
+    with pytest.raises(TrustError, match="does not match its digest"):
+        fetch_module(http, resumed, digest, creds.publishers, control(), Counters())
+    assert not resumed.blobs.has(blob) and not partial.exists()

@@ -118,7 +118,9 @@ class ReplicaSet:
 ReplicaSetFactory = Callable[..., ReplicaSet]
 
 
-def _start_nginx(run_dir: Path, port: int, replicas: list[HubReplica]) -> subprocess.Popen[bytes]:
+def _start_nginx(
+    run_dir: Path, port: int, replicas: list[HubReplica], s3_endpoint: str | None = None
+) -> subprocess.Popen[bytes]:
     if not NGINX.is_file():
         pytest.fail("no nginx: install Debian's 'nginx' package (scripts/test.sh does)", pytrace=False)
     prepare_run_dir(run_dir)
@@ -128,6 +130,7 @@ def _start_nginx(run_dir: Path, port: int, replicas: list[HubReplica]) -> subpro
         run_dir=run_dir,
         run_as="root" if os.geteuid() == 0 else None,
         daemon=False,
+        s3_endpoint=s3_endpoint,
     )
     (run_dir / "nginx.conf").write_text(conf)
     process = subprocess.Popen(
@@ -160,8 +163,13 @@ def replica_set(
     databases: list[str] = []
 
     def start(
-        count: int = 2, *, upkeep_s: float = 1.0, extra_env: dict[str, str] | None = None
+        count: int = 2,
+        *,
+        upkeep_s: float = 1.0,
+        extra_env: dict[str, str] | None = None,
+        s3_offload: bool = False,
     ) -> ReplicaSet:
+        """``s3_offload``: nginx sends device blob downloads from S3 (X-Accel-Redirect)."""
         seaweedfs = request.getfixturevalue("seaweedfs")
         broker = request.getfixturevalue("mosquitto")
         root = tmp_path_factory.mktemp("replicas")
@@ -180,6 +188,7 @@ def replica_set(
             "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN,
             "EDGEPACK_HUB_HUB_KEY": str(shared / "hub.key"),
             "EDGEPACK_HUB_UPKEEP_INTERVAL_S": str(upkeep_s),
+            **({"EDGEPACK_HUB_DOWNLOAD_OFFLOAD": "nginx"} if s3_offload else {}),
             **(extra_env or {}),
         }
         blob_store = seaweedfs.url(prefix=prefix)
@@ -200,7 +209,9 @@ def replica_set(
             try:
                 for replica in replicas:
                     replica.start()
-                nginx = _start_nginx(root / "nginx", nginx_port, replicas)
+                nginx = _start_nginx(
+                    root / "nginx", nginx_port, replicas, seaweedfs.endpoint if s3_offload else None
+                )
             except BaseException:
                 for replica in replicas:
                     replica.stop()
