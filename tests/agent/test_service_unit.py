@@ -161,3 +161,30 @@ def test_install_service_refuses_clearly(fleet: Fleet, tmp_path: Path) -> None:
 
 def test_systemd_analyze_is_there() -> None:
     assert shutil.which("systemd-analyze"), "scripts/test.sh installs systemd for the unit check"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installing a service makes a system user: root only")
+def test_install_service_gives_the_user_what_an_earlier_agent_left_and_follows_no_link(
+    fleet: Fleet, tmp_path: Path, system_user: str
+) -> None:
+    agent = fleet.device("unit-4")
+    # What an agent run as root before leaves: private folders and files, and a link a module
+    # could have planted (to a file of the system's).
+    cache = agent.state_dir / "cache" / "sha256"
+    cache.mkdir(parents=True, mode=0o700)
+    record = agent.state_dir / "state.json"
+    record.write_text("{}")
+    record.chmod(0o600)
+    (cache / "blob").write_bytes(b"x")
+    victim = tmp_path / "system-file"
+    victim.write_text("root's")
+    (agent.state_dir / "link").symlink_to(victim)
+    done = cli("agent", "install-service", "--config", str(agent.config_path), "--user", system_user,
+               "--unit-dir", str(tmp_path / "units"), "--no-start")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    user = pwd.getpwnam(system_user)
+    for path in (cache.parent, cache, cache / "blob", record):
+        # Private to their owner (0700/0600): the service's user must be that owner.
+        assert path.stat().st_uid == user.pw_uid, path
+    assert victim.stat().st_uid == 0, "a link in the state folder was followed"
+    assert (agent.state_dir / "link").lstat().st_uid == user.pw_uid
