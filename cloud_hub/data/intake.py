@@ -180,9 +180,10 @@ class CollectedData:
             return batches.stored(row)
 
     def chunks(self, batch: StoredBatch) -> Iterator[bytes]:
-        with self.store.open(batch.path, batch.digest) as fh:
-            while chunk := fh.read(CHUNK):
-                yield chunk
+        """The batch's bytes, its object opened now: an object that is gone raises NotFound
+        here, before the answer starts (inside the generator it would be a 200 cut off)."""
+        fh = self.store.open(batch.path, batch.digest)
+        return _read(fh)
 
     def delete(self, service: str, *, device: str | None, until: datetime | None) -> int:
         """Delete ``service``'s batches (one device's, received before ``until``, when given),
@@ -227,3 +228,9 @@ class CollectedData:
             removed += len(paths)
             if len(paths) < batches.PRUNE_CHUNK:
                 return removed
+
+
+def _read(fh: IO[bytes]) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk

@@ -117,6 +117,20 @@ def test_a_batch_is_stored_once_under_azures_layout_listed_and_downloaded(
         assert (h.data_dir / "data" / stored["path"]).read_bytes() == body
 
 
+def test_a_batch_whose_bytes_are_gone_from_the_store_is_a_404_not_a_cut_off_200(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    body, _ = batch_of(key, 5)
+    stored = upload(h, device.token, key, body, records=5).json()
+    (h.data_dir / "data" / stored["path"]).unlink()  # lost outside the hub (a disk, a hand)
+    with h.client() as http:
+        answer = http.get(f"/api/v1/services/digits/data/{digest_of(body)}")
+    assert "is not in the store" in _error(answer, 404)
+
+
 def test_bad_batches_are_refused_with_a_reason_and_nothing_is_stored(
     hub: HubFactory, publisher: Publisher
 ) -> None:
