@@ -131,6 +131,21 @@ def test_a_batch_whose_bytes_are_gone_from_the_store_is_a_404_not_a_cut_off_200(
     assert "is not in the store" in _error(answer, 404)
 
 
+def test_a_record_count_of_other_digits_than_ascii_is_a_400_not_a_500(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    # str.isdigit() says yes to '²' (latin-1 0xb2, as a header reads), which int() refuses.
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    body, _ = batch_of(key, 2)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson", RECORDS_HEADER: b"\xb2"}
+    with h.client(token=device.token) as http:
+        answer = http.put(f"{UPLOAD_PATH}/{digest_of(body)}?{key.query()}", content=body, headers=headers)
+    assert RECORDS_HEADER in _error(answer, 400)
+    assert _batches(h) == 0
+
+
 def test_bad_batches_are_refused_with_a_reason_and_nothing_is_stored(
     hub: HubFactory, publisher: Publisher
 ) -> None:
