@@ -480,3 +480,30 @@ def test_the_admin_deletes_a_services_data_with_its_bytes_and_nothing_else(
         assert http.get("/api/v1/services/digits/data").json()["batches"] == []
         assert len(http.get("/api/v1/services/faces/data").json()["batches"]) == 1
     assert len(_stored_files(h)) == 1  # only faces' bytes are left
+
+
+def test_a_delete_that_fails_half_way_leaves_nothing_it_cannot_find_again(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    # The store refuses to delete one object (a file store's disk, S3 down for a moment): the
+    # admin's delete fails, and the next one must still find and delete every batch's bytes.
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    paths = []
+    for count in (2, 3):
+        body, _ = batch_of(key, count)
+        paths.append(h.data_dir / "data" / upload(h, device.token, key, body, records=count).json()["path"])
+    stuck = paths[0]
+    stuck.unlink()
+    (stuck / "in-the-way").mkdir(parents=True)  # unlink() of a folder fails
+    with h.client() as http:
+        failed = http.delete("/api/v1/services/digits/data")
+    assert failed.status_code >= 500
+    (stuck / "in-the-way").rmdir()
+    stuck.rmdir()
+    with h.client() as http:
+        again = http.delete("/api/v1/services/digits/data")
+    assert again.status_code == 200, again.text
+    assert not paths[1].exists() and _stored_files(h) == [], "bytes left that no row names"
+    assert _batches(h) == 0
