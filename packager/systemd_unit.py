@@ -13,7 +13,11 @@ Why each setting is there:
   the state folder writable, ``ProtectHome=read-only`` (a venv may live in a home folder),
   private ``/tmp``, kernel tunables, modules, logs and control groups protected.
 - ``SupplementaryGroups=docker`` only when the docker runtime is enabled: membership of that
-  group is root on the host, so a process-only device does not get it.
+  group is root on the host, so a process-only device does not get it. With it, the agent keeps
+  :data:`DOCKER_CAPABILITIES` (and no other): it hands each container's run folder and data
+  spool to the image's user (``chown``), then reads, replaces and deletes what the container
+  wrote there (0600 files in 0700 folders of that user). That gives nothing the docker group
+  does not already give; without them no container could start.
 - No ``PrivateDevices``, ``MemoryDenyWriteExecute`` or system-call filter: modules run in the
   agent's sandbox, and accelerators (``/dev``), JIT-compiling runtimes and native extensions
   would break under them. The docker runtime confines its modules itself.
@@ -28,6 +32,9 @@ from pathlib import Path
 DEFAULT_UNIT_NAME = "edgepack-agent"
 DEFAULT_USER = "edgepack"
 DEFAULT_WATCHDOG_S = 60
+#: What the docker runtime needs of root's powers (edge_agent.runtime.docker: chown of the
+#: folders it mounts into containers, and access to the files containers leave in them).
+DOCKER_CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ def _path(value: Path) -> str:
 def render_unit(spec: UnitSpec) -> str:
     exec_start = f"{_path(spec.python)} -m edge_agent --config {_path(spec.config)}"
     docker_lines = "SupplementaryGroups=docker\n" if spec.docker else ""
+    capabilities = " ".join(DOCKER_CAPABILITIES) if spec.docker else ""
     after = "network-online.target docker.service" if spec.docker else "network-online.target"
     return f"""# Written by 'edgepack agent install-service'; 'edgepack agent uninstall-service' removes it.
 # What each setting is for: docs/agent.md, "Running under systemd".
@@ -71,8 +79,8 @@ KillMode=process
 KillSignal=SIGTERM
 UMask=0077
 NoNewPrivileges=yes
-CapabilityBoundingSet=
-AmbientCapabilities=
+CapabilityBoundingSet={capabilities}
+AmbientCapabilities={capabilities}
 ProtectSystem=strict
 ReadWritePaths={_path(spec.state_dir)}
 ProtectHome=read-only

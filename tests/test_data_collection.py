@@ -316,3 +316,45 @@ def test_each_worker_writes_its_own_segments_and_flushes_them_on_sigterm(tmp_pat
         f"w{i}" for i in range(40) for _ in range(2)
     )
     assert len({s.pid for s in list_spool(spool).segments}) == 2
+
+
+def test_a_record_is_queued_under_the_day_of_its_own_time_when_calls_interleave_at_midnight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two collect() calls interleaved across midnight UTC (threads of a script; here the data's
+    # own tolist() collects, which interleaves the same way, deterministically). The hub refuses
+    # a whole batch with one record of another day, and the agent then drops the segment.
+    import edge_agent.scoring.collector as collector_module
+
+    midnight = 1_796_688_000.0  # 2026-12-08T00:00:00Z
+    times = iter([midnight - 0.5, midnight + 0.5])
+
+    real = time
+
+    class FakeTime:
+        monotonic = staticmethod(real.monotonic)
+        time_ns = staticmethod(real.time_ns)
+
+        @staticmethod
+        def time() -> float:
+            return next(times)
+
+    monkeypatch.setattr(collector_module, "time", FakeTime)
+    collection = _collection(tmp_path)
+    kwargs: dict[str, Any] = {
+        "model": "m",
+        "model_version": "1",
+        "designation": "inputs",
+        "correlation_id": None,
+    }
+
+    class Rows:
+        def tolist(self) -> list[int]:
+            collection.collect("after midnight", **kwargs)
+            return [1]
+
+    collection.collect(Rows(), **kwargs)
+    queued = collection.take_queued()
+    assert len(queued) == 2
+    for (_model, _version, _designation, day), line in queued:
+        assert CollectedRecord.model_validate_json(line).time.date() == day, line

@@ -93,7 +93,8 @@ def _declared(request: Request) -> tuple[int, int]:
     if headers.get("content-type", "").split(";")[0].strip().lower() != CONTENT_TYPE:
         raise ConfigError(f"send the batch as 'Content-Type: {CONTENT_TYPE}'")
     records = headers.get(RECORDS_HEADER, "")
-    if not records.isdigit() or not 1 <= int(records) <= MAX_BATCH_RECORDS:
+    # isascii() too: isdigit() takes '²' and other digits int() refuses (a 500, not a 400).
+    if not (records.isascii() and records.isdigit()) or not 1 <= int(records) <= MAX_BATCH_RECORDS:
         raise ConfigError(f"{RECORDS_HEADER} must be the number of records, 1 to {MAX_BATCH_RECORDS}")
     length = headers.get("content-length", "")
     if not length.isdigit():

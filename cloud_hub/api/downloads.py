@@ -180,11 +180,11 @@ def _token(scope: Scope) -> str:
 
 
 async def _load(served: _Served, hashed: str) -> Grant:
-    as_of = served.grants.epoch
+    as_of, loaded_at = served.grants.epoch, served.grants.now()
     loaded = await anyio.to_thread.run_sync(served.source.grant, hashed)
     if loaded is None:
         raise Unauthorized(INVALID_TOKEN)
-    return served.grants.remember(hashed, *loaded, as_of=as_of)
+    return served.grants.remember(hashed, *loaded, as_of=as_of, loaded_at=loaded_at)
 
 
 async def _allowed(served: _Served, token: str, kind: Literal["manifests", "blobs"], digest: str) -> None:

@@ -146,31 +146,28 @@ def spool_figures(session: Session, service: str, device_ids: Sequence[str]) -> 
     return out
 
 
-def take_service_rows(
+def service_rows(
     session: Session, service: str, *, device: str | None, until: datetime | None
-) -> list[str]:
-    """Delete up to PRUNE_CHUNK rows of ``service``'s batches (of one device, received before
-    ``until``, when given); return their store keys."""
+) -> list[tuple[int, str]]:
+    """Up to PRUNE_CHUNK of ``service``'s batches (of one device, received before ``until``,
+    when given): (row id, store key). The caller deletes the objects, then :func:`delete_rows`."""
     query = select(DataBatch.id, DataBatch.path).where(DataBatch.service == service)
     if device is not None:
         query = query.where(DataBatch.device_id == device)
     if until is not None:
         query = query.where(DataBatch.received_at < until)
-    rows = session.execute(query.limit(PRUNE_CHUNK)).all()
-    if rows:
-        session.execute(delete(DataBatch).where(DataBatch.id.in_([r.id for r in rows])))
-    return [r.path for r in rows]
+    return [(r.id, r.path) for r in session.execute(query.order_by(DataBatch.id).limit(PRUNE_CHUNK))]
 
 
-def prune(session: Session, *, older_than: datetime) -> list[str]:
-    """Delete up to PRUNE_CHUNK rows of batches received before ``older_than``; return their
-    store keys (the caller deletes the objects once the rows are gone)."""
-    rows = session.execute(
-        select(DataBatch.id, DataBatch.path).where(DataBatch.received_at < older_than).limit(PRUNE_CHUNK)
-    ).all()
-    if rows:
-        session.execute(delete(DataBatch).where(DataBatch.id.in_([r.id for r in rows])))
-    return [r.path for r in rows]
+def old_rows(session: Session, *, older_than: datetime) -> list[tuple[int, str]]:
+    """Up to PRUNE_CHUNK batches received before ``older_than``: (row id, store key)."""
+    query = select(DataBatch.id, DataBatch.path).where(DataBatch.received_at < older_than)
+    return [(r.id, r.path) for r in session.execute(query.order_by(DataBatch.id).limit(PRUNE_CHUNK))]
+
+
+def delete_rows(session: Session, ids: Sequence[int]) -> None:
+    if ids:
+        session.execute(delete(DataBatch).where(DataBatch.id.in_(list(ids))))
 
 
 def forget_old_sources(session: Session, *, older_than: datetime) -> None:

@@ -16,7 +16,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import IO
 import anyio
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from cloud_hub.data import batches
 from cloud_hub.data.budget import DataBudget
@@ -180,21 +181,30 @@ class CollectedData:
             return batches.stored(row)
 
     def chunks(self, batch: StoredBatch) -> Iterator[bytes]:
-        with self.store.open(batch.path, batch.digest) as fh:
-            while chunk := fh.read(CHUNK):
-                yield chunk
+        """The batch's bytes, its object opened now: an object that is gone raises NotFound
+        here, before the answer starts (inside the generator it would be a 200 cut off)."""
+        fh = self.store.open(batch.path, batch.digest)
+        return _read(fh)
 
     def delete(self, service: str, *, device: str | None, until: datetime | None) -> int:
         """Delete ``service``'s batches (one device's, received before ``until``, when given),
-        rows then objects; return how many."""
+        objects then rows; return how many."""
+        return self._delete_chunks(lambda s: batches.service_rows(s, service, device=device, until=until))
+
+    def _delete_chunks(self, select_rows: Callable[[Session], list[tuple[int, str]]]) -> int:
+        """Objects first, then their rows, a chunk at a time: a store that fails half way
+        leaves rows that the next delete finds again (their download a 404 meanwhile), never
+        objects that no row names and nothing would ever delete."""
         removed = 0
         while True:
             with self.sessions.begin() as s:
-                paths = batches.take_service_rows(s, service, device=device, until=until)
-            for path in paths:
+                rows = select_rows(s)
+            for _, path in rows:
                 self.store.delete(path)
-            removed += len(paths)
-            if len(paths) < batches.PRUNE_CHUNK:
+            with self.sessions.begin() as s:
+                batches.delete_rows(s, [row_id for row_id, _ in rows])
+            removed += len(rows)
+            if len(rows) < batches.PRUNE_CHUNK:
                 return removed
 
     # --- retention -------------------------------------------------------------------------
@@ -214,16 +224,14 @@ class CollectedData:
     def prune(self) -> int:
         days = self.settings.data_retention_days
         now = utcnow()
-        removed = 0
         with self.sessions.begin() as s:
             batches.forget_old_sources(s, older_than=now - timedelta(days=self.settings.data_grace_days))
         if days == 0:
             return 0
-        while True:
-            with self.sessions.begin() as s:
-                paths = batches.prune(s, older_than=now - timedelta(days=days))
-            for path in paths:
-                self.store.delete(path)
-            removed += len(paths)
-            if len(paths) < batches.PRUNE_CHUNK:
-                return removed
+        return self._delete_chunks(lambda s: batches.old_rows(s, older_than=now - timedelta(days=days)))
+
+
+def _read(fh: IO[bytes]) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk

@@ -104,9 +104,15 @@ class GrantWarmer:
         ).start()
 
     def _warm(self, devices: list[str], as_of: int) -> None:
-        try:
-            loaded = self._source.grants_of(devices)
-        except Exception:  # the downloads load what they need themselves
-            log.warning("download grants of %d device(s) not loaded ahead", len(devices), exc_info=True)
-            return
-        self._grants.remember_many(loaded, as_of=as_of)
+        # A chunk at a time, each kept as of when it was read: a large rollout's last chunk
+        # comes long after its first, whose grants must not live longer for it.
+        for at in range(0, len(devices), WARM_CHUNK):
+            chunk = devices[at : at + WARM_CHUNK]
+            loaded_at = self._grants.now()
+            try:
+                loaded = self._source.grants_of(chunk)
+            except Exception:  # the downloads load what they need themselves
+                log.warning("download grants of %d device(s) not loaded ahead", len(chunk), exc_info=True)
+                return
+            if not self._grants.remember_many(loaded, as_of=as_of, loaded_at=loaded_at) and loaded:
+                return  # a change since: what is read now would be dropped too

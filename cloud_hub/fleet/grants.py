@@ -121,35 +121,60 @@ class DownloadGrants:
 
     # --- filling -------------------------------------------------------------------------------
 
+    def now(self) -> float:
+        """The grants' clock: read it before a load and hand it to :meth:`remember` as
+        ``loaded_at``, so that a grant's age counts from when the database was read."""
+        return self._clock()
+
     @property
     def epoch(self) -> int:
         """Read before loading grants; hand it to :meth:`remember`."""
         return self._epoch
 
     def remember(
-        self, token_hash: str, device_id: str, manifests: frozenset[str] | None, *, as_of: int
+        self,
+        token_hash: str,
+        device_id: str,
+        manifests: frozenset[str] | None,
+        *,
+        as_of: int,
+        loaded_at: float | None = None,
     ) -> Grant:
         """The grant for what was loaded; kept only when nothing was forgotten since ``as_of``
-        (else a revocation here during the load could be undone until the TTL ran out)."""
+        (else a revocation here during the load could be undone until the TTL ran out).
+        ``loaded_at``: :meth:`now` before the database was read (default: now)."""
         with self._lock:
-            return self._remember(token_hash, device_id, manifests, as_of)
+            return self._remember(token_hash, device_id, manifests, as_of, loaded_at)
 
-    def remember_many(self, loaded: list[tuple[str, str, frozenset[str] | None]], *, as_of: int) -> int:
+    def remember_many(
+        self,
+        loaded: list[tuple[str, str, frozenset[str] | None]],
+        *,
+        as_of: int,
+        loaded_at: float | None = None,
+    ) -> int:
         """Grants loaded ahead of the downloads (a rollout's devices); how many were kept."""
         with self._lock:
             if as_of != self._epoch:
                 return 0
             for token_hash, device_id, manifests in loaded[: self._max_devices]:
-                self._remember(token_hash, device_id, manifests, as_of)
+                self._remember(token_hash, device_id, manifests, as_of, loaded_at)
             return min(len(loaded), self._max_devices)
 
     def _remember(
-        self, token_hash: str, device_id: str, manifests: frozenset[str] | None, as_of: int
+        self,
+        token_hash: str,
+        device_id: str,
+        manifests: frozenset[str] | None,
+        as_of: int,
+        loaded_at: float | None,
     ) -> Grant:
         if manifests is not None:
             self._prune_interned()
             manifests = self._interned.setdefault(manifests, manifests)
-        grant = Grant(device_id, manifests, self._clock())
+        # The TTL bounds how old the database's answer may be, so it counts from the read, not
+        # from when a slow load (a rollout's thousands of devices) got round to keeping it.
+        grant = Grant(device_id, manifests, self._clock() if loaded_at is None else loaded_at)
         if as_of != self._epoch:
             return grant
         self._drop(token_hash)

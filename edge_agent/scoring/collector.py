@@ -208,9 +208,11 @@ class Collection:
         self.dropped = DropCounts()
         self._warned_at = float("-inf")
         self._heads: dict[tuple[str, str, str, tuple[str, ...] | None], bytes] = {}
-        self._second = -1
-        self._second_text = b""
-        self._day = date(1970, 1, 1)
+        # (second, its text, its UTC day), replaced whole: a collect() reads it once, so that
+        # its record's time and the day it is batched under never come from two different
+        # seconds (another thread's call may move it on meanwhile; at midnight the hub would
+        # refuse the whole batch for that one record).
+        self._stamp: tuple[int, bytes, date] = (-1, b"", date(1970, 1, 1))
         self.writer = SpoolWriter(self, clock)
 
     # --- the request's path -----------------------------------------------------------------
@@ -245,11 +247,13 @@ class Collection:
             head = self._head(shape)
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._set_second(second)
+        stamp = self._stamp
+        if second != stamp[0]:
+            stamp = self._set_second(second)
+        _, second_text, day = stamp
         try:
             line = b"".join((
-                b'{"time":"', self._second_text, b".%06d+00:00" % ((now - second) * 1e6),
+                b'{"time":"', second_text, b".%06d+00:00" % ((now - second) * 1e6),
                 b'","correlation_id":', orjson.dumps(correlation_id), head,
                 orjson.dumps(data, default=_json_default, option=_DUMP_OPTIONS), b"}\n",
             ))  # fmt: skip
@@ -266,7 +270,7 @@ class Collection:
                 self._queued_bytes + len(line) > settings.max_queued_bytes
             )
             if not full:
-                queue.append(((model, model_version, designation, self._day), line))
+                queue.append(((model, model_version, designation, day), line))
                 self._queued_bytes += len(line)
                 self.kept += 1
             half = len(queue) * 2 >= settings.max_queued_records
@@ -293,11 +297,11 @@ class Collection:
             self._heads[shape] = head
         return head
 
-    def _set_second(self, second: int) -> None:
+    def _set_second(self, second: int) -> tuple[int, bytes, date]:
         moment = datetime.fromtimestamp(second, UTC)
-        self._second_text = moment.strftime("%Y-%m-%dT%H:%M:%S").encode()
-        self._day = moment.date()
-        self._second = second
+        stamp = (second, moment.strftime("%Y-%m-%dT%H:%M:%S").encode(), moment.date())
+        self._stamp = stamp
+        return stamp
 
     def drop(self, cause: str, why: str, count: int = 1) -> None:
         now = time.monotonic()

@@ -298,8 +298,9 @@ class HubHttp:
             raise NotFoundError(message)
         if status < 500 and status not in RETRIED_CLIENT_ERRORS:
             raise HubRefused(message)
-        retry_after = response.getheader("retry-after")
-        delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+        retry_after = response.getheader("retry-after") or ""
+        # isascii() too: isdigit() takes '²' and other digits float() refuses.
+        delay = float(retry_after) if retry_after.isascii() and retry_after.isdigit() else None
         raise HubUnavailable(message, retry_after_s=delay)
 
 

@@ -129,6 +129,25 @@ def test_the_hubs_answers_are_followed(tmp_path: Path, hub: DataHub) -> None:
     http.close()
 
 
+def test_a_retry_after_of_other_digits_than_ascii_is_a_backoff_not_a_crash(
+    tmp_path: Path, hub: DataHub
+) -> None:
+    # str.isdigit() says yes to '²' (a proxy's or a broken hub's header), which float() refuses:
+    # the scan failed, and without a backoff the batch went again at the next scan.
+    spool_records(tmp_path, 10)
+    clock = Clock()
+    up, http = uploader(tmp_path, hub, clock, backoff_base_s=2.0, backoff_cap_s=60.0)
+    hub.answers.append((429, {"Retry-After": "\xb2"}))
+    up.scan()
+    clock.now += 0.5  # within the backoff (rand 0.5 x 2 s)
+    up.scan()
+    assert [s for _, s in hub.log] == [429]
+    clock.now += 1
+    up.scan()
+    assert [s for _, s in hub.log] == [429, 201]
+    http.close()
+
+
 def test_a_batch_the_hub_stored_before_is_answered_200_and_stored_once(tmp_path: Path, hub: DataHub) -> None:
     spool_records(tmp_path, 10)
     [segment] = segments_in(tmp_path, SERVICE)

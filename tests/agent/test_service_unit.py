@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +162,90 @@ def test_install_service_refuses_clearly(fleet: Fleet, tmp_path: Path) -> None:
 
 def test_systemd_analyze_is_there() -> None:
     assert shutil.which("systemd-analyze"), "scripts/test.sh installs systemd for the unit check"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installing a service makes a system user: root only")
+def test_install_service_gives_the_user_what_an_earlier_agent_left_and_follows_no_link(
+    fleet: Fleet, tmp_path: Path, system_user: str
+) -> None:
+    agent = fleet.device("unit-4")
+    # What an agent run as root before leaves: private folders and files, and a link a module
+    # could have planted (to a file of the system's).
+    cache = agent.state_dir / "cache" / "sha256"
+    cache.mkdir(parents=True, mode=0o700)
+    record = agent.state_dir / "state.json"
+    record.write_text("{}")
+    record.chmod(0o600)
+    (cache / "blob").write_bytes(b"x")
+    victim = tmp_path / "system-file"
+    victim.write_text("root's")
+    (agent.state_dir / "link").symlink_to(victim)
+    done = cli("agent", "install-service", "--config", str(agent.config_path), "--user", system_user,
+               "--unit-dir", str(tmp_path / "units"), "--no-start")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    user = pwd.getpwnam(system_user)
+    for path in (cache.parent, cache, cache / "blob", record):
+        # Private to their owner (0700/0600): the service's user must be that owner.
+        assert path.stat().st_uid == user.pw_uid, path
+    assert victim.stat().st_uid == 0, "a link in the state folder was followed"
+    assert (agent.state_dir / "link").lstat().st_uid == user.pw_uid
+
+
+DOCKER_CHORES = """
+import os, sys
+run, spool = sys.argv[1], sys.argv[2]
+os.chown(run, 10001, 10001)                       # DockerRuntime.launch hands its run folder over
+keys = os.path.join(run, "keys.json")
+with open(keys, "w") as fh:                       # ... writes the keys file there
+    fh.write("{}")
+os.chown(keys, 10001, 10001)
+os.chmod(keys, 0o600)
+segment = os.path.join(spool, os.listdir(spool)[0])
+with open(segment, "rb") as fh:                   # the uploader reads what the container spooled
+    fh.read()
+os.unlink(segment)                                # ... and deletes it once the hub has it
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
+    reason="runs a process as the unit's user with the unit's capabilities: root and setpriv",
+)
+def test_a_docker_devices_unit_keeps_what_the_docker_runtime_needs_of_root(
+    tmp_path: Path, system_user: str
+) -> None:
+    from packager.systemd_unit import UnitSpec, render_unit
+
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                    "/usr/sbin/nologin", system_user], check=True)  # fmt: skip
+    user = pwd.getpwnam(system_user)
+    base = Path(tempfile.mkdtemp(prefix="unit-"))  # reachable by that user, unlike tmp_path
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        run, spool = state / "run" / "svc", state / "data" / "svc"
+        run.mkdir(parents=True)
+        spool.mkdir(parents=True, mode=0o700)
+        (spool / "segment.jsonl.gz").write_bytes(b"x")
+        (spool / "segment.jsonl.gz").chmod(0o600)
+        for path in (state, state / "run", run, state / "data"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        state.chmod(0o700)
+        for path in (spool, spool / "segment.jsonl.gz"):  # as a container leaves them
+            os.chown(path, 10001, 10001)
+        spec = UnitSpec(python=Path(sys.executable), config=base / "agent.toml", state_dir=state,
+                        device_id="edge-1", user=system_user, docker=True)  # fmt: skip
+        lines = dict(line.split("=", 1) for line in render_unit(spec).splitlines() if "=" in line)
+        assert lines["CapabilityBoundingSet"] == lines["AmbientCapabilities"]
+        kept = [f"+{c.lower().removeprefix('cap_')}" for c in lines["AmbientCapabilities"].split()]
+        caps = ",".join(["-all", *kept])
+        done = subprocess.run(
+            ["setpriv", "--reuid", str(user.pw_uid), "--regid", str(user.pw_gid), "--clear-groups",
+             "--bounding-set", caps, "--inh-caps", caps, "--ambient-caps", caps,
+             "/usr/bin/python3", "-c", DOCKER_CHORES, str(run), str(spool)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert run.stat().st_uid == 10001 and not (spool / "segment.jsonl.gz").exists()
+    finally:
+        shutil.rmtree(base)

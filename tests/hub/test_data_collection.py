@@ -117,6 +117,35 @@ def test_a_batch_is_stored_once_under_azures_layout_listed_and_downloaded(
         assert (h.data_dir / "data" / stored["path"]).read_bytes() == body
 
 
+def test_a_batch_whose_bytes_are_gone_from_the_store_is_a_404_not_a_cut_off_200(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    body, _ = batch_of(key, 5)
+    stored = upload(h, device.token, key, body, records=5).json()
+    (h.data_dir / "data" / stored["path"]).unlink()  # lost outside the hub (a disk, a hand)
+    with h.client() as http:
+        answer = http.get(f"/api/v1/services/digits/data/{digest_of(body)}")
+    assert "is not in the store" in _error(answer, 404)
+
+
+def test_a_record_count_of_other_digits_than_ascii_is_a_400_not_a_500(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    # str.isdigit() says yes to '²' (latin-1 0xb2, as a header reads), which int() refuses.
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    body, _ = batch_of(key, 2)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson", RECORDS_HEADER: b"\xb2"}
+    with h.client(token=device.token) as http:
+        answer = http.put(f"{UPLOAD_PATH}/{digest_of(body)}?{key.query()}", content=body, headers=headers)
+    assert RECORDS_HEADER in _error(answer, 400)
+    assert _batches(h) == 0
+
+
 def test_bad_batches_are_refused_with_a_reason_and_nothing_is_stored(
     hub: HubFactory, publisher: Publisher
 ) -> None:
@@ -451,3 +480,30 @@ def test_the_admin_deletes_a_services_data_with_its_bytes_and_nothing_else(
         assert http.get("/api/v1/services/digits/data").json()["batches"] == []
         assert len(http.get("/api/v1/services/faces/data").json()["batches"]) == 1
     assert len(_stored_files(h)) == 1  # only faces' bytes are left
+
+
+def test_a_delete_that_fails_half_way_leaves_nothing_it_cannot_find_again(
+    hub: HubFactory, publisher: Publisher
+) -> None:
+    # The store refuses to delete one object (a file store's disk, S3 down for a moment): the
+    # admin's delete fails, and the next one must still find and delete every batch's bytes.
+    h = hub()
+    device = device_running(h, publisher, "edge-1", "digits")
+    key = key_of("digits")
+    paths = []
+    for count in (2, 3):
+        body, _ = batch_of(key, count)
+        paths.append(h.data_dir / "data" / upload(h, device.token, key, body, records=count).json()["path"])
+    stuck = paths[0]
+    stuck.unlink()
+    (stuck / "in-the-way").mkdir(parents=True)  # unlink() of a folder fails
+    with h.client() as http:
+        failed = http.delete("/api/v1/services/digits/data")
+    assert failed.status_code >= 500
+    (stuck / "in-the-way").rmdir()
+    stuck.rmdir()
+    with h.client() as http:
+        again = http.delete("/api/v1/services/digits/data")
+    assert again.status_code == 200, again.text
+    assert not paths[1].exists() and _stored_files(h) == [], "bytes left that no row names"
+    assert _batches(h) == 0

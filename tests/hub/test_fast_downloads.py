@@ -12,13 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from sqlalchemy import event, select, update
 
 from cloud_hub.api.downloads import QuietDownloads
 from cloud_hub.events import Event
+from cloud_hub.fleet.grant_source import WARM_CHUNK, DatabaseGrants, GrantWarmer
 from cloud_hub.fleet.grants import DownloadGrants, Verdict
 from cloud_hub.fleet.tables import Device
 from cloud_hub.store.blobs import FileBlobStore
@@ -215,6 +216,42 @@ def test_a_grant_loaded_across_a_revocation_is_used_once_but_not_kept() -> None:
     assert grant.device_id == "dev-1" and grants.cached("t1") is None
     assert grants.remember_many([("t1", "dev-1", frozenset({"m1"}))], as_of=as_of) == 0
     assert grants.cached("t1") is None
+
+
+class SlowSource:
+    """What a rollout's read of many grants looks like to the clock: each chunk of WARM_CHUNK
+    devices is read as of when its query starts, and takes 20 s."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def grants_of(self, device_ids: list[str]) -> list[tuple[str, str, frozenset[str] | None]]:
+        read: list[tuple[str, str, frozenset[str] | None]] = []
+        for at in range(0, len(device_ids), WARM_CHUNK):
+            read += [(f"t-{d}", d, frozenset({"m1"})) for d in device_ids[at : at + WARM_CHUNK]]
+            self.clock.now += 20
+        return read
+
+
+def test_a_grant_read_ahead_lives_the_ttl_from_its_read_not_from_a_slow_loads_end() -> None:
+    # security.md: a grant is used for at most download_grant_ttl_s after it was read. A device
+    # revoked on another replica just after its chunk was read must be refused by then.
+    clock = Clock()
+    grants = DownloadGrants(ttl_s=30, max_devices=5000, max_modules=10, clock=clock)
+    devices = [f"dev-{i}" for i in range(WARM_CHUNK + 1)]  # two chunks: read at 0 s and 20 s
+    warmer = GrantWarmer(grants, cast(DatabaseGrants, SlowSource(clock)))
+    warmer(devices)
+    deadline = time.monotonic() + 10
+    while len(grants) < len(devices) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert clock.now == 40 and len(grants) == len(devices)
+    clock.now = 29.9
+    assert grants.cached("t-dev-0") is not None
+    clock.now = 30.0
+    assert grants.cached("t-dev-0") is None, "read at 0 s, still used 30 s later"
+    assert grants.cached(f"t-dev-{WARM_CHUNK}") is not None  # its chunk was read at 20 s
+    clock.now = 50.0
+    assert grants.cached(f"t-dev-{WARM_CHUNK}") is None
 
 
 def test_the_first_downloads_after_a_deploy_need_no_query_per_device(
