@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_hub.events import trim_events
 from tests.conftest import Publisher
+from tests.hub.broker_fixtures import Broker
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import deploy, push
 from tests.hub.fleet_support import enroll as fleet_enroll
+from tests.hub.test_dashboard import reported
 from tests.hub.test_registry_cli import ok_json, run
 from tests.hub.test_registry_models import register
 from tests.hub.webhook_receiver import Receiver, start_receiver
@@ -295,3 +297,41 @@ def test_a_hub_restarted_mid_delivery_sends_the_rest_within_seconds_and_none_twi
     assert time.monotonic() - restarted < 5
     time.sleep(1)  # a second copy of any would have come by now
     assert len(receiver.ids()) == 20
+
+
+def test_a_service_whose_roll_up_changes_sends_one_event_about_the_service(
+    hub: HubFactory, receiver: Receiver, publisher: Publisher, mosquitto: Broker, topic_prefix: str
+) -> None:
+    h = hub(mqtt_host=mosquitto.host, mqtt_port=mosquitto.port, topic_prefix=topic_prefix,
+            mqtt_username=None, **FAST)  # fmt: skip
+    receiver.secret = subscribe(h, receiver.url, events=["service.state-changed"])["secret"]
+    mod = push(h, publisher, "digits", "1")
+    with h.client() as http:
+        fleet_enroll(http, "dev-1", site="berlin")
+        fleet_enroll(http, "dev-2", site="berlin")
+        assert deploy(http, "digits", mod, selector="site=berlin").status_code == 201
+    # The service is Transitioning (deployed, no device there yet): each step below moves a
+    # device, and only the last of dev-2's and then dev-1's failure move the service.
+    steps = [("dev-1", "Transitioning"), ("dev-1", "Healthy"), ("dev-2", "Transitioning"),
+             ("dev-2", "Healthy"), ("dev-1", "Failed")]  # fmt: skip
+    device = mosquitto.probe()
+    try:
+        at = datetime.now(UTC)
+        for i, (device_id, state) in enumerate(steps):
+            report = reported(device_id, state, mod.digest, at + timedelta(seconds=i))
+            device.publish(f"{topic_prefix}/devices/{device_id}/reported", report, qos=1)
+            # one at a time: each report is a batch of its own, as reports from a fleet are
+            receiver.wait_for(sum(1 for _ in receiver.ids()) + 1, timeout=10)
+    finally:
+        device.close()
+    time.sleep(1)  # anything else would have come by now
+
+    about_service = [e for e in receiver.events() if e["subject"] == "services/digits"]
+    assert [(e["type"], e["data"]["kind"]) for e in about_service] == [
+        ("edgepack.service.state-changed", "service_healthy"),
+        ("edgepack.service.state-changed", "service_failed"),
+    ]
+    assert about_service[1]["data"]["service"] == "digits" and "device" not in about_service[1]["data"]
+    assert "is Failed (was Healthy)" in about_service[1]["data"]["message"]
+    per_device = [e for e in receiver.events() if e["subject"] != "services/digits"]
+    assert len(per_device) == 5  # deployed and Healthy on each device, Failed on dev-1

@@ -1,0 +1,88 @@
+"""The service roll-up as news: one event when a service's state across its devices changes.
+
+The ingest worker learns devices' states a batch at a time. For the services whose state
+changed on some device of a batch (and only those: a batch of repeated states costs nothing
+here), the roll-up (``overview.queries.rollout``, the SQL rendering of ``cloud_hub/rollup.py``'s
+rules) is read as three parts: the service's other devices once, before the batch is written
+(the batch does not change them), and the batch's own devices before and after. So a batch
+costs one query over the service's devices and two over its own few, not one per report; a
+service whose roll-up moved gets an event of kind ``service_<state>`` (sent to webhooks as
+``edgepack.service.state-changed`` about ``services/NAME``).
+
+On PostgreSQL two replicas may apply reports of one service's devices at the same time; each
+would see only its own half and both could miss the last step (say, to Healthy). So a batch
+holds a transaction lock per service it rolls up (taken after its device rows, in name order,
+so it never waits for a device row while holding one), and the second batch reads the roll-up
+only once the first has committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_hub.db.locks import lock_in
+from cloud_hub.events import record_event
+from cloud_hub.fleet.tables import Deployment
+from cloud_hub.overview.queries import Rollout, rollout
+from manifests.states import ServiceState
+
+#: Event-log kind prefix of a service's roll-up change (``service_healthy``, ...).
+KIND_PREFIX = "service_"
+
+
+def rollup_kind(state: ServiceState) -> str:
+    return KIND_PREFIX + state.value.lower()
+
+
+@dataclass(frozen=True)
+class _Before:
+    deployment: Deployment
+    devices: frozenset[str]  # the batch's devices whose state for the service changed
+    others: Rollout  # the service's other devices
+    state: ServiceState
+
+
+@dataclass(frozen=True)
+class Rollups:
+    """The roll-up of some services before a batch is written."""
+
+    before: tuple[_Before, ...]
+
+    @classmethod
+    def read(cls, session: Session, changed: Mapping[str, Set[str]]) -> Rollups:
+        """Lock and read the roll-up of each deployed service of ``changed`` (service → the
+        batch's devices where its state changed)."""
+        names = sorted(changed)
+        if not names:
+            return cls(())
+        for name in names:
+            lock_in(session, f"service-rollup:{name}")
+        before: list[_Before] = []
+        deployments = select(Deployment).where(Deployment.name.in_(names)).order_by(Deployment.name)
+        for d in session.scalars(deployments):
+            devices = frozenset(changed[d.name])
+            others = rollout(session, d, excluding=devices)
+            batch = rollout(session, d, only=devices)
+            before.append(_Before(d, devices, others, others.plus(batch).state))
+        return cls(tuple(before))
+
+    def record_changes(self, session: Session) -> list[str]:
+        """Read the batch's devices again (the batch written) and record an event for each
+        service whose roll-up moved; those services."""
+        moved: list[str] = []
+        for b in self.before:
+            now = b.others.plus(rollout(session, b.deployment, only=b.devices)).state
+            if now is b.state:
+                continue
+            moved.append(b.deployment.name)
+            record_event(
+                session,
+                rollup_kind(now),
+                f"service {b.deployment.name} is {now.value} (was {b.state.value})",
+                service=b.deployment.name,
+            )
+        return moved
