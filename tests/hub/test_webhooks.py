@@ -3,6 +3,11 @@ CloudEvent, retries, dead-letters, and survives a restart (docs/webhooks.md)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,9 +19,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_hub.events import trim_events
+from manifests.signing import public_key_pem
 from tests.conftest import Publisher
+from tests.engines import EngineFailed, start_on_free_ports
 from tests.hub.broker_fixtures import Broker
-from tests.hub.conftest import HubFactory, RunningHub
+from tests.hub.conftest import ADMIN_TOKEN, HubFactory, RunningHub
 from tests.hub.fleet_support import deploy, push
 from tests.hub.fleet_support import enroll as fleet_enroll
 from tests.hub.test_dashboard import reported
@@ -335,3 +342,65 @@ def test_a_service_whose_roll_up_changes_sends_one_event_about_the_service(
     assert "is Failed (was Healthy)" in about_service[1]["data"]["message"]
     per_device = [e for e in receiver.events() if e["subject"] != "services/digits"]
     assert len(per_device) == 5  # deployed and Healthy on each device, Failed on dev-1
+
+
+def _hub_serve(data: Path, trusted: Path, **settings: Any) -> tuple[subprocess.Popen[bytes], str]:
+    """'edgepack hub serve' as a process of its own (stopped with SIGTERM, as systemd does)."""
+    env = {**os.environ, "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN_TOKEN,
+           **{f"EDGEPACK_HUB_{k.upper()}": str(v) for k, v in settings.items()}}  # fmt: skip
+    log = data.parent / f"{data.name}-hub.log"
+
+    def launch(ports: list[int]) -> tuple[subprocess.Popen[bytes], str]:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(data),
+                 "--port", str(ports[0]), "--trust", str(trusted)],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{ports[0]}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/api/v1/hub/key", timeout=1).status_code == 200:
+                    return proc, url
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(timeout=10)
+        raise EngineFailed(log.read_text(errors="replace"))
+
+    return start_on_free_ports("the hub", 1, launch)
+
+
+def test_a_hub_process_stopped_by_sigterm_mid_delivery_leaves_nothing_leased(
+    receiver: Receiver, publisher: Publisher, tmp_path: Path
+) -> None:
+    trusted = tmp_path / "publisher.pub"
+    trusted.write_bytes(public_key_pem(publisher.key.public_key()))
+    settings = {**FAST, "webhook_concurrency_per_subscription": 1}
+    proc, url = _hub_serve(tmp_path / "hub", trusted, **settings)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        with httpx.Client(base_url=url, headers=admin) as c:
+            r = c.post("/api/v1/webhooks", json={"url": receiver.url})
+            assert r.status_code == 201, r.text
+            receiver.secret = r.json()["secret"]
+            receiver.mode, receiver.hang_s = "hang", 3
+            r = c.post("/api/v1/devices/bulk", json={"devices": [{"id": f"edge-{i}"} for i in range(20)]})
+            assert r.status_code == 201, r.text
+        receiver.wait_attempts(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    receiver.mode = "ok"
+    proc, url = _hub_serve(tmp_path / "hub", trusted, **settings)
+    try:
+        # The stopped process freed what it held, the request it cut off too: no lease of a
+        # process that is gone holds any of them back.
+        receiver.wait_for(20, timeout=5)
+        time.sleep(1)  # a second copy of any would have come by now
+        assert len(receiver.ids()) == 20
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
