@@ -408,6 +408,18 @@ def test_the_modules_own_run_time_is_reported_apart_from_the_request_around_it(t
     assert sample.p50_ms >= 100  # the wait for the body's second part
 
 
+def test_the_metrics_of_a_server_older_than_the_agent_still_read() -> None:
+    # A module's image may carry a scoring server from before run() was timed: its /metrics
+    # has no run histogram, and the agent still samples its requests and latency.
+    board = MetricsBoard(1)
+    board.worker(0).score(200, 150_000)
+    older = "\n".join(line for line in render(board.totals()).decode().splitlines() if "_run_" not in line)
+    totals = parse(older)
+    assert totals.count == 1 and totals.run_count == 0 and sum(totals.run_buckets) == 0
+    sample = module_metrics("svc", Reading("i-1", 1.0, totals), Reading("i-1", 2.0, totals))
+    assert sample.requests_total == 1 and sample.run_p95_ms is None
+
+
 def test_metrics_of_several_workers_add_up_and_read_back() -> None:
     board = MetricsBoard(2)
     first, second = board.worker(0), board.worker(1)

@@ -219,7 +219,8 @@ def parse(text: str) -> Totals:
         else:
             values[name] = float(number)
     buckets = tuple(b - a for a, b in zip([0, *cumulative[:-1]], cumulative, strict=True))
-    run_buckets = tuple(b - a for a, b in zip([0, *run_cumulative[:-1]], run_cumulative, strict=True))
+    # A scoring server older than the agent (a module's image) has no run histogram: zeros.
+    run_buckets = tuple(b - a for a, b in zip([0, *run_cumulative], run_cumulative, strict=False))
     return Totals(
         requests=requests,
         errors=int(values.get("edgepack_errors_total", 0)),
