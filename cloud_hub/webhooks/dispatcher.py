@@ -22,8 +22,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-import aiohttp
 from sqlalchemy.exc import OperationalError
 from standardwebhooks import Webhook
 
@@ -31,6 +31,11 @@ from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.settings import HubSettings
 from cloud_hub.webhooks import queue
 from cloud_hub.webhooks.queue import Job, Outcome, RetryPolicy
+
+if TYPE_CHECKING:
+    # Imported with the first subscription's session (_Clients.of), not with the hub: 9 MB
+    # that a hub sending no webhooks does without.
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,8 @@ def env_proxy(url: str) -> str | None:
 
 async def send(route: Route, job: Job, *, timeout_s: float) -> str | None:
     """One attempt; None when the receiver answered 2xx, else why not (never the secret)."""
+    import aiohttp  # already imported by the route's session: a lookup in sys.modules
+
     try:
         async with asyncio.timeout(timeout_s):
             headers = signed_headers(job, datetime.now(UTC))
@@ -150,6 +157,8 @@ class _Clients:
     def of(self, subscription_id: str, url: str) -> Route:
         route = self._routes.get(subscription_id)
         if route is None:
+            import aiohttp
+
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._policy.per_subscription),
                 timeout=aiohttp.ClientTimeout(total=self._policy.timeout_s),

@@ -404,3 +404,12 @@ def test_a_hub_process_stopped_by_sigterm_mid_delivery_leaves_nothing_leased(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_hub_that_sends_no_webhooks_does_not_load_the_http_client() -> None:
+    # aiohttp is 9 MB of the hub's memory (its peak at 5,000 devices has a 300 MB target): it
+    # comes with the first subscription's requests, not with the hub.
+    code = "import sys, cloud_hub.wiring, cloud_hub.app; print('aiohttp' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
