@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cloud_hub.broker.passwords import hash_password
 from cloud_hub.core import HubCore
-from cloud_hub.fleet.tables import Device, DeviceDesired
+from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.settings import HubSettings
 from cloud_hub.wiring import open_hub
@@ -161,7 +161,13 @@ def run(
         pw = hash_password("x")
         ids = [f"dev-{i:05d}" for i in range(max(devices, burst_devices))]
         with hub.core.sessions.begin() as s:
-            s.add_all(Device(id=d, tags={}, mqtt_password_hash=pw, token_hash=f"t-{d}") for d in ids)
+            tags = {"fleet": "bench"}
+            s.add_all(Device(id=d, tags=tags, mqtt_password_hash=pw, token_hash=f"t-{d}") for d in ids)
+            # The service the reports are about, deployed to every device: each state change
+            # is also a possible change of the service's roll-up, which ingest checks.
+            s.add(Deployment(name="svc", module_name="svc", module_version="1", manifest_digest=DIGEST,
+                             settings=DeploymentSettings(port=80).model_dump(mode="json"),
+                             target={"selector": {"fleet": "bench"}}))  # fmt: skip
             s.flush()
             # Ingest keeps only reports about services a device is assigned.
             s.add_all(

@@ -117,7 +117,9 @@ class Hub:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, **HUB_ENV, "PYTHONPATH": str(REPO)}
+        # This tree first, then whatever the caller's path had.
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, **HUB_ENV, "PYTHONPATH": path}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(self.data_dir),
              "--port", str(self.port)],

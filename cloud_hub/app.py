@@ -21,9 +21,13 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.wiring import HubProcess, open_hub
 
 
-def create_app(settings: HubSettings | None = None, *, hub: HubProcess | None = None) -> FastAPI:
+def create_app(
+    settings: HubSettings | None = None, *, hub: HubProcess | None = None, close_hub: bool = False
+) -> FastAPI:
     """A hub app; pass ``hub`` to serve an already-wired process (tests), else it wires one
-    from ``settings`` at start-up and closes it at shutdown."""
+    from ``settings`` at start-up and closes it at shutdown. ``close_hub``: close the given
+    ``hub`` at shutdown too ('edgepack hub serve': uvicorn raises the SIGTERM it caught again
+    once it has shut down, so the process ends there and nothing after ``Server.run()`` runs)."""
     served = hub.core.settings if hub is not None else settings or HubSettings()
 
     @asynccontextmanager
@@ -36,7 +40,7 @@ def create_app(settings: HubSettings | None = None, *, hub: HubProcess | None = 
         try:
             yield
         finally:
-            if own:
+            if own or close_hub:
                 process.close()
 
     app = FastAPI(

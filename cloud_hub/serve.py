@@ -40,13 +40,15 @@ def run_hub(settings: HubSettings, *, log_level: str = "info") -> None:
     process = open_hub(settings)
     try:
         process.start()
-        app = create_app(hub=process)
+        # The app's shutdown closes the hub (its dispatcher frees the webhook deliveries it
+        # holds, its loops stop): after a SIGTERM, uvicorn ends the process once it is done.
+        app = create_app(hub=process, close_hub=True)
         config = server_config(app, settings, log_level=log_level)
         # After uvicorn's Config, which sets its loggers up.
         logging.getLogger("uvicorn.access").addFilter(QuietDownloads())
         uvicorn.Server(config).run()
     finally:
-        process.close()
+        process.close()  # when the server did not start (or stopped without a signal)
 
 
 def server_config(app: FastAPI, settings: HubSettings, **options: Any) -> uvicorn.Config:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edge_agent.report.telemetry import Reading, module_metrics
 from edge_agent.scoring.metrics import BUCKETS_S, MetricsBoard, latency_quantile, parse, render
 from manifests.bundle import verify_bundle
 from tests.conftest import EXAMPLE, Publisher, free_port
@@ -373,6 +374,52 @@ def test_metrics_count_requests_and_latency(toy_server: Server) -> None:
     assert p50 is not None and 0 < p50 <= BUCKETS_S[-1]
 
 
+SLOW_SCRIPT = """
+import time
+
+def run(raw_data):
+    time.sleep(0.02)
+    return {"ok": True}
+"""
+
+
+def test_the_modules_own_run_time_is_reported_apart_from_the_request_around_it(tmp_path: Path) -> None:
+    # Each body arrives in two parts 100 ms apart: the request's latency holds that wait (as
+    # it holds a slow client, parsing or a queue), run()'s own time does not.
+    module = make_module(tmp_path / "slow", SLOW_SCRIPT, {"m.bin": b"x"})
+
+    def slow_body() -> Iterator[bytes]:
+        yield b'{"a": '
+        time.sleep(0.1)
+        yield b"1}"
+
+    with serving(module) as server:
+        wait_ready(server)
+        before = Reading("i-1", time.monotonic(), parse(httpx.get(server.url + "/metrics").text))
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for _ in range(5):
+                assert client.post("/score", content=slow_body()).status_code == 200
+        text = httpx.get(server.url + "/metrics").text
+        now = Reading("i-1", time.monotonic(), parse(text))
+    assert metric(text, "edgepack_run_duration_seconds_count") == 5
+    sample = module_metrics("slow", before, now)
+    assert sample.run_p50_ms is not None and sample.run_p95_ms is not None and sample.p50_ms is not None
+    assert 10 <= sample.run_p50_ms <= sample.run_p95_ms < 50  # run() sleeps 20 ms
+    assert sample.p50_ms >= 100  # the wait for the body's second part
+
+
+def test_the_metrics_of_a_server_older_than_the_agent_still_read() -> None:
+    # A module's image may carry a scoring server from before run() was timed: its /metrics
+    # has no run histogram, and the agent still samples its requests and latency.
+    board = MetricsBoard(1)
+    board.worker(0).score(200, 150_000)
+    older = "\n".join(line for line in render(board.totals()).decode().splitlines() if "_run_" not in line)
+    totals = parse(older)
+    assert totals.count == 1 and totals.run_count == 0 and sum(totals.run_buckets) == 0
+    sample = module_metrics("svc", Reading("i-1", 1.0, totals), Reading("i-1", 2.0, totals))
+    assert sample.requests_total == 1 and sample.run_p95_ms is None
+
+
 def test_metrics_of_several_workers_add_up_and_read_back() -> None:
     board = MetricsBoard(2)
     first, second = board.worker(0), board.worker(1)
@@ -381,6 +428,8 @@ def test_metrics_of_several_workers_add_up_and_read_back() -> None:
     second.score(200, 400_000)
     second.score(500, 2_000_000)
     second.error()
+    first.run(120_000)
+    second.run(1_500_000)
     first.request(1, 404)
     second.mark_ready()
     totals = parse(render(board.totals()).decode())
@@ -390,6 +439,7 @@ def test_metrics_of_several_workers_add_up_and_read_back() -> None:
     assert totals.requests[("other", "404")] == 1
     assert (totals.errors, totals.count, totals.workers, totals.ready_workers) == (1, 5, 2, 1)
     assert totals.sum_ns == 3 * 150_000 + 400_000 + 2_000_000
+    assert (totals.run_count, totals.run_sum_ns) == (2, 1_620_000)
     # Three of five observations lie in (100 us, 250 us]: the median interpolates in there.
     assert latency_quantile(totals.buckets, 0.5) == pytest.approx(0.0001 + 0.00015 * 2.5 / 3)
     assert latency_quantile(totals.buckets, 1.0) == 0.0025

@@ -113,4 +113,6 @@ def _metric_of(point: Point, metric: Metric) -> float | None:
         return point.p95_ms
     if metric is Metric.P50_MS:
         return point.p50_ms
+    if metric is Metric.RUN_P95_MS:
+        return point.run_p95_ms
     return point.requests_per_s

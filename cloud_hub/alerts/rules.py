@@ -5,6 +5,7 @@ duration before it fires::
 
     error_rate > 1% for 5m      the share of requests that failed, in percent
     p95_ms > 50 for 10m         the services' 95th-percentile latency (p50_ms likewise)
+    run_p95_ms > 20 for 10m     the same of the module's run() alone (no body, parsing, queue)
     requests_per_s < 1 for 2m   the requests per second all devices serve together
     device offline > 15m        a device that has not been heard of for that long
     state == Failed             a service's roll-up state (Failed, Unhealthy, ...)
@@ -36,6 +37,7 @@ class Metric(enum.StrEnum):
     ERROR_RATE = "error_rate"
     P95_MS = "p95_ms"
     P50_MS = "p50_ms"
+    RUN_P95_MS = "run_p95_ms"
     REQUESTS_PER_S = "requests_per_s"
     DEVICE_OFFLINE = "device_offline"
     STATE = "state"
@@ -59,7 +61,7 @@ _OPERATORS = {
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 _DURATION = r"(\d+(?:\.\d+)?)\s*([smh])"
 _NUMBER_RULE = re.compile(
-    rf"^(error_rate|p95_ms|p50_ms|requests_per_s)\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)?)\s*(%?)"
+    rf"^(error_rate|run_p95_ms|p95_ms|p50_ms|requests_per_s)\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)?)\s*(%?)"
     rf"(?:\s+for\s+{_DURATION})?$"
 )
 _OFFLINE_RULE = re.compile(rf"^device[ _]offline\s*>\s*{_DURATION}$")

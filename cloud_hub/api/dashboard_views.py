@@ -152,10 +152,14 @@ class ChartPoint(BaseModel):
     error_pct: float | None = Field(
         default=None, description="errors per 100 requests in the bucket (None: no requests counted)"
     )
+    run_p95_ms: float | None = Field(
+        default=None, description="95th percentile of the module's run() alone, ms (median over the devices)"
+    )
 
     @classmethod
     def of(cls, p: Point) -> ChartPoint:
-        return cls(t=p.t, rps=p.requests_per_s, p50_ms=p.p50_ms, p95_ms=p.p95_ms, error_pct=p.error_pct)
+        return cls(t=p.t, rps=p.requests_per_s, p50_ms=p.p50_ms, p95_ms=p.p95_ms, error_pct=p.error_pct,
+                   run_p95_ms=p.run_p95_ms)  # fmt: skip
 
 
 class DeviceViewOut(BaseModel):

@@ -35,3 +35,10 @@ def exclusive(sessions: Sessions, name: str) -> Iterator[Session]:
         if session.get_bind().dialect.name == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(name)})
         yield session
+
+
+def lock_in(session: Session, name: str) -> None:
+    """Hold the lock ``name`` until ``session``'s transaction ends (PostgreSQL). On SQLite the
+    caller's process is the only hub and its one writer thread already does the work alone."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(name)})

@@ -2,8 +2,9 @@
 
 Samples are grouped into time buckets. In a bucket a service's requests/s is the sum over
 devices of each device's mean rate (devices serve in parallel), and its p50 and p95 latencies
-are the medians of the devices' p50s and p95s (a cheap, honest summary; exact fleet
-percentiles would need the raw latencies, which devices do not send). Its error rate is the
+(and the p95 of the module's run() alone) are the medians of the devices' p50s and p95s (a
+cheap, honest summary; exact fleet percentiles would need the raw latencies, which devices do
+not send). Its error rate is the
 errors over the requests the devices counted since their previous sample (the deltas of the
 ``errors_total``/``requests_total`` counters, in percent); a counter that went down (the
 module restarted) gives no delta, and a bucket without requests has no error rate.
@@ -42,6 +43,7 @@ class Point:
     p50_ms: float | None
     p95_ms: float | None = None
     error_pct: float | None = None  # errors per 100 requests counted in the bucket
+    run_p95_ms: float | None = None  # the module's run() alone (median over the devices)
 
 
 def _bucket(ts: datetime, bucket_s: int) -> datetime:
@@ -99,6 +101,7 @@ def _series(samples: Iterable[Telemetry], bucket: Bucketing) -> dict[str, list[P
     rates: dict[tuple[str, datetime], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     p50s: dict[tuple[str, datetime], list[float]] = defaultdict(list)
     p95s: dict[tuple[str, datetime], list[float]] = defaultdict(list)
+    run_p95s: dict[tuple[str, datetime], list[float]] = defaultdict(list)
     for sample in samples:
         at = bucket(sample.ts)
         for m in sample.modules:
@@ -107,6 +110,10 @@ def _series(samples: Iterable[Telemetry], bucket: Bucketing) -> dict[str, list[P
                 p50s[(m.service, at)].append(_bounded(m.p50_ms, MAX_LATENCY_MS))
             if m.p95_ms is not None:
                 p95s[(m.service, at)].append(_bounded(m.p95_ms, MAX_LATENCY_MS))
+            # A row an older hub stored unchecked may lack the field (agents before run time).
+            run_p95 = getattr(m, "run_p95_ms", None)
+            if run_p95 is not None:
+                run_p95s[(m.service, at)].append(_bounded(run_p95, MAX_LATENCY_MS))
     deltas = _counter_deltas(samples, bucket)
     out: dict[str, list[Point]] = defaultdict(list)
     for service, at in sorted(rates, key=lambda k: (k[0], k[1])):
@@ -115,7 +122,12 @@ def _series(samples: Iterable[Telemetry], bucket: Bucketing) -> dict[str, list[P
         requests, errors = deltas.get((service, at), (0, 0))
         error_pct = round(100.0 * errors / requests, 3) if requests > 0 else None
         point = Point(
-            at, round(rps, 3), _median(p50s.get((service, at))), _median(p95s.get((service, at))), error_pct
+            at,
+            round(rps, 3),
+            _median(p50s.get((service, at))),
+            _median(p95s.get((service, at))),
+            error_pct,
+            _median(run_p95s.get((service, at))),
         )
         out[service].append(point)
     return dict(out)

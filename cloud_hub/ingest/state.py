@@ -163,6 +163,8 @@ class BatchView:
             )
             self.modules.setdefault(device_id, {})[service] = _ModuleRow(old, stored=True)
         self.modules_gone: list[tuple[str, str]] = []
+        #: service → the devices of this batch where its state changed (its roll-up may move)
+        self.changed_services: dict[str, set[str]] = {}
         self._link_problems_noted: set[str] = set()
 
     def link_problem_is_news(self, device_id: str, at_: datetime) -> bool:
@@ -281,6 +283,7 @@ def apply_reported(view: BatchView, msg: Reported) -> bool:
     rows = view.modules.setdefault(msg.device_id, {})
     old = {svc: r.old for svc, r in rows.items()}
     for change in module_changes(msg.device_id, old, state.modules):
+        view.changed_services.setdefault(change.service, set()).add(msg.device_id)
         if view.allow_event(msg.device_id):
             record_event(
                 view.session, change.kind, change.message, device_id=msg.device_id, service=change.service

@@ -46,6 +46,7 @@ from cloud_hub.ingest.messages import (
     TelemetryMessage,
     parse_message,
 )
+from cloud_hub.ingest.rollups import Rollups
 from cloud_hub.ingest.state import BatchView, UnknownDevice, apply_online, apply_reported, apply_telemetry
 from cloud_hub.settings import HubSettings
 
@@ -326,7 +327,9 @@ class IngestWorker:
                 unknown += 1
         if telemetry:
             unknown += len(telemetry) - apply_telemetry(view, telemetry, keep=self._keep)
+        rollups = Rollups.read(session, view.changed_services)
         view.write()
+        rollups.record_changes(session)
         self.stats.unassigned += view.unassigned
         return unknown
 

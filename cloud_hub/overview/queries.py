@@ -16,7 +16,7 @@ same rule ``Target.includes`` applies when the fleet is planned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -308,6 +308,14 @@ class Rollout:
     def state(self) -> ServiceState:
         return service_state_of_counts(self.by_state)
 
+    def plus(self, other: Rollout) -> Rollout:
+        """The counts of two disjoint sets of the service's devices together."""
+        names = self.by_state.keys() | other.by_state.keys()
+        return Rollout(
+            total=self.total + other.total,
+            by_state={n: self.by_state.get(n, 0) + other.by_state.get(n, 0) for n in names},
+        )
+
 
 # --- queries -------------------------------------------------------------------------------------
 
@@ -378,10 +386,22 @@ def _service_devices(deployment: Deployment, *columns: Any) -> Select[Any]:
     )
 
 
-def rollout(session: Session, deployment: Deployment) -> Rollout:
-    """Counts of the service's targeted devices by their state for it."""
+def rollout(
+    session: Session,
+    deployment: Deployment,
+    *,
+    only: Collection[str] | None = None,
+    excluding: Collection[str] = (),
+) -> Rollout:
+    """Counts of the service's targeted devices by their state for it (of the devices
+    ``only`` names, and not of those ``excluding`` names, when given)."""
     state = _service_state_column(deployment)
-    rows = session.execute(_service_devices(deployment, state, func.count()).group_by(state))
+    query = _service_devices(deployment, state, func.count()).group_by(state)
+    if only is not None:
+        query = query.where(Device.id.in_(sorted(only)))
+    if excluding:
+        query = query.where(Device.id.not_in(sorted(excluding)))
+    rows = session.execute(query)
     by_state = dict.fromkeys(DEVICE_SERVICE_STATES, 0)
     for name, n in rows:
         by_state[name] = by_state.get(name, 0) + int(n)

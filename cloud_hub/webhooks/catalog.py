@@ -15,6 +15,7 @@ from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent
 
 from manifests.errors import ConfigError
+from manifests.states import ServiceState
 
 #: ``source`` of every CloudEvent the hub sends.
 SOURCE = "/edgepack/hub"
@@ -39,6 +40,8 @@ TYPES: dict[str, str] = {
     "unschedulable": "edgepack.service.state-changed",
     "transitioning": "edgepack.service.state-changed",
     "removed": "edgepack.service.state-changed",
+    # a service's roll-up over its devices (cloud_hub/ingest/rollups.py), about services/NAME
+    **{f"service_{s.value.lower()}": "edgepack.service.state-changed" for s in ServiceState},
     "enrolled": "edgepack.device.enrolled",
     "revoked": "edgepack.device.revoked",
     "online": "edgepack.device.online",

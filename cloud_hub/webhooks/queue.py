@@ -2,8 +2,9 @@
 
 Claiming is safe across hub replicas: on PostgreSQL the due rows are read ``FOR UPDATE SKIP
 LOCKED`` and leased (their next attempt moved past the request's timeout) in one short
-transaction, so another replica skips them now and sees them leased afterwards; a replica
-that dies mid-request leaves a lease that runs out, and the delivery goes out again (at least
+transaction, so another replica skips them now and sees them leased afterwards. The
+dispatcher renews the leases of what it still holds in each round; a replica that dies
+leaves leases that run out a short while later, and the delivery goes out again (at least
 once; receivers dedupe by ``webhook-id``). On SQLite one hub process is the only dispatcher.
 A delivery is only claimed when no older delivery of the same subject is pending for its
 subscription: deliveries go out in order per subject, each after the one before succeeded
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, bindparam, delete, exists, select, update
+from sqlalchemy import Table, and_, bindparam, delete, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from cloud_hub.webhooks.tables import DEAD, DELIVERED, MAX_ERROR_CHARS, PENDING, Delivery, Subscription
@@ -71,8 +72,53 @@ def claim(
         older.state == PENDING,
         older.id < Delivery.id,
     )
-    full = [sub for sub, n in in_flight.items() if n >= per_subscription]
-    query = (
+    # The candidates as (id, subscription) only, a page at a time: a subscription that is full
+    # is left out of the next page, and no body is read before its delivery is chosen. Longest
+    # due first, in the due index's order, so the database stops at the page's end (ordered by
+    # id it checked and sorted every due row: 19 ms a round with 10,000 due, now 1.5 ms);
+    # order per subject is the blocked test's, not this one's.
+    page = 2 * min(limit, per_subscription)
+    counts = dict(in_flight)
+    chosen: list[int] = []
+    after: tuple[datetime, int] | None = None
+    while len(chosen) < limit:
+        query = (
+            select(Delivery.id, Delivery.subscription_id, Delivery.next_attempt_at)
+            .where(Delivery.state == PENDING, Delivery.next_attempt_at <= now, ~blocked)
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(page)
+            .with_for_update(skip_locked=True)
+        )
+        full = [sub for sub, n in counts.items() if n >= per_subscription]
+        if full:
+            query = query.where(Delivery.subscription_id.not_in(full))
+        if after is not None:
+            query = query.where(
+                or_(
+                    Delivery.next_attempt_at > after[0],
+                    and_(Delivery.next_attempt_at == after[0], Delivery.id > after[1]),
+                )
+            )
+        rows = session.execute(query).all()
+        for id_, sub, _due in rows:
+            if len(chosen) >= limit:
+                break
+            if counts.get(sub, 0) >= per_subscription:
+                continue
+            counts[sub] = counts.get(sub, 0) + 1
+            chosen.append(id_)
+        if len(rows) < page:
+            break
+        after = (rows[-1].next_attempt_at, rows[-1].id)
+    if not chosen:
+        return []
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(chosen))
+        .values(next_attempt_at=now + timedelta(seconds=lease_s)),
+        execution_options={"synchronize_session": False},
+    )
+    picked = session.execute(
         select(
             Delivery.id,
             Delivery.subscription_id,
@@ -84,29 +130,10 @@ def claim(
             Delivery.created_at,
         )
         .join(Subscription, Subscription.id == Delivery.subscription_id)
-        .where(Delivery.state == PENDING, Delivery.next_attempt_at <= now, ~blocked)
+        .where(Delivery.id.in_(chosen))
         .order_by(Delivery.id)
-        .limit(limit * 2)
-        .with_for_update(skip_locked=True, of=Delivery)
     )
-    if full:
-        query = query.where(Delivery.subscription_id.not_in(full))
-    counts = dict(in_flight)
-    jobs: list[Job] = []
-    for row in session.execute(query):
-        if len(jobs) >= limit:
-            break
-        if counts.get(row.subscription_id, 0) >= per_subscription:
-            continue
-        counts[row.subscription_id] = counts.get(row.subscription_id, 0) + 1
-        jobs.append(Job(*row))
-    if jobs:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_([j.id for j in jobs]))
-            .values(next_attempt_at=now + timedelta(seconds=lease_s))
-        )
-    return jobs
+    return [Job(*row) for row in picked]
 
 
 def record(session: Session, outcomes: Sequence[Outcome], *, now: datetime, policy: RetryPolicy) -> None:
@@ -140,8 +167,18 @@ def record(session: Session, outcomes: Sequence[Outcome], *, now: datetime, poli
         )
 
 
+def renew(session: Session, ids: Sequence[int], *, until: datetime) -> None:
+    """Extend the lease of deliveries a dispatcher still holds (waiting for a slot, or in flight)."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(list(ids)), Delivery.state == PENDING)
+        .values(next_attempt_at=until),
+        execution_options={"synchronize_session": False},
+    )
+
+
 def release(session: Session, ids: Sequence[int], *, now: datetime) -> None:
-    """End the lease of claimed deliveries that were never sent (a stopping dispatcher)."""
+    """End the lease of claimed deliveries whose attempt has no outcome (a stopping dispatcher)."""
     session.execute(
         update(Delivery)
         .where(Delivery.id.in_(list(ids)), Delivery.state == PENDING)

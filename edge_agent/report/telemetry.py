@@ -36,7 +36,7 @@ def module_metrics(service: str, before: Reading | None, now: Reading) -> Module
     requests = _score_requests(now.totals)
     same = before is not None and before.instance_id == now.instance_id and now.at > before.at
     rate = 0.0
-    p50 = p95 = p99 = None
+    p50 = p95 = p99 = run_p50 = run_p95 = None
     cpu = None
     if same:
         assert before is not None
@@ -49,6 +49,11 @@ def module_metrics(service: str, before: Reading | None, now: Reading) -> Module
             p50 = None if q50 is None else q50 * 1000
             p95 = None if q95 is None else q95 * 1000
             p99 = None if q99 is None else q99 * 1000
+            run = tuple(b - a for a, b in zip(before.totals.run_buckets, now.totals.run_buckets, strict=True))
+            if all(b >= 0 for b in run):
+                r50, r95 = (latency_quantile(run, q) for q in (0.5, 0.95))
+                run_p50 = None if r50 is None else r50 * 1000
+                run_p95 = None if r95 is None else r95 * 1000
         if before.cpu_s is not None and now.cpu_s is not None and now.cpu_s >= before.cpu_s:
             cpu = 100.0 * (now.cpu_s - before.cpu_s) / dt
     return ModuleMetrics(
@@ -59,6 +64,8 @@ def module_metrics(service: str, before: Reading | None, now: Reading) -> Module
         p50_ms=None if p50 is None else round(p50, 3),
         p95_ms=None if p95 is None else round(p95, 3),
         p99_ms=None if p99 is None else round(p99, 3),
+        run_p50_ms=None if run_p50 is None else round(run_p50, 3),
+        run_p95_ms=None if run_p95 is None else round(run_p95, 3),
         cpu_percent=None if cpu is None else round(cpu, 2),
         memory_mb=None if now.memory_mb is None else round(now.memory_mb, 2),
     )

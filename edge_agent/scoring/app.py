@@ -325,6 +325,8 @@ class ScoringApp:
         finally:
             if watchdog is not None:
                 watchdog.end()
+            if entry.last_run_ns is not None:
+                self.metrics.run(entry.last_run_ns)
         try:
             return 200, orjson.dumps(result, default=_json_default, option=_DUMP_OPTIONS)
         except TypeError as exc:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter_ns
 from types import ModuleType
 from typing import Any
 
@@ -139,6 +140,8 @@ class EntryScript:
         if not callable(run):
             raise RuntimeFailure(f"{layout.entry_script}: defines no run() function; add run(raw_data)")
         self._run: Callable[..., Any] = run
+        #: how long the last call of the script's run() took (ns); None before the first
+        self.last_run_ns: int | None = None
         init = getattr(module, "init", None)
         self._init: Callable[[], Any] | None = init if callable(init) else None
         params = [
@@ -191,6 +194,15 @@ class EntryScript:
         azureml_shim.install()
         return cls(layout, _import_script(layout.entry_script))
 
+    def _timed(self, *args: Any, **kwargs: Any) -> Any:
+        # The module's own time, without reading, parsing or queueing: what its author can
+        # make faster (the scoring server reports it as run_p50_ms / run_p95_ms).
+        start = perf_counter_ns()
+        try:
+            return self._run(*args, **kwargs)
+        finally:
+            self.last_run_ns = perf_counter_ns() - start
+
     def init(self) -> None:
         """Call the script's ``init()`` (a script without one needs no set-up)."""
         if self._init is not None:
@@ -201,6 +213,7 @@ class EntryScript:
 
         Whatever ``run()`` itself raises propagates unchanged.
         """
+        self.last_run_ns = None
         if self.schema_decorated:
             return self._run_decorated(raw, headers)
         return self._run_plain(raw, headers)
@@ -212,8 +225,8 @@ class EntryScript:
             except UnicodeDecodeError as exc:
                 raise BadInput(f"request body is not UTF-8 text: {exc}") from None
         if self.wants_headers:
-            return self._run(raw, request_headers=dict(headers or {}))
-        return self._run(raw)
+            return self._timed(raw, request_headers=dict(headers or {}))
+        return self._timed(raw)
 
     def _run_decorated(self, raw: str | bytes, headers: Mapping[str, str] | None = None) -> Any:
         if not raw:
@@ -232,4 +245,4 @@ class EntryScript:
             kwargs[param.name] = value
         if self.wants_headers:
             kwargs["request_headers"] = dict(headers or {})
-        return self._run(**kwargs)
+        return self._timed(**kwargs)

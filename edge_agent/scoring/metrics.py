@@ -8,6 +8,9 @@ Exposed at ``GET /metrics`` in the Prometheus text format (version 0.0.4):
   (``run()`` raised, or returned something that is not JSON).
 - ``edgepack_score_duration_seconds`` (histogram): time from request to response of
   ``/score``, measured inside the server.
+- ``edgepack_run_duration_seconds`` (histogram, same buckets): the module's own ``run()``,
+  without reading, parsing or queueing (the agent reports its p50/p95 as ``run_p50_ms`` /
+  ``run_p95_ms``: the part of the latency the module's author can make faster).
 - ``edgepack_workers`` (gauge): how many worker processes the numbers above add up;
   ``edgepack_ready_workers`` (gauge): how many of them have finished ``init()``.
 
@@ -43,7 +46,10 @@ _BUCKETS = _ERRORS + 1
 _SUM_NS = _BUCKETS + len(_BUCKETS_NS) + 1  # the last bucket is +Inf
 _COUNT = _SUM_NS + 1
 _READY = _COUNT + 1  # 1 once this worker's init() succeeded (a gauge, not summed as a counter)
-SLOT_CELLS = _READY + 1
+_RUN_BUCKETS = _READY + 1
+_RUN_SUM_NS = _RUN_BUCKETS + len(_BUCKETS_NS) + 1
+_RUN_COUNT = _RUN_SUM_NS + 1
+SLOT_CELLS = _RUN_COUNT + 1
 
 
 class WorkerMetrics:
@@ -70,6 +76,13 @@ class WorkerMetrics:
     def error(self) -> None:
         self._cells[self._base + _ERRORS] += 1
 
+    def run(self, elapsed_ns: int) -> None:
+        cells = self._cells
+        base = self._base
+        cells[base + _RUN_BUCKETS + bisect_left(_BUCKETS_NS, elapsed_ns)] += 1
+        cells[base + _RUN_SUM_NS] += elapsed_ns
+        cells[base + _RUN_COUNT] += 1
+
     def mark_ready(self) -> None:
         self._cells[self._base + _READY] = 1
 
@@ -85,6 +98,10 @@ class Totals:
     count: int
     workers: int
     ready_workers: int
+    #: run() alone, like buckets / sum_ns / count (zeros from a server that does not say)
+    run_buckets: tuple[int, ...] = (0,) * (len(BUCKETS_S) + 1)
+    run_sum_ns: int = 0
+    run_count: int = 0
 
 
 class MetricsBoard:
@@ -133,6 +150,9 @@ class MetricsBoard:
             count=sums[_COUNT],
             workers=self.workers,
             ready_workers=sums[_READY],
+            run_buckets=tuple(sums[_RUN_BUCKETS:_RUN_SUM_NS]),
+            run_sum_ns=sums[_RUN_SUM_NS],
+            run_count=sums[_RUN_COUNT],
         )
 
 
@@ -158,6 +178,16 @@ def render(totals: Totals) -> bytes:
     lines += [
         f"edgepack_score_duration_seconds_sum {totals.sum_ns / 1e9!r}",
         f"edgepack_score_duration_seconds_count {totals.count}",
+        "# HELP edgepack_run_duration_seconds Time in the module's run() alone, of /score.",
+        "# TYPE edgepack_run_duration_seconds histogram",
+    ]
+    cumulative = 0
+    for bound, n in zip((*(repr(b) for b in BUCKETS_S), "+Inf"), totals.run_buckets, strict=True):
+        cumulative += n
+        lines.append(f'edgepack_run_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
+    lines += [
+        f"edgepack_run_duration_seconds_sum {totals.run_sum_ns / 1e9!r}",
+        f"edgepack_run_duration_seconds_count {totals.run_count}",
         "# HELP edgepack_workers Worker processes whose numbers are summed here.",
         "# TYPE edgepack_workers gauge",
         f"edgepack_workers {totals.workers}",
@@ -172,6 +202,7 @@ def parse(text: str) -> Totals:
     """Read back what :func:`render` wrote (e.g. the agent scraping ``/metrics``)."""
     requests: dict[tuple[str, str], int] = {}
     cumulative: list[int] = []
+    run_cumulative: list[int] = []
     values: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -183,9 +214,13 @@ def parse(text: str) -> Totals:
             requests[key] = int(float(number))
         elif name.startswith("edgepack_score_duration_seconds_bucket{"):
             cumulative.append(int(float(number)))
+        elif name.startswith("edgepack_run_duration_seconds_bucket{"):
+            run_cumulative.append(int(float(number)))
         else:
             values[name] = float(number)
     buckets = tuple(b - a for a, b in zip([0, *cumulative[:-1]], cumulative, strict=True))
+    # A scoring server older than the agent (a module's image) has no run histogram: zeros.
+    run_buckets = tuple(b - a for a, b in zip([0, *run_cumulative], run_cumulative, strict=False))
     return Totals(
         requests=requests,
         errors=int(values.get("edgepack_errors_total", 0)),
@@ -194,6 +229,9 @@ def parse(text: str) -> Totals:
         count=int(values.get("edgepack_score_duration_seconds_count", 0)),
         workers=int(values.get("edgepack_workers", 0)),
         ready_workers=int(values.get("edgepack_ready_workers", 0)),
+        run_buckets=run_buckets or (0,) * (len(BUCKETS_S) + 1),
+        run_sum_ns=round(values.get("edgepack_run_duration_seconds_sum", 0.0) * 1e9),
+        run_count=int(values.get("edgepack_run_duration_seconds_count", 0)),
     )
 
 

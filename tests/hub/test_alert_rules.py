@@ -20,6 +20,7 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
         ("error_rate > 1% for 5m", Condition(Metric.ERROR_RATE, ">", 1.0, 300)),
         ("error_rate>0.5%", Condition(Metric.ERROR_RATE, ">", 0.5, 0)),
         ("p95_ms > 50 for 10m", Condition(Metric.P95_MS, ">", 50.0, 600)),
+        ("run_p95_ms > 20 for 10m", Condition(Metric.RUN_P95_MS, ">", 20.0, 600)),
         ("p50_ms >= 20 for 30s", Condition(Metric.P50_MS, ">=", 20.0, 30)),
         ("requests_per_s < 1 for 1h", Condition(Metric.REQUESTS_PER_S, "<", 1.0, 3600)),
         ("device offline > 15m", Condition(Metric.DEVICE_OFFLINE, ">", 900.0)),

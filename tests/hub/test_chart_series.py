@@ -48,3 +48,16 @@ def test_samples_from_agents_without_p95_still_chart() -> None:
     old = ModuleMetrics(service="svc", requests_total=1, errors_total=0, requests_per_s=2.0, p50_ms=4.0)
     [point] = service_series([Telemetry(device_id="a", ts=AT, modules=[old])], bucket_s=10)["svc"]
     assert point.p50_ms == 4.0 and point.p95_ms is None and point.requests_per_s == 2.0
+
+
+def test_run_p95_is_the_median_of_the_devices_run_p95s_and_absent_from_older_agents() -> None:
+    def with_run(device: str, run_p95: float | None) -> Telemetry:
+        metrics = ModuleMetrics(service="svc", requests_total=1, errors_total=0, requests_per_s=1.0,
+                                p50_ms=5.0, p95_ms=50.0, run_p95_ms=run_p95)  # fmt: skip
+        return Telemetry(device_id=device, ts=AT, modules=[metrics])
+
+    samples = [with_run("a", 10.0), with_run("b", 30.0), with_run("c", None)]
+    [point] = service_series(samples, bucket_s=10)["svc"]
+    assert (point.p95_ms, point.run_p95_ms) == (50.0, 20.0)
+    [older] = service_series([with_run("a", None)], bucket_s=10)["svc"]
+    assert older.run_p95_ms is None

@@ -30,6 +30,7 @@ from tests.hub.broker_fixtures import Broker
 from tests.hub.fleet_support import verified_state
 from tests.hub.replica_fixtures import ReplicaSet, ReplicaSetFactory
 from tests.hub.test_ingest import T0
+from tests.hub.webhook_receiver import start_receiver
 
 pytestmark = pytest.mark.scale_out
 
@@ -309,3 +310,47 @@ def test_two_replicas_renewing_at_once_renew_each_state_once(
     time.sleep(2)  # many more upkeep rounds of both replicas
     assert {d: g for d, (g, _p) in generations(rs).items()} == {d: g + 1 for d, (g, _p) in before.items()}
     wait_for(all_published(rs, mosquitto), "the renewed states should be published")
+
+
+def test_two_replicas_fire_an_alert_once_and_deliver_each_webhook_event_once(
+    replica_set: ReplicaSetFactory,
+) -> None:
+    # Both replicas run an alert loop and a webhook dispatcher on the one database, rounds
+    # every second: neither may fire the alert or send an event the other one did.
+    fast = {"EDGEPACK_HUB_ALERT_INTERVAL_S": "1", "EDGEPACK_HUB_WEBHOOK_POLL_S": "0.05"}
+    rs = replica_set(2, extra_env=fast)
+    receiver = start_receiver()
+    try:
+        with rs.replicas[0].client() as http:
+            wanted = {"url": receiver.url, "events": ["device.enrolled", "alert.fired"]}
+            r = http.post("/api/v1/webhooks", json=wanted)
+            assert r.status_code == 201, r.text
+            receiver.secret = r.json()["secret"]
+            r = http.post("/api/v1/alerts/rules", json={"name": "gone", "condition": "device offline > 15m"})
+            assert r.status_code == 201, r.text
+        with rs.replicas[1].client() as http:
+            many = {"devices": [{"id": f"dev-{i:03d}"} for i in range(200)]}
+            r = http.post("/api/v1/devices/bulk", json=many)
+            assert r.status_code == 201, r.text
+        # Heard of a minute ago, all but dev-007: an hour ago (what ingest writes).
+        engine = create_engine(rs.db)
+        try:
+            with engine.begin() as conn:
+                now = datetime.now(UTC)
+                conn.execute(text("UPDATE devices SET last_seen = :t"), {"t": now - timedelta(minutes=1)})
+                conn.execute(text("UPDATE devices SET last_seen = :t WHERE id = 'dev-007'"),
+                             {"t": now - timedelta(hours=1)})  # fmt: skip
+        finally:
+            engine.dispose()
+
+        events = receiver.wait_for(201, timeout=60)
+        time.sleep(3)  # three more rounds of each replica: a second copy would have come by now
+        assert len(receiver.ids()) == len(set(receiver.ids())) == 201
+        fired = [e for e in events if e["type"] == "edgepack.alert.fired"]
+        assert len(fired) == 1 and fired[0]["data"]["device"] == "dev-007"
+        with rs.client() as http:
+            logged = http.get("/api/v1/dashboard/events").json()["events"]
+        assert [e["device_id"] for e in logged if e["kind"] == "alert.fired"] == ["dev-007"]
+    finally:
+        assert receiver.server is not None
+        receiver.server.shutdown()
