@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+from edge_agent.runtime.base import CONTAINER_UID
 from manifests.device import AgentConfig, DeviceCredentials, parse_agent_config, parse_credentials
 from manifests.errors import ConfigError
 
@@ -57,3 +58,21 @@ def tighten_state_dir(state_dir: Path) -> str | None:
         problem = f"cannot make the state folder private (0700): {exc.strerror}"
         raise ConfigError(f"{state_dir}: {problem}") from None
     return f"state folder {state_dir} was mode {mode:04o}; made it 0700"
+
+
+def hand_over_state(state_dir: Path, uid: int, gid: int) -> None:
+    """Make the whole state folder the agent user's: an agent that ran before (as root, with
+    'agent run') left its cache, records and logs there, 0600/0700, which the service's user
+    could not read. Links are changed themselves, never followed: a module could have left one
+    to a system file. A container's spool (owned by the docker runtime's user) stays its own."""
+    def give(path: str) -> None:
+        try:
+            if os.lstat(path).st_uid != CONTAINER_UID:
+                os.chown(path, uid, gid, follow_symlinks=False)
+        except FileNotFoundError:
+            pass  # removed meanwhile (a module still running rotated its log)
+
+    give(str(state_dir))
+    for folder, dirs, files in os.walk(state_dir):
+        for name in (*dirs, *files):
+            give(os.path.join(folder, name))

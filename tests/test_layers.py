@@ -15,7 +15,8 @@ PUBLIC = {
     ("packager", "edge_agent"): ("edge_agent.scoring.server", "edge_agent.scoring.entry",
                                  "edge_agent.scoring.failure",  # why an instance did not start
                                  "edge_agent.cache", "edge_agent.status",
-                                 "edge_agent.setup"),
+                                 "edge_agent.setup",
+                                 "edge_agent.teardown"),  # agent uninstall-service --purge
     ("packager", "cloud_hub"): ("cloud_hub.serve", "cloud_hub.settings", "cloud_hub.broker",
                                  "cloud_hub.balancer"),
     # The top-level package users import only names the SDK's public API.

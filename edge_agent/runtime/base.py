@@ -15,6 +15,8 @@ from edge_agent.state.records import InstanceRecord
 from manifests.desired import EndpointAuth, ModuleAssignment, RuntimeKind, check_module_signers
 
 #: the scoring server's state file inside an instance's run folder (pid, ports)
+#: the runtime image's user, who owns what the docker runtime gives a container to write
+CONTAINER_UID = 10001
 STATE_FILE = "instance.json"
 #: the module's stdout and stderr, for the process runtime
 LOG_FILE = "module.log"

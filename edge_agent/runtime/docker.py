@@ -45,6 +45,7 @@ import manifests
 from edge_agent.cache.modules import InstalledModule
 from edge_agent.download.module import Cancelled
 from edge_agent.runtime.base import (
+    CONTAINER_UID,
     STATE_FILE,
     LaunchSpec,
     Liveness,
@@ -73,7 +74,6 @@ MODULE_MOUNT = "/module"
 RUN_MOUNT = "/run/edgepack"
 #: the service's data spool (read-write), when its deployment collects data
 DATA_MOUNT = "/var/lib/edgepack/data"
-CONTAINER_UID = 10001  # the runtime image's user
 LABEL_DEVICE = "edgepack.device"
 LABEL_SERVICE = "edgepack.service"
 LABEL_INSTANCE = "edgepack.instance"

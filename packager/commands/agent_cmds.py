@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from edge_agent.setup import check_credentials_private, load_setup
+from edge_agent.setup import check_credentials_private, hand_over_state, load_setup
 from edge_agent.status import agent_status
 from edge_agent.teardown import purge as purge_state
 from manifests.desired import RuntimeKind
@@ -196,26 +196,6 @@ def _system_user(name: str, *, create: bool) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _give_state(state_dir: Path, uid: int, gid: int) -> None:
-    """Make the whole state folder the agent user's: an agent that ran before (as root, with
-    'agent run') left its cache, records and logs there, 0600/0700, which the service's user
-    could not read. Links are changed themselves, never followed: a module could have left one
-    to a system file. A container's spool (owned by the docker runtime's user) stays its own."""
-    from edge_agent.runtime.docker import CONTAINER_UID
-
-    def give(path: str) -> None:
-        try:
-            if os.lstat(path).st_uid != CONTAINER_UID:
-                os.chown(path, uid, gid, follow_symlinks=False)
-        except FileNotFoundError:
-            pass  # removed meanwhile (a module still running rotated its log)
-
-    give(str(state_dir))
-    for folder, dirs, files in os.walk(state_dir):
-        for name in (*dirs, *files):
-            give(os.path.join(folder, name))
-
-
 @agent_app.command("install-service")
 def install_service_cmd(
     config: ConfigOption = Path("agent.toml"),
@@ -234,13 +214,13 @@ def install_service_cmd(
     """Run the agent under systemd: a hardened unit, its own user, started at boot."""
     agent_config, device_id = _load(config)
     if user == "root":
-        raise ConfigError("the agent does not run as root; name a system user with --user ")
+        raise ConfigError("the agent does not run as root; name a system user with --user")
     if os.geteuid() != 0:
         raise ConfigError("installing a service needs root: run it with sudo")
     uid, gid = _system_user(user, create=create_user)
     # The agent's own files belong to its user; nothing else on the device needs them.
     agent_config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _give_state(agent_config.state_dir, uid, gid)
+    hand_over_state(agent_config.state_dir, uid, gid)
     os.chown(agent_config.credentials, uid, gid)
     agent_config.credentials.chmod(0o600)
     docker = RuntimeKind.DOCKER in agent_config.runtimes
