@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -169,12 +170,15 @@ def test_the_hubs_data_dir_and_database_are_private(hub: HubFactory, tmp_path: P
     assert (data / "hub.db").exists()
 
 
-def _serve_hub_process(data: Path, trusted: Path) -> tuple[subprocess.Popen[bytes], str]:
-    env = {**os.environ, "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN_TOKEN}
+def serve_hub_process(data: Path, trusted: Path, **settings: Any) -> tuple[subprocess.Popen[bytes], str]:
+    """'edgepack hub serve' as a process of its own (stopped with SIGTERM, as systemd does);
+    ``settings`` as its EDGEPACK_HUB_* environment. Its log is appended to across restarts."""
+    env = {**os.environ, "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN_TOKEN,
+           **{f"EDGEPACK_HUB_{k.upper()}": str(v) for k, v in settings.items()}}  # fmt: skip
     log = data.parent / f"{data.name}-hub.log"
 
     def launch(ports: list[int]) -> tuple[subprocess.Popen[bytes], str]:
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(data),
                  "--port", str(ports[0]), "--trust", str(trusted)],
@@ -218,7 +222,7 @@ def test_uploads_staged_by_a_killed_hub_are_removed_when_it_starts_again(
     trusted.write_bytes(public_key_pem(publisher.key.public_key()))
     files = {**default_files(), "model/weights.bin": os.urandom(8 << 20)}
     bundle = Forge(publisher=publisher.key).bundle(files=files, name="big", version="1")
-    proc, url = _serve_hub_process(data, trusted)
+    proc, url = serve_hub_process(data, trusted)
     sent = threading.Event()
     pusher = threading.Thread(target=_stalled_push, args=(url, bundle, sent), daemon=True)
     try:

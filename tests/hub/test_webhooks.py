@@ -3,8 +3,6 @@ CloudEvent, retries, dead-letters, and survives a restart (docs/webhooks.md)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -21,12 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from cloud_hub.events import trim_events
 from manifests.signing import public_key_pem
 from tests.conftest import Publisher
-from tests.engines import EngineFailed, start_on_free_ports
 from tests.hub.broker_fixtures import Broker
 from tests.hub.conftest import ADMIN_TOKEN, HubFactory, RunningHub
 from tests.hub.fleet_support import deploy, push
 from tests.hub.fleet_support import enroll as fleet_enroll
 from tests.hub.test_dashboard import reported
+from tests.hub.test_hostile_clients import serve_hub_process
 from tests.hub.test_registry_cli import ok_json, run
 from tests.hub.test_registry_models import register
 from tests.hub.webhook_receiver import Receiver, start_receiver
@@ -344,40 +342,13 @@ def test_a_service_whose_roll_up_changes_sends_one_event_about_the_service(
     assert len(per_device) == 5  # deployed and Healthy on each device, Failed on dev-1
 
 
-def _hub_serve(data: Path, trusted: Path, **settings: Any) -> tuple[subprocess.Popen[bytes], str]:
-    """'edgepack hub serve' as a process of its own (stopped with SIGTERM, as systemd does)."""
-    env = {**os.environ, "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN_TOKEN,
-           **{f"EDGEPACK_HUB_{k.upper()}": str(v) for k, v in settings.items()}}  # fmt: skip
-    log = data.parent / f"{data.name}-hub.log"
-
-    def launch(ports: list[int]) -> tuple[subprocess.Popen[bytes], str]:
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(data),
-                 "--port", str(ports[0]), "--trust", str(trusted)],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        url = f"http://127.0.0.1:{ports[0]}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/api/v1/hub/key", timeout=1).status_code == 200:
-                    return proc, url
-            time.sleep(0.1)
-        proc.kill()
-        proc.wait(timeout=10)
-        raise EngineFailed(log.read_text(errors="replace"))
-
-    return start_on_free_ports("the hub", 1, launch)
-
-
 def test_a_hub_process_stopped_by_sigterm_mid_delivery_leaves_nothing_leased(
     receiver: Receiver, publisher: Publisher, tmp_path: Path
 ) -> None:
     trusted = tmp_path / "publisher.pub"
     trusted.write_bytes(public_key_pem(publisher.key.public_key()))
     settings = {**FAST, "webhook_concurrency_per_subscription": 1}
-    proc, url = _hub_serve(tmp_path / "hub", trusted, **settings)
+    proc, url = serve_hub_process(tmp_path / "hub", trusted, **settings)
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
         with httpx.Client(base_url=url, headers=admin) as c:
@@ -394,7 +365,7 @@ def test_a_hub_process_stopped_by_sigterm_mid_delivery_leaves_nothing_leased(
         if proc.poll() is None:
             proc.kill()
     receiver.mode = "ok"
-    proc, url = _hub_serve(tmp_path / "hub", trusted, **settings)
+    proc, url = serve_hub_process(tmp_path / "hub", trusted, **settings)
     try:
         # The stopped process freed what it held, the request it cut off too: no lease of a
         # process that is gone holds any of them back.
