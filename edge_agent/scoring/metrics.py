@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import mmap
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 ROUTES = ("score", "other")
@@ -156,6 +157,16 @@ class MetricsBoard:
         )
 
 
+def _histogram(name: str, help_: str, buckets: Sequence[int], sum_ns: int, count: int) -> list[str]:
+    """One histogram in the exposition format: cumulative buckets over BUCKETS_S and +Inf."""
+    lines = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+    cumulative = 0
+    for bound, n in zip((*(repr(b) for b in BUCKETS_S), "+Inf"), buckets, strict=True):
+        cumulative += n
+        lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+    return [*lines, f"{name}_sum {sum_ns / 1e9!r}", f"{name}_count {count}"]
+
+
 def render(totals: Totals) -> bytes:
     """The Prometheus text exposition of ``totals``."""
     lines = [
@@ -168,26 +179,16 @@ def render(totals: Totals) -> bytes:
         "# HELP edgepack_errors_total /score requests that failed inside the module.",
         "# TYPE edgepack_errors_total counter",
         f"edgepack_errors_total {totals.errors}",
-        "# HELP edgepack_score_duration_seconds Time from request to response of /score.",
-        "# TYPE edgepack_score_duration_seconds histogram",
     ]
-    cumulative = 0
-    for bound, n in zip((*(repr(b) for b in BUCKETS_S), "+Inf"), totals.buckets, strict=True):
-        cumulative += n
-        lines.append(f'edgepack_score_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
+    lines += _histogram(
+        "edgepack_score_duration_seconds", "Time from request to response of /score.",
+        totals.buckets, totals.sum_ns, totals.count,
+    )  # fmt: skip
+    lines += _histogram(
+        "edgepack_run_duration_seconds", "Time in the module's run() alone, of /score.",
+        totals.run_buckets, totals.run_sum_ns, totals.run_count,
+    )  # fmt: skip
     lines += [
-        f"edgepack_score_duration_seconds_sum {totals.sum_ns / 1e9!r}",
-        f"edgepack_score_duration_seconds_count {totals.count}",
-        "# HELP edgepack_run_duration_seconds Time in the module's run() alone, of /score.",
-        "# TYPE edgepack_run_duration_seconds histogram",
-    ]
-    cumulative = 0
-    for bound, n in zip((*(repr(b) for b in BUCKETS_S), "+Inf"), totals.run_buckets, strict=True):
-        cumulative += n
-        lines.append(f'edgepack_run_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
-    lines += [
-        f"edgepack_run_duration_seconds_sum {totals.run_sum_ns / 1e9!r}",
-        f"edgepack_run_duration_seconds_count {totals.run_count}",
         "# HELP edgepack_workers Worker processes whose numbers are summed here.",
         "# TYPE edgepack_workers gauge",
         f"edgepack_workers {totals.workers}",
