@@ -5,6 +5,7 @@ the ``/proc`` readers at the bottom)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,17 @@ def _score_requests(totals: Totals) -> int:
     return sum(n for (route, _), n in totals.requests.items() if route == "score")
 
 
+def _quantiles_ms(
+    before: Sequence[int], now: Sequence[int], qs: tuple[float, ...]
+) -> tuple[float | None, ...] | None:
+    """Quantiles (ms) of the requests between two readings of one histogram; None when a
+    bucket went down (the counters were reset)."""
+    delta = tuple(b - a for a, b in zip(before, now, strict=True))
+    if any(d < 0 for d in delta):
+        return None
+    return tuple(None if (v := latency_quantile(delta, q)) is None else round(v * 1000, 3) for q in qs)
+
+
 def module_metrics(service: str, before: Reading | None, now: Reading) -> ModuleMetrics:
     """The sample for ``service`` from the previous reading of the same instance (rates over
     the interval) or, for a new instance, from its totals alone (rates unknown: 0)."""
@@ -42,18 +54,13 @@ def module_metrics(service: str, before: Reading | None, now: Reading) -> Module
         assert before is not None
         dt = now.at - before.at
         delta = requests - _score_requests(before.totals)
-        buckets = tuple(b - a for a, b in zip(before.totals.buckets, now.totals.buckets, strict=True))
-        if delta >= 0 and all(b >= 0 for b in buckets):  # counters reset: an instance restarted
+        latency = _quantiles_ms(before.totals.buckets, now.totals.buckets, (0.5, 0.95, 0.99))
+        if delta >= 0 and latency is not None:  # counters reset: an instance restarted
             rate = delta / dt
-            q50, q95, q99 = (latency_quantile(buckets, q) for q in (0.5, 0.95, 0.99))
-            p50 = None if q50 is None else q50 * 1000
-            p95 = None if q95 is None else q95 * 1000
-            p99 = None if q99 is None else q99 * 1000
-            run = tuple(b - a for a, b in zip(before.totals.run_buckets, now.totals.run_buckets, strict=True))
-            if all(b >= 0 for b in run):
-                r50, r95 = (latency_quantile(run, q) for q in (0.5, 0.95))
-                run_p50 = None if r50 is None else r50 * 1000
-                run_p95 = None if r95 is None else r95 * 1000
+            p50, p95, p99 = latency
+            run = _quantiles_ms(before.totals.run_buckets, now.totals.run_buckets, (0.5, 0.95))
+            if run is not None:
+                run_p50, run_p95 = run
         if before.cpu_s is not None and now.cpu_s is not None and now.cpu_s >= before.cpu_s:
             cpu = 100.0 * (now.cpu_s - before.cpu_s) / dt
     return ModuleMetrics(
@@ -61,11 +68,11 @@ def module_metrics(service: str, before: Reading | None, now: Reading) -> Module
         requests_total=requests,
         errors_total=now.totals.errors,
         requests_per_s=round(rate, 3),
-        p50_ms=None if p50 is None else round(p50, 3),
-        p95_ms=None if p95 is None else round(p95, 3),
-        p99_ms=None if p99 is None else round(p99, 3),
-        run_p50_ms=None if run_p50 is None else round(run_p50, 3),
-        run_p95_ms=None if run_p95 is None else round(run_p95, 3),
+        p50_ms=p50,
+        p95_ms=p95,
+        p99_ms=p99,
+        run_p50_ms=run_p50,
+        run_p95_ms=run_p95,
         cpu_percent=None if cpu is None else round(cpu, 2),
         memory_mb=None if now.memory_mb is None else round(now.memory_mb, 2),
     )
