@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -28,6 +29,7 @@ __all__ = [
     "free_port",
     "free_ports",
     "listens",
+    "nowhere_image",
     "port_collision",
     "start_on_free_ports",
 ]
@@ -61,6 +63,14 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
+
+
+def nowhere_image(tag: str = "3.11") -> str:
+    """An image reference no engine or registry knows: a free port (no registry on it) and a
+    repository no test ever pushes. The repository has to be new as well, because the Docker
+    engine keeps the tags a stopped test registry was pushed under: ``127.0.0.1:PORT/acme/python``
+    on a port a registry of another worker used is a local image with a digest."""
+    return f"127.0.0.1:{free_port()}/never-pushed/{uuid.uuid4().hex[:12]}:{tag}"
 
 
 class EngineFailed(Exception):

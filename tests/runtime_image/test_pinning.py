@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from packager.cli import app
 from packager.inspect import read_unverified
 from packager.runtime_image.pinning import pin_image
-from tests.conftest import EXAMPLE, REPO, free_port
+from tests.conftest import EXAMPLE, REPO
 from tests.docker_fixtures import PushedRuntimeImage, Registry
+from tests.engines import nowhere_image
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_a_digest_reference_is_recorded_as_given(project: Path) -> None:
 
 
 def test_an_unreachable_image_is_kept_unpinned_with_a_one_line_warning(project: Path) -> None:
-    nowhere = f"127.0.0.1:{free_port()}/edgepack/runtime:py311"
+    nowhere = nowhere_image()
     result, bundle = build(project, "--runtime-image", nowhere)
     assert result.exit_code == 0, result.output
     runtime = read_unverified(bundle)[2].runtime
@@ -128,7 +129,7 @@ def test_an_environment_base_image_is_the_runtime_image_pinned_to_its_digest(
 
 
 def test_a_base_image_that_cannot_be_pinned_is_refused_and_runtime_image_overrides_it(project: Path) -> None:
-    nowhere = f"127.0.0.1:{free_port()}/acme/python:3.11"
+    nowhere = nowhere_image()
     with_base_image(project, nowhere)
     # A real `python -m packager`: the one-line error and the exit code are what a shell sees.
     done = subprocess.run(

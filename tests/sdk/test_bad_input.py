@@ -38,7 +38,7 @@ from packager.sdk import (
     Selector,
     Service,
 )
-from tests.conftest import free_port
+from tests.engines import nowhere_image
 from tests.factory import Defect, Forge
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.sdk.conftest import sdk_hub
@@ -146,7 +146,7 @@ def test_bad_arguments_are_refused_before_any_request(
         lambda: Model.deploy(keyless, "svc", [model], ic, target=Devices(["e"])), ConfigError, "keygen", sent
     )
     custom = Environment("custom")  # an image the devices could not run unpinned: refused
-    custom.docker.base_image = f"127.0.0.1:{free_port()}/acme/python:3.11"
+    custom.docker.base_image = nowhere_image()
     unpinnable = InferenceConfig(entry_script=str(tmp_path / "score.py"), environment=custom)
     refused(
         lambda: Model.deploy(h, "svc", [model], unpinnable, target=Devices(["edge-1"])),
