@@ -44,7 +44,9 @@ fi
 # loadgroup: tests that share a heavy engine (the RabbitMQ cluster) run on one worker.
 # The scaled-out engines (hub processes, the RabbitMQ cluster) wait for the second pass: next
 # to the agent's timing-sensitive Docker tests they starve them of the two cores.
-pytest -n 2 --dist loadgroup -m "not scale_out" tests
+# --durations: the slowest tests in the log, to see where the 20-minute budget goes.
+pytest -n 2 --dist loadgroup --durations=15 -m "not scale_out" tests
 
 step "pytest: the hub suite again, every hub on PostgreSQL, and the scaled-out layout"
-EDGEPACK_TEST_POSTGRES=auto pytest -n 2 --dist loadgroup tests/hub
+# What the SQL engine cannot change (sql_independent) ran in the first pass already.
+EDGEPACK_TEST_POSTGRES=auto pytest -n 2 --dist loadgroup --durations=15 -m "not sql_independent" tests/hub

@@ -28,6 +28,8 @@ from tests.hub.broker_fixtures import (
     start_mosquitto,
 )
 
+pytestmark = pytest.mark.sql_independent
+
 HUB_PASSWORD = "hub-secret"
 
 

@@ -17,6 +17,8 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.wiring import open_hub
 from tests.hub.broker_fixtures import BrokerFactory, start_mosquitto
 
+pytestmark = pytest.mark.sql_independent
+
 
 def test_cli_broker_config_starts_a_broker_for_the_fleet(tmp_path: Path) -> None:
     data_dir = tmp_path / "hub"

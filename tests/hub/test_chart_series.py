@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from cloud_hub.ingest.series import service_series
 from manifests.reported import ModuleMetrics, Telemetry
+
+pytestmark = pytest.mark.sql_independent
 
 AT = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

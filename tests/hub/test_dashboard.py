@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 from playwright.sync_api import Page, expect
 from sqlalchemy import text
 
@@ -14,6 +15,8 @@ from tests.conftest import Publisher
 from tests.hub.broker_fixtures import Broker
 from tests.hub.conftest import HubFactory
 from tests.hub.fleet_support import deploy, enroll, push
+
+pytestmark = pytest.mark.sql_independent
 
 
 def reported(device_id: str, state: str, digest: str, at: datetime) -> str:

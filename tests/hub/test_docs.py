@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 
 import httpx
+import pytest
 
 from tests.hub.conftest import HubFactory
+
+pytestmark = pytest.mark.sql_independent
 
 
 def test_docs_page_loads_only_assets_the_hub_serves(hub: HubFactory) -> None:

@@ -15,6 +15,8 @@ from tests.engines import EngineFailed, EngineStartError, start_on_free_ports
 from tests.hub.broker_fixtures import plain_config, start_mosquitto
 from tests.hub.seaweedfs_fixtures import LISTENERS, start_seaweedfs
 
+pytestmark = pytest.mark.sql_independent
+
 
 @pytest.fixture
 def taken() -> Iterator[socket.socket]:
@@ -111,4 +113,3 @@ def test_a_failure_that_is_not_a_port_collision_is_not_retried() -> None:
 def test_each_engines_way_of_saying_its_port_was_taken_is_recognised(said: str) -> None:
     assert engines.port_collision(said)
     assert not engines.port_collision("FATAL: data directory has wrong ownership")
-

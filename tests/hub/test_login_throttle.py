@@ -6,6 +6,8 @@ import pytest
 
 from cloud_hub.login_throttle import LoginThrottle, ThrottlePolicy, client_key
 
+pytestmark = pytest.mark.sql_independent
+
 
 class Clock:
     def __init__(self) -> None:

@@ -12,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cloud_hub.settings import HubSettings
+
+pytestmark = pytest.mark.sql_independent
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "scale-out.md"
 

@@ -34,6 +34,8 @@ from tests.factory import Forge, default_files
 from tests.hub.conftest import ADMIN_TOKEN, HubFactory
 from tests.hub.fleet_support import enroll
 
+pytestmark = pytest.mark.sql_independent
+
 MIB = 1 << 20
 DEFAULTS = HubSettings(data_dir=Path("/nonexistent"))
 BULK = "/api/v1/devices/bulk"
@@ -77,8 +79,19 @@ def hub_process(tmp_path: Path, publisher: Publisher) -> Iterator[Callable[..., 
         env = {**os.environ, "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN_TOKEN}
         env.update({f"EDGEPACK_HUB_{k.upper()}": str(v) for k, v in settings.items()})
         proc = subprocess.Popen(
-            [sys.executable, "-m", "packager", "hub", "serve", "--data-dir", str(tmp_path / f"hub-{port}"),
-             "--port", str(port), "--trust", str(trusted)],
+            [
+                sys.executable,
+                "-m",
+                "packager",
+                "hub",
+                "serve",
+                "--data-dir",
+                str(tmp_path / f"hub-{port}"),
+                "--port",
+                str(port),
+                "--trust",
+                str(trusted),
+            ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -141,8 +154,13 @@ class Outcome:
 
 
 def _head(path: str, length: int, *headers: str) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: hub", "Content-Type: application/json",
-             f"Content-Length: {length}", *headers]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: hub",
+        "Content-Type: application/json",
+        f"Content-Length: {length}",
+        *headers,
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -200,9 +218,11 @@ def test_bodies_without_credentials_are_refused_before_they_are_read(
     bound = DEFAULTS.max_bodies_in_flight_mb * MIB
     with PeakRss(h) as rss:
         outcomes = _attack(h.port, 24, _head(BULK, 16_000_000), 15_000_000, wait_s=20)
-    print(f"\n24 x 15 MB without a token: RSS {rss.before / MIB:.0f} MiB -> peak {rss.peak / MIB:.0f} MiB "
-          f"(growth {rss.growth / MIB:.1f} MiB, bound {bound // MIB} MiB); "
-          f"closed after {[o.closed_after and round(o.closed_after, 2) for o in outcomes]} s")
+    print(
+        f"\n24 x 15 MB without a token: RSS {rss.before / MIB:.0f} MiB -> peak {rss.peak / MIB:.0f} MiB "
+        f"(growth {rss.growth / MIB:.1f} MiB, bound {bound // MIB} MiB); "
+        f"closed after {[o.closed_after and round(o.closed_after, 2) for o in outcomes]} s"
+    )
     still_open = [o for o in outcomes if o.closed_after is None]
     assert not still_open, f"{len(still_open)} of 24 connections still open 20 s after their body stalled"
     assert all(o.closed_after is not None and o.closed_after < 5 for o in outcomes)
@@ -262,10 +282,12 @@ def test_what_all_bodies_hold_together_is_bounded(hub_process: Callable[..., Hub
     with PeakRss(h) as rss:
         outcomes = _attack(h.port, 24, _head(BULK, 16_000_000, auth), 15_000_000, wait_s=20)
     quick = [o for o in outcomes if o.closed_after is not None and o.closed_after < 2]
-    print(f"\n24 x 15 MB with the admin token: RSS {rss.before / MIB:.0f} MiB -> "
-          f"peak {rss.peak / MIB:.0f} MiB "
-          f"(growth {rss.growth / MIB:.1f} MiB, bound {bound // MIB} MiB); {len(quick)} refused at once; "
-          f"closed after {[o.closed_after and round(o.closed_after, 2) for o in outcomes]} s")
+    print(
+        f"\n24 x 15 MB with the admin token: RSS {rss.before / MIB:.0f} MiB -> "
+        f"peak {rss.peak / MIB:.0f} MiB "
+        f"(growth {rss.growth / MIB:.1f} MiB, bound {bound // MIB} MiB); {len(quick)} refused at once; "
+        f"closed after {[o.closed_after and round(o.closed_after, 2) for o in outcomes]} s"
+    )
     # At most bound / 16,000,000 = 4 are read; the others are refused (503) at once, and the
     # stalled ones are closed by the body progress timeout.
     assert len(quick) >= 24 - bound // 16_000_000
@@ -301,9 +323,10 @@ def test_large_authenticated_uploads_still_stream(
     bundle = Forge(publisher=publisher.key).bundle(
         files={**default_files(), "model/weights.bin": os.urandom(40 * MIB)}, name="big", version="1"
     )
-    with PeakRss(h) as rss, httpx.Client(
-        base_url=h.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120
-    ) as http:
+    with (
+        PeakRss(h) as rss,
+        httpx.Client(base_url=h.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120) as http,
+    ):
         r = http.put(f"/api/v1/blobs/{sha256_digest(blob)}", content=blob)
         assert r.status_code == 201, r.text
         r = http.post("/api/v1/modules", content=bundle)
@@ -505,11 +528,18 @@ def test_the_hub_can_open_as_many_sockets_as_it_accepts(hub_process: Callable[..
 
 def test_the_bounds_hold_over_https(tmp_path: Path, hub: HubFactory) -> None:
     files = make_tls_material(
-        HubSettings(data_dir=tmp_path / "hub"), hub_hosts=["127.0.0.1"], broker_hosts=["127.0.0.1"],
+        HubSettings(data_dir=tmp_path / "hub"),
+        hub_hosts=["127.0.0.1"],
+        broker_hosts=["127.0.0.1"],
         broker_dir=tmp_path,
     )
-    h = hub(data_dir=tmp_path / "hub", ca=files.ca_cert, tls_cert=files.hub_cert, tls_key=files.hub_key,
-            header_timeout_s=2)
+    h = hub(
+        data_dir=tmp_path / "hub",
+        ca=files.ca_cert,
+        tls_cert=files.hub_cert,
+        tls_key=files.hub_key,
+        header_timeout_s=2,
+    )
     context = ssl.create_default_context(cafile=str(files.ca_cert))
     host, port = h.url.removeprefix("https://").split(":")
 

@@ -26,6 +26,8 @@ from tests.hub.conftest import HubFactory
 from tests.hub.fleet_support import deploy, push
 from tests.hub.test_fleet_cli import EDGEPACK, env_for, one_line_error
 
+pytestmark = pytest.mark.sql_independent
+
 
 def _material(tmp_path: Path) -> tuple[TlsFiles, Path]:
     broker_dir = tmp_path / "broker"
@@ -162,8 +164,20 @@ def test_broker_config_tls_generates_a_config_mosquitto_serves_tls_with(tmp_path
     data, out = tmp_path / "hub", tmp_path / "broker"
     port = free_port()
     made = subprocess.run(
-        [EDGEPACK, "hub", "broker-config", "--out", str(out), "--data-dir", str(data),
-         "--port", str(port), "--tls", "--topic-prefix", "gen"],
+        [
+            EDGEPACK,
+            "hub",
+            "broker-config",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data),
+            "--port",
+            str(port),
+            "--tls",
+            "--topic-prefix",
+            "gen",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -14,6 +14,8 @@ from cloud_hub.webhooks.queue import Job, RetryPolicy
 from cloud_hub.webhooks.subscriptions import new_secret
 from manifests.errors import ConfigError
 
+pytestmark = pytest.mark.sql_independent
+
 
 @pytest.mark.parametrize(
     ("kind", "type_"),
@@ -36,8 +38,12 @@ def test_event_kinds_map_to_cloudevents_types(kind: str, type_: str | None) -> N
 
 @pytest.mark.parametrize(
     ("device", "service", "subject"),
-    [("edge-1", "svc", "services/svc/devices/edge-1"), (None, "svc", "services/svc"),
-     ("edge-1", None, "devices/edge-1"), (None, None, "models")],
+    [
+        ("edge-1", "svc", "services/svc/devices/edge-1"),
+        (None, "svc", "services/svc"),
+        ("edge-1", None, "devices/edge-1"),
+        (None, None, "models"),
+    ],
 )
 def test_subjects(device: str | None, service: str | None, subject: str) -> None:
     assert subject_of("model_registered", device, service) == subject
@@ -58,8 +64,15 @@ def test_short_type_names_are_completed_and_unknown_ones_refused() -> None:
 
 
 def test_an_envelope_is_cloudevents_json_that_verifies_with_the_secret() -> None:
-    env = envelope(event_id=7, kind="enrolled", type_="edgepack.device.enrolled", message="m",
-                   at=datetime.now(UTC), device_id="edge-1", service=None)
+    env = envelope(
+        event_id=7,
+        kind="enrolled",
+        type_="edgepack.device.enrolled",
+        message="m",
+        at=datetime.now(UTC),
+        device_id="edge-1",
+        service=None,
+    )
     secret = new_secret()
     job = Job(1, "wh_x", "http://r", secret, env.message_id, env.body, 0, datetime.now(UTC))
     headers = signed_headers(job, datetime.now(UTC))
