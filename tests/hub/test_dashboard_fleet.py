@@ -1,20 +1,25 @@
 """The dashboard at fleet size: 5,000 devices in a real hub, seen through headless Chromium.
 
 The story: an operator opens the dashboard of a hub with 5,000 devices. The counts at the top
-(online/offline, devices by state) are there within 2 s of navigation and equal what the
-database holds; the services come first with their rollout; the device table holds one page
-and narrows to the right totals when filtered by tag, state and online status; a device's page
-shows its modules, states, reasons, telemetry and events; a service's page its per-device
-breakdown and rollout counts.
+(online/offline, devices by state) equal what the database holds; the services come first
+with their rollout; the device table holds one page and narrows to the right totals when
+filtered by tag, state and online status; a device's page shows its modules, states, reasons,
+telemetry and events; a service's page its per-device breakdown and rollout counts.
 
 The fleet is seeded through the hub's own code in a few seconds (``tests.hub.fleet_seed``); a few
 devices then speak over the real broker, through real ingest. Expected numbers are computed
 here from the database rows in plain Python (not with the hub's SQL), so a wrong query fails.
+
+How fast the views answer and the counts are drawn is measured here too, and judged by
+``bench/dashboard.py`` (targets: first render ≤ 2 s, each view ≤ 1 s at 5,000 devices), which runs
+this test with ``EDGEPACK_BENCH_OUT``: a suite on a shared box is no stopwatch (a PostgreSQL pass
+beside four other jobs once took 1.8 s for the summary).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,9 +41,7 @@ from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import deploy, push
 
 FLEET = 5000
-FIRST_RENDER_S = 2.0
-#: Each view the page polls, at 5,000 devices; generous, for a CI box shared with other jobs.
-API_BUDGET_MS = 1000.0
+#: The views the page polls (their timing is bench/dashboard.py's).
 API_PROBES = [
     ("summary", "/api/v1/dashboard/summary"),
     ("devices_first_page", "/api/v1/dashboard/devices"),
@@ -49,7 +52,6 @@ API_PROBES = [
     ("service_view", "/api/v1/dashboard/services/digits?state=Failed"),
 ]
 DASH = "\N{EN DASH}"  # the pager writes "1{DASH}50 of 5000"
-SEED_BUDGET_S = 60.0  # ~6 s measured; 24 s seen on a box shared with 3 other suites
 
 
 # --- what the database says, computed independently of cloud_hub.overview.queries -------------
@@ -201,7 +203,6 @@ def sign_in(page: Page, h: RunningHub) -> None:
 
 def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None:
     h = big_fleet.hub
-    assert big_fleet.seed_s < SEED_BUDGET_S
     devices = db_devices(h)
     assert len(devices) == FLEET
     by_state = Counter(d.state for d in devices)
@@ -210,7 +211,7 @@ def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None:
     assert set(by_state) >= {"Healthy", "Failed", "Unhealthy", "Unschedulable", "Transitioning", "Pending"}
     assert 0 < online < FLEET
 
-    # The API the page polls answers fast at this size (once warm, as the page polls it).
+    # The API the page polls answers at this size (timed once warm, as the page polls it).
     api_ms: dict[str, float] = {}
     with h.client() as http:
         for name, path in API_PROBES:
@@ -219,29 +220,26 @@ def test_dashboard_with_5000_devices(big_fleet: SeededHub, page: Page) -> None:
             r = http.get(path)
             api_ms[name] = round((time.perf_counter() - start) * 1000, 1)
             assert r.status_code == 200, r.text
-    assert max(api_ms.values()) < API_BUDGET_MS, api_ms
 
     sign_in(page, h)
-    # First render, measured from navigation start: the counts are drawn within 2 s.
+    # First render, measured from navigation start to the counts drawn.
     page.goto(h.url + "/")
     counts = page.locator("#counts")
     expect(counts).to_have_attribute("data-total", str(FLEET))
     first_render_ms = page.evaluate("performance.getEntriesByName('edgepack:counts')[0].startTime")
     nav = page.evaluate("performance.getEntriesByType('navigation')[0].toJSON()")
-    print(
-        json.dumps(
-            {
-                "devices": FLEET,
-                "seed_s": round(big_fleet.seed_s, 2),
-                "first_render_ms": round(first_render_ms),
-                "first_render_target_ms": FIRST_RENDER_S * 1000,
-                "dom_content_loaded_ms": round(nav["domContentLoadedEventEnd"]),
-                "api_ms": api_ms,
-                "api_target_ms": API_BUDGET_MS,
-            }
-        )
-    )
-    assert first_render_ms < FIRST_RENDER_S * 1000
+    measured = {
+        "devices": FLEET,
+        "seed_s": round(big_fleet.seed_s, 2),
+        "first_render_ms": round(first_render_ms),
+        "dom_content_loaded_ms": round(nav["domContentLoadedEventEnd"]),
+        "api_ms": api_ms,
+    }
+    print(json.dumps(measured))
+    bench_out = os.environ.get("EDGEPACK_BENCH_OUT")
+    if bench_out:
+        with open(bench_out, "w") as f:
+            json.dump(measured, f)
 
     # The counts shown are the database's.
     expect(counts.locator("[data-count='total'] .n")).to_have_text(str(FLEET))
