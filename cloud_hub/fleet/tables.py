@@ -46,6 +46,31 @@ class Device(Base):
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
     agent_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    # A device that joined by itself (``edgepack agent join``): its Ed25519 key, hex. Unique, and
+    # never cleared on revocation, so a join request replayed later is refused for good.
+    public_key: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
+    # The provisioning token it joined with (its public id), for 'device show' and audits.
+    joined_with: Mapped[str | None] = mapped_column(String(16), default=None)
+
+
+class ProvisioningToken(Base):
+    """A fleet-wide token a device image carries to join by itself (docs/enrolment.md).
+
+    Only the token's sha256 is kept. ``used`` counts joins, raised by one conditional UPDATE
+    that also checks the bound, so concurrent joins (from any replica) never exceed ``max_uses``.
+    """
+
+    __tablename__ = "provisioning_tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Tags every device joining with it gets; a value may name the device with '{id}'.
+    tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    max_uses: Mapped[int] = mapped_column(Integer)
+    used: Mapped[int] = mapped_column(Integer, default=0)
+    expires: Mapped[datetime] = mapped_column()
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Deployment(Base):

@@ -1,0 +1,141 @@
+"""Routes of zero-touch enrolment: provisioning tokens (admin) and joins (a provisioning token).
+
+``POST /api/v1/join`` takes the device's signed join request as the body and its provisioning
+token as ``Authorization: Bearer ep_join_…``. Checks that need no database (size, signature,
+this hub, freshness) run first; the rest (token, id, key) in the batch that enrols it
+(:mod:`cloud_hub.fleet.joins`). Every refusal is one error and one ``device.join-refused``
+event; a refused join leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud_hub.api.deps import Admin, Core, Hub, bearer_token
+from cloud_hub.core import HubCore
+from cloud_hub.db.base import utcnow
+from cloud_hub.errors import Unauthorized
+from cloud_hub.fleet.provisioning import (
+    MAX_TOKEN_LIFETIME_S,
+    MAX_TOKEN_USES,
+    Join,
+    create_token,
+    list_tokens,
+    record_refusal,
+    revoke_token,
+)
+from cloud_hub.fleet.tables import Device, ProvisioningToken
+from cloud_hub.tls.material import ca_pem
+from manifests.errors import TrustError
+from manifests.join import PROVISIONING_TOKEN_PREFIX, JoinAnswer, JoinRequest, verify_join_request
+from manifests.signing import TrustedKey, raw_public_bytes
+
+router = APIRouter(tags=["enrolment"])
+admin = APIRouter(prefix="/api/v1/provisioning-tokens", dependencies=[Admin], tags=["enrolment"])
+
+_TOKEN_SHAPE = re.compile(re.escape(PROVISIONING_TOKEN_PREFIX) + r"[A-Za-z0-9_-]{43}")
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tags: dict[str, str] = Field(default_factory=dict, description="given to each device; '{id}' is its id")
+    uses: int = Field(ge=1, le=MAX_TOKEN_USES, description="devices that may join with it")
+    expires_in_s: int = Field(ge=60, le=MAX_TOKEN_LIFETIME_S)
+
+
+class TokenOut(BaseModel):
+    id: str
+    tags: dict[str, str]
+    uses: int
+    used: int
+    expires: datetime
+    revoked: bool
+    created_at: datetime
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="shown once; the hub keeps only its sha256")
+
+
+def _token_out(row: ProvisioningToken) -> TokenOut:
+    return TokenOut(
+        id=row.id, tags=dict(row.tags or {}), uses=row.max_uses, used=row.used, expires=row.expires,
+        revoked=row.revoked, created_at=row.created_at,
+    )  # fmt: skip
+
+
+@admin.post("", status_code=201, response_model=TokenCreated)
+def make_token(core: Core, body: TokenCreate) -> TokenCreated:
+    with core.sessions.begin() as s:
+        new = create_token(s, tags=body.tags, max_uses=body.uses, lifetime_s=body.expires_in_s, now=utcnow())
+        out = _token_out(new.row)
+    return TokenCreated(**out.model_dump(), token=new.token)
+
+
+@admin.get("")
+def show_tokens(core: Core) -> dict[str, list[TokenOut]]:
+    with core.sessions.begin() as s:
+        return {"tokens": [_token_out(r) for r in list_tokens(s)]}
+
+
+@admin.post("/{token_id}/revoke", response_model=TokenOut)
+def revoke(core: Core, token_id: str) -> TokenOut:
+    """No device joins with it from now on; devices that joined with it keep their credentials."""
+    with core.sessions.begin() as s:
+        return _token_out(revoke_token(s, token_id))
+
+
+def _answer(core: HubCore, request: JoinRequest) -> JoinAnswer:
+    settings = core.settings
+    pub = core.hub_key.public_key()
+    with core.sessions.begin() as s:
+        device = s.get(Device, request.device_id)
+        assert device is not None
+        tags, token_id = dict(device.tags or {}), device.joined_with or ""
+    return JoinAnswer(
+        device_id=request.device_id,
+        hub_url=settings.base_url(),
+        mqtt_host=settings.mqtt_public_host or settings.mqtt_host,
+        mqtt_port=settings.mqtt_public_port or settings.mqtt_port,
+        mqtt_username=request.device_id,
+        topic_prefix=settings.topic_prefix,
+        mqtt_tls=settings.mqtt_tls_ca is not None,
+        ca_pem=ca_pem(settings),
+        hub_key=TrustedKey(keyid=core.hub_key_id, public_key=raw_public_bytes(pub).hex(), name="hub"),
+        publishers=core.trust,
+        tags=tags,
+        token_id=token_id,
+    )
+
+
+@router.post("/api/v1/join", status_code=201, response_model=JoinAnswer)
+async def join(hub: Hub, request: Request) -> JoinAnswer:
+    """Enrol the device that signed the request body, with the provisioning token it sent."""
+    joins = hub.joins
+    assert joins is not None
+    joins.admit()
+    token = bearer_token(request)
+    body = await request.body()
+
+    def work() -> JoinAnswer:
+        core = hub.core
+        try:
+            if token is None or not _TOKEN_SHAPE.fullmatch(token):
+                raise Unauthorized("provisioning token required: send 'Authorization: Bearer ep_join_…'")
+            verified = verify_join_request(
+                body, hub_keyid=core.hub_key_id, now=utcnow(), max_age_s=core.settings.join_max_age_s
+            )
+        except (Unauthorized, TrustError) as exc:
+            with core.sessions.begin() as s:
+                record_refusal(s, None, str(exc))
+            raise
+        joins.join(Join(verified, token))
+        return _answer(core, verified)
+
+    return await run_in_threadpool(work)

@@ -1,0 +1,228 @@
+"""Provisioning tokens and the joins they allow (zero-touch enrolment, docs/enrolment.md).
+
+An admin makes a token (``edgepack device token create``) and bakes it into a device image; a
+device joins with it by sending a signed :class:`~manifests.join.JoinRequest`. The token is
+shown once and kept as its sha256. Its uses are counted by one conditional UPDATE, so two
+joins (in one process, two replicas, SQLite or PostgreSQL) never spend the same last use.
+
+:func:`join_devices` runs inside a fleet change (:func:`cloud_hub.fleet.desired.change_fleet`,
+under the fleet lock): each join is checked against the table first and written only when
+every check passed, so a refused join leaves no device row and no broker account, and a
+refusal never undoes the other joins of its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from cloud_hub.errors import Conflict, Forbidden, NotFound, Unauthorized
+from cloud_hub.events import record_event
+from cloud_hub.fleet.tables import Device, ProvisioningToken
+from cloud_hub.fleet.targeting import check_tags, format_selector
+from manifests.errors import ConfigError, EdgepackError
+from manifests.join import PROVISIONING_TOKEN_PREFIX, JoinRequest
+
+#: The most devices one token may enrol, and the longest it may live: a leaked image's token
+#: must run out. Both are the admin's choice below these.
+MAX_TOKEN_USES = 100_000
+MAX_TOKEN_LIFETIME_S = 366 * 24 * 3600
+#: Tokens that may exist at once (revoked and expired ones are purged by 'token revoke' and
+#: count until then): the list stays one page, the table small.
+MAX_TOKENS = 1000
+#: The placeholder a token's tag value may hold: the joining device's id.
+ID_PLACEHOLDER = "{id}"
+JOIN_REFUSED = "device.join-refused"
+
+
+def provisioning_hash(token: str) -> str:
+    # 256 bits of entropy: an unsalted fast hash is enough and allows a direct lookup.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def render_tags(template: Mapping[str, str], device_id: str) -> dict[str, str]:
+    """The token's tags for one device: ``{id}`` in a value becomes the device's id."""
+    return check_tags({k: v.replace(ID_PLACEHOLDER, device_id) for k, v in template.items()})
+
+
+def check_tag_template(tags: Mapping[str, str]) -> dict[str, str]:
+    """A token's tags, checked as they will be for a device (with a one-letter id)."""
+    render_tags(tags, "x")
+    return {str(k): str(v) for k, v in tags.items()}
+
+
+@dataclass(frozen=True)
+class NewToken:
+    row: ProvisioningToken
+    token: str
+
+
+def create_token(
+    session: Session, *, tags: Mapping[str, str], max_uses: int, lifetime_s: float, now: datetime
+) -> NewToken:
+    if not 1 <= max_uses <= MAX_TOKEN_USES:
+        raise ConfigError(f"uses must be from 1 to {MAX_TOKEN_USES}, got {max_uses}")
+    if not 60 <= lifetime_s <= MAX_TOKEN_LIFETIME_S:
+        raise ConfigError(f"a token must live from 1 minute to {MAX_TOKEN_LIFETIME_S // 86400} days")
+    if len(list(session.scalars(select(ProvisioningToken.id).limit(MAX_TOKENS)))) >= MAX_TOKENS:
+        raise Conflict(
+            f"{MAX_TOKENS} provisioning tokens exist; revoke some with 'edgepack device token revoke'"
+        )
+    template = check_tag_template(tags)
+    token = PROVISIONING_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ProvisioningToken(
+        id=secrets.token_hex(6), token_hash=provisioning_hash(token), tags=template, max_uses=max_uses,
+        used=0, expires=now + timedelta(seconds=lifetime_s), revoked=False, created_at=now,
+    )  # fmt: skip
+    session.add(row)
+    record_event(
+        session, "token-created",
+        f"provisioning token {row.id} made: {max_uses} use(s) until {row.expires:%Y-%m-%d %H:%M} UTC, "
+        f"tags {format_selector(template) or '(none)'}",
+    )  # fmt: skip
+    return NewToken(row, token)
+
+
+def list_tokens(session: Session) -> list[ProvisioningToken]:
+    return list(session.scalars(select(ProvisioningToken).order_by(ProvisioningToken.created_at)))
+
+
+def revoke_token(session: Session, token_id: str) -> ProvisioningToken:
+    row = session.get(ProvisioningToken, token_id)
+    if row is None:
+        raise NotFound(f"provisioning token {token_id!r} does not exist; see 'edgepack device token list'")
+    if not row.revoked:
+        row.revoked = True
+        record_event(
+            session, "token-revoked", f"provisioning token {row.id} revoked ({row.used} use(s) spent)"
+        )
+    return row
+
+
+class JoinRefused(EdgepackError):
+    """Carries the error the joining device gets; the route raises ``error``."""
+
+    def __init__(self, error: EdgepackError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def usable_token(session: Session, token: str, now: datetime) -> ProvisioningToken:
+    """The token's row if a device may join with it now; else the refusal to send."""
+    row = session.scalar(
+        select(ProvisioningToken).where(ProvisioningToken.token_hash == provisioning_hash(token))
+    )
+    if row is None:
+        raise Unauthorized("provisioning token is not valid (unknown to this hub); ask the admin for one")
+    if row.revoked:
+        raise Forbidden(f"provisioning token {row.id} was revoked; ask the admin for a new one")
+    if row.expires <= now:
+        raise Forbidden(
+            f"provisioning token {row.id} expired at {row.expires:%Y-%m-%d %H:%M} UTC; ask for a new one"
+        )
+    if row.used >= row.max_uses:
+        raise Forbidden(f"provisioning token {row.id} is used up ({row.max_uses} device(s) joined with it)")
+    return row
+
+
+def take_use(session: Session, row: ProvisioningToken, now: datetime) -> None:
+    """Spend one use, atomically: the UPDATE matches only while a use is left (and the token
+    is still valid), so concurrent joins cannot both spend the last one."""
+    result = session.execute(
+        update(ProvisioningToken)
+        .where(
+            ProvisioningToken.id == row.id,
+            ProvisioningToken.used < ProvisioningToken.max_uses,
+            ProvisioningToken.revoked.is_(False),
+            ProvisioningToken.expires > now,
+        )
+        .values(used=ProvisioningToken.used + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise Forbidden(f"provisioning token {row.id} is used up ({row.max_uses} device(s) joined with it)")
+
+
+@dataclass(frozen=True)
+class Join:
+    """One verified request and the token it came with."""
+
+    request: JoinRequest
+    token: str
+
+
+def join_devices(
+    session: Session, joins: Sequence[Join], *, now: datetime, reserved: str | None
+) -> list[EdgepackError | None]:
+    """Enrol each join that passes every check; per join, None or the refusal (recorded as a
+    ``device.join-refused`` event). Runs under the fleet lock, so nothing else enrols meanwhile."""
+    ids = {j.request.device_id for j in joins}
+    keys = {j.request.public_key for j in joins}
+    known_ids = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
+    known_keys = set(session.scalars(select(Device.public_key).where(Device.public_key.in_(keys))))
+    verifiers = {j.request.token_sha256 for j in joins}
+    taken_verifiers = set(session.scalars(select(Device.token_hash).where(Device.token_hash.in_(verifiers))))
+    tokens: dict[str, ProvisioningToken] = {}
+    outcomes: list[EdgepackError | None] = []
+    for join in joins:
+        request = join.request
+        try:
+            if request.device_id == reserved:
+                raise Conflict(
+                    f"device id {request.device_id!r} is the hub's broker user name; choose another id"
+                )
+            if request.public_key in known_keys:
+                # The key joined before (this request replayed, or a device re-using its key).
+                raise Conflict(
+                    f"device key {request.public_key[:16]} has joined before; a join is not repeated "
+                    "(a device that lost its credentials makes a new key)"
+                )
+            if request.token_sha256 in taken_verifiers:
+                raise Conflict("the device's token verifier is already in use; make a new key and join again")
+            device = known_ids.get(request.device_id)
+            if device is not None and not device.revoked:
+                raise Conflict(
+                    f"device {request.device_id!r} is already enrolled; choose another id or revoke it first"
+                )
+            row = tokens.get(join.token) or usable_token(session, join.token, now)
+            tags = render_tags(row.tags or {}, request.device_id)
+            take_use(session, row, now)
+        except (Conflict, Forbidden, Unauthorized, ConfigError, NotFound) as exc:
+            outcomes.append(exc)
+            record_refusal(session, request.device_id, str(exc))
+            continue
+        tokens[join.token] = row
+        known_keys.add(request.public_key)
+        taken_verifiers.add(request.token_sha256)
+        if device is None:
+            device = Device(id=request.device_id)
+            session.add(device)
+        known_ids[request.device_id] = device
+        device.tags = tags
+        device.public_key = request.public_key
+        device.joined_with = row.id
+        device.token_hash = request.token_sha256
+        device.mqtt_password_hash = request.mqtt_password_hash
+        device.rabbitmq_password_hash = request.rabbitmq_password_hash
+        device.revoked = False
+        device.online = False
+        record_event(
+            session, "enrolled",
+            f"device {request.device_id} joined with token {row.id} ({format_selector(tags) or 'no tags'})",
+            device_id=request.device_id,
+        )  # fmt: skip
+        outcomes.append(None)
+    return outcomes
+
+
+def record_refusal(session: Session, device_id: str | None, why: str) -> None:
+    # device_id is what the request claimed: the event is kept apart from a real device's feed
+    # only by its kind, so the message says "asked as".
+    who = f"a device asking as {device_id!r}" if device_id else "a device"
+    record_event(session, JOIN_REFUSED, f"join refused for {who}: {why}")
