@@ -138,13 +138,17 @@ def join(
         key = generate_private_key()
         with atomic_output(key_path, mode=0o600) as fh:
             fh.write(private_key_pem(key))
-    with Hub(url, token, ca=ca) as hub:
+    # The provisioning token goes with the join alone (it is no admin token).
+    with Hub(url, None, ca=ca) as hub:
         hub_keyid = hub.transport.get("/api/v1/hub/key")["keyid"]
         request = make_join_request(
             key, device_id=device_id, hub_keyid=hub_keyid, nonce=os.urandom(16).hex(), now=datetime.now(UTC)
         )
         raw = hub.transport.request(
-            "POST", "/api/v1/join", content=request, headers={"Content-Type": "application/json"}
+            "POST",
+            "/api/v1/join",
+            content=request,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
         ).json()
     try:
         answer = JoinAnswer.model_validate(raw)
