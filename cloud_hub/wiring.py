@@ -101,6 +101,8 @@ class HubProcess:
         if self._started:
             self._started = False
             self.upkeep.stop()
+            if self.joins is not None:
+                self.joins.stop()
             if self.alerts is not None:
                 self.alerts.stop()
             if self.webhooks is not None:

@@ -9,6 +9,7 @@ event; a refused join leaves nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import datetime
 
@@ -123,19 +124,22 @@ async def join(hub: Hub, request: Request) -> JoinAnswer:
     token = bearer_token(request)
     body = await request.body()
 
-    def work() -> JoinAnswer:
-        core = hub.core
+    core = hub.core
+
+    def verify() -> JoinRequest:
         try:
             if token is None or not _TOKEN_SHAPE.fullmatch(token):
                 raise Unauthorized("provisioning token required: send 'Authorization: Bearer ep_join_…'")
-            verified = verify_join_request(
+            return verify_join_request(
                 body, hub_keyid=core.hub_key_id, now=utcnow(), max_age_s=core.settings.join_max_age_s
             )
         except (Unauthorized, TrustError) as exc:
             with core.sessions.begin() as s:
                 record_refusal(s, None, str(exc))
             raise
-        joins.join(Join(verified, token))
-        return _answer(core, verified)
 
-    return await run_in_threadpool(work)
+    verified = await run_in_threadpool(verify)
+    assert token is not None
+    # Waiting for the batch holds no thread of the server's pool.
+    await asyncio.wrap_future(joins.submit(Join(verified, token)))
+    return await run_in_threadpool(_answer, core, verified)

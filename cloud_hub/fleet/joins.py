@@ -2,9 +2,9 @@
 
 A fleet change takes the fleet lock, reads the plan and rewrites the broker's accounts; one per
 join would make 5,000 joins cost 5,000 account rewrites of a growing file. Joins arriving
-together are therefore committed together (a group commit): the first caller to find no batch
-running takes every waiting join (up to ``max_batch``) and runs them as one change, while the
-others wait for their answer. Each join is still judged alone (:func:`join_devices`); a batch
+together are therefore committed together (a group commit): one thread takes every waiting
+join (up to ``max_batch``) and runs them as one change, while the requests wait for their
+answer without holding a thread. Each join is still judged alone (:func:`join_devices`); a batch
 that fails as a whole (e.g. a port clash the tags of one device cause) is retried one by one,
 so one bad join never refuses another.
 
@@ -14,16 +14,19 @@ not, costs at most that many signature checks and database visits a second.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
 
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.errors import Throttled
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.fleet.provisioning import Join, join_devices, record_refusal
-from manifests.errors import EdgepackError
+from manifests.errors import EdgepackError, HubUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class TokenBucket:
@@ -49,14 +52,14 @@ class TokenBucket:
             return (1 - self._tokens) / self._rate
 
 
-@dataclass
-class _Slot:
-    join: Join
-    done: bool = False
-    error: BaseException | None = None
-
-
 class JoinQueue:
+    """Joins waiting to be enrolled, and the one thread that commits them in batches.
+
+    :meth:`submit` returns a future at once, so a waiting join holds no request thread: the
+    batch is as large as the joins that arrived meanwhile (up to ``max_batch``), not as the
+    server's thread pool.
+    """
+
     def __init__(
         self, fleet: FleetChanges, sessions: Sessions, *, reserved: str | None, max_batch: int,
         rate_per_s: float, burst: float,
@@ -67,8 +70,9 @@ class JoinQueue:
         self._max_batch = max_batch
         self._bucket = TokenBucket(rate_per_s, burst)
         self._cond = threading.Condition()
-        self._pending: list[_Slot] = []
-        self._running = False
+        self._pending: list[tuple[Join, Future[None]]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def admit(self) -> None:
         """Spend one join attempt of the rate bound, or refuse with when to try again."""
@@ -78,46 +82,65 @@ class JoinQueue:
                 f"too many joins at once; try again in {wait:.1f} s", retry_after_s=max(1.0, wait)
             )
 
-    def join(self, join: Join) -> None:
-        """Enrol the device of ``join`` (committed, broker accounts written) or raise why not."""
-        slot = _Slot(join)
+    def submit(self, join: Join) -> Future[None]:
+        """A future that ends when the device of ``join`` is enrolled (committed, broker
+        accounts written), or with the refusal."""
+        future: Future[None] = Future()
         with self._cond:
-            self._pending.append(slot)
+            if self._stopping:
+                raise HubUnavailable("the hub is stopping; join again in a moment")
+            self._pending.append((join, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="join-batches", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=30)
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
-                while self._running and not slot.done:
+                while not self._pending and not self._stopping:
                     self._cond.wait()
-                if slot.done:
-                    break
-                self._running = True
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+            if not batch:
+                return  # stopping, and nothing left
             try:
                 self._run(batch)
-            finally:
-                with self._cond:
-                    self._running = False
-                    self._cond.notify_all()
-        if slot.error is not None:
-            raise slot.error
+            except BaseException as exc:  # the thread must outlive any one batch
+                log.exception("join batch failed")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
 
-    def _run(self, batch: list[_Slot]) -> None:
+    def _run(self, batch: list[tuple[Join, Future[None]]]) -> None:
         try:
-            self._commit(batch)
-        except BaseException as exc:
+            outcomes = self._commit([join for join, _ in batch])
+        except Exception as exc:
             if len(batch) > 1:
-                for slot in batch:
-                    self._run([slot])
+                for one in batch:  # one bad join (e.g. a port clash its tags cause) refuses only itself
+                    self._run([one])
                 return
-            slot = batch[0]
-            slot.error, slot.done = exc, True
+            join, future = batch[0]
             if isinstance(exc, EdgepackError):
                 with self._sessions.begin() as s:
-                    record_refusal(s, slot.join.request.device_id, str(exc))
+                    record_refusal(s, join.request.device_id, str(exc))
+            future.set_exception(exc)
+            return
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if outcome is None:
+                future.set_result(None)
+            else:
+                future.set_exception(outcome)
 
-    def _commit(self, batch: list[_Slot]) -> None:
+    def _commit(self, joins: list[Join]) -> list[EdgepackError | None]:
         now = utcnow()
-        change = self._fleet.change(
-            lambda s: join_devices(s, [slot.join for slot in batch], now=now, reserved=self._reserved)
-        )
-        for slot, outcome in zip(batch, change.result, strict=True):
-            slot.error, slot.done = outcome, True
+        change = self._fleet.change(lambda s: join_devices(s, joins, now=now, reserved=self._reserved))
+        return change.result

@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -131,22 +132,26 @@ def usable_token(session: Session, token: str, now: datetime) -> ProvisioningTok
     return row
 
 
-def take_use(session: Session, row: ProvisioningToken, now: datetime) -> None:
-    """Spend one use, atomically: the UPDATE matches only while a use is left (and the token
-    is still valid), so concurrent joins cannot both spend the last one."""
+def take_uses(session: Session, row: ProvisioningToken, wanted: int, now: datetime) -> int:
+    """Spend up to ``wanted`` uses; how many were spent. One conditional UPDATE: it matches only
+    while that many uses are left and the token is still valid, so two joins (or batches, or
+    replicas) cannot both spend the last use."""
+    fresh = session.execute(select(ProvisioningToken.used).where(ProvisioningToken.id == row.id)).scalar_one()
+    granted = max(0, min(wanted, row.max_uses - fresh))
+    if granted == 0:
+        return 0
     result = session.execute(
         update(ProvisioningToken)
         .where(
             ProvisioningToken.id == row.id,
-            ProvisioningToken.used < ProvisioningToken.max_uses,
+            ProvisioningToken.used + granted <= ProvisioningToken.max_uses,
             ProvisioningToken.revoked.is_(False),
             ProvisioningToken.expires > now,
         )
-        .values(used=ProvisioningToken.used + 1)
+        .values(used=ProvisioningToken.used + granted)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise Forbidden(f"provisioning token {row.id} is used up ({row.max_uses} device(s) joined with it)")
+    return granted if result.rowcount == 1 else 0  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -161,64 +166,120 @@ def join_devices(
     session: Session, joins: Sequence[Join], *, now: datetime, reserved: str | None
 ) -> list[EdgepackError | None]:
     """Enrol each join that passes every check; per join, None or the refusal (recorded as a
-    ``device.join-refused`` event). Runs under the fleet lock, so nothing else enrols meanwhile."""
-    ids = {j.request.device_id for j in joins}
-    keys = {j.request.public_key for j in joins}
-    known_ids = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids)))}
-    known_keys = set(session.scalars(select(Device.public_key).where(Device.public_key.in_(keys))))
-    verifiers = {j.request.token_sha256 for j in joins}
-    taken_verifiers = set(session.scalars(select(Device.token_hash).where(Device.token_hash.in_(verifiers))))
-    tokens: dict[str, ProvisioningToken] = {}
-    outcomes: list[EdgepackError | None] = []
-    for join in joins:
-        request = join.request
-        try:
-            if request.device_id == reserved:
-                raise Conflict(
-                    f"device id {request.device_id!r} is the hub's broker user name; choose another id"
+    ``device.join-refused`` event). Runs under the fleet lock, so nothing else enrols meanwhile.
+
+    Two passes: every join is checked against the table (nothing written), then each token's
+    uses are spent for the joins that passed, in their order, with one conditional UPDATE per
+    token, and only then are the devices written.
+    """
+    with session.no_autoflush:  # one flush at the end, not one per join
+        known_ids = _devices_by_id(session, [j.request.device_id for j in joins])
+        known_keys = _present(session, Device.public_key, [j.request.public_key for j in joins])
+        taken = _present(session, Device.token_hash, [j.request.token_sha256 for j in joins])
+        tokens: dict[str, ProvisioningToken | EdgepackError] = {}
+        outcomes: list[EdgepackError | None] = []
+        passed: dict[str, list[int]] = {}
+        for number, join in enumerate(joins):
+            request = join.request
+            try:
+                problem = _conflict(request, reserved, known_ids.get(request.device_id), known_keys, taken)
+                if problem is not None:
+                    raise problem
+                if join.token not in tokens:
+                    try:
+                        tokens[join.token] = usable_token(session, join.token, now)
+                    except (Forbidden, Unauthorized) as exc:
+                        tokens[join.token] = exc
+                row = tokens[join.token]
+                if isinstance(row, EdgepackError):
+                    raise row
+                render_tags(row.tags or {}, request.device_id)
+            except (Conflict, Forbidden, Unauthorized, ConfigError) as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(None)
+            passed.setdefault(join.token, []).append(number)
+            # A later join of this batch with the same id, key or verifier is a repeat of this one.
+            known_ids[request.device_id] = Device(id=request.device_id, revoked=False)
+            known_keys.add(request.public_key)
+            taken.add(request.token_sha256)
+        for token, numbers in passed.items():
+            row = tokens[token]
+            assert isinstance(row, ProvisioningToken)
+            granted = take_uses(session, row, len(numbers), now)
+            for number in numbers[granted:]:
+                outcomes[number] = Forbidden(
+                    f"provisioning token {row.id} is used up ({row.max_uses} device(s) joined with it)"
                 )
-            if request.public_key in known_keys:
-                # The key joined before (this request replayed, or a device re-using its key).
-                raise Conflict(
-                    f"device key {request.public_key[:16]} has joined before; a join is not repeated "
-                    "(a device that lost its credentials makes a new key)"
-                )
-            if request.token_sha256 in taken_verifiers:
-                raise Conflict("the device's token verifier is already in use; make a new key and join again")
-            device = known_ids.get(request.device_id)
-            if device is not None and not device.revoked:
-                raise Conflict(
-                    f"device {request.device_id!r} is already enrolled; choose another id or revoke it first"
-                )
-            row = tokens.get(join.token) or usable_token(session, join.token, now)
-            tags = render_tags(row.tags or {}, request.device_id)
-            take_use(session, row, now)
-        except (Conflict, Forbidden, Unauthorized, ConfigError, NotFound) as exc:
-            outcomes.append(exc)
-            record_refusal(session, request.device_id, str(exc))
-            continue
-        tokens[join.token] = row
-        known_keys.add(request.public_key)
-        taken_verifiers.add(request.token_sha256)
-        if device is None:
-            device = Device(id=request.device_id)
-            session.add(device)
-        known_ids[request.device_id] = device
-        device.tags = tags
-        device.public_key = request.public_key
-        device.joined_with = row.id
-        device.token_hash = request.token_sha256
-        device.mqtt_password_hash = request.mqtt_password_hash
-        device.rabbitmq_password_hash = request.rabbitmq_password_hash
-        device.revoked = False
-        device.online = False
-        record_event(
-            session, "enrolled",
-            f"device {request.device_id} joined with token {row.id} ({format_selector(tags) or 'no tags'})",
-            device_id=request.device_id,
-        )  # fmt: skip
-        outcomes.append(None)
+        existing = _devices_by_id(session, [j.request.device_id for j in joins])
+        for join, outcome in zip(joins, outcomes, strict=True):
+            if outcome is not None:
+                record_refusal(session, join.request.device_id, str(outcome))
+                continue
+            row = tokens[join.token]
+            assert isinstance(row, ProvisioningToken)
+            _enrol(session, existing.get(join.request.device_id), join.request, row)
     return outcomes
+
+
+#: Values in one IN list (bounded, as bulk enrolment does).
+_CHUNK = 500
+
+
+def _devices_by_id(session: Session, ids: list[str]) -> dict[str, Device]:
+    out: dict[str, Device] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        out.update((d.id, d) for d in session.scalars(select(Device).where(Device.id.in_(chunk))))
+    return out
+
+
+def _present(session: Session, column: Any, values: list[str]) -> set[str]:
+    """Which of ``values`` a device already holds in ``column``."""
+    out: set[str] = set()
+    for start in range(0, len(values), _CHUNK):
+        out.update(session.scalars(select(column).where(column.in_(values[start : start + _CHUNK]))))
+    return out
+
+
+def _conflict(
+    request: JoinRequest, reserved: str | None, device: Device | None, keys: set[str], verifiers: set[str]
+) -> Conflict | None:
+    if request.device_id == reserved:
+        return Conflict(f"device id {request.device_id!r} is the hub's broker user name; choose another id")
+    if request.public_key in keys:
+        # The key joined before (this request replayed, or a device re-using its key).
+        return Conflict(
+            f"device key {request.public_key[:16]} has joined before; a join is not repeated "
+            "(a device that lost its credentials makes a new key)"
+        )
+    if request.token_sha256 in verifiers:
+        return Conflict("the device's token verifier is already in use; make a new key and join again")
+    if device is not None and not device.revoked:
+        return Conflict(
+            f"device {request.device_id!r} is already enrolled; choose another id or revoke it first"
+        )
+    return None
+
+
+def _enrol(session: Session, device: Device | None, request: JoinRequest, token: ProvisioningToken) -> None:
+    tags = render_tags(token.tags or {}, request.device_id)
+    if device is None:
+        device = Device(id=request.device_id)
+        session.add(device)
+    device.tags = tags
+    device.public_key = request.public_key
+    device.joined_with = token.id
+    device.token_hash = request.token_sha256
+    device.mqtt_password_hash = request.mqtt_password_hash
+    device.rabbitmq_password_hash = request.rabbitmq_password_hash
+    device.revoked = False
+    device.online = False
+    record_event(
+        session, "enrolled",
+        f"device {request.device_id} joined with token {token.id} ({format_selector(tags) or 'no tags'})",
+        device_id=request.device_id,
+    )  # fmt: skip
 
 
 def record_refusal(session: Session, device_id: str | None, why: str) -> None:

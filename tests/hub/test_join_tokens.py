@@ -21,8 +21,13 @@ DEVICES = 40
 
 def _join_all(hubs: list[RunningHub], token: str, keyid: str) -> list[int]:
     requests = [
-        make_join_request(generate_private_key(), device_id=f"edge-{n:03d}", hub_keyid=keyid,
-                          nonce=os.urandom(16).hex(), now=datetime.now(UTC))  # fmt: skip
+        make_join_request(
+            generate_private_key(),
+            device_id=f"edge-{n:03d}",
+            hub_keyid=keyid,
+            nonce=os.urandom(16).hex(),
+            now=datetime.now(UTC),
+        )
         for n in range(DEVICES)
     ]
 
@@ -69,7 +74,9 @@ def test_two_replicas_on_postgresql_never_spend_the_same_use_twice(hub: HubFacto
         ({"uses": 1, "expires_in_s": 600, "approval": True}, "approval"),
     ],
 )
-def test_a_token_out_of_bounds_is_refused_with_a_4xx(hub: HubFactory, body: dict[str, object], words: str) -> None:
+def test_a_token_out_of_bounds_is_refused_with_a_4xx(
+    hub: HubFactory, body: dict[str, object], words: str
+) -> None:
     with hub().client() as http:
         r = http.post("/api/v1/provisioning-tokens", json=body)
     assert r.status_code in (400, 422), r.text
