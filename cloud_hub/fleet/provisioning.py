@@ -155,6 +155,14 @@ def take_uses(session: Session, row: ProvisioningToken, wanted: int, now: dateti
 
 
 @dataclass(frozen=True)
+class Joined:
+    """What a device joined as: its tags and the token's id."""
+
+    tags: dict[str, str]
+    token_id: str
+
+
+@dataclass(frozen=True)
 class Join:
     """One verified request and the token it came with."""
 
@@ -164,8 +172,8 @@ class Join:
 
 def join_devices(
     session: Session, joins: Sequence[Join], *, now: datetime, reserved: str | None
-) -> list[EdgepackError | None]:
-    """Enrol each join that passes every check; per join, None or the refusal (recorded as a
+) -> list[Joined | EdgepackError]:
+    """Enrol each join that passes every check; per join, what it joined as or the refusal (recorded as a
     ``device.join-refused`` event). Runs under the fleet lock, so nothing else enrols meanwhile.
 
     Two passes: every join is checked against the table (nothing written), then each token's
@@ -212,14 +220,16 @@ def join_devices(
                     f"provisioning token {row.id} is used up ({row.max_uses} device(s) joined with it)"
                 )
         existing = _devices_by_id(session, [j.request.device_id for j in joins])
+        results: list[Joined | EdgepackError] = []
         for join, outcome in zip(joins, outcomes, strict=True):
             if outcome is not None:
                 record_refusal(session, join.request.device_id, str(outcome))
+                results.append(outcome)
                 continue
             row = tokens[join.token]
             assert isinstance(row, ProvisioningToken)
-            _enrol(session, existing.get(join.request.device_id), join.request, row)
-    return outcomes
+            results.append(_enrol(session, existing.get(join.request.device_id), join.request, row))
+    return results
 
 
 #: Values in one IN list (bounded, as bulk enrolment does).
@@ -262,7 +272,7 @@ def _conflict(
     return None
 
 
-def _enrol(session: Session, device: Device | None, request: JoinRequest, token: ProvisioningToken) -> None:
+def _enrol(session: Session, device: Device | None, request: JoinRequest, token: ProvisioningToken) -> Joined:
     tags = render_tags(token.tags or {}, request.device_id)
     if device is None:
         device = Device(id=request.device_id)
@@ -280,6 +290,7 @@ def _enrol(session: Session, device: Device | None, request: JoinRequest, token:
         f"device {request.device_id} joined with token {token.id} ({format_selector(tags) or 'no tags'})",
         device_id=request.device_id,
     )  # fmt: skip
+    return Joined(tags=tags, token_id=token.id)
 
 
 def record_refusal(session: Session, device_id: str | None, why: str) -> None:
