@@ -540,6 +540,7 @@ def join_point(n: int, shard_count: int, threads: int = 128) -> dict[str, Any]:
             "join_token_used": token_used,
             "join_device_keygen_s": round(max(keygen), 2),
             "join_refused": refused,
+            "join_throttled_429": sum(a[3] for a in answers),
             "join_batches": len(batches),
             "join_decide_s": round(sum(b[1] for b in batches), 2),
             "join_apply_s": round(sum(b[2] for b in batches), 2),

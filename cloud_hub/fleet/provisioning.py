@@ -187,8 +187,14 @@ def join_devices(
         tokens: dict[str, ProvisioningToken | EdgepackError] = {}
         outcomes: list[EdgepackError | None] = []
         passed: dict[str, list[int]] = {}
+        retried: dict[int, Joined] = {}
         for number, join in enumerate(joins):
             request = join.request
+            again = _answered_again(session, join, known_ids.get(request.device_id))
+            if again is not None:
+                outcomes.append(None)
+                retried[number] = again
+                continue
             try:
                 problem = _conflict(request, reserved, known_ids.get(request.device_id), known_keys, taken)
                 if problem is not None:
@@ -221,7 +227,10 @@ def join_devices(
                 )
         existing = _devices_by_id(session, [j.request.device_id for j in joins])
         results: list[Joined | EdgepackError] = []
-        for join, outcome in zip(joins, outcomes, strict=True):
+        for number, (join, outcome) in enumerate(zip(joins, outcomes, strict=True)):
+            if number in retried:
+                results.append(retried[number])
+                continue
             if outcome is not None:
                 record_refusal(session, join.request.device_id, str(outcome))
                 results.append(outcome)
@@ -252,6 +261,27 @@ def _present(session: Session, column: Any, values: list[str]) -> set[str]:
     return out
 
 
+def _answered_again(session: Session, join: Join, device: Device | None) -> Joined | None:
+    """What the device joined as, when ``join`` is a newer request of a device that joined
+    already (its answer was lost): the same id, key, verifier and token, signed later than the
+    request it joined with. Nothing is spent or changed but that time, so the earlier requests,
+    replayed, are still refused; an answer holds no secret."""
+    request = join.request
+    if (
+        device is None or device.revoked or device.public_key != request.public_key
+        or device.token_hash != request.token_sha256 or device.join_issued is None
+        or request.issued <= device.join_issued
+    ):  # fmt: skip
+        return None
+    token = session.scalar(
+        select(ProvisioningToken).where(ProvisioningToken.token_hash == provisioning_hash(join.token))
+    )
+    if token is None or token.id != device.joined_with:
+        return None
+    device.join_issued = request.issued
+    return Joined(tags=dict(device.tags or {}), token_id=token.id)
+
+
 def _conflict(
     request: JoinRequest, reserved: str | None, device: Device | None, keys: set[str], verifiers: set[str]
 ) -> Conflict | None:
@@ -280,6 +310,7 @@ def _enrol(session: Session, device: Device | None, request: JoinRequest, token:
     device.tags = tags
     device.public_key = request.public_key
     device.joined_with = token.id
+    device.join_issued = request.issued
     device.token_hash = request.token_sha256
     device.mqtt_password_hash = request.mqtt_password_hash
     device.rabbitmq_password_hash = request.rabbitmq_password_hash

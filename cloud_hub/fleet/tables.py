@@ -51,6 +51,9 @@ class Device(Base):
     public_key: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
     # The provisioning token it joined with (its public id), for 'device show' and audits.
     joined_with: Mapped[str | None] = mapped_column(String(16), default=None)
+    # When the request it joined with (or last asked again with) was made: a newer request of
+    # the same device is answered again, an older or equal one is a replay.
+    join_issued: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ProvisioningToken(Base):

@@ -11,13 +11,16 @@ never leave the device.
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from manifests.desired import RuntimeKind
@@ -27,7 +30,7 @@ from manifests.join import JoinAnswer, credentials_from_answer, derive_secrets, 
 from manifests.signing import generate_private_key, load_private_key, private_key_pem
 from packager.files import atomic_output
 from packager.sdk.device import save_credentials
-from packager.sdk.errors import BadArgument
+from packager.sdk.errors import BadArgument, raise_for_hub_error
 from packager.sdk.hub import Hub
 from packager.sdk.model import string_map
 from packager.sdk.targets import check_device_id
@@ -36,6 +39,10 @@ KEY_FILE = "device-key.pem"
 CREDENTIALS_FILE = "credentials.json"
 CONFIG_FILE = "agent.toml"
 MACHINE_ID = Path("/etc/machine-id")
+#: Joins refused 429 (the hub's join rate) are sent again this many times, waiting as the hub
+#: says (at most MAX_JOIN_WAIT_S, with jitter so a fleet does not come back in lockstep).
+MAX_JOIN_ATTEMPTS = 20
+MAX_JOIN_WAIT_S = 30.0
 _DURATION = re.compile(r"^(\d{1,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -141,15 +148,28 @@ def join(
     # The provisioning token goes with the join alone (it is no admin token).
     with Hub(url, None, ca=ca) as hub:
         hub_keyid = hub.transport.get("/api/v1/hub/key")["keyid"]
-        request = make_join_request(
-            key, device_id=device_id, hub_keyid=hub_keyid, nonce=os.urandom(16).hex(), now=datetime.now(UTC)
-        )
-        raw = hub.transport.request(
-            "POST",
-            "/api/v1/join",
-            content=request,
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        ).json()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        for attempt in range(1, MAX_JOIN_ATTEMPTS + 1):
+            # A new request each time (its own nonce and time): the hub refuses a request it
+            # has seen, and answers a newer one of a device that joined (a lost answer) again.
+            request = make_join_request(
+                key,
+                device_id=device_id,
+                hub_keyid=hub_keyid,
+                nonce=os.urandom(16).hex(),
+                now=datetime.now(UTC),
+            )
+            try:
+                response = hub.transport.http.post("/api/v1/join", content=request, headers=headers)
+            except httpx.TransportError as exc:
+                raise hub.transport.unreachable(exc) from None
+            if response.status_code != 429 or attempt == MAX_JOIN_ATTEMPTS:
+                break
+            # The hub bounds joins a second (a fleet booting at once): wait as it says.
+            wait = float(response.headers.get("retry-after", "1") or 1)
+            time.sleep(min(MAX_JOIN_WAIT_S, max(0.5, wait)) * (0.5 + random.random()))
+        raise_for_hub_error(response)
+        raw = response.json()
     try:
         answer = JoinAnswer.model_validate(raw)
     except ValidationError as exc:

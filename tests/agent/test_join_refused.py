@@ -182,3 +182,28 @@ def test_an_exhausted_revoked_expired_or_unknown_token_is_refused_and_leaves_not
         assert not _has_account(fleet, refused)
         assert any(refused in m for m in _refusals(fleet)), refused
     assert _has_account(fleet, "edge-t1")
+
+
+def test_a_device_whose_answer_was_lost_asks_again_and_its_old_request_stays_refused(fleet: Fleet) -> None:
+    token = _token(fleet, uses=1, site="berlin")
+    key = generate_private_key()
+    keyid = _hub_keyid(fleet)
+
+    def request(at: datetime) -> bytes:
+        return make_join_request(
+            key, device_id="edge-a1", hub_keyid=keyid, nonce=os.urandom(16).hex(), now=at
+        )
+
+    first = request(datetime.now(UTC) - timedelta(seconds=2))
+    assert _join(fleet, first, token["token"]).status_code == 201  # ... and the answer never arrived
+    # The device asks again with a new request signed by its key: the same answer, no use spent
+    # (the token had one), nothing enrolled twice.
+    again = _join(fleet, request(datetime.now(UTC)), token["token"])
+    assert again.status_code == 201, again.text
+    assert again.json()["device_id"] == "edge-a1" and again.json()["tags"] == {"site": "berlin"}
+    assert _device_ids(fleet) == ["edge-a1"]
+    # The requests it sent before are replays now; so is a newer one by another key.
+    assert _join(fleet, first, token["token"]).status_code == 409
+    other = make_join_request(generate_private_key(), device_id="edge-a1", hub_keyid=keyid,
+                              nonce=os.urandom(16).hex(), now=datetime.now(UTC))  # fmt: skip
+    assert _join(fleet, other, token["token"]).status_code in (403, 409)

@@ -30,12 +30,14 @@ def upgrade() -> None:
     with op.batch_alter_table("devices") as batch:
         batch.add_column(sa.Column("public_key", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("joined_with", sa.String(length=16), nullable=True))
+        batch.add_column(sa.Column("join_issued", sa.DateTime(timezone=True), nullable=True))
         batch.create_unique_constraint("uq_devices_public_key", ["public_key"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("devices") as batch:
         batch.drop_constraint("uq_devices_public_key", type_="unique")
+        batch.drop_column("join_issued")
         batch.drop_column("joined_with")
         batch.drop_column("public_key")
     op.drop_table("provisioning_tokens")
