@@ -117,8 +117,8 @@ async def join(hub: Hub, request: Request) -> JoinAnswer:
     """Enrol the device that signed the request body, with the provisioning token it sent."""
     joins = hub.joins
     assert joins is not None
-    # The body (at most 16 KiB, see body_limit) is read before a refusal: answering with it
-    # unread would make the connection end with a reset instead of the 429.
+    # The body is at most 16 KiB (body_limit); read it whole before any refusal, so the
+    # connection is left clean for the device's next request.
     body = await request.body()
     joins.admit()
     token = bearer_token(request)

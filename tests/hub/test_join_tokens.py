@@ -91,3 +91,26 @@ def test_a_token_is_shown_once_and_kept_only_as_its_hash(hub: HubFactory) -> Non
     assert made["token"].startswith("ep_join_")
     assert "token" not in listed[0]
     assert not any(made["token"].encode() in p.read_bytes() for p in h.data_dir.rglob("*") if p.is_file())
+
+
+def test_joins_beyond_the_rate_bound_are_answered_429_with_retry_after(hub: HubFactory) -> None:
+    h = hub(join_per_s=0.01, join_burst=2)
+    with h.client() as http:
+        made = http.post("/api/v1/provisioning-tokens", json={"uses": 10, "expires_in_s": 600}).json()
+        keyid = http.get("/api/v1/hub/key").json()["keyid"]
+    statuses = []
+    with httpx.Client(base_url=h.url, timeout=30) as http:
+        for n in range(4):
+            body = make_join_request(
+                generate_private_key(), device_id=f"edge-{n}", hub_keyid=keyid,
+                nonce=os.urandom(16).hex(), now=datetime.now(UTC),
+            )  # fmt: skip
+            # One keep-alive connection throughout: a refusal must not cost it (a reset).
+            r = http.post("/api/v1/join", content=body, headers={"Authorization": f"Bearer {made['token']}"})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert float(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["type"] == "Throttled"
+    assert statuses == [201, 201, 429, 429]
+    with h.client() as http:
+        assert len(http.get("/api/v1/devices").json()["devices"]) == 2
