@@ -142,5 +142,11 @@ class JoinQueue:
 
     def _commit(self, joins: list[Join]) -> list[Joined | EdgepackError]:
         now = utcnow()
-        change = self._fleet.change(lambda s: join_devices(s, joins, now=now, reserved=self._reserved))
+        # A join can move no device but its own: only the joined devices are planned.
+        change = self._fleet.change_devices(
+            lambda s: join_devices(s, joins, now=now, reserved=self._reserved),
+            lambda results: [
+                j.request.device_id for j, r in zip(joins, results, strict=True) if isinstance(r, Joined)
+            ],
+        )
         return change.result
