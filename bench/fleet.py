@@ -485,7 +485,7 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
         }
 
 
-def join_point(n: int, shard_count: int, threads: int = 128) -> dict[str, Any]:
+def join_point(n: int, shard_count: int, threads: int = 256) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"edgepack-join-{n}-"))
     pub = root / "publisher.pub"
     pub.write_bytes(public_key_pem(generate_private_key().public_key()))

@@ -14,6 +14,7 @@ from cloud_hub.fleet.provisioning import MAX_TOKEN_USES
 from manifests.join import make_join_request
 from manifests.signing import generate_private_key
 from tests.hub.conftest import HubFactory, RunningHub
+from tests.hub.test_serving_bounds import _answer_to_head, _head
 
 USES = 7
 DEVICES = 40
@@ -114,3 +115,11 @@ def test_joins_beyond_the_rate_bound_are_answered_429_with_retry_after(hub: HubF
     assert statuses == [201, 201, 429, 429]
     with h.client() as http:
         assert len(http.get("/api/v1/devices").json()["devices"]) == 2
+
+
+def test_a_join_body_larger_than_a_join_request_is_refused_before_it_is_read(hub: HubFactory) -> None:
+    # The join takes a body from anyone holding a token-shaped header: only a small one.
+    h = hub()
+    head = _head("/api/v1/join", 1_000_000, "Authorization: Bearer ep_join_" + "A" * 43)
+    answer = _answer_to_head(h.url, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
