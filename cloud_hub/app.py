@@ -62,6 +62,7 @@ def create_app(
     app.include_router(fleet.router)
     app.include_router(join.router)
     app.include_router(join.admin)
+    app.include_router(join.pending)
     app.include_router(dashboard.router)
     app.include_router(endpoint_certs.router)
     app.include_router(alerts.router)

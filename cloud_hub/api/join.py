@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import re
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_hub.api.deps import Admin, Core, Hub, bearer_token
+from cloud_hub.api.deps import Admin, Core, Fleet, Hub, bearer_token
 from cloud_hub.core import HubCore
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Unauthorized
@@ -26,9 +28,13 @@ from cloud_hub.fleet.provisioning import (
     MAX_TOKEN_USES,
     Join,
     Joined,
+    Pending,
+    approve_join,
     create_token,
+    list_pending,
     list_tokens,
     record_refusal,
+    reject_join,
     revoke_token,
 )
 from cloud_hub.fleet.tables import ProvisioningToken
@@ -49,6 +55,14 @@ class TokenCreate(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict, description="given to each device; '{id}' is its id")
     uses: int = Field(ge=1, le=MAX_TOKEN_USES, description="devices that may join with it")
     expires_in_s: int = Field(ge=60, le=MAX_TOKEN_LIFETIME_S)
+    approval: bool = Field(default=False, description="joins wait for 'edgepack device approve'")
+
+
+class PendingOut(BaseModel):
+    device_id: str
+    token_id: str
+    rejected: bool
+    asked_at: datetime
 
 
 class TokenOut(BaseModel):
@@ -58,6 +72,7 @@ class TokenOut(BaseModel):
     used: int
     expires: datetime
     revoked: bool
+    approval: bool
     created_at: datetime
 
 
@@ -68,14 +83,17 @@ class TokenCreated(TokenOut):
 def _token_out(row: ProvisioningToken) -> TokenOut:
     return TokenOut(
         id=row.id, tags=dict(row.tags or {}), uses=row.max_uses, used=row.used, expires=row.expires,
-        revoked=row.revoked, created_at=row.created_at,
+        revoked=row.revoked, approval=row.approval, created_at=row.created_at,
     )  # fmt: skip
 
 
 @admin.post("", status_code=201, response_model=TokenCreated)
 def make_token(core: Core, body: TokenCreate) -> TokenCreated:
     with core.sessions.begin() as s:
-        new = create_token(s, tags=body.tags, max_uses=body.uses, lifetime_s=body.expires_in_s, now=utcnow())
+        new = create_token(
+            s, tags=body.tags, max_uses=body.uses, lifetime_s=body.expires_in_s, now=utcnow(),
+            approval=body.approval,
+        )  # fmt: skip
         out = _token_out(new.row)
     return TokenCreated(**out.model_dump(), token=new.token)
 
@@ -91,6 +109,33 @@ def revoke(core: Core, token_id: str) -> TokenOut:
     """No device joins with it from now on; devices that joined with it keep their credentials."""
     with core.sessions.begin() as s:
         return _token_out(revoke_token(s, token_id))
+
+
+pending = APIRouter(prefix="/api/v1/joins/pending", dependencies=[Admin], tags=["enrolment"])
+
+
+@pending.get("")
+def show_pending(core: Core) -> dict[str, list[PendingOut]]:
+    """Joins of approval tokens waiting for the admin (and those rejected)."""
+    with core.sessions.begin() as s:
+        rows = list_pending(s)
+        return {"pending": [PendingOut(device_id=p.device_id, token_id=p.token_id, rejected=p.rejected,
+                                       asked_at=p.created_at) for p in rows]}  # fmt: skip
+
+
+@pending.post("/{device_id}/approve")
+def approve(fleet: Fleet, device_id: str) -> dict[str, Any]:
+    """Enrol the waiting device: its desired state and broker account are made now."""
+    change = fleet.change_devices(lambda s: approve_join(s, device_id), lambda _joined: [device_id])
+    return {"device_id": device_id, "tags": change.result.tags, "issued": dict(change.issued)}
+
+
+@pending.post("/{device_id}/reject")
+def reject(core: Core, device_id: str) -> dict[str, Any]:
+    """Refuse the waiting join; the device hears it when it asks again."""
+    with core.sessions.begin() as s:
+        reject_join(s, device_id)
+    return {"device_id": device_id, "rejected": True}
 
 
 def _answer(core: HubCore, request: JoinRequest, joined: Joined, ca: str | None) -> JoinAnswer:
@@ -112,8 +157,13 @@ def _answer(core: HubCore, request: JoinRequest, joined: Joined, ca: str | None)
     )
 
 
-@router.post("/api/v1/join", status_code=201, response_model=JoinAnswer)
-async def join(hub: Hub, request: Request) -> JoinAnswer:
+@router.post(
+    "/api/v1/join",
+    status_code=201,
+    response_model=JoinAnswer,
+    responses={202: {"description": "waiting for the admin's approval; ask again later"}},
+)
+async def join(hub: Hub, request: Request) -> JoinAnswer | JSONResponse:
     """Enrol the device that signed the request body, with the provisioning token it sent."""
     joins = hub.joins
     assert joins is not None
@@ -136,6 +186,10 @@ async def join(hub: Hub, request: Request) -> JoinAnswer:
         raise
     # Waiting for the batch holds no thread of the server's pool.
     joined = await asyncio.wrap_future(joins.submit(Join(verified, token)))
+    if isinstance(joined, Pending):
+        # Accepted, not enrolled: the device asks again (a newer request) until approved.
+        body_out = {"pending": True, "device_id": joined.device_id, "token_id": joined.token_id}
+        return JSONResponse(body_out, status_code=202)
     # The CA file is small and read from the page cache: no thread hop for it.
     return _answer(core, verified, joined, ca_pem(core.settings))
 

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.errors import Throttled
 from cloud_hub.fleet.changes import FleetChanges
-from cloud_hub.fleet.provisioning import Join, Joined, join_devices, record_refusal
+from cloud_hub.fleet.provisioning import Join, Joined, Pending, join_devices, record_refusal
 from manifests.errors import EdgepackError, HubUnavailable
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class JoinQueue:
         self._max_batch = max_batch
         self._bucket = TokenBucket(rate_per_s, burst)
         self._cond = threading.Condition()
-        self._pending: list[tuple[Join, Future[Joined]]] = []
+        self._pending: list[tuple[Join, Future[Joined | Pending]]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -82,10 +82,10 @@ class JoinQueue:
                 f"too many joins at once; try again in {wait:.1f} s", retry_after_s=max(1.0, wait)
             )
 
-    def submit(self, join: Join) -> Future[Joined]:
+    def submit(self, join: Join) -> Future[Joined | Pending]:
         """A future that ends when the device of ``join`` is enrolled (committed, broker
         accounts written), or with the refusal."""
-        future: Future[Joined] = Future()
+        future: Future[Joined | Pending] = Future()
         with self._cond:
             if self._stopping:
                 raise HubUnavailable("the hub is stopping; join again in a moment")
@@ -120,7 +120,7 @@ class JoinQueue:
                     if not future.done():
                         future.set_exception(exc)
 
-    def _run(self, batch: list[tuple[Join, Future[Joined]]]) -> None:
+    def _run(self, batch: list[tuple[Join, Future[Joined | Pending]]]) -> None:
         try:
             outcomes = self._commit([join for join, _ in batch])
         except Exception as exc:
@@ -135,12 +135,12 @@ class JoinQueue:
             future.set_exception(exc)
             return
         for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, Joined):
+            if isinstance(outcome, Joined | Pending):
                 future.set_result(outcome)
             else:
                 future.set_exception(outcome)
 
-    def _commit(self, joins: list[Join]) -> list[Joined | EdgepackError]:
+    def _commit(self, joins: list[Join]) -> list[Joined | Pending | EdgepackError]:
         now = utcnow()
         # A join can move no device but its own: only the joined devices are planned.
         change = self._fleet.change_devices(

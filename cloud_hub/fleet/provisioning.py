@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from cloud_hub.errors import Conflict, Forbidden, NotFound, Unauthorized
 from cloud_hub.events import record_event
-from cloud_hub.fleet.tables import Device, ProvisioningToken
+from cloud_hub.fleet.tables import Device, PendingJoin, ProvisioningToken
 from cloud_hub.fleet.targeting import check_tags, format_selector
 from manifests.errors import ConfigError, EdgepackError
 from manifests.join import PROVISIONING_TOKEN_PREFIX, JoinRequest
@@ -40,6 +40,9 @@ MAX_TOKENS = 1000
 #: The placeholder a token's tag value may hold: the joining device's id.
 ID_PLACEHOLDER = "{id}"
 JOIN_REFUSED = "device.join-refused"
+#: Waiting joins one listing shows (each spent a use of an approval token, so they are bounded
+#: by the tokens' uses too).
+MAX_PENDING_LISTED = 1000
 
 
 def provisioning_hash(token: str) -> str:
@@ -65,7 +68,13 @@ class NewToken:
 
 
 def create_token(
-    session: Session, *, tags: Mapping[str, str], max_uses: int, lifetime_s: float, now: datetime
+    session: Session,
+    *,
+    tags: Mapping[str, str],
+    max_uses: int,
+    lifetime_s: float,
+    now: datetime,
+    approval: bool = False,
 ) -> NewToken:
     if not 1 <= max_uses <= MAX_TOKEN_USES:
         raise ConfigError(f"uses must be from 1 to {MAX_TOKEN_USES}, got {max_uses}")
@@ -79,7 +88,7 @@ def create_token(
     token = PROVISIONING_TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ProvisioningToken(
         id=secrets.token_hex(6), token_hash=provisioning_hash(token), tags=template, max_uses=max_uses,
-        used=0, expires=now + timedelta(seconds=lifetime_s), revoked=False, created_at=now,
+        used=0, expires=now + timedelta(seconds=lifetime_s), revoked=False, approval=approval, created_at=now,
     )  # fmt: skip
     session.add(row)
     record_event(
@@ -163,6 +172,14 @@ class Joined:
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A join waiting for the admin's approval (no device yet)."""
+
+    device_id: str
+    token_id: str
+
+
+@dataclass(frozen=True)
 class Join:
     """One verified request and the token it came with."""
 
@@ -172,7 +189,7 @@ class Join:
 
 def join_devices(
     session: Session, joins: Sequence[Join], *, now: datetime, reserved: str | None
-) -> list[Joined | EdgepackError]:
+) -> list[Joined | Pending | EdgepackError]:
     """Enrol each join that passes every check; per join, what it joined as or the refusal (recorded as a
     ``device.join-refused`` event). Runs under the fleet lock, so nothing else enrols meanwhile.
 
@@ -184,13 +201,21 @@ def join_devices(
         known_ids = _devices_by_id(session, [j.request.device_id for j in joins])
         known_keys = _present(session, Device.public_key, [j.request.public_key for j in joins])
         taken = _present(session, Device.token_hash, [j.request.token_sha256 for j in joins])
+        waiting = _pending_by_id(session, [j.request.device_id for j in joins])
+        # A key or verifier waiting for approval is taken as well.
+        known_keys |= _present(session, PendingJoin.public_key, [j.request.public_key for j in joins])
+        taken |= _present(session, PendingJoin.token_hash, [j.request.token_sha256 for j in joins])
         tokens: dict[str, ProvisioningToken | EdgepackError] = {}
         outcomes: list[EdgepackError | None] = []
         passed: dict[str, list[int]] = {}
-        retried: dict[int, Joined] = {}
+        retried: dict[int, Joined | Pending | EdgepackError] = {}
         for number, join in enumerate(joins):
             request = join.request
-            again = _answered_again(session, join, known_ids.get(request.device_id))
+            again: Joined | Pending | EdgepackError | None = None
+            if request.device_id in waiting:
+                again = _still_waiting(waiting[request.device_id], request)
+            else:
+                again = _answered_again(session, join, known_ids.get(request.device_id))
             if again is not None:
                 outcomes.append(None)
                 retried[number] = again
@@ -226,10 +251,13 @@ def join_devices(
                     f"provisioning token {row.id} is used up ({row.max_uses} device(s) joined with it)"
                 )
         existing = _devices_by_id(session, [j.request.device_id for j in joins])
-        results: list[Joined | EdgepackError] = []
+        results: list[Joined | Pending | EdgepackError] = []
         for number, (join, outcome) in enumerate(zip(joins, outcomes, strict=True)):
             if number in retried:
-                results.append(retried[number])
+                kept = retried[number]
+                if isinstance(kept, EdgepackError):
+                    record_refusal(session, join.request.device_id, str(kept))
+                results.append(kept)
                 continue
             if outcome is not None:
                 record_refusal(session, join.request.device_id, str(outcome))
@@ -237,7 +265,11 @@ def join_devices(
                 continue
             row = tokens[join.token]
             assert isinstance(row, ProvisioningToken)
-            results.append(_enrol(session, existing.get(join.request.device_id), join.request, row))
+            if row.approval:
+                results.append(_wait_for_approval(session, join.request, row))
+            else:
+                device = existing.get(join.request.device_id)
+                results.append(_enrol(session, device, _Verifiers.of(join.request), row.id, row.tags or {}))
     return results
 
 
@@ -259,6 +291,81 @@ def _present(session: Session, column: Any, values: list[str]) -> set[str]:
     for start in range(0, len(values), _CHUNK):
         out.update(session.scalars(select(column).where(column.in_(values[start : start + _CHUNK]))))
     return out
+
+
+def _pending_by_id(session: Session, ids: list[str]) -> dict[str, PendingJoin]:
+    out: dict[str, PendingJoin] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        out.update(
+            (p.device_id, p)
+            for p in session.scalars(select(PendingJoin).where(PendingJoin.device_id.in_(chunk)))
+        )
+    return out
+
+
+def _still_waiting(pending: PendingJoin, request: JoinRequest) -> Pending | EdgepackError:
+    """A device asking again while its join waits: the same key and verifier, a newer request."""
+    if (
+        pending.public_key != request.public_key or pending.token_hash != request.token_sha256
+        or request.issued <= pending.issued
+    ):  # fmt: skip
+        return Conflict(
+            f"device {request.device_id!r} has a join waiting for approval already "
+            "(with another key, or a newer request)"
+        )
+    if pending.rejected:
+        return Forbidden(f"the admin rejected the join of device {request.device_id!r}")
+    pending.issued = request.issued
+    return Pending(device_id=pending.device_id, token_id=pending.token_id)
+
+
+def _wait_for_approval(session: Session, request: JoinRequest, token: ProvisioningToken) -> Pending:
+    session.add(
+        PendingJoin(
+            device_id=request.device_id, token_id=token.id, public_key=request.public_key,
+            token_hash=request.token_sha256, mqtt_password_hash=request.mqtt_password_hash,
+            rabbitmq_password_hash=request.rabbitmq_password_hash, issued=request.issued, rejected=False,
+        )
+    )  # fmt: skip
+    record_event(
+        session, "join-pending",
+        f"device {request.device_id} asks to join with token {token.id}; "
+        f"'edgepack device approve {request.device_id}' lets it",
+    )  # fmt: skip
+    return Pending(device_id=request.device_id, token_id=token.id)
+
+
+def list_pending(session: Session) -> list[PendingJoin]:
+    return list(
+        session.scalars(select(PendingJoin).order_by(PendingJoin.created_at).limit(MAX_PENDING_LISTED))
+    )
+
+
+def approve_join(session: Session, device_id: str) -> Joined:
+    """Enrol the device whose join waits (its verifiers as it sent them)."""
+    pending = session.get(PendingJoin, device_id)
+    if pending is None or pending.rejected:
+        raise NotFound(f"no join of device {device_id!r} waits for approval; see 'edgepack device pending'")
+    token = session.get(ProvisioningToken, pending.token_id)
+    device = session.get(Device, device_id)
+    if device is not None and not device.revoked:
+        raise Conflict(f"device {device_id!r} is enrolled already; reject this join")
+    session.delete(pending)
+    # The token's tags as they are now (a token deleted meanwhile: none).
+    template = dict(token.tags or {}) if token is not None else {}
+    return _enrol(session, device, _Verifiers.of(pending), pending.token_id, template)
+
+
+def reject_join(session: Session, device_id: str) -> PendingJoin:
+    """Refuse the waiting join; the device is told so when it asks again."""
+    pending = session.get(PendingJoin, device_id)
+    if pending is None:
+        raise NotFound(f"no join of device {device_id!r} waits for approval; see 'edgepack device pending'")
+    if not pending.rejected:
+        pending.rejected = True
+        record_refusal(session, device_id, "the admin rejected it")
+    return pending
 
 
 def _answered_again(session: Session, join: Join, device: Device | None) -> Joined | None:
@@ -302,26 +409,45 @@ def _conflict(
     return None
 
 
-def _enrol(session: Session, device: Device | None, request: JoinRequest, token: ProvisioningToken) -> Joined:
-    tags = render_tags(token.tags or {}, request.device_id)
+@dataclass(frozen=True)
+class _Verifiers:
+    """What a device sent of itself: its key and the verifiers of its secrets."""
+
+    device_id: str
+    public_key: str
+    token_sha256: str
+    mqtt_password_hash: str
+    rabbitmq_password_hash: str
+    issued: datetime
+
+    @classmethod
+    def of(cls, r: JoinRequest | PendingJoin) -> _Verifiers:
+        token = r.token_sha256 if isinstance(r, JoinRequest) else r.token_hash
+        return cls(r.device_id, r.public_key, token, r.mqtt_password_hash, r.rabbitmq_password_hash, r.issued)
+
+
+def _enrol(
+    session: Session, device: Device | None, sent: _Verifiers, token_id: str, template: Mapping[str, str]
+) -> Joined:
+    tags = render_tags(template, sent.device_id)
     if device is None:
-        device = Device(id=request.device_id)
+        device = Device(id=sent.device_id)
         session.add(device)
     device.tags = tags
-    device.public_key = request.public_key
-    device.joined_with = token.id
-    device.join_issued = request.issued
-    device.token_hash = request.token_sha256
-    device.mqtt_password_hash = request.mqtt_password_hash
-    device.rabbitmq_password_hash = request.rabbitmq_password_hash
+    device.public_key = sent.public_key
+    device.joined_with = token_id
+    device.join_issued = sent.issued
+    device.token_hash = sent.token_sha256
+    device.mqtt_password_hash = sent.mqtt_password_hash
+    device.rabbitmq_password_hash = sent.rabbitmq_password_hash
     device.revoked = False
     device.online = False
     record_event(
         session, "enrolled",
-        f"device {request.device_id} joined with token {token.id} ({format_selector(tags) or 'no tags'})",
-        device_id=request.device_id,
+        f"device {sent.device_id} joined with token {token_id} ({format_selector(tags) or 'no tags'})",
+        device_id=sent.device_id,
     )  # fmt: skip
-    return Joined(tags=tags, token_id=token.id)
+    return Joined(tags=tags, token_id=token_id)
 
 
 def record_refusal(session: Session, device_id: str | None, why: str) -> None:

@@ -73,6 +73,25 @@ class ProvisioningToken(Base):
     used: Mapped[int] = mapped_column(Integer, default=0)
     expires: Mapped[datetime] = mapped_column()
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Joins with it wait in pending_joins until an admin approves them (each spends a use).
+    approval: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PendingJoin(Base):
+    """A verified join of a token that needs approval: the device's verifiers, not yet a device
+    (no device row, no broker account). A rejected one stays, so the device is told so."""
+
+    __tablename__ = "pending_joins"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(16))
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    mqtt_password_hash: Mapped[str] = mapped_column(String(255))
+    rabbitmq_password_hash: Mapped[str] = mapped_column(String(255))
+    issued: Mapped[datetime] = mapped_column()
+    rejected: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -303,11 +303,14 @@ def join_cmd(
     runtime: Annotated[
         list[RuntimeKind] | None, typer.Option("--runtime", help="docker or process; repeatable")
     ] = None,
+    wait: Annotated[
+        float, typer.Option("--wait", min=0, max=86400, help="seconds to wait for an admin's approval")
+    ] = 600,
 ) -> None:
     """Enrol this device by itself: make its own key, send the hub only a signed request, and
     write its credentials and agent.toml into --state (the key never leaves the device)."""
     device_id = device_id_from(id_from)
-    joined = join_hub(url, token, device_id=device_id, folder=state, ca=ca, runtimes=runtime)
+    joined = join_hub(url, token, device_id=device_id, folder=state, ca=ca, runtimes=runtime, wait_s=wait)
     tags = ", ".join(f"{k}={v}" for k, v in sorted(joined.tags.items())) or "no tags"
     console.print(
         safe_text(

@@ -706,6 +706,9 @@ def token_create_cmd(
     ] = None,
     uses: Annotated[int, typer.Option("--uses", help="devices that may join with it")] = 1,
     expires: Annotated[str, typer.Option("--expires", help="lifetime: 90m, 12h, 7d ...")] = "7d",
+    approval: Annotated[
+        bool, typer.Option("--approval", help="each join waits for 'edgepack device approve ID'")
+    ] = False,
     hub: HubOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -714,7 +717,9 @@ def token_create_cmd(
     tags = parse_pairs([p for t in tag or [] for p in t.split(",") if p], "tag")
     with connect(hub, token) as connected:
         lifetime = parse_duration(expires)
-        made = ProvisioningTokens(connected).create(tags=tags, uses=uses, expires_in_s=lifetime)
+        made = ProvisioningTokens(connected).create(
+            tags=tags, uses=uses, expires_in_s=lifetime, approval=approval
+        )
     if as_json:
         print_json(vars(made))
         return
@@ -754,3 +759,44 @@ def token_revoke_cmd(
     console.print(
         f"provisioning token {revoked.id} revoked ({revoked.used} device(s) joined with it)", highlight=False
     )
+
+
+@device_app.command("pending")
+def pending_cmd(hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
+    """Devices whose join waits for approval (tokens made with --approval), and those rejected."""
+    with connect(hub, token) as connected:
+        waiting = ProvisioningTokens(connected).pending()
+    if as_json:
+        print_json({"pending": waiting})
+        return
+    table = Table("device", "token", "asked at", "state")
+    for p in waiting:
+        state = "rejected" if p["rejected"] else "waiting"
+        table.add_row(*(safe_text(str(c)) for c in (p["device_id"], p["token_id"], p["asked_at"], state)))
+    console.print(table)
+
+
+@device_app.command("approve")
+def approve_cmd(
+    device_id: str, hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Enrol a device whose join waits: it gets its credentials the next time it asks."""
+    with connect(hub, token) as connected:
+        done = ProvisioningTokens(connected).approve(device_id)
+    if as_json:
+        print_json(done)
+        return
+    console.print(safe_text(f"device {device_id} approved ({tags_text(done['tags'])})"), highlight=False)
+
+
+@device_app.command("reject")
+def reject_cmd(
+    device_id: str, hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Refuse a device's waiting join; it is told so the next time it asks."""
+    with connect(hub, token) as connected:
+        done = ProvisioningTokens(connected).reject(device_id)
+    if as_json:
+        print_json(done)
+        return
+    console.print(safe_text(f"the join of device {device_id} was rejected"), highlight=False)

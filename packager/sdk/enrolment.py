@@ -10,6 +10,7 @@ never leave the device.
 
 from __future__ import annotations
 
+import builtins
 import os
 import random
 import re
@@ -43,6 +44,8 @@ MACHINE_ID = Path("/etc/machine-id")
 #: says (at most MAX_JOIN_WAIT_S, with jitter so a fleet does not come back in lockstep).
 MAX_JOIN_ATTEMPTS = 20
 MAX_JOIN_WAIT_S = 30.0
+#: How often a join waiting for approval asks again (with jitter).
+APPROVAL_POLL_S = 5.0
 _DURATION = re.compile(r"^(\d{1,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -63,13 +66,14 @@ class ProvisioningToken:
     used: int
     expires: str
     revoked: bool
+    approval: bool = False
     token: str | None = None  # only in the answer that made it
 
     @classmethod
     def of(cls, raw: dict[str, Any]) -> ProvisioningToken:
         return cls(
             id=raw["id"], tags=dict(raw["tags"]), uses=raw["uses"], used=raw["used"], expires=raw["expires"],
-            revoked=raw["revoked"], token=raw.get("token"),
+            revoked=raw["revoked"], approval=bool(raw.get("approval")), token=raw.get("token"),
         )  # fmt: skip
 
 
@@ -80,10 +84,12 @@ class ProvisioningTokens:
         self.workspace = workspace
 
     def create(
-        self, *, tags: dict[str, str] | None = None, uses: int, expires_in_s: int
+        self, *, tags: dict[str, str] | None = None, uses: int, expires_in_s: int, approval: bool = False
     ) -> ProvisioningToken:
-        """A new token (its secret in ``.token``, shown this once)."""
+        """A new token (its secret in ``.token``, shown this once); with ``approval`` each join
+        waits for :meth:`approve`."""
         body = {"tags": string_map(tags, "tags"), "uses": uses, "expires_in_s": expires_in_s}
+        body["approval"] = approval
         return ProvisioningToken.of(
             self.workspace.transport.send("POST", "/api/v1/provisioning-tokens", body)
         )
@@ -91,6 +97,16 @@ class ProvisioningTokens:
     def list(self) -> list[ProvisioningToken]:
         answer = self.workspace.transport.get("/api/v1/provisioning-tokens")
         return [ProvisioningToken.of(t) for t in answer["tokens"]]
+
+    def pending(self) -> builtins.list[dict[str, Any]]:
+        """Joins waiting for approval (and those rejected): device_id, token_id, rejected, asked_at."""
+        return list(self.workspace.transport.get("/api/v1/joins/pending")["pending"])
+
+    def approve(self, device_id: str) -> dict[str, Any]:
+        return dict(self.workspace.transport.send("POST", f"/api/v1/joins/pending/{device_id}/approve"))
+
+    def reject(self, device_id: str) -> dict[str, Any]:
+        return dict(self.workspace.transport.send("POST", f"/api/v1/joins/pending/{device_id}/reject"))
 
     def revoke(self, token_id: str) -> ProvisioningToken:
         path = f"/api/v1/provisioning-tokens/{token_id}/revoke"
@@ -125,6 +141,7 @@ class Joined:
 def join(
     url: str, token: str, *, device_id: str, folder: Path, ca: str | Path | None = None,
     runtimes: list[RuntimeKind] | None = None,
+    wait_s: float = 600.0,
 ) -> Joined:  # fmt: skip
     """Join the hub at ``url`` with provisioning token ``token`` as ``device_id``; the device's
     key, credentials and ``agent.toml`` go into ``folder`` (made 0700)."""
@@ -149,7 +166,10 @@ def join(
     with Hub(url, None, ca=ca) as hub:
         hub_keyid = hub.transport.get("/api/v1/hub/key")["keyid"]
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-        for attempt in range(1, MAX_JOIN_ATTEMPTS + 1):
+        asked = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             # A new request each time (its own nonce and time): the hub refuses a request it
             # has seen, and answers a newer one of a device that joined (a lost answer) again.
             request = make_join_request(
@@ -163,6 +183,15 @@ def join(
                 response = hub.transport.http.post("/api/v1/join", content=request, headers=headers)
             except httpx.TransportError as exc:
                 raise hub.transport.unreachable(exc) from None
+            if response.status_code == 202:
+                # Waiting for the admin's approval: ask again (a newer request) until then.
+                if time.monotonic() - asked > wait_s:
+                    raise HubUnavailable(
+                        f"the join of {device_id} waits for the admin's approval ('edgepack device approve "
+                        f"{device_id}'); run this again once approved"
+                    )
+                time.sleep(APPROVAL_POLL_S * (0.5 + random.random()))
+                continue
             if response.status_code != 429 or attempt == MAX_JOIN_ATTEMPTS:
                 break
             # The hub bounds joins a second (a fleet booting at once): wait as it says.

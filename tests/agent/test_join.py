@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from manifests.device import parse_agent_config, render_agent_config
-from tests.agent.conftest import Agent, Fleet, free_port, score
+from tests.agent.conftest import Agent, Fleet, free_port, score, wait_for
 from tests.hub.test_fleet_cli import EDGEPACK, env_for
 
 
@@ -76,3 +76,34 @@ def test_a_device_joins_with_a_token_and_goes_healthy_and_its_secrets_never_reac
                  "--id-from", "edge-j1", "--state", str(folder))  # fmt: skip
     assert again.returncode != 0 and "has joined already" in again.stderr
     assert os.path.exists(folder / "credentials.json")
+
+
+def test_a_device_joining_with_an_approval_token_waits_until_the_admin_approves(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    home = tmp_path / "admin"
+    made = _cli(fleet, home, "device", "token", "create", "--approval", "--uses", "2", "--json")
+    assert made.returncode == 0, made.stderr
+    folder = tmp_path / "device"
+    joining = subprocess.Popen(
+        [EDGEPACK, "agent", "join", fleet.hub.url, "--token", json.loads(made.stdout)["token"],
+         "--id-from", "edge-w1", "--state", str(folder), "--wait", "120"],
+        env=env_for(tmp_path / "device-home", fleet.hub),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def listed() -> bool:
+            waiting = _cli(fleet, home, "device", "pending", "--json")
+            return any(p["device_id"] == "edge-w1" for p in json.loads(waiting.stdout)["pending"])
+
+        wait_for(listed, timeout=60, what="edge-w1 waiting for approval")
+        assert joining.poll() is None and not (folder / "credentials.json").exists()
+        approved = _cli(fleet, home, "device", "approve", "edge-w1")
+        assert approved.returncode == 0 and "approved" in approved.stdout, approved.stderr
+        _out, err = joining.communicate(timeout=60)
+    finally:
+        if joining.poll() is None:
+            joining.kill()
+    assert joining.returncode == 0, err
+    assert json.loads((folder / "credentials.json").read_text())["device_id"] == "edge-w1"

@@ -207,3 +207,47 @@ def test_a_device_whose_answer_was_lost_asks_again_and_its_old_request_stays_ref
     other = make_join_request(generate_private_key(), device_id="edge-a1", hub_keyid=keyid,
                               nonce=os.urandom(16).hex(), now=datetime.now(UTC))  # fmt: skip
     assert _join(fleet, other, token["token"]).status_code in (403, 409)
+
+
+def _pending(fleet: Fleet) -> list[dict[str, Any]]:
+    with fleet.http() as http:
+        waiting: list[dict[str, Any]] = http.get("/api/v1/joins/pending").json()["pending"]
+    return waiting
+
+
+def test_joins_of_an_approval_token_wait_for_the_admin_with_nothing_made_until_then(fleet: Fleet) -> None:
+    with fleet.http() as http:
+        asked = {"tags": {"site": "berlin"}, "uses": 5, "expires_in_s": 3600, "approval": True}
+        r = http.post("/api/v1/provisioning-tokens", json=asked)
+    token = r.json()["token"]
+    key, keyid = generate_private_key(), _hub_keyid(fleet)
+
+    def ask(device_id: str, k: Any = key) -> httpx.Response:
+        body = make_join_request(k, device_id=device_id, hub_keyid=keyid, nonce=os.urandom(16).hex(),
+                                 now=datetime.now(UTC))  # fmt: skip
+        return _join(fleet, body, token)
+
+    first = make_join_request(key, device_id="edge-p1", hub_keyid=keyid, nonce=os.urandom(16).hex(),
+                              now=datetime.now(UTC) - timedelta(seconds=1))  # fmt: skip
+    waiting = _join(fleet, first, token)
+    assert waiting.status_code == 202 and waiting.json()["pending"] is True, waiting.text
+    assert _device_ids(fleet) == [] and not _has_account(fleet, "edge-p1")
+    assert [p["device_id"] for p in _pending(fleet)] == ["edge-p1"]
+    assert _join(fleet, first, token).status_code == 409  # its request replayed
+    assert ask("edge-p1").status_code == 202  # still waiting: the device asks again
+
+    with fleet.http() as http:
+        approved = http.post("/api/v1/joins/pending/edge-p1/approve")
+    assert approved.status_code == 200, approved.text
+    assert _device_ids(fleet) == ["edge-p1"] and _has_account(fleet, "edge-p1")
+    answer = ask("edge-p1")
+    assert answer.status_code == 201 and answer.json()["tags"] == {"site": "berlin"}, answer.text
+
+    other = generate_private_key()
+    assert ask("edge-p2", other).status_code == 202
+    with fleet.http() as http:
+        assert http.post("/api/v1/joins/pending/edge-p2/reject").status_code == 200
+    refused = ask("edge-p2", other)
+    assert refused.status_code == 403 and "rejected" in refused.json()["error"]["message"], refused.text
+    assert _device_ids(fleet) == ["edge-p1"] and not _has_account(fleet, "edge-p2")
+    assert any("edge-p2" in m and "rejected" in m for m in _refusals(fleet))

@@ -72,7 +72,7 @@ def test_two_replicas_on_postgresql_never_spend_the_same_use_twice(hub: HubFacto
         ({"uses": MAX_TOKEN_USES + 1, "expires_in_s": 600}, "uses"),
         ({"uses": 1, "expires_in_s": 10}, "expires_in_s"),
         ({"uses": 1, "expires_in_s": 600, "tags": {"site": "bad value!"}}, "tag"),
-        ({"uses": 1, "expires_in_s": 600, "approval": True}, "approval"),
+        ({"uses": 1, "expires_in_s": 600, "admin": True}, "admin"),
     ],
 )
 def test_a_token_out_of_bounds_is_refused_with_a_4xx(

@@ -1,4 +1,5 @@
-"""Zero-touch enrolment: provisioning tokens, and the key a device joined with (docs/enrolment.md).
+"""Zero-touch enrolment: provisioning tokens, joins waiting for approval, and the key a device
+joined with (docs/enrolment.md).
 
 Revision ID: 0012
 """
@@ -25,6 +26,19 @@ def upgrade() -> None:
         sa.Column("used", sa.Integer(), nullable=False),
         sa.Column("expires", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked", sa.Boolean(), nullable=False),
+        sa.Column("approval", sa.Boolean(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
+        "pending_joins",
+        sa.Column("device_id", sa.String(length=64), primary_key=True),
+        sa.Column("token_id", sa.String(length=16), nullable=False),
+        sa.Column("public_key", sa.String(length=64), nullable=False, unique=True),
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("mqtt_password_hash", sa.String(length=255), nullable=False),
+        sa.Column("rabbitmq_password_hash", sa.String(length=255), nullable=False),
+        sa.Column("issued", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("rejected", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     with op.batch_alter_table("devices") as batch:
@@ -40,4 +54,5 @@ def downgrade() -> None:
         batch.drop_column("join_issued")
         batch.drop_column("joined_with")
         batch.drop_column("public_key")
+    op.drop_table("pending_joins")
     op.drop_table("provisioning_tokens")
