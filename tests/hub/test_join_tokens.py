@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from cloud_hub.fleet.joins import TokenBucket
 from cloud_hub.fleet.provisioning import MAX_TOKEN_USES
 from manifests.join import make_join_request
 from manifests.signing import generate_private_key
@@ -123,3 +124,14 @@ def test_a_join_body_larger_than_a_join_request_is_refused_before_it_is_read(hub
     head = _head("/api/v1/join", 1_000_000, "Authorization: Bearer ep_join_" + "A" * 43)
     answer = _answer_to_head(h.url, head)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+
+
+def test_the_join_bucket_admits_its_burst_then_its_rate() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate_per_s=2, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [None, None, None]
+    assert bucket.take() == pytest.approx(0.5)  # the next one in half a second
+    now[0] = 0.5
+    assert bucket.take() is None
+    now[0] = 100.0  # a long pause refills only up to the burst
+    assert [bucket.take() is None for _ in range(4)] == [True, True, True, False]
