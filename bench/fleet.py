@@ -23,6 +23,14 @@ For each fleet size N (``--devices 100,1000,5000``), on fresh engines:
   time, when the last one reported Healthy, and the rest (ingest + roll-up) until the roll-up
   said so.
 
+- **joins** (``--join N``, default 5,000; 0 skips): N devices join a fresh hub with one
+  provisioning token (``POST /api/v1/join``, as ``edgepack agent join`` sends it). Each device's
+  key and signed request are made in the simulator processes before the clock starts (a
+  device's own cost); ``join_5000_s`` is the wall time from the first request sent to the last
+  answer received, the hub's side: verifying, enrolling in batches, writing the broker's
+  accounts. Then a replayed request, one join past the token's uses, a revoked token and a
+  forged request must each be refused.
+
 With ``--postgres`` one more point runs the hub on a throwaway PostgreSQL (``postgres_*``).
 
 Usage: ``python bench/fleet.py [--quick] [--devices 100,1000,5000]``; the last line is JSON.
@@ -45,6 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -59,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fleet_sim import run_shard
+from join_sim import run_join_shard
 
 from cloud_hub.broker.mosquitto import prepare_broker_dir, render_config
 from cloud_hub.settings import HubSettings
@@ -79,6 +89,7 @@ TARGETS = {
     "hub_peak_rss_mb": "< 300 at 5,000",
     "cost_vs_n": "no worse than linear",
     "hub_cpu_ms_per_download": "<= 0.3",
+    "join_5000_s": "<= 20 (5,000 joins with one token, each with its own device-made key)",
 }
 console = Console(stderr=True)
 
@@ -474,6 +485,92 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
         }
 
 
+def join_point(n: int, shard_count: int, threads: int = 256) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix=f"edgepack-join-{n}-"))
+    pub = root / "publisher.pub"
+    pub.write_bytes(public_key_pem(generate_private_key().public_key()))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        hub = start_hub(root, pub, None)
+        stack.callback(hub.stop)
+        with hub.http() as http:
+            asked = {"tags": {"fleet": "joined"}, "uses": n, "expires_in_s": 3600}
+            made = http.post("/api/v1/provisioning-tokens", json=asked).json()
+            keyid = http.get("/api/v1/hub/key").json()["keyid"]
+        ids = [f"join-{i:05d}" for i in range(n)]
+        ctx = multiprocessing.get_context("spawn")
+        pipes, processes = [], []
+        for k in range(shard_count):
+            ours, theirs = ctx.Pipe()
+            shard = (hub.url, made["token"], keyid, ids[k::shard_count], threads, theirs)
+            p = ctx.Process(target=run_join_shard, args=shard, daemon=True)
+            p.start()
+            pipes.append(ours)
+            processes.append(p)
+        keygen = [pipe.recv()[1] for pipe in pipes]
+        log(f"[bold]{n} joins[/]: keys and requests made on the devices' side ({max(keygen):.1f} s); sending")
+        cpu0 = hub.cpu_s()
+        for pipe in pipes:
+            pipe.send("go")
+        answers = [pipe.recv() for pipe in pipes]
+        for p in processes:
+            p.join(timeout=30)
+        took = max(a[1] for a in answers)
+        cpu = hub.cpu_s() - cpu0
+        statuses = [s for a in answers for s in a[0]]
+        with hub.http() as http:
+            devices = len(http.get("/api/v1/devices").json()["devices"])
+            token_used = http.get("/api/v1/provisioning-tokens").json()["tokens"][0]["used"]
+        accounts = sum(1 for line in (root / "broker" / "passwd").read_text().splitlines()
+                       if line.startswith("join-"))  # fmt: skip
+        refused = join_refusals(hub, answers[0][2], made, keyid)
+        # Where the hub spent the time: one "fleet change" log line per batch of joins.
+        pattern = r"fleet change: (\d+) device\(s\) issued in ([\d.]+)s, applied in ([\d.]+)s"
+        batches = [tuple(map(float, m)) for m in re.findall(pattern, hub.log_text())]
+        log(f"  {statuses.count(201)} of {n} joined in {took:.2f} s ({n / took:.0f}/s; hub CPU {cpu:.1f} s); "
+            f"{devices} devices, {accounts} broker accounts; refusals {refused}")  # fmt: skip
+        return {
+            "join_devices": n,
+            "join_5000_s" if n == 5000 else f"join_{n}_s": round(took, 2),
+            "join_per_s": round(n / took),
+            "join_hub_cpu_s": round(cpu, 2),
+            "join_ok": statuses.count(201),
+            "join_devices_enrolled": devices,
+            "join_broker_accounts": accounts,
+            "join_token_used": token_used,
+            "join_device_keygen_s": round(max(keygen), 2),
+            "join_refused": refused,
+            "join_throttled_429": sum(a[3] for a in answers),
+            "join_batches": len(batches),
+            "join_decide_s": round(sum(b[1] for b in batches), 2),
+            "join_apply_s": round(sum(b[2] for b in batches), 2),
+        }
+
+
+def join_refusals(hub: Hub, replay: bytes, made: dict[str, Any], keyid: str) -> dict[str, int]:
+    """The status of each join that must be refused: a replay, a join past the token's uses,
+    a revoked token, a forged request (another device id under the signature)."""
+    from manifests.join import make_join_request
+
+    def post(body: bytes, token: str) -> int:
+        with httpx.Client(base_url=hub.url, timeout=30) as http:
+            r = http.post("/api/v1/join", content=body, headers={"Authorization": f"Bearer {token}"})
+            return r.status_code
+
+    def fresh(device_id: str) -> bytes:
+        return make_join_request(generate_private_key(), device_id=device_id, hub_keyid=keyid,
+                                 nonce=os.urandom(16).hex(), now=datetime.now(UTC))  # fmt: skip
+
+    forged = json.loads(fresh("join-forged"))
+    forged["signed"]["device_id"] = "join-other"
+    out = {"replayed": post(replay, made["token"]), "exhausted": post(fresh("join-extra"), made["token"]),
+           "forged": post(json.dumps(forged).encode(), made["token"])}  # fmt: skip
+    with hub.http() as http:
+        http.post(f"/api/v1/provisioning-tokens/{made['id']}/revoke")
+    out["revoked"] = post(fresh("join-late"), made["token"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 devices (about a minute)")
@@ -483,11 +580,19 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2, help="simulator processes")
     parser.add_argument("--postgres", action="store_true", help="one more point with the hub on PostgreSQL")
     parser.add_argument("--postgres-devices", type=int, default=1000)
+    parser.add_argument("--join", type=int, default=5000, help="devices joining with one token (0: skip)")
+    parser.add_argument("--only-join", action="store_true", help="run the join phase alone")
     args = parser.parse_args()
     raise_fd_limit()
+    result: dict[str, Any] = {"bench": "fleet"}
+    if args.join:
+        result.update(join_point(args.join, args.shards))
+    if args.only_join:
+        result["targets"] = {k: v for k, v in TARGETS.items() if k.startswith("join")}
+        print(json.dumps(result))
+        return
     sizes = [int(s) for s in (args.devices or ("100,1000" if args.quick else "100,1000,5000")).split(",")]
     curve = [run_point(n, args.shards, None) for n in sizes]
-    result: dict[str, Any] = {"bench": "fleet"}
     last = curve[-1]
     for key in ("devices", "enroll_per_s", "deploy_to_healthy_s", "update_to_healthy_s", "hub_peak_rss_mb",
                 "ingest_msgs_per_s", "hub_cpu_ms_per_download"):  # fmt: skip

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from cloud_hub.api import alerts, dashboard, data, endpoint_certs, fleet, registry, webhooks
+from cloud_hub.api import alerts, dashboard, data, endpoint_certs, fleet, join, registry, webhooks
 from cloud_hub.api.body_limit import BodyLimit
 from cloud_hub.api.docs import install_docs
 from cloud_hub.api.downloads import DeviceDownloads
@@ -60,6 +60,9 @@ def create_app(
     app.add_middleware(RequestTimer)
     app.include_router(registry.router)
     app.include_router(fleet.router)
+    app.include_router(join.router)
+    app.include_router(join.admin)
+    app.include_router(join.pending)
     app.include_router(dashboard.router)
     app.include_router(endpoint_certs.router)
     app.include_router(alerts.router)

@@ -113,6 +113,17 @@ class HubSettings(BaseSettings):
     device_events_per_min: float = Field(default=120, gt=0, le=1e6)
     events_keep: int = Field(default=100_000, ge=100, le=100_000_000, description="events kept")
     events_max_age_days: float = Field(default=30, gt=0, le=3650)
+    # Zero-touch enrolment (docs/enrolment.md, security.md §19): join attempts per second this
+    # process accepts (a token bucket of join_burst), joins committed in one fleet change, and
+    # how far a join request's time may be from the hub's (a replay outside it is refused).
+    join_per_s: float = Field(
+        default=500, gt=0, le=100_000, description="join attempts per second (429 beyond)"
+    )
+    join_burst: int = Field(default=1000, ge=1, le=1_000_000, description="join attempts at once")
+    join_batch: int = Field(default=500, ge=1, le=5000, description="joins committed in one fleet change")
+    join_max_age_s: float = Field(
+        default=300, ge=10, le=3600, description="how old (or ahead) a join request may be"
+    )
     # Dashboard sign-in, per client address (cloud_hub.login_throttle): the
     # login_free_failures-th wrong token blocks the address for login_delay_s (429), and each
     # wrong one after a block doubles it, up to login_max_delay_s; an address silent for

@@ -36,6 +36,7 @@ from cloud_hub.fleet.desired import DesiredSigner
 from cloud_hub.fleet.executor import AccountSync, EffectExecutor
 from cloud_hub.fleet.grant_source import DatabaseGrants, GrantWarmer
 from cloud_hub.fleet.grants import DownloadGrants
+from cloud_hub.fleet.joins import JoinQueue
 from cloud_hub.fleet.maintenance import FleetMaintenance
 from cloud_hub.fleet.publish import DesiredPublisher
 from cloud_hub.ingest.worker import IngestWorker, ingest_policy
@@ -70,6 +71,8 @@ class HubProcess:
     data: CollectedData | None = None
     #: wrong dashboard sign-ins per client address (this process's own; see login_throttle)
     login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(ThrottlePolicy()))
+    #: devices joining with a provisioning token, committed in batches (None only in bare tests)
+    joins: JoinQueue | None = None
     _started: bool = False
 
     def start(self) -> None:
@@ -98,6 +101,8 @@ class HubProcess:
         if self._started:
             self._started = False
             self.upkeep.stop()
+            if self.joins is not None:
+                self.joins.stop()
             if self.alerts is not None:
                 self.alerts.stop()
             if self.webhooks is not None:
@@ -169,6 +174,10 @@ def wire_hub(core: HubCore) -> HubProcess:
             core.sessions,
             DispatchPolicy.from_settings(settings),
             on_attempt=lambda delivered: metrics.webhook_delivery(delivered=delivered),
+        ),
+        joins=JoinQueue(
+            fleet, core.sessions, reserved=settings.mqtt_username, max_batch=settings.join_batch,
+            rate_per_s=settings.join_per_s, burst=settings.join_burst,
         ),
         login_throttle=LoginThrottle(
             ThrottlePolicy(

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from manifests.azureml import DeploymentConfig, InferenceConfig
 from manifests.desired import DesiredState
 from manifests.device import AgentConfig, DeviceCredentials
+from manifests.join import JoinAnswer, JoinRequest
 from manifests.logs import LogRequest, LogResponse
 from manifests.module import ModuleManifest
 from manifests.reported import ReportedState, Telemetry
@@ -31,6 +32,8 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "agent-config": AgentConfig,
     "logs-request": LogRequest,
     "logs-response": LogResponse,
+    "join-request": JoinRequest,
+    "join-answer": JoinAnswer,
 }
 
 

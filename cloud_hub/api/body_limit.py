@@ -8,7 +8,8 @@ dependencies, so the admin check there comes too late: 24 clients with no token 
    admin token (``Authorization: Bearer``), a live dashboard session cookie or, under
    ``/api/v1/device/``, a device token; otherwise it is answered 401 and its connection closed
    before a byte of the body is read. Only the sign-in and sign-out forms take a body from
-   anyone, at most :data:`MAX_PUBLIC_BODY` bytes. The routes still check credentials as before
+   anyone, at most :data:`MAX_PUBLIC_BODY` bytes (and a device's join request, which carries
+   a provisioning token the join itself checks). The routes still check credentials as before
    (and more: which device, CSRF); this only decides whether a body is read at all.
 2. **Caps each body that is parsed whole** (JSON, forms) at ``max_body_mb``: 413 from its
    Content-Length before reading, else as the bytes arrive. Streamed uploads (blobs, module
@@ -44,8 +45,11 @@ MIB = 1 << 20
 #: The sign-in form holds one token; nothing a browser sends there comes near this.
 MAX_PUBLIC_BODY = 16 << 10
 
-#: (method, path) of the routes that take a body from anyone (small: MAX_PUBLIC_BODY).
-PUBLIC_BODIES = frozenset({("POST", "/api/v1/dashboard/login"), ("POST", "/api/v1/dashboard/logout")})
+#: (method, path) of the routes that take a body from anyone (small: MAX_PUBLIC_BODY). A join
+#: comes with a provisioning token, checked in its batch; the join rate bound comes first.
+PUBLIC_BODIES = frozenset(
+    {("POST", "/api/v1/dashboard/login"), ("POST", "/api/v1/dashboard/logout"), ("POST", "/api/v1/join")}
+)
 
 #: Where a device token, not the admin's, is what a body must come with.
 DEVICE_PREFIX = "/api/v1/device/"

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 from sqlalchemy.orm import Session
 
 from cloud_hub.db.base import Sessions
-from cloud_hub.fleet.desired import DesiredSigner, change_fleet, is_expiring, renew_expiring
+from cloud_hub.fleet.desired import DesiredSigner, change_devices, change_fleet, is_expiring, renew_expiring
 from cloud_hub.fleet.effects import Applied, Effects
 from cloud_hub.fleet.executor import EffectExecutor
 
@@ -55,6 +55,21 @@ class FleetChanges:
                 "fleet change: %d device(s) issued in %.3fs, applied in %.3fs",
                 len(change.effects.issued), decided - start, time.perf_counter() - decided,
             )  # fmt: skip
+        return Outcome(change.result, change.effects, applied)
+
+    def change_devices(
+        self, mutate: Callable[[Session], R], devices: Callable[[R], Sequence[str]]
+    ) -> Outcome[R]:
+        """Apply ``mutate``, which can move only the devices ``devices`` names (see
+        :func:`change_devices`), then its effects."""
+        start = time.perf_counter()
+        change = change_devices(self._sessions, self._signer, mutate, devices)
+        decided = time.perf_counter()
+        applied = self._executor.apply(change.effects)
+        log.info(
+            "fleet change: %d device(s) issued in %.3fs, applied in %.3fs",
+            len(change.effects.issued), decided - start, time.perf_counter() - decided,
+        )  # fmt: skip
         return Outcome(change.result, change.effects, applied)
 
     def renew_expiring(self, device_ids: Sequence[str] | None = None) -> dict[str, int]:

@@ -291,3 +291,56 @@ def is_expiring(sessions: Sessions, device_id: str, ttl_s: int) -> bool:
         row = session.get(DeviceDesired, device_id)
         expires = row.expires if row is not None else None
     return expires is not None and expires - utcnow() < timedelta(seconds=ttl_s / 2)
+
+
+def change_devices(
+    sessions: Sessions,
+    signer: DesiredSigner,
+    mutate: Callable[[Session], R],
+    devices: Callable[[R], Sequence[str]],
+) -> FleetChange[R]:
+    """:func:`change_fleet` for a change that can move no device but those ``devices`` names
+    from its result (joins: devices added or re-enabled, nothing else changed). Only their plan
+    is computed and compared, so a batch of joins costs what the batch holds, not the fleet."""
+    with sessions.begin() as session:
+        take_fleet_lock(session)
+        result = mutate(session)
+        session.flush()
+        ids = sorted(set(devices(result)))
+        if not ids:
+            return FleetChange(result=result)
+        after = _plan_of(session, ids)
+        held = _issued_digests_of(session, ids)
+        changed = changed_devices(held, after)
+        conflicts = port_conflicts({d: after[d] for d in changed})
+        if conflicts:
+            raise Conflict(conflicts[0].message())
+        issued = issue_desired(session, signer, after, changed, now=utcnow())
+    # A device added or re-enabled is a broker account added.
+    return FleetChange(result=result, effects=Effects(issued, frozenset(), True))
+
+
+def _plan_of(session: Session, ids: Sequence[str]) -> Plan:
+    devices: list[DeviceView] = []
+    for start in range(0, len(ids), 500):
+        rows = session.execute(
+            select(Device.id, Device.tags).where(
+                Device.id.in_(ids[start : start + 500]), Device.revoked.is_(False)
+            )
+        )
+        devices += [DeviceView(id=device_id, tags=dict(tags or {})) for device_id, tags in rows]
+    deployment_rows = list(session.scalars(select(Deployment)))
+    signers = signers_of(session, {r.module_name for r in deployment_rows})
+    return plan_fleet(devices, [deployment_view(r, signers.get(r.module_name, ())) for r in deployment_rows])
+
+
+def _issued_digests_of(session: Session, ids: Sequence[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for start in range(0, len(ids), 500):
+        rows = session.execute(
+            select(DeviceDesired.device_id, DeviceDesired.modules_digest).where(
+                DeviceDesired.device_id.in_(ids[start : start + 500]), DeviceDesired.payload.is_not(None)
+            )
+        )
+        out.update((device_id, digest) for device_id, digest in rows)
+    return out

@@ -46,6 +46,53 @@ class Device(Base):
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
     agent_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    # A device that joined by itself (``edgepack agent join``): its Ed25519 key, hex. Unique, and
+    # never cleared on revocation, so a join request replayed later is refused for good.
+    public_key: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
+    # The provisioning token it joined with (its public id), for 'device show' and audits.
+    joined_with: Mapped[str | None] = mapped_column(String(16), default=None)
+    # When the request it joined with (or last asked again with) was made: a newer request of
+    # the same device is answered again, an older or equal one is a replay.
+    join_issued: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ProvisioningToken(Base):
+    """A fleet-wide token a device image carries to join by itself (docs/enrolment.md).
+
+    Only the token's sha256 is kept. ``used`` counts joins, raised by one conditional UPDATE
+    that also checks the bound, so concurrent joins (from any replica) never exceed ``max_uses``.
+    """
+
+    __tablename__ = "provisioning_tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Tags every device joining with it gets; a value may name the device with '{id}'.
+    tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    max_uses: Mapped[int] = mapped_column(Integer)
+    used: Mapped[int] = mapped_column(Integer, default=0)
+    expires: Mapped[datetime] = mapped_column()
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Joins with it wait in pending_joins until an admin approves them (each spends a use).
+    approval: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PendingJoin(Base):
+    """A verified join of a token that needs approval: the device's verifiers, not yet a device
+    (no device row, no broker account). A rejected one stays, so the device is told so."""
+
+    __tablename__ = "pending_joins"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(16))
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    mqtt_password_hash: Mapped[str] = mapped_column(String(255))
+    rabbitmq_password_hash: Mapped[str] = mapped_column(String(255))
+    issued: Mapped[datetime] = mapped_column()
+    rejected: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Deployment(Base):

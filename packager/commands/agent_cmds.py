@@ -31,6 +31,8 @@ from manifests.errors import ConfigError
 from packager.app import app, console
 from packager.display import safe_text, state_text
 from packager.files import atomic_output
+from packager.sdk.enrolment import device_id_from
+from packager.sdk.enrolment import join as join_hub
 from packager.systemd_unit import DEFAULT_UNIT_NAME, DEFAULT_USER, DEFAULT_WATCHDOG_S, UnitSpec, render_unit
 
 agent_app = typer.Typer(help="Set up, run and inspect the device agent.", no_args_is_help=True)
@@ -285,3 +287,35 @@ def uninstall_service_cmd(
         console.print(
             f"stopped {len(stopped)} module instance(s) and deleted {agent_config.state_dir}", highlight=False
         )
+
+
+@agent_app.command("join")
+def join_cmd(
+    url: Annotated[str, typer.Argument(help="the hub's URL, e.g. https://hub.example:8800")],
+    token: Annotated[str, typer.Option("--token", help="the provisioning token the admin made")],
+    state: Annotated[
+        Path, typer.Option("--state", help="this device's folder: its key, credentials, agent.toml, state")
+    ],
+    id_from: Annotated[
+        str, typer.Option("--id-from", help="the device id: hostname, machine-id, or the id itself")
+    ] = "hostname",
+    ca: Annotated[Path | None, typer.Option("--ca", help="the hub's CA certificate (an HTTPS hub)")] = None,
+    runtime: Annotated[
+        list[RuntimeKind] | None, typer.Option("--runtime", help="docker or process; repeatable")
+    ] = None,
+    wait: Annotated[
+        float, typer.Option("--wait", min=0, max=86400, help="seconds to wait for an admin's approval")
+    ] = 600,
+) -> None:
+    """Enrol this device by itself: make its own key, send the hub only a signed request, and
+    write its credentials and agent.toml into --state (the key never leaves the device)."""
+    device_id = device_id_from(id_from)
+    joined = join_hub(url, token, device_id=device_id, folder=state, ca=ca, runtimes=runtime, wait_s=wait)
+    tags = ", ".join(f"{k}={v}" for k, v in sorted(joined.tags.items())) or "no tags"
+    console.print(
+        safe_text(
+            f"joined {joined.credentials.hub_url} as {device_id} ({tags})\n"
+            f"start it with: edgepack agent run --config {joined.config}"
+        ),
+        highlight=False,
+    )

@@ -46,6 +46,7 @@ from packager.sdk import (
 )
 from packager.sdk.data import delete_service_data, download_service_data
 from packager.sdk.device_file import CredentialsFiles, check_out_dir, parse_device_file
+from packager.sdk.enrolment import ProvisioningToken, ProvisioningTokens, parse_duration
 from packager.sdk.live import LiveServiceView, StateLines, devices_table, tags_text, target_text
 
 device_app = typer.Typer(help="Enroll, list, show, tag and revoke devices.", no_args_is_help=True)
@@ -681,3 +682,121 @@ def run_service_cmd(
         console.print(answer, markup=False, highlight=False)
     else:
         console.print_json(data=answer)
+
+
+# --- provisioning tokens (zero-touch enrolment) ----------------------------------------------
+
+token_app = typer.Typer(
+    help="Provisioning tokens: devices join with one by themselves ('edgepack agent join').",
+    no_args_is_help=True,
+)
+device_app.add_typer(token_app, name="token")
+
+
+def _token_row(t: ProvisioningToken) -> list[str]:
+    state = "revoked" if t.revoked else "used up" if t.used >= t.uses else "active"
+    return [t.id, f"{t.used}/{t.uses}", t.expires, state, tags_text(t.tags)]
+
+
+@token_app.command("create")
+def token_create_cmd(
+    tag: Annotated[
+        list[str] | None,
+        typer.Option("--tags", "--tag", help="k=v[,k=v] given to each device ('{id}': its id)"),
+    ] = None,
+    uses: Annotated[int, typer.Option("--uses", help="devices that may join with it")] = 1,
+    expires: Annotated[str, typer.Option("--expires", help="lifetime: 90m, 12h, 7d ...")] = "7d",
+    approval: Annotated[
+        bool, typer.Option("--approval", help="each join waits for 'edgepack device approve ID'")
+    ] = False,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make a provisioning token and print it ONCE (the hub keeps only its sha256)."""
+    tags = parse_pairs([p for t in tag or [] for p in t.split(",") if p], "tag")
+    with connect(hub, token) as connected:
+        lifetime = parse_duration(expires)
+        made = ProvisioningTokens(connected).create(
+            tags=tags, uses=uses, expires_in_s=lifetime, approval=approval
+        )
+    if as_json:
+        print_json(vars(made))
+        return
+    console.print(
+        safe_text(f"token {made.id}: {made.uses} use(s) until {made.expires}, tags {tags_text(made.tags)}")
+    )
+    console.print(safe_text(str(made.token)), highlight=False)
+    console.print(
+        "[yellow]The token is shown only once[/]; devices join with 'edgepack agent join URL --token T'."
+    )
+
+
+@token_app.command("list")
+def token_list_cmd(hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
+    """Every provisioning token: uses spent, expiry, state (never the token itself)."""
+    with connect(hub, token) as connected:
+        tokens = ProvisioningTokens(connected).list()
+    if as_json:
+        print_json({"tokens": [vars(t) for t in tokens]})
+        return
+    table = Table("id", "used", "expires", "state", "tags")
+    for t in tokens:
+        table.add_row(*(safe_text(c) for c in _token_row(t)))
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke_cmd(
+    token_id: str, hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """No device joins with the token from now on (devices that joined keep their credentials)."""
+    with connect(hub, token) as connected:
+        revoked = ProvisioningTokens(connected).revoke(token_id)
+    if as_json:
+        print_json(vars(revoked))
+        return
+    console.print(
+        f"provisioning token {revoked.id} revoked ({revoked.used} device(s) joined with it)", highlight=False
+    )
+
+
+@device_app.command("pending")
+def pending_cmd(hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
+    """Devices whose join waits for approval (tokens made with --approval), and those rejected."""
+    with connect(hub, token) as connected:
+        waiting = ProvisioningTokens(connected).pending()
+    if as_json:
+        print_json({"pending": waiting})
+        return
+    table = Table("device", "token", "asked at", "state")
+    for p in waiting:
+        state = "rejected" if p["rejected"] else "waiting"
+        table.add_row(*(safe_text(str(c)) for c in (p["device_id"], p["token_id"], p["asked_at"], state)))
+    console.print(table)
+
+
+@device_app.command("approve")
+def approve_cmd(
+    device_id: str, hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Enrol a device whose join waits: it gets its credentials the next time it asks."""
+    with connect(hub, token) as connected:
+        done = ProvisioningTokens(connected).approve(device_id)
+    if as_json:
+        print_json(done)
+        return
+    console.print(safe_text(f"device {device_id} approved ({tags_text(done['tags'])})"), highlight=False)
+
+
+@device_app.command("reject")
+def reject_cmd(
+    device_id: str, hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Refuse a device's waiting join; it is told so the next time it asks."""
+    with connect(hub, token) as connected:
+        done = ProvisioningTokens(connected).reject(device_id)
+    if as_json:
+        print_json(done)
+        return
+    console.print(safe_text(f"the join of device {device_id} was rejected"), highlight=False)
