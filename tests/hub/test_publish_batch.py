@@ -1,0 +1,75 @@
+"""A fleet-wide deploy is signed, stored and published as statements, not ORM rows, and every
+device still gets its own verified state, retained on the broker, marked published once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event, select
+
+from cloud_hub.fleet.publish import unpublished
+from cloud_hub.fleet.tables import DeviceDesired
+from tests.conftest import Publisher
+from tests.hub.broker_fixtures import Broker, MqttProbe
+from tests.hub.conftest import HubFactory
+from tests.hub.fleet_seed import enroll_many
+from tests.hub.fleet_support import deploy, hub_trust, push, verified_state
+
+DEVICES = 60
+
+
+@contextmanager
+def orm_loads() -> Iterator[list[str]]:
+    """Device ids of every ``device_desired`` row loaded (or refreshed) as an ORM object."""
+    loaded: list[str] = []
+
+    def on_load(target: DeviceDesired, *_: Any) -> None:
+        loaded.append(target.device_id)
+
+    event.listen(DeviceDesired, "load", on_load)
+    event.listen(DeviceDesired, "refresh", on_load)
+    try:
+        yield loaded
+    finally:
+        event.remove(DeviceDesired, "load", on_load)
+        event.remove(DeviceDesired, "refresh", on_load)
+
+
+def test_fleet_wide_deploy_issues_and_publishes_without_orm_rows(
+    hub: HubFactory, publisher: Publisher, mosquitto: Broker, topic_prefix: str
+) -> None:
+    h = hub(mqtt_host=mosquitto.host, mqtt_port=mosquitto.port, topic_prefix=topic_prefix, mqtt_username=None)
+    mod = push(h, publisher, "digits", "1")
+    ids = enroll_many(h, DEVICES)
+    trust = hub_trust(h)
+    with orm_loads() as loaded, h.client() as http:
+        r = deploy(http, "digits", mod, selector="fleet=sim", port=8890)
+    assert r.status_code == 201 and r.json()["published"] is True, r.text
+    # The hot path reads and writes columns: the ORM never materialises a device's state.
+    assert loaded == []
+
+    with h.core.sessions.begin() as s:
+        rows = s.execute(
+            select(DeviceDesired.device_id, DeviceDesired.generation, DeviceDesired.published_generation)
+        ).all()
+        assert unpublished(s) == []
+    assert {device: (gen, published) for device, gen, published in rows} == {d: (2, 2) for d in ids}
+
+    # What the broker retains for each device is that device's own state, signed by the hub.
+    probe = MqttProbe.connect(mosquitto.host, mosquitto.port)
+    try:
+        assert probe.subscribe(f"{topic_prefix}/devices/+/desired") == [1]
+        seen: dict[str, int] = {}
+        while len(seen) < DEVICES:
+            msg = probe.expect(lambda m: m.retain)
+            device = msg.topic.removeprefix(f"{topic_prefix}/devices/").removesuffix("/desired")
+            state = verified_state(msg.payload, trust, device)
+            assert [(m.service, m.manifest_digest) for m in state.modules] == [("digits", mod.digest)]
+            seen[device] = state.generation
+            assert json.loads(msg.payload)["signed"]["device_id"] == device
+    finally:
+        probe.close()
+    assert seen == {d: 2 for d in ids}
