@@ -117,7 +117,8 @@ def run(hub: object, n: int, profile: bool) -> dict[str, object]:
         profiler.disable()
     total, cpu = time.perf_counter() - start, time.process_time() - cpu0
     if profiler:
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(OURS, 60)
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        stats.sort_stats(os.environ.get("SORT", "cumulative")).print_stats(OURS, 60)
     assert len(outcome.effects.issued) == n, len(outcome.effects.issued)
     assert outcome.applied.published, outcome.applied.publish_errors[:3]
     return {

@@ -3,7 +3,9 @@ device still gets its own verified state, retained on the broker, marked publish
 
 from __future__ import annotations
 
+import gc
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import event, select
 
+from cloud_hub.fleet.changes import collector_paused
 from cloud_hub.fleet.publish import unpublished
 from cloud_hub.fleet.tables import DeviceDesired
 from cloud_hub.mqtt.link import MqttLink
@@ -103,3 +106,33 @@ def test_a_batch_of_states_costs_the_link_the_same_per_state_however_large(
     finally:
         link.stop()
     assert large < 1.5 * small, f"{large * 1e6:.0f} µs per state in 3,000 vs {small * 1e6:.0f} in 300"
+
+
+def test_a_fleet_change_runs_with_the_cyclic_collector_paused_and_restored(hub: HubFactory) -> None:
+    h = hub()
+    seen: list[bool] = []
+    assert gc.isenabled()
+    h.process.fleet.change(lambda _session: seen.append(gc.isenabled()))
+    assert seen == [False]
+    assert gc.isenabled()
+
+
+def test_overlapping_pauses_in_threads_leave_the_collector_as_they_found_it() -> None:
+    inside = threading.Barrier(4)
+
+    def pause() -> None:
+        with collector_paused():
+            inside.wait(timeout=10)  # all four paused at once
+            assert not gc.isenabled()
+
+    for was_enabled in (True, False):
+        (gc.enable if was_enabled else gc.disable)()
+        try:
+            threads = [threading.Thread(target=pause) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert gc.isenabled() is was_enabled
+        finally:
+            gc.enable()
