@@ -20,7 +20,8 @@ change, as above) for each replica count, the ratio of the largest to one (targe
 replicas at least 1.6 times one), and the check that no message was applied twice: the replicas together
 received each message once, and each produced exactly one event.
 
-Usage: ``python bench/ingest.py [--quick] [--replicas 1,2]``; the last line of output is JSON.
+Usage: ``python bench/ingest.py [--quick] [--devices 10000] [--replicas 1,2]``; the last line of
+output is JSON.
 """
 
 from __future__ import annotations
@@ -331,6 +332,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small run (a few seconds)")
     parser.add_argument("--db", help="SQLAlchemy URL of an EMPTY database (default: a fresh SQLite file)")
     parser.add_argument("--replicas", help="e.g. 1,2: hub processes on PostgreSQL, one run per count")
+    parser.add_argument("--devices", type=int, help="devices that report each round (default 2,000)")
     args = parser.parse_args()
     if args.replicas:
         counts = [int(c) for c in args.replicas.split(",")]
@@ -339,7 +341,9 @@ def main() -> None:
     elif args.quick:
         result = run(devices=500, rounds=4, burst_devices=50, burst_per_device=100, db=args.db)
     else:
-        result = run(devices=2000, rounds=10, burst_devices=200, burst_per_device=250, db=args.db)
+        devices = args.devices or 2000
+        rounds = 10 if devices <= 2000 else 3
+        result = run(devices=devices, rounds=rounds, burst_devices=200, burst_per_device=250, db=args.db)
     for key, value in result.items():
         print(f"{key:>22}: {value}", file=sys.stderr)
     print(json.dumps(result))

@@ -6,10 +6,12 @@ the dashboard's live feed reads events with an id above the last one it saw.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Index, Integer, String, Text, delete, select
+from sqlalchemy import Index, Integer, String, Table, Text, delete, insert, select
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -41,9 +43,57 @@ def record_event(
     device_id: str | None = None,
     service: str | None = None,
 ) -> Event:
-    event = Event(kind=kind, message=message[:4000], device_id=device_id, service=service)
+    event = Event(kind=kind, message=message[:MAX_MESSAGE_CHARS], device_id=device_id, service=service)
     session.add(event)
     return event
+
+
+#: The longest message an event keeps.
+MAX_MESSAGE_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event row as :func:`insert_events` wrote it (what the webhook outbox reads)."""
+
+    id: int
+    at: datetime
+    kind: str
+    message: str
+    device_id: str | None = None
+    service: str | None = None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to record, decided before the statement that stores it (ingest's batches)."""
+
+    kind: str
+    message: str
+    device_id: str | None = None
+    service: str | None = None
+
+
+def insert_events(session: Session, events: Sequence[NewEvent], *, at: datetime) -> list[StoredEvent]:
+    """Store ``events`` with one multi-row INSERT (no ORM object per event), in their order;
+    the rows as stored, ids included. Deliveries are the caller's: use
+    :func:`cloud_hub.webhooks.outbox.record_events`, which adds them."""
+    if not events:
+        return []
+    rows = [
+        {"at": at, "kind": e.kind, "message": e.message[:MAX_MESSAGE_CHARS], "device_id": e.device_id,
+         "service": e.service}
+        for e in events
+    ]  # fmt: skip
+    # The table, not the entity: a plain INSERT ... RETURNING, no ORM bulk-insert bookkeeping.
+    # Every column comes back, so no row needs matching to its parameters: asking for that
+    # (sort_by_parameter_order) makes SQLite insert one row per statement.
+    table = cast(Table, Event.__table__)
+    c = table.c
+    stored = session.execute(
+        insert(table).returning(c.id, c.at, c.kind, c.message, c.device_id, c.service), rows
+    )
+    return sorted((StoredEvent(*row) for row in stored), key=lambda e: e.id)
 
 
 def events_since(session: Session, after_id: int = 0, *, limit: int = 200) -> list[Event]:

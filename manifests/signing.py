@@ -188,6 +188,21 @@ def envelope_bytes(envelope: Envelope) -> bytes:
     return canonical_json(envelope.model_dump(mode="json"))
 
 
+def signed_envelope_bytes(payload: dict[str, Any], keys: list[Ed25519PrivateKey]) -> bytes:
+    """``envelope_bytes(sign_payload(payload, keys))`` in one serialisation of the payload.
+
+    Canonical JSON of an object is its sorted members' canonical JSON joined, so the signed
+    bytes sit verbatim in the envelope's; a hub signing a desired state per device saves the
+    second serialisation and the model round trip (``tests/test_signing.py`` checks they agree).
+    """
+    if not keys:
+        raise ValueError("at least one signing key is needed")
+    message = canonical_json(payload)
+    sigs = [{"keyid": key_id(k.public_key()), "sig": k.sign(message).hex()} for k in keys]
+    # "signatures" sorts before "signed".
+    return b'{"signatures":' + canonical_json(sigs) + b',"signed":' + message + b"}"
+
+
 #: How deep a signed document may nest. A desired state nests 6 levels, a module manifest 5;
 #: the bound keeps a hostile document far from the interpreter's recursion limit, so neither
 #: the parser nor the canonical serialiser that checks the signature can run out of stack.

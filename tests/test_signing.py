@@ -26,6 +26,7 @@ from manifests.signing import (
     public_key_pem,
     raw_public_bytes,
     sign_payload,
+    signed_envelope_bytes,
     verify_envelope,
 )
 
@@ -111,6 +112,22 @@ def test_envelope_bytes_are_canonical_so_the_digest_is_stable() -> None:
     # Ed25519 is deterministic: signing the same payload again gives the same bytes.
     assert envelope_bytes(sign_payload(dict(reversed(PAYLOAD.items())), [key])) == first
     assert first == canonical_json(json.loads(first))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [PAYLOAD, {"ünïcode": "日本", "nested": {"b": [1, 2.5, None, True], "a": {}}}, {}],
+)
+def test_one_pass_envelope_is_byte_for_byte_the_model_envelope(payload: dict[str, object]) -> None:
+    keys = [generate_private_key(), generate_private_key()]
+    fast = signed_envelope_bytes(payload, keys)
+    assert fast == envelope_bytes(sign_payload(payload, keys))
+    assert len(verify_envelope(parse_envelope(fast), trusting(*keys))) == 2
+
+
+def test_one_pass_envelope_needs_a_key() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        signed_envelope_bytes(PAYLOAD, [])
 
 
 def test_every_changed_payload_byte_breaks_the_signature() -> None:

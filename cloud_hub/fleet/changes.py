@@ -7,9 +7,12 @@ effects to the executor. Nothing else publishes or touches the broker's accounts
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -37,6 +40,36 @@ class Outcome(Generic[R]):
         return dict(self.effects.issued)
 
 
+_collector_lock = threading.Lock()
+_collector_pauses = 0
+_collector_was_enabled = False
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (on again after the last of any
+    overlapping blocks, if it was on before the first).
+
+    A fleet-wide change allocates a few objects per device (plans, payloads, rows); each
+    700 allocations start a collection, and the older generations' collections walk the
+    whole heap: about a fifth of a 5,000-device change's CPU. Nothing it allocates is cyclic
+    garbage worth collecting mid-change; the collector runs again right after.
+    """
+    global _collector_pauses, _collector_was_enabled
+    with _collector_lock:
+        if _collector_pauses == 0:
+            _collector_was_enabled = gc.isenabled()
+            gc.disable()
+        _collector_pauses += 1
+    try:
+        yield
+    finally:
+        with _collector_lock:
+            _collector_pauses -= 1
+            if _collector_pauses == 0 and _collector_was_enabled:
+                gc.enable()
+
+
 class FleetChanges:
     def __init__(self, sessions: Sessions, signer: DesiredSigner, executor: EffectExecutor) -> None:
         self._sessions = sessions
@@ -46,9 +79,10 @@ class FleetChanges:
     def change(self, mutate: Callable[[Session], R]) -> Outcome[R]:
         """Apply ``mutate`` (see :func:`change_fleet`), then its effects."""
         start = time.perf_counter()
-        change = change_fleet(self._sessions, self._signer, mutate)
-        decided = time.perf_counter()
-        applied = self._executor.apply(change.effects)
+        with collector_paused():
+            change = change_fleet(self._sessions, self._signer, mutate)
+            decided = time.perf_counter()
+            applied = self._executor.apply(change.effects)
         if change.effects.issued or change.effects.accounts_changed:
             # Where a fleet-wide change spends its time (bench/fleet.py reads this line).
             log.info(
@@ -74,8 +108,9 @@ class FleetChanges:
 
     def renew_expiring(self, device_ids: Sequence[str] | None = None) -> dict[str, int]:
         """Renew the states that are due (see :func:`renew_expiring`) and publish them."""
-        effects = renew_expiring(self._sessions, self._signer, device_ids)
-        self._executor.apply(effects)
+        with collector_paused():
+            effects = renew_expiring(self._sessions, self._signer, device_ids)
+            self._executor.apply(effects)
         return dict(effects.issued)
 
     def renew_if_expiring(self, device_id: str) -> None:

@@ -39,9 +39,9 @@ from cloud_hub.fleet.plan import (
     DeploymentView,
     DeviceView,
     Plan,
-    assignments_digest,
     changed_devices,
-    desired_payload,
+    desired_payloads,
+    plan_digests,
     plan_fleet,
     port_conflicts,
 )
@@ -49,7 +49,7 @@ from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, FleetLock,
 from cloud_hub.fleet.targeting import Target
 from cloud_hub.registry.owners import signers_of
 from manifests.desired import DeploymentSettings, DesiredState
-from manifests.signing import envelope_bytes, parse_envelope, sign_payload
+from manifests.signing import parse_envelope, signed_envelope_bytes
 
 R = TypeVar("R")
 
@@ -115,47 +115,65 @@ class FleetChange(Generic[R]):
 def issue_desired(
     session: Session, signer: DesiredSigner, plan: Plan, device_ids: Sequence[str], *, now: datetime
 ) -> dict[str, int]:
-    """Sign and store a new desired state for each device; returns the new generations."""
+    """Sign and store a new desired state for each device; returns the new generations.
+
+    Statements, not ORM rows (a deploy re-issues the whole fleet): the generations are
+    allocated by one UPDATE per chunk, the previous states read as columns, and the new ones
+    written by one executemany UPDATE (and one INSERT for devices issued their first state).
+    """
     if not device_ids:
         return {}
     ids = sorted(set(device_ids))
-    session.execute(
-        update(DeviceDesired)
-        .where(DeviceDesired.device_id.in_(ids))
-        .values(generation=DeviceDesired.generation + 1)
-    )
-    fresh = (
-        select(DeviceDesired)
-        .where(DeviceDesired.device_id.in_(ids))
-        .execution_options(populate_existing=True)
-    )
-    rows = {r.device_id: r for r in session.scalars(fresh)}
+    before: dict[str, tuple[int, bytes | None]] = {}
+    for chunk in _chunks(ids):
+        session.execute(
+            update(DeviceDesired)
+            .where(DeviceDesired.device_id.in_(chunk))
+            .values(generation=DeviceDesired.generation + 1)
+            .execution_options(synchronize_session=False)
+        )
+        rows = session.execute(
+            select(DeviceDesired.device_id, DeviceDesired.generation, DeviceDesired.payload).where(
+                DeviceDesired.device_id.in_(chunk)
+            )
+        )
+        before.update({device_id: (generation, payload) for device_id, generation, payload in rows})
+    # A device without a row gets its first state (generation 1); the row is created here,
+    # under the fleet lock.
+    issued = {device_id: before.get(device_id, (1, None))[0] for device_id in ids}
     expires = now + timedelta(seconds=signer.ttl_s)
+    payloads = desired_payloads(plan, issued, issued=now, expires=expires)
+    digests = plan_digests({device_id: plan.get(device_id, []) for device_id in ids})
     known = _service_changes_of(session, ids)
-    issued: dict[str, int] = {}
     changes: list[dict[str, object]] = []
     rewritten: list[str] = []
+    updates: list[dict[str, object]] = []
+    inserts: list[dict[str, object]] = []
     for device_id in ids:
-        row = rows.get(device_id)
-        if row is None:
-            # First state of a newly enrolled device; the row is created here, under the lock.
-            row = DeviceDesired(device_id=device_id, generation=1)
-            session.add(row)
-        payload = desired_payload(
-            device_id, row.generation, plan.get(device_id, []), issued=now, expires=expires
+        generation, old = before.get(device_id, (1, None))
+        payload = payloads[device_id]
+        old_assignments = _assignments(old)
+        rows_now = service_changes(
+            device_id, generation, old, payload, known.get(device_id, {}), old=old_assignments
         )
-        rows_now = service_changes(device_id, row.generation, row.payload, payload, known.get(device_id, {}))
         if {r["service"]: r["generation"] for r in rows_now} != known.get(device_id, {}):
             rewritten.append(device_id)  # a renewal changes no assignment and writes nothing here
             changes += rows_now
             # Services that leave the device: it may still upload their collected data a while.
-            left = set(_assignments(row.payload)) - {str(r["service"]) for r in rows_now}
+            left = set(old_assignments) - {str(r["service"]) for r in rows_now}
             note_services_left(session, device_id, left, now=now)
-        row.payload = envelope_bytes(sign_payload(payload, [signer.key]))
-        row.modules_digest = assignments_digest(plan.get(device_id, []))
-        row.issued = now
-        row.expires = expires
-        issued[device_id] = row.generation
+        values: dict[str, object] = {
+            "device_id": device_id,
+            "payload": signed_envelope_bytes(payload, [signer.key]),
+            "modules_digest": digests[device_id],
+            "issued": now,
+            "expires": expires,
+        }
+        (updates if device_id in before else inserts).append(values)
+    if updates:
+        session.execute(update(DeviceDesired), updates)  # executemany, by primary key
+    if inserts:
+        session.execute(insert(DeviceDesired), [{**v, "generation": 1} for v in inserts])
     for chunk in _chunks(rewritten):
         session.execute(delete(ServiceChange).where(ServiceChange.device_id.in_(chunk)))
     if changes:
@@ -213,13 +231,16 @@ def service_changes(
     before: bytes | None,
     after: dict[str, object],
     known: dict[str, int],
+    *,
+    old: dict[str, object] | None = None,
 ) -> list[dict[str, object]]:
     """The ``service_changes`` rows of a device once its new state (``after``, the ``signed``
     document, at ``generation``) replaces the stored one (``before``): a service whose
     assignment changed, or that is new, changed now; any other keeps the generation it had
     (``known``; none for one unchanged since before this table existed); a service no longer
-    assigned has no row."""
-    old = _assignments(before)
+    assigned has no row. ``old``: ``before``'s assignments when the caller parsed them already."""
+    if old is None:
+        old = _assignments(before)
     modules = after["modules"]
     assert isinstance(modules, list)
     rows: list[dict[str, object]] = []

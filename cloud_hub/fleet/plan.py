@@ -8,13 +8,15 @@ before anything is stored); ``changed_devices`` says whose desired state must be
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from cloud_hub.fleet.targeting import Target
+from manifests.bounds import MAX_INT63
 from manifests.canonical import canonical_json
-from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
+from manifests.desired import DEVICE_ID_PATTERN, DeploymentSettings, DesiredState, ModuleAssignment
 from manifests.digests import sha256_digest
 
 
@@ -55,8 +57,22 @@ def assignments_for(device: DeviceView, deployments: Iterable[DeploymentView]) -
 
 
 def plan_fleet(devices: Iterable[DeviceView], deployments: Sequence[DeploymentView]) -> Plan:
-    """Every device's full list of assignments (an empty list when nothing targets it)."""
-    return {device.id: assignments_for(device, deployments) for device in devices}
+    """Every device's full list of assignments (an empty list when nothing targets it).
+
+    Devices that run the same services share one list of the same assignment objects (read
+    them, never change them): a fleet-wide change then digests and renders each distinct list
+    once (:func:`plan_digests`), not once per device.
+    """
+    ordered = [(d, d.assignment()) for d in sorted(deployments, key=lambda d: d.name)]
+    shared: dict[tuple[str, ...], list[ModuleAssignment]] = {}
+    plan: Plan = {}
+    for device in devices:
+        chosen = [(d.name, a) for d, a in ordered if d.target.includes(device.id, device.tags)]
+        key = tuple(name for name, _ in chosen)
+        if key not in shared:
+            shared[key] = [a for _, a in chosen]
+        plan[device.id] = shared[key]
+    return plan
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,19 @@ def assignments_digest(modules: Sequence[ModuleAssignment]) -> str:
     return sha256_digest(canonical_json([m.model_dump(mode="json") for m in modules]))
 
 
+def plan_digests(plan: Mapping[str, Sequence[ModuleAssignment]]) -> dict[str, str]:
+    """Every device's :func:`assignments_digest`, computed once per distinct list of assignment
+    objects (shared by :func:`plan_fleet`; the plan holds them, so their ids stay unique)."""
+    by_objects: dict[tuple[int, ...], str] = {}
+    out: dict[str, str] = {}
+    for device_id, modules in plan.items():
+        key = tuple(map(id, modules))
+        if key not in by_objects:
+            by_objects[key] = assignments_digest(modules)
+        out[device_id] = by_objects[key]
+    return out
+
+
 def changed_devices(issued: Mapping[str, str | None], plan: Plan) -> list[str]:
     """Devices of ``plan`` whose assignments differ from what they were last issued.
 
@@ -99,7 +128,8 @@ def changed_devices(issued: Mapping[str, str | None], plan: Plan) -> list[str]:
     computed before the change, keeps a device from being skipped because a concurrent change
     moved it in between.
     """
-    return sorted(d for d, mods in plan.items() if issued.get(d) != assignments_digest(mods))
+    digests = plan_digests(plan)
+    return sorted(d for d in plan if issued.get(d) != digests[d])
 
 
 def devices_running(plan: Mapping[str, Sequence[ModuleAssignment]], service: str) -> list[str]:
@@ -124,3 +154,30 @@ def desired_payload(
         hub_reads_newer=True,
     )
     return state.model_dump(mode="json", by_alias=True)
+
+
+def desired_payloads(
+    plan: Mapping[str, Sequence[ModuleAssignment]],
+    generations: Mapping[str, int],
+    *,
+    issued: datetime,
+    expires: datetime,
+) -> dict[str, dict[str, object]]:
+    """:func:`desired_payload` of every device in ``generations`` (its modules from ``plan``).
+
+    The document is validated once per distinct list of assignments (:func:`plan_fleet` shares
+    them); each device's copy then gets its own id and generation, checked as the model checks
+    them. Copies share the rendered ``modules``: serialise them, never change them.
+    """
+    templates: dict[tuple[int, ...], dict[str, object]] = {}
+    out: dict[str, dict[str, object]] = {}
+    for device_id, generation in generations.items():
+        modules = plan.get(device_id, [])
+        key = tuple(map(id, modules))
+        if key not in templates:
+            templates[key] = desired_payload(device_id, generation, modules, issued=issued, expires=expires)
+        if not re.fullmatch(DEVICE_ID_PATTERN, device_id) or not 1 <= generation <= MAX_INT63:
+            # The model's own refusal, with its message.
+            desired_payload(device_id, generation, modules, issued=issued, expires=expires)
+        out[device_id] = {**templates[key], "device_id": device_id, "generation": generation}
+    return out

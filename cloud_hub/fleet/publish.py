@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.db.base import Sessions
@@ -62,9 +62,9 @@ def unpublished(session: Session) -> list[str]:
     return sorted(session.scalars(query))
 
 
-def _published(row: DeviceDesired) -> bool:
+def _published(generation: int, payload: bytes | None, published: int | None, cleared: bool) -> bool:
     """Whether the broker was last made to hold exactly what the row holds now."""
-    return (row.published_generation, row.published_cleared) == (row.generation, row.payload is None)
+    return (published, cleared) == (generation, payload is None)
 
 
 class DesiredPublisher:
@@ -100,18 +100,38 @@ class DesiredPublisher:
         return errors
 
     def _publish_chunk(self, session: Session, ids: list[str], *, again: bool) -> list[str]:
+        # Columns, not ORM rows, and one UPDATE for the chunk: a deploy publishes the fleet.
         query = (
-            select(DeviceDesired)
+            select(
+                DeviceDesired.device_id,
+                DeviceDesired.payload,
+                DeviceDesired.generation,
+                DeviceDesired.published_generation,
+                DeviceDesired.published_cleared,
+            )
             .where(DeviceDesired.device_id.in_(ids))
             .order_by(DeviceDesired.device_id)
             .with_for_update()
         )
-        due = [row for row in session.scalars(query) if again or not _published(row)]
-        # The chunk goes out as one batch; only acknowledged rows are marked published.
-        failed = self._channel.publish_states([(row.device_id, row.payload) for row in due])
-        for row in due:
-            if row.device_id not in failed:
-                row.published_generation, row.published_cleared = row.generation, row.payload is None
+        due = [
+            (device_id, payload)
+            for device_id, payload, generation, published, cleared in session.execute(query)
+            if again or not _published(generation, payload, published, cleared)
+        ]
+        # The chunk goes out as one batch; only acknowledged rows are marked published, as
+        # what they hold now: the rows are locked, so that is what was sent.
+        failed = self._channel.publish_states(due)
+        acked = [device_id for device_id, _ in due if device_id not in failed]
+        if acked:
+            session.execute(
+                update(DeviceDesired)
+                .where(DeviceDesired.device_id.in_(acked))
+                .values(
+                    published_generation=DeviceDesired.generation,
+                    published_cleared=DeviceDesired.payload.is_(None),
+                )
+                .execution_options(synchronize_session=False)
+            )
         return [f"{device_id}: {error}" for device_id, error in sorted(failed.items())]
 
     def publish_pending(self) -> list[str]:

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from manifests.reported import ModuleStatus
 from manifests.states import ServiceState
+
+
+class ModuleFacts(Protocol):
+    """What a change is decided on: a reported :class:`ModuleStatus`, or a stored one's columns."""
+
+    @property
+    def service(self) -> str: ...
+    @property
+    def state(self) -> ServiceState: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def manifest_digest(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +54,7 @@ def _state_change(device_id: str, new: ModuleStatus) -> Change:
 
 
 def module_changes(
-    device_id: str, old: Mapping[str, ModuleStatus], new: Sequence[ModuleStatus]
+    device_id: str, old: Mapping[str, ModuleFacts], new: Sequence[ModuleStatus]
 ) -> list[Change]:
     """The changes from ``old`` (by service) to ``new``, in a stable order."""
     out: list[Change] = []

@@ -10,16 +10,18 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from cloud_hub.events import Event, record_event
+from cloud_hub.db.base import Base, utcnow
+from cloud_hub.events import Event, NewEvent
 from cloud_hub.fleet.tables import Device, DeviceDesired
-from cloud_hub.ingest.changes import module_changes
+from cloud_hub.ingest.changes import ModuleFacts, module_changes
 from cloud_hub.ingest.messages import Online, Reported, TelemetryMessage
 from cloud_hub.ingest.tables import DeviceReport, ModuleState, TelemetrySample
+from cloud_hub.webhooks.outbox import record_events
 from manifests.reported import ModuleStatus, ReportedState
 from manifests.states import ServiceState
 
@@ -97,12 +99,23 @@ class _DeviceRow:
                 self.changed[key] = value
 
 
+@dataclass(frozen=True)
+class _StoredModule:
+    """What :func:`module_changes` compares of a stored module state (read as columns: no
+    JSON parse, no model per row)."""
+
+    service: str
+    state: ServiceState
+    reason: str | None
+    manifest_digest: str | None
+
+
 @dataclass
 class _ModuleRow:
     """A module state: what the next report is compared against (stored, or applied earlier in
     this batch), whether the database has its row (update) or not (insert), and what to write."""
 
-    old: ModuleStatus
+    old: ModuleFacts
     stored: bool
     values: dict[str, Any] | None = None
 
@@ -154,18 +167,21 @@ class BatchView:
         self.modules: dict[str, dict[str, _ModuleRow]] = {}
         stored = select(
             ModuleState.device_id, ModuleState.service, ModuleState.state, ModuleState.reason,
-            ModuleState.manifest_digest, ModuleState.since,
+            ModuleState.manifest_digest,
         ).where(ModuleState.device_id.in_(ids))  # fmt: skip
-        for device_id, service, state, reason, digest, since in session.execute(stored):
-            # Only what module_changes compares: no JSON parse, no validation of stored rows.
-            old = ModuleStatus.model_construct(
-                service=service, state=ServiceState(state), reason=reason, manifest_digest=digest, since=since
-            )
+        for device_id, service, state, reason, digest in session.execute(stored):
+            old = _StoredModule(service, ServiceState(state), reason, digest)
             self.modules.setdefault(device_id, {})[service] = _ModuleRow(old, stored=True)
         self.modules_gone: list[tuple[str, str]] = []
         #: service → the devices of this batch where its state changed (its roll-up may move)
         self.changed_services: dict[str, set[str]] = {}
         self._link_problems_noted: set[str] = set()
+        #: the batch's events, stored by :meth:`write` in one statement
+        self.events: list[NewEvent] = []
+
+    def event(self, kind: str, message: str, *, device_id: str, service: str | None = None) -> None:
+        """Record an event with the batch (written by :meth:`write`, in this transaction)."""
+        self.events.append(NewEvent(kind, message, device_id, service))
 
     def link_problem_is_news(self, device_id: str, at_: datetime) -> bool:
         """Whether a link problem of ``device_id`` is to be recorded: none was in this batch,
@@ -220,15 +236,16 @@ class BatchView:
         self.reported_at[device_id] = values["reported_at"]
 
     def write(self) -> None:
-        """Send every change the batch decided, a statement per table and kind (executemany)."""
+        """Send every change the batch decided, a statement per table and kind (executemany),
+        and the batch's events in one INSERT."""
         session = self.session
         devices = [{"id": d, **row.changed} for d, row in self.devices.items() if row.changed]
         for keys in {frozenset(r) for r in devices}:  # one statement per set of changed columns
-            session.execute(update(Device), [r for r in devices if frozenset(r) == keys])
+            _update_rows(session, Device, ("id",), [r for r in devices if frozenset(r) == keys])
         if self._reports_new:
-            session.execute(insert(DeviceReport), list(self._reports_new.values()))
+            _insert_rows(session, DeviceReport, list(self._reports_new.values()))
         if self._reports_changed:
-            session.execute(update(DeviceReport), list(self._reports_changed.values()))
+            _update_rows(session, DeviceReport, ("device_id",), list(self._reports_changed.values()))
         for device_id, service in self.modules_gone:
             session.execute(
                 delete(ModuleState).where(ModuleState.device_id == device_id, ModuleState.service == service)
@@ -240,9 +257,34 @@ class BatchView:
                 if row.values is not None:
                     (changed if row.stored else fresh).append(row.values)
         if fresh:
-            session.execute(insert(ModuleState), fresh)
+            _insert_rows(session, ModuleState, fresh)
         if changed:
-            session.execute(update(ModuleState), changed)
+            _update_rows(session, ModuleState, ("device_id", "service"), changed)
+        record_events(session, self.events, at=utcnow())
+        self.events = []
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+def _insert_rows(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
+    """One executemany INSERT on the model's table (Core: no ORM bulk bookkeeping per row)."""
+    session.execute(insert(_table(model)), rows)
+
+
+def _update_rows(
+    session: Session, model: type[Base], key: tuple[str, ...], rows: list[dict[str, Any]]
+) -> None:
+    """One executemany UPDATE of the rows' other columns (the SET clause follows the first
+    row's), each row found by its ``key`` columns."""
+    table = _table(model)
+    # A WHERE clause's bound names must differ from the columns the SET clause binds.
+    where = [table.c[k] == bindparam(f"key_{k}") for k in key]
+    params = [
+        {**{f"key_{k}": r[k] for k in key}, **{k: v for k, v in r.items() if k not in key}} for r in rows
+    ]
+    session.execute(update(table).where(*where), params)
 
 
 def _touch(device: _DeviceRow, retained: bool, at_: datetime) -> None:
@@ -277,17 +319,14 @@ def apply_reported(view: BatchView, msg: Reported) -> bool:
         and view.link_problem_is_news(msg.device_id, msg.received_at)
         and view.allow_event(msg.device_id)
     ):
-        message = f"{msg.device_id}: {state.link_problem}"
-        record_event(view.session, LINK_PROBLEM_EVENT, message, device_id=msg.device_id)
+        view.event(LINK_PROBLEM_EVENT, f"{msg.device_id}: {state.link_problem}", device_id=msg.device_id)
 
     rows = view.modules.setdefault(msg.device_id, {})
     old = {svc: r.old for svc, r in rows.items()}
     for change in module_changes(msg.device_id, old, state.modules):
         view.changed_services.setdefault(change.service, set()).add(msg.device_id)
         if view.allow_event(msg.device_id):
-            record_event(
-                view.session, change.kind, change.message, device_id=msg.device_id, service=change.service
-            )
+            view.event(change.kind, change.message, device_id=msg.device_id, service=change.service)
     reported = {m.service for m in state.modules}
     for svc in [svc for svc in rows if svc not in reported]:
         if rows.pop(svc).stored:
@@ -340,9 +379,9 @@ def apply_online(view: BatchView, msg: Online) -> bool:
         return False
     device.set(online=msg.online)
     if msg.online:
-        record_event(view.session, "online", f"{msg.device_id} came online", device_id=msg.device_id)
+        view.event("online", f"{msg.device_id} came online", device_id=msg.device_id)
     else:
-        record_event(view.session, "offline", f"{msg.device_id} went offline", device_id=msg.device_id)
+        view.event("offline", f"{msg.device_id} went offline", device_id=msg.device_id)
     return True
 
 

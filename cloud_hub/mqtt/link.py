@@ -32,6 +32,7 @@ import secrets
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,8 +47,11 @@ from manifests.logs import LogLimits, LogRequest, LogResponse, bound_response
 from manifests.topics import INGEST_CHANNELS, LOGS_REQUEST, LOGS_RESPONSE, device_topic, parse_device_topic
 
 log = logging.getLogger(__name__)
-#: QoS 1 messages the hub's client keeps unacknowledged at once (paho's default is 20): a deploy
+#: QoS 1 desired states :meth:`MqttLink.publish_states` keeps unacknowledged at once: a deploy
 #: publishes one retained state per device, which should stream, not wait on round trips.
+#: The link keeps this window itself and turns paho's own bound off (0): paho scans every
+#: message it holds on each acknowledgement while under its bound, so a window of 1,000 cost
+#: 1,000 steps per PUBACK (half the hub's CPU of a 5,000-device publish).
 MAX_INFLIGHT = 1000
 
 #: Called for every device message: ``(topic, payload, retained)``. Must not block.
@@ -109,7 +113,7 @@ class MqttLink:
         if tls_ca is not None:
             self._client.tls_set(ca_certs=tls_ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self._client.reconnect_delay_set(min_delay=1, max_delay=max_backoff_s)
-        self._client.max_inflight_messages_set(MAX_INFLIGHT)
+        self._client.max_inflight_messages_set(0)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -165,10 +169,11 @@ class MqttLink:
     def publish_states(self, states: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
         """Publish many devices' desired states (``None`` clears one), retained, QoS 1.
 
-        Every message is handed to the client before any acknowledgement is awaited, so a
-        thousand states cost about one round trip rather than a thousand (one at a time, a
-        5,000-device deploy spent a minute here). Returns, per device whose state the broker
-        did not acknowledge within ``publish_timeout_s`` of the last send, why.
+        Messages stream with up to :data:`MAX_INFLIGHT` unacknowledged (the oldest is awaited
+        before one more is sent), so a thousand states cost about one round trip rather than a
+        thousand. Returns, per device whose state the broker did not acknowledge within
+        ``publish_timeout_s`` (of its send, or of the last acknowledgement), why; once one is
+        not acknowledged the rest are not sent (the hub retries them later).
         """
         if not self._client.is_connected():
             why = (
@@ -176,24 +181,41 @@ class MqttLink:
                 "hub's credentials are in its password file"
             )
             return {device_id: why for device_id, _ in states}
-        sent: list[tuple[str, mqtt.MQTTMessageInfo]] = []
-        for device_id, payload in states:
-            topic = device_topic(device_id, "desired", prefix=self.prefix)
-            sent.append((device_id, self._client.publish(topic, payload or b"", qos=1, retain=True)))
-        deadline = time.monotonic() + self.publish_timeout_s
         errors: dict[str, str] = {}
-        for device_id, info in sent:
-            try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except (RuntimeError, ValueError) as exc:
-                errors[device_id] = f"publishing to {device_id} via {self.host}:{self.port}: {exc}"
-                continue
-            if not info.is_published():
+        window: deque[tuple[str, mqtt.MQTTMessageInfo]] = deque()
+        stalled = False
+        for device_id, payload in states:
+            if len(window) >= MAX_INFLIGHT:
+                stalled = not self._settle(*window.popleft(), errors)
+            if stalled:
                 errors[device_id] = (
-                    f"publishing to {device_id}: no acknowledgement within {self.publish_timeout_s:g}s; "
-                    "check the broker (the hub will deliver it when the broker answers)"
+                    f"publishing to {device_id}: not sent, the broker {self.host}:{self.port} stopped "
+                    "acknowledging; the hub will deliver it when the broker answers"
                 )
+                continue
+            topic = device_topic(device_id, "desired", prefix=self.prefix)
+            window.append((device_id, self._client.publish(topic, payload or b"", qos=1, retain=True)))
+        deadline = time.monotonic() + self.publish_timeout_s
+        for device_id, info in window:
+            self._settle(device_id, info, errors, timeout=max(0.0, deadline - time.monotonic()))
         return errors
+
+    def _settle(
+        self, device_id: str, info: mqtt.MQTTMessageInfo, errors: dict[str, str], timeout: float | None = None
+    ) -> bool:
+        """Wait for one publish's acknowledgement; note why in ``errors`` when none came."""
+        try:
+            info.wait_for_publish(self.publish_timeout_s if timeout is None else timeout)
+        except (RuntimeError, ValueError) as exc:
+            errors[device_id] = f"publishing to {device_id} via {self.host}:{self.port}: {exc}"
+            return False
+        if not info.is_published():
+            errors[device_id] = (
+                f"publishing to {device_id}: no acknowledgement within {self.publish_timeout_s:g}s; "
+                "check the broker (the hub will deliver it when the broker answers)"
+            )
+            return False
+        return True
 
     def request_logs(
         self, device_id: str, service: str, tail: int, timeout_s: float = 10.0, *, failed: bool = False

@@ -8,9 +8,13 @@ device finds retained on its topic.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
 
 from cloud_hub.broker.passwords import hash_password
@@ -22,6 +26,7 @@ from cloud_hub.ingest.state import BatchView, apply_reported
 from cloud_hub.ingest.tables import DeviceReport, ModuleState
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.mqtt.link import MqttLink
+from cloud_hub.webhooks.tables import Delivery, Subscription
 from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
 from manifests.signing import envelope_bytes, sign_payload
 from tests.hub.broker_fixtures import MqttProbe, plain_config, start_mosquitto
@@ -158,3 +163,86 @@ def test_two_reports_of_a_new_device_in_one_batch_keep_the_newer(hub: HubFactory
         assert s.get(ModuleState, (device, "svc")).state == "Healthy"  # type: ignore[union-attr]
         kinds = sorted(s.scalars(select(Event.kind).where(Event.device_id == device)))
         assert kinds == ["deployed", "healthy"]
+
+
+def _subscribe_all(h: RunningHub) -> None:
+    """A webhook subscription that wants every event (its deliveries are what we count)."""
+    with h.core.sessions.begin() as s:
+        s.add(Subscription(id="sub-all", url="http://127.0.0.1:9/hook", secret="whsec_" + "a" * 32))
+
+
+def _statements(h: RunningHub, into: list[str]) -> Callable[[], None]:
+    """Record every SQL statement the hub's engine sends; returns how to stop recording."""
+    engine = h.core.sessions.engine
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        into.append(statement)
+
+    sa_event.listen(engine, "before_cursor_execute", seen)
+    return lambda: sa_event.remove(engine, "before_cursor_execute", seen)
+
+
+def test_a_batch_stores_its_events_in_one_statement_with_their_webhook_deliveries(hub: HubFactory) -> None:
+    h = hub()
+    ids = _fleet(h, 300)
+    _subscribe_all(h)
+    worker = IngestWorker(h.core.sessions, prefix=PREFIX, telemetry_keep=10, batch_size=500)
+    built: list[Event] = []
+
+    def constructed(target: Event, *_: Any) -> None:
+        built.append(target)
+
+    statements: list[str] = []
+    stop = _statements(h, statements)
+    sa_event.listen(Event, "init", constructed)
+    try:
+        # All 300 reports are pending before the worker starts: one batch.
+        for d in ids:
+            worker.submit(f"{PREFIX}/devices/{d}/reported", _report(d, 1, "Healthy"), False)
+        worker.start()
+        assert worker.drain(timeout=60)
+    finally:
+        worker.stop()
+        sa_event.remove(Event, "init", constructed)
+        stop()
+    # The devices' events (deployed and healthy, 600) are rows of one INSERT, not ORM objects;
+    # only the service's roll-up event, if any, still goes through the ORM.
+    assert [e.kind for e in built if not e.kind.startswith("service_")] == []
+    assert sum(1 for st in statements if st.lstrip().upper().startswith("INSERT INTO EVENTS")) == 1
+    with h.core.sessions.begin() as s:
+        events = dict(s.execute(select(Event.id, Event.kind).where(Event.device_id.is_not(None))).all())
+        assert sorted(Counter(events.values()).items()) == [("deployed", 300), ("healthy", 300)]
+        delivered = list(s.execute(select(Delivery.event_id, Delivery.subject)))
+    # Each event once, delivered once, about its own device and service.
+    assert sorted(event_id for event_id, _ in delivered if event_id in events) == sorted(events)
+    assert {subject for _, subject in delivered} >= {f"services/svc/devices/{d}" for d in ids}
+
+
+def test_two_workers_applying_the_same_reports_at_once_record_each_event_once(
+    hub: HubFactory, postgres: str
+) -> None:
+    # Two replicas that both get every message (a broker without shared subscriptions, or QoS 1
+    # redelivery): the device rows each batch locks first make the second see nothing new.
+    h = hub(postgres=postgres)
+    ids = _fleet(h, 400)
+    _subscribe_all(h)
+    workers = [
+        IngestWorker(h.core.sessions, prefix=PREFIX, telemetry_keep=10, batch_size=100) for _ in range(2)
+    ]
+    for w in workers:
+        for d in ids:
+            w.submit(f"{PREFIX}/devices/{d}/reported", _report(d, 1, "Failed"), False)
+    for w in workers:
+        w.start()
+    try:
+        assert all(w.drain(timeout=120) for w in workers)
+    finally:
+        for w in workers:
+            w.stop()
+    assert [w.stats.failed for w in workers] == [0, 0]
+    with h.core.sessions.begin() as s:
+        kinds = Counter(s.scalars(select(Event.kind).where(Event.device_id.is_not(None))))
+        assert kinds == {"deployed": len(ids), "failed": len(ids)}
+        per_event = Counter(s.scalars(select(Delivery.event_id)))
+        assert set(per_event.values()) == {1}
+        assert s.scalar(select(func.count()).select_from(ModuleState)) == len(ids)

@@ -13,7 +13,9 @@ from cloud_hub.fleet.plan import (
     assignments_digest,
     changed_devices,
     desired_payload,
+    desired_payloads,
     devices_running,
+    plan_digests,
     plan_fleet,
     port_conflicts,
 )
@@ -230,3 +232,49 @@ def test_desired_payload_is_a_valid_desired_state() -> None:
     assert payload["schema"] == "edgepack.desired/v1"
     assert (state.device_id, state.generation) == ("b1", 7)
     assert [m.service for m in state.modules] == ["svc"]
+
+
+def test_devices_with_the_same_services_share_one_assignment_list() -> None:
+    # What lets a fleet-wide change render and digest each distinct list once, not per device.
+    plan = plan_fleet(
+        FLEET,
+        [dep("svc", Target(selector={"site": "berlin"})), dep("gpu", Target(devices=("b1",)), port=9001)],
+    )
+    assert plan["b2"] is not plan["b1"]
+    berlin = plan_fleet(
+        [*FLEET, DeviceView("b3", {"site": "berlin"})], [dep("svc", Target(selector={"site": "berlin"}))]
+    )
+    assert berlin["b2"] is berlin["b3"]
+    assert berlin["b2"][0] is berlin["b1"][0]
+
+
+def test_plan_digests_match_each_devices_own_digest() -> None:
+    plan = plan_fleet(
+        [*FLEET, DeviceView("b3", {"site": "berlin"})],
+        [dep("svc", Target(selector={"site": "berlin"})), dep("one", Target(devices=("b1",)), port=9001)],
+    )
+    assert plan_digests(plan) == {d: assignments_digest(mods) for d, mods in plan.items()}
+    assert len(set(plan_digests(plan).values())) == 3  # b1; b2 and b3; m1
+
+
+def test_desired_payloads_are_each_devices_own_payload() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    later = now + timedelta(days=1)
+    plan = plan_fleet(
+        [*FLEET, DeviceView("b3", {"site": "berlin"})],
+        [dep("svc", Target(selector={"site": "berlin"})), dep("one", Target(devices=("b1",)), port=9001)],
+    )
+    generations = {"b1": 3, "b2": 1, "b3": 9, "m1": 2, "gone": 4}
+    payloads = desired_payloads(plan, generations, issued=now, expires=later)
+    assert payloads == {
+        d: desired_payload(d, g, plan.get(d, []), issued=now, expires=later) for d, g in generations.items()
+    }
+
+
+@pytest.mark.parametrize(("device_id", "generation"), [("bad id!", 1), ("b2", 0)])
+def test_desired_payloads_refuse_what_the_model_refuses(device_id: str, generation: int) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    fleet = [*FLEET, DeviceView(device_id, {"site": "berlin"})]
+    plan = plan_fleet(fleet, [dep("svc", Target(selector={"site": "berlin"}))])
+    with pytest.raises(ValueError, match=r"device_id|generation"):
+        desired_payloads(plan, {"b1": 1, device_id: generation}, issued=now, expires=now + timedelta(days=1))
