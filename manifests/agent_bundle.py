@@ -26,6 +26,8 @@ AGENT_BUNDLE_SCHEMA = "edgepack.agent-bundle/v1"
 WHEEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}\.whl$"
 #: Debian's names for the device architectures a bundle may carry.
 ARCHES = ("amd64", "arm64")
+#: The extras of ``edgepack`` a device may install with the agent (never the hub's).
+DEVICE_EXTRAS = ("onnx", "docker")
 #: The most wheels one architecture may list (the agent needs about 30).
 MAX_WHEELS = 400
 #: The largest ``bundle.json`` a device or the hub reads.
@@ -49,6 +51,9 @@ class AgentBundle(BaseModel):
     version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,62}$", description="edgepack's version")
     created: datetime
     python: str = Field(pattern=r"^3\.[0-9]{1,2}$", description="the Python the wheels are for")
+    extras: list[Literal["onnx", "docker"]] = Field(
+        default_factory=list, max_length=2, description="the extras of edgepack installed with it"
+    )
     wheels: dict[Literal["amd64", "arm64"], list[BundleWheel]] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -64,9 +69,10 @@ class AgentBundle(BaseModel):
                     raise ValueError(f"{arch}: needs exactly one {project} wheel")
         return self
 
-    def pip_wheel(self, arch: str) -> str:
-        """The name of the pip wheel a bare device runs pip from (Debian's python3 has none)."""
-        return next(w.name for w in self.wheels[arch] if _project(w.name) == "pip")  # type: ignore[index]
+    def requirement(self) -> str:
+        """What pip installs from the bundle: ``edgepack[onnx]==0.1.0``."""
+        extras = f"[{','.join(self.extras)}]" if self.extras else ""
+        return f"edgepack{extras}=={self.version}"
 
 
 def _project(wheel_name: str) -> str:

@@ -1,7 +1,8 @@
 """Which optional part of the ``edgepack`` distribution brings which imported package.
 
 The base install is what a device needs (the agent, the scoring server, the CLI's device and
-client commands); the hub and the docker runtime are extras (``pyproject.toml``). A command
+client commands); the hub, the docker runtime and the ONNX runtime are extras
+(``pyproject.toml``). A command
 that reaches a package of an extra that is not installed says, in one line, which extra to
 install (:func:`missing_extra_message`), instead of a traceback.
 """
@@ -23,6 +24,8 @@ EXTRA_OF_IMPORT: dict[str, str] = {
     "aiohttp": "hub",
     "pydantic_settings": "hub",
     "docker": "docker",
+    "onnxruntime": "onnx",
+    "numpy": "onnx",
     "psycopg": "postgres",
     "boto3": "s3",
     "botocore": "s3",
@@ -32,6 +35,7 @@ EXTRA_OF_IMPORT: dict[str, str] = {
 PURPOSE = {
     "hub": "the hub",
     "docker": "the docker runtime and runtime images",
+    "onnx": "an ONNX module run in this Python",
     "postgres": "a hub on PostgreSQL",
     "s3": "a hub's blobs in S3",
 }

@@ -21,7 +21,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from manifests.agent_bundle import MAX_BUNDLE_JSON_BYTES, AgentBundle, BundleWheel, verify_agent_bundle
+from manifests.agent_bundle import (
+    DEVICE_EXTRAS,
+    MAX_BUNDLE_JSON_BYTES,
+    AgentBundle,
+    BundleWheel,
+    verify_agent_bundle,
+)
 from manifests.durable import write_durable
 from manifests.errors import ConfigError, FetchError, TrustError
 from manifests.signing import TrustStore, envelope_bytes, sign_payload
@@ -40,6 +46,8 @@ class BundleSpec:
     out: Path
     key: Ed25519PrivateKey
     arches: tuple[str, ...] = ("amd64",)
+    #: ONNX modules run by the process runtime need onnxruntime and numpy in the agent's venv
+    extras: tuple[str, ...] = ("onnx",)
     project: Path | None = None
     wheel: Path | None = None
 
@@ -73,6 +81,9 @@ def build_agent_bundle(spec: BundleSpec) -> AgentBundle:
     if unknown or not spec.arches:
         given = ", ".join(unknown) or "(none)"
         raise ConfigError(f"architecture {given}: choose from {', '.join(WHEEL_ARCH)}")
+    wrong = sorted(set(spec.extras) - set(DEVICE_EXTRAS))
+    if wrong:
+        raise ConfigError(f"extra {', '.join(wrong)}: a device installs only {', '.join(DEVICE_EXTRAS)}")
     with tempfile.TemporaryDirectory(prefix="edgepack-bundle-") as tmp:
         wheel = spec.wheel
         if wheel is None:
@@ -85,6 +96,8 @@ def build_agent_bundle(spec: BundleSpec) -> AgentBundle:
         elif not wheel.is_file():
             raise ConfigError(f"{wheel}: wheel not found")
         version = wheel.name.split("-")[1]
+        extras = f"[{','.join(spec.extras)}]" if spec.extras else ""
+        requirement = f"edgepack{extras} @ {wheel.resolve().as_uri()}"
         listed: dict[str, list[BundleWheel]] = {}
         for arch in spec.arches:
             folder = spec.out / arch
@@ -95,7 +108,7 @@ def build_agent_bundle(spec: BundleSpec) -> AgentBundle:
             _pip(
                 ["download", "--quiet", "--only-binary=:all:", "--implementation", "cp",
                  "--python-version", DEVICE_PYTHON, "--abi", "cp" + DEVICE_PYTHON.replace(".", ""),
-                 *platforms, "--dest", str(folder), str(wheel), "pip"],
+                 *platforms, "--dest", str(folder), requirement, "pip"],
                 what=f"pip download of the agent's wheels for {arch}",
             )  # fmt: skip
             listed[arch] = [
@@ -103,7 +116,7 @@ def build_agent_bundle(spec: BundleSpec) -> AgentBundle:
                 for p in sorted(folder.glob("*.whl"))
             ]
     bundle = AgentBundle(version=version, created=datetime.now(UTC).replace(microsecond=0),
-                         python=DEVICE_PYTHON, wheels=listed)  # fmt: skip
+                         python=DEVICE_PYTHON, extras=list(spec.extras), wheels=listed)  # fmt: skip
     envelope = sign_payload(bundle.model_dump(mode="json", by_alias=True), [spec.key])
     write_durable(spec.out / BUNDLE_JSON, envelope_bytes(envelope), mode=0o644)
     return bundle

@@ -119,19 +119,20 @@ for wheel in wheels:
     save(path, data)
 save(os.path.join(dest, "bundle.json"), raw)
 pip = next(w["name"] for w in wheels if w["name"].startswith("pip-"))
-print(arch, signed["version"], pip)
+extras = f"[{','.join(signed['extras'])}]" if signed.get("extras") else ""
+print(arch, f"edgepack{extras}=={signed['version']}", pip)
 PY
 ) || die "the download failed (above)"
 set -- $FOUND
-ARCH=$1 VERSION=$2 PIP_WHEEL=$3
+ARCH=$1 REQUIREMENT=$2 PIP_WHEEL=$3
 
 # 2. The venv, from the bundle's wheels only (Debian's python3 has no pip: the bundle's runs).
-say "installing edgepack $VERSION ($ARCH) into $VENV"
+say "installing $REQUIREMENT ($ARCH) into $VENV"
 [ -x "$VENV/bin/python" ] || python3 -m venv --without-pip "$VENV" \
     || die "python3 cannot make a venv (is its venv module there?)"
 PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" "$BUNDLE/$ARCH/$PIP_WHEEL/pip" install --quiet --no-index \
     --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
-    --find-links "$BUNDLE/$ARCH" "edgepack==$VERSION" || die "pip could not install the bundle's wheels"
+    --find-links "$BUNDLE/$ARCH" "$REQUIREMENT" || die "pip could not install the bundle's wheels"
 EDGEPACK="$VENV/bin/edgepack"
 
 # 3. The device's credentials.

@@ -29,6 +29,11 @@ def build_cmd(
     arch: Annotated[
         list[str] | None, typer.Option("--arch", help="amd64 or arm64; repeatable (default amd64)")
     ] = None,
+    extra: Annotated[
+        list[str] | None,
+        typer.Option("--extra", help="onnx, docker; repeatable (default onnx: process-runtime ONNX modules)"),
+    ] = None,
+    no_extras: Annotated[bool, typer.Option("--no-extras", help="the agent alone")] = False,
     project: Annotated[
         Path | None, typer.Option("--project", help="edgepack source tree (default: the one running)")
     ] = None,
@@ -40,7 +45,8 @@ def build_cmd(
     from packager.agent_bundle import BundleSpec, build_agent_bundle
 
     spec = BundleSpec(out=out, key=read_private_key(key or default_key_path()),
-                      arches=tuple(arch or ["amd64"]), project=project, wheel=wheel)  # fmt: skip
+                      arches=tuple(arch or ["amd64"]), project=project, wheel=wheel,
+                      extras=() if no_extras else tuple(extra or ["onnx"]))  # fmt: skip
     bundle = build_agent_bundle(spec)
     for name, wheels in bundle.wheels.items():
         size = sum(w.size for w in wheels) / 1e6
