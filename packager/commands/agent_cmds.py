@@ -307,5 +307,6 @@ def verify_bundle_cmd(
     creds = parse_credentials(data, source=str(credentials))
     bundle = check_agent_bundle(folder, creds.publishers, arch or machine_arch())
     console.print(
-        f"agent bundle {bundle.version} ({folder}): signed by a trusted publisher, every wheel checked"
+        f"agent bundle {bundle.version} ({folder}): signed by a trusted publisher, every wheel checked",
+        soft_wrap=True,
     )
