@@ -7,7 +7,8 @@
 # 1. download the hub's agent bundle (bundle.json, whose sha256 this script pins, and the
 #    wheels for this machine, each checked against bundle.json's size and digest);
 # 2. a venv with those wheels (pip from the bundle, --no-index);
-# 3. the device's credentials (--credentials FILE, or 'edgepack agent join' with --token);
+# 3. the device's credentials (--credentials FILE, or with --token 'edgepack agent join HUB
+#    --token T --state STATE_DIR', which enrols the device and writes them into STATE_DIR);
 # 4. the bundle's signature checked against the publisher keys the credentials trust;
 # 5. agent.toml, then the systemd service (or, without systemd, the agent started directly).
 #
@@ -135,34 +136,41 @@ PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" "$BUNDLE/$ARCH/$PIP_WHEEL/pip" inst
     --find-links "$BUNDLE/$ARCH" "$REQUIREMENT" || die "pip could not install the bundle's wheels"
 EDGEPACK="$VENV/bin/edgepack"
 
-# 3. The device's credentials.
+# 3. The device's credentials: the admin's file, or the device enrols itself with the token
+#    ('edgepack agent join' writes its key, credentials.json and agent.toml into its folder).
 mkdir -p "$CONFIG_DIR"
-DEVICE_CREDENTIALS="$CONFIG_DIR/device.json"
+CONFIG="$CONFIG_DIR/agent.toml"
 if [ -n "$TOKEN" ]; then
     "$EDGEPACK" agent join --help >/dev/null 2>&1 \
         || die "this hub's agent has no 'edgepack agent join': enroll the device and pass --credentials FILE"
-    "$EDGEPACK" agent join "$HUB_URL" --token "$TOKEN" --out "$DEVICE_CREDENTIALS" \
+    # shellcheck disable=SC2086
+    "$EDGEPACK" agent join "$HUB_URL" --token "$TOKEN" --state "$STATE_DIR" $RUNTIMES ${CA:+--ca "$CA"} \
         || die "'edgepack agent join' failed (above)"
+    DEVICE_CREDENTIALS="$STATE_DIR/credentials.json"
+    CONFIG="$STATE_DIR/agent.toml"
 else
+    DEVICE_CREDENTIALS="$CONFIG_DIR/device.json"
     (umask 077 && cp "$CREDENTIALS" "$DEVICE_CREDENTIALS.tmp") && mv "$DEVICE_CREDENTIALS.tmp" "$DEVICE_CREDENTIALS"
 fi
 chmod 600 "$DEVICE_CREDENTIALS"
 
 # 4. The signature, with the keys the device trusts; nothing is configured or started before.
 "$EDGEPACK" agent verify-bundle "$BUNDLE" --credentials "$DEVICE_CREDENTIALS" --arch "$ARCH" \
-    || { rm -rf "$VENV"; die "the bundle's signature is not trusted: nothing was started"; }
+    || { rm -rf "$VENV"; die "the bundle is not trusted (above): nothing was configured or started"; }
 
-# 5. agent.toml and the service.
-# shellcheck disable=SC2086
-"$EDGEPACK" agent init --credentials "$DEVICE_CREDENTIALS" --state-dir "$STATE_DIR" $RUNTIMES \
-    --out "$CONFIG_DIR/agent.toml" --force
-[ "$START" = 1 ] || { say "installed; start it with: $EDGEPACK agent run --config $CONFIG_DIR/agent.toml"; exit 0; }
+# 5. agent.toml (join wrote its own) and the service.
+if [ -z "$TOKEN" ]; then
+    # shellcheck disable=SC2086
+    "$EDGEPACK" agent init --credentials "$DEVICE_CREDENTIALS" --state-dir "$STATE_DIR" $RUNTIMES \
+        --out "$CONFIG" --force
+fi
+[ "$START" = 1 ] || { say "installed; start it with: $EDGEPACK agent run --config $CONFIG"; exit 0; }
 if [ -d /run/systemd/system ]; then
-    "$EDGEPACK" agent install-service --config "$CONFIG_DIR/agent.toml"
+    "$EDGEPACK" agent install-service --config "$CONFIG"
     say "the agent runs as the systemd service edgepack-agent (journalctl -u edgepack-agent)"
 else
     mkdir -p "$(dirname "$LOG")"
-    nohup "$EDGEPACK" agent run --config "$CONFIG_DIR/agent.toml" >>"$LOG" 2>&1 </dev/null &
+    nohup "$EDGEPACK" agent run --config "$CONFIG" >>"$LOG" 2>&1 </dev/null &
     say "systemd is not running here: started the agent directly (pid $!; log $LOG); it is not restarted on failure or at boot"
     echo "agent-pid $!"
 fi

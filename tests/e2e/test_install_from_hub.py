@@ -175,7 +175,7 @@ def test_a_bundle_not_signed_by_a_key_the_device_trusts_is_not_started(
     done = device.run(["sh", "-s", "--", "--credentials", "/root/edge.json"], stdin=script)
     assert done.returncode != 0
     assert done.stderr.decode().rstrip().endswith(
-        "edgepack install: error: the bundle's signature is not trusted: nothing was started"
+        "edgepack install: error: the bundle is not trusted (above): nothing was configured or started"
     )
     assert not (device.root / "etc/edgepack/agent.toml").exists()
     assert not (device.root / "opt/edgepack/venv").exists()
