@@ -147,7 +147,9 @@ def test_a_bare_device_installs_the_agent_from_the_hub_and_serves(
 
     cli.run("deploy", "-n", "digits-bare", "-m", "digits:1", "--dc", str(deployment),
             "--selector", "site=bare")  # fmt: skip
-    cli.run("service", "wait", "digits-bare", "--timeout", "120", "--interval", "0.2", timeout=150)
+    # The agent install.sh started may not have reached the broker yet: wait for it to, too.
+    cli.run("service", "wait", "digits-bare", "--timeout", "120", "--interval", "0.2", "--wait-offline",
+            timeout=150)  # fmt: skip
     healthy_s = time.monotonic() - began
     print(f"install.sh: {installed_s:.1f} s; install.sh -> Healthy: {healthy_s:.1f} s "
           f"(target {TARGET_S:.0f} s)")  # fmt: skip
