@@ -16,7 +16,12 @@ agents as separate processes, deploys the digits example and measures:
 - ``agent_idle_rss_mb`` (process runtime, one module; ``agent_idle_rss_mb_docker`` too) and
   ``agent_rss_growth_mb``: RSS after 500 desired-state changes minus RSS after the first;
 - ``update_bytes`` for an update that changes only ``score.py`` of a module with a 10 MB
-  model, against ``changed_bytes + manifest_bytes`` (and ``bundle_bytes``).
+  model, against ``changed_bytes + manifest_bytes`` (and ``bundle_bytes``);
+- ``device_install_mb`` / ``device_packages``: what ``pip install edgepack`` puts on a device
+  (the agent, the scoring server, the CLI), against ``full_install_mb`` / ``full_packages``,
+  every dependency before the split (``edgepack[hub,docker,onnx]``); ``device_onnx_install_mb``
+  with the ONNX runtime that process-runtime ONNX modules need (the agent bundle's default);
+  pip and setuptools counted in none; ``agent_import_s``: ``import edge_agent.daemon``.
 
 Usage: ``python bench/agent.py [--quick] [--no-docker]``; progress on stderr, the last line
 of stdout is one JSON object with ``targets`` and ``targets_met``.
@@ -76,6 +81,7 @@ TARGETS = {
     "agent_idle_rss_mb_max": 45.0,
     "agent_rss_growth_mb_max": 2.0,
     "update_bytes_ratio_max": 1.05,
+    "device_install_ratio_max": 0.6,
 }
 FAILING_INIT = (
     'def init():\n    raise RuntimeError("broken on purpose")\n\n\ndef run(raw_data):\n    return raw_data\n'
@@ -535,6 +541,34 @@ def docker_image(root: Path) -> tuple[str, str] | None:
     return built.pinned_ref.split("@")[0] + ":bench", built.digest
 
 
+def installed(requirement: str, target: Path) -> tuple[float, int]:
+    """MB and distributions that ``pip install --target`` puts there for ``requirement``."""
+    subprocess.run([PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target",
+                    str(target), requirement], check=True, capture_output=True)  # fmt: skip
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file() and not f.is_symlink())
+    return size / 1e6, len(list(target.glob("*.dist-info")))
+
+
+def install_size(root: Path) -> dict[str, Any]:
+    wheels = root / "wheel"
+    subprocess.run([PY, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(REPO)],
+                   check=True, capture_output=True)  # fmt: skip
+    uri = next(wheels.glob("edgepack-*.whl")).resolve().as_uri()
+    result: dict[str, Any] = {}
+    for key, extras in (("device", ""), ("device_onnx", "[onnx]"), ("full", "[hub,docker,onnx]")):
+        mb, packages = installed(f"edgepack{extras} @ {uri}", root / f"site-{key}")
+        result[f"{key}_install_mb"], result[f"{key}_packages"] = round(mb, 1), packages
+        say(f"  {key}: {packages} distributions, {mb:.1f} MB")
+    result["device_install_ratio"] = round(result["device_install_mb"] / result["full_install_mb"], 3)
+    times = []
+    for _ in range(5):
+        began = time.perf_counter()
+        subprocess.run([PY, "-c", "import edge_agent.daemon"], check=True, cwd=REPO)
+        times.append(time.perf_counter() - began)
+    result["agent_import_s"] = round(statistics.median(times), 3)
+    return result
+
+
 def targets_met(result: dict[str, Any]) -> dict[str, bool]:
     checks = {
         "process_deploy_s": lambda v: v < TARGETS["process_deploy_s_max"],
@@ -545,6 +579,7 @@ def targets_met(result: dict[str, Any]) -> dict[str, bool]:
         "agent_idle_rss_mb": lambda v: v < TARGETS["agent_idle_rss_mb_max"],
         "agent_rss_growth_mb": lambda v: v < TARGETS["agent_rss_growth_mb_max"],
         "update_bytes_ratio": lambda v: v <= TARGETS["update_bytes_ratio_max"],
+        "device_install_ratio": lambda v: v <= TARGETS["device_install_ratio_max"],
     }
     return {key: bool(check(result[key])) for key, check in checks.items() if key in result}
 
@@ -556,11 +591,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
     parser.add_argument("--no-docker", action="store_true", help="leave out the docker runtime")
     parser.add_argument(
-        "--only", default="", help="parts, comma-separated: deploy,update,rollback,bytes,memory,boot"
+        "--only", default="", help="parts, comma-separated: deploy,update,rollback,bytes,memory,boot,install"
     )
     args = parser.parse_args()
     rounds = 3 if args.quick else 7
-    everything = {"deploy", "update", "rollback", "bytes", "memory", "boot"}
+    everything = {"deploy", "update", "rollback", "bytes", "memory", "boot", "install"}
     parts = set(filter(None, args.only.split(","))) or everything
     root = Path(tempfile.mkdtemp(prefix="edgepack-bench-agent-"))
     stack = Stack(root)
@@ -626,6 +661,9 @@ def main() -> None:
             if "boot" in parts:
                 say("offline boot")
                 result["offline_boot_s"] = round(offline_boot(stack, agent, port, body), 3)
+        if "install" in parts:
+            say("installed size: device against full")
+            result.update(install_size(root))
         result["targets"] = TARGETS
         result["targets_met"] = targets_met(result)
     except SystemExit:

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from cloud_hub.api import alerts, dashboard, data, endpoint_certs, fleet, join, registry, webhooks
+from cloud_hub.api import alerts, dashboard, data, endpoint_certs, fleet, install, join, registry, webhooks
 from cloud_hub.api.body_limit import BodyLimit
 from cloud_hub.api.docs import install_docs
 from cloud_hub.api.downloads import DeviceDownloads
@@ -69,4 +69,5 @@ def create_app(
     app.include_router(webhooks.router)
     app.include_router(data.device_router)
     app.include_router(data.admin_router)
+    app.include_router(install.router)
     return app

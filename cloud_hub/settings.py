@@ -54,6 +54,11 @@ class HubSettings(BaseSettings):
         "(credentials from the AWS_* variables)",
     )
     max_upload_mb: int = Field(default=2048, gt=0)
+    agent_bundle: Path | None = Field(
+        default=None,
+        description="folder 'edgepack hub agent-bundle build' wrote, served with /install.sh; "
+        "default <data_dir>/agent-bundle if present",
+    )
     # Device downloads (cloud_hub.api.downloads, docs/security.md §downloads): what a replica
     # remembers of who may fetch what.
     download_grant_ttl_s: float = Field(
@@ -256,6 +261,13 @@ class HubSettings(BaseSettings):
                 f"({self.max_bodies_in_flight_mb}): no body that large could ever be read"
             )
         return self
+
+    def agent_bundle_dir(self) -> Path | None:
+        """The agent bundle this hub serves to devices, if any."""
+        if self.agent_bundle is not None:
+            return self.agent_bundle
+        default = self.data_dir / "agent-bundle"
+        return default if default.is_dir() else None
 
     def database_url(self) -> str:
         return self.db or f"sqlite:///{self.data_dir / 'hub.db'}"

@@ -29,6 +29,7 @@ from edge_agent.uplink.mqtt import MqttSession
 from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig
 from manifests.errors import ConfigError
+from manifests.extras import missing_extra_message
 
 log = logging.getLogger("edge_agent")
 
@@ -48,7 +49,13 @@ def build_runtimes(config: AgentConfig, device_id: str) -> dict[RuntimeKind, Run
                 runs, python=config.process.python, max_log_bytes=config.max_log_bytes
             )
         elif kind is RuntimeKind.DOCKER:
-            from edge_agent.runtime.docker import DockerRuntime  # the docker SDK only when used
+            try:
+                from edge_agent.runtime.docker import DockerRuntime  # the docker SDK only when used
+            except ModuleNotFoundError as exc:
+                message = missing_extra_message(exc.name)
+                if message is None:
+                    raise
+                raise ConfigError(f"runtime 'docker' in agent.toml: {message}") from None
 
             runtimes[kind] = DockerRuntime.connect(config, runs, device_id)
     return runtimes

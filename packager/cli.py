@@ -8,6 +8,7 @@ from packager.commands import (  # noqa: F401  (registers commands)
     alert_cmds,
     balancer_cmds,
     broker_cmds,
+    bundle_cmds,
     fleet_cmds,
     local_cmds,
     migrate_cmds,

@@ -72,12 +72,12 @@ PY
 }
 
 # --- 1. set-up ----------------------------------------------------------------------------
-step "1. system packages and .venv (edgepack[example])"
+step "1. system packages and .venv (edgepack[hub,example])"
 QUICKSTART_PACKAGES=(
     mosquitto   # the MQTT broker between hub and devices
 )
 ensure_apt_packages "${QUICKSTART_PACKAGES[@]}"
-ensure_venv example
+ensure_venv hub,example   # the hub runs here too; a device needs only the base install
 
 # --- 2. the model -------------------------------------------------------------------------
 step "2. train the digits classifier (scikit-learn -> ONNX)"

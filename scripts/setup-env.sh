@@ -36,8 +36,8 @@ ensure_python() {
     python3 -c 'import ensurepip, venv' 2>/dev/null || ensure_apt_packages python3-venv
 }
 
-# ensure_venv EXTRAS: .venv with edgepack installed editable with those extras
-# (e.g. "example" or "test"). Reinstalls only when pyproject.toml or the extras changed.
+# ensure_venv EXTRAS: .venv with edgepack installed editable with those extras (comma-separated)
+# (e.g. "hub,example" or "test"). Reinstalls only when pyproject.toml or the extras changed.
 ensure_venv() {
     local extras="$1" stamp="$VENV/.edgepack-install-$1" want
     ensure_python

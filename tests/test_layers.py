@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from manifests.extras import extra_for
+
 REPO = Path(__file__).resolve().parent.parent
 OURS = ("manifests", "packager", "edge_agent", "cloud_hub", "edgepack")
 
@@ -60,6 +62,44 @@ def _violations() -> list[str]:
             if name.split(".", 1)[0] in AGENT_NEVER:
                 found.append(f"{path.relative_to(REPO)} imports {name}: the agent never loads it")
     return found
+
+
+#: The only modules of the device's side that may import a package of an extra (lazily
+#: loaded themselves): the docker runtime and the runtime image's builder, the docker SDK.
+EXTRA_USERS = {"edge_agent/runtime/docker.py": "docker", "packager/runtime_image/engine.py": "docker"}
+
+
+def _module_level_imports(path: Path) -> list[str]:
+    """What ``path`` imports when it is imported (not inside a function: a hub command loads
+    the hub only when it runs)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Import):
+                names.extend(a.name for a in sub.names)
+            elif isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
+                names.append(sub.module)
+    return names
+
+
+def test_the_device_side_never_imports_a_package_of_an_extra() -> None:
+    # The base install is the device's (pyproject.toml): the agent may not need the hub's
+    # packages anywhere, and the CLI only inside the commands of an extra.
+    found = []
+    for package, imports in (("edge_agent", _imports), ("packager", _module_level_imports),
+                             ("manifests", _imports), ("edgepack", _imports)):  # fmt: skip
+        for path in sorted((REPO / package).rglob("*.py")):
+            where = path.relative_to(REPO).as_posix()
+            if "templates" in path.parts:
+                continue
+            for name in imports(path):
+                extra = extra_for(name)
+                if extra is not None and EXTRA_USERS.get(where) != extra:
+                    found.append(f"{where} imports {name}, of the extra edgepack[{extra}]")
+    assert found == []
 
 
 def test_layers_are_respected() -> None:

@@ -319,3 +319,28 @@ def join_cmd(
         ),
         highlight=False,
     )
+
+
+@agent_app.command("verify-bundle")
+def verify_bundle_cmd(
+    folder: Annotated[Path, typer.Argument(help="the folder install.sh downloaded the bundle into")],
+    credentials: Annotated[
+        Path, typer.Option("--credentials", help="the device's credentials: its publisher keys are trusted")
+    ],
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="amd64 or arm64 (default: this machine's)")
+    ] = None,
+) -> None:
+    """Check an agent bundle's signature and its wheels for this machine (install.sh runs it)."""
+    from packager.agent_bundle import check_agent_bundle, machine_arch
+
+    try:
+        data = credentials.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{credentials}: cannot read it ({exc.strerror})") from None
+    creds = parse_credentials(data, source=str(credentials))
+    bundle = check_agent_bundle(folder, creds.publishers, arch or machine_arch())
+    console.print(
+        f"agent bundle {bundle.version} ({folder}): signed by a trusted publisher, every wheel checked",
+        soft_wrap=True,
+    )

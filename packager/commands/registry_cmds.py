@@ -81,6 +81,10 @@ def serve_cmd(
     allow_plain_http: Annotated[
         bool, typer.Option(help="serve plain HTTP beyond loopback (tokens cross the network in clear)")
     ] = False,
+    agent_bundle: Annotated[
+        Path | None,
+        typer.Option(help="serve this agent bundle and /install.sh ('edgepack hub agent-bundle build')"),
+    ] = None,
 ) -> None:
     """Run the hub (API, dashboard, MQTT link) until Ctrl-C. Flags override EDGEPACK_HUB_* variables."""
     from cloud_hub.serve import run_hub
@@ -104,6 +108,7 @@ def serve_cmd(
         "tls_key": tls_key,
         "mqtt_tls_ca": mqtt_tls_ca,
         "allow_plain_http": allow_plain_http or None,
+        "agent_bundle": agent_bundle,
     }
     for path in trust or []:
         if not path.is_file():
