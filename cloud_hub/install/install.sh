@@ -15,6 +15,7 @@
 # Needs: root, Debian's python3 (3.11 or newer). Options: --prefix DIR (/opt/edgepack),
 # --config-dir DIR (/etc/edgepack), --state-dir DIR (/var/lib/edgepack), --runtime R
 # (process, docker; repeatable), --log FILE (without systemd), --ca FILE (the hub's CA),
+# --id-from hostname|machine-id|ID (with --token: the device's id, default its hostname),
 # --no-start.
 set -eu
 
@@ -26,6 +27,7 @@ CONFIG_DIR=/etc/edgepack
 STATE_DIR=/var/lib/edgepack
 LOG=/var/log/edgepack-agent.log
 TOKEN=
+ID_FROM=hostname
 CREDENTIALS=
 CA=
 RUNTIMES=
@@ -38,6 +40,7 @@ need_value() { [ "$#" -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --token) need_value "$@"; TOKEN=$2; shift 2 ;;
+        --id-from) need_value "$@"; ID_FROM=$2; shift 2 ;;
         --credentials) need_value "$@"; CREDENTIALS=$2; shift 2 ;;
         --prefix) need_value "$@"; PREFIX=$2; shift 2 ;;
         --config-dir) need_value "$@"; CONFIG_DIR=$2; shift 2 ;;
@@ -144,7 +147,7 @@ if [ -n "$TOKEN" ]; then
     "$EDGEPACK" agent join --help >/dev/null 2>&1 \
         || die "this hub's agent has no 'edgepack agent join': enroll the device and pass --credentials FILE"
     # shellcheck disable=SC2086
-    "$EDGEPACK" agent join "$HUB_URL" --token "$TOKEN" --state "$STATE_DIR" $RUNTIMES ${CA:+--ca "$CA"} \
+    "$EDGEPACK" agent join "$HUB_URL" --token "$TOKEN" --id-from "$ID_FROM" --state "$STATE_DIR" $RUNTIMES ${CA:+--ca "$CA"} \
         || die "'edgepack agent join' failed (above)"
     DEVICE_CREDENTIALS="$STATE_DIR/credentials.json"
     CONFIG="$STATE_DIR/agent.toml"

@@ -115,8 +115,14 @@ def device(tmp_path: Path) -> Iterator[Device]:
         yield mounted
 
 
+@pytest.mark.parametrize("enrolment", ["credentials", "token"])
 def test_a_bare_device_installs_the_agent_from_the_hub_and_serves(
-    hub: Hub, device: Device, digits_bundle: Path, digits_samples: dict[str, Any], tmp_path: Path
+    hub: Hub,
+    device: Device,
+    digits_bundle: Path,
+    digits_samples: dict[str, Any],
+    tmp_path: Path,
+    enrolment: str,
 ) -> None:
     cli = hub.cli
     # The device has Debian's python3 and no pip, so nothing could come from a package index
@@ -124,20 +130,25 @@ def test_a_bare_device_installs_the_agent_from_the_hub_and_serves(
     assert device.run(["python3", "-m", "pip", "--version"]).returncode != 0
     assert device.run(["sh", "-c", "command -v curl"]).returncode != 0
 
-    device_id = f"bare-{os.getpid()}"
-    cli.run("device", "enroll", device_id, "--tag", "site=bare", "--out", str(tmp_path / "edge.json"))
-    (device.root / "root" / "edge.json").write_bytes((tmp_path / "edge.json").read_bytes())
+    device_id = f"bare-{enrolment}-{os.getpid()}"
+    if enrolment == "credentials":  # the admin enrols the device and carries its file to it
+        cli.run("device", "enroll", device_id, "--tag", "site=bare", "--out", str(tmp_path / "edge.json"))
+        (device.root / "root" / "edge.json").write_bytes((tmp_path / "edge.json").read_bytes())
+        how = ["--credentials", "/root/edge.json"]
+    else:  # the image holds a one-use token; the device makes its own key and joins
+        made = cli.json("device", "token", "create", "--tags", "site=bare", "--uses", "1", "--expires", "1h")
+        how = ["--token", made["token"], "--id-from", device_id]
     cli.run("push", str(digits_bundle))
     port = free_port()
     deployment = tmp_path / "deploymentconfig.json"
     settings = {"computeType": "local", "port": port, "edgepack": {"runtime": "process"}}
     deployment.write_text(json.dumps(settings))
 
-    # On the device: curl -fsS HUB/install.sh | sh -s -- --credentials edge.json
+    # On the device: curl -fsS HUB/install.sh | sh -s -- --credentials edge.json (or --token T)
     script = httpx.get(f"{hub.url}/install.sh", timeout=30)
     assert script.status_code == 200
     began = time.monotonic()
-    done = device.run(["sh", "-s", "--", "--credentials", "/root/edge.json"], stdin=script.content)
+    done = device.run(["sh", "-s", "--", *how], stdin=script.content)
     installed_s = time.monotonic() - began
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
     said = done.stderr.decode()
@@ -159,6 +170,11 @@ def test_a_bare_device_installs_the_agent_from_the_hub_and_serves(
     assert answer.json()["predictions"] == digits_samples["expected"]
     device_view = cli.json("device", "show", device_id)
     assert device_view["state"] == "Healthy", device_view
+    if enrolment == "token":  # the key was made on the device, and nothing of the hub holds it
+        key = (device.root / "var/lib/edgepack/device-key.pem").read_bytes()
+        assert (device.root / "var/lib/edgepack/device-key.pem").stat().st_mode & 0o077 == 0
+        hub_files = [p for p in (hub.root / "hub").rglob("*") if p.is_file()]
+        assert hub_files and not any(key in p.read_bytes() for p in hub_files)
 
 
 def test_a_bundle_not_signed_by_a_key_the_device_trusts_is_not_started(
@@ -176,8 +192,12 @@ def test_a_bundle_not_signed_by_a_key_the_device_trusts_is_not_started(
     script = httpx.get(f"{hub.url}/install.sh", timeout=30).content
     done = device.run(["sh", "-s", "--", "--credentials", "/root/edge.json"], stdin=script)
     assert done.returncode != 0
-    assert done.stderr.decode().rstrip().endswith(
-        "edgepack install: error: the bundle is not trusted (above): nothing was configured or started"
+    assert (
+        done.stderr.decode()
+        .rstrip()
+        .endswith(
+            "edgepack install: error: the bundle is not trusted (above): nothing was configured or started"
+        )
     )
     assert not (device.root / "etc/edgepack/agent.toml").exists()
     assert not (device.root / "opt/edgepack/venv").exists()
