@@ -123,13 +123,20 @@ class JoinRefused(EdgepackError):
         self.error = error
 
 
-def usable_token(session: Session, token: str, now: datetime) -> ProvisioningToken:
-    """The token's row if a device may join with it now; else the refusal to send."""
-    row = session.scalar(
+UNKNOWN_TOKEN = "provisioning token is not valid (unknown to this hub); ask the admin for one"
+
+
+def _token_row(session: Session, token: str) -> ProvisioningToken | None:
+    return session.scalar(
         select(ProvisioningToken).where(ProvisioningToken.token_hash == provisioning_hash(token))
     )
+
+
+def usable_token(session: Session, token: str, now: datetime) -> ProvisioningToken:
+    """The token's row if a device may join with it now; else the refusal to send."""
+    row = _token_row(session, token)
     if row is None:
-        raise Unauthorized("provisioning token is not valid (unknown to this hub); ask the admin for one")
+        raise Unauthorized(UNKNOWN_TOKEN)
     if row.revoked:
         raise Forbidden(f"provisioning token {row.id} was revoked; ask the admin for a new one")
     if row.expires <= now:
@@ -209,9 +216,18 @@ def join_devices(
         outcomes: list[EdgepackError | None] = []
         passed: dict[str, list[int]] = {}
         retried: dict[int, Joined | Pending | EdgepackError] = {}
+        known: dict[str, ProvisioningToken | None] = {}
         for number, join in enumerate(joins):
             request = join.request
             again: Joined | Pending | EdgepackError | None = None
+            if join.token not in known:
+                known[join.token] = _token_row(session, join.token)
+            if known[join.token] is None:
+                # Before anything of the id or the key is looked at: a request without a token
+                # of this hub learns nothing of which devices are enrolled or waiting.
+                outcomes.append(None)
+                retried[number] = Unauthorized(UNKNOWN_TOKEN)
+                continue
             if request.device_id in waiting:
                 again = _still_waiting(waiting[request.device_id], request)
             else:
@@ -380,9 +396,7 @@ def _answered_again(session: Session, join: Join, device: Device | None) -> Join
         or request.issued <= device.join_issued
     ):  # fmt: skip
         return None
-    token = session.scalar(
-        select(ProvisioningToken).where(ProvisioningToken.token_hash == provisioning_hash(join.token))
-    )
+    token = _token_row(session, join.token)
     if token is None or token.id != device.joined_with:
         return None
     device.join_issued = request.issued

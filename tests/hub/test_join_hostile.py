@@ -1,0 +1,92 @@
+"""``POST /api/v1/join`` under a client that reaches the hub's port without a provisioning token
+of this hub (security.md §19): it learns nothing of the fleet and cannot starve the joins of
+other devices."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from manifests.join import PROVISIONING_TOKEN_PREFIX, make_join_request
+from manifests.signing import generate_private_key
+from tests.hub.conftest import HubFactory, RunningHub
+
+#: A second loopback address: the attacker's joins come from another client than the device's.
+ATTACKER_ADDRESS = "127.0.0.2"
+
+
+def _unknown_token() -> str:
+    """A token of the right shape that this hub never made."""
+    return PROVISIONING_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def _made(h: RunningHub, **body: Any) -> dict[str, Any]:
+    with h.client() as http:
+        r = http.post("/api/v1/provisioning-tokens", json={"uses": 10, "expires_in_s": 600, **body})
+    assert r.status_code == 201, r.text
+    made: dict[str, Any] = r.json()
+    return made
+
+
+def _request(h: RunningHub, device_id: str) -> bytes:
+    return make_join_request(
+        generate_private_key(), device_id=device_id, hub_keyid=h.core.hub_key_id,
+        nonce=os.urandom(16).hex(), now=datetime.now(UTC),
+    )  # fmt: skip
+
+
+def _join(http: httpx.Client, body: bytes, token: str) -> httpx.Response:
+    return http.post("/api/v1/join", content=body, headers={"Authorization": f"Bearer {token}"})
+
+
+def _refusals(h: RunningHub) -> list[str]:
+    with h.client() as http:
+        events = http.get("/api/v1/dashboard/events", params={"after": 0}).json()["events"]
+    return [e["message"] for e in events if e["kind"] == "device.join-refused"]
+
+
+def test_a_join_without_a_token_of_this_hub_learns_nothing_of_enrolled_or_waiting_ids(
+    hub: HubFactory,
+) -> None:
+    h = hub()
+    plain, approval = _made(h), _made(h, approval=True)
+    with httpx.Client(base_url=h.url, timeout=30) as http:
+        assert _join(http, _request(h, "edge-known"), plain["token"]).status_code == 201
+        assert _join(http, _request(h, "edge-waits"), approval["token"]).status_code == 202
+        # The same answer whether the id is enrolled, waiting or unheard of: 401, no 409.
+        answers = {
+            device_id: _join(http, _request(h, device_id), _unknown_token())
+            for device_id in ("edge-known", "edge-waits", "edge-never")
+        }
+    assert {d: r.status_code for d, r in answers.items()} == dict.fromkeys(answers, 401)
+    assert len({r.json()["error"]["message"] for r in answers.values()}) == 1
+
+
+def test_one_client_sending_wrong_joins_cannot_starve_another_devices_join(hub: HubFactory) -> None:
+    # A bucket of 8 joins that hardly refills: a client spending all of it would lock every
+    # device out. Its wrong joins get it blocked (for a minute, here) after 5 instead.
+    h = hub(join_per_s=0.001, join_burst=8, login_delay_s=60)
+    made = _made(h)
+    attacker = httpx.HTTPTransport(local_address=ATTACKER_ADDRESS)
+    statuses = []
+    with httpx.Client(base_url=h.url, timeout=30, transport=attacker) as http:
+        for n in range(12):
+            # Valid requests (signed, fresh, for this hub) with a token it never made, and garbage.
+            if n % 2:
+                statuses.append(_join(http, b"{}", "no token").status_code)
+            else:
+                statuses.append(_join(http, _request(h, f"edge-a{n}"), _unknown_token()).status_code)
+    assert statuses[:5] == [401] * 5, statuses
+    assert set(statuses[5:]) == {429}, statuses
+    with httpx.Client(base_url=h.url, timeout=30) as http:
+        r = _join(http, _request(h, "edge-1"), made["token"])
+    assert r.status_code == 201, r.text
+    # The event log holds the first wrong joins and that the address was throttled, not one
+    # event per attempt.
+    refusals = _refusals(h)
+    assert len(refusals) == 6, refusals
+    assert any(ATTACKER_ADDRESS in m and "throttled" in m for m in refusals), refusals
