@@ -228,8 +228,13 @@ def join_devices(
                 outcomes.append(None)
                 retried[number] = Unauthorized(UNKNOWN_TOKEN)
                 continue
-            if request.device_id in waiting:
-                again = _still_waiting(waiting[request.device_id], request)
+            pending = waiting.get(request.device_id)
+            if pending is not None and pending.rejected and pending.public_key != request.public_key:
+                # A rejected join holds its id no longer (else anyone holding an approval token
+                # could burn the ids of devices to come): another key may join as it.
+                pending = None
+            if pending is not None:
+                again = _still_waiting(pending, request)
             else:
                 again = _answered_again(session, join, known_ids.get(request.device_id))
             if again is not None:
@@ -281,6 +286,9 @@ def join_devices(
                 continue
             row = tokens[join.token]
             assert isinstance(row, ProvisioningToken)
+            rejected = waiting.get(join.request.device_id)
+            if rejected is not None:
+                session.delete(rejected)  # only a rejected one of another key gets here
             if row.approval:
                 results.append(_wait_for_approval(session, join.request, row))
             else:

@@ -90,3 +90,27 @@ def test_one_client_sending_wrong_joins_cannot_starve_another_devices_join(hub: 
     refusals = _refusals(h)
     assert len(refusals) == 6, refusals
     assert any(ATTACKER_ADDRESS in m and "throttled" in m for m in refusals), refusals
+
+
+def test_a_rejected_join_does_not_keep_its_id_from_the_device_that_owns_it(hub: HubFactory) -> None:
+    # Whoever holds an approval token asks first as the id of a device to come; the admin
+    # rejects it. The real device (another key) must still be able to join as that id.
+    h = hub()
+    approval, plain = _made(h, approval=True), _made(h)
+    squatter = _request(h, "edge-v")
+    with httpx.Client(base_url=h.url, timeout=30) as http:
+        assert _join(http, squatter, approval["token"]).status_code == 202
+        with h.client() as admin:
+            assert admin.post("/api/v1/joins/pending/edge-v/reject").status_code == 200
+        assert _join(http, _request(h, "edge-v"), approval["token"]).status_code == 202
+        with h.client() as admin:
+            (waiting,) = admin.get("/api/v1/joins/pending").json()["pending"]
+            assert waiting["device_id"] == "edge-v" and not waiting["rejected"]
+            assert admin.post("/api/v1/joins/pending/edge-v/reject").status_code == 200
+        r = _join(http, _request(h, "edge-v"), plain["token"])
+        assert r.status_code == 201, r.text
+        # The rejected requests stay refused: a replay, and the first key asking again.
+        assert _join(http, squatter, approval["token"]).status_code == 409
+    with h.client() as admin:
+        assert admin.get("/api/v1/joins/pending").json()["pending"] == []
+        assert [d["id"] for d in admin.get("/api/v1/devices").json()["devices"]] == ["edge-v"]
