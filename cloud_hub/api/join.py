@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud_hub.api.deps import Admin, Core, Fleet, Hub, bearer_token
 from cloud_hub.core import HubCore
 from cloud_hub.db.base import utcnow
-from cloud_hub.errors import Conflict, Forbidden, Unauthorized
+from cloud_hub.errors import Conflict, Unauthorized
 from cloud_hub.fleet.provisioning import (
     MAX_TOKEN_LIFETIME_S,
     MAX_TOKEN_USES,
@@ -40,7 +40,7 @@ from cloud_hub.fleet.provisioning import (
 from cloud_hub.fleet.tables import ProvisioningToken
 from cloud_hub.login_throttle import client_key
 from cloud_hub.tls.material import ca_pem
-from manifests.errors import TrustError
+from manifests.errors import ConfigError, TrustError
 from manifests.join import PROVISIONING_TOKEN_PREFIX, JoinAnswer, JoinRequest, verify_join_request
 from manifests.signing import TrustedKey, raw_public_bytes
 
@@ -190,13 +190,13 @@ async def join(hub: Hub, request: Request) -> JoinAnswer | JSONResponse:
     # Waiting for the batch holds no thread of the server's pool.
     try:
         joined = await asyncio.wrap_future(joins.submit(Join(verified, token)))
-    except Unauthorized:
-        # No token of this hub (the batch recorded the refusal itself).
+    except (Unauthorized, Conflict, ConfigError):
+        # Refused (the batch recorded why): no token of this hub, a replay, an id taken.
+        # Counted per address like a wrong token: no client, holding a token or not, writes
+        # refusal events or spends the shared bound at will. (403, a token spent, revoked or
+        # expired, is not: a fleet behind one address would be blocked when its token runs out.)
         if joins.wrong(client):
             await run_in_threadpool(_record_throttled, core, client)
-        raise
-    except (Forbidden, Conflict):
-        joins.succeeded(client)  # a token of this hub: no guess
         raise
     joins.succeeded(client)
     if isinstance(joined, Pending):

@@ -114,3 +114,20 @@ def test_a_rejected_join_does_not_keep_its_id_from_the_device_that_owns_it(hub: 
     with h.client() as admin:
         assert admin.get("/api/v1/joins/pending").json()["pending"] == []
         assert [d["id"] for d in admin.get("/api/v1/devices").json()["devices"]] == ["edge-v"]
+
+
+def test_a_token_holder_replaying_a_join_is_throttled_and_cannot_fill_the_event_log(hub: HubFactory) -> None:
+    h = hub(join_per_s=0.001, join_burst=10, login_delay_s=60)
+    made = _made(h)
+    body = _request(h, "edge-r")
+    statuses = []
+    with httpx.Client(
+        base_url=h.url, timeout=30, transport=httpx.HTTPTransport(local_address=ATTACKER_ADDRESS)
+    ) as http:
+        for _ in range(12):
+            statuses.append(_join(http, body, made["token"]).status_code)
+    # Joined once, then 409 for each replay until the address is blocked.
+    assert statuses == [201] + [409] * 5 + [429] * 6, statuses
+    with httpx.Client(base_url=h.url, timeout=30) as http:
+        assert _join(http, _request(h, "edge-1"), made["token"]).status_code == 201
+    assert len(_refusals(h)) == 6, _refusals(h)
