@@ -253,6 +253,15 @@ def join_devices(
                 row = tokens[join.token]
                 if isinstance(row, EdgepackError):
                     raise row
+                revoked = known_ids.get(request.device_id)
+                if revoked is not None and revoked.revoked and not row.approval:
+                    # The token is in the device's image: a device revoked for being compromised
+                    # holds it too, and must not undo its revocation by joining again.
+                    raise Conflict(
+                        f"device {request.device_id!r} was revoked: it joins again only with a token "
+                        f"that needs approval, or the admin enrols it ('edgepack device enroll "
+                        f"{request.device_id}')"
+                    )
                 render_tags(row.tags or {}, request.device_id)
             except (Conflict, Forbidden, Unauthorized, ConfigError) as exc:
                 outcomes.append(exc)

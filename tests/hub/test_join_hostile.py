@@ -131,3 +131,25 @@ def test_a_token_holder_replaying_a_join_is_throttled_and_cannot_fill_the_event_
     with httpx.Client(base_url=h.url, timeout=30) as http:
         assert _join(http, _request(h, "edge-1"), made["token"]).status_code == 201
     assert len(_refusals(h)) == 6, _refusals(h)
+
+
+def test_a_revoked_device_cannot_undo_its_revocation_with_the_token_in_its_image(hub: HubFactory) -> None:
+    h = hub()
+    plain, approval = _made(h), _made(h, approval=True)
+    with httpx.Client(base_url=h.url, timeout=30) as http:
+        assert _join(http, _request(h, "edge-s"), plain["token"]).status_code == 201
+        with h.client() as admin:
+            assert admin.post("/api/v1/devices/edge-s/revoke").status_code == 200
+        # Its image still holds the token; a new key as its id is refused.
+        r = _join(http, _request(h, "edge-s"), plain["token"])
+        assert r.status_code == 409, r.text
+        assert "was revoked" in r.json()["error"]["message"]
+        with h.client() as admin:
+            (device,) = admin.get("/api/v1/devices", params={"include_revoked": True}).json()["devices"]
+            assert device["revoked"]
+        # Through the admin it may come back: a join that needs approval, approved.
+        assert _join(http, _request(h, "edge-s"), approval["token"]).status_code == 202
+        with h.client() as admin:
+            assert admin.post("/api/v1/joins/pending/edge-s/approve").status_code == 200
+            (device,) = admin.get("/api/v1/devices").json()["devices"]
+            assert device["id"] == "edge-s" and not device["revoked"]
