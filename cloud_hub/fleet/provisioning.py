@@ -27,6 +27,7 @@ from cloud_hub.errors import Conflict, Forbidden, NotFound, Unauthorized
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Device, PendingJoin, ProvisioningToken
 from cloud_hub.fleet.targeting import check_tags, format_selector
+from manifests.bounds import escape_controls
 from manifests.errors import ConfigError, EdgepackError
 from manifests.join import PROVISIONING_TOKEN_PREFIX, JoinRequest
 
@@ -485,4 +486,6 @@ def record_refusal(session: Session, device_id: str | None, why: str) -> None:
     # device_id is what the request claimed: the event is kept apart from a real device's feed
     # only by its kind, so the message says "asked as".
     who = f"a device asking as {device_id!r}" if device_id else "a device"
-    record_event(session, JOIN_REFUSED, f"join refused for {who}: {why}")
+    # The reason may quote the request (a field name it has no business sending), which
+    # anyone reaching the port chooses: it reaches terminals and webhooks as text (§6a).
+    record_event(session, JOIN_REFUSED, f"join refused for {who}: {escape_controls(why)}")

@@ -4,6 +4,7 @@ other devices."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from datetime import UTC, datetime
@@ -153,3 +154,17 @@ def test_a_revoked_device_cannot_undo_its_revocation_with_the_token_in_its_image
             assert admin.post("/api/v1/joins/pending/edge-s/approve").status_code == 200
             (device,) = admin.get("/api/v1/devices").json()["devices"]
             assert device["id"] == "edge-s" and not device["revoked"]
+
+
+def test_a_refused_join_writes_the_event_log_as_text_not_as_terminal_controls(hub: HubFactory) -> None:
+    h = hub()
+    made = _made(h)
+    envelope = json.loads(_request(h, "edge-t"))
+    # A field name is quoted in the refusal: here one that would write the operator's clipboard
+    # (OSC 52) and clear the screen on a terminal.
+    envelope["signed"]["\x1b]52;c;ZXZpbA==\x07\x1b[2J"] = 1
+    with httpx.Client(base_url=h.url, timeout=30) as http:
+        assert _join(http, json.dumps(envelope).encode(), made["token"]).status_code == 422
+    (refusal,) = _refusals(h)
+    assert "\\x1b]52;c;ZXZpbA==\\x07\\x1b[2J" in refusal, refusal
+    assert not any(c in refusal for c in "\x1b\x07"), refusal
