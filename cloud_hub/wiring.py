@@ -157,6 +157,15 @@ def wire_hub(core: HubCore) -> HubProcess:
         interval_s=settings.alert_interval_s,
         on_round=count_transitions,
     )
+    # Wrong admin tokens at sign-in and wrong joins are throttled per address alike (each
+    # process its own table of each).
+    wrong_tokens = ThrottlePolicy(
+        free_failures=settings.login_free_failures,
+        base_delay_s=settings.login_delay_s,
+        max_delay_s=settings.login_max_delay_s,
+        forget_after_s=settings.login_forget_s,
+        max_clients=settings.login_throttle_clients,
+    )
     return HubProcess(
         core=core,
         fleet=fleet,
@@ -177,17 +186,9 @@ def wire_hub(core: HubCore) -> HubProcess:
         ),
         joins=JoinQueue(
             fleet, core.sessions, reserved=settings.mqtt_username, max_batch=settings.join_batch,
-            rate_per_s=settings.join_per_s, burst=settings.join_burst,
+            rate_per_s=settings.join_per_s, burst=settings.join_burst, throttle=wrong_tokens,
         ),
-        login_throttle=LoginThrottle(
-            ThrottlePolicy(
-                free_failures=settings.login_free_failures,
-                base_delay_s=settings.login_delay_s,
-                max_delay_s=settings.login_max_delay_s,
-                forget_after_s=settings.login_forget_s,
-                max_clients=settings.login_throttle_clients,
-            )
-        ),
+        login_throttle=LoginThrottle(wrong_tokens),
     )
 
 

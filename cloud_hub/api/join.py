@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud_hub.api.deps import Admin, Core, Fleet, Hub, bearer_token
 from cloud_hub.core import HubCore
 from cloud_hub.db.base import utcnow
-from cloud_hub.errors import Unauthorized
+from cloud_hub.errors import Conflict, Unauthorized
 from cloud_hub.fleet.provisioning import (
     MAX_TOKEN_LIFETIME_S,
     MAX_TOKEN_USES,
@@ -38,8 +38,9 @@ from cloud_hub.fleet.provisioning import (
     revoke_token,
 )
 from cloud_hub.fleet.tables import ProvisioningToken
+from cloud_hub.login_throttle import client_key
 from cloud_hub.tls.material import ca_pem
-from manifests.errors import TrustError
+from manifests.errors import ConfigError, TrustError
 from manifests.join import PROVISIONING_TOKEN_PREFIX, JoinAnswer, JoinRequest, verify_join_request
 from manifests.signing import TrustedKey, raw_public_bytes
 
@@ -167,10 +168,11 @@ async def join(hub: Hub, request: Request) -> JoinAnswer | JSONResponse:
     """Enrol the device that signed the request body, with the provisioning token it sent."""
     joins = hub.joins
     assert joins is not None
+    client = client_key(request.client.host if request.client else None)
     # The body is at most 16 KiB (body_limit); read it whole before any refusal, so the
     # connection is left clean for the device's next request.
     body = await request.body()
-    joins.admit()
+    joins.admit(client)
     token = bearer_token(request)
 
     core = hub.core
@@ -182,10 +184,21 @@ async def join(hub: Hub, request: Request) -> JoinAnswer | JSONResponse:
             body, hub_keyid=core.hub_key_id, now=utcnow(), max_age_s=core.settings.join_max_age_s
         )
     except (Unauthorized, TrustError) as exc:
-        await run_in_threadpool(_record_refusal, core, str(exc))
+        episode = joins.wrong(client)
+        await run_in_threadpool(_record_refusal, core, str(exc), client if episode else None)
         raise
     # Waiting for the batch holds no thread of the server's pool.
-    joined = await asyncio.wrap_future(joins.submit(Join(verified, token)))
+    try:
+        joined = await asyncio.wrap_future(joins.submit(Join(verified, token)))
+    except (Unauthorized, Conflict, ConfigError):
+        # Refused (the batch recorded why): no token of this hub, a replay, an id taken.
+        # Counted per address like a wrong token: no client, holding a token or not, writes
+        # refusal events or spends the shared bound at will. (403, a token spent, revoked or
+        # expired, is not: a fleet behind one address would be blocked when its token runs out.)
+        if joins.wrong(client):
+            await run_in_threadpool(_record_throttled, core, client)
+        raise
+    joins.succeeded(client)
     if isinstance(joined, Pending):
         # Accepted, not enrolled: the device asks again (a newer request) until approved.
         body_out = {"pending": True, "device_id": joined.device_id, "token_id": joined.token_id}
@@ -194,6 +207,14 @@ async def join(hub: Hub, request: Request) -> JoinAnswer | JSONResponse:
     return _answer(core, verified, joined, ca_pem(core.settings))
 
 
-def _record_refusal(core: HubCore, why: str) -> None:
+def _record_refusal(core: HubCore, why: str, throttled: str | None) -> None:
     with core.sessions.begin() as s:
         record_refusal(s, None, why)
+    if throttled is not None:
+        _record_throttled(core, throttled)
+
+
+def _record_throttled(core: HubCore, client: str) -> None:
+    # Once per episode, not per attempt: the event log is not the attacker's to fill.
+    with core.sessions.begin() as s:
+        record_refusal(s, None, f"joins from {client} throttled after repeated wrong joins")

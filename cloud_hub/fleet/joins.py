@@ -9,12 +9,17 @@ that fails as a whole (e.g. a port clash the tags of one device cause) is retrie
 so one bad join never refuses another.
 
 Joins are rate-bounded per hub process (a token bucket): a flood of join attempts, valid or
-not, costs at most that many signature checks and database visits a second.
+not, costs at most that many signature checks and database visits a second. In front of it,
+wrong joins (no token of this hub, or a request that is not a valid one) are throttled per
+client address like wrong admin tokens (:mod:`cloud_hub.login_throttle`): a blocked address is
+refused before it spends the shared bucket, so one client cannot starve every other device's
+join, nor write a refusal event per attempt.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +29,7 @@ from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.errors import Throttled
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.fleet.provisioning import Join, Joined, Pending, join_devices, record_refusal
+from cloud_hub.login_throttle import LoginThrottle, ThrottlePolicy
 from manifests.errors import EdgepackError, HubUnavailable
 
 log = logging.getLogger(__name__)
@@ -62,9 +68,10 @@ class JoinQueue:
 
     def __init__(
         self, fleet: FleetChanges, sessions: Sessions, *, reserved: str | None, max_batch: int,
-        rate_per_s: float, burst: float,
+        rate_per_s: float, burst: float, throttle: ThrottlePolicy | None = None,
     ) -> None:  # fmt: skip
         self._fleet = fleet
+        self.throttle = LoginThrottle(throttle or ThrottlePolicy())
         self._sessions = sessions
         self._reserved = reserved
         self._max_batch = max_batch
@@ -74,13 +81,29 @@ class JoinQueue:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def admit(self) -> None:
-        """Spend one join attempt of the rate bound, or refuse with when to try again."""
+    def admit(self, client: str) -> None:
+        """Spend one join attempt of the rate bound, or refuse with when to try again: first
+        an address blocked for its wrong joins (:meth:`wrong`), without spending the bound."""
+        blocked = self.throttle.retry_after(client)
+        if blocked > 0:
+            raise Throttled(
+                f"too many wrong joins from {client}; try again in {math.ceil(blocked)} s",
+                retry_after_s=blocked,
+            )
         wait = self._bucket.take()
         if wait is not None:
             raise Throttled(
                 f"too many joins at once; try again in {wait:.1f} s", retry_after_s=max(1.0, wait)
             )
+
+    def wrong(self, client: str) -> bool:
+        """Count a wrong join of ``client`` (it may start a block); True when that block
+        begins a throttling episode (the one moment to record it)."""
+        return self.throttle.admit(client).episode_started
+
+    def succeeded(self, client: str) -> None:
+        """A join of ``client`` with a token of this hub: its wrong ones are forgotten."""
+        self.throttle.succeeded(client)
 
     def submit(self, join: Join) -> Future[Joined | Pending]:
         """A future that ends when the device of ``join`` is enrolled (committed, broker

@@ -27,6 +27,7 @@ from cloud_hub.errors import Conflict, Forbidden, NotFound, Unauthorized
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Device, PendingJoin, ProvisioningToken
 from cloud_hub.fleet.targeting import check_tags, format_selector
+from manifests.bounds import escape_controls
 from manifests.errors import ConfigError, EdgepackError
 from manifests.join import PROVISIONING_TOKEN_PREFIX, JoinRequest
 
@@ -123,13 +124,20 @@ class JoinRefused(EdgepackError):
         self.error = error
 
 
-def usable_token(session: Session, token: str, now: datetime) -> ProvisioningToken:
-    """The token's row if a device may join with it now; else the refusal to send."""
-    row = session.scalar(
+UNKNOWN_TOKEN = "provisioning token is not valid (unknown to this hub); ask the admin for one"
+
+
+def _token_row(session: Session, token: str) -> ProvisioningToken | None:
+    return session.scalar(
         select(ProvisioningToken).where(ProvisioningToken.token_hash == provisioning_hash(token))
     )
+
+
+def usable_token(session: Session, token: str, now: datetime) -> ProvisioningToken:
+    """The token's row if a device may join with it now; else the refusal to send."""
+    row = _token_row(session, token)
     if row is None:
-        raise Unauthorized("provisioning token is not valid (unknown to this hub); ask the admin for one")
+        raise Unauthorized(UNKNOWN_TOKEN)
     if row.revoked:
         raise Forbidden(f"provisioning token {row.id} was revoked; ask the admin for a new one")
     if row.expires <= now:
@@ -209,11 +217,25 @@ def join_devices(
         outcomes: list[EdgepackError | None] = []
         passed: dict[str, list[int]] = {}
         retried: dict[int, Joined | Pending | EdgepackError] = {}
+        known: dict[str, ProvisioningToken | None] = {}
         for number, join in enumerate(joins):
             request = join.request
             again: Joined | Pending | EdgepackError | None = None
-            if request.device_id in waiting:
-                again = _still_waiting(waiting[request.device_id], request)
+            if join.token not in known:
+                known[join.token] = _token_row(session, join.token)
+            if known[join.token] is None:
+                # Before anything of the id or the key is looked at: a request without a token
+                # of this hub learns nothing of which devices are enrolled or waiting.
+                outcomes.append(None)
+                retried[number] = Unauthorized(UNKNOWN_TOKEN)
+                continue
+            pending = waiting.get(request.device_id)
+            if pending is not None and pending.rejected and pending.public_key != request.public_key:
+                # A rejected join holds its id no longer (else anyone holding an approval token
+                # could burn the ids of devices to come): another key may join as it.
+                pending = None
+            if pending is not None:
+                again = _still_waiting(pending, request)
             else:
                 again = _answered_again(session, join, known_ids.get(request.device_id))
             if again is not None:
@@ -232,6 +254,15 @@ def join_devices(
                 row = tokens[join.token]
                 if isinstance(row, EdgepackError):
                     raise row
+                revoked = known_ids.get(request.device_id)
+                if revoked is not None and revoked.revoked and not row.approval:
+                    # The token is in the device's image: a device revoked for being compromised
+                    # holds it too, and must not undo its revocation by joining again.
+                    raise Conflict(
+                        f"device {request.device_id!r} was revoked: it joins again only with a token "
+                        f"that needs approval, or the admin enrols it ('edgepack device enroll "
+                        f"{request.device_id}')"
+                    )
                 render_tags(row.tags or {}, request.device_id)
             except (Conflict, Forbidden, Unauthorized, ConfigError) as exc:
                 outcomes.append(exc)
@@ -265,6 +296,9 @@ def join_devices(
                 continue
             row = tokens[join.token]
             assert isinstance(row, ProvisioningToken)
+            rejected = waiting.get(join.request.device_id)
+            if rejected is not None:
+                session.delete(rejected)  # only a rejected one of another key gets here
             if row.approval:
                 results.append(_wait_for_approval(session, join.request, row))
             else:
@@ -380,9 +414,7 @@ def _answered_again(session: Session, join: Join, device: Device | None) -> Join
         or request.issued <= device.join_issued
     ):  # fmt: skip
         return None
-    token = session.scalar(
-        select(ProvisioningToken).where(ProvisioningToken.token_hash == provisioning_hash(join.token))
-    )
+    token = _token_row(session, join.token)
     if token is None or token.id != device.joined_with:
         return None
     device.join_issued = request.issued
@@ -454,4 +486,6 @@ def record_refusal(session: Session, device_id: str | None, why: str) -> None:
     # device_id is what the request claimed: the event is kept apart from a real device's feed
     # only by its kind, so the message says "asked as".
     who = f"a device asking as {device_id!r}" if device_id else "a device"
-    record_event(session, JOIN_REFUSED, f"join refused for {who}: {why}")
+    # The reason may quote the request (a field name it has no business sending), which
+    # anyone reaching the port chooses: it reaches terminals and webhooks as text (§6a).
+    record_event(session, JOIN_REFUSED, f"join refused for {who}: {escape_controls(why)}")

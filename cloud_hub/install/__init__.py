@@ -5,16 +5,17 @@ that ``edgepack hub agent-bundle build`` wrote (docs/agent.md, "Install from the
 from __future__ import annotations
 
 import hashlib
+import logging
 import shlex
 from importlib.resources import files
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from cloud_hub.errors import NotFound
-from manifests.agent_bundle import MAX_BUNDLE_JSON_BYTES, AgentBundle
+from manifests.agent_bundle import MAX_BUNDLE_JSON_BYTES, AgentBundle, verify_agent_bundle
 from manifests.errors import TrustError
-from manifests.signing import parse_envelope
+from manifests.signing import TrustStore
+
+log = logging.getLogger(__name__)
 
 BUNDLE_JSON = "bundle.json"
 NO_BUNDLE = (
@@ -38,15 +39,28 @@ def read_bundle_json(folder: Path | None) -> bytes:
     return data
 
 
-def served_wheel(folder: Path | None, arch: str, name: str) -> Path:
-    """The file of wheel ``name`` for ``arch``, only if the bundle lists it (so no request
-    names any other file of the hub's disk)."""
+def trusted_bundle(folder: Path | None, trust: TrustStore) -> tuple[bytes, AgentBundle]:
+    """The served ``bundle.json`` and what it says, once a publisher key this hub trusts is
+    found to have signed it; :class:`NotFound` otherwise. The device checks that signature
+    too, but only with the bundle's own code, after that code ran: a bundle replaced on the
+    hub's disk must be stopped here, before ``install.sh`` pins it."""
     data = read_bundle_json(folder)
     assert folder is not None
     try:
-        bundle = AgentBundle.model_validate(parse_envelope(data, what=BUNDLE_JSON).signed)
-    except (TrustError, ValidationError):
-        raise NotFound(f"{folder / BUNDLE_JSON} is not an agent bundle: not served") from None
+        return data, verify_agent_bundle(data, trust, source=str(folder / BUNDLE_JSON))
+    except TrustError as exc:
+        log.warning("agent bundle not served: %s", exc)
+        raise NotFound(
+            f"{folder / BUNDLE_JSON} is not an agent bundle signed by a publisher this hub trusts: "
+            "not served (rebuild it with 'edgepack hub agent-bundle build')"
+        ) from None
+
+
+def served_wheel(folder: Path | None, trust: TrustStore, arch: str, name: str) -> Path:
+    """The file of wheel ``name`` for ``arch``, only if the trusted bundle lists it (so no
+    request names any other file of the hub's disk)."""
+    _, bundle = trusted_bundle(folder, trust)
+    assert folder is not None
     if not any(w.name == name for w in bundle.wheels.get(arch, [])):  # type: ignore[call-overload]
         raise NotFound(f"the agent bundle has no wheel {name!r} for {arch!r}")
     return folder / arch / name
