@@ -10,11 +10,14 @@ the signature against the credentials' publisher keys, then every wheel of its a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +69,29 @@ def default_project() -> Path | None:
     return root if (root / "pyproject.toml").is_file() else None
 
 
+@contextlib.contextmanager
+def _building(project: Path) -> Iterator[None]:
+    """One wheel build from ``project`` at a time: setuptools builds in the tree (its
+    ``build/`` and ``*.egg-info``), and two builds at once delete each other's files (two
+    ``agent-bundle build`` from one checkout failed with "Failed to build one or more wheels")."""
+    key = hashlib.sha256(str(project.resolve()).encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"edgepack-wheel-build-{key}.lock"
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def build_edgepack_wheel(project: Path, dest: Path) -> Path:
+    """The ``edgepack`` wheel of the source tree ``project``, written into ``dest``."""
+    with _building(project):
+        _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), str(project)],
+             what=f"building the edgepack wheel from {project}")  # fmt: skip
+    return next(dest.glob("edgepack-*.whl"))
+
+
 def _digest(path: Path) -> str:
     sha = hashlib.sha256()
     with path.open("rb") as f:
@@ -90,9 +116,7 @@ def build_agent_bundle(spec: BundleSpec) -> AgentBundle:
             project = spec.project or default_project()
             if project is None:
                 raise ConfigError("no edgepack source tree here: pass --project DIR or --wheel FILE")
-            _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", tmp, str(project)],
-                 what=f"building the edgepack wheel from {project}")  # fmt: skip
-            wheel = next(Path(tmp).glob("edgepack-*.whl"))
+            wheel = build_edgepack_wheel(project, Path(tmp))
         elif not wheel.is_file():
             raise ConfigError(f"{wheel}: wheel not found")
         version = wheel.name.split("-")[1]
