@@ -7,7 +7,11 @@ by ``bench/agent.py`` (``agent_idle_rss_mb``), not here: a number that flakes is
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
+from edge_agent.uplink.tls import client_context
+from manifests.device import DeviceCredentials
 from tests.agent.conftest import Agent, Fleet, free_port, wait_for
 
 #: what an idle agent serving one process module must not have imported, and what loads it
@@ -56,3 +60,33 @@ def test_once_its_operations_end_the_agent_hands_freed_heap_back(fleet: Fleet) -
     agent.wait_state("demo", "Healthy")
     # once at the start (imports, the cache read), once after the deployment's operations
     wait_for(lambda: agent.log().count("settled: heap trimmed (True)") >= 2, what="two trims", log=agent.log)
+
+
+#: counts the OpenSSL contexts made while the agent's code is imported
+COUNT_TLS_CONTEXTS = """
+import ssl
+made = []
+make = ssl.SSLContext.__new__
+def counting(cls, *args, **kwargs):
+    made.append(cls)
+    return make(cls, *args, **kwargs)
+ssl.SSLContext.__new__ = counting
+ssl.create_default_context()
+assert made, "the count sees the contexts made"
+made.clear()
+import edge_agent.daemon
+print(len(made))
+"""
+
+
+def test_importing_the_agent_makes_no_tls_context() -> None:
+    # each holds about 1 MB; the probe's loopback one is for TLS services only, made with the first
+    out = subprocess.run([sys.executable, "-c", COUNT_TLS_CONTEXTS], capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip()) == (0, "0"), out.stderr
+
+
+def test_the_hub_and_broker_links_share_one_tls_context(fleet: Fleet) -> None:
+    agent = fleet.device("edge-1")
+    credentials = DeviceCredentials.model_validate(agent.credentials)
+    again = DeviceCredentials.model_validate(agent.credentials)  # read anew, as each link does
+    assert client_context(credentials) is client_context(again)
