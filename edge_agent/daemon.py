@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from edge_agent import __version__, logfmt
+from edge_agent import __version__, logfmt, memory
 from edge_agent.data.uploader import Uploader, quotas_of
 from edge_agent.reconcile.loop import ReconcileLoop, Stop
 from edge_agent.report.sampler import Sampler
@@ -106,6 +106,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
     if open_credentials is not None:
         log.warning("%s", open_credentials)
     with single_agent(config.state_dir):
+        memory.cap_arenas()  # before any thread of the agent's starts
         enable_port_handover()
         runtimes = build_runtimes(config, credentials.device_id)
         hub = HubHttp(credentials, credentials_path=config.credentials)
@@ -127,6 +128,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             publish_logs=mqtt.publish_logs if mqtt else (lambda _: None),
             agent_version=agent_version(),
             alive=notifier.alive,
+            settled=memory.settle,
         )
         loop_ref.append(loop)
         # Collected data: its own thread and its own HTTP connection, never the loop's.

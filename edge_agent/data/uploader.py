@@ -24,7 +24,6 @@ quota it had (the default quota after a restart), then its folder goes.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import logging
@@ -37,15 +36,20 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from edge_agent.backoff import full_jitter
 from edge_agent.data.spool import DATA_DIR, MAX_SEGMENTS, Listing, Segment, list_spool
-from manifests.data import MAX_BATCH_BYTES, MAX_RECORD_BYTES, BatchKey, CollectedRecord
 from manifests.desired import DEFAULT_DATA_SPOOL_MB, DesiredState
 from manifests.errors import FetchError, HubRefused
 from manifests.module import NAME_PATTERN
+
+if TYPE_CHECKING:
+    # The batch contract, gzip and their models load with the first batch to read: most
+    # devices collect no data, and an idle agent should not carry them (docs/agent.md).
+    from manifests.data import BatchKey
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ STALE_TEMP_S = 600.0
 WARN_EVERY_S = 60.0
 
 #: Sends one batch; returns the hub's status (200/201) or raises HubUnavailable/HubRefused.
-Send = Callable[[str, BatchKey, bytes, int], int]
+Send = Callable[[str, "BatchKey", bytes, int], int]
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,11 @@ class Damaged(Exception):
 
 def read_batch(segment: Segment, service: str) -> tuple[str, BatchKey, bytes]:
     """The segment's digest, batch key (from its first record, checked) and bytes. Opened
-    without following a link; at most :data:`MAX_BATCH_BYTES` read."""
+    without following a link; at most :data:`manifests.data.MAX_BATCH_BYTES` read."""
+    import gzip
+
+    from manifests.data import MAX_BATCH_BYTES, MAX_RECORD_BYTES, CollectedRecord
+
     try:
         fd = os.open(segment.path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:

@@ -62,10 +62,14 @@ class ReconcileLoop:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
         alive: Callable[[], None] = lambda: None,
+        settled: Callable[[], object] = lambda: None,
     ) -> None:
         self.config = config
         #: called after every turn of :meth:`run` (the service manager's watchdog)
         self.alive = alive
+        #: called once each time the last operation has ended (the daemon trims its heap then)
+        self.settled = settled
+        self._busy = True  # the start (imports, the cache read) is work to settle too
         self.device_id = credentials.device_id
         self.runtimes = dict(runtimes)
         self.hub = hub
@@ -225,6 +229,10 @@ class ReconcileLoop:
                 error = f"{name} failed: {type(exc).__name__}: {exc}"[:2000]
                 agent = self.records.agent.model_copy(update={"last_error": error})
                 self.records = replace(self.records, agent=agent)
+        busy = bool(self.records.ops)
+        if self._busy and not busy:
+            self.settled()
+        self._busy = busy
 
     def handle(self, event: Event | decide.SettleDue) -> None:
         """One event through the pure step: look up what it needs, keep the new records,

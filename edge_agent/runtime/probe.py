@@ -9,6 +9,7 @@ key is given the agent's own key for that instance (``docs/security.md``).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import ssl
@@ -20,7 +21,13 @@ from edge_agent.scoring.openapi import GENERIC_SCHEMA
 from edge_agent.state.records import InstanceRecord
 
 PROBE_HOST = "127.0.0.1"
-_LOOPBACK_TLS = ssl._create_unverified_context()
+
+
+@functools.cache
+def _loopback_tls() -> ssl.SSLContext:
+    """The context for TLS services' probe ports, made with the first one: an OpenSSL context
+    holds about 1 MB, which an agent without TLS services should not carry."""
+    return ssl._create_unverified_context()
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ def _request(
     target: Target, method: str, path: str, timeout_s: float, body: bytes | None = None
 ) -> tuple[int, bytes] | None:
     conn = (
-        http.client.HTTPSConnection(PROBE_HOST, target.port, timeout=timeout_s, context=_LOOPBACK_TLS)
+        http.client.HTTPSConnection(PROBE_HOST, target.port, timeout=timeout_s, context=_loopback_tls())
         if target.tls
         else http.client.HTTPConnection(PROBE_HOST, target.port, timeout=timeout_s)
     )

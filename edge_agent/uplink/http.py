@@ -29,13 +29,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.backoff import full_jitter
 from edge_agent.uplink.tls import client_context
-from manifests.data import CONTENT_TYPE, RECORDS_HEADER, UPLOAD_PATH, BatchKey
 from manifests.device import DeviceCredentials
 from manifests.errors import ConfigError, HubRefused, HubUnavailable, NotFoundError
+
+if TYPE_CHECKING:
+    from manifests.data import BatchKey
 
 #: a manifest lists a module's files; far below this
 MAX_MANIFEST_BYTES = 4 << 20
@@ -157,6 +160,9 @@ class HubHttp:
         (stored before). Raises :class:`HubUnavailable` for "later" (the network, 5xx, 408,
         429, and :data:`LATER_FOR_DATA`) and :class:`HubRefused` for any other 4xx (sending it
         again cannot succeed)."""
+        # the data contract only with the first batch: an idle agent does not carry it
+        from manifests.data import CONTENT_TYPE, RECORDS_HEADER, UPLOAD_PATH
+
         path = f"{UPLOAD_PATH}/{digest}?{key.query()}"
         headers = {
             "Content-Type": CONTENT_TYPE,
