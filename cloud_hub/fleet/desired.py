@@ -39,6 +39,7 @@ from cloud_hub.fleet.plan import (
     DeploymentView,
     DeviceView,
     Plan,
+    Staged,
     assignments_digest,
     changed_devices,
     desired_payload,
@@ -48,6 +49,7 @@ from cloud_hub.fleet.plan import (
 from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, FleetLock, ServiceChange
 from cloud_hub.fleet.targeting import Target
 from cloud_hub.registry.owners import signers_of
+from cloud_hub.rollouts.staging import staged_view, staging_rollouts
 from manifests.desired import DeploymentSettings, DesiredState
 from manifests.signing import envelope_bytes, parse_envelope, sign_payload
 
@@ -66,7 +68,9 @@ def take_fleet_lock(session: Session) -> None:
     session.execute(update(FleetLock).where(FleetLock.id == 1).values(version=FleetLock.version + 1))
 
 
-def deployment_view(row: Deployment, signers: Sequence[str] = ()) -> DeploymentView:
+def deployment_view(
+    row: Deployment, signers: Sequence[str] = (), staged: Staged | None = None
+) -> DeploymentView:
     return DeploymentView(
         name=row.name,
         module=row.module_name,
@@ -75,6 +79,7 @@ def deployment_view(row: Deployment, signers: Sequence[str] = ()) -> DeploymentV
         settings=DeploymentSettings.model_validate(row.settings),
         target=Target.model_validate(row.target),
         signers=tuple(signers),
+        staged=staged,
     )
 
 
@@ -92,9 +97,14 @@ def current_plan(session: Session) -> Plan:
     rows = session.execute(select(Device.id, Device.tags).where(Device.revoked.is_(False)))
     devices = [DeviceView(id=device_id, tags=dict(tags or {})) for device_id, tags in rows]
     deployment_rows = list(session.scalars(select(Deployment)))
+    rollouts = staging_rollouts(session)
     # Each assignment names the keys that may sign its module, so a device checks it too.
-    signers = signers_of(session, {r.module_name for r in deployment_rows})
-    deployments = [deployment_view(r, signers.get(r.module_name, ())) for r in deployment_rows]
+    names = {r.module_name for r in deployment_rows} | {r.from_module for r in rollouts.values()}
+    signers = signers_of(session, names)
+    deployments = [
+        deployment_view(r, signers.get(r.module_name, ()), staged_view(rollouts.get(r.name), signers))
+        for r in deployment_rows
+    ]
     return plan_fleet(devices, deployments)
 
 

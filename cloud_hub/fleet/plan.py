@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cloud_hub.fleet.targeting import Target
+from cloud_hub.rollouts.waves import wave_of
 from manifests.canonical import canonical_json
 from manifests.desired import DeploymentSettings, DesiredState, ModuleAssignment
 from manifests.digests import sha256_digest
@@ -25,6 +26,33 @@ class DeviceView:
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A deployment under a rollout: devices of waves after ``wave`` keep the previous module
+    (``module``, ``version``, ``manifest_digest``, signed by ``signers``)."""
+
+    rollout_id: str
+    wave: int
+    waves: tuple[float, ...]
+    thresholds: Mapping[str, Sequence[float]]
+    spread_by: str | None
+    module: str
+    version: str
+    manifest_digest: str
+    signers: tuple[str, ...] = ()
+
+    def keeps_previous(self, device: DeviceView) -> bool:
+        wave = wave_of(
+            self.rollout_id,
+            device.id,
+            device.tags,
+            waves=self.waves,
+            thresholds=self.thresholds,
+            spread_by=self.spread_by,
+        )
+        return wave > self.wave
+
+
+@dataclass(frozen=True)
 class DeploymentView:
     name: str
     module: str
@@ -33,15 +61,25 @@ class DeploymentView:
     settings: DeploymentSettings
     target: Target
     signers: tuple[str, ...] = ()  # the keys allowed to sign the module's name
+    staged: Staged | None = None  # under a rollout (cloud_hub.rollouts)
 
-    def assignment(self) -> ModuleAssignment:
+    def assignment(self, device: DeviceView | None = None) -> ModuleAssignment:
+        """What ``device`` runs of this service: the deployment's module, or under a rollout
+        the previous one while the device's wave is not released."""
+        staged = self.staged
+        if staged is not None and device is not None and staged.keeps_previous(device):
+            module, version, digest, signers = (
+                staged.module, staged.version, staged.manifest_digest, staged.signers
+            )  # fmt: skip
+        else:
+            module, version, digest, signers = self.module, self.version, self.manifest_digest, self.signers
         return ModuleAssignment(
             service=self.name,
-            module=self.module,
-            version=self.version,
-            manifest_digest=self.manifest_digest,
+            module=module,
+            version=version,
+            manifest_digest=digest,
             settings=self.settings,
-            signers=list(self.signers) or None,
+            signers=list(signers) or None,
         )
 
 
@@ -51,7 +89,7 @@ Plan = dict[str, list[ModuleAssignment]]
 def assignments_for(device: DeviceView, deployments: Iterable[DeploymentView]) -> list[ModuleAssignment]:
     """The services a device runs, sorted by service name (so equal plans compare equal)."""
     chosen = [d for d in deployments if d.target.includes(device.id, device.tags)]
-    return [d.assignment() for d in sorted(chosen, key=lambda d: d.name)]
+    return [d.assignment(device) for d in sorted(chosen, key=lambda d: d.name)]
 
 
 def plan_fleet(devices: Iterable[DeviceView], deployments: Sequence[DeploymentView]) -> Plan:
