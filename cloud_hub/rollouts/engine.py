@@ -89,6 +89,14 @@ def decide(p: Progress, health: WaveHealth, cohorts: Cohorts, now: datetime) -> 
     if (now - p.bake_started_at).total_seconds() < p.bake_s:
         return Wait()
     new, old = cohorts(p.bake_started_at)
+    if p.gates and new.intervals == 0:
+        # No device of the wave sent two samples since the bake began: nothing to judge yet.
+        if (now - p.bake_started_at).total_seconds() < p.bake_s + p.health_timeout_s:
+            return Wait()
+        return Halt(
+            f"{wave_name(p, health.devices)}: no telemetry from its devices within "
+            f"{p.bake_s + p.health_timeout_s:g}s of the bake's start, so its gates cannot be judged"
+        )
     broken = breach(p.gates, new, old, p.previous)
     if broken is not None:
         return Halt(f"{wave_name(p, health.devices)}: {broken}")

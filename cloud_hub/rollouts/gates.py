@@ -26,6 +26,8 @@ class Cohort:
     requests: int = 0
     errors: int = 0
     p95_ms: float | None = None
+    #: intervals between two samples of one device that were counted: none, nothing measured
+    intervals: int = 0
 
     @property
     def error_pct(self) -> float | None:
@@ -45,13 +47,14 @@ def cohort_of(samples: Iterable[Telemetry], service: str, devices: frozenset[str
             counters[sample.device_id].append((sample.ts.timestamp(), m.requests_total, m.errors_total))
             if m.p95_ms is not None:
                 p95s[sample.device_id].append(m.p95_ms)
-    requests = errors = 0
+    requests = errors = intervals = 0
     for readings in counters.values():
         readings.sort()
         for (_, req0, err0), (_, req1, err1) in pairwise(readings):
             if req1 < req0 or err1 < err0:
                 continue  # the module restarted between the two samples
             requests += req1 - req0
+            intervals += 1
             errors += min(err1 - err0, req1 - req0)
     per_device = [statistics.median(v) for v in p95s.values() if v]
     return Cohort(
@@ -59,14 +62,17 @@ def cohort_of(samples: Iterable[Telemetry], service: str, devices: frozenset[str
         requests=requests,
         errors=errors,
         p95_ms=statistics.median(per_device) if per_device else None,
+        intervals=intervals,
     )
 
 
 def breach(gates: Sequence[Gate], new: Cohort, old: Cohort, previous: str) -> str | None:
     """The first gate the new version's cohort breaks, said in one line; None when none does.
 
-    A gate with nothing to judge passes: no requests on the new version, or (relative) no
-    device left on the previous version with a latency to compare.
+    A gate with nothing to judge passes: no requests on the new version (its telemetry came,
+    the devices served nothing), or (relative) no device left on the previous version with a
+    latency to compare. Whether any telemetry came at all is the caller's question
+    (:attr:`Cohort.intervals`).
     """
     for gate in gates:
         if gate.metric == "error_rate":

@@ -195,6 +195,9 @@ def observe(session: Session, row: Rollout, plan: Plan) -> Observation:
             status is not None
             and status.manifest_digest == row.to_digest
             and status.state is ServiceState.FAILED
+            # A failure from before the wave (re)started was judged already: after a resume,
+            # a device still failing is one not Healthy within the health timeout.
+            and status.since >= row.wave_started_at
         ):
             failed.append((device_id, status.reason or "no reason given"))
         elif (

@@ -163,7 +163,7 @@ def test_a_cohort_counts_requests_between_samples_and_skips_restarts() -> None:
         _sample("z", 10, 9999, 9999, 999.0),  # not in the cohort
     ]
     cohort = cohort_of(samples, "svc", frozenset({"a", "b"}))
-    assert (cohort.devices, cohort.requests, cohort.errors) == (2, 300, 10)
+    assert (cohort.devices, cohort.requests, cohort.errors, cohort.intervals) == (2, 300, 10, 3)
     assert cohort.p95_ms == pytest.approx((13.0 + 30.0) / 2)
 
 
@@ -204,7 +204,7 @@ def test_a_wave_bakes_once_healthy_and_is_promoted_when_its_gates_hold() -> None
     )
     baking = _progress(bake_started_at=T0)
     assert decide(baking, healthy, _no_cohorts, T0 + timedelta(seconds=59)) == Wait()
-    good = (Cohort(50, 5000, 0, 10.0), Cohort(4950, 50000, 0, 10.0))
+    good = (Cohort(50, 5000, 0, 10.0, intervals=50), Cohort(4950, 50000, 0, 10.0, intervals=4950))
     assert decide(baking, healthy, lambda since: good, T0 + timedelta(seconds=60)) == Promote()
     last = _progress(wave=3, bake_started_at=T0)
     assert decide(last, healthy, lambda since: good, T0 + timedelta(seconds=60)) == Promote(complete=True)
@@ -212,7 +212,7 @@ def test_a_wave_bakes_once_healthy_and_is_promoted_when_its_gates_hold() -> None
 
 def test_a_wave_halts_on_a_broken_gate_a_failed_device_or_the_health_timeout() -> None:
     healthy = WaveHealth(devices=50, healthy=50, offline=0)
-    bad = (Cohort(50, 1000, 52, 10.0), Cohort(4950, 50000, 0, 10.0))
+    bad = (Cohort(50, 1000, 52, 10.0, intervals=50), Cohort(4950, 50000, 0, 10.0, intervals=4950))
     verdict = decide(_progress(bake_started_at=T0), healthy, lambda since: bad, T0 + timedelta(seconds=60))
     assert verdict == Halt("wave 1 (50 devices): error rate 5.2% vs 0.0% on 1 (gate error_rate<1%)")
     failed = WaveHealth(50, 48, 0, failed=[("d-7", "score.py:3 RuntimeError: boom"), ("d-9", "x")])
@@ -222,4 +222,22 @@ def test_a_wave_halts_on_a_broken_gate_a_failed_device_or_the_health_timeout() -
     slow = WaveHealth(50, 49, 0, waiting=["d-3"])
     assert decide(_progress(), slow, _no_cohorts, T0 + timedelta(seconds=121)) == Halt(
         "wave 1 (50 devices): 1 device(s) not Healthy within 120s, e.g. d-3"
+    )
+
+
+def test_a_bake_without_telemetry_waits_for_some_and_then_halts() -> None:
+    healthy = WaveHealth(devices=50, healthy=50, offline=0)
+    silent = (Cohort(50, 0, 0, None, intervals=0), Cohort(4950, 50000, 0, 10.0, intervals=4950))
+    baking = _progress(bake_started_at=T0)
+    assert decide(baking, healthy, lambda since: silent, T0 + timedelta(seconds=60)) == Wait()
+    assert decide(baking, healthy, lambda since: silent, T0 + timedelta(seconds=181)) == Halt(
+        "wave 1 (50 devices): no telemetry from its devices within 180s of the bake's start, "
+        "so its gates cannot be judged"
+    )
+    # Without gates there is nothing to measure: the bake's end promotes.
+    assert (
+        decide(
+            _progress(bake_started_at=T0, gates=()), healthy, lambda since: silent, T0 + timedelta(seconds=60)
+        )
+        == Promote()
     )
