@@ -8,12 +8,17 @@ was; an operator resumes, promotes and aborts; bad requests are refused with one
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
+from cloud_hub.rollouts import store
+from cloud_hub.rollouts.engine import Promote
+from cloud_hub.rollouts.tables import Rollout
 from tests.conftest import Publisher
 from tests.factory import Forge
 from tests.hub.broker_fixtures import Broker, MqttProbe
@@ -220,3 +225,46 @@ def test_bad_rollouts_are_refused_and_nothing_changes(
         assert http.get(f"/api/v1/deployments/{SERVICE}").json()["version"] == "1"
         assert http.get(f"/api/v1/deployments/{SERVICE}/rollout").status_code == 404
         assert http.post(f"/api/v1/deployments/{SERVICE}/rollout/dance").status_code == 400
+
+
+def test_two_replicas_on_postgresql_never_promote_a_wave_twice(
+    hub: HubFactory, publisher: Publisher, postgres: str
+) -> None:
+    """Two hub processes on one PostgreSQL database both run the rollout loop, as fast as they
+    can: every wave is started, promoted and completed exactly once."""
+    first = hub(postgres=postgres, rollout_interval_s=0.02)
+    second = hub(db=first.overrides["db"], hub_key=first.data_dir / "hub.key", rollout_interval_s=0.02)
+    assert second.core.sessions.engine.dialect.name == "postgresql"
+    v1 = push(first, publisher, "scorer", "1", factor=2)
+    v2 = push(first, publisher, "scorer", "2", factor=3)
+    waves = "10%,20%,30%,40%,50%,60%,70%,80%,90%,100%"
+    with first.client() as http:
+        for i in range(40):
+            enroll(http, f"dev-{i:02d}", fleet="test")  # never online: nobody to wait for
+        assert deploy(http, v1).status_code == 201
+        assert deploy(http, v2, {"waves": waves, "bake": "1s"}).status_code == 200
+    done = wait_for(
+        lambda: (ro := rollout_of(second))["state"] != "running" and ro, timeout=120, what="the end"
+    )
+    assert done["state"] == "completed"
+    seen = kinds(first)
+    assert seen.count("rollout.wave-started") == 10
+    assert seen.count("rollout.promoted") == 9
+    assert seen.count("rollout.completed") == 1
+
+    # Both replicas decide the same promotion from the same step at the same moment: the fleet
+    # lock makes them take turns, and the second finds the step moved.
+    with first.client() as http:
+        assert deploy(http, v1, {"waves": "10%,50%,100%", "bake": "1h"}).status_code == 200
+    with first.core.sessions.begin() as s:
+        step = s.get(Rollout, SERVICE).step  # type: ignore[union-attr]
+    barrier = threading.Barrier(2)
+
+    def promote(replica: RunningHub) -> str | None:
+        barrier.wait()
+        return replica.process.fleet.change(lambda s: store.apply(s, SERVICE, step, Promote())).result
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(promote, [first, second]))
+    assert sorted(map(str, results)) == ["None", "rollout.promoted"]
+    assert rollout_of(first)["wave"] == 2
