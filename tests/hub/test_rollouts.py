@@ -256,6 +256,7 @@ def test_two_replicas_on_postgresql_never_promote_a_wave_twice(
     # lock makes them take turns, and the second finds the step moved.
     with first.client() as http:
         assert deploy(http, v1, {"waves": "10%,50%,100%", "bake": "1h"}).status_code == 200
+    wait_for(lambda: rollout_of(first)["bake_started_at"], timeout=30, what="the hour-long bake")
     with first.core.sessions.begin() as s:
         step = s.get(Rollout, SERVICE).step  # type: ignore[union-attr]
     barrier = threading.Barrier(2)
