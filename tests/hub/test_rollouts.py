@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from tests.hub.broker_fixtures import Broker, MqttProbe
 from tests.hub.conftest import HubFactory, RunningHub
 from tests.hub.fleet_support import PushedModule, enroll, hub_trust, push
 from tests.hub.rollout_fleet import Behaviour, SimFleet
+from tests.hub.test_fleet_cli import one_line_error, run
 from tests.waiting import wait_for
 
 SERVICE = "scorer"
@@ -269,3 +271,44 @@ def test_two_replicas_on_postgresql_never_promote_a_wave_twice(
         results = list(pool.map(promote, [first, second]))
     assert sorted(map(str, results)) == ["None", "rollout.promoted"]
     assert rollout_of(first)["wave"] == 2
+
+
+def test_the_cli_stages_a_deploy_and_the_operator_follows_and_aborts_it(
+    hub: HubFactory, publisher: Publisher, tmp_path: Path
+) -> None:
+    h = hub(rollout_interval_s=0.3)
+    push(h, publisher, "scorer", "1", factor=2)
+    push(h, publisher, "scorer", "2", factor=3)
+    with h.client() as http:
+        for i in range(10):
+            enroll(http, f"dev-{i}", fleet="test")
+    common = ["deploy", "-n", SERVICE, "--selector", "fleet=test"]
+    assert run(tmp_path, h, *common, "-m", "scorer:1").returncode == 0
+    for flags, says in [
+        (["--bake", "2m"], "--bake needs --waves"),
+        (["--waves", "50%"], "the last wave must be 100%"),
+        (["--waves", "10%,100%", "--gate", "error_rate<1"], "share of requests"),
+        (["--waves", "10%,100%", "--on-failure", "shrug"], "use 'rollback' or 'halt'"),
+        (["--strategy", "all", "--waves", "10%,100%"], "--strategy all deploys at once"),
+    ]:
+        assert says in one_line_error(run(tmp_path, h, *common, "-m", "scorer:2", *flags), 2)
+    staged = run(
+        tmp_path, h, *common, "-m", "scorer:2", "--waves", "10%,100%", "--bake", "1h",
+        "--gate", "error_rate<1%", "--gate", "p95_ms<1.5x", "--on-failure", "halt",
+    )  # fmt: skip
+    assert staged.returncode == 0, staged.stderr
+    assert "Rolling out 2: wave 1 (1 device) of 2 waves" in staged.stdout
+    assert f"edgepack service rollout {SERVICE} status" in staged.stdout
+    status = run(tmp_path, h, "service", "rollout", SERVICE, "status")
+    assert status.returncode == 0, status.stderr
+    assert (
+        "1 -> 2  waves 10%,100%  bake 3600s  gates error_rate<1% p95_ms<1.5x  on failure halt"
+        in status.stdout
+    )
+    shown = run(tmp_path, h, "service", "show", SERVICE)
+    assert "rollout Rolling out 2: wave 1 (1 device) of 2 waves" in shown.stdout
+    aborted = run(tmp_path, h, "service", "rollout", SERVICE, "abort", "--yes")
+    assert aborted.stdout.startswith("Aborted: every device back on 1"), aborted.stderr
+    again = run(tmp_path, h, "service", "rollout", SERVICE, "resume")
+    assert "cannot resume: it was aborted" in one_line_error(again, again.returncode)
+    assert "use status, resume" in one_line_error(run(tmp_path, h, "service", "rollout", SERVICE, "undo"), 2)
