@@ -9,6 +9,7 @@ states and has their effects (publishes, broker accounts) applied; no route does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -67,6 +68,7 @@ from cloud_hub.rollouts.store import (
     end_staging,
     operate,
     previous_version,
+    released,
     start_rollout,
 )
 from cloud_hub.rollouts.store import Limits as RolloutLimits
@@ -359,14 +361,17 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
         updated_at=row.updated_at,
         state=service_state(r.state for r in rows),
         devices=rows,
-        rollout=_rollout_out(session.get(Rollout, row.name), view.plan),
+        rollout=_rollout_out(
+            session.get(Rollout, row.name), lambda r: len(assigned(view.plan, r.service, r.to_digest))
+        ),
     )
 
 
-def _rollout_out(row: Rollout | None, plan: Plan) -> RolloutOut | None:
+def _rollout_out(row: Rollout | None, count: Callable[[Rollout], int]) -> RolloutOut | None:
+    """The rollout's answer; ``count`` says how many devices it gives the new version."""
     if row is None:
         return None
-    on_new = len(assigned(plan, row.service, row.to_digest))
+    on_new = count(row)
     return RolloutOut(
         state=row.state,
         status=rollout_status(row, on_new),
@@ -597,7 +602,7 @@ def show_rollout(core: Core, name: str) -> RolloutOut:
     check_service_name(name)
     with core.sessions.snapshot() as s:
         get_deployment(s, name)
-        out = _rollout_out(s.get(Rollout, name), current_plan(s))
+        out = _rollout_out(s.get(Rollout, name), lambda r: len(released(s, r)))
     if out is None:
         raise NotFound(f"service {name} has no rollout; deploy with --waves to start one")
     return out

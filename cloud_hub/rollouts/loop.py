@@ -16,7 +16,6 @@ import threading
 
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.fleet.changes import FleetChanges
-from cloud_hub.fleet.desired import current_plan
 from cloud_hub.rollouts import store
 from cloud_hub.rollouts.engine import Wait, decide
 from cloud_hub.rollouts.tables import Rollout
@@ -63,7 +62,7 @@ class RolloutLoop:
             row = s.get(Rollout, service)
             if row is None or row.step != step:
                 return None
-            seen = store.observe(s, row, current_plan(s))
+            seen = store.observe(s, row)
             decision = decide(
                 store.progress_of(row),
                 seen.health,

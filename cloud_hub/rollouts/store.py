@@ -22,13 +22,14 @@ from sqlalchemy.orm import Session
 from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
-from cloud_hub.fleet.plan import Plan
+from cloud_hub.fleet.plan import DeviceView, Plan
 from cloud_hub.fleet.tables import Deployment, Device
 from cloud_hub.fleet.targeting import Target
 from cloud_hub.ingest.state import service_statuses
 from cloud_hub.ingest.tables import TelemetrySample
 from cloud_hub.rollouts.engine import Decision, Halt, Progress, Promote, StartBake, Wait, WaveHealth
 from cloud_hub.rollouts.gates import Cohort, cohort_of
+from cloud_hub.rollouts.staging import staged_view
 from cloud_hub.rollouts.tables import (
     ABORTED,
     COMPLETED,
@@ -181,9 +182,27 @@ def assigned(plan: Plan, service: str, digest: str) -> list[str]:
     )
 
 
-def observe(session: Session, row: Rollout, plan: Plan) -> Observation:
+def released(session: Session, row: Rollout) -> list[str]:
+    """The devices the rollout gives the new version now (the plan's answer, without building
+    every device's assignments: the loop asks every few seconds)."""
+    deployment = session.get(Deployment, row.service)
+    if deployment is None:
+        return []
+    staged = staged_view(row, {}) if row.state in STAGING else None
+    if staged is None and deployment.manifest_digest != row.to_digest:
+        return []  # rolled back, aborted, or replaced by another version
+    target = Target.model_validate(deployment.target)
+    out = []
+    for device_id, tags in session.execute(select(Device.id, Device.tags).where(Device.revoked.is_(False))):
+        view = DeviceView(device_id, dict(tags or {}))
+        if target.includes(device_id, view.tags) and (staged is None or not staged.keeps_previous(view)):
+            out.append(device_id)
+    return sorted(out)
+
+
+def observe(session: Session, row: Rollout) -> Observation:
     """How the released waves' devices report the service now."""
-    assigned_new = assigned(plan, row.service, row.to_digest)
+    assigned_new = released(session, row)
     statuses = service_statuses(session, row.service)
     online = dict(session.execute(select(Device.id, Device.online).where(Device.revoked.is_(False))).all())
     healthy = offline = 0
