@@ -307,6 +307,9 @@ def test_the_cli_stages_a_deploy_and_the_operator_follows_and_aborts_it(
     )
     shown = run(tmp_path, h, "service", "show", SERVICE)
     assert "rollout Rolling out 2: wave 1 (1 device) of 2 waves" in shown.stdout
+    with h.client() as http:
+        page = http.get(f"/api/v1/dashboard/services/{SERVICE}").json()
+    assert page["service"]["staged"].startswith("Rolling out 2: wave 1 (1 device) of 2 waves")
     aborted = run(tmp_path, h, "service", "rollout", SERVICE, "abort", "--yes")
     assert aborted.stdout.startswith("Aborted: every device back on 1"), aborted.stderr
     again = run(tmp_path, h, "service", "rollout", SERVICE, "resume")
