@@ -129,6 +129,16 @@ def test_a_version_twice_as_slow_is_halted_by_the_relative_latency_gate(setup: S
     assert "p95 20 ms vs 10 ms on 1 (gate p95_ms<1.5x)" in halted["status"]
     # Halted without rollback: wave 1 keeps the new version until the operator decides.
     assert fleet.running(v2.digest) == fleet.ever_ran(v2.digest) and len(fleet.ever_ran(v2.digest)) == 2
+    # Each device is judged by its own wave's version: the service is Healthy, in the API's
+    # roll-up and in the dashboard's (SQL) one, whose state alert rules read too.
+    with h.client() as http:
+
+        def states() -> tuple[str, str]:
+            api = http.get(f"/api/v1/deployments/{SERVICE}").json()["state"]
+            board = http.get(f"/api/v1/dashboard/services/{SERVICE}").json()["service"]["state"]
+            return api, board
+
+        wait_for(lambda: states() == ("Healthy", "Healthy"), timeout=30, what=f"Healthy, not {states()}")
 
     with h.client() as http:
         r = http.post(f"/api/v1/deployments/{SERVICE}/rollout/abort")
