@@ -19,7 +19,9 @@ import pytest
 
 from cloud_hub.rollouts import store
 from cloud_hub.rollouts.engine import Promote
-from cloud_hub.rollouts.tables import Rollout
+from cloud_hub.rollouts.tables import Rollout as RolloutRow
+from edgepack import BadArgument, DeploymentConfig, Hub, Rollout, Selector
+from manifests.errors import ConfigError
 from tests.conftest import Publisher
 from tests.factory import Forge
 from tests.hub.broker_fixtures import Broker, MqttProbe
@@ -270,7 +272,7 @@ def test_two_replicas_on_postgresql_never_promote_a_wave_twice(
         assert deploy(http, v1, {"waves": "10%,50%,100%", "bake": "1h"}).status_code == 200
     wait_for(lambda: rollout_of(first)["bake_started_at"], timeout=30, what="the hour-long bake")
     with first.core.sessions.begin() as s:
-        step = s.get(Rollout, SERVICE).step  # type: ignore[union-attr]
+        step = s.get(RolloutRow, SERVICE).step  # type: ignore[union-attr]
     barrier = threading.Barrier(2)
 
     def promote(replica: RunningHub) -> str | None:
@@ -325,3 +327,26 @@ def test_the_cli_stages_a_deploy_and_the_operator_follows_and_aborts_it(
     again = run(tmp_path, h, "service", "rollout", SERVICE, "resume")
     assert "cannot resume: it was aborted" in one_line_error(again, again.returncode)
     assert "use status, resume" in one_line_error(run(tmp_path, h, "service", "rollout", SERVICE, "undo"), 2)
+
+
+def test_the_sdk_stages_a_deploy_and_follows_it(hub: HubFactory, publisher: Publisher) -> None:
+    h = hub()
+    push(h, publisher, "scorer", "1", factor=2)
+    push(h, publisher, "scorer", "2", factor=3)
+    with h.client() as http:
+        for i in range(4):
+            enroll(http, f"dev-{i}", fleet="test")
+    with Hub(h.url, h.admin_token) as workspace:
+        where = Selector("fleet=test")
+        workspace.deploy(SERVICE, "scorer:1", DeploymentConfig(port=8890), target=where)
+        staged = Rollout.waves("25%,100%", bake="1h", gates=["error_rate<1%"], on_failure="halt")
+        service = workspace.deploy(SERVICE, "scorer:2", target=where, rollout=staged)
+        assert service.record.rollout is not None and service.record.rollout["state"] == "running"
+        assert service.rollout()["status"].startswith("Rolling out 2: wave 1 (1 device) of 2 waves")
+        assert service.rollout_action("promote")["wave"] == 2  # released: its own bake is next
+        assert service.rollout_action("promote")["state"] == "completed"
+        assert service.record.version == "2"
+        with pytest.raises(ConfigError, match="the last wave must be 100%"):
+            Rollout.waves("50%")
+        with pytest.raises(BadArgument, match="use resume, promote or abort"):
+            service.rollout_action("dance")
