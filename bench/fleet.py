@@ -23,6 +23,15 @@ For each fleet size N (``--devices 100,1000,5000``), on fresh engines:
   time, when the last one reported Healthy, and the rest (ingest + roll-up) until the roll-up
   said so.
 
+- **rollouts** (on the largest fleet; devices now send telemetry and are told what each
+  version does): a version failing 5 % of requests deployed in waves 1/10/50/100 % with gates
+  ``error_rate<1%`` and ``p95_ms<1.5x``: ``rollout_bad_max_fraction`` (share of the fleet that
+  ever ran it) and ``rollout_rollback_after_halt_s`` (from the halt event to every device
+  serving the last good version again); a version twice as slow at p95:
+  ``rollout_slow_halted``; a good version through every wave: ``rollout_good_overhead_s``
+  (total time minus the bakes). Bakes of ``--bake`` seconds (60) with telemetry every 10 s;
+  ``--quick`` bakes 6 s with telemetry every 3 s.
+
 With ``--postgres`` one more point runs the hub on a throwaway PostgreSQL (``postgres_*``).
 
 Usage: ``python bench/fleet.py [--quick] [--devices 100,1000,5000]``; the last line is JSON.
