@@ -631,7 +631,13 @@ def rollback(core: Core, fleet: Fleet, name: str) -> dict[str, Any]:
     """Redeploy the service's previous module version: the newest version of its module pushed
     before the one it runs now, with the same settings and target. 409 when there is none."""
     check_service_name(name)
-    change = fleet.change(lambda s: roll_back_deployment(s, name))
+
+    def mutate(s: Session) -> ModuleRef:
+        # A rollout still staging devices ends: every device gets the version rolled back to.
+        end_staging(s, name, "the service was rolled back ('edgepack service rollback')")
+        return roll_back_deployment(s, name)
+
+    change = fleet.change(mutate)
     with core.sessions.snapshot() as s:
         out = _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
     return {**_change_out(change), "version": change.result.version, "deployment": out}

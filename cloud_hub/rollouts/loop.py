@@ -37,8 +37,8 @@ class RolloutLoop:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> list[str]:
-        """One round; the event kinds it recorded. Never raises (the loop must outlive a
-        database hiccup or one broken rollout)."""
+        """One round; what it did (an event kind, or ``rollout.baking``). Never raises (the
+        loop must outlive a database hiccup or one broken rollout)."""
         done: list[str] = []
         try:
             with self._sessions.snapshot() as s:

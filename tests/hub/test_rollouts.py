@@ -346,6 +346,13 @@ def test_the_sdk_stages_a_deploy_and_follows_it(hub: HubFactory, publisher: Publ
         assert service.rollout_action("promote")["wave"] == 2  # released: its own bake is next
         assert service.rollout_action("promote")["state"] == "completed"
         assert service.record.version == "2"
+        # A manual rollback during a rollout ends it: every device gets the version rolled back to.
+        push(h, publisher, "scorer", "3", factor=4)
+        third = workspace.deploy(SERVICE, "scorer:3", target=where, rollout=staged)
+        assert third.rollout()["devices_on_new"] == 1
+        assert third.rollback().version == "2"
+        ended = third.rollout()
+        assert (ended["state"], ended["devices_on_new"]) == ("superseded", 0)
         with pytest.raises(ConfigError, match="the last wave must be 100%"):
             Rollout.waves("50%")
         with pytest.raises(BadArgument, match="use resume, promote or abort"):
