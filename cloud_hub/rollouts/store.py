@@ -25,8 +25,7 @@ from cloud_hub.events import record_event
 from cloud_hub.fleet.plan import DeviceView, Plan
 from cloud_hub.fleet.tables import Deployment, Device
 from cloud_hub.fleet.targeting import Target
-from cloud_hub.ingest.state import service_statuses
-from cloud_hub.ingest.tables import TelemetrySample
+from cloud_hub.ingest.tables import ModuleState, TelemetrySample
 from cloud_hub.rollouts.engine import Decision, Halt, Progress, Promote, StartBake, Wait, WaveHealth
 from cloud_hub.rollouts.gates import Cohort, cohort_of
 from cloud_hub.rollouts.staging import staged_view
@@ -200,20 +199,49 @@ def released(session: Session, row: Rollout) -> list[str]:
     return sorted(out)
 
 
+@dataclass(frozen=True)
+class _Reported:
+    state: str
+    digest: str | None
+    serving: str | None
+    since: datetime
+    reason: str | None
+
+
+def _reported(session: Session, service: str) -> dict[str, _Reported]:
+    """The service's state on each device that reports it: the columns the loop needs, read
+    without validating every device's whole status again (the loop asks every few seconds;
+    ingest validated each report when it stored it)."""
+    rows = session.execute(
+        select(
+            ModuleState.device_id,
+            ModuleState.state,
+            ModuleState.manifest_digest,
+            ModuleState.status["serving_digest"].as_string(),
+            ModuleState.since,
+            ModuleState.reason,
+        ).where(ModuleState.service == service)
+    )
+    return {
+        d: _Reported(state, digest, serving, since, reason)
+        for d, state, digest, serving, since, reason in rows
+    }
+
+
 def observe(session: Session, row: Rollout) -> Observation:
     """How the released waves' devices report the service now."""
     assigned_new = released(session, row)
-    statuses = service_statuses(session, row.service)
+    statuses = _reported(session, row.service)
     online = dict(session.execute(select(Device.id, Device.online).where(Device.revoked.is_(False))).all())
     healthy = offline = 0
     failed: list[tuple[str, str]] = []
     waiting: list[str] = []
-    for device_id in sorted(assigned_new):
+    for device_id in assigned_new:
         status = statuses.get(device_id)
         if (
             status is not None
-            and status.manifest_digest == row.to_digest
-            and status.state is ServiceState.FAILED
+            and status.digest == row.to_digest
+            and status.state == ServiceState.FAILED.value
             # A failure from before the wave (re)started was judged already: after a resume,
             # a device still failing is one not Healthy within the health timeout.
             and status.since >= row.wave_started_at
@@ -221,17 +249,17 @@ def observe(session: Session, row: Rollout) -> Observation:
             failed.append((device_id, status.reason or "no reason given"))
         elif (
             status is not None
-            and status.state is ServiceState.HEALTHY
-            and status.manifest_digest == row.to_digest
-            and status.serving_digest == row.to_digest
+            and status.state == ServiceState.HEALTHY.value
+            and status.digest == row.to_digest
+            and status.serving == row.to_digest
         ):
             healthy += 1
         elif not online.get(device_id, False):
             offline += 1
         else:
             waiting.append(device_id)
-    serving_new = frozenset(d for d, s in statuses.items() if s.serving_digest == row.to_digest)
-    serving_old = frozenset(d for d, s in statuses.items() if s.serving_digest == row.from_digest)
+    serving_new = frozenset(d for d, s in statuses.items() if s.serving == row.to_digest)
+    serving_old = frozenset(d for d, s in statuses.items() if s.serving == row.from_digest)
     health = WaveHealth(len(assigned_new), healthy, offline, failed, waiting)
     return Observation(health, serving_new & frozenset(assigned_new), serving_old)
 
