@@ -296,7 +296,7 @@ def _wave_devices(row: Rollout, count: int) -> str:
     return f"wave {row.wave + 1} ({count} device{'s' if count != 1 else ''})"
 
 
-def apply(session: Session, service: str, step: int, decision: Decision, *, devices: int = 0) -> str | None:
+def apply(session: Session, service: str, step: int, decision: Decision) -> str | None:
     """Apply ``decision`` if the rollout is still running at ``step``; the event kind recorded
     (None: nothing was done, another replica or the operator moved it first)."""
     row = session.get(Rollout, service)
