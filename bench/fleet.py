@@ -31,6 +31,14 @@ For each fleet size N (``--devices 100,1000,5000``), on fresh engines:
   answer received, the hub's side: verifying, enrolling in batches, writing the broker's
   accounts. Then a replayed request, one join past the token's uses, a revoked token and a
   forged request must each be refused.
+- **rollouts** (on the largest fleet; devices now send telemetry and are told what each
+  version does): a version failing 5 % of requests deployed in waves 1/10/50/100 % with gates
+  ``error_rate<1%`` and ``p95_ms<1.5x``: ``rollout_bad_max_fraction`` (share of the fleet that
+  ever ran it) and ``rollout_rollback_after_halt_s`` (from the halt event to every device
+  serving the last good version again); a version twice as slow at p95:
+  ``rollout_slow_halted``; a good version through every wave: ``rollout_good_overhead_s``
+  (total time minus the bakes). Bakes of ``--bake`` seconds (60) with telemetry every 10 s;
+  ``--quick`` bakes 6 s with telemetry every 3 s.
 
 With ``--postgres`` one more point runs the hub on a throwaway PostgreSQL (``postgres_*``).
 
@@ -92,6 +100,10 @@ TARGETS = {
     "hub_cpu_ms_per_device": "<= 1.5 (deploy: download + publish + ingest)",
     "hub_cpu_ms_per_download": "<= 0.3",
     "join_5000_s": "<= 20 (5,000 joins with one token, each with its own device-made key)",
+    "rollout_bad_max_fraction": "<= 0.01 (5 % errors, waves 1/10/50/100 %)",
+    "rollout_rollback_after_halt_s": "<= 60",
+    "rollout_slow_halted": "true (2x p95, gate p95_ms<1.5x)",
+    "rollout_good_overhead_s": "<= 30 (total minus the bakes)",
 }
 console = Console(stderr=True)
 
@@ -180,6 +192,9 @@ def start_hub(root: Path, publisher_pub: Path, db: str | None) -> Hub:
         "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN,
         "EDGEPACK_HUB_MQTT_PASSWORD": HUB_MQTT_PASSWORD,
         "EDGEPACK_HUB_LOG_LEVEL": "info",
+        # The rollout loop looks every second (default 2): the bench measures the product's
+        # reaction, and a look costs one snapshot read when nothing is due.
+        "EDGEPACK_HUB_ROLLOUT_INTERVAL_S": "1",
         **({"EDGEPACK_HUB_DB": db} if db else {}),
     }
     args = [
@@ -208,6 +223,11 @@ def start_hub(root: Path, publisher_pub: Path, db: str | None) -> Hub:
 class Shards:
     processes: list[multiprocessing.process.BaseProcess]
     pipes: list[Connection]
+
+    def ask_with(self, kind: str, arg: Any) -> list[Any]:
+        for pipe in self.pipes:
+            pipe.send((kind, arg))
+        return [pipe.recv() for pipe in self.pipes]
 
     def ask(self, kind: str) -> list[Any]:
         for pipe in self.pipes:
@@ -420,6 +440,161 @@ def download_cost(hub: Hub, documents: list[dict[str, Any]], digest: str, rounds
     return out
 
 
+ROLLOUT_WAVES = "1%,10%,50%,100%"
+ROLLOUT_GATES = ("error_rate<1%", "p95_ms<1.5x")
+
+
+def rollout_bundles(forge: Forge) -> dict[str, bytes]:
+    """Versions 11 (the good one everybody runs first), 12 (fails 5 % of requests), 13 (twice as
+    slow at p95) and 14 (as good as 11): what each does is the simulator's behaviour table."""
+    model = os.urandom(16 << 10)
+    out = {}
+    for version in ("11", "12", "13", "14"):
+        score = f"# v{version}\ndef init():\n    pass\n\ndef run(raw):\n    return raw\n".encode()
+        out[version] = forge.bundle(files={"src/score.py": score, "model/weights.bin": model},
+                                    name="rollsim", version=version, entry_script="src/score.py")  # fmt: skip
+    return out
+
+
+def wait_rollout_end(hub: Hub, service: str, timeout: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Poll the rollout until it is no longer running; it, and each wave's timeline: when it was
+    released, when its bake began (its devices all Healthy) and when the next step came."""
+    deadline = time.monotonic() + timeout
+    bakes: dict[int, str] = {}
+    with hub.http() as http:
+        while True:
+            body: dict[str, Any] = http.get(f"/api/v1/deployments/{service}/rollout").json()
+            if body.get("bake_started_at"):
+                bakes[body["wave"]] = body["bake_started_at"]
+            if body.get("state") != "running":
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"the rollout of {service} still ran after {timeout:.0f} s: {body['status']}"
+                )
+            time.sleep(1.0)  # as 'edgepack service rollout NAME status' in a loop would
+    steps = rollout_events(hub, service)
+    started = [e["at"] for e in steps if e["kind"] == "rollout.wave-started"][-len(body["waves"]) :]
+    ends = [e["at"] for e in steps if e["kind"] != "rollout.wave-started"][-len(started) :]
+    stamp = _stamp
+    timeline = []
+    for wave, (began, ended) in enumerate(zip(started, ends, strict=False), start=1):
+        bake = bakes.get(wave)
+        timeline.append({
+            "wave": wave,
+            "to_healthy_s": round(stamp(bake) - stamp(began), 2) if bake else None,
+            "bake_and_judge_s": round(stamp(ended) - stamp(bake), 2) if bake else None,
+        })  # fmt: skip
+    return body, timeline
+
+
+def rollout_events(hub: Hub, service: str) -> list[dict[str, Any]]:
+    """The service's rollout events, oldest first, from the hub's database (the feed's newest
+    page is full of the devices' own state changes)."""
+    engine = create_engine(hub.db)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT kind, at FROM events WHERE service = :s AND kind LIKE 'rollout.%' ORDER BY id"),
+                {"s": service},
+            ).all()
+    finally:
+        engine.dispose()
+    # SQLite hands back naive UTC text; the hub writes UTC.
+    return [
+        {"kind": k, "at": (at if isinstance(at, str) else at.isoformat()).replace(" ", "T")} for k, at in rows
+    ]
+
+
+def halted_at(hub: Hub, service: str) -> float:
+    """When the hub recorded the halt (the event's time, on this machine's clock)."""
+    at = [e["at"] for e in rollout_events(hub, service) if e["kind"] == "rollout.halted"][-1]
+    return _stamp(at)
+
+
+def _stamp(at: str) -> float:
+    moment = datetime.fromisoformat(at)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def wait_serving(shards: Shards, digest: str, n: int, timeout: float) -> float:
+    """Until every simulated device serves ``digest``; when."""
+    deadline = time.monotonic() + timeout
+    while (serving := sum(shards.ask_with("serving", digest))) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {serving} of {n} devices serve {digest} after {timeout:.0f} s")
+        time.sleep(0.2)
+    return time.time()
+
+
+def rollout_phase(
+    hub: Hub, shards: Shards, forge: Forge, n: int, bake_s: float, telemetry_s: float
+) -> dict[str, Any]:
+    """Three staged deploys on the simulated fleet, each from version 11 (every device on it):
+    a version failing 5 % of requests, one twice as slow at p95, and a good one."""
+    service, selector = "rollsim", SELECTOR
+    digests = {}
+    with hub.http() as http:
+        for version, bundle in rollout_bundles(forge).items():
+            r = http.post("/api/v1/modules", content=bundle,
+                          headers={"Content-Type": "application/vnd.edgepack.module+tar"})  # fmt: skip
+            if r.status_code != 201:
+                raise SystemExit(f"push failed: {r.status_code} {r.text[:300]}")
+            digests[version] = r.json()["manifest_digest"]
+    hub.cli("service", "delete", SERVICE, "--yes")  # a simulated device runs one service
+    shards.ask_with("behave", {digests["12"]: (0.05, 10.0), digests["13"]: (0.0, 20.0)})
+    shards.ask_with("telemetry", telemetry_s)
+    dc = hub.root / "rollout-dc.json"
+    dc.write_text(json.dumps({"computeType": "local", "port": 9100, "edgepack": {"runtime": "process"}}))
+    base = ["deploy", "-n", service, "--dc", str(dc), "--selector", selector]
+    hub.cli(*base, "-m", "rollsim:11")
+    wait_serving(shards, digests["11"], n, 600)
+    staged = ["--waves", ROLLOUT_WAVES, "--bake", f"{bake_s:g}s"] + [
+        a for g in ROLLOUT_GATES for a in ("--gate", g)
+    ]
+    out: dict[str, Any] = {"rollout_devices": n, "rollout_bake_s": bake_s, "rollout_telemetry_s": telemetry_s}
+
+    log(f"  rollout of a version failing 5 % of requests ({ROLLOUT_WAVES}, bake {bake_s:g} s)")
+    hub.cli(*base, "-m", "rollsim:12", *staged)
+    bad, bad_waves = wait_rollout_end(hub, service, 20 * bake_s + 600)
+    back_at = wait_serving(shards, digests["11"], n, 600)
+    halted = halted_at(hub, service)
+    ever = sum(shards.ask_with("ever", digests["12"]))
+    out["rollout_bad_status"] = bad["status"]
+    out["rollout_bad_waves"] = bad_waves
+    out["rollout_bad_max_fraction"] = round(ever / n, 4)
+    out["rollout_rollback_after_halt_s"] = round(back_at - halted, 2)
+    log(f"    {bad['status']}; {ever} of {n} devices ever ran it; all back on 11 "
+        f"{out['rollout_rollback_after_halt_s']} s after the halt")  # fmt: skip
+
+    log("  rollout of a version twice as slow at p95")
+    hub.cli(*base, "-m", "rollsim:13", *staged)
+    slow, _ = wait_rollout_end(hub, service, 20 * bake_s + 600)
+    wait_serving(shards, digests["11"], n, 600)
+    out["rollout_slow_status"] = slow["status"]
+    out["rollout_slow_halted"] = slow["state"] in ("halted", "rolled-back") and "p95" in slow["status"]
+    out["rollout_slow_max_fraction"] = round(sum(shards.ask_with("ever", digests["13"])) / n, 4)
+    log(f"    {slow['status']}")
+
+    log("  rollout of a good version through every wave")
+    start, started_wall = time.perf_counter(), time.time()
+    hub.cli(*base, "-m", "rollsim:14", *staged)
+    good, good_waves = wait_rollout_end(hub, service, 20 * bake_s + 600)
+    ended = time.perf_counter()
+    done = wait_serving(shards, digests["14"], n, 600)
+    total = max(ended - start, done - started_wall)
+    out["rollout_good_waves"] = good_waves
+    waves = len(ROLLOUT_WAVES.split(","))
+    out["rollout_good_status"] = good["status"]
+    out["rollout_good_total_s"] = round(total, 2)
+    out["rollout_good_overhead_s"] = (
+        round(total - waves * bake_s, 2) if good["state"] == "completed" else None
+    )
+    log(f"    {good['status']} in {total:.1f} s ({waves} bakes of {bake_s:g} s)")
+    shards.ask_with("telemetry", 0)
+    return out
+
+
 def modules(forge: Forge) -> dict[str, bytes]:
     model = os.urandom(64 << 10)  # one model file both versions share: the update moves score.py only
     out = {}
@@ -430,7 +605,10 @@ def modules(forge: Forge) -> dict[str, bytes]:
     return out
 
 
-def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
+def run_point(
+    n: int, shard_count: int, db: str | None, rollouts: tuple[float, float] | None = None
+) -> dict[str, Any]:
+    """One fleet size; with ``rollouts`` (bake, telemetry interval) the rollout phase too."""
     root = Path(tempfile.mkdtemp(prefix=f"edgepack-fleet-{n}-"))
     key = generate_private_key()
     pub = root / "publisher.pub"
@@ -452,9 +630,7 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
         cpu0 = hub.cpu_s()
         documents, enroll_s = enroll(hub, n)
         enroll_cpu = hub.cpu_s() - cpu0
-        log(
-            f"  enrolled in {enroll_s:.2f} s ({n / enroll_s:.0f}/s); {shard_count} simulator processes start"
-        )
+        log(f"  enrolled in {enroll_s:.2f} s ({n / enroll_s:.0f}/s); {shard_count} simulator processes start")
         shards = start_shards(documents, shard_count, root)
         stack.callback(shards.stop)
         dc = root / "deploymentconfig.json"
@@ -469,7 +645,9 @@ def run_point(n: int, shard_count: int, db: str | None) -> dict[str, Any]:
             f"{fresh} ms with a connection per device)")  # fmt: skip
         ingest = ingest_rate(hub, shards, n)
         log(f"  ingest: {ingest['ingest_msgs_per_s']} msgs/s (bursts {ingest['ingest_bursts']})")
+        staged = rollout_phase(hub, shards, forge, n, *rollouts) if rollouts is not None else {}
         return {
+            **staged,
             "devices": n,
             "database": "postgresql" if db else "sqlite",
             "enroll_per_s": round(n / enroll_s),
@@ -586,6 +764,7 @@ def main() -> None:
     parser.add_argument("--postgres-devices", type=int, default=1000)
     parser.add_argument("--join", type=int, default=5000, help="devices joining with one token (0: skip)")
     parser.add_argument("--only-join", action="store_true", help="run the join phase alone")
+    parser.add_argument("--bake", type=float, default=60.0, help="bake of each rollout wave, seconds")
     args = parser.parse_args()
     raise_fd_limit()
     result: dict[str, Any] = {"bench": "fleet"}
@@ -596,8 +775,15 @@ def main() -> None:
         print(json.dumps(result))
         return
     sizes = [int(s) for s in (args.devices or ("100,1000" if args.quick else "100,1000,5000")).split(",")]
-    curve = [run_point(n, args.shards, None) for n in sizes]
+    # The rollout phase runs on the largest fleet: 60 s bakes as the issue's targets say, with
+    # telemetry every 10 s (the agent's default); --quick bakes 6 s with telemetry every 3 s
+    # (about a minute and a half, not five).
+    staged = (6.0, 3.0) if args.quick else (args.bake, 10.0)
+    curve = [run_point(n, args.shards, None, staged if n == sizes[-1] else None) for n in sizes]
     last = curve[-1]
+    for key in ("rollout_bad_max_fraction", "rollout_rollback_after_halt_s", "rollout_slow_halted",
+                "rollout_good_overhead_s", "rollout_devices", "rollout_bake_s"):  # fmt: skip
+        result[key] = last.get(key)
     for key in ("devices", "enroll_per_s", "deploy_to_healthy_s", "update_to_healthy_s", "hub_peak_rss_mb",
                 "ingest_msgs_per_s", "hub_cpu_ms_per_device", "hub_cpu_ms_per_download"):  # fmt: skip
         result[key] = last[key]

@@ -48,7 +48,7 @@ from manifests.desired import DesiredState, ModuleAssignment, verify_desired
 from manifests.device import DeviceCredentials
 from manifests.digests import sha256_digest
 from manifests.errors import EdgepackError
-from manifests.reported import ModuleStatus, ReportedState
+from manifests.reported import ModuleMetrics, ModuleStatus, ReportedState, Telemetry
 from manifests.signing import TrustStore
 from manifests.states import ServiceState
 from manifests.topics import device_topic
@@ -96,6 +96,10 @@ class SimDevice:
     reason: str | None = None
     connected: bool = False
     holds: set[str] = field(default_factory=set)  # blobs this device downloaded (its own cache)
+    ever: set[str] = field(default_factory=set)  # every manifest digest it served
+    requests: int = 0  # its serving instance's counters (a new instance starts them again)
+    errors: int = 0
+    next_sample: float = 0.0  # monotonic time of its next telemetry sample
 
     @property
     def device_id(self) -> str:
@@ -126,6 +130,10 @@ class Shard:
         self.dirty: set[SimDevice] = set()  # clients with something to write
         self.devices = [self._device(DeviceCredentials.model_validate(d)) for d in documents]
         self.running = True
+        #: telemetry: seconds between a device's samples (0: none), and per manifest digest
+        #: what its version does: (share of requests that fail, p95 latency in ms)
+        self.telemetry_s = 0.0
+        self.behaviour: dict[str, tuple[float, float]] = {}
 
     # --- MQTT ---------------------------------------------------------------------------------
 
@@ -196,6 +204,8 @@ class Shard:
         last_misc = time.monotonic()
         while self.running:
             self._pump(0.05)
+            if self.telemetry_s > 0:
+                self._sample(time.monotonic())
             if time.monotonic() - last_misc > 10:
                 last_misc = time.monotonic()
                 for device in self.devices:
@@ -224,6 +234,22 @@ class Shard:
         elif kind == "stop":
             self.running = False
             self.control.send(True)
+        elif kind == "telemetry":
+            # Every device samples every ``interval`` seconds, spread evenly over the interval.
+            self.telemetry_s = float(_arg)
+            now = time.monotonic()
+            for i, device in enumerate(self.devices):
+                device.next_sample = now + self.telemetry_s * i / max(1, len(self.devices))
+            self.control.send(True)
+        elif kind == "behave":
+            self.behaviour = {digest: (float(e), float(p)) for digest, (e, p) in _arg.items()}
+            self.control.send(True)
+        elif kind == "ever":
+            self.control.send(sum(1 for d in self.devices if _arg in d.ever))
+        elif kind == "serving":
+            self.control.send(
+                sum(1 for d in self.devices if d.serving is not None and d.serving.manifest_digest == _arg)
+            )
 
     # --- desired state, downloads, reports ----------------------------------------------------
 
@@ -318,12 +344,28 @@ class Shard:
             self._set_state(device, ServiceState.FAILED, error)
             return
         device.serving = wanted
+        device.ever.add(wanted.manifest_digest)
+        device.requests = device.errors = 0  # a new instance: its counters start again
         self._set_state(device, ServiceState.HEALTHY)
         self.counters.healthy_at.append(time.time())
 
     def _set_state(self, device: SimDevice, state: ServiceState, reason: str | None = None) -> None:
         device.state, device.since, device.reason = state, datetime.now(UTC), reason
         self._report(device)
+
+    def _sample(self, now: float) -> None:
+        """A telemetry sample from every device whose time has come (QoS 0, as the agent)."""
+        for device in self.devices:
+            if device.next_sample > now:
+                continue
+            device.next_sample = now + self.telemetry_s
+            serving = device.serving
+            if not device.connected or serving is None or device.state is not ServiceState.HEALTHY:
+                continue
+            how = self.behaviour.get(serving.manifest_digest, (0.0, 10.0))
+            payload = _telemetry_of(device, serving, self.telemetry_s, how)
+            device.client.publish(device.topic("telemetry"), payload, qos=0)
+            self.dirty.add(device)
 
     def _report(self, device: SimDevice) -> None:
         start = time.perf_counter()
@@ -358,6 +400,30 @@ class Shard:
         self.dirty.add(device)
         self.counters.reports += 1
         self.counters.report_s += time.perf_counter() - start
+
+
+#: Requests each simulated device serves per second.
+REQUESTS_PER_S = 20
+
+
+def _telemetry_of(
+    device: SimDevice, serving: ModuleAssignment, interval_s: float, how: tuple[float, float]
+) -> bytes:
+    error_share, p95_ms = how
+    served = round(REQUESTS_PER_S * interval_s)
+    device.requests += served
+    device.errors += round(served * error_share)
+    sample = Telemetry(
+        device_id=device.device_id,
+        ts=datetime.now(UTC),
+        modules=[
+            ModuleMetrics(
+                service=serving.service, requests_total=device.requests, errors_total=device.errors,
+                requests_per_s=REQUESTS_PER_S, p50_ms=p95_ms / 2, p95_ms=p95_ms,
+            )
+        ],
+    )  # fmt: skip
+    return sample.model_dump_json(by_alias=True, exclude_none=True).encode()
 
 
 def run_shard(credentials_file: str, cache_dir: str, control: Connection) -> None:

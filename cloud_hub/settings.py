@@ -151,6 +151,23 @@ class HubSettings(BaseSettings):
     alert_max_samples: int = Field(
         default=50_000, ge=100, le=10_000_000, description="telemetry samples one round reads"
     )
+    # Progressive rollouts (cloud_hub.rollouts, docs/rollouts.md, docs/security.md §18).
+    rollout_interval_s: float = Field(
+        default=2.0, gt=0, le=600, description="seconds between two looks at the running rollouts"
+    )
+    rollout_health_timeout_s: float = Field(
+        default=300.0, ge=1, le=86_400,
+        description="how long a released wave's devices may take to be Healthy before the rollout halts",
+    )  # fmt: skip
+    rollout_max_samples: int = Field(
+        default=500_000, ge=100, le=10_000_000, description="telemetry samples one gate judgement reads"
+    )
+    rollout_max_spread_values: int = Field(
+        default=1000, ge=1, le=100_000, description="distinct values of a rollout's --spread-by tag"
+    )
+    rollout_max_running: int = Field(
+        default=100, ge=1, le=10_000, description="rollouts staging devices at once (running or halted)"
+    )
     # Prometheus /metrics (cloud_hub.metrics): a bearer token, the admin's or this read-only one;
     # metrics_public serves it to anyone (only behind a network that keeps others out).
     metrics_token: SecretStr | None = Field(default=None, description="read-only token for /metrics")

@@ -11,6 +11,7 @@ trust). :func:`wire_hub` builds what it *runs* around it, each part given only w
 - fleet upkeep (renewals, republishing when the broker connection comes back),
 - the alert loop (rules evaluated into alert.fired / alert.resolved events),
 - the webhook dispatcher (the outbox's deliveries → subscribers' URLs),
+- the rollout loop (each running rollout's waves: bake, gates, promote or halt),
 - collected production data (batches from devices → the data store; retention in upkeep), and
 - the Prometheus metrics of this process (read at scrape, filled by the API's middleware).
 
@@ -43,6 +44,7 @@ from cloud_hub.ingest.worker import IngestWorker, ingest_policy
 from cloud_hub.login_throttle import LoginThrottle, ThrottlePolicy
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.mqtt.link import MqttLink
+from cloud_hub.rollouts.loop import RolloutLoop
 from cloud_hub.settings import HubSettings
 from cloud_hub.webhooks.dispatcher import DispatchPolicy, WebhookDispatcher
 from manifests.errors import ConfigError
@@ -69,6 +71,8 @@ class HubProcess:
     webhooks: WebhookDispatcher | None = None
     #: collected production data: receiving, serving, retention (None only in bare tests)
     data: CollectedData | None = None
+    #: progressive rollouts: each running one's next step (cloud_hub.rollouts)
+    rollouts: RolloutLoop | None = None
     #: wrong dashboard sign-ins per client address (this process's own; see login_throttle)
     login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(ThrottlePolicy()))
     #: devices joining with a provisioning token, committed in batches (None only in bare tests)
@@ -90,6 +94,8 @@ class HubProcess:
             self.alerts.start()
         if self.webhooks is not None:
             self.webhooks.start()
+        if self.rollouts is not None:
+            self.rollouts.start()
         if self.link is not None:
             self.executor.sync_accounts()
             if self.ingest is not None:
@@ -107,6 +113,8 @@ class HubProcess:
                 self.alerts.stop()
             if self.webhooks is not None:
                 self.webhooks.stop()
+            if self.rollouts is not None:
+                self.rollouts.stop()
             if self.link is not None:
                 with contextlib.suppress(Exception):
                     self.link.stop()
@@ -179,6 +187,12 @@ def wire_hub(core: HubCore) -> HubProcess:
         metrics=metrics,
         data=data,
         grants=grants,
+        rollouts=RolloutLoop(
+            core.sessions,
+            fleet,
+            interval_s=settings.rollout_interval_s,
+            max_samples=settings.rollout_max_samples,
+        ),
         webhooks=WebhookDispatcher(
             core.sessions,
             DispatchPolicy.from_settings(settings),

@@ -42,6 +42,8 @@ from cloud_hub.overview.queries import (
     rollout,
     service_devices_page,
 )
+from cloud_hub.rollouts.store import released, status_line
+from cloud_hub.rollouts.tables import Rollout as StagedRollout
 from manifests.reported import FailureDetail, ModuleStatus, Progress, Telemetry
 from manifests.states import ServiceState, StateOnDevice
 
@@ -101,6 +103,9 @@ class ServiceSummary(BaseModel):
     target: dict[str, Any]
     state: ServiceState = Field(description="rolled up over the targeted devices (Unschedulable if none)")
     rollout: RolloutOut
+    staged: str | None = Field(
+        default=None, description="the last deploy's rollout in waves, as one line (docs/rollouts.md)"
+    )
     devices: list[ServiceDeviceOut] | None = Field(
         default=None, description=f"every device, when the service has at most {INLINE_DEVICES}"
     )
@@ -242,8 +247,14 @@ def _service_summary(s: Session, row: Deployment, *, inline: bool) -> ServiceSum
         target=row.target,
         state=progress.state,
         rollout=_rollout_out(progress),
+        staged=_staged(s, row.name),
         devices=devices,
     )
+
+
+def _staged(s: Session, service: str) -> str | None:
+    row = s.get(StagedRollout, service)
+    return None if row is None else status_line(row, len(released(s, row)))
 
 
 def _events(s: Session, where: Any) -> list[EventOut]:

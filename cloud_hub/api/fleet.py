@@ -9,6 +9,7 @@ states and has their effects (publishes, broker accounts) applied; no route does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -36,7 +37,7 @@ from cloud_hub.fleet.deployments import (
 )
 from cloud_hub.fleet.desired import (
     current_plan,
-    deployment_view,
+    deployment_views,
     device_changed_at,
     service_changed_at,
     stored_state,
@@ -60,12 +61,27 @@ from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, 
 from cloud_hub.ingest.state import device_module_statuses, service_statuses
 from cloud_hub.ingest.tables import DeviceReport
 from cloud_hub.registry.modules import get_module
+from cloud_hub.rollouts.store import (
+    ACTIONS,
+    VersionRef,
+    assigned,
+    end_staging,
+    operate,
+    previous_version,
+    released,
+    start_rollout,
+)
+from cloud_hub.rollouts.store import Limits as RolloutLimits
+from cloud_hub.rollouts.store import status_line as rollout_status
+from cloud_hub.rollouts.tables import Rollout
 from cloud_hub.rollup import DeviceState, device_state, service_state, state_on_device
 from cloud_hub.tls.material import ca_pem
 from manifests.desired import ModuleAssignment
 from manifests.device import DeviceCredentials, MqttEndpoint
+from manifests.errors import ConfigError
 from manifests.logs import MAX_TAIL
 from manifests.reported import FailureDetail, ModuleStatus, Progress
+from manifests.rollout import parse_rollout
 from manifests.signing import TrustedKey, public_key_pem, raw_public_bytes
 from manifests.states import ServiceState, StateOnDevice
 
@@ -181,6 +197,31 @@ class DeployRequest(BaseModel):
         default=None, description="edgepack DeploymentSettings (instead of deployment_config)"
     )
     target: dict[str, Any] = Field(description='{"devices": [ids]} or {"selector": "k=v,..."}')
+    rollout: dict[str, Any] | None = Field(
+        default=None,
+        description='how the change reaches its devices: {"strategy": "all"} (default) or '
+        '{"waves": "1%,10%,50%,100%", "bake": "2m", "gates": ["error_rate<1%", "p95_ms<1.5x"], '
+        '"on_failure": "rollback", "spread_by": "site"} (docs/rollouts.md)',
+    )
+
+
+class RolloutOut(BaseModel):
+    state: str = Field(description="running, halted, rolled-back, completed, aborted or superseded")
+    status: str = Field(
+        description="one line, e.g. 'Halted: wave 1 (50 devices): error rate 5.2% vs 0.0% on 1'"
+    )
+    wave: int = Field(description="the wave released last, from 1")
+    waves: list[float] = Field(description="cumulative shares of the devices, in percent")
+    devices_on_new: int = Field(description="devices assigned the new version now")
+    bake_s: float
+    gates: list[str]
+    on_failure: str
+    spread_by: str | None
+    from_version: str
+    to_version: str
+    wave_started_at: datetime
+    bake_started_at: datetime | None
+    reason: str | None
 
 
 class DeviceServiceOut(BaseModel):
@@ -215,6 +256,7 @@ class DeploymentOut(BaseModel):
     updated_at: datetime
     state: ServiceState = Field(description="rolled up over the devices (Unschedulable if none)")
     devices: list[DeviceServiceOut] = Field(default_factory=list)
+    rollout: RolloutOut | None = Field(default=None, description="the last deploy's rollout, if it had waves")
 
 
 class DeployOut(ChangeOut):
@@ -289,7 +331,10 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
     rows: list[DeviceServiceOut] = []
     for device_id in devices_running(view.plan, row.name):
         status = reported.get(device_id)
-        here = state_on_device(status, row.manifest_digest, changed.get(device_id))
+        # Under a rollout a device's version is its wave's, so judge it by its own assignment.
+        mine = [m.manifest_digest for m in view.plan[device_id] if m.service == row.name]
+        wanted = mine[0] if mine else row.manifest_digest
+        here = state_on_device(status, wanted, changed.get(device_id))
         moving = status is not None and here.state is StateOnDevice.TRANSITIONING
         rows.append(
             DeviceServiceOut(
@@ -316,6 +361,32 @@ def _deployment_out(session: Session, row: Deployment, view: _FleetView) -> Depl
         updated_at=row.updated_at,
         state=service_state(r.state for r in rows),
         devices=rows,
+        rollout=_rollout_out(
+            session.get(Rollout, row.name), lambda r: len(assigned(view.plan, r.service, r.to_digest))
+        ),
+    )
+
+
+def _rollout_out(row: Rollout | None, count: Callable[[Rollout], int]) -> RolloutOut | None:
+    """The rollout's answer; ``count`` says how many devices it gives the new version."""
+    if row is None:
+        return None
+    on_new = count(row)
+    return RolloutOut(
+        state=row.state,
+        status=rollout_status(row, on_new),
+        wave=row.wave + 1,
+        waves=list(row.waves),
+        devices_on_new=on_new,
+        bake_s=row.bake_s,
+        gates=list(row.gates),
+        on_failure=row.on_failure,
+        spread_by=row.spread_by,
+        from_version=row.from_version,
+        to_version=row.to_version,
+        wave_started_at=row.wave_started_at,
+        bake_started_at=row.bake_started_at,
+        reason=row.reason,
     )
 
 
@@ -432,8 +503,8 @@ def show_device(core: Core, device_id: str) -> DeviceDetail:
         # Judged against what the deployments ask for now, as the dashboard judges them.
         assigned: list[ModuleAssignment] = []
         if not device.revoked:
-            deployments = [deployment_view(r) for r in s.scalars(select(Deployment))]
-            assigned = assignments_for(DeviceView(device.id, dict(device.tags or {})), deployments)
+            # Under a rollout, a device of a wave not yet released is judged by the version it keeps.
+            assigned = assignments_for(DeviceView(device.id, dict(device.tags or {})), deployment_views(s))
         reported = {m.service: m for m in modules}
         changed = device_changed_at(s, device_id)
         states = []
@@ -479,13 +550,34 @@ def deploy(core: Core, fleet: Fleet, name: str, body: DeployRequest, response: R
     check_service_name(name)
     requested = settings_from_request(body.deployment_config, body.settings)
     target = parse_target(body.target)
+    spec = parse_rollout(body.rollout)
+    settings = core.settings
+    limits = RolloutLimits(
+        health_timeout_s=settings.rollout_health_timeout_s,
+        max_spread_values=settings.rollout_max_spread_values,
+        max_running=settings.rollout_max_running,
+    )
 
     def mutate(s: Session) -> bool:
         module = get_module(s, body.module, body.version)
         ref = ModuleRef(module.name, module.version, module.manifest_digest)
+        previous = previous_version(s, s.get(Deployment, name))
+        if spec.staged and previous is None:
+            raise Conflict(
+                f"service {name} is new: a rollout in waves needs a previous version for the other "
+                "devices to keep; deploy it to all devices first (no --waves)"
+            )
         row, created = upsert_deployment(s, name, ref, requested.settings, target)
         s.flush()  # the keys row refers to the deployment's
         row.settings = with_endpoint_keys(s, name, requested).model_dump(mode="json")
+        if previous is not None and previous.digest != ref.manifest_digest:
+            if spec.staged:
+                to = VersionRef(ref.name, ref.version, ref.manifest_digest)
+                start_rollout(
+                    s, service=name, previous=previous, to=to, spec=spec, target=target, limits=limits
+                )
+            else:
+                end_staging(s, name, f"deploy of {ref.version} to every device at once")
         return created
 
     change = fleet.change(mutate)
@@ -500,6 +592,35 @@ def deploy(core: Core, fleet: Fleet, name: str, body: DeployRequest, response: R
     }
 
 
+class RolloutActionOut(ChangeOut):
+    deployment: DeploymentOut
+
+
+@admin.get("/deployments/{name}/rollout", response_model=RolloutOut, tags=["deployments"])
+def show_rollout(core: Core, name: str) -> RolloutOut:
+    """The service's rollout (404 when its last deploys had no waves)."""
+    check_service_name(name)
+    with core.sessions.snapshot() as s:
+        get_deployment(s, name)
+        out = _rollout_out(s.get(Rollout, name), lambda r: len(released(s, r)))
+    if out is None:
+        raise NotFound(f"service {name} has no rollout; deploy with --waves to start one")
+    return out
+
+
+@admin.post("/deployments/{name}/rollout/{action}", response_model=RolloutActionOut, tags=["deployments"])
+def rollout_action(core: Core, fleet: Fleet, name: str, action: str) -> dict[str, Any]:
+    """``resume`` a halted rollout (its wave is judged again), ``promote`` the next wave now,
+    or ``abort`` (every device back on the previous version)."""
+    check_service_name(name)
+    if action not in ACTIONS:
+        raise ConfigError(f"rollout action {action[:40]!r}: use resume, promote or abort")
+    change = fleet.change(lambda s: operate(s, name, action))
+    with core.sessions.snapshot() as s:
+        out = _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
+    return {**_change_out(change), "deployment": out}
+
+
 class RollbackOut(ChangeOut):
     version: str = Field(description="the module version the service runs now")
     deployment: DeploymentOut
@@ -510,7 +631,13 @@ def rollback(core: Core, fleet: Fleet, name: str) -> dict[str, Any]:
     """Redeploy the service's previous module version: the newest version of its module pushed
     before the one it runs now, with the same settings and target. 409 when there is none."""
     check_service_name(name)
-    change = fleet.change(lambda s: roll_back_deployment(s, name))
+
+    def mutate(s: Session) -> ModuleRef:
+        # A rollout still staging devices ends: every device gets the version rolled back to.
+        end_staging(s, name, "the service was rolled back ('edgepack service rollback')")
+        return roll_back_deployment(s, name)
+
+    change = fleet.change(mutate)
     with core.sessions.snapshot() as s:
         out = _deployment_out(s, get_deployment(s, name), _FleetView.read(s))
     return {**_change_out(change), "version": change.result.version, "deployment": out}

@@ -549,6 +549,7 @@ function renderService(data) {
     ["digest", el("code", {}, s.manifest_digest)],
     ["target", targetText(s.target)],
     ["updated", when(data.updated_at)],
+    ...(s.staged ? [["waves", s.staged]] : []),
   ]);
   const r = s.rollout;
   $("service-rollout").replaceChildren(

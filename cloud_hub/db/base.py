@@ -69,6 +69,7 @@ def import_tables() -> None:
     import cloud_hub.fleet.tables
     import cloud_hub.ingest.tables
     import cloud_hub.registry.tables
+    import cloud_hub.rollouts.tables
     import cloud_hub.webhooks.outbox
     import cloud_hub.webhooks.tables  # noqa: F401
 

@@ -39,6 +39,7 @@ from cloud_hub.fleet.plan import (
     DeploymentView,
     DeviceView,
     Plan,
+    Staged,
     changed_devices,
     desired_payloads,
     plan_digests,
@@ -48,6 +49,7 @@ from cloud_hub.fleet.plan import (
 from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, FleetLock, ServiceChange
 from cloud_hub.fleet.targeting import Target
 from cloud_hub.registry.owners import signers_of
+from cloud_hub.rollouts.staging import staged_view, staging_rollouts
 from manifests.desired import DeploymentSettings, DesiredState
 from manifests.signing import parse_envelope, signed_envelope_bytes
 
@@ -66,7 +68,9 @@ def take_fleet_lock(session: Session) -> None:
     session.execute(update(FleetLock).where(FleetLock.id == 1).values(version=FleetLock.version + 1))
 
 
-def deployment_view(row: Deployment, signers: Sequence[str] = ()) -> DeploymentView:
+def deployment_view(
+    row: Deployment, signers: Sequence[str] = (), staged: Staged | None = None
+) -> DeploymentView:
     return DeploymentView(
         name=row.name,
         module=row.module_name,
@@ -75,6 +79,7 @@ def deployment_view(row: Deployment, signers: Sequence[str] = ()) -> DeploymentV
         settings=DeploymentSettings.model_validate(row.settings),
         target=Target.model_validate(row.target),
         signers=tuple(signers),
+        staged=staged,
     )
 
 
@@ -91,11 +96,20 @@ def current_plan(session: Session) -> Plan:
     # Columns, not ORM rows: every fleet change and roll-up plans the whole fleet.
     rows = session.execute(select(Device.id, Device.tags).where(Device.revoked.is_(False)))
     devices = [DeviceView(id=device_id, tags=dict(tags or {})) for device_id, tags in rows]
+    return plan_fleet(devices, deployment_views(session))
+
+
+def deployment_views(session: Session) -> list[DeploymentView]:
+    """Every deployment as the plan sees it: with the keys that may sign its module (a device
+    checks them too) and, under a rollout, the previous module its unreleased waves keep."""
     deployment_rows = list(session.scalars(select(Deployment)))
-    # Each assignment names the keys that may sign its module, so a device checks it too.
-    signers = signers_of(session, {r.module_name for r in deployment_rows})
-    deployments = [deployment_view(r, signers.get(r.module_name, ())) for r in deployment_rows]
-    return plan_fleet(devices, deployments)
+    rollouts = staging_rollouts(session)
+    names = {r.module_name for r in deployment_rows} | {r.from_module for r in rollouts.values()}
+    signers = signers_of(session, names)
+    return [
+        deployment_view(r, signers.get(r.module_name, ()), staged_view(rollouts.get(r.name), signers))
+        for r in deployment_rows
+    ]
 
 
 def account_snapshot(session: Session) -> frozenset[tuple[str, str]]:
@@ -350,9 +364,8 @@ def _plan_of(session: Session, ids: Sequence[str]) -> Plan:
             )
         )
         devices += [DeviceView(id=device_id, tags=dict(tags or {})) for device_id, tags in rows]
-    deployment_rows = list(session.scalars(select(Deployment)))
-    signers = signers_of(session, {r.module_name for r in deployment_rows})
-    return plan_fleet(devices, [deployment_view(r, signers.get(r.module_name, ())) for r in deployment_rows])
+    # A device joining under a rollout gets the version its wave gives, as every device does.
+    return plan_fleet(devices, deployment_views(session))
 
 
 def _issued_digests_of(session: Session, ids: Sequence[str]) -> dict[str, str | None]:

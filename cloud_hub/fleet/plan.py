@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cloud_hub.fleet.targeting import Target
+from cloud_hub.rollouts.waves import wave_of
 from manifests.bounds import MAX_INT63
 from manifests.canonical import canonical_json
 from manifests.desired import DEVICE_ID_PATTERN, DeploymentSettings, DesiredState, ModuleAssignment
@@ -27,6 +28,33 @@ class DeviceView:
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A deployment under a rollout: devices of waves after ``wave`` keep the previous module
+    (``module``, ``version``, ``manifest_digest``, signed by ``signers``)."""
+
+    rollout_id: str
+    wave: int
+    waves: tuple[float, ...]
+    thresholds: Mapping[str, Sequence[float]]
+    spread_by: str | None
+    module: str
+    version: str
+    manifest_digest: str
+    signers: tuple[str, ...] = ()
+
+    def keeps_previous(self, device: DeviceView) -> bool:
+        wave = wave_of(
+            self.rollout_id,
+            device.id,
+            device.tags,
+            waves=self.waves,
+            thresholds=self.thresholds,
+            spread_by=self.spread_by,
+        )
+        return wave > self.wave
+
+
+@dataclass(frozen=True)
 class DeploymentView:
     name: str
     module: str
@@ -35,15 +63,34 @@ class DeploymentView:
     settings: DeploymentSettings
     target: Target
     signers: tuple[str, ...] = ()  # the keys allowed to sign the module's name
+    staged: Staged | None = None  # under a rollout (cloud_hub.rollouts)
 
-    def assignment(self) -> ModuleAssignment:
+    def keeps_previous(self, device: DeviceView) -> bool:
+        """Under a rollout: ``device``'s wave is not released, it keeps the previous module."""
+        return self.staged is not None and self.staged.keeps_previous(device)
+
+    def assignment(
+        self, device: DeviceView | None = None, *, previous: bool | None = None
+    ) -> ModuleAssignment:
+        """What ``device`` runs of this service: the deployment's module, or under a rollout
+        the previous one while the device's wave is not released (``previous`` says which
+        without a device)."""
+        staged = self.staged
+        if previous is None:
+            previous = device is not None and self.keeps_previous(device)
+        if staged is not None and previous:
+            module, version, digest, signers = (
+                staged.module, staged.version, staged.manifest_digest, staged.signers
+            )  # fmt: skip
+        else:
+            module, version, digest, signers = self.module, self.version, self.manifest_digest, self.signers
         return ModuleAssignment(
             service=self.name,
-            module=self.module,
-            version=self.version,
-            manifest_digest=self.manifest_digest,
+            module=module,
+            version=version,
+            manifest_digest=digest,
             settings=self.settings,
-            signers=list(self.signers) or None,
+            signers=list(signers) or None,
         )
 
 
@@ -53,7 +100,7 @@ Plan = dict[str, list[ModuleAssignment]]
 def assignments_for(device: DeviceView, deployments: Iterable[DeploymentView]) -> list[ModuleAssignment]:
     """The services a device runs, sorted by service name (so equal plans compare equal)."""
     chosen = [d for d in deployments if d.target.includes(device.id, device.tags)]
-    return [d.assignment() for d in sorted(chosen, key=lambda d: d.name)]
+    return [d.assignment(device) for d in sorted(chosen, key=lambda d: d.name)]
 
 
 def plan_fleet(devices: Iterable[DeviceView], deployments: Sequence[DeploymentView]) -> Plan:
@@ -63,11 +110,23 @@ def plan_fleet(devices: Iterable[DeviceView], deployments: Sequence[DeploymentVi
     them, never change them): a fleet-wide change then digests and renders each distinct list
     once (:func:`plan_digests`), not once per device.
     """
-    ordered = [(d, d.assignment()) for d in sorted(deployments, key=lambda d: d.name)]
-    shared: dict[tuple[str, ...], list[ModuleAssignment]] = {}
+    # Each service's assignment, and under a rollout the previous one too: a device gets the
+    # one its wave says, and the key of its shared list says which it got.
+    ordered = [
+        (d, d.assignment(previous=False), d.assignment(previous=True) if d.staged is not None else None)
+        for d in sorted(deployments, key=lambda d: d.name)
+    ]
+    shared: dict[tuple[tuple[str, bool], ...], list[ModuleAssignment]] = {}
     plan: Plan = {}
     for device in devices:
-        chosen = [(d.name, a) for d, a in ordered if d.target.includes(device.id, device.tags)]
+        chosen: list[tuple[tuple[str, bool], ModuleAssignment]] = []
+        for d, current, previous in ordered:
+            if not d.target.includes(device.id, device.tags):
+                continue
+            if previous is not None and d.keeps_previous(device):
+                chosen.append(((d.name, True), previous))
+            else:
+                chosen.append(((d.name, False), current))
         key = tuple(name for name, _ in chosen)
         if key not in shared:
             shared[key] = [a for _, a in chosen]

@@ -37,11 +37,13 @@ from sqlalchemy import (
     true,
     union_all,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from cloud_hub.fleet.tables import Deployment, Device, ServiceChange
 from cloud_hub.fleet.targeting import Target, parse_tag
 from cloud_hub.ingest.tables import ModuleState
+from cloud_hub.rollouts.tables import STAGING
+from cloud_hub.rollouts.tables import Rollout as StagedRollout
 from cloud_hub.rollup import (
     PRECEDENCE,
     DeviceState,
@@ -370,8 +372,24 @@ def device_state(session: Session, device_id: str) -> DeviceState:
     return DeviceState(state) if state is not None else DeviceState.IDLE
 
 
+def _current_digest(deployment: Deployment) -> ColumnElement[Any]:
+    """The digest a device's report is judged against. Under a rollout still staging devices
+    (cloud_hub.rollouts) a device runs its wave's version: the previous one counts as current
+    for a device that reports it, so the devices not yet released are not 'Transitioning'. (A
+    device just released and still on the previous version shows Healthy until it reports the
+    new one: a wave's exact count is the rollout's own, ``service rollout NAME status``.)"""
+    session = object_session(deployment)
+    staged = session.get(StagedRollout, deployment.name) if session is not None else None
+    if staged is None or staged.state not in STAGING or staged.to_digest != deployment.manifest_digest:
+        return literal(deployment.manifest_digest)
+    return case(
+        (ModuleState.manifest_digest == staged.from_digest, literal(staged.from_digest)),
+        else_=literal(deployment.manifest_digest),
+    )
+
+
 def _service_state_column(deployment: Deployment) -> ColumnElement[str]:
-    return state_on_device_sql(_report_columns(literal(deployment.manifest_digest)))
+    return state_on_device_sql(_report_columns(_current_digest(deployment)))
 
 
 def _service_devices(deployment: Deployment, *columns: Any) -> Select[Any]:
@@ -406,6 +424,15 @@ def rollout(
     for name, n in rows:
         by_state[name] = by_state.get(name, 0) + int(n)
     return Rollout(total=sum(by_state.values()), by_state=by_state)
+
+
+def _current_of(deployment: Deployment, reported: str | None) -> str:
+    """:func:`_current_digest` for one report, in Python."""
+    session = object_session(deployment)
+    staged = session.get(StagedRollout, deployment.name) if session is not None else None
+    if staged is not None and staged.state in STAGING and reported == staged.from_digest:
+        return staged.from_digest
+    return deployment.manifest_digest
 
 
 def _reason(
@@ -453,7 +480,7 @@ def service_devices_page(
             device_id=id_,
             online=bool(online),
             state=StateOnDevice(st),
-            reason=_reason(reason, status, deployment.manifest_digest, changed),
+            reason=_reason(reason, status, _current_of(deployment, digest), changed),
             manifest_digest=digest,
             status=status,
         )

@@ -49,8 +49,12 @@ TYPES: dict[str, str] = {
     "data.batch-received": "edgepack.data.batch-received",
 }
 
+#: A service's rollout (cloud_hub.rollouts), about services/NAME.
+ROLLOUT_TYPES = frozenset(
+    f"edgepack.rollout.{step}" for step in ("wave-started", "promoted", "halted", "completed", "aborted")
+)
 #: Every type a subscription may ask for (plus any ``edgepack.alert.*``).
-KNOWN_TYPES = frozenset(TYPES.values()) | {"edgepack.alert.fired", "edgepack.alert.resolved"}
+KNOWN_TYPES = frozenset(TYPES.values()) | {"edgepack.alert.fired", "edgepack.alert.resolved"} | ROLLOUT_TYPES
 FILTER_KEYS = ("service", "device")
 MAX_URL_CHARS = 2048
 MAX_EVENT_TYPES = 50

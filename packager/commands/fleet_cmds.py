@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from manifests.errors import ConfigError
+from manifests.rollout import RolloutSpec, parse_rollout
 from packager.app import app, console, err_console
 from packager.commands.options import (
     HubOption,
@@ -301,11 +302,35 @@ def deploy_cmd(
     ] = None,
     target: Annotated[list[str] | None, typer.Option("--target", help="device:ID, repeatable")] = None,
     selector: Annotated[str | None, typer.Option(help="tag selector, e.g. site=berlin,tier=gpu")] = None,
+    strategy: Annotated[
+        str | None, typer.Option("--strategy", help="all (every device at once, the default) or waves")
+    ] = None,
+    waves: Annotated[
+        str | None, typer.Option("--waves", help="gated waves, cumulative shares, e.g. 1%,10%,50%,100%")
+    ] = None,
+    bake: Annotated[str | None, typer.Option("--bake", help="how long each wave bakes, e.g. 2m")] = None,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gate", help="e.g. error_rate<1% or p95_ms<1.5x (vs the previous version); repeatable"
+        ),
+    ] = None,
+    on_failure: Annotated[
+        str | None, typer.Option("--on-failure", help="rollback (default) or halt, when a wave breaks a gate")
+    ] = None,
+    spread_by: Annotated[
+        str | None, typer.Option("--spread-by", help="a tag key: every wave takes each value's share")
+    ] = None,
     hub: HubOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Deploy (or update) a service: a module version with its config to devices.
+
+    With --waves a new version of a running service reaches its devices wave by wave; each wave
+    bakes, and a wave that breaks a gate (or whose devices fail) halts the rollout and, unless
+    --on-failure halt, rolls it back (docs/rollouts.md; follow it with 'edgepack service rollout
+    NAME status').
 
     With --ic, -m names a registered model: its files and the entry script's folder become a
     new module (signed with your key, only what the hub lacks is uploaded), as
@@ -325,11 +350,16 @@ def deploy_cmd(
     elif module is not None:
         ref_name, version = split_ref(module, need_version=True)
     where = parse_target(target, selector)
+    rollout = _rollout_flags(strategy, waves, bake, gate, on_failure, spread_by)
+    if rollout.staged and ic is not None:
+        raise ConfigError("deploy: --waves stages a pushed module (-m NAME:VERSION without --ic)")
     config = DeploymentConfig.from_file(dc) if dc is not None else None
     inference = InferenceConfig.from_file(ic) if ic is not None else None
     with connect(hub, token) as connected:
         if inference is None:
-            service = connected.deploy(name, f"{ref_name}:{version}", config, where)
+            service = connected.deploy(
+                name, f"{ref_name}:{version}", config, where, rollout=rollout if rollout.staged else None
+            )
         else:
             models = (
                 []
@@ -361,7 +391,39 @@ def deploy_cmd(
     )
     print_change(result)
     _say_offline(service.record.devices)
+    if dep.get("rollout") and dep["rollout"]["state"] == "running" and rollout.staged:
+        console.print(safe_text(dep["rollout"]["status"]))
+        console.print(f"follow it with: edgepack service rollout {name} status")
+        return
     console.print(f"follow it with: edgepack service wait {name}")
+
+
+def _rollout_flags(
+    strategy: str | None,
+    waves: str | None,
+    bake: str | None,
+    gates: list[str] | None,
+    on_failure: str | None,
+    spread_by: str | None,
+) -> RolloutSpec:
+    """The deploy flags as the API's rollout object, checked as the hub checks it."""
+    staged_flags = {"--bake": bake, "--gate": gates, "--on-failure": on_failure, "--spread-by": spread_by}
+    if waves is None:
+        if strategy == "waves":
+            raise ConfigError("deploy --strategy waves needs --waves, e.g. --waves 1%,10%,50%,100%")
+        given = [flag for flag, value in staged_flags.items() if value]
+        if given:
+            raise ConfigError(f"deploy {given[0]} needs --waves, e.g. --waves 1%,10%,50%,100%")
+    if strategy not in (None, "all", "waves"):
+        raise ConfigError(f"deploy --strategy {strategy!r}: use all or waves")
+    if waves is not None and strategy == "all":
+        raise ConfigError("deploy: --strategy all deploys at once; leave out --waves or use --strategy waves")
+    raw: dict[str, object] = {"strategy": "all"} if waves is None else {"waves": waves}
+    if waves is not None:
+        extra = {"bake": bake, "on_failure": on_failure, "spread_by": spread_by}
+        raw.update({key: value for key, value in extra.items() if value})
+        raw["gates"] = list(gates or [])
+    return parse_rollout(raw)
 
 
 def _say_offline(devices: list[DeviceServiceState]) -> None:
@@ -417,6 +479,8 @@ def show_service_cmd(
         )
     )
     console.print(Text.assemble("state ", state_text(s["state"])))
+    if s.get("rollout"):
+        console.print(Text.assemble("rollout ", safe_text(s["rollout"]["status"])))
     for label, uri in uris.items():
         console.print(f"{label}  {uri or '- (on no Healthy device yet)'}", highlight=False, soft_wrap=True)
     console.print(devices_table(service.record))
@@ -495,6 +559,39 @@ def rollback_service_cmd(
     module = answer.deployment.module
     console.print(f"service {name} rolled back to {module}:{answer.version}", highlight=False)
     print_change(answer.raw)
+
+
+@service_app.command("rollout")
+def rollout_cmd(
+    name: str,
+    action: Annotated[str, typer.Argument(help="status, resume, promote or abort")] = "status",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask (abort, promote)")] = False,
+    hub: HubOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A service's rollout: its status line, or resume a halted one (its wave is judged
+    again), promote the next wave now, or abort (every device back on the previous version)."""
+    if action not in ("status", "resume", "promote", "abort"):
+        raise ConfigError(f"service rollout {name} {action!r}: use status, resume, promote or abort")
+    if action in ("promote", "abort") and not yes and not as_json:
+        confirm(f"{action} the rollout of service {name}?", f"{action} the rollout of {name}")
+    with connect(hub, token) as connected:
+        service = Service(connected, name)
+        rollout = service.rollout() if action == "status" else service.rollout_action(action)
+    if as_json:
+        print_json(rollout)
+        return
+    console.print(safe_text(rollout["status"]))
+    waves = ",".join(f"{w:g}%" for w in rollout["waves"])
+    gates = " ".join(rollout["gates"]) or "none"
+    console.print(
+        safe_text(
+            f"{rollout['from_version']} -> {rollout['to_version']}  waves {waves}  "
+            f"bake {rollout['bake_s']:g}s  gates {gates}  on failure {rollout['on_failure']}  "
+            f"{rollout['devices_on_new']} device(s) on {rollout['to_version']}"
+        )
+    )
 
 
 @service_app.command("logs")

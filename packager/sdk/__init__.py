@@ -26,6 +26,7 @@ from manifests.errors import (
     RuntimeFailure,
     TrustError,
 )
+from manifests.rollout import RolloutSpec
 from manifests.states import ServiceState, StateOnDevice
 from packager.sdk.alerts import Alert, AlertRule, Alerts
 from packager.sdk.answers import (
@@ -75,6 +76,7 @@ from packager.sdk.local import LocalService
 from packager.sdk.model import Model
 from packager.sdk.module import BuiltModule, Module
 from packager.sdk.progress import ProgressCallback, ProgressEvent, RichBars
+from packager.sdk.rollout import Rollout
 from packager.sdk.service import Service
 from packager.sdk.targets import Devices, Selector
 from packager.sdk.webhook import Webhook
@@ -135,6 +137,8 @@ __all__ = [
     "PushResult",
     "RichBars",
     "RolledBack",
+    "Rollout",
+    "RolloutSpec",
     "RuntimeFailure",
     "ScoringRunFailed",
     "Selector",

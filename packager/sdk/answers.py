@@ -199,6 +199,8 @@ class ServiceRecord(_Answer):
     updated_at: datetime
     state: ServiceState
     devices: list[DeviceServiceState] = Field(default_factory=list)
+    #: the last deploy's rollout when it had waves (``rollout["status"]`` is one line)
+    rollout: dict[str, Any] | None = None
 
 
 class Deployed(FleetChange):

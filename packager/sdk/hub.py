@@ -20,6 +20,7 @@ from packager.sdk.targets import Target, check_target
 from packager.sdk.transport import Transport
 
 if TYPE_CHECKING:
+    from manifests.rollout import RolloutSpec
     from packager.sdk.alerts import Alerts
     from packager.sdk.configs import DeploymentConfig
     from packager.sdk.module import Module
@@ -136,16 +137,21 @@ class Hub:
         module: str | Module,
         deployment_config: DeploymentConfig | None = None,
         target: Target | None = None,
+        rollout: RolloutSpec | None = None,
     ) -> Service:
         """Deploy (or update) service ``name``: a pushed module (``"digits:1"`` or a
         :class:`Module`) with its configuration, to ``target`` (default: the hub's).
+        ``rollout=Rollout.waves("1%,10%,100%", bake="2m", gates=[...])`` stages a new version
+        of a running service in gated waves (docs/rollouts.md).
 
         Every device the target selects gets a new signed desired state; follow the rollout
         with ``service.wait_for_deployment()``.
         """
         from packager.sdk.service import put_deployment
 
-        return put_deployment(self, name, module, deployment_config, self.target_for(target, "deploy"))
+        return put_deployment(
+            self, name, module, deployment_config, self.target_for(target, "deploy"), rollout=rollout
+        )
 
     def endpoint_ca(self) -> ssl.SSLContext:
         """What verifies the HTTPS of services deployed with ``ssl_enabled``: the hub's

@@ -21,6 +21,7 @@ from manifests.desired import DeploymentSettings
 from manifests.errors import FetchError, RuntimeFailure
 from manifests.logs import MAX_TAIL
 from manifests.module import tagged_models
+from manifests.rollout import RolloutSpec
 from manifests.states import ServiceState, StateOnDevice
 from packager.sdk.answers import (
     Deployed,
@@ -399,13 +400,16 @@ class Service:
         module: str | Module | None = None,
         target: Target | None = None,
         progress: ProgressOption = None,
+        rollout: RolloutSpec | None = None,
     ) -> None:
         """Change what the service runs, how, or where; unnamed parts stay as they are.
 
         ``models`` with ``inference_config`` build and deploy a new module version (as
         :meth:`Model.deploy`); ``inference_config`` alone builds it with the models the
         service's module was built from; ``module`` deploys a pushed one;
-        ``deployment_config`` replaces the settings; ``target`` the devices.
+        ``deployment_config`` replaces the settings; ``target`` the devices. ``rollout``
+        (``Rollout.waves(...)``) stages a new module version in gated waves (a module given by
+        ``module``; a new build deploys at once).
         :meth:`wait_for_deployment` afterwards waits for the states this change brings.
         """
         if models is not None and inference_config is None:
@@ -441,7 +445,7 @@ class Service:
             return
         ref = module if module is not None else self.module
         updated = put_deployment(
-            self.workspace, self.name, ref, deployment_config, new_target, keep=self.record
+            self.workspace, self.name, ref, deployment_config, new_target, keep=self.record, rollout=rollout
         )
         self.record, self.deployed = updated.record, updated.deployed
 
@@ -467,6 +471,23 @@ class Service:
                 )
             models.append(Model(self.workspace, name, int(version)))
         return models
+
+    def rollout(self) -> dict[str, Any]:
+        """The service's rollout as the hub reports it (``status`` is one line, e.g.
+        ``Halted: wave 1 (50 devices): error rate 5.2% vs 0.0% on 1``)."""
+        path = f"/api/v1/deployments/{self.name}/rollout"
+        answer: dict[str, Any] = self.workspace.transport.send("GET", path)
+        return answer
+
+    def rollout_action(self, action: str) -> dict[str, Any]:
+        """``"resume"`` a halted rollout, ``"promote"`` its next wave now, or ``"abort"`` it
+        (every device back on the previous version); the rollout as it is after."""
+        if action not in ("resume", "promote", "abort"):
+            raise BadArgument(f"rollout action {action!r}: use resume, promote or abort")
+        answer = self.workspace.transport.send("POST", f"/api/v1/deployments/{self.name}/rollout/{action}")
+        self.record = ServiceRecord.model_validate(answer["deployment"])
+        rollout: dict[str, Any] = answer["deployment"]["rollout"]
+        return rollout
 
     def rollback(self) -> RolledBack:
         """Redeploy the service's previous module version: the newest version of its module
@@ -550,9 +571,11 @@ def put_deployment(
     target: Target | None,
     *,
     keep: ServiceRecord | None = None,
+    rollout: RolloutSpec | None = None,
 ) -> Service:
     """Create or update service ``name`` on the hub. With ``keep`` (the service as it is),
-    what is not given stays: its settings and its target."""
+    what is not given stays: its settings and its target. ``rollout``: how the change
+    reaches the devices (:class:`packager.sdk.rollout.Rollout`; default all at once)."""
     check_name(name, "service")
     mod_name, version = module_ref(module)
     if deployment_config is not None and not isinstance(deployment_config, DeploymentConfig):
@@ -570,6 +593,12 @@ def put_deployment(
         body["deployment_config"] = deployment_config.to_json()
     elif keep is not None:
         body["settings"] = keep.settings.model_dump(mode="json")
+    if rollout is not None:
+        if not isinstance(rollout, RolloutSpec):
+            raise BadArgument(
+                f"deploy: rollout must come from Rollout.waves(...), not {type(rollout).__name__}"
+            )
+        body["rollout"] = rollout.to_json()
     answer = Deployed.of(hub.transport.send("PUT", f"/api/v1/deployments/{name}", body))
     service = Service._of(hub, answer.deployment)
     service.deployed = answer

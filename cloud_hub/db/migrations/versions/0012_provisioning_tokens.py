@@ -11,7 +11,7 @@ from alembic import op
 
 revision = "0012"
 # Follows 0010 on this branch; the rollouts branch adds 0011, and merging rechains this to it.
-down_revision: str | None = "0010"
+down_revision: str | None = "0011"
 branch_labels = None
 depends_on = None
 
