@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from cloud_hub.fleet.plan import (
     DeploymentView,
     DeviceView,
+    Staged,
     assignments_digest,
     changed_devices,
     desired_payload,
@@ -278,3 +281,28 @@ def test_desired_payloads_refuse_what_the_model_refuses(device_id: str, generati
     plan = plan_fleet(fleet, [dep("svc", Target(selector={"site": "berlin"}))])
     with pytest.raises(ValueError, match=r"device_id|generation"):
         desired_payloads(plan, {"b1": 1, device_id: generation}, issued=now, expires=now + timedelta(days=1))
+
+
+def test_under_a_rollout_each_device_gets_the_version_its_wave_gives_and_lists_stay_shared() -> None:
+    # Waves 50 % then 100 %, the first released: about half of 200 devices run version 2, the
+    # rest keep version 1; the plan's shared lists must not hand one wave's list to the other.
+    staged = Staged(
+        rollout_id="r-1",
+        wave=0,
+        waves=(50.0, 100.0),
+        thresholds={},
+        spread_by=None,
+        module="digits",
+        version="1",
+        manifest_digest="sha256:" + "1" * 64,
+    )
+    svc = replace(dep("svc", Target(selector={"fleet": "f"})), version="2", staged=staged)
+    fleet = [DeviceView(f"d{i:03d}", {"fleet": "f"}) for i in range(200)]
+    plan = plan_fleet(fleet, [svc])
+    for device in fleet:
+        expected = svc.assignment(device)  # the one-device answer the plan must agree with
+        assert plan[device.id] == [expected], device.id
+    versions = Counter(plan[d.id][0].version for d in fleet)
+    assert set(versions) == {"1", "2"} and 60 <= versions["2"] <= 140, versions
+    kept = [plan[d.id] for d in fleet if plan[d.id][0].version == "1"]
+    assert all(lst is kept[0] for lst in kept)
