@@ -8,20 +8,22 @@ sees the states the previous one stored: an alert fires once, whichever replica 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 from cloud_hub.alerts.evaluate import Transition
 from cloud_hub.alerts.store import Window, evaluate_all
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.db.locks import exclusive
+from cloud_hub.rounds import Rounds
 
 log = logging.getLogger(__name__)
 
 LOCK = "alerts"
 
 
-class AlertLoop:
+class AlertLoop(Rounds):
+    thread_name = "alert-loop"
+
     def __init__(
         self,
         sessions: Sessions,
@@ -30,14 +32,10 @@ class AlertLoop:
         interval_s: float,
         on_round: Callable[[list[Transition]], None] | None = None,
     ) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval_s must be > 0")
+        super().__init__(interval_s)
         self._sessions = sessions
         self._window = window
-        self.interval_s = interval_s
         self._on_round = on_round
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_once(self) -> list[Transition]:
         """One round; never raises (the loop must outlive a database hiccup)."""
@@ -52,20 +50,3 @@ class AlertLoop:
         if self._on_round is not None:
             self._on_round(moved)
         return moved
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="alert-loop", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.run_once()

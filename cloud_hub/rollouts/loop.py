@@ -12,29 +12,27 @@ restart ends when its row says.
 from __future__ import annotations
 
 import logging
-import threading
 
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.fleet.changes import FleetChanges
 from cloud_hub.rollouts import store
 from cloud_hub.rollouts.engine import Wait, decide
 from cloud_hub.rollouts.tables import Rollout
+from cloud_hub.rounds import Rounds
 
 log = logging.getLogger(__name__)
 
 
-class RolloutLoop:
+class RolloutLoop(Rounds):
+    thread_name = "rollout-loop"
+
     def __init__(
         self, sessions: Sessions, fleet: FleetChanges, *, interval_s: float, max_samples: int
     ) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval_s must be > 0")
+        super().__init__(interval_s)
         self._sessions = sessions
         self._fleet = fleet
-        self.interval_s = interval_s
         self._max_samples = max_samples
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_once(self) -> list[str]:
         """One round; what it did (an event kind, or ``rollout.baking``). Never raises (the
@@ -75,20 +73,3 @@ class RolloutLoop:
         if outcome.result is not None:
             log.info("rollout of service %s: %s (%s)", service, outcome.result, decision)
         return outcome.result
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rollout-loop", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.run_once()
