@@ -97,19 +97,33 @@ class Device:
             time.sleep(0.1)
 
 
+#: The device's own writes (the agent's venv with onnxruntime is about 250 MB).
+DEVICE_LAYER_MB = 2048
+
+
 @contextlib.contextmanager
 def mounted_device(base: Path, work: Path) -> Iterator[Device]:
-    """``base`` as a fresh device under ``work`` (an overlay: writes land in ``work``)."""
-    upper, scratch, root = work / "upper", work / "work", work / "root"
-    for folder in (upper, scratch, root):
+    """``base`` as a fresh device under ``work`` (an overlay whose writes land in a tmpfs at
+    ``work/layer``: an overlay's upper layer cannot be on another overlay, and CI's file system
+    is one, a container's root)."""
+    layer, root = work / "layer", work / "root"
+    for folder in (layer, root):
         folder.mkdir(parents=True)
-    layers = f"lowerdir={base},upperdir={upper},workdir={scratch}"
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", layers, str(root)], check=True)
-    device = Device(root)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DEVICE_LAYER_MB}m,mode=0755", "tmpfs", str(layer)],
+                   check=True)  # fmt: skip
     try:
-        subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
-        yield device
+        upper, scratch = layer / "upper", layer / "work"
+        upper.mkdir()
+        scratch.mkdir()
+        layers = f"lowerdir={base},upperdir={upper},workdir={scratch}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", layers, str(root)], check=True)
+        device = Device(root)
+        try:
+            subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+            yield device
+        finally:
+            device.kill_all()
+            subprocess.run(["umount", "--lazy", str(root / "proc")], check=False)
+            subprocess.run(["umount", "--lazy", str(root)], check=False)
     finally:
-        device.kill_all()
-        subprocess.run(["umount", "--lazy", str(root / "proc")], check=False)
-        subprocess.run(["umount", "--lazy", str(root)], check=False)
+        subprocess.run(["umount", "--lazy", str(layer)], check=False)
