@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.db.base import Sessions
@@ -114,23 +114,28 @@ class DesiredPublisher:
             .with_for_update()
         )
         due = [
-            (device_id, payload)
+            (device_id, payload, generation)
             for device_id, payload, generation, published, cleared in session.execute(query)
             if again or not _published(generation, payload, published, cleared)
         ]
-        # The chunk goes out as one batch; only acknowledged rows are marked published, as
-        # what they hold now: the rows are locked, so that is what was sent.
-        failed = self._channel.publish_states(due)
-        acked = [device_id for device_id, _ in due if device_id not in failed]
+        # The chunk goes out as one batch; only acknowledged rows are marked published, as the
+        # generation that was sent, not the row's generation now: SQLite has no row lock, and a
+        # change committed meanwhile must stay unpublished until its own state goes out (marked
+        # with the row's generation, a state sent after a newer one hid the newer one for good).
+        failed = self._channel.publish_states([(device_id, payload) for device_id, payload, _ in due])
+        acked = [
+            {"b_id": device_id, "b_gen": generation, "b_cleared": payload is None}
+            for device_id, payload, generation in due
+            if device_id not in failed
+        ]
         if acked:
+            table = DeviceDesired.__table__
+            assert isinstance(table, Table)
             session.execute(
-                update(DeviceDesired)
-                .where(DeviceDesired.device_id.in_(acked))
-                .values(
-                    published_generation=DeviceDesired.generation,
-                    published_cleared=DeviceDesired.payload.is_(None),
-                )
-                .execution_options(synchronize_session=False)
+                update(table)
+                .where(table.c.device_id == bindparam("b_id"))
+                .values(published_generation=bindparam("b_gen"), published_cleared=bindparam("b_cleared")),
+                acked,
             )
         return [f"{device_id}: {error}" for device_id, error in sorted(failed.items())]
 
