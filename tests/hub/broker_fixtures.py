@@ -211,11 +211,13 @@ class MqttProbe:
         timeout: float = 10,
         client_id: str | None = None,
         tls_ca: Path | None = None,
+        reconnect: bool = True,
     ) -> MqttProbe:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id or f"probe-{uuid.uuid4().hex[:10]}",
             protocol=mqtt.MQTTv311,
+            reconnect_on_failure=reconnect,
         )
         probe = cls(client)
         connack: queue.Queue[Any] = queue.Queue()

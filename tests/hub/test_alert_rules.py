@@ -11,6 +11,8 @@ from cloud_hub.alerts.rules import Condition, Metric, check_rule_name, check_sev
 from cloud_hub.settings import HubSettings
 from manifests.errors import ConfigError
 
+pytestmark = pytest.mark.sql_independent  # pure logic: no database
+
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 

@@ -16,6 +16,8 @@ from packager.sdk.data import parse_when
 from packager.sdk.errors import BadArgument
 from tests.hub.data_support import gz, key_of, lines, record
 
+pytestmark = pytest.mark.sql_independent  # pure logic: no database
+
 MIB = 1 << 20
 
 

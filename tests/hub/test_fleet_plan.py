@@ -33,6 +33,8 @@ from cloud_hub.fleet.targeting import (
 from manifests.desired import DeploymentSettings, DesiredState
 from manifests.errors import ConfigError
 
+pytestmark = pytest.mark.sql_independent  # pure logic: no database
+
 DIGEST = "sha256:" + "ab" * 32
 
 

@@ -11,6 +11,8 @@ from cloud_hub.rollup import Verdict, state_on_device
 from manifests.reported import ModuleStatus
 from manifests.states import ServiceState, StateOnDevice
 
+pytestmark = pytest.mark.sql_independent  # pure logic: no database
+
 V1 = "sha256:" + "1" * 64
 V2 = "sha256:" + "2" * 64
 AT = datetime(2026, 1, 1, tzinfo=UTC)

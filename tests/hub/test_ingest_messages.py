@@ -8,6 +8,8 @@ import pytest
 
 from cloud_hub.ingest.messages import Online, Rejected, Reported, TelemetryMessage, parse_message
 
+pytestmark = pytest.mark.sql_independent  # pure logic: no database
+
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 REPORTED = (
     b'{"schema": "edgepack.reported/v1", "device_id": "dev-1", "reported_at": "2026-01-01T00:00:00Z",'

@@ -12,6 +12,8 @@ from cloud_hub.store.blobs import FileBlobStore
 from manifests.digests import sha256_digest
 from manifests.errors import TrustError
 
+pytestmark = pytest.mark.sql_independent  # pure logic: no database
+
 DATA = bytes(range(256)) * 5000  # 1.28 MB: more than one read chunk
 
 

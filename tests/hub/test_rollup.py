@@ -11,6 +11,8 @@ from cloud_hub.rollup import DeviceState, device_state, service_state
 from manifests.reported import ModuleStatus
 from manifests.states import ServiceState, StateOnDevice
 
+pytestmark = pytest.mark.sql_independent  # pure logic: no database
+
 F, U, N, T, H = (
     ServiceState.FAILED,
     ServiceState.UNSCHEDULABLE,
