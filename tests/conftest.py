@@ -24,6 +24,18 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "digits"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse ``--dist loadgroup`` where it would not group: the tests of an ``xdist_group``
+    share one engine a worker (a RabbitMQ cluster, pushed foreign images), and from pytest 9.2
+    on, pytest-xdist 3.8 drops the groups without a word (pytest-xdist#1386): each worker then
+    started its own engines."""
+    if config.getoption("dist", "no") == "loadgroup" and pytest.version_tuple[:2] >= (9, 2):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} makes --dist loadgroup ignore xdist_group marks: "
+            "install the ranges in pyproject.toml (pip install -e '.[test]')"
+        )
+
+
 @dataclass
 class Publisher:
     key: Ed25519PrivateKey

@@ -34,7 +34,9 @@ from manifests.topics import DEVICE_READS, DEVICE_WRITES
 from tests.hub.broker_fixtures import BrokerFactory, MqttProbe
 from tests.hub.rabbitmq_fixtures import ADMIN, RabbitCluster
 
-pytestmark = pytest.mark.scale_out
+# One worker runs the whole module, with the other RabbitMQ tests: one three-node cluster
+# (about 40 s to start) serves them all.
+pytestmark = [pytest.mark.scale_out, pytest.mark.xdist_group("rabbitmq")]
 
 HUB = ("edgepack-hub", "hub-secret")
 
@@ -117,7 +119,7 @@ def _rabbitmq(cluster: RabbitCluster) -> Secured:
     return Secured("rabbitmq", prefix, a, b, hub_at, device_at, set_devices)
 
 
-@pytest.fixture(params=["mosquitto", pytest.param("rabbitmq", marks=pytest.mark.xdist_group("rabbitmq"))])
+@pytest.fixture(params=["mosquitto", "rabbitmq"])
 def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Secured:
     if request.param == "mosquitto":
         return _mosquitto(tmp_path, request.getfixturevalue("broker_factory"))
