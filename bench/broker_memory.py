@@ -97,11 +97,13 @@ def drain(socks: list[socket.socket], settle_s: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="5,000 devices (default 20,000)")
+    parser.add_argument("--quick", action="store_true", help="5,000 devices (default 15,000)")
     parser.add_argument("--devices", type=int, default=None)
     args = parser.parse_args()
-    devices = args.devices or (5_000 if args.quick else 20_000)
+    devices = args.devices or (5_000 if args.quick else 15_000)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if devices + 256 > hard:
+        raise SystemExit(f"{devices} devices need {devices + 256} open files; this shell allows {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, devices + 1024)), hard))
 
     def config(port: int) -> str:
