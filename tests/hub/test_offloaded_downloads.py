@@ -20,6 +20,7 @@ import pytest
 
 from cloud_hub.balancer.nginx import Upstream, render_nginx_config
 from cloud_hub.core import open_blob_store
+from cloud_hub.data.store import FileDataStore, open_data_store
 from cloud_hub.settings import HubSettings
 from cloud_hub.store.blobs import FileBlobStore
 from edge_agent.cache.modules import ModuleCache
@@ -196,6 +197,11 @@ def test_replicas_share_a_file_store_named_by_url(tmp_path: Path) -> None:
     shared = tmp_path / "shared blobs"
     store = open_blob_store(HubSettings(data_dir=tmp_path / "hub", blob_store=shared.as_uri()))
     assert isinstance(store, FileBlobStore) and store.root == shared
+    # Collected data goes where every replica sees it (a single hub's stays in its data dir).
+    data = open_data_store(store, tmp_path / "hub")
+    assert isinstance(data, FileDataStore) and data.root == shared / "data"
+    alone = open_data_store(open_blob_store(HubSettings(data_dir=tmp_path / "hub")), tmp_path / "hub")
+    assert isinstance(alone, FileDataStore) and alone.root == tmp_path / "hub" / "data"
     for bad in ("file://elsewhere/srv/blobs", "file:relative/blobs", "file:///srv/blobs?x=1"):
         with pytest.raises(ConfigError, match="file:///ABSOLUTE/FOLDER"):
             open_blob_store(HubSettings(data_dir=tmp_path / "hub", blob_store=bad))
