@@ -9,6 +9,9 @@ Two measurements:
   publishes one reported state whose module state changed (so each message is a row update
   plus an event); a round ends when ingest has applied all of them. Since no device has two
   messages pending at once, nothing can be coalesced: this is the raw apply rate.
+- ``telemetry_msgs_per_s``: the same rounds with one telemetry sample per device instead (a
+  row inserted per sample, the device's history trimmed to ``telemetry_keep``, its last-seen
+  time updated), what a fleet sends every ``telemetry_interval_s`` (10 s by default).
 - ``burst_msgs_per_s``: many messages from fewer devices as fast as the publishers go; ingest
   keeps only the newest pending state per device (latest wins), so it absorbs bursts far above
   its apply rate. ``coalesced`` says how many it folded.
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import func, select
 
 # The benchmarks start the same engines as the tests, with the tests' helpers.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -126,6 +130,19 @@ def reported(device_id: str, seq: int) -> bytes:
     ).encode()
 
 
+def telemetry(device_id: str, seq: int) -> bytes:
+    """One sample as the agent sends it, with one serving module."""
+    module = {
+        "service": "svc", "requests_total": 100 + seq, "errors_total": 0, "requests_per_s": 2.5,
+        "p50_ms": 3.1, "p95_ms": 7.9, "p99_ms": 12.0, "cpu_percent": 4.0, "memory_mb": 60.0,
+    }  # fmt: skip
+    sample = {
+        "device_id": device_id, "ts": (T0 + timedelta(seconds=seq)).isoformat(), "cpu_percent": 12.5,
+        "memory_mb": 310.0, "agent_memory_mb": 38.0, "modules": [module],
+    }  # fmt: skip
+    return json.dumps(sample).encode()
+
+
 def wait_received(worker: IngestWorker, count: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while worker.stats.received < count:
@@ -196,6 +213,22 @@ def run(
         raw_applied = worker.stats.applied - applied_before
         coalesced_raw = worker.stats.coalesced
 
+        samples, telemetry_s = 0, 0.0
+        for r in range(rounds):
+            payloads = [(f"{PREFIX}/devices/{d}/telemetry", telemetry(d, r)) for d in ids[:devices]]
+            start = time.perf_counter()
+            infos = [pubs[i % 2].publish(t, p, qos=1) for i, (t, p) in enumerate(payloads)]
+            for info in infos:
+                info.wait_for_publish(60)
+            samples += len(payloads)
+            wait_received(worker, sent + samples)
+            telemetry_s += time.perf_counter() - start
+        with hub.core.sessions.begin() as s:
+            from cloud_hub.ingest.tables import TelemetrySample
+
+            stored = s.scalar(select(func.count()).select_from(TelemetrySample))
+            assert stored == samples, f"{stored} of {samples} telemetry samples stored"
+
         burst = burst_devices * burst_per_device
         payloads = [
             (
@@ -209,7 +242,7 @@ def run(
         for info in infos:
             info.wait_for_publish(60)
         burst_publish_s = time.perf_counter() - start
-        wait_received(worker, sent + burst)
+        wait_received(worker, sent + samples + burst)
         burst_s = time.perf_counter() - start
 
         with hub.core.sessions.begin() as s:
@@ -230,6 +263,9 @@ def run(
             "reported_s": round(elapsed, 3),
             "reported_publish_s": round(publish_s, 3),
             "reported_msgs_per_s": round(sent / elapsed, 1),
+            "telemetry_msgs": samples,
+            "telemetry_s": round(telemetry_s, 3),
+            "telemetry_msgs_per_s": round(samples / telemetry_s, 1),
             "burst_msgs": burst,
             "burst_devices": burst_devices,
             "burst_s": round(burst_s, 3),
@@ -331,6 +367,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run (a few seconds)")
     parser.add_argument("--db", help="SQLAlchemy URL of an EMPTY database (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--postgres", action="store_true", help="a fresh PostgreSQL server (the tests' helper), not SQLite"
+    )
     parser.add_argument("--replicas", help="e.g. 1,2: hub processes on PostgreSQL, one run per count")
     parser.add_argument("--devices", type=int, help="devices that report each round (default 2,000)")
     args = parser.parse_args()
@@ -338,12 +377,24 @@ def main() -> None:
         counts = [int(c) for c in args.replicas.split(",")]
         devices, rounds = (500, 4) if args.quick else (2000, 6)
         result: dict[str, object] = {"bench": "ingest-replicated", **run_replicated(counts, devices, rounds)}
-    elif args.quick:
-        result = run(devices=500, rounds=4, burst_devices=50, burst_per_device=100, db=args.db)
     else:
-        devices = args.devices or 2000
-        rounds = 10 if devices <= 2000 else 3
-        result = run(devices=devices, rounds=rounds, burst_devices=200, burst_per_device=250, db=args.db)
+        layout = None
+        db = args.db
+        if args.postgres:
+            from layout import Layout
+
+            layout = Layout.start()
+            db = layout.database()
+        try:
+            if args.quick:
+                result = run(devices=500, rounds=4, burst_devices=50, burst_per_device=100, db=db)
+            else:
+                devices = args.devices or 2000
+                rounds = 10 if devices <= 2000 else 3
+                result = run(devices=devices, rounds=rounds, burst_devices=200, burst_per_device=250, db=db)
+        finally:
+            if layout is not None:
+                layout.close()
     for key, value in result.items():
         print(f"{key:>22}: {value}", file=sys.stderr)
     print(json.dumps(result))

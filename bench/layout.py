@@ -69,8 +69,10 @@ class Layout:
         return self.postgres.url.rsplit("/", 1)[0] + f"/{name}"
 
     def hubs(self, count: int, db: str, prefix: str, *, blob_store: str | None = None, nginx: bool = False,
-             upkeep_s: float = 5.0) -> list[HubReplica]:  # fmt: skip
-        """Start ``count`` hub processes on ``db`` (and nginx in front when asked)."""
+             upkeep_s: float = 5.0, env: dict[str, str] | None = None,
+             nginx_blob_dir: Path | None = None) -> list[HubReplica]:  # fmt: skip
+        """Start ``count`` hub processes on ``db`` (and nginx in front when asked, serving
+        ``nginx_blob_dir`` itself when given: file-store downloads offloaded)."""
         shared = self.root / f"shared-{prefix}"
         shared.mkdir()
         (shared / "hub.key").write_bytes(private_key_pem(generate_private_key()))
@@ -79,7 +81,7 @@ class Layout:
         (shared / "publisher.pub").write_bytes(public_key_pem(publisher.key.public_key()))
         env = {**os.environ, "NO_COLOR": "1", "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN,
                "EDGEPACK_HUB_HUB_KEY": str(shared / "hub.key"),
-               "EDGEPACK_HUB_UPKEEP_INTERVAL_S": str(upkeep_s)}  # fmt: skip
+               "EDGEPACK_HUB_UPKEEP_INTERVAL_S": str(upkeep_s), **(env or {})}  # fmt: skip
         if self.seaweedfs is not None:
             env.update(self.seaweedfs.env)
         self.nginx_port = free_port()
@@ -98,7 +100,7 @@ class Layout:
             started.append(replica)
         self.replicas += started
         if nginx:
-            self.nginx = _start_nginx(shared / "nginx", self.nginx_port, started)
+            self.nginx = _start_nginx(shared / "nginx", self.nginx_port, started, blob_dir=nginx_blob_dir)
         return started
 
     def stop_hubs(self) -> None:

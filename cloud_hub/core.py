@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -69,13 +70,27 @@ def open_blob_store(settings: HubSettings) -> BlobStore:
     url = settings.blob_store
     if url is None or url in ("", "file"):
         return FileBlobStore(settings.data_dir / "blobs")
+    if url.startswith("file:"):
+        return FileBlobStore(file_store_folder(url))
     if url.startswith("s3://"):
         from cloud_hub.store.s3 import S3BlobStore
 
         store = S3BlobStore.from_url(url)
         store.ensure_bucket()
         return store
-    raise ConfigError(f"blob store {url!r}: use s3://BUCKET?endpoint=URL, or leave it unset for files")
+    raise ConfigError(
+        f"blob store {url!r}: use s3://BUCKET?endpoint=URL, file:///FOLDER, or leave it unset for files"
+    )
+
+
+def file_store_folder(url: str) -> Path:
+    """The folder of a ``file:///FOLDER`` blob store (absolute: replicas started from other
+    folders must name the same one)."""
+    parts = urlsplit(url)
+    odd = parts.netloc not in ("", "localhost") or parts.query or parts.fragment
+    if odd or not parts.path.startswith("/"):
+        raise ConfigError(f"blob store {url!r}: write a shared folder as file:///ABSOLUTE/FOLDER")
+    return Path(unquote(parts.path))
 
 
 def _load_trust(paths: list[Path]) -> TrustStore:

@@ -50,8 +50,8 @@ class HubSettings(BaseSettings):
     )
     blob_store: str | None = Field(
         default=None,
-        description="where blobs live: unset = <data_dir>/blobs; s3://BUCKET?endpoint=URL for S3 "
-        "(credentials from the AWS_* variables)",
+        description="where blobs live: unset = <data_dir>/blobs; file:///FOLDER for a folder "
+        "replicas share; s3://BUCKET?endpoint=URL for S3 (credentials from the AWS_* variables)",
     )
     max_upload_mb: int = Field(default=2048, gt=0)
     agent_bundle: Path | None = Field(
@@ -78,8 +78,9 @@ class HubSettings(BaseSettings):
     )
     download_offload: Literal["hub", "nginx"] = Field(
         default="hub",
-        description="who sends S3 blob bytes to devices: the hub, or nginx in front of it "
-        "(X-Accel-Redirect to a presigned GET; needs 'edgepack hub nginx-config --s3-endpoint')",
+        description="who sends blob bytes to devices: the hub, or nginx in front of it "
+        "(X-Accel-Redirect: to the blob's file, needs 'edgepack hub nginx-config --blob-dir'; "
+        "to a presigned GET in S3, needs '--s3-endpoint')",
     )
     download_url_ttl_s: int = Field(
         default=60, ge=5, le=3600, description="expiry of the presigned S3 URL handed to nginx"

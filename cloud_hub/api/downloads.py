@@ -13,11 +13,18 @@ CPU. This ASGI layer answers them itself:
   is replaced), so a copy damaged before it was served is refused (422, a ``blob-corrupt``
   event) as before; the device checks every digest itself in any case;
 - **blobs in S3** are streamed through the hub as before (checked on the way), after the
-  same fast decision; or, with ``download_offload = "nginx"`` (the scaled-out layout), the hub
-  only decides: it answers ``X-Accel-Redirect`` to nginx's ``internal`` location
-  :data:`ACCEL_S3` with a presigned GET of the object (``download_url_ttl_s``), and nginx
-  fetches it from S3 (``Range`` passed on) without the device's token. No blob byte passes
-  through Python, and the device still checks every digest.
+  same fast decision.
+
+With ``download_offload = "nginx"`` (the hub behind ``edgepack hub nginx-config``) the hub only
+decides and nginx sends the bytes; no blob byte passes through Python, and the device still
+checks every digest:
+
+- **file store**: the file is checked against its digest as above (once per file), then the
+  answer is ``X-Accel-Redirect`` to nginx's ``internal`` location :data:`ACCEL_FILES` plus a
+  path made from the digest alone (never from the request), which nginx serves from the same
+  folder, ``Range`` and all;
+- **S3**: ``X-Accel-Redirect`` to :data:`ACCEL_S3` with a presigned GET of the object
+  (``download_url_ttl_s``), which nginx fetches (``Range`` passed on) without the device's token.
 
 Every refusal is the same JSON error as FastAPI's handlers give (:func:`error_response`).
 """
@@ -41,6 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cloud_hub.api.device_auth import INVALID_TOKEN
 from cloud_hub.api.errors import error_response
 from cloud_hub.api.registry import blob_response, parse_range
+from cloud_hub.balancer.nginx import ACCEL_FILES, ACCEL_S3
 from cloud_hub.core import HubCore
 from cloud_hub.errors import Forbidden, NotFound, Unauthorized
 from cloud_hub.events import record_event
@@ -48,13 +56,10 @@ from cloud_hub.fleet.devices import token_hash
 from cloud_hub.fleet.grant_source import DatabaseGrants
 from cloud_hub.fleet.grants import DownloadGrants, Grant, Verdict
 from cloud_hub.store.blobs import CHUNK, FileBlobStore, check_digest
+from manifests.digests import digest_hex
 from manifests.errors import EdgepackError, TrustError
 
 _PATH = re.compile(r"^/api/v1/device/(manifests|blobs)/([^/]+)$")
-
-#: nginx's ``internal`` location that fetches S3 objects for the hub's X-Accel-Redirect
-#: (cloud_hub.balancer.nginx); a client asking for it gets 404.
-ACCEL_S3 = "/_edgepack/s3/"
 
 #: Blob answers up to this size are read in one go on the event loop (a page-cache read of a
 #: few hundred KiB takes microseconds; a thread hop costs more); larger ones in CHUNKs off it.
@@ -249,24 +254,57 @@ async def _send_blob(
     range_header = _header(scope, b"range")
     await _allowed(served, token, "blobs", digest)
     store = served.core.blobs
+    offload = served.core.settings.download_offload == "nginx"
+    if isinstance(store, FileBlobStore) and offload:
+        await _redirect_file(served, store, digest, send)
+        return
     if isinstance(store, FileBlobStore):
         await _send_file(served, store, digest, range_header, receive, send)
         return
-    if served.core.settings.download_offload == "nginx":
+    if offload:
         cached = served.urls.get(digest)
         if isinstance(cached, tuple) and cached[1] > time.monotonic():
             target = cached[0]
         else:
             target = await anyio.to_thread.run_sync(_presign, served, digest)
-        accel = [(b"x-accel-redirect", target.encode()), (b"etag", f'"{digest}"'.encode())]
-        await _start(send, 200, 0, b"application/octet-stream", accel)
-        await send({"type": "http.response.body", "body": b""})
+        await _accel(send, target, digest)
         return
     # S3: streamed through the hub, checked on the way (cloud_hub.api.registry).
     response = await anyio.to_thread.run_sync(
         blob_response, served.core, digest, range_header, "application/octet-stream"
     )
     await response(scope, receive, send)
+
+
+async def _accel(send: Send, target: str, digest: str) -> None:
+    """The answer nginx replaces with what its internal location ``target`` serves."""
+    accel = [(b"x-accel-redirect", target.encode()), (b"etag", f'"{digest}"'.encode())]
+    await _start(send, 200, 0, b"application/octet-stream", accel)
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _redirect_file(served: _Served, store: FileBlobStore, digest: str, send: Send) -> None:
+    """Check the file as :func:`_send_file` does, then let nginx send it. The target is built
+    from the (validated) digest alone, the same way :meth:`FileBlobStore.path` names the file."""
+    try:
+        fd = os.open(store.path(digest), os.O_RDONLY)
+    except FileNotFoundError:
+        raise NotFound(f"blob {digest} is not held by this hub") from None
+    try:
+        await _check_once(served, fd, os.fstat(fd), digest)
+    finally:
+        os.close(fd)
+    hex_ = digest_hex(digest)
+    await _accel(send, f"{ACCEL_FILES}{hex_[:2]}/{hex_}", digest)
+
+
+async def _check_once(served: _Served, fd: int, st: os.stat_result, digest: str) -> None:
+    """The open blob file against its digest, unless this file (same inode, size and
+    modification time) was checked before (security.md §10)."""
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if served.checked.get(digest) != identity:
+        await anyio.to_thread.run_sync(_check_file, served.core, fd, digest)
+        served.checked.put(digest, identity)
 
 
 def _presign(served: _Served, digest: str) -> str:
@@ -301,10 +339,7 @@ async def _send_file(
     try:
         st = os.fstat(fd)
         span = parse_range(range_header, st.st_size)
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if served.checked.get(digest) != identity:
-            await anyio.to_thread.run_sync(_check_file, served.core, fd, digest)
-            served.checked.put(digest, identity)
+        await _check_once(served, fd, st, digest)
         extra = [(b"accept-ranges", b"bytes"), (b"etag", f'"{digest}"'.encode())]
         start, end = (0, st.st_size) if span is None else span
         if span is not None:

@@ -12,17 +12,33 @@ device blob downloads itself: a replica that allowed one answers ``X-Accel-Redir
 ``download_offload = "nginx"``), and nginx fetches the object from S3 with the Host that
 signature covers, without the device's ``Authorization`` header.
 
+With ``blob_dir`` (the file store's folder, shared by the replicas and readable by nginx's
+workers) nginx sends device blob downloads from disk: a replica that allowed one answers
+``X-Accel-Redirect`` to the ``internal`` location ``/_edgepack/blobs/``, a path made of the
+blob's digest alone, and nginx serves that file (``Range`` and all) without a byte of it
+passing through Python.
+
 Rendering is pure; the caller writes the file and runs ``nginx -c FILE -p DIR``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from manifests.errors import ConfigError
+
+#: nginx's ``internal`` location that fetches S3 objects for the hub's X-Accel-Redirect; a
+#: client asking for it gets 404.
+ACCEL_S3 = "/_edgepack/s3/"
+#: nginx's ``internal`` location serving the file store's ``sha256/`` folder, ``<hex[:2]>/<hex>``.
+ACCEL_FILES = "/_edgepack/blobs/"
+
+#: Characters a folder named in nginx.conf may not hold: they would end or reopen a directive.
+_UNSAFE_IN_CONF = re.compile(r"""[\s;{}"'$#\\]""")
 
 
 @dataclass(frozen=True)
@@ -46,11 +62,13 @@ def render_nginx_config(
     run_as: str | None = None,
     daemon: bool = True,
     s3_endpoint: str | None = None,
+    blob_dir: Path | None = None,
 ) -> str:
     """The whole ``nginx.conf``; ``run_dir`` holds its pid file, logs and temp files."""
     if not replicas:
         raise ConfigError("give at least one hub replica (--replica HOST:PORT)")
     s3_upstream, s3_location = _s3_parts(s3_endpoint) if s3_endpoint else ("", "")
+    files_location = _files_location(blob_dir) if blob_dir is not None else ""
     run = run_dir.resolve()
     servers = "".join(f"        server {r.host}:{r.port} max_fails=1 fail_timeout=5s;\n" for r in replicas)
     temp = "".join(
@@ -78,6 +96,7 @@ def render_nginx_config(
         + "    server {\n"
         f"        listen {listen.host}:{listen.port};\n"
         + s3_location
+        + files_location
         + "        location / {\n"
         "            proxy_pass http://edgepack_hub;\n"
         "            proxy_http_version 1.1;\n"
@@ -120,7 +139,7 @@ def _s3_parts(endpoint: str) -> tuple[str, str]:
     location = (
         "        # Device blob downloads a replica allowed (its X-Accel-Redirect names a presigned\n"
         "        # GET): fetched from S3 here. Internal: a client asking for it gets 404.\n"
-        "        location /_edgepack/s3/ {\n"
+        f"        location {ACCEL_S3} {{\n"
         "            internal;\n"
         f"            proxy_pass {url.scheme}://edgepack_s3/;\n"
         "            proxy_http_version 1.1;\n"
@@ -136,6 +155,28 @@ def _s3_parts(endpoint: str) -> tuple[str, str]:
         "        }\n"
     )
     return upstream, location
+
+
+def _files_location(blob_dir: Path) -> str:
+    """The internal location that serves the file store's blobs from disk."""
+    folder = blob_dir.resolve() / "sha256"
+    if _UNSAFE_IN_CONF.search(str(folder)):
+        raise ConfigError(
+            f"blob folder {str(blob_dir)!r}: nginx.conf cannot name a path with spaces, quotes, "
+            "';', '{', '}', '$', '#' or '\\'; move the hub's blobs to a plainer path"
+        )
+    return (
+        "        # Device blob downloads a replica allowed (its X-Accel-Redirect names the blob by\n"
+        "        # its digest): served from the file store. Internal: a client asking gets 404.\n"
+        f"        location {ACCEL_FILES} {{\n"
+        "            internal;\n"
+        f"            alias {folder}/;\n"
+        "            types { }\n"
+        "            default_type application/octet-stream;\n"
+        "            sendfile on;\n"
+        "            tcp_nopush on;\n"
+        "        }\n"
+    )
 
 
 def prepare_run_dir(run_dir: Path) -> None:

@@ -2,8 +2,9 @@
 
 The blob store is content-addressed (``sha256/<hex>``) and its garbage collection removes
 every blob no module or model names, so batches live beside it, not in it: under
-``<data_dir>/data/`` on a single hub, or under ``<prefix>data/`` in the S3 bucket of a
-scaled-out hub (every replica sees the same objects). The key is
+``<data_dir>/data/`` on a single hub, under ``<prefix>data/`` in the S3 bucket of a
+scaled-out hub (every replica sees the same objects), or in ``FOLDER/data/`` of a file store
+the replicas share (``--blob-store file:///FOLDER``). The key is
 :func:`manifests.data.blob_key`: ``service/model/version/designation/YYYY/MM/DD/DEVICE-HEX.jsonl.gz``.
 
 A batch is written whole or not at all (:func:`manifests.durable.durable_output`; one
@@ -114,4 +115,7 @@ def open_data_store(blobs: BlobStore, data_dir: Path) -> DataStore:
         return S3DataStore(blobs)
     if not isinstance(blobs, FileBlobStore):
         raise ConfigError(f"no data store for a blob store of type {type(blobs).__name__}")
-    return FileDataStore(data_dir / "data")
+    if blobs.root.resolve() == (data_dir / "blobs").resolve():
+        return FileDataStore(data_dir / "data")
+    # A shared folder: the batches go where every replica sees them, as in the bucket.
+    return FileDataStore(blobs.root / "data")

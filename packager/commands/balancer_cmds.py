@@ -28,6 +28,14 @@ def nginx_config_cmd(
             "downloads from S3 itself (run the hubs with EDGEPACK_HUB_DOWNLOAD_OFFLOAD=nginx)"
         ),
     ] = None,
+    blob_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="the hubs' file blob store (their data dir's 'blobs', or the folder of "
+            "--blob-store file:///FOLDER), readable by nginx's user: nginx then sends device blob "
+            "downloads from it itself (run the hubs with EDGEPACK_HUB_DOWNLOAD_OFFLOAD=nginx)"
+        ),
+    ] = None,
 ) -> None:
     """Write an nginx.conf that balances over the replicas (all share one database and store)."""
     from cloud_hub.balancer.nginx import Upstream, prepare_run_dir, render_nginx_config
@@ -38,6 +46,7 @@ def nginx_config_cmd(
         run_dir=out,
         run_as=run_as or getpass.getuser(),
         s3_endpoint=s3_endpoint,
+        blob_dir=blob_dir,
     )
     prepare_run_dir(out)
     path = out / "nginx.conf"

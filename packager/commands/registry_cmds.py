@@ -60,7 +60,10 @@ def serve_cmd(
     ] = None,
     max_upload_mb: Annotated[int | None, typer.Option(help="largest accepted upload (default 2048)")] = None,
     blob_store: Annotated[
-        str | None, typer.Option(help="s3://BUCKET?endpoint=URL (AWS_* credentials); default DATA_DIR/blobs")
+        str | None,
+        typer.Option(
+            help="s3://BUCKET?endpoint=URL (AWS_* credentials), or file:///FOLDER; default DATA_DIR/blobs"
+        ),
     ] = None,
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host (none: HTTP only)")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port (default 1883)")] = None,

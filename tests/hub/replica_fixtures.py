@@ -1,7 +1,8 @@
 """Several real ``edgepack hub serve`` processes behind a real nginx (star-imported by conftest).
 
 ``replica_set``: a factory for a scaled-out layout on loopback — N hub processes on one
-PostgreSQL database (the ``postgres`` fixture's server), one S3 store (``seaweedfs``) and one
+PostgreSQL database (the ``postgres`` fixture's server), one S3 store (``seaweedfs``; or with
+``file_store`` one blob folder they share, ``--blob-store file:///…``) and one
 Mosquitto (``mosquitto``, under a topic prefix of the test's own), sharing one hub key and one
 admin token, with nginx (Debian's, config from ``cloud_hub.balancer.nginx``) in front.
 Replicas can be killed (SIGKILL) and started again.
@@ -93,6 +94,8 @@ class ReplicaSet:
     nginx: subprocess.Popen[bytes]
     db: str
     prefix: str
+    #: the blob folder the replicas share (``file_store``), else None (S3)
+    blob_dir: Path | None = None
     admin_token: str = ADMIN
     _stopped: bool = field(default=False)
 
@@ -119,7 +122,11 @@ ReplicaSetFactory = Callable[..., ReplicaSet]
 
 
 def _start_nginx(
-    run_dir: Path, port: int, replicas: list[HubReplica], s3_endpoint: str | None = None
+    run_dir: Path,
+    port: int,
+    replicas: list[HubReplica],
+    s3_endpoint: str | None = None,
+    blob_dir: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     if not NGINX.is_file():
         pytest.fail("no nginx: install Debian's 'nginx' package (scripts/test.sh does)", pytrace=False)
@@ -131,6 +138,7 @@ def _start_nginx(
         run_as="root" if os.geteuid() == 0 else None,
         daemon=False,
         s3_endpoint=s3_endpoint,
+        blob_dir=blob_dir,
     )
     (run_dir / "nginx.conf").write_text(conf)
     process = subprocess.Popen(
@@ -168,9 +176,14 @@ def replica_set(
         upkeep_s: float = 1.0,
         extra_env: dict[str, str] | None = None,
         s3_offload: bool = False,
+        file_store: bool = False,
+        file_offload: bool = False,
     ) -> ReplicaSet:
-        """``s3_offload``: nginx sends device blob downloads from S3 (X-Accel-Redirect)."""
-        seaweedfs = request.getfixturevalue("seaweedfs")
+        """``s3_offload``: nginx sends device blob downloads from S3 (X-Accel-Redirect).
+        ``file_store``: the replicas share a blob folder instead of S3 (no SeaweedFS);
+        ``file_offload``: that, and nginx sends device blob downloads from it."""
+        file_store = file_store or file_offload
+        seaweedfs = None if file_store else request.getfixturevalue("seaweedfs")
         broker = request.getfixturevalue("mosquitto")
         root = tmp_path_factory.mktemp("replicas")
         shared = root / "shared"
@@ -183,15 +196,16 @@ def replica_set(
         prefix = f"r{uuid.uuid4().hex[:10]}"
         env = {
             **os.environ,
-            **seaweedfs.env,
+            **(seaweedfs.env if seaweedfs is not None else {}),
             "NO_COLOR": "1",
             "EDGEPACK_HUB_ADMIN_TOKEN": ADMIN,
             "EDGEPACK_HUB_HUB_KEY": str(shared / "hub.key"),
             "EDGEPACK_HUB_UPKEEP_INTERVAL_S": str(upkeep_s),
-            **({"EDGEPACK_HUB_DOWNLOAD_OFFLOAD": "nginx"} if s3_offload else {}),
+            **({"EDGEPACK_HUB_DOWNLOAD_OFFLOAD": "nginx"} if s3_offload or file_offload else {}),
             **(extra_env or {}),
         }
-        blob_store = seaweedfs.url(prefix=prefix)
+        blobs = root / "blobs"
+        blob_store = blobs.as_uri() if seaweedfs is None else seaweedfs.url(prefix=prefix)
 
         def launch(ports: list[int]) -> ReplicaSet:
             # nginx's port first: every replica is told it as its public URL.
@@ -210,13 +224,17 @@ def replica_set(
                 for replica in replicas:
                     replica.start()
                 nginx = _start_nginx(
-                    root / "nginx", nginx_port, replicas, seaweedfs.endpoint if s3_offload else None
+                    root / "nginx",
+                    nginx_port,
+                    replicas,
+                    s3_endpoint=seaweedfs.endpoint if s3_offload and seaweedfs is not None else None,
+                    blob_dir=blobs if file_offload else None,
                 )
             except BaseException:
                 for replica in replicas:
                     replica.stop()
                 raise
-            return ReplicaSet(replicas, nginx_port, nginx, db, prefix)
+            return ReplicaSet(replicas, nginx_port, nginx, db, prefix, blob_dir=blobs if file_store else None)
 
         rs = start_on_free_ports("hub replicas behind nginx", count + 1, launch)
         started.append(rs)
