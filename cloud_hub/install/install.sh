@@ -129,8 +129,11 @@ def ed25519():
     on RFC 8032's first test vector so that a library that does not verify is never trusted."""
     import _hashlib  # noqa: F401  (maps the libcrypto Python itself uses)
 
-    with open("/proc/self/maps") as maps:
-        found = [ln.split()[-1] for ln in maps if os.path.basename(ln.split()[-1]).startswith("libcrypto.so")]
+    try:
+        with open("/proc/self/maps") as maps:
+            found = [ln.split()[-1] for ln in maps if os.path.basename(ln.split()[-1]).startswith("libcrypto.so")]
+    except OSError:  # no /proc here
+        found = []
     path = found[0] if found else ctypes.util.find_library("crypto")
     if not path:
         refuse("OpenSSL's libcrypto is not found, so the bundle's signature cannot be checked")
