@@ -40,11 +40,13 @@ TOKEN = "ep_join_" + "t" * 43
 
 
 def marker_pip(marker: Path) -> bytes:
-    """A pip wheel whose ``python pip.whl/pip`` leaves ``marker`` (and installs nothing)."""
+    """A pip wheel whose ``python pip.whl/pip`` leaves ``marker`` (and installs nothing),
+    holding the ``EDGEPACK_JOIN_TOKEN`` it inherited, if any."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as wheel:
         wheel.writestr("pip/__init__.py", "")
-        code = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        code = (f"import os, pathlib\npathlib.Path({str(marker)!r})"
+                ".write_text('ran ' + os.environ.get('EDGEPACK_JOIN_TOKEN', ''))\n")  # fmt: skip
         wheel.writestr("pip/__main__.py", code)
     return out.getvalue()
 
@@ -113,12 +115,15 @@ def on_the_path() -> Iterator[Callable[[str], OnThePath]]:
         proxy.server.server_close()
 
 
-def install(script: bytes, device: Path, how: list[str]) -> subprocess.CompletedProcess[str]:
+def install(
+    script: bytes, device: Path, how: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``curl -fsS HUB/install.sh | sh -s -- HOW`` on this machine, into ``device``."""
     where = ["--prefix", str(device / "opt"), "--config-dir", str(device / "etc"),
              "--state-dir", str(device / "var"), "--no-start"]  # fmt: skip
-    return subprocess.run(["sh", "-s", "--", *where, *how], input=script.decode(), env=DEVICE_ENV,
-                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    return subprocess.run(["sh", "-s", "--", *where, *how], input=script.decode(),
+                          env={**DEVICE_ENV, **(env or {})}, capture_output=True, text=True, timeout=300,
+                          check=False)  # fmt: skip
 
 
 def how_to_install(
@@ -139,7 +144,9 @@ def how_to_install(
     return ["--credentials", str(tmp_path / "edge-1.json")]
 
 
-@pytest.mark.parametrize("enrolment", ["credentials", "token"])
+@pytest.mark.parametrize(
+    "enrolment", ["credentials", "token", "token in the environment", "token as argument"]
+)
 def test_a_bundle_a_trusted_publisher_signed_is_run_once_checked(
     hub: Any, publisher: Publisher, tmp_path: Path, enrolment: str
 ) -> None:
@@ -149,9 +156,20 @@ def test_a_bundle_a_trusted_publisher_signed_is_run_once_checked(
     write_bundle(tmp_path / "bundle", publisher.key, {PIP: marker_pip(marker), EDGEPACK: b"agent"})
     running = hub(agent_bundle=tmp_path / "bundle")
     script = httpx.get(f"{running.url}/install.sh").content
-    done = install(script, tmp_path / "device", how_to_install(running, tmp_path, enrolment))
+    env, how = {}, []
+    if enrolment == "token in the environment":
+        env = {"EDGEPACK_JOIN_TOKEN": TOKEN}
+    elif enrolment == "token as argument":
+        how = ["--token", TOKEN]
+    else:
+        how = how_to_install(running, tmp_path, enrolment)
+    done = install(script, tmp_path / "device", how, env)
     assert marker.exists(), done.stderr
     assert "nothing was installed" not in done.stderr
+    # What the script starts does not inherit the token.
+    assert marker.read_text() == "ran "
+    warned = "warning: --token shows the token to every local user (ps); use --token-file FILE" in done.stderr
+    assert warned == (enrolment == "token as argument")
 
 
 ATTACKS = ["signed by another publisher", "changed after signing", "not the digest the script pins"]
