@@ -206,8 +206,8 @@ def test_a_bundle_the_device_does_not_trust_is_refused_before_its_code_runs(
     script = httpx.get(f"{path.url}/install.sh").content
 
     done = install(script, tmp_path / "device", how_to_install(running, tmp_path, enrolment))
-    assert not marker.exists(), "the bundle's code ran before its check"
-    assert done.returncode == 3
+    assert not marker.exists(), f"the bundle's code ran before its check\n{done.stderr}"
+    assert done.returncode == 3, done.stderr
     said = {
         "signed by another publisher": "bundle.json is signed by untrusted key(s) ",
         "changed after signing": "does not match its content (modified after signing)",
