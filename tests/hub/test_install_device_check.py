@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from manifests.agent_bundle import AgentBundle, BundleWheel
 from manifests.canonical import canonical_json
-from manifests.signing import envelope_bytes, sign_payload
+from manifests.signing import TrustStore, envelope_bytes, sign_payload
 from tests.conftest import Publisher, make_publisher
 from tests.device_rootfs import DEVICE_ENV
 
@@ -127,7 +127,7 @@ def install(
 
 
 def how_to_install(
-    running: Any, tmp_path: Path, enrolment: str, publishers: Publisher | None = None
+    running: Any, tmp_path: Path, enrolment: str, publishers: TrustStore | None = None
 ) -> list[str]:
     """``--credentials FILE`` (the admin enrolled the device; ``publishers``: the keys its
     file trusts, when not the hub's) or ``--token-file FILE``."""
@@ -139,7 +139,7 @@ def how_to_install(
     assert answer.status_code == 201, answer.text
     credentials = answer.json()["device_credentials"]
     if publishers is not None:
-        credentials["publishers"] = publishers.trust.model_dump(mode="json")
+        credentials["publishers"] = publishers.model_dump(mode="json")
     (tmp_path / "edge-1.json").write_text(json.dumps(credentials))
     return ["--credentials", str(tmp_path / "edge-1.json")]
 
@@ -219,18 +219,32 @@ def test_a_bundle_the_device_does_not_trust_is_refused_before_its_code_runs(
     assert not (tmp_path / "device").exists()
 
 
-def test_credentials_that_trust_another_publisher_refuse_the_hubs_bundle(
-    hub: Any, publisher: Publisher, tmp_path: Path
+@pytest.mark.parametrize(
+    ("trusted", "said"),
+    [
+        ("another publisher", "bundle.json is signed by untrusted key(s) "),
+        ("no publisher", "no trusted publisher keys to check bundle.json's signature with"),
+        ("the hub's and another, both required", "bundle.json has 1 trusted signature(s), 2 required"),
+    ],
+)
+def test_credentials_that_do_not_trust_the_hubs_bundle_refuse_it(
+    hub: Any, publisher: Publisher, tmp_path: Path, trusted: str, said: str
 ) -> None:
-    # The admin's credentials are the device's trust: a hub (or a bundle) signed by a
-    # publisher they do not name is refused, whatever that hub trusts.
+    # The admin's credentials are the device's trust: a bundle they do not trust enough is
+    # refused, whatever the hub that serves it trusts.
     marker = tmp_path / "bundle-code-ran"
     write_bundle(tmp_path / "bundle", publisher.key, {PIP: marker_pip(marker), EDGEPACK: b"agent"})
     running = hub(agent_bundle=tmp_path / "bundle")
     script = httpx.get(f"{running.url}/install.sh").content
-    how = how_to_install(running, tmp_path, "credentials", publishers=make_publisher())
-    done = install(script, tmp_path / "device", how)
-    assert not marker.exists(), "the bundle's code ran before its check"
-    assert done.returncode == 3
-    assert "bundle.json is signed by untrusted key(s) " in done.stderr.splitlines()[-1], done.stderr
+    store = {
+        "another publisher": make_publisher().trust,
+        "no publisher": TrustStore(),
+        "the hub's and another, both required": TrustStore(
+            keys=[*publisher.trust.keys, *make_publisher().trust.keys], threshold=2
+        ),
+    }[trusted]
+    done = install(script, tmp_path / "device", how_to_install(running, tmp_path, "credentials", store))
+    assert not marker.exists(), f"the bundle's code ran before its check\n{done.stderr}"
+    assert done.returncode == 3, done.stderr
+    assert said in done.stderr.splitlines()[-1], done.stderr
     assert not (tmp_path / "device").exists()
