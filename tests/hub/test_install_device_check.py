@@ -37,6 +37,8 @@ from tests.device_rootfs import DEVICE_ENV
 PIP = "pip-24.0-py3-none-any.whl"
 EDGEPACK = "edgepack-0.1.0-py3-none-any.whl"
 TOKEN = "ep_join_" + "t" * 43
+#: What the device checks and runs does not depend on the hub's SQL engine.
+pytestmark = pytest.mark.sql_independent
 
 
 def marker_pip(marker: Path) -> bytes:
