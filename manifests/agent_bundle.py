@@ -4,9 +4,11 @@
 :class:`AgentBundle`: the ``edgepack`` version it installs, the Python it was built for and,
 per device architecture, every wheel's name, size and digest. The hub serves it beside the
 wheels (``GET /agent-bundle/...``) and its ``install.sh`` pins the digest of ``bundle.json``
-itself, so every byte a device installs is checked before pip sees it; the device then checks
-the signature against the publisher keys its credentials trust before it configures or starts
-anything (:func:`verify_agent_bundle`).
+itself and the publisher keys the hub trusts, so every byte a device installs is checked
+before pip sees it: ``install.sh`` checks the signature (with Python's standard library and
+the system's libcrypto) against the publisher keys of the device's credentials, or with a
+token those it pins, before any of the bundle's code runs; the installed agent checks it again
+(:func:`verify_agent_bundle`) before anything is configured or started.
 """
 
 from __future__ import annotations

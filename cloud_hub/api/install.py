@@ -19,7 +19,7 @@ router = APIRouter(tags=["install"])
 @router.get("/install.sh", response_class=Response)
 async def get_install_script(core: Core) -> Response:
     data, _ = trusted_bundle(core.settings.agent_bundle_dir(), core.trust)
-    script = install_script(core.settings.base_url(), data)
+    script = install_script(core.settings.base_url(), data, core.trust)
     return Response(script, media_type="text/x-shellscript; charset=utf-8")
 
 

@@ -42,8 +42,8 @@ def read_bundle_json(folder: Path | None) -> bytes:
 def trusted_bundle(folder: Path | None, trust: TrustStore) -> tuple[bytes, AgentBundle]:
     """The served ``bundle.json`` and what it says, once a publisher key this hub trusts is
     found to have signed it; :class:`NotFound` otherwise. The device checks that signature
-    too, but only with the bundle's own code, after that code ran: a bundle replaced on the
-    hub's disk must be stopped here, before ``install.sh`` pins it."""
+    too, before any of its code runs; a bundle replaced on the hub's disk is stopped here
+    already, before an ``install.sh`` pins it."""
     data = read_bundle_json(folder)
     assert folder is not None
     try:
@@ -66,11 +66,18 @@ def served_wheel(folder: Path | None, trust: TrustStore, arch: str, name: str) -
     return folder / arch / name
 
 
-def install_script(hub_url: str, bundle_json: bytes) -> str:
+def install_script(hub_url: str, bundle_json: bytes, trust: TrustStore) -> str:
     """``install.sh`` for devices of the hub at ``hub_url``: it pins the digest of
-    ``bundle_json``, so everything it installs is checked against what this hub serves now."""
+    ``bundle_json``, so everything it installs is checked against what this hub serves now,
+    and the publisher keys of ``trust``, which check the bundle's signature on a device that
+    has no credentials file yet (one that joins with a token)."""
     template = files("cloud_hub.install").joinpath("install.sh").read_text()
     digest = "sha256:" + hashlib.sha256(bundle_json).hexdigest()
-    return template.replace("@HUB_URL@", shlex.quote(hub_url.rstrip("/"))).replace(
-        "@BUNDLE_DIGEST@", shlex.quote(digest)
-    )
+    values = {
+        "@HUB_URL@": hub_url.rstrip("/"),
+        "@BUNDLE_DIGEST@": digest,
+        "@PUBLISHERS@": trust.model_dump_json(),
+    }
+    for name, value in values.items():
+        template = template.replace(name, shlex.quote(value))
+    return template

@@ -2,31 +2,41 @@
 # Install the edgepack agent from the hub that served this script, with nothing from a
 # package index (docs/agent.md, "Install from the hub"):
 #
-#     curl -fsS HUB/install.sh | sh -s -- --credentials edge-1.json     (or --token T)
+#     curl -fsS HUB/install.sh | sh -s -- --credentials edge-1.json
+#     curl -fsS HUB/install.sh | sh -s -- --token-file /root/join-token    (or EDGEPACK_JOIN_TOKEN)
 #
-# 1. download the hub's agent bundle (bundle.json, whose sha256 this script pins, and the
-#    wheels for this machine, each checked against bundle.json's size and digest);
+# 1. download the hub's agent bundle: bundle.json, whose sha256 this script pins and whose
+#    Ed25519 signature is checked, by Python's standard library and the system's OpenSSL
+#    (libcrypto, which Debian's python3 links), against the publisher keys the credentials
+#    trust (with a token: those this script pins), before any code of the bundle runs; then
+#    the wheels for this machine, each checked against bundle.json's size and digest;
 # 2. a venv with those wheels (pip from the bundle, --no-index);
-# 3. the device's credentials (--credentials FILE, or with --token 'edgepack agent join HUB
-#    --token T --state STATE_DIR', which enrols the device and writes them into STATE_DIR);
-# 4. the bundle's signature checked against the publisher keys the credentials trust;
+# 3. the device's credentials (--credentials FILE, or with a token 'edgepack agent join HUB
+#    --token-file - --state STATE_DIR', the token on its stdin, which enrols the device and
+#    writes them into STATE_DIR);
+# 4. the bundle checked again by the installed agent against the keys of those credentials;
 # 5. agent.toml, then the systemd service (or, without systemd, the agent started directly).
 #
 # Needs: root, Debian's python3 (3.11 or newer). Options: --prefix DIR (/opt/edgepack),
 # --config-dir DIR (/etc/edgepack), --state-dir DIR (/var/lib/edgepack), --runtime R
 # (process, docker; repeatable), --log FILE (without systemd), --ca FILE (the hub's CA),
-# --id-from hostname|machine-id|ID (with --token: the device's id, default its hostname),
-# --no-start.
+# --token-file FILE (the provisioning token; or the variable EDGEPACK_JOIN_TOKEN; --token T
+# works too, but shows the token to every local user in the process list), --id-from
+# hostname|machine-id|ID (with a token: the device's id, default its hostname), --no-start.
 set -eu
 
 HUB_URL=@HUB_URL@
 BUNDLE_DIGEST=@BUNDLE_DIGEST@
+# The publisher keys this hub trusts: they check the bundle's signature when no credentials
+# file (the admin's, which names its own) is given.
+PUBLISHERS=@PUBLISHERS@
 
 PREFIX=/opt/edgepack
 CONFIG_DIR=/etc/edgepack
 STATE_DIR=/var/lib/edgepack
 LOG=/var/log/edgepack-agent.log
 TOKEN=
+TOKEN_FILE=
 ID_FROM=hostname
 CREDENTIALS=
 CA=
@@ -39,7 +49,9 @@ need_value() { [ "$#" -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 
 while [ "$#" -gt 0 ]; do
     case "$1" in
-        --token) need_value "$@"; TOKEN=$2; shift 2 ;;
+        --token) need_value "$@"; TOKEN=$2; shift 2
+            say "warning: --token shows the token to every local user (ps); use --token-file FILE or EDGEPACK_JOIN_TOKEN" ;;
+        --token-file) need_value "$@"; TOKEN_FILE=$2; shift 2 ;;
         --id-from) need_value "$@"; ID_FROM=$2; shift 2 ;;
         --credentials) need_value "$@"; CREDENTIALS=$2; shift 2 ;;
         --prefix) need_value "$@"; PREFIX=$2; shift 2 ;;
@@ -52,8 +64,19 @@ while [ "$#" -gt 0 ]; do
         *) die "unknown option $1 (see the comment at the top of this script)" ;;
     esac
 done
-[ -n "$TOKEN" ] || [ -n "$CREDENTIALS" ] || die "give --credentials FILE (from 'edgepack device enroll') or --token T"
-[ -z "$TOKEN" ] || [ -z "$CREDENTIALS" ] || die "give --credentials FILE or --token T, not both"
+[ -z "$TOKEN" ] || [ -z "$TOKEN_FILE" ] || die "give --token-file FILE or --token T, not both"
+if [ -n "$TOKEN_FILE" ]; then
+    [ -r "$TOKEN_FILE" ] || die "$TOKEN_FILE: cannot read it"
+    # read is the shell's own: the token is never any command's argument.
+    IFS= read -r TOKEN <"$TOKEN_FILE" || [ -n "$TOKEN" ] || die "$TOKEN_FILE holds no token"
+elif [ -z "$TOKEN" ] && [ -n "${EDGEPACK_JOIN_TOKEN:-}" ]; then
+    TOKEN=$EDGEPACK_JOIN_TOKEN
+fi
+# Nothing this script starts (pip, the agent) inherits the token.
+unset EDGEPACK_JOIN_TOKEN
+[ -n "$TOKEN" ] || [ -n "$CREDENTIALS" ] \
+    || die "give --credentials FILE (from 'edgepack device enroll') or --token-file FILE (or EDGEPACK_JOIN_TOKEN)"
+[ -z "$TOKEN" ] || [ -z "$CREDENTIALS" ] || die "give --credentials FILE or a token, not both"
 [ -z "$CREDENTIALS" ] || [ -r "$CREDENTIALS" ] || die "$CREDENTIALS: cannot read it"
 [ -z "$CA" ] || [ -r "$CA" ] || die "$CA: cannot read it"
 [ "$(id -u)" = 0 ] || die "run it as root (it writes $PREFIX, $CONFIG_DIR and $STATE_DIR)"
@@ -63,17 +86,35 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 
 BUNDLE="$PREFIX/bundle"
 VENV="$PREFIX/venv"
-mkdir -p "$BUNDLE"
 
-# 1. The bundle. Python's standard library downloads and hashes: the device needs no curl.
+# 1. The bundle. Python's standard library downloads and hashes (the device needs no curl),
+#    and checks bundle.json's signature with the system's libcrypto: no code of the bundle
+#    runs, and nothing is written, before bundle.json is the one pinned here and is signed by
+#    a trusted publisher.
 say "downloading the agent bundle from $HUB_URL"
-FOUND=$(python3 - "$HUB_URL" "$BUNDLE_DIGEST" "$BUNDLE" "$CA" "$CREDENTIALS" <<'PY'
-import hashlib, json, os, platform, re, ssl, sys, tempfile, urllib.request
+FOUND=$(python3 - "$HUB_URL" "$BUNDLE_DIGEST" "$BUNDLE" "$CA" "$CREDENTIALS" "$PUBLISHERS" <<'PY'
+import ctypes, ctypes.util, hashlib, json, os, platform, re, ssl, sys, tempfile, urllib.request
 
-hub, want, dest, ca, credentials = sys.argv[1:6]
+hub, want, dest, ca, credentials, publishers = sys.argv[1:7]
+
+
+def refuse(why):
+    # Exit code 3 (a trust refusal, as the CLI's): the script stops with this line alone.
+    print(f"edgepack install: error: {why}: nothing was installed", file=sys.stderr)
+    sys.exit(3)
+
+
+def no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine())
 if arch is None:
-    sys.exit(f"edgepack install: error: no agent bundle for machine {platform.machine()!r}")
+    refuse(f"no agent bundle for machine {platform.machine()!r}")
+try:
+    trust = json.load(open(credentials))["publishers"] if credentials else json.loads(publishers)
+except (OSError, ValueError, KeyError, TypeError):
+    refuse(f"{credentials or 'this script'} names no publisher keys (not an edgepack credentials file?)")
 context = None
 if hub.startswith("https:"):
     context = ssl.create_default_context(cafile=ca or None)
@@ -83,11 +124,93 @@ if hub.startswith("https:"):
             context.load_verify_locations(cadata=pem)
 
 
+def ed25519():
+    """Ed25519 verification by OpenSSL's libcrypto (the one Python's hashlib loaded), checked
+    on RFC 8032's first test vector so that a library that does not verify is never trusted."""
+    import _hashlib  # noqa: F401  (maps the libcrypto Python itself uses)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            found = [ln.split()[-1] for ln in maps if os.path.basename(ln.split()[-1]).startswith("libcrypto.so")]
+    except OSError:  # no /proc here
+        found = []
+    path = found[0] if found else ctypes.util.find_library("crypto")
+    if not path:
+        refuse("OpenSSL's libcrypto is not found, so the bundle's signature cannot be checked")
+    lib = ctypes.CDLL(path)
+    p, size = ctypes.c_void_p, ctypes.c_size_t
+    lib.EVP_PKEY_new_raw_public_key.restype = p
+    lib.EVP_PKEY_new_raw_public_key.argtypes = [ctypes.c_int, p, ctypes.c_char_p, size]
+    lib.EVP_MD_CTX_new.restype = p
+    lib.EVP_DigestVerifyInit.argtypes = [p, p, p, p, p]
+    lib.EVP_DigestVerify.argtypes = [p, ctypes.c_char_p, size, ctypes.c_char_p, size]
+    lib.EVP_MD_CTX_free.argtypes = lib.EVP_PKEY_free.argtypes = [p]
+
+    def verify(key, sig, message):
+        pkey = lib.EVP_PKEY_new_raw_public_key(1087, None, key, len(key))  # NID_ED25519
+        ctx = lib.EVP_MD_CTX_new()
+        try:
+            return bool(pkey and ctx and len(sig) == 64 and lib.EVP_DigestVerifyInit(ctx, None, None, None, pkey) == 1
+                        and lib.EVP_DigestVerify(ctx, sig, len(sig), message, len(message)) == 1)
+        finally:
+            lib.EVP_MD_CTX_free(ctx)
+            lib.EVP_PKEY_free(pkey)
+
+    key = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    sig = bytes.fromhex("e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+    if not verify(key, sig, b"") or verify(key, sig, b"x"):
+        refuse(f"{path} does not verify Ed25519 signatures correctly")
+    return verify
+
+
+def check_signature(raw):
+    """What manifests.signing.verify_envelope checks: at least `threshold` distinct trusted
+    keys signed the canonical JSON of the `signed` object as received."""
+    try:
+        keys = {}
+        for entry in trust.get("keys", []):
+            key = bytes.fromhex(entry["public_key"])
+            if len(key) == 32 and hashlib.sha256(key).hexdigest() == entry["keyid"]:
+                keys[entry["keyid"]] = key
+        threshold = max(1, int(trust.get("threshold", 1)))
+    except (AttributeError, ValueError, KeyError, TypeError):
+        refuse("the trusted publisher keys are not valid")
+    try:
+        envelope = json.loads(raw, parse_constant=no_constant)
+        signed, signatures = envelope["signed"], envelope["signatures"]
+        if not isinstance(signed, dict) or not isinstance(signatures, list):
+            raise TypeError
+        message = json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                             allow_nan=False).encode()
+        offered = [(str(s["keyid"]), bytes.fromhex(s["sig"])) for s in signatures]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        refuse("bundle.json is not a signed agent bundle")
+    verify = ed25519()
+    good, bad = set(), []
+    for keyid, sig in offered:
+        if keyid not in keys or keyid in good:
+            continue
+        if verify(keys[keyid], sig, message):
+            good.add(keyid)
+        else:
+            bad.append(keyid)
+    if len(good) >= threshold:
+        return signed
+    if bad:
+        refuse(f"bundle.json's signature by key {bad[0][:16]} does not match its content (modified after signing)")
+    if not keys:
+        refuse("no trusted publisher keys to check bundle.json's signature with")
+    signers = ", ".join(keyid[:16] for keyid, _ in offered)
+    if not good:
+        refuse(f"bundle.json is signed by untrusted key(s) {signers}, not by a publisher the device trusts")
+    refuse(f"bundle.json has {len(good)} trusted signature(s), {threshold} required")
+
+
 def fetch(path, limit):
     with urllib.request.urlopen(hub + path, timeout=60, context=context) as answer:
         data = answer.read(limit + 1)
     if len(data) > limit:
-        sys.exit(f"edgepack install: error: {hub}{path} is larger than {limit} bytes")
+        refuse(f"{hub}{path} is larger than {limit} bytes")
     return data
 
 
@@ -104,29 +227,29 @@ def save(path, data):
 
 raw = fetch("/agent-bundle/bundle.json", 1 << 20)
 if digest(raw) != want:
-    sys.exit("edgepack install: error: bundle.json is not the one this script names (digest differs)")
-signed = json.loads(raw)["signed"]
+    refuse("bundle.json is not the one this script names (digest differs)")
+signed = check_signature(raw)
 wheels = signed["wheels"].get(arch)
 if not wheels:
-    sys.exit(f"edgepack install: error: the hub's bundle has no wheels for {arch}")
+    refuse(f"the hub's bundle has no wheels for {arch}")
 os.makedirs(os.path.join(dest, arch), exist_ok=True)
 for wheel in wheels:
     name = wheel["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,200}\.whl", name):
-        sys.exit(f"edgepack install: error: bundle.json names a wheel {name!r}")
+        refuse(f"bundle.json names a wheel {name!r}")
     path = os.path.join(dest, arch, name)
     if os.path.isfile(path) and digest(open(path, "rb").read()) == wheel["digest"]:
         continue  # already here from an earlier run
     data = fetch(f"/agent-bundle/{arch}/{name}", wheel["size"])
     if len(data) != wheel["size"] or digest(data) != wheel["digest"]:
-        sys.exit(f"edgepack install: error: {name} is not the wheel bundle.json names")
+        refuse(f"{name} is not the wheel bundle.json names")
     save(path, data)
 save(os.path.join(dest, "bundle.json"), raw)
 pip = next(w["name"] for w in wheels if w["name"].startswith("pip-"))
 extras = f"[{','.join(signed['extras'])}]" if signed.get("extras") else ""
 print(arch, f"edgepack{extras}=={signed['version']}", pip)
 PY
-) || die "the download failed (above)"
+) || { status=$?; [ "$status" = 3 ] && exit 3; die "the download failed (above)"; }
 set -- $FOUND
 ARCH=$1 REQUIREMENT=$2 PIP_WHEEL=$3
 
@@ -144,10 +267,12 @@ EDGEPACK="$VENV/bin/edgepack"
 mkdir -p "$CONFIG_DIR"
 CONFIG="$CONFIG_DIR/agent.toml"
 if [ -n "$TOKEN" ]; then
-    "$EDGEPACK" agent join --help >/dev/null 2>&1 \
-        || die "this hub's agent has no 'edgepack agent join': enroll the device and pass --credentials FILE"
+    COLUMNS=200 "$EDGEPACK" agent join --help 2>/dev/null | grep -q -e --token-file \
+        || die "this hub's agent cannot take the token on stdin ('edgepack agent join --token-file -'): rebuild the bundle, or enroll the device and pass --credentials FILE"
+    # The token goes on join's stdin (printf is the shell's own): no process list shows it.
     # shellcheck disable=SC2086
-    "$EDGEPACK" agent join "$HUB_URL" --token "$TOKEN" --id-from "$ID_FROM" --state "$STATE_DIR" $RUNTIMES ${CA:+--ca "$CA"} \
+    printf '%s\n' "$TOKEN" | "$EDGEPACK" agent join "$HUB_URL" --token-file - --id-from "$ID_FROM" \
+        --state "$STATE_DIR" $RUNTIMES ${CA:+--ca "$CA"} \
         || die "'edgepack agent join' failed (above)"
     DEVICE_CREDENTIALS="$STATE_DIR/credentials.json"
     CONFIG="$STATE_DIR/agent.toml"
@@ -157,7 +282,8 @@ else
 fi
 chmod 600 "$DEVICE_CREDENTIALS"
 
-# 4. The signature, with the keys the device trusts; nothing is configured or started before.
+# 4. The signature again, by the installed agent, with the keys of the device's credentials
+#    (a token's join brought them); nothing is configured or started before.
 "$EDGEPACK" agent verify-bundle "$BUNDLE" --credentials "$DEVICE_CREDENTIALS" --arch "$ARCH" \
     || { rm -rf "$VENV"; die "the bundle is not trusted (above): nothing was configured or started"; }
 

@@ -31,7 +31,7 @@ from manifests.errors import ConfigError
 from packager.app import app, console
 from packager.display import safe_text, state_text
 from packager.files import atomic_output
-from packager.sdk.enrolment import device_id_from
+from packager.sdk.enrolment import device_id_from, join_token
 from packager.sdk.enrolment import join as join_hub
 from packager.systemd_unit import DEFAULT_UNIT_NAME, DEFAULT_USER, DEFAULT_WATCHDOG_S, UnitSpec, render_unit
 
@@ -292,7 +292,6 @@ def uninstall_service_cmd(
 @agent_app.command("join")
 def join_cmd(
     url: Annotated[str, typer.Argument(help="the hub's URL, e.g. https://hub.example:8800")],
-    token: Annotated[str, typer.Option("--token", help="the provisioning token the admin made")],
     state: Annotated[
         Path, typer.Option("--state", help="this device's folder: its key, credentials, agent.toml, state")
     ],
@@ -306,9 +305,19 @@ def join_cmd(
     wait: Annotated[
         float, typer.Option("--wait", min=0, max=86400, help="seconds to wait for an admin's approval")
     ] = 600,
+    token_file: Annotated[
+        str | None,
+        typer.Option("--token-file", help="a file holding the provisioning token (- reads stdin)"),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="the provisioning token (ps shows it: prefer --token-file)"),
+    ] = None,
 ) -> None:
     """Enrol this device by itself: make its own key, send the hub only a signed request, and
-    write its credentials and agent.toml into --state (the key never leaves the device)."""
+    write its credentials and agent.toml into --state (the key never leaves the device). The
+    token comes from --token-file, --token or EDGEPACK_JOIN_TOKEN."""
+    token = join_token(token=token, token_file=token_file, environ=os.environ, stdin=sys.stdin.buffer)
     device_id = device_id_from(id_from)
     joined = join_hub(url, token, device_id=device_id, folder=state, ca=ca, runtimes=runtime, wait_s=wait)
     tags = ", ".join(f"{k}={v}" for k, v in sorted(joined.tags.items())) or "no tags"

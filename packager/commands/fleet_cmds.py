@@ -825,7 +825,8 @@ def token_create_cmd(
     )
     console.print(safe_text(str(made.token)), highlight=False)
     console.print(
-        "[yellow]The token is shown only once[/]; devices join with 'edgepack agent join URL --token T'."
+        "[yellow]The token is shown only once[/]; "
+        "devices join with 'edgepack agent join URL --token-file FILE'."
     )
 
 

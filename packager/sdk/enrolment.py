@@ -16,10 +16,11 @@ import random
 import re
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 from pydantic import ValidationError
@@ -46,6 +47,11 @@ MAX_JOIN_ATTEMPTS = 20
 MAX_JOIN_WAIT_S = 30.0
 #: How often a join waiting for approval asks again (with jitter).
 APPROVAL_POLL_S = 5.0
+#: Where a device's provisioning token may come from without being on a command line, which
+#: every local user reads in ``ps`` (security.md §19): a file (``-``: stdin) or this variable.
+JOIN_TOKEN_ENV = "EDGEPACK_JOIN_TOKEN"
+#: The most read of a token file or stdin (a provisioning token is 51 characters).
+MAX_TOKEN_FILE_BYTES = 4096
 _DURATION = re.compile(r"^(\d{1,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -129,6 +135,41 @@ def device_id_from(source: str) -> str:
         except OSError as exc:
             raise ConfigError(f"{MACHINE_ID}: cannot read it ({exc.strerror}); pass --id-from ID") from None
     return check_device_id(source)
+
+
+def join_token(
+    *, token: str | None, token_file: str | None, environ: Mapping[str, str], stdin: IO[bytes]
+) -> str:
+    """The provisioning token from ``--token-file`` (``-``: ``stdin``), ``--token`` (kept for
+    compatibility: it shows in the process list) or ``EDGEPACK_JOIN_TOKEN``, in that order;
+    :class:`BadArgument` when none or both options are given, :class:`ConfigError` when what
+    was given holds no token."""
+    if token is not None and token_file is not None:
+        raise BadArgument("give --token-file FILE or --token T, not both")
+    if token_file is not None:
+        where = "stdin" if token_file == "-" else token_file
+        try:
+            if token_file == "-":
+                data = stdin.read(MAX_TOKEN_FILE_BYTES + 1)
+            else:
+                with open(token_file, "rb") as fh:
+                    data = fh.read(MAX_TOKEN_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
+        if len(data) > MAX_TOKEN_FILE_BYTES:
+            raise ConfigError(f"{where}: larger than {MAX_TOKEN_FILE_BYTES} bytes, not a provisioning token")
+        text = data.decode("utf-8", "replace").strip()
+    elif token is not None:
+        where, text = "--token", token.strip()
+    else:
+        where, text = JOIN_TOKEN_ENV, environ.get(JOIN_TOKEN_ENV, "").strip()
+        if not text:
+            raise BadArgument(
+                f"give the provisioning token with --token-file FILE (- reads stdin) or in {JOIN_TOKEN_ENV}"
+            )
+    if not text or not text.isprintable() or any(c.isspace() for c in text):
+        raise ConfigError(f"{where}: holds no provisioning token (one word on one line)")
+    return text
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from manifests.device import parse_agent_config, render_agent_config
 from tests.agent.conftest import Agent, Fleet, free_port, score, wait_for
 from tests.hub.test_fleet_cli import EDGEPACK, env_for
@@ -107,3 +109,63 @@ def test_a_device_joining_with_an_approval_token_waits_until_the_admin_approves(
             joining.kill()
     assert joining.returncode == 0, err
     assert json.loads((folder / "credentials.json").read_text())["device_id"] == "edge-w1"
+
+
+def _processes_showing(secret: bytes) -> list[str]:
+    """Every process whose command line or environment holds ``secret`` (this test runs as
+    root, so it reads what any local user could read, and more)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            for part in ("cmdline", "environ"):
+                try:
+                    if secret in (entry / part).read_bytes():
+                        found.append(f"{entry.name}/{part}")
+                except OSError:  # gone meanwhile, or a kernel thread
+                    pass
+    return found
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_a_joining_device_never_shows_its_token_in_the_process_list(
+    fleet: Fleet, tmp_path: Path, source: str
+) -> None:
+    # The join waits in the approval queue, so it is watched while it holds the token.
+    home = tmp_path / "admin"
+    made = _cli(fleet, home, "device", "token", "create", "--approval", "--uses", "1", "--json")
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)["token"]
+    token_file = tmp_path / "join-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    device_id = f"edge-ps-{source}"
+    given = str(token_file) if source == "file" else "-"
+    argv = [EDGEPACK, "agent", "join", fleet.hub.url, "--token-file", given,
+            "--id-from", device_id, "--state", str(tmp_path / "device"), "--wait", "120"]  # fmt: skip
+    joining = subprocess.Popen(argv, env=env_for(tmp_path / "device-home", fleet.hub), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert joining.stdin is not None
+    if source == "stdin":
+        joining.stdin.write(token + "\n")
+    joining.stdin.close()
+    try:
+        seen: list[str] = []
+
+        def waiting() -> bool:
+            seen.extend(_processes_showing(token.encode()))
+            pending = _cli(fleet, home, "device", "pending", "--json")
+            return any(p["device_id"] == device_id for p in json.loads(pending.stdout)["pending"])
+
+        wait_for(waiting, timeout=60, what=f"{device_id} waiting for approval")
+        assert joining.poll() is None
+        seen.extend(_processes_showing(token.encode()))
+        assert seen == []
+        approved = _cli(fleet, home, "device", "approve", device_id)
+        assert approved.returncode == 0, approved.stderr
+        joining.wait(timeout=60)
+    finally:
+        if joining.poll() is None:
+            joining.kill()
+    assert joining.stderr is not None
+    assert joining.returncode == 0, joining.stderr.read()
+    assert json.loads((tmp_path / "device" / "credentials.json").read_text())["device_id"] == device_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ def test_install_sh_pins_the_served_bundle_and_only_listed_wheels_are_served(
     assert script.headers["content-type"].startswith("text/x-shellscript")
     assert f"\nHUB_URL={running.url}\n" in script.text
     assert f"\nBUNDLE_DIGEST=sha256:{hashlib.sha256(raw).hexdigest()}\n" in script.text
+    # The publisher keys the hub trusts, which check the bundle on a device without credentials.
+    pinned = re.search(r"\nPUBLISHERS='([^']*)'\n", script.text)
+    assert pinned is not None
+    keys = [k["public_key"] for k in json.loads(pinned.group(1))["keys"]]
+    assert keys == [publisher.trust.keys[0].public_key]
     assert httpx.get(f"{running.url}/agent-bundle/bundle.json").content == raw
     assert httpx.get(f"{running.url}/agent-bundle/amd64/pip-24.0-py3-none-any.whl").content == b"pip's bytes"
     for path in ("amd64/secret.whl", "arm64/pip-24.0-py3-none-any.whl", "amd64/..%2Fbundle.json"):

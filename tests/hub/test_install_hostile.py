@@ -1,7 +1,7 @@
 """What the hub serves devices that install from it, when its agent bundle on disk is not the
 one a trusted publisher signed (security.md §18): nothing of it is served, so no ``install.sh``
-pins it. The device's own signature check comes too late for that bundle: it runs the bundle's
-code."""
+pins it (the device checks the signature too, before any of the bundle's code runs:
+``test_install_device_check.py``)."""
 
 from __future__ import annotations
 
