@@ -26,6 +26,7 @@ from edge_agent.setup import check_credentials_private, load_setup, tighten_stat
 from edge_agent.status import LOCK_FILE
 from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import MqttSession
+from edge_agent.uplink.rotation import Rotator
 from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig
 from manifests.errors import ConfigError
@@ -131,6 +132,12 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             settled=memory.settle,
         )
         loop_ref.append(loop)
+        # Credential rotation: its own thread; it rewrites the credentials file and switches
+        # the HTTP token and the broker session the loop's publishers use.
+        rotator = Rotator(
+            credentials, credentials_path=config.credentials, state_dir=config.state_dir, hub=hub,
+            switch_broker=mqtt.switch if mqtt else None,
+        )  # fmt: skip
         # Collected data: its own thread and its own HTTP connection, never the loop's.
         uploader = Uploader(config.state_dir, hub.put_batch, lambda: quotas_of(loop.records.desired))
         sampler = Sampler(
@@ -162,12 +169,14 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             mqtt.start()
         sampler.start()
         uploader.start()
+        rotator.start()
         notifier.ready(f"serving {len(loop.records.agent.services)} service(s) from the cache")
         try:
             loop.run()
         finally:
             notifier.stopping()
             log.info("agent stopping%s", " and its modules" if stop_modules else "; modules keep running")
+            rotator.stop()
             uploader.stop()
             sampler.stop()
             if mqtt is not None:

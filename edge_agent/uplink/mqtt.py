@@ -141,6 +141,8 @@ class MqttSession:
         self._max_backoff = max_backoff_s
         self._rand = rand
         self._stop = threading.Event()
+        # A switch to rotated credentials: reconnect at once, not after a backoff.
+        self._switching = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._latest_report: bytes | None = None
@@ -188,6 +190,24 @@ class MqttSession:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def switch(self, credentials: DeviceCredentials, *, timeout_s: float = 30.0) -> bool:
+        """Reconnect with ``credentials``' broker user and password (rotated credentials):
+        the current session ends with a DISCONNECT (no last will, ``online`` stays true) and
+        the next connect uses the new account. Whether the new session is up within
+        ``timeout_s``."""
+        endpoint = credentials.mqtt
+        with self._lock:
+            self._switching = True
+            self._connected = False
+        self._client.username_pw_set(endpoint.username, endpoint.password)
+        self._client.disconnect()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self.connected:
+                return True
+            time.sleep(0.05)
+        return False
+
     @property
     def connected(self) -> bool:
         with self._lock:
@@ -203,7 +223,9 @@ class MqttSession:
                 self._failed(f"cannot reach {self.host}:{self.port} ({exc})")
                 continue
             self._client.loop_forever()  # returns when the connection is lost
-            if not self._stop.is_set():
+            with self._lock:
+                switching, self._switching = self._switching, False
+            if not self._stop.is_set() and not switching:
                 self._lost()
 
     def _lost(self) -> None:
