@@ -19,8 +19,17 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_agent.uplink.rotation import KEY_FILE, load_or_make_key
+from manifests.device import DeviceCredentials
+from manifests.durable import write_durable
 from manifests.join import derive_secrets
-from manifests.rotation import CONFIRM_PATH, REQUEST_PATH, make_rotation_request
+from manifests.rotation import (
+    CONFIRM_PATH,
+    REQUEST_PATH,
+    RotationAnswer,
+    make_rotation_request,
+    rotated_credentials,
+)
 from tests.agent.conftest import Fleet, free_port, score, wait_for
 from tests.hub.broker_fixtures import MqttProbe
 
@@ -216,3 +225,34 @@ def test_a_device_cannot_rotate_another_devices_credentials_nor_replay_a_request
     assert _ask(fleet, theirs["token"], b"x" * 64 * 1024).status_code == 413
     assert len(_events(fleet, "device.rotation-refused")) >= 3
 
+
+
+def test_an_agent_that_crashed_after_writing_its_new_credentials_resumes_and_confirms(fleet: Fleet) -> None:
+    """The agent died between writing the new credentials and confirming them: it starts with
+    the new (not yet confirmed) credentials, which work, and confirms; nothing is lost."""
+    agent = fleet.device("edge-crash", poll_interval_s=1)
+    with fleet.http() as http:
+        assert http.post("/api/v1/devices/edge-crash/rotate").status_code == 200
+    # What the agent had done before it died: the key, the request, the new credentials file.
+    agent.state_dir.mkdir(mode=0o700, parents=True)
+    key = load_or_make_key(agent.state_dir / KEY_FILE)
+    secrets = derive_secrets(key)
+    body = make_rotation_request(key, device_id="edge-crash", hub_keyid=_hub_key_id(fleet),
+                                 nonce="5" * 32, now=datetime.now(UTC))  # fmt: skip
+    answer = _ask(fleet, agent.credentials["token"], body)
+    assert answer.status_code == 200, answer.text
+    current = DeviceCredentials.model_validate(agent.credentials)
+    written = rotated_credentials(current, secrets, RotationAnswer.model_validate(answer.json()))
+    path = agent.config.credentials
+    write_durable(path, written.model_dump_json(by_alias=True, exclude_none=True).encode(), mode=0o600)
+
+    agent.start()
+    creds = wait_for(
+        lambda: (c := fleet.hub_device("edge-crash")["credentials"])["rotation_requested"] is None and c,
+        timeout=60, what="the resumed rotation confirmed", log=agent.log,
+    )  # fmt: skip
+    assert creds["generation"] == 1
+    wait_for(lambda: fleet.hub_device("edge-crash")["online"], timeout=30, what="online", log=agent.log)
+    assert json.loads(path.read_text())["token"] == secrets.token
+    wait_for(lambda: not (agent.state_dir / KEY_FILE).exists(), timeout=10, what="key removed")
+    assert not _broker_accepts(fleet, "edge-crash", agent.credentials["mqtt"]["password"])
