@@ -572,11 +572,12 @@ def revoke(fleet: Fleet, device_id: str) -> dict[str, Any]:
 
 
 @admin.post("/devices/{device_id}/rotate", tags=["devices"])
-def rotate(fleet: Fleet, device_id: str) -> dict[str, Any]:
+def rotate(core: Core, device_id: str) -> dict[str, Any]:
     """Mark the device's credentials for rotation: it asks for new ones over its current
     session and switches to them; the old ones work until it confirms. One at a time."""
-    change = fleet.change(lambda s: request_rotation(s, device_id, now=utcnow()))
-    requested = change.result.rotation_requested
+    # Nothing the device runs nor any broker account changes yet: no fleet change.
+    with core.sessions.begin() as s:
+        requested = request_rotation(s, device_id, now=utcnow()).rotation_requested
     return {"device_id": device_id, "rotation_requested": requested}
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
 from cloud_hub.broker.passwords import hash_password, rabbit_hash
+from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Device, DeviceDesired
@@ -147,6 +148,9 @@ def _enroll(session: Session, device: Device | None, device_id: str, tags: Mappi
     if device is None:
         device = Device(id=device_id)
         session.add(device)
+    else:
+        # Enrolled again: its credentials are new now (their age counts from here).
+        device.credentials_rotated_at = utcnow()
     device.tags = dict(tags)
     device.mqtt_password_hash = hash_password(creds.mqtt_password)
     device.rabbitmq_password_hash = rabbit_hash(creds.mqtt_password)

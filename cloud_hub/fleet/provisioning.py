@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Conflict, Forbidden, NotFound, Unauthorized
 from cloud_hub.events import record_event
 from cloud_hub.fleet.devices import clear_rotation
@@ -466,6 +467,9 @@ def _enrol(
     if device is None:
         device = Device(id=sent.device_id)
         session.add(device)
+    else:
+        # Enrolled again: its credentials are new now (their age counts from here).
+        device.credentials_rotated_at = utcnow()
     device.tags = tags
     device.public_key = sent.public_key
     device.joined_with = token_id

@@ -14,24 +14,29 @@ Revoking the device (:func:`cloud_hub.fleet.devices.revoke_device`) clears both 
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.errors import Conflict, Unauthorized
 from cloud_hub.events import record_event
 from cloud_hub.fleet.devices import clear_rotation, get_device
 from cloud_hub.fleet.tables import Device
 from manifests.rotation import RotationRequest, broker_username
 
+log = logging.getLogger(__name__)
+
 ROTATED = "device.credentials-rotated"
 ROTATION_REQUESTED = "device.rotation-requested"
 ROTATION_REFUSED = "device.rotation-refused"
 
 
-def request_rotation(session: Session, device_id: str, *, now: datetime) -> Device:
+def request_rotation(session: Session, device_id: str, *, now: datetime, why: str = "by the admin") -> Device:
     """Mark ``device_id``'s credentials for rotation; :class:`Conflict` if one is in flight."""
     device = get_device(session, device_id, active=True)
     if device.rotation_requested is not None:
@@ -41,9 +46,59 @@ def request_rotation(session: Session, device_id: str, *, now: datetime) -> Devi
             "(or revoke the device)"
         )
     device.rotation_requested = now
-    record_event(session, ROTATION_REQUESTED, f"device {device_id}: credentials rotation requested",
+    record_event(session, ROTATION_REQUESTED, f"device {device_id}: credentials rotation requested {why}",
                  device_id=device_id)  # fmt: skip
     return device
+
+
+#: Devices marked in one transaction by the expiry; the rest follow in the next rounds.
+EXPIRY_BATCH = 500
+
+
+def request_due_rotations(session: Session, *, max_age: timedelta, now: datetime) -> list[str]:
+    """Mark for rotation the active devices whose credentials are older than ``max_age``
+    (since the last rotation, else since enrolment) and that have none in flight, at most
+    :data:`EXPIRY_BATCH`; their ids."""
+    since = func.coalesce(Device.credentials_rotated_at, Device.created_at)
+    due = list(
+        session.scalars(
+            select(Device.id)
+            .where(Device.revoked.is_(False), Device.rotation_requested.is_(None), since < now - max_age)
+            .limit(EXPIRY_BATCH)
+        )
+    )
+    why = f"by the hub: credentials older than {max_age.total_seconds() / 86400:g} day(s)"
+    for device_id in due:
+        request_rotation(session, device_id, now=now, why=why)
+    return due
+
+
+class CredentialExpiry:
+    """The upkeep chore of ``credentials_max_age_days``: marks due devices, checking at most
+    every tenth of the age (and at least hourly), so a large fleet is not scanned every round."""
+
+    def __init__(self, sessions: Sessions, max_age_days: float) -> None:
+        self._sessions = sessions
+        self._max_age = timedelta(days=max_age_days)
+        self._every_s = min(3600.0, self._max_age.total_seconds() / 10)
+        self._last: float | None = None
+
+    def run_if_due(self) -> list[str]:
+        """The devices marked now (none when off or not due). Never raises."""
+        if not self._max_age:
+            return []
+        if self._last is not None and time.monotonic() - self._last < self._every_s:
+            return []
+        self._last = time.monotonic()
+        try:
+            with self._sessions.begin() as s:
+                marked = request_due_rotations(s, max_age=self._max_age, now=utcnow())
+        except Exception:
+            log.exception("could not mark credentials due for rotation")
+            return []
+        if marked:
+            log.info("credentials of %d device(s) marked for rotation (past their maximum age)", len(marked))
+        return marked
 
 
 @dataclass(frozen=True)
