@@ -22,7 +22,7 @@ from edge_agent.report.sampler import Sampler
 from edge_agent.runtime.base import Runtime
 from edge_agent.runtime.process import ProcessRuntime
 from edge_agent.service_manager import Notifier
-from edge_agent.setup import check_credentials_private, load_setup, tighten_state_dir
+from edge_agent.setup import check_credentials_private, current_credentials, load_setup, tighten_state_dir
 from edge_agent.status import LOCK_FILE
 from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import MqttSession
@@ -102,6 +102,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
     """Run until SIGTERM/SIGINT. Modules keep running afterwards unless ``stop_modules``.
     Credentials other users may read are refused unless ``allow_open_credentials``."""
     config, credentials = load_setup(config_path)
+    credentials, configured_bytes = current_credentials(config, credentials)
     open_credentials = check_credentials_private(config.credentials, allow_open=allow_open_credentials)
     logfmt.configure(config.log_level, config.log_format)
     if open_credentials is not None:
@@ -135,7 +136,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
         # Credential rotation: its own thread; it rewrites the credentials file and switches
         # the HTTP token and the broker session the loop's publishers use.
         rotator = Rotator(
-            credentials, credentials_path=config.credentials, state_dir=config.state_dir, hub=hub,
+            credentials, configured=configured_bytes, state_dir=config.state_dir, hub=hub,
             switch_broker=mqtt.switch if mqtt else None,
         )  # fmt: skip
         # Collected data: its own thread and its own HTTP connection, never the loop's.

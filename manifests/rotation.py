@@ -18,6 +18,7 @@ Pure: keys, bytes and the time go in, requests and verdicts come out.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -47,6 +48,9 @@ ROTATION_SCHEMA = "edgepack.rotation-request/v1"
 ROTATE_HEADER = "X-Edgepack-Rotate-Credentials"
 REQUEST_PATH = "/api/v1/device/credentials"
 CONFIRM_PATH = "/api/v1/device/credentials/confirm"
+#: Where the agent keeps rotated credentials, in its state folder: the configured credentials
+#: file may be read-only to it (``/etc/edgepack/device.json`` under a hardened unit).
+ROTATED_FILE = "rotated-credentials.json"
 #: A rotation request is a few hundred bytes; anything much larger is not one.
 MAX_ROTATION_REQUEST_BYTES = 8 * 1024
 #: Separates a device id from its credentials' generation in its broker user name. Not a
@@ -159,3 +163,42 @@ def rotated_credentials(
         update={"username": answer.mqtt_username, "password": secrets.mqtt_password}
     )
     return current.model_copy(update={"token": secrets.token, "mqtt": mqtt})
+
+
+class RotatedFile(BaseModel):
+    """``<state_dir>/rotated-credentials.json``: the credentials a rotation gave, and which
+    configured credentials file (its bytes' sha256) they replace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replaces: str = Field(pattern=r"^[0-9a-f]{64}$")
+    credentials: DeviceCredentials
+
+
+def file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rotated_file_bytes(configured: bytes, credentials: DeviceCredentials) -> bytes:
+    """The rotated-credentials file for ``credentials`` replacing the configured file ``configured``."""
+    document = RotatedFile(replaces=file_digest(configured), credentials=credentials)
+    return document.model_dump_json(indent=2, by_alias=True, exclude_none=True).encode()
+
+
+def effective_credentials(
+    configured: DeviceCredentials, configured_bytes: bytes, rotated: bytes | None
+) -> DeviceCredentials:
+    """The credentials the agent uses: the rotated ones when they replace the configured file
+    as it is now (same bytes, same device); otherwise the configured ones, e.g. after the
+    operator enrolled the device again and put a new file in place (the rotated ones are stale).
+    An unreadable rotated file is ignored the same way: the configured one is the fallback."""
+    if rotated is None:
+        return configured
+    try:
+        document = RotatedFile.model_validate_json(rotated)
+    except ValidationError:
+        return configured
+    stale = document.replaces != file_digest(configured_bytes)
+    if stale or document.credentials.device_id != configured.device_id:
+        return configured
+    return document.credentials

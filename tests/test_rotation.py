@@ -19,8 +19,10 @@ from manifests.rotation import (
     MAX_ROTATION_REQUEST_BYTES,
     RotationAnswer,
     broker_username,
+    effective_credentials,
     make_rotation_request,
     rotated_credentials,
+    rotated_file_bytes,
     verify_rotation_request,
 )
 from manifests.signing import envelope_bytes, sign_payload
@@ -119,3 +121,28 @@ def test_mid_rotation_both_users_of_a_device_get_its_topics_and_only_them() -> N
     assert blocks["user edge-1~r1"].replace("edge-1~r1", "edge-1") == blocks["user edge-1"]
     assert "edge-2" not in blocks["user edge-1~r1"]
     assert render_password_file(users).splitlines() == ["edge-1:$7$h1", "edge-1~r1:$7$h2", "edge-2:$7$h3"]
+
+
+def _credentials(device_id: str = "edge-1", password: str = "old-password") -> DeviceCredentials:
+    forge = Forge()
+    return DeviceCredentials(
+        device_id=device_id, hub_url="http://hub:8800", token="ep_dev_" + "x" * 40,
+        mqtt=MqttEndpoint(host="broker", username=device_id, password=password),
+        hub_key=forge.hub_trust.keys[0], publishers=forge.trust,
+    )  # fmt: skip
+
+
+def test_rotated_credentials_are_used_only_while_they_replace_the_configured_file_as_it_is() -> None:
+    configured = _credentials()
+    configured_bytes = configured.model_dump_json(by_alias=True).encode()
+    rotated = _credentials(password="new-password")
+    file = rotated_file_bytes(configured_bytes, rotated)
+    assert effective_credentials(configured, configured_bytes, file) == rotated
+    assert effective_credentials(configured, configured_bytes, None) == configured
+    # The operator put new credentials in place (enrolled again): the rotated ones are stale.
+    replaced = configured_bytes + b" "
+    assert effective_credentials(configured, replaced, file) == configured
+    # Another device's, or a file that does not parse (a torn write cannot happen, a hand edit can).
+    other = rotated_file_bytes(configured_bytes, _credentials("edge-2"))
+    assert effective_credentials(configured, configured_bytes, other) == configured
+    assert effective_credentials(configured, configured_bytes, b"{") == configured

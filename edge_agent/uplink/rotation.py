@@ -9,7 +9,9 @@ credentials keep working until the last one:
    so a rotation resumed after a crash asks for the same credentials again;
 2. the signed request goes out with the CURRENT token; the hub keeps the new credentials
    beside the old ones;
-3. the credentials file is rewritten atomically with the new secrets and broker user;
+3. the new credentials are written atomically into the state folder
+   (``rotated-credentials.json``, 0600), which the agent reads at start in place of the
+   configured file they replace (that file may be read-only to the agent);
 4. the HTTP client and the broker session switch to them;
 5. the device confirms with the new token, and the hub retires the old credentials; the key
    file is removed (the new secrets are in the credentials file).
@@ -38,7 +40,7 @@ from manifests.device import DeviceCredentials
 from manifests.durable import write_durable
 from manifests.errors import EdgepackError, HubRefused, HubUnavailable
 from manifests.join import derive_secrets
-from manifests.rotation import make_rotation_request, rotated_credentials
+from manifests.rotation import ROTATED_FILE, make_rotation_request, rotated_credentials, rotated_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +72,15 @@ class Rotator:
         self,
         credentials: DeviceCredentials,
         *,
-        credentials_path: Path,
+        configured: bytes,
         state_dir: Path,
         hub: HubHttp,
         switch_broker: Callable[[DeviceCredentials], bool] | None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.credentials = credentials
-        self._path = credentials_path
+        self._configured = configured
+        self._path = state_dir / ROTATED_FILE
         self._key_path = state_dir / KEY_FILE
         self._hub = hub
         self._switch_broker = switch_broker
@@ -132,8 +135,7 @@ class Rotator:
             )  # fmt: skip
             answer = self._hub.request_rotation(body)
             new = rotated_credentials(current, secrets, answer)
-            text = new.model_dump_json(indent=2, by_alias=True, exclude_none=True)
-            write_durable(self._path, text.encode(), mode=0o600)
+            write_durable(self._path, rotated_file_bytes(self._configured, new), mode=0o600)
             self.credentials = new
             log.info("new credentials written (broker user %s)", new.mqtt.username)
         self._hub.use_token(self.credentials.token)

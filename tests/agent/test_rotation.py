@@ -26,9 +26,11 @@ from manifests.join import derive_secrets
 from manifests.rotation import (
     CONFIRM_PATH,
     REQUEST_PATH,
+    ROTATED_FILE,
     RotationAnswer,
     make_rotation_request,
     rotated_credentials,
+    rotated_file_bytes,
 )
 from tests.agent.conftest import Fleet, free_port, score, wait_for
 from tests.hub.broker_fixtures import MqttProbe
@@ -106,9 +108,11 @@ def test_rotation_while_a_module_serves_retires_the_old_credentials_and_survives
     assert failures == [] and answered > 0
     assert creds["mqtt_username"] == "edge-rot~r1" and creds["rotated_at"] is not None
 
-    # The new credentials are in the device's file, readable by it alone; the key file is gone.
-    path = agent.config.credentials
-    new = json.loads(path.read_text())
+    # The new credentials are in the state folder, readable by the agent alone (the configured
+    # file may be read-only to it, and is left as it was).
+    assert json.loads(agent.config.credentials.read_text()) == old
+    path = agent.state_dir / ROTATED_FILE
+    new = json.loads(path.read_text())["credentials"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert new["mqtt"]["username"] == "edge-rot~r1"
     assert new["token"] != old["token"] and new["mqtt"]["password"] != old["mqtt"]["password"]
@@ -243,8 +247,8 @@ def test_an_agent_that_crashed_after_writing_its_new_credentials_resumes_and_con
     assert answer.status_code == 200, answer.text
     current = DeviceCredentials.model_validate(agent.credentials)
     written = rotated_credentials(current, secrets, RotationAnswer.model_validate(answer.json()))
-    path = agent.config.credentials
-    write_durable(path, written.model_dump_json(by_alias=True, exclude_none=True).encode(), mode=0o600)
+    path = agent.state_dir / ROTATED_FILE
+    write_durable(path, rotated_file_bytes(agent.config.credentials.read_bytes(), written), mode=0o600)
 
     agent.start()
     creds = wait_for(
@@ -253,6 +257,6 @@ def test_an_agent_that_crashed_after_writing_its_new_credentials_resumes_and_con
     )  # fmt: skip
     assert creds["generation"] == 1
     wait_for(lambda: fleet.hub_device("edge-crash")["online"], timeout=30, what="online", log=agent.log)
-    assert json.loads(path.read_text())["token"] == secrets.token
+    assert json.loads(path.read_text())["credentials"]["token"] == secrets.token
     wait_for(lambda: not (agent.state_dir / KEY_FILE).exists(), timeout=10, what="key removed")
     assert not _broker_accepts(fleet, "edge-crash", agent.credentials["mqtt"]["password"])
