@@ -121,6 +121,9 @@ def test_rotation_while_a_module_serves_retires_the_old_credentials_and_survives
     key_file = agent.state_dir / "rotation-key.pem"
     wait_for(lambda: not key_file.exists(), timeout=10, what="the rotation key removed", log=agent.log)
 
+    # The old account's persistent session was ended with a clean connect (Mosquitto's log
+    # line "as <client> (p2, c1, ...)"), not left queueing messages for a client gone for good.
+    assert "as edge-rot (p2, c1" in fleet.broker.log_text()
     # Old credentials are refused by the broker and the hub, the new ones work.
     assert not _broker_accepts(fleet, old["mqtt"]["username"], old["mqtt"]["password"])
     assert _desired_status(fleet, old["token"]) == 401
