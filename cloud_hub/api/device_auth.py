@@ -122,11 +122,12 @@ async def request_credentials(hub: Hub, request: Request) -> RotationAnswer:
             body, device_id=device_id, hub_keyid=core.hub_key_id, now=utcnow(),
             max_age_s=core.settings.rotation_max_age_s,
         )  # fmt: skip
-        change = await run_in_threadpool(fleet.change, lambda s: accept_request(s, device_id, verified))
+        accept = lambda s: accept_request(s, device_id, verified)  # noqa: E731
+        accepted = await run_in_threadpool(fleet.change_accounts, accept)
     except (TrustError, Conflict) as exc:
         await run_in_threadpool(_refused, core, device_id, str(exc))
         raise
-    return RotationAnswer(device_id=device_id, mqtt_username=change.result.mqtt_username)
+    return RotationAnswer(device_id=device_id, mqtt_username=accepted.mqtt_username)
 
 
 def _current_token_device(core: HubCore, token: str) -> str:
@@ -149,5 +150,5 @@ def confirm_credentials(core: Core, fleet: Fleet, request: Request) -> dict[str,
         done = s.scalar(select(Device.id).where(Device.token_hash == hashed, Device.revoked.is_(False)))
     if done is not None:
         return {"device_id": done, "rotation": "confirmed"}
-    change = fleet.change(lambda s: confirm_rotation(s, hashed, now=utcnow()))
-    return {"device_id": change.result, "rotation": "confirmed"}
+    device_id = fleet.change_accounts(lambda s: confirm_rotation(s, hashed, now=utcnow()))
+    return {"device_id": device_id, "rotation": "confirmed"}

@@ -111,7 +111,9 @@ def accept_request(session: Session, device_id: str, request: RotationRequest) -
     """Keep the new credentials of a verified request (``verify_rotation_request`` checked it
     is ``device_id``'s own) beside the current ones. Refused: no rotation asked, a replay (not
     newer than the last request accepted), a key this or another device uses."""
-    device = get_device(session, device_id, active=True)
+    get_device(session, device_id, active=True)
+    # The row locked: two requests of one device at once are decided one after the other.
+    device = session.scalars(select(Device).where(Device.id == device_id).with_for_update()).one()
     if device.rotation_requested is None:
         raise Conflict(f"no rotation of device {device_id}'s credentials was requested")
     if device.rotation_issued is not None and request.issued <= device.rotation_issued:
@@ -149,7 +151,9 @@ def confirm_rotation(session: Session, next_token_hash: str, *, now: datetime) -
     new one (an answer lost and asked again with the new token is found by
     ``token_hash`` and answered by the caller)."""
     device = session.scalar(
-        select(Device).where(Device.next_token_hash == next_token_hash, Device.revoked.is_(False))
+        select(Device)
+        .where(Device.next_token_hash == next_token_hash, Device.revoked.is_(False))
+        .with_for_update()
     )
     if device is None:
         raise Unauthorized("device token is not the new token of a rotation in flight")
