@@ -11,6 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_hub.broker.mosquitto import BrokerUser, render_acl, render_password_file
+from cloud_hub.fleet.rotation import ROTATED, ROTATION_REFUSED, ROTATION_REQUESTED
+from cloud_hub.webhooks.catalog import check_types, event_type, subject_of
 from manifests.desired import DEVICE_ID_PATTERN
 from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.errors import TrustError
@@ -146,3 +148,11 @@ def test_rotated_credentials_are_used_only_while_they_replace_the_configured_fil
     other = rotated_file_bytes(configured_bytes, _credentials("edge-2"))
     assert effective_credentials(configured, configured_bytes, other) == configured
     assert effective_credentials(configured, configured_bytes, b"{") == configured
+
+
+def test_rotation_events_go_out_as_device_types_a_subscription_may_ask_for() -> None:
+    for kind in (ROTATED, ROTATION_REQUESTED, ROTATION_REFUSED):
+        full = event_type(kind)
+        assert full == "edgepack." + kind
+        assert check_types([kind]) == [full]
+        assert subject_of(kind, "edge-1", None) == "devices/edge-1"
