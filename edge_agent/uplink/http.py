@@ -112,8 +112,10 @@ class HubHttp:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[http.client.HTTPConnection] = []
-        #: Set when the hub's answer for the desired state says the credentials are to rotate.
+        #: Set when the hub's answer for the desired state says the credentials are to rotate;
+        #: ``rotation_requested`` is when that rotation was asked (the header's value).
         self.rotation_asked = threading.Event()
+        self.rotation_requested: str | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -132,7 +134,8 @@ class HubHttp:
             if response.status in (401, 403):
                 self._token_refused(response, path)
             self._token_accepted()
-            if response.getheader(ROTATE_HEADER):
+            if asked := response.getheader(ROTATE_HEADER):
+                self.rotation_requested = asked[:64]
                 self.rotation_asked.set()
             if response.status == 304:
                 return DesiredFetch(None, etag)

@@ -87,6 +87,9 @@ class Rotator:
         self._rand = rand
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the rotation last carried out was asked (the hub's header), so that answers that
+        # still said "rotate" while it ran do not start another.
+        self._completed: str | None = None
 
     def start(self) -> None:
         if self._key_path.exists():
@@ -107,8 +110,13 @@ class Rotator:
             if self._stop.is_set():
                 return
             self._hub.rotation_asked.clear()
+            asked = self._hub.rotation_requested
+            if asked is not None and asked == self._completed and not self._key_path.exists():
+                # An answer from before the hub took the confirmation: that rotation is done.
+                continue
             try:
                 self.rotate()
+                self._completed = asked
                 failures = 0
             except HubRefused as exc:
                 # Asking again gets the same answer (no rotation asked any more, a key refused):

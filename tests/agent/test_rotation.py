@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import stat
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -129,6 +130,10 @@ def test_rotation_while_a_module_serves_retires_the_old_credentials_and_survives
     assert _desired_status(fleet, old["token"]) == 401
     assert _desired_status(fleet, new["token"]) == 200
     assert [e["device_id"] for e in _events(fleet, "device.credentials-rotated")] == ["edge-rot"]
+    # Polls that said "rotate" while the rotation ran do not start another one.
+    time.sleep(3)  # three polls
+    assert _events(fleet, "device.rotation-refused") == []
+    assert fleet.hub_device("edge-rot")["credentials"]["generation"] == 1
     # The agent's broker session is the new one: a log request (MQTT only) is answered.
     with fleet.http() as http:
         logs = http.get("/api/v1/deployments/demo/logs", params={"device": "edge-rot", "tail": 5})
