@@ -26,7 +26,7 @@ from edge_agent.setup import check_credentials_private, current_credentials, loa
 from edge_agent.status import LOCK_FILE
 from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import MqttSession
-from edge_agent.uplink.rotation import Rotator
+from edge_agent.uplink.rotation import SWITCH_TIMEOUT_S, Rotator
 from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig
 from manifests.errors import ConfigError
@@ -137,7 +137,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
         # the HTTP token and the broker session the loop's publishers use.
         rotator = Rotator(
             credentials, configured=configured_bytes, state_dir=config.state_dir, hub=hub,
-            switch_broker=mqtt.switch if mqtt else None,
+            switch_broker=(lambda c: mqtt.switch(c, timeout_s=SWITCH_TIMEOUT_S)) if mqtt else None,
         )  # fmt: skip
         # Collected data: its own thread and its own HTTP connection, never the loop's.
         uploader = Uploader(config.state_dir, hub.put_batch, lambda: quotas_of(loop.records.desired))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -13,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloud_hub.broker.mosquitto import BrokerUser, render_acl, render_password_file
 from cloud_hub.fleet.rotation import ROTATED, ROTATION_REFUSED, ROTATION_REQUESTED
 from cloud_hub.webhooks.catalog import check_types, event_type, subject_of
+from edge_agent.uplink.rotation import KEY_FILE, load_or_make_key
 from manifests.desired import DEVICE_ID_PATTERN
 from manifests.device import DeviceCredentials, MqttEndpoint
 from manifests.errors import TrustError
@@ -156,3 +159,14 @@ def test_rotation_events_go_out_as_device_types_a_subscription_may_ask_for() -> 
         assert full == "edgepack." + kind
         assert check_types([kind]) == [full]
         assert subject_of(kind, "edge-1", None) == "devices/edge-1"
+
+
+def test_the_rotation_key_is_kept_for_a_resumed_rotation_and_a_broken_one_replaced(tmp_path: Path) -> None:
+    path = tmp_path / KEY_FILE
+    key = load_or_make_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_make_key(path).private_bytes_raw() == key.private_bytes_raw()
+    path.write_bytes(b"not a key")
+    fresh = load_or_make_key(path)
+    assert fresh.private_bytes_raw() != key.private_bytes_raw()
+    assert load_or_make_key(path).private_bytes_raw() == fresh.private_bytes_raw()

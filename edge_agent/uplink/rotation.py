@@ -14,10 +14,10 @@ credentials keep working until the last one:
    configured file they replace (that file may be read-only to the agent);
 4. the HTTP client and the broker session switch to them;
 5. the device confirms with the new token, and the hub retires the old credentials; the key
-   file is removed (the new secrets are in the credentials file).
+   file is removed (the new secrets are in ``rotated-credentials.json``).
 
-A device whose credentials file already holds the key's secrets (it crashed after step 3)
-goes straight to step 4.
+An agent that starts with the key's secrets already in use (it crashed after step 3) goes
+straight to step 4.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from edge_agent.backoff import full_jitter
 from edge_agent.uplink.http import HubHttp
 from manifests.device import DeviceCredentials
 from manifests.durable import write_durable
-from manifests.errors import EdgepackError, HubRefused, HubUnavailable
+from manifests.errors import HubRefused, HubUnavailable
 from manifests.join import derive_secrets
 from manifests.rotation import ROTATED_FILE, make_rotation_request, rotated_credentials, rotated_file_bytes
 
@@ -53,7 +53,10 @@ def load_or_make_key(path: Path) -> Ed25519PrivateKey:
     """The rotation's key: the one written before (a resumed rotation), else a new one,
     written durably before it is used."""
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError):
+            key = None  # unreadable: nothing was confirmed with it, a new one will do
         if isinstance(key, Ed25519PrivateKey):
             return key
         log.warning("%s is not an Ed25519 key; making a new one", path)
@@ -124,7 +127,7 @@ class Rotator:
                 log.error("credentials rotation refused: %s", exc)
                 with contextlib.suppress(FileNotFoundError):
                     self._key_path.unlink()
-            except (EdgepackError, OSError) as exc:
+            except Exception as exc:  # the thread must outlive any failure: retried later
                 delay = full_jitter(failures, self._rand(), base_s=1.0, cap_s=300.0)
                 failures += 1
                 log.warning("credentials rotation not done (%s); trying again in %.1fs", exc, delay)
