@@ -130,6 +130,16 @@ class HubSettings(BaseSettings):
     join_max_age_s: float = Field(
         default=300, ge=10, le=3600, description="how old (or ahead) a join request may be"
     )
+    # Credential rotation (docs/enrolment.md): how far a device's signing request's time may
+    # be from the hub's (an older one is refused; newer-than-the-last is checked besides).
+    rotation_max_age_s: float = Field(
+        default=300, ge=10, le=3600, description="how old (or ahead) a rotation request may be"
+    )
+    # Credentials older than this (since enrolment or the last rotation) are marked for
+    # rotation by the hub itself, in the upkeep loop; 0 (the default) leaves it to the admin.
+    credentials_max_age_days: float = Field(
+        default=0, ge=0, le=3650, description="rotate device credentials older than this; 0: never"
+    )
     # Dashboard sign-in, per client address (cloud_hub.login_throttle): the
     # login_free_failures-th wrong token blocks the address for login_delay_s (429), and each
     # wrong one after a block doubles it, up to login_max_delay_s; an address silent for

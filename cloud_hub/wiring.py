@@ -40,6 +40,7 @@ from cloud_hub.fleet.grants import DownloadGrants
 from cloud_hub.fleet.joins import JoinQueue
 from cloud_hub.fleet.maintenance import FleetMaintenance
 from cloud_hub.fleet.publish import DesiredPublisher
+from cloud_hub.fleet.rotation import CredentialExpiry
 from cloud_hub.ingest.worker import IngestWorker, ingest_policy
 from cloud_hub.login_throttle import LoginThrottle, ThrottlePolicy
 from cloud_hub.metrics import HubMetrics
@@ -143,12 +144,13 @@ def wire_hub(core: HubCore) -> HubProcess:
         on_issued=GrantWarmer(grants, DatabaseGrants(core.sessions)),
     )
     fleet = FleetChanges(core.sessions, DesiredSigner(core.hub_key, settings.desired_ttl_s), executor)
+    expiry = CredentialExpiry(core.sessions, settings.credentials_max_age_days)
     upkeep = FleetMaintenance(
         renew=fleet.renew_expiring,
         republish=publisher.republish_all if publisher is not None else None,
         pending=publisher.publish_pending if publisher is not None else None,
         interval_s=settings.upkeep_interval_s,
-        chores=[data.prune_if_due],
+        chores=[data.prune_if_due, expiry.run_if_due],
     )
     if link is not None:
         link.on_connected = upkeep.request_republish

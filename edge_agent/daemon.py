@@ -22,10 +22,11 @@ from edge_agent.report.sampler import Sampler
 from edge_agent.runtime.base import Runtime
 from edge_agent.runtime.process import ProcessRuntime
 from edge_agent.service_manager import Notifier
-from edge_agent.setup import check_credentials_private, load_setup, tighten_state_dir
+from edge_agent.setup import check_credentials_private, current_credentials, load_setup, tighten_state_dir
 from edge_agent.status import LOCK_FILE
 from edge_agent.uplink.http import HubHttp
 from edge_agent.uplink.mqtt import MqttSession
+from edge_agent.uplink.rotation import SWITCH_TIMEOUT_S, Rotator
 from manifests.desired import RuntimeKind
 from manifests.device import AgentConfig
 from manifests.errors import ConfigError
@@ -101,6 +102,7 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
     """Run until SIGTERM/SIGINT. Modules keep running afterwards unless ``stop_modules``.
     Credentials other users may read are refused unless ``allow_open_credentials``."""
     config, credentials = load_setup(config_path)
+    credentials, configured_bytes = current_credentials(config, credentials)
     open_credentials = check_credentials_private(config.credentials, allow_open=allow_open_credentials)
     logfmt.configure(config.log_level, config.log_format)
     if open_credentials is not None:
@@ -131,6 +133,12 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             settled=memory.settle,
         )
         loop_ref.append(loop)
+        # Credential rotation: its own thread; it rewrites the credentials file and switches
+        # the HTTP token and the broker session the loop's publishers use.
+        rotator = Rotator(
+            credentials, configured=configured_bytes, state_dir=config.state_dir, hub=hub,
+            switch_broker=(lambda c: mqtt.switch(c, timeout_s=SWITCH_TIMEOUT_S)) if mqtt else None,
+        )  # fmt: skip
         # Collected data: its own thread and its own HTTP connection, never the loop's.
         uploader = Uploader(config.state_dir, hub.put_batch, lambda: quotas_of(loop.records.desired))
         sampler = Sampler(
@@ -162,12 +170,14 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             mqtt.start()
         sampler.start()
         uploader.start()
+        rotator.start()
         notifier.ready(f"serving {len(loop.records.agent.services)} service(s) from the cache")
         try:
             loop.run()
         finally:
             notifier.stopping()
             log.info("agent stopping%s", " and its modules" if stop_modules else "; modules keep running")
+            rotator.stop()
             uploader.stop()
             sampler.stop()
             if mqtt is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from edge_agent.runtime.base import CONTAINER_UID
 from manifests.device import AgentConfig, DeviceCredentials, parse_agent_config, parse_credentials
 from manifests.errors import ConfigError
+from manifests.rotation import ROTATED_FILE, effective_credentials
 
 
 def load_setup(config_path: Path) -> tuple[AgentConfig, DeviceCredentials]:
@@ -26,6 +27,19 @@ def load_setup(config_path: Path) -> tuple[AgentConfig, DeviceCredentials]:
             "'edgepack device enroll ID --out FILE'"
         ) from None
     return config, parse_credentials(creds, source=str(config.credentials))
+
+
+def current_credentials(
+    config: AgentConfig, configured: DeviceCredentials
+) -> tuple[DeviceCredentials, bytes]:
+    """The credentials the agent uses (a rotation's, in the state folder, when they replace the
+    configured file as it is now; see ``manifests.rotation``) and the configured file's bytes."""
+    configured_bytes = config.credentials.read_bytes()
+    try:
+        rotated: bytes | None = (config.state_dir / ROTATED_FILE).read_bytes()
+    except FileNotFoundError:
+        rotated = None
+    return effective_credentials(configured, configured_bytes, rotated), configured_bytes
 
 
 def check_credentials_private(path: Path, *, allow_open: bool = False) -> str | None:

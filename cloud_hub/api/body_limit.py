@@ -36,7 +36,7 @@ from cloud_hub.api.deps import ADMIN_COOKIE, bearer_token
 from cloud_hub.api.errors import error_body
 from cloud_hub.api.sessions import session_valid
 from cloud_hub.core import HubCore
-from cloud_hub.fleet.devices import token_hash
+from cloud_hub.fleet.devices import token_hash, token_matches
 from cloud_hub.fleet.tables import Device
 from cloud_hub.settings import HubSettings
 
@@ -139,7 +139,7 @@ def _refusal(core: HubCore, request: Request) -> str | None:
             return "device token required: send 'Authorization: Bearer <device token>'"
         with core.sessions.begin() as s:
             found = s.scalar(
-                select(Device.id).where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
+                select(Device.id).where(token_matches(token_hash(token)))
             )
         return None if found is not None else "device token is not valid (unknown or revoked device)"
     if token is not None:

@@ -55,6 +55,7 @@ from cloud_hub.fleet.devices import (
 )
 from cloud_hub.fleet.endpoint_keys import KeyName, auth_of, get_keys, regenerate
 from cloud_hub.fleet.plan import DeviceView, Plan, assignments_for, devices_running
+from cloud_hub.fleet.rotation import request_rotation
 from cloud_hub.fleet.status import seen_text
 from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired, ServiceKeys
 from cloud_hub.fleet.targeting import check_tags, parse_selector, parse_target, selector_matches
@@ -82,6 +83,7 @@ from manifests.errors import ConfigError
 from manifests.logs import MAX_TAIL
 from manifests.reported import FailureDetail, ModuleStatus, Progress
 from manifests.rollout import parse_rollout
+from manifests.rotation import broker_username
 from manifests.signing import TrustedKey, public_key_pem, raw_public_bytes
 from manifests.states import ServiceState, StateOnDevice
 
@@ -110,6 +112,19 @@ class DeviceOut(BaseModel):
     services: list[str] = Field(default_factory=list)
 
 
+class DeviceCredentialsState(BaseModel):
+    """The device's credentials: how often rotated, when last, a rotation in flight."""
+
+    generation: int = Field(description="rotations done; names the broker user")
+    mqtt_username: str
+    rotated_at: datetime | None = None
+    rotation_requested: datetime | None = Field(default=None, description="in flight since")
+    rotation_stage: str | None = Field(
+        default=None, description="'requested' (the device has not asked yet) or 'both-valid' "
+        "(new credentials issued, old ones retired when the device confirms)"
+    )
+
+
 class ServiceOnDevice(BaseModel):
     service: str
     state: StateOnDevice = Field(description="its state here; Pending until the device reported it")
@@ -127,6 +142,7 @@ class DeviceDetail(DeviceOut):
     state: DeviceState = Field(
         description="the worst of its services' states (as on the dashboard); Idle with none"
     )
+    credentials: DeviceCredentialsState | None = None
     service_states: list[ServiceOnDevice] = Field(
         default_factory=list, description="each service assigned to it, with its state here"
     )
@@ -521,7 +537,21 @@ def show_device(core: Core, device_id: str) -> DeviceDetail:
             modules=modules,
             state=device_state(x.state for x in states),
             service_states=states,
+            credentials=_credentials_out(device),
         )
+
+
+def _credentials_out(device: Device) -> DeviceCredentialsState:
+    stage = None
+    if device.rotation_requested is not None:
+        stage = "requested" if device.next_token_hash is None else "both-valid"
+    return DeviceCredentialsState(
+        generation=device.credentials_generation,
+        mqtt_username=broker_username(device.id, device.credentials_generation),
+        rotated_at=device.credentials_rotated_at,
+        rotation_requested=device.rotation_requested,
+        rotation_stage=stage,
+    )
 
 
 @admin.patch("/devices/{device_id}", response_model=ChangeOut, tags=["devices"])
@@ -539,6 +569,16 @@ def revoke(fleet: Fleet, device_id: str) -> dict[str, Any]:
     """Refuse the device's credentials and withdraw its desired state (retained message too)."""
     change = fleet.change(lambda s: revoke_device(s, device_id))
     return _change_out(change)
+
+
+@admin.post("/devices/{device_id}/rotate", tags=["devices"])
+def rotate(core: Core, device_id: str) -> dict[str, Any]:
+    """Mark the device's credentials for rotation: it asks for new ones over its current
+    session and switches to them; the old ones work until it confirms. One at a time."""
+    # Nothing the device runs nor any broker account changes yet: no fleet change.
+    with core.sessions.begin() as s:
+        requested = request_rotation(s, device_id, now=utcnow()).rotation_requested
+    return {"device_id": device_id, "rotation_requested": requested}
 
 
 # --- deployments -----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from cloud_hub.db.locks import exclusive
 from cloud_hub.fleet.tables import Device
 from cloud_hub.settings import HubSettings
 from manifests.errors import ConfigError, FetchError
+from manifests.rotation import broker_username
 from manifests.topics import DEVICE_READS, DEVICE_WRITES, device_topic
 
 log = logging.getLogger(__name__)
@@ -217,15 +218,22 @@ class RabbitMqAccounts:
     def sync(self) -> None:
         with exclusive(self._sessions, "broker-accounts") as session, self._api() as api:
             rows = session.execute(
-                select(Device.id, Device.rabbitmq_password_hash).where(Device.revoked.is_(False))
-            )
+                select(
+                    Device.id, Device.credentials_generation, Device.rabbitmq_password_hash,
+                    Device.next_rabbitmq_password_hash,
+                ).where(Device.revoked.is_(False))
+            )  # fmt: skip
             devices, missing = [], []
-            for device_id, pw_hash in rows:
+            for device_id, generation, pw_hash, next_hash in rows:
                 if pw_hash is None:
                     missing.append(device_id)
                     continue
+                # A rotated device's user is not its id, its topics and client id still are.
                 perms = device_permissions(device_id, self._settings.topic_prefix)
-                devices.append(RabbitUser(device_id, pw_hash, DEVICE_TAG, perms))
+                devices.append(RabbitUser(broker_username(device_id, generation), pw_hash, DEVICE_TAG, perms))
+                if next_hash is not None:
+                    name = broker_username(device_id, generation + 1)
+                    devices.append(RabbitUser(name, next_hash, DEVICE_TAG, perms))
             if missing:
                 log.warning(
                     "%d device(s) enrolled before RabbitMQ support have no RabbitMQ password and "

@@ -35,7 +35,7 @@ from cloud_hub.data.tables import DataBatch
 from cloud_hub.db.base import Sessions, utcnow
 from cloud_hub.errors import Forbidden, NotFound, Throttled, Unauthorized
 from cloud_hub.events import record_event
-from cloud_hub.fleet.devices import token_hash
+from cloud_hub.fleet.devices import token_hash, token_matches
 from cloud_hub.fleet.tables import Device
 from cloud_hub.settings import HubSettings
 from manifests.data import BatchKey, StoredBatch, blob_key
@@ -89,7 +89,7 @@ class CollectedData:
         grace = timedelta(days=self.settings.data_grace_days)
         with self.sessions.begin() as s:
             device_id = s.scalar(
-                select(Device.id).where(Device.token_hash == token_hash(token), Device.revoked.is_(False))
+                select(Device.id).where(token_matches(token_hash(token)))
             )
             if device_id is None:
                 raise Unauthorized("device token is not valid (unknown or revoked device)")

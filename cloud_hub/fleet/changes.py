@@ -106,6 +106,14 @@ class FleetChanges:
         )  # fmt: skip
         return Outcome(change.result, change.effects, applied)
 
+    def change_accounts(self, mutate: Callable[[Session], R]) -> R:
+        """Apply ``mutate``, which changes broker accounts and nothing any device runs (a
+        credentials rotation), then bring the broker in line: no fleet lock, no plan."""
+        with self._sessions.begin() as session:
+            result = mutate(session)
+        self._executor.apply(Effects(accounts_changed=True))
+        return result
+
     def renew_expiring(self, device_ids: Sequence[str] | None = None) -> dict[str, int]:
         """Renew the states that are due (see :func:`renew_expiring`) and publish them."""
         with collector_paused():

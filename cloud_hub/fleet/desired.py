@@ -112,10 +112,16 @@ def deployment_views(session: Session) -> list[DeploymentView]:
     ]
 
 
-def account_snapshot(session: Session) -> frozenset[tuple[str, str]]:
-    """The broker accounts the device table implies: (id, password hash) of every active device."""
-    rows = session.execute(select(Device.id, Device.mqtt_password_hash).where(Device.revoked.is_(False)))
-    return frozenset((device_id, pw_hash) for device_id, pw_hash in rows)
+def account_snapshot(session: Session) -> frozenset[tuple[object, ...]]:
+    """The broker accounts the device table implies: (id, credentials generation, password
+    hash, the new one of a rotation in flight) of every active device."""
+    rows = session.execute(
+        select(
+            Device.id, Device.credentials_generation, Device.mqtt_password_hash,
+            Device.next_mqtt_password_hash,
+        ).where(Device.revoked.is_(False))
+    )
+    return frozenset(tuple(row) for row in rows)
 
 
 @dataclass

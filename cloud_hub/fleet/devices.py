@@ -12,10 +12,11 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
 from cloud_hub.broker.passwords import hash_password, rabbit_hash
+from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.events import record_event
 from cloud_hub.fleet.tables import Device, DeviceDesired
@@ -41,6 +42,12 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def token_matches(hashed: str) -> ColumnElement[bool]:
+    """The active device whose current token, or whose new one while a credentials rotation
+    is in flight, hashes to ``hashed`` (both work until the device confirms the new one)."""
+    return or_(Device.token_hash == hashed, Device.next_token_hash == hashed) & Device.revoked.is_(False)
+
+
 def new_credentials(device_id: str) -> Credentials:
     return Credentials(
         device_id=device_id,
@@ -48,6 +55,15 @@ def new_credentials(device_id: str) -> Credentials:
         mqtt_password=secrets.token_urlsafe(24),
         token=TOKEN_PREFIX + secrets.token_urlsafe(32),
     )
+
+
+def clear_rotation(device: Device) -> None:
+    """No rotation in flight and no new credentials (``rotation_issued`` stays: replays)."""
+    device.rotation_requested = None
+    device.next_token_hash = None
+    device.next_mqtt_password_hash = None
+    device.next_rabbitmq_password_hash = None
+    device.next_public_key = None
 
 
 def get_device(session: Session, device_id: str, *, active: bool = False) -> Device:
@@ -132,10 +148,16 @@ def _enroll(session: Session, device: Device | None, device_id: str, tags: Mappi
     if device is None:
         device = Device(id=device_id)
         session.add(device)
+    else:
+        # Enrolled again: its credentials are new now (their age counts from here).
+        device.credentials_rotated_at = utcnow()
     device.tags = dict(tags)
     device.mqtt_password_hash = hash_password(creds.mqtt_password)
     device.rabbitmq_password_hash = rabbit_hash(creds.mqtt_password)
     device.token_hash = token_hash(creds.token)
+    # Enrolled afresh: the broker user is the device id again (rotations start over).
+    device.credentials_generation = 0
+    clear_rotation(device)
     device.revoked = False
     device.online = False
     tag_text = format_selector(tags) or "no tags"
@@ -183,6 +205,8 @@ def revoke_device(session: Session, device_id: str) -> Device:
     device.token_hash = token_hash(secrets.token_urlsafe(32))
     device.mqtt_password_hash = hash_password(secrets.token_urlsafe(32))
     device.rabbitmq_password_hash = None
+    # Mid-rotation the new credentials go too: revocation refuses both at once.
+    clear_rotation(device)
     desired = session.get(DeviceDesired, device_id)
     if desired is not None:
         desired.payload = None

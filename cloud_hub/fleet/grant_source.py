@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from sqlalchemy import select
 
 from cloud_hub.db.base import Sessions
+from cloud_hub.fleet.devices import token_matches
 from cloud_hub.fleet.grants import DownloadGrants
 from cloud_hub.fleet.tables import Device, DeviceDesired
 from cloud_hub.registry.tables import Module, ModuleFile
@@ -46,7 +47,7 @@ class DatabaseGrants:
             row = s.execute(
                 select(Device.id, DeviceDesired.payload)
                 .outerjoin(DeviceDesired, DeviceDesired.device_id == Device.id)
-                .where(Device.token_hash == token_hash, Device.revoked.is_(False))
+                .where(token_matches(token_hash))
             ).first()
         if row is None:
             return None

@@ -23,8 +23,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from cloud_hub.db.base import utcnow
 from cloud_hub.errors import Conflict, Forbidden, NotFound, Unauthorized
 from cloud_hub.events import record_event
+from cloud_hub.fleet.devices import clear_rotation
 from cloud_hub.fleet.tables import Device, PendingJoin, ProvisioningToken
 from cloud_hub.fleet.targeting import check_tags, format_selector
 from manifests.bounds import escape_controls
@@ -465,6 +467,9 @@ def _enrol(
     if device is None:
         device = Device(id=sent.device_id)
         session.add(device)
+    else:
+        # Enrolled again: its credentials are new now (their age counts from here).
+        device.credentials_rotated_at = utcnow()
     device.tags = tags
     device.public_key = sent.public_key
     device.joined_with = token_id
@@ -472,6 +477,9 @@ def _enrol(
     device.token_hash = sent.token_sha256
     device.mqtt_password_hash = sent.mqtt_password_hash
     device.rabbitmq_password_hash = sent.rabbitmq_password_hash
+    # Enrolled afresh: the broker user is the device id again (rotations start over).
+    device.credentials_generation = 0
+    clear_rotation(device)
     device.revoked = False
     device.online = False
     record_event(

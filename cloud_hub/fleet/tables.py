@@ -54,6 +54,22 @@ class Device(Base):
     # When the request it joined with (or last asked again with) was made: a newer request of
     # the same device is answered again, an older or equal one is a replay.
     join_issued: Mapped[datetime | None] = mapped_column(default=None)
+    # Credential rotation (cloud_hub.fleet.rotation, docs/enrolment.md). The generation names
+    # the broker user (manifests.rotation.broker_username: 0 is the device id).
+    credentials_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    credentials_rotated_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When the admin asked for a rotation; None: none in flight (one at a time).
+    rotation_requested: Mapped[datetime | None] = mapped_column(default=None)
+    # The newest signing request accepted from this device: an older or equal one is a replay.
+    rotation_issued: Mapped[datetime | None] = mapped_column(default=None)
+    # The new credentials' verifiers while a rotation is in flight: they work beside the
+    # current ones until the device confirms with them (then they replace them).
+    next_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, index=True, default=None)
+    next_mqtt_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
+    next_rabbitmq_password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
+    next_public_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The key the current credentials were derived from after a rotation (never reused).
+    credentials_key: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class ProvisioningToken(Base):

@@ -53,8 +53,17 @@ TYPES: dict[str, str] = {
 ROLLOUT_TYPES = frozenset(
     f"edgepack.rollout.{step}" for step in ("wave-started", "promoted", "halted", "completed", "aborted")
 )
+#: A device's credentials rotation (cloud_hub.fleet.rotation), about devices/ID.
+CREDENTIAL_TYPES = frozenset(
+    f"edgepack.device.{step}" for step in ("rotation-requested", "credentials-rotated", "rotation-refused")
+)
 #: Every type a subscription may ask for (plus any ``edgepack.alert.*``).
-KNOWN_TYPES = frozenset(TYPES.values()) | {"edgepack.alert.fired", "edgepack.alert.resolved"} | ROLLOUT_TYPES
+KNOWN_TYPES = (
+    frozenset(TYPES.values())
+    | {"edgepack.alert.fired", "edgepack.alert.resolved"}
+    | ROLLOUT_TYPES
+    | CREDENTIAL_TYPES
+)
 FILTER_KEYS = ("service", "device")
 MAX_URL_CHARS = 2048
 MAX_EVENT_TYPES = 50

@@ -36,6 +36,7 @@ from edge_agent.backoff import full_jitter
 from edge_agent.uplink.tls import client_context
 from manifests.device import DeviceCredentials
 from manifests.errors import ConfigError, HubRefused, HubUnavailable, NotFoundError
+from manifests.rotation import CONFIRM_PATH, REQUEST_PATH, ROTATE_HEADER, RotationAnswer
 
 if TYPE_CHECKING:
     from manifests.data import BatchKey
@@ -111,6 +112,10 @@ class HubHttp:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[http.client.HTTPConnection] = []
+        #: Set when the hub's answer for the desired state says the credentials are to rotate;
+        #: ``rotation_requested`` is when that rotation was asked (the header's value).
+        self.rotation_asked = threading.Event()
+        self.rotation_requested: str | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -129,6 +134,9 @@ class HubHttp:
             if response.status in (401, 403):
                 self._token_refused(response, path)
             self._token_accepted()
+            if asked := response.getheader(ROTATE_HEADER):
+                self.rotation_requested = asked[:64]
+                self.rotation_asked.set()
             if response.status == 304:
                 return DesiredFetch(None, etag)
             if response.status == 404:
@@ -181,6 +189,30 @@ class HubHttp:
                 raise HubRefused(f"hub {self.base} answered {status} for {path}: {_read_error(response)}")
             self._check(response, path)
             raise HubUnavailable(f"hub {self.base} answered {status} for {path}")
+
+    # --- credential rotation (manifests.rotation) ----------------------------------------------
+
+    def use_token(self, token: str) -> None:
+        """Authenticate every request from now on with ``token`` (rotated credentials)."""
+        self._headers = {**self._headers, "Authorization": f"Bearer {token}"}
+
+    def request_rotation(self, body: bytes) -> RotationAnswer:
+        """Send the signed rotation request (with the current token); the hub's answer.
+        :class:`HubRefused` for a refusal that asking again will not change."""
+        headers = {"Content-Type": "application/json"}
+        with self._open(REQUEST_PATH, headers, method="POST", body=body) as response:
+            self._check(response, REQUEST_PATH)
+            data = _read_bounded(response, MAX_ERROR_BYTES, "rotation answer")
+        try:
+            return RotationAnswer.model_validate_json(data)
+        except ValueError:
+            raise HubUnavailable("the hub's answer to the rotation request is not one") from None
+
+    def confirm_rotation(self) -> None:
+        """Tell the hub the device now uses its new credentials (sent with the new token)."""
+        with self._open(CONFIRM_PATH, {}, method="POST", body=b"") as response:
+            self._check(response, CONFIRM_PATH)
+            response.read(MAX_ERROR_BYTES)
 
     def _chunks(self, response: http.client.HTTPResponse, digest: str) -> Iterator[bytes]:
         try:

@@ -141,6 +141,12 @@ class MqttSession:
         self._max_backoff = max_backoff_s
         self._rand = rand
         self._stop = threading.Event()
+        # A switch to rotated credentials: reconnect at once, not after a backoff, and end the
+        # persistent session of the account left (its user name and password).
+        self._switching = False
+        self._left: tuple[str, str] | None = None
+        self._tls = client_context(credentials) if endpoint.tls else None
+        self._account = (endpoint.username, endpoint.password)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._latest_report: bytes | None = None
@@ -188,6 +194,48 @@ class MqttSession:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def switch(self, credentials: DeviceCredentials, *, timeout_s: float = 30.0) -> bool:
+        """Reconnect with ``credentials``' broker user and password (rotated credentials):
+        the current session ends with a DISCONNECT (no last will, ``online`` stays true) and
+        the next connect uses the new account. Whether the new session is up within
+        ``timeout_s``."""
+        endpoint = credentials.mqtt
+        with self._lock:
+            self._switching = True
+            self._connected = False
+            if endpoint.username != self._account[0]:
+                self._left = self._account
+            self._account = (endpoint.username, endpoint.password)
+        self._client.username_pw_set(endpoint.username, endpoint.password)
+        self._client.disconnect()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self.connected:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _end_session(self, username: str, password: str) -> None:
+        """Connect once more as the account just left, with a clean session, and disconnect:
+        the broker drops that account's persistent session (Mosquitto names a session by the
+        user) instead of queueing its messages for a client that will never come back."""
+        done = threading.Event()
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self._device, protocol=mqtt.MQTTv311, clean_session=True
+        )
+        client.username_pw_set(username, password)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+        client.on_connect = lambda *_: done.set()
+        try:
+            client.connect(self.host, self.port, keepalive=self._keepalive)
+            deadline = time.monotonic() + 10
+            while not done.is_set() and time.monotonic() < deadline:
+                client.loop(timeout=0.2)
+            client.disconnect()
+        except (OSError, ValueError) as exc:
+            log.info("broker: the session of %s was not ended (%s)", username, exc)
+
     @property
     def connected(self) -> bool:
         with self._lock:
@@ -203,7 +251,12 @@ class MqttSession:
                 self._failed(f"cannot reach {self.host}:{self.port} ({exc})")
                 continue
             self._client.loop_forever()  # returns when the connection is lost
-            if not self._stop.is_set():
+            with self._lock:
+                switching, self._switching = self._switching, False
+                left, self._left = self._left, None
+            if left is not None:
+                self._end_session(*left)
+            if not self._stop.is_set() and not switching:
                 self._lost()
 
     def _lost(self) -> None:

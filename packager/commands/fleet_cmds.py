@@ -197,6 +197,14 @@ def show_device_cmd(
     )
     if d.get("last_error"):
         console.print(Text.assemble(("last error:", "red"), " ", safe_text(d["last_error"])))
+    creds = d.get("credentials")
+    if creds:  # a hub from before credential rotation does not say
+        line = f"credentials generation {creds['generation']} (broker user {creds['mqtt_username']}"
+        line += f", rotated {when(creds['rotated_at'])})" if creds.get("rotated_at") else ")"
+        if creds.get("rotation_requested"):
+            since = when(creds["rotation_requested"])
+            line += f"  rotation in flight since {since}: {creds['rotation_stage']}"
+        console.print(safe_text(line))
     if "state" in d:  # a hub from before the roll-up's one home does not say
         console.print(Text.assemble("state ", state_text(d["state"])))
     table = Table("service", "state", "reason", "port", "restarts", "since")
@@ -255,6 +263,24 @@ def tag_device_cmd(
         return
     console.print(safe_text(f"{device_id} tags now {tags_text(device.tags)}"))
     print_change(change.raw)
+
+
+@device_app.command("rotate")
+def rotate_device_cmd(
+    device_id: str, hub: HubOption = None, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """Rotate the device's credentials: it makes a new key, gets new credentials over its
+    current session and switches to them; the old ones work until it confirms."""
+    with connect(hub, token) as connected:
+        requested = Device(connected, device_id).rotate_credentials()
+    if as_json:
+        print_json({"device_id": device_id, "rotation_requested": requested.isoformat()})
+        return
+    console.print(
+        f"device {device_id}: credentials rotation requested; the device switches at its next "
+        "desired-state check ('edgepack device show' says when it is done)",
+        highlight=False,
+    )
 
 
 @device_app.command("revoke")

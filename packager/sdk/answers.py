@@ -254,6 +254,16 @@ class ServiceOnDevice(_Answer):
     reason: str | None = None
 
 
+class CredentialsState(_Answer):
+    """A device's credentials: rotations done, its broker user, a rotation in flight."""
+
+    generation: int = 0
+    mqtt_username: str
+    rotated_at: datetime | None = None
+    rotation_requested: datetime | None = None
+    rotation_stage: str | None = Field(default=None, description="requested, or both-valid")
+
+
 class DeviceDetail(DeviceRecord):
     """A device with its desired-state times, its last error and each module's reported state."""
 
@@ -266,6 +276,7 @@ class DeviceDetail(DeviceRecord):
         default=None, description="the worst of its services' states, or Idle (None: an older hub)"
     )
     service_states: list[ServiceOnDevice] = Field(default_factory=list)
+    credentials: CredentialsState | None = Field(default=None, description="None: an older hub")
 
 
 class ServiceLogs(_Answer):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,13 @@ class Device:
         change = FleetChange.of(self.workspace.transport.send("PATCH", f"/api/v1/devices/{self.id}", body))
         self.refresh()
         return change
+
+    def rotate_credentials(self) -> datetime:
+        """Mark the device's credentials for rotation (docs/enrolment.md): it asks for new
+        ones over its current session, switches to them and confirms; the old ones work until
+        then. Returns when the rotation was requested; a second one in flight is a conflict."""
+        answer = self.workspace.transport.send("POST", f"/api/v1/devices/{self.id}/rotate")
+        return datetime.fromisoformat(str(answer["rotation_requested"]))
 
     def revoke(self) -> FleetChange:
         """Refuse the device's credentials and withdraw its desired state."""

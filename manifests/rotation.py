@@ -1,0 +1,204 @@
+"""Credential rotation: the signing request a device sends for its new credentials.
+
+When the admin asks (``edgepack device rotate ID``) the hub marks the device's credentials
+for rotation and says so in the answer to the device's next desired-state request
+(:data:`ROTATE_HEADER`). The device makes a NEW Ed25519 key, derives its new HTTP token and
+broker password from it (as a joining device does, :func:`manifests.join.derive_secrets`) and
+sends a :class:`RotationRequest` signed by the new key (proof of possession), over a request
+authenticated with its CURRENT token. Only verifiers travel; the key and secrets stay on the
+device. The hub adds the new credentials beside the old ones (both work), the device writes
+them, switches its broker session to them and confirms with the new token; only then does
+the hub retire the old ones.
+
+A device's broker user changes with each rotation (:func:`broker_username`): a broker keeps
+one password per user, so the old and the new password can both work only as two users.
+
+Pure: keys, bytes and the time go in, requests and verdicts come out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from manifests.broker_passwords import hash_password, mosquitto_hash_problem, rabbit_hash, rabbit_hash_problem
+from manifests.desired import DEVICE_ID_PATTERN
+from manifests.device import DeviceCredentials
+from manifests.errors import TrustError
+from manifests.join import DeviceSecrets, derive_secrets, token_sha256
+from manifests.signing import (
+    KEYID_PATTERN,
+    TrustedKey,
+    TrustStore,
+    envelope_bytes,
+    key_id,
+    parse_envelope,
+    raw_public_bytes,
+    sign_payload,
+    verify_envelope,
+)
+
+ROTATION_SCHEMA = "edgepack.rotation-request/v1"
+#: Header of the hub's answer to ``GET /api/v1/device/desired`` while the device's
+#: credentials are marked for rotation (its value is when the admin asked).
+ROTATE_HEADER = "X-Edgepack-Rotate-Credentials"
+REQUEST_PATH = "/api/v1/device/credentials"
+CONFIRM_PATH = "/api/v1/device/credentials/confirm"
+#: Where the agent keeps rotated credentials, in its state folder: the configured credentials
+#: file may be read-only to it (``/etc/edgepack/device.json`` under a hardened unit).
+ROTATED_FILE = "rotated-credentials.json"
+#: A rotation request is a few hundred bytes; anything much larger is not one.
+MAX_ROTATION_REQUEST_BYTES = 8 * 1024
+#: Separates a device id from its credentials' generation in its broker user name. Not a
+#: character of a device id, so ``edge-1~r2`` is never another device's name.
+USERNAME_SEPARATOR = "~r"
+
+
+def broker_username(device_id: str, generation: int) -> str:
+    """The broker user of ``device_id``'s credentials of ``generation`` (0: as enrolled)."""
+    return device_id if generation == 0 else f"{device_id}{USERNAME_SEPARATOR}{generation}"
+
+
+class RotationRequest(BaseModel):
+    """What a device asks the hub to add as its new credentials (the ``signed`` part)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_: Literal["edgepack.rotation-request/v1"] = Field(
+        default="edgepack.rotation-request/v1", alias="schema"
+    )
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    hub_keyid: str = Field(pattern=KEYID_PATTERN)
+    public_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="the NEW key, raw Ed25519, hex")
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    mqtt_password_hash: str = Field(max_length=255)
+    rabbitmq_password_hash: str = Field(max_length=64)
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
+    issued: AwareDatetime
+
+
+class RotationAnswer(BaseModel):
+    """The hub's answer: the broker user of the new credentials (the rest the device has)."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer hub may say more
+
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    mqtt_username: str = Field(min_length=1, max_length=128)
+
+
+def make_rotation_request(
+    new_key: Ed25519PrivateKey, *, device_id: str, hub_keyid: str, nonce: str, now: datetime
+) -> bytes:
+    """The signed request's bytes for ``new_key`` (``nonce``: 16 random bytes, hex)."""
+    secrets = derive_secrets(new_key)
+    request = RotationRequest(
+        device_id=device_id,
+        hub_keyid=hub_keyid,
+        public_key=raw_public_bytes(new_key.public_key()).hex(),
+        token_sha256=token_sha256(secrets.token),
+        mqtt_password_hash=hash_password(secrets.mqtt_password),
+        rabbitmq_password_hash=rabbit_hash(secrets.mqtt_password),
+        nonce=nonce,
+        issued=now,
+    )
+    return envelope_bytes(sign_payload(request.model_dump(mode="json", by_alias=True), [new_key]))
+
+
+def verify_rotation_request(
+    data: bytes, *, device_id: str, hub_keyid: str, now: datetime, max_age_s: float
+) -> RotationRequest:
+    """The request in ``data`` if ``device_id`` (the device whose token came with it) may
+    act on it at this hub; :class:`TrustError` naming the first check that failed otherwise:
+    size, envelope, shape, proof of possession (signed by the key it carries and no other),
+    the same device, this hub, freshness, the hashes' formats."""
+    if len(data) > MAX_ROTATION_REQUEST_BYTES:
+        raise TrustError(f"rotation request is {len(data)} bytes; at most {MAX_ROTATION_REQUEST_BYTES}")
+    envelope = parse_envelope(data, what="rotation request")
+    try:
+        request = RotationRequest.model_validate(envelope.signed)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise TrustError(f"rotation request: {loc}: {first['msg']}") from None
+    public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(request.public_key))
+    own = TrustedKey(keyid=key_id(public), public_key=request.public_key, name=request.device_id)
+    if [s.keyid for s in envelope.signatures] != [own.keyid]:
+        raise TrustError("rotation request: it must carry exactly one signature, by the key it names")
+    verify_envelope(
+        envelope, TrustStore(keys=[own]), what="rotation request",
+        untrusted_hint="the request was not signed by the key it carries",
+    )  # fmt: skip
+    if request.device_id != device_id:
+        raise TrustError(
+            f"rotation request names device {request.device_id!r} but came with the token of "
+            f"{device_id!r}: a device rotates only its own credentials"
+        )
+    if request.hub_keyid != hub_keyid:
+        raise TrustError("rotation request was made for another hub (its hub key id differs)")
+    if abs(now - request.issued) > timedelta(seconds=max_age_s):
+        raise TrustError(
+            f"rotation request was made at {request.issued.isoformat()}, more than {max_age_s:g}s "
+            "from the hub's time; check the device's clock (NTP)"
+        )
+    for what, problem in (
+        ("mqtt_password_hash", mosquitto_hash_problem(request.mqtt_password_hash)),
+        ("rabbitmq_password_hash", rabbit_hash_problem(request.rabbitmq_password_hash)),
+    ):
+        if problem is not None:
+            raise TrustError(f"rotation request: {what}: {problem}")
+    return request
+
+
+def rotated_credentials(
+    current: DeviceCredentials, secrets: DeviceSecrets, answer: RotationAnswer
+) -> DeviceCredentials:
+    """The device's credentials document with the new secrets and broker user in place."""
+    if answer.device_id != current.device_id:
+        raise TrustError(f"the hub answered for device {answer.device_id!r}, not {current.device_id!r}")
+    mqtt = current.mqtt.model_copy(
+        update={"username": answer.mqtt_username, "password": secrets.mqtt_password}
+    )
+    return current.model_copy(update={"token": secrets.token, "mqtt": mqtt})
+
+
+class RotatedFile(BaseModel):
+    """``<state_dir>/rotated-credentials.json``: the credentials a rotation gave, and which
+    configured credentials file (its bytes' sha256) they replace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replaces: str = Field(pattern=r"^[0-9a-f]{64}$")
+    credentials: DeviceCredentials
+
+
+def file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rotated_file_bytes(configured: bytes, credentials: DeviceCredentials) -> bytes:
+    """The rotated-credentials file for ``credentials`` replacing the configured file ``configured``."""
+    document = RotatedFile(replaces=file_digest(configured), credentials=credentials)
+    return document.model_dump_json(indent=2, by_alias=True, exclude_none=True).encode()
+
+
+def effective_credentials(
+    configured: DeviceCredentials, configured_bytes: bytes, rotated: bytes | None
+) -> DeviceCredentials:
+    """The credentials the agent uses: the rotated ones when they replace the configured file
+    as it is now (same bytes, same device); otherwise the configured ones, e.g. after the
+    operator enrolled the device again and put a new file in place (the rotated ones are stale).
+    An unreadable rotated file is ignored the same way: the configured one is the fallback."""
+    if rotated is None:
+        return configured
+    try:
+        document = RotatedFile.model_validate_json(rotated)
+    except ValidationError:
+        return configured
+    stale = document.replaces != file_digest(configured_bytes)
+    if stale or document.credentials.device_id != configured.device_id:
+        return configured
+    return document.credentials
