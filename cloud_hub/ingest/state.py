@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, and_, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from cloud_hub.db.base import Base, utcnow
@@ -438,18 +438,34 @@ def apply_telemetry(view: BatchView, msgs: Iterable[TelemetryMessage], *, keep: 
 def _trim_telemetry(session: Session, device_ids: set[str], keep: int) -> None:
     """One DELETE of every sample of ``device_ids`` older than the device's ``keep`` newest
     (newest by id: ids rise in insertion order, and a device's samples are inserted under its
-    row lock). A window function (SQLite >= 3.25, PostgreSQL) ranks them per device, so the
-    statement count does not grow with the devices in the batch. It reads each device's
-    ``keep`` + new rows through the (device_id, id) index, as the former per-device cutoff
-    query did; trimming only past a slack would read less but let readers see more than
-    ``keep`` samples, which the setting promises they do not."""
+    row lock), so the statement count does not grow with the devices in the batch.
+
+    Each device's cutoff, the id of its ``keep`` + 1-th newest sample, is one backward walk of
+    the (device_id, id) index that stops there; then only the rows at or below it are read.
+    (A ``row_number()`` window over the devices' samples ranks and sorts every row they hold:
+    2-5x slower on a 2,000-device batch.) Trimming only past a slack would read less, but let
+    readers see more than ``keep`` samples, which the setting promises they do not."""
     table = _table(TelemetrySample)
-    ranked = (
-        select(
-            table.c.id,
-            func.row_number().over(partition_by=table.c.device_id, order_by=table.c.id.desc()).label("rank"),
-        )
-        .where(table.c.device_id.in_(sorted(device_ids)))
-        .subquery()
+    devices = _table(Device)
+    older = table.alias("older")
+    cutoff = (
+        select(older.c.id)
+        .where(older.c.device_id == devices.c.id)
+        .order_by(older.c.id.desc())
+        .offset(keep)
+        .limit(1)
+        .scalar_subquery()
     )
-    session.execute(delete(table).where(table.c.id.in_(select(ranked.c.id).where(ranked.c.rank > keep))))
+    # Driven by the devices' rows (locked by BatchView): one cutoff per device, NULL while it
+    # holds no more than ``keep``. PostgreSQL must compute them once: inlined, its planner ran
+    # the cutoff query once per sample row (seconds for one batch).
+    cutoffs = (
+        select(devices.c.id.label("device_id"), cutoff.label("cutoff"))
+        .where(devices.c.id.in_(sorted(device_ids)))
+        .cte("cutoffs")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    doomed = select(table.c.id).join(
+        cutoffs, and_(table.c.device_id == cutoffs.c.device_id, table.c.id <= cutoffs.c.cutoff)
+    )
+    session.execute(delete(table).where(table.c.id.in_(doomed)))
