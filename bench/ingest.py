@@ -10,8 +10,9 @@ Two measurements:
   plus an event); a round ends when ingest has applied all of them. Since no device has two
   messages pending at once, nothing can be coalesced: this is the raw apply rate.
 - ``telemetry_msgs_per_s``: the same rounds with one telemetry sample per device instead (a
-  row inserted per sample, the device's history trimmed to ``telemetry_keep``, its last-seen
-  time updated), what a fleet sends every ``telemetry_interval_s`` (10 s by default).
+  row inserted per sample, the device's history, already ``telemetry_keep`` samples long,
+  trimmed back to it, its last-seen time updated), what a fleet sends every
+  ``telemetry_interval_s`` (10 s by default).
 - ``burst_msgs_per_s``: many messages from fewer devices as fast as the publishers go; ingest
   keeps only the newest pending state per device (latest wins), so it absorbs bursts far above
   its apply rate. ``coalesced`` says how many it folded.
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 # The benchmarks start the same engines as the tests, with the tests' helpers.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cloud_hub.broker.passwords import hash_password
 from cloud_hub.core import HubCore
 from cloud_hub.fleet.tables import Deployment, Device, DeviceDesired
+from cloud_hub.ingest.tables import TelemetrySample
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.settings import HubSettings
 from cloud_hub.wiring import open_hub
@@ -191,6 +193,15 @@ def run(
             s.add_all(
                 DeviceDesired(device_id=d, generation=1, payload=assigning_svc(hub.core, d)) for d in ids
             )
+            # A fleet that has run a while: each device holds its ``telemetry_keep`` samples
+            # already, so every new sample also trims one (the steady state, not an empty table).
+            before = T0 - timedelta(days=1)
+            history = [
+                {"device_id": d, "ts": before + timedelta(seconds=k), "received_at": before, "payload": {}}
+                for d in ids[:devices]
+                for k in range(settings.telemetry_keep)
+            ]
+            s.execute(insert(TelemetrySample), history)
         hub.start()
         worker = hub.ingest
         assert worker is not None
@@ -224,10 +235,11 @@ def run(
             wait_received(worker, sent + samples)
             telemetry_s += time.perf_counter() - start
         with hub.core.sessions.begin() as s:
-            from cloud_hub.ingest.tables import TelemetrySample
-
+            # Every sample stored, and each device's history trimmed back to its newest keep.
+            newest = s.scalar(select(func.count()).where(TelemetrySample.ts >= T0))
+            assert newest == samples, f"{newest} of {samples} telemetry samples stored"
             stored = s.scalar(select(func.count()).select_from(TelemetrySample))
-            assert stored == samples, f"{stored} of {samples} telemetry samples stored"
+            assert stored == devices * settings.telemetry_keep, f"{stored} samples held after trimming"
 
         burst = burst_devices * burst_per_device
         payloads = [

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
@@ -21,9 +21,9 @@ from cloud_hub.broker.passwords import hash_password
 from cloud_hub.events import Event
 from cloud_hub.fleet.publish import DesiredPublisher, unpublished
 from cloud_hub.fleet.tables import Device, DeviceDesired
-from cloud_hub.ingest.messages import Reported, parse_message
-from cloud_hub.ingest.state import BatchView, apply_reported
-from cloud_hub.ingest.tables import DeviceReport, ModuleState
+from cloud_hub.ingest.messages import Reported, TelemetryMessage, parse_message
+from cloud_hub.ingest.state import BatchView, apply_reported, apply_telemetry
+from cloud_hub.ingest.tables import DeviceReport, ModuleState, TelemetrySample
 from cloud_hub.ingest.worker import IngestWorker
 from cloud_hub.mqtt.link import MqttLink
 from cloud_hub.webhooks.tables import Delivery, Subscription
@@ -246,3 +246,105 @@ def test_two_workers_applying_the_same_reports_at_once_record_each_event_once(
         per_event = Counter(s.scalars(select(Delivery.event_id)))
         assert set(per_event.values()) == {1}
         assert s.scalar(select(func.count()).select_from(ModuleState)) == len(ids)
+
+
+def _sample(device_id: str, seconds: int, *services: str) -> bytes:
+    at = (T0 + timedelta(seconds=seconds)).isoformat()
+    modules = [
+        {"service": svc, "requests_total": seconds, "errors_total": 0, "requests_per_s": 1.0}
+        for svc in services
+    ]
+    return json.dumps({"device_id": device_id, "ts": at, "modules": modules}).encode()
+
+
+def _telemetry_batch(
+    h: RunningHub, samples: list[tuple[str, int]], *, keep: int, received: datetime = T0 + timedelta(hours=1)
+) -> tuple[int, int, list[str]]:
+    """Apply ``(device, seconds)`` samples as one ingest batch, as the worker does; returns the
+    samples from enrolled devices, the unassigned modules dropped and the statements sent."""
+    messages = [
+        parse_message(f"{PREFIX}/devices/{d}/telemetry", _sample(d, sec, "svc", "stranger"), prefix=PREFIX,
+                      retained=False, received_at=received)
+        for d, sec in samples
+    ]  # fmt: skip
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    assert all(isinstance(m, TelemetryMessage) for m in messages)
+    with h.core.sessions.begin() as s:
+        # This session's connection only: the hub's own loops share the engine.
+        conn = s.connection()
+        sa_event.listen(conn, "before_cursor_execute", seen)
+        view = BatchView(s, [d for d, _ in samples])
+        known = apply_telemetry(view, cast(list[TelemetryMessage], messages), keep=keep)
+        view.write()
+        sa_event.remove(conn, "before_cursor_execute", seen)
+    return known, view.unassigned, statements
+
+
+def _held(h: RunningHub) -> dict[str, list[int]]:
+    """Each device's stored samples, as their seconds after T0, oldest first."""
+    with h.core.sessions.begin() as s:
+        rows = s.execute(select(TelemetrySample.device_id, TelemetrySample.ts).order_by(TelemetrySample.id))
+        out: dict[str, list[int]] = {}
+        for device_id, ts in rows:
+            out.setdefault(device_id, []).append(int((ts.replace(tzinfo=UTC) - T0).total_seconds()))
+        return out
+
+
+def test_telemetry_keeps_the_newest_samples_of_each_device_across_batches(hub: HubFactory) -> None:
+    h = hub()
+    a, b, c = _fleet(h, 3)
+    first = [(a, n) for n in range(5)] + [(b, n) for n in range(2)] + [(c, n) for n in range(4)]
+    first += [("ghost", 1), (a, 4)]  # not enrolled; a sample sent twice in one batch
+    known, unassigned, _ = _telemetry_batch(h, first, keep=3)
+    assert (known, unassigned) == (12, 11)  # the ghost skipped; each stored sample's "stranger"
+    assert _held(h) == {a: [2, 3, 4], b: [0, 1], c: [1, 2, 3]}
+    _telemetry_batch(h, [(b, 5), (a, 7), (b, 6), (a, 8), (b, 7)], keep=3)
+    assert _held(h) == {a: [4, 7, 8], b: [5, 6, 7], c: [1, 2, 3]}
+    with h.core.sessions.begin() as s:
+        payloads = s.scalars(select(TelemetrySample.payload))
+        assert {m["service"] for p in payloads for m in p["modules"]} == {"svc"}
+        seen = {d: at for d, at in s.execute(select(Device.id, Device.last_seen))}
+    assert seen[a] is not None and seen[b] is not None
+
+
+def test_a_telemetry_batch_sends_as_many_statements_for_fifty_devices_as_for_five(hub: HubFactory) -> None:
+    h = hub()
+    ids = _fleet(h, 50)
+    # Two samples per device, a history already over ``keep``: every device is trimmed.
+    for batch in range(2):
+        _telemetry_batch(h, [(d, 2 * batch + n) for d in ids for n in range(2)], keep=3)
+    counts = [
+        len(_telemetry_batch(h, [(d, 10 + n) for d in ids[:size] for n in range(2)], keep=3)[2])
+        for size in (5, 50)
+    ]
+    # The devices' rows, desired states, reports, module states, held samples; INSERT, trim;
+    # the devices' last-seen UPDATE. (A statement per device was ~3 per sample.)
+    assert counts[0] == counts[1] <= 9, counts
+    assert _held(h) == {d: [3, 10, 11] for d in ids}
+
+
+def test_two_workers_given_the_same_telemetry_store_each_sample_once(hub: HubFactory, postgres: str) -> None:
+    # Two replicas that both get every sample (a broker without shared subscriptions, or QoS 1
+    # redelivery): the second finds the first's samples under the device rows' locks.
+    h = hub(postgres=postgres)
+    ids = _fleet(h, 200)
+    workers = [
+        IngestWorker(h.core.sessions, prefix=PREFIX, telemetry_keep=10, batch_size=50) for _ in range(2)
+    ]
+    for w in workers:
+        for n in range(2):
+            for d in ids:
+                w.submit(f"{PREFIX}/devices/{d}/telemetry", _sample(d, n, "svc"), False)
+    for w in workers:
+        w.start()
+    try:
+        assert all(w.drain(timeout=120) for w in workers)
+    finally:
+        for w in workers:
+            w.stop()
+    assert [w.stats.failed for w in workers] == [0, 0]
+    assert _held(h) == {d: [0, 1] for d in ids}
