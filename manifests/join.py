@@ -17,7 +17,7 @@ import base64
 import hashlib
 import hmac
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -45,12 +45,12 @@ DEVICE_TOKEN_PREFIX = "ep_dev_"
 MAX_JOIN_REQUEST_BYTES = 8 * 1024
 
 
-class JoinRequest(BaseModel):
-    """What a joining device asks the hub to enrol (the ``signed`` part of its envelope)."""
+class KeyRequest(BaseModel):
+    """A device's signed request for credentials of a key it made: what a joining device and a
+    rotating one both send (the ``signed`` part of the envelope)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_: Literal["edgepack.join-request/v1"] = Field(default="edgepack.join-request/v1", alias="schema")
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     hub_keyid: str = Field(
         pattern=KEYID_PATTERN, description="the hub asked (its key id): a request for another hub is refused"
@@ -63,6 +63,15 @@ class JoinRequest(BaseModel):
     )
     nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
     issued: AwareDatetime
+
+
+R = TypeVar("R", bound=KeyRequest)
+
+
+class JoinRequest(KeyRequest):
+    """What a joining device asks the hub to enrol (the ``signed`` part of its envelope)."""
+
+    schema_: Literal["edgepack.join-request/v1"] = Field(default="edgepack.join-request/v1", alias="schema")
 
 
 class DeviceSecrets(BaseModel):
@@ -112,43 +121,51 @@ def make_join_request(
 
 
 def verify_join_request(data: bytes, *, hub_keyid: str, now: datetime, max_age_s: float) -> JoinRequest:
-    """The request in ``data`` if it is one this hub may act on; :class:`TrustError` naming the
-    first check that failed otherwise: size, envelope, shape, proof of possession (signed by
-    the key it carries and by no other), this hub, freshness (``issued`` within ``max_age_s``
-    either side of ``now``), the hashes' formats."""
-    if len(data) > MAX_JOIN_REQUEST_BYTES:
-        raise TrustError(f"join request is {len(data)} bytes; at most {MAX_JOIN_REQUEST_BYTES}")
-    envelope = parse_envelope(data, what="join request")
+    """The join request in ``data`` if this hub may act on it (see :func:`verify_key_request`)."""
+    return verify_key_request(
+        data, JoinRequest, what="join request", max_bytes=MAX_JOIN_REQUEST_BYTES,
+        hub_keyid=hub_keyid, now=now, max_age_s=max_age_s,
+    )  # fmt: skip
+
+
+def verify_key_request(
+    data: bytes, model: type[R], *, what: str, max_bytes: int, hub_keyid: str, now: datetime, max_age_s: float
+) -> R:
+    """The ``model`` request in ``data`` if it is one this hub may act on; :class:`TrustError`
+    naming the first check that failed otherwise: size, envelope, shape, proof of possession
+    (signed by the key it carries and by no other), this hub, freshness (``issued`` within
+    ``max_age_s`` either side of ``now``), the hashes' formats."""
+    if len(data) > max_bytes:
+        raise TrustError(f"{what} is {len(data)} bytes; at most {max_bytes}")
+    envelope = parse_envelope(data, what=what)
     try:
-        request = JoinRequest.model_validate(envelope.signed)
+        request = model.model_validate(envelope.signed)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise TrustError(f"join request: {loc}: {first['msg']}") from None
+        raise TrustError(f"{what}: {loc}: {first['msg']}") from None
     public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(request.public_key))
     own = TrustedKey(keyid=key_id(public), public_key=request.public_key, name=request.device_id)
     if [s.keyid for s in envelope.signatures] != [own.keyid]:
-        raise TrustError("join request: it must carry exactly one signature, by the key it names")
+        raise TrustError(f"{what}: it must carry exactly one signature, by the key it names")
     verify_envelope(
-        envelope, TrustStore(keys=[own]), what="join request",
+        envelope, TrustStore(keys=[own]), what=what,
         untrusted_hint="the request was not signed by the key it carries",
     )  # fmt: skip
     if request.hub_keyid != hub_keyid:
-        raise TrustError(
-            "join request was made for another hub (its hub key id differs); join this hub's URL"
-        )
+        raise TrustError(f"{what} was made for another hub (its hub key id differs); use this hub's URL")
     age = now - request.issued
     if abs(age) > timedelta(seconds=max_age_s):
         raise TrustError(
-            f"join request was made {age.total_seconds():+.0f} s from the hub's time (at most "
-            f"±{max_age_s:.0f} s): it is a replay, or the device clock is wrong (fix it with NTP)"
+            f"{what} was made {age.total_seconds():+.0f} s from the hub's time (at most "
+            f"±{max_age_s:.0f} s): it is a replay, or the device's clock is wrong (fix it with NTP)"
         )
-    for what, problem in (
+    for field, problem in (
         ("mqtt_password_hash", mosquitto_hash_problem(request.mqtt_password_hash)),
         ("rabbitmq_password_hash", rabbit_hash_problem(request.rabbitmq_password_hash)),
     ):
         if problem is not None:
-            raise TrustError(f"join request: {what}: {problem}")
+            raise TrustError(f"{what}: {field}: {problem}")
     return request
 
 

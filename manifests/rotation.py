@@ -19,27 +19,21 @@ Pure: keys, bytes and the time go in, requests and verdicts come out.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from manifests.broker_passwords import hash_password, mosquitto_hash_problem, rabbit_hash, rabbit_hash_problem
+from manifests.broker_passwords import hash_password, rabbit_hash
 from manifests.desired import DEVICE_ID_PATTERN
 from manifests.device import DeviceCredentials
 from manifests.errors import TrustError
-from manifests.join import DeviceSecrets, derive_secrets, token_sha256
+from manifests.join import DeviceSecrets, KeyRequest, derive_secrets, token_sha256, verify_key_request
 from manifests.signing import (
-    KEYID_PATTERN,
-    TrustedKey,
-    TrustStore,
     envelope_bytes,
-    key_id,
-    parse_envelope,
     raw_public_bytes,
     sign_payload,
-    verify_envelope,
 )
 
 ROTATION_SCHEMA = "edgepack.rotation-request/v1"
@@ -63,22 +57,12 @@ def broker_username(device_id: str, generation: int) -> str:
     return device_id if generation == 0 else f"{device_id}{USERNAME_SEPARATOR}{generation}"
 
 
-class RotationRequest(BaseModel):
-    """What a device asks the hub to add as its new credentials (the ``signed`` part)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class RotationRequest(KeyRequest):
+    """What a device asks the hub to add as its new credentials (``public_key``: the NEW key)."""
 
     schema_: Literal["edgepack.rotation-request/v1"] = Field(
         default="edgepack.rotation-request/v1", alias="schema"
     )
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
-    hub_keyid: str = Field(pattern=KEYID_PATTERN)
-    public_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="the NEW key, raw Ed25519, hex")
-    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    mqtt_password_hash: str = Field(max_length=255)
-    rabbitmq_password_hash: str = Field(max_length=64)
-    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
-    issued: AwareDatetime
 
 
 class RotationAnswer(BaseModel):
@@ -112,44 +96,17 @@ def verify_rotation_request(
     data: bytes, *, device_id: str, hub_keyid: str, now: datetime, max_age_s: float
 ) -> RotationRequest:
     """The request in ``data`` if ``device_id`` (the device whose token came with it) may
-    act on it at this hub; :class:`TrustError` naming the first check that failed otherwise:
-    size, envelope, shape, proof of possession (signed by the key it carries and no other),
-    the same device, this hub, freshness, the hashes' formats."""
-    if len(data) > MAX_ROTATION_REQUEST_BYTES:
-        raise TrustError(f"rotation request is {len(data)} bytes; at most {MAX_ROTATION_REQUEST_BYTES}")
-    envelope = parse_envelope(data, what="rotation request")
-    try:
-        request = RotationRequest.model_validate(envelope.signed)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise TrustError(f"rotation request: {loc}: {first['msg']}") from None
-    public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(request.public_key))
-    own = TrustedKey(keyid=key_id(public), public_key=request.public_key, name=request.device_id)
-    if [s.keyid for s in envelope.signatures] != [own.keyid]:
-        raise TrustError("rotation request: it must carry exactly one signature, by the key it names")
-    verify_envelope(
-        envelope, TrustStore(keys=[own]), what="rotation request",
-        untrusted_hint="the request was not signed by the key it carries",
+    act on it at this hub: the checks of :func:`manifests.join.verify_key_request`, then that
+    it names that same device; :class:`TrustError` naming the first that failed otherwise."""
+    request = verify_key_request(
+        data, RotationRequest, what="rotation request", max_bytes=MAX_ROTATION_REQUEST_BYTES,
+        hub_keyid=hub_keyid, now=now, max_age_s=max_age_s,
     )  # fmt: skip
     if request.device_id != device_id:
         raise TrustError(
             f"rotation request names device {request.device_id!r} but came with the token of "
             f"{device_id!r}: a device rotates only its own credentials"
         )
-    if request.hub_keyid != hub_keyid:
-        raise TrustError("rotation request was made for another hub (its hub key id differs)")
-    if abs(now - request.issued) > timedelta(seconds=max_age_s):
-        raise TrustError(
-            f"rotation request was made at {request.issued.isoformat()}, more than {max_age_s:g}s "
-            "from the hub's time; check the device's clock (NTP)"
-        )
-    for what, problem in (
-        ("mqtt_password_hash", mosquitto_hash_problem(request.mqtt_password_hash)),
-        ("rabbitmq_password_hash", rabbit_hash_problem(request.rabbitmq_password_hash)),
-    ):
-        if problem is not None:
-            raise TrustError(f"rotation request: {what}: {problem}")
     return request
 
 
