@@ -107,6 +107,7 @@ class Given:
     busy: bool = False
     killing: bool = False
     failed: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0
 
     def slot(self) -> Slot:
         return Slot(
@@ -122,6 +123,7 @@ class Given:
                 reason=self.reason,
                 failures=self.failures,
                 failed=dict(self.failed),
+                restarts=self.restarts,
                 healthy_since=AT - timedelta(seconds=self.healthy_for_s)
                 if self.healthy_for_s is not None
                 else None,
@@ -401,6 +403,10 @@ OP_CASES = [
     pytest.param(Given(state=U, health=Health(alive=False)), op(Op.START, V1, error=INIT_FAILED), SETTLE,
                  Ended(U, f"{INIT_FAILED}; restarting in 1.0s"),
                  id="a version that ran here fails to start again: a crash, restarted after the backoff"),
+    pytest.param(Given(state=U, health=Health(alive=False), restarts=2),
+                 op(Op.START, V1, error=INIT_FAILED, restart=True), SETTLE,
+                 Ended(U, f"{INIT_FAILED}; restarting in 1.0s", restarts=3),
+                 id="a restart that dies before it answers still counts as a restart"),
 ]  # fmt: skip
 
 
