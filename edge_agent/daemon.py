@@ -133,8 +133,8 @@ def run_agent(config_path: Path, *, stop_modules: bool = False, allow_open_crede
             settled=memory.settle,
         )
         loop_ref.append(loop)
-        # Credential rotation: its own thread; it rewrites the credentials file and switches
-        # the HTTP token and the broker session the loop's publishers use.
+        # Credential rotation: its own thread; it writes the new credentials into the state
+        # folder and switches the HTTP token and the broker session the loop's publishers use.
         rotator = Rotator(
             credentials, configured=configured_bytes, state_dir=config.state_dir, hub=hub,
             switch_broker=(lambda c: mqtt.switch(c, timeout_s=SWITCH_TIMEOUT_S)) if mqtt else None,
