@@ -106,8 +106,22 @@ def make_join_request(
     key: Ed25519PrivateKey, *, device_id: str, hub_keyid: str, nonce: str, now: datetime
 ) -> bytes:
     """The signed join request's bytes (``nonce``: 16 random bytes, hex, from the caller)."""
+    return make_key_request(JoinRequest, key, device_id=device_id, hub_keyid=hub_keyid, nonce=nonce, now=now)
+
+
+def make_key_request(
+    model: type[KeyRequest],
+    key: Ed25519PrivateKey,
+    *,
+    device_id: str,
+    hub_keyid: str,
+    nonce: str,
+    now: datetime,
+) -> bytes:
+    """A ``model`` request for ``key``'s credentials, signed by ``key`` (proof of possession):
+    only verifiers of the secrets derived from it go in."""
     secrets = derive_secrets(key)
-    request = JoinRequest(
+    request = model(
         device_id=device_id,
         hub_keyid=hub_keyid,
         public_key=raw_public_bytes(key.public_key()).hex(),

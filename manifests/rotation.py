@@ -25,16 +25,10 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from manifests.broker_passwords import hash_password, rabbit_hash
 from manifests.desired import DEVICE_ID_PATTERN
 from manifests.device import DeviceCredentials
 from manifests.errors import TrustError
-from manifests.join import DeviceSecrets, KeyRequest, derive_secrets, token_sha256, verify_key_request
-from manifests.signing import (
-    envelope_bytes,
-    raw_public_bytes,
-    sign_payload,
-)
+from manifests.join import DeviceSecrets, KeyRequest, make_key_request, verify_key_request
 
 ROTATION_SCHEMA = "edgepack.rotation-request/v1"
 #: Header of the hub's answer to ``GET /api/v1/device/desired`` while the device's
@@ -78,18 +72,9 @@ def make_rotation_request(
     new_key: Ed25519PrivateKey, *, device_id: str, hub_keyid: str, nonce: str, now: datetime
 ) -> bytes:
     """The signed request's bytes for ``new_key`` (``nonce``: 16 random bytes, hex)."""
-    secrets = derive_secrets(new_key)
-    request = RotationRequest(
-        device_id=device_id,
-        hub_keyid=hub_keyid,
-        public_key=raw_public_bytes(new_key.public_key()).hex(),
-        token_sha256=token_sha256(secrets.token),
-        mqtt_password_hash=hash_password(secrets.mqtt_password),
-        rabbitmq_password_hash=rabbit_hash(secrets.mqtt_password),
-        nonce=nonce,
-        issued=now,
+    return make_key_request(
+        RotationRequest, new_key, device_id=device_id, hub_keyid=hub_keyid, nonce=nonce, now=now
     )
-    return envelope_bytes(sign_payload(request.model_dump(mode="json", by_alias=True), [new_key]))
 
 
 def verify_rotation_request(
