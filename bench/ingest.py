@@ -145,6 +145,13 @@ def telemetry(device_id: str, seq: int) -> bytes:
     return json.dumps(sample).encode()
 
 
+def publish_all(pubs: list[mqtt.Client], payloads: list[tuple[str, bytes]]) -> None:
+    """Publish every (topic, payload) at QoS 1, alternating publishers, and wait for the acks."""
+    infos = [pubs[i % len(pubs)].publish(t, p, qos=1) for i, (t, p) in enumerate(payloads)]
+    for info in infos:
+        info.wait_for_publish(60)
+
+
 def wait_received(worker: IngestWorker, count: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while worker.stats.received < count:
@@ -214,9 +221,7 @@ def run(
         for r in range(rounds):
             payloads = [(f"{PREFIX}/devices/{d}/reported", reported(d, r)) for d in ids[:devices]]
             start = time.perf_counter()
-            infos = [pubs[i % 2].publish(t, p, qos=1) for i, (t, p) in enumerate(payloads)]
-            for info in infos:
-                info.wait_for_publish(60)
+            publish_all(pubs, payloads)
             publish_s += time.perf_counter() - start
             sent += len(payloads)
             wait_received(worker, sent)
@@ -228,9 +233,7 @@ def run(
         for r in range(rounds):
             payloads = [(f"{PREFIX}/devices/{d}/telemetry", telemetry(d, r)) for d in ids[:devices]]
             start = time.perf_counter()
-            infos = [pubs[i % 2].publish(t, p, qos=1) for i, (t, p) in enumerate(payloads)]
-            for info in infos:
-                info.wait_for_publish(60)
+            publish_all(pubs, payloads)
             samples += len(payloads)
             wait_received(worker, sent + samples)
             telemetry_s += time.perf_counter() - start
