@@ -116,8 +116,9 @@ def test_a_crash_loop_ends_failed_with_the_modules_last_log_lines(fleet: Fleet) 
     reason = body["devices"][0]["reason"]
     assert reason.startswith("crash loop: failed 3 times in a row; version 1 exited with code 3"), reason
     assert "about to crash" in body["devices"][0]["failure"]["log_tail"]
-    # Each of the two restarts counts, whether or not its instance answered before it died.
-    assert agent.service("demo")["restarts"] == 2  # type: ignore[index]
+    # The two restarts before the verdict count, whether or not their instance answered before
+    # it died; a Failed service is still retried at the capped delay, so more may follow.
+    assert agent.service("demo")["restarts"] >= 2  # type: ignore[index]
 
 
 def group_running(pgid: int) -> list[int]:
