@@ -218,15 +218,18 @@ def test_old_versions_are_garbage_collected_keeping_the_serving_and_the_previous
         fleet.deploy("demo", module, port=port, devices=["edge-1"])
         agent.wait_state("demo", "Healthy", version=version)
     modules = agent.state_dir / "cache" / "modules"
-
-    def kept() -> set[str] | None:
-        held = {"sha256:" + p.name for p in modules.iterdir() if not p.name.startswith(".")}
-        return held if held == set(digests[1:]) else None
-
-    wait_for(kept, what="version 1 to be collected", log=agent.log)
-    # Version 1's model blob went with it; the entry script, shared by all three, stays.
-    blobs = {"sha256:" + p.name for p in (agent.state_dir / "cache" / "blobs" / "sha256").iterdir()}
+    blob_dir = agent.state_dir / "cache" / "blobs" / "sha256"
     v1_model = sha256_digest(files(factor=2)["model/model.json"])
+
+    def collected() -> set[str] | None:
+        # One prune removes the module folders first and the blobs no kept module uses after
+        # them: wait for both steps, not only the first.
+        held = {"sha256:" + p.name for p in modules.iterdir() if not p.name.startswith(".")}
+        blobs = {"sha256:" + p.name for p in blob_dir.iterdir()}
+        return blobs if held == set(digests[1:]) and v1_model not in blobs else None
+
+    # Version 1 and its model blob go; the entry script, shared by all three, stays.
+    blobs = wait_for(collected, what="version 1 and its model blob to be collected", log=agent.log)
     assert v1_model not in blobs
     assert sha256_digest(SCORE_PY) in blobs
     answers_with(port, [1], {"result": [4]})
